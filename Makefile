@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make train` and `make test`. Both create .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-test
+
+.PHONY: install test train bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -x -q
+
+train: install
+	$(PY) train.py
+
+bench: install
+	$(PY) benchmarks/feedback_solve.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,183 @@
+"""Layer benchmark: Sessa layer per feedback solver vs a same-shape causal-attention
+Transformer layer, over sequence lengths.
+
+For every T and every solver it reports forward and forward+backward wall time, tokens/s,
+memory (XLA's compiled memory analysis: arguments + outputs + temporaries, plus the device's
+peak_bytes_in_use where the backend reports it) and achieved TFLOP/s, next to
+`SessaLayer(cfg, kind="transformer")` with solver="auto" (the yardstick: cuDNN / splash attention
+where available, else the blocked attention) and the device's bf16/f32 matmul peak
+measured in the same run (a jitted N x N @ N x N).
+
+FLOP formula (model FLOPs of one layer, matmuls only, causal halves counted once):
+    projections  = 2 B T D * (2D [W_in] + D [W_q] + 2 Hkv d [W_k, W_v] + D [W_o, if H > 1] + D [W_out])
+    sessa extra  = 2 B T D * 2D [W_fb]  +  2 B T^2 D [feedback logits + A s, strict past]
+    attention    = 2 B T^2 D [q k^T + p v over heads, causal half]
+    fwd+bwd      = 3 x forward (the usual convention; the feedback backward really costs
+                   ~3.5x its forward, see shared/KERNELS.md 2.3, so this understates work).
+Achieved TFLOP/s = FLOPs / time; "% peak" divides by the matmul peak measured here.
+
+Intended GPU run (not yet measured: no GPU/TPU was available when this was written, so the
+repository holds no accelerator timings):
+    python benchmarks/layer.py --T 1024 2048 4096 8192 16384 32768 65536 \
+        --B 8 --D 1024 --H 8 --dtype bfloat16 --solvers blocked pallas auto
+CPU smoke run:
+    python benchmarks/layer.py --T 512 1024 --B 1 --D 64 --H 4 --dtype float32 --solvers dense blocked
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def layer_class():
+    import sessa_jax
+
+    cls = getattr(sessa_jax, "SessaLayer", None)
+    if cls is None:
+        from sessa_jax.layer import SessaLayer as cls
+    return cls
+
+
+def layer_flops(b, t, d, h, hkv, kind):
+    """Forward model FLOPs of one layer (see the module docstring)."""
+    hd = d // h
+    proj = 2 * b * t * d * (2 * d + d + 2 * hkv * hd + (d if h > 1 else 0) + d)
+    attn = 2 * b * t * t * d
+    if kind == "sessa":
+        return proj + 2 * b * t * d * 2 * d + attn + 2 * b * t * t * d
+    return proj + attn
+
+
+def bench(fn, args, iters, warmup):
+    """Median wall seconds of fn(*args) (jitted, results blocked on)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak(n, dtype, iters):
+    """Measured dense matmul TFLOP/s on the default device."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
+    fn = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    sec = bench(fn, (a, a), iters, 2)
+    return 2 * n**3 / sec / 1e12
+
+
+def device_peak_bytes():
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - CPU devices may not implement memory_stats
+        return None
+    return stats.get("peak_bytes_in_use")
+
+
+def compiled_bytes(jitted, args):
+    mem = jitted.lower(*args).compile().memory_analysis()
+    if mem is None:
+        return None
+    return mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+
+
+def run_case(cfg, kind, t, args):
+    """Times forward and forward+backward of one layer; returns a result dict."""
+    layer = layer_class()(cfg, kind=kind)
+    key = jax.random.PRNGKey(0)
+    x = jax.random.normal(key, (args.B, t, cfg.d_model), jnp.float32).astype(cfg.dtype)
+    params = jax.jit(layer.init)(key, x[:, : min(t, 16)])
+    fwd = jax.jit(lambda p, x: layer.apply(p, x))
+    loss = lambda p, x: jnp.sum(layer.apply(p, x).astype(jnp.float32) ** 2)
+    fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    flops = layer_flops(args.B, t, cfg.d_model, cfg.n_heads, cfg.kv_heads, kind)
+    out = {"kind": kind, "solver": cfg.solver if kind == "sessa" else "-", "T": t, "flops_fwd": flops}
+    for name, fn, mult in (("fwd", fwd, 1), ("fwd_bwd", fwd_bwd, 3)):
+        sec = bench(fn, (params, x), args.iters, args.warmup)
+        out[f"{name}_s"] = sec
+        out[f"{name}_tok_s"] = args.B * t / sec
+        out[f"{name}_tflops"] = mult * flops / sec / 1e12
+        out[f"{name}_bytes"] = compiled_bytes(fn, (params, x))
+    out["device_peak_bytes"] = device_peak_bytes()
+    return out
+
+
+def fmt_bytes(n):
+    return "-" if n is None else f"{n / 2**20:.1f}MiB"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--T", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
+    p.add_argument("--B", type=int, default=8)
+    p.add_argument("--D", type=int, default=1024)
+    p.add_argument("--H", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--solvers", nargs="+", default=["blocked", "pallas", "auto"],
+                   choices=["dense", "blocked", "pallas", "auto"])
+    p.add_argument("--chunk", type=int, default=128)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-transformer", action="store_true", help="skip the causal-attention yardstick")
+    p.add_argument("--dense-max-bytes", type=float, default=4 * 2**30,
+                   help="skip the dense solver when B*T*T*4 exceeds this (it materialises T x T)")
+    p.add_argument("--peak-n", type=int, default=None, help="matmul size for the peak (default 8192 on GPU/TPU, 1024 on CPU)")
+    p.add_argument("--json", default=None, help="write all results to this file")
+    args = p.parse_args(argv)
+
+    from sessa_jax.config import SessaConfig
+
+    dtype = jnp.dtype(args.dtype)
+    platform = jax.default_backend()
+    peak_n = args.peak_n or (1024 if platform == "cpu" else 8192)
+    peak = matmul_peak(peak_n, dtype, max(3, args.iters))
+    print(f"# device: {jax.devices()[0].device_kind} ({platform}); jax {jax.__version__}")
+    print(f"# measured {args.dtype} matmul peak ({peak_n}^3): {peak:.2f} TFLOP/s")
+    print(f"# B={args.B} D={args.D} H={args.H} Hkv={args.kv_heads or args.H} dtype={args.dtype} chunk={args.chunk}")
+    header = ("kind", "solver", "T", "fwd ms", "fwd tok/s", "fwd TF/s", "fwd %pk", "f+b ms", "f+b tok/s",
+              "f+b TF/s", "f+b %pk", "fwd mem", "f+b mem")
+    print(" | ".join(header))
+    results = []
+    runs = [("sessa", s) for s in args.solvers] + ([] if args.no_transformer else [("transformer", "auto")])
+    for t in args.T:
+        for kind, solver in runs:
+            cfg = SessaConfig(d_model=args.D, n_heads=args.H, n_kv_heads=args.kv_heads, solver=solver,
+                              chunk_size=args.chunk, dtype=dtype, max_len=max(t, 16))
+            label = (kind, solver if kind == "sessa" else "-", str(t))
+            if kind == "sessa" and solver == "dense" and args.B * t * t * 4 > args.dense_max_bytes:
+                print(" | ".join(label + ("skipped: dense T x T above --dense-max-bytes",)))
+                continue
+            try:
+                r = run_case(cfg, kind, t, args)
+            except Exception as err:  # noqa: BLE001 - report and continue (OOM, NotImplementedError, ...)
+                msg = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+                print(" | ".join(label + (f"failed: {msg}",)))
+                results.append({"kind": kind, "solver": solver, "T": t, "error": msg})
+                continue
+            r["peak_tflops"] = peak
+            results.append(r)
+            print(" | ".join(label + (
+                f"{r['fwd_s'] * 1e3:.2f}", f"{r['fwd_tok_s']:.0f}", f"{r['fwd_tflops']:.3f}",
+                f"{100 * r['fwd_tflops'] / peak:.1f}", f"{r['fwd_bwd_s'] * 1e3:.2f}", f"{r['fwd_bwd_tok_s']:.0f}",
+                f"{r['fwd_bwd_tflops']:.3f}", f"{100 * r['fwd_bwd_tflops'] / peak:.1f}",
+                fmt_bytes(r["fwd_bytes"]), fmt_bytes(r["fwd_bwd_bytes"]))), flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": jax.devices()[0].device_kind, "platform": platform, "peak_tflops": peak,
+                       "args": vars(args), "results": results}, fh, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)

@@ -1,0 +1,133 @@
+"""Mamba-style selective state-space mixer (pure JAX), the "mamba" baseline of SessaLM.
+
+It sits where the Sessa mixer sits inside the shared gated block, so it maps
+a_bar (B, T, D) -> (B, T, D). Dimension legend: B batch, T time, D d_model,
+E = EXPAND * D inner width, N state size, R dt rank, C chunk, W conv width.
+
+    x      = silu(causal_depthwise_conv(W_x a_bar))           # (B, T, E)
+    dt     = softplus(W_dt (W_r x) + b_dt)                    # (B, T, E), input dependent
+    B_t, C_t = W_B x, W_C x                                   # (B, T, N) each
+    h_t    = exp(dt_t * A) * h_{t-1} + dt_t * B_t * x_t       # A = -exp(A_log) < 0, (E, N)
+    y_t    = C_t . h_t + D_skip * x_t ;   out = W_out y       # (B, T, D)
+
+The recurrence runs in float32 whatever the compute dtype: a ``lax.scan`` over chunks of
+``config.chunk_size`` steps carries h, and an associative scan solves each chunk, so
+memory is O(B C E N). With ``segment_ids`` the state and the convolution window reset
+at every segment start, so packed documents never see each other.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sessa_jax.config import SessaConfig
+
+STATE_SIZE = 16  # N
+EXPAND = 2  # E / D
+CONV_WIDTH = 4  # W
+DT_MIN, DT_MAX = 1e-3, 1e-1
+
+
+def _dt_bias_init(key, shape, dtype=jnp.float32):
+    """Bias so that softplus(bias) is log-uniform in [DT_MIN, DT_MAX] (Mamba's init)."""
+    dt = jnp.exp(jax.random.uniform(key, shape) * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN))
+    return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)  # inverse softplus
+
+
+def _a_log_init(key, shape, dtype=jnp.float32):
+    """S4D-real init: A[e, n] = -(n + 1)."""
+    del key
+    return jnp.broadcast_to(jnp.log(jnp.arange(1, shape[-1] + 1, dtype=jnp.float32)), shape).astype(dtype)
+
+
+def segment_starts(segment_ids_BxT: jax.Array) -> jax.Array:
+    """True where a new segment begins (t == 0 or segment id changes)."""
+    prev = jnp.pad(segment_ids_BxT[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    return segment_ids_BxT != prev
+
+
+def selective_scan(decay_BxTxExN, drive_BxTxExN, C_BxTxN, chunk: int) -> jax.Array:
+    """y_t = C_t . h_t with h_t = decay_t * h_{t-1} + drive_t, h_{-1} = 0; float32.
+
+    Scans chunks of ``chunk`` steps sequentially; within a chunk an associative scan.
+    """
+    b, t, e, n = decay_BxTxExN.shape
+    c = max(1, min(chunk, t))
+    pad = (-t) % c
+    if pad:  # padded steps come after every real step, so they change nothing we keep
+        decay_BxTxExN = jnp.pad(decay_BxTxExN, ((0, 0), (0, pad), (0, 0), (0, 0)), constant_values=1.0)
+        drive_BxTxExN = jnp.pad(drive_BxTxExN, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        C_BxTxN = jnp.pad(C_BxTxN, ((0, 0), (0, pad), (0, 0)))
+    nc = (t + pad) // c
+
+    def to_chunks(z):
+        return jnp.moveaxis(z.reshape(b, nc, c, *z.shape[2:]), 1, 0)
+
+    def combine(left, right):
+        a_l, b_l = left
+        a_r, b_r = right
+        return a_l * a_r, a_r * b_l + b_r
+
+    def step(h_BxExN, xs):
+        dec, drv, cc = xs  # (B, C, E, N), (B, C, E, N), (B, C, N)
+        cum_a, cum_b = jax.lax.associative_scan(combine, (dec, drv), axis=1)
+        h = cum_a * h_BxExN[:, None] + cum_b  # (B, C, E, N)
+        y = jnp.einsum("bcen,bcn->bce", h, cc)
+        return h[:, -1], y
+
+    h0 = jnp.zeros((b, e, n), jnp.float32)
+    _, y = jax.lax.scan(step, h0, (to_chunks(decay_BxTxExN), to_chunks(drive_BxTxExN), to_chunks(C_BxTxN)))
+    return jnp.moveaxis(y, 0, 1).reshape(b, nc * c, e)[:, :t]
+
+
+class MambaMixer(nn.Module):
+    """Selective SSM mixer: a_bar (B, T, D) -> (B, T, D) in a_bar.dtype."""
+
+    config: SessaConfig
+
+    @nn.compact
+    def __call__(self, a_bar, segment_ids=None, positions=None):
+        del positions  # the recurrence is position-free
+        cfg = self.config
+        b, t, d = a_bar.shape
+        e, n = EXPAND * d, STATE_SIZE
+        r = max(1, math.ceil(d / 16))
+        dense = lambda feats, name, bias=True, **kw: nn.Dense(  # noqa: E731
+            feats, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name, **kw
+        )
+
+        x_BxTxE = dense(e, "in_proj")(a_bar)
+
+        # Causal depthwise conv; taps reaching into another segment are dropped.
+        conv_w = self.param("conv_kernel", nn.initializers.lecun_normal(), (CONV_WIDTH, e), cfg.param_dtype)
+        conv_b = self.param("conv_bias", nn.initializers.zeros, (e,), cfg.param_dtype)
+        seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+        x_pad = jnp.pad(x_BxTxE, ((0, 0), (CONV_WIDTH - 1, 0), (0, 0)))
+        seg_pad = jnp.pad(seg, ((0, 0), (CONV_WIDTH - 1, 0)), constant_values=-1)
+        conv = conv_b.astype(cfg.dtype)
+        for k in range(CONV_WIDTH):  # tap k looks k steps back
+            start = CONV_WIDTH - 1 - k
+            same = (seg_pad[:, start:start + t] == seg)[..., None]
+            conv = conv + jnp.where(same, x_pad[:, start:start + t], 0) * conv_w[CONV_WIDTH - 1 - k].astype(cfg.dtype)
+        x_BxTxE = nn.silu(conv)
+
+        dbc = dense(r + 2 * n, "x_proj", bias=False)(x_BxTxE)
+        dt_r, B_BxTxN, C_BxTxN = jnp.split(dbc, [r, r + n], axis=-1)
+        dt_BxTxE = dense(e, "dt_proj", bias_init=_dt_bias_init)(dt_r)
+        dt_BxTxE = jax.nn.softplus(dt_BxTxE.astype(jnp.float32))
+
+        a_log = self.param("A_log", _a_log_init, (e, n), jnp.float32)
+        d_skip = self.param("D", nn.initializers.ones, (e,), cfg.param_dtype)
+        A_ExN = -jnp.exp(a_log)
+        x32 = x_BxTxE.astype(jnp.float32)
+        decay = jnp.exp(dt_BxTxE[..., None] * A_ExN)  # (B, T, E, N), in (0, 1)
+        if segment_ids is not None:  # state resets at each segment start
+            decay = jnp.where(segment_starts(segment_ids)[:, :, None, None], 0.0, decay)
+        drive = (dt_BxTxE * x32)[..., None] * B_BxTxN.astype(jnp.float32)[:, :, None, :]
+        y = selective_scan(decay, drive, C_BxTxN.astype(jnp.float32), cfg.chunk_size)
+        y = y + d_skip.astype(jnp.float32) * x32
+        return dense(d, "out_proj")(y.astype(cfg.dtype)).astype(a_bar.dtype)

@@ -1,0 +1,79 @@
+"""grain pipelines: task source -> shuffle/repeat -> per-process shard -> batch -> iterator.
+
+Every pipeline is a ``grain.MapDataset`` over a random-access source, so an iterator's
+state is just its position (``get_state``/``set_state``) and is saved with the model
+checkpoint. Each process reads a disjoint slice (``ds[process_index::process_count]``)
+and batches ``batch_size // process_count`` examples; ``global_batch`` assembles the
+per-process batches into global ``jax.Array``s sharded over the data axis.
+"""
+
+from __future__ import annotations
+
+import grain
+import jax
+import numpy as np
+
+from sessa_jax.data import mqar, symbol_soup, text
+
+TASKS = ("mqar", "symbol_soup", "text")
+TRAIN, EVAL = 0, 1
+
+
+def task_vocab_size(data_cfg) -> int:
+    """Smallest model vocabulary that covers every token of the task."""
+    if data_cfg.task == "mqar":
+        return data_cfg.mqar.vocab_size
+    if data_cfg.task == "symbol_soup":
+        return symbol_soup.VOCAB_SIZE
+    if data_cfg.task == "text":
+        return text.VOCAB_SIZE
+    raise ValueError(f"data.task={data_cfg.task!r} is unknown; choose one of {TASKS}")
+
+
+def make_source(data_cfg, split: int):
+    """The random-access source of ``split`` (TRAIN or EVAL) for ``data_cfg.task``."""
+    task = data_cfg.task
+    if task == "mqar":
+        m = data_cfg.mqar
+        return mqar.MQARSource(data_cfg.seq_len, m.vocab_size, m.num_kv_pairs, data_cfg.seed, split)
+    if task == "symbol_soup":
+        s = data_cfg.symbol_soup
+        return symbol_soup.SymbolSoupSource(data_cfg.seq_len, s.block_len, s.task_seed, s.motif_prob,
+                                            s.noise_prob, data_cfg.seed, split)
+    if task == "text":
+        t = data_cfg.text
+        if t.arrayrecord_dir:
+            return grain.MapDataset.source(
+                grain.sources.ArrayRecordDataSource(text.shard_files(t.arrayrecord_dir, split))
+            ).map(text.decode_row)
+        return text.load_text_source(t.path, data_cfg.seq_len, t.max_bytes, t.eval_fraction, split)
+    raise ValueError(f"data.task={task!r} is unknown; choose one of {TASKS}")
+
+
+def make_dataset(data_cfg, split: int = TRAIN, process_index: int | None = None,
+                 process_count: int | None = None) -> grain.IterDataset:
+    """Batched, per-process dataset. Train repeats forever; eval is one finite pass."""
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    source = make_source(data_cfg, split)
+    ds = source if isinstance(source, grain.MapDataset) else grain.MapDataset.source(source)
+    if data_cfg.task == "text" and split == TRAIN:  # synthetic sources are already random
+        ds = ds.shuffle(seed=data_cfg.seed).repeat(None)
+    ds = ds[pi::pc]
+    ds = ds.batch(data_cfg.batch_size // pc, drop_remainder=True, batch_fn=_stack)
+    read = grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch)
+    return ds.to_iter_dataset(read)
+
+
+def _stack(examples) -> dict[str, np.ndarray]:
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def make_iterator(data_cfg, split: int = TRAIN, **kw):
+    """A checkpointable iterator of per-process batches (dict of (B_local, T) arrays)."""
+    return iter(make_dataset(data_cfg, split, **kw))
+
+
+def global_batch(local_batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+    """Per-process numpy batch -> global jax.Arrays laid out by ``sharding``."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

@@ -1,0 +1,171 @@
+"""Byte-level text: documents from files, packed into fixed-length rows with segment ids.
+
+Tokens are bytes 0..255; every document starts with ``BOS`` (256), so ``VOCAB_SIZE`` is
+257. ``path`` may be a file or a directory (read recursively, sorted, binary files
+skipped); an empty path selects a built-in corpus present on every machine: the Python
+standard library's own source files. For large corpora, ``prepare`` writes packed rows to
+ArrayRecord shards once, and training reads them with ``ArrayRecordDataSource``:
+
+    python -m sessa_jax.data.text prepare --input DIR --output SHARDS --seq_len 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sysconfig
+
+import numpy as np
+
+from sessa_jax.data.packing import num_rows, pack_documents, row_to_example
+
+BOS = 256
+VOCAB_SIZE = 257
+ROW_DTYPE = np.int32  # a stored row: tokens (T+1) then doc ids (T+1)
+
+
+def builtin_corpus_dir() -> str:
+    """Directory of the Python standard library sources: text that exists everywhere."""
+    return sysconfig.get_paths()["stdlib"]
+
+
+def list_files(path: str, builtin_suffix: str = ".py") -> list[str]:
+    """Sorted readable files under ``path``; clear errors for missing or empty paths."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"data.text.path={path!r} does not exist; pass an existing text file or directory, "
+            f"or set data.text.path='' to use the built-in corpus (Python standard library sources)"
+        )
+    if os.path.isfile(path):
+        return [path]
+    files = []
+    for root, dirs, names in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__pycache__")) and d != "site-packages")
+        files.extend(os.path.join(root, n) for n in names if not n.startswith("."))
+    files.sort()
+    if not files:
+        raise FileNotFoundError(f"data.text.path={path!r} is a directory with no files; point it at text files")
+    return files
+
+
+def read_documents(path: str, max_bytes: int) -> list[np.ndarray]:
+    """Each file is one document of bytes (up to ``max_bytes`` in total; 0 = no cap)."""
+    builtin = not path
+    files = list_files(builtin_corpus_dir() if builtin else path)
+    if builtin:
+        files = [f for f in files if f.endswith(".py")]
+    docs, total = [], 0
+    for name in files:
+        try:
+            with open(name, "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        if not data or b"\0" in data[:1024]:  # empty or binary
+            continue
+        docs.append(np.frombuffer(data, np.uint8))
+        total += len(data)
+        if max_bytes and total >= max_bytes:
+            break
+    if not docs:
+        raise ValueError(f"data.text.path={path!r} holds no readable text files (all empty or binary)")
+    return docs
+
+
+@dataclasses.dataclass
+class PackedTextSource:
+    """In-memory packed rows of a token stream; ``split`` takes a contiguous range of rows."""
+
+    tokens: np.ndarray
+    doc_ids: np.ndarray
+    seq_len: int
+    row_start: int = 0
+    row_stop: int | None = None
+
+    def __post_init__(self):
+        total = num_rows(len(self.tokens), self.seq_len)
+        self.row_stop = total if self.row_stop is None else min(self.row_stop, total)
+        if self.row_stop <= self.row_start:
+            raise ValueError(
+                f"the text corpus ({len(self.tokens)} tokens) is too small for one row of data.seq_len="
+                f"{self.seq_len} in this split; use more text, a shorter seq_len or a smaller eval_fraction"
+            )
+
+    def __len__(self) -> int:
+        return self.row_stop - self.row_start
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        i = (self.row_start + int(index)) * self.seq_len
+        return row_to_example(self.tokens[i:i + self.seq_len + 1], self.doc_ids[i:i + self.seq_len + 1])
+
+
+def load_text_source(path: str, seq_len: int, max_bytes: int, eval_fraction: float, split: int):
+    """Packed rows of the corpus at ``path``; the last ``eval_fraction`` of rows is eval."""
+    tokens, doc_ids = pack_documents(read_documents(path, max_bytes), bos=BOS)
+    total = num_rows(len(tokens), seq_len)
+    n_eval = max(1, int(round(total * eval_fraction))) if total > 1 else 0
+    if split == 0:
+        return PackedTextSource(tokens, doc_ids, seq_len, 0, total - n_eval)
+    return PackedTextSource(tokens, doc_ids, seq_len, total - n_eval, total)
+
+
+def decode_row(record: bytes) -> dict[str, np.ndarray]:
+    """ArrayRecord row (tokens then doc ids, int32) -> training example."""
+    row = np.frombuffer(record, ROW_DTYPE)
+    half = row.shape[0] // 2
+    return row_to_example(row[:half], row[half:])
+
+
+def shard_files(directory: str, split: int) -> list[str]:
+    """The ArrayRecord shards of one split written by ``prepare``."""
+    prefix = ("train", "eval")[split]
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"data.text.arrayrecord_dir={directory!r} does not exist; write shards with "
+            f"`python -m sessa_jax.data.text prepare --input PATH --output {directory} --seq_len T`"
+        )
+    files = sorted(os.path.join(directory, f) for f in os.listdir(directory)
+                   if f.startswith(prefix + "-") and f.endswith(".array_record"))
+    if not files:
+        raise FileNotFoundError(f"data.text.arrayrecord_dir={directory!r} has no {prefix}-*.array_record shards")
+    return files
+
+
+def prepare(input_path: str, output_dir: str, seq_len: int, rows_per_shard: int = 4096,
+            max_bytes: int = 0, eval_fraction: float = 0.01) -> dict[str, int]:
+    """Packs the corpus at ``input_path`` and writes ArrayRecord shards; returns row counts."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    os.makedirs(output_dir, exist_ok=True)
+    counts = {}
+    for split, name in ((0, "train"), (1, "eval")):
+        src = load_text_source(input_path, seq_len, max_bytes, eval_fraction, split)
+        for shard, start in enumerate(range(0, len(src), rows_per_shard)):
+            writer = ArrayRecordWriter(os.path.join(output_dir, f"{name}-{shard:05d}.array_record"), "group_size:1")
+            for r in range(start, min(start + rows_per_shard, len(src))):
+                i = (src.row_start + r) * seq_len
+                row = np.concatenate([src.tokens[i:i + seq_len + 1], src.doc_ids[i:i + seq_len + 1]])
+                writer.write(row.astype(ROW_DTYPE).tobytes())
+            writer.close()
+        counts[name] = len(src)
+    return counts
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m sessa_jax.data.text")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="pack a corpus into ArrayRecord shards")
+    p.add_argument("--input", default="", help="file or directory; empty = built-in corpus")
+    p.add_argument("--output", required=True)
+    p.add_argument("--seq_len", type=int, required=True)
+    p.add_argument("--rows_per_shard", type=int, default=4096)
+    p.add_argument("--max_bytes", type=int, default=0)
+    p.add_argument("--eval_fraction", type=float, default=0.01)
+    args = parser.parse_args(argv)
+    counts = prepare(args.input, args.output, args.seq_len, args.rows_per_shard, args.max_bytes, args.eval_fraction)
+    print(f"wrote {counts['train']} train and {counts['eval']} eval rows of seq_len={args.seq_len} to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

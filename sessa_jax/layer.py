@@ -1,0 +1,82 @@
+"""The gated residual block shared by Sessa and the baselines (SPEC section 1).
+
+    y = x + W_out(mixer(gelu(a)) * g) + b_out,   (a, g) = split(W_in LayerNorm(x))
+
+``kind`` picks the mixer: "sessa" (SessaMixer), "transformer" (forward attention only)
+or "mamba" (selective SSM baseline); everything around the mixer is shared, so matched
+comparisons differ only in the mixer.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from sessa_jax.config import SessaConfig
+from sessa_jax.mixer import AttentionMixer, SessaMixer
+from sessa_jax.ops.rope import resolve_positions
+
+KINDS = ("sessa", "transformer", "mamba")
+
+
+def mixer_class(kind: str):
+    """Mixer module class for a block kind."""
+    if kind == "sessa":
+        return SessaMixer
+    if kind == "transformer":
+        return AttentionMixer
+    if kind == "mamba":
+        from sessa_jax.baselines.mamba import MambaMixer  # baseline lives with the training code
+
+        return MambaMixer
+    raise ValueError(f"unknown block kind {kind!r}; choose one of {KINDS}")
+
+
+class SessaLayer(nn.Module):
+    """One residual Sessa block on x (B, T, D) -> y (B, T, D) in x.dtype.
+
+    Optional ``segment_ids`` (B, T) keep packed documents apart (0 = padding) and restart
+    RoPE positions; ``positions`` (B, T) override them. With ``cache`` it prefills the
+    decode cache and returns (y, cache); with ``decode=True`` it appends one token.
+    """
+
+    config: SessaConfig
+    kind: str = "sessa"
+
+    def setup(self):
+        cfg = self.config
+        dense = functools.partial(nn.Dense, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        # LayerNorm statistics in float32 (or wider), whatever the compute dtype.
+        self.ln = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=jnp.promote_types(cfg.dtype, jnp.float32),
+                               param_dtype=cfg.param_dtype)
+        self.W_in = dense(2 * cfg.d_model)
+        self.mixer = mixer_class(self.kind)(cfg)
+        self.W_out = dense(cfg.d_model)
+
+    def __call__(self, x, segment_ids=None, positions=None, *, cache=None, decode=False):
+        cfg = self.config
+        if x.ndim != 3 or x.shape[-1] != cfg.d_model:
+            raise ValueError(
+                f"SessaLayer expects x of shape (batch, time, d_model={cfg.d_model}); got {tuple(x.shape)}"
+            )
+        b, t, _ = x.shape
+        if decode and t != 1:
+            raise ValueError(f"decode=True appends one token: x must be (batch, 1, {cfg.d_model}); got {tuple(x.shape)}")
+        if segment_ids is not None and tuple(segment_ids.shape) != (b, t):
+            raise ValueError(f"segment_ids must have shape (batch, time) = {(b, t)}; got {tuple(segment_ids.shape)}")
+        xn = self.ln(x.astype(jnp.promote_types(x.dtype, jnp.float32))).astype(cfg.dtype)
+        a, g = jnp.split(self.W_in(xn), 2, axis=-1)
+        a_bar = nn.gelu(a, approximate=False)
+        if cache is None and not decode:
+            s = self.mixer(a_bar, segment_ids, resolve_positions(segment_ids, positions, b, t))
+        else:
+            if self.kind != "sessa":
+                raise NotImplementedError(f"cached decoding is implemented for kind='sessa' only; got {self.kind!r}")
+            if segment_ids is not None:
+                raise ValueError("segment_ids are not supported with a decode cache (one sequence per row)")
+            pos = None if decode else resolve_positions(None, positions, b, t)
+            s, cache = self.mixer(a_bar, None, pos, cache=cache, decode=decode)
+        y = x + self.W_out(s * g).astype(x.dtype)
+        return y if cache is None else (y, cache)

@@ -1,0 +1,83 @@
+"""SessaLM: token embedding -> n_layers gated blocks -> final LayerNorm -> logits.
+
+``kind`` selects the blocks' mixer ("sessa", "transformer", "mamba"); embedding, norms,
+head and block wrapper are shared so baselines are matched. ``config.scan_layers`` runs
+the blocks under ``nn.scan`` (params stacked on a leading layer axis, one compiled
+block); ``config.remat`` rematerialises each block in the backward pass.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from sessa_jax.config import SessaConfig
+from sessa_jax.layer import SessaLayer
+from sessa_jax.ops.rope import resolve_positions
+
+
+class _StackedLayer(SessaLayer):
+    """SessaLayer with the (carry, per-layer input) -> (carry, per-layer output) signature
+    that ``nn.scan`` needs; the same parameter names as SessaLayer."""
+
+    decode: bool = False
+
+    def __call__(self, x, cache, segment_ids, positions):
+        if cache is None:
+            return super().__call__(x, segment_ids, positions), None
+        return super().__call__(x, segment_ids, positions, cache=cache, decode=self.decode)
+
+
+class SessaLM(nn.Module):
+    """Decoder LM on int tokens (B, T) -> float32 logits (B, T, V).
+
+    ``segment_ids`` (B, T) pack documents (0 = padding); ``positions`` override RoPE
+    positions. With ``cache`` (``sessa_jax.decoding.init_cache``) it prefills and returns
+    (logits, cache); with ``decode=True`` tokens is (B, 1) and one step is appended.
+    """
+
+    config: SessaConfig
+    kind: str = "sessa"
+
+    def setup(self):
+        cfg = self.config
+        self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                              embedding_init=nn.initializers.normal(stddev=cfg.d_model ** -0.5))
+        self.norm_f = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=jnp.promote_types(cfg.dtype, jnp.float32),
+                                   param_dtype=cfg.param_dtype)
+        if not cfg.tie_embeddings:
+            self.head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+
+    def _blocks(self, decode: bool):
+        cfg = self.config
+        block = _StackedLayer
+        if cfg.remat:
+            block = nn.remat(block, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                              in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.n_layers)
+            return scanned(cfg, self.kind, decode=decode, name="layers")
+        return [block(cfg, self.kind, decode=decode, name=f"layers_{i}") for i in range(cfg.n_layers)]
+
+    @nn.compact
+    def __call__(self, tokens, segment_ids=None, positions=None, *, cache=None, decode=False):
+        cfg = self.config
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"SessaLM expects integer tokens of shape (batch, time); got {tokens.dtype} "
+                             f"{tuple(tokens.shape)}")
+        b, t = tokens.shape
+        if not decode and cache is None:
+            positions = resolve_positions(segment_ids, positions, b, t)
+        x = self.embed(tokens)
+        blocks = self._blocks(decode)
+        if cfg.scan_layers:
+            x, new_cache = blocks(x, cache, segment_ids, positions)
+        else:
+            outs = [None] * cfg.n_layers
+            for i, block in enumerate(blocks):
+                x, outs[i] = block(x, None if cache is None else cache[i], segment_ids, positions)
+            new_cache = None if cache is None else outs
+        x = self.norm_f(x.astype(jnp.promote_types(x.dtype, jnp.float32))).astype(cfg.dtype)
+        logits = self.embed.attend(x) if cfg.tie_embeddings else self.head(x)
+        logits = logits.astype(jnp.float32)
+        return logits if cache is None else (logits, new_cache)

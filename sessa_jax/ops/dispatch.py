@@ -1,0 +1,118 @@
+"""Public entry points of the ops: argument validation and method dispatch.
+
+Methods: "dense" (oracle, materialises T x T), "blocked" (portable chunked scan with a
+custom VJP), "pallas" (fused kernel on GPU/TPU; fails loudly elsewhere) and "auto"
+(pallas where it runs, else blocked).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from sessa_jax.ops._blocked import blocked_feedback_solve
+from sessa_jax.ops._blocked_attention import blocked_causal_attention
+from sessa_jax.ops._dense import dense_causal_attention, dense_feedback_solve
+from sessa_jax.ops.masks import compute_dtype, default_segment_ids
+
+METHODS = ("dense", "blocked", "pallas", "auto")
+
+
+def _check_method(method: str, chunk_size: int) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1; got {chunk_size!r}")
+
+
+def _check_segments(segment_ids, batch: int, length: int, op: str):
+    if segment_ids is None:
+        return default_segment_ids(batch, length)
+    if tuple(segment_ids.shape) != (batch, length):
+        raise ValueError(
+            f"{op}: segment_ids must have shape (batch, time) = {(batch, length)}; "
+            f"got {tuple(segment_ids.shape)}"
+        )
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise ValueError(f"{op}: segment_ids must be integers; got dtype {segment_ids.dtype}")
+    return segment_ids
+
+
+def _pallas_feedback(q_b, k_b, gamma, f, segment_ids):
+    # Imported lazily: the kernels are optional. Their tiling picks its own chunk per
+    # backend and dtype (sessa_jax.ops.tiling); chunk_size configures the blocked scan.
+    from sessa_jax.ops.pallas import pallas_feedback_solve
+
+    return pallas_feedback_solve(q_b, k_b, gamma, f, segment_ids)
+
+
+def _accelerated_attention(q, k, v, segment_ids):
+    from sessa_jax.ops.attention_backends import accelerated_causal_attention
+
+    return accelerated_causal_attention(q, k, v, segment_ids)
+
+
+def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: str = "blocked", chunk_size: int = 128):
+    """Solves the Sessa feedback system s = (I - diag(gamma) A)^-1 f.
+
+    q_b, k_b, f: (B, T, D); gamma: (B, T); segment_ids: optional (B, T) integers.
+    A[t, tau] = softmax over tau < t in t's segment of q_b[t] . k_b[tau] / sqrt(D), with an
+    all-zero row where t has no past. Accumulates in float32 (float64 for float64 inputs)
+    and returns s (B, T, D) in f.dtype. Differentiable in q_b, k_b, gamma and f.
+    """
+    _check_method(method, chunk_size)
+    if f.ndim != 3:
+        raise ValueError(f"feedback_solve: f must be (batch, time, width); got shape {tuple(f.shape)}")
+    for name, x in (("q_b", q_b), ("k_b", k_b)):
+        if tuple(x.shape) != tuple(f.shape):
+            raise ValueError(
+                f"feedback_solve: {name} must have the shape of f {tuple(f.shape)}; got {tuple(x.shape)}"
+            )
+    b, t, _ = f.shape
+    if tuple(gamma.shape) != (b, t):
+        raise ValueError(f"feedback_solve: gamma must have shape (batch, time) = {(b, t)}; got {tuple(gamma.shape)}")
+    packed = _check_segments(segment_ids, b, t, "feedback_solve")
+    if method in ("pallas", "auto"):
+        try:
+            return _pallas_feedback(q_b, k_b, gamma, f, segment_ids)
+        except (NotImplementedError, ImportError):
+            if method == "pallas":
+                raise
+    if method == "dense":
+        return dense_feedback_solve(q_b, k_b, gamma, f, packed)
+    dtype = compute_dtype(q_b, k_b, gamma, f)
+    return blocked_feedback_solve(q_b, k_b, gamma, f, packed, chunk_size, dtype).astype(f.dtype)
+
+
+def causal_attention(q, k, v, *, segment_ids=None, method: str = "blocked", chunk_size: int = 128):
+    """Causal multi-head attention with grouped-query heads (diagonal included).
+
+    q: (B, T, H, K); k, v: (B, T, Hkv, K) with H % Hkv == 0; scale K^-1/2; optional
+    segment_ids (B, T) keep each token inside its segment. Softmax in float32 (or wider);
+    returns (B, T, H, K) in v.dtype.
+    """
+    _check_method(method, chunk_size)
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"causal_attention: q, k, v must be (batch, time, heads, head_dim); got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    b, t, h, kd = q.shape
+    if tuple(k.shape) != tuple(v.shape) or k.shape[0] != b or k.shape[1] != t or k.shape[3] != kd:
+        raise ValueError(
+            f"causal_attention: k and v must be (batch={b}, time={t}, kv_heads, head_dim={kd}); "
+            f"got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if h % k.shape[2]:
+        raise ValueError(f"causal_attention: query heads {h} must be a multiple of kv heads {k.shape[2]}")
+    packed = _check_segments(segment_ids, b, t, "causal_attention")
+    if method in ("pallas", "auto"):
+        # The attention kernels are the vendor's (cuDNN, splash); where none applies (CPU,
+        # unsupported shape) every non-dense method runs the blocked pure-JAX path.
+        try:
+            return _accelerated_attention(q, k, v, segment_ids).astype(v.dtype)
+        except (NotImplementedError, ImportError):
+            pass
+    if method == "dense":
+        return dense_causal_attention(q, k, v, packed)
+    dtype = compute_dtype(q, k, v)
+    return blocked_causal_attention(q, k, v, packed, chunk_size, dtype).astype(v.dtype)

@@ -1,0 +1,101 @@
+"""Masks and chunk plans shared by every attention-like op.
+
+Masks are always built per block from position indices and segment ids (never as a
+T x T array) so that blocked paths stay O(C T) in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+# Segment id given to the time padding of blocked paths: no real token shares it.
+PAD_SEGMENT = -(2**31)
+
+
+def block_mask(q_pos, k_pos, q_seg, k_seg, *, strict: bool):
+    """Boolean mask (B, Cq, Ck) of allowed (query, key) pairs.
+
+    q_pos (Cq,), k_pos (Ck,): absolute token indices; q_seg (B, Cq), k_seg (B, Ck):
+    segment ids. ``strict`` = key strictly before the query (feedback branch); otherwise
+    the diagonal is included (forward causal attention). Keys must share the query's
+    segment.
+    """
+    if strict:
+        causal = k_pos[None, :] < q_pos[:, None]
+    else:
+        causal = k_pos[None, :] <= q_pos[:, None]
+    same = q_seg[:, :, None] == k_seg[:, None, :]
+    return causal[None] & same
+
+
+def masked_softmax(logits, mask):
+    """Row softmax over the last axis restricted to ``mask``; all-masked rows give zeros.
+
+    Returns (probs, lse) with lse = log sum exp over the allowed entries (0 for empty
+    rows, which are recognised by the mask, never by lse). Computed in logits.dtype
+    (callers pass float32 or wider).
+    """
+    neg = jnp.asarray(-jnp.inf, logits.dtype)
+    masked = jnp.where(mask, logits, neg)
+    m = jnp.max(masked, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.where(mask, jnp.exp(masked - m), 0.0)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    safe_l = jnp.where(l > 0, l, 1.0)
+    lse = jnp.where(l > 0, m + jnp.log(safe_l), 0.0)[..., 0]
+    return p / safe_l, lse
+
+
+def probs_from_lse(logits, lse, mask):
+    """Recomputes softmax probabilities from saved row statistics (backward passes)."""
+    return jnp.where(mask, jnp.exp(logits - lse[..., None]), 0.0)
+
+
+def default_segment_ids(batch: int, length: int):
+    """All tokens in one segment: int32 ones of shape (B, T)."""
+    return jnp.ones((batch, length), jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkGroup:
+    """A run of consecutive chunks [first, stop) that share one static key length.
+
+    Query chunk i only needs keys before (i + 1) * C, so the scan is split into a few
+    groups whose key length is static: causal waste drops from 2x to (S + 1) / S.
+    """
+
+    first: int
+    stop: int
+    key_len: int
+
+
+def chunk_groups(num_chunks: int, chunk: int, max_groups: int = 4,
+                 min_chunks_per_group: int = 8) -> tuple[ChunkGroup, ...]:
+    """Splits ``num_chunks`` chunks of size ``chunk`` into at most ``max_groups`` groups.
+
+    Each group is one more scan to compile, so short sequences use a single group.
+    """
+    groups = max(1, min(max_groups, num_chunks // min_chunks_per_group))
+    bounds = [round(g * num_chunks / groups) for g in range(groups + 1)]
+    return tuple(
+        ChunkGroup(first=a, stop=b, key_len=b * chunk)
+        for a, b in zip(bounds[:-1], bounds[1:])
+        if b > a
+    )
+
+
+def pad_time(x, padded_len: int, value=0):
+    """Pads axis 1 (time) of ``x`` to ``padded_len`` with ``value``."""
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (0, padded_len - x.shape[1])
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def compute_dtype(*arrays):
+    """float32, or float64 when any input is float64 (jax_enable_x64 runs)."""
+    dt = jnp.float32
+    for a in arrays:
+        dt = jnp.promote_types(dt, a.dtype)
+    return dt

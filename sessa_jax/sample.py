@@ -1,0 +1,112 @@
+"""Generate from a trained run: ``python -m sessa_jax.sample --run DIR --prompt TEXT``.
+
+Restores only the parameters (no optimizer state) of the latest (or ``--step``)
+checkpoint in ``DIR/checkpoints``, rebuilds the model from the config saved with it and
+samples. Text runs take the prompt as text (bytes); synthetic-task runs take space-separated
+token ids. ``kind="sessa"`` uses the cached decoder (``sessa_jax.decoding.generate``);
+the baselines recompute the whole prefix per token (fine for short samples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sessa_jax.data import text
+from sessa_jax.train import checkpoint as ckpt
+from sessa_jax.train.config import config_from_json
+from sessa_jax.train.state import build_model, init_params
+
+
+def load_run(run_dir: str, step: int | None = None):
+    """(model, params, run config) of a run directory, parameters only."""
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"--run {run_dir!r} has no checkpoints/ directory; pass the --workdir of a train.py run")
+    cfg = config_from_json(ckpt.restore_config(ckpt_dir, step))
+    model = build_model(cfg)
+    abstract = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), cfg.data.seq_len))
+    return model, ckpt.restore_params(ckpt_dir, abstract, step), cfg
+
+
+def encode_prompt(prompt: str, task: str) -> np.ndarray:
+    if task == "text":
+        return np.array([text.BOS] + list(prompt.encode("utf-8")), np.int32)
+    try:
+        return np.array([int(t) for t in prompt.split()], np.int32)
+    except ValueError as e:
+        raise ValueError(f"a {task!r} run takes the prompt as space-separated token ids, e.g. '3 41 7'; got {prompt!r}") from e
+
+
+def decode_tokens(tokens: np.ndarray, task: str) -> str:
+    if task == "text":
+        return bytes(int(t) for t in tokens if t < 256).decode("utf-8", errors="replace")
+    return "".join(f" {int(t)}" for t in tokens)  # continues the space-separated prompt
+
+
+def generate_by_recompute(model, params, prompt, max_new_tokens: int, rng, temperature=1.0, top_k=None):
+    """Samples by re-running the full model on a fixed-size buffer (one compile)."""
+    b, p = prompt.shape
+    buf = jnp.zeros((b, p + max_new_tokens), jnp.int32).at[:, :p].set(prompt)
+
+    def body(t, carry):
+        buf, rng = carry
+        logits = model.apply(params, buf)[:, t - 1].astype(jnp.float32)
+        if temperature == 0:
+            nxt = jnp.argmax(logits, -1)
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+                logits = jnp.where(logits < kth, -jnp.inf, logits)
+            nxt = jax.random.categorical(jax.random.fold_in(rng, t), logits)
+        return buf.at[:, t].set(nxt.astype(jnp.int32)), rng
+
+    return jax.jit(lambda buf, rng: jax.lax.fori_loop(p, p + max_new_tokens, body, (buf, rng))[0])(buf, rng)
+
+
+def sample(run_dir: str, prompt: str, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, seed: int = 0, step: int | None = None) -> str:
+    """Continuation of ``prompt`` sampled from the run's parameters."""
+    model, params, cfg = load_run(run_dir, step)
+    tokens = jnp.asarray(encode_prompt(prompt, cfg.data.task))[None]
+    rng = jax.random.PRNGKey(seed)
+    if cfg.model.kind == "sessa":
+        from sessa_jax.decoding import generate
+
+        out = generate(model, params, tokens, max_new_tokens, rng, temperature=temperature, top_k=top_k, top_p=top_p)
+    else:
+        if top_p is not None:
+            raise ValueError(f"--top_p is supported for kind='sessa' runs only; this run is {cfg.model.kind!r}")
+        out = generate_by_recompute(model, params, tokens, max_new_tokens, rng, temperature, top_k)
+    return decode_tokens(np.asarray(out[0, tokens.shape[1]:]), cfg.data.task)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sessa_jax.sample", description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, help="workdir of a train.py run")
+    parser.add_argument("--prompt", default="")
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    args = parser.parse_args(argv)
+    try:
+        out = sample(args.run, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                     args.seed, args.step)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(args.prompt + out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

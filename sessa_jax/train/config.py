@@ -1,0 +1,219 @@
+"""Run configs: the base ``ConfigDict``, loading from ``configs/*.py``, overrides, validation.
+
+A run config has five sections: ``model`` (``kind`` plus every ``SessaConfig`` field),
+``data``, ``optim``, ``train`` and ``checkpoint``. Config files define ``get_config()``
+returning ``base_config()`` with changes. ``load_config("tiny", ["train.steps=30"])``
+loads ``configs/tiny.py`` (or a path), applies ``key=value`` overrides and validates:
+unknown keys, wrong types and impossible combinations raise ``ConfigError`` naming the
+key, before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import os
+
+import jax.numpy as jnp
+import ml_collections as mc
+
+from sessa_jax.config import SessaConfig
+from sessa_jax.data.mqar import check_mqar
+from sessa_jax.data.pipeline import TASKS, task_vocab_size
+from sessa_jax.data.symbol_soup import check_symbol_soup
+
+KINDS = ("sessa", "transformer", "mamba")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+
+
+class ConfigError(ValueError):
+    """A run config that cannot work; the message names the key and the fix."""
+
+
+def base_config() -> mc.ConfigDict:
+    """Every key a run config may set, with defaults."""
+    model_defaults = {f.name: f.default for f in dataclasses.fields(SessaConfig)
+                      if f.default is not dataclasses.MISSING}
+    model_defaults.update(dtype="float32", param_dtype="float32", vocab_size=0, d_model=64, n_heads=4,
+                          n_kv_heads=mc.config_dict.placeholder(int))
+    c = mc.ConfigDict()
+    c.model = mc.ConfigDict(dict(
+        kind="sessa",
+        match_params=False,  # non-sessa kinds: pick d_model so the parameter count matches sessa's
+        **model_defaults,  # vocab_size 0 = the task's vocabulary rounded up to a multiple of 8
+    ))
+    c.data = mc.ConfigDict(dict(
+        task="mqar", seq_len=64, batch_size=16, seed=0, num_threads=0, prefetch=2,
+        mqar=dict(vocab_size=64, num_kv_pairs=8),
+        symbol_soup=dict(block_len=32, task_seed=0, motif_prob=0.05, noise_prob=0.03),
+        text=dict(path="", arrayrecord_dir="", max_bytes=8_000_000, eval_fraction=0.01),
+    ))
+    c.optim = mc.ConfigDict(dict(
+        lr=3e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
+        clip_norm=1.0, grad_accum=1,
+    ))
+    c.train = mc.ConfigDict(dict(
+        steps=100, seed=0, log_every=10, eval_every=0, eval_batches=4, progress=True,
+        step_delay_s=0.0,  # testing aid: sleep after each step so a test can interrupt a run mid-way
+    ))
+    c.checkpoint = mc.ConfigDict(dict(every=0, keep=3, async_save=True))
+    return c
+
+
+def _set(cfg: mc.ConfigDict, key: str, raw: str) -> None:
+    """Applies one ``key=value`` override, parsing ``raw`` by the type of the current value."""
+    *parents, leaf = key.split(".")
+    node = cfg
+    for i, part in enumerate(parents + [leaf]):
+        keys = list(node.keys()) if isinstance(node, mc.ConfigDict) else []
+        if part not in keys:
+            where = ".".join(parents[:i]) or "the config"
+            hint = difflib.get_close_matches(part, keys, n=1)
+            raise ConfigError(
+                f"unknown config key {key!r}: {where} has no {part!r}"
+                + (f"; did you mean {'.'.join(parents[:i] + [hint[0]])!r}?" if hint else f"; known: {sorted(keys)}")
+            )
+        if i < len(parents):
+            node = node[part]
+    current = node[leaf]
+    if isinstance(current, mc.ConfigDict):
+        raise ConfigError(f"config key {key!r} is a section; set one of its keys, e.g. {key}.{next(iter(current))}")
+    field = node.get_ref(leaf)
+    want = field.get_type()
+    if want is str:
+        value = raw
+    else:
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = {"true": True, "false": False, "none": None}.get(raw.lower(), raw)
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+    if want is not None and value is not None and not (type(value) is want):
+        raise ConfigError(f"config key {key!r} expects {want.__name__}, got {raw!r} ({type(value).__name__})")
+    node[leaf] = value
+
+
+def load_config(name_or_path: str = "default", overrides: list[str] | tuple[str, ...] = ()) -> mc.ConfigDict:
+    """Loads ``configs/<name>.py`` (or a .py path), applies ``key=value`` overrides, validates."""
+    path = name_or_path if name_or_path.endswith(".py") else os.path.join(CONFIG_DIR, f"{name_or_path}.py")
+    if not os.path.isfile(path):
+        known = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and not f.startswith("_"))
+        raise ConfigError(f"config {name_or_path!r} not found (looked for {path}); known configs: {known}")
+    spec = importlib.util.spec_from_file_location(f"_sessa_run_config_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    for item in overrides:
+        key, sep, raw = item.removeprefix("--config.").partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. train.steps=30")
+        _set(cfg, key, raw)
+    validate(cfg)
+    return cfg
+
+
+def _positive(cfg, *keys, allow_zero=False):
+    for key in keys:
+        v = cfg
+        for part in key.split("."):
+            v = v[part]
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
+            raise ConfigError(f"config key {key!r} must be an integer >= {0 if allow_zero else 1}; got {v!r}")
+
+
+def validate(cfg: mc.ConfigDict, process_count: int = 1, device_count: int = 1) -> None:
+    """Raises ConfigError naming the key for any value or combination that cannot work."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    if m.kind not in KINDS:
+        raise ConfigError(f"model.kind={m.kind!r} is unknown; choose one of {KINDS}")
+    if d.task not in TASKS:
+        raise ConfigError(f"data.task={d.task!r} is unknown; choose one of {TASKS}")
+    _positive(cfg, "data.seq_len", "data.batch_size", "train.steps", "optim.grad_accum", "train.log_every",
+              "train.eval_batches")
+    _positive(cfg, "train.eval_every", "checkpoint.every", "checkpoint.keep", "optim.warmup_steps",
+              "data.num_threads", "data.prefetch", allow_zero=True)
+    for key in ("dtype", "param_dtype"):
+        if m[key] not in ("float32", "bfloat16", "float16", "float64"):
+            raise ConfigError(f"model.{key}={m[key]!r} is not a float dtype name; use 'float32' or 'bfloat16'")
+    if o.lr <= 0 or not 0 <= o.min_lr_ratio <= 1 or o.weight_decay < 0 or o.clip_norm < 0:
+        raise ConfigError(
+            f"optim: need lr > 0 (got {o.lr}), 0 <= min_lr_ratio <= 1 (got {o.min_lr_ratio}), "
+            f"weight_decay >= 0 (got {o.weight_decay}) and clip_norm >= 0 (got {o.clip_norm}; 0 disables)"
+        )
+    if o.warmup_steps >= t.steps:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be < train.steps={t.steps}")
+    split = o.grad_accum * max(process_count, device_count)
+    if d.batch_size % split:
+        raise ConfigError(
+            f"data.batch_size={d.batch_size} must be divisible by optim.grad_accum x max(processes, devices) "
+            f"= {o.grad_accum} x {max(process_count, device_count)} = {split}"
+        )
+    try:
+        if d.task == "mqar":
+            check_mqar(d.seq_len, d.mqar.vocab_size, d.mqar.num_kv_pairs)
+        elif d.task == "symbol_soup":
+            check_symbol_soup(d.seq_len, d.symbol_soup.block_len)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if d.task == "symbol_soup":
+        if not (0 <= d.symbol_soup.noise_prob <= 1 and 0 <= d.symbol_soup.motif_prob <= 1):
+            raise ConfigError("data.symbol_soup.noise_prob and motif_prob must lie in [0, 1]")
+    elif d.task == "text" and d.text.path and not os.path.exists(d.text.path):
+        raise ConfigError(
+            f"data.text.path={d.text.path!r} does not exist; pass an existing text file or directory, "
+            f"or set data.text.path='' to use the built-in corpus (Python standard library sources)"
+        )
+    if not 0 < d.text.eval_fraction < 1:
+        raise ConfigError(f"data.text.eval_fraction must lie in (0, 1); got {d.text.eval_fraction}")
+    need = task_vocab_size(d)
+    if m.vocab_size and m.vocab_size < need:
+        raise ConfigError(
+            f"model.vocab_size={m.vocab_size} is smaller than data.task={d.task!r} needs ({need}); "
+            f"raise it or set model.vocab_size=0 to size it from the task"
+        )
+    model_config(cfg)  # SessaConfig's own checks, re-raised with the run-config key
+
+
+def model_config(cfg: mc.ConfigDict, match: bool = True) -> SessaConfig:
+    """The ``SessaConfig`` of a run (vocab from the task when 0; width matched when asked)."""
+    fields = {f.name for f in dataclasses.fields(SessaConfig)}
+    kw = {k: v for k, v in cfg.model.items() if k in fields}
+    kw["vocab_size"] = kw["vocab_size"] or -(-task_vocab_size(cfg.data) // 8) * 8
+    kw["dtype"], kw["param_dtype"] = jnp.dtype(kw["dtype"]), jnp.dtype(kw["param_dtype"])
+    try:
+        config = SessaConfig(**kw)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}".replace("SessaConfig.", "model.")) from e
+    if match and cfg.model.match_params and cfg.model.kind != "sessa":
+        from sessa_jax.baselines import match_width
+
+        config = match_width(config, cfg.model.kind)
+    return config
+
+
+def resolve(cfg: mc.ConfigDict) -> mc.ConfigDict:
+    """A copy with derived values written in (vocab size, matched width): what gets saved."""
+    out = mc.ConfigDict(cfg.to_dict())
+    config = model_config(cfg)
+    out.model.vocab_size, out.model.d_model, out.model.match_params = config.vocab_size, config.d_model, False
+    return out
+
+
+def config_from_json(d: dict) -> mc.ConfigDict:
+    """Rebuilds a run config saved with ``cfg.to_dict()`` (missing keys take defaults)."""
+    cfg = base_config()
+    cfg.update_from_flattened_dict({k: v for k, v in _flatten(d).items()})
+    return cfg
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,90 @@
+"""Metrics: JSONL + TensorBoard in the run directory (process 0 only) and a progress line."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """All records of a metrics.jsonl file."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class MetricsWriter:
+    """Writes ``metrics.jsonl`` and TensorBoard events under ``workdir``.
+
+    On resume from ``start_step`` it drops JSONL records of later steps (written by the
+    interrupted run after its last checkpoint) so the file reads as one clean run.
+    """
+
+    def __init__(self, workdir: str, start_step: int = 0, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        if os.path.exists(self.path):
+            kept = [r for r in read_jsonl(self.path) if r["step"] <= start_step]
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start_step + 1 if start_step else None)
+        self._file = open(self.path, "a")
+
+    def write(self, step: int, scalars: dict, tensorboard: bool = True) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if tensorboard:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, float(v), int(step))
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            self._tb.close()
+
+
+class Progress:
+    """``step 10/300 | loss 2.345 | acc 0.120 | 12.3k tok/s | eta 1m23s`` lines."""
+
+    def __init__(self, total_steps: int, tokens_per_step: int, start_step: int, enabled: bool = True):
+        self.total, self.tokens_per_step = total_steps, tokens_per_step
+        self.enabled = enabled and jax.process_index() == 0
+        self._t0, self._s0 = None, start_step
+
+    def line(self, step: int, metrics: dict) -> str:
+        now = time.perf_counter()
+        if self._t0 is None or step <= self._s0:  # first step timed includes compilation
+            self._t0, self._s0 = now, step
+            rate = 0.0
+        else:
+            rate = (step - self._s0) / (now - self._t0)
+        parts = [f"step {step}/{self.total}", f"loss {metrics['loss']:.4f}"]
+        if "accuracy" in metrics:
+            parts.append(f"acc {metrics['accuracy']:.3f}")
+        if rate:
+            parts += [f"{rate * self.tokens_per_step / 1e3:.1f}k tok/s",
+                      f"eta {format_duration((self.total - step) / rate)}"]
+        return " | ".join(parts)
+
+    def print(self, step: int, metrics: dict) -> None:
+        text = self.line(step, metrics)
+        if self.enabled:
+            print(text, flush=True)

@@ -1,0 +1,71 @@
+"""Loss, the jitted train step (donated state, gradient accumulation) and the eval step."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sessa_jax.train.state import TrainState
+
+
+def loss_and_metrics(params, apply_fn, batch, rng=None):
+    """Weighted next-token cross-entropy; accuracy on the weighted positions. float32."""
+    kw = {} if rng is None else dict(rngs={"dropout": rng})
+    logits = apply_fn(params, batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"], **kw)
+    logits = logits.astype(jnp.float32)
+    w = batch["weights"].astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
+    denom = jnp.maximum(w.sum(), 1.0)
+    loss = (ce * w).sum() / denom
+    return loss, dict(loss_sum=(ce * w).sum(), correct_sum=(correct * w).sum(), weight_sum=w.sum())
+
+
+def _grads(params, apply_fn, batch, grad_accum: int, rng):
+    """Mean gradient over ``grad_accum`` micro-batches (weighted by their token counts)."""
+    grad_fn = jax.value_and_grad(lambda p, b: _summed_loss(p, apply_fn, b, rng), has_aux=True)
+    if grad_accum == 1:
+        (_, sums), g = grad_fn(params, batch)
+    else:
+        micro = jax.tree_util.tree_map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+
+        def body(carry, mb):
+            (_, s), g = grad_fn(params, mb)
+            return jax.tree_util.tree_map(jnp.add, carry, (g, s)), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        zs = dict(loss_sum=0.0, correct_sum=0.0, weight_sum=0.0)
+        (g, sums), _ = jax.lax.scan(body, (zeros, jax.tree_util.tree_map(jnp.float32, zs)), micro)
+    denom = jnp.maximum(sums["weight_sum"], 1.0)
+    return jax.tree_util.tree_map(lambda x: x / denom, g), sums
+
+
+def _summed_loss(params, apply_fn, batch, rng):
+    _, sums = loss_and_metrics(params, apply_fn, batch, rng)
+    return sums["loss_sum"], sums
+
+
+@functools.partial(jax.jit, static_argnames=("grad_accum",), donate_argnums=(0,))
+def train_step(state: TrainState, batch, grad_accum: int = 1):
+    """One optimizer update. Returns (new state, metrics of this step's batch)."""
+    rng = jax.random.fold_in(state.rng, state.step)  # per-step randomness (e.g. dropout)
+    grads, sums = _grads(state.params, state.apply_fn, batch, grad_accum, rng)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    denom = jnp.maximum(sums["weight_sum"], 1.0)
+    metrics = dict(loss=sums["loss_sum"] / denom, accuracy=sums["correct_sum"] / denom, grad_norm=grad_norm,
+                   finite=jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm))
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    # Never hand back non-finite parameters: the caller stops on metrics["finite"] == False.
+    new = jax.tree_util.tree_map(lambda n, o: jnp.where(metrics["finite"], n, o), new, state)
+    return new, metrics
+
+
+@jax.jit
+def eval_step(state: TrainState, batch):
+    """Summed loss/correct/weight of one batch (summed over eval batches by the caller)."""
+    return loss_and_metrics(state.params, state.apply_fn, batch)[1]

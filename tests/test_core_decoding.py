@@ -1,0 +1,80 @@
+"""Cached decoding of SessaLM: prefill + steps reproduce the forward pass; generate."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sessa_jax import SessaConfig, SessaLM, decoding
+
+T = 24
+
+
+@functools.lru_cache(maxsize=None)
+def _model(scan_layers: bool):
+    cfg = SessaConfig(d_model=32, n_heads=4, n_kv_heads=2, vocab_size=61, n_layers=2, max_len=T,
+                      chunk_size=8, scan_layers=scan_layers)
+    model = SessaLM(cfg)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, T), 0, cfg.vocab_size)
+    params = model.init(jax.random.PRNGKey(0), tokens)
+    return model, params, tokens
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("prompt_len", [1, 2, 17, T])
+def test_prefill_and_steps_reproduce_forward(scan_layers, prompt_len):
+    model, params, tokens = _model(scan_layers)
+    full = jax.jit(model.apply)(params, tokens)
+    cache = decoding.init_cache(model.config, tokens.shape[0])
+    logits, cache = decoding.prefill(model, params, tokens[:, :prompt_len], cache)
+    step = jax.jit(functools.partial(decoding.decode_step, model))
+    outs = [logits]
+    for t in range(prompt_len, T):
+        logits_t, cache = step(params, tokens[:, t], cache)
+        outs.append(logits_t[:, None])
+    decoded = jnp.concatenate(outs, axis=1)
+    scale = float(jnp.max(jnp.abs(full)))
+    assert float(jnp.max(jnp.abs(decoded - full))) <= 1e-5 * scale
+    assert int(decoding.cache_index(cache)) == T
+
+
+def test_greedy_generate_is_deterministic_and_compiles_once():
+    model, params, tokens = _model(False)
+    before = decoding._generate._cache_size()
+    out1 = decoding.generate(model, params, tokens[:, :5], 8, jax.random.PRNGKey(0), temperature=0.0)
+    out2 = decoding.generate(model, params, tokens[:, :5], 8, jax.random.PRNGKey(9), temperature=0.0)
+    np.testing.assert_array_equal(np.asarray(out1), np.asarray(out2))
+    np.testing.assert_array_equal(np.asarray(out1[:, :5]), np.asarray(tokens[:, :5]))
+    # Each generated token is the argmax of the forward logits of the sequence so far.
+    logits = model.apply(params, out1)
+    np.testing.assert_array_equal(np.asarray(jnp.argmax(logits[:, 4:-1], -1)), np.asarray(out1[:, 5:]))
+    compiled = decoding._generate._cache_size()
+    new_prompt = (tokens[:, 5:10] + 1) % model.config.vocab_size
+    decoding.generate(model, params, new_prompt, 8, jax.random.PRNGKey(1), temperature=0.0)
+    assert decoding._generate._cache_size() == compiled == before + 1
+
+
+def test_sampling_settings():
+    model, params, tokens = _model(False)
+    greedy = decoding.generate(model, params, tokens[:, :3], 6, jax.random.PRNGKey(0), temperature=0.0)
+    top1 = decoding.generate(model, params, tokens[:, :3], 6, jax.random.PRNGKey(5), temperature=1.0, top_k=1)
+    np.testing.assert_array_equal(np.asarray(greedy), np.asarray(top1))  # top_k=1 is greedy
+    tiny_p = decoding.generate(model, params, tokens[:, :3], 6, jax.random.PRNGKey(5), temperature=1.0, top_p=1e-6)
+    np.testing.assert_array_equal(np.asarray(greedy), np.asarray(tiny_p))  # only the top token survives
+    a = decoding.generate(model, params, tokens[:, :3], 6, jax.random.PRNGKey(5), temperature=1.0)
+    b = decoding.generate(model, params, tokens[:, :3], 6, jax.random.PRNGKey(5), temperature=1.0)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # same key, same sample
+
+
+def test_cache_overflow_is_a_clear_error():
+    model, params, tokens = _model(False)
+    with pytest.raises(ValueError, match=r"exceeds the cache length max_len=24"):
+        decoding.generate(model, params, tokens[:, :20], 5, jax.random.PRNGKey(0))
+    cache = decoding.init_cache(model.config, 2)
+    _, cache = decoding.prefill(model, params, tokens, cache)
+    with pytest.raises(ValueError, match=r"cache holds 24 positions and 24 are used"):
+        decoding.decode_step(model, params, tokens[:, 0], cache)
+    with pytest.raises(ValueError, match=r"max_len >= 30"):
+        decoding.prefill(model, params, jnp.zeros((2, 30), jnp.int32), decoding.init_cache(model.config, 2))

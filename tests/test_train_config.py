@@ -1,0 +1,71 @@
+"""Run configs: every shipped config loads; bad keys, types and combinations fail with clear messages."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sessa_jax.train.config import CONFIG_DIR, ConfigError, load_config, model_config, resolve
+
+REPO = os.path.dirname(CONFIG_DIR)
+SHIPPED = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and not f.startswith("_"))
+
+
+def test_shipped_configs_exist_and_validate():
+    assert {"tiny", "default", "mqar", "symbol_soup", "text_bytes", "paper_125m", "paper_350m"} <= set(SHIPPED)
+    for name in SHIPPED:
+        cfg = load_config(name)
+        assert model_config(cfg, match=False).vocab_size >= 1
+
+
+def test_overrides_are_typed():
+    cfg = load_config("tiny", ["train.steps=7", "--config.optim.lr=1", "model.n_kv_heads=1", "model.dtype=bfloat16",
+                               "data.text.path=/tmp", "model.rope=False"])
+    assert cfg.train.steps == 7 and cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.model.n_kv_heads == 1 and cfg.model.dtype == "bfloat16" and cfg.model.rope is False
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.stepz=3"], r"unknown config key 'train.stepz': train has no 'stepz'; did you mean 'train.steps'\?"),
+    (["modle.kind=mamba"], r"unknown config key 'modle.kind'.*did you mean 'model'"),
+    (["train.steps=abc"], r"config key 'train.steps' expects int, got 'abc'"),
+    (["train.steps=2.5"], r"config key 'train.steps' expects int, got '2.5'"),
+    (["train"], r"override 'train' must look like key=value"),
+    (["model=3"], r"config key 'model' is a section"),
+    (["model.kind=rnn"], r"model.kind='rnn' is unknown; choose one of \('sessa', 'transformer', 'mamba'\)"),
+    (["data.task=imagenet"], r"data.task='imagenet' is unknown"),
+    (["optim.warmup_steps=30"], r"optim.warmup_steps=30 must be < train.steps=30"),
+    (["optim.grad_accum=3"], r"data.batch_size=8 must be divisible by optim.grad_accum"),
+    (["data.seq_len=8"], r"data.seq_len=8 is too short for num_kv_pairs=4"),
+    (["model.vocab_size=16"], r"model.vocab_size=16 is smaller than data.task='mqar' needs \(32\)"),
+    (["model.n_heads=3"], r"model.d_model=32 must be divisible by n_heads=3"),
+    (["model.gamma_max=1.0"], r"model.gamma_max must satisfy 0 < gamma_max < 1"),
+    (["model.dtype=int8"], r"model.dtype='int8' is not a float dtype name"),
+    (["data.task=symbol_soup", "data.symbol_soup.block_len=32"], r"data.seq_len=32 cannot hold two styled blocks"),
+    (["data.task=text", "data.text.path=/no/such/corpus"], r"data.text.path='/no/such/corpus' does not exist"),
+    (["optim.lr=-1"], r"optim: need lr > 0 \(got -1.0\)"),
+    (["train.steps=0"], r"'train.steps' must be an integer >= 1; got 0"),
+])
+def test_bad_configs_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", overrides)
+
+
+def test_unknown_config_name_lists_the_known_ones():
+    with pytest.raises(ConfigError, match=r"config 'tinny' not found.*known configs: \[.*'tiny'"):
+        load_config("tinny")
+
+
+def test_resolve_fills_derived_values():
+    r = resolve(load_config("tiny"))
+    assert r.model.vocab_size == 32 and r.model.match_params is False
+
+
+def test_cli_reports_config_errors_before_compiling():
+    out = subprocess.run([sys.executable, "train.py", "--config=tiny", "--config.train.stepz=3"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "config error: unknown config key 'train.stepz'" in out.stderr
+    out = subprocess.run([sys.executable, "train.py", "--bogus"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "unknown argument '--bogus'" in out.stdout
