@@ -65,6 +65,10 @@ def _check_room(cache, needed: int, what: str) -> None:
 
 def prefill(model, params, tokens, cache):
     """Runs the prompt tokens (B, P) from an empty cache: returns (logits (B, P, V), cache)."""
+    idx = cache_index(cache)
+    if not isinstance(idx, jax.core.Tracer) and int(idx) != 0:
+        raise ValueError(f"prefill writes from position 0 but the cache already holds {int(idx)} tokens; "
+                         f"start from decoding.init_cache(...) or continue with decode_step")
     _check_room(cache, tokens.shape[1], "prefill")
     return model.apply(params, tokens, cache=cache)
 
@@ -129,6 +133,8 @@ def generate(model, params, prompt, max_new_tokens: int, rng, temperature: float
         raise ValueError(f"generate: prompt must be (batch, length >= 1) token ids; got shape {tuple(prompt.shape)}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
+    if getattr(model, "kind", "sessa") != "sessa":
+        raise NotImplementedError(f"generate: cached decoding exists for kind='sessa' only; got {model.kind!r}")
     cfg = model.config
     total = prompt.shape[1] + max_new_tokens
     if total > cfg.max_len:

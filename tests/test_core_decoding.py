@@ -76,5 +76,7 @@ def test_cache_overflow_is_a_clear_error():
     _, cache = decoding.prefill(model, params, tokens, cache)
     with pytest.raises(ValueError, match=r"cache holds 24 positions and 24 are used"):
         decoding.decode_step(model, params, tokens[:, 0], cache)
+    with pytest.raises(ValueError, match=r"prefill writes from position 0 but the cache already holds 24"):
+        decoding.prefill(model, params, tokens[:, :2], cache)
     with pytest.raises(ValueError, match=r"max_len >= 30"):
         decoding.prefill(model, params, jnp.zeros((2, 30), jnp.int32), decoding.init_cache(model.config, 2))

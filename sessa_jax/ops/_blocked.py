@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sessa_jax.ops.trsolve import unit_lower_solve
 from sessa_jax.ops.masks import (
     PAD_SEGMENT,
     ChunkGroup,
@@ -58,11 +59,7 @@ class BlockedPlan:
 
 def _diag_solve(a_ii, gamma_i, rhs, *, transpose: bool):
     """Solves (I - diag(gamma_i) a_ii) x = rhs (or its transpose); a_ii strictly lower (B,C,C)."""
-    c = a_ii.shape[-1]
-    m = jnp.eye(c, dtype=a_ii.dtype) - gamma_i[:, :, None] * a_ii
-    return lax.linalg.triangular_solve(
-        m, rhs, left_side=True, lower=True, transpose_a=transpose, unit_diagonal=True
-    )
+    return unit_lower_solve(gamma_i[:, :, None] * a_ii, rhs, transpose=transpose)
 
 
 def _take(x, start, size):

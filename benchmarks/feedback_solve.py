@@ -1,0 +1,152 @@
+"""Speed and memory of the feedback solve and the forward attention, per method and length.
+
+    python benchmarks/feedback_solve.py                       # T = 512 ... 32768, CPU, float32
+    python benchmarks/feedback_solve.py --T 512 1024 --reps 2 # a quick look
+
+Prints one table. Each (op, method, T) cell runs in a fresh subprocess so that its peak
+resident memory (ru_maxrss) is its own; XLA's own view of the compiled program's memory
+(``compiled.memory_analysis()``: arguments + outputs + temporaries) is reported beside it.
+
+FLOP model (useful work, causal half only, the same for every method so rates compare):
+  feedback solve, width D:    forward 2 T^2 D   (logits + A s);  fwd+bwd 7 T^2 D
+                              (backward: logits again, A^T g, g s^T, dL^T q, dL k)
+  causal attention, H x K:    forward 2 T^2 H K (QK^T + PV);     fwd+bwd 7 T^2 H K
+                              (backward: QK^T again, dO V^T, dS K, dS^T Q, P^T dO)
+The ceiling is a plain float32 matmul (2048^3) timed in the same run.
+A dense cell whose compiled memory would exceed --mem-limit-gib is reported as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+
+def _matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def _time(fn, args, reps: int) -> float:
+    import jax
+
+    jax.block_until_ready(fn(*args))  # warm-up (after compile)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run_cell(op: str, method: str, t: int, d: int, heads: int, chunk: int, reps: int, mem_limit: float) -> dict:
+    """Measures one (op, method, T) cell in this process; returns a JSON-able dict."""
+    import jax
+    import jax.numpy as jnp
+
+    from sessa_jax.ops import causal_attention, feedback_solve
+
+    key = jax.random.PRNGKey(0)
+    ks = jax.random.split(key, 5)
+    if op == "feedback":
+        args = (jax.random.normal(ks[0], (1, t, d)), jax.random.normal(ks[1], (1, t, d)),
+                0.9 * jnp.tanh(jax.random.normal(ks[2], (1, t))), jax.random.normal(ks[3], (1, t, d)))
+
+        def fwd(q, k, g, f):
+            return feedback_solve(q, k, g, f, method=method, chunk_size=chunk)
+
+        flops_fwd, flops_bwd = 2 * t * t * d, 7 * t * t * d
+    else:
+        hd = d // heads
+        args = (jax.random.normal(ks[0], (1, t, heads, hd)), jax.random.normal(ks[1], (1, t, heads, hd)),
+                jax.random.normal(ks[2], (1, t, heads, hd)))
+
+        def fwd(q, k, v):
+            return causal_attention(q, k, v, method=method, chunk_size=chunk)
+
+        flops_fwd, flops_bwd = 2 * t * t * d, 7 * t * t * d
+
+    def fwd_bwd(*a):
+        return jax.grad(lambda *a: jnp.sum(fwd(*a) ** 2), argnums=tuple(range(len(a))))(*a)
+
+    row = {"op": op, "method": method, "T": t}
+    for name, fn, flops in (("fwd", fwd, flops_fwd), ("fwd+bwd", fwd_bwd, flops_bwd)):
+        compiled = jax.jit(fn).lower(*args).compile()
+        mem = compiled.memory_analysis()
+        total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+        row[f"{name} xla_mib"] = total / 2**20
+        if total > mem_limit * 2**30:
+            row[f"{name} s"] = None
+            continue
+        seconds = _time(compiled, args, reps)
+        row[f"{name} s"] = seconds
+        row[f"{name} gflops"] = flops / seconds / 1e9
+    row["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return row
+
+
+def _fmt(v, spec):
+    return "skipped" if v is None else format(v, spec)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--T", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384, 32768])
+    p.add_argument("--D", type=int, default=256)
+    p.add_argument("--H", type=int, default=4, help="heads of the forward-attention rows")
+    p.add_argument("--chunk", type=int, default=128)
+    p.add_argument("--methods", nargs="+", default=["dense", "blocked"])
+    p.add_argument("--ops", nargs="+", default=["feedback", "attention"])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--mem-limit-gib", type=float, default=20.0)
+    p.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell, print JSON
+    a = p.parse_args()
+    if a.cell:
+        op, method, t = a.cell.split(":")
+        print(json.dumps(run_cell(op, method, int(t), a.D, a.H, a.chunk, a.reps, a.mem_limit_gib)))
+        return
+
+    import jax
+
+    ceiling = _matmul_gflops()
+    print(f"# device: {jax.devices()[0].device_kind} x{jax.device_count()}, cores: {os.cpu_count()}, "
+          f"jax {jax.__version__}; B=1, D={a.D}, H={a.H} (attention), chunk={a.chunk}, float32")
+    print(f"# matmul ceiling (2048^3 float32): {ceiling:.1f} GFLOP/s")
+    head = ("op", "method", "T", "fwd s", "fwd GF/s", "f+b s", "f+b GF/s", "f+b %ceil", "xla f+b MiB", "peak RSS MiB")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for op in a.ops:
+        for t in a.T:
+            for method in a.methods:
+                cmd = [sys.executable, __file__, "--cell", f"{op}:{method}:{t}", "--D", str(a.D), "--H", str(a.H),
+                       "--chunk", str(a.chunk), "--reps", str(a.reps), "--mem-limit-gib", str(a.mem_limit_gib)]
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                if res.returncode != 0:
+                    print(f"| {op} | {method} | {t} | failed: {res.stderr.strip().splitlines()[-1][:80]} |")
+                    continue
+                r = json.loads(res.stdout.strip().splitlines()[-1])
+                fb = r.get("fwd+bwd gflops")
+                cells = [op, method, str(t), _fmt(r.get("fwd s"), ".4f"), _fmt(r.get("fwd gflops"), ".1f"),
+                         _fmt(r.get("fwd+bwd s"), ".4f"), _fmt(fb, ".1f"),
+                         _fmt(None if fb is None else 100 * fb / ceiling, ".0f"),
+                         f"{r['fwd+bwd xla_mib']:.0f}", f"{r['rss_mib']:.0f}"]
+                print("| " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
