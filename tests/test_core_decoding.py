@@ -22,14 +22,23 @@ def _model(scan_layers: bool):
     return model, params, tokens
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled(scan_layers: bool):
+    """(forward logits, jitted prefill, jitted step) shared by every test of one model."""
+    model, params, tokens = _model(scan_layers)
+    full = jax.jit(model.apply)(params, tokens)
+    prefill = jax.jit(functools.partial(decoding.prefill, model))
+    step = jax.jit(functools.partial(decoding.decode_step, model))
+    return full, prefill, step
+
+
 @pytest.mark.parametrize("scan_layers", [False, True])
 @pytest.mark.parametrize("prompt_len", [1, 2, 17, T])
 def test_prefill_and_steps_reproduce_forward(scan_layers, prompt_len):
     model, params, tokens = _model(scan_layers)
-    full = jax.jit(model.apply)(params, tokens)
+    full, prefill, step = _compiled(scan_layers)
     cache = decoding.init_cache(model.config, tokens.shape[0])
-    logits, cache = decoding.prefill(model, params, tokens[:, :prompt_len], cache)
-    step = jax.jit(functools.partial(decoding.decode_step, model))
+    logits, cache = prefill(params, tokens[:, :prompt_len], cache)
     outs = [logits]
     for t in range(prompt_len, T):
         logits_t, cache = step(params, tokens[:, t], cache)
@@ -48,7 +57,7 @@ def test_greedy_generate_is_deterministic_and_compiles_once():
     np.testing.assert_array_equal(np.asarray(out1), np.asarray(out2))
     np.testing.assert_array_equal(np.asarray(out1[:, :5]), np.asarray(tokens[:, :5]))
     # Each generated token is the argmax of the forward logits of the sequence so far.
-    logits = model.apply(params, out1)
+    logits = jax.jit(model.apply)(params, out1)
     np.testing.assert_array_equal(np.asarray(jnp.argmax(logits[:, 4:-1], -1)), np.asarray(out1[:, 5:]))
     compiled = decoding._generate._cache_size()
     new_prompt = (tokens[:, 5:10] + 1) % model.config.vocab_size
@@ -58,13 +67,13 @@ def test_greedy_generate_is_deterministic_and_compiles_once():
 
 def test_sampling_settings():
     model, params, tokens = _model(False)
-    greedy = decoding.generate(model, params, tokens[:, :3], 6, jax.random.PRNGKey(0), temperature=0.0)
-    top1 = decoding.generate(model, params, tokens[:, :3], 6, jax.random.PRNGKey(5), temperature=1.0, top_k=1)
+    greedy = decoding.generate(model, params, tokens[:, :5], 8, jax.random.PRNGKey(0), temperature=0.0)
+    top1 = decoding.generate(model, params, tokens[:, :5], 8, jax.random.PRNGKey(5), temperature=1.0, top_k=1)
     np.testing.assert_array_equal(np.asarray(greedy), np.asarray(top1))  # top_k=1 is greedy
-    tiny_p = decoding.generate(model, params, tokens[:, :3], 6, jax.random.PRNGKey(5), temperature=1.0, top_p=1e-6)
+    tiny_p = decoding.generate(model, params, tokens[:, :5], 8, jax.random.PRNGKey(5), temperature=1.0, top_p=1e-6)
     np.testing.assert_array_equal(np.asarray(greedy), np.asarray(tiny_p))  # only the top token survives
-    a = decoding.generate(model, params, tokens[:, :3], 6, jax.random.PRNGKey(5), temperature=1.0)
-    b = decoding.generate(model, params, tokens[:, :3], 6, jax.random.PRNGKey(5), temperature=1.0)
+    a = decoding.generate(model, params, tokens[:, :5], 8, jax.random.PRNGKey(5), temperature=1.0)
+    b = decoding.generate(model, params, tokens[:, :5], 8, jax.random.PRNGKey(5), temperature=1.0)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # same key, same sample
 
 
