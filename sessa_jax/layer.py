@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from sessa_jax.config import SessaConfig
 from sessa_jax.mixer import AttentionMixer, SessaMixer
 from sessa_jax.ops.rope import resolve_positions
+from sessa_jax.sharding import BTD, BTW, constrain, dense_init, norm_init
 
 KINDS = ("sessa", "transformer", "mamba")
 
@@ -50,10 +51,10 @@ class SessaLayer(nn.Module):
         dense = functools.partial(nn.Dense, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         # LayerNorm statistics in float32 (or wider), whatever the compute dtype.
         self.ln = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=jnp.promote_types(cfg.dtype, jnp.float32),
-                               param_dtype=cfg.param_dtype)
-        self.W_in = dense(2 * cfg.d_model)
+                               param_dtype=cfg.param_dtype, **norm_init())
+        self.W_in = dense(2 * cfg.d_model, **dense_init("embed", "mlp"))  # column-parallel
         self.mixer = mixer_class(self.kind)(cfg)
-        self.W_out = dense(cfg.d_model)
+        self.W_out = dense(cfg.d_model, **dense_init("mlp", "embed"))  # row-parallel
 
     def __call__(self, x, segment_ids=None, positions=None, *, cache=None, decode=False):
         cfg = self.config
@@ -66,8 +67,9 @@ class SessaLayer(nn.Module):
             raise ValueError(f"decode=True appends one token: x must be (batch, 1, {cfg.d_model}); got {tuple(x.shape)}")
         if segment_ids is not None and tuple(segment_ids.shape) != (b, t):
             raise ValueError(f"segment_ids must have shape (batch, time) = {(b, t)}; got {tuple(segment_ids.shape)}")
+        x = constrain(x, BTD)
         xn = self.ln(x.astype(jnp.promote_types(x.dtype, jnp.float32))).astype(cfg.dtype)
-        a, g = jnp.split(self.W_in(xn), 2, axis=-1)
+        a, g = (constrain(z, BTW) for z in jnp.split(self.W_in(xn), 2, axis=-1))
         a_bar = nn.gelu(a, approximate=False)
         if cache is None and not decode:
             s = self.mixer(a_bar, segment_ids, resolve_positions(segment_ids, positions, b, t))
@@ -78,5 +80,5 @@ class SessaLayer(nn.Module):
                 raise ValueError("segment_ids are not supported with a decode cache (one sequence per row)")
             pos = None if decode else resolve_positions(None, positions, b, t)
             s, cache = self.mixer(a_bar, None, pos, cache=cache, decode=decode)
-        y = x + self.W_out(s * g).astype(x.dtype)
+        y = constrain(x + self.W_out(constrain(s, BTW) * g).astype(x.dtype), BTD)
         return y if cache is None else (y, cache)

@@ -16,6 +16,7 @@ from sessa_jax.config import SessaConfig
 from sessa_jax.ops import apply_rope, causal_attention, feedback_solve
 from sessa_jax.ops.decode import attend_cached, feedback_read_cached
 from sessa_jax.ops.rope import resolve_positions
+from sessa_jax.sharding import BTHK, BTW, constrain, dense_init, logical
 
 
 def _wide(dtype):
@@ -44,11 +45,11 @@ class AttentionMixer(nn.Module):
     def setup(self):
         cfg = self.config
         dense = functools.partial(nn.Dense, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        self.q_proj = dense(cfg.n_heads * cfg.head_dim)
-        self.k_proj = dense(cfg.kv_heads * cfg.head_dim)
-        self.v_proj = dense(cfg.kv_heads * cfg.head_dim)
+        self.q_proj = dense(cfg.n_heads * cfg.head_dim, **dense_init("embed", "heads"))
+        self.k_proj = dense(cfg.kv_heads * cfg.head_dim, **dense_init("embed", "kv_heads"))
+        self.v_proj = dense(cfg.kv_heads * cfg.head_dim, **dense_init("embed", "kv_heads"))
         if cfg.n_heads > 1:
-            self.out_proj = dense(cfg.d_model, use_bias=False)
+            self.out_proj = dense(cfg.d_model, use_bias=False, **dense_init("heads", "embed"))
 
     def project_qkv(self, a_bar, positions):
         """q (B,T,H,K), k/v (B,T,Hkv,K), RoPE applied at ``positions`` (B,T) when enabled."""
@@ -60,7 +61,7 @@ class AttentionMixer(nn.Module):
         if cfg.rope:
             q = apply_rope(q, positions, cfg.rope_base)
             k = apply_rope(k, positions, cfg.rope_base)
-        return q, k, v
+        return constrain(q, BTHK), constrain(k, BTHK), constrain(v, BTHK)
 
     def merge_heads(self, o):
         """(B, T, H, K) -> (B, T, D), through out_proj when H > 1."""
@@ -74,7 +75,7 @@ class AttentionMixer(nn.Module):
         positions = resolve_positions(segment_ids, positions, *a_bar.shape[:2])
         q, k, v = self.project_qkv(a_bar, positions)
         o = causal_attention(q, k, v, segment_ids=segment_ids, method=cfg.solver, chunk_size=cfg.chunk_size)
-        return self.merge_heads(o), k, v
+        return constrain(self.merge_heads(constrain(o, BTHK)), BTW), k, v
 
     def __call__(self, a_bar, segment_ids=None, positions=None):
         return self.forward_branch(a_bar, segment_ids, positions)[0]
@@ -92,18 +93,19 @@ class SessaMixer(AttentionMixer):
     def setup(self):
         super().setup()
         cfg = self.config
-        self.proj_fb = nn.Dense(2 * cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.proj_fb = nn.Dense(2 * cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                **dense_init("embed", "mlp"))
         # gamma is computed in float32 (or wider): it sets the memory decay of the solve.
         self.gamma_ctx = nn.Dense(
             1, use_bias=False, dtype=_wide(cfg.dtype), param_dtype=cfg.param_dtype,
-            kernel_init=nn.initializers.normal(stddev=cfg.d_model ** -0.5),
+            kernel_init=logical(nn.initializers.normal(stddev=cfg.d_model ** -0.5), ("embed", None)),
         )
-        self.gamma_bias = self.param("gamma_bias", nn.initializers.constant(1.0), (), cfg.param_dtype)
+        self.gamma_bias = self.param("gamma_bias", logical(nn.initializers.constant(1.0), ()), (), cfg.param_dtype)
 
     def feedback_inputs(self, a_bar):
         """q_b, k_b (B,T,D) in the compute dtype and gamma (B,T) in float32 or wider."""
         cfg = self.config
-        q_b, k_b = jnp.split(self.proj_fb(a_bar), 2, axis=-1)
+        q_b, k_b = (constrain(z, BTW) for z in jnp.split(self.proj_fb(a_bar), 2, axis=-1))
         wide = _wide(cfg.dtype)
         gamma = cfg.gamma_max * jnp.tanh(self.gamma_bias.astype(wide) + self.gamma_ctx(a_bar.astype(wide))[..., 0])
         return q_b, k_b, gamma
@@ -117,6 +119,7 @@ class SessaMixer(AttentionMixer):
         s = feedback_solve(
             q_b, k_b, gamma, f, segment_ids=segment_ids, method=cfg.solver, chunk_size=cfg.chunk_size
         )
+        s = constrain(s, BTW)  # the solve is independent per width column: s stays split over D
         if cache is None:
             return s
         n = a_bar.shape[1]

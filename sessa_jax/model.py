@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from sessa_jax.config import SessaConfig
 from sessa_jax.layer import SessaLayer
 from sessa_jax.ops.rope import resolve_positions
+from sessa_jax.sharding import BTD, BTV, constrain, dense_init, logical, norm_init
 
 
 class _StackedLayer(SessaLayer):
@@ -42,11 +43,13 @@ class SessaLM(nn.Module):
     def setup(self):
         cfg = self.config
         self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                              embedding_init=nn.initializers.normal(stddev=cfg.d_model ** -0.5))
+                              embedding_init=logical(
+                                  nn.initializers.normal(stddev=cfg.d_model ** -0.5), ("vocab", "embed")))
         self.norm_f = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=jnp.promote_types(cfg.dtype, jnp.float32),
-                                   param_dtype=cfg.param_dtype)
+                                   param_dtype=cfg.param_dtype, **norm_init())
         if not cfg.tie_embeddings:
-            self.head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+            self.head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                 **dense_init("embed", "vocab"))
 
     def _blocks(self, decode: bool):
         cfg = self.config
@@ -55,7 +58,8 @@ class SessaLM(nn.Module):
             block = nn.remat(block, prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.n_layers)
+                              in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                              metadata_params={nn.PARTITION_NAME: "layers"})
             return scanned(cfg, self.kind, decode=decode, name="layers")
         return [block(cfg, self.kind, decode=decode, name=f"layers_{i}") for i in range(cfg.n_layers)]
 
@@ -68,7 +72,7 @@ class SessaLM(nn.Module):
         b, t = tokens.shape
         if not decode and cache is None:
             positions = resolve_positions(segment_ids, positions, b, t)
-        x = self.embed(tokens)
+        x = constrain(self.embed(tokens), BTD)
         blocks = self._blocks(decode)
         if cfg.scan_layers:
             x, new_cache = blocks(x, cache, segment_ids, positions)
@@ -79,5 +83,5 @@ class SessaLM(nn.Module):
             new_cache = None if cache is None else outs
         x = self.norm_f(x.astype(jnp.promote_types(x.dtype, jnp.float32))).astype(cfg.dtype)
         logits = self.embed.attend(x) if cfg.tie_embeddings else self.head(x)
-        logits = logits.astype(jnp.float32)
+        logits = constrain(logits.astype(jnp.float32), BTV)
         return logits if cache is None else (logits, new_cache)

@@ -27,12 +27,21 @@ def _run(tmp_path, name, overrides=()):
     return loop.train(cfg, workdir, log=lambda s: None), workdir
 
 
+def _run_counting(tmp_path, name, overrides=()):
+    """``_run`` plus the number of train-step compilations (of the loop's sharded step)."""
+    made, real = [], loop.make_train_step
+    loop.make_train_step = lambda *a, **kw: made.append(real(*a, **kw)) or made[-1]
+    try:
+        result, workdir = _run(tmp_path, name, overrides)
+    finally:
+        loop.make_train_step = real
+    return result, workdir, sum(f._cache_size() for f in made)
+
+
 @pytest.fixture(scope="module")
 def f32_run(tmp_path_factory):
     """The tiny float32 run, shared by the tests that compare against it."""
-    before = train_step._cache_size()
-    result, workdir = _run(tmp_path_factory.mktemp("f32"), "run")
-    return result, workdir, train_step._cache_size() - before
+    return _run_counting(tmp_path_factory.mktemp("f32"), "run")
 
 
 def _falls(losses):
@@ -58,9 +67,7 @@ def test_every_kind_trains(tmp_path, kind):
 
 
 def test_bfloat16_compute_matches_float32_and_compiles_once(tmp_path, f32_run):
-    before = train_step._cache_size()
-    _run(tmp_path, "bf16", ["model.dtype=bfloat16"])
-    assert train_step._cache_size() - before == 1  # one compilation over the whole run
+    assert _run_counting(tmp_path, "bf16", ["model.dtype=bfloat16"])[2] == 1  # one compilation over the run
     bf16, f32 = _losses(str(tmp_path / "bf16")), _losses(f32_run[1])
     assert np.all(np.isfinite(bf16))
     # bfloat16 keeps 8 mantissa bits (2^-8 relative per op); params and the update stay float32,
@@ -69,14 +76,19 @@ def test_bfloat16_compute_matches_float32_and_compiles_once(tmp_path, f32_run):
 
 
 def test_nan_stops_with_the_step_and_saves_nothing_broken(tmp_path, monkeypatch):
-    real = loop.train_step
+    make_real = loop.make_train_step
 
-    def poisoned(state, batch, grad_accum=1):
-        if int(state.step) == 6:  # the 7th update sees a NaN loss
-            batch = dict(batch, weights=batch["weights"] * jnp.nan)
-        return real(state, batch, grad_accum=grad_accum)
+    def make_poisoned(*args, **kwargs):
+        real = make_real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "train_step", poisoned)
+        def poisoned(state, batch):
+            if int(state.step) == 6:  # the 7th update sees a NaN loss
+                batch = dict(batch, weights=batch["weights"] * jnp.nan)
+            return real(state, batch)
+
+        return poisoned
+
+    monkeypatch.setattr(loop, "make_train_step", make_poisoned)
     with pytest.raises(loop.NonFiniteError, match=r"non-finite loss or gradient at step 7"):
         _run(tmp_path, "nan", ["checkpoint.every=5", "model.kind=transformer"])
     steps = sorted(int(d) for d in os.listdir(tmp_path / "nan" / "checkpoints") if d.isdigit())

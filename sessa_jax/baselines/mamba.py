@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from sessa_jax.config import SessaConfig
+from sessa_jax.sharding import BTW, constrain, dense_init, logical
 
 STATE_SIZE = 16  # N
 EXPAND = 2  # E / D
@@ -96,15 +97,16 @@ class MambaMixer(nn.Module):
         b, t, d = a_bar.shape
         e, n = EXPAND * d, STATE_SIZE
         r = max(1, math.ceil(d / 16))
-        dense = lambda feats, name, bias=True, **kw: nn.Dense(  # noqa: E731
-            feats, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name, **kw
+        dense = lambda feats, name, names, bias=True, **kw: nn.Dense(  # noqa: E731
+            feats, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name, **dense_init(*names, **kw)
         )
 
-        x_BxTxE = dense(e, "in_proj")(a_bar)
+        x_BxTxE = constrain(dense(e, "in_proj", ("embed", "mlp"))(a_bar), BTW)
 
         # Causal depthwise conv; taps reaching into another segment are dropped.
-        conv_w = self.param("conv_kernel", nn.initializers.lecun_normal(), (CONV_WIDTH, e), cfg.param_dtype)
-        conv_b = self.param("conv_bias", nn.initializers.zeros, (e,), cfg.param_dtype)
+        conv_w = self.param("conv_kernel", logical(nn.initializers.lecun_normal(), (None, "mlp")),
+                            (CONV_WIDTH, e), cfg.param_dtype)
+        conv_b = self.param("conv_bias", logical(nn.initializers.zeros, ("mlp",)), (e,), cfg.param_dtype)
         seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
         x_pad = jnp.pad(x_BxTxE, ((0, 0), (CONV_WIDTH - 1, 0), (0, 0)))
         seg_pad = jnp.pad(seg, ((0, 0), (CONV_WIDTH - 1, 0)), constant_values=-1)
@@ -115,13 +117,13 @@ class MambaMixer(nn.Module):
             conv = conv + jnp.where(same, x_pad[:, start:start + t], 0) * conv_w[CONV_WIDTH - 1 - k].astype(cfg.dtype)
         x_BxTxE = nn.silu(conv)
 
-        dbc = dense(r + 2 * n, "x_proj", bias=False)(x_BxTxE)
+        dbc = dense(r + 2 * n, "x_proj", ("mlp", None), bias=False)(x_BxTxE)
         dt_r, B_BxTxN, C_BxTxN = jnp.split(dbc, [r, r + n], axis=-1)
-        dt_BxTxE = dense(e, "dt_proj", bias_init=_dt_bias_init)(dt_r)
+        dt_BxTxE = dense(e, "dt_proj", (None, "mlp"), bias_init=_dt_bias_init)(dt_r)
         dt_BxTxE = jax.nn.softplus(dt_BxTxE.astype(jnp.float32))
 
-        a_log = self.param("A_log", _a_log_init, (e, n), jnp.float32)
-        d_skip = self.param("D", nn.initializers.ones, (e,), cfg.param_dtype)
+        a_log = self.param("A_log", logical(_a_log_init, ("mlp", None)), (e, n), jnp.float32)
+        d_skip = self.param("D", logical(nn.initializers.ones, ("mlp",)), (e,), cfg.param_dtype)
         A_ExN = -jnp.exp(a_log)
         x32 = x_BxTxE.astype(jnp.float32)
         decay = jnp.exp(dt_BxTxE[..., None] * A_ExN)  # (B, T, E, N), in (0, 1)
@@ -130,4 +132,4 @@ class MambaMixer(nn.Module):
         drive = (dt_BxTxE * x32)[..., None] * B_BxTxN.astype(jnp.float32)[:, :, None, :]
         y = selective_scan(decay, drive, C_BxTxN.astype(jnp.float32), cfg.chunk_size)
         y = y + d_skip.astype(jnp.float32) * x32
-        return dense(d, "out_proj")(y.astype(cfg.dtype)).astype(a_bar.dtype)
+        return dense(d, "out_proj", ("mlp", "embed"))(y.astype(cfg.dtype)).astype(a_bar.dtype)

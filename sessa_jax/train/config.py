@@ -1,7 +1,8 @@
 """Run configs: the base ``ConfigDict``, loading from ``configs/*.py``, overrides, validation.
 
-A run config has five sections: ``model`` (``kind`` plus every ``SessaConfig`` field),
-``data``, ``optim``, ``train`` and ``checkpoint``. Config files define ``get_config()``
+A run config has seven sections: ``model`` (``kind`` plus every ``SessaConfig`` field),
+``data``, ``optim``, ``train``, ``checkpoint``, ``mesh`` (device mesh axes, -1 = the
+remaining devices) and ``distributed`` (multi-host start-up). Config files define ``get_config()``
 returning ``base_config()`` with changes. ``load_config("tiny", ["train.steps=30"])``
 loads ``configs/tiny.py`` (or a path), applies ``key=value`` overrides and validates:
 unknown keys, wrong types and impossible combinations raise ``ConfigError`` naming the
@@ -14,6 +15,7 @@ import ast
 import dataclasses
 import difflib
 import importlib.util
+import math
 import os
 
 import jax.numpy as jnp
@@ -23,6 +25,7 @@ from sessa_jax.config import SessaConfig
 from sessa_jax.data.mqar import check_mqar
 from sessa_jax.data.pipeline import TASKS, task_vocab_size
 from sessa_jax.data.symbol_soup import check_symbol_soup
+from sessa_jax.sharding import MeshError, mesh_shape
 
 KINDS = ("sessa", "transformer", "mamba")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
@@ -59,6 +62,11 @@ def base_config() -> mc.ConfigDict:
         step_delay_s=0.0,  # testing aid: sleep after each step so a test can interrupt a run mid-way
     ))
     c.checkpoint = mc.ConfigDict(dict(every=0, keep=3, async_save=True))
+    c.mesh = mc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # data x fsdp x tensor = all devices
+    c.distributed = mc.ConfigDict(dict(
+        initialize="auto",  # auto: when a cluster is detected (TPU pod, SLURM, JAX_COORDINATOR_ADDRESS); yes; no
+        coordinator_address="", num_processes=0, process_id=-1,  # explicit multi-process start (0/-1: detect)
+    ))
     return c
 
 
@@ -124,8 +132,14 @@ def _positive(cfg, *keys, allow_zero=False):
             raise ConfigError(f"config key {key!r} must be an integer >= {0 if allow_zero else 1}; got {v!r}")
 
 
-def validate(cfg: mc.ConfigDict, process_count: int = 1, device_count: int = 1) -> None:
-    """Raises ConfigError naming the key for any value or combination that cannot work."""
+def validate(cfg: mc.ConfigDict, process_count: int = 1, device_count: int | None = None) -> None:
+    """Raises ConfigError naming the key for any value or combination that cannot work.
+
+    ``device_count`` None (at load time, before JAX starts) checks the mesh axes as if
+    there were just enough devices; the loop checks again with the real counts.
+    """
+    if device_count is None:
+        device_count = math.prod(max(v, 1) for v in dict(cfg.mesh).values())
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
     if m.kind not in KINDS:
         raise ConfigError(f"model.kind={m.kind!r} is unknown; choose one of {KINDS}")
@@ -145,11 +159,17 @@ def validate(cfg: mc.ConfigDict, process_count: int = 1, device_count: int = 1) 
         )
     if o.warmup_steps >= t.steps:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be < train.steps={t.steps}")
-    split = o.grad_accum * max(process_count, device_count)
+    if cfg.distributed.initialize not in ("auto", "yes", "no"):
+        raise ConfigError(f"distributed.initialize={cfg.distributed.initialize!r}: use 'auto', 'yes' or 'no'")
+    try:
+        data, fsdp, _ = mesh_shape(dict(cfg.mesh), device_count)
+    except MeshError as e:
+        raise ConfigError(f"mesh: {e}") from e
+    split = o.grad_accum * max(process_count, data * fsdp)
     if d.batch_size % split:
         raise ConfigError(
-            f"data.batch_size={d.batch_size} must be divisible by optim.grad_accum x max(processes, devices) "
-            f"= {o.grad_accum} x {max(process_count, device_count)} = {split}"
+            f"data.batch_size={d.batch_size} must be divisible by optim.grad_accum x max(processes, data x fsdp) "
+            f"= {o.grad_accum} x {max(process_count, data * fsdp)} = {split}"
         )
     try:
         if d.task == "mqar":

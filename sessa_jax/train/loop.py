@@ -8,16 +8,16 @@ import signal
 import time
 
 import jax
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sessa_jax import sharding
 from sessa_jax.data import EVAL, TRAIN, global_batch, make_iterator
+from sessa_jax.distributed import maybe_initialize
 from sessa_jax.train import checkpoint as ckpt
-from sessa_jax.train.config import resolve, validate
+from sessa_jax.train.config import model_config, resolve, validate
 from sessa_jax.train.metrics import MetricsWriter, Progress, format_duration
 from sessa_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from sessa_jax.train.state import TrainState, abstract_state, build_model, create_state
-from sessa_jax.train.step import eval_step, train_step
+from sessa_jax.train.state import TrainState, abstract_state, build_model, create_state, state_shardings
+from sessa_jax.train.step import eval_step, make_train_step
 
 
 class NonFiniteError(FloatingPointError):
@@ -55,6 +55,10 @@ class _Sigterm:
             signal.signal(signal.SIGTERM, self._old)
 
 
+def _quiet(*args, **kwargs):
+    pass
+
+
 def evaluate(state: TrainState, data_cfg, num_batches: int, sharding) -> dict:
     """Mean loss and accuracy (weighted positions only) over the eval split's first batches."""
     totals = dict(loss_sum=0.0, correct_sum=0.0, weight_sum=0.0)
@@ -72,26 +76,34 @@ def evaluate(state: TrainState, data_cfg, num_batches: int, sharding) -> dict:
 
 
 def train(cfg, workdir: str, log=print) -> RunResult:
-    """Trains ``cfg`` in ``workdir``, resuming from its latest complete checkpoint."""
+    """Trains ``cfg`` in ``workdir``, resuming from its latest complete checkpoint.
+
+    The state is laid out on the ``cfg.mesh`` device mesh (``sessa_jax.sharding``); a
+    checkpoint saved under any other mesh restores onto this one.
+    """
     t_start = time.perf_counter()
+    maybe_initialize(cfg.distributed, log)  # no-op unless a cluster or coordinator is configured
+    if jax.process_index() != 0:
+        log = _quiet  # logs from process 0 only
     validate(cfg, jax.process_count(), jax.device_count())
     resolved = resolve(cfg)
     steps, accum = cfg.train.steps, cfg.optim.grad_accum
     model, tx = build_model(resolved), make_optimizer(cfg.optim, steps)
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    data_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    mesh = sharding.make_mesh(dict(cfg.mesh))
+    sharding.validate_mesh(mesh, model_config(resolved), cfg.data.batch_size, accum, kind=cfg.model.kind)
+    data_sharding = sharding.batch_sharding(mesh)
+    shardings = state_shardings(model, tx, cfg.train.seed, cfg.data.seq_len, mesh)
+    step_fn = make_train_step(shardings, data_sharding, accum)
 
     train_iter = make_iterator(cfg.data, TRAIN)
     manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"), cfg.checkpoint.every, cfg.checkpoint.keep,
                                 cfg.checkpoint.async_save)
     if manager.latest_step() is not None:
-        abstract = abstract_state(model, tx, cfg.train.seed, cfg.data.seq_len)
-        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                                          abstract)
+        abstract = abstract_state(model, tx, cfg.train.seed, cfg.data.seq_len, shardings)
         state = ckpt.restore(manager, abstract, train_iter)
         log(f"resumed from {manager.directory} at step {int(state.step)}")
     else:
-        state = create_state(model, tx, cfg.train.seed, cfg.data.seq_len, sharding=replicated)
+        state = create_state(model, tx, cfg.train.seed, cfg.data.seq_len, sharding=shardings)
     start = int(state.step)
     config_dict = resolved.to_dict()
     writer = MetricsWriter(workdir, start_step=start)
@@ -119,11 +131,11 @@ def train(cfg, workdir: str, log=print) -> RunResult:
 
     interrupted, eval_metrics = False, {}
     try:
-        with _Sigterm() as sigterm:
+        with _Sigterm() as sigterm, sharding.activate(mesh):
             step = start
             while step < steps and not sigterm.hit:
                 batch = global_batch(next(train_iter), data_sharding)
-                state, metrics = train_step(state, batch, grad_accum=accum)
+                state, metrics = step_fn(state, batch)
                 step += 1
                 if len(pending) >= 1:  # read step-1 metrics only after step is dispatched
                     flush()

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sessa_jax import sharding
 from sessa_jax.train.config import model_config
 
 
@@ -43,6 +44,23 @@ def create_state(model, tx: optax.GradientTransformation, seed: int, seq_len: in
     return jax.jit(lambda: _fresh_state(model, tx, seed, seq_len), out_shardings=sharding)()
 
 
-def abstract_state(model, tx, seed: int, seq_len: int) -> TrainState:
-    """Shapes/dtypes of ``create_state`` without computing anything (restore target)."""
-    return jax.eval_shape(lambda: _fresh_state(model, tx, seed, seq_len))
+def abstract_state(model, tx, seed: int, seq_len: int, shardings=None) -> TrainState:
+    """Shapes/dtypes (and ``shardings``, a matching tree) of ``create_state`` without
+    computing anything: the restore target."""
+    abstract = jax.eval_shape(lambda: _fresh_state(model, tx, seed, seq_len))
+    if shardings is None:
+        return abstract
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
+def state_shardings(model, tx, seed: int, seq_len: int, mesh, rules=sharding.RULES) -> TrainState:
+    """NamedShardings of every leaf of the train state on ``mesh``.
+
+    ``jax.eval_shape`` of the state with the parameters' logical boxes on (nothing is
+    computed) -> logical PartitionSpecs (optimizer moments inherit their parameter's)
+    -> mesh shardings through ``rules``. Leaves without names (step, rng, counts) are
+    replicated. The state itself holds plain arrays.
+    """
+    with sharding.logical_boxes():
+        boxed = jax.eval_shape(lambda: _fresh_state(model, tx, seed, seq_len))
+    return sharding.shardings_of(boxed, mesh, rules)

@@ -7,6 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from sessa_jax.train.state import TrainState
 
@@ -48,8 +49,7 @@ def _summed_loss(params, apply_fn, batch, rng):
     return sums["loss_sum"], sums
 
 
-@functools.partial(jax.jit, static_argnames=("grad_accum",), donate_argnums=(0,))
-def train_step(state: TrainState, batch, grad_accum: int = 1):
+def _train_step(state: TrainState, batch, grad_accum: int = 1):
     """One optimizer update. Returns (new state, metrics of this step's batch)."""
     rng = jax.random.fold_in(state.rng, state.step)  # per-step randomness (e.g. dropout)
     grads, sums = _grads(state.params, state.apply_fn, batch, grad_accum, rng)
@@ -63,6 +63,22 @@ def train_step(state: TrainState, batch, grad_accum: int = 1):
     # Never hand back non-finite parameters: the caller stops on metrics["finite"] == False.
     new = jax.tree_util.tree_map(lambda n, o: jnp.where(metrics["finite"], n, o), new, state)
     return new, metrics
+
+
+train_step = jax.jit(_train_step, static_argnames=("grad_accum",), donate_argnums=(0,))
+train_step.__doc__ = _train_step.__doc__
+
+
+def make_train_step(state_sharding, batch_sharding: NamedSharding, grad_accum: int = 1):
+    """``train_step`` jitted with explicit shardings and the state donated.
+
+    ``state_sharding``: a TrainState of NamedShardings (``state.state_shardings``);
+    ``batch_sharding``: the sharding of every batch array; metrics come back replicated.
+    Call it under ``sharding.activate(mesh)`` so the activation constraints apply.
+    """
+    metrics_sharding = NamedSharding(batch_sharding.mesh, PartitionSpec())
+    return jax.jit(functools.partial(_train_step, grad_accum=grad_accum), in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, metrics_sharding), donate_argnums=(0,))
 
 
 @jax.jit

@@ -1,0 +1,206 @@
+"""Device meshes, logical axis rules and sharded train state (MaxText/lm1b style).
+
+Modules name the axes of every parameter (``nn.with_logical_partitioning``) and of the
+main activations (``nn.with_logical_constraint``) with *logical* names; ``RULES`` maps
+them onto the physical mesh axes ``MESH_AXES = ('data', 'fsdp', 'tensor')``:
+
+    params       embed (D) -> fsdp, mlp (the 2D of W_in/proj_fb, Mamba's E) -> tensor,
+                 heads / kv_heads (H*K, Hkv*K) -> tensor, vocab (V) -> tensor
+    activations  batch -> (data, fsdp), length -> -, act_embed (residual D) -> -,
+                 act_mlp (gated-branch / feedback-solve width D) -> tensor,
+                 act_heads -> tensor, act_vocab -> tensor
+
+Tensor parallelism is Megatron-style: W_in, q/k/v and proj_fb are column-parallel,
+out_proj and W_out row-parallel, so the forward heads and the width of the feedback
+branch (a_bar, f, q_b, k_b, s; the solve is independent per width column once A is
+known) are split over 'tensor', as is the vocabulary of the head. With no mesh and
+rules active (``activate``) every constraint is a no-op, so one-device code is unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+RULES = (
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_vocab", "tensor"),
+    # parameters
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("norm", None),
+    ("layers", None),
+)
+
+# Logical names of the main activations, used by the modules.
+BTD = ("batch", "length", "act_embed")  # residual stream x, y
+BTW = ("batch", "length", "act_mlp")  # a, g, a_bar, f, q_b, k_b, s: split over 'tensor'
+BTHK = ("batch", "length", "act_heads", None)  # q, k, v, attention output
+BTV = ("batch", "length", "act_vocab")  # logits
+
+
+_BOXED = contextvars.ContextVar("sessa_logical_boxes", default=False)
+
+
+def logical(init, names):
+    """``nn.with_logical_partitioning(init, names)`` while ``logical_boxes()`` is active.
+
+    Outside it the plain initialiser runs, so ``model.init`` returns plain arrays (what
+    tests, conversion and tree arithmetic expect). Either way the same RNG is consumed
+    and the same values come out; only the ``nn.LogicallyPartitioned`` box differs.
+    """
+    boxed = nn.with_logical_partitioning(init, names)
+
+    def wrapper(*args, **kwargs):
+        return (boxed if _BOXED.get() else init)(*args, **kwargs)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def logical_boxes():
+    """Within it, parameter initialisers return ``nn.LogicallyPartitioned`` boxes."""
+    token = _BOXED.set(True)
+    try:
+        yield
+    finally:
+        _BOXED.reset(token)
+
+
+class MeshError(ValueError):
+    """A mesh that does not fit the devices, the batch or the model; names the values."""
+
+
+def dense_init(in_name, out_name, kernel_init=None, bias_init=None) -> dict:
+    """``kernel_init``/``bias_init`` kwargs of ``nn.Dense`` with logical axis names.
+
+    Same initialisers (and RNG use) as ``nn.Dense``'s defaults unless given, so wrapping
+    changes no numbers; the bias takes the kernel's output name.
+    """
+    kernel_init = kernel_init or nn.linear.default_kernel_init
+    bias_init = bias_init or nn.initializers.zeros_init()
+    return dict(kernel_init=logical(kernel_init, (in_name, out_name)), bias_init=logical(bias_init, (out_name,)))
+
+
+def norm_init() -> dict:
+    """``scale_init``/``bias_init`` kwargs of ``nn.LayerNorm`` (replicated, 'norm')."""
+    return dict(scale_init=logical(nn.initializers.ones_init(), ("norm",)),
+                bias_init=logical(nn.initializers.zeros_init(), ("norm",)))
+
+
+def constrain(x, names):
+    """``nn.with_logical_constraint``; a no-op unless ``activate`` is in effect."""
+    return nn.with_logical_constraint(x, names)
+
+
+# Mesh --------------------------------------------------------------------------------
+def mesh_shape(axes: dict, device_count: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) with one ``-1`` filled by the remaining devices."""
+    sizes = [axes.get(name, 1) for name in MESH_AXES]
+    desc = ", ".join(f"{n}={s}" for n, s in zip(MESH_AXES, sizes))
+    if any(isinstance(s, bool) or not isinstance(s, int) or (s < 1 and s != -1) for s in sizes):
+        raise MeshError(f"mesh axes must be positive integers or -1; got {desc}")
+    if sizes.count(-1) > 1:
+        raise MeshError(f"at most one mesh axis may be -1 (fill with the remaining devices); got {desc}")
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if device_count % fixed:
+            raise MeshError(f"mesh {desc}: the fixed axes need a multiple of {fixed} devices, "
+                            f"but there are {device_count} devices")
+        sizes[sizes.index(-1)] = device_count // fixed
+    if math.prod(sizes) != device_count:
+        raise MeshError(f"mesh {desc} has {math.prod(sizes)} devices but there are {device_count} devices; "
+                        f"make data x fsdp x tensor = {device_count} (or set one axis to -1)")
+    return tuple(sizes)
+
+
+def make_mesh(axes: dict, devices=None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh; ``axes`` like ``{'data': -1, 'tensor': 2}``.
+
+    ``jax.make_mesh`` orders devices for the physical topology (TPU ICI, GPU NVLink) so
+    'tensor' (the last, most communicating axis) stays within a host.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    shape = mesh_shape(axes, len(devices))
+    types = (AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=types)
+
+
+def axis_size(mesh: Mesh, *names: str) -> int:
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def validate_mesh(mesh: Mesh, model_config, global_batch: int, grad_accum: int = 1,
+                  process_count: int | None = None, kind: str = "sessa") -> None:
+    """Raises MeshError, naming the values, for any batch/head/width the mesh cannot split."""
+    pc = jax.process_count() if process_count is None else process_count
+    dp, fsdp, tp = mesh.shape["data"], mesh.shape["fsdp"], mesh.shape["tensor"]
+    split = grad_accum * dp * fsdp
+    if global_batch % split:
+        raise MeshError(f"global batch {global_batch} is not divisible by grad_accum x data x fsdp = "
+                        f"{grad_accum} x {dp} x {fsdp} = {split}")
+    if global_batch % pc:
+        raise MeshError(f"global batch {global_batch} is not divisible by the {pc} processes")
+    c = model_config
+    checks = [("d_model", c.d_model, tp, "tensor"), ("vocab_size", c.vocab_size, tp, "tensor"),
+              ("d_model", c.d_model, fsdp, "fsdp")]
+    if kind != "mamba":  # attention heads are split over 'tensor'
+        checks[:0] = [("n_heads", c.n_heads, tp, "tensor"), ("kv_heads", c.kv_heads, tp, "tensor")]
+    for name, value, size, axis in checks:
+        if value % size:
+            raise MeshError(f"model {name}={value} is not divisible by the {axis} axis ({axis}={size}); "
+                            f"choose {axis} among the divisors of {value}")
+    if pc > 1 and tp * fsdp > 1 and jax.local_device_count() % tp:
+        raise MeshError(f"tensor={tp} must divide the {jax.local_device_count()} devices of each process "
+                        f"(the tensor axis stays within a host)")
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules=RULES):
+    """Makes ``mesh`` the ambient mesh and ``rules`` the logical rules (for tracing)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+# Shardings -----------------------------------------------------------------------------
+def logical_specs(boxed_tree):
+    """Logical PartitionSpecs of a tree with ``nn.LogicallyPartitioned`` leaves (P() otherwise)."""
+    return nn.get_partition_spec(boxed_tree)
+
+
+def shardings_of(boxed_tree, mesh: Mesh, rules=RULES):
+    """NamedShardings (plain-array tree structure) of a boxed tree under ``mesh``/``rules``."""
+    return nn.logical_to_mesh_sharding(logical_specs(boxed_tree), mesh, rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches (B, T): rows split over ('data', 'fsdp')."""
+    return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def shard_shapes(tree) -> dict:
+    """{path: per-device shard shape} of the arrays of ``tree`` (for tests and reports)."""
+    out = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        key = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        out[key] = tuple(x.sharding.shard_shape(x.shape))
+    return out
