@@ -12,7 +12,8 @@ FLOP model (useful work, causal half only, the same for every method so rates co
                               (backward: logits again, A^T g, g s^T, dL^T q, dL k)
   causal attention, H x K:    forward 2 T^2 H K (QK^T + PV);     fwd+bwd 7 T^2 H K
                               (backward: QK^T again, dO V^T, dS K, dS^T Q, P^T dO)
-The ceiling is a plain float32 matmul (2048^3) timed in the same run.
+The ceiling is a plain float32 matmul (2048^3) timed in the same run. Times are the best
+of --reps runs after a warm-up (--reps-large for T > 4096).
 A dense cell whose compiled memory would exceed --mem-limit-gib is reported as skipped.
 """
 
@@ -112,7 +113,8 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=128)
     p.add_argument("--methods", nargs="+", default=["dense", "blocked"])
     p.add_argument("--ops", nargs="+", default=["feedback", "attention"])
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions (best of) for T <= 4096")
+    p.add_argument("--reps-large", type=int, default=1, help="timed repetitions for T > 4096")
     p.add_argument("--mem-limit-gib", type=float, default=20.0)
     p.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell, print JSON
     a = p.parse_args()
@@ -134,7 +136,8 @@ def main() -> None:
         for t in a.T:
             for method in a.methods:
                 cmd = [sys.executable, __file__, "--cell", f"{op}:{method}:{t}", "--D", str(a.D), "--H", str(a.H),
-                       "--chunk", str(a.chunk), "--reps", str(a.reps), "--mem-limit-gib", str(a.mem_limit_gib)]
+                       "--chunk", str(a.chunk), "--reps", str(a.reps if t <= 4096 else a.reps_large),
+                       "--mem-limit-gib", str(a.mem_limit_gib)]
                 res = subprocess.run(cmd, capture_output=True, text=True)
                 if res.returncode != 0:
                     print(f"| {op} | {method} | {t} | failed: {res.stderr.strip().splitlines()[-1][:80]} |")

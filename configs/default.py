@@ -13,6 +13,6 @@ def get_config():
     c.data.update(task="mqar", seq_len=64, batch_size=32)
     c.data.mqar.update(vocab_size=64, num_kv_pairs=8)
     c.optim.update(lr=3e-3, warmup_steps=50, weight_decay=0.1, min_lr_ratio=0.1)
-    c.train.update(steps=400, log_every=50, eval_every=200, eval_batches=8)
-    c.checkpoint.update(every=200)
+    c.train.update(steps=2000, log_every=250, eval_every=500, eval_batches=8)
+    c.checkpoint.update(every=500)
     return c
