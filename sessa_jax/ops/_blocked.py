@@ -31,8 +31,10 @@ from sessa_jax.ops.masks import (
     block_mask,
     chunk_groups,
     masked_softmax,
+    merge_chunks,
     pad_time,
     probs_from_lse,
+    take_chunk,
 )
 
 _HI = lax.Precision.HIGHEST
@@ -62,10 +64,6 @@ def _diag_solve(a_ii, gamma_i, rhs, *, transpose: bool):
     return unit_lower_solve(gamma_i[:, :, None] * a_ii, rhs, transpose=transpose)
 
 
-def _take(x, start, size):
-    return lax.dynamic_slice_in_dim(x, start, size, axis=1)
-
-
 def _forward(plan: BlockedPlan, q, k, gamma, f, seg):
     c = plan.chunk
     s_buf = jnp.zeros_like(f)
@@ -76,9 +74,9 @@ def _forward(plan: BlockedPlan, q, k, gamma, f, seg):
 
         def step(s_buf, i, keys=keys, seg_keys=seg_keys, key_pos=key_pos, key_len=grp.key_len):
             start = i * c
-            q_i, gamma_i, f_i = _take(q, start, c), _take(gamma, start, c), _take(f, start, c)
+            q_i, gamma_i, f_i = take_chunk(q, start, c), take_chunk(gamma, start, c), take_chunk(f, start, c)
             logits = jnp.einsum("bcd,bkd->bck", q_i, keys, precision=_HI)
-            mask = block_mask(start + jnp.arange(c), key_pos, _take(seg, start, c), seg_keys, strict=True)
+            mask = block_mask(start + jnp.arange(c), key_pos, take_chunk(seg, start, c), seg_keys, strict=True)
             a, lse = masked_softmax(logits, mask)
             r_off = jnp.einsum("bck,bkd->bcd", a, s_buf[:, :key_len], precision=_HI)
             a_ii = lax.dynamic_slice_in_dim(a, start, c, axis=2)
@@ -87,15 +85,9 @@ def _forward(plan: BlockedPlan, q, k, gamma, f, seg):
             return lax.dynamic_update_slice_in_dim(s_buf, s_i, start, axis=1), (lse, r_i)
 
         s_buf, (lse_g, r_g) = lax.scan(step, s_buf, jnp.arange(grp.first, grp.stop))
-        lse_parts.append(_merge_chunks(lse_g))
-        r_parts.append(_merge_chunks(r_g))
+        lse_parts.append(merge_chunks(lse_g))
+        r_parts.append(merge_chunks(r_g))
     return s_buf, jnp.concatenate(lse_parts, axis=1), jnp.concatenate(r_parts, axis=1)
-
-
-def _merge_chunks(x):
-    """(n, B, C, ...) scan outputs -> (B, n * C, ...)."""
-    x = jnp.moveaxis(x, 0, 1)
-    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
 
 
 def _backward(plan: BlockedPlan, res, ds):
@@ -113,11 +105,11 @@ def _backward(plan: BlockedPlan, res, ds):
                  row_pos=row_pos, row0=row0):
             g_buf, dq = carry
             start = j * c
-            k_j, s_j, gamma_j = _take(k, start, c), _take(s, start, c), _take(gamma, start, c)
+            k_j, s_j, gamma_j = take_chunk(k, start, c), take_chunk(s, start, c), take_chunk(gamma, start, c)
             logits = jnp.einsum("brd,bcd->brc", q_rows, k_j, precision=_HI)
-            mask = block_mask(row_pos, start + jnp.arange(c), seg_rows, _take(seg, start, c), strict=True)
+            mask = block_mask(row_pos, start + jnp.arange(c), seg_rows, take_chunk(seg, start, c), strict=True)
             a = probs_from_lse(logits, lse_rows, mask)
-            b_j = _take(ds, start, c) + jnp.einsum("brc,brd->bcd", a, g_buf[:, row0:], precision=_HI)
+            b_j = take_chunk(ds, start, c) + jnp.einsum("brc,brd->bcd", a, g_buf[:, row0:], precision=_HI)
             a_jj = lax.dynamic_slice_in_dim(a, start - row0, c, axis=1)
             lam_j = _diag_solve(a_jj, gamma_j, b_j, transpose=True)
             g_buf = lax.dynamic_update_slice_in_dim(g_buf, gamma_j[..., None] * lam_j, start, axis=1)
@@ -132,8 +124,8 @@ def _backward(plan: BlockedPlan, res, ds):
         (g_buf, dq), (lam_g, dk_g) = lax.scan(
             step, (g_buf, dq), jnp.arange(grp.first, grp.stop), reverse=True
         )
-        lam_parts.insert(0, _merge_chunks(lam_g))
-        dk_parts.insert(0, _merge_chunks(dk_g))
+        lam_parts.insert(0, merge_chunks(lam_g))
+        dk_parts.insert(0, merge_chunks(dk_g))
     lam = jnp.concatenate(lam_parts, axis=1)
     dk = jnp.concatenate(dk_parts, axis=1)
     dgamma = jnp.sum(lam * r, axis=-1)

@@ -14,8 +14,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sessa_jax.ops._blocked import BlockedPlan, _merge_chunks, _take
-from sessa_jax.ops.masks import PAD_SEGMENT, block_mask, masked_softmax, pad_time, probs_from_lse
+from sessa_jax.ops._blocked import BlockedPlan
+from sessa_jax.ops.masks import (
+    PAD_SEGMENT,
+    block_mask,
+    masked_softmax,
+    merge_chunks,
+    pad_time,
+    probs_from_lse,
+    take_chunk,
+)
 
 _HI = lax.Precision.HIGHEST
 
@@ -32,13 +40,13 @@ def _forward(plan: BlockedPlan, q, k, v, seg):
 
         def step(_, i, keys=keys, vals=vals, seg_keys=seg_keys, key_pos=key_pos):
             start = i * c
-            logits = jnp.einsum("bchgk,bshk->bhgcs", _take(q, start, c), keys, precision=_HI)
-            mask = block_mask(start + jnp.arange(c), key_pos, _take(seg, start, c), seg_keys, strict=False)
+            logits = jnp.einsum("bchgk,bshk->bhgcs", take_chunk(q, start, c), keys, precision=_HI)
+            mask = block_mask(start + jnp.arange(c), key_pos, take_chunk(seg, start, c), seg_keys, strict=False)
             p, lse = masked_softmax(logits, mask[:, None, None])
             return None, (jnp.einsum("bhgcs,bshk->bchgk", p, vals, precision=_HI), lse)
 
         _, (o_g, lse_g) = lax.scan(step, None, jnp.arange(grp.first, grp.stop))
-        out_parts.append(_merge_chunks(o_g))
+        out_parts.append(merge_chunks(o_g))
         lse_parts.append(lse_g)  # (n_g, B, Hkv, G, C): kept chunk-major for the backward
     return jnp.concatenate(out_parts, axis=1), lse_parts
 
@@ -56,12 +64,12 @@ def _backward(plan: BlockedPlan, res, d_out):
             dk, dv = carry
             i, lse_i = xs
             start = i * c
-            q_i, do_i = _take(q, start, c), _take(d_out, start, c)
+            q_i, do_i = take_chunk(q, start, c), take_chunk(d_out, start, c)
             logits = jnp.einsum("bchgk,bshk->bhgcs", q_i, keys, precision=_HI)
-            mask = block_mask(start + jnp.arange(c), key_pos, _take(seg, start, c), seg_keys, strict=False)
+            mask = block_mask(start + jnp.arange(c), key_pos, take_chunk(seg, start, c), seg_keys, strict=False)
             p = probs_from_lse(logits, lse_i, mask[:, None, None])
             dp = jnp.einsum("bchgk,bshk->bhgcs", do_i, vals, precision=_HI)
-            delta = jnp.einsum("bchgk,bchgk->bhgc", do_i, _take(out, start, c))
+            delta = jnp.einsum("bchgk,bchgk->bhgc", do_i, take_chunk(out, start, c))
             dlogits = p * (dp - delta[..., None])
             dq_i = jnp.einsum("bhgcs,bshk->bchgk", dlogits, keys, precision=_HI)
             dk = dk.at[:, :n_keys].add(jnp.einsum("bhgcs,bchgk->bshk", dlogits, q_i, precision=_HI))
@@ -69,7 +77,7 @@ def _backward(plan: BlockedPlan, res, d_out):
             return (dk, dv), dq_i
 
         (dk, dv), dq_g = lax.scan(step, (dk, dv), (jnp.arange(grp.first, grp.stop), lse_g))
-        dq_parts.append(_merge_chunks(dq_g))
+        dq_parts.append(merge_chunks(dq_g))
     return jnp.concatenate(dq_parts, axis=1), dk, dv
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+from jax import lax
 
 # Segment id given to the time padding of blocked paths: no real token shares it.
 PAD_SEGMENT = -(2**31)
@@ -99,3 +100,14 @@ def compute_dtype(*arrays):
     for a in arrays:
         dt = jnp.promote_types(dt, a.dtype)
     return dt
+
+
+def take_chunk(x, start, size: int):
+    """x[:, start:start + size] along time (axis 1) for a traced ``start``."""
+    return lax.dynamic_slice_in_dim(x, start, size, axis=1)
+
+
+def merge_chunks(x):
+    """Stacked per-chunk scan outputs (n, B, C, ...) -> (B, n * C, ...)."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])

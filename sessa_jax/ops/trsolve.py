@@ -25,7 +25,7 @@ def _mm(a, b):
 def _series(n, b, transpose: bool):
     p = jnp.swapaxes(n, 1, 2) if transpose else n
     x = b
-    steps = max(1, math.ceil(math.log2(n.shape[-1]))) if n.shape[-1] > 1 else 0
+    steps = math.ceil(math.log2(n.shape[-1])) if n.shape[-1] > 1 else 0
     for k in range(steps):
         x = x + _mm(p, x)
         if k + 1 < steps:
