@@ -55,7 +55,7 @@ def _train_step(state: TrainState, batch, grad_accum: int = 1):
     grads, sums = _grads(state.params, state.apply_fn, batch, grad_accum, rng)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     denom = jnp.maximum(sums["weight_sum"], 1.0)
     metrics = dict(loss=sums["loss_sum"] / denom, accuracy=sums["correct_sum"] / denom, grad_norm=grad_norm,
                    finite=jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm))
