@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -36,14 +35,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-
-def layer_class():
-    import sessa_jax
-
-    cls = getattr(sessa_jax, "SessaLayer", None)
-    if cls is None:
-        from sessa_jax.layer import SessaLayer as cls
-    return cls
+from sessa_jax import SessaConfig, SessaLayer
 
 
 def layer_flops(b, t, d, h, hkv, kind):
@@ -93,7 +85,7 @@ def compiled_bytes(jitted, args):
 
 def run_case(cfg, kind, t, args):
     """Times forward and forward+backward of one layer; returns a result dict."""
-    layer = layer_class()(cfg, kind=kind)
+    layer = SessaLayer(cfg, kind=kind)
     key = jax.random.PRNGKey(0)
     x = jax.random.normal(key, (args.B, t, cfg.d_model), jnp.float32).astype(cfg.dtype)
     params = jax.jit(layer.init)(key, x[:, : min(t, 16)])
@@ -135,8 +127,6 @@ def main(argv=None):
     p.add_argument("--peak-n", type=int, default=None, help="matmul size for the peak (default 8192 on GPU/TPU, 1024 on CPU)")
     p.add_argument("--json", default=None, help="write all results to this file")
     args = p.parse_args(argv)
-
-    from sessa_jax.config import SessaConfig
 
     dtype = jnp.dtype(args.dtype)
     platform = jax.default_backend()

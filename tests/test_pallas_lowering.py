@@ -11,30 +11,14 @@
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 import pytest
+from _pallas_cases import SD, solve_args, solve_grad_fn, two_t_dims
 
 from sessa_jax.ops.attention_backends import accelerated_causal_attention
-from sessa_jax.ops.pallas import pallas_feedback_solve
 
 T = 1024
-SD = jax.ShapeDtypeStruct
-
-
-def solve_grad_fn(backend, chunk, interpret=False):
-    def loss(q, k, g, f, seg):
-        s = pallas_feedback_solve(q, k, g, f, seg, chunk_size=chunk, backend=backend, interpret=interpret)
-        return jnp.sum(s.astype(jnp.float32) ** 2)
-
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
-
-
-def solve_args(b, t, d, dtype):
-    return (SD((b, t, d), dtype), SD((b, t, d), dtype), SD((b, t), dtype), SD((b, t, d), dtype),
-            SD((b, t), jnp.int32))
 
 
 def lower_or_skip(fn, args, platform):
@@ -42,12 +26,6 @@ def lower_or_skip(fn, args, platform):
         return fn.trace(*args).lower(lowering_platforms=(platform,))
     except Exception as err:  # noqa: BLE001 - report why the installed JAX cannot
         pytest.skip(f"lowering for {platform} not supported here: {type(err).__name__}: {err}"[:500])
-
-
-def two_t_dims(text, t):
-    """Shapes in HLO (f32[a,b,c]) or StableHLO (tensor<axbxf32>) text with >= 2 dims >= t."""
-    shapes = re.findall(r"\[([\d,]+)\]", text) + [s.replace("x", ",") for s in re.findall(r"tensor<([\dx]+)x", text)]
-    return sorted({s for s in shapes if sum(int(v) >= t for v in s.split(",") if v) >= 2})
 
 
 @pytest.mark.parametrize("backend,platform,chunk,marker", [

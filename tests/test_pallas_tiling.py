@@ -46,3 +46,17 @@ def test_rejections():
             tiling.compute_tiling(*args)
     with pytest.raises(ValueError):
         tiling.compute_tiling(64, 8, jnp.float32, "gpu", 0)
+
+
+def test_block_d_override():
+    tl = tiling.compute_tiling(4096, 1024, jnp.bfloat16, "gpu", block_d=256)
+    assert (tl.chunk, tl.block_d, tl.d_padded) == (64, 256, 1024)
+    assert tiling.compute_tiling(100, 40, jnp.float32, "gpu", block_d=64).block_d == 64  # D padded to 64
+    for bad in (96, 8, 2048):  # not a power of two; below the 16-wide tile; above D_pad
+        with pytest.raises(NotImplementedError, match="block_d"):
+            tiling.compute_tiling(4096, 1024, jnp.bfloat16, "gpu", block_d=bad)
+    with pytest.raises(ValueError, match="block_d"):
+        tiling.compute_tiling(64, 8, jnp.float32, "gpu", block_d=0)
+    assert tiling.compute_tiling(512, 256, jnp.float32, "tpu", block_d=256).block_d == 256
+    with pytest.raises(NotImplementedError, match="GPU-only"):
+        tiling.compute_tiling(512, 256, jnp.float32, "tpu", block_d=128)

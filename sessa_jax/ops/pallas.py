@@ -97,14 +97,16 @@ def _pad(x, t_pad, d_pad=None):
     return jnp.pad(x, widths)
 
 
-def pallas_feedback_solve(q_b, k_b, gamma, f, segment_ids=None, *, chunk_size=None, backend=None,
+def pallas_feedback_solve(q_b, k_b, gamma, f, segment_ids=None, *, chunk_size=None, block_d=None, backend=None,
                           interpret=False):
     """Fused feedback solve. q_b, k_b, f: (B, T, D); gamma: (B, T); segment_ids: (B, T) ints.
 
     backend: "gpu" (Pallas Triton), "tpu" (Pallas Mosaic) or None (from jax.default_backend();
     on CPU only with interpret set, then the GPU kernel in interpret mode). interpret: False,
-    True, or a pltpu.InterpretParams for the TPU kernel. Returns s (B, T, D) in f.dtype;
-    differentiable in q_b, k_b, gamma, f. Raises NotImplementedError where unsupported.
+    True, or a pltpu.InterpretParams for the TPU kernel. chunk_size / block_d override the
+    tiling's chunk and (GPU) output columns per program (`sessa_jax.ops.tiling.compute_tiling`);
+    None keeps its per-backend defaults. Returns s (B, T, D) in f.dtype; differentiable in
+    q_b, k_b, gamma, f. Raises NotImplementedError where unsupported.
     """
     backend = resolve_backend(backend, interpret)
     if f.ndim != 3 or q_b.shape != f.shape or k_b.shape != f.shape or gamma.shape != f.shape[:2]:
@@ -118,7 +120,8 @@ def pallas_feedback_solve(q_b, k_b, gamma, f, segment_ids=None, *, chunk_size=No
         if jnp.dtype(x.dtype).name not in tiling_lib.SUPPORTED_DTYPES:
             raise NotImplementedError(f"Pallas feedback solve supports {tiling_lib.SUPPORTED_DTYPES}; got {x.dtype}")
     b, t, d = f.shape
-    tl = tiling_lib.compute_tiling(t, d, q_b.dtype, backend, chunk_size, interpret=bool(interpret))
+    tl = tiling_lib.compute_tiling(t, d, q_b.dtype, backend, chunk_size, block_d=block_d,
+                                    interpret=bool(interpret))
     cfg = _Static(tl, 1.0 / math.sqrt(d), _interpret_arg(backend, interpret))
     kdtype = jnp.promote_types(q_b.dtype, k_b.dtype)
     q = _pad(q_b.astype(kdtype), tl.t_padded, tl.d_padded)

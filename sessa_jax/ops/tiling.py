@@ -52,8 +52,12 @@ def _next_pow2(x: int) -> int:
 
 
 def compute_tiling(t: int, d: int, dtype, backend: str, chunk_size: int | None = None,
-                   *, interpret: bool = False) -> Tiling:
-    """Chooses chunk, key block, column block and padding; NotImplementedError if unsupported."""
+                   *, block_d: int | None = None, interpret: bool = False) -> Tiling:
+    """Chooses chunk, key block, column block and padding; NotImplementedError if unsupported.
+
+    chunk_size and block_d (GPU: output columns per program, a power of two <= D_pad)
+    override the defaults, for tuning; None keeps them.
+    """
     if backend not in BACKENDS:
         raise NotImplementedError(f"no Pallas feedback-solve kernel for backend {backend!r}; have {BACKENDS}")
     name = jnp.dtype(dtype).name
@@ -61,14 +65,20 @@ def compute_tiling(t: int, d: int, dtype, backend: str, chunk_size: int | None =
         raise NotImplementedError(f"Pallas feedback solve supports {SUPPORTED_DTYPES}; got {name}")
     if t < 1 or d < 1:
         raise NotImplementedError(f"empty problem T={t}, D={d}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
+    for label, value in (("chunk_size", chunk_size), ("block_d", block_d)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{label} must be a positive integer; got {value!r}")
     if backend == "gpu":
-        return _gpu_tiling(t, d, name, chunk_size, interpret)
-    return _tpu_tiling(t, d, chunk_size, interpret)
+        return _gpu_tiling(t, d, name, chunk_size, block_d, interpret)
+    tl = _tpu_tiling(t, d, chunk_size, interpret)
+    if block_d is not None and block_d != tl.d_padded:
+        raise NotImplementedError(
+            f"the TPU kernel holds all {tl.d_padded} padded columns per program; block_d={block_d} is GPU-only"
+        )
+    return tl
 
 
-def _gpu_tiling(t, d, name, chunk_size, interpret):
+def _gpu_tiling(t, d, name, chunk_size, block_d, interpret):
     min_tile = 1 if interpret else 16
     if chunk_size is None:
         chunk = 32 if (name == "float32" and d > 512) else 64
@@ -78,7 +88,13 @@ def _gpu_tiling(t, d, name, chunk_size, interpret):
             raise NotImplementedError(f"GPU kernel needs a power-of-two chunk; got {chunk}")
     chunk = max(min_tile, min(chunk, _next_pow2(t)))
     d_pad = max(min_tile, _next_pow2(d))
-    return Tiling("gpu", chunk, chunk, min(d_pad, 128), _round_up(t, chunk), d_pad)
+    if block_d is None:
+        block_d = min(d_pad, 128)
+    elif block_d & (block_d - 1) or not min_tile <= block_d <= d_pad:
+        raise NotImplementedError(
+            f"GPU kernel needs block_d a power of two in [{min_tile}, {d_pad}] (D={d} padded to {d_pad}); got {block_d}"
+        )
+    return Tiling("gpu", chunk, chunk, block_d, _round_up(t, chunk), d_pad)
 
 
 def _tpu_tiling(t, d, chunk_size, interpret):
