@@ -52,3 +52,28 @@ def test_train_and_eval_do_not_overlap():
     tr = set(_rows(next(make_iterator(cfg, TRAIN))))
     ev = set(_rows(next(make_iterator(cfg, EVAL))))
     assert not tr & ev
+
+
+def _small_text(tmp_path, n_bytes, **kw):
+    (tmp_path / "doc.txt").write_bytes(b"abcdefgh" * (n_bytes // 8))
+    cfg = _data("text")
+    cfg.update(**kw)
+    cfg.text.update(path=str(tmp_path / "doc.txt"), max_bytes=0)
+    return cfg
+
+
+def test_eval_split_smaller_than_one_batch_is_an_error(tmp_path):
+    """Fewer eval rows than one batch gave zero eval batches and eval loss/accuracy 0 without a word."""
+    cfg = _small_text(tmp_path, 800, seq_len=8, batch_size=8)  # 801 tokens: 100 rows, 1 for eval
+    cfg.text.eval_fraction = 0.01
+    with pytest.raises(ValueError, match=r"eval split has 1 rows.*data.batch_size=8.*data.text.eval_fraction"):
+        make_iterator(cfg, EVAL)
+    assert next(make_iterator(cfg, TRAIN))["inputs"].shape == (8, 8)  # train repeats: fine
+
+
+def test_processes_read_the_same_number_of_eval_batches(tmp_path):
+    """An uneven eval split must not give one process more batches (a collective hang multi-host)."""
+    cfg = _small_text(tmp_path, 80, seq_len=8, batch_size=2)  # 81 tokens: 10 rows, 5 for eval
+    cfg.text.eval_fraction = 0.5
+    counts = [sum(1 for _ in make_iterator(cfg, EVAL, process_index=p, process_count=2)) for p in range(2)]
+    assert counts[0] == counts[1] == 2, counts

@@ -103,3 +103,43 @@ def test_packed_documents_do_not_see_each_other_in_the_model(kind):
     np.testing.assert_allclose(packed[cut:], alone(ex["inputs"][cut:]), **tol)
     one_doc = apply(ex["inputs"], np.ones(t, np.int32), np.arange(t, dtype=np.int32))
     assert not np.allclose(one_doc[cut:], alone(ex["inputs"][cut:]), **tol)  # without segments it would leak
+
+
+def test_max_bytes_caps_the_corpus_even_inside_one_file(tmp_path):
+    """data.text.max_bytes bounds the bytes read, also when one file alone is larger than it."""
+    big = bytes(range(32, 127)) * 100  # 9500 bytes of text
+    (tmp_path / "big.txt").write_bytes(big)
+    docs = text.read_documents(str(tmp_path / "big.txt"), 1000)
+    assert sum(len(d) for d in docs) == 1000 and docs[0].tobytes() == big[:1000]
+    (tmp_path / "small.txt").write_bytes(b"x" * 600)  # sorted: big.txt then small.txt
+    docs = text.read_documents(str(tmp_path), 9800)
+    assert [len(d) for d in docs] == [len(big), 300]
+    assert sum(len(d) for d in text.read_documents(str(tmp_path), 0)) == len(big) + 600  # 0 = no cap
+
+
+def test_arrayrecord_rows_must_match_data_seq_len(tmp_path):
+    """Shards written for one seq_len must not silently feed rows of another length."""
+    import ml_collections as mc
+
+    from sessa_jax.data.pipeline import make_source
+
+    corpus = tmp_path / "doc.txt"
+    corpus.write_text("some words of text " * 40)
+    text.prepare(str(corpus), str(tmp_path / "shards"), seq_len=16, eval_fraction=0.2)
+    cfg = mc.ConfigDict(dict(task="text", seq_len=32, seed=0,
+                             text=dict(path="", arrayrecord_dir=str(tmp_path / "shards"))))
+    with pytest.raises(ValueError, match=r"holds rows of seq_len=16.*data.seq_len=32.*--seq_len 32"):
+        make_source(cfg, 0)
+    cfg.seq_len = 16
+    assert make_source(cfg, 1)[0]["inputs"].shape == (16,)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(seq_len=0), r"--seq_len must be >= 1; got 0"),
+    (dict(seq_len=16, rows_per_shard=0), r"--rows_per_shard must be >= 1; got 0"),
+    (dict(seq_len=16, eval_fraction=1.5), r"--eval_fraction must lie in \(0, 1\); got 1.5"),
+])
+def test_prepare_rejects_bad_arguments_by_name(tmp_path, kw, message):
+    (tmp_path / "doc.txt").write_text("text " * 100)
+    with pytest.raises(ValueError, match=message):
+        text.prepare(str(tmp_path / "doc.txt"), str(tmp_path / "shards"), **kw)

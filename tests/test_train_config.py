@@ -69,3 +69,46 @@ def test_cli_reports_config_errors_before_compiling():
     assert "config error: unknown config key 'train.stepz'" in out.stderr
     out = subprocess.run([sys.executable, "train.py", "--bogus"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "unknown argument '--bogus'" in out.stdout
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["checkpoint.keep=0"], r"'checkpoint.keep' must be an integer >= 1; got 0"),
+    (["optim.b2=1.0"], r"optim.b2 must lie in \[0, 1\); got 1.0"),
+    (["optim.b1=-0.1"], r"optim.b1 must lie in \[0, 1\); got -0.1"),
+    (["optim.eps=0.0"], r"optim.eps must be > 0; got 0.0"),
+    (["data.seed=-1"], r"'data.seed' must be an integer >= 0; got -1"),
+    (["data.symbol_soup.task_seed=-2"], r"'data.symbol_soup.task_seed' must be an integer >= 0; got -2"),
+    (["data.text.max_bytes=-5"], r"'data.text.max_bytes' must be an integer >= 0; got -5"),
+])
+def test_out_of_range_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", overrides)
+
+
+def test_unknown_keys_set_in_a_config_file_are_rejected(tmp_path):
+    """A typo in a config file adds a new ConfigDict key that nothing reads; it must not pass silently."""
+    path = tmp_path / "typo.py"
+    path.write_text(
+        "from sessa_jax.train.config import base_config\n"
+        "def get_config():\n"
+        "    c = base_config()\n"
+        "    c.train.stepz = 5\n"
+        "    return c\n"
+    )
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.stepz'.*did you mean 'train.steps'\?"):
+        load_config(str(path))
+    path.write_text(
+        "from sessa_jax.train.config import base_config\n"
+        "def get_config():\n"
+        "    c = base_config()\n"
+        "    c.data.update(seqlen=128)\n"
+        "    c.extra = dict(a=1)\n"
+        "    return c\n"
+    )
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['data.seqlen', 'extra.a'\]"):
+        load_config(str(path))
+
+
+def test_negative_step_delay_is_rejected_before_compiling():
+    with pytest.raises(ConfigError, match=r"train.step_delay_s must be >= 0; got -1.0"):
+        load_config("tiny", ["train.step_delay_s=-1"])

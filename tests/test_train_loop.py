@@ -116,3 +116,12 @@ def test_weight_decay_mask():
     assert mask["layers_0"]["W_in"]["kernel"] is True
     assert not any([mask["embed"]["embedding"], mask["layers_0"]["W_in"]["bias"], mask["layers_0"]["ln"]["scale"],
                     mask["layers_0"]["gamma_bias"]])
+
+
+def test_an_eval_split_too_small_for_one_batch_fails_before_training(tmp_path):
+    """Before, eval read zero batches and reported loss 0 / accuracy 0; now the run stops up front."""
+    (tmp_path / "doc.txt").write_bytes(b"abcdefgh" * 100)  # 801 tokens: 25 rows of 32, 1 for eval
+    with pytest.raises(ValueError, match=r"eval split has 1 rows.*data.batch_size=8"):
+        _run(tmp_path, "small_eval", ["data.task=text", f"data.text.path={tmp_path / 'doc.txt'}",
+                                      "data.text.max_bytes=0", "train.steps=6", "optim.warmup_steps=1"])
+    assert not os.path.exists(tmp_path / "small_eval" / "checkpoints")  # nothing was trained

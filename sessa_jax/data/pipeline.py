@@ -43,9 +43,15 @@ def make_source(data_cfg, split: int):
     if task == "text":
         t = data_cfg.text
         if t.arrayrecord_dir:
-            return grain.MapDataset.source(
-                grain.sources.ArrayRecordDataSource(text.shard_files(t.arrayrecord_dir, split))
-            ).map(text.decode_row)
+            records = grain.sources.ArrayRecordDataSource(text.shard_files(t.arrayrecord_dir, split))
+            row_len = len(records[0]) // (2 * text.ROW_DTYPE().itemsize) - 1 if len(records) else data_cfg.seq_len
+            if row_len != data_cfg.seq_len:
+                raise ValueError(
+                    f"data.text.arrayrecord_dir={t.arrayrecord_dir!r} holds rows of seq_len={row_len}, but "
+                    f"data.seq_len={data_cfg.seq_len}; set data.seq_len={row_len} or write new shards with "
+                    f"`python -m sessa_jax.data.text prepare ... --seq_len {data_cfg.seq_len}`"
+                )
+            return grain.MapDataset.source(records).map(text.decode_row)
         return text.load_text_source(t.path, data_cfg.seq_len, t.max_bytes, t.eval_fraction, split)
     raise ValueError(f"data.task={task!r} is unknown; choose one of {TASKS}")
 
@@ -57,10 +63,21 @@ def make_dataset(data_cfg, split: int = TRAIN, process_index: int | None = None,
     pc = jax.process_count() if process_count is None else process_count
     source = make_source(data_cfg, split)
     ds = source if isinstance(source, grain.MapDataset) else grain.MapDataset.source(source)
+    local_batch = data_cfg.batch_size // pc
     if data_cfg.task == "text" and split == TRAIN:  # synthetic sources are already random
         ds = ds.shuffle(seed=data_cfg.seed).repeat(None)
+    elif data_cfg.task == "text":  # finite eval split
+        rows = len(ds)
+        if rows < data_cfg.batch_size:
+            raise ValueError(
+                f"the text eval split has {rows} rows of data.seq_len={data_cfg.seq_len}, fewer than one batch "
+                f"of data.batch_size={data_cfg.batch_size}, so eval would read nothing; raise "
+                f"data.text.eval_fraction (now {data_cfg.text.eval_fraction}), use more text, or lower "
+                f"data.batch_size or data.seq_len"
+            )
+        ds = ds[:rows - rows % pc]  # every process gets as many rows, so as many batches (no collective hang)
     ds = ds[pi::pc]
-    ds = ds.batch(data_cfg.batch_size // pc, drop_remainder=True, batch_fn=_stack)
+    ds = ds.batch(local_batch, drop_remainder=True, batch_fn=_stack)
     read = grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch)
     return ds.to_iter_dataset(read)
 

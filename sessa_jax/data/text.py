@@ -59,7 +59,7 @@ def read_documents(path: str, max_bytes: int) -> list[np.ndarray]:
     for name in files:
         try:
             with open(name, "rb") as f:
-                data = f.read()
+                data = f.read(max_bytes - total if max_bytes else -1)  # the cap holds inside a file too
         except OSError:
             continue
         if not data or b"\0" in data[:1024]:  # empty or binary
@@ -137,6 +137,11 @@ def prepare(input_path: str, output_dir: str, seq_len: int, rows_per_shard: int 
     """Packs the corpus at ``input_path`` and writes ArrayRecord shards; returns row counts."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
+    for name, value in (("seq_len", seq_len), ("rows_per_shard", rows_per_shard)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"prepare: --{name} must be >= 1; got {value!r}")
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"prepare: --eval_fraction must lie in (0, 1); got {eval_fraction}")
     os.makedirs(output_dir, exist_ok=True)
     counts = {}
     for split, name in ((0, "train"), (1, "eval")):

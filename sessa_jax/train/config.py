@@ -132,12 +132,32 @@ def _positive(cfg, *keys, allow_zero=False):
             raise ConfigError(f"config key {key!r} must be an integer >= {0 if allow_zero else 1}; got {v!r}")
 
 
+def _check_known_keys(cfg: mc.ConfigDict) -> None:
+    """Keys a config file added (``c.train.stepz = 5``, ``c.data.update(seqlen=...)``) are read by
+    nothing; reject them instead of silently training with the default."""
+    known = set(_flatten(base_config().to_dict()))
+    unknown = sorted(set(_flatten(cfg.to_dict())) - known)
+    if not unknown:
+        return
+    if len(unknown) == 1:
+        key = unknown[0]
+        parent, _, leaf = key.rpartition(".")
+        siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
+        hint = difflib.get_close_matches(leaf, siblings, n=1)
+        raise ConfigError(f"unknown config key {key!r}"
+                          + (f"; did you mean {'.'.join(filter(None, [parent, hint[0]]))!r}?" if hint else
+                             f"; known keys of {parent or 'the config'}: {sorted(siblings)}"))
+    raise ConfigError(f"unknown config key(s) {unknown}: nothing reads them; fix the spelling or remove them "
+                      f"(every known key is in sessa_jax.train.config.base_config)")
+
+
 def validate(cfg: mc.ConfigDict, process_count: int = 1, device_count: int | None = None) -> None:
     """Raises ConfigError naming the key for any value or combination that cannot work.
 
     ``device_count`` None (at load time, before JAX starts) checks the mesh axes as if
     there were just enough devices; the loop checks again with the real counts.
     """
+    _check_known_keys(cfg)
     if device_count is None:
         device_count = math.prod(max(v, 1) for v in dict(cfg.mesh).values())
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
@@ -147,8 +167,10 @@ def validate(cfg: mc.ConfigDict, process_count: int = 1, device_count: int | Non
         raise ConfigError(f"data.task={d.task!r} is unknown; choose one of {TASKS}")
     _positive(cfg, "data.seq_len", "data.batch_size", "train.steps", "optim.grad_accum", "train.log_every",
               "train.eval_batches")
-    _positive(cfg, "train.eval_every", "checkpoint.every", "checkpoint.keep", "optim.warmup_steps",
-              "data.num_threads", "data.prefetch", allow_zero=True)
+    # checkpoint.keep=0 would make orbax delete every checkpoint it writes (nothing to resume from).
+    _positive(cfg, "checkpoint.keep")
+    _positive(cfg, "train.eval_every", "checkpoint.every", "optim.warmup_steps", "data.num_threads",
+              "data.prefetch", "data.seed", "data.symbol_soup.task_seed", "data.text.max_bytes", allow_zero=True)
     for key in ("dtype", "param_dtype"):
         if m[key] not in ("float32", "bfloat16", "float16", "float64"):
             raise ConfigError(f"model.{key}={m[key]!r} is not a float dtype name; use 'float32' or 'bfloat16'")
@@ -157,6 +179,13 @@ def validate(cfg: mc.ConfigDict, process_count: int = 1, device_count: int | Non
             f"optim: need lr > 0 (got {o.lr}), 0 <= min_lr_ratio <= 1 (got {o.min_lr_ratio}), "
             f"weight_decay >= 0 (got {o.weight_decay}) and clip_norm >= 0 (got {o.clip_norm}; 0 disables)"
         )
+    for key in ("b1", "b2"):
+        if not 0 <= o[key] < 1:
+            raise ConfigError(f"optim.{key} must lie in [0, 1); got {o[key]} (1 or more makes AdamW's updates NaN)")
+    if not o.eps > 0:
+        raise ConfigError(f"optim.eps must be > 0; got {o.eps} (0 turns zero gradients into NaN updates); use 1e-8")
+    if not t.step_delay_s >= 0:
+        raise ConfigError(f"train.step_delay_s must be >= 0; got {t.step_delay_s}")
     if o.warmup_steps >= t.steps:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be < train.steps={t.steps}")
     if cfg.distributed.initialize not in ("auto", "yes", "no"):

@@ -10,7 +10,7 @@ import time
 import jax
 
 from sessa_jax import sharding
-from sessa_jax.data import EVAL, TRAIN, global_batch, make_iterator
+from sessa_jax.data import EVAL, TRAIN, global_batch, make_dataset, make_iterator
 from sessa_jax.distributed import maybe_initialize
 from sessa_jax.train import checkpoint as ckpt
 from sessa_jax.train.config import model_config, resolve, validate
@@ -59,10 +59,11 @@ def _quiet(*args, **kwargs):
     pass
 
 
-def evaluate(state: TrainState, data_cfg, num_batches: int, sharding) -> dict:
-    """Mean loss and accuracy (weighted positions only) over the eval split's first batches."""
+def evaluate(state: TrainState, eval_data, num_batches: int, sharding) -> dict:
+    """Mean loss and accuracy (weighted positions only) over the first batches of ``eval_data``
+    (the eval split's dataset from ``make_dataset(data_cfg, EVAL)``; read from its start each call)."""
     totals = dict(loss_sum=0.0, correct_sum=0.0, weight_sum=0.0)
-    it = make_iterator(data_cfg, EVAL)
+    it = iter(eval_data)
     for _ in range(num_batches):
         try:
             batch = next(it)
@@ -86,6 +87,8 @@ def train(cfg, workdir: str, log=print) -> RunResult:
     if jax.process_index() != 0:
         log = _quiet  # logs from process 0 only
     validate(cfg, jax.process_count(), jax.device_count())
+    # Built once, before anything compiles: an eval split that cannot fill one batch fails now.
+    eval_data = make_dataset(cfg.data, EVAL) if cfg.train.eval_batches else None
     resolved = resolve(cfg)
     steps, accum = cfg.train.steps, cfg.optim.grad_accum
     model, tx = build_model(resolved), make_optimizer(cfg.optim, steps)
@@ -144,7 +147,7 @@ def train(cfg, workdir: str, log=print) -> RunResult:
                     time.sleep(cfg.train.step_delay_s)
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps:
                     flush()
-                    e = evaluate(state, cfg.data, cfg.train.eval_batches, data_sharding)
+                    e = evaluate(state, eval_data, cfg.train.eval_batches, data_sharding)
                     writer.write(step, e)
                     log(f"eval @ {step}: loss {e['eval_loss']:.4f} | acc {e['eval_accuracy']:.3f}")
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
@@ -157,7 +160,7 @@ def train(cfg, workdir: str, log=print) -> RunResult:
             if interrupted:
                 log(f"SIGTERM: saved step {step} to {manager.directory}; exiting")
             elif cfg.train.eval_batches:
-                eval_metrics = evaluate(state, cfg.data, cfg.train.eval_batches, data_sharding)
+                eval_metrics = evaluate(state, eval_data, cfg.train.eval_batches, data_sharding)
                 writer.write(step, eval_metrics)
     finally:
         manager.wait_until_finished()
