@@ -7,9 +7,12 @@ G query heads per key/value head (H // Hkv), K head width (D // H), C chunk, V v
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 SOLVERS = ("dense", "blocked", "pallas", "auto")
 
@@ -92,7 +95,10 @@ class SessaConfig:
         d = dict(d)
         for key in ("dtype", "param_dtype"):
             if key in d and isinstance(d[key], str):
-                d[key] = jnp.dtype(d[key])
+                try:
+                    d[key] = jnp.dtype(d[key])
+                except TypeError as e:
+                    raise ValueError(f"SessaConfig.{key}={d[key]!r} is not a dtype") from e
         return cls(**d)
 
     # Validation ----------------------------------------------------------------------
@@ -127,15 +133,22 @@ class SessaConfig:
                 f"SessaConfig: RoPE needs an even head width, but d_model/n_heads = "
                 f"{self.d_model}/{self.n_heads} = {self.head_dim} is odd; change n_heads or set rope=False"
             )
-        if not (isinstance(self.gamma_max, (int, float)) and 0.0 < float(self.gamma_max) < 1.0):
+        for name in ("rope", "tie_embeddings", "scan_layers", "remat"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"SessaConfig.{name} must be a bool; got {getattr(self, name)!r}")
+
+        def real(v):
+            return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+        if not (real(self.gamma_max) and 0.0 < float(self.gamma_max) < 1.0):
             raise ValueError(
                 f"SessaConfig.gamma_max must satisfy 0 < gamma_max < 1 (it bounds |gamma_t| so the "
                 f"feedback solve stays well conditioned); got {self.gamma_max!r}"
             )
-        if not self.ln_eps > 0:
-            raise ValueError(f"SessaConfig.ln_eps must be > 0; got {self.ln_eps!r}")
-        if not self.rope_base > 0:
-            raise ValueError(f"SessaConfig.rope_base must be > 0; got {self.rope_base!r}")
+        for name in ("ln_eps", "rope_base"):
+            v = getattr(self, name)
+            if not (real(v) and math.isfinite(v) and v > 0):
+                raise ValueError(f"SessaConfig.{name} must be a finite number > 0; got {v!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"SessaConfig.solver={self.solver!r} is unknown; choose one of {SOLVERS}")
         for name in ("dtype", "param_dtype"):
@@ -159,4 +172,4 @@ def preset(name: str, **overrides: Any) -> SessaConfig:
     """Returns the named preset (``PRESETS``) with ``overrides`` applied."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return SessaConfig(**{**PRESETS[name], **overrides})
+    return SessaConfig(**PRESETS[name]).replace(**overrides)

@@ -115,9 +115,32 @@ def lm_params_from_torch(state_dict: Mapping, cfg: SessaConfig, dtype=None) -> d
     """
     cast = (lambda a: np.asarray(a).astype(dtype)) if dtype is not None else np.asarray
     layers = [_layer_params(state_dict, cfg, f"layers.{i}.", dtype) for i in range(cfg.n_layers)]
-    extra = sorted(k for k in state_dict if k.startswith("layers.") and int(k.split(".")[1]) >= cfg.n_layers)
+    extra = sorted(k for k in state_dict if k.startswith("layers.") and k.split(".")[1].isdigit()
+                   and int(k.split(".")[1]) >= cfg.n_layers)
     if extra:
         raise KeyError(f"state dict has layers beyond n_layers={cfg.n_layers}: {extra[:3]}...")
+    shapes = {"embed.weight": (cfg.vocab_size, cfg.d_model), "norm_f.weight": (cfg.d_model,),
+              "norm_f.bias": (cfg.d_model,)}
+    if not cfg.tie_embeddings:
+        shapes["head.weight"] = (cfg.vocab_size, cfg.d_model)
+    missing = sorted(set(shapes) - set(state_dict))
+    if missing:
+        raise KeyError(f"state dict lacks {missing} (vocab_size={cfg.vocab_size}, d_model={cfg.d_model}, "
+                       f"tie_embeddings={cfg.tie_embeddings})")
+    layer_key = lambda k: k.startswith("layers.") and k.split(".")[1].isdigit()  # noqa: E731
+    unknown = sorted(k for k in state_dict if k not in shapes and k != "head.weight" and not layer_key(k))
+    if unknown:
+        raise KeyError(f"state dict has unexpected entries {unknown}; an LM state dict holds embed.weight, "
+                       f"norm_f.weight, norm_f.bias, head.weight (untied only) and layers.<i>.<layer name>")
+    if cfg.tie_embeddings and "head.weight" in state_dict:
+        # A tied PyTorch model lists the shared matrix under both names; anything else is an untied head.
+        if not np.array_equal(np.asarray(state_dict["head.weight"]), np.asarray(state_dict["embed.weight"])):
+            raise KeyError("state dict has a head.weight that differs from embed.weight, but the config has "
+                           "tie_embeddings=True and would drop it; load it with tie_embeddings=False")
+    for name, shape in shapes.items():
+        if np.shape(state_dict[name]) != shape:
+            raise ValueError(f"{name} has shape {np.shape(state_dict[name])}; expected {shape} for "
+                             f"vocab_size={cfg.vocab_size}, d_model={cfg.d_model}")
     params: dict = {
         "embed": {"embedding": cast(state_dict["embed.weight"])},
         "norm_f": {"scale": cast(state_dict["norm_f.weight"]), "bias": cast(state_dict["norm_f.bias"])},

@@ -91,7 +91,7 @@ def sample_logits(logits, rng, temperature: float, top_k: int | None, top_p: flo
     if top_k is not None:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p is not None:
+    if top_p is not None and top_p < 1.0:  # top_p = 1 keeps every token (float32 cumsums can miss 1)
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         # Keep the smallest set of top tokens whose mass reaches top_p (always >= 1 token).
@@ -120,6 +120,18 @@ def _generate(model, params, prompt, rng, max_new_tokens, temperature, top_k, to
     return jnp.concatenate([prompt.astype(jnp.int32), new], axis=1)
 
 
+def check_sampling(max_new_tokens, temperature, top_k, top_p, vocab_size: int) -> None:
+    """ValueError naming the setting for any sampling argument outside its range."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"generate: temperature must be >= 0 (0 = greedy); got {temperature}")
+    if top_k is not None and not 1 <= top_k <= vocab_size:
+        raise ValueError(f"generate: top_k must be in [1, vocab_size={vocab_size}]; got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"generate: top_p must be in (0, 1]; got {top_p}")
+
+
 def generate(model, params, prompt, max_new_tokens: int, rng, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None):
     """Samples ``max_new_tokens`` tokens after each prompt row: (B, P) -> (B, P + new) int32.
@@ -131,8 +143,7 @@ def generate(model, params, prompt, max_new_tokens: int, rng, temperature: float
     prompt = jnp.asarray(prompt)
     if prompt.ndim != 2 or prompt.shape[1] < 1:
         raise ValueError(f"generate: prompt must be (batch, length >= 1) token ids; got shape {tuple(prompt.shape)}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
+    check_sampling(max_new_tokens, temperature, top_k, top_p, model.config.vocab_size)
     if getattr(model, "kind", "sessa") != "sessa":
         raise NotImplementedError(f"generate: cached decoding exists for kind='sessa' only; got {model.kind!r}")
     cfg = model.config
@@ -142,10 +153,4 @@ def generate(model, params, prompt, max_new_tokens: int, rng, temperature: float
             f"generate: prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} = {total} exceeds "
             f"the cache length max_len={cfg.max_len}; lower max_new_tokens or set config max_len >= {total}"
         )
-    if temperature < 0:
-        raise ValueError(f"generate: temperature must be >= 0 (0 = greedy); got {temperature}")
-    if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
-        raise ValueError(f"generate: top_k must be in [1, vocab_size={cfg.vocab_size}]; got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"generate: top_p must be in (0, 1]; got {top_p}")
     return _generate(model, params, prompt, rng, max_new_tokens, float(temperature), top_k, top_p)

@@ -40,7 +40,8 @@ class SessaLayer(nn.Module):
 
     Optional ``segment_ids`` (B, T) keep packed documents apart (0 = padding) and restart
     RoPE positions; ``positions`` (B, T) override them. With ``cache`` it prefills the
-    decode cache and returns (y, cache); with ``decode=True`` it appends one token.
+    decode cache and returns (y, cache); with ``decode=True`` it appends one token (at
+    RoPE position cache['index'] unless ``positions`` (B, 1) are given).
     """
 
     config: SessaConfig
@@ -63,6 +64,11 @@ class SessaLayer(nn.Module):
                 f"SessaLayer expects x of shape (batch, time, d_model={cfg.d_model}); got {tuple(x.shape)}"
             )
         b, t, _ = x.shape
+        if decode and cache is None:
+            raise ValueError(
+                "decode=True appends to a decode cache: pass cache=sessa_jax.decoding.init_layer_cache("
+                "config, batch_size) (prefilled by a call with cache=... and decode=False)"
+            )
         if decode and t != 1:
             raise ValueError(f"decode=True appends one token: x must be (batch, 1, {cfg.d_model}); got {tuple(x.shape)}")
         if segment_ids is not None and tuple(segment_ids.shape) != (b, t):
@@ -78,7 +84,7 @@ class SessaLayer(nn.Module):
                 raise NotImplementedError(f"cached decoding is implemented for kind='sessa' only; got {self.kind!r}")
             if segment_ids is not None:
                 raise ValueError("segment_ids are not supported with a decode cache (one sequence per row)")
-            pos = None if decode else resolve_positions(None, positions, b, t)
+            pos = None if decode and positions is None else resolve_positions(None, positions, b, t)
             s, cache = self.mixer(a_bar, None, pos, cache=cache, decode=decode)
         y = constrain(x + self.W_out(constrain(s, BTW) * g).astype(x.dtype), BTD)
         return y if cache is None else (y, cache)

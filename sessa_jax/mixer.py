@@ -87,7 +87,8 @@ class SessaMixer(AttentionMixer):
     ``__call__(a_bar (B,T,D), segment_ids, positions)`` -> s (B,T,D). With ``cache`` (a
     dict from ``decoding.init_layer_cache``) it also fills the cache from position 0 and
     returns (s, cache); with ``decode=True`` a_bar is one token (B,1,D) appended at
-    cache['index'].
+    cache['index'] (RoPE at ``positions`` when given, else at cache['index']). A step
+    past the end of the cache returns NaN.
     """
 
     def setup(self):
@@ -110,9 +111,37 @@ class SessaMixer(AttentionMixer):
         gamma = cfg.gamma_max * jnp.tanh(self.gamma_bias.astype(wide) + self.gamma_ctx(a_bar.astype(wide))[..., 0])
         return q_b, k_b, gamma
 
+    def _check_cache(self, cache, batch: int, new: int) -> None:
+        """Static checks: the cache matches this config and batch and has room for ``new``
+        tokens written from position 0 (prefill); the decode index is checked at run time."""
+        cfg = self.config
+        if not isinstance(cache, dict):
+            raise ValueError(
+                "decode=True appends to a decode cache (and prefill fills one): pass cache=sessa_jax.decoding."
+                f"init_layer_cache(config, batch_size), a dict; got {type(cache).__name__}"
+            )
+        length = cache["k_f"].shape[1] if getattr(cache.get("k_f"), "ndim", 0) >= 2 else None
+        kv = (batch, length, cfg.kv_heads, cfg.head_dim)
+        wide = (batch, length, cfg.d_model)
+        for name, expected in (("k_f", kv), ("v_f", kv), ("k_b", wide), ("s", wide)):
+            got = tuple(getattr(cache.get(name), "shape", ()))
+            if got != expected:
+                raise ValueError(
+                    f"cache entry {name!r} has shape {got}; this input needs {expected} (batch={batch}, "
+                    f"d_model={cfg.d_model}, kv_heads={cfg.kv_heads}, head_dim={cfg.head_dim}); build the "
+                    f"cache with sessa_jax.decoding.init_layer_cache(config, batch_size={batch}) for this config"
+                )
+        if new > length:
+            raise ValueError(
+                f"prefill of {new} tokens: the cache holds {length} positions; build the cache (or the "
+                f"config) with max_len >= {new}"
+            )
+
     def __call__(self, a_bar, segment_ids=None, positions=None, cache=None, decode=False):
+        if cache is not None or decode:
+            self._check_cache(cache, a_bar.shape[0], 0 if decode else a_bar.shape[1])
         if decode:
-            return self._decode(a_bar, cache)
+            return self._decode(a_bar, cache, positions)
         cfg = self.config
         f, k, v = self.forward_branch(a_bar, segment_ids, positions)
         q_b, k_b, gamma = self.feedback_inputs(a_bar)
@@ -127,15 +156,19 @@ class SessaMixer(AttentionMixer):
         cache["index"] = jnp.asarray(n, jnp.int32)
         return s, cache
 
-    def _decode(self, a_bar, cache):
+    def _decode(self, a_bar, cache, positions=None):
         index = cache["index"]
-        positions = jnp.full(a_bar.shape[:2], index, jnp.int32)
+        if positions is None:
+            positions = jnp.full(a_bar.shape[:2], index, jnp.int32)
         q, k, v = self.project_qkv(a_bar, positions)
         cache = write_cache(cache, index, k_f=k, v_f=v)
         f = self.merge_heads(attend_cached(q, cache["k_f"], cache["v_f"], index))
         q_b, k_b, gamma = self.feedback_inputs(a_bar)
         r = feedback_read_cached(q_b, cache["k_b"], cache["s"], index)
         s_wide = f.astype(r.dtype) + gamma[..., None].astype(r.dtype) * r
+        # A step past the end of the cache cannot raise under jit (decoding.decode_step raises
+        # eagerly); the writes below would clamp onto the last position, so poison the result.
+        s_wide = jnp.where(index < cache["k_f"].shape[1], s_wide, jnp.nan)
         cache = write_cache(cache, index, k_b=k_b, s=s_wide)
         cache["index"] = index + 1
         return s_wide.astype(f.dtype), cache

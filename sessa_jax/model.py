@@ -70,6 +70,11 @@ class SessaLM(nn.Module):
             raise ValueError(f"SessaLM expects integer tokens of shape (batch, time); got {tokens.dtype} "
                              f"{tuple(tokens.shape)}")
         b, t = tokens.shape
+        if decode and cache is None:
+            raise ValueError(
+                "decode=True appends to a decode cache: pass cache=sessa_jax.decoding.init_cache(config, "
+                "batch_size) (prefilled by a call with cache=... and decode=False)"
+            )
         if not decode and cache is None:
             positions = resolve_positions(segment_ids, positions, b, t)
         x = constrain(self.embed(tokens), BTD)

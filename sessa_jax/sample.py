@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sessa_jax.data import text
+from sessa_jax.decoding import check_sampling
 from sessa_jax.train import checkpoint as ckpt
 from sessa_jax.train.config import config_from_json
 from sessa_jax.train.state import build_model, init_params
@@ -51,6 +52,7 @@ def decode_tokens(tokens: np.ndarray, task: str) -> str:
 
 def generate_by_recompute(model, params, prompt, max_new_tokens: int, rng, temperature=1.0, top_k=None):
     """Samples by re-running the full model on a fixed-size buffer (one compile)."""
+    check_sampling(max_new_tokens, temperature, top_k, None, model.config.vocab_size)
     b, p = prompt.shape
     buf = jnp.zeros((b, p + max_new_tokens), jnp.int32).at[:, :p].set(prompt)
 

@@ -43,3 +43,26 @@ def test_lm_state_dict_errors():
     missing = {k: v for k, v in sd.items() if k != "layers.1.W_out.bias"}
     with pytest.raises(KeyError, match=r"layers.1.W_out.bias"):
         lm_params_from_torch(missing, BASE)
+
+
+def test_lm_state_dict_entries_outside_the_layers_are_checked():
+    params = SessaLM(BASE).init(jax.random.PRNGKey(0), TOKENS)
+    sd = lm_params_to_torch(params, BASE)
+    # An untied head loaded into a tied config would be dropped silently.
+    head = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (23, 16)))
+    with pytest.raises(KeyError, match=r"head.weight.*tie_embeddings=False"):
+        lm_params_from_torch(dict(sd, **{"head.weight": head}), BASE)
+    # A tied PyTorch model lists the shared matrix under both names: that loads.
+    tied = lm_params_from_torch(dict(sd, **{"head.weight": sd["embed.weight"]}), BASE)
+    np.testing.assert_array_equal(tied["params"]["embed"]["embedding"], sd["embed.weight"])
+    with pytest.raises(KeyError, match=r"unexpected entries \['norm_f.wieght'\]"):
+        lm_params_from_torch(dict(sd, **{"norm_f.wieght": sd["norm_f.weight"]}), BASE)
+    with pytest.raises(KeyError, match=r"unexpected entries \['layers.x.ln.weight'\]"):
+        lm_params_from_torch(dict(sd, **{"layers.x.ln.weight": sd["layers.0.ln.weight"]}), BASE)
+    with pytest.raises(ValueError, match=r"embed.weight has shape \(24, 16\); expected \(23, 16\)"):
+        lm_params_from_torch(dict(sd, **{"embed.weight": np.zeros((24, 16), np.float32)}), BASE)
+    with pytest.raises(KeyError, match=r"lacks \['norm_f.bias'\]"):
+        lm_params_from_torch({k: v for k, v in sd.items() if k != "norm_f.bias"}, BASE)
+    untied = BASE.replace(tie_embeddings=False)
+    with pytest.raises(ValueError, match=r"head.weight has shape \(16, 23\); expected \(23, 16\)"):
+        lm_params_from_torch(dict(sd, **{"head.weight": head.T}), untied)

@@ -89,3 +89,63 @@ def test_cache_overflow_is_a_clear_error():
         decoding.prefill(model, params, tokens[:, :2], cache)
     with pytest.raises(ValueError, match=r"max_len >= 30"):
         decoding.prefill(model, params, jnp.zeros((2, 30), jnp.int32), decoding.init_cache(model.config, 2))
+
+
+def test_decode_without_a_cache_is_an_error():
+    model, params, tokens = _model(False)
+    with pytest.raises(ValueError, match=r"decode=True appends to a decode cache.*init_cache"):
+        model.apply(params, tokens[:, :1], decode=True)
+
+
+def test_decode_steps_honour_given_positions():
+    """Prefill and steps at caller-given RoPE positions reproduce the forward pass at them."""
+    model, params, tokens = _model(False)
+    pos = jnp.broadcast_to(jnp.arange(T) * 3 + 7, tokens.shape)  # non-trivial distances
+    full = jax.jit(model.apply)(params, tokens, positions=pos)
+    apply = jax.jit(model.apply, static_argnames="decode")
+    p = T - 3
+    logits, cache = apply(params, tokens[:, :p], positions=pos[:, :p], cache=decoding.init_cache(model.config, 2))
+    outs = [logits]
+    for t in range(p, T):
+        logits_t, cache = apply(params, tokens[:, t : t + 1], positions=pos[:, t : t + 1], cache=cache, decode=True)
+        outs.append(logits_t)
+    decoded = jnp.concatenate(outs, axis=1)
+    assert float(jnp.max(jnp.abs(decoded - full))) <= 1e-5 * float(jnp.max(jnp.abs(full)))
+
+
+def test_cache_overflow_is_caught_under_jit():
+    model, params, tokens = _model(False)
+    _, prefill, step = _compiled(False)
+    # Prefill lengths are static: the check holds even under jit.
+    with pytest.raises(ValueError, match=r"25 tokens.*holds 24 positions.*max_len >= 25"):
+        prefill(params, jnp.zeros((2, T + 1), jnp.int32), decoding.init_cache(model.config, 2))
+    # A jitted step past the end cannot raise: it poisons the logits with NaN instead of
+    # silently overwriting the last cached position.
+    _, cache = prefill(params, tokens, decoding.init_cache(model.config, 2))
+    logits, cache = step(params, tokens[:, 0], cache)
+    assert bool(jnp.all(jnp.isnan(logits)))
+
+
+def test_cache_of_the_wrong_batch_or_config_is_rejected():
+    model, params, tokens = _model(False)
+    with pytest.raises(ValueError, match=r"cache entry 'k_f' has shape \(1, 24, 2, 8\).*\(2, 24, 2, 8\)"):
+        decoding.prefill(model, params, tokens[:, :4], decoding.init_cache(model.config, 1))
+    with pytest.raises(ValueError, match=r"cache entry 'k_f' has shape \(2, 24, 2, 8\).*\(1, 24, 2, 8\)"):
+        decoding.prefill(model, params, tokens[:1, :4], decoding.init_cache(model.config, 2))
+    other = model.config.replace(n_kv_heads=4)
+    with pytest.raises(ValueError, match=r"cache entry 'k_f' has shape \(2, 24, 4, 8\)"):
+        decoding.prefill(model, params, tokens[:, :4], decoding.init_cache(other, 2))
+    _, cache = decoding.prefill(model, params, tokens[:, :4], decoding.init_cache(model.config, 2))
+    with pytest.raises(ValueError, match=r"cache entry 'k_f' has shape \(2, 24, 2, 8\).*\(1, 24, 2, 8\)"):
+        decoding.decode_step(model, params, tokens[:1, 4], cache)
+
+
+def test_top_p_one_keeps_every_token(monkeypatch):
+    """top_p=1 is no filtering: float32 rounding of the cumulative mass must not drop tokens."""
+    seen = []
+    real = jax.random.categorical
+    monkeypatch.setattr(jax.random, "categorical",
+                        lambda key, logits, axis=-1: seen.append(logits) or real(key, logits, axis))
+    logits = 3.0 * jax.random.normal(jax.random.PRNGKey(0), (4, 1000))
+    decoding.sample_logits(logits, jax.random.PRNGKey(1), 1.0, None, 1.0)
+    assert bool(jnp.all(jnp.isfinite(seen[-1])))

@@ -77,3 +77,41 @@ def test_pallas_solver_fails_loudly_on_cpu():
     auto = feedback_solve(x, x, jnp.full((1, 4), 0.5), x, method="auto")
     blocked = feedback_solve(x, x, jnp.full((1, 4), 0.5), x, method="blocked")
     assert jnp.allclose(auto, blocked)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(rope="false"), r"SessaConfig.rope must be a bool; got 'false'"),
+    (dict(tie_embeddings="no"), r"SessaConfig.tie_embeddings must be a bool; got 'no'"),
+    (dict(scan_layers=1), r"SessaConfig.scan_layers must be a bool; got 1"),
+    (dict(remat=None), r"SessaConfig.remat must be a bool; got None"),
+    (dict(ln_eps="1e-5"), r"SessaConfig.ln_eps must be a finite number > 0; got '1e-5'"),
+    (dict(ln_eps=float("inf")), r"SessaConfig.ln_eps must be a finite number > 0; got inf"),
+    (dict(rope_base=float("inf")), r"SessaConfig.rope_base must be a finite number > 0; got inf"),
+    (dict(rope_base=None), r"SessaConfig.rope_base must be a finite number > 0; got None"),
+])
+def test_config_field_types(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SessaConfig(d_model=16, n_heads=2, **kwargs)
+
+
+def test_config_numpy_scalars_are_numbers():
+    import numpy as np
+
+    assert SessaConfig(d_model=16, n_heads=2, gamma_max=np.float32(0.9)).gamma_max == np.float32(0.9)
+
+
+def test_config_bad_dtype_name_and_preset_override():
+    from sessa_jax.config import preset
+
+    with pytest.raises(ValueError, match=r"SessaConfig.dtype='float33' is not a dtype"):
+        SessaConfig.from_dict({**SessaConfig(d_model=16, n_heads=2).to_dict(), "dtype": "float33"})
+    with pytest.raises(ValueError, match=r"no field\(s\) \['heads'\]"):
+        preset("tiny", heads=2)
+
+
+def test_layer_decode_without_a_cache():
+    layer = SessaLayer(SessaConfig(d_model=16, n_heads=2))
+    x = jnp.zeros((2, 1, 16))
+    variables = layer.init(jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match=r"decode=True appends to a decode cache.*init_layer_cache"):
+        layer.apply(variables, x, decode=True)

@@ -87,7 +87,7 @@ def test_layer_auto_matches_dense(dtype):
 
 
 def test_accelerated_attention_matches_dense():
-    b, t, h, hkv, kd = 2, 300, 4, 2, 64
+    b, t, h, hkv, kd = 2, 300, 4, 2, 128
     ks = jax.random.split(jax.random.PRNGKey(2), 4)
     q, k, v, r = (jax.random.normal(kk, (b, t, n, kd), jnp.float32).astype(jnp.bfloat16)
                   for kk, n in zip(ks, (h, hkv, hkv, h)))
