@@ -70,21 +70,32 @@ def base_config() -> mc.ConfigDict:
     return c
 
 
-def _set(cfg: mc.ConfigDict, key: str, raw: str) -> None:
-    """Applies one ``key=value`` override, parsing ``raw`` by the type of the current value."""
-    *parents, leaf = key.split(".")
-    node = cfg
-    for i, part in enumerate(parents + [leaf]):
+def _unknown_key_error(key: str, root: mc.ConfigDict) -> ConfigError | None:
+    """The error for a dotted ``key`` that ``root`` lacks, with a did-you-mean hint; None if present."""
+    parts = key.split(".")
+    node = root
+    for i, part in enumerate(parts):
         keys = list(node.keys()) if isinstance(node, mc.ConfigDict) else []
         if part not in keys:
-            where = ".".join(parents[:i]) or "the config"
+            where = ".".join(parts[:i]) or "the config"
             hint = difflib.get_close_matches(part, keys, n=1)
-            raise ConfigError(
+            return ConfigError(
                 f"unknown config key {key!r}: {where} has no {part!r}"
-                + (f"; did you mean {'.'.join(parents[:i] + [hint[0]])!r}?" if hint else f"; known: {sorted(keys)}")
+                + (f"; did you mean {'.'.join(parts[:i] + [hint[0]])!r}?" if hint else f"; known: {sorted(keys)}")
             )
-        if i < len(parents):
-            node = node[part]
+        node = node[part]
+    return None
+
+
+def _set(cfg: mc.ConfigDict, key: str, raw: str) -> None:
+    """Applies one ``key=value`` override, parsing ``raw`` by the type of the current value."""
+    err = _unknown_key_error(key, cfg)
+    if err is not None:
+        raise err
+    *parents, leaf = key.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
     current = node[leaf]
     if isinstance(current, mc.ConfigDict):
         raise ConfigError(f"config key {key!r} is a section; set one of its keys, e.g. {key}.{next(iter(current))}")
@@ -135,20 +146,14 @@ def _positive(cfg, *keys, allow_zero=False):
 def _check_known_keys(cfg: mc.ConfigDict) -> None:
     """Keys a config file added (``c.train.stepz = 5``, ``c.data.update(seqlen=...)``) are read by
     nothing; reject them instead of silently training with the default."""
-    known = set(_flatten(base_config().to_dict()))
-    unknown = sorted(set(_flatten(cfg.to_dict())) - known)
-    if not unknown:
-        return
-    if len(unknown) == 1:
-        key = unknown[0]
-        parent, _, leaf = key.rpartition(".")
-        siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
-        hint = difflib.get_close_matches(leaf, siblings, n=1)
-        raise ConfigError(f"unknown config key {key!r}"
-                          + (f"; did you mean {'.'.join(filter(None, [parent, hint[0]]))!r}?" if hint else
-                             f"; known keys of {parent or 'the config'}: {sorted(siblings)}"))
-    raise ConfigError(f"unknown config key(s) {unknown}: nothing reads them; fix the spelling or remove them "
-                      f"(every known key is in sessa_jax.train.config.base_config)")
+    base = base_config()
+    unknown = sorted(set(_flatten(cfg.to_dict())) - set(_flatten(base.to_dict())))
+    err = _unknown_key_error(unknown[0], base) if len(unknown) == 1 else None
+    if err is not None:
+        raise err
+    if unknown:  # several, or a section of base_config replaced by a plain value
+        raise ConfigError(f"unknown config key(s) {unknown}: nothing reads them; fix the spelling or remove them "
+                          f"(every known key is in sessa_jax.train.config.base_config)")
 
 
 def validate(cfg: mc.ConfigDict, process_count: int = 1, device_count: int | None = None) -> None:
