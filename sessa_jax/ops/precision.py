@@ -1,0 +1,111 @@
+"""Precision tiers of the recursive feedback solve (KERNELS.md section 3.3).
+
+The solve chains products: s feeds the next push (P s forward), lambda the next transposed
+push (P^T g backward), and the leaf solves multiply by the inverted diagonal blocks. Rounding in
+those products compounds along the recurrence, so they get their own tier:
+
+* ``"float32"``: exact fp32 (or float64 under x64) arithmetic, ``Precision.HIGHEST``. The CPU
+  default: there every dot runs at full precision anyway.
+* ``"bf16x3"``: each fp32 operand split into bf16 hi + lo, three bf16 passes (hi.hi, hi.lo,
+  lo.hi) with fp32 accumulation: ``DotAlgorithmPreset.BF16_BF16_F32_X3`` on GPU (never TF32x3,
+  which costs twice as much), ``Precision.HIGH`` on TPU, and an explicit split elsewhere (CPU
+  ignores dot precision, so the split is what lets the tests measure this tier there). The
+  GPU and TPU default: ~1e-6 relative error in the sharp gamma = +-0.999 stress case.
+* ``"bfloat16"``: one bf16 pass (opt-in, for bf16 training only: ~1e-3 in the stress case,
+  below the bf16 noise of f itself).
+
+Products that do not chain (logits, g s^T, dq, dk) use one bf16 pass for bf16 inputs (exact
+products, fp32 accumulation) and the tier's chained rule for float32 inputs. Accumulation is
+float32 (float64 under x64) in every tier.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+TIERS = ("float32", "bf16x3", "bfloat16")
+PRECISIONS = ("auto",) + TIERS
+_BF16 = jnp.bfloat16
+
+
+def platform_kind(platform: str | None = None) -> str:
+    """"gpu", "tpu" or "cpu" for a JAX platform name (None: the default backend, at trace time)."""
+    platform = jax.default_backend() if platform is None else platform
+    if platform in ("gpu", "cuda", "rocm"):
+        return "gpu"
+    if platform == "tpu":
+        return "tpu"
+    return "cpu"
+
+
+def resolve_precision(precision: str, platform: str | None = None) -> str:
+    """Maps ``"auto"`` to the tier of the platform (bf16x3 on GPU/TPU, float32 on CPU)."""
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"feedback precision {precision!r} is not one of {PRECISIONS}; use 'auto' (bf16x3 on "
+            f"GPU/TPU, float32 on CPU), 'float32', 'bf16x3' or 'bfloat16'"
+        )
+    if precision != "auto":
+        return precision
+    return "float32" if platform_kind(platform) == "cpu" else "bf16x3"
+
+
+def _split(x):
+    """(hi, lo) bf16 parts of x with hi + lo = x to ~2^-16 relative; lo is None when x is bf16."""
+    if x.dtype == _BF16:
+        return x, None
+    hi = x.astype(_BF16)
+    return hi, (x - hi.astype(x.dtype)).astype(_BF16)
+
+
+def _bf16x3(spec: str, a, b, acc):
+    a_hi, a_lo = _split(a)
+    b_hi, b_lo = _split(b)
+    out = jnp.einsum(spec, a_hi, b_hi, preferred_element_type=acc)
+    if b_lo is not None:
+        out = out + jnp.einsum(spec, a_hi, b_lo, preferred_element_type=acc)
+    if a_lo is not None:
+        out = out + jnp.einsum(spec, a_lo, b_hi, preferred_element_type=acc)
+    return out
+
+
+def _wide(a, b):
+    return jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
+
+
+def chained_dot(spec: str, a, b, tier: str, platform: str | None = None):
+    """einsum(spec, a, b) for a product whose result feeds the recurrence; fp32 (or f64) out.
+
+    ``tier`` is a resolved tier (see ``resolve_precision``). Float64 operands always run exact.
+    """
+    acc = _wide(a, b)
+    if tier == "float32" or acc == jnp.float64:
+        return jnp.einsum(spec, a.astype(acc), b.astype(acc), precision=lax.Precision.HIGHEST,
+                          preferred_element_type=acc)
+    if tier == "bfloat16":
+        return jnp.einsum(spec, a.astype(_BF16), b.astype(_BF16), preferred_element_type=acc)
+    if tier != "bf16x3":
+        raise ValueError(f"unknown precision tier {tier!r}; choose one of {TIERS}")
+    kind = platform_kind(platform)
+    if kind == "gpu" and a.dtype != _BF16 and b.dtype != _BF16:
+        return jnp.einsum(spec, a, b, precision=lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
+                          preferred_element_type=acc)
+    if kind == "tpu":
+        return jnp.einsum(spec, a, b, precision=lax.Precision.HIGH, preferred_element_type=acc)
+    return _bf16x3(spec, a, b, acc)
+
+
+def plain_dot(spec: str, a, b, tier: str, platform: str | None = None):
+    """einsum for a product that does not chain (logits, g s^T, dq, dk); fp32 (or f64) out.
+
+    bf16 operands take one bf16 pass (exact products, wide accumulation); otherwise the
+    chained rule of ``tier`` applies. ``a`` is cast to ``b``'s dtype first when ``b`` is
+    bf16 and the tier is not float32 (the cotangent-by-input products dq, dk).
+    """
+    acc = _wide(a, b)
+    bf16_inputs = a.dtype == _BF16 or b.dtype == _BF16
+    if bf16_inputs and tier != "float32" and acc != jnp.float64:
+        return jnp.einsum(spec, a.astype(_BF16), b.astype(_BF16), preferred_element_type=acc)
+    return chained_dot(spec, a, b, tier, platform)
