@@ -14,7 +14,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-SOLVERS = ("dense", "blocked", "pallas", "auto")
+SOLVERS = ("dense", "blocked", "recursive", "pallas", "auto")
+FEEDBACK_PRECISIONS = ("auto", "float32", "bf16x3", "bfloat16")
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -29,7 +30,11 @@ class SessaConfig:
     means H; grouped-query attention when smaller), ``rope``/``rope_base`` (interleaved RoPE
     on the forward branch), ``gamma_max`` (bound on |gamma_t|, in (0, 1)), ``ln_eps``,
     ``solver`` (feedback solve and forward attention: "dense" oracle, "blocked" scan,
-    "pallas" kernel, "auto" = best for the backend), ``chunk_size`` (C of the blocked paths),
+    "recursive" known-statistics solve, "pallas" kernel, "auto" = recursive on GPU/TPU and
+    blocked on CPU), ``chunk_size`` (C of the blocked paths), ``leaf_size`` (Cs, the leaf of
+    the recursive solve), ``feedback_precision`` (tier of the recursive solve's chained
+    products: "auto" = bf16x3 on GPU/TPU and float32 on CPU, "float32", "bf16x3",
+    "bfloat16"),
     ``dtype`` (compute) and ``param_dtype`` (parameters, float32 by default).
 
     LM fields: ``vocab_size``, ``n_layers``, ``max_len`` (decode cache length),
@@ -43,8 +48,10 @@ class SessaConfig:
     rope_base: float = 10000.0
     gamma_max: float = 0.999
     ln_eps: float = 1e-5
-    solver: str = "blocked"
+    solver: str = "auto"
     chunk_size: int = 128
+    leaf_size: int = 256
+    feedback_precision: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     vocab_size: int = 256
@@ -113,6 +120,16 @@ class SessaConfig:
             positive_int(name)
         if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"SessaConfig.chunk_size must be an integer >= 1; got {self.chunk_size!r}")
+        if isinstance(self.leaf_size, bool) or not isinstance(self.leaf_size, int) or self.leaf_size < 1:
+            raise ValueError(
+                f"SessaConfig.leaf_size must be an integer >= 1 (the recursive solve's leaf, e.g. 256); "
+                f"got {self.leaf_size!r}"
+            )
+        if self.feedback_precision not in FEEDBACK_PRECISIONS:
+            raise ValueError(
+                f"SessaConfig.feedback_precision={self.feedback_precision!r} is unknown; choose one of "
+                f"{FEEDBACK_PRECISIONS} ('auto' = bf16x3 on GPU/TPU, float32 on CPU)"
+            )
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"SessaConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads} "

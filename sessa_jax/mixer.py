@@ -146,7 +146,8 @@ class SessaMixer(AttentionMixer):
         f, k, v = self.forward_branch(a_bar, segment_ids, positions)
         q_b, k_b, gamma = self.feedback_inputs(a_bar)
         s = feedback_solve(
-            q_b, k_b, gamma, f, segment_ids=segment_ids, method=cfg.solver, chunk_size=cfg.chunk_size
+            q_b, k_b, gamma, f, segment_ids=segment_ids, method=cfg.solver, chunk_size=cfg.chunk_size,
+            leaf_size=cfg.leaf_size, precision=cfg.feedback_precision,
         )
         s = constrain(s, BTW)  # the solve is independent per width column: s stays split over D
         if cache is None:

@@ -25,6 +25,7 @@ def fixture_config(meta: dict, *, solver: str, dtype, chunk_size: int = 8) -> Se
     return SessaConfig(
         d_model=meta["D"], n_heads=meta["n_heads"], n_kv_heads=meta["n_kv_heads"], rope=meta["rope"],
         gamma_max=meta["gamma_max"], ln_eps=meta["ln_eps"], solver=solver, chunk_size=chunk_size,
+        leaf_size=chunk_size,
         dtype=dtype, param_dtype=dtype,
     )
 

@@ -51,7 +51,7 @@ def _results(name: str, solver: str, precision: str):
             y=y, s=s, loss=loss_value, grad_x=g_x, grad_w=g_torch, y_decode=y_decode))
 
 
-CASES = [(n, solver, p) for n in FIXTURES for solver in ("dense", "blocked") for p in ("float32", "float64")]
+CASES = [(n, solver, p) for n in FIXTURES for solver in ("dense", "blocked", "recursive") for p in ("float32", "float64")]
 
 
 @pytest.mark.parametrize("name,solver,precision", CASES)

@@ -1,8 +1,9 @@
 """Public entry points of the ops: argument validation and method dispatch.
 
-Methods: "dense" (oracle, materialises T x T), "blocked" (portable chunked scan with a
-custom VJP), "pallas" (fused kernel on GPU/TPU; fails loudly elsewhere) and "auto"
-(pallas where it runs, else blocked).
+Methods: "dense" (oracle, materialises T x T), "blocked" (chunked scan with a custom VJP,
+the fastest on CPU), "recursive" (known-statistics Fenwick solve, large matrix products, the
+accelerator path), "pallas" (fused kernel on GPU/TPU; fails loudly elsewhere) and "auto"
+(recursive on GPU and TPU, blocked on CPU).
 """
 
 from __future__ import annotations
@@ -12,16 +13,33 @@ import jax.numpy as jnp
 from sessa_jax.ops._blocked import blocked_feedback_solve
 from sessa_jax.ops._blocked_attention import blocked_causal_attention
 from sessa_jax.ops._dense import dense_causal_attention, dense_feedback_solve
+from sessa_jax.ops._recursive import recursive_feedback_solve
 from sessa_jax.ops.masks import compute_dtype, default_segment_ids
+from sessa_jax.ops.precision import platform_kind, resolve_precision
 
-METHODS = ("dense", "blocked", "pallas", "auto")
+METHODS = ("dense", "blocked", "recursive", "pallas", "auto")
+# Rows and keys of one tile of the recursive solve's wide blocks: large enough for
+# full-speed matrix products on GPU/TPU, small enough that no buffer has two T-sized axes.
+RECURSIVE_TILE = 1024
+
+
+def _check_size(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
 
 
 def _check_method(method: str, chunk_size: int) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an integer >= 1; got {chunk_size!r}")
+    _check_size("chunk_size", chunk_size)
+
+
+def resolve_method(method: str, platform: str | None = None) -> str:
+    """The solve ``method`` runs on ``platform`` (None: the default backend): "auto" becomes
+    "recursive" on GPU/TPU and "blocked" on CPU (measured: benchmarks/feedback_solve.py)."""
+    if method != "auto":
+        return method
+    return "blocked" if platform_kind(platform) == "cpu" else "recursive"
 
 
 def _check_segments(segment_ids, batch: int, length: int, op: str):
@@ -51,15 +69,20 @@ def _accelerated_attention(q, k, v, segment_ids):
     return accelerated_causal_attention(q, k, v, segment_ids)
 
 
-def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: str = "blocked", chunk_size: int = 128):
+def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: str = "auto", chunk_size: int = 128,
+                   leaf_size: int = 256, precision: str = "auto"):
     """Solves the Sessa feedback system s = (I - diag(gamma) A)^-1 f.
 
     q_b, k_b, f: (B, T, D); gamma: (B, T); segment_ids: optional (B, T) integers.
     A[t, tau] = softmax over tau < t in t's segment of q_b[t] . k_b[tau] / sqrt(D), with an
     all-zero row where t has no past. Accumulates in float32 (float64 for float64 inputs)
     and returns s (B, T, D) in f.dtype. Differentiable in q_b, k_b, gamma and f.
+    ``chunk_size``: C of the blocked scan; ``leaf_size``: Cs of the recursive solve;
+    ``precision``: the recursive solve's tier (``sessa_jax.ops.precision``).
     """
     _check_method(method, chunk_size)
+    _check_size("leaf_size", leaf_size)
+    tier = resolve_precision(precision)
     if f.ndim != 3:
         raise ValueError(f"feedback_solve: f must be (batch, time, width); got shape {tuple(f.shape)}")
     for name, x in (("q_b", q_b), ("k_b", k_b)):
@@ -71,24 +94,27 @@ def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: str = "block
     if tuple(gamma.shape) != (b, t):
         raise ValueError(f"feedback_solve: gamma must have shape (batch, time) = {(b, t)}; got {tuple(gamma.shape)}")
     packed = _check_segments(segment_ids, b, t, "feedback_solve")
-    if method in ("pallas", "auto"):
-        try:
-            return _pallas_feedback(q_b, k_b, gamma, f, segment_ids)
-        except (NotImplementedError, ImportError):
-            if method == "pallas":
-                raise
+    method = resolve_method(method)
+    if method == "pallas":
+        return _pallas_feedback(q_b, k_b, gamma, f, segment_ids)
     if method == "dense":
         return dense_feedback_solve(q_b, k_b, gamma, f, packed)
     dtype = compute_dtype(q_b, k_b, gamma, f)
+    if method == "recursive":
+        s = recursive_feedback_solve(q_b, k_b, gamma, f, packed, leaf_size=leaf_size, tile=RECURSIVE_TILE,
+                                     tier=tier, platform=platform_kind(), dtype=dtype)
+        return s.astype(f.dtype)
     return blocked_feedback_solve(q_b, k_b, gamma, f, packed, chunk_size, dtype).astype(f.dtype)
 
 
-def causal_attention(q, k, v, *, segment_ids=None, method: str = "blocked", chunk_size: int = 128):
+def causal_attention(q, k, v, *, segment_ids=None, method: str = "auto", chunk_size: int = 128):
     """Causal multi-head attention with grouped-query heads (diagonal included).
 
     q: (B, T, H, K); k, v: (B, T, Hkv, K) with H % Hkv == 0; scale K^-1/2; optional
     segment_ids (B, T) keep each token inside its segment. Softmax in float32 (or wider);
-    returns (B, T, H, K) in v.dtype.
+    returns (B, T, H, K) in v.dtype. ``method``: "dense" is the oracle and "blocked" always
+    the pure-JAX blocked path; the others use the vendor kernel (cuDNN, splash) where one
+    applies and the blocked path elsewhere.
     """
     _check_method(method, chunk_size)
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
@@ -105,7 +131,7 @@ def causal_attention(q, k, v, *, segment_ids=None, method: str = "blocked", chun
     if h % k.shape[2]:
         raise ValueError(f"causal_attention: query heads {h} must be a multiple of kv heads {k.shape[2]}")
     packed = _check_segments(segment_ids, b, t, "causal_attention")
-    if method in ("pallas", "auto"):
+    if method in ("pallas", "recursive", "auto"):
         # The attention kernels are the vendor's (cuDNN, splash); where none applies (CPU,
         # unsupported shape) every non-dense method runs the blocked pure-JAX path.
         try:

@@ -14,9 +14,12 @@ those products compounds along the recurrence, so they get their own tier:
 * ``"bfloat16"``: one bf16 pass (opt-in, for bf16 training only: ~1e-3 in the stress case,
   below the bf16 noise of f itself).
 
-Products that do not chain (logits, g s^T, dq, dk) use one bf16 pass for bf16 inputs (exact
-products, fp32 accumulation) and the tier's chained rule for float32 inputs. Accumulation is
-float32 (float64 under x64) in every tier.
+The logits enter an exponential, so their error is not averaged away: bf16 q, k take one
+bf16 pass (the products are exact with fp32 accumulation); float32 q, k take fp32-faithful
+products (six bf16 passes) in the float32 and bf16x3 tiers and one bf16 pass in the bfloat16
+tier. The other products that do not chain (g s^T, dq, dk) use one bf16 pass for bf16 inputs
+and the tier's chained rule for float32 inputs. Accumulation is float32 (float64 under x64)
+in every tier.
 """
 
 from __future__ import annotations
@@ -95,6 +98,18 @@ def chained_dot(spec: str, a, b, tier: str, platform: str | None = None):
     if kind == "tpu":
         return jnp.einsum(spec, a, b, precision=lax.Precision.HIGH, preferred_element_type=acc)
     return _bf16x3(spec, a, b, acc)
+
+
+def logits_dot(spec: str, q, k, tier: str, platform: str | None = None):
+    """einsum for the logits q k^T (see the module notes); fp32 (or f64) out."""
+    acc = _wide(q, k)
+    if acc == jnp.float64 or (q.dtype == k.dtype == _BF16) or tier == "bfloat16":
+        return plain_dot(spec, q, k, tier, platform)
+    if platform_kind(platform) == "gpu":
+        return jnp.einsum(spec, q, k, precision=lax.DotAlgorithmPreset.BF16_BF16_F32_X6,
+                          preferred_element_type=acc)
+    return jnp.einsum(spec, q.astype(acc), k.astype(acc), precision=lax.Precision.HIGHEST,
+                      preferred_element_type=acc)
 
 
 def plain_dot(spec: str, a, b, tier: str, platform: str | None = None):

@@ -6,9 +6,9 @@ L = scale * q k^T. Neither depends on s, so one fully parallel pass finds them a
 that follows is linear: A[t, tau] = exp((L[t, tau] - m_t) - logl_t). Storing (m, logl) rather
 than their sum keeps the exponent's rounding at the size of L - m (KERNELS.md 3.3).
 
-Work is exactly the causal half of the logits (1U). It is cut into the solve's own blocks:
-the diagonal leaves, all at once, and per power-of-two level the off-diagonal blocks of that
-size, batched together and walked in row panels, so no buffer holds two T-sized axes.
+Work is exactly the causal half of the logits (1U). It is cut into the solve's own blocks
+(``fenwick.PushSchedule``): the diagonal leaves, all at once, then one loop over the
+off-diagonal blocks in tiles, so no buffer holds two T-sized axes.
 Rows with no allowed key get m = 0 and logl = EMPTY_LOGL, which makes every A entry 0.
 """
 
@@ -17,7 +17,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from sessa_jax.ops.precision import plain_dot
+from sessa_jax.ops.fenwick import PushSchedule
+from sessa_jax.ops.masks import take_chunk
+from sessa_jax.ops.precision import logits_dot
 
 EMPTY_LOGL = 1e30
 
@@ -30,12 +32,12 @@ def leaf_mask(seg, leaf: int):
     return causal[None, None] & (s[:, :, :, None] == s[:, :, None, :])
 
 
-def leaf_logits(q, k, leaf: int, scale: float, tier: str):
+def leaf_logits(q, k, leaf: int, scale: float, tier: str, platform: str | None = None):
     """(B, n, Cs, Cs) float32 logits scale * q_i k_i^T of every diagonal leaf i."""
     b, tp, d = q.shape
     qi = q.reshape(b, tp // leaf, leaf, d)
     ki = k.reshape(b, tp // leaf, leaf, d)
-    return plain_dot("bnid,bnjd->bnij", qi, ki, tier) * scale
+    return logits_dot("bnid,bnjd->bnij", qi, ki, tier, platform) * scale
 
 
 def _masked_max_sum(logits, mask):
@@ -56,90 +58,48 @@ def _merge(m1, l1, m2, l2):
     return m, l1 * w1 + l2 * w2
 
 
-def _block_stats(q_rows, seg_rows, k_keys, seg_keys, scale, tier, panel: int):
-    """(max, sum) of rows (..., R, D) over keys (..., K, D), all keys before all rows.
-
-    Rows are walked in panels of ``panel`` so the logits buffer is (..., panel, K).
-    """
-    def stats(qr, sr):
-        logits = plain_dot("...rd,...kd->...rk", qr, k_keys, tier) * scale
-        return _masked_max_sum(logits, sr[..., :, None] == seg_keys[..., None, :])
-
-    rows = q_rows.shape[-2]
-    if rows <= panel:
-        return stats(q_rows, seg_rows)
-    full = rows // panel
-    lead = q_rows.shape[:-2]
-    qp = q_rows[..., : full * panel, :].reshape(*lead, full, panel, q_rows.shape[-1])
-    sp = seg_rows[..., : full * panel].reshape(*lead, full, panel)
-    ax = len(lead)
-    m, l = lax.map(lambda xs: stats(*xs), (jnp.moveaxis(qp, ax, 0), jnp.moveaxis(sp, ax, 0)))
-    m = jnp.moveaxis(m, 0, ax).reshape(*lead, full * panel)
-    l = jnp.moveaxis(l, 0, ax).reshape(*lead, full * panel)
-    if full * panel < rows:
-        m_t, l_t = stats(q_rows[..., full * panel:, :], seg_rows[..., full * panel:])
-        m = jnp.concatenate([m, m_t], axis=-1)
-        l = jnp.concatenate([l, l_t], axis=-1)
-    return m, l
-
-
-def _level_stats(q, k, seg, width: int, scale, tier, panel: int):
-    """(max, sum) (B, Tp) of every row over its level block of ``width`` keys (-inf, 0 if none).
-
-    The blocks of one level pair keys [2m W, (2m+1) W) with rows [(2m+1) W, (2m+2) W), plus
-    a clipped last block when Tp is not a multiple of 2W.
-    """
-    b, tp, d = q.shape
-    dt = jnp.promote_types(jnp.promote_types(q.dtype, k.dtype), jnp.float32)
-    pairs = tp // (2 * width)
-    m_parts, l_parts = [], []
-    if pairs:
-        def halves(x):
-            x = x[:, : 2 * pairs * width].reshape(b, pairs, 2, width, *x.shape[2:])
-            return x[:, :, 0], x[:, :, 1]
-
-        (k_keys, _), (_, q_rows) = halves(k), halves(q)
-        seg_keys, seg_rows = halves(seg)
-        m, l = _block_stats(q_rows, seg_rows, k_keys, seg_keys, scale, tier, panel)
-        empty = jnp.full_like(m, -jnp.inf)
-        m_parts.append(jnp.stack([empty, m], axis=2).reshape(b, 2 * pairs * width))
-        l_parts.append(jnp.stack([jnp.zeros_like(l), l], axis=2).reshape(b, 2 * pairs * width))
-    start = 2 * pairs * width
-    tail_rows = tp - start - width
-    if tail_rows > 0:
-        keys = slice(start, start + width)
-        rows = slice(start + width, tp)
-        m, l = _block_stats(q[:, rows], seg[:, rows], k[:, keys], seg[:, keys], scale, tier, panel)
-        m_parts += [jnp.full((b, width), -jnp.inf, dt), m]
-        l_parts += [jnp.zeros((b, width), dt), l]
-    elif tp > start:
-        m_parts.append(jnp.full((b, tp - start), -jnp.inf, dt))
-        l_parts.append(jnp.zeros((b, tp - start), dt))
-    return jnp.concatenate(m_parts, axis=1), jnp.concatenate(l_parts, axis=1)
-
-
 def finish_stats(m, l):
     """(m, logl) from (max, sum); rows without keys get (0, EMPTY_LOGL)."""
     has = l > 0
     return jnp.where(has, m, 0.0), jnp.where(has, jnp.log(jnp.where(has, l, 1.0)), EMPTY_LOGL)
 
 
-def row_statistics(q, k, seg, *, leaf: int, scale: float, tier: str, panel: int, diag_logits=None):
+def _tile_stats(q, k, seg, scale, tier, platform):
+    """tile_fn for ``PushSchedule.visit``: merges one block's (max, sum) into its rows."""
+    def tile(carry, r0, rows, k0, keys):
+        m, l = carry
+        logits = logits_dot("brd,bkd->brk", take_chunk(q, r0, rows), take_chunk(k, k0, keys), tier, platform) * scale
+        seg_r, seg_k = take_chunk(seg, r0, rows), take_chunk(seg, k0, keys)
+        m_b, l_b = _masked_max_sum(logits, seg_r[:, :, None] == seg_k[:, None, :])
+        m_r, l_r = _merge(take_chunk(m, r0, rows), take_chunk(l, r0, rows), m_b, l_b)
+        return (lax.dynamic_update_slice_in_dim(m, m_r, r0, axis=1),
+                lax.dynamic_update_slice_in_dim(l, l_r, r0, axis=1))
+
+    return tile
+
+
+def row_statistics(q, k, seg, *, leaf: int, scale: float, tier: str, schedule: PushSchedule,
+                   platform: str | None = None, diag_logits=None):
     """Softmax row statistics (m, logl), each (B, Tp) float32 (float64 under x64).
 
-    q, k: (B, Tp, D) with Tp a multiple of ``leaf``; seg: (B, Tp) int segment ids. Row t's
-    allowed keys are tau < t with seg[tau] == seg[t]. ``panel`` bounds the rows of one
-    logits buffer. ``diag_logits`` may pass ``leaf_logits(q, k, leaf, scale, tier)`` when
-    the caller already has them.
+    q, k: (B, Tp, D) with Tp = schedule.num_leaves * leaf; seg: (B, Tp) int segment ids. Row
+    t's allowed keys are tau < t with seg[tau] == seg[t]. ``tier``/``platform`` pick the
+    logits precision (``sessa_jax.ops.precision``). ``diag_logits`` may pass
+    ``leaf_logits(q, k, leaf, scale, tier, platform)`` when the caller already has them.
+    The blocks are independent; they are walked in the solve's own order and tiles.
     """
     b, tp, _ = q.shape
     if diag_logits is None:
-        diag_logits = leaf_logits(q, k, leaf, scale, tier)
+        diag_logits = leaf_logits(q, k, leaf, scale, tier, platform)
     m, l = _masked_max_sum(diag_logits, leaf_mask(seg, leaf))
-    m, l = m.reshape(b, tp), l.reshape(b, tp)
-    width = leaf
-    while width < tp:
-        m_w, l_w = _level_stats(q, k, seg, width, scale, tier, panel)
-        m, l = _merge(m, l, m_w, l_w)
-        width *= 2
-    return finish_stats(m, l)
+    carry = (m.reshape(b, tp), l.reshape(b, tp))
+    n = schedule.num_leaves
+    if n > 1:
+        tile = _tile_stats(q, k, seg, scale, tier, platform)
+
+        def step(c, xs):
+            j, branch = xs
+            return schedule.visit(branch, j, c, leaf, tile), None
+
+        carry, _ = lax.scan(step, carry, (jnp.arange(1, n), jnp.asarray(schedule.branch[1:n])))
+    return finish_stats(*carry)
