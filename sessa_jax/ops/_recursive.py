@@ -31,7 +31,7 @@ from jax import lax
 
 from sessa_jax.ops.fenwick import PushSchedule, padded_leaves
 from sessa_jax.ops.masks import PAD_SEGMENT, merge_chunks, pad_time, take_chunk
-from sessa_jax.ops.precision import chained_dot, logits_dot, plain_dot
+from sessa_jax.ops.precision import chained_dot, logits_dot, nonchained_tier
 from sessa_jax.ops.row_stats import leaf_logits, leaf_mask, row_statistics
 from sessa_jax.ops.trsolve import unit_lower_solve
 
@@ -47,14 +47,17 @@ class RecursivePlan:
     tier: str
     platform: str
     scale: float
+    plain_tier: str = "float32"  # tier of g s^T, dq, dk (``precision.nonchained_tier``)
 
     @classmethod
-    def make(cls, length: int, leaf_size: int, tile: int, tier: str, platform: str, scale: float):
+    def make(cls, length: int, leaf_size: int, tile: int, tier: str, platform: str, scale: float,
+             input_dtype=None):
         """Plan for T = ``length``: leaf min(leaf_size, T); wide blocks in tiles of ~``tile`` rows."""
         leaf = max(1, min(leaf_size, length))
         tile_leaves = max(1, tile // leaf)
         n = padded_leaves(-(-length // leaf), tile_leaves)
-        return cls(leaf, n, tile_leaves, tier, platform, scale)
+        plain = tier if input_dtype is None else nonchained_tier(tier, input_dtype)
+        return cls(leaf, n, tile_leaves, tier, platform, scale, plain)
 
     @property
     def padded_len(self) -> int:
@@ -144,10 +147,10 @@ def _backward(plan: RecursivePlan, res, ds):
                              take_chunk(logl, r0, rows), k_keys, take_chunk(seg, k0, keys))
         b_keys = chained_dot("bpk,bpd->bkd", probs, g_p, plan.tier, plan.platform)
         delta = jnp.sum(g_p * take_chunk(r, r0, rows), axis=-1, keepdims=True)
-        g_dot_s = plain_dot("bpd,bkd->bpk", g_p, take_chunk(s, k0, keys), plan.tier, plan.platform)
+        g_dot_s = chained_dot("bpd,bkd->bpk", g_p, take_chunk(s, k0, keys), plan.plain_tier, plan.platform)
         dlogits = probs * (g_dot_s - delta)
-        dq_p = plain_dot("bpk,bkd->bpd", dlogits, k_keys, plan.tier, plan.platform) * plan.scale
-        dk_keys = plain_dot("bpk,bpd->bkd", dlogits, q_p, plan.tier, plan.platform) * plan.scale
+        dq_p = chained_dot("bpk,bkd->bpd", dlogits, k_keys, plan.plain_tier, plan.platform) * plan.scale
+        dk_keys = chained_dot("bpk,bpd->bkd", dlogits, q_p, plan.plain_tier, plan.platform) * plan.scale
 
         def add(buf, value, start):
             return lax.dynamic_update_slice_in_dim(buf, take_chunk(buf, start, value.shape[1]) + value, start, axis=1)
@@ -172,10 +175,10 @@ def _backward(plan: RecursivePlan, res, ds):
     # The diagonal leaves' share of the logits gradient, all leaves at once.
     g4, s4, r4 = (x.reshape(b, n, c, d) for x in (g_buf, s, r))
     delta = jnp.sum(g4 * r4, axis=-1, keepdims=True)
-    dlogits = a_ii * (plain_dot("bnid,bnjd->bnij", g4, s4, plan.tier, plan.platform) - delta)
+    dlogits = a_ii * (chained_dot("bnid,bnjd->bnij", g4, s4, plan.plain_tier, plan.platform) - delta)
     q4, k4 = q.reshape(b, n, c, d), k.reshape(b, n, c, d)
-    dq = dq + (plain_dot("bnij,bnjd->bnid", dlogits, k4, plan.tier, plan.platform) * plan.scale).reshape(b, tp, d)
-    dk = dk + (plain_dot("bnij,bnid->bnjd", dlogits, q4, plan.tier, plan.platform) * plan.scale).reshape(b, tp, d)
+    dq = dq + (chained_dot("bnij,bnjd->bnid", dlogits, k4, plan.plain_tier, plan.platform) * plan.scale).reshape(b, tp, d)
+    dk = dk + (chained_dot("bnij,bnid->bnjd", dlogits, q4, plan.plain_tier, plan.platform) * plan.scale).reshape(b, tp, d)
     dgamma = jnp.sum(lam * r, axis=-1)
     return dq, dk, dgamma, lam
 
@@ -212,7 +215,7 @@ def recursive_feedback_solve(q_b, k_b, gamma, f, segment_ids, *, leaf_size: int,
     """
     b, t, d = f.shape
     kdtype = q_b.dtype if q_b.dtype == k_b.dtype == jnp.bfloat16 else dtype
-    plan = RecursivePlan.make(t, leaf_size, tile, tier, platform, float(d) ** -0.5)
+    plan = RecursivePlan.make(t, leaf_size, tile, tier, platform, float(d) ** -0.5, input_dtype=kdtype)
     tp = plan.padded_len
     seg = pad_time(segment_ids.astype(jnp.int32), tp, PAD_SEGMENT)
     s = _solve(plan, pad_time(q_b.astype(kdtype), tp), pad_time(k_b.astype(kdtype), tp),

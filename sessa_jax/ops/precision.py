@@ -17,8 +17,8 @@ those products compounds along the recurrence, so they get their own tier:
 The logits enter an exponential, so their error is not averaged away: bf16 q, k take one
 bf16 pass (the products are exact with fp32 accumulation); float32 q, k take fp32-faithful
 products (six bf16 passes) in the float32 and bf16x3 tiers and one bf16 pass in the bfloat16
-tier. The other products that do not chain (g s^T, dq, dk) use one bf16 pass for bf16 inputs
-and the tier's chained rule for float32 inputs. Accumulation is float32 (float64 under x64)
+tier. The other products that do not chain (g s^T, dq, dk) use one bf16 pass when the solve's
+inputs are bf16 and the tier's chained rule for float32 inputs (``nonchained_tier``). Accumulation is float32 (float64 under x64)
 in every tier.
 """
 
@@ -104,7 +104,7 @@ def logits_dot(spec: str, q, k, tier: str, platform: str | None = None):
     """einsum for the logits q k^T (see the module notes); fp32 (or f64) out."""
     acc = _wide(q, k)
     if acc == jnp.float64 or (q.dtype == k.dtype == _BF16) or tier == "bfloat16":
-        return plain_dot(spec, q, k, tier, platform)
+        return chained_dot(spec, q, k, "bfloat16" if tier != "float32" else tier, platform)
     if platform_kind(platform) == "gpu":
         return jnp.einsum(spec, q, k, precision=lax.DotAlgorithmPreset.BF16_BF16_F32_X6,
                           preferred_element_type=acc)
@@ -112,15 +112,9 @@ def logits_dot(spec: str, q, k, tier: str, platform: str | None = None):
                       preferred_element_type=acc)
 
 
-def plain_dot(spec: str, a, b, tier: str, platform: str | None = None):
-    """einsum for a product that does not chain (logits, g s^T, dq, dk); fp32 (or f64) out.
-
-    bf16 operands take one bf16 pass (exact products, wide accumulation); otherwise the
-    chained rule of ``tier`` applies. ``a`` is cast to ``b``'s dtype first when ``b`` is
-    bf16 and the tier is not float32 (the cotangent-by-input products dq, dk).
-    """
-    acc = _wide(a, b)
-    bf16_inputs = a.dtype == _BF16 or b.dtype == _BF16
-    if bf16_inputs and tier != "float32" and acc != jnp.float64:
-        return jnp.einsum(spec, a.astype(_BF16), b.astype(_BF16), preferred_element_type=acc)
-    return chained_dot(spec, a, b, tier, platform)
+def nonchained_tier(tier: str, input_dtype) -> str:
+    """Tier of the products that do not chain (g s^T, dq, dk): one bf16 pass when the solve's
+    inputs are bf16 (their own rounding dominates), else the chained tier."""
+    if tier != "float32" and jnp.dtype(input_dtype) == _BF16:
+        return "bfloat16"
+    return tier
