@@ -55,7 +55,8 @@ def _time(fn, args, reps: int) -> float:
     return best
 
 
-def run_cell(op: str, method: str, t: int, d: int, heads: int, chunk: int, reps: int, mem_limit: float) -> dict:
+def run_cell(op: str, method: str, t: int, d: int, heads: int, chunk: int, reps: int, mem_limit: float,
+             leaf: int = 256, b: int = 1, dtype: str = "float32") -> dict:
     """Measures one (op, method, T) cell in this process; returns a JSON-able dict."""
     import jax
     import jax.numpy as jnp
@@ -64,26 +65,27 @@ def run_cell(op: str, method: str, t: int, d: int, heads: int, chunk: int, reps:
 
     key = jax.random.PRNGKey(0)
     ks = jax.random.split(key, 5)
+    dt = jnp.dtype(dtype)
     if op == "feedback":
-        args = (jax.random.normal(ks[0], (1, t, d)), jax.random.normal(ks[1], (1, t, d)),
-                0.9 * jnp.tanh(jax.random.normal(ks[2], (1, t))), jax.random.normal(ks[3], (1, t, d)))
+        args = (jax.random.normal(ks[0], (b, t, d), dt), jax.random.normal(ks[1], (b, t, d), dt),
+                0.9 * jnp.tanh(jax.random.normal(ks[2], (b, t))), jax.random.normal(ks[3], (b, t, d), dt))
 
         def fwd(q, k, g, f):
-            return feedback_solve(q, k, g, f, method=method, chunk_size=chunk)
+            return feedback_solve(q, k, g, f, method=method, chunk_size=chunk, leaf_size=leaf)
 
         flops_fwd, flops_bwd = 2 * t * t * d, 7 * t * t * d
     else:
         hd = d // heads
-        args = (jax.random.normal(ks[0], (1, t, heads, hd)), jax.random.normal(ks[1], (1, t, heads, hd)),
-                jax.random.normal(ks[2], (1, t, heads, hd)))
+        args = tuple(jax.random.normal(ks[i], (b, t, heads, hd), dt) for i in range(3))
 
         def fwd(q, k, v):
             return causal_attention(q, k, v, method=method, chunk_size=chunk)
 
         flops_fwd, flops_bwd = 2 * t * t * d, 7 * t * t * d
+    flops_fwd, flops_bwd = b * flops_fwd, b * flops_bwd
 
     def fwd_bwd(*a):
-        return jax.grad(lambda *a: jnp.sum(fwd(*a) ** 2), argnums=tuple(range(len(a))))(*a)
+        return jax.grad(lambda *a: jnp.sum(fwd(*a).astype(jnp.float32) ** 2), argnums=tuple(range(len(a))))(*a)
 
     row = {"op": op, "method": method, "T": t}
     for name, fn, flops in (("fwd", fwd, flops_fwd), ("fwd+bwd", fwd_bwd, flops_bwd)):
@@ -111,6 +113,9 @@ def main() -> None:
     p.add_argument("--D", type=int, default=256)
     p.add_argument("--H", type=int, default=4, help="heads of the forward-attention rows")
     p.add_argument("--chunk", type=int, default=128)
+    p.add_argument("--leaf", type=int, default=256, help="leaf of the recursive solve")
+    p.add_argument("--B", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--methods", nargs="+", default=["dense", "blocked"])
     p.add_argument("--ops", nargs="+", default=["feedback", "attention"])
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (best of) for T <= 4096")
@@ -120,14 +125,14 @@ def main() -> None:
     a = p.parse_args()
     if a.cell:
         op, method, t = a.cell.split(":")
-        print(json.dumps(run_cell(op, method, int(t), a.D, a.H, a.chunk, a.reps, a.mem_limit_gib)))
+        print(json.dumps(run_cell(op, method, int(t), a.D, a.H, a.chunk, a.reps, a.mem_limit_gib, a.leaf, a.B, a.dtype)))
         return
 
     import jax
 
     ceiling = _matmul_gflops()
     print(f"# device: {jax.devices()[0].device_kind} x{jax.device_count()}, cores: {os.cpu_count()}, "
-          f"jax {jax.__version__}; B=1, D={a.D}, H={a.H} (attention), chunk={a.chunk}, float32")
+          f"jax {jax.__version__}; B={a.B}, D={a.D}, H={a.H} (attention), chunk={a.chunk}, leaf={a.leaf}, {a.dtype}")
     print(f"# matmul ceiling (2048^3 float32): {ceiling:.1f} GFLOP/s")
     head = ("op", "method", "T", "fwd s", "fwd GF/s", "f+b s", "f+b GF/s", "f+b %ceil", "xla f+b MiB", "peak RSS MiB")
     print("| " + " | ".join(head) + " |")
@@ -136,7 +141,7 @@ def main() -> None:
         for t in a.T:
             for method in a.methods:
                 cmd = [sys.executable, __file__, "--cell", f"{op}:{method}:{t}", "--D", str(a.D), "--H", str(a.H),
-                       "--chunk", str(a.chunk), "--reps", str(a.reps if t <= 4096 else a.reps_large),
+                       "--chunk", str(a.chunk), "--leaf", str(a.leaf), "--B", str(a.B), "--dtype", a.dtype, "--reps", str(a.reps if t <= 4096 else a.reps_large),
                        "--mem-limit-gib", str(a.mem_limit_gib)]
                 res = subprocess.run(cmd, capture_output=True, text=True)
                 if res.returncode != 0:

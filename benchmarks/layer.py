@@ -16,10 +16,9 @@ FLOP formula (model FLOPs of one layer, matmuls only, causal halves counted once
                    ~3.5x its forward, see shared/KERNELS.md 2.3, so this understates work).
 Achieved TFLOP/s = FLOPs / time; "% peak" divides by the matmul peak measured here.
 
-Intended GPU run (not yet measured: no GPU/TPU was available when this was written, so the
-repository holds no accelerator timings):
-    python benchmarks/layer.py --T 1024 2048 4096 8192 16384 32768 65536 \
-        --B 8 --D 1024 --H 8 --dtype bfloat16 --solvers blocked pallas auto
+GPU run (scripts/accelerator_check.sh; its measured tables are in the README):
+    python benchmarks/layer.py --T 1024 2048 4096 8192 --B 8 --D 1024 --H 8 --dtype bfloat16 \
+        --solvers recursive pallas
 CPU smoke run:
     python benchmarks/layer.py --T 512 1024 --B 1 --D 64 --H 4 --dtype float32 --solvers dense blocked
 """
@@ -116,9 +115,11 @@ def main(argv=None):
     p.add_argument("--H", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--solvers", nargs="+", default=["blocked", "pallas", "auto"],
+    p.add_argument("--solvers", nargs="+", default=["blocked", "recursive", "auto"],
                    choices=["dense", "blocked", "pallas", "auto"])
     p.add_argument("--chunk", type=int, default=128)
+    p.add_argument("--leaf", type=int, default=256, help="leaf of the recursive solve")
+    p.add_argument("--precision", default="auto", help="feedback_precision of the recursive solve")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-transformer", action="store_true", help="skip the causal-attention yardstick")
@@ -143,7 +144,8 @@ def main(argv=None):
     for t in args.T:
         for kind, solver in runs:
             cfg = SessaConfig(d_model=args.D, n_heads=args.H, n_kv_heads=args.kv_heads, solver=solver,
-                              chunk_size=args.chunk, dtype=dtype, max_len=max(t, 16))
+                              chunk_size=args.chunk, leaf_size=args.leaf, feedback_precision=args.precision,
+                              dtype=dtype, max_len=max(t, 16))
             label = (kind, solver if kind == "sessa" else "-", str(t))
             if kind == "sessa" and solver == "dense" and args.B * t * t * 4 > args.dense_max_bytes:
                 print(" | ".join(label + ("skipped: dense T x T above --dense-max-bytes",)))
