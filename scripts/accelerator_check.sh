@@ -40,6 +40,8 @@ run_solve() {
   { date -u; nvidia-smi 2>/dev/null; "$py" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__); print(jax.devices())"; } 2>&1 | tee "$out/device.txt"
   timeout 200 "$py" -m pytest -x -q -p no:cacheprovider tests/test_recursive_solve.py -k "not schedule" 2>&1 \
     | tail -n 30 | tee "$out/pytest_recursive.txt"
+  # Each cell is its own process: without this the parent and the cell both preallocate 75%.
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false
   for cell in "feedback recursive pallas" "attention auto"; do
     set -- $cell
     timeout 120 "$py" benchmarks/feedback_solve.py --ops "$1" --methods "${@:2}" --B 8 --D 1024 --H 8 \
