@@ -56,7 +56,7 @@ def _time(fn, args, reps: int) -> float:
 
 
 def run_cell(op: str, method: str, t: int, d: int, heads: int, chunk: int, reps: int, mem_limit: float,
-             leaf: int = 256, b: int = 1, dtype: str = "float32") -> dict:
+             leaf: int = 512, b: int = 1, dtype: str = "float32") -> dict:
     """Measures one (op, method, T) cell in this process; returns a JSON-able dict."""
     import jax
     import jax.numpy as jnp
@@ -113,7 +113,7 @@ def main() -> None:
     p.add_argument("--D", type=int, default=256)
     p.add_argument("--H", type=int, default=4, help="heads of the forward-attention rows")
     p.add_argument("--chunk", type=int, default=128)
-    p.add_argument("--leaf", type=int, default=256, help="leaf of the recursive solve")
+    p.add_argument("--leaf", type=int, default=512, help="leaf of the recursive solve")
     p.add_argument("--B", type=int, default=1)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--methods", nargs="+", default=["dense", "blocked"])

@@ -116,9 +116,9 @@ def main(argv=None):
     p.add_argument("--kv-heads", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--solvers", nargs="+", default=["blocked", "recursive", "auto"],
-                   choices=["dense", "blocked", "pallas", "auto"])
+                   choices=["dense", "blocked", "recursive", "pallas", "auto"])
     p.add_argument("--chunk", type=int, default=128)
-    p.add_argument("--leaf", type=int, default=256, help="leaf of the recursive solve")
+    p.add_argument("--leaf", type=int, default=512, help="leaf of the recursive solve")
     p.add_argument("--precision", default="auto", help="feedback_precision of the recursive solve")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)

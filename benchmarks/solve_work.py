@@ -39,7 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 from jaxpr_work import count_work  # noqa: E402
 from sessa_jax.ops._blocked import blocked_feedback_solve  # noqa: E402
 from sessa_jax.ops._recursive import recursive_feedback_solve  # noqa: E402
-from sessa_jax.ops.dispatch import RECURSIVE_TILE  # noqa: E402
+from sessa_jax.ops.dispatch import recursive_tile  # noqa: E402
 
 _BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1, "pred": 1, "s64": 8}
 _ARRAY = re.compile(r"\b(f64|f32|s32|u32|bf16|f16|s8|u8|pred|s64)\[([0-9,]*)\]")
@@ -61,7 +61,7 @@ def solver(method: str, b: int, t: int, leaf: int, chunk: int):
     seg = jnp.ones((b, t), jnp.int32)
     if method == "recursive":
         def solve(q, k, g, f):
-            return recursive_feedback_solve(q, k, g, f, seg, leaf_size=leaf, tile=RECURSIVE_TILE, tier="bf16x3",
+            return recursive_feedback_solve(q, k, g, f, seg, leaf_size=leaf, tile=recursive_tile(t, leaf), tier="bf16x3",
                                             platform="gpu", dtype=jnp.float32).astype(f.dtype)
         dtype = jnp.bfloat16
     else:
@@ -130,7 +130,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--B", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--D", type=int, default=1024)
     ap.add_argument("--methods", nargs="+", default=["recursive", "blocked"], choices=["recursive", "blocked"])
-    ap.add_argument("--leaf", type=int, default=256, help="leaf of the recursive solve")
+    ap.add_argument("--leaf", type=int, default=512, help="leaf of the recursive solve")
     ap.add_argument("--chunk", type=int, default=128, help="chunk of the blocked scan")
     ap.add_argument("--no-compile", action="store_true", help="count work only (no compile time or memory)")
     ap.add_argument("--layer-compile", type=int, nargs="*", default=[],

@@ -50,7 +50,7 @@ class SessaConfig:
     ln_eps: float = 1e-5
     solver: str = "auto"
     chunk_size: int = 128
-    leaf_size: int = 256
+    leaf_size: int = 512
     feedback_precision: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -122,7 +122,7 @@ class SessaConfig:
             raise ValueError(f"SessaConfig.chunk_size must be an integer >= 1; got {self.chunk_size!r}")
         if isinstance(self.leaf_size, bool) or not isinstance(self.leaf_size, int) or self.leaf_size < 1:
             raise ValueError(
-                f"SessaConfig.leaf_size must be an integer >= 1 (the recursive solve's leaf, e.g. 256); "
+                f"SessaConfig.leaf_size must be an integer >= 1 (the recursive solve's leaf, e.g. 512); "
                 f"got {self.leaf_size!r}"
             )
         if self.feedback_precision not in FEEDBACK_PRECISIONS:
