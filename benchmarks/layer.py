@@ -18,7 +18,7 @@ Achieved TFLOP/s = FLOPs / time; "% peak" divides by the matmul peak measured he
 
 GPU run (scripts/accelerator_check.sh; its measured tables are in the README):
     python benchmarks/layer.py --T 1024 2048 4096 8192 --B 8 --D 1024 --H 8 --dtype bfloat16 \
-        --solvers recursive pallas
+        --solvers recursive
 CPU smoke run:
     python benchmarks/layer.py --T 512 1024 --B 1 --D 64 --H 4 --dtype float32 --solvers dense blocked
 """
@@ -116,7 +116,7 @@ def main(argv=None):
     p.add_argument("--kv-heads", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--solvers", nargs="+", default=["blocked", "recursive", "auto"],
-                   choices=["dense", "blocked", "recursive", "pallas", "auto"])
+                   choices=["dense", "blocked", "recursive", "auto"])
     p.add_argument("--chunk", type=int, default=128)
     p.add_argument("--leaf", type=int, default=512, help="leaf of the recursive solve")
     p.add_argument("--precision", default="auto", help="feedback_precision of the recursive solve")

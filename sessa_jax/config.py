@@ -14,7 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-SOLVERS = ("dense", "blocked", "recursive", "pallas", "auto")
+SOLVERS = ("dense", "blocked", "recursive", "auto")
 FEEDBACK_PRECISIONS = ("auto", "float32", "bf16x3", "bfloat16")
 
 
@@ -30,7 +30,7 @@ class SessaConfig:
     means H; grouped-query attention when smaller), ``rope``/``rope_base`` (interleaved RoPE
     on the forward branch), ``gamma_max`` (bound on |gamma_t|, in (0, 1)), ``ln_eps``,
     ``solver`` (feedback solve and forward attention: "dense" oracle, "blocked" scan,
-    "recursive" known-statistics solve, "pallas" kernel, "auto" = recursive on GPU/TPU and
+    "recursive" known-statistics solve, "auto" = recursive on GPU/TPU and
     blocked on CPU), ``chunk_size`` (C of the blocked paths), ``leaf_size`` (Cs, the leaf of
     the recursive solve), ``feedback_precision`` (tier of the recursive solve's chained
     products: "auto" = bf16x3 on GPU/TPU and float32 on CPU, "float32", "bf16x3",

@@ -16,16 +16,17 @@ BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 def bench_modules():
     sys.path.insert(0, str(BENCH))
     try:
+        import jaxpr_work
         import layer
-        import pallas_tiling
+        import solve_work
 
-        yield layer, pallas_tiling
+        yield layer, solve_work, jaxpr_work
     finally:
         sys.path.remove(str(BENCH))
 
 
 def test_layer_benchmark_runs(bench_modules, tmp_path):
-    layer, _ = bench_modules
+    layer = bench_modules[0]
     out = tmp_path / "layer.json"
     results = layer.main(["--T", "24", "--B", "1", "--D", "32", "--H", "2", "--dtype", "float32", "--solvers",
                           "dense", "blocked", "--iters", "1", "--warmup", "0", "--peak-n", "64", "--json", str(out)])
@@ -38,10 +39,37 @@ def test_layer_benchmark_runs(bench_modules, tmp_path):
     assert json.loads(out.read_text())["results"] == json.loads(json.dumps(results))
 
 
-def test_tiling_sweep_runs_in_interpret_mode(bench_modules):
-    _, pallas_tiling = bench_modules
-    results = pallas_tiling.main(["--B", "1", "--T", "16", "--D", "16", "--dtype", "float32", "--chunks", "8",
-                                  "--block-d", "8", "32", "--iters", "1", "--warmup", "0", "--interpret"])
-    assert [r["solver"] for r in results] == ["blocked", "pallas", "pallas"]
-    assert results[1]["fwd_s"] > 0 and results[1]["fwd_bwd_s"] > 0
-    assert "block_d" in results[2]["error"]  # 32 > D_pad = 16: reported, not fatal
+def test_jaxpr_work_counts_loops_and_taken_branches(bench_modules):
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    jaxpr_work = bench_modules[2]
+    a = jax.ShapeDtypeStruct((300, 400), jnp.float32)
+    b = jax.ShapeDtypeStruct((400, 500), jnp.bfloat16)
+    one = 2.0 * 300 * 400 * 500
+
+    def fn(a, b):
+        def step(c, i):
+            # branch 1 (two dots) on i = 1, 3; branch 0 (one dot) on i = 0, 2, 4
+            return c + lax.switch(i % 2, [lambda: a @ b.astype(a.dtype),
+                                          lambda: a @ b.astype(a.dtype) + a @ b.astype(a.dtype)]), None
+        out, _ = lax.scan(step, jnp.zeros((300, 500)), jnp.arange(5))
+        return out + lax.fori_loop(0, 3, lambda i, c: c + a.astype(jnp.bfloat16) @ b, jnp.zeros((300, 500)))
+
+    w = jaxpr_work.count_work(fn, a, b)
+    assert w.flops == (3 + 4 + 3) * one  # 3 + 2 * 2 dots in the scan, 3 in the fori_loop
+    assert w.pass_flops == 7 * 6 * one + 3 * one  # float32 dots count 6 bf16 passes, bf16 dots 1
+    assert w.big_flops == w.flops and w.outer_steps == 5 + 3
+
+
+def test_solve_work_table_runs(bench_modules, capsys):
+    solve_work = bench_modules[1]
+    rows = solve_work.main(["--T", "256", "--B", "1", "--D", "64", "--leaf", "32", "--chunk", "32"])
+    assert [r["method"] for r in rows] == ["recursive", "blocked"]
+    rec, blk = rows
+    # Work in units of U = B T^2 D: the recursive solve's forward is at least the stats pass,
+    # the logits again and P s (>= 3U raw); its backward adds at least five more passes.
+    assert rec["fwd_U"] >= 3.0 and rec["fb_U"] >= 8.0 and rec["fb_steps"] >= 2 * (256 // 32) - 1
+    assert blk["fb_steps"] == 2 * (256 // 32) and blk["temp_bytes"] > 0
+    assert "| recursive | 1 | 256 |" in capsys.readouterr().out

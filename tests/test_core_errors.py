@@ -16,6 +16,9 @@ from sessa_jax.ops import causal_attention, feedback_solve
     (dict(d_model=16, n_heads=2, gamma_max=0.0), r"0 < gamma_max < 1.*got 0.0"),
     (dict(d_model=16, n_heads=2, chunk_size=0), r"chunk_size must be an integer >= 1; got 0"),
     (dict(d_model=16, n_heads=2, solver="fast"), r"solver='fast' is unknown"),
+    (dict(d_model=16, n_heads=2, solver="pallas"), r"solver='pallas' is unknown; choose one of"),
+    (dict(d_model=16, n_heads=2, leaf_size=0), r"leaf_size must be an integer >= 1"),
+    (dict(d_model=16, n_heads=2, feedback_precision="tf32"), r"feedback_precision='tf32' is unknown"),
     (dict(d_model=0, n_heads=2), r"d_model must be a positive integer; got 0"),
     (dict(d_model=16, n_heads=2, dtype=jnp.int32), r"dtype must be a floating dtype"),
 ])
@@ -69,11 +72,15 @@ def test_op_errors():
         causal_attention(q, jnp.zeros((2, 5, 3, 2)), jnp.zeros((2, 5, 3, 2)))
 
 
-def test_pallas_solver_fails_loudly_on_cpu():
+def test_retired_and_unknown_methods_name_the_choices():
     x = jnp.ones((1, 4, 8))
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(ValueError, match=r"unknown method 'pallas'; choose one of \('dense', 'blocked', 'recursive'"):
         feedback_solve(x, x, jnp.zeros((1, 4)), x, method="pallas")
-    # "auto" falls back to the blocked scan on CPU and matches it.
+    with pytest.raises(ValueError, match=r"leaf_size must be an integer >= 1; got 0"):
+        feedback_solve(x, x, jnp.zeros((1, 4)), x, leaf_size=0)
+    with pytest.raises(ValueError, match=r"feedback precision 'fp16' is not one of"):
+        feedback_solve(x, x, jnp.zeros((1, 4)), x, precision="fp16")
+    # "auto" is the blocked scan on CPU and matches it.
     auto = feedback_solve(x, x, jnp.full((1, 4), 0.5), x, method="auto")
     blocked = feedback_solve(x, x, jnp.full((1, 4), 0.5), x, method="blocked")
     assert jnp.allclose(auto, blocked)

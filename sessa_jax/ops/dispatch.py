@@ -2,8 +2,7 @@
 
 Methods: "dense" (oracle, materialises T x T), "blocked" (chunked scan with a custom VJP,
 the fastest on CPU), "recursive" (known-statistics Fenwick solve, large matrix products, the
-accelerator path), "pallas" (fused kernel on GPU/TPU; fails loudly elsewhere) and "auto"
-(recursive on GPU and TPU, blocked on CPU).
+accelerator path) and "auto" (recursive on GPU and TPU, blocked on CPU).
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from sessa_jax.ops._recursive import recursive_feedback_solve
 from sessa_jax.ops.masks import compute_dtype, default_segment_ids
 from sessa_jax.ops.precision import platform_kind, resolve_precision
 
-METHODS = ("dense", "blocked", "recursive", "pallas", "auto")
+METHODS = ("dense", "blocked", "recursive", "auto")
 # Rows and keys of one tile of the recursive solve's wide blocks: large enough for
 # full-speed matrix products on GPU/TPU (4096 measured fastest on an H100, README), never
 # above T/4, so that no buffer has two axes of T/2 or more, and at most TILE_LEAVES leaves,
@@ -63,14 +62,6 @@ def _check_segments(segment_ids, batch: int, length: int, op: str):
     return segment_ids
 
 
-def _pallas_feedback(q_b, k_b, gamma, f, segment_ids):
-    # Imported lazily: the kernels are optional. Their tiling picks its own chunk per
-    # backend and dtype (sessa_jax.ops.tiling); chunk_size configures the blocked scan.
-    from sessa_jax.ops.pallas import pallas_feedback_solve
-
-    return pallas_feedback_solve(q_b, k_b, gamma, f, segment_ids)
-
-
 def _accelerated_attention(q, k, v, segment_ids):
     from sessa_jax.ops.attention_backends import accelerated_causal_attention
 
@@ -103,8 +94,6 @@ def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: str = "auto"
         raise ValueError(f"feedback_solve: gamma must have shape (batch, time) = {(b, t)}; got {tuple(gamma.shape)}")
     packed = _check_segments(segment_ids, b, t, "feedback_solve")
     method = resolve_method(method)
-    if method == "pallas":
-        return _pallas_feedback(q_b, k_b, gamma, f, segment_ids)
     if method == "dense":
         return dense_feedback_solve(q_b, k_b, gamma, f, packed)
     dtype = compute_dtype(q_b, k_b, gamma, f)
@@ -139,7 +128,7 @@ def causal_attention(q, k, v, *, segment_ids=None, method: str = "auto", chunk_s
     if h % k.shape[2]:
         raise ValueError(f"causal_attention: query heads {h} must be a multiple of kv heads {k.shape[2]}")
     packed = _check_segments(segment_ids, b, t, "causal_attention")
-    if method in ("pallas", "recursive", "auto"):
+    if method in ("recursive", "auto"):
         # The attention kernels are the vendor's (cuDNN, splash); where none applies (CPU,
         # unsupported shape) every non-dense method runs the blocked pure-JAX path.
         try:
