@@ -1,8 +1,15 @@
+"""The recursive solve per (tile, leaf) on the default device (how the GPU defaults were chosen).
+
+    python benchmarks/solve_tiles.py 8 8192 1024,256 2048,256 2048,512 4096,512
+    python benchmarks/solve_tiles.py 1 65536 2048,512
+
+Arguments: B, T, then tile,leaf pairs. D=1024, bf16 inputs, tier bf16x3. Prints the row
+statistics pass alone, the forward and the forward + backward (mean of 5 calls, 2 for T > 8192).
+"""
 import sys, time
 import jax, jax.numpy as jnp
-import sessa_jax.ops.dispatch as dispatch
-from sessa_jax.ops import feedback_solve
-from sessa_jax.ops._recursive import RecursivePlan
+from sessa_jax.ops._recursive import RecursivePlan, recursive_feedback_solve
+from sessa_jax.ops.precision import platform_kind
 from sessa_jax.ops.row_stats import row_statistics
 def timeit(fn, *a, n=5):
     out = fn(*a); jax.block_until_ready(out)
@@ -21,13 +28,18 @@ q, k, f = (jax.random.normal(ks[i], (B, T, D), jnp.bfloat16) for i in range(3))
 g = 0.9 * jnp.tanh(jax.random.normal(ks[3], (B, T)))
 for spec in sys.argv[3:]:
     tile, leaf = (int(x) for x in spec.split(","))
-    dispatch.RECURSIVE_TILE = tile
-    fwd = jax.jit(lambda q, k, g, f: feedback_solve(q, k, g, f, method="recursive", leaf_size=leaf))
-    fb = jax.jit(jax.grad(lambda q, k, g, f: jnp.sum(feedback_solve(q, k, g, f, method="recursive", leaf_size=leaf).astype(jnp.float32)), argnums=(0, 1, 2, 3)))
-    plan = RecursivePlan.make(T, leaf, tile, "bf16x3", "gpu", D ** -0.5)
+    ones = jnp.ones((B, T), jnp.int32)
+
+    def solve(q, k, g, f, tile=tile, leaf=leaf):
+        return recursive_feedback_solve(q, k, g, f, ones, leaf_size=leaf, tile=tile, tier="bf16x3",
+                                        platform=platform_kind(), dtype=jnp.float32)
+
+    fwd = jax.jit(solve)
+    fb = jax.jit(jax.grad(lambda *a: jnp.sum(solve(*a)), argnums=(0, 1, 2, 3)))
+    plan = RecursivePlan.make(T, leaf, tile, "bf16x3", platform_kind(), D ** -0.5)
     seg = jnp.ones((B, plan.padded_len), jnp.int32)
     qp = jnp.pad(q, ((0, 0), (0, plan.padded_len - T), (0, 0)))
-    st = jax.jit(lambda q, k: row_statistics(q, k, seg, leaf=plan.leaf, scale=plan.scale, tier="bf16x3", schedule=plan.schedule, platform="gpu"))
+    st = jax.jit(lambda q, k: row_statistics(q, k, seg, leaf=plan.leaf, scale=plan.scale, tier="bf16x3", schedule=plan.schedule, platform=plan.platform))
     n = 5 if T <= 8192 else 2
     attempt(f"B={B} T={T} tile={tile} leaf={leaf} stats", st, qp, qp, n=n)
     attempt(f"B={B} T={T} tile={tile} leaf={leaf} fwd", fwd, q, k, g, f, n=n)
