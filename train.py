@@ -1,7 +1,7 @@
-"""Train a model from a run config; resumes automatically from WORKDIR's latest checkpoint.
+"""Train a model from a run config (same as the ``sessa-train`` console script).
 
-    python train.py                                     # configs/default.py -> runs/default
-    python train.py --config=configs/tiny.py --config.train.steps=30 --workdir=runs/tiny
+    python train.py                                     # config default -> runs/default
+    python train.py --config=tiny --config.train.steps=30 --workdir=runs/tiny
     python train.py --config=mqar --config.model.kind=mamba --config.model.match_params=True
 
 Overrides are ``--config.<section>.<key>=<value>``; bad keys or values fail before compiling.
@@ -9,35 +9,7 @@ Overrides are ``--config.<section>.<key>=<value>``; bad keys or values fail befo
 
 import sys
 
-from sessa_jax.train.config import ConfigError, load_config
-
-
-def main(argv: list[str]) -> int:
-    config, workdir, overrides = "default", None, []
-    for arg in argv:
-        if arg.startswith("--config="):
-            config = arg.split("=", 1)[1]
-        elif arg.startswith("--config."):
-            overrides.append(arg)
-        elif arg.startswith("--workdir="):
-            workdir = arg.split("=", 1)[1]
-        elif arg in ("-h", "--help"):
-            print(__doc__)
-            return 0
-        else:
-            print(f"train.py: unknown argument {arg!r}; expected --config=, --config.KEY=VALUE or --workdir=")
-            return 2
-    try:
-        cfg = load_config(config, overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    from sessa_jax.train.loop import train  # imports JAX: after the config is known to be good
-
-    name = config.rsplit("/", 1)[-1].removesuffix(".py")
-    result = train(cfg, workdir or f"runs/{name}")
-    return 0 if result.step == cfg.train.steps or result.interrupted else 1
-
+from sessa_jax.cli import train_main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(train_main(sys.argv[1:]))

@@ -9,7 +9,7 @@ from sessa_jax.layer import SessaLayer
 from sessa_jax.mixer import AttentionMixer, SessaMixer
 from sessa_jax.model import SessaLM
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place the version is written (pyproject reads it); tag v0.2.0
 
 __all__ = [
     "PRESETS",

@@ -8,7 +8,7 @@ import pytest
 
 from sessa_jax.train.config import CONFIG_DIR, ConfigError, load_config, model_config, resolve
 
-REPO = os.path.dirname(CONFIG_DIR)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and not f.startswith("_"))
 
 
@@ -68,7 +68,7 @@ def test_cli_reports_config_errors_before_compiling():
     assert out.returncode == 2
     assert "config error: unknown config key 'train.stepz'" in out.stderr
     out = subprocess.run([sys.executable, "train.py", "--bogus"], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "unknown argument '--bogus'" in out.stdout
+    assert out.returncode == 2 and "unknown argument '--bogus'" in out.stderr
 
 
 @pytest.mark.parametrize("overrides, message", [

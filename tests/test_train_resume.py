@@ -11,10 +11,10 @@ import numpy as np
 
 from sessa_jax.train import checkpoint as ckpt
 from sessa_jax.train import loop
-from sessa_jax.train.config import CONFIG_DIR, load_config
+from sessa_jax.train.config import load_config
 from sessa_jax.train.metrics import read_jsonl
 
-REPO = os.path.dirname(CONFIG_DIR)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["train.steps=40", "checkpoint.every=10", "train.progress=False", "checkpoint.async_save=True"]
 
 

@@ -1,10 +1,10 @@
-"""Run configs: the base ``ConfigDict``, loading from ``configs/*.py``, overrides, validation.
+"""Run configs: the base ``ConfigDict``, loading from ``sessa_jax/configs/*.py``, overrides, validation.
 
 A run config has seven sections: ``model`` (``kind`` plus every ``SessaConfig`` field),
 ``data``, ``optim``, ``train``, ``checkpoint``, ``mesh`` (device mesh axes, -1 = the
 remaining devices) and ``distributed`` (multi-host start-up). Config files define ``get_config()``
 returning ``base_config()`` with changes. ``load_config("tiny", ["train.steps=30"])``
-loads ``configs/tiny.py`` (or a path), applies ``key=value`` overrides and validates:
+loads ``sessa_jax/configs/tiny.py`` (or a path), applies ``key=value`` overrides and validates:
 unknown keys, wrong types and impossible combinations raise ``ConfigError`` naming the
 key, before anything is compiled.
 """
@@ -28,7 +28,8 @@ from sessa_jax.data.symbol_soup import check_symbol_soup
 from sessa_jax.sharding import MeshError, mesh_shape
 
 KINDS = ("sessa", "transformer", "mamba")
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+# Shipped inside the package so an installed wheel finds them; a checkout's top-level configs/ links here.
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 class ConfigError(ValueError):
@@ -116,7 +117,7 @@ def _set(cfg: mc.ConfigDict, key: str, raw: str) -> None:
 
 
 def load_config(name_or_path: str = "default", overrides: list[str] | tuple[str, ...] = ()) -> mc.ConfigDict:
-    """Loads ``configs/<name>.py`` (or a .py path), applies ``key=value`` overrides, validates."""
+    """Loads ``sessa_jax/configs/<name>.py`` (or a .py path), applies ``key=value`` overrides, validates."""
     path = name_or_path if name_or_path.endswith(".py") else os.path.join(CONFIG_DIR, f"{name_or_path}.py")
     if not os.path.isfile(path):
         known = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and not f.startswith("_"))

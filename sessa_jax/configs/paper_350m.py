@@ -1,10 +1,6 @@
 """The paper's 350M size (GPT-2 medium widths); ``model.match_params`` widens baselines to match."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from _paper import paper_config  # noqa: E402
+from sessa_jax.configs._paper import paper_config
 
 
 def get_config():

@@ -3,11 +3,7 @@
     python train.py --config=configs/paper_125m.py --config.data.text.arrayrecord_dir=SHARDS
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from _paper import paper_config  # noqa: E402
+from sessa_jax.configs._paper import paper_config
 
 
 def get_config():
