@@ -1,10 +1,22 @@
 # Two commands on a fresh machine: `make train` and `make test`. Both create .venv first.
+# `make test-latest` checks the other end of the dependency ranges: the newest jax/flax/orbax
+# releases on Python 3.12+ in .venv-latest.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-test
+# Newest releases need Python >= 3.12: the first of these that runs (pyenv shims may exist but not run).
+PYTHON_LATEST ?= $(firstword $(foreach p,python3.12 python3.13 $(wildcard $(HOME)/.pyenv/versions/3.12.*/bin/python3),$(shell $(p) -c 'import sys; print(sys.executable)' 2>/dev/null)))
+VENV_LATEST := .venv-latest
+PY_LATEST := $(VENV_LATEST)/bin/python
+STAMP_LATEST := $(VENV_LATEST)/.installed-test
+# The subset `make test-latest` runs (the whole suite takes over an hour on a 2-core box; set
+# LATEST_TESTS=tests to run everything).
+LATEST_TESTS ?= tests/test_core_blocked.py tests/test_core_decoding.py tests/test_lowering.py \
+	tests/test_train_loop.py tests/test_train_config.py tests/test_train_loss.py tests/test_train_evaluate.py \
+	tests/test_train_report.py tests/test_data_tokenizers.py tests/test_packaging.py tests/test_pallas_attention.py
 
-.PHONY: install test train bench clean
+.PHONY: install test test-latest train bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +31,17 @@ install: $(STAMP)
 test: install
 	$(PY) -m pytest -x -q
 
+$(STAMP_LATEST): pyproject.toml
+	@test -n "$(PYTHON_LATEST)" || { echo "make test-latest needs python3.12 or python3.13 on PATH (or PYTHON_LATEST=...)"; exit 2; }
+	$(PYTHON_LATEST) -m venv $(VENV_LATEST)
+	$(PY_LATEST) -m pip install -q --upgrade pip
+	$(PY_LATEST) -m pip install -q --upgrade --upgrade-strategy eager -e '.[test]'
+	touch $(STAMP_LATEST)
+
+test-latest: $(STAMP_LATEST)
+	$(PY_LATEST) -c "import sys, jax, jaxlib, flax, orbax.checkpoint as o; print('python', sys.version.split()[0], '| jax', jax.__version__, '| jaxlib', jaxlib.__version__, '| flax', flax.__version__, '| orbax', o.__version__)"
+	$(PY_LATEST) -m pytest -x -q $(LATEST_TESTS)
+
 train: install
 	$(PY) train.py
 
@@ -26,4 +49,4 @@ bench: install
 	$(PY) benchmarks/feedback_solve.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV_LATEST) build *.egg-info

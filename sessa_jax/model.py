@@ -35,6 +35,8 @@ class SessaLM(nn.Module):
     ``segment_ids`` (B, T) pack documents (0 = padding); ``positions`` override RoPE
     positions. With ``cache`` (``sessa_jax.decoding.init_cache``) it prefills and returns
     (logits, cache); with ``decode=True`` tokens is (B, 1) and one step is appended.
+    ``return_hidden=True`` (no cache) returns the final-norm hidden states (B, T, D) instead
+    of logits; ``SessaLM.logits`` maps them to logits (used by the chunked loss).
     """
 
     config: SessaConfig
@@ -64,7 +66,7 @@ class SessaLM(nn.Module):
         return [block(cfg, self.kind, decode=decode, name=f"layers_{i}") for i in range(cfg.n_layers)]
 
     @nn.compact
-    def __call__(self, tokens, segment_ids=None, positions=None, *, cache=None, decode=False):
+    def __call__(self, tokens, segment_ids=None, positions=None, *, cache=None, decode=False, return_hidden=False):
         cfg = self.config
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"SessaLM expects integer tokens of shape (batch, time); got {tokens.dtype} "
@@ -87,6 +89,12 @@ class SessaLM(nn.Module):
                 x, outs[i] = block(x, None if cache is None else cache[i], segment_ids, positions)
             new_cache = None if cache is None else outs
         x = self.norm_f(x.astype(jnp.promote_types(x.dtype, jnp.float32))).astype(cfg.dtype)
-        logits = self.embed.attend(x) if cfg.tie_embeddings else self.head(x)
-        logits = constrain(logits.astype(jnp.float32), BTV)
+        if return_hidden:  # the chunked loss applies the head itself, a slice of T at a time
+            return x
+        logits = self.logits(x)
         return logits if cache is None else (logits, new_cache)
+
+    def logits(self, x):
+        """Final hidden states (B, T, D) -> float32 logits (B, T, V): the (tied) output head."""
+        logits = self.embed.attend(x) if self.config.tie_embeddings else self.head(x)
+        return constrain(logits.astype(jnp.float32), BTV)

@@ -9,25 +9,22 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from sessa_jax.train.loss import loss_sums
 from sessa_jax.train.state import TrainState
 
 
-def loss_and_metrics(params, apply_fn, batch, rng=None):
-    """Weighted next-token cross-entropy; accuracy on the weighted positions. float32."""
-    kw = {} if rng is None else dict(rngs={"dropout": rng})
-    logits = apply_fn(params, batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"], **kw)
-    logits = logits.astype(jnp.float32)
-    w = batch["weights"].astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
-    denom = jnp.maximum(w.sum(), 1.0)
-    loss = (ce * w).sum() / denom
-    return loss, dict(loss_sum=(ce * w).sum(), correct_sum=(correct * w).sum(), weight_sum=w.sum())
+def loss_and_metrics(params, apply_fn, batch, rng=None, loss_chunk: int = 0):
+    """Weighted next-token cross-entropy; accuracy on the weighted positions. float32.
+
+    ``loss_chunk`` > 0 projects that many positions at a time (``sessa_jax.train.loss``).
+    """
+    sums = loss_sums(params, apply_fn, batch, loss_chunk, rng)
+    return sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0), sums
 
 
-def _grads(params, apply_fn, batch, grad_accum: int, rng):
+def _grads(params, apply_fn, batch, grad_accum: int, rng, loss_chunk: int = 0):
     """Mean gradient over ``grad_accum`` micro-batches (weighted by their token counts)."""
-    grad_fn = jax.value_and_grad(lambda p, b: _summed_loss(p, apply_fn, b, rng), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, b: _summed_loss(p, apply_fn, b, rng, loss_chunk), has_aux=True)
     if grad_accum == 1:
         (_, sums), g = grad_fn(params, batch)
     else:
@@ -44,15 +41,15 @@ def _grads(params, apply_fn, batch, grad_accum: int, rng):
     return jax.tree_util.tree_map(lambda x: x / denom, g), sums
 
 
-def _summed_loss(params, apply_fn, batch, rng):
-    _, sums = loss_and_metrics(params, apply_fn, batch, rng)
+def _summed_loss(params, apply_fn, batch, rng, loss_chunk=0):
+    _, sums = loss_and_metrics(params, apply_fn, batch, rng, loss_chunk)
     return sums["loss_sum"], sums
 
 
-def _train_step(state: TrainState, batch, grad_accum: int = 1):
+def _train_step(state: TrainState, batch, grad_accum: int = 1, loss_chunk: int = 0):
     """One optimizer update. Returns (new state, metrics of this step's batch)."""
     rng = jax.random.fold_in(state.rng, state.step)  # per-step randomness (e.g. dropout)
-    grads, sums = _grads(state.params, state.apply_fn, batch, grad_accum, rng)
+    grads, sums = _grads(state.params, state.apply_fn, batch, grad_accum, rng, loss_chunk)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
@@ -65,11 +62,11 @@ def _train_step(state: TrainState, batch, grad_accum: int = 1):
     return new, metrics
 
 
-train_step = jax.jit(_train_step, static_argnames=("grad_accum",), donate_argnums=(0,))
+train_step = jax.jit(_train_step, static_argnames=("grad_accum", "loss_chunk"), donate_argnums=(0,))
 train_step.__doc__ = _train_step.__doc__
 
 
-def make_train_step(state_sharding, batch_sharding: NamedSharding, grad_accum: int = 1):
+def make_train_step(state_sharding, batch_sharding: NamedSharding, grad_accum: int = 1, loss_chunk: int = 0):
     """``train_step`` jitted with explicit shardings and the state donated.
 
     ``state_sharding``: a TrainState of NamedShardings (``state.state_shardings``);
@@ -77,11 +74,11 @@ def make_train_step(state_sharding, batch_sharding: NamedSharding, grad_accum: i
     Call it under ``sharding.activate(mesh)`` so the activation constraints apply.
     """
     metrics_sharding = NamedSharding(batch_sharding.mesh, PartitionSpec())
-    return jax.jit(functools.partial(_train_step, grad_accum=grad_accum), in_shardings=(state_sharding, batch_sharding),
+    return jax.jit(functools.partial(_train_step, grad_accum=grad_accum, loss_chunk=loss_chunk), in_shardings=(state_sharding, batch_sharding),
                    out_shardings=(state_sharding, metrics_sharding), donate_argnums=(0,))
 
 
-@jax.jit
-def eval_step(state: TrainState, batch):
+@functools.partial(jax.jit, static_argnames=("loss_chunk",))
+def eval_step(state: TrainState, batch, loss_chunk: int = 0):
     """Summed loss/correct/weight of one batch (summed over eval batches by the caller)."""
-    return loss_and_metrics(state.params, state.apply_fn, batch)[1]
+    return loss_and_metrics(state.params, state.apply_fn, batch, loss_chunk=loss_chunk)[1]
