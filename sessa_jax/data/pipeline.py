@@ -9,11 +9,13 @@ per-process batches into global ``jax.Array``s sharded over the data axis.
 
 from __future__ import annotations
 
+import functools
+
 import grain
 import jax
 import numpy as np
 
-from sessa_jax.data import mqar, symbol_soup, text
+from sessa_jax.data import mqar, symbol_soup, text, tokenizers
 
 TASKS = ("mqar", "symbol_soup", "text")
 TRAIN, EVAL = 0, 1
@@ -26,8 +28,21 @@ def task_vocab_size(data_cfg) -> int:
     if data_cfg.task == "symbol_soup":
         return symbol_soup.VOCAB_SIZE
     if data_cfg.task == "text":
-        return text.VOCAB_SIZE
+        tok = data_cfg.tokenizer
+        if tok.kind == "sentencepiece" and not tok.path:  # fitted at the run's start (data.tokenizers)
+            return tok.vocab_size
+        return tokenizer_of(data_cfg).vocab_size
     raise ValueError(f"data.task={data_cfg.task!r} is unknown; choose one of {TASKS}")
+
+
+def tokenizer_of(data_cfg):
+    """The text tokenizer ``data_cfg.tokenizer`` names (loaded once per kind and path)."""
+    return _tokenizer(data_cfg.tokenizer.kind, data_cfg.tokenizer.path)
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(kind: str, path: str):
+    return tokenizers.make_tokenizer(kind, path)
 
 
 def make_source(data_cfg, split: int):
@@ -52,7 +67,8 @@ def make_source(data_cfg, split: int):
                     f"`python -m sessa_jax.data.text prepare ... --seq_len {data_cfg.seq_len}`"
                 )
             return grain.MapDataset.source(records).map(text.decode_row)
-        return text.load_text_source(t.path, data_cfg.seq_len, t.max_bytes, t.eval_fraction, split)
+        return text.load_text_source(t.path, data_cfg.seq_len, t.max_bytes, t.eval_fraction, split,
+                                     tokenizer_of(data_cfg))
     raise ValueError(f"data.task={task!r} is unknown; choose one of {TASKS}")
 
 
@@ -77,7 +93,8 @@ def make_dataset(data_cfg, split: int = TRAIN, process_index: int | None = None,
             )
         ds = ds[:rows - rows % pc]  # every process gets as many rows, so as many batches (no collective hang)
     ds = ds[pi::pc]
-    ds = ds.batch(local_batch, drop_remainder=True, batch_fn=_stack)
+    # A text eval pass keeps its last partial batch (evaluate pads it) so every held-out row counts.
+    ds = ds.batch(local_batch, drop_remainder=split == TRAIN or data_cfg.task != "text", batch_fn=_stack)
     read = grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch)
     return ds.to_iter_dataset(read)
 

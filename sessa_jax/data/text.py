@@ -49,13 +49,14 @@ def list_files(path: str, builtin_suffix: str = ".py") -> list[str]:
     return files
 
 
-def read_documents(path: str, max_bytes: int) -> list[np.ndarray]:
-    """Each file is one document of bytes (up to ``max_bytes`` in total; 0 = no cap)."""
+def iter_documents(path: str, max_bytes: int):
+    """Each file is one document of bytes (uint8 array), read one at a time (up to
+    ``max_bytes`` in total; 0 = no cap)."""
     builtin = not path
     files = list_files(builtin_corpus_dir() if builtin else path)
     if builtin:
         files = [f for f in files if f.endswith(".py")]
-    docs, total = [], 0
+    total, any_read = 0, False
     for name in files:
         try:
             with open(name, "rb") as f:
@@ -64,13 +65,18 @@ def read_documents(path: str, max_bytes: int) -> list[np.ndarray]:
             continue
         if not data or b"\0" in data[:1024]:  # empty or binary
             continue
-        docs.append(np.frombuffer(data, np.uint8))
+        any_read = True
+        yield np.frombuffer(data, np.uint8)
         total += len(data)
         if max_bytes and total >= max_bytes:
             break
-    if not docs:
+    if not any_read:
         raise ValueError(f"data.text.path={path!r} holds no readable text files (all empty or binary)")
-    return docs
+
+
+def read_documents(path: str, max_bytes: int) -> list[np.ndarray]:
+    """Each file is one document of bytes (up to ``max_bytes`` in total; 0 = no cap)."""
+    return list(iter_documents(path, max_bytes))
 
 
 @dataclasses.dataclass
@@ -100,9 +106,17 @@ class PackedTextSource:
         return row_to_example(self.tokens[i:i + self.seq_len + 1], self.doc_ids[i:i + self.seq_len + 1])
 
 
-def load_text_source(path: str, seq_len: int, max_bytes: int, eval_fraction: float, split: int):
-    """Packed rows of the corpus at ``path``; the last ``eval_fraction`` of rows is eval."""
-    tokens, doc_ids = pack_documents(read_documents(path, max_bytes), bos=BOS)
+def load_text_source(path: str, seq_len: int, max_bytes: int, eval_fraction: float, split: int, tokenizer=None):
+    """Packed rows of the corpus at ``path``; the last ``eval_fraction`` of rows is eval.
+
+    ``tokenizer`` (``sessa_jax.data.tokenizers``; None = bytes) encodes one file at a time,
+    so only token ids, never the whole text, are held.
+    """
+    if tokenizer is None or tokenizer.kind == "bytes":
+        tokens, doc_ids = pack_documents(read_documents(path, max_bytes), bos=BOS)
+    else:
+        docs = (tokenizer.encode(doc.tobytes()) for doc in iter_documents(path, max_bytes))
+        tokens, doc_ids = pack_documents([d for d in docs if len(d)], bos=tokenizer.bos_id)
     total = num_rows(len(tokens), seq_len)
     n_eval = max(1, int(round(total * eval_fraction))) if total > 1 else 0
     if split == 0:
@@ -133,8 +147,9 @@ def shard_files(directory: str, split: int) -> list[str]:
 
 
 def prepare(input_path: str, output_dir: str, seq_len: int, rows_per_shard: int = 4096,
-            max_bytes: int = 0, eval_fraction: float = 0.01) -> dict[str, int]:
-    """Packs the corpus at ``input_path`` and writes ArrayRecord shards; returns row counts."""
+            max_bytes: int = 0, eval_fraction: float = 0.01, tokenizer=None) -> dict[str, int]:
+    """Packs the corpus at ``input_path`` (tokenized by ``tokenizer``, None = bytes) and writes
+    ArrayRecord shards; returns row counts."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     for name, value in (("seq_len", seq_len), ("rows_per_shard", rows_per_shard)):
@@ -145,7 +160,7 @@ def prepare(input_path: str, output_dir: str, seq_len: int, rows_per_shard: int 
     os.makedirs(output_dir, exist_ok=True)
     counts = {}
     for split, name in ((0, "train"), (1, "eval")):
-        src = load_text_source(input_path, seq_len, max_bytes, eval_fraction, split)
+        src = load_text_source(input_path, seq_len, max_bytes, eval_fraction, split, tokenizer)
         for shard, start in enumerate(range(0, len(src), rows_per_shard)):
             writer = ArrayRecordWriter(os.path.join(output_dir, f"{name}-{shard:05d}.array_record"), "group_size:1")
             for r in range(start, min(start + rows_per_shard, len(src))):
@@ -167,8 +182,14 @@ def main(argv=None):
     p.add_argument("--rows_per_shard", type=int, default=4096)
     p.add_argument("--max_bytes", type=int, default=0)
     p.add_argument("--eval_fraction", type=float, default=0.01)
+    p.add_argument("--tokenizer", default="bytes", help="bytes, sentencepiece or tokenizers")
+    p.add_argument("--tokenizer_path", default="", help="the .model or tokenizer.json")
     args = parser.parse_args(argv)
-    counts = prepare(args.input, args.output, args.seq_len, args.rows_per_shard, args.max_bytes, args.eval_fraction)
+    from sessa_jax.data.tokenizers import make_tokenizer
+
+    tok = make_tokenizer(args.tokenizer, args.tokenizer_path)
+    counts = prepare(args.input, args.output, args.seq_len, args.rows_per_shard, args.max_bytes, args.eval_fraction,
+                     tok)
     print(f"wrote {counts['train']} train and {counts['eval']} eval rows of seq_len={args.seq_len} to {args.output}")
 
 

@@ -1,8 +1,8 @@
 """Run configs: the base ``ConfigDict``, loading from ``sessa_jax/configs/*.py``, overrides, validation.
 
-A run config has seven sections: ``model`` (``kind`` plus every ``SessaConfig`` field),
+A run config has eight sections: ``model`` (``kind`` plus every ``SessaConfig`` field),
 ``data``, ``optim``, ``train``, ``checkpoint``, ``mesh`` (device mesh axes, -1 = the
-remaining devices) and ``distributed`` (multi-host start-up). Config files define ``get_config()``
+remaining devices), ``distributed`` (multi-host start-up) and ``metrics`` (MFU peak, W&B). Config files define ``get_config()``
 returning ``base_config()`` with changes. ``load_config("tiny", ["train.steps=30"])``
 loads ``sessa_jax/configs/tiny.py`` (or a path), applies ``key=value`` overrides and validates:
 unknown keys, wrong types and impossible combinations raise ``ConfigError`` naming the
@@ -53,6 +53,9 @@ def base_config() -> mc.ConfigDict:
         mqar=dict(vocab_size=64, num_kv_pairs=8),
         symbol_soup=dict(block_len=32, task_seed=0, motif_prob=0.05, noise_prob=0.03),
         text=dict(path="", arrayrecord_dir="", max_bytes=8_000_000, eval_fraction=0.01),
+        # bytes | sentencepiece | tokenizers; path: the .model / tokenizer.json. sentencepiece with
+        # path '' fits a model of vocab_size on the corpus into WORKDIR/tokenizer.model at the first start.
+        tokenizer=dict(kind="bytes", path="", vocab_size=4096),
     ))
     c.optim = mc.ConfigDict(dict(
         lr=3e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
@@ -61,6 +64,13 @@ def base_config() -> mc.ConfigDict:
     c.train = mc.ConfigDict(dict(
         steps=100, seed=0, log_every=10, eval_every=0, eval_batches=4, progress=True,
         step_delay_s=0.0,  # testing aid: sleep after each step so a test can interrupt a run mid-way
+        loss_chunk=0,  # > 0: the loss projects this many positions at a time (no full (B, T, V) logits)
+        profile_steps="",  # "a:b": a jax.profiler trace of steps a..b-1 in WORKDIR/profile
+        compilation_cache="auto",  # persistent XLA cache: auto = WORKDIR/compilation_cache, a path, or "" (off)
+    ))
+    c.metrics = mc.ConfigDict(dict(
+        peak_tflops=0.0,  # per-device peak for MFU; 0 = from sessa_jax.train.report's device table
+        wandb=False, wandb_project="sessa-jax", wandb_entity="",  # W&B resumes the run id kept in WORKDIR
     ))
     c.checkpoint = mc.ConfigDict(dict(every=0, keep=3, async_save=True))
     c.mesh = mc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # data x fsdp x tensor = all devices
@@ -171,12 +181,13 @@ def validate(cfg: mc.ConfigDict, process_count: int = 1, device_count: int | Non
         raise ConfigError(f"model.kind={m.kind!r} is unknown; choose one of {KINDS}")
     if d.task not in TASKS:
         raise ConfigError(f"data.task={d.task!r} is unknown; choose one of {TASKS}")
-    _positive(cfg, "data.seq_len", "data.batch_size", "train.steps", "optim.grad_accum", "train.log_every",
-              "train.eval_batches")
+    _positive(cfg, "data.seq_len", "data.batch_size", "train.steps", "optim.grad_accum", "train.log_every")
     # checkpoint.keep=0 would make orbax delete every checkpoint it writes (nothing to resume from).
     _positive(cfg, "checkpoint.keep")
     _positive(cfg, "train.eval_every", "checkpoint.every", "optim.warmup_steps", "data.num_threads",
-              "data.prefetch", "data.seed", "data.symbol_soup.task_seed", "data.text.max_bytes", allow_zero=True)
+              "data.prefetch", "data.seed", "data.symbol_soup.task_seed", "data.text.max_bytes", "train.eval_batches",
+              "train.loss_chunk", allow_zero=True)
+    _validate_reporting(cfg)
     for key in ("dtype", "param_dtype"):
         if m[key] not in ("float32", "bfloat16", "float16", "float64"):
             raise ConfigError(f"model.{key}={m[key]!r} is not a float dtype name; use 'float32' or 'bfloat16'")
@@ -223,6 +234,10 @@ def validate(cfg: mc.ConfigDict, process_count: int = 1, device_count: int | Non
         )
     if not 0 < d.text.eval_fraction < 1:
         raise ConfigError(f"data.text.eval_fraction must lie in (0, 1); got {d.text.eval_fraction}")
+    _validate_tokenizer(cfg)
+    if d.task != "text" and not t.eval_batches:
+        raise ConfigError(f"train.eval_batches=0 evaluates the whole held-out split, but data.task={d.task!r} "
+                          f"generates an unbounded one; set train.eval_batches to a number of batches, e.g. 8")
     need = task_vocab_size(d)
     if m.vocab_size and m.vocab_size < need:
         raise ConfigError(
@@ -230,6 +245,44 @@ def validate(cfg: mc.ConfigDict, process_count: int = 1, device_count: int | Non
             f"raise it or set model.vocab_size=0 to size it from the task"
         )
     model_config(cfg)  # SessaConfig's own checks, re-raised with the run-config key
+
+
+def _validate_tokenizer(cfg: mc.ConfigDict) -> None:
+    from sessa_jax.data.tokenizers import KINDS as TOKENIZERS
+
+    tok, task = cfg.data.tokenizer, cfg.data.task
+    if tok.kind not in TOKENIZERS:
+        raise ConfigError(f"data.tokenizer.kind={tok.kind!r} is unknown; choose one of {TOKENIZERS}")
+    if tok.kind != "bytes" and task != "text":
+        raise ConfigError(f"data.tokenizer.kind={tok.kind!r} applies to data.task='text' only (this run is "
+                          f"{task!r}); remove the override")
+    if tok.path and not os.path.isfile(tok.path):
+        raise ConfigError(f"data.tokenizer.path={tok.path!r} is not a file; pass a sentencepiece .model or a HF "
+                          f"tokenizer.json")
+    if tok.kind == "tokenizers" and not tok.path:
+        raise ConfigError("data.tokenizer.kind='tokenizers' needs data.tokenizer.path=PATH/tokenizer.json")
+    if tok.kind == "sentencepiece" and not tok.path and tok.vocab_size < 260:
+        raise ConfigError(f"data.tokenizer.vocab_size={tok.vocab_size} is too small to fit a sentencepiece model "
+                          f"(256 byte pieces + specials); use >= 260, e.g. 4096")
+
+
+def parse_profile_steps(value: str, steps: int) -> tuple[int, int] | None:
+    """``train.profile_steps`` "a:b" -> (a, b) with 1 <= a < b <= steps + 1; "" -> None."""
+    if not value:
+        return None
+    try:
+        a, b = (int(x) for x in value.split(":"))
+    except ValueError:
+        raise ConfigError(f"train.profile_steps={value!r} must look like 'a:b' (trace steps a..b-1), e.g. '5:8'")
+    if not 1 <= a < b <= steps + 1:
+        raise ConfigError(f"train.profile_steps={value!r} needs 1 <= a < b <= train.steps + 1 = {steps + 1}")
+    return a, b
+
+
+def _validate_reporting(cfg: mc.ConfigDict) -> None:
+    parse_profile_steps(cfg.train.profile_steps, cfg.train.steps)
+    if not cfg.metrics.peak_tflops >= 0:
+        raise ConfigError(f"metrics.peak_tflops must be >= 0 (0 = from the device table); got {cfg.metrics.peak_tflops}")
 
 
 def model_config(cfg: mc.ConfigDict, match: bool = True) -> SessaConfig:

@@ -11,13 +11,17 @@ import jax
 
 from sessa_jax import sharding
 from sessa_jax.data import EVAL, TRAIN, global_batch, make_dataset, make_iterator
+from sessa_jax.data.tokenizers import ensure_tokenizer
 from sessa_jax.distributed import maybe_initialize
 from sessa_jax.train import checkpoint as ckpt
-from sessa_jax.train.config import model_config, resolve, validate
+from sessa_jax.train import report
+from sessa_jax.train.config import model_config, parse_profile_steps, resolve, validate
+from sessa_jax.train.evaluate import make_eval_step, token_bytes_for
+from sessa_jax.train.evaluate import evaluate as evaluate_params
 from sessa_jax.train.metrics import MetricsWriter, Progress, format_duration
 from sessa_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from sessa_jax.train.state import TrainState, abstract_state, build_model, create_state, state_shardings
-from sessa_jax.train.step import eval_step, make_train_step
+from sessa_jax.train.step import make_train_step
 
 
 class NonFiniteError(FloatingPointError):
@@ -28,7 +32,7 @@ class NonFiniteError(FloatingPointError):
 class RunResult:
     step: int  # last completed step
     train: dict  # metrics of the last step
-    eval: dict  # final eval metrics ({} when eval_batches == 0)
+    eval: dict  # final eval metrics ({} when stopped by SIGTERM)
     interrupted: bool  # stopped by SIGTERM
     seconds: float
 
@@ -59,21 +63,11 @@ def _quiet(*args, **kwargs):
     pass
 
 
-def evaluate(state: TrainState, eval_data, num_batches: int, sharding) -> dict:
-    """Mean loss and accuracy (weighted positions only) over the first batches of ``eval_data``
-    (the eval split's dataset from ``make_dataset(data_cfg, EVAL)``; read from its start each call)."""
-    totals = dict(loss_sum=0.0, correct_sum=0.0, weight_sum=0.0)
-    it = iter(eval_data)
-    for _ in range(num_batches):
-        try:
-            batch = next(it)
-        except StopIteration:
-            break
-        sums = jax.device_get(eval_step(state, global_batch(batch, sharding)))
-        for k in totals:
-            totals[k] += float(sums[k])
-    denom = max(totals["weight_sum"], 1.0)
-    return dict(eval_loss=totals["loss_sum"] / denom, eval_accuracy=totals["correct_sum"] / denom)
+def _eval_line(step: int, e: dict) -> str:
+    per = (f"bits/byte {e['eval_bits_per_byte']:.4f}" if "eval_bits_per_byte" in e
+           else f"bits/token {e['eval_bits_per_token']:.4f}")
+    return (f"eval @ {step}: loss {e['eval_loss']:.4f} | ppl {e['eval_perplexity']:.3f} | {per} | "
+            f"acc {e['eval_accuracy']:.3f} | {int(e['eval_tokens']):,} tokens")
 
 
 def train(cfg, workdir: str, log=print) -> RunResult:
@@ -87,8 +81,10 @@ def train(cfg, workdir: str, log=print) -> RunResult:
     if jax.process_index() != 0:
         log = _quiet  # logs from process 0 only
     validate(cfg, jax.process_count(), jax.device_count())
+    cache_dir = report.enable_compilation_cache(cfg.train.compilation_cache, workdir)
+    cfg = ensure_tokenizer(cfg, workdir, log)  # kind=sentencepiece, no path: fit one on the corpus once
     # Built once, before anything compiles: an eval split that cannot fill one batch fails now.
-    eval_data = make_dataset(cfg.data, EVAL) if cfg.train.eval_batches else None
+    eval_data = make_dataset(cfg.data, EVAL)
     resolved = resolve(cfg)
     steps, accum = cfg.train.steps, cfg.optim.grad_accum
     model, tx = build_model(resolved), make_optimizer(cfg.optim, steps)
@@ -96,7 +92,13 @@ def train(cfg, workdir: str, log=print) -> RunResult:
     sharding.validate_mesh(mesh, model_config(resolved), cfg.data.batch_size, accum, kind=cfg.model.kind)
     data_sharding = sharding.batch_sharding(mesh)
     shardings = state_shardings(model, tx, cfg.train.seed, cfg.data.seq_len, mesh)
-    step_fn = make_train_step(shardings, data_sharding, accum)
+    step_fn = make_train_step(shardings, data_sharding, accum, cfg.train.loss_chunk)
+    eval_fn = make_eval_step(model.apply, cfg.train.loss_chunk)
+    token_bytes = token_bytes_for(cfg.data, model_config(resolved).vocab_size)  # None: no bits per byte
+
+    def evaluate(state, eval_data, num_batches, sharding):
+        return evaluate_params(state.params, eval_fn, eval_data, cfg.data.batch_size // jax.process_count(),
+                               token_bytes, num_batches, sharding)
 
     train_iter = make_iterator(cfg.data, TRAIN)
     manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"), cfg.checkpoint.every, cfg.checkpoint.keep,
@@ -104,13 +106,26 @@ def train(cfg, workdir: str, log=print) -> RunResult:
     if manager.latest_step() is not None:
         abstract = abstract_state(model, tx, cfg.train.seed, cfg.data.seq_len, shardings)
         state = ckpt.restore(manager, abstract, train_iter)
-        log(f"resumed from {manager.directory} at step {int(state.step)}")
     else:
         state = create_state(model, tx, cfg.train.seed, cfg.data.seq_len, sharding=shardings)
     start = int(state.step)
     config_dict = resolved.to_dict()
-    writer = MetricsWriter(workdir, start_step=start)
-    progress = Progress(steps, cfg.data.batch_size * cfg.data.seq_len, start, cfg.train.progress)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+    for line in report.startup_summary(workdir=workdir, mesh=mesh, n_params=n_params, tokens_per_step=tokens_per_step,
+                                       steps=steps, start_step=start, tokenizer=cfg.data.tokenizer.kind
+                                       if cfg.data.task == "text" else "", compile_cache=cache_dir):
+        log(line)
+    wandb = (report.WandbLogger(workdir, cfg.metrics.wandb_project, cfg.metrics.wandb_entity, config_dict)
+             if cfg.metrics.wandb and jax.process_index() == 0 else None)
+    writer = MetricsWriter(workdir, start_step=start, mirror=wandb)
+    progress = Progress(steps, tokens_per_step, start, cfg.train.progress)
+    clock = report.StepClock(start)
+    model_cfg = model_config(resolved)
+    flops_token = report.flops_per_token(n_params, model_cfg.n_layers, model_cfg.d_model, cfg.data.seq_len)
+    peak = report.peak_tflops(jax.devices()[0].device_kind, cfg.metrics.peak_tflops)
+    profiler = report.Profiler(parse_profile_steps(cfg.train.profile_steps, steps),
+                               os.path.join(workdir, "profile"), log)
     schedule = learning_rate_schedule(cfg.optim, steps)
     pending: list[tuple[int, dict]] = []  # dispatched steps whose metrics are not read yet
     last = {}
@@ -127,8 +142,9 @@ def train(cfg, workdir: str, log=print) -> RunResult:
                 )
             last = dict(loss=float(m["loss"]), accuracy=float(m["accuracy"]), grad_norm=float(m["grad_norm"]),
                         lr=float(schedule(s - 1)))
+            last.update(report.step_scalars(clock.tick(s), tokens_per_step, flops_token, jax.device_count(), peak))
             writer.write(s, last, tensorboard=s % cfg.train.log_every == 0 or s == steps)
-            if s % cfg.train.log_every == 0 or s == steps:
+            if s % cfg.train.log_every == 0 or s == steps or s == start + 1:
                 progress.print(s, last)
         pending.clear()
 
@@ -138,8 +154,10 @@ def train(cfg, workdir: str, log=print) -> RunResult:
             step = start
             while step < steps and not sigterm.hit:
                 batch = global_batch(next(train_iter), data_sharding)
+                profiler.before(step + 1)
                 state, metrics = step_fn(state, batch)
                 step += 1
+                profiler.after(step, block_on=metrics)
                 if len(pending) >= 1:  # read step-1 metrics only after step is dispatched
                     flush()
                 pending.append((step, metrics))
@@ -149,26 +167,28 @@ def train(cfg, workdir: str, log=print) -> RunResult:
                     flush()
                     e = evaluate(state, eval_data, cfg.train.eval_batches, data_sharding)
                     writer.write(step, e)
-                    log(f"eval @ {step}: loss {e['eval_loss']:.4f} | acc {e['eval_accuracy']:.3f}")
+                    log(_eval_line(step, e))
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                     flush()  # never save a step whose metrics were not checked
                     ckpt.save(manager, state, train_iter, config_dict)
             flush()
+            profiler.stop(block_on=state.step)
             interrupted = sigterm.hit
             if manager.latest_step() != step:
                 ckpt.save(manager, state, train_iter, config_dict, force=True)
             if interrupted:
                 log(f"SIGTERM: saved step {step} to {manager.directory}; exiting")
-            elif cfg.train.eval_batches:
+            else:
                 eval_metrics = evaluate(state, eval_data, cfg.train.eval_batches, data_sharding)
                 writer.write(step, eval_metrics)
     finally:
+        profiler.stop()
         manager.wait_until_finished()
         manager.close()
         writer.close()
     seconds = time.perf_counter() - t_start
     if not interrupted:
-        log(f"done: {step} steps in {format_duration(seconds)}"
-            + (f" | eval loss {eval_metrics['eval_loss']:.4f} | eval acc {eval_metrics['eval_accuracy']:.3f}"
-               if eval_metrics else ""))
+        log(f"done: {step} steps in {format_duration(seconds)}")
+        if eval_metrics:
+            log(_eval_line(step, eval_metrics))
     return RunResult(step=step, train=last, eval=eval_metrics, interrupted=interrupted, seconds=seconds)

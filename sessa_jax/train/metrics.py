@@ -29,8 +29,9 @@ class MetricsWriter:
     interrupted run after its last checkpoint) so the file reads as one clean run.
     """
 
-    def __init__(self, workdir: str, start_step: int = 0, enabled: bool | None = None):
+    def __init__(self, workdir: str, start_step: int = 0, enabled: bool | None = None, mirror=None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.mirror = mirror  # e.g. report.WandbLogger: gets what TensorBoard gets
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
         if not self.enabled:
@@ -54,34 +55,41 @@ class MetricsWriter:
         if tensorboard:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, float(v), int(step))
+            if self.mirror is not None:
+                self.mirror.log(step, scalars)
 
     def close(self) -> None:
         if self.enabled:
             self._file.close()
             self._tb.close()
+            if self.mirror is not None:
+                self.mirror.close()
 
 
 class Progress:
-    """``step 10/300 | loss 2.345 | acc 0.120 | 12.3k tok/s | eta 1m23s`` lines."""
+    """``step 10/300 | loss 2.345 | acc 0.120 | 0.21 s/step | 12.3k tok/s | eta 1m23s`` lines.
+
+    Printed from the first step on: that line's rate runs from the loop's start, so it
+    includes compilation (marked ``incl. compile``); later lines time from the first step.
+    """
 
     def __init__(self, total_steps: int, tokens_per_step: int, start_step: int, enabled: bool = True):
         self.total, self.tokens_per_step = total_steps, tokens_per_step
         self.enabled = enabled and jax.process_index() == 0
-        self._t0, self._s0 = None, start_step
+        self._t0, self._s0, self._first = time.perf_counter(), start_step, True
 
     def line(self, step: int, metrics: dict) -> str:
         now = time.perf_counter()
-        if self._t0 is None or step <= self._s0:  # first step timed includes compilation
-            self._t0, self._s0 = now, step
-            rate = 0.0
-        else:
-            rate = (step - self._s0) / (now - self._t0)
+        first = self._first
+        rate = (step - self._s0) / max(now - self._t0, 1e-9)
+        if first:  # later rates exclude compilation: time from here
+            self._t0, self._s0, self._first = now, step, False
         parts = [f"step {step}/{self.total}", f"loss {metrics['loss']:.4f}"]
         if "accuracy" in metrics:
             parts.append(f"acc {metrics['accuracy']:.3f}")
-        if rate:
-            parts += [f"{rate * self.tokens_per_step / 1e3:.1f}k tok/s",
-                      f"eta {format_duration((self.total - step) / rate)}"]
+        if rate > 0:
+            parts += [f"{1 / rate:.3g} s/step", f"{rate * self.tokens_per_step / 1e3:.1f}k tok/s",
+                      f"eta {format_duration((self.total - step) / rate)}" + (" (incl. compile)" if first else "")]
         return " | ".join(parts)
 
     def print(self, step: int, metrics: dict) -> None:

@@ -1,0 +1,191 @@
+"""What a run reports: start-up summary, step timing, MFU, peak memory, profiler, W&B, XLA cache.
+
+MFU (model FLOPs utilisation) uses the PaLM (Chowdhery et al. 2022, appendix B) estimate
+
+    flops_per_token = 6 * N + 12 * L * D * T
+
+N = all parameters (the tied head is a real matmul), L layers, D width, T sequence length:
+6N for the forward and backward matmuls, 12 L D T for attention scores and values. Sessa's
+feedback solve and the Mamba scan are not counted, so MFU is a lower bound for those mixers.
+MFU = flops_per_token * tokens/s / (devices * peak), the per-device peak from
+``metrics.peak_tflops`` or ``PEAK_TFLOPS`` (dense bf16, by ``device_kind``); with neither
+(e.g. CPU) MFU is not reported.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+
+# Dense bf16 peak TFLOP/s per device (vendor data sheets), matched by substring of device_kind.
+PEAK_TFLOPS = (
+    ("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
+    ("L4", 121.0), ("A10G", 70.0), ("V100", 125.0), ("TPU v6", 918.0), ("TPU v5p", 459.0),
+    ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v4", 275.0), ("TPU v3", 123.0),
+)
+
+
+def peak_tflops(device_kind: str, override: float = 0.0) -> float | None:
+    """Per-device peak TFLOP/s: ``override`` when > 0, else the table entry, else None."""
+    if override > 0:
+        return float(override)
+    for name, tflops in PEAK_TFLOPS:
+        if name.lower() in device_kind.lower():
+            return tflops
+    return None
+
+
+def flops_per_token(n_params: int, n_layers: int, d_model: int, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), the formula in the module docstring."""
+    return 6.0 * n_params + 12.0 * n_layers * d_model * seq_len
+
+
+def peak_memory_gib() -> float | None:
+    """Largest ``peak_bytes_in_use`` over local devices in GiB; None where the backend has no stats."""
+    peaks = []
+    for d in jax.local_devices():
+        try:
+            stats = d.memory_stats()
+        except Exception:  # some backends raise instead of returning None
+            stats = None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(stats["peak_bytes_in_use"])
+    return max(peaks) / 2**30 if peaks else None
+
+
+def startup_summary(*, workdir: str, mesh, n_params: int, tokens_per_step: int, steps: int, start_step: int,
+                    config_name: str = "", tokenizer: str = "", compile_cache: str = "") -> list[str]:
+    """Lines printed once before training: where, on what, how big, resumed or fresh."""
+    devices = jax.devices()
+    kind = devices[0].device_kind if devices else "?"
+    axes = " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
+    lines = [
+        f"sessa-jax {_version()} | jax {jax.__version__} | {jax.process_count()} process(es), "
+        f"{jax.device_count()} x {kind} ({jax.default_backend()})",
+        f"mesh {axes} | params {n_params:,} | tokens/step {tokens_per_step:,} | steps {steps:,}",
+        f"workdir {os.path.abspath(workdir)}" + (f" | config {config_name}" if config_name else "")
+        + (f" | tokenizer {tokenizer}" if tokenizer else ""),
+        (f"resumed from step {start_step}" if start_step else "fresh start (no checkpoint)")
+        + (f" | compilation cache {compile_cache}" if compile_cache else " | compilation cache off"),
+    ]
+    return lines
+
+
+def _version() -> str:
+    from sessa_jax import __version__
+
+    return __version__
+
+
+class StepClock:
+    """Wall time per step from the loop's one-step-late reads.
+
+    ``tick(step)`` is called when step's metrics are read; the first tick measures from
+    ``start`` (so it includes compilation), later ones from the previous tick.
+    """
+
+    def __init__(self, start_step: int):
+        self._t, self._s = time.perf_counter(), start_step
+        self.first_step_s: float | None = None
+
+    def tick(self, step: int) -> float:
+        now = time.perf_counter()
+        dt = (now - self._t) / max(step - self._s, 1)
+        if self.first_step_s is None:
+            self.first_step_s = dt
+        self._t, self._s = now, step
+        return dt
+
+
+def step_scalars(step_time_s: float, tokens_per_step: int, flops_token: float, n_devices: int,
+                 peak: float | None) -> dict:
+    """step_time_s, tokens_per_s, (mfu) and (peak_memory_gib) for metrics.jsonl/TensorBoard."""
+    tps = tokens_per_step / max(step_time_s, 1e-12)
+    out = dict(step_time_s=step_time_s, tokens_per_s=tps)
+    if peak:
+        out["mfu"] = flops_token * tps / (n_devices * peak * 1e12)
+    mem = peak_memory_gib()
+    if mem is not None:
+        out["peak_memory_gib"] = mem
+    return out
+
+
+class Profiler:
+    """``train.profile_steps=a:b``: a ``jax.profiler`` trace of steps a..b-1 in ``directory``."""
+
+    def __init__(self, window: tuple[int, int] | None, directory: str, log=print):
+        self.window, self.directory, self.log, self.active = window, directory, log, False
+
+    def before(self, step: int) -> None:
+        """Call before dispatching ``step`` (1-based)."""
+        if self.window and step == self.window[0] and not self.active:
+            os.makedirs(self.directory, exist_ok=True)
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def after(self, step: int, block_on=None) -> None:
+        """Call after dispatching ``step``; stops (after ``block_on`` is ready) at b-1."""
+        if self.active and step >= self.window[1] - 1:
+            self.stop(block_on)
+
+    def stop(self, block_on=None) -> None:
+        if not self.active:
+            return
+        if block_on is not None:
+            jax.block_until_ready(block_on)
+        jax.profiler.stop_trace()
+        self.active = False
+        self.log(f"profile of steps {self.window[0]}..{self.window[1] - 1} written to {self.directory} "
+                 f"(open with TensorBoard's profile plugin or xprof)")
+
+
+def enable_compilation_cache(setting: str, workdir: str) -> str:
+    """Turns on JAX's persistent compilation cache; returns its directory ('' = off).
+
+    ``setting``: "auto" (``WORKDIR/compilation_cache``), a path, or "" (off). A cache
+    directory set earlier in this process (JAX_COMPILATION_CACHE_DIR or another run) is kept:
+    JAX reads it once.
+    """
+    if not setting:
+        return ""
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return current
+    path = os.path.abspath(os.path.join(workdir, "compilation_cache") if setting == "auto" else setting)
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
+class WandbLogger:
+    """Optional W&B mirror of the metrics (``metrics.wandb=True``; process 0 only).
+
+    The run id is kept in ``WORKDIR/wandb_run_id`` so a resumed training run appends to the
+    same W&B run (``resume="allow"``).
+    """
+
+    def __init__(self, workdir: str, project: str, entity: str, config: dict):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError("metrics.wandb=True needs the wandb package: pip install 'sessa-jax[wandb]'") from e
+        id_file = os.path.join(workdir, "wandb_run_id")
+        if os.path.exists(id_file):
+            with open(id_file) as f:
+                run_id = f.read().strip()
+        else:
+            run_id = wandb.util.generate_id()
+            os.makedirs(workdir, exist_ok=True)
+            with open(id_file, "w") as f:
+                f.write(run_id)
+        self.run_id = run_id
+        self.run = wandb.init(project=project, entity=entity or None, id=run_id, resume="allow", config=config,
+                              dir=workdir)
+
+    def log(self, step: int, scalars: dict) -> None:
+        self.run.log({k: float(v) for k, v in scalars.items()}, step=int(step))
+
+    def close(self) -> None:
+        self.run.finish()
