@@ -1,8 +1,8 @@
-"""Generate from a trained run: ``python -m sessa_jax.sample --run DIR --prompt TEXT``.
+"""Generate from a trained run: ``sessa-sample --run DIR --prompt TEXT`` (or ``python -m sessa_jax.sample``).
 
 Restores only the parameters (no optimizer state) of the latest (or ``--step``)
 checkpoint in ``DIR/checkpoints``, rebuilds the model from the config saved with it and
-samples. Text runs take the prompt as text (bytes); synthetic-task runs take space-separated
+samples. Text runs take the prompt as text (encoded by the run's tokenizer); synthetic-task runs take space-separated
 token ids. ``kind="sessa"`` uses the cached decoder (``sessa_jax.decoding.generate``);
 the baselines recompute the whole prefix per token (fine for short samples).
 """
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sessa_jax.data import text
+from sessa_jax.data.pipeline import tokenizer_of
 from sessa_jax.decoding import check_sampling
 from sessa_jax.train import checkpoint as ckpt
 from sessa_jax.train.config import config_from_json
@@ -35,8 +36,11 @@ def load_run(run_dir: str, step: int | None = None):
     return model, ckpt.restore_params(ckpt_dir, abstract, step), cfg
 
 
-def encode_prompt(prompt: str, task: str) -> np.ndarray:
+def encode_prompt(prompt: str, task: str, tokenizer=None) -> np.ndarray:
+    """Prompt -> ids (P,): text runs prepend BOS and use the run's tokenizer (None = bytes)."""
     if task == "text":
+        if tokenizer is not None:
+            return np.concatenate([[tokenizer.bos_id], tokenizer.encode(prompt)]).astype(np.int32)
         return np.array([text.BOS] + list(prompt.encode("utf-8")), np.int32)
     try:
         return np.array([int(t) for t in prompt.split()], np.int32)
@@ -44,7 +48,10 @@ def encode_prompt(prompt: str, task: str) -> np.ndarray:
         raise ValueError(f"a {task!r} run takes the prompt as space-separated token ids, e.g. '3 41 7'; got {prompt!r}") from e
 
 
-def decode_tokens(tokens: np.ndarray, task: str) -> str:
+def decode_tokens(tokens: np.ndarray, task: str, tokenizer=None) -> str:
+    """Sampled ids -> text (text runs) or space-separated ids."""
+    if task == "text" and tokenizer is not None:
+        return tokenizer.decode(tokens)
     if task == "text":
         return bytes(int(t) for t in tokens if t < 256).decode("utf-8", errors="replace")
     return "".join(f" {int(t)}" for t in tokens)  # continues the space-separated prompt
@@ -76,7 +83,8 @@ def sample(run_dir: str, prompt: str, max_new_tokens: int = 64, temperature: flo
            top_p: float | None = None, seed: int = 0, step: int | None = None) -> str:
     """Continuation of ``prompt`` sampled from the run's parameters."""
     model, params, cfg = load_run(run_dir, step)
-    tokens = jnp.asarray(encode_prompt(prompt, cfg.data.task))[None]
+    tok = tokenizer_of(cfg.data) if cfg.data.task == "text" else None
+    tokens = jnp.asarray(encode_prompt(prompt, cfg.data.task, tok))[None]
     rng = jax.random.PRNGKey(seed)
     if cfg.model.kind == "sessa":
         from sessa_jax.decoding import generate
@@ -86,11 +94,11 @@ def sample(run_dir: str, prompt: str, max_new_tokens: int = 64, temperature: flo
         if top_p is not None:
             raise ValueError(f"--top_p is supported for kind='sessa' runs only; this run is {cfg.model.kind!r}")
         out = generate_by_recompute(model, params, tokens, max_new_tokens, rng, temperature, top_k)
-    return decode_tokens(np.asarray(out[0, tokens.shape[1]:]), cfg.data.task)
+    return decode_tokens(np.asarray(out[0, tokens.shape[1]:]), cfg.data.task, tok)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sessa_jax.sample", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="sessa-sample", description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="workdir of a train.py run")
     parser.add_argument("--prompt", default="")
     parser.add_argument("--max_new_tokens", type=int, default=128)

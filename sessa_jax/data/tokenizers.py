@@ -150,7 +150,8 @@ def train_sentencepiece(input_path: str, output: str, vocab_size: int = 4096, mo
                         max_bytes: int = 20_000_000, num_threads: int = 2) -> SentencePieceTokenizer:
     """Fits a sentencepiece model on the corpus at ``input_path`` offline; writes ``output``.
 
-    Byte fallback and identity normalisation make every text round-trip exactly; ids: unk 0,
+    Byte fallback, identity normalisation and no dummy prefix make every text round-trip exactly
+    and its pieces sum to its bytes; ids: unk 0,
     bos 1, eos 2. ``max_bytes`` caps the text read for fitting (0 = all of it).
     """
     import sentencepiece as spm
@@ -167,13 +168,14 @@ def train_sentencepiece(input_path: str, output: str, vocab_size: int = 4096, mo
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter_lines(input_path, max_bytes), model_prefix=output[:-len(".model")],
             vocab_size=vocab_size, model_type=model_type, byte_fallback=True, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
+            remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
             hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=num_threads,
             minloglevel=2,
         )
     except RuntimeError as e:
         raise ValueError(f"sentencepiece could not fit vocab_size={vocab_size} on {input_path or 'the built-in corpus'!r}:"
-                         f" {e}; use more text or a smaller --vocab_size") from e
+                         f" {e}; the vocabulary must hold the corpus's characters plus 256 byte pieces (raise --vocab_size), "
+                         f"and the corpus must have enough text to merge up to it") from e
     return SentencePieceTokenizer(output)
 
 

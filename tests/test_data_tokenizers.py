@@ -1,0 +1,109 @@
+"""Tokenizers: exact round trips (bytes, a sentencepiece model fitted here offline, a HF
+tokenizer.json built here), byte tables, vocabulary following the tokenizer, clear errors."""
+
+import os
+
+import numpy as np
+import pytest
+
+from sessa_jax.data import text
+from sessa_jax.data.tokenizers import ByteTokenizer, HFTokenizer, iter_lines, make_tokenizer, train_sentencepiece
+from sessa_jax.train.config import ConfigError, load_config, model_config
+
+SAMPLES = ["def f(x):\n    return x + 1\n", "naïve café — 東京 🚀\ttabs  and   spaces\n\n", ""]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """~300 kB of text already on the machine: standard library sources."""
+    d = tmp_path_factory.mktemp("corpus")
+    total = 0
+    for doc in text.iter_documents("", 300_000):
+        (d / f"doc{total}.py").write_bytes(doc.tobytes())
+        total += len(doc)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def spm_model(corpus, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("spm") / "spm.model")
+    train_sentencepiece(corpus, path, vocab_size=400)
+    return path
+
+
+def test_bytes_round_trip_and_table():
+    tok = ByteTokenizer()
+    for s in SAMPLES:
+        ids = tok.encode(s)
+        assert ids.dtype == np.int32 and len(ids) == len(s.encode()) and tok.decode(ids) == s
+    assert tok.vocab_size == text.VOCAB_SIZE and tok.bos_id == text.BOS
+    assert tok.token_bytes().tolist() == [1] * 256 + [0]
+
+
+def test_sentencepiece_fitted_offline_round_trips_and_compresses(spm_model, corpus):
+    tok = make_tokenizer("sentencepiece", spm_model)
+    assert 300 <= tok.vocab_size <= 400 and tok.bos_id == 1
+    for s in SAMPLES:  # byte fallback + identity normalisation: every text comes back exactly
+        assert tok.decode(tok.encode(s)) == s
+    held_out = open(os.path.join(os.path.dirname(os.__file__), "json", "decoder.py")).read()
+    ids = tok.encode(held_out)
+    assert tok.decode(ids) == held_out
+    assert len(ids) < 0.8 * len(held_out.encode())  # subwords: fewer tokens than bytes (~140 merges here)
+    # the byte table sums to the text's byte count (BOS/unk count 0)
+    assert int(tok.token_bytes()[ids].sum()) == len(held_out.encode())
+
+
+def test_hf_tokenizer_json_round_trips(corpus, tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(iter_lines(corpus), trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path = str(tmp_path / "tokenizer.json")
+    hf.save(path)
+    tok = make_tokenizer("tokenizers", path)
+    assert isinstance(tok, HFTokenizer) and tok.bos_id == hf.token_to_id("<|endoftext|>")
+    assert tok.vocab_size == hf.get_vocab_size()
+    for s in SAMPLES:
+        assert tok.decode(tok.encode(s)) == s
+    ids = tok.encode(SAMPLES[0])
+    assert int(tok.token_bytes()[ids].sum()) == len(SAMPLES[0].encode())
+
+
+def test_vocabulary_follows_the_tokenizer_and_text_packs_with_its_bos(spm_model, corpus):
+    cfg = load_config("text_bytes", [f"data.text.path={corpus}", "data.tokenizer.kind=sentencepiece",
+                                     f"data.tokenizer.path={spm_model}"])
+    tok = make_tokenizer("sentencepiece", spm_model)
+    assert model_config(cfg).vocab_size == -(-tok.vocab_size // 8) * 8
+    src = text.load_text_source(corpus, 64, 0, 0.1, 0, tok)
+    ex = src[0]
+    assert ex["inputs"][0] == tok.bos_id and ex["inputs"].max() < tok.vocab_size
+    # rows tile the tokenized documents in order: the first row decodes to the first file's text
+    first = sorted(os.listdir(corpus))[0]
+    assert tok.decode(ex["inputs"][1:]) == tok.decode(tok.encode(open(os.path.join(corpus, first)).read())[:63])
+
+
+def test_tokenizer_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.tokenizer.kind='wordpiece' is unknown"):
+        load_config("text_bytes", ["data.tokenizer.kind=wordpiece"])
+    with pytest.raises(ConfigError, match=r"data.tokenizer.path='/no/such.model' is not a file"):
+        load_config("text_bytes", ["data.tokenizer.kind=sentencepiece", "data.tokenizer.path=/no/such.model"])
+    with pytest.raises(ConfigError, match=r"applies to data.task='text' only"):
+        load_config("tiny", ["data.tokenizer.kind=sentencepiece"])
+    with pytest.raises(ConfigError, match=r"needs data.tokenizer.path"):
+        load_config("text_bytes", ["data.tokenizer.kind=tokenizers"])
+    with pytest.raises(ValueError, match=r"vocab_size=100 must be an integer >= 260"):
+        train_sentencepiece("", str(tmp_path / "x.model"), vocab_size=100)
+
+
+def test_tokenizer_train_command(corpus, tmp_path, capsys):
+    from sessa_jax.cli import train_main
+
+    out = str(tmp_path / "cli.model")
+    assert train_main(["tokenizer", "train", "--input", corpus, "--output", out, "--vocab_size", "400",
+                       "--max_bytes", "100000"]) == 0
+    assert os.path.isfile(out) and "use it with --config.data.tokenizer.kind=sentencepiece" in capsys.readouterr().out
+    assert train_main(["tokenizer", "train", "--input", corpus, "--output", out, "--vocab_size", "270"]) == 2
+    assert "vocabulary must hold the corpus's characters" in capsys.readouterr().err
