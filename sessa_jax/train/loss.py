@@ -13,6 +13,7 @@ the dense ones up to float32 summation order.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -39,6 +40,8 @@ def chunked_sums(logits_fn, hidden_BxTxD: jax.Array, targets_BxT: jax.Array, wei
     """
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"loss chunk must be an integer >= 1 (positions per slice); got {chunk!r}")
+    chex.assert_rank(hidden_BxTxD, 3)
+    chex.assert_equal_shape_prefix([hidden_BxTxD, targets_BxT, weights_BxT], 2)
     b, t, d = hidden_BxTxD.shape
     chunk = min(chunk, t)
     n = -(-t // chunk)
