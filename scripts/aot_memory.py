@@ -9,7 +9,11 @@ fake CPU devices (``--devices``; XLA_FLAGS is set here, before JAX starts) or, w
     python scripts/aot_memory.py --config=paper_350m --mesh data=1,fsdp=-1,tensor=1 \\
         --devices 16 --seq_len 2048 --tensor 1,2,4,8
 
-One row per ``--tensor`` value (the -1 axis absorbs the rest of the devices).
+One row per ``--tensor`` value (the -1 axis absorbs the rest of the devices) and
+``--loss_chunk`` value (0 = dense loss with full (B, T, V) logits; N = N positions at a time):
+
+    python scripts/aot_memory.py --config=paper_125m --mesh data=-1,fsdp=1,tensor=1 \\
+        --devices 4 --seq_len 512 --batch 16 --layers 2 --loss_chunk 0,512,128
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, default=0, help="override data.batch_size (global)")
     p.add_argument("--layers", type=int, default=0, help="override model.n_layers")
     p.add_argument("--tensor", default="", help="comma list of tensor sizes to sweep, e.g. 1,2,4,8")
+    p.add_argument("--loss_chunk", default="", help="comma list of train.loss_chunk values to sweep, e.g. 0,256")
     p.add_argument("overrides", nargs="*", help="extra KEY=VALUE config overrides")
     return p.parse_args(argv)
 
@@ -71,11 +76,12 @@ def main(argv=None):
           f"layers={mc.n_layers} dtype={mc.dtype.name} remat={mc.remat} scan={mc.scan_layers} "
           f"seq_len={cfg.data.seq_len} global_batch={cfg.data.batch_size} devices={len(devices)} "
           f"({devices[0].platform}{' ' + args.topology if args.topology else ''})")
-    header = f"{'mesh (data,fsdp,tensor)':>24} | {'args GiB':>8} | {'temp GiB':>8} | {'out GiB':>8} | " \
+    chunks = [int(c) for c in args.loss_chunk.split(",")] if args.loss_chunk else [cfg.train.loss_chunk]
+    header = f"{'mesh (data,fsdp,tensor)':>24} | {'loss chunk':>10} | {'args GiB':>8} | {'temp GiB':>8} | {'out GiB':>8} | " \
              f"{'alias GiB':>9} | {'peak GiB':>8} | compile s"
     print(header)
     print("-" * len(header))
-    for tp in sweep:
+    for tp, loss_chunk in [(tp, c) for tp in sweep for c in chunks]:
         mesh_axes = dict(axes, tensor=tp)
         try:
             mesh = sharding.make_mesh(mesh_axes, devices)
@@ -91,14 +97,14 @@ def main(argv=None):
         tok = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.int32, sharding=bs)
         batch = dict(inputs=tok, targets=tok, segment_ids=tok, positions=tok,
                      weights=jax.ShapeDtypeStruct(tok.shape, jnp.float32, sharding=bs))
-        step = make_train_step(shardings, bs, cfg.optim.grad_accum)  # the loop's step, same shardings
+        step = make_train_step(shardings, bs, cfg.optim.grad_accum, loss_chunk)  # the loop's step and shardings
         with sharding.activate(mesh):
             compiled = step.lower(state, batch).compile()
         m = compiled.memory_analysis()
         gib = 1024 ** 3
         peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
         shape = tuple(mesh.shape[a] for a in sharding.MESH_AXES)
-        print(f"{str(shape):>24} | {m.argument_size_in_bytes / gib:8.2f} | {m.temp_size_in_bytes / gib:8.2f} | "
+        print(f"{str(shape):>24} | {loss_chunk or 'dense':>10} | {m.argument_size_in_bytes / gib:8.2f} | {m.temp_size_in_bytes / gib:8.2f} | "
               f"{m.output_size_in_bytes / gib:8.2f} | {m.alias_size_in_bytes / gib:9.2f} | {peak / gib:8.2f} | "
               f"{time.perf_counter() - t0:.0f}", flush=True)
 
