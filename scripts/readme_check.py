@@ -28,7 +28,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARK = re.compile(r"^<!-- readme-check(: slow)? -->\s*$")
 VOLATILE = [
-    (re.compile(r"[\d.]+k tok/s"), "N tok/s"),
+    (re.compile(r"[\d.]+k? tok/s"), "N tok/s"),
     (re.compile(r"[\d.e+-]+ s/step"), "N s/step"),
     (re.compile(r"eta \d+h?\d*m\d\ds( \(incl\. compile\))?"), "eta T"),
     (re.compile(r"\b\d+h\d\dm\d\ds\b|\b\d+m\d\ds\b"), "T"),
@@ -64,7 +64,8 @@ def run(cmd: str, env: dict) -> str:
     out = subprocess.run(["bash", "-c", cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
     text = out.stdout + out.stderr
     if out.returncode:
-        text += f"[exit {out.returncode}]\n"
+        raise SystemExit(f"readme_check: `{cmd}` exited {out.returncode}; a README command must run as written:\n"
+                         f"{text[-3000:]}")
     return text
 
 

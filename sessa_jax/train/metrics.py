@@ -66,6 +66,10 @@ class MetricsWriter:
                 self.mirror.close()
 
 
+def _tokens_rate(tokens_per_s: float) -> str:
+    return f"{tokens_per_s / 1e3:.1f}k tok/s" if tokens_per_s >= 1e3 else f"{tokens_per_s:.0f} tok/s"
+
+
 class Progress:
     """``step 10/300 | loss 2.345 | acc 0.120 | 0.21 s/step | 12.3k tok/s | eta 1m23s`` lines.
 
@@ -88,7 +92,7 @@ class Progress:
         if "accuracy" in metrics:
             parts.append(f"acc {metrics['accuracy']:.3f}")
         if rate > 0:
-            parts += [f"{1 / rate:.3g} s/step", f"{rate * self.tokens_per_step / 1e3:.1f}k tok/s",
+            parts += [f"{1 / rate:.3g} s/step", _tokens_rate(rate * self.tokens_per_step),
                       f"eta {format_duration((self.total - step) / rate)}" + (" (incl. compile)" if first else "")]
         return " | ".join(parts)
 
