@@ -118,3 +118,18 @@ def test_peak_table_and_flag():
     assert report.peak_tflops("TPU v4") == 275.0
     assert report.peak_tflops("cpu") is None and report.peak_tflops("cpu", 2.5) == 2.5
     assert report.flops_per_token(10, 2, 4, 8) == 6 * 10 + 12 * 2 * 4 * 8
+
+
+def test_reporting_config_errors_name_the_key(monkeypatch):
+    import importlib.util
+
+    from sessa_jax.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.profile_steps='4:2' needs 1 <= a < b"):
+        load_config("tiny", ["train.profile_steps=4:2"])
+    with pytest.raises(ConfigError, match=r"metrics.peak_tflops must be >= 0"):
+        load_config("tiny", ["metrics.peak_tflops=-1.0"])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"metrics.wandb=True needs the wandb package"):
+        load_config("tiny", ["metrics.wandb=True"])

@@ -281,6 +281,9 @@ def parse_profile_steps(value: str, steps: int) -> tuple[int, int] | None:
 
 def _validate_reporting(cfg: mc.ConfigDict) -> None:
     parse_profile_steps(cfg.train.profile_steps, cfg.train.steps)
+    if cfg.metrics.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("metrics.wandb=True needs the wandb package: pip install 'sessa-jax[wandb]' "
+                          "(or set metrics.wandb=False)")
     if not cfg.metrics.peak_tflops >= 0:
         raise ConfigError(f"metrics.peak_tflops must be >= 0 (0 = from the device table); got {cfg.metrics.peak_tflops}")
 
