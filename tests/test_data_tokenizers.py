@@ -107,3 +107,18 @@ def test_tokenizer_train_command(corpus, tmp_path, capsys):
     assert os.path.isfile(out) and "use it with --config.data.tokenizer.kind=sentencepiece" in capsys.readouterr().out
     assert train_main(["tokenizer", "train", "--input", corpus, "--output", out, "--vocab_size", "270"]) == 2
     assert "vocabulary must hold the corpus's characters" in capsys.readouterr().err
+
+
+def test_prepare_streams_tokenized_shards_equal_to_the_in_memory_rows(spm_model, corpus, tmp_path):
+    from sessa_jax.data.pipeline import make_source
+
+    tok = make_tokenizer("sentencepiece", spm_model)
+    counts = text.prepare(corpus, str(tmp_path / "shards"), seq_len=64, rows_per_shard=50, eval_fraction=0.1,
+                          tokenizer=tok)
+    cfg = load_config("text_bytes", ["data.seq_len=64", f"data.text.arrayrecord_dir={tmp_path / 'shards'}",
+                                     "data.tokenizer.kind=sentencepiece", f"data.tokenizer.path={spm_model}"])
+    for split, name in ((0, "train"), (1, "eval")):
+        shards, mem = make_source(cfg.data, split), text.load_text_source(corpus, 64, 0, 0.1, split, tok)
+        assert len(shards) == len(mem) == counts[name]
+        for i in (0, len(mem) // 2, len(mem) - 1):
+            assert all(np.array_equal(shards[i][k], mem[i][k]) for k in mem[i])

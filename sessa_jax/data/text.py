@@ -158,18 +158,47 @@ def prepare(input_path: str, output_dir: str, seq_len: int, rows_per_shard: int 
     if not 0 < eval_fraction < 1:
         raise ValueError(f"prepare: --eval_fraction must lie in (0, 1); got {eval_fraction}")
     os.makedirs(output_dir, exist_ok=True)
-    counts = {}
-    for split, name in ((0, "train"), (1, "eval")):
-        src = load_text_source(input_path, seq_len, max_bytes, eval_fraction, split, tokenizer)
-        for shard, start in enumerate(range(0, len(src), rows_per_shard)):
-            writer = ArrayRecordWriter(os.path.join(output_dir, f"{name}-{shard:05d}.array_record"), "group_size:1")
-            for r in range(start, min(start + rows_per_shard, len(src))):
-                i = (src.row_start + r) * seq_len
-                row = np.concatenate([src.tokens[i:i + seq_len + 1], src.doc_ids[i:i + seq_len + 1]])
-                writer.write(row.astype(ROW_DTYPE).tobytes())
-            writer.close()
-        counts[name] = len(src)
+    # Two streaming passes (count, then write) so no step holds the corpus or its ids: the
+    # rows and the split are the ones load_text_source builds in memory.
+    total = sum(len(d) for d in _token_docs(input_path, max_bytes, tokenizer))
+    rows = num_rows(total, seq_len)
+    n_eval = max(1, int(round(rows * eval_fraction))) if rows > 1 else 0
+    if rows - n_eval < 1:
+        raise ValueError(f"the text corpus ({total} tokens) is too small for one train and one eval row of "
+                         f"seq_len={seq_len}; use more text or a shorter --seq_len")
+    counts, writer, name = {"train": 0, "eval": 0}, None, None
+    for r, row in enumerate(_packed_rows(_token_docs(input_path, max_bytes, tokenizer), seq_len)):
+        split = "train" if r < rows - n_eval else "eval"
+        if split != name or counts[split] % rows_per_shard == 0:
+            if writer is not None:
+                writer.close()
+            name = split
+            path = os.path.join(output_dir, f"{split}-{counts[split] // rows_per_shard:05d}.array_record")
+            writer = ArrayRecordWriter(path, "group_size:1")
+        writer.write(row.astype(ROW_DTYPE).tobytes())
+        counts[split] += 1
+    if writer is not None:
+        writer.close()
     return counts
+
+
+def _token_docs(path: str, max_bytes: int, tokenizer):
+    """BOS-prefixed int32 ids of each document, one file at a time."""
+    for doc in iter_documents(path, max_bytes):
+        ids = doc.astype(np.int32) if tokenizer is None or tokenizer.kind == "bytes" else tokenizer.encode(doc.tobytes())
+        if len(ids):
+            yield np.concatenate([[BOS if tokenizer is None else tokenizer.bos_id], ids]).astype(np.int32)
+
+
+def _packed_rows(docs, seq_len: int):
+    """Rows (tokens then doc ids, 2 * (T + 1)) of the packed stream; row i is its window
+    [i T, i T + T + 1), as in ``sessa_jax.data.packing``."""
+    tok, ids = np.zeros(0, np.int32), np.zeros(0, np.int64)
+    for d, doc in enumerate(docs):
+        tok, ids = np.concatenate([tok, doc]), np.concatenate([ids, np.full(len(doc), d, np.int64)])
+        while len(tok) >= seq_len + 1:
+            yield np.concatenate([tok[:seq_len + 1], ids[:seq_len + 1]])
+            tok, ids = tok[seq_len:], ids[seq_len:]
 
 
 def main(argv=None):
