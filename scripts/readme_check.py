@@ -88,8 +88,11 @@ def check_console(body: list[str], env: dict) -> tuple[list[str], list[str], lis
 
 
 def _noise(line: str) -> bool:
-    """Library chatter that is not the program's output (absl/orbax/XLA warnings)."""
-    return bool(re.match(r"^(WARNING|I\d{4}|W\d{4}|E\d{4}|  warnings\.warn|.*Warning: )", line))
+    """Chatter that is not the program's output: absl/orbax/XLA warnings, and make's (re)install
+    of .venv when pyproject.toml changed (pip and setuptools banners)."""
+    return bool(re.match(r"^(WARNING|I\d{4}|W\d{4}|E\d{4}|  warnings\.warn|.*Warning: |\s*!!|\s*\*{20,}|"
+                         r"\s*(Please be careful|name as your package|with strategy|corresp)|"
+                         r"\.venv/bin/python -m pip |touch \.venv/|python3 -m venv )", line))
 
 
 def main(argv=None) -> int:
