@@ -57,7 +57,7 @@ def test_startup_summary_and_eval_line(text_run):
     cfg, workdir, result, lines = text_run
     head = "\n".join(lines[:4])
     assert "1 process(es)" in head and "mesh data=1 x fsdp=1 x tensor=1" in head
-    assert "tokens/step 128" in head and "fresh start" in head and os.path.abspath(workdir) in head
+    assert "tokens/step 128" in head and "start step 0 (fresh" in head and os.path.abspath(workdir) in head
     assert any(line.startswith("eval @ 4:") and "bits/byte" in line for line in lines)
 
 

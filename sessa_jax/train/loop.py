@@ -106,6 +106,7 @@ def train(cfg, workdir: str, log=print) -> RunResult:
     if manager.latest_step() is not None:
         abstract = abstract_state(model, tx, cfg.train.seed, cfg.data.seq_len, shardings)
         state = ckpt.restore(manager, abstract, train_iter)
+        log(f"resumed from {manager.directory} at step {int(state.step)}")
     else:
         state = create_state(model, tx, cfg.train.seed, cfg.data.seq_len, sharding=shardings)
     start = int(state.step)

@@ -67,7 +67,7 @@ def startup_summary(*, workdir: str, mesh, n_params: int, tokens_per_step: int, 
         f"mesh {axes} | params {n_params:,} | tokens/step {tokens_per_step:,} | steps {steps:,}",
         f"workdir {os.path.abspath(workdir)}" + (f" | config {config_name}" if config_name else "")
         + (f" | tokenizer {tokenizer}" if tokenizer else ""),
-        (f"resumed from step {start_step}" if start_step else "fresh start (no checkpoint)")
+        (f"start step {start_step} (resumed)" if start_step else "start step 0 (fresh, no checkpoint)")
         + (f" | compilation cache {compile_cache}" if compile_cache else " | compilation cache off"),
     ]
     return lines
