@@ -122,3 +122,28 @@ def test_prepare_streams_tokenized_shards_equal_to_the_in_memory_rows(spm_model,
         assert len(shards) == len(mem) == counts[name]
         for i in (0, len(mem) // 2, len(mem) - 1):
             assert all(np.array_equal(shards[i][k], mem[i][k]) for k in mem[i])
+
+
+def test_text_bpe_fits_its_tokenizer_then_trains_evaluates_and_samples(tmp_path):
+    from sessa_jax.sample import sample
+    from sessa_jax.train import checkpoint as ckpt
+    from sessa_jax.train import loop
+
+    cfg = load_config("text_bpe", [
+        "data.text.max_bytes=300000", "data.tokenizer.vocab_size=400", "data.seq_len=32", "data.batch_size=4",
+        "model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.chunk_size=16", "model.max_len=64",
+        "optim.warmup_steps=1", "train.steps=3", "train.eval_every=0", "train.progress=False", "train.loss_chunk=8",
+        "checkpoint.every=0"])
+    workdir = str(tmp_path / "run")
+    lines = []
+    result = loop.train(cfg, workdir, log=lines.append)
+    model_file = os.path.join(workdir, "tokenizer.model")
+    assert result.step == 3 and os.path.isfile(model_file) and any("fitting a sentencepiece" in x for x in lines)
+    saved = ckpt.restore_config(os.path.join(workdir, "checkpoints"))
+    tok = make_tokenizer("sentencepiece", model_file)
+    assert saved["data"]["tokenizer"]["path"] == model_file
+    assert saved["model"]["vocab_size"] == -(-tok.vocab_size // 8) * 8
+    # the whole held-out split, in bits per byte of the stdlib text
+    assert result.eval["eval_tokens"] > 0 and 0 < result.eval["eval_bits_per_byte"] < result.eval["eval_bits_per_token"]
+    out = sample(workdir, "def ", max_new_tokens=8, temperature=0)
+    assert isinstance(out, str) and len(out) > 0
