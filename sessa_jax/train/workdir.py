@@ -65,13 +65,18 @@ class WorkdirLock:
 
 
 def check_writable(directory: str) -> None:
-    """WorkdirError naming ``directory`` unless a file can be created in it (made if missing).
+    """WorkdirError naming ``directory`` unless a file can be created in it, or (when it does
+    not exist yet) in the directory that will hold it. Creates nothing that stays.
 
     Orbax would otherwise only fail at the first save, minutes in, with a TimeoutError.
     """
-    probe = os.path.join(directory, f".write-test-{os.getpid()}")
+    target = directory
+    while not os.path.exists(target) and os.path.dirname(target) != target:
+        target = os.path.dirname(target)
+    probe = os.path.join(target, f".write-test-{os.getpid()}")
     try:
-        os.makedirs(directory, exist_ok=True)
+        if not os.path.isdir(target):
+            raise NotADirectoryError(f"{target!r} is not a directory")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
