@@ -91,7 +91,11 @@ def _check_buffers(state_dict: Mapping, cfg: SessaConfig, prefix: str, complete:
     """
     name = prefix + "mixer.rope_inv_freq"
     if name in state_dict:
-        inv = _to_numpy(state_dict[name]).astype(np.float64)
+        saved = _to_numpy(state_dict[name])
+        inv = saved.astype(np.float64)
+        # the buffer is rounded to the dtype it was saved in (e.g. a bfloat16 .pt): compare to that precision
+        tol = 2.0 ** -7 if saved.dtype.name == "bfloat16" else 2 * float(np.finfo(np.float16).eps) \
+            if saved.dtype == np.float16 else 1e-4
         if not cfg.rope:
             raise ValueError(f"{name} is present: the state dict comes from a layer with RoPE, but the config has "
                              f"rope=False; set rope=True")
@@ -103,7 +107,7 @@ def _check_buffers(state_dict: Mapping, cfg: SessaConfig, prefix: str, complete:
                 f"has n_heads={cfg.n_heads} (head width {cfg.head_dim}); set n_heads to match"
             )
         want = rope_inv_freq(cfg).astype(np.float64)
-        if not np.allclose(inv, want, rtol=1e-4, atol=0):
+        if not np.allclose(inv, want, rtol=tol, atol=0):
             raise ValueError(f"{name} does not match rope_base={cfg.rope_base} for head width {cfg.head_dim} "
                              f"(saved {inv[:3]}..., expected {want[:3]}...); set rope_base to the saved layer's")
     elif cfg.rope and (complete or any(prefix + b in state_dict for b in _BUFFERS)):
