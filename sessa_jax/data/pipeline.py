@@ -12,6 +12,7 @@ per-process batches into global ``jax.Array``s sharded over the data axis.
 from __future__ import annotations
 
 import json
+import os
 
 import grain
 import jax
@@ -47,14 +48,18 @@ def make_source(data_cfg, split: int):
     if task == "text":
         t = data_cfg.text
         if t.arrayrecord_dir:
-            records = grain.sources.ArrayRecordDataSource(text.shard_files(t.arrayrecord_dir, split))
-            row_len = len(records[0]) // (2 * text.ROW_DTYPE().itemsize) - 1 if len(records) else data_cfg.seq_len
-            if row_len != data_cfg.seq_len:
-                raise ValueError(
-                    f"data.text.arrayrecord_dir={t.arrayrecord_dir!r} holds rows of seq_len={row_len}, but "
-                    f"data.seq_len={data_cfg.seq_len}; set data.seq_len={row_len} or write new shards with "
-                    f"`python -m sessa_jax.data.text prepare ... --seq_len {data_cfg.seq_len}`"
-                )
+            files = text.shard_files(t.arrayrecord_dir, split)
+            for f in files:  # every shard: a stale shard of another seq_len would feed rows of the wrong length
+                shard = grain.sources.ArrayRecordDataSource([f])
+                row_len = text.shard_seq_len(shard[0]) if len(shard) else data_cfg.seq_len
+                if row_len != data_cfg.seq_len:
+                    raise ValueError(
+                        f"data.text.arrayrecord_dir={t.arrayrecord_dir!r} holds rows of seq_len={row_len} (in "
+                        f"{os.path.basename(f)}), but data.seq_len={data_cfg.seq_len}; set data.seq_len={row_len} or "
+                        f"write new shards with `python -m sessa_jax.data.text prepare ... --seq_len "
+                        f"{data_cfg.seq_len} --overwrite`"
+                    )
+            records = grain.sources.ArrayRecordDataSource(files)
             return grain.MapDataset.source(records).map(text.decode_row)
         return text.load_text_source(t.path, data_cfg.seq_len, t.max_bytes, t.eval_fraction, split)
     raise ValueError(f"data.task={task!r} is unknown; choose one of {TASKS}")
