@@ -18,13 +18,13 @@ TOKENS = jnp.arange(14, dtype=jnp.int32).reshape(2, 7) % 23
 @pytest.fixture(scope="module")
 def lm():
     model = SessaLM(CFG)
-    return model, model.init(jax.random.PRNGKey(0), TOKENS)
+    return model, jax.jit(model.init)(jax.random.PRNGKey(0), TOKENS)
 
 
 @pytest.fixture(scope="module")
 def layer():
     module = SessaLayer(CFG)
-    return module, module.init(jax.random.PRNGKey(1), jnp.ones((1, 3, 16)))
+    return module, jax.jit(module.init)(jax.random.PRNGKey(1), jnp.ones((1, 3, 16)))
 
 
 @pytest.mark.parametrize("bad", [-1, 23, 1000])
@@ -59,12 +59,20 @@ def test_generate_rejects_bad_prompts_and_a_nan_temperature(lm):
 
 def test_sample_cli_reports_an_out_of_range_prompt(tmp_path, capsys):
     """The sample CLI printed zeros and exited 0 for a prompt id outside the vocabulary."""
-    from sessa_jax.train import loop
-    from sessa_jax.train.config import load_config
+    from sessa_jax.train import checkpoint as ckpt
+    from sessa_jax.train.config import load_config, resolve
+    from sessa_jax.train.optimizer import make_optimizer
+    from sessa_jax.train.state import build_model, create_state
 
+    cfg = resolve(load_config("tiny"))  # a run directory holding a fresh (untrained) step-0 checkpoint
+    model, tx = build_model(cfg), make_optimizer(cfg.optim, cfg.train.steps)
+    manager = ckpt.make_manager(str(tmp_path / "run" / "checkpoints"), async_save=False)
+    from sessa_jax.data import TRAIN, make_iterator
+
+    ckpt.save(manager, create_state(model, tx, 0, cfg.data.seq_len), make_iterator(cfg.data, TRAIN), cfg.to_dict(),
+              force=True)
+    manager.close()
     workdir = str(tmp_path / "run")
-    loop.train(load_config("tiny", ["train.steps=2", "optim.warmup_steps=1", "train.progress=False",
-                                    "train.eval_batches=1"]), workdir, log=lambda s: None)
     assert sample_main(["--run", workdir, "--prompt", "3 999 4", "--max_new_tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert "token id 999" in err and "[0, 32)" in err
@@ -95,7 +103,7 @@ def test_eager_layer_decode_past_the_cache_end_raises(layer):
     module, params = layer
     cache = decoding.init_layer_cache(CFG, 1, max_len=4)
     x = jax.random.normal(jax.random.PRNGKey(2), (1, 5, 16))
-    _, cache = module.apply(params, x[:, :3], cache=cache)
+    _, cache = jax.jit(lambda p, x, c: module.apply(p, x, cache=c))(params, x[:, :3], cache)
     y, cache = module.apply(params, x[:, 3:4], cache=cache, decode=True)  # the last free position
     assert np.all(np.isfinite(np.asarray(y)))
     with pytest.raises(ValueError, match=r"Cache is full: it holds 4 positions"):
@@ -105,7 +113,7 @@ def test_eager_layer_decode_past_the_cache_end_raises(layer):
 def test_eager_lm_decode_past_the_cache_end_raises_with_scanned_layers(lm):
     cfg = CFG.replace(scan_layers=True, max_len=3)
     model = SessaLM(cfg)
-    params = model.init(jax.random.PRNGKey(0), TOKENS[:, :3])
-    _, cache = model.apply(params, TOKENS[:, :3], cache=decoding.init_cache(cfg, 2))
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), TOKENS[:, :3])
+    _, cache = jax.jit(lambda p, t, c: model.apply(p, t, cache=c))(params, TOKENS[:, :3], decoding.init_cache(cfg, 2))
     with pytest.raises(ValueError, match=r"Cache is full: it holds 3 positions"):
         model.apply(params, TOKENS[:, :1], cache=cache, decode=True)

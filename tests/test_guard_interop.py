@@ -123,7 +123,7 @@ def test_strict_load_into_the_published_layer_and_back(rope, max_len):
     layer.load_state_dict(sd, strict=True)
     with torch.no_grad():
         y_torch = layer(torch.from_numpy(np.asarray(X, np.float64))).numpy()
-    y_jax = np.asarray(SessaLayer(cfg).apply(variables, X))
+    y_jax = np.asarray(jax.jit(SessaLayer(cfg).apply)(variables, X))
     np.testing.assert_allclose(y_jax, y_torch, rtol=1e-4, atol=1e-4)  # float32 JAX vs float64 torch
     # and back: the published layer's own state dict loads, buffers checked
     back = layer_params_from_torch(layer.state_dict(), cfg, dtype=np.float32)

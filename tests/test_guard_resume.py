@@ -18,7 +18,7 @@ from sessa_jax.train.resume_guard import ResumeError
 from sessa_jax.train.state import abstract_state, build_model
 
 # A transformer block keeps the compile short; the guards do not depend on the mixer.
-ARGS = ["train.steps=20", "checkpoint.every=10", "train.progress=False", "model.kind=transformer",
+ARGS = ["train.steps=8", "checkpoint.every=4", "optim.warmup_steps=2", "train.progress=False", "model.kind=transformer",
         "train.eval_batches=1", "checkpoint.async_save=False"]
 
 
@@ -28,7 +28,7 @@ def _cfg(*extra):
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """A finished 20-step run with checkpoints at steps 10 and 20 (copied by each test that changes it)."""
+    """A finished 8-step run with checkpoints at steps 4 and 8 (copied by each test that changes it)."""
     workdir = str(tmp_path_factory.mktemp("guard") / "run")
     loop.train(_cfg(), workdir, log=lambda s: None)
     return workdir
@@ -73,8 +73,8 @@ def test_allow_config_change_names_only_keys_that_can_change():
 
 def test_steps_below_the_saved_step_is_a_clear_error(finished, tmp_path):
     workdir = _copy(finished, tmp_path)
-    with pytest.raises(ResumeError, match=r"step 20, beyond train.steps=15"):
-        loop.train(_cfg("train.steps=15", "train.allow_config_change=train.steps"), workdir, log=lambda s: None)
+    with pytest.raises(ResumeError, match=r"step 8, beyond train.steps=6"):
+        loop.train(_cfg("train.steps=6", "train.allow_config_change=train.steps"), workdir, log=lambda s: None)
 
 
 def test_data_position_is_in_examples_so_a_new_batch_size_neither_skips_nor_repeats():
@@ -101,13 +101,13 @@ def test_data_position_is_in_examples_so_a_new_batch_size_neither_skips_nor_repe
 
 def test_an_allowed_batch_size_change_resumes_at_the_same_example(finished, tmp_path):
     workdir = _copy(finished, tmp_path)
-    shutil.rmtree(os.path.join(workdir, "checkpoints", "20"))  # resume from step 10: 80 examples read
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "8"))  # resume from step 4: 32 examples read
     logs = []
-    result = loop.train(_cfg("data.batch_size=4", "train.steps=14",
+    result = loop.train(_cfg("data.batch_size=4", "train.steps=6",
                              "train.allow_config_change=data.batch_size,train.steps"), workdir, log=logs.append)
-    assert result.step == 14
+    assert result.step == 6
     assert any("data.batch_size changed from 8 to 4" in s for s in logs)
-    assert _data_state(workdir, 14) == {"examples": 80 + 4 * 4, "batch_size": 4}
+    assert _data_state(workdir, 6) == {"examples": 32 + 2 * 4, "batch_size": 4}
     saved = ckpt.restore_config(os.path.join(workdir, "checkpoints"))
     assert saved["data"]["batch_size"] == 4
 
@@ -157,16 +157,16 @@ def _restore_target(cfg):
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(finished, tmp_path, damage):
     workdir = _copy(finished, tmp_path)
     directory = os.path.join(workdir, "checkpoints")
-    damage(os.path.join(directory, "20"))
+    damage(os.path.join(directory, "8"))
     cfg = _cfg()
     manager = ckpt.make_manager(directory, async_save=False)
     logs = []
     it = make_iterator(cfg.data, TRAIN)
     state = ckpt.restore(manager, _restore_target(cfg), it, config=resolve(cfg).to_dict(), log=logs.append)
     manager.close()
-    assert int(state.step) == 10 and it.position == 80
-    assert any("step 20" in s and "skipping it" in s for s in logs), logs
-    assert os.path.isdir(os.path.join(directory, "20.damaged")) and not os.path.exists(os.path.join(directory, "20"))
+    assert int(state.step) == 4 and it.position == 32
+    assert any("step 8" in s and "skipping it" in s for s in logs), logs
+    assert os.path.isdir(os.path.join(directory, "8.damaged")) and not os.path.exists(os.path.join(directory, "8"))
     assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state.params))
     # sample.py's parameter-only restore falls back the same way
     params = ckpt.restore_params(directory, log=lambda s: None)
@@ -178,7 +178,7 @@ def test_flipped_bytes_are_caught_by_the_fingerprint(finished, tmp_path):
     """Orbax itself restores corrupted array contents silently; the saved fingerprint must not match."""
     workdir = _copy(finished, tmp_path)
     directory = os.path.join(workdir, "checkpoints")
-    params = ckpt.restore_params(directory, step=20)
+    params = ckpt.restore_params(directory, step=8)
     leaf = jax.tree_util.tree_leaves(params)[0]
     changed = jax.tree_util.tree_map(lambda x: x, params)
     first_path = jax.tree_util.tree_flatten_with_path(params)[0][0][0]
@@ -188,7 +188,7 @@ def test_flipped_bytes_are_caught_by_the_fingerprint(finished, tmp_path):
     node[first_path[-1].key] = np.asarray(leaf).copy().reshape(-1).view(np.uint8).copy()
     node[first_path[-1].key][3] ^= 0x01  # one bit of one float
     node[first_path[-1].key] = node[first_path[-1].key].view(leaf.dtype).reshape(leaf.shape)
-    saved = ckpt._integrity(ckpt.make_manager(directory, async_save=False), 20)
+    saved = ckpt._integrity(ckpt.make_manager(directory, async_save=False), 8)
     ckpt._verify("params", params, saved["params"])  # the intact tree verifies
     with pytest.raises(ckpt.IntegrityError, match=r"params: 1 array\(s\) differ"):
         ckpt._verify("params", changed, saved["params"])
@@ -197,8 +197,25 @@ def test_flipped_bytes_are_caught_by_the_fingerprint(finished, tmp_path):
 def test_when_no_checkpoint_restores_one_error_lists_every_step(finished, tmp_path):
     workdir = _copy(finished, tmp_path)
     directory = os.path.join(workdir, "checkpoints")
-    _empty_metadata(os.path.join(directory, "20"))
-    _missing_item(os.path.join(directory, "10"))
-    with pytest.raises(ckpt.CheckpointError, match=r"(?s)no checkpoint.*step 20: .*step 10: .*new --workdir"):
+    _empty_metadata(os.path.join(directory, "8"))
+    _missing_item(os.path.join(directory, "4"))
+    with pytest.raises(ckpt.CheckpointError, match=r"(?s)no checkpoint.*step 8: .*step 4: .*new --workdir"):
         loop.train(_cfg(), workdir, log=lambda s: None)
-    assert sorted(os.listdir(directory)) == ["10", "20"]  # nothing moved when nothing restores
+    assert sorted(os.listdir(directory)) == ["4", "8"]  # nothing moved when nothing restores
+
+
+@pytest.mark.slow  # a second compile and 4 steps; the fallback itself is proven by the tests above
+def test_training_resumes_past_a_damaged_step_and_redoes_it_identically(finished, tmp_path):
+    workdir = _copy(finished, tmp_path)
+    _flip_bytes(os.path.join(workdir, "checkpoints", "8"))
+    logs = []
+    result = loop.train(_cfg(), workdir, log=logs.append)
+    assert result.step == 8 and any("IntegrityError" in s for s in logs), logs
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8", "8.damaged"]
+    from sessa_jax.train.metrics import read_jsonl
+
+    def losses(w):
+        return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(w, "metrics.jsonl")) if "loss" in r}
+
+    assert losses(workdir) == losses(finished)  # steps 5..8 redone bit-identically from step 4
+    assert _data_state(workdir, 8) == {"examples": 64, "batch_size": 8}

@@ -17,6 +17,8 @@ Pure Python (no JAX), so ``train.config`` validates ``allow_config_change`` at l
 
 from __future__ import annotations
 
+import json
+
 FREE_PREFIXES = ("mesh.", "distributed.")
 FREE = frozenset({
     "train.log_every", "train.progress", "train.step_delay_s", "train.eval_every", "train.eval_batches",
@@ -69,9 +71,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def compare(saved: dict, new: dict) -> dict[str, tuple]:
     """{dotted key: (saved value, new value)} for every key whose value differs.
 
-    A key missing on one side (a config saved by an older version) is not a change.
+    A key missing on one side (a config saved by an older version) is not a change. Both
+    sides go through JSON first (the saved one did), so a tuple equals its list.
     """
-    a, b = _flatten(saved), _flatten(new)
+    a, b = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(new)))
     return {k: (a[k], b[k]) for k in sorted(set(a) & set(b)) if a[k] != b[k]}
 
 
