@@ -193,11 +193,13 @@ def restore(manager: ocp.CheckpointManager, abstract: TrainState, iterator, step
     return _first_good(manager, steps, attempt, log, set_aside=step is None)
 
 
-def restore_config(directory: str, step: int | None = None) -> dict:
-    """The resolved run config saved with a checkpoint (latest by default)."""
+def restore_config(directory: str, step: int | None = None, log=print) -> dict:
+    """The resolved run config saved with a checkpoint (by default the newest that reads)."""
     manager = make_manager(directory, async_save=False)
-    step = _require_step(manager, directory, step)
-    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    _require_step(manager, directory, step)
+    steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+    return _first_good(manager, steps, lambda s: manager.restore(
+        s, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config, log, set_aside=False)
 
 
 def restore_params(directory: str, abstract_params=None, step: int | None = None, log=print):
