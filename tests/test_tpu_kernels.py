@@ -115,3 +115,14 @@ def test_kernel_option_errors(kwargs, match):
     x = jnp.zeros((1, 256, 16))
     with pytest.raises(ValueError, match=match):
         feedback_solve(x, x, jnp.zeros((1, 256)), x, method="recursive", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(feedback_kernels="mosaic"), "feedback_kernels='mosaic' is unknown"),
+    (dict(feedback_kernels="pallas", leaf_size=96), "multiple of 128"),
+])
+def test_config_rejects_bad_kernels(kwargs, match):
+    from sessa_jax.config import SessaConfig
+
+    with pytest.raises(ValueError, match=match):
+        SessaConfig(d_model=64, n_heads=2, **kwargs).validate()
