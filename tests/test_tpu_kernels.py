@@ -62,6 +62,31 @@ def test_block_product_matches_xla_twin(tier, tol):
     assert float(jnp.abs(out[:, :, :1]).sum()) > 0
 
 
+@pytest.mark.parametrize("tier,plain,dtype,tol", [("float32", "float32", jnp.float32, 1e-6),
+                                                   ("bf16x3", "bfloat16", jnp.bfloat16, 5e-3)])
+def test_block_product_backward_matches_xla_twin(tier, plain, dtype, tol):
+    rows, keys = 256, 128
+    q, k = _normal(11, (B, rows, D), dtype), _normal(12, (B, keys, D), dtype)
+    s, g, r = _normal(13, (B, keys, D)), _normal(14, (B, rows, D)), _normal(15, (B, rows, D))
+    m = _normal(16, (B, rows)) + 3.0
+    logl = jax.random.uniform(jax.random.PRNGKey(17), (B, rows)) + 2.0
+    seg_r = jnp.asarray(np.arange(rows) < 200, jnp.int32)[None].repeat(B, 0)
+    seg_k = jnp.ones((B, keys), jnp.int32)
+    got = tk.tpu_block_product_bwd(q, seg_r, m, logl, g, r, k, seg_k, s, scale=D ** -0.5, tier=tier,
+                                   plain_tier=plain, interpret=True)
+    from sessa_jax.ops._recursive import RecursivePlan
+
+    plan = RecursivePlan.make(rows + keys, 128, 256, "float32", "cpu", D ** -0.5)
+    probs = _block_probs(plan, q, seg_r, m, logl, k, seg_k)
+    dl = probs * (jnp.einsum("bpd,bkd->bpk", g, s, precision="highest") - jnp.sum(g * r, -1, keepdims=True))
+    want = (jnp.einsum("bpk,bpd->bkd", probs, g, precision="highest"),
+            jnp.einsum("bpk,bkd->bpd", dl, k.astype(jnp.float32), precision="highest") * D ** -0.5,
+            jnp.einsum("bpk,bpd->bkd", dl, q.astype(jnp.float32), precision="highest") * D ** -0.5)
+    for name, a, w in zip(("A^T g", "dq", "dk"), got, want):
+        err = float(jnp.linalg.norm(a - w) / jnp.linalg.norm(w))
+        assert err <= tol, (name, tier, err)
+
+
 def test_block_sizes_do_not_grow_with_t():
     """VMEM holds (Bq, D) and (Bk, D) blocks whose size is capped whatever T is (no T cap)."""
     assert tk.key_block(65536) == 512 and tk.row_block(65536) == 512
@@ -104,7 +129,9 @@ def test_recursive_solve_with_kernels_lowers_for_tpu():
             lowering_platforms=("tpu",)).as_text()
     except Exception as err:  # noqa: BLE001 - report why the installed JAX cannot
         pytest.skip(f"lowering for tpu not supported here: {type(err).__name__}: {err}"[:500])
-    assert "sessa_row_stats_tpu" in text and "sessa_block_product_tpu" in text
+    for name in ("sessa_row_stats_tpu", "sessa_block_product_tpu", "sessa_block_product_bwd_keys_tpu",
+                 "sessa_block_product_bwd_rows_tpu"):
+        assert name in text
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -33,7 +33,7 @@ from sessa_jax.ops.fenwick import PushSchedule, padded_leaves
 from sessa_jax.ops.masks import PAD_SEGMENT, merge_chunks, pad_time, take_chunk
 from sessa_jax.ops.precision import chained_dot, logits_dot, nonchained_tier
 from sessa_jax.ops.row_stats import leaf_logits, leaf_mask, row_statistics
-from sessa_jax.ops.tpu_kernels import tpu_block_product, tpu_row_statistics
+from sessa_jax.ops.tpu_kernels import tpu_block_product, tpu_block_product_bwd, tpu_row_statistics
 from sessa_jax.ops.trsolve import unit_lower_solve
 
 
@@ -49,7 +49,7 @@ class RecursivePlan:
     platform: str
     scale: float
     plain_tier: str = "float32"  # tier of g s^T, dq, dk (``precision.nonchained_tier``)
-    kernels: str = "xla"  # "pallas": the TPU kernels of ``tpu_kernels`` for stats and forward pushes
+    kernels: str = "xla"  # "pallas": the TPU kernels of ``tpu_kernels`` for stats and pushes
 
     @classmethod
     def make(cls, length: int, leaf_size: int, tile: int, tier: str, platform: str, scale: float,
@@ -155,17 +155,28 @@ def _backward(plan: RecursivePlan, res, ds):
     a_ii = _diag_blocks(plan, q, k, seg, m, logl)
     x_inv = _diag_inverse(plan, a_ii, gamma)
 
-    def tile(carry, r0, rows, k0, keys):
-        bacc, g_buf, dq, dk = carry
-        q_p, g_p, k_keys = take_chunk(q, r0, rows), take_chunk(g_buf, r0, rows), take_chunk(k, k0, keys)
-        probs = _block_probs(plan, q_p, take_chunk(seg, r0, rows), take_chunk(m, r0, rows),
-                             take_chunk(logl, r0, rows), k_keys, take_chunk(seg, k0, keys))
+    def block_grads(r0, rows, k0, keys, g_p):
+        """(A^T g on the keys, dq on the rows, dk on the keys) of one pushed block."""
+        q_p, k_keys, r_p, s_keys = (take_chunk(q, r0, rows), take_chunk(k, k0, keys), take_chunk(r, r0, rows),
+                                    take_chunk(s, k0, keys))
+        seg_p, m_p, logl_p, seg_keys = (take_chunk(seg, r0, rows), take_chunk(m, r0, rows),
+                                        take_chunk(logl, r0, rows), take_chunk(seg, k0, keys))
+        if plan.kernels == "pallas":
+            return tpu_block_product_bwd(q_p, seg_p, m_p, logl_p, g_p, r_p, k_keys, seg_keys, s_keys,
+                                         scale=plan.scale, tier=plan.tier, plain_tier=plan.plain_tier,
+                                         interpret=plan.interpret)
+        probs = _block_probs(plan, q_p, seg_p, m_p, logl_p, k_keys, seg_keys)
         b_keys = chained_dot("bpk,bpd->bkd", probs, g_p, plan.tier, plan.platform)
-        delta = jnp.sum(g_p * take_chunk(r, r0, rows), axis=-1, keepdims=True)
-        g_dot_s = chained_dot("bpd,bkd->bpk", g_p, take_chunk(s, k0, keys), plan.plain_tier, plan.platform)
+        delta = jnp.sum(g_p * r_p, axis=-1, keepdims=True)
+        g_dot_s = chained_dot("bpd,bkd->bpk", g_p, s_keys, plan.plain_tier, plan.platform)
         dlogits = probs * (g_dot_s - delta)
         dq_p = chained_dot("bpk,bkd->bpd", dlogits, k_keys, plan.plain_tier, plan.platform) * plan.scale
         dk_keys = chained_dot("bpk,bpd->bkd", dlogits, q_p, plan.plain_tier, plan.platform) * plan.scale
+        return b_keys, dq_p, dk_keys
+
+    def tile(carry, r0, rows, k0, keys):
+        bacc, g_buf, dq, dk = carry
+        b_keys, dq_p, dk_keys = block_grads(r0, rows, k0, keys, take_chunk(g_buf, r0, rows))
 
         def add(buf, value, start):
             return lax.dynamic_update_slice_in_dim(buf, take_chunk(buf, start, value.shape[1]) + value, start, axis=1)
@@ -227,8 +238,8 @@ def recursive_feedback_solve(q_b, k_b, gamma, f, segment_ids, *, leaf_size: int,
     cast to ``dtype``. T is padded to a multiple of the leaf with q = k = f = gamma = 0 and a
     padding segment (padded rows come last, so they never reach real rows). Returns s (B, T, D)
     in ``dtype``. ``kernels``: "xla" (portable), or "pallas" for the TPU kernels of
-    ``tpu_kernels`` in the statistics pass and the forward pushes (interpret mode off the TPU;
-    the backward stays XLA); "pallas" needs float32 accumulation and a leaf that is a multiple
+    ``tpu_kernels`` in the statistics pass and the pushes of the forward and the backward
+    (interpret mode off the TPU; leaves and diagonal inversion stay XLA); "pallas" needs float32 accumulation and a leaf that is a multiple
     of 128 (the key block of the kernels), checked by ``ops.dispatch``.
     """
     b, t, d = f.shape

@@ -62,19 +62,25 @@ def _logits(q, k, scale):
     return out * scale
 
 
-def _chained(p, s, tier: str):
-    """p @ s in the solve's tier; fp32 out. bf16x3 = hi.hi + hi.lo + lo.hi (KERNELS.md 3.3)."""
-    dims = (((1,), (0,)), ((), ()))
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+_NT = (((1,), (1,)), ((), ()))  # a @ b^T
+
+
+def _chained(p, s, tier: str, dims=_NN):
+    """dot_general(p, s, dims) in the solve's tier; fp32 out. bf16x3 = hi.hi + hi.lo + lo.hi
+    (KERNELS.md 3.3); a bf16 operand has no lo part, so its pass is skipped."""
     if tier == "float32":
-        return lax.dot_general(p, s, dims, precision=lax.Precision.HIGHEST, preferred_element_type=F32)
+        return lax.dot_general(p.astype(F32), s.astype(F32), dims, precision=lax.Precision.HIGHEST,
+                               preferred_element_type=F32)
     p_hi, s_hi = p.astype(BF16), s.astype(BF16)
     out = lax.dot_general(p_hi, s_hi, dims, preferred_element_type=F32)
     if tier == "bfloat16":
         return out
-    p_lo = (p - p_hi.astype(F32)).astype(BF16)
-    s_lo = (s - s_hi.astype(F32)).astype(BF16)
-    out += lax.dot_general(p_hi, s_lo, dims, preferred_element_type=F32)
-    return out + lax.dot_general(p_lo, s_hi, dims, preferred_element_type=F32)
+    if s.dtype != BF16:
+        out += lax.dot_general(p_hi, (s - s_hi.astype(s.dtype)).astype(BF16), dims, preferred_element_type=F32)
+    if p.dtype != BF16:
+        out += lax.dot_general((p - p_hi.astype(p.dtype)).astype(BF16), s_hi, dims, preferred_element_type=F32)
+    return out
 
 
 # --------------------------------------------------------------------------- statistics
@@ -184,3 +190,99 @@ def tpu_block_product(q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, s_k
         name="sessa_block_product_tpu",
     )(q_rows, k_keys, seg_rows.astype(jnp.int32)[:, :, None], seg_keys.astype(jnp.int32)[:, None, :],
       col(m_rows), col(logl_rows), s_keys.astype(F32))
+
+
+# --------------------------------------------------------------------------- block product, backward
+def _probs_and_dlogits(q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, delta_ref, g_ref, s_ref, scale, plain):
+    """P (Bq, Bk) and dL = P * (g s^T - delta) of one tile; everything fp32."""
+    z = (_logits(q_ref[...], k_ref[...], scale) - m_ref[...]) - logl_ref[...]
+    probs = jnp.where(qseg_ref[...] == kseg_ref[...], jnp.exp(z), 0.0)
+    g_dot_s = _chained(g_ref[...], s_ref[...], plain, _NT)
+    return probs, probs * (g_dot_s - delta_ref[...])
+
+
+def _bwd_keys_kernel(q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, delta_ref, g_ref, s_ref,
+                     bacc_ref, dk_ref, bacc_scr, dk_scr, *, scale: float, tier: str, plain: str):
+    i = pl.program_id(2)
+
+    @pl.when(i == 0)
+    def _init():
+        bacc_scr[...] = jnp.zeros(bacc_scr.shape, F32)
+        dk_scr[...] = jnp.zeros(dk_scr.shape, F32)
+
+    probs, dlogits = _probs_and_dlogits(q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, delta_ref, g_ref, s_ref,
+                                        scale, plain)
+    bacc_scr[...] += _chained(probs.T, g_ref[...], tier)
+    dk_scr[...] += _chained(dlogits.T, q_ref[...], plain) * scale
+
+    @pl.when(i == pl.num_programs(2) - 1)
+    def _store():
+        bacc_ref[...] = bacc_scr[...]
+        dk_ref[...] = dk_scr[...]
+
+
+def _bwd_rows_kernel(q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, delta_ref, g_ref, s_ref, dq_ref, dq_scr, *,
+                     scale: float, plain: str):
+    j = pl.program_id(2)
+
+    @pl.when(j == 0)
+    def _init():
+        dq_scr[...] = jnp.zeros(dq_scr.shape, F32)
+
+    _, dlogits = _probs_and_dlogits(q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, delta_ref, g_ref, s_ref,
+                                    scale, plain)
+    dq_scr[...] += _chained(dlogits, k_ref[...], plain) * scale
+
+    @pl.when(j == pl.num_programs(2) - 1)
+    def _store():
+        dq_ref[...] = dq_scr[...]
+
+
+def tpu_block_product_bwd(q_rows, seg_rows, m_rows, logl_rows, g_rows, r_rows, k_keys, seg_keys, s_keys, *,
+                          scale: float, tier: str, plain_tier: str, interpret: bool = False):
+    """Backward of one pushed block: (A^T g (B,K,D), dq (B,R,D), dk (B,K,D)), all float32.
+
+    Rows R carry q, seg, (m, logl), g = gamma * lam and r = A s (for delta = rowsum(g * r));
+    keys K carry k, seg and s. dL = A * (g s^T - delta); dq = dL k * scale, dk = dL^T q * scale.
+    ``tier`` for the chained A^T g, ``plain_tier`` for g s^T, dq and dk (``precision.nonchained_tier``).
+    Two grids, each recomputing A once: keys outer for A^T g and dk, rows outer for dq.
+    """
+    b, r, d = q_rows.shape
+    kk = k_keys.shape[1]
+    bq, bk = row_block(r), key_block(kk)
+    col = lambda x: x.astype(F32)[:, :, None]  # noqa: E731
+    delta = jnp.sum(g_rows.astype(F32) * r_rows.astype(F32), axis=-1)
+    args = (q_rows, k_keys, seg_rows.astype(jnp.int32)[:, :, None], seg_keys.astype(jnp.int32)[:, None, :],
+            col(m_rows), col(logl_rows), col(delta), g_rows.astype(F32), s_keys.astype(F32))
+
+    def specs(row, key, kseg):
+        return [pl.BlockSpec((None, bq, d), row), pl.BlockSpec((None, bk, d), key), pl.BlockSpec((None, bq, 1), row),
+                pl.BlockSpec((None, 1, bk), kseg)] + [pl.BlockSpec((None, bq, 1), row)] * 3 + [
+                pl.BlockSpec((None, bq, d), row), pl.BlockSpec((None, bk, d), key)]
+
+    # keys outer: grid (B, K/Bk, R/Bq)
+    key_spec = pl.BlockSpec((None, bk, d), lambda bi, j, i: (bi, j, 0))
+    bacc, dk = pl.pallas_call(
+        functools.partial(_bwd_keys_kernel, scale=scale, tier=tier, plain=plain_tier),
+        grid=(b, kk // bk, r // bq),
+        in_specs=specs(lambda bi, j, i: (bi, i, 0), lambda bi, j, i: (bi, j, 0), lambda bi, j, i: (bi, 0, j)),
+        out_specs=[key_spec, key_spec],
+        out_shape=[jax.ShapeDtypeStruct((b, kk, d), F32)] * 2,
+        scratch_shapes=[pltpu.VMEM((bk, d), F32), pltpu.VMEM((bk, d), F32)],
+        compiler_params=_params(),
+        interpret=_interpret(interpret),
+        name="sessa_block_product_bwd_keys_tpu",
+    )(*args)
+    # rows outer: grid (B, R/Bq, K/Bk)
+    dq = pl.pallas_call(
+        functools.partial(_bwd_rows_kernel, scale=scale, plain=plain_tier),
+        grid=(b, r // bq, kk // bk),
+        in_specs=specs(lambda bi, i, j: (bi, i, 0), lambda bi, i, j: (bi, j, 0), lambda bi, i, j: (bi, 0, j)),
+        out_specs=pl.BlockSpec((None, bq, d), lambda bi, i, j: (bi, i, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, r, d), F32),
+        scratch_shapes=[pltpu.VMEM((bq, d), F32)],
+        compiler_params=_params(),
+        interpret=_interpret(interpret),
+        name="sessa_block_product_bwd_rows_tpu",
+    )(*args)
+    return bacc, dq, dk
