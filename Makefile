@@ -17,7 +17,7 @@ LATEST_TESTS ?= tests/test_core_fixtures.py tests/test_core_blocked.py tests/tes
 	tests/test_train_loop.py tests/test_train_resume.py tests/test_train_loss.py tests/test_train_evaluate.py \
 	tests/test_train_report.py tests/test_data_tokenizers.py tests/test_data_text.py tests/test_packaging.py
 
-.PHONY: install test test-latest train bench clean
+.PHONY: install test test-latest test-interop train bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ $(STAMP_LATEST): pyproject.toml
 test-latest: $(STAMP_LATEST)
 	$(PY_LATEST) -c "import sys, jax, jaxlib, flax, orbax.checkpoint as o; print('python', sys.version.split()[0], '| jax', jax.__version__, '| jaxlib', jaxlib.__version__, '| flax', flax.__version__, '| orbax', o.__version__)"
 	$(PY_LATEST) -m pytest -x -q $(LATEST_TESTS)
+
+# Strict state-dict loading against the published PyTorch layer (needs torch and ../shared/reference,
+# or SESSA_REFERENCE_DIR): installs the `interop` extra, then runs the interop tests.
+test-interop: install
+	$(PY) -m pip install -q -e '.[test,interop]'
+	$(PY) -m pytest -x -q tests/test_guard_interop.py tests/test_core_convert.py
 
 train: install
 	$(PY) train.py

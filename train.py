@@ -11,5 +11,7 @@ import sys
 
 from sessa_jax.cli import train_main
 
+main = train_main  # the name tests and scripts import
+
 if __name__ == "__main__":
     sys.exit(train_main(sys.argv[1:]))

@@ -137,13 +137,18 @@ def make_tokenizer(kind: str = "bytes", path: str = ""):
 
 
 def iter_lines(path: str, max_bytes: int = 0) -> Iterator[str]:
-    """Non-empty lines of the text files at ``path`` ('' = built-in corpus), streamed."""
+    """Non-empty lines of the text files at ``path`` ('' = built-in corpus), streamed; stops
+    after the file that passes ``max_bytes`` (0 = all): fitting a tokenizer may sample."""
     from sessa_jax.data.text import iter_documents
 
-    for doc in iter_documents(path, max_bytes):
+    total = 0
+    for doc in iter_documents(path, 0):  # 0: no size error; the sample cap is applied here
         for line in bytes(doc).decode("utf-8", errors="replace").splitlines():
             if line.strip():
                 yield line
+        total += len(doc)
+        if max_bytes and total >= max_bytes:
+            return
 
 
 def train_sentencepiece(input_path: str, output: str, vocab_size: int = 4096, model_type: str = "bpe",

@@ -26,6 +26,7 @@ from sessa_jax.data.mqar import check_mqar
 from sessa_jax.data.pipeline import TASKS, task_vocab_size
 from sessa_jax.data.symbol_soup import check_symbol_soup
 from sessa_jax.sharding import MeshError, mesh_shape
+from sessa_jax.train.resume_guard import check_allowed_keys
 
 KINDS = ("sessa", "transformer", "mamba")
 # Shipped inside the package so an installed wheel finds them; a checkout's top-level configs/ links here.
@@ -64,6 +65,7 @@ def base_config() -> mc.ConfigDict:
     c.train = mc.ConfigDict(dict(
         steps=100, seed=0, log_every=10, eval_every=0, eval_batches=4, progress=True,
         step_delay_s=0.0,  # testing aid: sleep after each step so a test can interrupt a run mid-way
+        allow_config_change="",  # comma-separated keys that may differ from the checkpoint's (resume_guard)
         loss_chunk=0,  # > 0: the loss projects this many positions at a time (no full (B, T, V) logits)
         profile_steps="",  # "a:b": a jax.profiler trace of steps a..b-1 in WORKDIR/profile
         compilation_cache="auto",  # persistent XLA cache: auto = WORKDIR/compilation_cache, a path, or "" (off)
@@ -201,6 +203,10 @@ def validate(cfg: mc.ConfigDict, process_count: int = 1, device_count: int | Non
             raise ConfigError(f"optim.{key} must lie in [0, 1); got {o[key]} (1 or more makes AdamW's updates NaN)")
     if not o.eps > 0:
         raise ConfigError(f"optim.eps must be > 0; got {o.eps} (0 turns zero gradients into NaN updates); use 1e-8")
+    try:
+        check_allowed_keys(t.allow_config_change)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     if not t.step_delay_s >= 0:
         raise ConfigError(f"train.step_delay_s must be >= 0; got {t.step_delay_s}")
     if o.warmup_steps >= t.steps:
