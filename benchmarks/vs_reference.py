@@ -8,8 +8,9 @@ reference is missing its columns say why and sessa-jax is measured alone.
 The machine may be shared: every repeat times each (T, implementation, pass) once, interleaved
 (jax fwd, ref fwd, jax f+b, ref f+b for T1, then T2, ...), so slow phases of the machine hit
 both implementations alike; the table shows the median over repeats. One sample is the mean
-of enough calls to last ~--sample-s. The load average (os.getloadavg) is printed before and
-after.
+of enough calls to last ~--sample-s. Beside wall clock it shows each process's CPU time
+(time.process_time): with --threads 1 that is the work itself, the steadier figure on a
+loaded machine. The load average (os.getloadavg) is printed before and after.
 
     pip install -e '.[bench]'        # torch (CPU wheel) for the reference
     python benchmarks/vs_reference.py                       # T = 256 ... 8192
@@ -42,12 +43,12 @@ def _default_reference() -> str:
     return str(REPO.parent / "shared" / "reference")
 
 
-def _time_calls(fn, n: int) -> float:
-    """Mean seconds of ``n`` calls of ``fn`` (fn blocks until its result is ready)."""
-    t0 = time.perf_counter()
+def _time_calls(fn, n: int) -> tuple[float, float]:
+    """Mean (wall, process CPU) seconds of ``n`` calls of ``fn`` (fn blocks until its result is ready)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n):
         fn()
-    return (time.perf_counter() - t0) / n
+    return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
 
 
 def _calls_for(seconds_per_call: float, sample_s: float) -> int:
@@ -92,7 +93,8 @@ def _worker(reference: str, b: int, d: int, h: int, seed: int, threads: int) -> 
         req = json.loads(line)
         try:
             fn = case(req["T"])[req["pass"]]
-            print(json.dumps({"s": _time_calls(fn, req["n"])}), flush=True)
+            wall, cpu = _time_calls(fn, req["n"])
+            print(json.dumps({"s": wall, "cpu": cpu}), flush=True)
         except Exception as err:  # noqa: BLE001 - reported to the parent, which shows it in the table
             print(json.dumps({"error": f"{type(err).__name__}: {err}"[:200]}), flush=True)
 
@@ -119,10 +121,13 @@ class Reference:
         self.info = json.loads(self.proc.stdout.readline())
 
     def time(self, t: int, which: str, n: int):
+        """(wall, CPU) mean seconds per call, or (error, error) strings."""
         self.proc.stdin.write(json.dumps({"T": t, "pass": which, "n": n}) + "\n")
         self.proc.stdin.flush()
         reply = json.loads(self.proc.stdout.readline())
-        return reply.get("s", reply.get("error"))
+        if "error" in reply:
+            return reply["error"], reply["error"]
+        return reply["s"], reply["cpu"]
 
     def close(self):
         if self.proc is not None:
@@ -216,7 +221,7 @@ def main(argv=None):
         for which in args.passes:
             fn = cases[t][which]
             fn()
-            calls[(t, which)] = _calls_for(_time_calls(fn, 1), args.sample_s)
+            calls[(t, which)] = _calls_for(_time_calls(fn, 1)[0], args.sample_s)
             if not why_not:
                 ref.time(t, which, 1)  # the reference's own warm-up
     samples = {}
@@ -224,9 +229,13 @@ def main(argv=None):
         for t in args.T:
             for which in args.passes:
                 n = calls[(t, which)]
-                samples.setdefault(("jax", t, which), []).append(_time_calls(cases[t][which], n))
+                wall, cpu = _time_calls(cases[t][which], n)
+                samples.setdefault(("jax", t, which, "wall"), []).append(wall)
+                samples.setdefault(("jax", t, which, "cpu"), []).append(cpu)
                 if not why_not:
-                    samples.setdefault(("ref", t, which), []).append(ref.time(t, which, n))
+                    wall, cpu = ref.time(t, which, n)
+                    samples.setdefault(("ref", t, which, "wall"), []).append(wall)
+                    samples.setdefault(("ref", t, which, "cpu"), []).append(cpu)
     if ref is not None:
         ref.close()
 
@@ -239,12 +248,17 @@ def main(argv=None):
 
     names = {"fwd": "forward", "fwd_bwd": "forward + backward"}
     for which in args.passes:
-        print(f"\n{names[which]}\n| T | reference ms | sessa-jax ms | ratio (jax / ref) |\n| --- | --- | --- | --- |")
+        print(f"\n{names[which]} (median ms per call; wall clock, and the process's CPU time)\n"
+              "| T | reference | sessa-jax | ratio (jax / ref) | reference CPU | sessa-jax CPU | CPU ratio |\n"
+              "| --- | --- | --- | --- | --- | --- | --- |")
         for t in args.T:
-            j, r = med(("jax", t, which)), med(("ref", t, which))
-            ratio = f"{j / r:.2f}" if isinstance(j, float) and isinstance(r, float) else "-"
-            r_txt = _fmt_ms(r) if isinstance(r, float) or r is None else f"error: {r}"
-            print(f"| {t} | {r_txt} | {_fmt_ms(j)} | {ratio} |")
+            row = [str(t)]
+            for clock in ("wall", "cpu"):
+                j, r = med(("jax", t, which, clock)), med(("ref", t, which, clock))
+                ratio = f"{j / r:.2f}" if isinstance(j, float) and isinstance(r, float) else "-"
+                r_txt = _fmt_ms(r) if isinstance(r, float) or r is None else f"error: {r}"
+                row += [r_txt, _fmt_ms(j), ratio]
+            print("| " + " | ".join(row) + " |")
     print(f"\n# load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.json:
         with open(args.json, "w") as fh:
