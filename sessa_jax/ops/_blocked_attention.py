@@ -35,38 +35,55 @@ def _chunk(x, start, size: int, axis: int):
     return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
 
 
-def _mask(start, c: int, key_len: int, seg, seg_keys):
-    """(B or 1, 1, 1, C, key_len) allowed pairs of query chunk [start, start + c): causal, same segment."""
-    causal = (jnp.arange(key_len)[None, :] <= (start + jnp.arange(c))[:, None])[None]
-    if seg is None:
-        return causal[:, None, None]
-    same = _chunk(seg, start, c, 1)[:, :, None] == seg_keys[:, None, :]
-    return (causal & same)[:, None, None]
+def _tile_mask(q0, k0, c: int, seg, diagonal: bool):
+    """(B or 1, 1, 1, C, C) allowed pairs of the tile (rows q0.., keys k0..), or None when all are."""
+    mask = None
+    if diagonal:
+        mask = (jnp.arange(c)[None, :] <= jnp.arange(c)[:, None])[None]
+    if seg is not None:
+        same = _chunk(seg, q0, c, 1)[:, :, None] == _chunk(seg, k0, c, 1)[:, None, :]
+        mask = same if mask is None else mask & same
+    return None if mask is None else mask[:, None, None]
+
+
+def _logits(q_i, k, k0, c: int, seg, q0, diagonal: bool):
+    """Masked logits of one (C, C) tile: (B, Hkv, G, C, C), -inf where not allowed."""
+    logits = jnp.einsum("bhgck,bhsk->bhgcs", q_i, _chunk(k, k0, c, 2), precision=_HI)
+    mask = _tile_mask(q0, k0, c, seg, diagonal)
+    return logits if mask is None else jnp.where(mask, logits, -jnp.inf)
 
 
 def _forward(plan: BlockedPlan, q, k, v, seg):
-    """q (B, Hkv, G, Tp, K), k/v (B, Hkv, Tp, K) -> out like q and per-group lse (n, B, Hkv, G, C)."""
+    """q (B, Hkv, G, Tp, K), k/v (B, Hkv, Tp, K) -> out like q and lse (n, B, Hkv, G, C).
+
+    Query chunk i visits key tiles j <= i (a loop of i + 1 trips: no causal waste) with an
+    online softmax; the diagonal tile goes first, so every row's running max is finite.
+    """
     c = plan.chunk
-    out_parts, lse_parts = [], []
-    for grp in plan.groups:
-        n_keys = grp.key_len
-        keys, vals = k[:, :, :n_keys], v[:, :, :n_keys]
-        seg_keys = None if seg is None else seg[:, :n_keys]
 
-        def step(_, i, keys=keys, vals=vals, seg_keys=seg_keys, n_keys=n_keys):
-            start = i * c
-            logits = jnp.einsum("bhgck,bhsk->bhgcs", _chunk(q, start, c, 3), keys, precision=_HI)
-            masked = jnp.where(_mask(start, c, n_keys, seg, seg_keys), logits, -jnp.inf)
-            m = jnp.max(masked, axis=-1, keepdims=True)
-            p = jnp.exp(masked - m)
-            l = jnp.sum(p, axis=-1, keepdims=True)
-            o = jnp.einsum("bhgcs,bhsk->bhgck", p, vals, precision=_HI) / l
-            return None, (o, (m + jnp.log(l))[..., 0])
+    def q_step(_, i):
+        q0 = i * c
+        q_i = _chunk(q, q0, c, 3)
+        logits = _logits(q_i, k, q0, c, seg, q0, diagonal=True)
+        m = jnp.max(logits, axis=-1, keepdims=True)
+        p = jnp.exp(logits - m)
+        acc = jnp.einsum("bhgcs,bhsk->bhgck", p, _chunk(v, q0, c, 2), precision=_HI)
 
-        _, (o_g, lse_g) = lax.scan(step, None, jnp.arange(grp.first, grp.stop))
-        out_parts.append(_merge(o_g))
-        lse_parts.append(lse_g)  # (n_g, B, Hkv, G, C): kept chunk-major for the backward
-    return jnp.concatenate(out_parts, axis=3), lse_parts
+        def k_step(j, carry):
+            m, l, acc = carry
+            k0 = j * c
+            logits = _logits(q_i, k, k0, c, seg, q0, diagonal=False)
+            m_new = jnp.maximum(m, jnp.max(logits, axis=-1, keepdims=True))
+            p = jnp.exp(logits - m_new)
+            alpha = jnp.exp(m - m_new)
+            acc = alpha * acc + jnp.einsum("bhgcs,bhsk->bhgck", p, _chunk(v, k0, c, 2), precision=_HI)
+            return m_new, alpha * l + jnp.sum(p, axis=-1, keepdims=True), acc
+
+        m, l, acc = lax.fori_loop(0, i, k_step, (m, jnp.sum(p, axis=-1, keepdims=True), acc))
+        return None, (acc / l, (m + jnp.log(l))[..., 0])
+
+    _, (o, lse) = lax.scan(q_step, None, jnp.arange(plan.num_chunks))
+    return _merge(o), lse
 
 
 def _merge(x):
@@ -76,37 +93,38 @@ def _merge(x):
 
 
 def _backward(plan: BlockedPlan, res, d_out):
-    q, k, v, seg, out, lse_parts = res
+    """Per query chunk i, over key tiles j <= i: dq_i in the loop carry, dk and dv added into
+    their tile's rows of full-length buffers (in place in the loop carry)."""
+    q, k, v, seg, out, lse = res
     c = plan.chunk
     delta = jnp.sum(d_out * out, axis=-1)  # rowsum(dP * P) = dO . O, (B, Hkv, G, Tp)
-    dk, dv = jnp.zeros_like(k), jnp.zeros_like(v)
-    dq_parts = []
-    for grp, lse_g in zip(plan.groups, lse_parts):
-        n_keys = grp.key_len
-        keys, vals = k[:, :, :n_keys], v[:, :, :n_keys]
-        seg_keys = None if seg is None else seg[:, :n_keys]
 
-        def step(carry, xs, keys=keys, vals=vals, seg_keys=seg_keys, n_keys=n_keys):
-            dk_g, dv_g = carry
-            i, lse_i = xs
-            start = i * c
-            q_i, do_i = _chunk(q, start, c, 3), _chunk(d_out, start, c, 3)
-            logits = jnp.einsum("bhgck,bhsk->bhgcs", q_i, keys, precision=_HI)
-            mask = _mask(start, c, n_keys, seg, seg_keys)
-            p = jnp.where(mask, jnp.exp(logits - lse_i[..., None]), 0.0)
-            dp = jnp.einsum("bhgck,bhsk->bhgcs", do_i, vals, precision=_HI)
-            dlogits = p * (dp - _chunk(delta, start, c, 3)[..., None])
-            dq_i = jnp.einsum("bhgcs,bhsk->bhgck", dlogits, keys, precision=_HI)
-            dk_g = dk_g + jnp.einsum("bhgcs,bhgck->bhsk", dlogits, q_i, precision=_HI)
-            dv_g = dv_g + jnp.einsum("bhgcs,bhgck->bhsk", p, do_i, precision=_HI)
-            return (dk_g, dv_g), dq_i
+    def q_step(carry, xs):
+        i, lse_i = xs
+        q0 = i * c
+        q_i, do_i = _chunk(q, q0, c, 3), _chunk(d_out, q0, c, 3)
+        delta_i = _chunk(delta, q0, c, 3)[..., None]
 
-        zeros = jnp.zeros_like(keys)
-        (dk_g, dv_g), dq_g = lax.scan(step, (zeros, zeros), (jnp.arange(grp.first, grp.stop), lse_g))
-        dk = dk.at[:, :, :n_keys].add(dk_g)
-        dv = dv.at[:, :, :n_keys].add(dv_g)
-        dq_parts.append(_merge(dq_g))
-    return jnp.concatenate(dq_parts, axis=3), dk, dv
+        def tile(j, carry, diagonal):
+            dq_i, dk, dv = carry
+            k0 = j * c
+            k_j, v_j = _chunk(k, k0, c, 2), _chunk(v, k0, c, 2)
+            p = jnp.exp(_logits(q_i, k, k0, c, seg, q0, diagonal) - lse_i[..., None])
+            dp = jnp.einsum("bhgck,bhsk->bhgcs", do_i, v_j, precision=_HI)
+            dlogits = p * (dp - delta_i)
+            dq_i = dq_i + jnp.einsum("bhgcs,bhsk->bhgck", dlogits, k_j, precision=_HI)
+            dk_j = _chunk(dk, k0, c, 2) + jnp.einsum("bhgcs,bhgck->bhsk", dlogits, q_i, precision=_HI)
+            dv_j = _chunk(dv, k0, c, 2) + jnp.einsum("bhgcs,bhgck->bhsk", p, do_i, precision=_HI)
+            return (dq_i, lax.dynamic_update_slice_in_dim(dk, dk_j, k0, axis=2),
+                    lax.dynamic_update_slice_in_dim(dv, dv_j, k0, axis=2))
+
+        dk, dv = carry
+        state = tile(i, (jnp.zeros_like(q_i), dk, dv), diagonal=True)
+        dq_i, dk, dv = lax.fori_loop(0, i, functools.partial(tile, diagonal=False), state)
+        return (dk, dv), dq_i
+
+    (dk, dv), dq = lax.scan(q_step, (jnp.zeros_like(k), jnp.zeros_like(v)), (jnp.arange(plan.num_chunks), lse))
+    return _merge(dq), dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -115,8 +133,8 @@ def _attend(plan, q, k, v, seg):
 
 
 def _attend_fwd(plan, q, k, v, seg):
-    out, lse_parts = _forward(plan, q, k, v, seg)
-    return out, (q, k, v, seg, out, lse_parts)
+    out, lse = _forward(plan, q, k, v, seg)
+    return out, (q, k, v, seg, out, lse)
 
 
 def _attend_bwd(plan, res, d_out):
