@@ -1,18 +1,22 @@
 """Blocked feedback solve: a chunked scan forward and a reverse chunked adjoint backward.
 
-Forward (left-looking blocked substitution): for query chunk i, compute the strict-past
-softmax row block A_i over the keys before chunk i's end, read the already solved
-states r_off = A_i s (states of unsolved chunks are still zero in the buffer), then solve
-the C x C unit-lower-triangular diagonal system
+Forward (left-looking blocked substitution): for query chunk i, the strict-past softmax
+statistics and r_off = A_i s over the already solved chunks come from (C, C) key tiles
+j < i with an online softmax; then the diagonal tile A_ii and the C x C unit-lower-triangular
+system
     (I - Gamma_i A_ii) s_i = f_i + Gamma_i r_off.
 Residuals: s, the row log-sum-exp and r = A s, all O(T D).
 
 Backward (SPEC section 2): lam = (I - Gamma A)^-T ds by a reverse scan over key chunks j,
     b_j = ds_j + sum_{i > j} A_ij^T (Gamma_i lam_i),   lam_j = (I - Gamma_j A_jj)^-T b_j,
-fused with the flash-attention-style logits gradient for key chunk j,
+fused with the flash-attention-style logits gradient
     dL[t, tau] = A[t, tau] (g_t . s_tau - g_t . r_t),  g = Gamma lam,
-giving dk_j = dL^T q and accumulating dq += dL k_j. Then df = lam, dgamma_t = lam_t . r_t.
-No array with two T-sized axes is ever built: the largest transient is (B, C, T).
+giving dk_j = dL^T q and dq += dL k. Then df = lam, dgamma_t = lam_t . r_t.
+
+Both directions visit only the causal (C, C) tiles, in loops whose trip count is the chunk
+index: no causal waste, and each tile's logits stay in cache for their few elementwise
+passes (on CPU those passes, not the products, set the speed: benchmarks/vs_reference.py).
+No array with two T-sized axes is ever built: the largest transient is (B, C, C).
 """
 
 from __future__ import annotations
@@ -25,34 +29,22 @@ import jax.numpy as jnp
 from jax import lax
 
 from sessa_jax.ops.trsolve import unit_lower_solve
-from sessa_jax.ops.masks import (
-    PAD_SEGMENT,
-    ChunkGroup,
-    block_mask,
-    chunk_groups,
-    masked_softmax,
-    merge_chunks,
-    pad_time,
-    probs_from_lse,
-    take_chunk,
-)
+from sessa_jax.ops.masks import PAD_SEGMENT, merge_chunks, pad_time, take_chunk
 
 _HI = lax.Precision.HIGHEST
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockedPlan:
-    """Static tiling of a blocked scan: chunk size C, chunk count and key-length groups."""
+    """Static tiling of a blocked scan: chunk (and tile) size C and chunk count."""
 
     chunk: int
     num_chunks: int
-    groups: tuple[ChunkGroup, ...]
 
     @classmethod
-    def make(cls, length: int, chunk_size: int, max_groups: int = 4) -> "BlockedPlan":
+    def make(cls, length: int, chunk_size: int) -> "BlockedPlan":
         chunk = max(1, min(chunk_size, length))
-        n = -(-length // chunk)
-        return cls(chunk, n, chunk_groups(n, chunk, max_groups))
+        return cls(chunk, -(-length // chunk))
 
     @property
     def padded_len(self) -> int:

@@ -1,20 +1,19 @@
 """Blocked causal attention (flash-attention style, pure JAX) with a custom VJP.
 
-Each query chunk of C tokens computes its exact softmax against the keys up to its
-chunk's end (a (B, Hkv, G, C, T_b) block, never T x T); the backward recomputes that block
-from the saved log-sum-exp and accumulates dk, dv. Grouped-query attention is handled
-by viewing q as (B, Hkv, G, T, K).
+Query chunk i (C tokens) visits the (C, C) key tiles j <= i in a loop of i + 1 trips with
+an online softmax (no causal waste, nothing larger than a tile per step); the backward
+recomputes each tile from the saved log-sum-exp, keeps dq_i in the loop carry and adds dk,
+dv into their tile's rows in place. Grouped-query attention views q as (B, Hkv, G, T, K).
 
-Written for the CPU, where this is the attention every method but "dense" runs
+Written for the CPU, where this is the attention every method but "dense" runs, and where
+the elementwise passes over the logits, not the products, set the speed
 (benchmarks/vs_reference.py measures it inside the whole layer):
-* everything is kept heads-major, (B, Hkv, [G,] T, K), so the batched products read keys
-  and values in place instead of transposing the whole key block at every step;
-* the forward leaves the probabilities unnormalised and divides the (C, K) output by the row
-  sum instead of the (C, T_b) block: one elementwise pass over the logits fewer;
-* without segment ids the mask is plain causality, built from positions inside the fused
-  elementwise pass (no (B, C, T_b) boolean array);
-* dk and dv accumulate in per-group buffers of the group's exact key length.
-Every row sees at least its own key, so row maxima are always finite.
+* tiles small enough to stay in cache for those passes;
+* heads-major layouts, (B, Hkv, [G,] T, K), made once, so the batched products read keys and
+  values in place;
+* the output is normalised once per (C, K) row block, not per (C, C) probability tile;
+* without segment ids only the diagonal tile is masked (by position).
+The diagonal tile goes first: every row sees its own key, so row maxima are always finite.
 """
 
 from __future__ import annotations
