@@ -6,8 +6,9 @@ For each sequence length the run config (default: configs/default.py) gets
 optimizer and the step ``train.py`` uses (``make_train_step``, state donated), on one batch of
 random tokens (every position weighted, one segment per row, as the data pipeline packs
 them). Data loading is not timed. After --warmup steps, --steps steps are timed per sample,
-kinds interleaved, --repeats samples; the table shows the median and the ratio
-Sessa / Transformer (>= 0.9 is the target). --match-params widens the baseline to Sessa's
+kinds interleaved, --repeats samples; the table shows the median and the ratio of tokens/s
+Sessa / Transformer (>= 0.9 is the target), and the same ratio from the process's CPU time
+per step (steadier on a loaded machine; it counts every compute thread). --match-params widens the baseline to Sessa's
 parameter count (model.match_params); by default both have the same width.
 
     python benchmarks/train_throughput.py                      # seq_len 512 and 2048
@@ -93,24 +94,30 @@ def main(argv=None):
           f"({jax.default_backend()}); config {args.config}; match_params={args.match_params}")
     print(f"# load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
     kinds = ("sessa", "transformer")
-    print("| seq_len | kind | d_model | layers | batch | params | step ms | tokens/s | sessa / transformer |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| seq_len | kind | d_model | layers | batch | params | step ms | tokens/s | sessa / transformer "
+          "| step CPU ms | CPU ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for seq_len in args.seq_len:
         runs = {k: _setup(args.config, k, seq_len, args) for k in kinds}
         for run, _ in runs.values():
             run(max(1, args.warmup))  # compiles
         samples = {k: [] for k in kinds}
+        cpu = {k: [] for k in kinds}
         for _ in range(args.repeats):
             for k in kinds:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 runs[k][0](args.steps)
                 samples[k].append((time.perf_counter() - t0) / args.steps)
+                cpu[k].append((time.process_time() - c0) / args.steps)
+        cpu_ms = {k: statistics.median(cpu[k]) * 1e3 for k in kinds}
         tok = {k: runs[k][1]["batch"] * seq_len / statistics.median(samples[k]) for k in kinds}
         for k in kinds:
             info = runs[k][1]
             ratio = f"{tok['sessa'] / tok['transformer']:.2f}" if k == "sessa" else ""
+            cpu_ratio = f"{cpu_ms['transformer'] / cpu_ms['sessa']:.2f}" if k == "sessa" else ""
             print(f"| {seq_len} | {k} | {info['d_model']} | {info['n_layers']} | {info['batch']} | {info['params']} | "
-                  f"{statistics.median(samples[k]) * 1e3:.1f} | {tok[k]:.0f} | {ratio} |", flush=True)
+                  f"{statistics.median(samples[k]) * 1e3:.1f} | {tok[k]:.0f} | {ratio} | {cpu_ms[k]:.1f} | {cpu_ratio} |",
+                  flush=True)
     print(f"# load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
