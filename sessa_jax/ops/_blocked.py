@@ -134,14 +134,16 @@ def _backward(plan: BlockedPlan, res, ds):
         k0 = j * c
         k_j, s_j, gamma_j = take_chunk(k, k0, c), take_chunk(s, k0, c), take_chunk(gamma, k0, c)
 
-        def tile(i, state, diagonal, g_buf):
+        def probs(i, diagonal):
+            q0 = i * c
+            logits, mask = _tile_logits(take_chunk(q, q0, c), k, k0, c, seg, q0, diagonal)
+            a = jnp.exp(logits - take_chunk(lse, q0, c)[..., None])
+            return a if mask is None else jnp.where(mask, a, 0.0)
+
+        def tile(i, state, a, g_buf, diagonal):
             b_j, dk_j, dq = state
             q0 = i * c
             q_i, g_i, r_i = take_chunk(q, q0, c), take_chunk(g_buf, q0, c), take_chunk(r, q0, c)
-            logits, mask = _tile_logits(q_i, k, k0, c, seg, q0, diagonal)
-            a = jnp.exp(logits - take_chunk(lse, q0, c)[..., None])
-            if mask is not None:
-                a = jnp.where(mask, a, 0.0)
             g_dot_s = jnp.einsum("bcd,bkd->bck", g_i, s_j, precision=_HI)
             dlogits = a * (g_dot_s - jnp.sum(g_i * r_i, axis=-1, keepdims=True))
             dk_j = dk_j + jnp.einsum("bck,bcd->bkd", dlogits, q_i, precision=_HI)
@@ -149,19 +151,17 @@ def _backward(plan: BlockedPlan, res, ds):
             dq = lax.dynamic_update_slice_in_dim(dq, dq_i, q0, axis=1)
             if not diagonal:
                 b_j = b_j + jnp.einsum("bck,bcd->bkd", a, g_i, precision=_HI)
-            return (b_j, dk_j, dq), a
+            return b_j, dk_j, dq
 
         def later_tile(i, state):
-            return tile(i, state, False, g_buf)[0]
+            return tile(i, state, probs(i, False), g_buf, False)
 
         b_j, dk_j, dq = lax.fori_loop(j + 1, n, later_tile, (take_chunk(ds, k0, c), jnp.zeros_like(k_j), dq))
         # Diagonal tile: a_jj from the saved statistics solves for lam_j, then its own dL.
-        q_j = take_chunk(q, k0, c)
-        logits, mask = _tile_logits(q_j, k, k0, c, seg, k0, diagonal=True)
-        a_jj = jnp.where(mask, jnp.exp(logits - take_chunk(lse, k0, c)[..., None]), 0.0)
+        a_jj = probs(j, True)
         lam_j = _diag_solve(a_jj, gamma_j, b_j, transpose=True)
         g_buf = lax.dynamic_update_slice_in_dim(g_buf, gamma_j[..., None] * lam_j, k0, axis=1)
-        (_, dk_j, dq), _ = tile(j, (b_j, dk_j, dq), True, g_buf)
+        _, dk_j, dq = tile(j, (b_j, dk_j, dq), a_jj, g_buf, True)
         return (g_buf, dq), (lam_j, dk_j)
 
     (_, dq), (lam, dk) = lax.scan(step, (jnp.zeros_like(s), jnp.zeros_like(q)), jnp.arange(n), reverse=True)
