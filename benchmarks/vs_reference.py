@@ -108,7 +108,11 @@ class Reference:
         try:
             import importlib.util
 
-            if importlib.util.find_spec("torch") is None:
+            try:
+                found = importlib.util.find_spec("torch") is not None
+            except ValueError:  # a torch module without a spec (e.g. blocked in sys.modules)
+                found = False
+            if not found:
                 raise ImportError("torch is not installed (pip install -e '.[bench]')")
             if not (Path(reference) / "sessa" / "layer.py").exists():
                 raise FileNotFoundError(f"no sessa/layer.py under --reference {reference}")
