@@ -3,18 +3,21 @@
 Covers what tests/test_core_blocked.py does not: attention without segment ids (the
 position-only mask), tiles in which whole rows are masked by segments (empty rows in the
 middle of the sequence, padding id 0, one-token segments), lengths that are not a multiple
-of the tile, and the whole layer in float32, forward and gradients.
+of the tile, and memory at T=32768. (The whole layer on these paths is checked against the
+published layer by tests/test_core_fixtures.py.)
 """
+
+import re
 
 import jax
 import jax.numpy as jnp
 import pytest
 from _parity import rel_err
 
-from sessa_jax import SessaConfig, SessaLayer
 from sessa_jax.ops import causal_attention, feedback_solve
 
 T = 37  # not a multiple of any tile used below
+_SHAPE = re.compile(r"\[([0-9,]+)\]")
 
 
 def _grads(fn, args, cot):
@@ -88,18 +91,17 @@ def test_attention_and_solve_with_segments_float32():
         assert rel_err(a, b) <= 1e-4
 
 
-def test_layer_blocked_equals_dense_float32():
-    """The whole layer on the CPU fast paths: output and every gradient match the oracle."""
-    x = jax.random.normal(jax.random.PRNGKey(14), (1, T, 16), jnp.float32)
-    cot = jax.random.normal(jax.random.PRNGKey(15), (1, T, 16), jnp.float32)
-    out = {}
-    for solver in ("dense", "blocked"):
-        layer = SessaLayer(SessaConfig(d_model=16, n_heads=2, solver=solver, chunk_size=8, max_len=64))
-        params = layer.init(jax.random.PRNGKey(0), x)
-        out[solver] = _grads(layer.apply, (params, x), cot)
-    (y_ref, g_ref), (y, g) = out["dense"], out["blocked"]
-    assert rel_err(y, y_ref) <= 1e-5
-    flat, flat_ref = jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)
-    assert len(flat) == len(flat_ref)
-    for a, b in zip(flat, flat_ref):
-        assert rel_err(a, b) <= 1e-3
+def test_tiled_paths_compile_without_t_by_t_memory_at_32k():
+    """Forward + backward of both tiled paths at T=32768 (compiled only): no buffer with two
+    T-sized axes, and XLA's temporaries stay below 1% of a single T x T float32 array."""
+    t, d = 32768, 16
+    sd = jax.ShapeDtypeStruct
+    wide, heads, gamma = sd((1, t, d), jnp.float32), sd((1, t, 2, d // 2), jnp.float32), sd((1, t), jnp.float32)
+    attend = jax.grad(lambda q, k, v: jnp.sum(causal_attention(q, k, v, method="blocked") ** 2), argnums=(0, 1, 2))
+    solve = jax.grad(lambda q, k, g, f: jnp.sum(feedback_solve(q, k, g, f, method="blocked") ** 2),
+                     argnums=(0, 1, 2, 3))
+    for compiled in (jax.jit(attend).lower(heads, heads, heads).compile(),
+                     jax.jit(solve).lower(wide, wide, gamma, wide).compile()):
+        shapes = [[int(x) for x in m.group(1).split(",") if x] for m in _SHAPE.finditer(compiled.as_text())]
+        assert not [s for s in shapes if sum(x >= t for x in s) >= 2]
+        assert compiled.memory_analysis().temp_size_in_bytes < 0.01 * t * t * 4
