@@ -43,6 +43,17 @@ def _default_reference() -> str:
     return str(REPO.parent / "shared" / "reference")
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def _time_calls(fn, n: int) -> tuple[float, float]:
     """Mean (wall, process CPU) seconds of ``n`` calls of ``fn`` (fn blocks until its result is ready)."""
     t0, c0 = time.perf_counter(), time.process_time()
@@ -203,12 +214,14 @@ def main(argv=None):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
                                    f" intra_op_parallelism_threads={args.threads}").strip()
 
+    import flax
     import jax
+    import numpy as np
 
     ref = None if args.no_reference else Reference(args.reference, args.B, args.D, args.H, args.seed, args.threads)
     why_not = "--no-reference" if ref is None else ref.why_not
-    print(f"# machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
-          f"python {platform.python_version()}")
+    print(f"# machine: {_cpu_model()} ({platform.machine()}), cpus={os.cpu_count()}, python "
+          f"{platform.python_version()}, numpy {np.__version__}, flax {flax.__version__}")
     print(f"# sessa-jax: jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"solver={args.solver} chunk={args.chunk} "
           f"threads={args.threads or 'default'}")
