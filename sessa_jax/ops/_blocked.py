@@ -1,18 +1,22 @@
 """Blocked feedback solve: a chunked scan forward and a reverse chunked adjoint backward.
 
-Forward (left-looking blocked substitution): for query chunk i, compute the strict-past
-softmax row block A_i over the keys before chunk i's end, read the already solved
-states r_off = A_i s (states of unsolved chunks are still zero in the buffer), then solve
-the C x C unit-lower-triangular diagonal system
+Forward (left-looking blocked substitution): for query chunk i, the strict-past softmax
+statistics and r_off = A_i s over the already solved chunks come from (C, C) key tiles
+j < i with an online softmax; then the diagonal tile A_ii and the C x C unit-lower-triangular
+system
     (I - Gamma_i A_ii) s_i = f_i + Gamma_i r_off.
 Residuals: s, the row log-sum-exp and r = A s, all O(T D).
 
 Backward (SPEC section 2): lam = (I - Gamma A)^-T ds by a reverse scan over key chunks j,
     b_j = ds_j + sum_{i > j} A_ij^T (Gamma_i lam_i),   lam_j = (I - Gamma_j A_jj)^-T b_j,
-fused with the flash-attention-style logits gradient for key chunk j,
+fused with the flash-attention-style logits gradient
     dL[t, tau] = A[t, tau] (g_t . s_tau - g_t . r_t),  g = Gamma lam,
-giving dk_j = dL^T q and accumulating dq += dL k_j. Then df = lam, dgamma_t = lam_t . r_t.
-No array with two T-sized axes is ever built: the largest transient is (B, C, T).
+giving dk_j = dL^T q and dq += dL k. Then df = lam, dgamma_t = lam_t . r_t.
+
+Both directions visit only the causal (C, C) tiles, in loops whose trip count is the chunk
+index: no causal waste, and each tile's logits stay in cache for their few elementwise
+passes (on CPU those passes, not the products, set the speed: benchmarks/vs_reference.py).
+No array with two T-sized axes is ever built: the largest transient is (B, C, C).
 """
 
 from __future__ import annotations
@@ -25,34 +29,22 @@ import jax.numpy as jnp
 from jax import lax
 
 from sessa_jax.ops.trsolve import unit_lower_solve
-from sessa_jax.ops.masks import (
-    PAD_SEGMENT,
-    ChunkGroup,
-    block_mask,
-    chunk_groups,
-    masked_softmax,
-    merge_chunks,
-    pad_time,
-    probs_from_lse,
-    take_chunk,
-)
+from sessa_jax.ops.masks import PAD_SEGMENT, merge_chunks, pad_time, take_chunk
 
 _HI = lax.Precision.HIGHEST
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockedPlan:
-    """Static tiling of a blocked scan: chunk size C, chunk count and key-length groups."""
+    """Static tiling of a blocked scan: chunk (and tile) size C and chunk count."""
 
     chunk: int
     num_chunks: int
-    groups: tuple[ChunkGroup, ...]
 
     @classmethod
-    def make(cls, length: int, chunk_size: int, max_groups: int = 4) -> "BlockedPlan":
+    def make(cls, length: int, chunk_size: int) -> "BlockedPlan":
         chunk = max(1, min(chunk_size, length))
-        n = -(-length // chunk)
-        return cls(chunk, n, chunk_groups(n, chunk, max_groups))
+        return cls(chunk, -(-length // chunk))
 
     @property
     def padded_len(self) -> int:
@@ -64,70 +56,116 @@ def _diag_solve(a_ii, gamma_i, rhs, *, transpose: bool):
     return unit_lower_solve(gamma_i[:, :, None] * a_ii, rhs, transpose=transpose)
 
 
+def _tile_logits(q_i, k, k0, c: int, seg, q0, diagonal: bool):
+    """Logits (B, C, C) of rows q0.. against keys k0.. and their mask (None: all allowed).
+
+    Off-diagonal tiles lie strictly in the past, so only segment ids can mask them; the
+    diagonal tile keeps keys strictly before each row.
+    """
+    logits = jnp.einsum("bcd,bkd->bck", q_i, take_chunk(k, k0, c), precision=_HI)
+    mask = jnp.arange(c)[None, None, :] < jnp.arange(c)[None, :, None] if diagonal else None
+    if seg is not None:
+        same = take_chunk(seg, q0, c)[:, :, None] == take_chunk(seg, k0, c)[:, None, :]
+        mask = same if mask is None else mask & same
+    return logits, mask
+
+
+def _finite(m):
+    return jnp.where(jnp.isfinite(m), m, 0.0)
+
+
 def _forward(plan: BlockedPlan, q, k, gamma, f, seg):
+    """Left-looking solve by query chunk i: the softmax statistics and A s over the solved
+    past come from (C, C) key tiles j < i with an online softmax (a loop of i trips: no causal
+    waste, tiles small enough to stay in cache), then the diagonal tile and its solve."""
     c = plan.chunk
-    s_buf = jnp.zeros_like(f)
-    lse_parts, r_parts = [], []
-    for grp in plan.groups:
-        keys, seg_keys = k[:, : grp.key_len], seg[:, : grp.key_len]
-        key_pos = jnp.arange(grp.key_len)
 
-        def step(s_buf, i, keys=keys, seg_keys=seg_keys, key_pos=key_pos, key_len=grp.key_len):
-            start = i * c
-            q_i, gamma_i, f_i = take_chunk(q, start, c), take_chunk(gamma, start, c), take_chunk(f, start, c)
-            logits = jnp.einsum("bcd,bkd->bck", q_i, keys, precision=_HI)
-            mask = block_mask(start + jnp.arange(c), key_pos, take_chunk(seg, start, c), seg_keys, strict=True)
-            a, lse = masked_softmax(logits, mask)
-            r_off = jnp.einsum("bck,bkd->bcd", a, s_buf[:, :key_len], precision=_HI)
-            a_ii = lax.dynamic_slice_in_dim(a, start, c, axis=2)
-            s_i = _diag_solve(a_ii, gamma_i, f_i + gamma_i[..., None] * r_off, transpose=False)
-            r_i = r_off + jnp.einsum("bcs,bsd->bcd", a_ii, s_i, precision=_HI)
-            return lax.dynamic_update_slice_in_dim(s_buf, s_i, start, axis=1), (lse, r_i)
+    def step(s_buf, i):
+        q0 = i * c
+        q_i, gamma_i, f_i = take_chunk(q, q0, c), take_chunk(gamma, q0, c), take_chunk(f, q0, c)
 
-        s_buf, (lse_g, r_g) = lax.scan(step, s_buf, jnp.arange(grp.first, grp.stop))
-        lse_parts.append(merge_chunks(lse_g))
-        r_parts.append(merge_chunks(r_g))
-    return s_buf, jnp.concatenate(lse_parts, axis=1), jnp.concatenate(r_parts, axis=1)
+        def past_tile(j, carry):
+            m, l, acc = carry
+            logits, mask = _tile_logits(q_i, k, j * c, c, seg, q0, diagonal=False)
+            if mask is not None:
+                logits = jnp.where(mask, logits, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(logits, axis=-1, keepdims=True))
+            m_safe = _finite(m_new)
+            p = jnp.exp(logits - m_safe)  # masked entries: exp(-inf) = 0
+            alpha = jnp.exp(m - m_safe)  # 0 while the row has seen no key (m = -inf)
+            acc = alpha * acc + jnp.einsum("bck,bkd->bcd", p, take_chunk(s_buf, j * c, c), precision=_HI)
+            return m_new, alpha * l + jnp.sum(p, axis=-1, keepdims=True), acc
+
+        b = q.shape[0]
+        init = (jnp.full((b, c, 1), -jnp.inf, q.dtype), jnp.zeros((b, c, 1), q.dtype), jnp.zeros_like(f_i))
+        m, l, acc = lax.fori_loop(0, i, past_tile, init)
+        logits, mask = _tile_logits(q_i, k, q0, c, seg, q0, diagonal=True)
+        logits = jnp.where(mask, logits, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=-1, keepdims=True))
+        m_safe = _finite(m_new)
+        p_ii = jnp.exp(logits - m_safe)
+        alpha = jnp.exp(m - m_safe)
+        l = alpha * l + jnp.sum(p_ii, axis=-1, keepdims=True)
+        safe_l = jnp.where(l > 0, l, 1.0)  # rows with no past: A row and r_off are 0
+        a_ii = p_ii / safe_l
+        r_off = alpha * acc / safe_l
+        lse = jnp.where(l > 0, m_safe + jnp.log(safe_l), 0.0)[..., 0]
+        s_i = _diag_solve(a_ii, gamma_i, f_i + gamma_i[..., None] * r_off, transpose=False)
+        r_i = r_off + jnp.einsum("bcs,bsd->bcd", a_ii, s_i, precision=_HI)
+        return lax.dynamic_update_slice_in_dim(s_buf, s_i, q0, axis=1), (lse, r_i)
+
+    s_buf, (lse, r) = lax.scan(step, jnp.zeros_like(f), jnp.arange(plan.num_chunks))
+    return s_buf, merge_chunks(lse), merge_chunks(r)
 
 
 def _backward(plan: BlockedPlan, res, ds):
+    """Reverse scan over key chunks j; for each, the (C, C) tiles of the later rows i > j (a
+    loop of n - 1 - j trips), then the diagonal tile with the transposed diagonal solve.
+
+    Off-diagonal tiles need only g_i of later chunks, already known: they give b_j's sum,
+    dk_j, and dq_i (added into its own rows of the dq carry, in place).
+    res = (q, k, gamma, seg, s, lse, r) with q already scaled by D^-1/2.
+    """
     q, k, gamma, seg, s, lse, r = res
-    c = plan.chunk
-    g_buf = jnp.zeros_like(s)
-    dq = jnp.zeros_like(q)
-    lam_parts, dk_parts = [], []
-    for grp in reversed(plan.groups):
-        row0 = grp.first * c
-        q_rows, lse_rows, seg_rows, r_rows = q[:, row0:], lse[:, row0:], seg[:, row0:], r[:, row0:]
-        row_pos = row0 + jnp.arange(q_rows.shape[1])
+    c, n = plan.chunk, plan.num_chunks
 
-        def step(carry, j, q_rows=q_rows, lse_rows=lse_rows, seg_rows=seg_rows, r_rows=r_rows,
-                 row_pos=row_pos, row0=row0):
-            g_buf, dq = carry
-            start = j * c
-            k_j, s_j, gamma_j = take_chunk(k, start, c), take_chunk(s, start, c), take_chunk(gamma, start, c)
-            logits = jnp.einsum("brd,bcd->brc", q_rows, k_j, precision=_HI)
-            mask = block_mask(row_pos, start + jnp.arange(c), seg_rows, take_chunk(seg, start, c), strict=True)
-            a = probs_from_lse(logits, lse_rows, mask)
-            b_j = take_chunk(ds, start, c) + jnp.einsum("brc,brd->bcd", a, g_buf[:, row0:], precision=_HI)
-            a_jj = lax.dynamic_slice_in_dim(a, start - row0, c, axis=1)
-            lam_j = _diag_solve(a_jj, gamma_j, b_j, transpose=True)
-            g_buf = lax.dynamic_update_slice_in_dim(g_buf, gamma_j[..., None] * lam_j, start, axis=1)
-            g_rows = g_buf[:, row0:]
-            g_dot_s = jnp.einsum("brd,bcd->brc", g_rows, s_j, precision=_HI)
-            delta = jnp.sum(g_rows * r_rows, axis=-1, keepdims=True)
-            dlogits = a * (g_dot_s - delta)
-            dk_j = jnp.einsum("brc,brd->bcd", dlogits, q_rows, precision=_HI)
-            dq = dq.at[:, row0:].add(jnp.einsum("brc,bcd->brd", dlogits, k_j, precision=_HI))
-            return (g_buf, dq), (lam_j, dk_j)
+    def step(carry, j):
+        g_buf, dq = carry
+        k0 = j * c
+        k_j, s_j, gamma_j = take_chunk(k, k0, c), take_chunk(s, k0, c), take_chunk(gamma, k0, c)
 
-        (g_buf, dq), (lam_g, dk_g) = lax.scan(
-            step, (g_buf, dq), jnp.arange(grp.first, grp.stop), reverse=True
-        )
-        lam_parts.insert(0, merge_chunks(lam_g))
-        dk_parts.insert(0, merge_chunks(dk_g))
-    lam = jnp.concatenate(lam_parts, axis=1)
-    dk = jnp.concatenate(dk_parts, axis=1)
+        def probs(i, diagonal):
+            q0 = i * c
+            logits, mask = _tile_logits(take_chunk(q, q0, c), k, k0, c, seg, q0, diagonal)
+            a = jnp.exp(logits - take_chunk(lse, q0, c)[..., None])
+            return a if mask is None else jnp.where(mask, a, 0.0)
+
+        def tile(i, state, a, g_buf, diagonal):
+            b_j, dk_j, dq = state
+            q0 = i * c
+            q_i, g_i, r_i = take_chunk(q, q0, c), take_chunk(g_buf, q0, c), take_chunk(r, q0, c)
+            g_dot_s = jnp.einsum("bcd,bkd->bck", g_i, s_j, precision=_HI)
+            dlogits = a * (g_dot_s - jnp.sum(g_i * r_i, axis=-1, keepdims=True))
+            dk_j = dk_j + jnp.einsum("bck,bcd->bkd", dlogits, q_i, precision=_HI)
+            dq_i = take_chunk(dq, q0, c) + jnp.einsum("bck,bkd->bcd", dlogits, k_j, precision=_HI)
+            dq = lax.dynamic_update_slice_in_dim(dq, dq_i, q0, axis=1)
+            if not diagonal:
+                b_j = b_j + jnp.einsum("bck,bcd->bkd", a, g_i, precision=_HI)
+            return b_j, dk_j, dq
+
+        def later_tile(i, state):
+            return tile(i, state, probs(i, False), g_buf, False)
+
+        b_j, dk_j, dq = lax.fori_loop(j + 1, n, later_tile, (take_chunk(ds, k0, c), jnp.zeros_like(k_j), dq))
+        # Diagonal tile: a_jj from the saved statistics solves for lam_j, then its own dL.
+        a_jj = probs(j, True)
+        lam_j = _diag_solve(a_jj, gamma_j, b_j, transpose=True)
+        g_buf = lax.dynamic_update_slice_in_dim(g_buf, gamma_j[..., None] * lam_j, k0, axis=1)
+        _, dk_j, dq = tile(j, (b_j, dk_j, dq), a_jj, g_buf, True)
+        return (g_buf, dq), (lam_j, dk_j)
+
+    (_, dq), (lam, dk) = lax.scan(step, (jnp.zeros_like(s), jnp.zeros_like(q)), jnp.arange(n), reverse=True)
+    lam, dk = merge_chunks(lam), merge_chunks(dk)
     dgamma = jnp.sum(lam * r, axis=-1)
     return dq, dk, dgamma, lam
 

@@ -1,9 +1,19 @@
 """Blocked causal attention (flash-attention style, pure JAX) with a custom VJP.
 
-Each query chunk of C tokens computes its exact softmax against the keys up to its
-chunk's end (a (B, H, C, T_b) block, never T x T); the backward recomputes that block
-from the saved log-sum-exp and accumulates dk, dv. Grouped-query attention is handled
-by viewing q as (B, T, Hkv, G, K).
+Query chunk i (C tokens) visits the (C, C) key tiles j <= i in a loop of i + 1 trips with
+an online softmax (no causal waste, nothing larger than a tile per step); the backward
+recomputes each tile from the saved log-sum-exp, keeps dq_i in the loop carry and adds dk,
+dv into their tile's rows in place. Grouped-query attention views q as (B, Hkv, G, T, K).
+
+Written for the CPU, where this is the attention every method but "dense" runs, and where
+the elementwise passes over the logits, not the products, set the speed
+(benchmarks/vs_reference.py measures it inside the whole layer):
+* tiles small enough to stay in cache for those passes;
+* heads-major layouts, (B, Hkv, [G,] T, K), made once, so the batched products read keys and
+  values in place;
+* the output is normalised once per (C, K) row block, not per (C, C) probability tile;
+* without segment ids only the diagonal tile is masked (by position).
+The diagonal tile goes first: every row sees its own key, so row maxima are always finite.
 """
 
 from __future__ import annotations
@@ -15,70 +25,105 @@ import jax.numpy as jnp
 from jax import lax
 
 from sessa_jax.ops._blocked import BlockedPlan
-from sessa_jax.ops.masks import (
-    PAD_SEGMENT,
-    block_mask,
-    masked_softmax,
-    merge_chunks,
-    pad_time,
-    probs_from_lse,
-    take_chunk,
-)
+from sessa_jax.ops.masks import PAD_SEGMENT, pad_time
 
 _HI = lax.Precision.HIGHEST
 
 
-def _group_keys(grp, k, v, seg):
-    return k[:, : grp.key_len], v[:, : grp.key_len], seg[:, : grp.key_len], jnp.arange(grp.key_len)
+def _chunk(x, start, size: int, axis: int):
+    return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+
+
+def _tile_mask(q0, k0, c: int, seg, diagonal: bool):
+    """(B or 1, 1, 1, C, C) allowed pairs of the tile (rows q0.., keys k0..), or None when all are."""
+    mask = None
+    if diagonal:
+        mask = (jnp.arange(c)[None, :] <= jnp.arange(c)[:, None])[None]
+    if seg is not None:
+        same = _chunk(seg, q0, c, 1)[:, :, None] == _chunk(seg, k0, c, 1)[:, None, :]
+        mask = same if mask is None else mask & same
+    return None if mask is None else mask[:, None, None]
+
+
+def _logits(q_i, k, k0, c: int, seg, q0, diagonal: bool):
+    """Masked logits of one (C, C) tile: (B, Hkv, G, C, C), -inf where not allowed."""
+    logits = jnp.einsum("bhgck,bhsk->bhgcs", q_i, _chunk(k, k0, c, 2), precision=_HI)
+    mask = _tile_mask(q0, k0, c, seg, diagonal)
+    return logits if mask is None else jnp.where(mask, logits, -jnp.inf)
 
 
 def _forward(plan: BlockedPlan, q, k, v, seg):
+    """q (B, Hkv, G, Tp, K), k/v (B, Hkv, Tp, K) -> out like q and lse (n, B, Hkv, G, C).
+
+    Query chunk i visits key tiles j <= i (a loop of i + 1 trips: no causal waste) with an
+    online softmax; the diagonal tile goes first, so every row's running max is finite.
+    """
     c = plan.chunk
-    out_parts, lse_parts = [], []
-    for grp in plan.groups:
-        keys, vals, seg_keys, key_pos = _group_keys(grp, k, v, seg)
 
-        def step(_, i, keys=keys, vals=vals, seg_keys=seg_keys, key_pos=key_pos):
-            start = i * c
-            logits = jnp.einsum("bchgk,bshk->bhgcs", take_chunk(q, start, c), keys, precision=_HI)
-            mask = block_mask(start + jnp.arange(c), key_pos, take_chunk(seg, start, c), seg_keys, strict=False)
-            p, lse = masked_softmax(logits, mask[:, None, None])
-            return None, (jnp.einsum("bhgcs,bshk->bchgk", p, vals, precision=_HI), lse)
+    def q_step(_, i):
+        q0 = i * c
+        q_i = _chunk(q, q0, c, 3)
+        logits = _logits(q_i, k, q0, c, seg, q0, diagonal=True)
+        m = jnp.max(logits, axis=-1, keepdims=True)
+        p = jnp.exp(logits - m)
+        acc = jnp.einsum("bhgcs,bhsk->bhgck", p, _chunk(v, q0, c, 2), precision=_HI)
 
-        _, (o_g, lse_g) = lax.scan(step, None, jnp.arange(grp.first, grp.stop))
-        out_parts.append(merge_chunks(o_g))
-        lse_parts.append(lse_g)  # (n_g, B, Hkv, G, C): kept chunk-major for the backward
-    return jnp.concatenate(out_parts, axis=1), lse_parts
+        def k_step(j, carry):
+            m, l, acc = carry
+            k0 = j * c
+            logits = _logits(q_i, k, k0, c, seg, q0, diagonal=False)
+            m_new = jnp.maximum(m, jnp.max(logits, axis=-1, keepdims=True))
+            p = jnp.exp(logits - m_new)
+            alpha = jnp.exp(m - m_new)
+            acc = alpha * acc + jnp.einsum("bhgcs,bhsk->bhgck", p, _chunk(v, k0, c, 2), precision=_HI)
+            return m_new, alpha * l + jnp.sum(p, axis=-1, keepdims=True), acc
+
+        m, l, acc = lax.fori_loop(0, i, k_step, (m, jnp.sum(p, axis=-1, keepdims=True), acc))
+        return None, (acc / l, (m + jnp.log(l))[..., 0])
+
+    _, (o, lse) = lax.scan(q_step, None, jnp.arange(plan.num_chunks))
+    return _merge(o), lse
+
+
+def _merge(x):
+    """(n, B, Hkv, G, C, K) chunk outputs -> (B, Hkv, G, n * C, K)."""
+    n, b, h, g, c, kd = x.shape
+    return jnp.moveaxis(x, 0, 3).reshape(b, h, g, n * c, kd)
 
 
 def _backward(plan: BlockedPlan, res, d_out):
-    q, k, v, seg, out, lse_parts = res
+    """Per query chunk i, over key tiles j <= i: dq_i in the loop carry, dk and dv added into
+    their tile's rows of full-length buffers (in place in the loop carry)."""
+    q, k, v, seg, out, lse = res
     c = plan.chunk
-    dk, dv = jnp.zeros_like(k), jnp.zeros_like(v)
-    dq_parts = []
-    for grp, lse_g in zip(plan.groups, lse_parts):
-        keys, vals, seg_keys, key_pos = _group_keys(grp, k, v, seg)
-        n_keys = grp.key_len
+    delta = jnp.sum(d_out * out, axis=-1)  # rowsum(dP * P) = dO . O, (B, Hkv, G, Tp)
 
-        def step(carry, xs, keys=keys, vals=vals, seg_keys=seg_keys, key_pos=key_pos, n_keys=n_keys):
-            dk, dv = carry
-            i, lse_i = xs
-            start = i * c
-            q_i, do_i = take_chunk(q, start, c), take_chunk(d_out, start, c)
-            logits = jnp.einsum("bchgk,bshk->bhgcs", q_i, keys, precision=_HI)
-            mask = block_mask(start + jnp.arange(c), key_pos, take_chunk(seg, start, c), seg_keys, strict=False)
-            p = probs_from_lse(logits, lse_i, mask[:, None, None])
-            dp = jnp.einsum("bchgk,bshk->bhgcs", do_i, vals, precision=_HI)
-            delta = jnp.einsum("bchgk,bchgk->bhgc", do_i, take_chunk(out, start, c))
-            dlogits = p * (dp - delta[..., None])
-            dq_i = jnp.einsum("bhgcs,bshk->bchgk", dlogits, keys, precision=_HI)
-            dk = dk.at[:, :n_keys].add(jnp.einsum("bhgcs,bchgk->bshk", dlogits, q_i, precision=_HI))
-            dv = dv.at[:, :n_keys].add(jnp.einsum("bhgcs,bchgk->bshk", p, do_i, precision=_HI))
-            return (dk, dv), dq_i
+    def q_step(carry, xs):
+        i, lse_i = xs
+        q0 = i * c
+        q_i, do_i = _chunk(q, q0, c, 3), _chunk(d_out, q0, c, 3)
+        delta_i = _chunk(delta, q0, c, 3)[..., None]
 
-        (dk, dv), dq_g = lax.scan(step, (dk, dv), (jnp.arange(grp.first, grp.stop), lse_g))
-        dq_parts.append(merge_chunks(dq_g))
-    return jnp.concatenate(dq_parts, axis=1), dk, dv
+        def tile(j, carry, diagonal):
+            dq_i, dk, dv = carry
+            k0 = j * c
+            k_j, v_j = _chunk(k, k0, c, 2), _chunk(v, k0, c, 2)
+            p = jnp.exp(_logits(q_i, k, k0, c, seg, q0, diagonal) - lse_i[..., None])
+            dp = jnp.einsum("bhgck,bhsk->bhgcs", do_i, v_j, precision=_HI)
+            dlogits = p * (dp - delta_i)
+            dq_i = dq_i + jnp.einsum("bhgcs,bhsk->bhgck", dlogits, k_j, precision=_HI)
+            dk_j = _chunk(dk, k0, c, 2) + jnp.einsum("bhgcs,bhgck->bhsk", dlogits, q_i, precision=_HI)
+            dv_j = _chunk(dv, k0, c, 2) + jnp.einsum("bhgcs,bhgck->bhsk", p, do_i, precision=_HI)
+            return (dq_i, lax.dynamic_update_slice_in_dim(dk, dk_j, k0, axis=2),
+                    lax.dynamic_update_slice_in_dim(dv, dv_j, k0, axis=2))
+
+        dk, dv = carry
+        state = tile(i, (jnp.zeros_like(q_i), dk, dv), diagonal=True)
+        dq_i, dk, dv = lax.fori_loop(0, i, functools.partial(tile, diagonal=False), state)
+        return (dk, dv), dq_i
+
+    (dk, dv), dq = lax.scan(q_step, (jnp.zeros_like(k), jnp.zeros_like(v)), (jnp.arange(plan.num_chunks), lse))
+    return _merge(dq), dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -87,8 +132,8 @@ def _attend(plan, q, k, v, seg):
 
 
 def _attend_fwd(plan, q, k, v, seg):
-    out, lse_parts = _forward(plan, q, k, v, seg)
-    return out, (q, k, v, seg, out, lse_parts)
+    out, lse = _forward(plan, q, k, v, seg)
+    return out, (q, k, v, seg, out, lse)
 
 
 def _attend_bwd(plan, res, d_out):
@@ -102,14 +147,18 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 def blocked_causal_attention(q, k, v, segment_ids, chunk_size: int, dtype):
     """Blocked causal GQA attention on validated inputs.
 
-    q (B, T, H, K), k/v (B, T, Hkv, K), segment_ids (B, T) -> (B, T, H, K) in ``dtype``.
+    q (B, T, H, K), k/v (B, T, Hkv, K), segment_ids (B, T) ints or None (one sequence per
+    row) -> (B, T, H, K) in ``dtype``.
     """
     b, t, h, kd = q.shape
     hkv = k.shape[2]
     plan = BlockedPlan.make(t, chunk_size)
     tp = plan.padded_len
     scale = 1.0 / jnp.sqrt(jnp.asarray(kd, dtype))
-    qg = pad_time(q.astype(dtype) * scale, tp).reshape(b, tp, hkv, h // hkv, kd)
-    seg = pad_time(segment_ids.astype(jnp.int32), tp, PAD_SEGMENT)
-    out = _attend(plan, qg, pad_time(k.astype(dtype), tp), pad_time(v.astype(dtype), tp), seg)
-    return out[:, :t].reshape(b, t, h, kd)
+    # Heads-major layouts, made once: (B, Hkv, G, Tp, K) and (B, Hkv, Tp, K).
+    qg = pad_time(q.astype(dtype) * scale, tp).reshape(b, tp, hkv, h // hkv, kd).transpose(0, 2, 3, 1, 4)
+    kh, vh = (pad_time(x.astype(dtype), tp).transpose(0, 2, 1, 3) for x in (k, v))
+    # Padded keys sit after every real query, so causality alone hides them.
+    seg = None if segment_ids is None else pad_time(segment_ids.astype(jnp.int32), tp, PAD_SEGMENT)
+    out = _attend(plan, qg, kh, vh, seg)
+    return out.transpose(0, 3, 1, 2, 4)[:, :t].reshape(b, t, h, kd)

@@ -162,4 +162,6 @@ def causal_attention(q, k, v, *, segment_ids=None, method: str = "auto", chunk_s
     if method == "dense":
         return dense_causal_attention(q, k, v, packed)
     dtype = compute_dtype(q, k, v)
-    return blocked_causal_attention(q, k, v, packed, chunk_size, dtype).astype(v.dtype)
+    # Without segment ids the blocked path masks by causality alone (cheaper than comparing ids).
+    segments = None if segment_ids is None else packed
+    return blocked_causal_attention(q, k, v, segments, chunk_size, dtype).astype(v.dtype)

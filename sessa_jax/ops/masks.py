@@ -6,8 +6,6 @@ T x T array) so that blocked paths stay O(C T) in memory.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
 from jax import lax
 
@@ -49,42 +47,9 @@ def masked_softmax(logits, mask):
     return p / safe_l, lse
 
 
-def probs_from_lse(logits, lse, mask):
-    """Recomputes softmax probabilities from saved row statistics (backward passes)."""
-    return jnp.where(mask, jnp.exp(logits - lse[..., None]), 0.0)
-
-
 def default_segment_ids(batch: int, length: int):
     """All tokens in one segment: int32 ones of shape (B, T)."""
     return jnp.ones((batch, length), jnp.int32)
-
-
-@dataclasses.dataclass(frozen=True)
-class ChunkGroup:
-    """A run of consecutive chunks [first, stop) that share one static key length.
-
-    Query chunk i only needs keys before (i + 1) * C, so the scan is split into a few
-    groups whose key length is static: causal waste drops from 2x to (S + 1) / S.
-    """
-
-    first: int
-    stop: int
-    key_len: int
-
-
-def chunk_groups(num_chunks: int, chunk: int, max_groups: int = 4,
-                 min_chunks_per_group: int = 8) -> tuple[ChunkGroup, ...]:
-    """Splits ``num_chunks`` chunks of size ``chunk`` into at most ``max_groups`` groups.
-
-    Each group is one more scan to compile, so short sequences use a single group.
-    """
-    groups = max(1, min(max_groups, num_chunks // min_chunks_per_group))
-    bounds = [round(g * num_chunks / groups) for g in range(groups + 1)]
-    return tuple(
-        ChunkGroup(first=a, stop=b, key_len=b * chunk)
-        for a, b in zip(bounds[:-1], bounds[1:])
-        if b > a
-    )
 
 
 def pad_time(x, padded_len: int, value=0):

@@ -1,0 +1,125 @@
+"""Training throughput: tokens/s of the jitted train step train.py runs, Sessa vs the Transformer
+baseline of the same run config (only the mixer differs), in the same run.
+
+For each sequence length the run config (default: configs/default.py) gets
+``data.seq_len=L`` and ``model.max_len>=L``; each kind builds its state with the run's
+optimizer and the step ``train.py`` uses (``make_train_step``, state donated), on one batch of
+random tokens (every position weighted, one segment per row, as the data pipeline packs
+them). Data loading is not timed. After --warmup steps, --steps steps are timed per sample,
+kinds interleaved, --repeats samples; the table shows the median and the ratio of tokens/s
+Sessa / Transformer (>= 0.9 is the target), and the same ratio from the process's CPU time
+per step (steadier on a loaded machine; it counts every compute thread). --match-params widens the baseline to Sessa's
+parameter count (model.match_params); by default both have the same width.
+
+    python benchmarks/train_throughput.py                      # seq_len 512 and 2048
+    python benchmarks/train_throughput.py --seq-len 512 --steps 2 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _setup(config: str, kind: str, seq_len: int, args):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from sessa_jax import sharding
+    from sessa_jax.train.config import load_config, resolve
+    from sessa_jax.train.optimizer import make_optimizer
+    from sessa_jax.train.state import build_model, create_state, state_shardings
+    from sessa_jax.train.step import make_train_step
+
+    overrides = [f"--config.data.seq_len={seq_len}", f"--config.model.kind={kind}",
+                 f"--config.model.match_params={args.match_params and kind != 'sessa'}"]
+    cfg = load_config(config, overrides)
+    if cfg.model.max_len < seq_len:
+        cfg.model.max_len = seq_len
+    if args.batch_size:
+        cfg.data.batch_size = args.batch_size
+    resolved = resolve(cfg)
+    model, tx = build_model(resolved), make_optimizer(cfg.optim, cfg.train.steps)
+    mesh = sharding.make_mesh(dict(cfg.mesh))
+    data_sharding = sharding.batch_sharding(mesh)
+    shardings = state_shardings(model, tx, cfg.train.seed, seq_len, mesh)
+    step_fn = make_train_step(shardings, data_sharding, cfg.optim.grad_accum)
+    state = create_state(model, tx, cfg.train.seed, seq_len, sharding=shardings)
+    b = cfg.data.batch_size
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, resolved.model.vocab_size, (b, seq_len + 1), dtype=np.int32)
+    batch = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], weights=np.ones((b, seq_len), np.float32),
+                 segment_ids=np.ones((b, seq_len), np.int32),
+                 positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32), (b, seq_len)).copy())
+    batch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, data_sharding)
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+    holder = {"state": state}
+
+    def run(steps: int) -> None:
+        with sharding.activate(mesh):
+            st = holder["state"]
+            for _ in range(steps):
+                st, metrics = step_fn(st, batch)
+            jax.block_until_ready(metrics["loss"])
+            holder["state"] = st
+
+    info = dict(d_model=resolved.model.d_model, n_layers=resolved.model.n_layers, batch=b, params=n_params)
+    return run, info
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="default", help="run config (name or path), as train.py --config=")
+    p.add_argument("--seq-len", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--batch-size", type=int, default=0, help="override data.batch_size (0: the config's)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3, help="train steps per timing sample")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--match-params", action="store_true", help="baseline widened to Sessa's parameter count")
+    args = p.parse_args(argv)
+    for name in ("warmup", "steps", "repeats"):
+        if getattr(args, name) < (0 if name == "warmup" else 1):
+            p.error(f"--{name.replace('_', '-')} must be >= {0 if name == 'warmup' else 1}; got {getattr(args, name)}")
+    import jax
+
+    print(f"# {platform.machine()} cpus={os.cpu_count()}; jax {jax.__version__} on {jax.devices()[0].device_kind} "
+          f"({jax.default_backend()}); config {args.config}; match_params={args.match_params}")
+    print(f"# load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
+    kinds = ("sessa", "transformer")
+    print("| seq_len | kind | d_model | layers | batch | params | step ms | tokens/s | sessa / transformer "
+          "| step CPU ms | CPU ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for seq_len in args.seq_len:
+        runs = {k: _setup(args.config, k, seq_len, args) for k in kinds}
+        for run, _ in runs.values():
+            run(max(1, args.warmup))  # compiles
+        samples = {k: [] for k in kinds}
+        cpu = {k: [] for k in kinds}
+        for _ in range(args.repeats):
+            for k in kinds:
+                t0, c0 = time.perf_counter(), time.process_time()
+                runs[k][0](args.steps)
+                samples[k].append((time.perf_counter() - t0) / args.steps)
+                cpu[k].append((time.process_time() - c0) / args.steps)
+        cpu_ms = {k: statistics.median(cpu[k]) * 1e3 for k in kinds}
+        tok = {k: runs[k][1]["batch"] * seq_len / statistics.median(samples[k]) for k in kinds}
+        for k in kinds:
+            info = runs[k][1]
+            ratio = f"{tok['sessa'] / tok['transformer']:.2f}" if k == "sessa" else ""
+            cpu_ratio = f"{cpu_ms['transformer'] / cpu_ms['sessa']:.2f}" if k == "sessa" else ""
+            print(f"| {seq_len} | {k} | {info['d_model']} | {info['n_layers']} | {info['batch']} | {info['params']} | "
+                  f"{statistics.median(samples[k]) * 1e3:.1f} | {tok[k]:.0f} | {ratio} | {cpu_ms[k]:.1f} | {cpu_ratio} |",
+                  flush=True)
+    print(f"# load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
