@@ -64,7 +64,15 @@ except ImportError:
     top = types.ModuleType("tqdm"); top.auto = auto
     sys.modules["tqdm"], sys.modules["tqdm.auto"] = top, auto
 script, sys.argv = sys.argv[1], sys.argv[1:]
-runpy.run_path(script, run_name="__main__")
+if sys.argv[1:] == ["--dump-styles"]:  # print the published style tables as JSON
+    import json
+    g = runpy.run_path(script, run_name="published")
+    fam = lambda p: [dict(unigram=g[p + "_UNIGRAM"][s], bigrams=sorted(map(list, g[p + "_BIGRAM"][s])),
+                          motifs=g[p + "_MOTIF_WEIGHTS"][s]) for s in sorted(g[p + "_UNIGRAM"])]
+    print(json.dumps(dict(left=fam("LEFT"), right=fam("RIGHT"), constants=[g["BIGRAM_STRENGTH"],
+          g["MOTIF_INSERT_PROB"], g["NOISE_FLIP_PROB"]])))
+else:
+    runpy.run_path(script, run_name="__main__")
 """
 
 
@@ -180,6 +188,34 @@ def published(published_dir):
 @pytest.fixture(scope="module")
 def ours():
     return summarize(*_ours(N_OURS))
+
+
+def test_style_tables_and_constants_are_the_published_ones(published_dir):
+    """Every style's unigram weights, preferred bigrams and motif weights, as the published
+    script builds them (imported in a subprocess), against the tables our sampler uses."""
+    import json
+
+    out = subprocess.run([sys.executable, "-c", _RUNNER, reference_script(), "--dump-styles"], check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    published = json.loads(out)
+    p = ss.PUBLISHED
+    assert published["constants"] == [p.bigram_strength, p.motif_prob, p.flip_prob]
+    motif_names = ["".join(ss.ALPHABET[k] for k in m) for m in ss.motifs()]
+    assert sorted(motif_names) == sorted(published["left"][0]["motifs"])
+    for family, ours_family in zip(("left", "right"), ss.styles()):
+        assert len(published[family]) == len(ours_family)
+        for index, (pub, style) in enumerate(zip(published[family], ours_family)):
+            uni = np.array([pub["unigram"][c] for c in ss.ALPHABET])
+            np.testing.assert_array_equal(uni, style.unigram)
+            preferred = np.zeros((16, 16))
+            for a, b in pub["bigrams"]:
+                preferred[ss.ALPHABET.index(a), ss.ALPHABET.index(b)] = p.bigram_strength
+            weights = uni[None, :] * (1.0 + preferred)
+            np.testing.assert_allclose(style.transition, weights / weights.sum(1, keepdims=True), rtol=1e-12)
+            sampler = ss._sampler(int(family == "right"), index)
+            ours_motif_w = np.diff([0.0] + sampler.motif_cum[5])
+            ours_named = {"".join(ss.ALPHABET[k] for k in m): w for m, w in zip(sampler.motif_ids[5], ours_motif_w)}
+            assert ours_named == pytest.approx(pub["motifs"], rel=1e-12)
 
 
 def test_reader_reads_the_published_files_and_splits_are_exactly_balanced(published_dir, published):
