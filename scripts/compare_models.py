@@ -251,6 +251,17 @@ def read_results(path: str) -> list[dict]:
     return out
 
 
+def _end_with_newline(path: str) -> None:
+    """Closes a line torn by an interrupted write, so the next result starts a line of its own."""
+    if os.path.exists(path) and os.path.getsize(path):
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        if torn:
+            with open(path, "a") as f:
+                f.write("\n")
+
+
 def plan(scale: Scale, tasks) -> list[tuple[str, object]]:
     """(task, length) pairs, shortest lengths of every task first."""
     per_task = [[(t, n) for n in (scale.soup_lengths if t == "symbol_soup" else scale.mqar_lengths)] for t in tasks]
@@ -270,6 +281,7 @@ def compare(scale_name: str, out: str, tasks=("symbol_soup", "mqar"), kinds=KIND
     scale = SCALES[scale_name]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     done = {run_key(r) for r in read_results(out)}
+    _end_with_newline(out)
     for task, length in plan(scale, tasks):
         name = length_name(task, length)
         todo = [(s, lr, k) for s in scale.seeds for lr in scale.lrs for k in kinds
