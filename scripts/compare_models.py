@@ -71,7 +71,7 @@ SCALES = {
                  mqar_vocab=32, mqar_eval=8, chunk_size=16),
     "cpu": Scale(d_model=32, n_heads=1, n_layers=2, batch_size=16, steps=200, lrs=(1e-3, 3e-3, 1e-2),
                  seeds=(0, 1, 2), soup_lengths=((100, 150), (200, 300)), soup_sizes=(3200, 400, 400),
-                 mqar_lengths=(64, 128), mqar_kv_pairs=4, mqar_vocab=32, mqar_eval=256, chunk_size=64),
+                 mqar_lengths=(64, 128), mqar_kv_pairs=4, mqar_vocab=32, mqar_eval=256, chunk_size=16),
     "paper": Scale(d_model=768, n_heads=12, n_layers=12, batch_size=32, steps=5000, lrs=(3e-4, 6e-4, 1.2e-3),
                    seeds=(0, 1, 2), soup_lengths=((400, 600), (1366, 2048)), soup_sizes=(20000, 2000, 2000),
                    mqar_lengths=(512, 2048), mqar_kv_pairs=32, mqar_vocab=8192, mqar_eval=2000, chunk_size=128,
