@@ -290,3 +290,22 @@ def test_flips_always_change_the_symbol():
     a = ss.styled_block(np.random.default_rng(1), 0, 2, 500, never_flip)
     b = ss.styled_block(np.random.default_rng(1), 0, 2, 500, always_flip)
     assert np.all(a != b)  # same draws before the flips, which then hit every symbol
+
+
+def test_the_training_pipeline_reads_the_published_files(published_dir):
+    """``data.symbol_soup.tsv_dir`` = the published script's output: batches score the class at <label>."""
+    from sessa_jax.data import EVAL, TRAIN, make_iterator
+    from sessa_jax.train.config import load_config
+
+    cfg = load_config("symbol_soup", [f"data.symbol_soup.tsv_dir={published_dir}", "data.batch_size=4"])
+    texts, labels = st.read_tsv(st.split_file(published_dir, 1))
+    for split in (TRAIN, EVAL):
+        batch = next(make_iterator(cfg.data, split))
+        assert batch["inputs"].shape == (4, 600)
+        last = batch["weights"].argmax(1)
+        assert np.all(batch["weights"].sum(1) == 1) and np.all(batch["inputs"][np.arange(4), last] == ss.LABEL)
+        assert np.all(batch["targets"][np.arange(4), last] >= ss.CLASS0)
+    eval_batch = next(make_iterator(cfg.data, EVAL))  # the eval split is the val file, in order
+    first = eval_batch["inputs"][0][eval_batch["segment_ids"][0] > 0]
+    np.testing.assert_array_equal(first, texts[0])
+    assert eval_batch["targets"][0][len(first) - 1] == ss.CLASS0 + labels[0]
