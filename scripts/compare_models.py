@@ -199,8 +199,12 @@ class Trainer:
         """Accuracy on the weighted positions of ``data`` (all of it, in batches)."""
         b, n = self.scale.batch_size, len(data["inputs"])
         correct = weight = 0.0
-        for start in range(0, n - n % b, b):
-            sums = self.eval_sums(params, {k: v[start:start + b] for k, v in data.items()})
+        for start in range(0, n, b):
+            batch = {k: v[start:start + b] for k, v in data.items()}
+            if len(batch["inputs"]) < b:  # pad the last batch with unscored rows (one compiled shape)
+                pad = b - len(batch["inputs"])
+                batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+            sums = self.eval_sums(params, batch)
             correct += float(sums["correct_sum"])
             weight += float(sums["weight_sum"])
         return correct / max(weight, 1.0)

@@ -116,3 +116,15 @@ def test_every_scale_matches_parameters_within_five_percent(name):
     scale = cm.SCALES[name]
     for task, length in cm.plan(scale, ("symbol_soup", "mqar")):
         cm.model_configs(scale, task, length)  # raises if a kind is more than 5% off
+
+
+def test_accuracy_counts_every_example_when_the_last_batch_is_partial():
+    scale = cm.SCALES["toy"]  # batch 4
+    data = cm.task_data(scale, "mqar", 16)[cm.SPLIT_TEST]  # 8 rows
+    trainer = cm.Trainer(cm.model_configs(scale, "mqar", 16)["transformer"], "transformer", scale)
+    params, _ = trainer.init(0)
+    first6 = {k: v[:6] for k, v in data.items()}  # one full batch + 2 rows padded to 4
+    masked = dict(data, weights=np.where(np.arange(8)[:, None] < 6, data["weights"], 0.0).astype(np.float32))
+    sums = [trainer.eval_sums(params, {k: v[s:s + 4] for k, v in masked.items()}) for s in (0, 4)]
+    expect = sum(float(x["correct_sum"]) for x in sums) / sum(float(x["weight_sum"]) for x in sums)
+    assert trainer.accuracy(params, first6) == pytest.approx(expect, rel=1e-6)
