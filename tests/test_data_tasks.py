@@ -61,7 +61,7 @@ def test_symbol_soup_rows_score_only_the_class_at_the_label_position():
     assert len(lengths) > 5  # lengths vary, as published
 
 
-def test_symbol_soup_styles_are_the_published_ones():
+def test_symbol_soup_styles_follow_the_published_construction_rule():
     """The construction rule: primaries/secondaries are positions 0-3/4-7 of ``random.Random(123|456)``
     shuffling a fresh alphabet per style (the tables themselves are compared with the published
     script's in tests/test_symbol_soup_published.py)."""
