@@ -346,8 +346,9 @@ def table(summary: list[dict]) -> str:
              "| min-max | mean test acc per lr |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in summary:
         per_lr = ", ".join(f"{k}: {v:.3f}" for k, v in s["per_lr"].items())
+        sd = f"{s['test_sd']:.3f}" if s["seeds"] > 1 else "n/a (1 seed)"
         lines.append(f"| {s['task']} | {s['length']} | {s['kind']} | {s['params']:,} | {s['d_model']} | "
-                     f"{s['tokens']:,} | {s['best_lr']:g} | {s['seeds']} | {s['test_mean']:.3f} ± {s['test_sd']:.3f} "
+                     f"{s['tokens']:,} | {s['best_lr']:g} | {s['seeds']} | {s['test_mean']:.3f} ± {sd} "
                      f"| {s['test_min']:.3f}-{s['test_max']:.3f} | {per_lr} |")
     return "\n".join(lines)
 
