@@ -33,9 +33,16 @@ def main(argv: list[str]) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from sessa_jax.train.loop import train  # imports JAX: after the config is known to be good
+    from sessa_jax.train.run_errors import USER_ERRORS
 
     name = config.rsplit("/", 1)[-1].removesuffix(".py")
-    result = train(cfg, workdir or f"runs/{name}")
+    try:
+        result = train(cfg, workdir or f"runs/{name}")
+    except USER_ERRORS as e:  # bad data, mesh, workdir or checkpoint found after start-up: no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result.step != cfg.train.steps and not result.interrupted:
+        print(f"error: stopped at step {result.step} of train.steps={cfg.train.steps}", file=sys.stderr)
     return 0 if result.step == cfg.train.steps or result.interrupted else 1
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 SOLVERS = ("dense", "blocked", "recursive", "auto")
 FEEDBACK_PRECISIONS = ("auto", "float32", "bf16x3", "bfloat16")
+FEEDBACK_KERNELS = ("xla", "pallas")
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -34,7 +35,9 @@ class SessaConfig:
     blocked on CPU), ``chunk_size`` (C of the blocked paths), ``leaf_size`` (Cs, the leaf of
     the recursive solve), ``feedback_precision`` (tier of the recursive solve's chained
     products: "auto" = bf16x3 on GPU/TPU and float32 on CPU, "float32", "bf16x3",
-    "bfloat16"),
+    "bfloat16"), ``feedback_kernels`` ("xla", the portable default, or "pallas": the TPU
+    Mosaic kernels for the recursive solve's statistics pass and forward pushes, opt-in until
+    measured on a TPU; needs leaf_size a multiple of 128),
     ``dtype`` (compute) and ``param_dtype`` (parameters, float32 by default).
 
     LM fields: ``vocab_size``, ``n_layers``, ``max_len`` (decode cache length),
@@ -52,6 +55,7 @@ class SessaConfig:
     chunk_size: int = 128
     leaf_size: int = 512
     feedback_precision: str = "auto"
+    feedback_kernels: str = "xla"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     vocab_size: int = 256
@@ -129,6 +133,16 @@ class SessaConfig:
             raise ValueError(
                 f"SessaConfig.feedback_precision={self.feedback_precision!r} is unknown; choose one of "
                 f"{FEEDBACK_PRECISIONS} ('auto' = bf16x3 on GPU/TPU, float32 on CPU)"
+            )
+        if self.feedback_kernels not in FEEDBACK_KERNELS:
+            raise ValueError(
+                f"SessaConfig.feedback_kernels={self.feedback_kernels!r} is unknown; choose one of "
+                f"{FEEDBACK_KERNELS} ('xla' everywhere, 'pallas' = TPU kernels)"
+            )
+        if self.feedback_kernels == "pallas" and self.leaf_size % 128:
+            raise ValueError(
+                f"SessaConfig.feedback_kernels='pallas' needs leaf_size a multiple of 128; got leaf_size="
+                f"{self.leaf_size} (use 512, or feedback_kernels='xla')"
             )
         if self.d_model % self.n_heads:
             raise ValueError(

@@ -5,6 +5,13 @@ Layer names follow SPEC section 4 (``ln.weight``, ``W_in.weight``, ``mixer.q_pro
 ...). The LM-level layout adds ``embed.weight`` (V, D), ``layers.{i}.<layer name>``,
 ``norm_f.weight``/``norm_f.bias`` and, when embeddings are untied, ``head.weight`` (V, D).
 Only numpy is needed; ``load_torch_state_dict`` imports torch lazily for ``.pt`` files.
+
+Interop target: the published ``SessaLayer`` (LibratioAI/sessa). ``layer_params_to_torch``
+emits exactly its ``state_dict()`` keys, buffers included (``mixer.rope_inv_freq`` when
+RoPE is on; ``mixer.causal_mask_f_full``/``causal_mask_fb_full`` when it was built with
+``max_len``), so ``load_state_dict(strict=True)`` succeeds. The loaders check the buffers
+against the config: ``rope_inv_freq`` reveals RoPE and the head width (hence n_heads),
+which the weight shapes alone do not.
 """
 
 from __future__ import annotations
@@ -33,6 +40,93 @@ def _layer_table(cfg: SessaConfig):
 
 
 _BUFFERS = ("mixer.rope_inv_freq", "mixer.causal_mask_f_full", "mixer.causal_mask_fb_full")
+
+
+class PublishedStateDict(dict):
+    """A state dict read from PyTorch (``load_torch_state_dict``): its buffers are complete, so a
+    missing ``mixer.rope_inv_freq`` means the layer had no RoPE."""
+
+
+def _to_numpy(value) -> np.ndarray:
+    """numpy view of a numpy array or (CPU/GPU, any dtype incl. bfloat16) torch tensor."""
+    if type(value).__module__.startswith("torch"):
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            import ml_dtypes
+
+            return value.view(_torch().int16).numpy().view(ml_dtypes.bfloat16)
+        return value.numpy()
+    return np.asarray(value)
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def rope_inv_freq(cfg: SessaConfig) -> np.ndarray:
+    """The published layer's ``mixer.rope_inv_freq`` buffer: base^(-2i/head_dim), i < head_dim/2 (float32)."""
+    half = cfg.head_dim // 2
+    return (np.float32(cfg.rope_base) ** (-2 * np.arange(half, dtype=np.float32) / np.float32(cfg.head_dim))
+            ).astype(np.float32)
+
+
+def _buffers(cfg: SessaConfig, max_len: int | None) -> dict:
+    out = {}
+    if cfg.rope:
+        out["mixer.rope_inv_freq"] = rope_inv_freq(cfg)
+    if max_len is not None:
+        base = np.ones((max_len, max_len), dtype=bool)
+        out["mixer.causal_mask_f_full"] = np.triu(base, 1)  # True = masked: the forward branch sees the diagonal
+        out["mixer.causal_mask_fb_full"] = np.triu(base, 0)  # the feedback branch sees the strict past
+    return out
+
+
+def _check_buffers(state_dict: Mapping, cfg: SessaConfig, prefix: str, complete: bool) -> None:
+    """ValueError naming the mismatch between the buffers of ``state_dict`` and ``cfg``.
+
+    ``complete``: the dict holds every buffer its layer registered, so a missing
+    ``rope_inv_freq`` means rope=False (a weights-only dict may omit buffers).
+    """
+    name = prefix + "mixer.rope_inv_freq"
+    if name in state_dict:
+        saved = _to_numpy(state_dict[name])
+        inv = saved.astype(np.float64)
+        # the buffer is rounded to the dtype it was saved in (e.g. a bfloat16 .pt): compare to that precision
+        tol = 2.0 ** -7 if saved.dtype.name == "bfloat16" else 2 * float(np.finfo(np.float16).eps) \
+            if saved.dtype == np.float16 else 1e-4
+        if not cfg.rope:
+            raise ValueError(f"{name} is present: the state dict comes from a layer with RoPE, but the config has "
+                             f"rope=False; set rope=True")
+        if inv.shape != (cfg.head_dim // 2,):
+            width = 2 * inv.shape[0] if inv.ndim == 1 else None
+            heads = f"n_heads={cfg.d_model // width}" if width and cfg.d_model % width == 0 else "another n_heads"
+            raise ValueError(
+                f"{name} has shape {inv.shape}: the saved layer's head width is {width}, i.e. {heads}; the config "
+                f"has n_heads={cfg.n_heads} (head width {cfg.head_dim}); set n_heads to match"
+            )
+        want = rope_inv_freq(cfg).astype(np.float64)
+        if not np.allclose(inv, want, rtol=tol, atol=0):
+            raise ValueError(f"{name} does not match rope_base={cfg.rope_base} for head width {cfg.head_dim} "
+                             f"(saved {inv[:3]}..., expected {want[:3]}...); set rope_base to the saved layer's")
+    elif cfg.rope and (complete or any(prefix + b in state_dict for b in _BUFFERS)):
+        raise ValueError(f"the state dict has no {name}: it comes from a layer without RoPE, but the config has "
+                         f"rope=True; set rope=False")
+    masks = [prefix + b for b in _BUFFERS[1:]]
+    present = [m for m in masks if m in state_dict]
+    if present and len(present) != 2:
+        raise ValueError(f"the state dict holds {present} but not {sorted(set(masks) - set(present))}; the published "
+                         f"layer registers both causal masks (or neither)")
+    if present:
+        f_mask, fb_mask = (_to_numpy(state_dict[m]) for m in masks)
+        n = f_mask.shape[0] if f_mask.ndim == 2 else -1
+        expected = _buffers(cfg, n) if n > 0 else {}
+        for m, got in zip(masks, (f_mask, fb_mask)):
+            want = expected.get(m[len(prefix):])
+            if want is None or got.shape != want.shape or not np.array_equal(got.astype(bool), want):
+                raise ValueError(f"{m} (shape {got.shape}) is not the published layer's causal mask of a square "
+                                 f"max_len; the state dict is damaged or from another model")
 
 
 def _expected_shape(cfg: SessaConfig, name: str) -> tuple:
@@ -64,6 +158,8 @@ def _get(tree: Mapping, path: tuple):
 
 
 def _layer_params(state_dict: Mapping, cfg: SessaConfig, prefix: str, dtype) -> dict:
+    _check_buffers(state_dict, cfg, prefix, complete=isinstance(state_dict, PublishedStateDict)
+                   or any(type(v).__module__.startswith("torch") for v in state_dict.values()))
     table = _layer_table(cfg)
     expected = {name for name, _, _ in table}
     present = {k[len(prefix):] for k in state_dict if k.startswith(prefix)}
@@ -76,7 +172,7 @@ def _layer_params(state_dict: Mapping, cfg: SessaConfig, prefix: str, dtype) -> 
                        f"(n_heads={cfg.n_heads}: out_proj exists only when n_heads > 1)")
     params: dict = {}
     for name, path, transpose in table:
-        value = np.asarray(state_dict[prefix + name])
+        value = _to_numpy(state_dict[prefix + name])
         if value.shape != _expected_shape(cfg, name):
             raise ValueError(f"{prefix + name} has shape {value.shape}; expected {_expected_shape(cfg, name)} "
                              f"for d_model={cfg.d_model}, n_heads={cfg.n_heads}, n_kv_heads={cfg.kv_heads}")
@@ -89,22 +185,64 @@ def layer_params_from_torch(state_dict: Mapping, cfg: SessaConfig, dtype=None) -
     """Maps a SessaLayer state dict (reference names -> arrays) to ``{'params': ...}``.
 
     The result is accepted by ``SessaLayer(cfg).apply``. ``dtype`` casts every array
-    (default: keep the input dtype); buffers (rope_inv_freq, causal masks) are ignored.
+    (default: keep the input dtype). Values may be numpy arrays or torch tensors (any
+    float dtype, bfloat16 included). Buffers (rope_inv_freq, causal masks) carry no
+    learned state but are checked against ``cfg`` (RoPE on/off, head width, rope_base,
+    mask shape); a mismatch raises ValueError naming it. A dict of torch tensors (or from
+    ``load_torch_state_dict``) is taken as complete: no rope_inv_freq means no RoPE.
     """
     return {"params": _layer_params(state_dict, cfg, "", dtype)}
 
 
-def _layer_to_torch(params: Mapping, cfg: SessaConfig, prefix: str) -> dict:
+def _layer_to_torch(params: Mapping, cfg: SessaConfig, prefix: str, include_buffers: bool = False,
+                    max_len: int | None = None) -> dict:
     out = {}
     for name, path, transpose in _layer_table(cfg):
         value = np.asarray(_get(params, path))
         out[prefix + name] = value.T if transpose else value
+    if include_buffers:
+        out.update({prefix + k: v for k, v in _buffers(cfg, max_len).items()})
     return out
 
 
-def layer_params_to_torch(variables: Mapping, cfg: SessaConfig) -> dict:
-    """Inverse of ``layer_params_from_torch``: reference names -> numpy arrays."""
-    return _layer_to_torch(variables["params"], cfg, "")
+def _torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _finish(out: dict, as_torch: bool | None) -> dict:
+    """Writable, contiguous numpy copies (``torch.from_numpy`` and ``load_state_dict`` reject read-only
+    arrays), or torch tensors: ``as_torch`` None = tensors when torch is installed."""
+    arrays = {k: np.array(v, copy=True, order="C") for k, v in out.items()}
+    if as_torch is None:
+        as_torch = _torch_available()
+    if not as_torch:
+        return arrays
+    torch = _torch()
+
+    def tensor(a):
+        if a.dtype.name == "bfloat16":  # numpy has no bfloat16: go through its bits
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(a)
+
+    return {k: tensor(v) for k, v in arrays.items()}
+
+
+def layer_params_to_torch(variables: Mapping, cfg: SessaConfig, include_buffers: bool = True,
+                          max_len: int | None = None, as_torch: bool | None = None) -> dict:
+    """Inverse of ``layer_params_from_torch``: the published layer's ``state_dict()``.
+
+    ``include_buffers`` adds ``mixer.rope_inv_freq`` (when ``cfg.rope``) and, for a
+    published layer built with ``max_len``, its two (max_len, max_len) bool causal masks,
+    so ``torch_layer.load_state_dict(sd, strict=True)`` succeeds. ``as_torch``: torch
+    tensors (True), writable numpy arrays (False), or tensors when torch is installed (None).
+    """
+    if max_len is not None and not include_buffers:
+        raise ValueError("layer_params_to_torch: max_len sizes the causal-mask buffers; it needs include_buffers=True")
+    return _finish(_layer_to_torch(variables["params"], cfg, "", include_buffers, max_len), as_torch)
 
 
 def lm_params_from_torch(state_dict: Mapping, cfg: SessaConfig, dtype=None) -> dict:
@@ -113,7 +251,7 @@ def lm_params_from_torch(state_dict: Mapping, cfg: SessaConfig, dtype=None) -> d
     Honours ``cfg.scan_layers`` (layer params stacked on a leading axis under 'layers')
     and ``cfg.tie_embeddings`` (``head.weight`` required only when untied).
     """
-    cast = (lambda a: np.asarray(a).astype(dtype)) if dtype is not None else np.asarray
+    cast = (lambda a: _to_numpy(a).astype(dtype)) if dtype is not None else _to_numpy
     layers = [_layer_params(state_dict, cfg, f"layers.{i}.", dtype) for i in range(cfg.n_layers)]
     extra = sorted(k for k in state_dict if k.startswith("layers.") and k.split(".")[1].isdigit()
                    and int(k.split(".")[1]) >= cfg.n_layers)
@@ -134,7 +272,7 @@ def lm_params_from_torch(state_dict: Mapping, cfg: SessaConfig, dtype=None) -> d
                        f"norm_f.weight, norm_f.bias, head.weight (untied only) and layers.<i>.<layer name>")
     if cfg.tie_embeddings and "head.weight" in state_dict:
         # A tied PyTorch model lists the shared matrix under both names; anything else is an untied head.
-        if not np.array_equal(np.asarray(state_dict["head.weight"]), np.asarray(state_dict["embed.weight"])):
+        if not np.array_equal(_to_numpy(state_dict["head.weight"]), _to_numpy(state_dict["embed.weight"])):
             raise KeyError("state dict has a head.weight that differs from embed.weight, but the config has "
                            "tie_embeddings=True and would drop it; load it with tie_embeddings=False")
     for name, shape in shapes.items():
@@ -157,8 +295,10 @@ def lm_params_from_torch(state_dict: Mapping, cfg: SessaConfig, dtype=None) -> d
     return {"params": params}
 
 
-def lm_params_to_torch(variables: Mapping, cfg: SessaConfig) -> dict:
-    """Inverse of ``lm_params_from_torch``."""
+def lm_params_to_torch(variables: Mapping, cfg: SessaConfig, include_buffers: bool = True,
+                       max_len: int | None = None, as_torch: bool | None = None) -> dict:
+    """Inverse of ``lm_params_from_torch``: ``head.weight`` only when untied; per-layer buffers,
+    ``max_len`` and ``as_torch`` as in ``layer_params_to_torch``."""
     params = variables["params"]
     out = {
         "embed.weight": np.asarray(params["embed"]["embedding"]),
@@ -174,15 +314,19 @@ def lm_params_to_torch(variables: Mapping, cfg: SessaConfig) -> dict:
             layer = jax.tree_util.tree_map(lambda a, i=i: np.asarray(a)[i], params["layers"])
         else:
             layer = params[f"layers_{i}"]
-        out.update(_layer_to_torch(layer, cfg, f"layers.{i}."))
-    return out
+        out.update(_layer_to_torch(layer, cfg, f"layers.{i}.", include_buffers, max_len))
+    return _finish(out, as_torch)
 
 
-def load_torch_state_dict(path: str) -> dict:
-    """Reads a ``.pt`` state dict into numpy arrays (needs the optional ``torch`` extra)."""
+def load_torch_state_dict(path: str) -> PublishedStateDict:
+    """Reads a ``.pt`` state dict into numpy arrays (needs the optional ``torch`` extra).
+
+    bfloat16 tensors become ``ml_dtypes.bfloat16`` arrays (exact). The result is a
+    ``PublishedStateDict``: the loaders treat its buffers as complete.
+    """
     try:
         import torch
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("loading .pt files needs PyTorch: pip install 'sessa-jax[torch]'") from e
+        raise ImportError("loading .pt files needs PyTorch: pip install 'sessa-jax[interop]'") from e
     sd = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v.detach().cpu().numpy() for k, v in sd.items()}
+    return PublishedStateDict({k: _to_numpy(v) for k, v in sd.items()})

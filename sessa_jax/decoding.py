@@ -51,6 +51,21 @@ def cache_index(cache):
     return idx.reshape(-1)[0] if idx.ndim else idx
 
 
+def cache_full_error(cache) -> ValueError | None:
+    """The error for a decode step into a full cache (index >= length); None when there is
+    room or the index is traced (under jit a step past the end yields NaN instead)."""
+    idx = cache_index(cache)
+    if isinstance(idx, jax.core.Tracer):
+        return None
+    length = cache_length(cache)
+    if int(idx) >= length:
+        return ValueError(
+            f"Cache is full: it holds {length} positions and all are used, so a decode step has nowhere to go; "
+            f"build the cache (or the config) with a larger max_len"
+        )
+    return None
+
+
 def _check_room(cache, needed: int, what: str) -> None:
     length = cache_length(cache)
     idx = cache_index(cache)
@@ -124,12 +139,19 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p, vocab_size: int) -
     """ValueError naming the setting for any sampling argument outside its range."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"generate: temperature must be >= 0 (0 = greedy); got {temperature}")
+    if not (isinstance(temperature, (int, float)) and 0 <= temperature < float("inf")):
+        raise ValueError(f"generate: temperature must be a finite number >= 0 (0 = greedy); got {temperature!r}")
     if top_k is not None and not 1 <= top_k <= vocab_size:
         raise ValueError(f"generate: top_k must be in [1, vocab_size={vocab_size}]; got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"generate: top_p must be in (0, 1]; got {top_p}")
+
+
+def check_token_ids(tokens, vocab_size: int) -> None:
+    """ValueError naming the first id of ``tokens`` outside [0, vocab_size) (see ``sessa_jax.model``)."""
+    from sessa_jax.model import check_token_ids as check
+
+    check(tokens, vocab_size)
 
 
 def generate(model, params, prompt, max_new_tokens: int, rng, temperature: float = 1.0,
@@ -143,7 +165,10 @@ def generate(model, params, prompt, max_new_tokens: int, rng, temperature: float
     prompt = jnp.asarray(prompt)
     if prompt.ndim != 2 or prompt.shape[1] < 1:
         raise ValueError(f"generate: prompt must be (batch, length >= 1) token ids; got shape {tuple(prompt.shape)}")
+    if not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise ValueError(f"generate: prompt must hold integer token ids; got dtype {prompt.dtype}")
     check_sampling(max_new_tokens, temperature, top_k, top_p, model.config.vocab_size)
+    check_token_ids(prompt, model.config.vocab_size)
     if getattr(model, "kind", "sessa") != "sessa":
         raise NotImplementedError(f"generate: cached decoding exists for kind='sessa' only; got {model.kind!r}")
     cfg = model.config

@@ -63,7 +63,12 @@ class SessaLayer(nn.Module):
             raise ValueError(
                 f"SessaLayer expects x of shape (batch, time, d_model={cfg.d_model}); got {tuple(x.shape)}"
             )
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"SessaLayer expects floating-point x (float32/bfloat16); got {x.dtype}: cast it, e.g. "
+                             f"x.astype(jnp.float32) (integer or bool input would truncate the output)")
         b, t, _ = x.shape
+        if t == 0:
+            raise ValueError(f"SessaLayer got x of shape {tuple(x.shape)}: no positions (T=0); pass at least one token")
         if decode and cache is None:
             raise ValueError(
                 "decode=True appends to a decode cache: pass cache=sessa_jax.decoding.init_layer_cache("
@@ -71,6 +76,12 @@ class SessaLayer(nn.Module):
             )
         if decode and t != 1:
             raise ValueError(f"decode=True appends one token: x must be (batch, 1, {cfg.d_model}); got {tuple(x.shape)}")
+        if decode and isinstance(cache, dict) and "index" in cache and "k_f" in cache:
+            from sessa_jax.decoding import cache_full_error  # decoding imports no modules: no cycle
+
+            err = cache_full_error(cache)
+            if err is not None:  # eager only: under jit the step yields NaN (SessaMixer)
+                raise err
         if segment_ids is not None and tuple(segment_ids.shape) != (b, t):
             raise ValueError(f"segment_ids must have shape (batch, time) = {(b, t)}; got {tuple(segment_ids.shape)}")
         x = constrain(x, BTD)

@@ -147,7 +147,7 @@ class SessaMixer(AttentionMixer):
         q_b, k_b, gamma = self.feedback_inputs(a_bar)
         s = feedback_solve(
             q_b, k_b, gamma, f, segment_ids=segment_ids, method=cfg.solver, chunk_size=cfg.chunk_size,
-            leaf_size=cfg.leaf_size, precision=cfg.feedback_precision,
+            leaf_size=cfg.leaf_size, precision=cfg.feedback_precision, kernels=cfg.feedback_kernels,
         )
         s = constrain(s, BTW)  # the solve is independent per width column: s stays split over D
         if cache is None:

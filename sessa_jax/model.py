@@ -4,17 +4,72 @@
 head and block wrapper are shared so baselines are matched. ``config.scan_layers`` runs
 the blocks under ``nn.scan`` (params stacked on a leading layer axis, one compiled
 block); ``config.remat`` rematerialises each block in the backward pass.
+
+Token ids outside [0, vocab_size) would make every logit NaN (the embedding lookup fills
+them with NaN, and attention spreads them). Eager calls raise ``ValueError`` naming the id
+and the vocabulary size. Under ``jax.jit`` ids cannot be inspected; wrap the function with
+``with_token_checks`` (``jax.experimental.checkify``) to get the same error from ``err.throw()``:
+
+    err, logits = jax.jit(with_token_checks(model.apply))(params, tokens)
+    err.throw()
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
 
 from sessa_jax.config import SessaConfig
 from sessa_jax.layer import SessaLayer
 from sessa_jax.ops.rope import resolve_positions
 from sessa_jax.sharding import BTD, BTV, constrain, dense_init, logical, norm_init
+
+
+_CHECKIFY_TOKENS = contextvars.ContextVar("sessa_checkify_tokens", default=False)
+
+
+def check_token_ids(tokens, vocab_size: int) -> None:
+    """Checks that every id of ``tokens`` (any shape, integer) lies in [0, vocab_size).
+
+    Concrete arrays: ValueError naming the first bad id, its position and the vocabulary
+    size. Traced arrays: a ``checkify.check`` when called inside ``with_token_checks``,
+    otherwise nothing (a plain ``jit`` cannot raise on values).
+    """
+    if isinstance(tokens, jax.core.Tracer):
+        if _CHECKIFY_TOKENS.get():
+            ok = (tokens >= 0) & (tokens < vocab_size)
+            first = jnp.reshape(tokens, -1)[jnp.argmin(jnp.reshape(ok, -1))]
+            checkify.check(jnp.all(ok), "token id {id} is outside the vocabulary [0, {v}) of this model",
+                           id=first, v=jnp.int32(vocab_size))
+        return
+    t = np.asarray(tokens)
+    bad = (t < 0) | (t >= vocab_size)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"token id {int(t[where])} at position {where} is outside the vocabulary [0, {vocab_size}) of this "
+            f"model ({int(bad.sum())} bad ids in all); ids must come from the tokenizer/task the model was built for"
+        )
+
+
+def with_token_checks(fn):
+    """``checkify``-ed ``fn`` (e.g. ``model.apply``) whose SessaLM calls check token ids:
+    returns ``(err, out)``; ``err.throw()`` raises with the first bad id. Works under jit."""
+
+    def traced(*args, **kwargs):
+        flag = _CHECKIFY_TOKENS.set(True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _CHECKIFY_TOKENS.reset(flag)
+
+    return checkify.checkify(functools.wraps(fn)(traced))
 
 
 class _StackedLayer(SessaLayer):
@@ -70,11 +125,20 @@ class SessaLM(nn.Module):
             raise ValueError(f"SessaLM expects integer tokens of shape (batch, time); got {tokens.dtype} "
                              f"{tuple(tokens.shape)}")
         b, t = tokens.shape
+        if t == 0:
+            raise ValueError(f"SessaLM got tokens of shape {(b, t)}: no positions (T=0); pass at least one token per row")
+        check_token_ids(tokens, cfg.vocab_size)
         if decode and cache is None:
             raise ValueError(
                 "decode=True appends to a decode cache: pass cache=sessa_jax.decoding.init_cache(config, "
                 "batch_size) (prefilled by a call with cache=... and decode=False)"
             )
+        if decode:
+            from sessa_jax.decoding import cache_full_error
+
+            err = cache_full_error(cache)
+            if err is not None:
+                raise err
         if not decode and cache is None:
             positions = resolve_positions(segment_ids, positions, b, t)
         x = constrain(self.embed(tokens), BTD)

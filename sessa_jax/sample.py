@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sessa_jax.data import text
-from sessa_jax.decoding import check_sampling
+from sessa_jax.decoding import check_sampling, check_token_ids
 from sessa_jax.train import checkpoint as ckpt
 from sessa_jax.train.config import config_from_json
 from sessa_jax.train.state import build_model, init_params
@@ -53,6 +53,7 @@ def decode_tokens(tokens: np.ndarray, task: str) -> str:
 def generate_by_recompute(model, params, prompt, max_new_tokens: int, rng, temperature=1.0, top_k=None):
     """Samples by re-running the full model on a fixed-size buffer (one compile)."""
     check_sampling(max_new_tokens, temperature, top_k, None, model.config.vocab_size)
+    check_token_ids(prompt, model.config.vocab_size)
     b, p = prompt.shape
     buf = jnp.zeros((b, p + max_new_tokens), jnp.int32).at[:, :p].set(prompt)
 
@@ -77,6 +78,8 @@ def sample(run_dir: str, prompt: str, max_new_tokens: int = 64, temperature: flo
     """Continuation of ``prompt`` sampled from the run's parameters."""
     model, params, cfg = load_run(run_dir, step)
     tokens = jnp.asarray(encode_prompt(prompt, cfg.data.task))[None]
+    if tokens.shape[1] == 0:
+        raise ValueError(f"a {cfg.data.task!r} run needs a non-empty --prompt of space-separated token ids, e.g. '3 41 7'")
     rng = jax.random.PRNGKey(seed)
     if cfg.model.kind == "sessa":
         from sessa_jax.decoding import generate

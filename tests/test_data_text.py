@@ -105,15 +105,14 @@ def test_packed_documents_do_not_see_each_other_in_the_model(kind):
     assert not np.allclose(one_doc[cut:], alone(ex["inputs"][cut:]), **tol)  # without segments it would leak
 
 
-def test_max_bytes_caps_the_corpus_even_inside_one_file(tmp_path):
-    """data.text.max_bytes bounds the bytes read, also when one file alone is larger than it."""
+def test_max_bytes_caps_only_the_builtin_corpus(tmp_path):
+    """A user corpus is read whole or refused (tests/test_guard_data.py); the built-in corpus is
+    its first max_bytes bytes, also inside one file."""
+    docs = text.read_documents("", 1000)
+    assert sum(len(d) for d in docs) == 1000
     big = bytes(range(32, 127)) * 100  # 9500 bytes of text
     (tmp_path / "big.txt").write_bytes(big)
-    docs = text.read_documents(str(tmp_path / "big.txt"), 1000)
-    assert sum(len(d) for d in docs) == 1000 and docs[0].tobytes() == big[:1000]
-    (tmp_path / "small.txt").write_bytes(b"x" * 600)  # sorted: big.txt then small.txt
-    docs = text.read_documents(str(tmp_path), 9800)
-    assert [len(d) for d in docs] == [len(big), 300]
+    (tmp_path / "small.txt").write_bytes(b"x" * 600)
     assert sum(len(d) for d in text.read_documents(str(tmp_path), 0)) == len(big) + 600  # 0 = no cap
 
 

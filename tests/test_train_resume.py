@@ -53,7 +53,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     n = _complete_steps(killed)[-1]
     assert n < 40
     with open(os.path.join(killed, "checkpoints", str(n), "data", "process_0-of-1.json")) as f:
-        assert json.load(f)["next_index"] == n  # the iterator was saved exactly after n batches
+        # the data position is saved in examples: exactly n batches of data.batch_size=8
+        assert json.load(f) == {"examples": n * 8, "batch_size": 8}
 
     result = loop.train(load_config("tiny", ARGS), killed, log=lambda s: None)  # restart: resumes at n
     assert result.step == 40

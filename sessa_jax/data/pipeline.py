@@ -2,12 +2,17 @@
 
 Every pipeline is a ``grain.MapDataset`` over a random-access source, so an iterator's
 state is just its position (``get_state``/``set_state``) and is saved with the model
-checkpoint. Each process reads a disjoint slice (``ds[process_index::process_count]``)
+checkpoint. The training iterator (``PositionedIterator``) saves its position in
+examples, not batches, so a resume with another ``batch_size`` neither skips nor repeats
+an example. Each process reads a disjoint slice (``ds[process_index::process_count]``)
 and batches ``batch_size // process_count`` examples; ``global_batch`` assembles the
 per-process batches into global ``jax.Array``s sharded over the data axis.
 """
 
 from __future__ import annotations
+
+import json
+import os
 
 import grain
 import jax
@@ -45,30 +50,42 @@ def make_source(data_cfg, split: int):
     if task == "text":
         t = data_cfg.text
         if t.arrayrecord_dir:
-            records = grain.sources.ArrayRecordDataSource(text.shard_files(t.arrayrecord_dir, split))
-            row_len = len(records[0]) // (2 * text.ROW_DTYPE().itemsize) - 1 if len(records) else data_cfg.seq_len
-            if row_len != data_cfg.seq_len:
-                raise ValueError(
-                    f"data.text.arrayrecord_dir={t.arrayrecord_dir!r} holds rows of seq_len={row_len}, but "
-                    f"data.seq_len={data_cfg.seq_len}; set data.seq_len={row_len} or write new shards with "
-                    f"`python -m sessa_jax.data.text prepare ... --seq_len {data_cfg.seq_len}`"
-                )
+            files = text.shard_files(t.arrayrecord_dir, split)
+            for f in files:  # every shard: a stale shard of another seq_len would feed rows of the wrong length
+                shard = grain.sources.ArrayRecordDataSource([f])
+                row_len = text.shard_seq_len(shard[0]) if len(shard) else data_cfg.seq_len
+                if row_len != data_cfg.seq_len:
+                    raise ValueError(
+                        f"data.text.arrayrecord_dir={t.arrayrecord_dir!r} holds rows of seq_len={row_len} (in "
+                        f"{os.path.basename(f)}), but data.seq_len={data_cfg.seq_len}; set data.seq_len={row_len} or "
+                        f"write new shards with `python -m sessa_jax.data.text prepare ... --seq_len "
+                        f"{data_cfg.seq_len} --overwrite`"
+                    )
+            records = grain.sources.ArrayRecordDataSource(files)
             return grain.MapDataset.source(records).map(text.decode_row)
         return text.load_text_source(t.path, data_cfg.seq_len, t.max_bytes, t.eval_fraction, split)
     raise ValueError(f"data.task={task!r} is unknown; choose one of {TASKS}")
 
 
 def make_dataset(data_cfg, split: int = TRAIN, process_index: int | None = None,
-                 process_count: int | None = None) -> grain.IterDataset:
-    """Batched, per-process dataset. Train repeats forever; eval is one finite pass."""
+                 process_count: int | None = None, start_example: int = 0) -> grain.IterDataset:
+    """Batched, per-process dataset. Train repeats forever; eval is one finite pass.
+
+    ``start_example``: global examples of the (shuffled, repeated) train stream to skip;
+    process p then reads examples start_example + p, + p + process_count, ...
+    """
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
     source = make_source(data_cfg, split)
     ds = source if isinstance(source, grain.MapDataset) else grain.MapDataset.source(source)
     local_batch = data_cfg.batch_size // pc
+    if start_example and split != TRAIN:
+        raise ValueError(f"start_example={start_example}: only the train split can start past its beginning")
     finite = data_cfg.task in ("text", "symbol_soup")  # mqar sources are endless and already random
     if finite and split == TRAIN:
         ds = ds.shuffle(seed=data_cfg.seed).repeat(None)
+    if start_example:
+        ds = ds[start_example:]
     elif finite:  # finite eval split
         rows = len(ds)
         if rows < data_cfg.batch_size:
@@ -91,8 +108,72 @@ def _stack(examples) -> dict[str, np.ndarray]:
 
 
 def make_iterator(data_cfg, split: int = TRAIN, **kw):
-    """A checkpointable iterator of per-process batches (dict of (B_local, T) arrays)."""
+    """A checkpointable iterator of per-process batches (dict of (B_local, T) arrays).
+
+    The train split gives a ``PositionedIterator`` (state = position in examples); eval
+    gives grain's own iterator.
+    """
+    if split == TRAIN:
+        return PositionedIterator(data_cfg, **kw)
     return iter(make_dataset(data_cfg, split, **kw))
+
+
+class PositionedIterator:
+    """The train stream's per-process batches, checkpointed as a global position in examples.
+
+    ``get_state()`` -> {"examples": E, "batch_size": B}: E examples of the global stream
+    were consumed (B per step when saved). ``set_state`` rebuilds the stream from example
+    E, whatever this run's batch size, so changing ``data.batch_size`` on resume neither
+    skips nor repeats data. States of grain's own iterator ({"next_index": n}, older
+    checkpoints) are read as n batches of this run's batch size.
+    """
+
+    def __init__(self, data_cfg, process_index: int | None = None, process_count: int | None = None,
+                 start_example: int = 0):
+        self._cfg, self._pi = data_cfg, process_index
+        self._pc = jax.process_count() if process_count is None else process_count
+        self.seek(start_example)
+
+    @property
+    def position(self) -> int:
+        """Global examples consumed so far."""
+        return self._position
+
+    def seek(self, example: int) -> None:
+        """Restarts the stream at global example ``example``."""
+        if isinstance(example, bool) or not isinstance(example, int) or example < 0 or example % self._pc:
+            raise ValueError(
+                f"data position {example!r} must be an integer >= 0 divisible by the process count {self._pc} "
+                f"(it is a count of examples of the global stream); the checkpoint's data state is damaged or "
+                f"was written with a batch size that the new process count does not divide"
+            )
+        self._position = example
+        self._inner = iter(make_dataset(self._cfg, TRAIN, self._pi, self._pc, start_example=example))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._inner)
+        self._position += self._cfg.batch_size
+        return batch
+
+    def get_state(self) -> dict:
+        return {"examples": self._position, "batch_size": self._cfg.batch_size}
+
+    def set_state(self, state) -> None:
+        """Accepts this class's state (dict, or its JSON bytes from grain's checkpoint handler)."""
+        if isinstance(state, (bytes, str)):
+            state = json.loads(state)
+        if "examples" in state:
+            self.seek(int(state["examples"]))
+        elif "next_index" in state:  # grain's iterator state: batches of (presumably) this batch size
+            self.seek(int(state["next_index"]) * self._cfg.batch_size)
+        else:
+            raise ValueError(f"unrecognised data iterator state {state!r}; expected {{'examples': N, ...}}")
+
+    def start_prefetch(self) -> None:
+        """Called by grain's checkpoint handler after ``set_state``; prefetch starts on first ``next``."""
 
 
 def global_batch(local_batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:

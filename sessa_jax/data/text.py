@@ -2,8 +2,10 @@
 
 Tokens are bytes 0..255; every document starts with ``BOS`` (256), so ``VOCAB_SIZE`` is
 257. ``path`` may be a file or a directory (read recursively, sorted, binary files
-skipped); an empty path selects a built-in corpus present on every machine: the Python
-standard library's own source files. For large corpora, ``prepare`` writes packed rows to
+skipped); every file is read whole, and a corpus larger than ``max_bytes`` is an error
+(nothing is dropped silently). An empty path selects a built-in corpus present on every
+machine: the Python standard library's own ``.py`` files, of which the first
+``max_bytes`` bytes in sorted path order are used (the stated sampling rule). For large corpora, ``prepare`` writes packed rows to
 ArrayRecord shards once, and training reads them with ``ArrayRecordDataSource``:
 
     python -m sessa_jax.data.text prepare --input DIR --output SHARDS --seq_len 512
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
+import sys
 import sysconfig
 
 import numpy as np
@@ -50,24 +54,38 @@ def list_files(path: str, builtin_suffix: str = ".py") -> list[str]:
 
 
 def read_documents(path: str, max_bytes: int) -> list[np.ndarray]:
-    """Each file is one document of bytes (up to ``max_bytes`` in total; 0 = no cap)."""
+    """Each file is one document of bytes.
+
+    A user ``path`` is read whole: more than ``max_bytes`` bytes of text (0 = no cap) is a
+    ValueError naming the size and the keys to change. The built-in corpus (``path`` "")
+    is capped instead: its first ``max_bytes`` bytes in sorted file order.
+    """
     builtin = not path
     files = list_files(builtin_corpus_dir() if builtin else path)
     if builtin:
         files = [f for f in files if f.endswith(".py")]
     docs, total = [], 0
-    for name in files:
+    for i, name in enumerate(files):
         try:
             with open(name, "rb") as f:
-                data = f.read(max_bytes - total if max_bytes else -1)  # the cap holds inside a file too
+                data = f.read(max_bytes - total if builtin and max_bytes else -1)
         except OSError:
             continue
         if not data or b"\0" in data[:1024]:  # empty or binary
             continue
         docs.append(np.frombuffer(data, np.uint8))
         total += len(data)
-        if max_bytes and total >= max_bytes:
+        if builtin and max_bytes and total >= max_bytes:
             break
+        if max_bytes and total > max_bytes:
+            rest = sum(os.path.getsize(f) for f in files[i + 1:])
+            raise ValueError(
+                f"data.text.path={path!r} holds more than data.text.max_bytes={max_bytes} bytes of text ({total} "
+                f"in its first {i + 1} of {len(files)} files, up to {total + rest} in all); reading part of it "
+                f"would drop the rest silently. Set data.text.max_bytes=0 (no cap) or >= {total + rest}, or pack "
+                f"it once with `python -m sessa_jax.data.text prepare --input {path} --output DIR --seq_len T` "
+                f"and set data.text.arrayrecord_dir=DIR"
+            )
     if not docs:
         raise ValueError(f"data.text.path={path!r} holds no readable text files (all empty or binary)")
     return docs
@@ -132,9 +150,24 @@ def shard_files(directory: str, split: int) -> list[str]:
     return files
 
 
+def shard_seq_len(record: bytes) -> int:
+    """seq_len T of a stored row (T + 1 tokens then T + 1 doc ids, int32)."""
+    return len(record) // (2 * np.dtype(ROW_DTYPE).itemsize) - 1
+
+
+def _is_shard(name: str) -> bool:
+    return name.startswith(("train-", "eval-")) and name.endswith(".array_record")
+
+
 def prepare(input_path: str, output_dir: str, seq_len: int, rows_per_shard: int = 4096,
-            max_bytes: int = 0, eval_fraction: float = 0.01) -> dict[str, int]:
-    """Packs the corpus at ``input_path`` and writes ArrayRecord shards; returns row counts."""
+            max_bytes: int = 0, eval_fraction: float = 0.01, overwrite: bool = False) -> dict[str, int]:
+    """Packs the corpus at ``input_path`` and writes ArrayRecord shards; returns row counts.
+
+    ``output_dir`` must be missing or empty; ``overwrite=True`` replaces a directory that
+    holds only shards (stale shards would otherwise be read as data). Shards are written to
+    a sibling temporary directory and moved into place when all are complete, so a failure
+    leaves ``output_dir`` as it was.
+    """
     from array_record.python.array_record_module import ArrayRecordWriter
 
     for name, value in (("seq_len", seq_len), ("rows_per_shard", rows_per_shard)):
@@ -142,18 +175,37 @@ def prepare(input_path: str, output_dir: str, seq_len: int, rows_per_shard: int 
             raise ValueError(f"prepare: --{name} must be >= 1; got {value!r}")
     if not 0 < eval_fraction < 1:
         raise ValueError(f"prepare: --eval_fraction must lie in (0, 1); got {eval_fraction}")
-    os.makedirs(output_dir, exist_ok=True)
-    counts = {}
-    for split, name in ((0, "train"), (1, "eval")):
-        src = load_text_source(input_path, seq_len, max_bytes, eval_fraction, split)
-        for shard, start in enumerate(range(0, len(src), rows_per_shard)):
-            writer = ArrayRecordWriter(os.path.join(output_dir, f"{name}-{shard:05d}.array_record"), "group_size:1")
-            for r in range(start, min(start + rows_per_shard, len(src))):
-                i = (src.row_start + r) * seq_len
-                row = np.concatenate([src.tokens[i:i + seq_len + 1], src.doc_ids[i:i + seq_len + 1]])
-                writer.write(row.astype(ROW_DTYPE).tobytes())
-            writer.close()
-        counts[name] = len(src)
+    output_dir = os.path.abspath(output_dir)
+    existing = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"prepare: --output {output_dir!r} is a file; pass a directory")
+    if existing and not overwrite:
+        raise ValueError(f"prepare: --output {output_dir!r} is not empty ({len(existing)} entries, e.g. "
+                         f"{existing[0]!r}); pass --overwrite to replace its shards, or choose a new directory")
+    foreign = [n for n in existing if not _is_shard(n)]
+    if foreign:
+        raise ValueError(f"prepare: --output {output_dir!r} holds files that are not shards ({foreign[:3]}); "
+                         f"--overwrite replaces shard directories only: choose a new directory")
+    tmp = f"{output_dir}.tmp-{os.getpid()}"
+    os.makedirs(tmp)
+    try:
+        counts = {}
+        for split, name in ((0, "train"), (1, "eval")):
+            src = load_text_source(input_path, seq_len, max_bytes, eval_fraction, split)
+            for shard, start in enumerate(range(0, len(src), rows_per_shard)):
+                writer = ArrayRecordWriter(os.path.join(tmp, f"{name}-{shard:05d}.array_record"), "group_size:1")
+                for r in range(start, min(start + rows_per_shard, len(src))):
+                    i = (src.row_start + r) * seq_len
+                    row = np.concatenate([src.tokens[i:i + seq_len + 1], src.doc_ids[i:i + seq_len + 1]])
+                    writer.write(row.astype(ROW_DTYPE).tobytes())
+                writer.close()
+            counts[name] = len(src)
+        if os.path.isdir(output_dir):
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return counts
 
 
@@ -167,10 +219,17 @@ def main(argv=None):
     p.add_argument("--rows_per_shard", type=int, default=4096)
     p.add_argument("--max_bytes", type=int, default=0)
     p.add_argument("--eval_fraction", type=float, default=0.01)
+    p.add_argument("--overwrite", action="store_true", help="replace the shards of a non-empty --output")
     args = parser.parse_args(argv)
-    counts = prepare(args.input, args.output, args.seq_len, args.rows_per_shard, args.max_bytes, args.eval_fraction)
+    try:
+        counts = prepare(args.input, args.output, args.seq_len, args.rows_per_shard, args.max_bytes,
+                         args.eval_fraction, args.overwrite)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {counts['train']} train and {counts['eval']} eval rows of seq_len={args.seq_len} to {args.output}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

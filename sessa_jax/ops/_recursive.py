@@ -33,6 +33,7 @@ from sessa_jax.ops.fenwick import PushSchedule, padded_leaves
 from sessa_jax.ops.masks import PAD_SEGMENT, merge_chunks, pad_time, take_chunk
 from sessa_jax.ops.precision import chained_dot, logits_dot, nonchained_tier
 from sessa_jax.ops.row_stats import leaf_logits, leaf_mask, row_statistics
+from sessa_jax.ops.tpu_kernels import tpu_block_product, tpu_block_product_bwd, tpu_row_statistics
 from sessa_jax.ops.trsolve import unit_lower_solve
 
 
@@ -48,16 +49,22 @@ class RecursivePlan:
     platform: str
     scale: float
     plain_tier: str = "float32"  # tier of g s^T, dq, dk (``precision.nonchained_tier``)
+    kernels: str = "xla"  # "pallas": the TPU kernels of ``tpu_kernels`` for stats and pushes
 
     @classmethod
     def make(cls, length: int, leaf_size: int, tile: int, tier: str, platform: str, scale: float,
-             input_dtype=None):
+             input_dtype=None, kernels: str = "xla"):
         """Plan for T = ``length``: leaf min(leaf_size, T); wide blocks in tiles of ~``tile`` rows."""
         leaf = max(1, min(leaf_size, length))
         tile_leaves = max(1, tile // leaf)
         n = padded_leaves(-(-length // leaf), tile_leaves)
         plain = tier if input_dtype is None else nonchained_tier(tier, input_dtype)
-        return cls(leaf, n, tile_leaves, tier, platform, scale, plain)
+        return cls(leaf, n, tile_leaves, tier, platform, scale, plain, kernels)
+
+    @property
+    def interpret(self) -> bool:
+        """Pallas kernels run in interpret mode off the TPU (CPU tests)."""
+        return self.platform != "tpu"
 
     @property
     def padded_len(self) -> int:
@@ -102,16 +109,24 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
     c, n = plan.leaf, plan.num_leaves
     sched = plan.schedule
     diag_logits = leaf_logits(q, k, c, plan.scale, plan.tier, plan.platform)
-    m, logl = row_statistics(q, k, seg, leaf=c, scale=plan.scale, tier=plan.tier, schedule=sched,
-                             platform=plan.platform, diag_logits=diag_logits)
+    if plan.kernels == "pallas":
+        m, logl = tpu_row_statistics(q, k, seg, scale=plan.scale, interpret=plan.interpret)
+    else:
+        m, logl = row_statistics(q, k, seg, leaf=c, scale=plan.scale, tier=plan.tier, schedule=sched,
+                                 platform=plan.platform, diag_logits=diag_logits)
     a_ii = _diag_blocks(plan, q, k, seg, m, logl, diag_logits)
     x_inv = _diag_inverse(plan, a_ii, gamma)
 
+    def block_update(r0, rows, k0, keys, s_keys):
+        args = (take_chunk(q, r0, rows), take_chunk(seg, r0, rows), take_chunk(m, r0, rows),
+                take_chunk(logl, r0, rows), take_chunk(k, k0, keys), take_chunk(seg, k0, keys))
+        if plan.kernels == "pallas":
+            return tpu_block_product(*args, s_keys, scale=plan.scale, tier=plan.tier, interpret=plan.interpret)
+        return chained_dot("bpk,bkd->bpd", _block_probs(plan, *args), s_keys, plan.tier, plan.platform)
+
     def tile(carry, r0, rows, k0, keys):
         s_buf, racc = carry
-        probs = _block_probs(plan, take_chunk(q, r0, rows), take_chunk(seg, r0, rows), take_chunk(m, r0, rows),
-                             take_chunk(logl, r0, rows), take_chunk(k, k0, keys), take_chunk(seg, k0, keys))
-        update = chained_dot("bpk,bkd->bpd", probs, take_chunk(s_buf, k0, keys), plan.tier, plan.platform)
+        update = block_update(r0, rows, k0, keys, take_chunk(s_buf, k0, keys))
         return s_buf, lax.dynamic_update_slice_in_dim(racc, take_chunk(racc, r0, rows) + update, r0, axis=1)
 
     def step(carry, xs):
@@ -140,17 +155,28 @@ def _backward(plan: RecursivePlan, res, ds):
     a_ii = _diag_blocks(plan, q, k, seg, m, logl)
     x_inv = _diag_inverse(plan, a_ii, gamma)
 
-    def tile(carry, r0, rows, k0, keys):
-        bacc, g_buf, dq, dk = carry
-        q_p, g_p, k_keys = take_chunk(q, r0, rows), take_chunk(g_buf, r0, rows), take_chunk(k, k0, keys)
-        probs = _block_probs(plan, q_p, take_chunk(seg, r0, rows), take_chunk(m, r0, rows),
-                             take_chunk(logl, r0, rows), k_keys, take_chunk(seg, k0, keys))
+    def block_grads(r0, rows, k0, keys, g_p):
+        """(A^T g on the keys, dq on the rows, dk on the keys) of one pushed block."""
+        q_p, k_keys, r_p, s_keys = (take_chunk(q, r0, rows), take_chunk(k, k0, keys), take_chunk(r, r0, rows),
+                                    take_chunk(s, k0, keys))
+        seg_p, m_p, logl_p, seg_keys = (take_chunk(seg, r0, rows), take_chunk(m, r0, rows),
+                                        take_chunk(logl, r0, rows), take_chunk(seg, k0, keys))
+        if plan.kernels == "pallas":
+            return tpu_block_product_bwd(q_p, seg_p, m_p, logl_p, g_p, r_p, k_keys, seg_keys, s_keys,
+                                         scale=plan.scale, tier=plan.tier, plain_tier=plan.plain_tier,
+                                         interpret=plan.interpret)
+        probs = _block_probs(plan, q_p, seg_p, m_p, logl_p, k_keys, seg_keys)
         b_keys = chained_dot("bpk,bpd->bkd", probs, g_p, plan.tier, plan.platform)
-        delta = jnp.sum(g_p * take_chunk(r, r0, rows), axis=-1, keepdims=True)
-        g_dot_s = chained_dot("bpd,bkd->bpk", g_p, take_chunk(s, k0, keys), plan.plain_tier, plan.platform)
+        delta = jnp.sum(g_p * r_p, axis=-1, keepdims=True)
+        g_dot_s = chained_dot("bpd,bkd->bpk", g_p, s_keys, plan.plain_tier, plan.platform)
         dlogits = probs * (g_dot_s - delta)
         dq_p = chained_dot("bpk,bkd->bpd", dlogits, k_keys, plan.plain_tier, plan.platform) * plan.scale
         dk_keys = chained_dot("bpk,bpd->bkd", dlogits, q_p, plan.plain_tier, plan.platform) * plan.scale
+        return b_keys, dq_p, dk_keys
+
+    def tile(carry, r0, rows, k0, keys):
+        bacc, g_buf, dq, dk = carry
+        b_keys, dq_p, dk_keys = block_grads(r0, rows, k0, keys, take_chunk(g_buf, r0, rows))
 
         def add(buf, value, start):
             return lax.dynamic_update_slice_in_dim(buf, take_chunk(buf, start, value.shape[1]) + value, start, axis=1)
@@ -203,7 +229,7 @@ _solve.defvjp(_solve_fwd, _solve_bwd)
 
 
 def recursive_feedback_solve(q_b, k_b, gamma, f, segment_ids, *, leaf_size: int, tile: int, tier: str,
-                             platform: str, dtype):
+                             platform: str, dtype, kernels: str = "xla"):
     """Recursive solve on validated inputs; q_b/k_b/f (B,T,D), gamma/segment_ids (B,T).
 
     ``leaf_size``: Cs; ``tile``: rows and keys of one tile of the wide blocks (rounded down to
@@ -211,11 +237,15 @@ def recursive_feedback_solve(q_b, k_b, gamma, f, segment_ids, *, leaf_size: int,
     dtype for the logits (bf16 products are exact with fp32 accumulation); f and gamma are
     cast to ``dtype``. T is padded to a multiple of the leaf with q = k = f = gamma = 0 and a
     padding segment (padded rows come last, so they never reach real rows). Returns s (B, T, D)
-    in ``dtype``.
+    in ``dtype``. ``kernels``: "xla" (portable), or "pallas" for the TPU kernels of
+    ``tpu_kernels`` in the statistics pass and the pushes of the forward and the backward
+    (interpret mode off the TPU; leaves and diagonal inversion stay XLA); "pallas" needs float32 accumulation and a leaf that is a multiple
+    of 128 (the key block of the kernels), checked by ``ops.dispatch``.
     """
     b, t, d = f.shape
     kdtype = q_b.dtype if q_b.dtype == k_b.dtype == jnp.bfloat16 else dtype
-    plan = RecursivePlan.make(t, leaf_size, tile, tier, platform, float(d) ** -0.5, input_dtype=kdtype)
+    plan = RecursivePlan.make(t, leaf_size, tile, tier, platform, float(d) ** -0.5, input_dtype=kdtype,
+                              kernels=kernels)
     tp = plan.padded_len
     seg = pad_time(segment_ids.astype(jnp.int32), tp, PAD_SEGMENT)
     s = _solve(plan, pad_time(q_b.astype(kdtype), tp), pad_time(k_b.astype(kdtype), tp),

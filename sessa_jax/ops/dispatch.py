@@ -17,6 +17,11 @@ from sessa_jax.ops.masks import compute_dtype, default_segment_ids
 from sessa_jax.ops.precision import platform_kind, resolve_precision
 
 METHODS = ("dense", "blocked", "recursive", "auto")
+# Implementations of the recursive solve's statistics pass and forward pushes: "xla" (portable,
+# the default everywhere) or "pallas" (the TPU Mosaic kernels of ``tpu_kernels``; interpret
+# mode off the TPU; opt-in until measured on a TPU).
+KERNELS = ("xla", "pallas")
+KERNEL_KEY_BLOCK = 128
 # Rows and keys of one tile of the recursive solve's wide blocks: large enough for
 # full-speed matrix products on GPU/TPU (4096 measured fastest on an H100, README), never
 # above T/4, so that no buffer has two axes of T/2 or more, and at most TILE_LEAVES leaves,
@@ -68,8 +73,24 @@ def _accelerated_attention(q, k, v, segment_ids):
     return accelerated_causal_attention(q, k, v, segment_ids)
 
 
+def _check_kernels(kernels: str, leaf: int, dtype, platform: str) -> None:
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown feedback kernels {kernels!r}; choose one of {KERNELS}")
+    if kernels == "xla":
+        return
+    if platform == "gpu":
+        raise ValueError("feedback kernels 'pallas' are TPU (Mosaic) kernels; on GPU use kernels='xla' "
+                         "(the XLA path is the GPU's fast path)")
+    if leaf % KERNEL_KEY_BLOCK:
+        raise ValueError(f"feedback kernels 'pallas' need leaf_size a multiple of {KERNEL_KEY_BLOCK} "
+                         f"(their key block); got leaf {leaf}: use e.g. leaf_size=512 or kernels='xla'")
+    if jnp.dtype(dtype) != jnp.float32:
+        raise ValueError(f"feedback kernels 'pallas' accumulate in float32; got {jnp.dtype(dtype)} inputs "
+                         "(float64 runs only with kernels='xla')")
+
+
 def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: str = "auto", chunk_size: int = 128,
-                   leaf_size: int = 512, precision: str = "auto"):
+                   leaf_size: int = 512, precision: str = "auto", kernels: str = "xla"):
     """Solves the Sessa feedback system s = (I - diag(gamma) A)^-1 f.
 
     q_b, k_b, f: (B, T, D); gamma: (B, T); segment_ids: optional (B, T) integers.
@@ -77,7 +98,8 @@ def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: str = "auto"
     all-zero row where t has no past. Accumulates in float32 (float64 for float64 inputs)
     and returns s (B, T, D) in f.dtype. Differentiable in q_b, k_b, gamma and f.
     ``chunk_size``: C of the blocked scan; ``leaf_size``: Cs of the recursive solve;
-    ``precision``: the recursive solve's tier (``sessa_jax.ops.precision``).
+    ``precision``: the recursive solve's tier (``sessa_jax.ops.precision``); ``kernels``: "xla"
+    or "pallas" (TPU kernels for the recursive solve's statistics and forward pushes).
     """
     _check_method(method, chunk_size)
     _check_size("leaf_size", leaf_size)
@@ -98,8 +120,10 @@ def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: str = "auto"
         return dense_feedback_solve(q_b, k_b, gamma, f, packed)
     dtype = compute_dtype(q_b, k_b, gamma, f)
     if method == "recursive":
+        platform = platform_kind()
+        _check_kernels(kernels, min(leaf_size, t), dtype, platform)
         s = recursive_feedback_solve(q_b, k_b, gamma, f, packed, leaf_size=leaf_size, tile=recursive_tile(t, leaf_size),
-                                     tier=tier, platform=platform_kind(), dtype=dtype)
+                                     tier=tier, platform=platform, dtype=dtype, kernels=kernels)
         return s.astype(f.dtype)
     return blocked_feedback_solve(q_b, k_b, gamma, f, packed, chunk_size, dtype).astype(f.dtype)
 

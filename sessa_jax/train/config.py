@@ -26,6 +26,7 @@ from sessa_jax.data.mqar import check_mqar
 from sessa_jax.data.pipeline import TASKS, task_vocab_size
 from sessa_jax.data.symbol_soup import check_symbol_soup
 from sessa_jax.sharding import MeshError, mesh_shape
+from sessa_jax.train.resume_guard import check_allowed_keys
 
 KINDS = ("sessa", "transformer", "mamba")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
@@ -62,6 +63,7 @@ def base_config() -> mc.ConfigDict:
     c.train = mc.ConfigDict(dict(
         steps=100, seed=0, log_every=10, eval_every=0, eval_batches=4, progress=True,
         step_delay_s=0.0,  # testing aid: sleep after each step so a test can interrupt a run mid-way
+        allow_config_change="",  # comma-separated keys that may differ from the checkpoint's (resume_guard)
     ))
     c.checkpoint = mc.ConfigDict(dict(every=0, keep=3, async_save=True))
     c.mesh = mc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # data x fsdp x tensor = all devices
@@ -191,6 +193,10 @@ def validate(cfg: mc.ConfigDict, process_count: int = 1, device_count: int | Non
             raise ConfigError(f"optim.{key} must lie in [0, 1); got {o[key]} (1 or more makes AdamW's updates NaN)")
     if not o.eps > 0:
         raise ConfigError(f"optim.eps must be > 0; got {o.eps} (0 turns zero gradients into NaN updates); use 1e-8")
+    try:
+        check_allowed_keys(t.allow_config_change)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     if not t.step_delay_s >= 0:
         raise ConfigError(f"train.step_delay_s must be >= 0; got {t.step_delay_s}")
     if o.warmup_steps >= t.steps:

@@ -13,6 +13,7 @@ from sessa_jax import sharding
 from sessa_jax.data import EVAL, TRAIN, global_batch, make_dataset, make_iterator
 from sessa_jax.distributed import maybe_initialize
 from sessa_jax.train import checkpoint as ckpt
+from sessa_jax.train import workdir as wd
 from sessa_jax.train.config import model_config, resolve, validate
 from sessa_jax.train.metrics import MetricsWriter, Progress, format_duration
 from sessa_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -80,8 +81,16 @@ def train(cfg, workdir: str, log=print) -> RunResult:
     """Trains ``cfg`` in ``workdir``, resuming from its latest complete checkpoint.
 
     The state is laid out on the ``cfg.mesh`` device mesh (``sessa_jax.sharding``); a
-    checkpoint saved under any other mesh restores onto this one.
+    checkpoint saved under any other mesh restores onto this one. The workdir is locked
+    for the run (``train.workdir``); a resume first compares the saved config with ``cfg``
+    (``train.resume_guard``) and falls back past damaged checkpoints (``train.checkpoint``).
     """
+    maybe_initialize(cfg.distributed, log)  # before any JAX call: the lock is taken on process 0 only
+    with wd.claimed(workdir, log if jax.process_index() == 0 else _quiet):
+        return _train(cfg, workdir, log)
+
+
+def _train(cfg, workdir: str, log=print) -> RunResult:
     t_start = time.perf_counter()
     maybe_initialize(cfg.distributed, log)  # no-op unless a cluster or coordinator is configured
     if jax.process_index() != 0:
@@ -103,7 +112,7 @@ def train(cfg, workdir: str, log=print) -> RunResult:
                                 cfg.checkpoint.async_save)
     if manager.latest_step() is not None:
         abstract = abstract_state(model, tx, cfg.train.seed, cfg.data.seq_len, shardings)
-        state = ckpt.restore(manager, abstract, train_iter)
+        state = ckpt.restore(manager, abstract, train_iter, config=resolved.to_dict(), log=log)
         log(f"resumed from {manager.directory} at step {int(state.step)}")
     else:
         state = create_state(model, tx, cfg.train.seed, cfg.data.seq_len, sharding=shardings)
@@ -161,7 +170,8 @@ def train(cfg, workdir: str, log=print) -> RunResult:
                 log(f"SIGTERM: saved step {step} to {manager.directory}; exiting")
             elif cfg.train.eval_batches:
                 eval_metrics = evaluate(state, eval_data, cfg.train.eval_batches, data_sharding)
-                writer.write(step, eval_metrics)
+                if not wd.has_record(workdir, step, "eval_loss"):  # a re-run of a finished workdir adds none
+                    writer.write(step, eval_metrics)
     finally:
         manager.wait_until_finished()
         manager.close()

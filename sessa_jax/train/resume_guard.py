@@ -1,0 +1,111 @@
+"""Resume guard: the run config saved with a checkpoint against the one resuming it.
+
+Keys fall in three groups:
+
+* ``FREE`` keys never change what a run computes (logging, checkpoint cadence, the
+  device mesh, loader threads): a change is accepted and logged.
+* ``ALLOWABLE`` keys change the optimisation but leave the data stream and the model's
+  parameters meaningful (``train.steps``, the optimizer, ``data.batch_size``, compute
+  dtype, solver choice): a change is an error unless the key is listed in
+  ``train.allow_config_change`` (comma-separated).
+* every other key (task, data seed and source, seq_len, model shape and kind, train seed)
+  alters the data stream or the model: a change is always an error whose fix is a new
+  workdir.
+
+Pure Python (no JAX), so ``train.config`` validates ``allow_config_change`` at load time.
+"""
+
+from __future__ import annotations
+
+FREE_PREFIXES = ("mesh.", "distributed.")
+FREE = frozenset({
+    "train.log_every", "train.progress", "train.step_delay_s", "train.eval_every", "train.eval_batches",
+    "train.allow_config_change",
+    "checkpoint.every", "checkpoint.keep", "checkpoint.async_save",
+    "data.num_threads", "data.prefetch",
+})
+ALLOWABLE = frozenset({
+    "train.steps",
+    "data.batch_size",  # the data position is saved in examples: a new batch size neither skips nor repeats
+    "optim.lr", "optim.warmup_steps", "optim.min_lr_ratio", "optim.weight_decay", "optim.b1", "optim.b2",
+    "optim.eps", "optim.clip_norm", "optim.grad_accum",
+    "model.dtype", "model.remat", "model.solver", "model.chunk_size", "model.leaf_size",
+    "model.feedback_precision", "model.max_len",
+})
+
+
+class ResumeError(ValueError):
+    """The workdir's checkpoint cannot be resumed with this config; names keys and the fix."""
+
+
+def parse_allowed(value: str) -> list[str]:
+    """``train.allow_config_change`` ("train.steps,optim.lr") -> list of keys ("" -> [])."""
+    return [k.strip() for k in str(value or "").split(",") if k.strip()]
+
+
+def check_allowed_keys(value: str) -> None:
+    """ValueError naming any listed key that is not one of ``ALLOWABLE`` (free keys need no listing)."""
+    for key in parse_allowed(value):
+        if key in FREE or key.startswith(FREE_PREFIXES):
+            continue
+        if key not in ALLOWABLE:
+            raise ValueError(
+                f"train.allow_config_change lists {key!r}, which cannot change safely on resume (it alters the "
+                f"data stream or the model); keys that may be listed: {sorted(ALLOWABLE)}; for any other change "
+                f"start a new --workdir"
+            )
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def compare(saved: dict, new: dict) -> dict[str, tuple]:
+    """{dotted key: (saved value, new value)} for every key whose value differs.
+
+    A key missing on one side (a config saved by an older version) is not a change.
+    """
+    a, b = _flatten(saved), _flatten(new)
+    return {k: (a[k], b[k]) for k in sorted(set(a) & set(b)) if a[k] != b[k]}
+
+
+def check_resume(saved: dict, new: dict, saved_step: int, workdir: str, log=print) -> None:
+    """Raises ResumeError naming every changed key that the new config does not allow.
+
+    ``saved``/``new``: resolved run configs as dicts; ``saved_step`` the checkpoint step.
+    Free changes and allowed changes are logged. A saved step beyond ``train.steps`` is an
+    error too (the run would stop at once having done nothing).
+    """
+    changes = compare(saved, new)
+    allowed = set(parse_allowed(new.get("train", {}).get("allow_config_change", "")))
+    free = {k: v for k, v in changes.items() if k in FREE or k.startswith(FREE_PREFIXES)}
+    opted = {k: v for k, v in changes.items() if k in ALLOWABLE and k in allowed}
+    refused = {k: v for k, v in changes.items() if k not in free and k not in opted}
+    if refused:
+        lines = [f"  {k}: saved {a!r}, now {b!r}" + ("" if k in ALLOWABLE else "  (alters the data or the model)")
+                 for k, (a, b) in refused.items()]
+        can = sorted(k for k in refused if k in ALLOWABLE)
+        fix = f"start a new --workdir (the checkpoint in {workdir!r} was trained with the saved values)"
+        if can and len(can) == len(refused):
+            fix = (f"to resume with the new values pass --config.train.allow_config_change={','.join(can)}, "
+                   f"or {fix}")
+        elif can:
+            fix += f"; of these, only {can} could change on resume (via --config.train.allow_config_change)"
+        raise ResumeError(
+            f"the config differs from the one saved with step {saved_step} in {workdir!r}:\n" + "\n".join(lines)
+            + f"\nFix: {fix}; or run again with the saved values"
+        )
+    for k, (a, b) in {**free, **opted}.items():
+        log(f"resume: {k} changed from {a!r} to {b!r}")
+    steps = new.get("train", {}).get("steps")
+    if steps is not None and saved_step > steps:
+        raise ResumeError(
+            f"{workdir!r} holds a checkpoint at step {saved_step}, beyond train.steps={steps}; raise train.steps "
+            f"(with --config.train.allow_config_change=train.steps) or use a new --workdir"
+        )

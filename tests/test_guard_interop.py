@@ -1,0 +1,156 @@
+"""PyTorch interop (problem 8): strict state-dict loading both ways against the published layer.
+
+The numpy-side tests always run. The torch-side tests need torch and the published code
+(LibratioAI/sessa, found at $SESSA_REFERENCE_DIR or ../shared/reference next to the
+checkout); they skip otherwise. ``make test-interop`` installs torch and runs this file.
+"""
+
+import importlib.util
+import os
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sessa_jax import SessaConfig, SessaLayer, SessaLM
+from sessa_jax.convert import (layer_params_from_torch, layer_params_to_torch, lm_params_from_torch,
+                               lm_params_to_torch, load_torch_state_dict, rope_inv_freq)
+
+X = jax.random.normal(jax.random.PRNGKey(3), (2, 6, 16))
+BASE = SessaConfig(d_model=16, n_heads=2, chunk_size=4)
+
+
+def _variables(cfg):
+    return SessaLayer(cfg).init(jax.random.PRNGKey(0), X)
+
+
+def _reference_dir():
+    here = pathlib.Path(__file__).resolve().parents[1]
+    candidates = [os.environ.get("SESSA_REFERENCE_DIR", "")] + [str(p / "shared" / "reference")
+                                                                 for p in here.parents]
+    for c in candidates:
+        if c and (pathlib.Path(c) / "sessa" / "layer.py").is_file():
+            return c
+    return None
+
+
+def _published():
+    """The published package ``sessa`` loaded by path (never copied into the project)."""
+    torch = pytest.importorskip("torch")
+    ref = _reference_dir()
+    if ref is None:
+        pytest.skip("the published PyTorch code is not available (set SESSA_REFERENCE_DIR)")
+    if "sessa" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("sessa", os.path.join(ref, "sessa", "__init__.py"),
+                                                      submodule_search_locations=[os.path.join(ref, "sessa")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["sessa"] = module
+        spec.loader.exec_module(module)
+    return torch, sys.modules["sessa"]
+
+
+# ---- numpy side (no torch needed) ----
+
+@pytest.mark.parametrize("rope, max_len", [(True, None), (False, None), (True, 8)])
+def test_layer_state_dict_has_the_published_keys_as_writable_arrays(rope, max_len):
+    cfg = BASE.replace(rope=rope)
+    sd = layer_params_to_torch(_variables(cfg), cfg, max_len=max_len, as_torch=False)
+    assert ("mixer.rope_inv_freq" in sd) == rope
+    assert ("mixer.causal_mask_f_full" in sd) == (max_len is not None)
+    assert all(v.flags.writeable and v.flags.c_contiguous for v in sd.values())
+    if rope:  # head width 8: base^(-2i/8), i < 4
+        np.testing.assert_allclose(sd["mixer.rope_inv_freq"], 10000.0 ** (-np.arange(4) / 4), rtol=1e-6)
+    if max_len:
+        assert sd["mixer.causal_mask_f_full"].dtype == bool and not sd["mixer.causal_mask_f_full"][3, 3]
+        assert sd["mixer.causal_mask_fb_full"][3, 3] and not sd["mixer.causal_mask_fb_full"][3, 2]
+    back = layer_params_from_torch(sd, cfg)  # buffers consistent with cfg: loads
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(_variables(cfg))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_loaders_reject_buffers_that_contradict_the_config():
+    four = BASE.replace(n_heads=4)
+    sd = layer_params_to_torch(_variables(four), four, as_torch=False)
+    with pytest.raises(ValueError, match=r"head width is 4, i.e. n_heads=4; the config has n_heads=2"):
+        layer_params_from_torch(sd, BASE)
+    no_rope = BASE.replace(rope=False)
+    with pytest.raises(ValueError, match=r"comes from a layer with RoPE, but the config has rope=False"):
+        layer_params_from_torch(layer_params_to_torch(_variables(BASE), BASE, as_torch=False), no_rope)
+    # a layer without RoPE built with max_len: its masks are there and rope_inv_freq is not
+    sd = layer_params_to_torch(_variables(no_rope), no_rope, max_len=8, as_torch=False)
+    with pytest.raises(ValueError, match=r"no mixer.rope_inv_freq: .* config has rope=True; set rope=False"):
+        layer_params_from_torch(sd, BASE)
+    other_base = layer_params_to_torch(_variables(BASE), BASE.replace(rope_base=500.0), as_torch=False)
+    with pytest.raises(ValueError, match=r"does not match rope_base=10000"):
+        layer_params_from_torch(other_base, BASE)
+    sd = layer_params_to_torch(_variables(BASE), BASE, max_len=8, as_torch=False)
+    sd["mixer.causal_mask_fb_full"] = sd["mixer.causal_mask_f_full"]
+    with pytest.raises(ValueError, match=r"causal_mask_fb_full .* is not the published layer's causal mask"):
+        layer_params_from_torch(sd, BASE)
+
+
+def test_lm_state_dict_carries_per_layer_buffers():
+    cfg = SessaConfig(d_model=16, n_heads=2, vocab_size=23, n_layers=2, chunk_size=4)
+    tokens = jnp.arange(14, dtype=jnp.int32).reshape(2, 7) % 23
+    params = SessaLM(cfg).init(jax.random.PRNGKey(0), tokens)
+    sd = lm_params_to_torch(params, cfg, as_torch=False)
+    assert "head.weight" not in sd  # tied: the head is the embedding
+    np.testing.assert_array_equal(sd["layers.1.mixer.rope_inv_freq"], rope_inv_freq(cfg))
+    with pytest.raises(ValueError, match=r"layers.0.mixer.rope_inv_freq .* n_heads=2; the config has n_heads=4"):
+        lm_params_from_torch(sd, cfg.replace(n_heads=4))
+
+
+# ---- torch side ----
+
+def _published_layer(torch, sessa, cfg, max_len=None):
+    torch.manual_seed(0)
+    return sessa.SessaLayer(cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, max_len=max_len,
+                            use_forward_rope=cfg.rope, gamma_max=cfg.gamma_max, ln_eps=cfg.ln_eps).double()
+
+
+@pytest.mark.parametrize("rope, max_len", [(True, None), (False, None), (True, 8), (False, 8)])
+def test_strict_load_into_the_published_layer_and_back(rope, max_len):
+    torch, sessa = _published()
+    cfg = BASE.replace(rope=rope)
+    variables = _variables(cfg)
+    layer = _published_layer(torch, sessa, cfg, max_len)
+    sd = layer_params_to_torch(variables, cfg, max_len=max_len)
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())
+    assert set(sd) == set(layer.state_dict())
+    layer.load_state_dict(sd, strict=True)
+    with torch.no_grad():
+        y_torch = layer(torch.from_numpy(np.asarray(X, np.float64))).numpy()
+    y_jax = np.asarray(SessaLayer(cfg).apply(variables, X))
+    np.testing.assert_allclose(y_jax, y_torch, rtol=1e-4, atol=1e-4)  # float32 JAX vs float64 torch
+    # and back: the published layer's own state dict loads, buffers checked
+    back = layer_params_from_torch(layer.state_dict(), cfg, dtype=np.float32)
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(variables)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_published_state_dicts_with_the_wrong_heads_or_rope_are_refused():
+    torch, sessa = _published()
+    four = _published_layer(torch, sessa, BASE.replace(n_heads=4))
+    with pytest.raises(ValueError, match=r"n_heads=4; the config has n_heads=2"):
+        layer_params_from_torch(four.state_dict(), BASE)
+    plain = _published_layer(torch, sessa, BASE.replace(rope=False))  # no buffers at all
+    with pytest.raises(ValueError, match=r"without RoPE, but the config has rope=True"):
+        layer_params_from_torch(plain.state_dict(), BASE)
+
+
+def test_a_bfloat16_pt_file_loads(tmp_path):
+    torch, sessa = _published()
+    layer = _published_layer(torch, sessa, BASE).to(torch.bfloat16)
+    path = tmp_path / "layer.pt"
+    torch.save(layer.state_dict(), path)
+    sd = load_torch_state_dict(str(path))
+    assert sd["W_in.weight"].dtype.name == "bfloat16"
+    params = layer_params_from_torch(sd, BASE, dtype=np.float32)
+    np.testing.assert_array_equal(params["params"]["W_in"]["kernel"], layer.W_in.weight.detach().float().numpy().T)
+    plain = _published_layer(torch, sessa, BASE.replace(rope=False))
+    torch.save(plain.state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match=r"without RoPE"):  # a .pt file holds every buffer its layer had
+        layer_params_from_torch(load_torch_state_dict(str(tmp_path / "plain.pt")), BASE)

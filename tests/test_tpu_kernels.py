@@ -1,0 +1,155 @@
+"""The TPU (Mosaic) kernels of the recursive solve against their XLA twins (interpret mode on
+CPU), their TPU lowering, and the recursive solve run with them (``kernels="pallas"``)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sessa_jax.ops import feedback_solve
+from sessa_jax.ops import tpu_kernels as tk
+from sessa_jax.ops._recursive import _block_probs, recursive_feedback_solve
+from sessa_jax.ops.fenwick import PushSchedule
+from sessa_jax.ops.precision import chained_dot
+from sessa_jax.ops.row_stats import row_statistics
+
+B, D = 2, 128
+
+
+def _segments(t):
+    """A long document, a one-token document, then the rest: empty rows at 0 and at the 1-token doc."""
+    seg = np.full((B, t), 2, np.int32)
+    seg[:, :150] = 0
+    seg[:, 150] = 1
+    seg[1, 200:] = 3
+    return jnp.asarray(seg)
+
+
+def _normal(key, shape, dtype=jnp.float32):
+    return jax.random.normal(jax.random.PRNGKey(key), shape).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_stats_kernel_matches_xla_twin(dtype):
+    t = 256
+    q, k, seg = _normal(0, (B, t, D), dtype), _normal(1, (B, t, D), dtype) * 2, _segments(t)
+    m, logl = tk.tpu_row_statistics(q, k, seg, scale=D ** -0.5, block=128, interpret=True)
+    m_x, logl_x = row_statistics(q, k, seg, leaf=128, scale=D ** -0.5, tier="float32",
+                                 schedule=PushSchedule.make(2, None))
+    np.testing.assert_allclose(m, m_x, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(logl, logl_x, rtol=1e-6, atol=1e-6)
+    assert logl[0, 0] == np.float32(tk.EMPTY_LOGL) and logl[0, 150] == np.float32(tk.EMPTY_LOGL)
+
+
+@pytest.mark.parametrize("tier,tol", [("float32", 1e-6), ("bf16x3", 1e-5), ("bfloat16", 5e-3)])
+def test_block_product_matches_xla_twin(tier, tol):
+    rows, keys = 256, 384
+    q, k = _normal(2, (B, rows, D), jnp.bfloat16), _normal(3, (B, keys, D), jnp.bfloat16)
+    s = _normal(4, (B, keys, D))
+    m = _normal(5, (B, rows)) + 3.0
+    logl = jax.random.uniform(jax.random.PRNGKey(6), (B, rows)) + 2.0
+    seg_r = jnp.ones((B, rows), jnp.int32)
+    seg_k = jnp.asarray(np.arange(keys) >= 100, jnp.int32)[None].repeat(B, 0)
+    out = tk.tpu_block_product(q, seg_r, m, logl, k, seg_k, s, scale=D ** -0.5, tier=tier, interpret=True)
+    from sessa_jax.ops._recursive import RecursivePlan
+
+    plan = RecursivePlan.make(rows + keys, 128, 256, "float32", "cpu", D ** -0.5)
+    want = chained_dot("bpk,bkd->bpd", _block_probs(plan, q, seg_r, m, logl, k, seg_k), s, "float32", "cpu")
+    err = float(jnp.linalg.norm(out - want) / jnp.linalg.norm(want))
+    assert err <= tol, (tier, err)
+    assert float(jnp.abs(out[:, :, :1]).sum()) > 0
+
+
+@pytest.mark.parametrize("tier,plain,dtype,tol", [("float32", "float32", jnp.float32, 1e-6),
+                                                   ("bf16x3", "bfloat16", jnp.bfloat16, 5e-3)])
+def test_block_product_backward_matches_xla_twin(tier, plain, dtype, tol):
+    rows, keys = 256, 128
+    q, k = _normal(11, (B, rows, D), dtype), _normal(12, (B, keys, D), dtype)
+    s, g, r = _normal(13, (B, keys, D)), _normal(14, (B, rows, D)), _normal(15, (B, rows, D))
+    m = _normal(16, (B, rows)) + 3.0
+    logl = jax.random.uniform(jax.random.PRNGKey(17), (B, rows)) + 2.0
+    seg_r = jnp.asarray(np.arange(rows) < 200, jnp.int32)[None].repeat(B, 0)
+    seg_k = jnp.ones((B, keys), jnp.int32)
+    got = tk.tpu_block_product_bwd(q, seg_r, m, logl, g, r, k, seg_k, s, scale=D ** -0.5, tier=tier,
+                                   plain_tier=plain, interpret=True)
+    from sessa_jax.ops._recursive import RecursivePlan
+
+    plan = RecursivePlan.make(rows + keys, 128, 256, "float32", "cpu", D ** -0.5)
+    probs = _block_probs(plan, q, seg_r, m, logl, k, seg_k)
+    dl = probs * (jnp.einsum("bpd,bkd->bpk", g, s, precision="highest") - jnp.sum(g * r, -1, keepdims=True))
+    want = (jnp.einsum("bpk,bpd->bkd", probs, g, precision="highest"),
+            jnp.einsum("bpk,bkd->bpd", dl, k.astype(jnp.float32), precision="highest") * D ** -0.5,
+            jnp.einsum("bpk,bpd->bkd", dl, q.astype(jnp.float32), precision="highest") * D ** -0.5)
+    for name, a, w in zip(("A^T g", "dq", "dk"), got, want):
+        err = float(jnp.linalg.norm(a - w) / jnp.linalg.norm(w))
+        assert err <= tol, (name, tier, err)
+
+
+def test_block_sizes_do_not_grow_with_t():
+    """VMEM holds (Bq, D) and (Bk, D) blocks whose size is capped whatever T is (no T cap)."""
+    assert tk.key_block(65536) == 512 and tk.row_block(65536) == 512
+    assert tk.key_block(384) == 128 and tk.row_block(384) == 128
+
+
+def _solve(kernels, t=384, leaf=128):
+    seg = _segments(t)
+    gamma = 0.9 * jnp.tanh(_normal(7, (B, t)))
+
+    def loss(q, k, g, f):
+        s = recursive_feedback_solve(q, k, g, f, seg, leaf_size=leaf, tile=128, tier="float32", platform="cpu",
+                                     dtype=jnp.float32, kernels=kernels)
+        return jnp.sum(s * jnp.cos(f)), s
+
+    args = (_normal(8, (B, t, D)), _normal(9, (B, t, D)), gamma, _normal(10, (B, t, D)))
+    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(*args)
+
+
+def test_recursive_solve_with_kernels_matches_xla():
+    (_, s_k), g_k = _solve("pallas")
+    (_, s_x), g_x = _solve("xla")
+    np.testing.assert_allclose(s_k, s_x, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_k, g_x):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_recursive_solve_with_kernels_lowers_for_tpu():
+    t = 1024
+    seg = jnp.ones((B, t), jnp.int32)
+
+    def loss(q, k, g, f):
+        return jnp.sum(recursive_feedback_solve(q, k, g, f, seg, leaf_size=128, tile=256, tier="bf16x3",
+                                                platform="tpu", dtype=jnp.float32, kernels="pallas"))
+
+    x = jax.ShapeDtypeStruct((B, t, D), jnp.bfloat16)
+    fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    try:
+        text = fn.trace(x, x, jax.ShapeDtypeStruct((B, t), jnp.float32), x).lower(
+            lowering_platforms=("tpu",)).as_text()
+    except Exception as err:  # noqa: BLE001 - report why the installed JAX cannot
+        pytest.skip(f"lowering for tpu not supported here: {type(err).__name__}: {err}"[:500])
+    for name in ("sessa_row_stats_tpu", "sessa_block_product_tpu", "sessa_block_product_bwd_keys_tpu",
+                 "sessa_block_product_bwd_rows_tpu"):
+        assert name in text
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(kernels="cuda"), "unknown feedback kernels"),
+    (dict(kernels="pallas", leaf_size=96), "multiple of 128"),
+])
+def test_kernel_option_errors(kwargs, match):
+    x = jnp.zeros((1, 256, 16))
+    with pytest.raises(ValueError, match=match):
+        feedback_solve(x, x, jnp.zeros((1, 256)), x, method="recursive", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(feedback_kernels="mosaic"), "feedback_kernels='mosaic' is unknown"),
+    (dict(feedback_kernels="pallas", leaf_size=96), "multiple of 128"),
+])
+def test_config_rejects_bad_kernels(kwargs, match):
+    from sessa_jax.config import SessaConfig
+
+    with pytest.raises(ValueError, match=match):
+        SessaConfig(d_model=64, n_heads=2, **kwargs).validate()
