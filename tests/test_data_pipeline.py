@@ -11,7 +11,7 @@ def _data(task, **kw):
     c = base_config().data
     c.update(task=task, seq_len=32, batch_size=4, **kw)
     c.mqar.update(vocab_size=32, num_kv_pairs=4)
-    c.symbol_soup.update(block_len=8)
+    c.symbol_soup.update(min_tokens=24, max_tokens=32)
     c.text.update(max_bytes=100_000, eval_fraction=0.05)
     return c
 

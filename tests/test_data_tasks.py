@@ -1,4 +1,4 @@
-"""MQAR and SymbolSoup generators: determinism per seed and labels consistent with construction."""
+"""MQAR and SymbolSoup generators: determinism per seed, layout, labels and published constants."""
 
 import numpy as np
 import pytest
@@ -13,11 +13,11 @@ def _same(a, b):
 
 @pytest.mark.parametrize("make", [
     lambda seed, split: MQARSource(seq_len=64, vocab_size=64, num_kv_pairs=8, seed=seed, split=split),
-    lambda seed, split: ss.SymbolSoupSource(seq_len=96, block_len=24, seed=seed, split=split),
+    lambda seed, split: ss.SymbolSoupSource(seq_len=96, min_tokens=60, max_tokens=96, seed=seed, split=split),
 ])
 def test_deterministic_per_seed_and_split(make):
     a, b = make(0, 0), make(0, 0)
-    assert all(_same(a[i], b[i]) for i in (0, 7, 12345))
+    assert all(_same(a[i], b[i]) for i in (0, 7, 12345 % len(a)))
     assert not _same(a[3], a[4])  # examples differ
     assert not _same(a[3], make(1, 0)[3])  # seeds differ
     assert not _same(a[3], make(0, 1)[3])  # train and eval streams differ
@@ -43,48 +43,50 @@ def test_mqar_answers_are_the_values_of_the_queried_keys():
         assert np.all(x[rest] == 0)  # query region is filler except the queries
 
 
-def _blocks(seq):
-    s1, s2 = np.nonzero(seq == ss.SEP1)[0], np.nonzero(seq == ss.SEP2)[0]
-    return [seq[a + 1:b] for a, b in zip(s1, s2)]
-
-
-def _most_likely_style(block, styles):
-    ll = [np.log(s.transition[block[:-1], block[1:]] * 0.97 + 0.03 / ss.NUM_SYMBOLS).sum() for s in styles]
-    return int(np.argmax(ll))
-
-
-def test_symbol_soup_layout_and_labels_match_the_styles_that_made_the_blocks():
-    t, blk = 200, 48
-    src = ss.SymbolSoupSource(seq_len=t, block_len=blk, seed=5)
-    styles = ss.styles(0)
-    orders = set()
-    for i in range(60):
+def test_symbol_soup_rows_score_only_the_class_at_the_label_position():
+    t = 160
+    src = ss.SymbolSoupSource(seq_len=t, min_tokens=100, max_tokens=150, seed=5, num_records=40)
+    lengths, classes = set(), []
+    for i in range(len(src)):
         ex = src[i]
-        seq = np.concatenate([ex["inputs"], ex["targets"][-1:]])
-        assert len(seq) == t + 1 and seq[0] == ss.BOS and seq[-2] == ss.SEP
-        assert np.array_equal(ex["weights"], np.eye(t, dtype=np.float32)[-1])  # only <label> is scored
-        specials = seq[(seq >= ss.NUM_SYMBOLS)]
-        assert specials[:-1].tolist() == [ss.BOS, ss.SEP1, ss.SEP2, ss.SEP1, ss.SEP2, ss.SEP]
-        blocks = _blocks(seq)
-        assert [len(b) for b in blocks] == [blk, blk]
-        found = [_most_likely_style(b, styles) for b in blocks]
-        left = [f for f in found if f < ss.NUM_LEFT]
-        right = [f - ss.NUM_LEFT for f in found if f >= ss.NUM_LEFT]
-        assert len(left) == 1 and len(right) == 1  # one block of each family
-        assert seq[-1] == ss.LABEL0 + ss.label_of(left[0], right[0])
-        orders.add(found[0] < ss.NUM_LEFT)
-    assert orders == {True, False}  # both block orders occur
+        (n,) = np.nonzero(ex["segment_ids"])[0][-1:] + 1
+        x, y = ex["inputs"], ex["targets"]
+        assert 100 <= n <= 150 and x[0] == ss.BOS and x[n - 1] == ss.LABEL and x[n - 3] == ss.SEP
+        assert np.all(x[n:] == ss.PAD) and np.all(ex["segment_ids"][:n] == 1)
+        assert np.array_equal(y[:n - 1], x[1:n])  # next-token targets inside the text
+        assert np.array_equal(ex["weights"], np.eye(t, dtype=np.float32)[n - 1])  # only <label> is scored
+        classes.append(int(y[n - 1]) - ss.CLASS0)
+        lengths.add(int(n))
+    assert np.all(np.bincount(classes, minlength=ss.NUM_CLASSES) == 2)  # exactly balanced split
+    assert len(lengths) > 5  # lengths vary, as published
 
 
-def test_symbol_soup_noise_rate_is_about_three_percent():
-    """With motifs off, a symbol departs from the chain's support only through noise."""
-    rng = np.random.default_rng(0)
-    style = ss.Style(np.eye(ss.NUM_SYMBOLS)[np.roll(np.arange(ss.NUM_SYMBOLS), 1)], np.zeros(4, int))
-    block = ss.styled_block(rng, style, 20000, motif_prob=0.0, noise_prob=0.03)
-    successor = style.transition.argmax(axis=1)
-    off_chain = np.mean(block[1:] != successor[block[:-1]])
-    # each flip breaks about two transitions, minus flips to the same symbol (1/16): ~0.056
-    assert 0.045 < off_chain < 0.068
+def test_symbol_soup_styles_follow_the_published_construction_rule():
+    """The construction rule: primaries/secondaries are positions 0-3/4-7 of ``random.Random(123|456)``
+    shuffling a fresh alphabet per style (the tables themselves are compared with the published
+    script's in tests/test_symbol_soup_published.py)."""
+    import random
+
+    for seed, family in ((123, ss.styles()[0]), (456, ss.styles()[1])):
+        rng = random.Random(seed)
+        for style in family:
+            order = list("abcdefghijklmnop")
+            rng.shuffle(order)
+            assert "".join(ss.ALPHABET[k] for k in style.primaries) == "".join(order[:4])
+            assert "".join(ss.ALPHABET[k] for k in style.secondaries) == "".join(order[4:8])
+            prim = [ss.ALPHABET.index(c) for c in order[:4]]
+            # preferred bigrams weigh x4: p0 -> p1 is 4 x 3 against 1 x 1 for an "other" symbol
+            other = ss.ALPHABET.index(order[8])
+            assert style.transition[prim[0], prim[1]] / style.transition[prim[0], other] == pytest.approx(12.0)
+
+
+def test_symbol_soup_flip_rate_is_three_percent():
+    """The same draws with and without flips differ exactly where a flip hit (rate 0.03)."""
+    rng_a, rng_b = np.random.default_rng(7), np.random.default_rng(7)
+    clean = ss.styled_block(rng_a, 1, 3, 20000, ss.Process(flip_prob=0.0))
+    noisy = ss.styled_block(rng_b, 1, 3, 20000)
+    rate = np.mean(clean != noisy)
+    assert abs(rate - 0.03) < 4 * np.sqrt(0.03 * 0.97 / 20000)  # 4 sd of a binomial rate
 
 
 def test_generator_errors_name_the_key():
@@ -92,5 +94,9 @@ def test_generator_errors_name_the_key():
         MQARSource(seq_len=20, num_kv_pairs=8)
     with pytest.raises(ValueError, match=r"data.mqar.vocab_size=16 gives 7 distinct keys"):
         MQARSource(seq_len=64, vocab_size=16, num_kv_pairs=8)
-    with pytest.raises(ValueError, match=r"need seq_len >= 70 or a smaller block_len"):
-        ss.SymbolSoupSource(seq_len=64, block_len=32)
+    with pytest.raises(ValueError, match=r"data.seq_len=64 is shorter than data.symbol_soup.max_tokens=600"):
+        ss.SymbolSoupSource(seq_len=64)
+    with pytest.raises(ValueError, match=r"min_tokens=30, max_tokens=20 admit no example"):
+        ss.SymbolSoupSource(seq_len=64, min_tokens=30, max_tokens=20)
+    with pytest.raises(ValueError, match=r"train split size=30 must be a positive multiple of 20"):
+        ss.SymbolSoupSource(seq_len=64, min_tokens=40, max_tokens=64, num_records=30)

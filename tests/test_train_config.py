@@ -42,7 +42,8 @@ def test_overrides_are_typed():
     (["model.n_heads=3"], r"model.d_model=32 must be divisible by n_heads=3"),
     (["model.gamma_max=1.0"], r"model.gamma_max must satisfy 0 < gamma_max < 1"),
     (["model.dtype=int8"], r"model.dtype='int8' is not a float dtype name"),
-    (["data.task=symbol_soup", "data.symbol_soup.block_len=32"], r"data.seq_len=32 cannot hold two styled blocks"),
+    (["data.task=symbol_soup"], r"data.seq_len=32 is shorter than data.symbol_soup.max_tokens=600"),
+    (["data.task=symbol_soup", "data.symbol_soup.tsv_dir=/no/such/dir"], r"tsv_dir='/no/such/dir' is not a directory"),
     (["data.task=text", "data.text.path=/no/such/corpus"], r"data.text.path='/no/such/corpus' does not exist"),
     (["optim.lr=-1"], r"optim: need lr > 0 \(got -1.0\)"),
     (["train.steps=0"], r"'train.steps' must be an integer >= 1; got 0"),
@@ -77,7 +78,8 @@ def test_cli_reports_config_errors_before_compiling():
     (["optim.b1=-0.1"], r"optim.b1 must lie in \[0, 1\); got -0.1"),
     (["optim.eps=0.0"], r"optim.eps must be > 0; got 0.0"),
     (["data.seed=-1"], r"'data.seed' must be an integer >= 0; got -1"),
-    (["data.symbol_soup.task_seed=-2"], r"'data.symbol_soup.task_seed' must be an integer >= 0; got -2"),
+    (["data.task=symbol_soup", "data.seq_len=64", "data.symbol_soup.max_tokens=64", "data.symbol_soup.min_tokens=40",
+      "data.symbol_soup.num_train=30"], r"data.symbol_soup.num_train=30 must be a positive multiple of 20"),
     (["data.text.max_bytes=-5"], r"'data.text.max_bytes' must be an integer >= 0; got -5"),
 ])
 def test_out_of_range_values_name_the_key(overrides, message):

@@ -19,7 +19,7 @@ import grain
 import jax
 import numpy as np
 
-from sessa_jax.data import mqar, symbol_soup, text, tokenizers
+from sessa_jax.data import mqar, symbol_soup, symbol_soup_tsv, text, tokenizers
 
 TASKS = ("mqar", "symbol_soup", "text")
 TRAIN, EVAL = 0, 1
@@ -55,10 +55,12 @@ def make_source(data_cfg, split: int):
     if task == "mqar":
         m = data_cfg.mqar
         return mqar.MQARSource(data_cfg.seq_len, m.vocab_size, m.num_kv_pairs, data_cfg.seed, split)
-    if task == "symbol_soup":
+    if task == "symbol_soup":  # TRAIN reads the train split, EVAL the valid split
         s = data_cfg.symbol_soup
-        return symbol_soup.SymbolSoupSource(data_cfg.seq_len, s.block_len, s.task_seed, s.motif_prob,
-                                            s.noise_prob, data_cfg.seed, split)
+        if s.tsv_dir:
+            return symbol_soup_tsv.TsvSource(symbol_soup_tsv.split_file(s.tsv_dir, split), data_cfg.seq_len)
+        return symbol_soup.SymbolSoupSource(data_cfg.seq_len, s.min_tokens, s.max_tokens, data_cfg.seed, split,
+                                            s.num_train if split == TRAIN else s.num_eval)
     if task == "text":
         t = data_cfg.text
         if t.arrayrecord_dir:
@@ -94,18 +96,20 @@ def make_dataset(data_cfg, split: int = TRAIN, process_index: int | None = None,
     local_batch = data_cfg.batch_size // pc
     if start_example and split != TRAIN:
         raise ValueError(f"start_example={start_example}: only the train split can start past its beginning")
-    if data_cfg.task == "text" and split == TRAIN:  # synthetic sources are already random
+    finite = data_cfg.task in ("text", "symbol_soup")  # mqar sources are endless and already random
+    if finite and split == TRAIN:
         ds = ds.shuffle(seed=data_cfg.seed).repeat(None)
     if start_example:
         ds = ds[start_example:]
-    elif data_cfg.task == "text":  # finite eval split
+    elif finite:  # finite eval split
         rows = len(ds)
         if rows < data_cfg.batch_size:
+            fix = (f"raise data.text.eval_fraction (now {data_cfg.text.eval_fraction}), use more text, or lower "
+                   f"data.batch_size or data.seq_len" if data_cfg.task == "text" else
+                   "raise data.symbol_soup.num_eval or lower data.batch_size")
             raise ValueError(
-                f"the text eval split has {rows} rows of data.seq_len={data_cfg.seq_len}, fewer than one batch "
-                f"of data.batch_size={data_cfg.batch_size}, so eval would read nothing; raise "
-                f"data.text.eval_fraction (now {data_cfg.text.eval_fraction}), use more text, or lower "
-                f"data.batch_size or data.seq_len"
+                f"the {data_cfg.task} eval split has {rows} rows of data.seq_len={data_cfg.seq_len}, fewer than one "
+                f"batch of data.batch_size={data_cfg.batch_size}, so eval would read nothing; {fix}"
             )
         ds = ds[:rows - rows % pc]  # every process gets as many rows, so as many batches (no collective hang)
     ds = ds[pi::pc]

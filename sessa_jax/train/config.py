@@ -52,7 +52,9 @@ def base_config() -> mc.ConfigDict:
     c.data = mc.ConfigDict(dict(
         task="mqar", seq_len=64, batch_size=16, seed=0, num_threads=0, prefetch=2,
         mqar=dict(vocab_size=64, num_kv_pairs=8),
-        symbol_soup=dict(block_len=32, task_seed=0, motif_prob=0.05, noise_prob=0.03),
+        # the published SymbolSoup (400-600 tokens, splits 20000/2000); tsv_dir: read files made by the
+        # published script (or sessa_jax.data.symbol_soup_tsv) instead of generating
+        symbol_soup=dict(min_tokens=400, max_tokens=600, num_train=20000, num_eval=2000, tsv_dir=""),
         text=dict(path="", arrayrecord_dir="", max_bytes=8_000_000, eval_fraction=0.01),
         # bytes | sentencepiece | tokenizers; path: the .model / tokenizer.json. sentencepiece with
         # path '' fits a model of vocab_size on the corpus into WORKDIR/tokenizer.model at the first start.
@@ -187,7 +189,7 @@ def validate(cfg: mc.ConfigDict, process_count: int = 1, device_count: int | Non
     # checkpoint.keep=0 would make orbax delete every checkpoint it writes (nothing to resume from).
     _positive(cfg, "checkpoint.keep")
     _positive(cfg, "train.eval_every", "checkpoint.every", "optim.warmup_steps", "data.num_threads",
-              "data.prefetch", "data.seed", "data.symbol_soup.task_seed", "data.text.max_bytes", "train.eval_batches",
+              "data.prefetch", "data.seed", "data.text.max_bytes", "train.eval_batches",
               "train.loss_chunk", allow_zero=True)
     _validate_reporting(cfg)
     for key in ("dtype", "param_dtype"):
@@ -226,13 +228,15 @@ def validate(cfg: mc.ConfigDict, process_count: int = 1, device_count: int | Non
     try:
         if d.task == "mqar":
             check_mqar(d.seq_len, d.mqar.vocab_size, d.mqar.num_kv_pairs)
-        elif d.task == "symbol_soup":
-            check_symbol_soup(d.seq_len, d.symbol_soup.block_len)
+        elif d.task == "symbol_soup" and not d.symbol_soup.tsv_dir:
+            s = d.symbol_soup
+            check_symbol_soup(d.seq_len, s.min_tokens, s.max_tokens, [("num_train", s.num_train),
+                                                                       ("num_eval", s.num_eval)])
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    if d.task == "symbol_soup":
-        if not (0 <= d.symbol_soup.noise_prob <= 1 and 0 <= d.symbol_soup.motif_prob <= 1):
-            raise ConfigError("data.symbol_soup.noise_prob and motif_prob must lie in [0, 1]")
+    if d.task == "symbol_soup" and d.symbol_soup.tsv_dir and not os.path.isdir(d.symbol_soup.tsv_dir):
+        raise ConfigError(f"data.symbol_soup.tsv_dir={d.symbol_soup.tsv_dir!r} is not a directory; pass the "
+                          f"output_dir of the published script, or '' to generate the data")
     elif d.task == "text" and d.text.path and not os.path.exists(d.text.path):
         raise ConfigError(
             f"data.text.path={d.text.path!r} does not exist; pass an existing text file or directory, "

@@ -1,0 +1,373 @@
+"""Matched Sessa / Transformer / Mamba comparison on SymbolSoup (published) and MQAR across lengths.
+
+For every task and length, the three kinds get the same depth, heads and vocabulary; the
+baselines' width is chosen so their parameter count is within 5% of Sessa's
+(``baselines.match_width``; checked, the run stops otherwise). Every kind trains for the same
+number of steps on the same batches (so the same token budget) with the library's optimizer
+(AdamW, warmup + cosine, clipping) at each learning rate of one shared sweep, with several
+seeds (initialisation and data order). The learning rate of each (task, length, kind) is chosen
+on the validation split (mean over seeds); the table reports that choice's test accuracy, mean
+and spread over seeds, and every cell's numbers are in the JSONL.
+
+A run = (task, length, kind, lr, seed). Each finished run appends one JSON line to ``--out``;
+a rerun skips the runs already there, so the script resumes after an interruption (at most
+the run in progress is lost). One compiled train step serves every lr and seed of a
+(task, length, kind): the library optimizer runs at peak lr 1 and the update is scaled by lr,
+which is exactly AdamW at that lr (its decoupled weight decay is also scaled by lr).
+
+    python scripts/compare_models.py --scale cpu --out results/compare_cpu.jsonl
+    python scripts/compare_models.py --scale cpu --out results/compare_cpu.jsonl --table   # table only
+    python scripts/compare_models.py --scale paper --out results/compare_paper.jsonl        # accelerator
+
+Scales: ``toy`` (the test, seconds), ``cpu`` (under an hour on a quiet 2-core machine),
+``paper`` (T = 2048 SymbolSoup and MQAR, the paper's 125M width: for an accelerator).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, ROOT)
+
+KINDS = ("sessa", "transformer", "mamba")
+SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """Everything one comparison holds fixed across kinds."""
+
+    d_model: int  # Sessa's width; the baselines' is matched to its parameter count
+    n_heads: int
+    n_layers: int
+    batch_size: int
+    steps: int  # same for every kind, so the same token budget
+    lrs: tuple[float, ...]
+    seeds: tuple[int, ...]
+    soup_lengths: tuple[tuple[int, int], ...]  # (min_tokens, max_tokens); seq_len = max_tokens
+    soup_sizes: tuple[int, int, int]  # train / valid / test examples
+    mqar_lengths: tuple[int, ...]
+    mqar_kv_pairs: int
+    mqar_vocab: int
+    mqar_eval: int  # valid and test sequences each
+    chunk_size: int = 64
+    dtype: str = "float32"
+    warmup_frac: float = 0.1
+
+
+SCALES = {
+    "toy": Scale(d_model=16, n_heads=1, n_layers=1, batch_size=4, steps=3, lrs=(1e-3, 3e-3, 1e-2), seeds=(0, 1, 2),
+                 soup_lengths=((40, 60),), soup_sizes=(40, 20, 20), mqar_lengths=(16,), mqar_kv_pairs=2,
+                 mqar_vocab=32, mqar_eval=8, chunk_size=16),
+    "cpu": Scale(d_model=32, n_heads=1, n_layers=2, batch_size=16, steps=200, lrs=(1e-3, 3e-3, 1e-2),
+                 seeds=(0, 1, 2), soup_lengths=((100, 150), (200, 300)), soup_sizes=(3200, 400, 400),
+                 mqar_lengths=(64, 128), mqar_kv_pairs=4, mqar_vocab=32, mqar_eval=256, chunk_size=16),
+    "paper": Scale(d_model=768, n_heads=12, n_layers=12, batch_size=32, steps=5000, lrs=(3e-4, 6e-4, 1.2e-3),
+                   seeds=(0, 1, 2), soup_lengths=((400, 600), (1366, 2048)), soup_sizes=(20000, 2000, 2000),
+                   mqar_lengths=(512, 2048), mqar_kv_pairs=32, mqar_vocab=8192, mqar_eval=2000, chunk_size=128,
+                   dtype="bfloat16"),
+}
+
+
+# --------------------------------------------------------------------------------------
+# Data: fixed arrays per (task, length, split), so every kind reads the same examples
+# --------------------------------------------------------------------------------------
+def soup_split(scale: Scale, lengths: tuple[int, int], split: int) -> dict[str, np.ndarray]:
+    """One SymbolSoup split (published process, data seed 0) as stacked (N, T) arrays."""
+    from sessa_jax.data import symbol_soup as ss
+
+    lo, hi = lengths
+    src = ss.SymbolSoupSource(seq_len=hi, min_tokens=lo, max_tokens=hi, seed=0, split=split,
+                              num_records=scale.soup_sizes[split])
+    return _stack([src[i] for i in range(len(src))])
+
+
+def mqar_split(scale: Scale, seq_len: int, split: int) -> dict[str, np.ndarray]:
+    """MQAR sequences of one split (the training split is sampled anew each step instead)."""
+    from sessa_jax.data.mqar import MQARSource
+
+    src = MQARSource(seq_len, scale.mqar_vocab, scale.mqar_kv_pairs, seed=0, split=split)
+    n = scale.mqar_eval if split != SPLIT_TRAIN else scale.steps * scale.batch_size
+    return _stack([src[i] for i in range(n)])
+
+
+def _stack(rows):
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def task_data(scale: Scale, task: str, length) -> dict[int, dict[str, np.ndarray]]:
+    make = soup_split if task == "symbol_soup" else mqar_split
+    return {split: make(scale, length, split) for split in (SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST)}
+
+
+def seq_len_of(task: str, length) -> int:
+    return length[1] if task == "symbol_soup" else length
+
+
+def length_name(task: str, length) -> str:
+    return f"{length[0]}-{length[1]}" if task == "symbol_soup" else str(length)
+
+
+def vocab_of(scale: Scale, task: str) -> int:
+    from sessa_jax.data import symbol_soup as ss
+
+    v = ss.VOCAB_SIZE if task == "symbol_soup" else scale.mqar_vocab
+    return -(-v // 8) * 8
+
+
+# --------------------------------------------------------------------------------------
+# Models and training: one compiled step per (task, length, kind)
+# --------------------------------------------------------------------------------------
+def model_configs(scale: Scale, task: str, length) -> dict:
+    """SessaConfig per kind; baselines width-matched to Sessa's parameter count (within 5%)."""
+    import jax.numpy as jnp
+
+    from sessa_jax.baselines import count_params, match_width
+    from sessa_jax.config import SessaConfig
+
+    t = seq_len_of(task, length)
+    base = SessaConfig(d_model=scale.d_model, n_heads=scale.n_heads, n_layers=scale.n_layers,
+                       vocab_size=vocab_of(scale, task), max_len=t, chunk_size=min(scale.chunk_size, t),
+                       dtype=jnp.dtype(scale.dtype))
+    configs = {k: match_width(base, k) for k in KINDS}
+    target = count_params(base, "sessa")
+    for kind, c in configs.items():
+        n = count_params(c, kind)
+        if abs(n - target) > 0.05 * target:
+            raise RuntimeError(f"{kind} at d_model={c.d_model} has {n:,} parameters, more than 5% from Sessa's "
+                               f"{target:,}: the comparison would not be matched; change the scale's d_model/n_heads")
+    return configs
+
+
+class Trainer:
+    """Compiled train and eval steps of one (model config, kind), shared by every lr and seed."""
+
+    def __init__(self, config, kind: str, scale: Scale):
+        import jax
+        import jax.numpy as jnp
+        import ml_collections as mc
+        import optax
+
+        from sessa_jax.model import SessaLM
+        from sessa_jax.train.config import base_config
+        from sessa_jax.train.optimizer import make_optimizer
+        from sessa_jax.train.step import loss_and_metrics
+
+        self.model, self.scale, self.seq_len = SessaLM(config, kind=kind), scale, config.max_len
+        optim = mc.ConfigDict(base_config().optim.to_dict())
+        optim.update(lr=1.0, warmup_steps=max(1, int(scale.warmup_frac * scale.steps)))
+        self.tx = make_optimizer(optim, scale.steps)  # peak lr 1; the step scales updates by lr
+        apply = self.model.apply
+
+        def train_step(params, opt_state, batch, lr):
+            def loss_fn(p):
+                return loss_and_metrics(p, apply, batch)
+
+            (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            updates, opt_state = self.tx.update(grads, opt_state, params)
+            updates = jax.tree_util.tree_map(lambda u: lr * u, updates)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        def eval_sums(params, batch):
+            return loss_and_metrics(params, apply, batch)[1]
+
+        def init(key):
+            params = self.model.init(key, jnp.zeros((1, self.seq_len), jnp.int32))
+            return params, self.tx.init(params)
+
+        self.train_step = jax.jit(train_step, donate_argnums=(0, 1))
+        self.eval_sums = jax.jit(eval_sums)
+        self._init = jax.jit(init)
+
+    def init(self, seed: int):
+        """Fresh parameters and optimizer state of ``seed``."""
+        import jax
+
+        return self._init(jax.random.PRNGKey(seed))
+
+    def accuracy(self, params, data: dict[str, np.ndarray]) -> float:
+        """Accuracy on the weighted positions of ``data`` (all of it, in batches)."""
+        b, n = self.scale.batch_size, len(data["inputs"])
+        correct = weight = 0.0
+        for start in range(0, n, b):
+            batch = {k: v[start:start + b] for k, v in data.items()}
+            if len(batch["inputs"]) < b:  # pad the last batch with unscored rows (one compiled shape)
+                pad = b - len(batch["inputs"])
+                batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+            sums = self.eval_sums(params, batch)
+            correct += float(sums["correct_sum"])
+            weight += float(sums["weight_sum"])
+        return correct / max(weight, 1.0)
+
+    def run(self, lr: float, seed: int, data: dict) -> dict:
+        """Trains one model (init and data order from ``seed``); accuracies on valid and test."""
+        import jax.numpy as jnp
+
+        start = time.perf_counter()
+        params, opt_state = self.init(seed)
+        train, b = data[SPLIT_TRAIN], self.scale.batch_size
+        n = len(train["inputs"])
+        order = np.concatenate([np.random.default_rng([seed, epoch]).permutation(n)
+                                for epoch in range(math.ceil(self.scale.steps * b / n))])
+        losses = []
+        for step in range(self.scale.steps):
+            idx = order[step * b:(step + 1) * b]
+            params, opt_state, loss = self.train_step(params, opt_state, {k: v[idx] for k, v in train.items()},
+                                                      jnp.float32(lr))
+            losses.append(loss)
+        losses = [float(x) for x in losses]
+        if not np.isfinite(losses[-1]):
+            valid = test = float("nan")
+        else:
+            valid, test = self.accuracy(params, data[SPLIT_VALID]), self.accuracy(params, data[SPLIT_TEST])
+        return dict(final_loss=float(np.mean(losses[-max(1, len(losses) // 10):])), valid_accuracy=valid,
+                    test_accuracy=test, seconds=time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------------------
+# The sweep, resumable through the JSONL file
+# --------------------------------------------------------------------------------------
+def run_key(r: dict) -> tuple:
+    return (r["scale"], r["task"], r["length"], r["kind"], float(r["lr"]), int(r["seed"]))
+
+
+def read_results(path: str) -> list[dict]:
+    """Finished runs in ``path`` (a missing file is no runs; a torn last line is ignored)."""
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # an interrupted write; that run is redone
+    return out
+
+
+def _end_with_newline(path: str) -> None:
+    """Closes a line torn by an interrupted write, so the next result starts a line of its own."""
+    if os.path.exists(path) and os.path.getsize(path):
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        if torn:
+            with open(path, "a") as f:
+                f.write("\n")
+
+
+def plan(scale: Scale, tasks) -> list[tuple[str, object]]:
+    """(task, length) pairs, shortest lengths of every task first."""
+    per_task = [[(t, n) for n in (scale.soup_lengths if t == "symbol_soup" else scale.mqar_lengths)] for t in tasks]
+    return [pair for rank in range(max(map(len, per_task))) for pair in
+            (lengths[rank] for lengths in per_task if rank < len(lengths))]
+
+
+def compare(scale_name: str, out: str, tasks=("symbol_soup", "mqar"), kinds=KINDS, log=print) -> list[dict]:
+    """Runs every missing (task, length, kind, lr, seed) of ``scale_name``; returns all its rows."""
+    from sessa_jax.baselines import count_params
+
+    if scale_name not in SCALES:
+        raise ValueError(f"--scale {scale_name!r} is unknown; choose one of {sorted(SCALES)}")
+    unknown = sorted(set(tasks) - {"symbol_soup", "mqar"}) + sorted(set(kinds) - set(KINDS))
+    if unknown:
+        raise ValueError(f"unknown task(s)/kind(s) {unknown}; tasks: symbol_soup, mqar; kinds: {KINDS}")
+    scale = SCALES[scale_name]
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    done = {run_key(r) for r in read_results(out)}
+    _end_with_newline(out)
+    for task, length in plan(scale, tasks):
+        name = length_name(task, length)
+        todo = [(s, lr, k) for s in scale.seeds for lr in scale.lrs for k in kinds
+                if (scale_name, task, name, k, float(lr), int(s)) not in done]
+        if not todo:
+            continue
+        data = task_data(scale, task, length)
+        configs = model_configs(scale, task, length)
+        trainers = {}  # one compiled step per kind, reused by every lr and seed
+        # seed-major order: an interrupted sweep has every kind and lr for the seeds it finished
+        for seed, lr, kind in todo:
+            if kind not in trainers:
+                trainers[kind] = Trainer(configs[kind], kind, scale)
+            result = trainers[kind].run(lr, seed, data)
+            row = dict(scale=scale_name, task=task, length=name, seq_len=seq_len_of(task, length),
+                       kind=kind, lr=float(lr), seed=int(seed), d_model=configs[kind].d_model,
+                       params=count_params(configs[kind], kind), steps=scale.steps,
+                       tokens=scale.steps * scale.batch_size * seq_len_of(task, length), **result)
+            with open(out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            log(f"{task} {name} {kind:>11} lr {lr:g} seed {seed}: valid {row['valid_accuracy']:.3f} "
+                f"test {row['test_accuracy']:.3f} loss {row['final_loss']:.3f} ({row['seconds']:.0f}s)")
+    return [r for r in read_results(out) if r["scale"] == scale_name]
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (task, length, kind): the lr with the best mean validation accuracy, its test accuracy
+    (mean, sd, min, max over seeds) and every lr's mean test accuracy."""
+    groups: dict[tuple, dict[float, list[dict]]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["length"], r["kind"]), {}).setdefault(r["lr"], []).append(r)
+    out = []
+    for (task, length, kind), by_lr in sorted(groups.items(), key=lambda kv: (kv[0][0], _length_key(kv[0][1]),
+                                                                              KINDS.index(kv[0][2]))):
+        def mean(lr, key):
+            vals = [x[key] for x in by_lr[lr]]
+            return float(np.mean(vals)) if all(np.isfinite(vals)) else -1.0
+
+        best = max(by_lr, key=lambda lr: mean(lr, "valid_accuracy"))
+        test = np.array([x["test_accuracy"] for x in by_lr[best]])
+        first = by_lr[best][0]
+        out.append(dict(task=task, length=length, kind=kind, params=first["params"], d_model=first["d_model"],
+                        tokens=first["tokens"], best_lr=best, seeds=len(test), test_mean=float(np.mean(test)),
+                        test_sd=float(np.std(test, ddof=1)) if len(test) > 1 else 0.0,
+                        test_min=float(test.min()), test_max=float(test.max()),
+                        per_lr={f"{lr:g}": round(mean(lr, "test_accuracy"), 4) for lr in sorted(by_lr)},
+                        complete=min(len(v) for v in by_lr.values())))
+    return out
+
+
+def _length_key(name: str) -> int:
+    return int(name.split("-")[-1])
+
+
+def table(summary: list[dict]) -> str:
+    """Markdown table of ``summarize`` rows."""
+    lines = ["| task | length | kind | params | d_model | tokens/run | lr (chosen on valid) | seeds | test acc mean ± sd "
+             "| min-max | mean test acc per lr |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for s in summary:
+        per_lr = ", ".join(f"{k}: {v:.3f}" for k, v in s["per_lr"].items())
+        sd = f"{s['test_sd']:.3f}" if s["seeds"] > 1 else "n/a (1 seed)"
+        lines.append(f"| {s['task']} | {s['length']} | {s['kind']} | {s['params']:,} | {s['d_model']} | "
+                     f"{s['tokens']:,} | {s['best_lr']:g} | {s['seeds']} | {s['test_mean']:.3f} ± {sd} "
+                     f"| {s['test_min']:.3f}-{s['test_max']:.3f} | {per_lr} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--scale", choices=sorted(SCALES), required=True)
+    p.add_argument("--out", help="results JSONL (appended; finished runs are skipped)")
+    p.add_argument("--tasks", default="symbol_soup,mqar")
+    p.add_argument("--kinds", default=",".join(KINDS))
+    p.add_argument("--table", action="store_true", help="print the table of --out without running anything")
+    a = p.parse_args(argv)
+    out = a.out or os.path.join("results", f"compare_{a.scale}.jsonl")
+    if a.table:
+        rows = [r for r in read_results(out) if r["scale"] == a.scale]
+    else:
+        rows = compare(a.scale, out, tuple(a.tasks.split(",")), tuple(a.kinds.split(",")))
+    print(table(summarize(rows)))
+
+
+if __name__ == "__main__":
+    main()

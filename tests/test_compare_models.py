@@ -1,0 +1,130 @@
+"""scripts/compare_models.py end to end at toy scale: matched models, the sweep, resume, the table."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("compare_models", os.path.join(ROOT, "scripts", "compare_models.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+cm = _load_script()
+
+
+def _lines(path):
+    with open(path) as f:
+        return [json.loads(x) for x in f if x.strip()]
+
+
+@pytest.fixture(scope="module")
+def soup_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("compare") / "toy.jsonl")
+    cm.main(["--scale", "toy", "--out", out, "--tasks", "symbol_soup"])
+    return out
+
+
+def test_every_kind_lr_and_seed_runs_once_with_matched_parameters_and_budget(soup_run):
+    scale = cm.SCALES["toy"]
+    rows = _lines(soup_run)
+    keys = [cm.run_key(r) for r in rows]
+    assert len(keys) == len(set(keys)) == len(cm.KINDS) * len(scale.lrs) * len(scale.seeds)
+    assert len(scale.lrs) >= 3 and len(scale.seeds) >= 3
+    sessa = next(r["params"] for r in rows if r["kind"] == "sessa")
+    for r in rows:
+        assert abs(r["params"] - sessa) <= 0.05 * sessa, r
+        assert r["tokens"] == scale.steps * scale.batch_size * 60 and r["steps"] == scale.steps
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and 0.0 <= r["valid_accuracy"] <= 1.0
+        # toy test split: 20 examples, so accuracies are multiples of 1/20
+        assert r["test_accuracy"] * 20 == pytest.approx(round(r["test_accuracy"] * 20))
+
+
+def test_summary_picks_the_lr_on_validation_and_reports_test_spread(soup_run):
+    rows = _lines(soup_run)
+    summary = cm.summarize(rows)
+    assert [s["kind"] for s in summary] == list(cm.KINDS)
+    for s in summary:
+        mine = [r for r in rows if r["kind"] == s["kind"]]
+        valid = {lr: np.mean([r["valid_accuracy"] for r in mine if r["lr"] == lr]) for lr in {r["lr"] for r in mine}}
+        assert valid[s["best_lr"]] == max(valid.values())
+        test = [r["test_accuracy"] for r in mine if r["lr"] == s["best_lr"]]
+        assert s["test_mean"] == pytest.approx(np.mean(test)) and s["test_sd"] == pytest.approx(np.std(test, ddof=1))
+    table = cm.table(summary)
+    assert table.count("\n") == 1 + len(summary) and "symbol_soup" in table
+
+
+def test_a_rerun_of_a_finished_sweep_adds_nothing(soup_run):
+    before = os.path.getsize(soup_run)
+    cm.compare("toy", soup_run, tasks=("symbol_soup",))  # every run is in the file: nothing to do
+    assert os.path.getsize(soup_run) == before
+
+
+def _interrupted_copy(src, dst, drop: int):
+    """``src`` without its last ``drop`` runs, ending in a line torn by an interrupted write."""
+    with open(src) as f:
+        lines = f.read().splitlines()
+    with open(dst, "w") as f:
+        f.write("\n".join(lines[:-drop]) + "\n" + lines[-drop][:20])
+    return [cm.run_key(json.loads(x)) for x in lines]
+
+
+def test_a_torn_last_line_is_ignored_and_closed(soup_run, tmp_path):
+    out = str(tmp_path / "partial.jsonl")
+    keys = _interrupted_copy(soup_run, out, drop=1)
+    assert [cm.run_key(r) for r in cm.read_results(out)] == keys[:-1]
+    cm._end_with_newline(out)
+    with open(out) as f:
+        assert f.read().endswith("\n")
+
+
+@pytest.mark.slow
+def test_a_rerun_redoes_only_the_missing_runs(soup_run, tmp_path):
+    out = str(tmp_path / "partial.jsonl")
+    keys = _interrupted_copy(soup_run, out, drop=2)
+    cm.compare("toy", out, tasks=("symbol_soup",))
+    assert sorted(cm.run_key(r) for r in cm.read_results(out)) == sorted(keys)
+
+
+def test_mqar_splits_are_disjoint_and_budgeted():
+    scale = cm.SCALES["toy"]
+    data = cm.task_data(scale, "mqar", 16)
+    assert len(data[cm.SPLIT_TRAIN]["inputs"]) == scale.steps * scale.batch_size
+    assert len(data[cm.SPLIT_TEST]["inputs"]) == scale.mqar_eval
+    rows = {split: {r.tobytes() for r in d["inputs"]} for split, d in data.items()}
+    assert not rows[cm.SPLIT_TRAIN] & rows[cm.SPLIT_TEST] and not rows[cm.SPLIT_VALID] & rows[cm.SPLIT_TEST]
+
+
+def test_unknown_scale_task_or_kind_is_named():
+    with pytest.raises(ValueError, match=r"--scale 'huge' is unknown"):
+        cm.compare("huge", "unused.jsonl")
+    with pytest.raises(ValueError, match=r"unknown task\(s\)/kind\(s\) \['rnn'\]"):
+        cm.compare("toy", "unused.jsonl", kinds=("sessa", "rnn"))
+
+
+@pytest.mark.parametrize("name", ["toy", pytest.param("cpu", marks=pytest.mark.slow), pytest.param("paper", marks=pytest.mark.slow)])
+def test_every_scale_matches_parameters_within_five_percent(name):
+    scale = cm.SCALES[name]
+    for task, length in cm.plan(scale, ("symbol_soup", "mqar")):
+        cm.model_configs(scale, task, length)  # raises if a kind is more than 5% off
+
+
+def test_accuracy_counts_every_example_when_the_last_batch_is_partial():
+    scale = cm.SCALES["toy"]  # batch 4
+    data = cm.task_data(scale, "mqar", 16)[cm.SPLIT_TEST]  # 8 rows
+    trainer = cm.Trainer(cm.model_configs(scale, "mqar", 16)["transformer"], "transformer", scale)
+    params, _ = trainer.init(0)
+    first6 = {k: v[:6] for k, v in data.items()}  # one full batch + 2 rows padded to 4
+    masked = dict(data, weights=np.where(np.arange(8)[:, None] < 6, data["weights"], 0.0).astype(np.float32))
+    sums = [trainer.eval_sums(params, {k: v[s:s + 4] for k, v in masked.items()}) for s in (0, 4)]
+    expect = sum(float(x["correct_sum"]) for x in sums) / sum(float(x["weight_sum"]) for x in sums)
+    assert trainer.accuracy(params, first6) == pytest.approx(expect, rel=1e-6)
