@@ -26,7 +26,7 @@ from sessa_jax.data.mqar import check_mqar
 from sessa_jax.data.pipeline import TASKS, task_vocab_size
 from sessa_jax.data.symbol_soup import check_symbol_soup
 from sessa_jax.sharding import MeshError, mesh_shape
-from sessa_jax.train.resume_guard import check_allowed_keys
+from sessa_jax.train.resume_guard import check_allowed_keys, flatten
 
 KINDS = ("sessa", "transformer", "mamba")
 # Shipped inside the package so an installed wheel finds them; a checkout's top-level configs/ links here.
@@ -162,7 +162,7 @@ def _check_known_keys(cfg: mc.ConfigDict) -> None:
     """Keys a config file added (``c.train.stepz = 5``, ``c.data.update(seqlen=...)``) are read by
     nothing; reject them instead of silently training with the default."""
     base = base_config()
-    unknown = sorted(set(_flatten(cfg.to_dict())) - set(_flatten(base.to_dict())))
+    unknown = sorted(set(flatten(cfg.to_dict())) - set(flatten(base.to_dict())))
     err = _unknown_key_error(unknown[0], base) if len(unknown) == 1 else None
     if err is not None:
         raise err
@@ -326,15 +326,7 @@ def resolve(cfg: mc.ConfigDict) -> mc.ConfigDict:
 def config_from_json(d: dict) -> mc.ConfigDict:
     """Rebuilds a run config saved with ``cfg.to_dict()`` (missing keys take defaults)."""
     cfg = base_config()
-    cfg.update_from_flattened_dict({k: v for k, v in _flatten(d).items()})
+    cfg.update_from_flattened_dict({k: v for k, v in flatten(d).items()})
     return cfg
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

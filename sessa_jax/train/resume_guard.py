@@ -59,11 +59,12 @@ def check_allowed_keys(value: str) -> None:
             )
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a.b.c": value} for a nested dict (a run config's ``to_dict()``)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -75,7 +76,7 @@ def compare(saved: dict, new: dict) -> dict[str, tuple]:
     A key missing on one side (a config saved by an older version) is not a change. Both
     sides go through JSON first (the saved one did), so a tuple equals its list.
     """
-    a, b = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(new)))
+    a, b = flatten(json.loads(json.dumps(saved))), flatten(json.loads(json.dumps(new)))
     return {k: (a[k], b[k]) for k in sorted(set(a) & set(b)) if a[k] != b[k]}
 
 
