@@ -13,8 +13,9 @@ PYTHON_LATEST ?= $(firstword $(foreach p,python3.12 python3.13 $(wildcard $(HOME
 VENV_LATEST := .venv-latest
 PY_LATEST := $(VENV_LATEST)/bin/python
 STAMP_LATEST := $(VENV_LATEST)/.installed-test
-# The subset `make test-latest` runs (the whole suite takes over an hour on a 2-core box; set
-# LATEST_TESTS=tests to run everything). CI runs the smaller CI_LATEST_TESTS (.ci/run).
+# The subset `make test-latest` runs (1103 passed, 1 skipped in 4m06s on two workers, 2-core box,
+# 2026-11-30; LATEST_TESTS=tests runs everything). CI runs the smaller CI_LATEST_TESTS (.ci/run)
+# so that the whole CI run stays within 45 minutes on a machine up to 2x slower.
 LATEST_TESTS ?= tests/test_core_fixtures.py tests/test_core_blocked.py tests/test_recursive_solve.py \
 	tests/test_core_decoding.py tests/test_lowering.py tests/test_pallas_attention.py tests/test_train_config.py \
 	tests/test_train_loop.py tests/test_train_resume.py tests/test_train_loss.py tests/test_train_evaluate.py \
