@@ -13,7 +13,7 @@ known-statistics block product (KERNELS.md 3.5). Each has an XLA twin it is test
 VMEM use is O(Bq D + Bk D + Bq Bk) whatever T is: nothing of length T stays on chip, so T
 has no cap beyond HBM. Row vectors travel as (B, T, 1) arrays with (Bq, 1) blocks and key
 segment ids as (B, 1, T) with (1, Bk) blocks, the layouts Mosaic accepts.
-On CPU the kernels run in Pallas' TPU interpret mode (tests); on a TPU they compile with
+On CPU the kernels run in Pallas interpret mode (tests); on a TPU they compile with
 Mosaic. Not yet measured on a TPU: ``feedback_kernels="pallas"`` is opt-in.
 """
 
@@ -27,9 +27,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from sessa_jax.ops.row_stats import EMPTY_LOGL
+
 F32 = jnp.float32
 BF16 = jnp.bfloat16
-EMPTY_LOGL = 1e30
 _NEG = -1e30  # finite "minus infinity": exp(-inf - -inf) would be NaN on the VPU
 _ROW_BLOCKS = (512, 256, 128, 64, 32, 16, 8)
 _KEY_BLOCKS = (512, 256, 128)
@@ -46,8 +47,9 @@ def key_block(n: int) -> int:
     return next((c for c in _KEY_BLOCKS if n % c == 0), n)
 
 
-def _interpret(interpret: bool):
-    return True if interpret else False
+def _interpret(interpret: bool) -> bool:
+    # Plain interpret mode suffices: the kernels use no TPU-only primitive beyond VMEM scratch.
+    return bool(interpret)
 
 
 def _params(vmem_limit: int = VMEM_LIMIT_BYTES):

@@ -86,7 +86,6 @@ def train(cfg, workdir: str, log=print) -> RunResult:
 
 def _train(cfg, workdir: str, log=print) -> RunResult:
     t_start = time.perf_counter()
-    maybe_initialize(cfg.distributed, log)  # no-op unless a cluster or coordinator is configured
     if jax.process_index() != 0:
         log = _quiet  # logs from process 0 only
     validate(cfg, jax.process_count(), jax.device_count())
@@ -98,12 +97,13 @@ def _train(cfg, workdir: str, log=print) -> RunResult:
     steps, accum = cfg.train.steps, cfg.optim.grad_accum
     model, tx = build_model(resolved), make_optimizer(cfg.optim, steps)
     mesh = sharding.make_mesh(dict(cfg.mesh))
-    sharding.validate_mesh(mesh, model_config(resolved), cfg.data.batch_size, accum, kind=cfg.model.kind)
+    model_cfg = model_config(resolved)
+    sharding.validate_mesh(mesh, model_cfg, cfg.data.batch_size, accum, kind=cfg.model.kind)
     data_sharding = sharding.batch_sharding(mesh)
     shardings = state_shardings(model, tx, cfg.train.seed, cfg.data.seq_len, mesh)
     step_fn = make_train_step(shardings, data_sharding, accum, cfg.train.loss_chunk)
     eval_fn = make_eval_step(model.apply, cfg.train.loss_chunk)
-    token_bytes = token_bytes_for(cfg.data, model_config(resolved).vocab_size)  # None: no bits per byte
+    token_bytes = token_bytes_for(cfg.data, model_cfg.vocab_size)  # None: no bits per byte
 
     def evaluate(state, eval_data, num_batches, sharding):
         return evaluate_params(state.params, eval_fn, eval_data, cfg.data.batch_size // jax.process_count(),
@@ -131,7 +131,6 @@ def _train(cfg, workdir: str, log=print) -> RunResult:
     writer = MetricsWriter(workdir, start_step=start, mirror=wandb)
     progress = Progress(steps, tokens_per_step, start, cfg.train.progress)
     clock = report.StepClock(start)
-    model_cfg = model_config(resolved)
     flops_token = report.flops_per_token(n_params, model_cfg.n_layers, model_cfg.d_model, cfg.data.seq_len)
     peak = report.peak_tflops(jax.devices()[0].device_kind, cfg.metrics.peak_tflops)
     profiler = report.Profiler(parse_profile_steps(cfg.train.profile_steps, steps),
