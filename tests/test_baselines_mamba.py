@@ -1,11 +1,11 @@
-"""MambaMixer: the chunked scan against a step-by-step recurrence, causality, segment resets."""
+"""MambaMixer: both scans against a step-by-step recurrence and each other, causality, segment resets."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sessa_jax.baselines.mamba import MambaMixer, selective_scan
+from sessa_jax.baselines.mamba import MambaMixer, resolve_scan, selective_scan, selective_scan_stepwise
 from sessa_jax.config import SessaConfig
 
 F32_TOL = dict(rtol=1e-5, atol=1e-5)  # a few float32 ulps of O(1) values, accumulated over T
@@ -35,9 +35,25 @@ def test_chunked_scan_matches_sequential(chunk):
     np.testing.assert_allclose(got, jax.jit(sequential_scan)(decay, drive, C), **F32_TOL)
 
 
-def _mixer(chunk=4, dtype=jnp.float32):
+def test_stepwise_scan_matches_sequential_with_resets():
+    """The stepwise scan forms decay = exp(dt A) and drive = dt x B itself; reset where starts."""
+    k = jax.random.split(jax.random.PRNGKey(3), 5)
+    b, t, e, n = 2, 19, 3, 4
+    dt = jax.nn.softplus(jax.random.normal(k[0], (b, t, e)))
+    x, B, C = jax.random.normal(k[1], (b, t, e)), jax.random.normal(k[2], (b, t, n)), jax.random.normal(k[3], (b, t, n))
+    A = -jnp.exp(jax.random.normal(k[4], (e, n)))
+    starts = jnp.zeros((b, t), bool).at[0, 9].set(True).at[1, 4].set(True)
+    decay = jnp.where(starts[:, :, None, None], 0.0, jnp.exp(dt[..., None] * A))
+    drive = (dt * x)[..., None] * B[:, :, None, :]
+    want = jax.jit(sequential_scan)(decay, drive, C)
+    np.testing.assert_allclose(jax.jit(selective_scan_stepwise)(dt, x, B, C, A, starts), want, **F32_TOL)
+    unreset = jax.jit(selective_scan_stepwise)(dt, x, B, C, A)
+    assert not np.allclose(unreset, want, **F32_TOL)  # the resets matter in this case
+
+
+def _mixer(chunk=4, dtype=jnp.float32, scan="auto"):
     cfg = SessaConfig(d_model=16, n_heads=2, chunk_size=chunk, dtype=dtype)
-    m = MambaMixer(cfg)
+    m = MambaMixer(cfg, scan=scan)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 12, 16))
     return m, jax.jit(m.init)(jax.random.PRNGKey(2), x), x
 
@@ -51,14 +67,40 @@ def test_mixer_is_causal():
 
 
 def test_chunk_size_does_not_change_output():
-    m, p, x = _mixer(chunk=3)
-    m5 = MambaMixer(m.config.replace(chunk_size=5))
+    m, p, x = _mixer(chunk=3, scan="chunked")
+    m5 = MambaMixer(m.config.replace(chunk_size=5), scan="chunked")
     np.testing.assert_allclose(m.apply(p, x), m5.apply(p, x), **F32_TOL)
 
 
-def test_segments_do_not_see_each_other():
+@pytest.mark.parametrize("segmented", [False, True])
+def test_stepwise_and_chunked_mixers_agree_with_gradients(segmented):
+    m, p, x = _mixer(scan="chunked")
+    stepwise = MambaMixer(m.config, scan="stepwise")
+    seg = jnp.array([[1] * 5 + [2] * 7, [3] * 12], jnp.int32) if segmented else None
+
+    def loss(mixer):
+        return jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(mixer.apply(p, x, segment_ids=seg))),
+                                          argnums=(0, 1)))
+
+    (l_c, (gp_c, gx_c)), (l_s, (gp_s, gx_s)) = loss(m)(p, x), loss(stepwise)(p, x)
+    np.testing.assert_allclose(l_s, l_c, rtol=1e-5)
+    np.testing.assert_allclose(gx_s, gx_c, **F32_TOL)
+    for a, b in zip(jax.tree_util.tree_leaves(gp_s), jax.tree_util.tree_leaves(gp_c)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_scan_choice():
+    assert resolve_scan("auto", "cpu") == "stepwise"
+    assert resolve_scan("auto", "gpu") == resolve_scan("auto", "tpu") == "chunked"
+    assert resolve_scan("chunked", "cpu") == "chunked"
+    with pytest.raises(ValueError, match="scan='fast' is unknown; choose one of"):
+        resolve_scan("fast")
+
+
+@pytest.mark.parametrize("scan", ["chunked", "stepwise"])
+def test_segments_do_not_see_each_other(scan):
     """A packed row [doc A | doc B] gives doc B exactly what doc B alone gives."""
-    m, p, x = _mixer()
+    m, p, x = _mixer(scan=scan)
     cut = 5
     seg = jnp.array([[1] * cut + [2] * (12 - cut)] * 2, jnp.int32)
     packed = m.apply(p, x, segment_ids=seg)

@@ -10,10 +10,14 @@ E = EXPAND * D inner width, N state size, R dt rank, C chunk, W conv width.
     h_t    = exp(dt_t * A) * h_{t-1} + dt_t * B_t * x_t       # A = -exp(A_log) < 0, (E, N)
     y_t    = C_t . h_t + D_skip * x_t ;   out = W_out y       # (B, T, D)
 
-The recurrence runs in float32 whatever the compute dtype: a ``lax.scan`` over chunks of
-``config.chunk_size`` steps carries h, and an associative scan solves each chunk, so
-memory is O(B C E N). With ``segment_ids`` the state and the convolution window reset
-at every segment start, so packed documents never see each other.
+The recurrence runs in float32 whatever the compute dtype, in one of two ways
+(``MambaMixer.scan``): "chunked" (a ``lax.scan`` over chunks of ``config.chunk_size`` steps
+carries h and an associative scan solves each chunk: few sequential steps, for GPU/TPU) or
+"stepwise" (one rematerialised ``lax.scan`` step per time step that forms the decay and drive
+of that step only: no (B, T, E, N) inputs are built, 5x faster forward + backward on CPU at
+B=16, T=300, E=56, measured with benchmarks/mamba_scan.py). "auto" picks stepwise on CPU and
+chunked elsewhere. With ``segment_ids`` the state and the convolution window reset at every
+segment start, so packed documents never see each other.
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ import jax
 import jax.numpy as jnp
 
 from sessa_jax.config import SessaConfig
+from sessa_jax.ops.precision import platform_kind
 from sessa_jax.sharding import BTW, constrain, dense_init, logical
 
 STATE_SIZE = 16  # N
 EXPAND = 2  # E / D
 CONV_WIDTH = 4  # W
 DT_MIN, DT_MAX = 1e-3, 1e-1
+SCANS = ("auto", "chunked", "stepwise")
 
 
 def _dt_bias_init(key, shape, dtype=jnp.float32):
@@ -85,10 +91,50 @@ def selective_scan(decay_BxTxExN, drive_BxTxExN, C_BxTxN, chunk: int) -> jax.Arr
     return jnp.moveaxis(y, 0, 1).reshape(b, nc * c, e)[:, :t]
 
 
+def selective_scan_stepwise(dt_BxTxE, x_BxTxE, B_BxTxN, C_BxTxN, A_ExN, starts_BxT=None) -> jax.Array:
+    """The selective scan one time step at a time; float32 (B, T, E).
+
+    h_t = exp(dt_t * A) * h_{t-1} + (dt_t * x_t) B_t (h reset to 0 where ``starts`` is True),
+    y_t = C_t . h_t. Each step builds only its own (B, E, N) decay and drive, and is
+    rematerialised in the backward pass, so the only (B, T, E, N) buffer is the saved states.
+    """
+    b, t, e = dt_BxTxE.shape
+    starts = jnp.zeros((b, t), bool) if starts_BxT is None else starts_BxT
+    A_ExN = A_ExN.astype(jnp.float32)
+
+    @jax.checkpoint
+    def step(h_BxExN, xs):
+        dt, x, bb, cc, start = xs
+        decay = jnp.where(start[:, None, None], 0.0, jnp.exp(dt[..., None] * A_ExN))
+        h = decay * h_BxExN + (dt * x)[..., None] * bb[:, None, :]
+        return h, jnp.einsum("ben,bn->be", h, cc)
+
+    time_major = [jnp.moveaxis(z.astype(jnp.float32) if z.dtype != bool else z, 1, 0)
+                  for z in (dt_BxTxE, x_BxTxE, B_BxTxN, C_BxTxN, starts)]
+    h0 = jnp.zeros((b, e, A_ExN.shape[-1]), jnp.float32)
+    _, y_TxBxE = jax.lax.scan(step, h0, tuple(time_major))
+    return jnp.moveaxis(y_TxBxE, 0, 1)
+
+
+def resolve_scan(scan: str, platform: str | None = None) -> str:
+    """``scan`` as run on ``platform`` (None: the default backend): "auto" is "stepwise" on CPU
+    and "chunked" on GPU/TPU."""
+    if scan not in SCANS:
+        raise ValueError(f"MambaMixer scan={scan!r} is unknown; choose one of {SCANS}")
+    if scan != "auto":
+        return scan
+    return "stepwise" if platform_kind(platform) == "cpu" else "chunked"
+
+
 class MambaMixer(nn.Module):
-    """Selective SSM mixer: a_bar (B, T, D) -> (B, T, D) in a_bar.dtype."""
+    """Selective SSM mixer: a_bar (B, T, D) -> (B, T, D) in a_bar.dtype.
+
+    ``scan`` picks how the recurrence runs ("auto", "chunked" or "stepwise"; same numbers
+    up to float32 rounding, see the module docstring).
+    """
 
     config: SessaConfig
+    scan: str = "auto"
 
     @nn.compact
     def __call__(self, a_bar, segment_ids=None, positions=None):
@@ -126,10 +172,14 @@ class MambaMixer(nn.Module):
         d_skip = self.param("D", logical(nn.initializers.ones, ("mlp",)), (e,), cfg.param_dtype)
         A_ExN = -jnp.exp(a_log)
         x32 = x_BxTxE.astype(jnp.float32)
-        decay = jnp.exp(dt_BxTxE[..., None] * A_ExN)  # (B, T, E, N), in (0, 1)
-        if segment_ids is not None:  # state resets at each segment start
-            decay = jnp.where(segment_starts(segment_ids)[:, :, None, None], 0.0, decay)
-        drive = (dt_BxTxE * x32)[..., None] * B_BxTxN.astype(jnp.float32)[:, :, None, :]
-        y = selective_scan(decay, drive, C_BxTxN.astype(jnp.float32), cfg.chunk_size)
+        starts = None if segment_ids is None else segment_starts(segment_ids)  # state resets there
+        if resolve_scan(self.scan) == "stepwise":
+            y = selective_scan_stepwise(dt_BxTxE, x32, B_BxTxN, C_BxTxN, A_ExN, starts)
+        else:
+            decay = jnp.exp(dt_BxTxE[..., None] * A_ExN)  # (B, T, E, N), in (0, 1)
+            if starts is not None:
+                decay = jnp.where(starts[:, :, None, None], 0.0, decay)
+            drive = (dt_BxTxE * x32)[..., None] * B_BxTxN.astype(jnp.float32)[:, :, None, :]
+            y = selective_scan(decay, drive, C_BxTxN.astype(jnp.float32), cfg.chunk_size)
         y = y + d_skip.astype(jnp.float32) * x32
         return dense(d, "out_proj", ("mlp", "embed"))(y.astype(cfg.dtype)).astype(a_bar.dtype)
