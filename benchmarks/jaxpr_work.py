@@ -26,23 +26,28 @@ except ImportError:  # pragma: no cover
     from jax import core as jcore
 
 BIG = 256  # a dot counts as "large" when its M, N and K are all >= BIG
+TRANSCENDENTAL = frozenset({"exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic", "erf", "sin", "cos", "pow"})
 _SMALL = 1 << 17  # largest value (elements) evaluated concretely
 
 
 @dataclasses.dataclass
 class Work:
-    """FLOPs of all dots, bf16-pass equivalents, FLOPs in large dots, and loop steps."""
+    """FLOPs of all dots, bf16-pass equivalents, FLOPs in large dots, loop steps, and the
+    elements produced by transcendental functions (exp, log, tanh, ...: the elementwise work
+    that sets the speed of softmax-heavy code on CPU)."""
 
     flops: float = 0.0
     pass_flops: float = 0.0
     big_flops: float = 0.0
     outer_steps: int = 0
     all_steps: int = 0
+    transcendentals: float = 0.0
 
     def add(self, other: "Work", times: float = 1.0, outer: bool = True) -> None:
         self.flops += times * other.flops
         self.pass_flops += times * other.pass_flops
         self.big_flops += times * other.big_flops
+        self.transcendentals += times * other.transcendentals
         self.all_steps += int(times * other.all_steps)
         if outer:
             self.outer_steps += int(times * other.outer_steps)
@@ -137,6 +142,8 @@ class _Walker:
             outs = None
             if name == "dot_general":
                 work.add(_dot_work(eqn))
+            elif name in TRANSCENDENTAL:
+                work.transcendentals += sum(math.prod(v.aval.shape) for v in eqn.outvars)
             elif name == "scan":
                 outs = self._scan(eqn, vals, work, depth)
             elif name == "while":

@@ -9,7 +9,12 @@ them). Data loading is not timed. After --warmup steps, --steps steps are timed 
 kinds interleaved, --repeats samples; the table shows the median and the ratio of tokens/s
 Sessa / Transformer (>= 0.9 is the target), and the same ratio from the process's CPU time
 per step (steadier on a loaded machine; it counts every compute thread). --match-params widens the baseline to Sessa's
-parameter count (model.match_params); by default both have the same width.
+parameter count (model.match_params); by default both have the same width. --work adds a
+table of each step's work counted from its jaxpr (benchmarks/jaxpr_work.py): matrix-product
+FLOPs and transcendental elements (exp, log, tanh, ...), the two costs of softmax mixers on CPU,
+and the best ratio any implementation could reach on this machine: the Transformer's measured
+step plus Sessa's extra work at this machine's measured float32 matmul peak (one large jitted
+matmul) and exp rate, as if that extra work cost nothing else. Faster attention lowers that bound.
 
     python benchmarks/train_throughput.py                      # seq_len 512 and 2048
     python benchmarks/train_throughput.py --seq-len 512 --steps 2 --repeats 3
@@ -71,8 +76,41 @@ def _setup(config: str, kind: str, seq_len: int, args):
             jax.block_until_ready(metrics["loss"])
             holder["state"] = st
 
-    info = dict(d_model=resolved.model.d_model, n_layers=resolved.model.n_layers, batch=b, params=n_params)
+    def work():
+        import jaxpr_work
+
+        with sharding.activate(mesh):
+            return jaxpr_work.count_work(step_fn, holder["state"], batch)
+
+    info = dict(d_model=resolved.model.d_model, n_layers=resolved.model.n_layers, batch=b, params=n_params,
+                work=work)
     return run, info
+
+
+def machine_rates(repeats: int = 5) -> tuple[float, float]:
+    """(float32 matmul FLOP/s, exp elements/s), the best of ``repeats``: jitted 1024^3 and 2048^3
+    matmuls, and exp over a (64, 16384) array that stays in cache (64 passes in one loop; several
+    times the rate of exp over an array streamed from memory, so the bound stays generous)."""
+    import jax
+    import jax.numpy as jnp
+
+    def best(fn, *args):
+        fn(*args).block_until_ready()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn(*args).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    key = jax.random.PRNGKey(0)
+    matmul = jax.jit(jnp.matmul)
+    flops = max(2.0 * n ** 3 / best(matmul, jax.random.normal(key, (n, n)), jax.random.normal(key, (n, n)))
+                for n in (1024, 2048))
+    x, passes = jax.random.normal(key, (64, 1 << 14)), 64
+    # each pass depends on the last (so none is skipped); the shift is too small to change exp's work
+    exps = jax.jit(lambda x: jax.lax.fori_loop(0, passes, lambda i, c: c + jnp.exp(x - 1e-9 * c), jnp.zeros_like(x)))
+    return flops, passes * x.size / best(exps, x)
 
 
 def main(argv=None):
@@ -84,6 +122,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3, help="train steps per timing sample")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--match-params", action="store_true", help="baseline widened to Sessa's parameter count")
+    p.add_argument("--work", action="store_true", help="also count each step's FLOPs and transcendentals")
     args = p.parse_args(argv)
     for name in ("warmup", "steps", "repeats"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
@@ -94,6 +133,7 @@ def main(argv=None):
           f"({jax.default_backend()}); config {args.config}; match_params={args.match_params}")
     print(f"# load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
     kinds = ("sessa", "transformer")
+    work_rows = []
     print("| seq_len | kind | d_model | layers | batch | params | step ms | tokens/s | sessa / transformer "
           "| step CPU ms | CPU ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -118,6 +158,22 @@ def main(argv=None):
             print(f"| {seq_len} | {k} | {info['d_model']} | {info['n_layers']} | {info['batch']} | {info['params']} | "
                   f"{statistics.median(samples[k]) * 1e3:.1f} | {tok[k]:.0f} | {ratio} | {cpu_ms[k]:.1f} | {cpu_ratio} |",
                   flush=True)
+        if args.work:
+            counted = {k: runs[k][1]["work"]() for k in kinds}
+            step_s = statistics.median(samples["transformer"])
+            work_rows += [(seq_len, k, counted[k], counted["transformer"], step_s) for k in kinds]
+    if work_rows:
+        flops_rate, exp_rate = machine_rates()
+        print(f"\n# this machine: float32 matmul {flops_rate / 1e9:.0f} GFLOP/s, exp {exp_rate / 1e9:.2f} G elements/s")
+        print("| seq_len | kind | matmul GFLOP / step | transcendentals M / step | FLOPs vs transformer "
+              "| transcendentals vs transformer | best possible sessa / transformer |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for seq_len, k, w, base, step_s in work_rows:
+            extra_s = (max(0.0, w.flops - base.flops) / flops_rate
+                       + max(0.0, w.transcendentals - base.transcendentals) / exp_rate)
+            bound = f"{step_s / (step_s + extra_s):.2f}" if k == "sessa" else ""
+            print(f"| {seq_len} | {k} | {w.flops / 1e9:.2f} | {w.transcendentals / 1e6:.1f} | "
+                  f"{w.flops / base.flops:.2f} | {w.transcendentals / base.transcendentals:.2f} | {bound} |")
     print(f"# load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 

@@ -10,14 +10,19 @@ on the validation split (mean over seeds); the table reports that choice's test 
 and spread over seeds, and every cell's numbers are in the JSONL.
 
 A run = (task, length, kind, lr, seed). Each finished run appends one JSON line to ``--out``;
-a rerun skips the runs already there, so the script resumes after an interruption (at most
-the run in progress is lost). One compiled train step serves every lr and seed of a
+a rerun skips the runs already there, so the script resumes after an interruption. A run in
+progress is checkpointed (parameters, optimizer state, step, losses; orbax, under
+``--checkpoint-dir``) when ``--time-limit`` seconds have passed, and every
+``Scale.checkpoint_every`` steps; the next invocation continues it from there with the
+same result as an uninterrupted run. So a long sweep runs in fixed-length pieces:
+
+    until python scripts/compare_models.py --scale paper --time-limit 540; do :; done   # exit 3: not finished One compiled train step serves every lr and seed of a
 (task, length, kind): the library optimizer runs at peak lr 1 and the update is scaled by lr,
 which is exactly AdamW at that lr (its decoupled weight decay is also scaled by lr).
 
     python scripts/compare_models.py --scale cpu --out results/compare_cpu.jsonl
     python scripts/compare_models.py --scale cpu --out results/compare_cpu.jsonl --table   # table only
-    python scripts/compare_models.py --scale paper --out results/compare_paper.jsonl        # accelerator
+    python scripts/compare_models.py --scale paper --out results/compare_paper.jsonl --time-limit 540  # accelerator
 
 Scales: ``toy`` (the test, seconds), ``cpu`` (under an hour on a quiet 2-core machine),
 ``paper`` (T = 2048 SymbolSoup and MQAR, the paper's 125M width: for an accelerator).
@@ -30,6 +35,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -41,6 +47,7 @@ if ROOT not in sys.path:  # run as a script from a checkout
 
 KINDS = ("sessa", "transformer", "mamba")
 SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST = 0, 1, 2
+EXIT_UNFINISHED = 3  # main's exit status when --time-limit stopped it with runs left
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +70,7 @@ class Scale:
     chunk_size: int = 64
     dtype: str = "float32"
     warmup_frac: float = 0.1
+    checkpoint_every: int = 0  # steps between checkpoints of the run in progress (0: only at --time-limit)
 
 
 SCALES = {
@@ -75,7 +83,7 @@ SCALES = {
     "paper": Scale(d_model=768, n_heads=12, n_layers=12, batch_size=32, steps=5000, lrs=(3e-4, 6e-4, 1.2e-3),
                    seeds=(0, 1, 2), soup_lengths=((400, 600), (1366, 2048)), soup_sizes=(20000, 2000, 2000),
                    mqar_lengths=(512, 2048), mqar_kv_pairs=32, mqar_vocab=8192, mqar_eval=2000, chunk_size=128,
-                   dtype="bfloat16"),
+                   dtype="bfloat16", checkpoint_every=500),
 }
 
 
@@ -209,29 +217,70 @@ class Trainer:
             weight += float(sums["weight_sum"])
         return correct / max(weight, 1.0)
 
-    def run(self, lr: float, seed: int, data: dict) -> dict:
-        """Trains one model (init and data order from ``seed``); accuracies on valid and test."""
+    def _save(self, path: str, params, opt_state, step: int, losses: list, seconds: float) -> None:
+        """One atomic orbax checkpoint of the run in progress (replaces the previous one)."""
+        import orbax.checkpoint as ocp
+
+        padded = np.zeros(self.scale.steps, np.float32)
+        padded[:step] = np.asarray([float(x) for x in losses[:step]], np.float32)
+        tree = dict(params=params, opt_state=opt_state, step=np.int32(step), losses=padded,
+                    seconds=np.float32(seconds))
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.abspath(path), tree, force=True)
+
+    def _restore(self, path: str, params, opt_state):
+        """(params, opt_state, step, losses, seconds) saved by ``_save`` for this run's shapes."""
+        import jax
+        import orbax.checkpoint as ocp
+
+        like = dict(params=params, opt_state=opt_state, step=np.int32(0),
+                    losses=np.zeros(self.scale.steps, np.float32), seconds=np.float32(0))
+        abstract = jax.eval_shape(lambda tree: tree, like)
+        with ocp.StandardCheckpointer() as ckptr:
+            got = ckptr.restore(os.path.abspath(path), abstract)
+        step = int(got["step"])
+        return got["params"], got["opt_state"], step, [float(x) for x in np.asarray(got["losses"])[:step]], \
+            float(got["seconds"])
+
+    def run(self, lr: float, seed: int, data: dict, checkpoint: str | None = None,
+            deadline: float | None = None) -> dict | None:
+        """Trains one model (init and data order from ``seed``); accuracies on valid and test.
+
+        With ``checkpoint`` (a directory path) the run continues from the state saved there,
+        saves it every ``scale.checkpoint_every`` steps, and when ``time.monotonic()`` passes
+        ``deadline`` after a step (at least one step is taken) it saves and returns None.
+        The result does not depend on where the run was interrupted.
+        """
         import jax.numpy as jnp
 
         start = time.perf_counter()
         params, opt_state = self.init(seed)
-        train, b = data[SPLIT_TRAIN], self.scale.batch_size
+        first, losses, before = 0, [], 0.0
+        if checkpoint and os.path.isdir(checkpoint):
+            params, opt_state, first, losses, before = self._restore(checkpoint, params, opt_state)
+        train, b, steps = data[SPLIT_TRAIN], self.scale.batch_size, self.scale.steps
         n = len(train["inputs"])
         order = np.concatenate([np.random.default_rng([seed, epoch]).permutation(n)
-                                for epoch in range(math.ceil(self.scale.steps * b / n))])
-        losses = []
-        for step in range(self.scale.steps):
+                                for epoch in range(math.ceil(steps * b / n))])
+        every = self.scale.checkpoint_every
+        for step in range(first, steps):
             idx = order[step * b:(step + 1) * b]
             params, opt_state, loss = self.train_step(params, opt_state, {k: v[idx] for k, v in train.items()},
                                                       jnp.float32(lr))
             losses.append(loss)
+            taken = step + 1
+            out_of_time = deadline is not None and time.monotonic() >= deadline
+            if checkpoint and taken < steps and (out_of_time or (every and taken % every == 0)):
+                self._save(checkpoint, params, opt_state, taken, losses, before + time.perf_counter() - start)
+                if out_of_time:
+                    return None
         losses = [float(x) for x in losses]
         if not np.isfinite(losses[-1]):
             valid = test = float("nan")
         else:
             valid, test = self.accuracy(params, data[SPLIT_VALID]), self.accuracy(params, data[SPLIT_TEST])
         return dict(final_loss=float(np.mean(losses[-max(1, len(losses) // 10):])), valid_accuracy=valid,
-                    test_accuracy=test, seconds=time.perf_counter() - start)
+                    test_accuracy=test, seconds=before + time.perf_counter() - start)
 
 
 # --------------------------------------------------------------------------------------
@@ -273,8 +322,19 @@ def plan(scale: Scale, tasks) -> list[tuple[str, object]]:
             (lengths[rank] for lengths in per_task if rank < len(lengths))]
 
 
-def compare(scale_name: str, out: str, tasks=("symbol_soup", "mqar"), kinds=KINDS, log=print) -> list[dict]:
-    """Runs every missing (task, length, kind, lr, seed) of ``scale_name``; returns all its rows."""
+def checkpoint_path(checkpoint_dir: str, task: str, name: str, kind: str, lr: float, seed: int) -> str:
+    """Where the run in progress (task, length name, kind, lr, seed) keeps its checkpoint."""
+    return os.path.join(checkpoint_dir, f"{task}-{name}-{kind}-lr{lr:g}-seed{seed}")
+
+
+def compare(scale_name: str, out: str, tasks=("symbol_soup", "mqar"), kinds=KINDS, log=print,
+            time_limit: float | None = None, checkpoint_dir: str | None = None) -> list[dict] | None:
+    """Runs every missing (task, length, kind, lr, seed) of ``scale_name``; returns all its rows.
+
+    With ``time_limit`` (seconds) it stops once that much time has passed, saving the run in
+    progress under ``checkpoint_dir`` (default: ``out`` + ".runs"), and returns None; calling
+    it again continues. It always makes progress (at least one train step per call).
+    """
     from sessa_jax.baselines import count_params
 
     if scale_name not in SCALES:
@@ -282,8 +342,13 @@ def compare(scale_name: str, out: str, tasks=("symbol_soup", "mqar"), kinds=KIND
     unknown = sorted(set(tasks) - {"symbol_soup", "mqar"}) + sorted(set(kinds) - set(KINDS))
     if unknown:
         raise ValueError(f"unknown task(s)/kind(s) {unknown}; tasks: symbol_soup, mqar; kinds: {KINDS}")
+    if time_limit is not None and not time_limit >= 0:
+        raise ValueError(f"--time-limit must be a number of seconds >= 0; got {time_limit!r}")
     scale = SCALES[scale_name]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    checkpoint_dir = checkpoint_dir or os.path.abspath(out) + ".runs"
+    deadline = None if time_limit is None else time.monotonic() + time_limit
+    progressed = False
     done = {run_key(r) for r in read_results(out)}
     _end_with_newline(out)
     for task, length in plan(scale, tasks):
@@ -297,15 +362,26 @@ def compare(scale_name: str, out: str, tasks=("symbol_soup", "mqar"), kinds=KIND
         trainers = {}  # one compiled step per kind, reused by every lr and seed
         # seed-major order: an interrupted sweep has every kind and lr for the seeds it finished
         for seed, lr, kind in todo:
+            if progressed and deadline is not None and time.monotonic() >= deadline:
+                log(f"--time-limit {time_limit:g} s reached before {task} {name} {kind} lr {lr:g} seed {seed}; "
+                    "rerun the same command to continue")
+                return None
             if kind not in trainers:
                 trainers[kind] = Trainer(configs[kind], kind, scale)
-            result = trainers[kind].run(lr, seed, data)
+            ckpt = checkpoint_path(checkpoint_dir, task, name, kind, lr, seed)
+            result = trainers[kind].run(lr, seed, data, checkpoint=ckpt, deadline=deadline)
+            progressed = True
+            if result is None:
+                log(f"--time-limit {time_limit:g} s reached in {task} {name} {kind} lr {lr:g} seed {seed}: "
+                    f"saved to {ckpt}; rerun the same command to continue")
+                return None
             row = dict(scale=scale_name, task=task, length=name, seq_len=seq_len_of(task, length),
                        kind=kind, lr=float(lr), seed=int(seed), d_model=configs[kind].d_model,
                        params=count_params(configs[kind], kind), steps=scale.steps,
                        tokens=scale.steps * scale.batch_size * seq_len_of(task, length), **result)
             with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            shutil.rmtree(ckpt, ignore_errors=True)  # after the row is written: a crash between keeps both
             log(f"{task} {name} {kind:>11} lr {lr:g} seed {seed}: valid {row['valid_accuracy']:.3f} "
                 f"test {row['test_accuracy']:.3f} loss {row['final_loss']:.3f} ({row['seconds']:.0f}s)")
     return [r for r in read_results(out) if r["scale"] == scale_name]
@@ -360,12 +436,19 @@ def main(argv=None) -> None:
     p.add_argument("--tasks", default="symbol_soup,mqar")
     p.add_argument("--kinds", default=",".join(KINDS))
     p.add_argument("--table", action="store_true", help="print the table of --out without running anything")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds; then save the run in progress and exit with status 3 (rerun to continue)")
+    p.add_argument("--checkpoint-dir", help="checkpoints of runs in progress (default: OUT.runs)")
     a = p.parse_args(argv)
     out = a.out or os.path.join("results", f"compare_{a.scale}.jsonl")
     if a.table:
         rows = [r for r in read_results(out) if r["scale"] == a.scale]
     else:
-        rows = compare(a.scale, out, tuple(a.tasks.split(",")), tuple(a.kinds.split(",")))
+        rows = compare(a.scale, out, tuple(a.tasks.split(",")), tuple(a.kinds.split(",")),
+                       time_limit=a.time_limit, checkpoint_dir=a.checkpoint_dir)
+        if rows is None:
+            print(table(summarize([r for r in read_results(out) if r["scale"] == a.scale])))
+            sys.exit(EXIT_UNFINISHED)
     print(table(summarize(rows)))
 
 

@@ -55,12 +55,14 @@ def test_jaxpr_work_counts_loops_and_taken_branches(bench_modules):
             return c + lax.switch(i % 2, [lambda: a @ b.astype(a.dtype),
                                           lambda: a @ b.astype(a.dtype) + a @ b.astype(a.dtype)]), None
         out, _ = lax.scan(step, jnp.zeros((300, 500)), jnp.arange(5))
-        return out + lax.fori_loop(0, 3, lambda i, c: c + a.astype(jnp.bfloat16) @ b, jnp.zeros((300, 500)))
+        out = out + lax.fori_loop(0, 3, lambda i, c: c + a.astype(jnp.bfloat16) @ b, jnp.zeros((300, 500)))
+        return jnp.tanh(out) + lax.fori_loop(0, 2, lambda i, c: c + jnp.exp(a), a).sum()
 
     w = jaxpr_work.count_work(fn, a, b)
     assert w.flops == (3 + 4 + 3) * one  # 3 + 2 * 2 dots in the scan, 3 in the fori_loop
     assert w.pass_flops == 7 * 6 * one + 3 * one  # float32 dots count 6 bf16 passes, bf16 dots 1
-    assert w.big_flops == w.flops and w.outer_steps == 5 + 3
+    assert w.big_flops == w.flops and w.outer_steps == 5 + 3 + 2
+    assert w.transcendentals == 300 * 500 + 2 * 300 * 400  # tanh once, exp in both fori_loop steps
 
 
 def test_solve_work_table_runs(bench_modules, capsys):
@@ -73,3 +75,20 @@ def test_solve_work_table_runs(bench_modules, capsys):
     assert rec["fwd_U"] >= 3.0 and rec["fb_U"] >= 8.0 and rec["fb_steps"] >= 2 * (256 // 32) - 1
     assert blk["fb_steps"] == 2 * (256 // 32) and blk["temp_bytes"] > 0
     assert "| recursive | 1 | 256 |" in capsys.readouterr().out
+
+
+def test_train_throughput_tables_and_bound_run(capsys):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import train_throughput
+    finally:
+        sys.path.remove(str(BENCH))
+    train_throughput.main(["--seq-len", "32", "--batch-size", "2", "--steps", "1", "--repeats", "1", "--warmup", "0",
+                           "--work"])
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| 32 |")]
+    assert [r[1] for r in rows] == ["sessa", "transformer", "sessa", "transformer"]
+    sessa_work, transformer_work = rows[2], rows[3]
+    # Sessa's mixer is the Transformer's attention plus the feedback solve: more of both kinds of work.
+    assert float(sessa_work[4]) > 1.0 and float(sessa_work[5]) > 1.0 and transformer_work[4] == "1.00"
+    assert 0.0 < float(sessa_work[6]) < 1.0  # any extra work lowers the best possible ratio

@@ -27,11 +27,49 @@ def _lines(path):
         return [json.loads(x) for x in f if x.strip()]
 
 
+STOPPED = {}
+
+
 @pytest.fixture(scope="module")
 def soup_run(tmp_path_factory):
+    """The toy SymbolSoup sweep, first stopped by --time-limit 0 (one step of its first run),
+    then finished by a rerun of the same command."""
     out = str(tmp_path_factory.mktemp("compare") / "toy.jsonl")
+    with pytest.raises(SystemExit) as stop:
+        cm.main(["--scale", "toy", "--out", out, "--tasks", "symbol_soup", "--time-limit", "0"])
+    STOPPED.update(code=stop.value.code, rows=len(cm.read_results(out)), saved=sorted(os.listdir(out + ".runs")))
     cm.main(["--scale", "toy", "--out", out, "--tasks", "symbol_soup"])
     return out
+
+
+def test_the_time_limit_saves_the_run_in_progress_and_the_rerun_finishes_it_unchanged(soup_run):
+    assert STOPPED == dict(code=cm.EXIT_UNFINISHED, rows=0, saved=["symbol_soup-40-60-sessa-lr0.001-seed0"])
+    assert os.listdir(soup_run + ".runs") == []  # a finished run's checkpoint is removed
+    scale, length = cm.SCALES["toy"], cm.SCALES["toy"].soup_lengths[0]
+    trainer = cm.Trainer(cm.model_configs(scale, "symbol_soup", length)["sessa"], "sessa", scale)
+    whole = trainer.run(0.001, 0, cm.task_data(scale, "symbol_soup", length))
+    resumed = next(r for r in _lines(soup_run) if cm.run_key(r) == ("toy", "symbol_soup", "40-60", "sessa", 0.001, 0))
+    for key in ("final_loss", "valid_accuracy", "test_accuracy"):
+        assert resumed[key] == whole[key], key
+
+
+def test_a_run_checkpointed_every_step_and_stopped_twice_gives_the_uninterrupted_result(tmp_path):
+    import dataclasses
+
+    scale = dataclasses.replace(cm.SCALES["toy"], checkpoint_every=1)
+    length = scale.mqar_lengths[0]
+    data = cm.task_data(scale, "mqar", length)
+    trainer = cm.Trainer(cm.model_configs(scale, "mqar", length)["transformer"], "transformer", scale)
+    ckpt = str(tmp_path / "run")
+    assert trainer.run(0.01, 1, data, checkpoint=ckpt, deadline=0.0) is None  # after step 1
+    assert trainer.run(0.01, 1, data, checkpoint=ckpt, deadline=0.0) is None  # after step 2
+    resumed = trainer.run(0.01, 1, data, checkpoint=ckpt, deadline=0.0)  # step 3 is the last: it finishes
+    whole = trainer.run(0.01, 1, data)
+    assert scale.steps == 3 and resumed is not None
+    for key in ("final_loss", "valid_accuracy", "test_accuracy"):
+        assert resumed[key] == whole[key], key
+    other_seed = trainer.run(0.01, 2, data)
+    assert other_seed["final_loss"] != whole["final_loss"]  # the comparison can tell runs apart
 
 
 def test_every_kind_lr_and_seed_runs_once_with_matched_parameters_and_budget(soup_run):
@@ -109,6 +147,8 @@ def test_unknown_scale_task_or_kind_is_named():
         cm.compare("huge", "unused.jsonl")
     with pytest.raises(ValueError, match=r"unknown task\(s\)/kind\(s\) \['rnn'\]"):
         cm.compare("toy", "unused.jsonl", kinds=("sessa", "rnn"))
+    with pytest.raises(ValueError, match=r"--time-limit must be a number of seconds >= 0; got -5"):
+        cm.compare("toy", "unused.jsonl", time_limit=-5)
 
 
 @pytest.mark.parametrize("name", ["toy", pytest.param("cpu", marks=pytest.mark.slow), pytest.param("paper", marks=pytest.mark.slow)])
