@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jaxpr_work  # noqa: E402
 
 
 def _setup(config: str, kind: str, seq_len: int, args):
@@ -77,8 +80,6 @@ def _setup(config: str, kind: str, seq_len: int, args):
             holder["state"] = st
 
     def work():
-        import jaxpr_work
-
         with sharding.activate(mesh):
             return jaxpr_work.count_work(step_fn, holder["state"], batch)
 

@@ -86,7 +86,7 @@ def test_train_throughput_tables_and_bound_run(capsys):
     train_throughput.main(["--seq-len", "32", "--batch-size", "2", "--steps", "1", "--repeats", "1", "--warmup", "0",
                            "--work"])
     out = capsys.readouterr().out
-    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| 32 |")]
+    rows = [[c.strip() for c in line.strip(" |").split("|")] for line in out.splitlines() if line.startswith("| 32 |")]
     assert [r[1] for r in rows] == ["sessa", "transformer", "sessa", "transformer"]
     sessa_work, transformer_work = rows[2], rows[3]
     # Sessa's mixer is the Transformer's attention plus the feedback solve: more of both kinds of work.
