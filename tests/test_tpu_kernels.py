@@ -31,11 +31,40 @@ def _normal(key, shape, dtype=jnp.float32):
     return jax.random.normal(jax.random.PRNGKey(key), shape).astype(dtype)
 
 
+@pytest.fixture(params=["plain", "tpu"])
+def interpret(request):
+    """The kernels' ``interpret`` argument, and a check to call after running them.
+
+    "plain": Pallas interpret mode. "tpu": TPU interpret mode as KERNELS.md section 4 asks:
+    VMEM scratch filled with NaN (an accumulator read before it is set turns the output NaN),
+    two simulated cores sharing the "parallel" grid axes, and the race detector, which the
+    check consults (a block written by both cores is a race).
+    """
+    if request.param == "plain":
+        yield True, lambda: None
+        return
+    try:  # the race detector's result is only kept in this private module (InterpretParams' docs)
+        from jax._src.pallas.mosaic.interpret import interpret_pallas_call as state
+    except ImportError as err:
+        pytest.skip(f"this JAX keeps TPU interpret mode's race results elsewhere: {err}")
+    from jax.experimental.pallas import tpu as pltpu
+
+    pltpu.reset_tpu_interpret_mode_state()
+
+    def no_races():
+        assert state.races is not None, "the race detector did not run"
+        assert not state.races.races_found, "TPU interpret mode found a data race"
+
+    yield pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan", num_cores_or_threads=2), no_races
+    pltpu.reset_tpu_interpret_mode_state()
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_stats_kernel_matches_xla_twin(dtype):
+def test_stats_kernel_matches_xla_twin(dtype, interpret):
     t = 256
     q, k, seg = _normal(0, (B, t, D), dtype), _normal(1, (B, t, D), dtype) * 2, _segments(t)
-    m, logl = tk.tpu_row_statistics(q, k, seg, scale=D ** -0.5, block=128, interpret=True)
+    m, logl = tk.tpu_row_statistics(q, k, seg, scale=D ** -0.5, block=128, interpret=interpret[0])
+    interpret[1]()
     m_x, logl_x = row_statistics(q, k, seg, leaf=128, scale=D ** -0.5, tier="float32",
                                  schedule=PushSchedule.make(2, None))
     np.testing.assert_allclose(m, m_x, rtol=1e-6, atol=1e-6)
@@ -44,7 +73,7 @@ def test_stats_kernel_matches_xla_twin(dtype):
 
 
 @pytest.mark.parametrize("tier,tol", [("float32", 1e-6), ("bf16x3", 1e-5), ("bfloat16", 5e-3)])
-def test_block_product_matches_xla_twin(tier, tol):
+def test_block_product_matches_xla_twin(tier, tol, interpret):
     rows, keys = 256, 384
     q, k = _normal(2, (B, rows, D), jnp.bfloat16), _normal(3, (B, keys, D), jnp.bfloat16)
     s = _normal(4, (B, keys, D))
@@ -52,7 +81,8 @@ def test_block_product_matches_xla_twin(tier, tol):
     logl = jax.random.uniform(jax.random.PRNGKey(6), (B, rows)) + 2.0
     seg_r = jnp.ones((B, rows), jnp.int32)
     seg_k = jnp.asarray(np.arange(keys) >= 100, jnp.int32)[None].repeat(B, 0)
-    out = tk.tpu_block_product(q, seg_r, m, logl, k, seg_k, s, scale=D ** -0.5, tier=tier, interpret=True)
+    out = tk.tpu_block_product(q, seg_r, m, logl, k, seg_k, s, scale=D ** -0.5, tier=tier, interpret=interpret[0])
+    interpret[1]()
     from sessa_jax.ops._recursive import RecursivePlan
 
     plan = RecursivePlan.make(rows + keys, 128, 256, "float32", "cpu", D ** -0.5)
@@ -64,7 +94,7 @@ def test_block_product_matches_xla_twin(tier, tol):
 
 @pytest.mark.parametrize("tier,plain,dtype,tol", [("float32", "float32", jnp.float32, 1e-6),
                                                    ("bf16x3", "bfloat16", jnp.bfloat16, 5e-3)])
-def test_block_product_backward_matches_xla_twin(tier, plain, dtype, tol):
+def test_block_product_backward_matches_xla_twin(tier, plain, dtype, tol, interpret):
     rows, keys = 256, 128
     q, k = _normal(11, (B, rows, D), dtype), _normal(12, (B, keys, D), dtype)
     s, g, r = _normal(13, (B, keys, D)), _normal(14, (B, rows, D)), _normal(15, (B, rows, D))
@@ -73,7 +103,8 @@ def test_block_product_backward_matches_xla_twin(tier, plain, dtype, tol):
     seg_r = jnp.asarray(np.arange(rows) < 200, jnp.int32)[None].repeat(B, 0)
     seg_k = jnp.ones((B, keys), jnp.int32)
     got = tk.tpu_block_product_bwd(q, seg_r, m, logl, g, r, k, seg_k, s, scale=D ** -0.5, tier=tier,
-                                   plain_tier=plain, interpret=True)
+                                   plain_tier=plain, interpret=interpret[0])
+    interpret[1]()
     from sessa_jax.ops._recursive import RecursivePlan
 
     plan = RecursivePlan.make(rows + keys, 128, 256, "float32", "cpu", D ** -0.5)
@@ -153,3 +184,4 @@ def test_config_rejects_bad_kernels(kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         SessaConfig(d_model=64, n_heads=2, **kwargs).validate()
+

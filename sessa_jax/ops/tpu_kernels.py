@@ -13,7 +13,11 @@ known-statistics block product (KERNELS.md 3.5). Each has an XLA twin it is test
 VMEM use is O(Bq D + Bk D + Bq Bk) whatever T is: nothing of length T stays on chip, so T
 has no cap beyond HBM. Row vectors travel as (B, T, 1) arrays with (Bq, 1) blocks and key
 segment ids as (B, 1, T) with (1, Bk) blocks, the layouts Mosaic accepts.
-On CPU the kernels run in Pallas interpret mode (tests); on a TPU they compile with
+On CPU the kernels run in Pallas interpret mode (tests): ``interpret=True`` is the plain
+mode, ``interpret=pltpu.InterpretParams(...)`` the TPU interpret mode, which simulates VMEM
+scratch (``uninitialized_memory="nan"`` fills it with NaN, so an accumulator that is read
+before it is set shows up), several cores running the "parallel" grid axes
+(``num_cores_or_threads``) and a race detector (``detect_races``). On a TPU they compile with
 Mosaic. Not yet measured on a TPU: ``feedback_kernels="pallas"`` is opt-in.
 """
 
@@ -47,8 +51,11 @@ def key_block(n: int) -> int:
     return next((c for c in _KEY_BLOCKS if n % c == 0), n)
 
 
-def _interpret(interpret: bool) -> bool:
-    # Plain interpret mode suffices: the kernels use no TPU-only primitive beyond VMEM scratch.
+def _interpret(interpret):
+    """``pallas_call``'s interpret argument: a ``pltpu.InterpretParams`` (TPU interpret mode)
+    passes through; anything else is a bool (plain interpret mode, or compile)."""
+    if isinstance(interpret, pltpu.InterpretParams):
+        return interpret
     return bool(interpret)
 
 
@@ -114,12 +121,13 @@ def _stats_kernel(q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, m_scr, l_sc
         logl_ref[...] = jnp.where(has, jnp.log(jnp.where(has, l, 1.0)), EMPTY_LOGL)
 
 
-def tpu_row_statistics(q, k, seg, *, scale: float, block: int | None = None, interpret: bool = False):
+def tpu_row_statistics(q, k, seg, *, scale: float, block: int | None = None, interpret=False):
     """Row statistics (m, logl), each (B, T) float32, of the strict-past softmax.
 
     q, k: (B, T, D) (bf16 or fp32); seg: (B, T) int segment ids; row t's keys are tau < t with
     seg[tau] == seg[t]. Rows without keys get (0, EMPTY_LOGL). ``block``: rows and keys per
-    grid step (default: the largest of 512, 256, 128 dividing T, else T).
+    grid step (default: the largest of 512, 256, 128 dividing T, else T). ``interpret``: False
+    (compile), True or a ``pltpu.InterpretParams`` (module docstring), as for the other kernels.
     """
     b, t, d = q.shape
     blk = block or key_block(t)
@@ -164,7 +172,7 @@ def _product_kernel(q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, s_ref, ou
 
 
 def tpu_block_product(q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, s_keys, *, scale: float, tier: str,
-                      interpret: bool = False):
+                      interpret=False):
     """A[R, K] @ s[K] for one block whose keys all precede its rows; (B, |R|, D) float32.
 
     q_rows (B, R, D), seg/m/logl_rows (B, R); k_keys (B, K, D), seg_keys (B, K), s_keys (B, K, D)
@@ -241,7 +249,7 @@ def _bwd_rows_kernel(q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, delta_re
 
 
 def tpu_block_product_bwd(q_rows, seg_rows, m_rows, logl_rows, g_rows, r_rows, k_keys, seg_keys, s_keys, *,
-                          scale: float, tier: str, plain_tier: str, interpret: bool = False):
+                          scale: float, tier: str, plain_tier: str, interpret=False):
     """Backward of one pushed block: (A^T g (B,K,D), dq (B,R,D), dk (B,K,D)), all float32.
 
     Rows R carry q, seg, (m, logl), g = gamma * lam and r = A s (for delta = rowsum(g * r));
