@@ -24,7 +24,7 @@ which is exactly AdamW at that lr (its decoupled weight decay is also scaled by 
     python scripts/compare_models.py --scale cpu --out results/compare_cpu.jsonl --table   # table only
     python scripts/compare_models.py --scale paper --out results/compare_paper.jsonl --time-limit 540  # accelerator
 
-Scales: ``toy`` (the test, seconds), ``cpu`` (under an hour on a quiet 2-core machine),
+Scales: ``toy`` (the test, seconds), ``cpu`` (15 minutes on a quiet 2-core machine, measured; the budget is an hour),
 ``paper`` (T = 2048 SymbolSoup and MQAR, the paper's 125M width: for an accelerator).
 """
 
