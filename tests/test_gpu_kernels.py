@@ -98,3 +98,54 @@ def test_stats_kernel_errors(shape, kwargs, match):
     x = jnp.zeros(shape)
     with pytest.raises(ValueError, match=match):
         gk.gpu_row_statistics(x, x, jnp.zeros(shape[:2], jnp.int32), scale=1.0, **kwargs)
+
+
+# --------------------------------------------------------------------------- the recursive solve with it
+def _solve_grad(kernels, t, d, seg):
+    from sessa_jax.ops._recursive import recursive_feedback_solve
+
+    def loss(q, k, g, f):
+        s = recursive_feedback_solve(q, k, g, f, seg, leaf_size=128, tile=128, tier="bf16x3", platform="gpu",
+                                     dtype=jnp.float32, kernels=kernels)
+        return jnp.sum(s * jnp.cos(f)), s
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+
+
+def test_recursive_solve_with_gpu_kernel_lowers_for_cuda():
+    t, d = 512, 128
+    fn = _solve_grad("pallas", t, d, jnp.ones((B, t), jnp.int32))
+    x = SD((B, t, d), jnp.bfloat16)
+    text = _lower_or_skip(fn, (x, x, SD((B, t), jnp.float32), x))
+    assert text.count(gk.KERNEL_NAME) >= 1 and "mosaic_gpu" in text
+    assert "sessa_block_product" not in text and "sessa_row_stats_tpu" not in text  # pushes stay XLA on GPU
+
+
+def test_recursive_solve_with_gpu_kernel_matches_xla():
+    """Forward and gradients with the stats kernel (Mosaic GPU interpret mode) against kernels='xla'."""
+    _interpret_or_skip()
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    t, d = 384, 64
+    seg = _segments(t)
+    args = (_normal(8, (B, t, d)), _normal(9, (B, t, d)), 0.9 * jnp.tanh(_normal(7, (B, t))), _normal(10, (B, t, d)))
+    with plgpu.force_gpu_interpret_mode():
+        (_, s_k), g_k = _solve_grad("pallas", t, d, seg)(*args)
+    (_, s_x), g_x = _solve_grad("xla", t, d, seg)(*args)
+    assert float(jnp.abs(s_x).max()) > 0.1
+    np.testing.assert_allclose(s_k, s_x, rtol=1e-4, atol=1e-4)
+    for name, a, w in zip(("dq", "dk", "dgamma", "df"), g_k, g_x):
+        np.testing.assert_allclose(a, w, rtol=1e-3, atol=1e-3, err_msg=name)
+
+
+@pytest.mark.parametrize("width,tier,dtypes,match", [
+    (96, "bf16x3", (jnp.float32,) * 2, "D a multiple of 64 and at most 256"),
+    (512, "bf16x3", (jnp.float32,) * 2, "got D=512"),
+    (128, "float32", (jnp.float32,) * 2, "precision 'float32' with float32 q_b/k_b"),
+])
+def test_gpu_kernel_option_errors(width, tier, dtypes, match):
+    from sessa_jax.ops.dispatch import _check_gpu_kernels
+
+    with pytest.raises(ValueError, match=match):
+        _check_gpu_kernels(width, tier, dtypes)
+    _check_gpu_kernels(128, "float32", (jnp.bfloat16,) * 2)  # bf16 q/k: one exact pass at any tier

@@ -20,8 +20,9 @@ Shared memory: (Bq + Bk) * D * 2 bytes per operand part (x2 for bf16x3), at most
 D = 256, Bq = Bk = 64. The D contraction is one wgmma per part, not streamed, so D must be a
 multiple of 64 and at most 256 (``MAX_D``); T must be a multiple of both blocks.
 
-Verified on CPU only: in Mosaic GPU interpret mode (``interpret=plgpu.InterpretGPUParams()``,
-jax >= 0.11) against the XLA twin, and lowered for the "cuda" platform (jax 0.10.2).
+Needs a Hopper GPU (sm_90a: wgmma and TMA); ROCm is not supported. Verified on CPU only: in
+Mosaic GPU interpret mode (``interpret=plgpu.InterpretGPUParams()``, jax >= 0.11) against the
+XLA twin, and lowered for the "cuda" platform (jax 0.10.2 and 0.12 on a CPU-only jaxlib).
 Never compiled or run on a GPU; its performance is unknown. Opt-in via ``kernels="pallas"``.
 """
 
