@@ -19,8 +19,10 @@ STAMP_LATEST := $(VENV_LATEST)/.installed-test
 LATEST_TESTS ?= tests/test_core_fixtures.py tests/test_core_blocked.py tests/test_recursive_solve.py \
 	tests/test_core_decoding.py tests/test_lowering.py tests/test_pallas_attention.py tests/test_train_config.py \
 	tests/test_train_loop.py tests/test_train_resume.py tests/test_train_loss.py tests/test_train_evaluate.py \
-	tests/test_train_report.py tests/test_data_tokenizers.py tests/test_data_text.py tests/test_packaging.py
-CI_LATEST_TESTS := tests/test_core_fixtures.py tests/test_lowering.py tests/test_train_loop.py tests/test_packaging.py
+	tests/test_train_report.py tests/test_data_tokenizers.py tests/test_data_text.py tests/test_packaging.py \
+	tests/test_gpu_kernels.py
+CI_LATEST_TESTS := tests/test_core_fixtures.py tests/test_lowering.py tests/test_train_loop.py tests/test_packaging.py \
+	tests/test_gpu_kernels.py
 
 .PHONY: install test test-latest test-latest-ci test-interop train bench clean
 

@@ -36,8 +36,9 @@ class SessaConfig:
     the recursive solve), ``feedback_precision`` (tier of the recursive solve's chained
     products: "auto" = bf16x3 on GPU/TPU and float32 on CPU, "float32", "bf16x3",
     "bfloat16"), ``feedback_kernels`` ("xla", the portable default, or "pallas": the TPU
-    Mosaic kernels for the recursive solve's statistics pass and forward pushes, opt-in until
-    measured on a TPU; needs leaf_size a multiple of 128),
+    Mosaic kernels for the recursive solve's statistics pass and pushes; on GPU a Mosaic GPU
+    kernel for its statistics pass only, head width a multiple of 64 up to 256; opt-in until
+    measured on a device; needs leaf_size a multiple of 128),
     ``dtype`` (compute) and ``param_dtype`` (parameters, float32 by default).
 
     LM fields: ``vocab_size``, ``n_layers``, ``max_len`` (decode cache length),
@@ -137,7 +138,7 @@ class SessaConfig:
         if self.feedback_kernels not in FEEDBACK_KERNELS:
             raise ValueError(
                 f"SessaConfig.feedback_kernels={self.feedback_kernels!r} is unknown; choose one of "
-                f"{FEEDBACK_KERNELS} ('xla' everywhere, 'pallas' = TPU kernels)"
+                f"{FEEDBACK_KERNELS} ('xla' everywhere, 'pallas' = TPU kernels, on GPU the stats kernel)"
             )
         if self.feedback_kernels == "pallas" and self.leaf_size % 128:
             raise ValueError(

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from sessa_jax.ops.fenwick import PushSchedule, padded_leaves
+from sessa_jax.ops.gpu_kernels import TIERS as GPU_TIERS
+from sessa_jax.ops.gpu_kernels import gpu_row_statistics
 from sessa_jax.ops.masks import PAD_SEGMENT, merge_chunks, pad_time, take_chunk
 from sessa_jax.ops.precision import chained_dot, logits_dot, nonchained_tier
 from sessa_jax.ops.row_stats import leaf_logits, leaf_mask, row_statistics
@@ -49,7 +51,7 @@ class RecursivePlan:
     platform: str
     scale: float
     plain_tier: str = "float32"  # tier of g s^T, dq, dk (``precision.nonchained_tier``)
-    kernels: str = "xla"  # "pallas": the TPU kernels of ``tpu_kernels`` for stats and pushes
+    kernels: str = "xla"  # "pallas": TPU kernels (stats, pushes); on GPU the Mosaic GPU stats kernel only
 
     @classmethod
     def make(cls, length: int, leaf_size: int, tile: int, tier: str, platform: str, scale: float,
@@ -63,8 +65,19 @@ class RecursivePlan:
 
     @property
     def interpret(self) -> bool:
-        """Pallas kernels run in interpret mode off the TPU (CPU tests)."""
+        """The TPU kernels run in interpret mode off the TPU (CPU tests)."""
         return self.platform != "tpu"
+
+    @property
+    def tpu_kernels(self) -> bool:
+        """The ``tpu_kernels`` for stats and pushes: kernels "pallas" anywhere but on GPU."""
+        return self.kernels == "pallas" and self.platform != "gpu"
+
+    @property
+    def gpu_kernels(self) -> bool:
+        """The Mosaic GPU stats kernel (``gpu_kernels``), pushes in XLA: kernels "pallas" on GPU.
+        It is always compiled for the GPU; CPU tests run it under ``plgpu.force_gpu_interpret_mode``."""
+        return self.kernels == "pallas" and self.platform == "gpu"
 
     @property
     def padded_len(self) -> int:
@@ -109,7 +122,11 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
     c, n = plan.leaf, plan.num_leaves
     sched = plan.schedule
     diag_logits = leaf_logits(q, k, c, plan.scale, plan.tier, plan.platform)
-    if plan.kernels == "pallas":
+    if plan.gpu_kernels:
+        # bf16 q and k: one exact pass at any tier; float32 ones need a tier of the kernel (ops.dispatch)
+        stats_tier = plan.tier if plan.tier in GPU_TIERS or q.dtype != jnp.bfloat16 else "bfloat16"
+        m, logl = gpu_row_statistics(q, k, seg, scale=plan.scale, tier=stats_tier)
+    elif plan.tpu_kernels:
         m, logl = tpu_row_statistics(q, k, seg, scale=plan.scale, interpret=plan.interpret)
     else:
         m, logl = row_statistics(q, k, seg, leaf=c, scale=plan.scale, tier=plan.tier, schedule=sched,
@@ -120,7 +137,7 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
     def block_update(r0, rows, k0, keys, s_keys):
         args = (take_chunk(q, r0, rows), take_chunk(seg, r0, rows), take_chunk(m, r0, rows),
                 take_chunk(logl, r0, rows), take_chunk(k, k0, keys), take_chunk(seg, k0, keys))
-        if plan.kernels == "pallas":
+        if plan.tpu_kernels:
             return tpu_block_product(*args, s_keys, scale=plan.scale, tier=plan.tier, interpret=plan.interpret)
         return chained_dot("bpk,bkd->bpd", _block_probs(plan, *args), s_keys, plan.tier, plan.platform)
 
@@ -161,7 +178,7 @@ def _backward(plan: RecursivePlan, res, ds):
                                     take_chunk(s, k0, keys))
         seg_p, m_p, logl_p, seg_keys = (take_chunk(seg, r0, rows), take_chunk(m, r0, rows),
                                         take_chunk(logl, r0, rows), take_chunk(seg, k0, keys))
-        if plan.kernels == "pallas":
+        if plan.tpu_kernels:
             return tpu_block_product_bwd(q_p, seg_p, m_p, logl_p, g_p, r_p, k_keys, seg_keys, s_keys,
                                          scale=plan.scale, tier=plan.tier, plain_tier=plan.plain_tier,
                                          interpret=plan.interpret)
@@ -237,10 +254,13 @@ def recursive_feedback_solve(q_b, k_b, gamma, f, segment_ids, *, leaf_size: int,
     dtype for the logits (bf16 products are exact with fp32 accumulation); f and gamma are
     cast to ``dtype``. T is padded to a multiple of the leaf with q = k = f = gamma = 0 and a
     padding segment (padded rows come last, so they never reach real rows). Returns s (B, T, D)
-    in ``dtype``. ``kernels``: "xla" (portable), or "pallas" for the TPU kernels of
-    ``tpu_kernels`` in the statistics pass and the pushes of the forward and the backward
-    (interpret mode off the TPU; leaves and diagonal inversion stay XLA); "pallas" needs float32 accumulation and a leaf that is a multiple
-    of 128 (the key block of the kernels), checked by ``ops.dispatch``.
+    in ``dtype``. ``kernels``: "xla" (portable), or "pallas": with platform "gpu" the Mosaic GPU
+    kernel ``gpu_kernels.gpu_row_statistics`` for the statistics pass only (pushes stay XLA);
+    otherwise the TPU kernels of ``tpu_kernels`` in the statistics pass and the pushes of the
+    forward and the backward (interpret mode off the TPU; leaves and diagonal inversion stay
+    XLA). "pallas" needs float32 accumulation and a leaf that is a multiple of 128 (the key
+    block of the kernels), on GPU also D a multiple of 64 up to 256 and tier bf16x3 or bfloat16
+    for float32 q/k, checked by ``ops.dispatch``.
     """
     b, t, d = f.shape
     kdtype = q_b.dtype if q_b.dtype == k_b.dtype == jnp.bfloat16 else dtype

@@ -17,9 +17,10 @@ from sessa_jax.ops.masks import compute_dtype, default_segment_ids
 from sessa_jax.ops.precision import platform_kind, resolve_precision
 
 METHODS = ("dense", "blocked", "recursive", "auto")
-# Implementations of the recursive solve's statistics pass and forward pushes: "xla" (portable,
-# the default everywhere) or "pallas" (the TPU Mosaic kernels of ``tpu_kernels``; interpret
-# mode off the TPU; opt-in until measured on a TPU).
+# Implementations of the recursive solve's statistics pass and pushes: "xla" (portable, the
+# default everywhere) or "pallas": on TPU (and CPU, in interpret mode) the TPU Mosaic kernels of
+# ``tpu_kernels`` for stats and pushes; on GPU the Mosaic GPU stats kernel of ``gpu_kernels``
+# with the pushes in XLA. Opt-in: never measured on either device.
 KERNELS = ("xla", "pallas")
 KERNEL_KEY_BLOCK = 128
 # Rows and keys of one tile of the recursive solve's wide blocks: large enough for
@@ -73,14 +74,24 @@ def _accelerated_attention(q, k, v, segment_ids):
     return accelerated_causal_attention(q, k, v, segment_ids)
 
 
+def _check_gpu_kernels(width: int, tier: str, input_dtypes) -> None:
+    """The Mosaic GPU stats kernel's limits (``gpu_kernels``): D and the logits tier."""
+    from sessa_jax.ops.gpu_kernels import MAX_D, TIERS
+
+    if width % 64 or width > MAX_D:
+        raise ValueError(f"feedback kernels 'pallas' on GPU need the head width D a multiple of 64 and at most "
+                         f"{MAX_D} (the Mosaic GPU stats kernel); got D={width}: use kernels='xla'")
+    if tier not in TIERS and any(jnp.dtype(d) != jnp.bfloat16 for d in input_dtypes):
+        raise ValueError(f"feedback kernels 'pallas' on GPU compute float32 logits at tier {TIERS}; got precision "
+                         f"{tier!r} with float32 q_b/k_b: use precision='bf16x3' (or 'auto'), bf16 q_b/k_b, "
+                         "or kernels='xla'")
+
+
 def _check_kernels(kernels: str, leaf: int, dtype, platform: str) -> None:
     if kernels not in KERNELS:
         raise ValueError(f"unknown feedback kernels {kernels!r}; choose one of {KERNELS}")
     if kernels == "xla":
         return
-    if platform == "gpu":
-        raise ValueError("feedback kernels 'pallas' are TPU (Mosaic) kernels; on GPU use kernels='xla' "
-                         "(the XLA path is the GPU's fast path)")
     if leaf % KERNEL_KEY_BLOCK:
         raise ValueError(f"feedback kernels 'pallas' need leaf_size a multiple of {KERNEL_KEY_BLOCK} "
                          f"(their key block); got leaf {leaf}: use e.g. leaf_size=512 or kernels='xla'")
@@ -99,7 +110,8 @@ def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: str = "auto"
     and returns s (B, T, D) in f.dtype. Differentiable in q_b, k_b, gamma and f.
     ``chunk_size``: C of the blocked scan; ``leaf_size``: Cs of the recursive solve;
     ``precision``: the recursive solve's tier (``sessa_jax.ops.precision``); ``kernels``: "xla"
-    or "pallas" (TPU kernels for the recursive solve's statistics and forward pushes).
+    or "pallas" (the recursive solve's statistics and pushes in TPU kernels; on GPU its
+    statistics in a Mosaic GPU kernel, D a multiple of 64 up to 256).
     """
     _check_method(method, chunk_size)
     _check_size("leaf_size", leaf_size)
@@ -122,6 +134,8 @@ def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: str = "auto"
     if method == "recursive":
         platform = platform_kind()
         _check_kernels(kernels, min(leaf_size, t), dtype, platform)
+        if kernels == "pallas" and platform == "gpu":
+            _check_gpu_kernels(f.shape[-1], tier, (q_b.dtype, k_b.dtype))
         s = recursive_feedback_solve(q_b, k_b, gamma, f, packed, leaf_size=leaf_size, tile=recursive_tile(t, leaf_size),
                                      tier=tier, platform=platform, dtype=dtype, kernels=kernels)
         return s.astype(f.dtype)

@@ -1,0 +1,178 @@
+"""Pallas Mosaic GPU (Hopper, ``plgpu``) kernel of the recursive solve: the row statistics.
+
+* ``gpu_row_statistics`` (twin: ``row_stats.row_statistics``; same contract as
+  ``tpu_kernels.tpu_row_statistics``): the softmax max m and log-normaliser logl of every row
+  over its allowed keys (tau < t, same segment), KERNELS.md 3.4 "stats".
+
+Layout: ``plgpu.kernel`` with grid (T/Bq row blocks, B) and one warpgroup per block. The row
+block of q is copied once into shared memory by TMA; the key blocks 0 .. the diagonal one are
+then copied one at a time (single buffered, no warp specialisation) and multiplied with
+``plgpu.wgmma`` into an fp32 (Bq, Bk) accumulator. Key blocks above the diagonal are never
+read. Operands are bf16: float32 inputs at tier "bf16x3" are split outside the kernel into
+hi = bf16(x) and lo = bf16(x - hi), and the logits are q_hi k_hi + q_hi k_lo + q_lo k_hi (three
+wgmmas into the same accumulator); tier "bfloat16", or bf16 inputs, use one pass. The online
+(max, sum) merge per row runs in fp32 registers (WGMMA row layout), with the strict-causal and
+segment mask in the diagonal key block(s) and the segment mask only elsewhere. The finite
+-1e30 stands in for -inf, so exp(-inf - -inf) = NaN cannot occur. (m, logl) go back through
+shared memory to (B, T) float32 outputs; rows without keys get (0, EMPTY_LOGL).
+
+Shared memory: (Bq + Bk) * D * 2 bytes per operand part (x2 for bf16x3), at most 128 KiB at
+D = 256, Bq = Bk = 64. The D contraction is one wgmma per part, not streamed, so D must be a
+multiple of 64 and at most 256 (``MAX_D``); T must be a multiple of both blocks.
+
+Needs a Hopper GPU (sm_90a: wgmma and TMA); ROCm is not supported. Verified on CPU only: in
+Mosaic GPU interpret mode (``interpret=plgpu.InterpretGPUParams()``, jax >= 0.11) against the
+XLA twin, and lowered for the "cuda" platform (jax 0.10.2 and 0.12 on a CPU-only jaxlib).
+Never compiled or run on a GPU; its performance is unknown. Opt-in via ``kernels="pallas"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from sessa_jax.ops.row_stats import EMPTY_LOGL
+
+F32 = jnp.float32
+BF16 = jnp.bfloat16
+_NEG = -1e30  # finite "minus infinity": exp(-inf - -inf) would be NaN
+TIERS = ("bf16x3", "bfloat16")
+MAX_D = 256  # one wgmma contracts the whole D; q and k (hi and lo) must fit in shared memory
+KERNEL_NAME = "sessa_row_stats_gpu"
+_LOAD_TAKES_IDX = "idx" in inspect.signature(plgpu.load).parameters  # jax 0.10: load(ref, idx, layout=)
+
+
+def _load(ref, layout):
+    """The whole 1-D ``ref`` as an array in ``layout`` (``plgpu.load`` lost its index after jax 0.10)."""
+    return plgpu.load(ref, (), layout=layout) if _LOAD_TAKES_IDX else plgpu.load(ref, layout=layout)
+
+
+def interpret_params():
+    """``plgpu.InterpretGPUParams()`` where this JAX has the Mosaic GPU interpret mode (>= 0.11), else None."""
+    params = getattr(plgpu, "InterpretGPUParams", None)
+    return params() if params is not None else None
+
+
+def _check(q, k, seg, tier, block_q, block_k):
+    if q.ndim != 3 or k.shape != q.shape or seg.shape != q.shape[:2]:
+        raise ValueError(f"gpu_row_statistics: want q, k (B, T, D) and seg (B, T); got q {q.shape}, "
+                         f"k {k.shape}, seg {seg.shape}")
+    if tier not in TIERS:
+        raise ValueError(f"gpu_row_statistics: tier {tier!r} is not supported; use one of {TIERS} "
+                         "(float32 logits are not done on the GPU kernel: use kernels='xla')")
+    _, t, d = q.shape
+    for name, blk in (("block_q", block_q), ("block_k", block_k)):
+        if blk % 64 or blk <= 0:
+            raise ValueError(f"gpu_row_statistics: {name}={blk} must be a positive multiple of 64 (wgmma tiles)")
+        if t % blk:
+            raise ValueError(f"gpu_row_statistics: T={t} must be a multiple of {name}={blk}; pad T "
+                             f"(e.g. a leaf size that is a multiple of {blk}) or pick a smaller block")
+    if d % 64 or d > MAX_D:
+        raise ValueError(f"gpu_row_statistics: D={d} is not supported; D must be a multiple of 64 and at "
+                         f"most {MAX_D} (the D contraction is not streamed); use kernels='xla' for this D")
+
+
+def _parts(x, split: bool):
+    """(hi,) or, with ``split``, (hi, lo) bf16 parts of x: hi = bf16(x), lo = bf16(x - hi)."""
+    hi = x.astype(BF16)
+    return (hi, (x.astype(F32) - hi.astype(F32)).astype(BF16)) if split else (hi,)
+
+
+def _stats_body(*refs, parts: int, block_q: int, block_k: int, scale: float):
+    """Kernel body (one row block of one batch row); see the module docstring."""
+    q_refs, k_refs = refs[:parts], refs[parts:2 * parts]
+    seg_ref, m_ref, logl_ref = refs[2 * parts:2 * parts + 3]
+    q_smem, k_smem, qseg_smem, kseg_smem, m_smem, l_smem, q_bar, k_bar = refs[2 * parts + 3:]
+    i, b = lax.axis_index("rows"), lax.axis_index("batch")
+    r0 = i * block_q
+    rows = pl.ds(r0, block_q)
+
+    for p in range(parts):
+        plgpu.copy_gmem_to_smem(q_refs[p].at[b, rows], q_smem.at[p], q_bar.at[0])
+        plgpu.barrier_wait(q_bar.at[0])
+    plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], qseg_smem, q_bar.at[0])
+    plgpu.barrier_wait(q_bar.at[0])
+    qseg = _load(qseg_smem, plgpu.Layout.WGMMA.reduce(1))
+    shape = (block_q, block_k)
+    qseg2 = lax.broadcast_in_dim(qseg, shape, [0])
+
+    def step(j, carry, diagonal: bool):
+        m_old, l_old = carry
+        keys = pl.ds(j * block_k, block_k)
+        for p in range(parts):
+            plgpu.copy_gmem_to_smem(k_refs[p].at[b, keys], k_smem.at[p], k_bar.at[0])
+            plgpu.barrier_wait(k_bar.at[0])
+        plgpu.copy_gmem_to_smem(seg_ref.at[b, keys], kseg_smem, k_bar.at[0])
+        plgpu.barrier_wait(k_bar.at[0])
+
+        def logits(acc):
+            kt = lambda p: k_smem.at[p].transpose((1, 0))  # noqa: E731
+            plgpu.wgmma(acc, q_smem.at[0], kt(0))
+            if parts == 2:  # hi.lo + lo.hi, the bf16x3 split (KERNELS.md 3.3)
+                plgpu.wgmma(acc, q_smem.at[0], kt(1))
+                plgpu.wgmma(acc, q_smem.at[1], kt(0))
+            return acc[...]
+
+        z = pl.run_scoped(logits, plgpu.ACC(shape, F32)) * scale
+        kseg = _load(kseg_smem, plgpu.Layout.WGMMA.reduce(0))
+        allowed = qseg2 == lax.broadcast_in_dim(kseg, shape, [1])
+        if diagonal:
+            row_ids = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + r0
+            key_ids = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA) + j * block_k
+            allowed = allowed & (key_ids < row_ids)
+        z = jnp.where(allowed, z, _NEG)
+        m_new = jnp.maximum(m_old, z.max(axis=1))
+        p = jnp.where(allowed, jnp.exp(z - lax.broadcast_in_dim(m_new, shape, [0])), 0.0)
+        l_new = l_old * jnp.exp(m_old - m_new) + p.sum(axis=1)
+        return m_new, l_new
+
+    m0 = plgpu.layout_cast(jnp.full((block_q,), _NEG, F32), plgpu.Layout.WGMMA.reduce(1))
+    l0 = plgpu.layout_cast(jnp.full((block_q,), 0.0, F32), plgpu.Layout.WGMMA.reduce(1))
+    full = lax.div(r0, jnp.int32(block_k))  # key blocks entirely before the row block
+    last = lax.div(r0 + block_q + block_k - 1, jnp.int32(block_k))  # ... through the diagonal
+    carry = lax.fori_loop(0, full, functools.partial(step, diagonal=False), (m0, l0))
+    m, l = lax.fori_loop(full, last, functools.partial(step, diagonal=True), carry)
+
+    has = l > 0
+    m_smem[...] = jnp.where(has, m, 0.0)
+    l_smem[...] = jnp.where(has, jnp.log(jnp.where(has, l, 1.0)), EMPTY_LOGL)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(m_smem, m_ref.at[b, rows])
+    plgpu.copy_smem_to_gmem(l_smem, logl_ref.at[b, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def gpu_row_statistics(q, k, seg, *, scale: float, tier: str = "bf16x3", block_q: int = 64, block_k: int = 64,
+                       interpret=False):
+    """Row statistics (m, logl), each (B, T) float32, of the strict-past softmax (Mosaic GPU).
+
+    q, k: (B, T, D) float32 or bf16, D a multiple of 64 and <= 256; seg: (B, T) int segment ids;
+    row t's keys are tau < t with seg[tau] == seg[t]; rows without keys get (0, EMPTY_LOGL).
+    ``tier``: "bf16x3" (hi/lo split of float32 inputs, three bf16 wgmmas) or "bfloat16" (one
+    pass); bf16 inputs take one pass at either tier. T must be a multiple of block_q and
+    block_k (multiples of 64). ``interpret``: False (compile for the GPU) or
+    ``plgpu.InterpretGPUParams()`` (Mosaic GPU interpret mode on CPU, jax >= 0.11).
+    """
+    _check(q, k, seg, tier, block_q, block_k)
+    b, t, d = q.shape
+    split = tier == "bf16x3" and (q.dtype != BF16 or k.dtype != BF16)  # bf16 x bf16 is exact in one pass
+    q_parts, k_parts = _parts(q, split), _parts(k, split)
+    parts = len(q_parts)
+    swizzle = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+    scratch = [plgpu.SMEM((parts, block_q, d), BF16, **swizzle), plgpu.SMEM((parts, block_k, d), BF16, **swizzle),
+               plgpu.SMEM((block_q,), jnp.int32), plgpu.SMEM((block_k,), jnp.int32),
+               plgpu.SMEM((block_q,), F32), plgpu.SMEM((block_q,), F32),
+               plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=1)]
+    body = functools.partial(_stats_body, parts=parts, block_q=block_q, block_k=block_k, scale=scale)
+    body.__name__ = KERNEL_NAME  # plgpu.kernel names the kernel after its body
+    kwargs = dict(interpret=interpret) if interpret else {}
+    call = plgpu.kernel(body, out_type=[jax.ShapeDtypeStruct((b, t), F32)] * 2, scratch_types=scratch,
+                        grid=(t // block_q, b), grid_names=("rows", "batch"), **kwargs)
+    m, logl = call(*q_parts, *k_parts, seg.astype(jnp.int32))
+    return m, logl
