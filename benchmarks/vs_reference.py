@@ -9,8 +9,10 @@ The machine may be shared: every repeat times each (T, implementation, pass) onc
 (jax fwd, ref fwd, jax f+b, ref f+b for T1, then T2, ...), so slow phases of the machine hit
 both implementations alike; the table shows the median over repeats. One sample is the mean
 of enough calls to last ~--sample-s. Beside wall clock it shows each process's CPU time
-(time.process_time): with --threads 1 that is the work itself, the steadier figure on a
-loaded machine. The load average (os.getloadavg) is printed before and after.
+(time.process_time): the work itself, whatever the thread count, the steadier figure on a
+loaded machine. --threads N pins both processes to N cores (os.sched_setaffinity; the
+reference worker inherits it) and sets torch's thread count to N: XLA's CPU runtime keeps
+its own threads whatever its flags say, so pinning is what makes the two equal. The load average (os.getloadavg) is printed before and after.
 
     pip install -e '.[bench]'        # torch (CPU wheel) for the reference
     python benchmarks/vs_reference.py                       # T = 256 ... 8192
@@ -195,9 +197,10 @@ def main(argv=None):
     p.add_argument("--no-reference", action="store_true", help="time sessa-jax only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0,
-                   help="compute threads of both implementations (torch.set_num_threads and XLA's "
-                        "intra-op pool); 0 = each library's default. On a loaded machine torch's default "
-                        "OpenMP team spins against other processes, so compare with equal small counts")
+                   help="pin both implementations to this many cores (os.sched_setaffinity, and "
+                        "torch.set_num_threads); 0 = each library's default on every core. On a loaded "
+                        "machine torch's default OpenMP team spins against other processes, so compare "
+                        "with equal small counts")
     p.add_argument("--json", default=None, help="also write the samples to this file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -210,9 +213,10 @@ def main(argv=None):
     if args.threads:
         if "jax" in sys.modules:
             raise RuntimeError("--threads must be set before jax is imported: run this script as a program")
-        # Read once when the CPU client starts, so it is set before jax is imported.
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-                                   f" intra_op_parallelism_threads={args.threads}").strip()
+        cores = sorted(os.sched_getaffinity(0))
+        if args.threads > len(cores):
+            p.error(f"--threads {args.threads}: this process may use only {len(cores)} core(s)")
+        os.sched_setaffinity(0, cores[:args.threads])  # jax's pools and the torch worker inherit this
 
     import flax
     import jax
