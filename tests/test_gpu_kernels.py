@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _kernel_inputs import kernel_segments, normal
 
 from sessa_jax.ops import gpu_kernels as gk
 from sessa_jax.ops.fenwick import PushSchedule
@@ -16,20 +17,6 @@ from sessa_jax.ops.row_stats import EMPTY_LOGL, row_statistics
 
 B, D = 2, 128
 SD = jax.ShapeDtypeStruct
-
-
-def _segments(t):
-    """A long document, a one-token document, then the rest (batch row 1 splits the rest at 200):
-    empty rows at 0 and at the 1-token document."""
-    seg = np.full((B, t), 2, np.int32)
-    seg[:, :150] = 0
-    seg[:, 150] = 1
-    seg[1, 200:] = 3
-    return jnp.asarray(seg)
-
-
-def _normal(key, shape, dtype=jnp.float32):
-    return jax.random.normal(jax.random.PRNGKey(key), shape).astype(dtype)
 
 
 def _interpret_or_skip():
@@ -50,7 +37,7 @@ def _lower_or_skip(fn, args):
                                             (jnp.bfloat16, "bfloat16", 1e-6)])
 def test_stats_kernel_matches_xla_twin(dtype, tier, rel):
     t = 256
-    q, k, seg = _normal(0, (B, t, D), dtype), _normal(1, (B, t, D), dtype) * 2, _segments(t)
+    q, k, seg = normal(0, (B, t, D), dtype), normal(1, (B, t, D), dtype) * 2, kernel_segments(B, t)
     m, logl = gk.gpu_row_statistics(q, k, seg, scale=D ** -0.5, tier=tier, interpret=_interpret_or_skip())
     m_x, logl_x = row_statistics(q, k, seg, leaf=64, scale=D ** -0.5, tier=tier, schedule=PushSchedule.make(4, None),
                                  platform="gpu")
@@ -69,7 +56,7 @@ def test_stats_kernel_matches_xla_twin(dtype, tier, rel):
 def test_stats_kernel_float32_split_beats_one_pass():
     """float32 inputs: bf16x3 (hi/lo split) is ~100x closer to exact fp32 logits than one bf16 pass."""
     t = 128
-    q, k, seg = _normal(2, (1, t, 64)), _normal(3, (1, t, 64)), jnp.zeros((1, t), jnp.int32)
+    q, k, seg = normal(2, (1, t, 64)), normal(3, (1, t, 64)), jnp.zeros((1, t), jnp.int32)
     params = _interpret_or_skip()
     m_x, _ = row_statistics(q, k, seg, leaf=64, scale=0.125, tier="float32", schedule=PushSchedule.make(2, None))
     err = {tier: float(jnp.abs(gk.gpu_row_statistics(q, k, seg, scale=0.125, tier=tier, interpret=params)[0]
@@ -127,8 +114,8 @@ def test_recursive_solve_with_gpu_kernel_matches_xla():
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     t, d = 384, 64
-    seg = _segments(t)
-    args = (_normal(8, (B, t, d)), _normal(9, (B, t, d)), 0.9 * jnp.tanh(_normal(7, (B, t))), _normal(10, (B, t, d)))
+    seg = kernel_segments(B, t)
+    args = (normal(8, (B, t, d)), normal(9, (B, t, d)), 0.9 * jnp.tanh(normal(7, (B, t))), normal(10, (B, t, d)))
     with plgpu.force_gpu_interpret_mode():
         (_, s_k), g_k = _solve_grad("pallas", t, d, seg)(*args)
     (_, s_x), g_x = _solve_grad("xla", t, d, seg)(*args)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _kernel_inputs import kernel_segments, normal
 
 from sessa_jax.ops import feedback_solve
 from sessa_jax.ops import tpu_kernels as tk
@@ -16,19 +17,6 @@ from sessa_jax.ops.precision import chained_dot
 from sessa_jax.ops.row_stats import row_statistics
 
 B, D = 2, 128
-
-
-def _segments(t):
-    """A long document, a one-token document, then the rest: empty rows at 0 and at the 1-token doc."""
-    seg = np.full((B, t), 2, np.int32)
-    seg[:, :150] = 0
-    seg[:, 150] = 1
-    seg[1, 200:] = 3
-    return jnp.asarray(seg)
-
-
-def _normal(key, shape, dtype=jnp.float32):
-    return jax.random.normal(jax.random.PRNGKey(key), shape).astype(dtype)
 
 
 @pytest.fixture(params=["plain", "tpu"])
@@ -62,7 +50,7 @@ def interpret(request):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_stats_kernel_matches_xla_twin(dtype, interpret):
     t = 256
-    q, k, seg = _normal(0, (B, t, D), dtype), _normal(1, (B, t, D), dtype) * 2, _segments(t)
+    q, k, seg = normal(0, (B, t, D), dtype), normal(1, (B, t, D), dtype) * 2, kernel_segments(B, t)
     m, logl = tk.tpu_row_statistics(q, k, seg, scale=D ** -0.5, block=128, interpret=interpret[0])
     interpret[1]()
     m_x, logl_x = row_statistics(q, k, seg, leaf=128, scale=D ** -0.5, tier="float32",
@@ -75,9 +63,9 @@ def test_stats_kernel_matches_xla_twin(dtype, interpret):
 @pytest.mark.parametrize("tier,tol", [("float32", 1e-6), ("bf16x3", 1e-5), ("bfloat16", 5e-3)])
 def test_block_product_matches_xla_twin(tier, tol, interpret):
     rows, keys = 256, 384
-    q, k = _normal(2, (B, rows, D), jnp.bfloat16), _normal(3, (B, keys, D), jnp.bfloat16)
-    s = _normal(4, (B, keys, D))
-    m = _normal(5, (B, rows)) + 3.0
+    q, k = normal(2, (B, rows, D), jnp.bfloat16), normal(3, (B, keys, D), jnp.bfloat16)
+    s = normal(4, (B, keys, D))
+    m = normal(5, (B, rows)) + 3.0
     logl = jax.random.uniform(jax.random.PRNGKey(6), (B, rows)) + 2.0
     seg_r = jnp.ones((B, rows), jnp.int32)
     seg_k = jnp.asarray(np.arange(keys) >= 100, jnp.int32)[None].repeat(B, 0)
@@ -96,9 +84,9 @@ def test_block_product_matches_xla_twin(tier, tol, interpret):
                                                    ("bf16x3", "bfloat16", jnp.bfloat16, 5e-3)])
 def test_block_product_backward_matches_xla_twin(tier, plain, dtype, tol, interpret):
     rows, keys = 256, 128
-    q, k = _normal(11, (B, rows, D), dtype), _normal(12, (B, keys, D), dtype)
-    s, g, r = _normal(13, (B, keys, D)), _normal(14, (B, rows, D)), _normal(15, (B, rows, D))
-    m = _normal(16, (B, rows)) + 3.0
+    q, k = normal(11, (B, rows, D), dtype), normal(12, (B, keys, D), dtype)
+    s, g, r = normal(13, (B, keys, D)), normal(14, (B, rows, D)), normal(15, (B, rows, D))
+    m = normal(16, (B, rows)) + 3.0
     logl = jax.random.uniform(jax.random.PRNGKey(17), (B, rows)) + 2.0
     seg_r = jnp.asarray(np.arange(rows) < 200, jnp.int32)[None].repeat(B, 0)
     seg_k = jnp.ones((B, keys), jnp.int32)
@@ -125,15 +113,15 @@ def test_block_sizes_do_not_grow_with_t():
 
 
 def _solve(kernels, t=384, leaf=128):
-    seg = _segments(t)
-    gamma = 0.9 * jnp.tanh(_normal(7, (B, t)))
+    seg = kernel_segments(B, t)
+    gamma = 0.9 * jnp.tanh(normal(7, (B, t)))
 
     def loss(q, k, g, f):
         s = recursive_feedback_solve(q, k, g, f, seg, leaf_size=leaf, tile=128, tier="float32", platform="cpu",
                                      dtype=jnp.float32, kernels=kernels)
         return jnp.sum(s * jnp.cos(f)), s
 
-    args = (_normal(8, (B, t, D)), _normal(9, (B, t, D)), gamma, _normal(10, (B, t, D)))
+    args = (normal(8, (B, t, D)), normal(9, (B, t, D)), gamma, normal(10, (B, t, D)))
     return jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(*args)
 
 
