@@ -16,9 +16,13 @@ progress is checkpointed (parameters, optimizer state, step, losses; orbax, unde
 ``Scale.checkpoint_every`` steps; the next invocation continues it from there with the
 same result as an uninterrupted run. So a long sweep runs in fixed-length pieces:
 
-    until python scripts/compare_models.py --scale paper --time-limit 540; do :; done   # exit 3: not finished One compiled train step serves every lr and seed of a
-(task, length, kind): the library optimizer runs at peak lr 1 and the update is scaled by lr,
-which is exactly AdamW at that lr (its decoupled weight decay is also scaled by lr).
+    until python scripts/compare_models.py --scale paper --time-limit 540; do
+      [ $? -eq 3 ] || break   # 3: stopped at the time limit with runs left; anything else is an error
+    done
+
+One compiled train step serves every lr and seed of a (task, length, kind): the library
+optimizer runs at peak lr 1 and the update is scaled by lr, which is exactly AdamW at that lr
+(its decoupled weight decay is also scaled by lr).
 
     python scripts/compare_models.py --scale cpu --out results/compare_cpu.jsonl
     python scripts/compare_models.py --scale cpu --out results/compare_cpu.jsonl --table   # table only
@@ -384,6 +388,11 @@ def compare(scale_name: str, out: str, tasks=("symbol_soup", "mqar"), kinds=KIND
             shutil.rmtree(ckpt, ignore_errors=True)  # after the row is written: a crash between keeps both
             log(f"{task} {name} {kind:>11} lr {lr:g} seed {seed}: valid {row['valid_accuracy']:.3f} "
                 f"test {row['test_accuracy']:.3f} loss {row['final_loss']:.3f} ({row['seconds']:.0f}s)")
+    return scale_rows(out, scale_name)
+
+
+def scale_rows(out: str, scale_name: str) -> list[dict]:
+    """The finished runs of ``scale_name`` in ``out``."""
     return [r for r in read_results(out) if r["scale"] == scale_name]
 
 
@@ -441,15 +450,12 @@ def main(argv=None) -> None:
     p.add_argument("--checkpoint-dir", help="checkpoints of runs in progress (default: OUT.runs)")
     a = p.parse_args(argv)
     out = a.out or os.path.join("results", f"compare_{a.scale}.jsonl")
-    if a.table:
-        rows = [r for r in read_results(out) if r["scale"] == a.scale]
-    else:
-        rows = compare(a.scale, out, tuple(a.tasks.split(",")), tuple(a.kinds.split(",")),
-                       time_limit=a.time_limit, checkpoint_dir=a.checkpoint_dir)
-        if rows is None:
-            print(table(summarize([r for r in read_results(out) if r["scale"] == a.scale])))
-            sys.exit(EXIT_UNFINISHED)
-    print(table(summarize(rows)))
+    rows = None if a.table else compare(a.scale, out, tuple(a.tasks.split(",")), tuple(a.kinds.split(",")),
+                                        time_limit=a.time_limit, checkpoint_dir=a.checkpoint_dir)
+    unfinished = rows is None and not a.table
+    print(table(summarize(scale_rows(out, a.scale) if rows is None else rows)))
+    if unfinished:
+        sys.exit(EXIT_UNFINISHED)
 
 
 if __name__ == "__main__":

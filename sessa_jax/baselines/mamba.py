@@ -14,8 +14,8 @@ The recurrence runs in float32 whatever the compute dtype, in one of two ways
 (``MambaMixer.scan``): "chunked" (a ``lax.scan`` over chunks of ``config.chunk_size`` steps
 carries h and an associative scan solves each chunk: few sequential steps, for GPU/TPU) or
 "stepwise" (one rematerialised ``lax.scan`` step per time step that forms the decay and drive
-of that step only: no (B, T, E, N) inputs are built, 5x faster forward + backward on CPU at
-B=16, T=300, E=56, measured with benchmarks/mamba_scan.py). "auto" picks stepwise on CPU and
+of that step only: no (B, T, E, N) inputs are built; the whole mixer's forward + backward is
+about 3x faster on CPU at B=16, T=300, D=28, measured with benchmarks/mamba_scan.py). "auto" picks stepwise on CPU and
 chunked elsewhere. With ``segment_ids`` the state and the convolution window reset at every
 segment start, so packed documents never see each other.
 """
