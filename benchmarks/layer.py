@@ -117,7 +117,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--solvers", nargs="+", default=["blocked", "recursive", "auto"],
                    choices=["dense", "blocked", "recursive", "auto"])
-    p.add_argument("--chunk", type=int, default=128)
+    p.add_argument("--chunk", type=lambda s: s if s == "auto" else int(s), default="auto", help="chunk_size: auto or an integer")
     p.add_argument("--leaf", type=int, default=512, help="leaf of the recursive solve")
     p.add_argument("--precision", default="auto", help="feedback_precision of the recursive solve")
     p.add_argument("--iters", type=int, default=5)

@@ -191,7 +191,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats; the table shows the median")
     p.add_argument("--sample-s", type=float, default=0.3, help="target seconds of one timing sample")
     p.add_argument("--solver", default="auto", help="sessa-jax solver (auto = blocked on CPU)")
-    p.add_argument("--chunk", type=int, default=128, help="sessa-jax chunk_size")
+    p.add_argument("--chunk", type=lambda s: s if s == "auto" else int(s), default="auto",
+                   help="sessa-jax chunk_size: 'auto' (the default config) or an integer")
     p.add_argument("--passes", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"])
     p.add_argument("--reference", default=_default_reference(), help="folder holding the published sessa/ package")
     p.add_argument("--no-reference", action="store_true", help="time sessa-jax only")

@@ -32,7 +32,9 @@ class SessaConfig:
     on the forward branch), ``gamma_max`` (bound on |gamma_t|, in (0, 1)), ``ln_eps``,
     ``solver`` (feedback solve and forward attention: "dense" oracle, "blocked" scan,
     "recursive" known-statistics solve, "auto" = recursive on GPU/TPU and
-    blocked on CPU), ``chunk_size`` (C of the blocked paths), ``leaf_size`` (Cs, the leaf of
+    blocked on CPU), ``chunk_size`` (C of the blocked paths: an integer, or "auto", the
+    default, which picks C per call from the batch, heads and length, and for short
+    sequences attention's panel schedule: ``sessa_jax.ops.dispatch``), ``leaf_size`` (Cs, the leaf of
     the recursive solve), ``feedback_precision`` (tier of the recursive solve's chained
     products: "auto" = bf16x3 on GPU/TPU and float32 on CPU, "float32", "bf16x3",
     "bfloat16"), ``feedback_kernels`` ("xla", the portable default, or "pallas": the TPU
@@ -53,7 +55,7 @@ class SessaConfig:
     gamma_max: float = 0.999
     ln_eps: float = 1e-5
     solver: str = "auto"
-    chunk_size: int = 128
+    chunk_size: int | str = "auto"
     leaf_size: int = 512
     feedback_precision: str = "auto"
     feedback_kernels: str = "xla"
@@ -123,8 +125,10 @@ class SessaConfig:
 
         for name in ("d_model", "n_heads", "vocab_size", "n_layers", "max_len"):
             positive_int(name)
-        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            raise ValueError(f"SessaConfig.chunk_size must be an integer >= 1; got {self.chunk_size!r}")
+        if self.chunk_size != "auto" and (isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int)
+                                          or self.chunk_size < 1):
+            raise ValueError(f"SessaConfig.chunk_size must be 'auto' or an integer >= 1 (e.g. 128); "
+                             f"got {self.chunk_size!r}")
         if isinstance(self.leaf_size, bool) or not isinstance(self.leaf_size, int) or self.leaf_size < 1:
             raise ValueError(
                 f"SessaConfig.leaf_size must be an integer >= 1 (the recursive solve's leaf, e.g. 512); "

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from sessa_jax.config import SessaConfig
 from sessa_jax.mixer import AttentionMixer, SessaMixer
+from sessa_jax.ops.layer_norm import LayerNorm
 from sessa_jax.ops.rope import resolve_positions
 from sessa_jax.sharding import BTD, BTW, constrain, dense_init, norm_init
 
@@ -51,7 +52,7 @@ class SessaLayer(nn.Module):
         cfg = self.config
         dense = functools.partial(nn.Dense, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         # LayerNorm statistics in float32 (or wider), whatever the compute dtype.
-        self.ln = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=jnp.promote_types(cfg.dtype, jnp.float32),
+        self.ln = LayerNorm(epsilon=cfg.ln_eps, dtype=jnp.promote_types(cfg.dtype, jnp.float32),
                                param_dtype=cfg.param_dtype, **norm_init())
         self.W_in = dense(2 * cfg.d_model, **dense_init("embed", "mlp"))  # column-parallel
         self.mixer = mixer_class(self.kind)(cfg)

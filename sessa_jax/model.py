@@ -27,6 +27,7 @@ from jax.experimental import checkify
 
 from sessa_jax.config import SessaConfig
 from sessa_jax.layer import SessaLayer
+from sessa_jax.ops.layer_norm import LayerNorm
 from sessa_jax.ops.rope import resolve_positions
 from sessa_jax.sharding import BTD, BTV, constrain, dense_init, logical, norm_init
 
@@ -102,7 +103,7 @@ class SessaLM(nn.Module):
         self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                               embedding_init=logical(
                                   nn.initializers.normal(stddev=cfg.d_model ** -0.5), ("vocab", "embed")))
-        self.norm_f = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=jnp.promote_types(cfg.dtype, jnp.float32),
+        self.norm_f = LayerNorm(epsilon=cfg.ln_eps, dtype=jnp.promote_types(cfg.dtype, jnp.float32),
                                    param_dtype=cfg.param_dtype, **norm_init())
         if not cfg.tie_embeddings:
             self.head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,

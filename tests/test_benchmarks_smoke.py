@@ -92,3 +92,20 @@ def test_train_throughput_tables_and_bound_run(capsys):
     # Sessa's mixer is the Transformer's attention plus the feedback solve: more of both kinds of work.
     assert float(sessa_work[4]) > 1.0 and float(sessa_work[5]) > 1.0 and transformer_work[4] == "1.00"
     assert 0.0 < float(sessa_work[6]) < 1.0  # any extra work lowers the best possible ratio
+
+
+def test_blocked_chunks_table_runs(capsys):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import blocked_chunks
+    finally:
+        sys.path.remove(str(BENCH))
+    blocked_chunks.main(["--cases", "2x8x2x96", "--repeats", "1", "--sample-s", "0.001"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| 2x8x2x96")]
+    names = [r[1].strip() for r in rows]
+    assert names == ["attention C=64", "attention panels", "attention auto", "solve C=64", "solve auto"]
+    assert all(float(r[2]) > 0 for r in rows)
+    picks = {r[1].strip(): r[3].strip() for r in rows}
+    assert picks["attention auto"] == "panels C=64" and picks["solve auto"] == "C=256"
+    with pytest.raises(SystemExit):
+        blocked_chunks.main(["--cases", "2x9x2x96"])  # D not a multiple of H

@@ -14,7 +14,9 @@ from sessa_jax.ops import causal_attention, feedback_solve
     (dict(d_model=12, n_heads=4), r"RoPE needs an even head width.*= 3 is odd"),
     (dict(d_model=16, n_heads=2, gamma_max=1.0), r"0 < gamma_max < 1.*got 1.0"),
     (dict(d_model=16, n_heads=2, gamma_max=0.0), r"0 < gamma_max < 1.*got 0.0"),
-    (dict(d_model=16, n_heads=2, chunk_size=0), r"chunk_size must be an integer >= 1; got 0"),
+    (dict(d_model=16, n_heads=2, chunk_size=0), r"chunk_size must be 'auto' or an integer >= 1 \(e.g. 128\); got 0"),
+    (dict(d_model=16, n_heads=2, chunk_size="fast"), r"chunk_size must be 'auto' or an integer >= 1.*got 'fast'"),
+    (dict(d_model=16, n_heads=2, chunk_size=True), r"chunk_size must be 'auto' or an integer >= 1.*got True"),
     (dict(d_model=16, n_heads=2, solver="fast"), r"solver='fast' is unknown"),
     (dict(d_model=16, n_heads=2, solver="pallas"), r"solver='pallas' is unknown; choose one of"),
     (dict(d_model=16, n_heads=2, leaf_size=0), r"leaf_size must be an integer >= 1"),
@@ -65,8 +67,10 @@ def test_op_errors():
         feedback_solve(x, x, g[:, :4], x)
     with pytest.raises(ValueError, match=r"k_b must have the shape of f"):
         feedback_solve(x, x[:, :4], g, x)
-    with pytest.raises(ValueError, match=r"chunk_size must be an integer >= 1; got 0"):
+    with pytest.raises(ValueError, match=r"chunk_size must be 'auto' or an integer >= 1; got 0"):
         feedback_solve(x, x, g, x, chunk_size=0)
+    with pytest.raises(ValueError, match=r"chunk_size must be 'auto' or an integer >= 1; got 'big'"):
+        causal_attention(jnp.zeros((2, 5, 2, 2)), jnp.zeros((2, 5, 2, 2)), jnp.zeros((2, 5, 2, 2)), chunk_size="big")
     q = jnp.zeros((2, 5, 4, 2))
     with pytest.raises(ValueError, match=r"query heads 4 must be a multiple of kv heads 3"):
         causal_attention(q, jnp.zeros((2, 5, 3, 2)), jnp.zeros((2, 5, 3, 2)))

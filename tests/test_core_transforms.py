@@ -58,7 +58,9 @@ def test_scan_and_remat_match_plain_loop():
             for i in range(CFG.n_layers):
                 grad["params"][f"layers_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], layers)
         for a, b in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(ref_grad)):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+            # float32 reassociation under scan/remat: absolute error relative to the leaf's scale
+            scale = max(1.0, float(np.max(np.abs(np.asarray(b)))))
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 * scale)
 
 
 def test_parameter_names_are_pinned():

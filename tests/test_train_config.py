@@ -24,6 +24,9 @@ def test_overrides_are_typed():
                                "data.text.path=/tmp", "model.rope=False"])
     assert cfg.train.steps == 7 and cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
     assert cfg.model.n_kv_heads == 1 and cfg.model.dtype == "bfloat16" and cfg.model.rope is False
+    # chunk_size takes "auto" (the default) or an integer
+    assert load_config("tiny", ["model.chunk_size=auto"]).model.chunk_size == "auto"
+    assert load_config("tiny", ["model.chunk_size=48"]).model.chunk_size == 48
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -47,6 +50,8 @@ def test_overrides_are_typed():
     (["data.task=text", "data.text.path=/no/such/corpus"], r"data.text.path='/no/such/corpus' does not exist"),
     (["optim.lr=-1"], r"optim: need lr > 0 \(got -1.0\)"),
     (["train.steps=0"], r"'train.steps' must be an integer >= 1; got 0"),
+    (["model.chunk_size=0"], r"model.chunk_size must be 'auto' or an integer >= 1 \(e.g. 128\); got 0"),
+    (["model.chunk_size=big"], r"model.chunk_size must be 'auto' or an integer >= 1 \(e.g. 128\); got 'big'"),
 ])
 def test_bad_configs_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from sessa_jax.ops.trsolve import unit_lower_solve
-from sessa_jax.ops.masks import PAD_SEGMENT, merge_chunks, pad_time, take_chunk
+from sessa_jax.ops.masks import PAD_SEGMENT, merge_chunks, pad_time, row_dot, take_chunk
 
 _HI = lax.Precision.HIGHEST
 
@@ -145,7 +145,7 @@ def _backward(plan: BlockedPlan, res, ds):
             q0 = i * c
             q_i, g_i, r_i = take_chunk(q, q0, c), take_chunk(g_buf, q0, c), take_chunk(r, q0, c)
             g_dot_s = jnp.einsum("bcd,bkd->bck", g_i, s_j, precision=_HI)
-            dlogits = a * (g_dot_s - jnp.sum(g_i * r_i, axis=-1, keepdims=True))
+            dlogits = a * (g_dot_s - row_dot(g_i, r_i, keepdims=True))
             dk_j = dk_j + jnp.einsum("bck,bcd->bkd", dlogits, q_i, precision=_HI)
             dq_i = take_chunk(dq, q0, c) + jnp.einsum("bck,bkd->bcd", dlogits, k_j, precision=_HI)
             dq = lax.dynamic_update_slice_in_dim(dq, dq_i, q0, axis=1)
@@ -166,7 +166,7 @@ def _backward(plan: BlockedPlan, res, ds):
 
     (_, dq), (lam, dk) = lax.scan(step, (jnp.zeros_like(s), jnp.zeros_like(q)), jnp.arange(n), reverse=True)
     lam, dk = merge_chunks(lam), merge_chunks(dk)
-    dgamma = jnp.sum(lam * r, axis=-1)
+    dgamma = row_dot(lam, r)
     return dq, dk, dgamma, lam
 
 
@@ -189,10 +189,12 @@ _solve.defvjp(_solve_fwd, _solve_bwd)
 
 
 def blocked_feedback_solve(q_b, k_b, gamma, f, segment_ids, chunk_size: int, dtype):
-    """Blocked solve on validated inputs; q_b/k_b/f (B,T,D), gamma/segment_ids (B,T).
+    """Blocked solve on validated inputs; q_b/k_b/f (B,T,D), gamma (B,T), segment_ids (B,T)
+    ints or None (one sequence per row: tiles are masked by causality alone, which is cheaper).
 
-    Pads T to a multiple of the chunk (padded rows get their own segment and gamma = 0,
-    so they never reach real rows), folds D^-1/2 into q and solves in ``dtype``.
+    Pads T to a multiple of the chunk (padded rows come after every real row, get their own
+    segment and gamma = 0, so they never reach real rows), folds D^-1/2 into q and solves in
+    ``dtype``.
     """
     b, t, d = f.shape
     plan = BlockedPlan.make(t, chunk_size)
@@ -201,7 +203,7 @@ def blocked_feedback_solve(q_b, k_b, gamma, f, segment_ids, chunk_size: int, dty
     def pad(x):
         return pad_time(x.astype(dtype), tp)
 
-    seg = pad_time(segment_ids.astype(jnp.int32), tp, PAD_SEGMENT)
+    seg = None if segment_ids is None else pad_time(segment_ids.astype(jnp.int32), tp, PAD_SEGMENT)
     q = pad(q_b) * (1.0 / jnp.sqrt(jnp.asarray(d, dtype)))
     s = _solve(plan, q, pad(k_b), pad(gamma), pad(f), seg)
     return s[:, :t]

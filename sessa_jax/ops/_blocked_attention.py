@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from sessa_jax.ops._blocked import BlockedPlan
-from sessa_jax.ops.masks import PAD_SEGMENT, pad_time
+from sessa_jax.ops.masks import PAD_SEGMENT, pad_time, row_dot
 
 _HI = lax.Precision.HIGHEST
 
@@ -96,7 +96,7 @@ def _backward(plan: BlockedPlan, res, d_out):
     their tile's rows of full-length buffers (in place in the loop carry)."""
     q, k, v, seg, out, lse = res
     c = plan.chunk
-    delta = jnp.sum(d_out * out, axis=-1)  # rowsum(dP * P) = dO . O, (B, Hkv, G, Tp)
+    delta = row_dot(d_out, out)  # rowsum(dP * P) = dO . O, (B, Hkv, G, Tp)
 
     def q_step(carry, xs):
         i, lse_i = xs
@@ -126,30 +126,86 @@ def _backward(plan: BlockedPlan, res, d_out):
     return _merge(dq), dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attend(plan, q, k, v, seg):
-    return _forward(plan, q, k, v, seg)[0]
+# Panel schedule: query chunk i attends to its whole causal prefix, keys [0, (i + 1) C), in
+# one (C, (i + 1) C) product per head, with an exact (not online) softmax. The chunks are
+# unrolled in Python (static shapes), so each panel is one large op instead of a loop of
+# i + 1 small tiles: on CPU this halves attention's forward + backward time for small
+# problems (B=1, H=4, T<=512; benchmarks/vs_reference.py) where per-tile overheads
+# dominate. Panels hold (B, Hkv, G, C, <=T) logits, so callers keep it to short sequences.
 
 
-def _attend_fwd(plan, q, k, v, seg):
-    out, lse = _forward(plan, q, k, v, seg)
+def _panel(q, k, i: int, c: int, seg):
+    """Logits of query chunk i against keys [0, (i + 1) C): (B, Hkv, G, C, (i + 1) C), -inf masked."""
+    end = (i + 1) * c
+    logits = jnp.einsum("bhgck,bhsk->bhgcs", q[:, :, :, i * c:end], k[:, :, :end], precision=_HI)
+    mask = (jnp.arange(end)[None, :] <= (i * c + jnp.arange(c))[:, None])[None]
+    if seg is not None:
+        mask = mask & (seg[:, i * c:end, None] == seg[:, None, :end])
+    return jnp.where(mask[:, None, None], logits, -jnp.inf)
+
+
+def _panels_forward(plan: BlockedPlan, q, k, v, seg):
+    """Like ``_forward`` (same outputs) with one causal-prefix panel per query chunk."""
+    c, outs, lses = plan.chunk, [], []
+    for i in range(plan.num_chunks):
+        logits = _panel(q, k, i, c, seg)
+        m = jnp.max(logits, axis=-1, keepdims=True)  # finite: every row sees its own key
+        p = jnp.exp(logits - m)
+        l = jnp.sum(p, axis=-1, keepdims=True)
+        outs.append(jnp.einsum("bhgcs,bhsk->bhgck", p, v[:, :, :(i + 1) * c], precision=_HI) / l)
+        lses.append((m + jnp.log(l))[..., 0])
+    return jnp.concatenate(outs, axis=3), jnp.stack(lses)
+
+
+def _panels_backward(plan: BlockedPlan, res, d_out):
+    """Per query chunk i: its panel's probabilities from the saved log-sum-exp give dq_i
+    exactly and add into the dk, dv rows of its prefix."""
+    q, k, v, seg, out, lse = res
+    c = plan.chunk
+    delta = row_dot(d_out, out)
+    dk, dv, dqs = jnp.zeros_like(k), jnp.zeros_like(v), []
+    for i in range(plan.num_chunks):
+        end, rows = (i + 1) * c, slice(i * c, (i + 1) * c)
+        q_i, do_i = q[:, :, :, rows], d_out[:, :, :, rows]
+        p = jnp.exp(_panel(q, k, i, c, seg) - lse[i][..., None])
+        dp = jnp.einsum("bhgck,bhsk->bhgcs", do_i, v[:, :, :end], precision=_HI)
+        dlogits = p * (dp - delta[:, :, :, rows, None])
+        dqs.append(jnp.einsum("bhgcs,bhsk->bhgck", dlogits, k[:, :, :end], precision=_HI))
+        dk = dk.at[:, :, :end].add(jnp.einsum("bhgcs,bhgck->bhsk", dlogits, q_i, precision=_HI))
+        dv = dv.at[:, :, :end].add(jnp.einsum("bhgcs,bhgck->bhsk", p, do_i, precision=_HI))
+    return jnp.concatenate(dqs, axis=3), dk, dv
+
+
+SCHEDULES = {"loop": (_forward, _backward), "panels": (_panels_forward, _panels_backward)}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _attend(schedule, plan, q, k, v, seg):
+    return SCHEDULES[schedule][0](plan, q, k, v, seg)[0]
+
+
+def _attend_fwd(schedule, plan, q, k, v, seg):
+    out, lse = SCHEDULES[schedule][0](plan, q, k, v, seg)
     return out, (q, k, v, seg, out, lse)
 
 
-def _attend_bwd(plan, res, d_out):
-    dq, dk, dv = _backward(plan, res, d_out)
+def _attend_bwd(schedule, plan, res, d_out):
+    dq, dk, dv = SCHEDULES[schedule][1](plan, res, d_out)
     return dq, dk, dv, None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-def blocked_causal_attention(q, k, v, segment_ids, chunk_size: int, dtype):
+def blocked_causal_attention(q, k, v, segment_ids, chunk_size: int, dtype, schedule: str = "loop"):
     """Blocked causal GQA attention on validated inputs.
 
     q (B, T, H, K), k/v (B, T, Hkv, K), segment_ids (B, T) ints or None (one sequence per
-    row) -> (B, T, H, K) in ``dtype``.
+    row) -> (B, T, H, K) in ``dtype``. ``schedule``: "loop" (tile loops, O(C^2) transients)
+    or "panels" (unrolled causal-prefix panels, O(C T) transients; for short sequences).
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown attention schedule {schedule!r}; choose one of {tuple(SCHEDULES)}")
     b, t, h, kd = q.shape
     hkv = k.shape[2]
     plan = BlockedPlan.make(t, chunk_size)
@@ -160,5 +216,5 @@ def blocked_causal_attention(q, k, v, segment_ids, chunk_size: int, dtype):
     kh, vh = (pad_time(x.astype(dtype), tp).transpose(0, 2, 1, 3) for x in (k, v))
     # Padded keys sit after every real query, so causality alone hides them.
     seg = None if segment_ids is None else pad_time(segment_ids.astype(jnp.int32), tp, PAD_SEGMENT)
-    out = _attend(plan, qg, kh, vh, seg)
+    out = _attend(schedule, plan, qg, kh, vh, seg)
     return out.transpose(0, 3, 1, 2, 4)[:, :t].reshape(b, t, h, kd)

