@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -44,3 +45,19 @@ def rel_err(actual, expected, floor: float = 0.0) -> float:
     expected = np.asarray(expected, np.float64)
     scale = max(float(np.max(np.abs(expected))), floor)
     return float(np.max(np.abs(actual - expected)) / scale)
+
+
+# Segments that start inside tiles, a one-token segment, padding (id 0) in the middle and at
+# the end (T = 37): with small chunks some off-diagonal tiles are fully masked for some rows.
+SEGMENTS_37 = jnp.array([[1] * 6 + [2] + [0] * 3 + [3] * 20 + [4] * 5 + [0] * 2,
+                         [5] * 4 + [6] * 9 + [7] * 24])
+
+
+def output_and_grads(fn, args, cot):
+    """(fn(*args), gradients of sum(fn(*args) * cot) for every arg), jitted."""
+    def loss(*a):
+        out = fn(*a)
+        return jnp.sum(out * cot), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True))(*args)
+    return out, grads

@@ -12,21 +12,12 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
-from _parity import rel_err
+from _parity import SEGMENTS_37, output_and_grads, rel_err
 
 from sessa_jax.ops import causal_attention, feedback_solve
 
 T = 37  # not a multiple of any tile used below
 _SHAPE = re.compile(r"\[([0-9,]+)\]")
-
-
-def _grads(fn, args, cot):
-    def loss(*a):
-        out = fn(*a)
-        return jnp.sum(out * cot), out
-
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True))(*args)
-    return out, grads
 
 
 @pytest.mark.parametrize("chunk", [5])
@@ -37,17 +28,11 @@ def test_attention_without_segments_equals_dense_x64(chunk):
         k = jax.random.normal(ks[1], (2, T, 2, 6), jnp.float64)
         v = jax.random.normal(ks[2], (2, T, 2, 6), jnp.float64)
         cot = jax.random.normal(ks[3], (2, T, 4, 6), jnp.float64)
-        o_ref, g_ref = _grads(lambda q, k, v: causal_attention(q, k, v, method="dense"), (q, k, v), cot)
-        o, g = _grads(lambda q, k, v: causal_attention(q, k, v, method="blocked", chunk_size=chunk), (q, k, v), cot)
+        o_ref, g_ref = output_and_grads(lambda q, k, v: causal_attention(q, k, v, method="dense"), (q, k, v), cot)
+        o, g = output_and_grads(lambda q, k, v: causal_attention(q, k, v, method="blocked", chunk_size=chunk), (q, k, v), cot)
         assert rel_err(o, o_ref) <= 1e-12
         for a, b in zip(g, g_ref):
             assert rel_err(a, b) <= 1e-11
-
-
-# Segments that start inside tiles, a one-token segment, padding (id 0) in the middle and at
-# the end: with chunk 4 some off-diagonal tiles are fully masked for some rows.
-_SEG = jnp.array([[1] * 6 + [2] + [0] * 3 + [3] * 20 + [4] * 5 + [0] * 2,
-                  [5] * 4 + [6] * 9 + [7] * 24])
 
 
 def _solve_inputs(dtype, seed=11, d=8):
@@ -64,10 +49,10 @@ def _solve_inputs(dtype, seed=11, d=8):
 def test_solve_with_masked_tiles_equals_dense_x64(chunk):
     with jax.enable_x64(True):
         args, cot = _solve_inputs(jnp.float64)
-        ref = lambda *a: feedback_solve(*a, segment_ids=_SEG, method="dense")
-        fast = lambda *a: feedback_solve(*a, segment_ids=_SEG, method="blocked", chunk_size=chunk)
-        s_ref, g_ref = _grads(ref, args, cot)
-        s, g = _grads(fast, args, cot)
+        ref = lambda *a: feedback_solve(*a, segment_ids=SEGMENTS_37, method="dense")
+        fast = lambda *a: feedback_solve(*a, segment_ids=SEGMENTS_37, method="blocked", chunk_size=chunk)
+        s_ref, g_ref = output_and_grads(ref, args, cot)
+        s, g = output_and_grads(fast, args, cot)
         assert rel_err(s, s_ref) <= 1e-10
         for a, b in zip(g, g_ref):
             assert rel_err(a, b) <= 1e-9
@@ -75,17 +60,17 @@ def test_solve_with_masked_tiles_equals_dense_x64(chunk):
 
 def test_attention_and_solve_with_segments_float32():
     args, cot = _solve_inputs(jnp.float32, seed=12)
-    s_ref, g_ref = _grads(lambda *a: feedback_solve(*a, segment_ids=_SEG, method="dense"), args, cot)
-    s, g = _grads(lambda *a: feedback_solve(*a, segment_ids=_SEG, method="blocked", chunk_size=8), args, cot)
+    s_ref, g_ref = output_and_grads(lambda *a: feedback_solve(*a, segment_ids=SEGMENTS_37, method="dense"), args, cot)
+    s, g = output_and_grads(lambda *a: feedback_solve(*a, segment_ids=SEGMENTS_37, method="blocked", chunk_size=8), args, cot)
     assert rel_err(s, s_ref) <= 1e-4
     for a, b in zip(g, g_ref):
         assert rel_err(a, b) <= 1e-3
     ks = jax.random.split(jax.random.PRNGKey(13), 4)
     qkv = tuple(jax.random.normal(kk, (2, T, 2, 8), jnp.float32) for kk in ks[:3])
     cot = jax.random.normal(ks[3], (2, T, 2, 8), jnp.float32)
-    attend = lambda method: (lambda q, k, v: causal_attention(q, k, v, segment_ids=_SEG, method=method, chunk_size=8))
-    o_ref, g_ref = _grads(attend("dense"), qkv, cot)
-    o, g = _grads(attend("blocked"), qkv, cot)
+    attend = lambda method: (lambda q, k, v: causal_attention(q, k, v, segment_ids=SEGMENTS_37, method=method, chunk_size=8))
+    o_ref, g_ref = output_and_grads(attend("dense"), qkv, cot)
+    o, g = output_and_grads(attend("blocked"), qkv, cot)
     assert rel_err(o, o_ref) <= 1e-5
     for a, b in zip(g, g_ref):
         assert rel_err(a, b) <= 1e-4

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _parity import rel_err
+from _parity import SEGMENTS_37, output_and_grads, rel_err
 
 from sessa_jax import SessaConfig, SessaLayer
 from sessa_jax.ops import causal_attention, feedback_solve
@@ -26,15 +26,6 @@ from sessa_jax.ops.masks import row_dot
 T = 37
 
 
-def _grads(fn, args, cot):
-    def loss(*a):
-        out = fn(*a)
-        return jnp.sum(out * cot), out
-
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True))(*args)
-    return out, grads
-
-
 def _attention_inputs(dtype, h=4, hkv=2, k=6, seed=20):
     ks = jax.random.split(jax.random.PRNGKey(seed), 4)
     q = 3.0 * jax.random.normal(ks[0], (2, T, h, k), dtype)  # sharp rows
@@ -43,18 +34,14 @@ def _attention_inputs(dtype, h=4, hkv=2, k=6, seed=20):
     return (q, kk, v), jax.random.normal(ks[3], (2, T, h, k), dtype)
 
 
-_SEG = jnp.array([[1] * 6 + [2] + [0] * 3 + [3] * 20 + [4] * 5 + [0] * 2,
-                  [5] * 4 + [6] * 9 + [7] * 24])
-
-
 @pytest.mark.parametrize("segments", [False, True])
 @pytest.mark.parametrize("chunk", [8, 64])
 def test_panel_attention_equals_dense_x64(segments, chunk):
     with jax.enable_x64(True):
         args, cot = _attention_inputs(jnp.float64)
-        seg = _SEG if segments else None
-        o_ref, g_ref = _grads(lambda q, k, v: causal_attention(q, k, v, segment_ids=seg, method="dense"), args, cot)
-        o, g = _grads(lambda q, k, v: _blocked_attention.blocked_causal_attention(
+        seg = SEGMENTS_37 if segments else None
+        o_ref, g_ref = output_and_grads(lambda q, k, v: causal_attention(q, k, v, segment_ids=seg, method="dense"), args, cot)
+        o, g = output_and_grads(lambda q, k, v: _blocked_attention.blocked_causal_attention(
             q, k, v, seg, chunk, jnp.float64, schedule="panels"), args, cot)
         assert rel_err(o, o_ref) <= 1e-12
         for a, b in zip(g, g_ref):
@@ -63,7 +50,7 @@ def test_panel_attention_equals_dense_x64(segments, chunk):
 
 def test_panel_and_loop_schedules_agree_float32():
     args, cot = _attention_inputs(jnp.float32, h=4, hkv=4, k=8, seed=21)
-    run = lambda schedule: _grads(lambda q, k, v: _blocked_attention.blocked_causal_attention(
+    run = lambda schedule: output_and_grads(lambda q, k, v: _blocked_attention.blocked_causal_attention(
         q, k, v, None, 8, jnp.float32, schedule=schedule), args, cot)
     (o_loop, g_loop), (o_panel, g_panel) = run("loop"), run("panels")
     chex.assert_trees_all_close(o_panel, o_loop, rtol=1e-5, atol=1e-5)
@@ -123,8 +110,8 @@ def test_solve_without_segments_equals_dense_x64(chunk):
         gamma = 0.999 * jnp.tanh(3.0 * jax.random.normal(ks[2], (2, T), jnp.float64))
         f = jax.random.normal(ks[3], (2, T, 8), jnp.float64)
         cot = jax.random.normal(ks[4], (2, T, 8), jnp.float64)
-        s_ref, g_ref = _grads(lambda *a: feedback_solve(*a, method="dense"), (q, k, gamma, f), cot)
-        s, g = _grads(lambda *a: feedback_solve(*a, method="blocked", chunk_size=chunk), (q, k, gamma, f), cot)
+        s_ref, g_ref = output_and_grads(lambda *a: feedback_solve(*a, method="dense"), (q, k, gamma, f), cot)
+        s, g = output_and_grads(lambda *a: feedback_solve(*a, method="blocked", chunk_size=chunk), (q, k, gamma, f), cot)
         assert rel_err(s, s_ref) <= 1e-10
         for a, b in zip(g, g_ref):
             assert rel_err(a, b) <= 1e-9
