@@ -14,6 +14,9 @@ the elementwise passes over the logits, not the products, set the speed
 * the output is normalised once per (C, K) row block, not per (C, C) probability tile;
 * without segment ids only the diagonal tile is masked (by position).
 The diagonal tile goes first: every row sees its own key, so row maxima are always finite.
+
+A second schedule, "panels" (below), unrolls the query chunks and gives each its whole
+causal prefix as one product: fewer, larger ops, for short sequences (``dispatch.attention_schedule``).
 """
 
 from __future__ import annotations
