@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from sessa_jax.ops._blocked import BlockedPlan
-from sessa_jax.ops.masks import PAD_SEGMENT, pad_time, row_dot
+from sessa_jax.ops.masks import PAD_SEGMENT, block_mask, pad_time, row_dot
 
 _HI = lax.Precision.HIGHEST
 
@@ -133,7 +133,7 @@ def _backward(plan: BlockedPlan, res, d_out):
 # one (C, (i + 1) C) product per head, with an exact (not online) softmax. The chunks are
 # unrolled in Python (static shapes), so each panel is one large op instead of a loop of
 # i + 1 small tiles: on CPU this halves attention's forward + backward time for small
-# problems (B=1, H=4, T<=512; benchmarks/vs_reference.py) where per-tile overheads
+# problems (B=1, H=4, T<=512; benchmarks/blocked_chunks.py) where per-tile overheads
 # dominate. Panels hold (B, Hkv, G, C, <=T) logits, so callers keep it to short sequences.
 
 
@@ -141,9 +141,11 @@ def _panel(q, k, i: int, c: int, seg):
     """Logits of query chunk i against keys [0, (i + 1) C): (B, Hkv, G, C, (i + 1) C), -inf masked."""
     end = (i + 1) * c
     logits = jnp.einsum("bhgck,bhsk->bhgcs", q[:, :, :, i * c:end], k[:, :, :end], precision=_HI)
-    mask = (jnp.arange(end)[None, :] <= (i * c + jnp.arange(c))[:, None])[None]
-    if seg is not None:
-        mask = mask & (seg[:, i * c:end, None] == seg[:, None, :end])
+    q_pos, k_pos = i * c + jnp.arange(c), jnp.arange(end)
+    if seg is None:
+        mask = (k_pos[None, :] <= q_pos[:, None])[None]
+    else:
+        mask = block_mask(q_pos, k_pos, seg[:, i * c:end], seg[:, :end], strict=False)
     return jnp.where(mask[:, None, None], logits, -jnp.inf)
 
 

@@ -31,9 +31,9 @@ RECURSIVE_TILE = 4096
 TILE_LEAVES = 8
 # chunk_size="auto" (the default) for the blocked paths, measured on CPU over B in {1, 8, 32},
 # H=4, T in {256 ... 2048} (benchmarks/blocked_chunks.py; README, "vs the published PyTorch
-# layer (CPU)"): the largest C whose logits tile
-# (B*H, C, C) for attention, (B, C, C) for the solve, holds at most TILE_BUDGET floats (2 MiB,
-# the size that stays in cache for a tile's elementwise passes); attention on at most
+# layer (CPU)"): the largest C whose logits tile (B*H, C, C) for attention, (B, C, C) for the
+# solve, holds at most TILE_BUDGET floats (2 MiB, the size that stays in cache for a tile's
+# elementwise passes); attention on at most
 # PANEL_MAX_LEN tokens with (B*H, PANEL_CHUNK, T) panels within that budget runs the "panels"
 # schedule instead of tile loops.
 AUTO = "auto"
