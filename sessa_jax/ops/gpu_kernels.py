@@ -37,6 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from sessa_jax.ops.precision import split_bf16
 from sessa_jax.ops.row_stats import EMPTY_LOGL
 
 F32 = jnp.float32
@@ -79,9 +80,14 @@ def _check(q, k, seg, tier, block_q, block_k):
 
 
 def _parts(x, split: bool):
-    """(hi,) or, with ``split``, (hi, lo) bf16 parts of x: hi = bf16(x), lo = bf16(x - hi)."""
-    hi = x.astype(BF16)
-    return (hi, (x.astype(F32) - hi.astype(F32)).astype(BF16)) if split else (hi,)
+    """(hi,) or, with ``split``, (hi, lo) bf16 parts of x: hi = bf16(x), lo = bf16(x - hi).
+
+    The split runs in XLA before the kernel, so it rounds on the bits
+    (``precision.split_bf16``): XLA's GPU compiler would fold ``x - float32(bfloat16(x))`` to 0."""
+    if not split:
+        return (x.astype(BF16),)
+    hi, lo = split_bf16(x)
+    return hi, jnp.zeros_like(hi) if lo is None else lo
 
 
 def _stats_body(*refs, parts: int, block_q: int, block_k: int, scale: float):

@@ -1,0 +1,132 @@
+"""The bf16 hi/lo split of the bf16x3 tier, and why it rounds on the bits.
+
+XLA's GPU compiler may keep values in more precision than asked (``xla_allow_excess_precision``,
+on by default) and rewrites ``float32(bfloat16(x))`` to ``x``. A split written as
+``lo = x - float32(bfloat16(x))`` then has lo = 0, and the tier quietly becomes one bf16 pass
+(measured on an H100: 3e-3 instead of 5e-6). The CPU compiler does not do this rewrite, so these
+tests replay it: ``_excess_precision_eval`` evaluates a function's jaxpr with every
+float32 -> bfloat16 -> float32 round trip replaced by its input, as the GPU compiler does.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sessa_jax.ops import precision
+from sessa_jax.ops.precision import bf16_round_bits, split_bf16
+
+BF16 = jnp.bfloat16
+
+
+def _edge_values():
+    """Finite float32 values around every rounding case of bf16, plus zeros and infinities."""
+    rng = np.random.default_rng(0)
+    low16 = np.array([0x0000, 0x0001, 0x7FFF, 0x8000, 0x8001, 0xFFFF], np.uint32)  # ties at 0x8000
+    high = rng.integers(0, 0xFFFF, size=400, dtype=np.uint32)
+    high = np.concatenate([high, [0x0000, 0x0001, 0x007F, 0x0080, 0x3F80, 0x7F7F, 0x7F7E]]).astype(np.uint32)
+    bits = (high[:, None] << 16 | low16[None, :]).ravel()
+    x = bits.view(np.float32)
+    x = x[np.isfinite(x)]
+    extra = np.array([0.0, -0.0, np.inf, -np.inf, 1e-45, -1e-45, 3.4028235e38, -3.4028235e38], np.float32)
+    return np.concatenate([x, extra, rng.standard_normal(2000).astype(np.float32) * 10.0 ** rng.integers(-30, 30, 2000)])
+
+
+def test_bit_rounding_equals_the_bf16_conversion():
+    x = jnp.asarray(_edge_values())
+    got = np.asarray(jax.jit(bf16_round_bits)(x)).view(np.uint32)
+    want = np.asarray(x.astype(BF16).astype(jnp.float32)).view(np.uint32)
+    np.testing.assert_array_equal(got, want)  # bitwise: ties to even, signed zeros, overflow to inf
+
+
+def test_split_parts_add_up_and_bf16_passes_through():
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((64, 64)), jnp.float32)
+    hi, lo = split_bf16(x)
+    chex.assert_trees_all_equal_dtypes((hi, lo), (jnp.zeros((), BF16),) * 2)
+    np.testing.assert_array_equal(np.asarray(hi), np.asarray(x.astype(BF16)))
+    err = jnp.abs(hi.astype(jnp.float32) + lo.astype(jnp.float32) - x) / jnp.abs(x)
+    assert float(jnp.max(err)) <= 2.0 ** -16
+    same, none = split_bf16(x.astype(BF16))
+    assert none is None and same.dtype == BF16
+
+
+# --- replaying XLA GPU's excess-precision rewrite --------------------------------------------
+def _is_convert(eqn, dtype):
+    return eqn.primitive.name == "convert_element_type" and eqn.params["new_dtype"] == dtype
+
+
+def _excess_precision_eval(fn, *args):
+    """fn(*args), evaluated with float32(bfloat16(v)) replaced by v wherever v is float32."""
+    closed = jax.make_jaxpr(fn)(*args)
+    return _eval(closed.jaxpr, closed.consts, args)
+
+
+def _eval(jaxpr, consts, args):
+    env, narrowed = {}, {}  # narrowed: bf16 var -> the float32 var it was converted from
+
+    def read(v):
+        return v.val if hasattr(v, "val") else env[v]
+
+    for var, value in zip(jaxpr.constvars, consts):
+        env[var] = value
+    for var, value in zip(jaxpr.invars, args):
+        env[var] = value
+    for eqn in jaxpr.eqns:
+        src = eqn.invars[0] if eqn.invars else None
+        if _is_convert(eqn, jnp.dtype(BF16)) and src.aval.dtype == jnp.float32:
+            narrowed[eqn.outvars[0]] = src
+        if _is_convert(eqn, jnp.dtype(jnp.float32)) and src in narrowed:
+            env[eqn.outvars[0]] = read(narrowed[src])  # the rewrite: the round trip is dropped
+            continue
+        sub = eqn.params.get("jaxpr")
+        if sub is not None and hasattr(sub, "jaxpr"):  # a nested jit: evaluate it the same way
+            outs = _eval(sub.jaxpr, sub.consts, [read(v) for v in eqn.invars])
+        else:
+            outs = eqn.primitive.bind(*[read(v) for v in eqn.invars], **eqn.params)
+            outs = outs if eqn.primitive.multiple_results else [outs]
+        for var, value in zip(eqn.outvars, outs):
+            env[var] = value
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _convert_split(x):
+    """The split as first written: correct on CPU, lo = 0 on GPU."""
+    hi = x.astype(BF16)
+    return hi, (x - hi.astype(jnp.float32)).astype(BF16)
+
+
+def test_the_replayed_rewrite_zeroes_a_convert_split_but_not_the_bit_split():
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((32, 32)), jnp.float32)
+    _, lo_plain = _convert_split(x)
+    _, lo_replayed = _excess_precision_eval(_convert_split, x)
+    assert float(jnp.max(jnp.abs(lo_plain.astype(jnp.float32)))) > 0
+    assert float(jnp.max(jnp.abs(lo_replayed.astype(jnp.float32)))) == 0.0  # what the H100 did
+    hi, lo = split_bf16(x)
+    hi_r, lo_r = _excess_precision_eval(split_bf16, x)
+    np.testing.assert_array_equal(np.asarray(hi_r), np.asarray(hi))
+    np.testing.assert_array_equal(np.asarray(lo_r), np.asarray(lo))
+
+
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_bf16x3_products_keep_their_accuracy_under_the_rewrite(platform, monkeypatch):
+    """The tier's products (a float32 P times a float32 s, as in a push) stay ~1e-5 accurate when
+    the GPU's rewrite is replayed; a one-pass bf16 product is ~1e-3."""
+    monkeypatch.setattr(precision, "GPU_BF16X3", "split")
+    rng = np.random.default_rng(3)
+    a = jnp.asarray(rng.random((128, 256)), jnp.float32)  # probabilities-like: all positive
+    b = jnp.asarray(rng.standard_normal((256, 64)), jnp.float32)
+    exact = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+
+    def rel(out):
+        return float(np.linalg.norm(np.asarray(out, np.float64) - exact) / np.linalg.norm(exact))
+
+    def x3(a, b):
+        return precision.chained_dot("ij,jk->ik", a, b, "bf16x3", platform)
+
+    (replayed,) = _excess_precision_eval(x3, a, b)
+    one_pass = precision.chained_dot("ij,jk->ik", a, b, "bfloat16", platform)
+    assert rel(replayed) <= 1e-5, rel(replayed)
+    assert rel(one_pass) > 1e-4, rel(one_pass)  # so the bound above can tell the two apart
