@@ -6,22 +6,47 @@ import pytest
 from _parity import rel_err
 from jax import lax
 
-from sessa_jax.ops.trsolve import unit_lower_solve
+from sessa_jax.ops.trsolve import unit_lower_inverse, unit_lower_solve
+
+
+def _feedback_matrix(c: int, dtype):
+    """N = diag(gamma) A with A row-stochastic over the strict past and |gamma| = 0.999."""
+    ka, kg = jax.random.split(jax.random.PRNGKey(c), 2)
+    logits = 3.0 * jax.random.normal(ka, (2, c, c), dtype)
+    strict = jnp.tril(jnp.ones((c, c), bool), -1)
+    a = jnp.nan_to_num(jnp.where(strict, jax.nn.softmax(jnp.where(strict, logits, -jnp.inf), -1), 0.0))
+    gamma = 0.999 * jnp.sign(jax.random.normal(kg, (2, c), dtype))
+    return gamma[:, :, None] * a
 
 
 @pytest.mark.parametrize("c", [1, 2, 7, 16, 17, 64, 100])
 @pytest.mark.parametrize("transpose", [False, True])
 def test_matches_triangular_solve_x64(c, transpose):
     with jax.enable_x64(True):
-        ka, kg, kb = jax.random.split(jax.random.PRNGKey(c), 3)
-        # N = diag(gamma) A with A row-stochastic over the strict past and |gamma| < 1.
-        logits = 3.0 * jax.random.normal(ka, (2, c, c), jnp.float64)
-        strict = jnp.tril(jnp.ones((c, c), bool), -1)
-        a = jnp.nan_to_num(jnp.where(strict, jax.nn.softmax(jnp.where(strict, logits, -jnp.inf), -1), 0.0))
-        gamma = 0.999 * jnp.sign(jax.random.normal(kg, (2, c), jnp.float64))
-        n = gamma[:, :, None] * a
-        b = jax.random.normal(kb, (2, c, 5), jnp.float64)
+        n = _feedback_matrix(c, jnp.float64)
+        b = jax.random.normal(jax.random.PRNGKey(c + 1), (2, c, 5), jnp.float64)
         ref = lax.linalg.triangular_solve(jnp.eye(c) - n, b, left_side=True, lower=True,
                                           transpose_a=transpose, unit_diagonal=True)
         solve = jax.jit(unit_lower_solve, static_argnames="transpose")
         assert rel_err(solve(n, b, transpose=transpose), ref) <= 1e-12
+
+
+@pytest.mark.parametrize("c", [1, 5, 16, 17, 32, 100, 512])
+def test_inverse_matches_triangular_solve_x64(c):
+    with jax.enable_x64(True):
+        n = _feedback_matrix(c, jnp.float64)
+        eye = jnp.broadcast_to(jnp.eye(c), n.shape)
+        ref = lax.linalg.triangular_solve(eye - n, eye, left_side=True, lower=True, unit_diagonal=True)
+        x = jax.jit(unit_lower_inverse)(n)
+        assert x.shape == n.shape
+        assert rel_err(x, ref) <= 1e-12
+        assert bool(jnp.all(jnp.triu(x, 1) == 0))  # exactly lower triangular
+
+
+def test_inverse_float32_is_faithful():
+    n = _feedback_matrix(256, jnp.float32)
+    with jax.enable_x64(True):
+        n64 = n.astype(jnp.float64)
+        eye = jnp.broadcast_to(jnp.eye(256), n.shape)
+        ref = lax.linalg.triangular_solve(eye - n64, eye, left_side=True, lower=True, unit_diagonal=True)
+    assert rel_err(jax.jit(unit_lower_inverse)(n), ref) <= 1e-6

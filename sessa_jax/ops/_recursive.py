@@ -36,7 +36,7 @@ from sessa_jax.ops.masks import PAD_SEGMENT, merge_chunks, pad_time, take_chunk
 from sessa_jax.ops.precision import chained_dot, logits_dot, nonchained_tier
 from sessa_jax.ops.row_stats import leaf_logits, leaf_mask, row_statistics
 from sessa_jax.ops.tpu_kernels import tpu_block_product, tpu_block_product_bwd, tpu_row_statistics
-from sessa_jax.ops.trsolve import unit_lower_solve
+from sessa_jax.ops.trsolve import unit_lower_inverse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +107,7 @@ def _diag_inverse(plan: RecursivePlan, a_ii, gamma):
     """X_i = (I - diag(gamma_i) A_ii)^-1 for all leaves at once, (B, n, Cs, Cs), fp32-faithful."""
     b, n, c, _ = a_ii.shape
     nil = gamma.reshape(b, n, c, 1).astype(a_ii.dtype) * a_ii
-    eye = jnp.broadcast_to(jnp.eye(c, dtype=a_ii.dtype), (b * n, c, c))
-    return unit_lower_solve(nil.reshape(b * n, c, c), eye).reshape(b, n, c, c)
+    return unit_lower_inverse(nil.reshape(b * n, c, c)).reshape(b, n, c, c)
 
 
 def _block_probs(plan: RecursivePlan, q_p, seg_p, m_p, logl_p, k_keys, seg_keys):

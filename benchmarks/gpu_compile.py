@@ -1,0 +1,393 @@
+"""What XLA's GPU compiler makes of the feedback solve, without a GPU: kernels, bytes, FLOPs.
+
+    pip install "jax[cuda13]"          # the CUDA plugin and libraries; no GPU or driver needed
+    python benchmarks/gpu_compile.py                       # B=8, T=8192, D=1024, bf16
+    python benchmarks/gpu_compile.py --programs solve-fwd --dump /tmp/hlo   # + the optimized HLO
+
+Compiles each program ahead of time for an H100 (a deviceless CUDA topology built from
+``H100_TARGET``, the device description XLA publishes for the H100 SXM), then walks the
+optimized HLO: every kernel launch (fusions, library calls) times its loop trip count, and for
+``lax.switch`` branches inside a loop the histogram of the branch-index table the loop reads.
+Per program it prints
+  * ``launches``: kernels per call; ``in loops``: of those, inside while loops;
+  * ``GEMM TF``: matrix-product FLOPs of the GEMM kernels (10^12);
+  * ``GEMM GB`` / ``other GB``: bytes the GEMM kernels and all other kernels read and write
+    (operands read in full unless the fusion only slices them; in-place updates count the update);
+  * ``roofline ms``: the sum over kernels of max(FLOPs / 989 TFLOP/s, bytes / 3.35 TB/s), the
+    H100 SXM's dense bf16 and HBM peaks, plus ``--launch-us`` per launch. It is a lower bound
+    that ranks variants; only a device measures time (README, "Measured on an NVIDIA H100").
+Nothing here runs on a GPU. Without the CUDA plugin the script says so and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import pathlib
+import re
+import sys
+import time
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")  # never touch a local GPU: compile only
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver to check against
+
+# XLA's H100 SXM device description (xla/tools/hlo_opt/gpu_specs/h100_sxm.txtpb), with the
+# CUDA runtime this plugin ships.
+H100_TARGET = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: 3352320000000 l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 device_memory_size: 84929347584 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 7 }
+runtime_version { major: 13 minor: 0 patch: 0 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+PEAK_FLOPS = 989e12
+PEAK_BYTES = 3.35e12
+
+_BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1, "pred": 1,
+          "s64": 8, "u64": 8, "s16": 2, "u16": 2, "f8e4m3fn": 1, "f8e5m2": 1}
+_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([0-9,]*)\]")
+_HEAD = re.compile(r"^(?:ENTRY )?%(\S+) \(.*\{\s*$")
+_FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "conditional",
+         "call", "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency"}
+
+
+def nbytes(type_text: str) -> int:
+    """Bytes of every array named in an HLO type (tuples summed)."""
+    total = 0
+    for m in _ARRAY.finditer(type_text):
+        n = _BYTES[m.group(1)]
+        for d in m.group(2).split(","):
+            n *= int(d) if d else 1
+        total += n
+    return total
+
+
+def dims(type_text: str) -> list[int]:
+    m = _ARRAY.search(type_text)
+    return [int(d) for d in m.group(2).split(",") if d] if m else []
+
+
+class Inst:
+    """One HLO instruction: name, result type, opcode, operand names and the attribute text."""
+
+    def __init__(self, line: str):
+        body = line.strip()
+        if body.startswith("ROOT "):
+            body = body[5:]
+        self.name, rest = body[1:].split(" = ", 1)
+        if rest.startswith("("):  # a tuple type: up to its matching parenthesis
+            depth = 0
+            for i, ch in enumerate(rest):
+                depth += {"(": 1, ")": -1}.get(ch, 0)
+                if depth == 0:
+                    break
+            self.type, rest = rest[:i + 1], rest[i + 2:]
+        else:
+            self.type, rest = rest.split(" ", 1)
+        self.op, rest = rest.split("(", 1)
+        depth, i = 1, 0
+        while depth:
+            depth += {"(": 1, ")": -1}.get(rest[i], 0)
+            i += 1
+        self.args = rest[:i - 1]  # the text inside the parentheses: operands, or a literal
+        self.operands = re.findall(r"%([^\s,()]+)", self.args)
+        self.attrs = rest[i:]
+
+    def attr(self, key: str):
+        m = re.search(key + r"=%?([^\s,]+)", self.attrs)
+        return m.group(1) if m else None
+
+
+def parse(text: str) -> tuple[dict[str, list[Inst]], str]:
+    """{computation: instructions} and the entry computation's name."""
+    comps, cur, entry = {}, None, None
+    for line in text.splitlines():
+        m = _HEAD.match(line)
+        if m:
+            cur = comps.setdefault(m.group(1), [])
+            entry = m.group(1) if line.startswith("ENTRY") else entry
+        elif line.startswith("}"):
+            cur = None
+        elif cur is not None and line.strip().startswith(("%", "ROOT %")):
+            cur.append(Inst(line))
+    return comps, entry
+
+
+class Walk:
+    """Kernel launches of a compiled module, with loop trip counts and switch-branch histograms."""
+
+    def __init__(self, text: str, dynamic_trips: tuple[float, float] = (1.0, 1.0)):
+        """``dynamic_trips``: trips charged to a loop without a known trip count, (outer, nested):
+        the tile loops of the solve's wide blocks (rows, then keys), whose counts depend on j."""
+        self.dynamic_trips = dynamic_trips
+        self.comps, self.entry = parse(text)
+        self.by_name = {c: {i.name: i for i in insts} for c, insts in self.comps.items()}
+        self.kernels = collections.Counter()  # (comp, inst name) -> launches
+        self.loop_launches = 0
+        self.unresolved = 0  # switches whose branch-index table was not found (branches then equally likely)
+        self.dynamic_loops = 0  # while loops without a known trip count (charged ``dynamic_trips``)
+
+    def run(self):
+        self._visit(self.entry, 1.0, None, in_loop=False)
+        return self
+
+    def _constant_values(self, comp: str, name: str, loop):
+        """Values of an s32 constant array reaching ``name`` (directly or through a loop tuple)."""
+        inst = self.by_name[comp].get(name)
+        while inst is not None and inst.op in ("copy", "bitcast"):
+            inst = self.by_name[comp].get(inst.operands[0])
+        if inst is None:
+            return None
+        if inst.op == "constant":
+            vals = re.fullmatch(r"\{([-0-9, ]*)\}", inst.args.strip())
+            return [int(v) for v in vals.group(1).split(",") if v.strip()] if vals else None
+        if inst.op == "get-tuple-element" and loop is not None:
+            parent_comp, while_inst = loop
+            init = self.by_name[parent_comp][while_inst.operands[0]]
+            index = int(inst.attr("index"))
+            if init.op == "tuple" and index < len(init.operands):
+                return self._constant_values(parent_comp, init.operands[index], None)
+        return None
+
+    def _branch_counts(self, comp: str, inst: Inst, n_branches: int, trips: float, loop):
+        """How often each branch runs per visit of ``comp``: the histogram of the index table."""
+        index = self.by_name[comp][inst.operands[0]]
+        while index.op == "bitcast":
+            index = self.by_name[comp][index.operands[0]]
+        for operand in index.operands:
+            vals = self._constant_values(comp, operand, loop)
+            if vals is not None and len(vals) >= trips - 1:
+                hist = collections.Counter(min(max(v, 0), n_branches - 1) for v in vals[:int(trips)])
+                return [hist.get(b, 0) / trips for b in range(n_branches)]
+        self.unresolved += 1
+        return [1.0 / n_branches] * n_branches
+
+    def _visit(self, comp: str, times: float, loop, in_loop: bool, trips: float = 1.0, dynamic: int = 0):
+        for inst in self.comps[comp]:
+            if inst.op == "while":
+                n = re.search(r'"known_trip_count":\{"n":"(\d+)"', inst.attrs)
+                t = float(n.group(1)) if n else self.dynamic_trips[min(dynamic, 1)]
+                self.dynamic_loops += n is None
+                self._visit(inst.attr("body"), times * t, (comp, inst), True, t, dynamic + (n is None))
+                self._visit(inst.attr("condition"), times * (t + 1), None, True)
+            elif inst.op == "conditional":
+                branches = re.search(r"branch_computations=\{([^}]*)\}", inst.attrs).group(1)
+                names = [b.strip().lstrip("%") for b in branches.split(",")]
+                for name, share in zip(names, self._branch_counts(comp, inst, len(names), trips, loop)):
+                    if share:
+                        self._visit(name, times * share, None, in_loop, dynamic=dynamic)
+            elif inst.op == "call":
+                self._visit(inst.attr("to_apply"), times, loop, in_loop, trips, dynamic)
+            elif inst.op not in _FREE:
+                self.kernels[(comp, inst.name)] += times
+                self.loop_launches += times if in_loop else 0
+
+    # --- costs of one kernel ---------------------------------------------------------------
+    def _fused(self, inst: Inst):
+        callee = inst.attr("calls")
+        return self.comps.get(callee, []) if callee else []
+
+    def _read_bytes(self, comp: str, inst: Inst) -> int:
+        """Bytes read: each operand in full, or only what the fusion slices out of it."""
+        fused = self._fused(inst)
+        total = 0
+        for pos, name in enumerate(inst.operands):
+            operand = self.by_name[comp].get(name)
+            size = nbytes(operand.type) if operand is not None else 0
+            param = next((i for i in fused if i.op == "parameter" and i.args.strip() == str(pos)), None)
+            users = [i for i in fused if param is not None and param.name in i.operands]
+            if users and all(u.op in ("dynamic-slice", "slice", "dynamic-update-slice")
+                             and u.operands[0] == param.name for u in users):
+                # slices read only what they take; an in-place update reads nothing of its buffer
+                size = sum(nbytes(u.type) for u in users if u.op != "dynamic-update-slice")
+            total += size
+        return total
+
+    def _written_bytes(self, inst: Inst) -> int:
+        fused = self._fused(inst)
+        root = fused[-1] if fused else None
+        roots = [root] if root is not None and root.op != "tuple" else [
+            next(i for i in fused if i.name == n) for n in (root.operands if root is not None else [])]
+        names = {i.name: i for i in fused}
+        if roots and all(r is not None and r.op == "dynamic-update-slice" for r in roots):
+            return sum(nbytes(names[r.operands[1]].type) if r.operands[1] in names else 0 for r in roots)
+        return nbytes(inst.type)
+
+    def _gemm_flops(self, inst: Inst) -> float:
+        """2 M N K summed over the dots of a GEMM kernel (0 for other kernels)."""
+        dots = [i for i in self._fused(inst) if i.op == "dot"]
+        if inst.op == "custom-call" and "gemm" in (inst.attr("custom_call_target") or ""):
+            dots = [inst]
+        flops = 0.0
+        for d in dots:
+            lhs = self._operand_type(inst, d)
+            m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", d.attrs)
+            k = 1
+            for axis in (int(a) for a in m.group(1).split(",") if a) if m else ():
+                k *= dims(lhs)[axis]
+            out = 1
+            for x in dims(d.type):
+                out *= x
+            flops += 2.0 * out * k
+        return flops
+
+    def _operand_type(self, kernel: Inst, dot: Inst) -> str:
+        scope = {i.name: i for i in self._fused(kernel)} or {}
+        lhs = scope.get(dot.operands[0])
+        if lhs is None:
+            for comp in self.by_name.values():
+                if dot.operands[0] in comp:
+                    return comp[dot.operands[0]].type
+            return ""
+        return lhs.type
+
+    def top(self, count: int):
+        """The ``count`` kernels moving the most bytes per call: (GB, TF, launches, shape, source op)."""
+        rows = []
+        for (comp, name), times in self.kernels.items():
+            inst = self.by_name[comp][name]
+            moved = self._read_bytes(comp, inst) + self._written_bytes(inst)
+            source = re.search(r'op_name="([^"]*)"', inst.attrs)
+            source = source.group(1).split("/")[-1] if source else ""
+            rows.append((times * moved / 1e9, times * self._gemm_flops(inst) / 1e12, times,
+                         inst.type[:40], f"{name} <- {source}"))
+        return sorted(rows, reverse=True)[:count]
+
+    def table(self, launch_us: float):
+        """Totals over all launches: see the module docstring."""
+        out = dict(launches=0.0, gemm_flops=0.0, gemm_bytes=0.0, other_bytes=0.0, roofline_s=0.0)
+        for (comp, name), times in self.kernels.items():
+            inst = self.by_name[comp][name]
+            flops = self._gemm_flops(inst)
+            moved = self._read_bytes(comp, inst) + self._written_bytes(inst)
+            out["launches"] += times
+            out["gemm_flops"] += times * flops
+            out["gemm_bytes" if flops else "other_bytes"] += times * moved
+            out["roofline_s"] += times * (max(flops / PEAK_FLOPS, moved / PEAK_BYTES) + launch_us * 1e-6)
+        out["loop_launches"] = self.loop_launches
+        return out
+
+
+def wide_tile_trips(t: int, leaf: int, tile: int | None) -> tuple[float, float]:
+    """(row tiles, key tiles) per wide block, averaged over the solve's schedule: the trip
+    counts of its dynamic tile loops (key tiles charged as total tiles / row tiles)."""
+    from sessa_jax.ops._recursive import RecursivePlan
+    from sessa_jax.ops.dispatch import recursive_tile
+    from sessa_jax.ops.fenwick import block_shape
+
+    plan = RecursivePlan.make(t, leaf, tile or recursive_tile(t, leaf), "bf16x3", "gpu", 1.0)
+    sched, tl = plan.schedule, plan.tile_leaves
+    wide = [j for j in range(1, sched.num_leaves) if sched.branch[j] > len(sched.shapes)]
+    if not wide:
+        return 1.0, 1.0
+    rows = [block_shape(j, sched.num_leaves)[0] // tl for j in wide]
+    tiles = [block_shape(j, sched.num_leaves)[0] // tl * (block_shape(j, sched.num_leaves)[1] // tl) for j in wide]
+    return sum(rows) / len(wide), sum(tiles) / sum(rows)
+
+
+def optimized_hlo(compiled) -> str:
+    """The compiled module's text with large constants printed (the switch-index tables)."""
+    try:
+        from jax._src.lib import _jax  # noqa: F401  (jaxlib >= 0.5 layout)
+        import jaxlib._hlo as hlo
+        options = hlo.HloPrintOptions()
+        options.print_large_constants = True
+        return compiled.runtime_executable().hlo_modules()[0].to_string(options)
+    except Exception:  # noqa: BLE001 - older jaxlib: constants elided, branches then guessed
+        return compiled.as_text()
+
+
+def programs(b: int, t: int, d: int, h: int, leaf: int, tile: int | None):
+    """name -> (function, argument shapes) of the programs this report compiles."""
+    import jax
+    import jax.numpy as jnp
+
+    from sessa_jax.ops._recursive import recursive_feedback_solve
+    from sessa_jax.ops.dispatch import recursive_tile
+
+    tile = tile or recursive_tile(t, leaf)
+
+    def solve(q, k, g, f):
+        seg = jnp.zeros(g.shape, jnp.int32)
+        return recursive_feedback_solve(q, k, g, f, seg, leaf_size=leaf, tile=tile, tier="bf16x3", platform="gpu",
+                                        dtype=jnp.float32)
+
+    def attention(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+    def loss(fn):
+        return jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=tuple(range(3 if fn is attention else 4)))
+
+    x, heads = ((b, t, d), jnp.bfloat16), ((b, t, h, d // h), jnp.bfloat16)
+    solve_args = (x, x, ((b, t), jnp.float32), x)
+    return {"solve-fwd": (solve, solve_args), "solve-f+b": (loss(solve), solve_args),
+            "attention-fwd": (attention, (heads,) * 3), "attention-f+b": (loss(attention), (heads,) * 3)}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--B", type=int, default=8)
+    p.add_argument("--T", type=int, default=8192)
+    p.add_argument("--D", type=int, default=1024)
+    p.add_argument("--H", type=int, default=8, help="heads of the attention compared with")
+    p.add_argument("--leaf", type=int, default=512)
+    p.add_argument("--tile", type=int, default=None, help="default: ops.dispatch.recursive_tile")
+    p.add_argument("--programs", nargs="+", default=["solve-fwd", "solve-f+b", "attention-fwd", "attention-f+b"])
+    p.add_argument("--gpu-bf16x3", choices=["split", "preset"], default=None, help="default: precision.GPU_BF16X3")
+    p.add_argument("--launch-us", type=float, default=4.0)
+    p.add_argument("--top", type=int, default=0, help="also list the kernels moving the most bytes")
+    p.add_argument("--dump", type=pathlib.Path, default=None, help="write each optimized HLO here")
+    args = p.parse_args(argv)
+
+    import jax
+    try:
+        from jax.experimental import topologies
+        topo = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET, topology="1x1x1")
+    except Exception as err:  # noqa: BLE001 - say why, do not pretend
+        sys.exit(f"gpu_compile: no deviceless CUDA compiler here ({type(err).__name__}: {str(err)[:300]}); "
+                 f"install the CUDA plugin: pip install 'jax[cuda13]'")
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from sessa_jax.ops import precision
+    if args.gpu_bf16x3:
+        precision.GPU_BF16X3 = args.gpu_bf16x3
+    sharding = NamedSharding(topologies.make_mesh(topo, (1,), ("x",)), PartitionSpec())
+    table = programs(args.B, args.T, args.D, args.H, args.leaf, args.tile)
+    print(f"# XLA GPU compile for an H100 (deviceless), jax {jax.__version__}, B={args.B} T={args.T} D={args.D} "
+          f"H={args.H} bf16, leaf {args.leaf}, bf16x3 on GPU: {precision.GPU_BF16X3}")
+    print("| program | launches | in loops | GEMM TF | GEMM GB | other GB | roofline ms | compile s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.programs:
+        fn, shapes = table[name]
+        specs = [jax.ShapeDtypeStruct(s, dt, sharding=sharding) for s, dt in shapes]
+        t0 = time.perf_counter()
+        try:
+            text = optimized_hlo(jax.jit(fn).lower(*specs).compile())
+        except Exception as err:  # noqa: BLE001 - one program failing does not hide the others
+            print(f"| {name} | failed: {type(err).__name__}: {str(err)[:200]} |")
+            continue
+        seconds = time.perf_counter() - t0
+        if args.dump:
+            args.dump.mkdir(parents=True, exist_ok=True)
+            (args.dump / f"{name}.hlo.txt").write_text(text)
+        walk = Walk(text, wide_tile_trips(args.T, args.leaf, args.tile)).run()
+        r = walk.table(args.launch_us)
+        note = f" ({walk.unresolved} switches guessed)" if walk.unresolved else ""
+        print(f"| {name}{note} | {r['launches']:.0f} | {r['loop_launches']:.0f} | {r['gemm_flops'] / 1e12:.2f} | "
+              f"{r['gemm_bytes'] / 1e9:.2f} | {r['other_bytes'] / 1e9:.2f} | {r['roofline_s'] * 1e3:.2f} | "
+              f"{seconds:.1f} |", flush=True)
+        for gb, tf, times, shape, what in walk.top(args.top):
+            print(f"    {gb:7.2f} GB {tf:6.2f} TF x{times:6.1f}  {shape:40s} {what}")
+
+
+if __name__ == "__main__":
+    main()
