@@ -10,7 +10,8 @@ optimized HLO: every kernel launch (fusions, library calls) times its loop trip 
 ``lax.switch`` branches inside a loop the histogram of the branch-index table the loop reads.
 Per program it prints
   * ``launches``: kernels per call; ``in loops``: of those, inside while loops;
-  * ``GEMM TF``: matrix-product FLOPs of the GEMM kernels (10^12);
+  * ``GEMM TF``: matrix-product FLOPs of the GEMM kernels (10^12), in bf16 passes (a dot with
+    XLA's bf16x3 / bf16x6 algorithm counts 3 / 6 times);
   * ``GEMM GB`` / ``other GB``: bytes the GEMM kernels and all other kernels read and write
     (operands read in full unless the fusion only slices them; in-place updates count the update);
   * ``roofline ms``: the sum over kernels of max(FLOPs / 989 TFLOP/s, bytes / 3.35 TB/s), the
@@ -225,7 +226,10 @@ class Walk:
     def _gemm_flops(self, inst: Inst) -> float:
         """2 M N K summed over the dots of a GEMM kernel (0 for other kernels)."""
         dots = [i for i in self._fused(inst) if i.op == "dot"]
-        if inst.op == "custom-call" and "gemm" in (inst.attr("custom_call_target") or ""):
+        target = inst.attr("custom_call_target") or ""
+        if inst.op == "custom-call" and "fmha" in target:
+            return self._attention_flops(inst, target)
+        if inst.op == "custom-call" and "gemm" in target:
             dots = [inst]
         flops = 0.0
         for d in dots:
@@ -237,8 +241,17 @@ class Walk:
             out = 1
             for x in dims(d.type):
                 out *= x
-            flops += 2.0 * out * k
+            passes = re.search(r"algorithm=dot_bf16_bf16_f32_x(\d)", d.attrs)  # bf16x3 / x6 presets
+            flops += 2.0 * out * k * (int(passes.group(1)) if passes else 1)
         return flops
+
+    def _attention_flops(self, inst: Inst, target: str) -> float:
+        """cuDNN fused attention: 4 B H T^2 d forward (two products), 10 B H T^2 d backward (five),
+        halved for a causal mask; q's (B, T, H, d) is the first operand."""
+        operand = next((c[inst.operands[0]] for c in self.by_name.values() if inst.operands[0] in c), None)
+        b, t, h, d = dims(operand.type) if operand is not None else (0, 0, 0, 0)
+        causal = 0.5 if "mask_type\":\"CAUSAL" in inst.attrs or "CAUSAL" in inst.attrs else 1.0
+        return (10.0 if "Backward" in target else 4.0) * b * h * t * t * d * causal
 
     def _operand_type(self, kernel: Inst, dot: Inst) -> str:
         scope = {i.name: i for i in self._fused(kernel)} or {}
@@ -360,10 +373,11 @@ def main(argv=None) -> None:
     from sessa_jax.ops import precision
     if args.gpu_bf16x3:
         precision.GPU_BF16X3 = args.gpu_bf16x3
+    gpu_bf16x3 = getattr(precision, "GPU_BF16X3", "preset")  # older checkouts: always the preset
     sharding = NamedSharding(topologies.make_mesh(topo, (1,), ("x",)), PartitionSpec())
     table = programs(args.B, args.T, args.D, args.H, args.leaf, args.tile)
     print(f"# XLA GPU compile for an H100 (deviceless), jax {jax.__version__}, B={args.B} T={args.T} D={args.D} "
-          f"H={args.H} bf16, leaf {args.leaf}, bf16x3 on GPU: {precision.GPU_BF16X3}")
+          f"H={args.H} bf16, leaf {args.leaf}, bf16x3 on GPU: {gpu_bf16x3}")
     print("| program | launches | in loops | GEMM TF | GEMM GB | other GB | roofline ms | compile s |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.programs:
