@@ -57,7 +57,7 @@ _BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, 
           "s64": 8, "u64": 8, "s16": 2, "u16": 2, "f8e4m3fn": 1, "f8e5m2": 1}
 _ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([0-9,]*)\]")
 _HEAD = re.compile(r"^(?:ENTRY )?%(\S+) \(.*\{\s*$")
-_FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "conditional",
+_FREE = {"fusion-done", "parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "conditional",
          "call", "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency"}
 
 
@@ -75,6 +75,17 @@ def nbytes(type_text: str) -> int:
 def dims(type_text: str) -> list[int]:
     m = _ARRAY.search(type_text)
     return [int(d) for d in m.group(2).split(",") if d] if m else []
+
+
+def _tuple_elements(type_text: str) -> list[str]:
+    """Top-level elements of an HLO tuple type "(a, (b, c), d)"."""
+    out, depth, start = [], 0, 1
+    for i, ch in enumerate(type_text):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if (ch == "," and depth == 1) or (ch == ")" and depth == 0):
+            out.append(re.sub(r"/\*.*?\*/", "", type_text[start:i]).strip())
+            start = i + 1
+    return out
 
 
 class Inst:
@@ -99,6 +110,8 @@ class Inst:
         while depth:
             depth += {"(": 1, ")": -1}.get(rest[i], 0)
             i += 1
+        if self.op == "fusion-start":  # an async fusion: the kernel; its type is (operands, output, token)
+            self.op, self.type = "fusion", _tuple_elements(self.type)[1]
         self.args = rest[:i - 1]  # the text inside the parentheses: operands, or a literal
         self.operands = re.findall(r"%([^\s,()]+)", self.args)
         self.attrs = rest[i:]
