@@ -81,7 +81,7 @@ def _tuple_elements(type_text: str) -> list[str]:
     """Top-level elements of an HLO tuple type "(a, (b, c), d)"."""
     out, depth, start = [], 0, 1
     for i, ch in enumerate(type_text):
-        depth += {"(": 1, ")": -1}.get(ch, 0)
+        depth += {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}.get(ch, 0)
         if (ch == "," and depth == 1) or (ch == ")" and depth == 0):
             out.append(re.sub(r"/\*.*?\*/", "", type_text[start:i]).strip())
             start = i + 1

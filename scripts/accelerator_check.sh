@@ -10,7 +10,7 @@
 #   tests  device info; the recursive solve's tests (tests/test_recursive_solve.py, without the
 #          pure-Python schedule cases) and the attention-backend tests, compiled on the device
 #   solve  the solve alone (recursive) next to causal attention (cuDNN / splash) at B=8,
-#          T=8192, D=1024, bf16
+#          T=8192, D=1024, bf16; on a GPU also the bf16x3 split vs XLA's preset (accuracy, time)
 #   layer  the whole layer (recursive) next to the Transformer layer at B=8, T=4096 and 8192,
 #          D=1024, H=8, bf16; and B=1, T=65536
 #   all    every step above, in order
@@ -39,6 +39,9 @@ run_solve() {
     timeout 200 "$py" benchmarks/feedback_solve.py --ops "$1" --methods "${@:2}" --B 8 --D 1024 --H 8 \
       --dtype bfloat16 --T 8192 --reps 5 --reps-large 5 2>&1 | tee -a "$out/solve.txt"
   done
+  if command -v nvidia-smi >/dev/null; then
+    timeout 200 "$py" scripts/gpu_bf16x3_split_check.py 2>&1 | tee "$out/bf16x3_split.txt"
+  fi
 }
 
 run_layer() {

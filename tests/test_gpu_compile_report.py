@@ -1,0 +1,87 @@
+"""benchmarks/gpu_compile.py: its HLO walk (trip counts, switch-branch histograms, bytes, FLOPs),
+checked on a program compiled for this CPU, whose answers are known by construction; and the
+script's message where the CUDA plugin it needs is not installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_compile  # noqa: E402
+
+TABLE = [0, 1, 2, 1, 1, 0]  # the switch index of each scan step: branch 0 twice, 1 three times, 2 once
+N = 64
+
+
+def _program(x):
+    def body(c, i):
+        return lax_switch(i, c), None
+
+    return jax.lax.scan(body, x, jnp.array(TABLE, jnp.int32))[0]
+
+
+def lax_switch(i, c):
+    return jax.lax.switch(i, [lambda c: c, lambda c: jnp.exp(c) * 2.0, lambda c: jnp.sin(c) + c @ c.T], c)
+
+
+@pytest.fixture(scope="module")
+def walk():
+    text = gpu_compile.optimized_hlo(jax.jit(_program).lower(jnp.ones((N, N), jnp.float32)).compile())
+    return gpu_compile.Walk(text).run()
+
+
+def _kernels_in(walk, comp):
+    return sum(1 for inst in walk.comps[comp] if inst.op not in gpu_compile._FREE)
+
+
+def test_switch_branches_run_as_often_as_the_index_table_says(walk):
+    (cond,) = [i for insts in walk.comps.values() for i in insts if i.op == "conditional"]
+    branches = [b.strip().lstrip("%") for b in cond.attrs.split("branch_computations={")[1].split("}")[0].split(",")]
+    launches = {comp: 0.0 for comp in branches}
+    for (comp, _), times in walk.kernels.items():
+        if comp in launches:
+            launches[comp] += times
+    for index, comp in enumerate(branches):
+        assert launches[comp] == TABLE.count(index) * _kernels_in(walk, comp), (index, comp, launches)
+    assert walk.unresolved == 0 and walk.dynamic_loops == 0
+
+
+def test_loop_body_counts_its_trips_and_flops_count_each_executed_dot(walk):
+    (loop,) = [i for insts in walk.comps.values() for i in insts if i.op == "while"]
+    body = loop.attr("body")
+    assert sum(t for (c, _), t in walk.kernels.items() if c == body) == len(TABLE) * _kernels_in(walk, body)
+    table = walk.table(launch_us=0.0)
+    assert table["gemm_flops"] == 2.0 * N ** 3 * TABLE.count(2)  # c @ c.T runs once
+    assert table["launches"] == sum(walk.kernels.values()) and table["roofline_s"] > 0
+
+
+def test_sizes_of_hlo_types():
+    assert gpu_compile.nbytes("f32[8,16]{1,0}") == 512
+    assert gpu_compile.nbytes("(bf16[4,4]{1,0}, s32[], pred[3])") == 32 + 4 + 3
+    assert gpu_compile._tuple_elements("((s32[16]{0}, s32[]), f32[2,2]{1,0}, u32[])") == [
+        "(s32[16]{0}, s32[])", "f32[2,2]{1,0}", "u32[]"]
+
+
+def _has_cuda_plugin() -> bool:
+    try:
+        return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13))
+    except ModuleNotFoundError:  # no jax_plugins package at all
+        return False
+
+
+@pytest.mark.skipif(_has_cuda_plugin(),
+                    reason="a CUDA plugin is installed here: the script would compile instead")
+def test_without_the_cuda_plugin_the_script_says_what_to_install():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_compile.py"), "--T", "1024"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode != 0
+    assert "pip install 'jax[cuda13]'" in proc.stderr, proc.stderr[-2000:]
