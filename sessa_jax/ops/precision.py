@@ -14,7 +14,7 @@ those products compounds along the recurrence, so they get their own tier:
   38.7 ms forward + backward, B=8, T=8192, D=1024), but its first version lost the low parts
   there (3e-3 instead of 5e-6): XLA's GPU compiler rewrote ``float32(bfloat16(x))`` to ``x``
   (excess precision), so lo = x - hi became 0. The split now rounds on the bits
-  (``bf16_round_bits``), which no such rewrite touches (``scripts/gpu_compile_report.py``
+  (``bf16_round_bits``), which no such rewrite touches (``benchmarks/gpu_compile.py --dump``
   shows the low parts in the H100-compiled program). ``GPU_BF16X3 = "preset"`` switches the
   GPU back to XLA's preset (``scripts/gpu_bf16x3_split_check.py`` compares both on a device).
   The GPU and TPU default: ~5e-6 relative error in the sharp gamma = +-0.999 stress case.
@@ -70,8 +70,8 @@ def bf16_round_bits(x):
 
     Computed on the bits (add half an ulp of bf16, clear the low 16 bits), because XLA's GPU
     compiler, which may keep values in higher precision than asked (``xla_allow_excess_precision``,
-    on by default), rewrites ``float32(bfloat16(x))`` to ``x``: the low part x - that would
-    then be exactly zero. Integer arithmetic has no such rewrite. Equals
+    on by default), rewrites ``float32(bfloat16(x))`` to ``x``, which would make the low part
+    x - float32(bfloat16(x)) exactly zero. Integer arithmetic has no such rewrite. Equals
     ``x.astype(bfloat16).astype(float32)`` for every finite x and for infinities.
     """
     bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)

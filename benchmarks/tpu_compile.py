@@ -1,0 +1,85 @@
+"""Compiles the recursive feedback solve for a TPU without a TPU: XLA and the Mosaic kernels.
+
+    pip install "jax[tpu]"             # libtpu; no TPU needed to compile
+    python benchmarks/tpu_compile.py                         # v5e, B=8 T=8192 and B=1 T=65536, D=1024
+    python benchmarks/tpu_compile.py --topology v5p:2x2x1 --shapes 8,4096,1024
+
+Builds a deviceless topology (``jax.experimental.topologies``, as MaxText's ``train_compile``
+does) and compiles the solve's forward + backward (``jax.grad``) ahead of time with libtpu, once
+with the pushes and statistics in XLA (``kernels="xla"``) and once with the Pallas TPU kernels of
+``ops/tpu_kernels.py`` (``kernels="pallas"``: libtpu runs the Mosaic compiler on each kernel while
+compiling the program). Per run it prints whether it compiled, the compile time on this machine,
+the program's HBM temporaries (``memory_analysis()``) and the number of Mosaic kernel calls in
+the compiled program. Compiling proves the kernels fit the chip's VMEM and layouts; it says
+nothing about speed, which only a TPU measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+# libtpu looks for a TPU host on start-up unless told what it is compiling for.
+os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    b, t, d = (int(x) for x in text.split(","))
+    return b, t, d
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--topology", default="v5e:1x1", help="a jax.experimental.topologies name")
+    p.add_argument("--shapes", nargs="+", type=parse_shape, default=[(8, 8192, 1024), (1, 65536, 1024)],
+                   help="B,T,D of each run")
+    p.add_argument("--kernels", nargs="+", default=["xla", "pallas"], choices=["xla", "pallas"])
+    p.add_argument("--leaf", type=int, default=512)
+    args = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    try:
+        from jax.experimental import topologies
+        topo = topologies.get_topology_desc(topology_name=args.topology, platform="tpu")
+    except Exception as err:  # noqa: BLE001 - say why, do not pretend
+        sys.exit(f"tpu_compile: no deviceless TPU compiler here ({type(err).__name__}: {str(err)[:300]}); "
+                 f"install libtpu: pip install 'jax[tpu]'")
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from sessa_jax.ops._recursive import recursive_feedback_solve
+    from sessa_jax.ops.dispatch import recursive_tile
+
+    sharding = NamedSharding(Mesh(np.array(topo.devices[:1]), ("x",)), PartitionSpec())  # one chip
+    print(f"# deviceless TPU compile, topology {args.topology} ({topo.devices[0].device_kind}), jax {jax.__version__}, "
+          f"solve forward + backward, bf16 q/k/f, tier bf16x3, leaf {args.leaf}")
+    print("| B | T | D | kernels | compiled | compile s | HBM temp | Mosaic kernel calls |")
+    print("|---|---|---|---|---|---|---|---|")
+    for b, t, d in args.shapes:
+        for kernels in args.kernels:
+            def loss(q, k, g, f, kernels=kernels, t=t):
+                seg = jnp.zeros(g.shape, jnp.int32)
+                s = recursive_feedback_solve(q, k, g, f, seg, leaf_size=args.leaf, tile=recursive_tile(t, args.leaf),
+                                             tier="bf16x3", platform="tpu", dtype=jnp.float32, kernels=kernels)
+                return jnp.sum(s)
+
+            x = jax.ShapeDtypeStruct((b, t, d), jnp.bfloat16, sharding=sharding)
+            g = jax.ShapeDtypeStruct((b, t), jnp.float32, sharding=sharding)
+            t0 = time.perf_counter()
+            try:
+                compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(x, x, g, x).compile()
+            except Exception as err:  # noqa: BLE001 - report and go on to the next run
+                print(f"| {b} | {t} | {d} | {kernels} | no: {type(err).__name__}: {str(err)[:200]} | | | |", flush=True)
+                continue
+            seconds = time.perf_counter() - t0
+            temp = compiled.memory_analysis().temp_size_in_bytes
+            calls = compiled.as_text().count('custom_call_target="tpu_custom_call"')
+            print(f"| {b} | {t} | {d} | {kernels} | yes | {seconds:.1f} | {temp / 2 ** 30:.2f} GiB | {calls} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
