@@ -1,6 +1,7 @@
 """benchmarks/gpu_compile.py: its HLO walk (trip counts, switch-branch histograms, bytes, FLOPs),
 checked on a program compiled for this CPU, whose answers are known by construction; and the
-script's message where the CUDA plugin it needs is not installed."""
+messages of it and of benchmarks/tpu_compile.py where the CUDA plugin or libtpu they need is
+not installed."""
 
 from __future__ import annotations
 
@@ -78,10 +79,22 @@ def _has_cuda_plugin() -> bool:
         return False
 
 
+def _run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
 @pytest.mark.skipif(_has_cuda_plugin(),
                     reason="a CUDA plugin is installed here: the script would compile instead")
 def test_without_the_cuda_plugin_the_script_says_what_to_install():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_compile.py"), "--T", "1024"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = _run_script("gpu_compile.py", "--T", "1024")
     assert proc.returncode != 0
     assert "pip install 'jax[cuda13]'" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None,
+                    reason="libtpu is installed here: the script would compile instead")
+def test_without_libtpu_the_tpu_script_says_what_to_install():
+    proc = _run_script("tpu_compile.py", "--shapes", "1,1024,128")
+    assert proc.returncode != 0
+    assert "pip install 'jax[tpu]'" in proc.stderr, proc.stderr[-2000:]
