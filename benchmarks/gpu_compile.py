@@ -14,6 +14,7 @@ Per program it prints
     XLA's bf16x3 / bf16x6 algorithm counts 3 / 6 times);
   * ``GEMM GB`` / ``other GB``: bytes the GEMM kernels and all other kernels read and write
     (operands read in full unless the fusion only slices them; in-place updates count the update);
+  * ``HBM temp``: the compiled program's temporary buffers (``memory_analysis()``);
   * ``roofline ms``: the sum over kernels of max(FLOPs / 989 TFLOP/s, bytes / 3.35 TB/s), the
     H100 SXM's dense bf16 and HBM peaks, plus ``--launch-us`` per launch. It is a lower bound
     that ranks variants; only a device measures time (README, "Measured on an NVIDIA H100").
@@ -393,14 +394,15 @@ def main(argv=None) -> None:
     table = programs(args.B, args.T, args.D, args.H, args.leaf, args.tile, args.kernels)
     print(f"# XLA GPU compile for an H100 (deviceless), jax {jax.__version__}, B={args.B} T={args.T} D={args.D} "
           f"H={args.H} bf16, leaf {args.leaf}, bf16x3 on GPU: {gpu_bf16x3}, kernels {args.kernels}")
-    print("| program | launches | in loops | GEMM TF | GEMM GB | other GB | roofline ms | compile s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| program | launches | in loops | GEMM TF | GEMM GB | other GB | roofline ms | HBM temp | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.programs:
         fn, shapes = table[name]
         specs = [jax.ShapeDtypeStruct(s, dt, sharding=sharding) for s, dt in shapes]
         t0 = time.perf_counter()
         try:
-            text = optimized_hlo(jax.jit(fn).lower(*specs).compile())
+            compiled = jax.jit(fn).lower(*specs).compile()
+            text = optimized_hlo(compiled)
         except Exception as err:  # noqa: BLE001 - one program failing does not hide the others
             print(f"| {name} | failed: {type(err).__name__}: {str(err)[:200]} |")
             continue
@@ -413,7 +415,7 @@ def main(argv=None) -> None:
         note = f" ({walk.unresolved} switches guessed)" if walk.unresolved else ""
         print(f"| {name}{note} | {r['launches']:.0f} | {r['loop_launches']:.0f} | {r['gemm_flops'] / 1e12:.2f} | "
               f"{r['gemm_bytes'] / 1e9:.2f} | {r['other_bytes'] / 1e9:.2f} | {r['roofline_s'] * 1e3:.2f} | "
-              f"{seconds:.1f} |", flush=True)
+              f"{compiled.memory_analysis().temp_size_in_bytes / 2 ** 30:.2f} GiB | {seconds:.1f} |", flush=True)
         for gb, tf, times, shape, what in walk.top(args.top):
             print(f"    {gb:7.2f} GB {tf:6.2f} TF x{times:6.1f}  {shape:40s} {what}")
 
