@@ -4,7 +4,9 @@
     python benchmarks/gpu_compile.py                       # B=8, T=8192, D=1024, bf16
     python benchmarks/gpu_compile.py --programs solve-fwd --dump /tmp/hlo   # + the optimized HLO
 
-Compiles each program ahead of time for an H100 (a deviceless CUDA topology built from
+Programs: the recursive solve (forward; forward + backward), cuDNN causal attention (H heads),
+and whole bf16 layers' forward + backward (Sessa with the recursive solve; the Transformer
+layer: the same block with causal attention). Compiles each program ahead of time for an H100 (a deviceless CUDA topology built from
 ``H100_TARGET``, the device description XLA publishes for the H100 SXM), then walks the
 optimized HLO: every kernel launch (fusions, library calls) times its loop trip count, and for
 ``lax.switch`` branches inside a loop the histogram of the branch-index table the loop reads.
@@ -30,6 +32,7 @@ import pathlib
 import re
 import sys
 import time
+import unittest.mock
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")  # never touch a local GPU: compile only
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver to check against
@@ -354,10 +357,34 @@ def programs(b: int, t: int, d: int, h: int, leaf: int, tile: int | None, kernel
     def loss(fn):
         return jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=tuple(range(3 if fn is attention else 4)))
 
-    x, heads = ((b, t, d), jnp.bfloat16), ((b, t, h, d // h), jnp.bfloat16)
-    solve_args = (x, x, ((b, t), jnp.float32), x)
-    return {"solve-fwd": (solve, solve_args), "solve-f+b": (loss(solve), solve_args),
-            "attention-fwd": (attention, (heads,) * 3), "attention-f+b": (loss(attention), (heads,) * 3)}
+    sds = jax.ShapeDtypeStruct
+    x, heads = sds((b, t, d), jnp.bfloat16), sds((b, t, h, d // h), jnp.bfloat16)
+    solve_args = (x, x, sds((b, t), jnp.float32), x)
+    table = {"solve-fwd": (solve, solve_args), "solve-f+b": (loss(solve), solve_args),
+             "attention-fwd": (attention, (heads,) * 3), "attention-f+b": (loss(attention), (heads,) * 3)}
+    for kind in ("sessa", "transformer"):
+        table[f"{kind}-layer-f+b"] = _layer_program(kind, b, t, d, h, leaf)
+    return table
+
+
+def _layer_program(kind: str, b: int, t: int, d: int, h: int, leaf: int):
+    """Forward + backward of a whole bf16 ``SessaLayer`` (kind "sessa": the recursive solve in
+    bf16x3; "transformer": the same block with causal attention), as ``benchmarks/layer.py``
+    times it on a device."""
+    import jax
+    import jax.numpy as jnp
+
+    from sessa_jax import SessaConfig, SessaLayer
+
+    cfg = SessaConfig(d_model=d, n_heads=h, solver="recursive", leaf_size=leaf, feedback_precision="bf16x3",
+                      dtype=jnp.bfloat16, max_len=t)
+    layer = SessaLayer(cfg, kind=kind)
+    params = jax.eval_shape(layer.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((b, 16, d), jnp.bfloat16))
+
+    def loss(p, x):
+        return jnp.sum(layer.apply(p, x).astype(jnp.float32) ** 2)
+
+    return jax.value_and_grad(loss, argnums=(0, 1)), (params, jax.ShapeDtypeStruct((b, t, d), jnp.bfloat16))
 
 
 def main(argv=None) -> None:
@@ -368,7 +395,8 @@ def main(argv=None) -> None:
     p.add_argument("--H", type=int, default=8, help="heads of the attention compared with")
     p.add_argument("--leaf", type=int, default=512)
     p.add_argument("--tile", type=int, default=None, help="default: ops.dispatch.recursive_tile")
-    p.add_argument("--programs", nargs="+", default=["solve-fwd", "solve-f+b", "attention-fwd", "attention-f+b"])
+    p.add_argument("--programs", nargs="+", default=["solve-fwd", "solve-f+b", "attention-fwd", "attention-f+b",
+                                                     "sessa-layer-f+b", "transformer-layer-f+b"])
     p.add_argument("--gpu-bf16x3", choices=["split", "preset"], default=None, help="default: precision.GPU_BF16X3")
     p.add_argument("--kernels", choices=["xla", "pallas"], default="xla",
                    help="pallas: the Mosaic GPU statistics kernel (D a multiple of 64 up to 256)")
@@ -398,10 +426,14 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.programs:
         fn, shapes = table[name]
-        specs = [jax.ShapeDtypeStruct(s, dt, sharding=sharding) for s, dt in shapes]
+        specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)
         t0 = time.perf_counter()
         try:
-            compiled = jax.jit(fn).lower(*specs).compile()
+            # The layer's dispatch picks its paths by jax.default_backend(), which is the CPU here:
+            # trace as on a GPU (recursive solve, bf16x3 split, cuDNN attention).
+            with unittest.mock.patch.object(jax, "default_backend", lambda: "gpu"):
+                lowered = jax.jit(fn).lower(*specs)
+            compiled = lowered.compile()
             text = optimized_hlo(compiled)
         except Exception as err:  # noqa: BLE001 - one program failing does not hide the others
             print(f"| {name} | failed: {type(err).__name__}: {str(err)[:200]} |")
