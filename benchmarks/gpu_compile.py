@@ -336,7 +336,7 @@ def optimized_hlo(compiled) -> str:
         return compiled.as_text()
 
 
-def programs(b: int, t: int, d: int, h: int, leaf: int, tile: int | None, kernels: str = "xla", unroll: int = 0):
+def programs(b: int, t: int, d: int, h: int, leaf: int, tile: int | None, kernels: str = "xla"):
     """name -> (function, argument shapes) of the programs this report compiles."""
     import jax
     import jax.numpy as jnp
@@ -349,7 +349,7 @@ def programs(b: int, t: int, d: int, h: int, leaf: int, tile: int | None, kernel
     def solve(q, k, g, f):
         seg = jnp.zeros(g.shape, jnp.int32)
         return recursive_feedback_solve(q, k, g, f, seg, leaf_size=leaf, tile=tile, tier="bf16x3", platform="gpu",
-                                        dtype=jnp.float32, kernels=kernels, unroll_leaves=unroll)
+                                        dtype=jnp.float32, kernels=kernels)
 
     def attention(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
@@ -400,7 +400,6 @@ def main(argv=None) -> None:
     p.add_argument("--gpu-bf16x3", choices=["split", "preset"], default=None, help="default: precision.GPU_BF16X3")
     p.add_argument("--kernels", choices=["xla", "pallas"], default="xla",
                    help="pallas: the Mosaic GPU statistics kernel (D a multiple of 64 up to 256)")
-    p.add_argument("--unroll-leaves", type=int, default=0, help="unroll the solve's leaf loops up to this many leaves")
     p.add_argument("--launch-us", type=float, default=4.0)
     p.add_argument("--top", type=int, default=0, help="also list the kernels moving the most bytes")
     p.add_argument("--dump", type=pathlib.Path, default=None, help="write each optimized HLO here")
@@ -420,7 +419,7 @@ def main(argv=None) -> None:
         precision.GPU_BF16X3 = args.gpu_bf16x3
     gpu_bf16x3 = getattr(precision, "GPU_BF16X3", "preset")  # older checkouts: always the preset
     sharding = NamedSharding(topologies.make_mesh(topo, (1,), ("x",)), PartitionSpec())
-    table = programs(args.B, args.T, args.D, args.H, args.leaf, args.tile, args.kernels, args.unroll_leaves)
+    table = programs(args.B, args.T, args.D, args.H, args.leaf, args.tile, args.kernels)
     print(f"# XLA GPU compile for an H100 (deviceless), jax {jax.__version__}, B={args.B} T={args.T} D={args.D} "
           f"H={args.H} bf16, leaf {args.leaf}, bf16x3 on GPU: {gpu_bf16x3}, kernels {args.kernels}")
     print("| program | launches | in loops | GEMM TF | GEMM GB | other GB | roofline ms | HBM temp | compile s |")

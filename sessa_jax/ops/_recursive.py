@@ -52,18 +52,16 @@ class RecursivePlan:
     scale: float
     plain_tier: str = "float32"  # tier of g s^T, dq, dk (``precision.nonchained_tier``)
     kernels: str = "xla"  # "pallas": TPU kernels (stats, pushes); on GPU the Mosaic GPU stats kernel only
-    unroll: bool = False  # the leaf loops unrolled in Python: static slices, no switch (few leaves only)
 
     @classmethod
     def make(cls, length: int, leaf_size: int, tile: int, tier: str, platform: str, scale: float,
-             input_dtype=None, kernels: str = "xla", unroll_leaves: int = 0):
-        """Plan for T = ``length``: leaf min(leaf_size, T); wide blocks in tiles of ~``tile`` rows;
-        the loops over leaves unrolled when there are at most ``unroll_leaves`` leaves."""
+             input_dtype=None, kernels: str = "xla"):
+        """Plan for T = ``length``: leaf min(leaf_size, T); wide blocks in tiles of ~``tile`` rows."""
         leaf = max(1, min(leaf_size, length))
         tile_leaves = max(1, tile // leaf)
         n = padded_leaves(-(-length // leaf), tile_leaves)
         plain = tier if input_dtype is None else nonchained_tier(tier, input_dtype)
-        return cls(leaf, n, tile_leaves, tier, platform, scale, plain, kernels, n <= unroll_leaves)
+        return cls(leaf, n, tile_leaves, tier, platform, scale, plain, kernels)
 
     @property
     def interpret(self) -> bool:
@@ -131,12 +129,8 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
         m, logl = tpu_row_statistics(q, k, seg, scale=plan.scale, interpret=plan.interpret)
     else:
         m, logl = row_statistics(q, k, seg, leaf=c, scale=plan.scale, tier=plan.tier, schedule=sched,
-                                 platform=plan.platform, diag_logits=diag_logits, unroll=plan.unroll)
+                                 platform=plan.platform, diag_logits=diag_logits)
     a_ii = _diag_blocks(plan, q, k, seg, m, logl, diag_logits)
-    if plan.unroll:
-        # Unrolled, the pushes' logits tiles equal the statistics pass's ones; without a barrier
-        # XLA merges them and keeps every tile alive between the passes: O(T^2) memory.
-        q, k = lax.optimization_barrier((q, k))
     x_inv = _diag_inverse(plan, a_ii, gamma)
 
     def block_update(r0, rows, k0, keys, s_keys):
@@ -151,26 +145,18 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
         update = block_update(r0, rows, k0, keys, take_chunk(s_buf, k0, keys))
         return s_buf, lax.dynamic_update_slice_in_dim(racc, take_chunk(racc, r0, rows) + update, r0, axis=1)
 
-    def solve_leaf(carry, i):
+    def step(carry, xs):
         s_buf, racc = carry
+        i, branch = xs
         start = i * c
         rhs = take_chunk(f, start, c) + take_chunk(gamma, start, c)[..., None] * take_chunk(racc, start, c)
         x_i = lax.dynamic_index_in_dim(x_inv, i, axis=1, keepdims=False)
         s_i = chained_dot("bij,bjd->bid", x_i, rhs, plan.tier, plan.platform)
-        return lax.dynamic_update_slice_in_dim(s_buf, s_i, start, axis=1), racc
-
-    def step(carry, xs):
-        i, branch = xs
-        return sched.visit(branch, i + 1, solve_leaf(carry, i), c, tile), None
+        s_buf = lax.dynamic_update_slice_in_dim(s_buf, s_i, start, axis=1)
+        return sched.visit(branch, i + 1, (s_buf, racc), c, tile), None
 
     zeros = jnp.zeros_like(f)
-    if plan.unroll:
-        carry = (zeros, zeros)
-        for i in range(n):
-            carry = sched.visit_static(i + 1, solve_leaf(carry, i), c, tile)
-        s, racc = carry
-    else:
-        (s, racc), _ = lax.scan(step, (zeros, zeros), (jnp.arange(n), jnp.asarray(sched.branch[1:])))
+    (s, racc), _ = lax.scan(step, (zeros, zeros), (jnp.arange(n), jnp.asarray(sched.branch[1:])))
     b, tp, d = f.shape
     s_leaves = s.reshape(b, n, c, d)
     r = racc + chained_dot("bnij,bnjd->bnid", a_ii, s_leaves, plan.tier, plan.platform).reshape(b, tp, d)
@@ -179,8 +165,6 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
 
 def _backward(plan: RecursivePlan, res, ds):
     q, k, gamma, seg, s, r, m, logl = res
-    if plan.unroll:  # the same for the forward's tiles in a jitted forward + backward
-        q, k = lax.optimization_barrier((q, k))
     c, n = plan.leaf, plan.num_leaves
     sched = plan.schedule
     b, tp, d = s.shape
@@ -215,32 +199,20 @@ def _backward(plan: RecursivePlan, res, ds):
 
         return add(bacc, b_keys, k0), g_buf, add(dq, dq_p, r0), add(dk, dk_keys, k0)
 
-    def solve_leaf(carry, i):
+    def step(carry, xs):
         bacc, g_buf, dq, dk = carry
+        i, branch = xs
         start = i * c
         x_i = lax.dynamic_index_in_dim(x_inv, i, axis=1, keepdims=False)
         lam_i = chained_dot("bji,bjd->bid", x_i, take_chunk(ds, start, c) + take_chunk(bacc, start, c),
                             plan.tier, plan.platform)
         g_buf = lax.dynamic_update_slice_in_dim(g_buf, take_chunk(gamma, start, c)[..., None] * lam_i, start, axis=1)
-        return (bacc, g_buf, dq, dk), lam_i
-
-    def step(carry, xs):
-        i, branch = xs
-        carry, lam_i = solve_leaf(carry, i)
-        return sched.visit(branch, i, carry, c, tile), lam_i
+        return sched.visit(branch, i, (bacc, g_buf, dq, dk), c, tile), lam_i
 
     zeros = jnp.zeros((b, tp, d), s.dtype)
-    if plan.unroll:
-        carry, lams = (zeros, zeros, zeros, zeros), [None] * n
-        for i in reversed(range(n)):
-            carry, lams[i] = solve_leaf(carry, i)
-            carry = sched.visit_static(i, carry, c, tile)
-        _, g_buf, dq, dk = carry
-        lam = jnp.concatenate(lams, axis=1)
-    else:
-        (_, g_buf, dq, dk), lam = lax.scan(step, (zeros, zeros, zeros, zeros),
-                                           (jnp.arange(n), jnp.asarray(sched.branch[:-1])), reverse=True)
-        lam = merge_chunks(lam)
+    (_, g_buf, dq, dk), lam = lax.scan(step, (zeros, zeros, zeros, zeros),
+                                       (jnp.arange(n), jnp.asarray(sched.branch[:-1])), reverse=True)
+    lam = merge_chunks(lam)
 
     # The diagonal leaves' share of the logits gradient, all leaves at once.
     g4, s4, r4 = (x.reshape(b, n, c, d) for x in (g_buf, s, r))
@@ -273,7 +245,7 @@ _solve.defvjp(_solve_fwd, _solve_bwd)
 
 
 def recursive_feedback_solve(q_b, k_b, gamma, f, segment_ids, *, leaf_size: int, tile: int, tier: str,
-                             platform: str, dtype, kernels: str = "xla", unroll_leaves: int = 0):
+                             platform: str, dtype, kernels: str = "xla"):
     """Recursive solve on validated inputs; q_b/k_b/f (B,T,D), gamma/segment_ids (B,T).
 
     ``leaf_size``: Cs; ``tile``: rows and keys of one tile of the wide blocks (rounded down to
@@ -292,7 +264,7 @@ def recursive_feedback_solve(q_b, k_b, gamma, f, segment_ids, *, leaf_size: int,
     b, t, d = f.shape
     kdtype = q_b.dtype if q_b.dtype == k_b.dtype == jnp.bfloat16 else dtype
     plan = RecursivePlan.make(t, leaf_size, tile, tier, platform, float(d) ** -0.5, input_dtype=kdtype,
-                              kernels=kernels, unroll_leaves=unroll_leaves)
+                              kernels=kernels)
     tp = plan.padded_len
     seg = pad_time(segment_ids.astype(jnp.int32), tp, PAD_SEGMENT)
     s = _solve(plan, pad_time(q_b.astype(kdtype), tp), pad_time(k_b.astype(kdtype), tp),

@@ -89,27 +89,14 @@ class PushSchedule:
     def tiles(self):
         """(j, row_start, rows, key_start, keys) in leaves of every tile visited, in order."""
         for j in range(1, self.num_leaves):
-            yield from self.block_tiles(j)
-
-    def block_tiles(self, j: int):
-        """(j, row_start, rows, key_start, keys) in leaves of the tiles of block j, in order."""
-        if not 1 <= j < self.num_leaves:
-            return
-        rows, keys = block_shape(j, self.num_leaves)
-        if self.branch[j] <= len(self.shapes):
-            yield j, j, rows, j - keys, keys
-            return
-        t = self.tile_leaves
-        for a in range(rows // t):
-            for b in range(keys // t):
-                yield j, j + a * t, t, j - keys + b * t, t
-
-    def visit_static(self, j: int, carry, leaf: int, tile_fn):
-        """``visit`` for a Python-int j (an unrolled loop): the tiles of block j with static
-        offsets, so the compiler sees plain slices (no switch, no tile loop)."""
-        for _, r0, rows, k0, keys in self.block_tiles(j):
-            carry = tile_fn(carry, r0 * leaf, rows * leaf, k0 * leaf, keys * leaf)
-        return carry
+            rows, keys = block_shape(j, self.num_leaves)
+            if self.branch[j] <= len(self.shapes):
+                yield j, j, rows, j - keys, keys
+                continue
+            t = self.tile_leaves
+            for a in range(rows // t):
+                for b in range(keys // t):
+                    yield j, j + a * t, t, j - keys + b * t, t
 
     def visit(self, branch, j, carry, leaf: int, tile_fn):
         """Applies block j to ``carry`` inside a traced loop (``branch`` = self.branch[j]).

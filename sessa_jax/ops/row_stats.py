@@ -79,15 +79,14 @@ def _tile_stats(q, k, seg, scale, tier, platform):
 
 
 def row_statistics(q, k, seg, *, leaf: int, scale: float, tier: str, schedule: PushSchedule,
-                   platform: str | None = None, diag_logits=None, unroll: bool = False):
+                   platform: str | None = None, diag_logits=None):
     """Softmax row statistics (m, logl), each (B, Tp) float32 (float64 under x64).
 
     q, k: (B, Tp, D) with Tp = schedule.num_leaves * leaf; seg: (B, Tp) int segment ids. Row
     t's allowed keys are tau < t with seg[tau] == seg[t]. ``tier``/``platform`` pick the
     logits precision (``sessa_jax.ops.precision``). ``diag_logits`` may pass
     ``leaf_logits(q, k, leaf, scale, tier, platform)`` when the caller already has them.
-    The blocks are independent; they are walked in the solve's own order and tiles, in a scan
-    or, with ``unroll``, in an unrolled Python loop with static offsets.
+    The blocks are independent; they are walked in the solve's own order and tiles.
     """
     b, tp, _ = q.shape
     if diag_logits is None:
@@ -102,9 +101,5 @@ def row_statistics(q, k, seg, *, leaf: int, scale: float, tier: str, schedule: P
             j, branch = xs
             return schedule.visit(branch, j, c, leaf, tile), None
 
-        if unroll:
-            for j in range(1, n):
-                carry = schedule.visit_static(j, carry, leaf, tile)
-        else:
-            carry, _ = lax.scan(step, carry, (jnp.arange(1, n), jnp.asarray(schedule.branch[1:n])))
+        carry, _ = lax.scan(step, carry, (jnp.arange(1, n), jnp.asarray(schedule.branch[1:n])))
     return finish_stats(*carry)
