@@ -231,14 +231,20 @@ class Walk:
         return total
 
     def _written_bytes(self, inst: Inst) -> int:
-        fused = self._fused(inst)
-        root = fused[-1] if fused else None
-        roots = [root] if root is not None and root.op != "tuple" else [
-            next(i for i in fused if i.name == n) for n in (root.operands if root is not None else [])]
-        names = {i.name: i for i in fused}
+        """Bytes written: the result, or only the update where the fusion updates a buffer in place."""
+        fused = {i.name: i for i in self._fused(inst)}
+        root = self._fused(inst)[-1] if fused else None
+        roots = [root] if root is not None and root.op != "tuple" else [fused.get(n) for n in (root.operands if root else [])]
         if roots and all(r is not None and r.op == "dynamic-update-slice" for r in roots):
-            return sum(nbytes(names[r.operands[1]].type) if r.operands[1] in names else 0 for r in roots)
+            return sum(nbytes(fused[r.operands[1]].type) if r.operands[1] in fused else 0 for r in roots)
         return nbytes(inst.type)
+
+    def _type_of(self, name: str, kernel: Inst) -> str:
+        """Type of ``name``: inside ``kernel``'s fused computation, else wherever it is defined."""
+        for scope in [{i.name: i for i in self._fused(kernel)}, *self.by_name.values()]:
+            if name in scope:
+                return scope[name].type
+        return ""
 
     def _gemm_flops(self, inst: Inst) -> float:
         """2 M N K summed over the dots of a GEMM kernel (0 for other kernels)."""
@@ -250,7 +256,7 @@ class Walk:
             dots = [inst]
         flops = 0.0
         for d in dots:
-            lhs = self._operand_type(inst, d)
+            lhs = self._type_of(d.operands[0], inst)
             m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", d.attrs)
             k = 1
             for axis in (int(a) for a in m.group(1).split(",") if a) if m else ():
@@ -265,40 +271,30 @@ class Walk:
     def _attention_flops(self, inst: Inst, target: str) -> float:
         """cuDNN fused attention: 4 B H T^2 d forward (two products), 10 B H T^2 d backward (five),
         halved for a causal mask; q's (B, T, H, d) is the first operand."""
-        operand = next((c[inst.operands[0]] for c in self.by_name.values() if inst.operands[0] in c), None)
-        b, t, h, d = dims(operand.type) if operand is not None else (0, 0, 0, 0)
-        causal = 0.5 if "mask_type\":\"CAUSAL" in inst.attrs or "CAUSAL" in inst.attrs else 1.0
+        b, t, h, d = dims(self._type_of(inst.operands[0], inst)) or (0, 0, 0, 0)
+        causal = 0.5 if "CAUSAL" in inst.attrs else 1.0
         return (10.0 if "Backward" in target else 4.0) * b * h * t * t * d * causal
 
-    def _operand_type(self, kernel: Inst, dot: Inst) -> str:
-        scope = {i.name: i for i in self._fused(kernel)} or {}
-        lhs = scope.get(dot.operands[0])
-        if lhs is None:
-            for comp in self.by_name.values():
-                if dot.operands[0] in comp:
-                    return comp[dot.operands[0]].type
-            return ""
-        return lhs.type
+    def _cost(self, comp: str, name: str) -> tuple[Inst, float, int]:
+        """(instruction, GEMM FLOPs, bytes moved) of one launch of kernel ``name``."""
+        inst = self.by_name[comp][name]
+        return inst, self._gemm_flops(inst), self._read_bytes(comp, inst) + self._written_bytes(inst)
 
     def top(self, count: int):
         """The ``count`` kernels moving the most bytes per call: (GB, TF, launches, shape, source op)."""
         rows = []
         for (comp, name), times in self.kernels.items():
-            inst = self.by_name[comp][name]
-            moved = self._read_bytes(comp, inst) + self._written_bytes(inst)
+            inst, flops, moved = self._cost(comp, name)
             source = re.search(r'op_name="([^"]*)"', inst.attrs)
             source = source.group(1).split("/")[-1] if source else ""
-            rows.append((times * moved / 1e9, times * self._gemm_flops(inst) / 1e12, times,
-                         inst.type[:40], f"{name} <- {source}"))
+            rows.append((times * moved / 1e9, times * flops / 1e12, times, inst.type[:40], f"{name} <- {source}"))
         return sorted(rows, reverse=True)[:count]
 
     def table(self, launch_us: float):
         """Totals over all launches: see the module docstring."""
         out = dict(launches=0.0, gemm_flops=0.0, gemm_bytes=0.0, other_bytes=0.0, roofline_s=0.0)
         for (comp, name), times in self.kernels.items():
-            inst = self.by_name[comp][name]
-            flops = self._gemm_flops(inst)
-            moved = self._read_bytes(comp, inst) + self._written_bytes(inst)
+            _, flops, moved = self._cost(comp, name)
             out["launches"] += times
             out["gemm_flops"] += times * flops
             out["gemm_bytes" if flops else "other_bytes"] += times * moved
@@ -327,7 +323,6 @@ def wide_tile_trips(t: int, leaf: int, tile: int | None) -> tuple[float, float]:
 def optimized_hlo(compiled) -> str:
     """The compiled module's text with large constants printed (the switch-index tables)."""
     try:
-        from jax._src.lib import _jax  # noqa: F401  (jaxlib >= 0.5 layout)
         import jaxlib._hlo as hlo
         options = hlo.HloPrintOptions()
         options.print_large_constants = True
