@@ -13,20 +13,35 @@
 #          T=8192, D=1024, bf16; on a GPU also the bf16x3 split vs XLA's preset (accuracy, time)
 #   layer  the whole layer (recursive) next to the Transformer layer at B=8, T=4096 and 8192,
 #          D=1024, H=8, bf16; and B=1, T=65536
-#   all    every step above, in order
+#   quick  what fits one short slot (about 8 minutes on an H100): device info, the bf16x3 split vs
+#          XLA's preset (accuracy, solve time), and the whole layer vs the Transformer layer at
+#          B=8, T=8192, D=1024, H=8, bf16 (the yardstick)
+#   all    tests, solve and layer, in order
 # OUTDIR (default runs/accelerator_check) receives device.txt, the pytest log and each
 # benchmark's printed table (.txt) and results (.json).
 set -u -o pipefail
 
-step=${1:?usage: bash scripts/accelerator_check.sh tests|solve|layer|all [OUTDIR]}
+step=${1:?usage: bash scripts/accelerator_check.sh quick|tests|solve|layer|all [OUTDIR]}
 out=${2:-runs/accelerator_check}
 py=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 layer=(benchmarks/layer.py --B 8 --D 1024 --H 8 --dtype bfloat16)
 
-run_tests() {
+device_info() {
   { date -u; nvidia-smi 2>/dev/null; "$py" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__); print(jax.devices())"; } 2>&1 | tee "$out/device.txt"
+}
+
+run_quick() {
+  device_info
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false
+  timeout 200 "$py" scripts/gpu_bf16x3_split_check.py 2>&1 | tee "$out/bf16x3_split.txt"
+  timeout 250 "$py" "${layer[@]}" --T 8192 --solvers recursive --iters 5 --warmup 2 \
+    --json "$out/quick_layer.json" 2>&1 | tee "$out/quick_layer.txt"
+}
+
+run_tests() {
+  device_info
   timeout 280 "$py" -m pytest -x -q -p no:cacheprovider tests/test_recursive_solve.py tests/test_pallas_attention.py \
     -k "not schedule" 2>&1 | tail -n 30 | tee "$out/pytest.txt"
 }
@@ -55,6 +70,7 @@ case "$step" in
   tests) run_tests ;;
   solve) run_solve ;;
   layer) run_layer ;;
+  quick) run_quick ;;
   all) run_tests; run_solve; run_layer ;;
-  *) echo "unknown step '$step': choose tests, solve, layer or all" >&2; exit 2 ;;
+  *) echo "unknown step '$step': choose quick, tests, solve, layer or all" >&2; exit 2 ;;
 esac
