@@ -17,6 +17,8 @@ Per program it prints
   * ``GEMM GB`` / ``other GB``: bytes the GEMM kernels and all other kernels read and write
     (operands read in full unless the fusion only slices them; in-place updates count the update);
   * ``HBM temp``: the compiled program's temporary buffers (``memory_analysis()``);
+  * ``x - x``: subtractions of a value from itself, i.e. bf16x3 low parts the compiler zeroed
+    (``precision.bf16_round_bits`` keeps this at 0; a split through float32(bfloat16(x)) did not);
   * ``roofline ms``: the sum over kernels of max(FLOPs / 989 TFLOP/s, bytes / 3.35 TB/s), the
     H100 SXM's dense bf16 and HBM peaks, plus ``--launch-us`` per launch. It is a lower bound
     that ranks variants; only a device measures time (README, "Measured on an NVIDIA H100").
@@ -320,6 +322,12 @@ def wide_tile_trips(t: int, leaf: int, tile: int | None) -> tuple[float, float]:
     return sum(rows) / len(wide), sum(tiles) / sum(rows)
 
 
+def self_subtractions(text: str) -> int:
+    """Subtractions of a value from itself in compiled HLO: what a bf16 hi/lo split becomes when
+    the compiler drops its float32(bfloat16(x)) round trip (the low part is then always 0)."""
+    return len(re.findall(r"subtract\(%([^,\s]+), %\1\)", text))
+
+
 def optimized_hlo(compiled) -> str:
     """The compiled module's text with large constants printed (the switch-index tables)."""
     try:
@@ -417,8 +425,8 @@ def main(argv=None) -> None:
     table = programs(args.B, args.T, args.D, args.H, args.leaf, args.tile, args.kernels)
     print(f"# XLA GPU compile for an H100 (deviceless), jax {jax.__version__}, B={args.B} T={args.T} D={args.D} "
           f"H={args.H} bf16, leaf {args.leaf}, bf16x3 on GPU: {gpu_bf16x3}, kernels {args.kernels}")
-    print("| program | launches | in loops | GEMM TF | GEMM GB | other GB | roofline ms | HBM temp | compile s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| program | launches | in loops | GEMM TF | GEMM GB | other GB | roofline ms | HBM temp | x - x | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.programs:
         fn, shapes = table[name]
         specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)
@@ -442,7 +450,8 @@ def main(argv=None) -> None:
         note = f" ({walk.unresolved} switches guessed)" if walk.unresolved else ""
         print(f"| {name}{note} | {r['launches']:.0f} | {r['loop_launches']:.0f} | {r['gemm_flops'] / 1e12:.2f} | "
               f"{r['gemm_bytes'] / 1e9:.2f} | {r['other_bytes'] / 1e9:.2f} | {r['roofline_s'] * 1e3:.2f} | "
-              f"{compiled.memory_analysis().temp_size_in_bytes / 2 ** 30:.2f} GiB | {seconds:.1f} |", flush=True)
+              f"{compiled.memory_analysis().temp_size_in_bytes / 2 ** 30:.2f} GiB | {self_subtractions(text)} | "
+              f"{seconds:.1f} |", flush=True)
         for gb, tf, times, shape, what in walk.top(args.top):
             print(f"    {gb:7.2f} GB {tf:6.2f} TF x{times:6.1f}  {shape:40s} {what}")
 

@@ -65,6 +65,11 @@ def test_loop_body_counts_its_trips_and_flops_count_each_executed_dot(walk):
     assert table["launches"] == sum(walk.kernels.values()) and table["roofline_s"] > 0
 
 
+def test_self_subtractions_are_found():
+    text = "%a = f32[2]{0} subtract(%p.1, %p.1)\n%b = f32[2]{0} subtract(%p.1, %q.2)\n"
+    assert gpu_compile.self_subtractions(text) == 1
+
+
 def test_sizes_of_hlo_types():
     assert gpu_compile.nbytes("f32[8,16]{1,0}") == 512
     assert gpu_compile.nbytes("(bf16[4,4]{1,0}, s32[], pred[3])") == 32 + 4 + 3
