@@ -351,8 +351,9 @@ def programs(b: int, t: int, d: int, h: int, leaf: int, tile: int | None, kernel
 
     def solve(q, k, g, f):
         seg = jnp.zeros(g.shape, jnp.int32)
+        extra = {} if kernels == "xla" else {"kernels": kernels}  # older checkouts have no kernels argument
         return recursive_feedback_solve(q, k, g, f, seg, leaf_size=leaf, tile=tile, tier="bf16x3", platform="gpu",
-                                        dtype=jnp.float32, kernels=kernels)
+                                        dtype=jnp.float32, **extra)
 
     def attention(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")

@@ -130,3 +130,6 @@ def test_bf16x3_products_keep_their_accuracy_under_the_rewrite(platform, monkeyp
     one_pass = precision.chained_dot("ij,jk->ik", a, b, "bfloat16", platform)
     assert rel(replayed) <= 1e-5, rel(replayed)
     assert rel(one_pass) > 1e-4, rel(one_pass)  # so the bound above can tell the two apart
+    monkeypatch.setattr(precision, "split_bf16", _convert_split)  # the split the H100 ran
+    (lost,) = _excess_precision_eval(lambda a, b: x3(a, b), a, b)  # a new function: traced afresh
+    assert rel(lost) > 1e-4, rel(lost)  # its low parts vanish: one bf16 pass's error
