@@ -39,6 +39,9 @@ import unittest.mock
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")  # never touch a local GPU: compile only
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver to check against
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from hlo_text import dims, nbytes  # noqa: E402
+
 # XLA's H100 SXM device description (xla/tools/hlo_opt/gpu_specs/h100_sxm.txtpb), with the
 # CUDA runtime this plugin ships.
 H100_TARGET = """
@@ -59,28 +62,9 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 PEAK_FLOPS = 989e12
 PEAK_BYTES = 3.35e12
 
-_BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1, "pred": 1,
-          "s64": 8, "u64": 8, "s16": 2, "u16": 2, "f8e4m3fn": 1, "f8e5m2": 1}
-_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([0-9,]*)\]")
 _HEAD = re.compile(r"^(?:ENTRY )?%(\S+) \(.*\{\s*$")
 _FREE = {"fusion-done", "parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "conditional",
          "call", "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency"}
-
-
-def nbytes(type_text: str) -> int:
-    """Bytes of every array named in an HLO type (tuples summed)."""
-    total = 0
-    for m in _ARRAY.finditer(type_text):
-        n = _BYTES[m.group(1)]
-        for d in m.group(2).split(","):
-            n *= int(d) if d else 1
-        total += n
-    return total
-
-
-def dims(type_text: str) -> list[int]:
-    m = _ARRAY.search(type_text)
-    return [int(d) for d in m.group(2).split(",") if d] if m else []
 
 
 def _tuple_elements(type_text: str) -> list[str]:
@@ -310,16 +294,13 @@ def wide_tile_trips(t: int, leaf: int, tile: int | None) -> tuple[float, float]:
     counts of its dynamic tile loops (key tiles charged as total tiles / row tiles)."""
     from sessa_jax.ops._recursive import RecursivePlan
     from sessa_jax.ops.dispatch import recursive_tile
-    from sessa_jax.ops.fenwick import block_shape
 
-    plan = RecursivePlan.make(t, leaf, tile or recursive_tile(t, leaf), "bf16x3", "gpu", 1.0)
-    sched, tl = plan.schedule, plan.tile_leaves
-    wide = [j for j in range(1, sched.num_leaves) if sched.branch[j] > len(sched.shapes)]
+    sched = RecursivePlan.make(t, leaf, tile or recursive_tile(t, leaf), "bf16x3", "gpu", 1.0).schedule
+    wide = [(j, r0) for j, r0, *_ in sched.tiles() if sched.branch[j] > len(sched.shapes)]
     if not wide:
         return 1.0, 1.0
-    rows = [block_shape(j, sched.num_leaves)[0] // tl for j in wide]
-    tiles = [block_shape(j, sched.num_leaves)[0] // tl * (block_shape(j, sched.num_leaves)[1] // tl) for j in wide]
-    return sum(rows) / len(wide), sum(tiles) / sum(rows)
+    blocks, row_tiles = len({j for j, _ in wide}), len(set(wide))
+    return row_tiles / blocks, len(wide) / row_tiles
 
 
 def self_subtractions(text: str) -> int:

@@ -27,7 +27,6 @@ import argparse
 import json
 import pathlib
 import platform
-import re
 import sys
 import time
 
@@ -36,26 +35,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from hlo_text import largest_array  # noqa: E402
 from jaxpr_work import count_work  # noqa: E402
 from sessa_jax.ops._blocked import blocked_feedback_solve  # noqa: E402
 from sessa_jax.ops._recursive import recursive_feedback_solve  # noqa: E402
 from sessa_jax.ops.dispatch import recursive_tile  # noqa: E402
-
-_BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1, "pred": 1, "s64": 8}
-_ARRAY = re.compile(r"\b(f64|f32|s32|u32|bf16|f16|s8|u8|pred|s64)\[([0-9,]*)\]")
-
-
-def largest_array(hlo_text: str) -> tuple[int, str]:
-    """(bytes, shape) of the largest array named in compiled HLO text."""
-    best = (0, "")
-    for m in _ARRAY.finditer(hlo_text):
-        dims = [int(x) for x in m.group(2).split(",") if x]
-        n = _BYTES[m.group(1)]
-        for d in dims:
-            n *= d
-        best = max(best, (n, m.group(0)))
-    return best
-
 
 def solver(method: str, b: int, t: int, leaf: int, chunk: int):
     seg = jnp.ones((b, t), jnp.int32)

@@ -14,6 +14,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from sessa_jax.ops.dispatch import is_chunk_size
+
 SOLVERS = ("dense", "blocked", "recursive", "auto")
 FEEDBACK_PRECISIONS = ("auto", "float32", "bf16x3", "bfloat16")
 FEEDBACK_KERNELS = ("xla", "pallas")
@@ -125,8 +127,7 @@ class SessaConfig:
 
         for name in ("d_model", "n_heads", "vocab_size", "n_layers", "max_len"):
             positive_int(name)
-        if self.chunk_size != "auto" and (isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int)
-                                          or self.chunk_size < 1):
+        if not is_chunk_size(self.chunk_size):
             raise ValueError(f"SessaConfig.chunk_size must be 'auto' or an integer >= 1 (e.g. 128); "
                              f"got {self.chunk_size!r}")
         if isinstance(self.leaf_size, bool) or not isinstance(self.leaf_size, int) or self.leaf_size < 1:

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from sessa_jax.config import SessaConfig
+from sessa_jax.ops.dispatch import AUTO
 from sessa_jax.ops.precision import platform_kind
 from sessa_jax.sharding import BTW, constrain, dense_init, logical
 
@@ -181,7 +182,7 @@ class MambaMixer(nn.Module):
             if starts is not None:
                 decay = jnp.where(starts[:, :, None, None], 0.0, decay)
             drive = (dt_BxTxE * x32)[..., None] * B_BxTxN.astype(jnp.float32)[:, :, None, :]
-            chunk = CHUNK if cfg.chunk_size == "auto" else cfg.chunk_size
+            chunk = CHUNK if cfg.chunk_size == AUTO else cfg.chunk_size
             y = selective_scan(decay, drive, C_BxTxN.astype(jnp.float32), chunk)
         y = y + d_skip.astype(jnp.float32) * x32
         return dense(d, "out_proj", ("mlp", "embed"))(y.astype(cfg.dtype)).astype(a_bar.dtype)

@@ -53,12 +53,16 @@ def _check_size(name: str, value) -> None:
         raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
 
 
+def is_chunk_size(value) -> bool:
+    """Whether ``value`` is a valid chunk_size of the blocked paths: "auto" or an integer >= 1."""
+    return value == AUTO or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+
+
 def _check_method(method: str, chunk_size) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if chunk_size != AUTO:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be 'auto' or an integer >= 1; got {chunk_size!r}")
+    if not is_chunk_size(chunk_size):
+        raise ValueError(f"chunk_size must be 'auto' or an integer >= 1; got {chunk_size!r}")
 
 
 def tile_chunk(tile_batch: int) -> int:

@@ -32,8 +32,7 @@ def layer_norm(x, scale, bias, eps: float):
 
     x (..., D) float32 or wider (the statistics' dtype); scale, bias (D,). Returns x.dtype.
     """
-    x_hat, _ = _stats(x, eps)
-    return x_hat * scale.astype(x.dtype) + bias.astype(x.dtype)
+    return _layer_norm_fwd(x, scale, bias, eps)[0]
 
 
 def _layer_norm_fwd(x, scale, bias, eps):
