@@ -8,7 +8,8 @@ Builds a deviceless topology (``jax.experimental.topologies``, as MaxText's ``tr
 does) and compiles the solve's forward + backward (``jax.grad``) ahead of time with libtpu, once
 with the pushes and statistics in XLA (``kernels="xla"``) and once with the Pallas TPU kernels of
 ``ops/tpu_kernels.py`` (``kernels="pallas"``: libtpu runs the Mosaic compiler on each kernel while
-compiling the program). Per run it prints whether it compiled, the compile time on this machine,
+compiling the program; a first check compiles a kernel too large for VMEM, which libtpu must
+refuse). Per run it prints whether it compiled, the compile time on this machine,
 the program's HBM temporaries (``memory_analysis()``) and the number of Mosaic kernel calls in
 the compiled program. Compiling proves the kernels fit the chip's VMEM and layouts; it says
 nothing about speed, which only a TPU measures.
@@ -29,6 +30,28 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 def parse_shape(text: str) -> tuple[int, int, int]:
     b, t, d = (int(x) for x in text.split(","))
     return b, t, d
+
+
+def vmem_check(sharding) -> str:
+    """Compiles a Pallas kernel whose one (8192, 8192) float32 block (256 MiB) cannot fit VMEM:
+    libtpu must refuse it, which shows that compiling here runs the Mosaic compiler for real."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+
+    n = 8192
+
+    def double(x_ref, o_ref):
+        o_ref[...] = x_ref[...] * 2.0
+
+    spec = pl.BlockSpec((n, n), lambda i: (0, 0))
+    fn = pl.pallas_call(double, out_shape=jax.ShapeDtypeStruct((n, n), jnp.float32), grid=(1,),
+                        in_specs=[spec], out_specs=spec)
+    try:
+        jax.jit(fn).lower(jax.ShapeDtypeStruct((n, n), jnp.float32, sharding=sharding)).compile()
+    except Exception as err:  # noqa: BLE001 - the refusal is the expected outcome
+        return f"an ({n}, {n}) float32 block is refused: {str(err).splitlines()[0][:120]}"
+    return f"an ({n}, {n}) float32 block compiled: VMEM limits are NOT being checked here"
 
 
 def main(argv=None) -> None:
@@ -55,6 +78,7 @@ def main(argv=None) -> None:
     from sessa_jax.ops.dispatch import recursive_tile
 
     sharding = NamedSharding(Mesh(np.array(topo.devices[:1]), ("x",)), PartitionSpec())  # one chip
+    print(f"# VMEM check: {vmem_check(sharding)}")
     print(f"# deviceless TPU compile, topology {args.topology} ({topo.devices[0].device_kind}), jax {jax.__version__}, "
           f"solve forward + backward, bf16 q/k/f, tier bf16x3, leaf {args.leaf}")
     print("| B | T | D | kernels | compiled | compile s | HBM temp | Mosaic kernel calls |")
