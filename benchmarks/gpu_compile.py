@@ -13,7 +13,8 @@ optimized HLO: every kernel launch (fusions, library calls) times its loop trip 
 Per program it prints
   * ``launches``: kernels per call; ``in loops``: of those, inside while loops;
   * ``GEMM TF``: matrix-product FLOPs of the GEMM kernels (10^12), in bf16 passes (a dot with
-    XLA's bf16x3 / bf16x6 algorithm counts 3 / 6 times);
+    XLA's bf16x3 / bf16x6 algorithm counts 3 / 6 times; a float32 dot at HIGHEST, which runs
+    on the CUDA cores, counts PEAK_FLOPS / FP32_FLOPS = 14.8 times: ``dot_passes``);
   * ``GEMM GB`` / ``other GB``: bytes the GEMM kernels and all other kernels read and write
     (operands read in full unless the fusion only slices them; in-place updates count the update);
   * ``HBM temp``: the compiled program's temporary buffers (``memory_analysis()``);
@@ -61,10 +62,22 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 """
 PEAK_FLOPS = 989e12
 PEAK_BYTES = 3.35e12
+FP32_FLOPS = 67e12  # H100 SXM without tensor cores: where a float32 dot at HIGHEST runs
 
 _HEAD = re.compile(r"^(?:ENTRY )?%(\S+) \(.*\{\s*$")
 _FREE = {"fusion-done", "parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "conditional",
          "call", "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency"}
+
+
+def dot_passes(attrs: str, lhs_type: str) -> float:
+    """bf16 tensor-core passes one FLOP of this dot costs: 3 / 6 for XLA's bf16x3 / bf16x6
+    algorithms, PEAK_FLOPS / FP32_FLOPS for a float32 dot at HIGHEST (CUDA cores), else 1."""
+    passes = re.search(r"algorithm=dot_bf16_bf16_f32_x(\d)", attrs)
+    if passes:
+        return float(passes.group(1))
+    if lhs_type.startswith("f32") and "operand_precision={highest,highest}" in attrs:
+        return PEAK_FLOPS / FP32_FLOPS
+    return 1.0
 
 
 def _tuple_elements(type_text: str) -> list[str]:
@@ -250,8 +263,7 @@ class Walk:
             out = 1
             for x in dims(d.type):
                 out *= x
-            passes = re.search(r"algorithm=dot_bf16_bf16_f32_x(\d)", d.attrs)  # bf16x3 / x6 presets
-            flops += 2.0 * out * k * (int(passes.group(1)) if passes else 1)
+            flops += 2.0 * out * k * dot_passes(d.attrs, lhs)
         return flops
 
     def _attention_flops(self, inst: Inst, target: str) -> float:

@@ -50,3 +50,20 @@ def test_inverse_float32_is_faithful():
         eye = jnp.broadcast_to(jnp.eye(256), n.shape)
         ref = lax.linalg.triangular_solve(eye - n64, eye, left_side=True, lower=True, unit_diagonal=True)
     assert rel_err(jax.jit(unit_lower_inverse)(n), ref) <= 1e-6
+
+
+def test_inverse_merges_use_the_given_dot():
+    """``dot`` runs the pairwise merges: a one-pass bf16 dot shows up as bf16-sized error, the
+    solve's fp32-faithful dot (``RecursivePlan.faithful``) stays at the exact inverse's."""
+    from sessa_jax.ops._recursive import RecursivePlan
+    from sessa_jax.ops.precision import chained_dot
+
+    n = _feedback_matrix(256, jnp.float32)
+    with jax.enable_x64(True):
+        n64 = n.astype(jnp.float64)
+        eye = jnp.broadcast_to(jnp.eye(256), n.shape)
+        ref = lax.linalg.triangular_solve(eye - n64, eye, left_side=True, lower=True, unit_diagonal=True)
+    one_pass = lambda spec, a, b: chained_dot(spec, a, b, "bfloat16")  # noqa: E731
+    faithful = RecursivePlan.make(256, 256, 256, "bf16x3", "cpu", 1.0).faithful
+    assert rel_err(jax.jit(lambda n: unit_lower_inverse(n, one_pass))(n), ref) >= 1e-4
+    assert rel_err(jax.jit(lambda n: unit_lower_inverse(n, faithful))(n), ref) <= 1e-6

@@ -70,6 +70,15 @@ def test_self_subtractions_are_found():
     assert gpu_compile.self_subtractions(text) == 1
 
 
+def test_dot_passes_charge_presets_and_cuda_core_float32():
+    x6 = "lhs_contracting_dims={2}, algorithm=dot_bf16_bf16_f32_x6"
+    highest = "lhs_contracting_dims={2}, operand_precision={highest,highest}"
+    assert gpu_compile.dot_passes(x6, "f32[8,16,16]{2,1,0}") == 6.0
+    assert gpu_compile.dot_passes(highest, "f32[8,16,16]{2,1,0}") == 989e12 / 67e12
+    assert gpu_compile.dot_passes(highest, "bf16[8,16,16]{2,1,0}") == 1.0  # bf16 runs on the tensor cores
+    assert gpu_compile.dot_passes("lhs_contracting_dims={2}", "f32[8,16,16]{2,1,0}") == 1.0
+
+
 def test_sizes_of_hlo_types():
     assert gpu_compile.nbytes("f32[8,16]{1,0}") == 512
     assert gpu_compile.nbytes("(bf16[4,4]{1,0}, s32[], pred[3])") == 32 + 4 + 3

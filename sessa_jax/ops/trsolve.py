@@ -25,8 +25,12 @@ LEAF = 16
 _HI = lax.Precision.HIGHEST
 
 
+def _exact(spec: str, a, b):
+    return jnp.einsum(spec, a, b, precision=_HI)
+
+
 def _mm(a, b):
-    return jnp.einsum("bij,bjd->bid", a, b, precision=_HI)
+    return _exact("bij,bjd->bid", a, b)
 
 
 def _series(n, b, transpose: bool):
@@ -64,8 +68,13 @@ def _diagonal_blocks(n, size: int, offset: int = 0):
                       for p in range(c // size)], axis=1)
 
 
-def unit_lower_inverse(n):
-    """(I - n)^-1 for strictly lower n (B, c, c): (B, c, c), by pairwise merges of diagonal blocks."""
+def unit_lower_inverse(n, dot=None):
+    """(I - n)^-1 for strictly lower n (B, c, c): (B, c, c), by pairwise merges of diagonal blocks.
+
+    ``dot(spec, a, b)``: the einsum of the merges (a precision tier's, e.g. ``precision.chained_dot``
+    with the solve's tier); default exact (``Precision.HIGHEST``). The 16-row leaves' series is
+    always exact (products of 16 x 16 blocks, a small share of the work)."""
+    dot = _exact if dot is None else dot
     bsz, c, _ = n.shape
     if c <= LEAF:
         return _series(n, jnp.broadcast_to(jnp.eye(c, dtype=n.dtype), n.shape), transpose=False)
@@ -82,7 +91,7 @@ def unit_lower_inverse(n):
         m //= 2
         n21 = _diagonal_blocks(n, 2 * s, offset=s).reshape(bsz * m, s, s)  # rows of the lower half, cols of the upper
         x11, x22 = (x[:, h::2].reshape(bsz * m, s, s) for h in (0, 1))
-        x21 = _mm(x22, _mm(n21, x11))
+        x21 = dot("bij,bjd->bid", x22, dot("bij,bjd->bid", n21, x11))
         top = jnp.concatenate([x11, jnp.zeros_like(x11)], axis=2)
         x = jnp.concatenate([top, jnp.concatenate([x21, x22], axis=2)], axis=1).reshape(bsz, m, 2 * s, 2 * s)
         s *= 2
