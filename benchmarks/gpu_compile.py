@@ -391,7 +391,8 @@ def main(argv=None) -> None:
     p.add_argument("--D", type=int, default=1024)
     p.add_argument("--H", type=int, default=8, help="heads of the attention compared with")
     p.add_argument("--leaf", type=int, default=512)
-    p.add_argument("--tile", type=int, default=None, help="default: ops.dispatch.recursive_tile")
+    p.add_argument("--tile", type=int, default=None,
+                   help="tile of the wide blocks, in the solve and the layers (default: ops.dispatch.recursive_tile)")
     p.add_argument("--programs", nargs="+", default=["solve-fwd", "solve-f+b", "attention-fwd", "attention-f+b",
                                                      "sessa-layer-f+b", "transformer-layer-f+b"])
     p.add_argument("--gpu-bf16x3", choices=["split", "preset"], default=None, help="default: precision.GPU_BF16X3")
@@ -411,7 +412,8 @@ def main(argv=None) -> None:
                  f"install the CUDA plugin: pip install 'jax[cuda13]'")
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from sessa_jax.ops import precision
+    from sessa_jax.ops import dispatch, precision
+    tile_rule = dispatch.recursive_tile if args.tile is None else (lambda length, leaf: args.tile)
     if args.gpu_bf16x3:
         precision.GPU_BF16X3 = args.gpu_bf16x3
     gpu_bf16x3 = getattr(precision, "GPU_BF16X3", "preset")  # older checkouts: always the preset
@@ -428,7 +430,9 @@ def main(argv=None) -> None:
         try:
             # The layer's dispatch picks its paths by jax.default_backend(), which is the CPU here:
             # trace as on a GPU (recursive solve, bf16x3 split, cuDNN attention).
-            with unittest.mock.patch.object(jax, "default_backend", lambda: "gpu"):
+            # --tile reaches the layers too, which take their tile from ops.dispatch.
+            with unittest.mock.patch.object(jax, "default_backend", lambda: "gpu"), \
+                    unittest.mock.patch.object(dispatch, "recursive_tile", tile_rule):
                 lowered = jax.jit(fn).lower(*specs)
             compiled = lowered.compile()
             text = optimized_hlo(compiled)
