@@ -12,7 +12,7 @@
 #   solve  the solve alone (recursive) next to causal attention (cuDNN / splash) at B=8,
 #          T=8192, D=1024, bf16; on a GPU also the bf16x3 split vs XLA's preset (accuracy, time)
 #   layer  the whole layer (recursive) next to the Transformer layer at B=8, T=4096 and 8192,
-#          D=1024, H=8, bf16; and B=1, T=65536
+#          D=1024, H=8, bf16; and B=1, T=65536 (leaf 512, the default, and leaf 1024)
 #   quick  what fits one short slot (about 8 minutes on an H100): device info, the bf16x3 split vs
 #          XLA's preset (accuracy, solve time), and the whole layer vs the Transformer layer at
 #          B=8, T=8192, D=1024, H=8, bf16 (the yardstick)
@@ -64,6 +64,9 @@ run_layer() {
     --json "$out/layer.json" 2>&1 | tee "$out/layer.txt"
   timeout 250 "$py" "${layer[@]}" --B 1 --T 65536 --solvers recursive --iters 2 --warmup 1 \
     --json "$out/layer_fit.json" 2>&1 | tee "$out/layer_fit.txt"
+  # leaf 1024 at this length: ~30% fewer kernel launches in the H100 compile (benchmarks/gpu_compile.py)
+  timeout 200 "$py" "${layer[@]}" --B 1 --T 65536 --solvers recursive --leaf 1024 --no-transformer --iters 2 \
+    --warmup 1 --json "$out/layer_fit_leaf1024.json" 2>&1 | tee "$out/layer_fit_leaf1024.txt"
 }
 
 case "$step" in
