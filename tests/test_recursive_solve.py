@@ -185,6 +185,30 @@ def test_recursive_check_grads_x64():
         jax.test_util.check_grads(fn, (q, k, g, f), order=1, modes=["rev"])
 
 
+def test_backward_reuses_the_forward_diagonal_inverses(monkeypatch):
+    """A_ii and X_i are residuals: tracing forward + backward builds each once (the forward's)."""
+    from sessa_jax.ops import _recursive
+
+    calls = {"blocks": 0, "inverse": 0}
+    blocks, inverse = _recursive._diag_blocks, _recursive._diag_inverse
+
+    def count(name, fn):
+        def wrapped(*a, **kw):
+            calls[name] += 1
+            return fn(*a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(_recursive, "_diag_blocks", count("blocks", blocks))
+    monkeypatch.setattr(_recursive, "_diag_inverse", count("inverse", inverse))
+    q, k, g, f, _ = _inputs(jnp.float32, 40, d=8, case="diffuse")
+
+    def loss(q, k, g, f):
+        return jnp.sum(feedback_solve(q, k, g, f, method="recursive", leaf_size=8) ** 2)
+
+    jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, g, f)
+    assert calls == {"blocks": 1, "inverse": 1}, calls
+
+
 def test_recursive_residuals_feed_the_blocked_backward():
     """Cross-combination: the recursive forward's s, r and statistics drive the blocked adjoint."""
     with jax.enable_x64(True):
