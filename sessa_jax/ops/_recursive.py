@@ -9,7 +9,9 @@ Forward, on q, k, f (B, Tp, D) and gamma (B, Tp) with Tp = n * Cs:
      where the block's shape picks a ``lax.switch`` branch and A's entries are rebuilt from
      the known statistics in tiles: two large matrix products per tile.
   4. r = racc + A_ii s_i for all leaves at once.
-Residuals: q, k, gamma, seg, s, r (float32) and (m, logl); never A, never X.
+Residuals: q, k, gamma, seg, s, r (float32), (m, logl) and the diagonal leaves A_ii, X_i
+((B, n, Cs, Cs) each: in a jitted forward + backward XLA kept them from the forward anyway, so
+rebuilding them only added work); never the off-diagonal blocks of A.
 
 Backward: lam = (I - Gamma A)^-T ds by the mirror scan i = n-1 .. 0,
          lam_i = X_i^T (ds_i + bacc_i),  g_i = gamma_i lam_i,
@@ -119,7 +121,7 @@ def _diag_blocks(plan: RecursivePlan, q, k, seg, m, logl, diag_logits=None):
 def _diag_inverse(plan: RecursivePlan, a_ii, gamma):
     """X_i = (I - diag(gamma_i) A_ii)^-1 for all leaves at once, (B, n, Cs, Cs), fp32-faithful
     (``RecursivePlan.faithful``) at every tier: in bf16x3 the inverse added ~20% to the tier's error
-    in the sharp stress case (5.1e-6 -> 6.2e-6 at leaf 512) for 0.1U less work."""
+    in the sharp stress case (5.1e-6 -> 6.2e-6 at leaf 512) for under 1% less work."""
     b, n, c, _ = a_ii.shape
     nil = gamma.reshape(b, n, c, 1).astype(a_ii.dtype) * a_ii
     return unit_lower_inverse(nil.reshape(b * n, c, c), plan.faithful).reshape(b, n, c, c)
@@ -153,7 +155,7 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
                 take_chunk(logl, r0, rows), take_chunk(k, k0, keys), take_chunk(seg, k0, keys))
         if plan.tpu_kernels:
             return tpu_block_product(*args, s_keys, scale=plan.scale, tier=plan.tier, interpret=plan.interpret)
-        return chained_dot("bpk,bkd->bpd", _block_probs(plan, *args), s_keys, plan.tier, plan.platform)
+        return plan.chained("bpk,bkd->bpd", _block_probs(plan, *args), s_keys)
 
     def tile(carry, r0, rows, k0, keys):
         s_buf, racc = carry
@@ -195,12 +197,12 @@ def _backward(plan: RecursivePlan, res, ds):
                                          scale=plan.scale, tier=plan.tier, plain_tier=plan.plain_tier,
                                          interpret=plan.interpret)
         probs = _block_probs(plan, q_p, seg_p, m_p, logl_p, k_keys, seg_keys)
-        b_keys = chained_dot("bpk,bpd->bkd", probs, g_p, plan.tier, plan.platform)
+        b_keys = plan.chained("bpk,bpd->bkd", probs, g_p)
         delta = jnp.sum(g_p * r_p, axis=-1, keepdims=True)
-        g_dot_s = chained_dot("bpd,bkd->bpk", g_p, s_keys, plan.plain_tier, plan.platform)
+        g_dot_s = plan.plain("bpd,bkd->bpk", g_p, s_keys)
         dlogits = probs * (g_dot_s - delta)
-        dq_p = chained_dot("bpk,bkd->bpd", dlogits, k_keys, plan.plain_tier, plan.platform) * plan.scale
-        dk_keys = chained_dot("bpk,bpd->bkd", dlogits, q_p, plan.plain_tier, plan.platform) * plan.scale
+        dq_p = plan.plain("bpk,bkd->bpd", dlogits, k_keys) * plan.scale
+        dk_keys = plan.plain("bpk,bpd->bkd", dlogits, q_p) * plan.scale
         return b_keys, dq_p, dk_keys
 
     def tile(carry, r0, rows, k0, keys):
