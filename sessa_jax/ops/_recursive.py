@@ -108,11 +108,10 @@ def _schedule(num_leaves: int, tile_leaves: int) -> PushSchedule:
     return PushSchedule.make(num_leaves, tile_leaves)
 
 
-def _diag_blocks(plan: RecursivePlan, q, k, seg, m, logl, diag_logits=None):
-    """A_ii (B, n, Cs, Cs): the diagonal leaves of A from the known statistics."""
-    b, tp = seg.shape
-    if diag_logits is None:
-        diag_logits = leaf_logits(q, k, plan.leaf, plan.scale, plan.tier, plan.platform)
+def _diag_blocks(plan: RecursivePlan, diag_logits, seg, m, logl):
+    """A_ii (B, n, Cs, Cs): the diagonal leaves of A from their logits (``leaf_logits``) and the
+    known statistics."""
+    b, _ = seg.shape
     shape = (b, plan.num_leaves, plan.leaf, 1)
     z = (diag_logits - m.reshape(shape)) - logl.reshape(shape)
     return jnp.where(leaf_mask(seg, plan.leaf), jnp.exp(z), 0.0)
@@ -147,7 +146,7 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
     else:
         m, logl = row_statistics(q, k, seg, leaf=c, scale=plan.scale, tier=plan.tier, schedule=sched,
                                  platform=plan.platform, diag_logits=diag_logits)
-    a_ii = _diag_blocks(plan, q, k, seg, m, logl, diag_logits)
+    a_ii = _diag_blocks(plan, diag_logits, seg, m, logl)
     x_inv = _diag_inverse(plan, a_ii, gamma)
 
     def block_update(r0, rows, k0, keys, s_keys):
