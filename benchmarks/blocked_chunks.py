@@ -1,12 +1,13 @@
 """The blocked paths' chunk size on this machine: forward + backward of the forward attention
 (``causal_attention``, method "blocked") and of the feedback solve (``feedback_solve``,
-method "blocked") for each chunk C, the attention's "panels" schedule, and what
+method "blocked") for each chunk C, both "panels" schedules (per C for the solve), and what
 ``chunk_size="auto"`` picks (``sessa_jax.ops.dispatch.attention_schedule`` /
-``solve_chunk``), same run, interleaved repeats, medians (ms). The "auto" rules were set
+``solve_schedule``), same run, interleaved repeats, medians (ms). The "auto" rules were set
 from this table.
 
     python benchmarks/blocked_chunks.py                        # the README's cases
     python benchmarks/blocked_chunks.py --cases 1x256x4x512 8x256x4x512 --repeats 5
+    python benchmarks/blocked_chunks.py --ops solve --cases 32x64x4x2048
 
 A case is BxDxHxT: batch, width D (the solve's width; attention has H heads of D/H).
 """
@@ -38,12 +39,14 @@ def _timed(fn, sample_s: float) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def _case_fns(b: int, d: int, h: int, t: int) -> dict:
-    """{column: call} for one case: attention per chunk, panels, auto; solve per chunk, auto."""
+def _case_fns(b: int, d: int, h: int, t: int, ops=("attention", "solve")) -> dict:
+    """{column: call} for one case: attention per chunk, panels, auto; solve per chunk, panels
+    per chunk (when there is more than one), auto."""
     import jax
     import jax.numpy as jnp
 
     from sessa_jax.ops import causal_attention, feedback_solve
+    from sessa_jax.ops._blocked import blocked_feedback_solve
     from sessa_jax.ops._blocked_attention import blocked_causal_attention
 
     ks = jax.random.split(jax.random.PRNGKey(0), 6)
@@ -56,17 +59,24 @@ def _case_fns(b: int, d: int, h: int, t: int) -> dict:
         return lambda: jax.block_until_ready(g(*args))
 
     fns = {}
-    for c in CHUNKS:
+    for c in CHUNKS if "attention" in ops else ():
         if c <= t:
             fns[f"attention C={c}"] = grad(lambda q, k, v, c=c: causal_attention(q, k, v, method="blocked", chunk_size=c),
                                            q, k, v)
-    fns["attention panels"] = grad(lambda q, k, v: blocked_causal_attention(q, k, v, None, 64, q.dtype, "panels"),
-                                   q, k, v)
-    fns["attention auto"] = grad(lambda q, k, v: causal_attention(q, k, v, method="blocked"), q, k, v)
+    if "attention" in ops:
+        fns["attention panels"] = grad(lambda q, k, v: blocked_causal_attention(q, k, v, None, 64, q.dtype, "panels"),
+                                       q, k, v)
+        fns["attention auto"] = grad(lambda q, k, v: causal_attention(q, k, v, method="blocked"), q, k, v)
+    if "solve" not in ops:
+        return fns
     for c in CHUNKS:
         if c <= t:
             fns[f"solve C={c}"] = grad(lambda *a, c=c: feedback_solve(*a, method="blocked", chunk_size=c),
                                        qb, kb, gamma, f)
+    for c in CHUNKS:
+        if c < t:  # one chunk: the same program as the loop
+            fns[f"solve panels C={c}"] = grad(
+                lambda q, k, g, f, c=c: blocked_feedback_solve(q, k, g, f, None, c, q.dtype, "panels"), qb, kb, gamma, f)
     fns["solve auto"] = grad(lambda *a: feedback_solve(*a, method="blocked"), qb, kb, gamma, f)
     return fns
 
@@ -74,12 +84,13 @@ def _case_fns(b: int, d: int, h: int, t: int) -> dict:
 def main(argv=None) -> None:
     import jax
 
-    from sessa_jax.ops.dispatch import attention_schedule, solve_chunk
+    from sessa_jax.ops.dispatch import attention_schedule, solve_schedule
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="BxDxHxT")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the table shows the median")
     p.add_argument("--sample-s", type=float, default=0.3, help="target seconds of one timing sample")
+    p.add_argument("--ops", nargs="+", choices=["attention", "solve"], default=["attention", "solve"])
     args = p.parse_args(argv)
     cases = []
     for spec in args.cases:
@@ -95,13 +106,13 @@ def main(argv=None) -> None:
     print("| case BxDxHxT | column | ms | auto picks |")
     print("| --- | --- | --- | --- |")
     for b, d, h, t in cases:
-        fns = _case_fns(b, d, h, t)
+        fns = _case_fns(b, d, h, t, args.ops)
         times = {name: [] for name in fns}
         for _ in range(args.repeats):
             for name, fn in fns.items():
                 times[name].append(_timed(fn, args.sample_s))
-        schedule, chunk = attention_schedule("auto", b, h, t)
-        picks = {"attention auto": f"{schedule} C={chunk}", "solve auto": f"C={solve_chunk('auto', b)}"}
+        picks = {"attention auto": "{} C={}".format(*attention_schedule("auto", b, h, t)),
+                 "solve auto": "{} C={}".format(*solve_schedule("auto", b, t))}
         for name, samples in times.items():
             print(f"| {b}x{d}x{h}x{t} | {name} | {statistics.median(samples) * 1e3:.1f} | {picks.get(name, '')} |",
                   flush=True)

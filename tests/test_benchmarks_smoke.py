@@ -103,9 +103,10 @@ def test_blocked_chunks_table_runs(capsys):
     blocked_chunks.main(["--cases", "2x8x2x96", "--repeats", "1", "--sample-s", "0.001"])
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| 2x8x2x96")]
     names = [r[1].strip() for r in rows]
-    assert names == ["attention C=64", "attention panels", "attention auto", "solve C=64", "solve auto"]
+    assert names == ["attention C=64", "attention panels", "attention auto", "solve C=64", "solve panels C=64",
+                     "solve auto"]
     assert all(float(r[2]) > 0 for r in rows)
     picks = {r[1].strip(): r[3].strip() for r in rows}
-    assert picks["attention auto"] == "panels C=64" and picks["solve auto"] == "C=256"
+    assert picks["attention auto"] == "panels C=64" and picks["solve auto"] == "loop C=256"  # T=96: one chunk
     with pytest.raises(SystemExit):
         blocked_chunks.main(["--cases", "2x9x2x96"])  # D not a multiple of H

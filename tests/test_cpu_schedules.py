@@ -2,8 +2,10 @@
 
 * attention's "panels" schedule (unrolled causal-prefix panels) against the dense oracle:
   forward and gradients, GQA, segments, a length that is not a multiple of the chunk;
-* the rules of ``attention_schedule`` / ``solve_chunk`` (closed form) and that "auto"
-  really reaches the panel schedule and the budgeted chunks;
+* the solve's "panels" schedule against the dense oracle: forward and gradients, with and
+  without segments, lengths that are not a multiple of the chunk;
+* the rules of ``attention_schedule`` / ``solve_schedule`` (closed form) and that "auto"
+  really reaches the panel schedules and the budgeted chunks;
 * the blocked solve without segment ids (causality-only masks) equals the dense oracle;
 * ``layer_norm``'s hand-written backward equals flax's LayerNorm; ``row_dot`` equals
   sum(a * b).
@@ -19,7 +21,7 @@ from _parity import SEGMENTS_37, output_and_grads, rel_err
 
 from sessa_jax import SessaConfig, SessaLayer
 from sessa_jax.ops import causal_attention, feedback_solve
-from sessa_jax.ops import _blocked_attention, dispatch
+from sessa_jax.ops import _blocked, _blocked_attention, dispatch
 from sessa_jax.ops.layer_norm import LayerNorm, layer_norm
 from sessa_jax.ops.masks import row_dot
 
@@ -78,10 +80,49 @@ def test_auto_attention_schedule_rule(batch, heads, length, expected):
     assert dispatch.attention_schedule(96, batch, heads, length) == ("loop", 96)  # an explicit C is kept
 
 
-@pytest.mark.parametrize("batch,expected", [(1, 256), (8, 256), (9, 128), (32, 128), (33, 64), (4096, 64)])
-def test_auto_solve_chunk_rule(batch, expected):
-    assert dispatch.solve_chunk("auto", batch) == expected
-    assert dispatch.solve_chunk(40, batch) == 40
+@pytest.mark.parametrize("batch,length,expected", [
+    (1, 128, ("loop", 256)),       # one chunk of SOLVE_PANEL_CHUNK: nothing to unroll
+    (1, 129, ("panels", 128)),
+    (32, 512, ("panels", 128)),    # SOLVE_PANEL_MAX_LEN
+    (1, 513, ("loop", 256)),       # longer: loops, the largest C with B*C*C <= 2**19
+    (32, 1024, ("loop", 128)),
+    (8, 2048, ("loop", 256)),
+    (9, 2048, ("loop", 128)),
+    (32, 2048, ("loop", 128)),
+    (33, 2048, ("loop", 64)),
+    (4096, 4096, ("loop", 64)),
+])
+def test_auto_solve_schedule_rule(batch, length, expected):
+    assert dispatch.solve_schedule("auto", batch, length) == expected
+    assert dispatch.solve_schedule(40, batch, length) == ("loop", 40)  # an explicit C is kept
+
+
+@pytest.mark.parametrize("segments", [False, True])
+@pytest.mark.parametrize("chunk", [5, 16])
+def test_panel_solve_equals_dense_x64(segments, chunk):
+    """T=37: 8 chunks of 5 (padded), 3 of 16; segments with one-token documents and rows
+    without keys in the middle of a panel."""
+    with jax.enable_x64(True):
+        ks = jax.random.split(jax.random.PRNGKey(26), 5)
+        q = 4.0 * jax.random.normal(ks[0], (2, T, 8), jnp.float64)  # sharp rows
+        k = jax.random.normal(ks[1], (2, T, 8), jnp.float64)
+        gamma = 0.999 * jnp.tanh(3.0 * jax.random.normal(ks[2], (2, T), jnp.float64))
+        f = jax.random.normal(ks[3], (2, T, 8), jnp.float64)
+        cot = jax.random.normal(ks[4], (2, T, 8), jnp.float64)
+        seg = SEGMENTS_37 if segments else None
+        s_ref, g_ref = output_and_grads(lambda *a: feedback_solve(*a, segment_ids=seg, method="dense"),
+                                        (q, k, gamma, f), cot)
+        s, g = output_and_grads(lambda *a: _blocked.blocked_feedback_solve(*a, seg, chunk, jnp.float64, "panels"),
+                                (q, k, gamma, f), cot)
+        assert rel_err(s, s_ref) <= 1e-12
+        for a, b in zip(g, g_ref):
+            assert rel_err(a, b) <= 1e-11
+
+
+def test_unknown_solve_schedule_is_rejected():
+    w = jnp.ones((1, 8, 4))
+    with pytest.raises(ValueError, match=r"unknown solve schedule 'tiles'; choose one of \('loop', 'panels'\)"):
+        _blocked.blocked_feedback_solve(w, w, jnp.zeros((1, 8)), w, None, 4, jnp.float32, "tiles")
 
 
 def test_auto_reaches_the_schedules(monkeypatch):
@@ -91,13 +132,17 @@ def test_auto_reaches_the_schedules(monkeypatch):
     attend, solve = dispatch.blocked_causal_attention, dispatch.blocked_feedback_solve
     monkeypatch.setattr(dispatch, "blocked_causal_attention",
                         lambda *a: seen.append(("attention", a[4], a[6])) or attend(*a))
-    monkeypatch.setattr(dispatch, "blocked_feedback_solve", lambda *a: seen.append(("solve", a[5])) or solve(*a))
+    monkeypatch.setattr(dispatch, "blocked_feedback_solve",
+                        lambda *a: seen.append(("solve", a[5], a[7])) or solve(*a))
     x = jnp.ones((1, 600, 4, 2))
     causal_attention(x[:, :300], x[:, :300], x[:, :300], method="blocked")
     causal_attention(x, x, x, method="blocked")
-    w = jnp.ones((9, 40, 3))
-    feedback_solve(w, w, jnp.zeros((9, 40)), w, method="blocked")
-    assert seen == [("attention", 64, "panels"), ("attention", 256, "loop"), ("solve", 128)]
+    w = jnp.ones((9, 600, 3))
+    feedback_solve(w[:, :40], w[:, :40], jnp.zeros((9, 40)), w[:, :40], method="blocked")
+    feedback_solve(w[:, :200], w[:, :200], jnp.zeros((9, 200)), w[:, :200], method="blocked")
+    feedback_solve(w, w, jnp.zeros((9, 600)), w, method="blocked")
+    assert seen == [("attention", 64, "panels"), ("attention", 256, "loop"), ("solve", 128, "loop"),
+                    ("solve", 128, "panels"), ("solve", 128, "loop")]
 
 
 @pytest.mark.parametrize("chunk", [5, "auto"])

@@ -17,6 +17,11 @@ Both directions visit only the causal (C, C) tiles, in loops whose trip count is
 index: no causal waste, and each tile's logits stay in cache for their few elementwise
 passes (on CPU those passes, not the products, set the speed: benchmarks/vs_reference.py).
 No array with two T-sized axes is ever built: the largest transient is (B, C, C).
+
+A second schedule, "panels" (``_panels_forward`` / ``_panels_backward``), unrolls the chunks
+and gives each its whole causal prefix as one (C, i C) product with an exact softmax: fewer,
+larger operations and no online rescaling, for short sequences (``dispatch.solve_schedule``);
+its largest transient is (B, C, T).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from sessa_jax.ops.trsolve import unit_lower_solve
-from sessa_jax.ops.masks import PAD_SEGMENT, merge_chunks, pad_time, row_dot, take_chunk
+from sessa_jax.ops.masks import PAD_SEGMENT, masked_softmax, merge_chunks, pad_time, row_dot, take_chunk
 
 _HI = lax.Precision.HIGHEST
 
@@ -170,32 +175,90 @@ def _backward(plan: BlockedPlan, res, ds):
     return dq, dk, dgamma, lam
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _solve(plan, q, k, gamma, f, seg):
-    return _forward(plan, q, k, gamma, f, seg)[0]
+def _panel(q, k, i: int, c: int, seg):
+    """Logits (B, C, (i + 1) C) of chunk i's rows against all keys up to its end, and their
+    mask: keys strictly before each row, in its segment (``seg`` None: causality alone)."""
+    rows, end = slice(i * c, (i + 1) * c), (i + 1) * c
+    logits = jnp.einsum("bcd,bkd->bck", q[:, rows], k[:, :end], precision=_HI)
+    mask = (jnp.arange(end)[None, :] < jnp.arange(i * c, end)[:, None])[None]
+    if seg is not None:
+        mask = mask & (seg[:, rows, None] == seg[:, None, :end])
+    return logits, mask
 
 
-def _solve_fwd(plan, q, k, gamma, f, seg):
-    s, lse, r = _forward(plan, q, k, gamma, f, seg)
+def _panels_forward(plan: BlockedPlan, q, k, gamma, f, seg):
+    """Like ``_forward`` (same outputs): chunk i's rows see their whole past in one panel,
+    r_off = A[rows, :iC] s[:iC] is one product, then the diagonal solve as in the loop."""
+    c = plan.chunk
+    s, lses, rs = jnp.zeros_like(f), [], []
+    for i in range(plan.num_chunks):
+        rows, past = slice(i * c, (i + 1) * c), i * c
+        a, lse = masked_softmax(*_panel(q, k, i, c, seg))  # rows without keys: zeros, lse 0
+        r_off = jnp.einsum("bck,bkd->bcd", a[..., :past], s[:, :past], precision=_HI)
+        a_ii = a[..., past:]
+        s_i = _diag_solve(a_ii, gamma[:, rows], f[:, rows] + gamma[:, rows, None] * r_off, transpose=False)
+        rs.append(r_off + jnp.einsum("bcs,bsd->bcd", a_ii, s_i, precision=_HI))
+        s = s.at[:, rows].set(s_i)
+        lses.append(lse)
+    return s, jnp.concatenate(lses, axis=1), jnp.concatenate(rs, axis=1)
+
+
+def _panels_backward(plan: BlockedPlan, res, ds):
+    """Like ``_backward`` (same outputs), row chunks last to first: chunk i's panel rebuilt from
+    the saved log-sum-exp gives lam_i (its b_i is complete: only later rows add to it), pushes
+    A[rows, :iC]^T g_i into the earlier rows' b, and gives dq_i exactly and dk over its prefix."""
+    q, k, gamma, seg, s, lse, r = res
+    c, n = plan.chunk, plan.num_chunks
+    bacc, dk, lams, dqs = jnp.zeros_like(s), jnp.zeros_like(k), [], []
+    for i in reversed(range(n)):
+        rows, past, end = slice(i * c, (i + 1) * c), i * c, (i + 1) * c
+        logits, mask = _panel(q, k, i, c, seg)
+        a = jnp.where(mask, jnp.exp(logits - lse[:, rows, None]), 0.0)
+        lam_i = _diag_solve(a[..., past:], gamma[:, rows], ds[:, rows] + bacc[:, rows], transpose=True)
+        g_i = gamma[:, rows, None] * lam_i
+        bacc = bacc.at[:, :past].add(jnp.einsum("bck,bcd->bkd", a[..., :past], g_i, precision=_HI))
+        g_dot_s = jnp.einsum("bcd,bkd->bck", g_i, s[:, :end], precision=_HI)
+        dlogits = a * (g_dot_s - row_dot(g_i, r[:, rows], keepdims=True))
+        dqs.append(jnp.einsum("bck,bkd->bcd", dlogits, k[:, :end], precision=_HI))
+        dk = dk.at[:, :end].add(jnp.einsum("bck,bcd->bkd", dlogits, q[:, rows], precision=_HI))
+        lams.append(lam_i)
+    lam, dq = jnp.concatenate(lams[::-1], axis=1), jnp.concatenate(dqs[::-1], axis=1)
+    return dq, dk, row_dot(lam, r), lam
+
+
+SCHEDULES = {"loop": (_forward, _backward), "panels": (_panels_forward, _panels_backward)}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _solve(schedule, plan, q, k, gamma, f, seg):
+    return SCHEDULES[schedule][0](plan, q, k, gamma, f, seg)[0]
+
+
+def _solve_fwd(schedule, plan, q, k, gamma, f, seg):
+    s, lse, r = SCHEDULES[schedule][0](plan, q, k, gamma, f, seg)
     return s, (q, k, gamma, seg, s, lse, r)
 
 
-def _solve_bwd(plan, res, ds):
-    dq, dk, dgamma, df = _backward(plan, res, ds)
+def _solve_bwd(schedule, plan, res, ds):
+    dq, dk, dgamma, df = SCHEDULES[schedule][1](plan, res, ds)
     return dq, dk, dgamma, df, None
 
 
 _solve.defvjp(_solve_fwd, _solve_bwd)
 
 
-def blocked_feedback_solve(q_b, k_b, gamma, f, segment_ids, chunk_size: int, dtype):
+def blocked_feedback_solve(q_b, k_b, gamma, f, segment_ids, chunk_size: int, dtype, schedule: str = "loop"):
     """Blocked solve on validated inputs; q_b/k_b/f (B,T,D), gamma (B,T), segment_ids (B,T)
     ints or None (one sequence per row: tiles are masked by causality alone, which is cheaper).
+    ``schedule``: "loop" (tile loops, O(C^2) transients) or "panels" (unrolled causal-prefix
+    panels, O(C T) transients; for short sequences).
 
     Pads T to a multiple of the chunk (padded rows come after every real row, get their own
     segment and gamma = 0, so they never reach real rows), folds D^-1/2 into q and solves in
     ``dtype``.
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown solve schedule {schedule!r}; choose one of {tuple(SCHEDULES)}")
     b, t, d = f.shape
     plan = BlockedPlan.make(t, chunk_size)
     tp = plan.padded_len
@@ -205,5 +268,5 @@ def blocked_feedback_solve(q_b, k_b, gamma, f, segment_ids, chunk_size: int, dty
 
     seg = None if segment_ids is None else pad_time(segment_ids.astype(jnp.int32), tp, PAD_SEGMENT)
     q = pad(q_b) * (1.0 / jnp.sqrt(jnp.asarray(d, dtype)))
-    s = _solve(plan, q, pad(k_b), pad(gamma), pad(f), seg)
+    s = _solve(schedule, plan, q, pad(k_b), pad(gamma), pad(f), seg)
     return s[:, :t]
