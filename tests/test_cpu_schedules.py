@@ -83,9 +83,11 @@ def test_auto_attention_schedule_rule(batch, heads, length, expected):
 @pytest.mark.parametrize("batch,length,expected", [
     (1, 128, ("loop", 256)),       # one chunk of SOLVE_PANEL_CHUNK: nothing to unroll
     (1, 129, ("panels", 128)),
-    (32, 512, ("panels", 128)),    # SOLVE_PANEL_MAX_LEN
-    (1, 513, ("loop", 256)),       # longer: loops, the largest C with B*C*C <= 2**19
-    (32, 1024, ("loop", 128)),
+    (8, 512, ("panels", 128)),     # SOLVE_PANEL_MAX_LEN; 8*128*512 = 2**19, at the budget
+    (16, 256, ("panels", 128)),
+    (9, 512, ("loop", 128)),       # panels over budget: loops, the largest C with B*C*C <= 2**19
+    (32, 512, ("loop", 128)),
+    (1, 513, ("loop", 256)),       # longer than SOLVE_PANEL_MAX_LEN
     (8, 2048, ("loop", 256)),
     (9, 2048, ("loop", 128)),
     (32, 2048, ("loop", 128)),
@@ -139,7 +141,7 @@ def test_auto_reaches_the_schedules(monkeypatch):
     causal_attention(x, x, x, method="blocked")
     w = jnp.ones((9, 600, 3))
     feedback_solve(w[:, :40], w[:, :40], jnp.zeros((9, 40)), w[:, :40], method="blocked")
-    feedback_solve(w[:, :200], w[:, :200], jnp.zeros((9, 200)), w[:, :200], method="blocked")
+    feedback_solve(w[:, :200], w[:, :200], jnp.zeros((9, 200)), w[:, :200], method="blocked")  # 9*128*200 <= 2**19
     feedback_solve(w, w, jnp.zeros((9, 600)), w, method="blocked")
     assert seen == [("attention", 64, "panels"), ("attention", 256, "loop"), ("solve", 128, "loop"),
                     ("solve", 128, "panels"), ("solve", 128, "loop")]

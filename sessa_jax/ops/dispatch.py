@@ -36,9 +36,9 @@ TILE_LEAVES = 8
 # elementwise passes); attention on at most
 # PANEL_MAX_LEN tokens with (B*H, PANEL_CHUNK, T) panels within that budget runs the "panels"
 # schedule instead of tile loops; the solve runs its "panels" schedule with chunks of
-# SOLVE_PANEL_CHUNK on more than one chunk and at most SOLVE_PANEL_MAX_LEN tokens (the whole
-# layer at T=512: 8-9% faster at B=1, 14% at B=8; at T=1024 faster at B=8 but slower at B=1,
-# and slower from T=2048 on).
+# SOLVE_PANEL_CHUNK on more than one chunk and at most SOLVE_PANEL_MAX_LEN tokens, while its
+# (B, SOLVE_PANEL_CHUNK, T) panels fit TILE_BUDGET (the whole layer at T=512: 8-9% faster at
+# B=1, 14% at B=8; the solve at B=32, D=64 slower; at T=1024 faster at B=8 but slower at B=1).
 AUTO = "auto"
 AUTO_CHUNKS = (256, 128, 64)
 TILE_BUDGET = 1 << 19
@@ -80,11 +80,12 @@ def tile_chunk(tile_batch: int) -> int:
 
 def solve_schedule(chunk_size, batch: int, length: int) -> tuple[str, int]:
     """(schedule, C) of the blocked solve: ("loop", ``chunk_size``) when it is an integer; for
-    "auto", ("panels", SOLVE_PANEL_CHUNK) on sequences of at most SOLVE_PANEL_MAX_LEN tokens
-    (more than one chunk), else ("loop", ``tile_chunk(batch)``)."""
+    "auto", ("panels", SOLVE_PANEL_CHUNK) on sequences of more than one chunk and at most
+    SOLVE_PANEL_MAX_LEN tokens whose (B, SOLVE_PANEL_CHUNK, T) panels fit TILE_BUDGET, else
+    ("loop", ``tile_chunk(batch)``)."""
     if chunk_size != AUTO:
         return "loop", chunk_size
-    if SOLVE_PANEL_CHUNK < length <= SOLVE_PANEL_MAX_LEN:
+    if SOLVE_PANEL_CHUNK < length <= SOLVE_PANEL_MAX_LEN and batch * SOLVE_PANEL_CHUNK * length <= TILE_BUDGET:
         return "panels", SOLVE_PANEL_CHUNK
     return "loop", tile_chunk(batch)
 
