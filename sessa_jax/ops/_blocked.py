@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from sessa_jax.ops.trsolve import unit_lower_solve
-from sessa_jax.ops.masks import PAD_SEGMENT, masked_softmax, merge_chunks, pad_time, row_dot, take_chunk
+from sessa_jax.ops.masks import PAD_SEGMENT, masked_softmax, merge_chunks, pad_time, prefix_mask, row_dot, take_chunk
 
 _HI = lax.Precision.HIGHEST
 
@@ -178,12 +178,8 @@ def _backward(plan: BlockedPlan, res, ds):
 def _panel(q, k, i: int, c: int, seg):
     """Logits (B, C, (i + 1) C) of chunk i's rows against all keys up to its end, and their
     mask: keys strictly before each row, in its segment (``seg`` None: causality alone)."""
-    rows, end = slice(i * c, (i + 1) * c), (i + 1) * c
-    logits = jnp.einsum("bcd,bkd->bck", q[:, rows], k[:, :end], precision=_HI)
-    mask = (jnp.arange(end)[None, :] < jnp.arange(i * c, end)[:, None])[None]
-    if seg is not None:
-        mask = mask & (seg[:, rows, None] == seg[:, None, :end])
-    return logits, mask
+    logits = jnp.einsum("bcd,bkd->bck", q[:, i * c:(i + 1) * c], k[:, :(i + 1) * c], precision=_HI)
+    return logits, prefix_mask(i * c, c, seg, strict=True)
 
 
 def _panels_forward(plan: BlockedPlan, q, k, gamma, f, seg):

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from sessa_jax.ops._blocked import BlockedPlan
-from sessa_jax.ops.masks import PAD_SEGMENT, block_mask, pad_time, row_dot
+from sessa_jax.ops.masks import PAD_SEGMENT, pad_time, prefix_mask, row_dot
 
 _HI = lax.Precision.HIGHEST
 
@@ -141,12 +141,7 @@ def _panel(q, k, i: int, c: int, seg):
     """Logits of query chunk i against keys [0, (i + 1) C): (B, Hkv, G, C, (i + 1) C), -inf masked."""
     end = (i + 1) * c
     logits = jnp.einsum("bhgck,bhsk->bhgcs", q[:, :, :, i * c:end], k[:, :, :end], precision=_HI)
-    q_pos, k_pos = i * c + jnp.arange(c), jnp.arange(end)
-    if seg is None:
-        mask = (k_pos[None, :] <= q_pos[:, None])[None]
-    else:
-        mask = block_mask(q_pos, k_pos, seg[:, i * c:end], seg[:, :end], strict=False)
-    return jnp.where(mask[:, None, None], logits, -jnp.inf)
+    return jnp.where(prefix_mask(i * c, c, seg, strict=False)[:, None, None], logits, -jnp.inf)
 
 
 def _panels_forward(plan: BlockedPlan, q, k, v, seg):

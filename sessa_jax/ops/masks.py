@@ -17,16 +17,26 @@ def block_mask(q_pos, k_pos, q_seg, k_seg, *, strict: bool):
     """Boolean mask (B, Cq, Ck) of allowed (query, key) pairs.
 
     q_pos (Cq,), k_pos (Ck,): absolute token indices; q_seg (B, Cq), k_seg (B, Ck):
-    segment ids. ``strict`` = key strictly before the query (feedback branch); otherwise
-    the diagonal is included (forward causal attention). Keys must share the query's
-    segment.
+    segment ids, or both None (one sequence per row: causality alone, shape (1, Cq, Ck)).
+    ``strict`` = key strictly before the query (feedback branch); otherwise the diagonal is
+    included (forward causal attention). Keys must share the query's segment.
     """
     if strict:
         causal = k_pos[None, :] < q_pos[:, None]
     else:
         causal = k_pos[None, :] <= q_pos[:, None]
+    if q_seg is None:
+        return causal[None]
     same = q_seg[:, :, None] == k_seg[:, None, :]
     return causal[None] & same
+
+
+def prefix_mask(row0: int, rows: int, seg, *, strict: bool):
+    """``block_mask`` of rows [row0, row0 + rows) against every key before their end, the
+    panels of the blocked paths: (B, rows, row0 + rows), or (1, ...) when ``seg`` is None."""
+    end = row0 + rows
+    seg_q, seg_k = (None, None) if seg is None else (seg[:, row0:end], seg[:, :end])
+    return block_mask(row0 + jnp.arange(rows), jnp.arange(end), seg_q, seg_k, strict=strict)
 
 
 def masked_softmax(logits, mask):
