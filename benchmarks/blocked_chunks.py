@@ -8,6 +8,13 @@ from this table.
     python benchmarks/blocked_chunks.py                        # the README's cases
     python benchmarks/blocked_chunks.py --cases 1x256x4x512 8x256x4x512 --repeats 5
     python benchmarks/blocked_chunks.py --ops solve --cases 32x64x4x2048
+    python benchmarks/blocked_chunks.py --ops layer --cases 1x256x4x512 --repeats 7
+
+``--ops layer`` times the whole default ``SessaLayer`` (d_model D, n_heads H, chunk "auto")
+twice: as "auto" compiles it, and with the solve's panels turned off (traced with
+``dispatch.SOLVE_PANEL_MAX_LEN = 0``, so its solve runs the loop): the layer-level check of
+the solve's panel rule. ``--panel-max-len N`` traces the "layer auto" column with
+``SOLVE_PANEL_MAX_LEN = N`` instead (what a longer panel limit would do).
 
 A case is BxDxHxT: batch, width D (the solve's width; attention has H heads of D/H).
 """
@@ -19,6 +26,7 @@ import platform
 import statistics
 import sys
 import time
+import unittest.mock
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,9 +47,30 @@ def _timed(fn, sample_s: float) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def _case_fns(b: int, d: int, h: int, t: int, ops=("attention", "solve")) -> dict:
+def _layer_fns(b: int, d: int, h: int, t: int, panel_max_len: int | None = None) -> dict:
+    """{column: call}: forward + backward of the default SessaLayer with the solve's loop, and auto."""
+    import jax
+    import jax.numpy as jnp
+
+    from sessa_jax import SessaConfig, SessaLayer
+    from sessa_jax.ops import dispatch
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (b, t, d))
+    layer = SessaLayer(SessaConfig(d_model=d, n_heads=h, max_len=t))
+    params = layer.init(jax.random.PRNGKey(1), x)
+    fns = {}
+    auto_max_len = dispatch.SOLVE_PANEL_MAX_LEN if panel_max_len is None else panel_max_len
+    for name, max_len in (("layer, solve loop", 0), ("layer auto", auto_max_len)):
+        g = jax.jit(jax.grad(lambda p, x: jnp.sum(layer.apply(p, x) ** 2), argnums=(0, 1)))
+        with unittest.mock.patch.object(dispatch, "SOLVE_PANEL_MAX_LEN", max_len):
+            jax.block_until_ready(g(params, x))  # traced and compiled under this rule
+        fns[name] = lambda g=g: jax.block_until_ready(g(params, x))
+    return fns
+
+
+def _case_fns(b: int, d: int, h: int, t: int, ops=("attention", "solve"), panel_max_len: int | None = None) -> dict:
     """{column: call} for one case: attention per chunk, panels, auto; solve per chunk, panels
-    per chunk (when there is more than one), auto."""
+    per chunk (when there is more than one), auto; the layer (``_layer_fns``)."""
     import jax
     import jax.numpy as jnp
 
@@ -67,6 +96,8 @@ def _case_fns(b: int, d: int, h: int, t: int, ops=("attention", "solve")) -> dic
         fns["attention panels"] = grad(lambda q, k, v: blocked_causal_attention(q, k, v, None, 64, q.dtype, "panels"),
                                        q, k, v)
         fns["attention auto"] = grad(lambda q, k, v: causal_attention(q, k, v, method="blocked"), q, k, v)
+    if "layer" in ops:
+        fns.update(_layer_fns(b, d, h, t, panel_max_len))
     if "solve" not in ops:
         return fns
     for c in CHUNKS:
@@ -84,13 +115,16 @@ def _case_fns(b: int, d: int, h: int, t: int, ops=("attention", "solve")) -> dic
 def main(argv=None) -> None:
     import jax
 
+    from sessa_jax.ops import dispatch
     from sessa_jax.ops.dispatch import attention_schedule, solve_schedule
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="BxDxHxT")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the table shows the median")
     p.add_argument("--sample-s", type=float, default=0.3, help="target seconds of one timing sample")
-    p.add_argument("--ops", nargs="+", choices=["attention", "solve"], default=["attention", "solve"])
+    p.add_argument("--ops", nargs="+", choices=["attention", "solve", "layer"], default=["attention", "solve"])
+    p.add_argument("--panel-max-len", type=int, default=None,
+                   help="--ops layer: SOLVE_PANEL_MAX_LEN for the 'layer auto' column (default: the dispatch rule's)")
     args = p.parse_args(argv)
     cases = []
     for spec in args.cases:
@@ -106,13 +140,17 @@ def main(argv=None) -> None:
     print("| case BxDxHxT | column | ms | auto picks |")
     print("| --- | --- | --- | --- |")
     for b, d, h, t in cases:
-        fns = _case_fns(b, d, h, t, args.ops)
+        fns = _case_fns(b, d, h, t, args.ops, args.panel_max_len)
         times = {name: [] for name in fns}
         for _ in range(args.repeats):
             for name, fn in fns.items():
                 times[name].append(_timed(fn, args.sample_s))
+        layer_max_len = dispatch.SOLVE_PANEL_MAX_LEN if args.panel_max_len is None else args.panel_max_len
+        with unittest.mock.patch.object(dispatch, "SOLVE_PANEL_MAX_LEN", layer_max_len):  # as "layer auto" was traced
+            layer_pick = "solve {} C={}".format(*solve_schedule("auto", b, t))
         picks = {"attention auto": "{} C={}".format(*attention_schedule("auto", b, h, t)),
-                 "solve auto": "{} C={}".format(*solve_schedule("auto", b, t))}
+                 "solve auto": "{} C={}".format(*solve_schedule("auto", b, t)),
+                 "layer auto": layer_pick}
         for name, samples in times.items():
             print(f"| {b}x{d}x{h}x{t} | {name} | {statistics.median(samples) * 1e3:.1f} | {picks.get(name, '')} |",
                   flush=True)

@@ -108,5 +108,9 @@ def test_blocked_chunks_table_runs(capsys):
     assert all(float(r[2]) > 0 for r in rows)
     picks = {r[1].strip(): r[3].strip() for r in rows}
     assert picks["attention auto"] == "panels C=64" and picks["solve auto"] == "loop C=256"  # T=96: one chunk
+    blocked_chunks.main(["--ops", "layer", "--cases", "2x8x2x200", "--repeats", "1", "--sample-s", "0.001"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| 2x8x2x200")]
+    assert [r[1].strip() for r in rows] == ["layer, solve loop", "layer auto"]
+    assert rows[1][3].strip() == "solve panels C=128" and all(float(r[2]) > 0 for r in rows)
     with pytest.raises(SystemExit):
         blocked_chunks.main(["--cases", "2x9x2x96"])  # D not a multiple of H

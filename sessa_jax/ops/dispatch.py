@@ -37,8 +37,8 @@ TILE_LEAVES = 8
 # PANEL_MAX_LEN tokens with (B*H, PANEL_CHUNK, T) panels within that budget runs the "panels"
 # schedule instead of tile loops; the solve runs its "panels" schedule with chunks of
 # SOLVE_PANEL_CHUNK on more than one chunk and at most SOLVE_PANEL_MAX_LEN tokens, while its
-# (B, SOLVE_PANEL_CHUNK, T) panels fit TILE_BUDGET (the whole layer at T=512: 8-9% faster at
-# B=1, 14% at B=8; the solve at B=32, D=64 slower; at T=1024 faster at B=8 but slower at B=1).
+# (B, SOLVE_PANEL_CHUNK, T) panels fit TILE_BUDGET (`blocked_chunks.py --ops layer`: the whole
+# layer at T=512 9% faster at B=1 and B=8; at T=1024, B=1 slower; the solve at B=32, D=64 slower).
 AUTO = "auto"
 AUTO_CHUNKS = (256, 128, 64)
 TILE_BUDGET = 1 << 19
