@@ -47,8 +47,9 @@ def _timed(fn, sample_s: float) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def _layer_fns(b: int, d: int, h: int, t: int, panel_max_len: int | None = None) -> dict:
-    """{column: call}: forward + backward of the default SessaLayer with the solve's loop, and auto."""
+def _layer_fns(b: int, d: int, h: int, t: int, panel_max_len: int) -> dict:
+    """{column: call}: forward + backward of the default SessaLayer with the solve's loop, and
+    "auto" traced with ``SOLVE_PANEL_MAX_LEN = panel_max_len``."""
     import jax
     import jax.numpy as jnp
 
@@ -59,8 +60,7 @@ def _layer_fns(b: int, d: int, h: int, t: int, panel_max_len: int | None = None)
     layer = SessaLayer(SessaConfig(d_model=d, n_heads=h, max_len=t))
     params = layer.init(jax.random.PRNGKey(1), x)
     fns = {}
-    auto_max_len = dispatch.SOLVE_PANEL_MAX_LEN if panel_max_len is None else panel_max_len
-    for name, max_len in (("layer, solve loop", 0), ("layer auto", auto_max_len)):
+    for name, max_len in (("layer, solve loop", 0), ("layer auto", panel_max_len)):
         g = jax.jit(jax.grad(lambda p, x: jnp.sum(layer.apply(p, x) ** 2), argnums=(0, 1)))
         with unittest.mock.patch.object(dispatch, "SOLVE_PANEL_MAX_LEN", max_len):
             jax.block_until_ready(g(params, x))  # traced and compiled under this rule
@@ -68,9 +68,9 @@ def _layer_fns(b: int, d: int, h: int, t: int, panel_max_len: int | None = None)
     return fns
 
 
-def _case_fns(b: int, d: int, h: int, t: int, ops=("attention", "solve"), panel_max_len: int | None = None) -> dict:
+def _case_fns(b: int, d: int, h: int, t: int, ops, panel_max_len: int) -> dict:
     """{column: call} for one case: attention per chunk, panels, auto; solve per chunk, panels
-    per chunk (when there is more than one), auto; the layer (``_layer_fns``)."""
+    per chunk (when there is more than one), auto; the layer (``_layer_fns``), for the ``ops`` asked."""
     import jax
     import jax.numpy as jnp
 
@@ -126,6 +126,7 @@ def main(argv=None) -> None:
     p.add_argument("--panel-max-len", type=int, default=None,
                    help="--ops layer: SOLVE_PANEL_MAX_LEN for the 'layer auto' column (default: the dispatch rule's)")
     args = p.parse_args(argv)
+    layer_max_len = dispatch.SOLVE_PANEL_MAX_LEN if args.panel_max_len is None else args.panel_max_len
     cases = []
     for spec in args.cases:
         try:
@@ -140,12 +141,11 @@ def main(argv=None) -> None:
     print("| case BxDxHxT | column | ms | auto picks |")
     print("| --- | --- | --- | --- |")
     for b, d, h, t in cases:
-        fns = _case_fns(b, d, h, t, args.ops, args.panel_max_len)
+        fns = _case_fns(b, d, h, t, args.ops, layer_max_len)
         times = {name: [] for name in fns}
         for _ in range(args.repeats):
             for name, fn in fns.items():
                 times[name].append(_timed(fn, args.sample_s))
-        layer_max_len = dispatch.SOLVE_PANEL_MAX_LEN if args.panel_max_len is None else args.panel_max_len
         with unittest.mock.patch.object(dispatch, "SOLVE_PANEL_MAX_LEN", layer_max_len):  # as "layer auto" was traced
             layer_pick = "solve {} C={}".format(*solve_schedule("auto", b, t))
         picks = {"attention auto": "{} C={}".format(*attention_schedule("auto", b, h, t)),
