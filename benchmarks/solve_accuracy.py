@@ -156,16 +156,17 @@ def _one_pass_forward(active: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def solve_fn(tier: str, leaf: int, t: int):
+def solve_fn(tier: str, leaf: int, t: int, kernels: str = "xla"):
     """Jitted (s float32, (dq, dk, dgamma, df)) of the recursive solve at ``tier`` on bf16 inputs,
-    run as on a GPU or TPU (tier rules of the products; platform "cpu" only picks the split form)."""
+    run as on a GPU or TPU (tier rules of the products; platform "cpu" only picks the split form;
+    ``kernels="pallas"`` runs the TPU kernels in interpret mode)."""
     tile = recursive_tile(t, leaf)
 
     def loss(q, k, g, f, ds):
         with _one_pass_forward(tier == ONE_PASS_FORWARD):
             s = recursive_feedback_solve(q, k, g, f, jnp.ones(g.shape, jnp.int32), leaf_size=leaf, tile=tile,
                                          tier="bfloat16" if tier == ONE_PASS_FORWARD else tier, platform="cpu",
-                                         dtype=jnp.float32)
+                                         dtype=jnp.float32, kernels=kernels)
         return jnp.sum(s.astype(f.dtype).astype(jnp.float32) * ds.astype(jnp.float32)), s
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
@@ -176,7 +177,8 @@ def leaf_for(t: int) -> int:
     return max(8, 1 << max(0, (t // 16).bit_length() - 1))
 
 
-def measure(regime: str, t: int, tiers=TIERS, d: int = 64, seed: int = 0, leaf: int | None = None) -> dict:
+def measure(regime: str, t: int, tiers=TIERS, d: int = 64, seed: int = 0, leaf: int | None = None,
+            kernels: str = "xla") -> dict:
     """{"attention": {dq, dk, dv}, "s_floor": float, tier: {s, dq, dk, dgamma, df}} for one case."""
     leaf = leaf_for(t) if leaf is None else leaf
     q, k, gamma, f, ds = regime_inputs(regime, t, d=d, seed=seed)
@@ -185,7 +187,7 @@ def measure(regime: str, t: int, tiers=TIERS, d: int = 64, seed: int = 0, leaf: 
     row = {"regime": regime, "T": t, "D": d, "leaf": leaf,
            "attention": attention_errors(qb, kb, fb, dsb), "s_floor": rel(s64, s64_full)}
     for tier in tiers:
-        (_, s), grads = solve_fn(tier, leaf, t)(qb, kb, gamma, fb, dsb)
+        (_, s), grads = solve_fn(tier, leaf, t, kernels)(qb, kb, gamma, fb, dsb)
         row[tier] = {"s": rel(s, s64), **{name: rel(a, b) for name, a, b in zip(GRADS, grads, g64)}}
     return row
 

@@ -126,3 +126,12 @@ def test_one_pass_forward_breaks_the_gradient(measured):
     assert one_pass["s"] <= lim["s"] and row["bfloat16"]["dq"] <= lim["dq"]
     assert one_pass["dq"] > 2 * lim["dq"], (one_pass, lim)
     np.testing.assert_array_less(row["bfloat16"]["s"], one_pass["s"])
+
+
+@pytest.mark.parametrize("tier", ACCELERATOR_TIERS)
+def test_tpu_kernel_path_meets_the_bounds(tier):
+    """kernels="pallas" (the TPU kernels, interpret mode here) gets the same two-pass g s^T: the
+    hub regime (most of its weight is in the pushed blocks, which the kernels compute), where one
+    pass fails, at leaf 128 (the kernels' key block)."""
+    row = solve_accuracy.measure("hub", 512, (tier,), leaf=128, kernels="pallas")
+    assert _misses(row, tier) == {}, row
