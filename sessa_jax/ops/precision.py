@@ -17,7 +17,8 @@ those products compounds along the recurrence, so they get their own tier:
   (``bf16_round_bits``), which no such rewrite touches (``benchmarks/gpu_compile.py --dump``
   shows the low parts in the H100-compiled program). ``GPU_BF16X3 = "preset"`` switches the
   GPU back to XLA's preset (``scripts/gpu_bf16x3_split_check.py`` compares both on a device).
-  The GPU and TPU default: ~5e-6 relative error in the sharp gamma = +-0.999 stress case.
+  The GPU and TPU default for float32 compute: ~5e-6 relative error in the sharp gamma = +-0.999
+  stress case.
 * ``"bfloat16"``: one bf16 pass for the backward's transposed pushes A^T g, the bulk of the
   backward's chained work; everything else as in bf16x3 (``solution_tier``). The forward cannot
   be leaner: the logits gradient dL = A * (g s^T - rowsum(g * r)) takes the difference of
@@ -25,7 +26,8 @@ those products compounds along the recurrence, so they get their own tier:
   near 1 makes it a running sum), so the difference is small and r must equal A s to better than
   bf16: with one-pass pushes in the forward, s stays within 2x of the error f's own bf16 rounding
   gives it, but dq reaches ~8x bf16 attention's own error when every row attends to the previous
-  token (``benchmarks/solve_accuracy.py``).
+  token (``benchmarks/solve_accuracy.py --tiers bfloat16-fwd1``). The GPU and TPU default for
+  bf16 compute (``auto_precision``).
 
 The logits enter an exponential, so their error is not averaged away: bf16 q, k take one
 bf16 pass (the products are exact with fp32 accumulation); float32 q, k take fp32-faithful
