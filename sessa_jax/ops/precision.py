@@ -183,27 +183,6 @@ def logits_dot(spec: str, q, k, tier: str, platform: str | None = None):
 
 
 def difference_dot(spec: str, g, s, tier: str, platform: str | None = None):
-    """(g as used, einsum(spec, g, s)) for a product that enters g s^T - g . r (the logits
-    gradient), where both terms must see the same g and an accurate s; fp32 (or f64) out.
-
-    s varies slowly along time, so g_i . s_j and g_i . r_i (r a weighted mean of s) nearly cancel,
-    and one bf16 pass would leave an error of ~2^-9 |g| |s| in their small difference. At tier
-    ``"bfloat16"`` g is rounded to bf16 once and returned (the caller forms g . r from it) and s
-    is split into bf16 hi + lo: two bf16 passes, s to ~2^-16, so the difference keeps the
-    accuracy of g's own rounding. Other tiers: g unchanged and ``chained_dot``.
-    """
-    if tier != "bfloat16" or _wide(g, s) == jnp.float64:
-        return g, chained_dot(spec, g, s, tier, platform)
-    acc = _wide(g, s)
-    g_hi = bf16_round_bits(g) if g.dtype != _BF16 else g.astype(jnp.float32)
-    s_hi, s_lo = split_bf16(s)
-    out = jnp.einsum(spec, g_hi.astype(_BF16), s_hi, preferred_element_type=acc)
-    if s_lo is not None:
-        out = out + jnp.einsum(spec, g_hi.astype(_BF16), s_lo, preferred_element_type=acc)
-    return g_hi.astype(acc), out
-
-
-def difference_dot(spec: str, g, s, tier: str, platform: str | None = None):
     """(g as used, einsum(spec, g, s)) for g s^T in the logits gradient A * (g s^T - rowsum(g * r)),
     whose caller must form rowsum(g * r) from the returned g; fp32 (or f64) out.
 
