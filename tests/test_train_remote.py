@@ -1,0 +1,199 @@
+"""Workdirs in a bucket: training into gs://, SIGKILL, bit-identical resume from the bucket,
+the bucket lock, and URL schemes that are refused before anything is written.
+
+Everything runs against a GCS emulator started here on 127.0.0.1 (tests/_gcs_emulator.py);
+nothing reaches a real network.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from sessa_jax.train import checkpoint as ckpt
+from sessa_jax.train import loop
+from sessa_jax.train import workdir as wd
+from sessa_jax.train.config import load_config
+from sessa_jax.train.metrics import read_jsonl
+
+from _gcs_emulator import UNSET, Emulator, EmulatorUnavailable, client_env
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUCKET = "bucket"
+STEPS, EVERY = 24, 6
+ARGS = [f"train.steps={STEPS}", f"checkpoint.every={EVERY}", "train.progress=False", "checkpoint.async_save=True"]
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """The emulator with an empty bucket, and this process's environment pointed at it."""
+    root = str(tmp_path_factory.mktemp("gcs"))
+    emulator = Emulator(root)
+    try:
+        emulator.start()
+    except EmulatorUnavailable as e:
+        pytest.skip(f"no GCS emulator: {e}")
+    env = client_env(emulator.url, root)
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        for k in UNSET:
+            mp.delenv(k, raising=False)
+        import fsspec
+        import gcsfs.core
+
+        # fsspec read its FSSPEC_* settings at import, and gcsfs may have chosen its gRPC
+        # variant at import: set both for this process explicitly.
+        mp.setitem(fsspec.config.conf, "gcs", {"token": "anon"})
+        for protocol in ("gs", "gcs"):
+            fsspec.register_implementation(protocol, gcsfs.core.GCSFileSystem, clobber=True)
+        fsspec.filesystem("gcs").clear_instance_cache()
+        emulator.create_bucket(BUCKET)
+        try:
+            yield dict(env=env, url=emulator.url)
+        finally:
+            emulator.stop()
+
+
+def _objects(prefix: str) -> list[str]:
+    from google.cloud import storage
+
+    return [b.name for b in storage.Client().list_blobs(BUCKET, prefix=prefix)]
+
+
+def _committed_steps(run: str) -> list[int]:
+    """Steps of gs://bucket/RUN/checkpoints that orbax has finished (its commit marker)."""
+    pattern = re.compile(rf"^{re.escape(run)}/checkpoints/(\d+)/commit_success\.txt$")
+    return sorted(int(m.group(1)) for m in map(pattern.match, _objects(f"{run}/checkpoints/")) if m)
+
+
+def _start(gcs, cwd, workdir, extra=()):
+    env = {k: v for k, v in os.environ.items() if k not in UNSET}
+    env.update(gcs["env"], JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config=tiny", f"--workdir={workdir}",
+           *[f"--config.{a}" for a in (*ARGS, *extra)]]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait(proc, predicate, timeout=600):
+    t0 = time.monotonic()
+    while not predicate():
+        assert proc.poll() is None, f"run ended early:\n{proc.stdout.read()}"
+        assert time.monotonic() - t0 < timeout, "timed out waiting for the run"
+        time.sleep(0.2)
+
+
+def _losses(path):
+    return {r["step"]: r["loss"] for r in read_jsonl(path) if "loss" in r}
+
+
+def test_sigkill_then_resume_from_a_bucket_is_bit_identical(gcs, tmp_path):
+    reference = str(tmp_path / "reference")
+    loop.train(load_config("tiny", ARGS), reference, log=lambda s: None)
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    url = f"gs://{BUCKET}/run"
+    proc = _start(gcs, cwd, url, ["train.step_delay_s=0.15"])
+    try:
+        _wait(proc, lambda: bool(_committed_steps("run")))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    n = _committed_steps("run")[-1]
+    assert EVERY <= n < STEPS
+    assert "run/.lock" in _objects("run/")  # left behind by the killed run
+    data = json.loads(wd.read_bytes(f"{url}/checkpoints/{n}/data/process_0-of-1.json"))
+    assert data == {"examples": n * 8, "batch_size": 8}  # data.batch_size=8 in tiny
+
+    proc = _start(gcs, cwd, url)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert f"taking over the lock {url}/.lock of a run that died (pid" in out
+    assert f"resumed from {url}/checkpoints at step {n}" in out
+    assert f"workdir {url}" in out and f"compilation cache {url}/compilation_cache" in out
+    assert os.listdir(cwd) == []  # nothing local: no ./gs: directory
+    assert "run/.lock" not in _objects("run/")  # released at the end
+
+    ref, got = _losses(os.path.join(reference, "metrics.jsonl")), _losses(f"{url}/metrics.jsonl")
+    assert sorted(got) == list(range(1, STEPS + 1))  # no step missing or logged twice
+    assert [got[s] for s in range(1, STEPS + 1)] == [ref[s] for s in range(1, STEPS + 1)]  # bit-identical
+    ref_params = ckpt.restore_params(os.path.join(reference, "checkpoints"))
+    got_params = ckpt.restore_params(f"{url}/checkpoints")
+    import jax
+
+    for a, b in zip(jax.tree_util.tree_leaves(ref_params), jax.tree_util.tree_leaves(got_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(name.startswith("run/tb/") for name in _objects("run/tb/"))  # TensorBoard events in the bucket
+
+
+def test_bucket_lock_refuses_a_live_holder_and_takes_over_a_silent_one(gcs):
+    url = f"gs://{BUCKET}/locks"
+    logs = []
+    first = wd.BucketLock(url, log=logs.append, lease_s=0.4).acquire()
+    try:
+        with pytest.raises(wd.WorkdirError, match=rf"in use by another run \(pid {os.getpid()} on host "):
+            wd.BucketLock(url).acquire()
+        # A holder silent for longer than the lease is dead: seen from a clock far ahead.
+        second = wd.BucketLock(url, log=logs.append, clock=lambda: time.time() + 3600).acquire()
+        assert any("not refreshed for" in s for s in logs)
+        _wait_lost(first)  # its next refresh finds the object replaced
+        with pytest.raises(wd.WorkdirError, match="lost the lock"):
+            first.check()
+        first.release()  # does not delete the second holder's lock
+        assert "locks/.lock" in _objects("locks/")
+        second.release()
+        assert "locks/.lock" not in _objects("locks/")
+    finally:
+        first.release()
+
+
+def _wait_lost(lock):
+    deadline = time.monotonic() + 120
+    while lock.lost is None:
+        assert time.monotonic() < deadline, "the holder never noticed that it lost the lock"
+        time.sleep(0.05)
+
+
+def test_a_run_whose_bucket_lock_was_replaced_saves_no_checkpoint(gcs):
+    url = f"gs://{BUCKET}/replaced"
+    with wd.BucketLock(url, lease_s=0.4) as lock:
+        wd.check_held(url)  # held: saving is allowed
+        wd.write_bytes(f"{url}/.lock", b'{"host": "elsewhere", "pid": 1, "token": "y"}')  # another run's lock
+        _wait_lost(lock)
+        with pytest.raises(wd.WorkdirError, match="lost the lock of this workdir"):
+            wd.check_held(url)  # what checkpoint.save calls before writing anything
+    assert wd.read_bytes(f"{url}/.lock").startswith(b'{"host": "elsewhere"')  # release left the new lock alone
+
+
+def test_bucket_lock_of_a_dead_pid_on_this_host_is_taken_at_once(gcs):
+    url = f"gs://{BUCKET}/dead"
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(done.stdout)
+    wd.write_bytes(f"{url}/.lock", json.dumps(dict(host=socket.gethostname(), pid=dead_pid, token="x")).encode())
+    logs = []
+    with wd.BucketLock(url, log=logs.append):  # fresh (not past its lease), but its pid is gone
+        assert logs == [f"taking over the lock {url}/.lock of a run that died (pid {dead_pid} on this host)"]
+        holder = json.loads(wd.read_bytes(f"{url}/.lock"))
+        assert holder["pid"] == os.getpid()
+
+
+@pytest.mark.parametrize("workdir, match", [
+    ("s3://bucket/run", r"s3:// is not supported"),
+    ("az://container/run", r"az:// is not supported"),
+    ("gs:/bucket/run", r"single slash"),
+    ("gs://Bucket/run", r"not a GCS bucket name"),
+])
+def test_an_unsupported_workdir_url_is_refused_before_anything_is_written(tmp_path, monkeypatch, workdir, match):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(wd.WorkdirError, match=match):
+        loop.train(load_config("tiny", ARGS), workdir, log=lambda s: None)
+    assert os.listdir(tmp_path) == []
