@@ -27,7 +27,7 @@ from _gcs_emulator import UNSET, Emulator, EmulatorUnavailable, client_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "bucket"
-STEPS, EVERY = 24, 6
+STEPS, EVERY = 16, 4
 ARGS = [f"train.steps={STEPS}", f"checkpoint.every={EVERY}", "train.progress=False", "checkpoint.async_save=True"]
 
 
@@ -76,7 +76,8 @@ def _committed_steps(run: str) -> list[int]:
 
 def _start(gcs, cwd, workdir, extra=()):
     env = {k: v for k, v in os.environ.items() if k not in UNSET}
-    env.update(gcs["env"], JAX_PLATFORMS="cpu",
+    # Every program goes to the compilation cache, however fast it compiled: the test sees it in the bucket.
+    env.update(gcs["env"], JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config=tiny", f"--workdir={workdir}",
            *[f"--config.{a}" for a in (*ARGS, *extra)]]
@@ -102,7 +103,7 @@ def test_sigkill_then_resume_from_a_bucket_is_bit_identical(gcs, tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     url = f"gs://{BUCKET}/run"
-    proc = _start(gcs, cwd, url, ["train.step_delay_s=0.15"])
+    proc = _start(gcs, cwd, url, ["train.step_delay_s=0.25"])
     try:
         _wait(proc, lambda: bool(_committed_steps("run")))
     finally:
@@ -120,6 +121,7 @@ def test_sigkill_then_resume_from_a_bucket_is_bit_identical(gcs, tmp_path):
     assert f"taking over the lock {url}/.lock of a run that died (pid" in out
     assert f"resumed from {url}/checkpoints at step {n}" in out
     assert f"workdir {url}" in out and f"compilation cache {url}/compilation_cache" in out
+    assert _objects("run/compilation_cache/")  # JAX wrote its cache entries to the bucket
     assert os.listdir(cwd) == []  # nothing local: no ./gs: directory
     assert "run/.lock" not in _objects("run/")  # released at the end
 
@@ -167,10 +169,16 @@ def test_a_run_whose_bucket_lock_was_replaced_saves_no_checkpoint(gcs):
     url = f"gs://{BUCKET}/replaced"
     with wd.BucketLock(url, lease_s=0.4) as lock:
         wd.check_held(url)  # held: saving is allowed
+        log = wd.open_append(f"{url}/metrics.jsonl")
+        log.write('{"step": 1}\n')
+        log.sync()
         wd.write_bytes(f"{url}/.lock", b'{"host": "elsewhere", "pid": 1, "token": "y"}')  # another run's lock
         _wait_lost(lock)
         with pytest.raises(wd.WorkdirError, match="lost the lock of this workdir"):
             wd.check_held(url)  # what checkpoint.save calls before writing anything
+        log.write('{"step": 2}\n')
+        log.close()  # uploads nothing more: the workdir is another run's now
+        assert wd.read_bytes(f"{url}/metrics.jsonl") == b'{"step": 1}\n'
     assert wd.read_bytes(f"{url}/.lock").startswith(b'{"host": "elsewhere"')  # release left the new lock alone
 
 
@@ -197,3 +205,21 @@ def test_an_unsupported_workdir_url_is_refused_before_anything_is_written(tmp_pa
     with pytest.raises(wd.WorkdirError, match=match):
         loop.train(load_config("tiny", ARGS), workdir, log=lambda s: None)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_fitted_tokenizer_is_kept_in_the_bucket_and_read_from_a_local_copy(gcs):
+    from sessa_jax.data.tokenizers import ensure_tokenizer
+
+    cfg = load_config("text_bpe", ["data.text.max_bytes=100000", "data.tokenizer.vocab_size=400"])
+    url = f"gs://{BUCKET}/tok"
+    logs = []
+    local = ensure_tokenizer(cfg, url, log=logs.append).data.tokenizer.path
+    assert local == os.path.join(wd.local_dir(url), "tokenizer.model") and not wd.is_remote(local)
+    with open(local, "rb") as f:
+        fitted = f.read()
+    assert wd.read_bytes(f"{url}/tokenizer.model") == fitted
+    os.remove(local)  # a resume on another machine: no local copy
+    assert ensure_tokenizer(cfg, url, log=logs.append).data.tokenizer.path == local
+    with open(local, "rb") as f:
+        assert f.read() == fitted
+    assert sum("fitting a sentencepiece" in s for s in logs) == 1  # fitted once, then taken from the bucket

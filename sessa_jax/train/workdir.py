@@ -161,7 +161,8 @@ def local_dir(workdir: str) -> str:
 
 class _RemoteAppend:
     """A text file opened for appending in a bucket: lines are kept in memory and the whole
-    object is uploaded by ``sync`` (and by ``flush`` at most every ``sync_s`` seconds)."""
+    object is uploaded by ``sync`` (and by ``flush`` at most every ``sync_s`` seconds), unless
+    this process has lost the workdir's lock."""
 
     def __init__(self, path: str, sync_s: float = SYNC_S):
         self.path, self.sync_s = path, sync_s
@@ -177,6 +178,9 @@ class _RemoteAppend:
             self.sync()
 
     def sync(self) -> None:
+        lock = _HELD.get(posixpath.dirname(self.path))
+        if lock is not None and lock.lost:  # another run owns the workdir now: leave its file alone
+            return
         if self._dirty:
             write_bytes(self.path, self._text.encode())
             self._dirty, self._last = False, time.monotonic()
