@@ -223,3 +223,15 @@ def test_a_fitted_tokenizer_is_kept_in_the_bucket_and_read_from_a_local_copy(gcs
     with open(local, "rb") as f:
         assert f.read() == fitted
     assert sum("fitting a sentencepiece" in s for s in logs) == 1  # fitted once, then taken from the bucket
+
+
+def test_renaming_a_step_in_a_bucket_moves_every_object_under_it(gcs):
+    """What a restore does to a damaged step (``<step>.damaged``), on a bucket prefix."""
+    root = f"gs://{BUCKET}/mv/checkpoints"
+    for name in ("5/params/a", "5/params/d/b", "5/meta/c", "6/params/a"):
+        wd.write_bytes(f"{root}/{name}", name.encode())
+    wd.rename(f"{root}/5", f"{root}/5.damaged")
+    assert sorted(_objects("mv/")) == [f"mv/checkpoints/5.damaged/{n}" for n in ("meta/c", "params/a", "params/d/b")] \
+        + ["mv/checkpoints/6/params/a"]
+    assert wd.read_bytes(f"{root}/5.damaged/params/d/b") == b"5/params/d/b"
+    assert not wd.exists(f"{root}/5") and wd.isdir(f"{root}/5.damaged")

@@ -276,12 +276,18 @@ class BucketLock:
         self._generation: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._client = None  # one client (and credentials) for the lock's lifetime, used by one thread at a time
         self._body = json.dumps(dict(host=socket.gethostname(), pid=os.getpid(), token=uuid.uuid4().hex)).encode()
 
-    def _blob(self):
-        from google.cloud import storage
+    def _bucket(self):
+        if self._client is None:
+            from google.cloud import storage
 
-        return storage.Client().bucket(self.bucket).blob(self.name)
+            self._client = storage.Client(project=None)  # object requests need no billing project
+        return self._client.bucket(self.bucket)
+
+    def _blob(self):
+        return self._bucket().blob(self.name)
 
     def _put(self, if_generation_match: int) -> int:
         blob = self._blob()
@@ -328,9 +334,7 @@ class BucketLock:
     def _stale_generation(self) -> int | None:
         """The generation of a dead holder's lock object (to replace), None if it is gone;
         WorkdirError naming the holder if it is alive."""
-        from google.cloud import storage
-
-        blob = storage.Client().bucket(self.bucket).get_blob(self.name)
+        blob = self._bucket().get_blob(self.name)
         if blob is None:
             return None
         try:
