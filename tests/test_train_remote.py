@@ -235,3 +235,10 @@ def test_renaming_a_step_in_a_bucket_moves_every_object_under_it(gcs):
         + ["mv/checkpoints/6/params/a"]
     assert wd.read_bytes(f"{root}/5.damaged/params/d/b") == b"5/params/d/b"
     assert not wd.exists(f"{root}/5") and wd.isdir(f"{root}/5.damaged")
+
+
+def test_a_missing_bucket_is_named_before_training(gcs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(wd.WorkdirError, match=r"the bucket gs://no-such-bucket does not exist"):
+        loop.train(load_config("tiny", ARGS), "gs://no-such-bucket/run", log=lambda s: None)
+    assert os.listdir(tmp_path) == []

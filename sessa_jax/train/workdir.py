@@ -323,8 +323,8 @@ class BucketLock:
             raise WorkdirError(f"cannot create {self.url}: no permission ({_first_line(e)}); grant this account "
                                f"storage.objects.create on gs://{self.bucket} or pass another --workdir") from None
         except auth_exc.DefaultCredentialsError as e:
-            raise WorkdirError(f"cannot reach {self.url}: no Google Cloud credentials ({_first_line(e)}); run "
-                               f"`gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS") from None
+            raise WorkdirError(f"cannot reach {self.url}: no Google Cloud credentials ({_first_line(e)}); run `gcloud "
+                               f"auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS") from None
         self._stop.clear()
         self._thread = threading.Thread(target=self._refresh_loop, name="sessa_jax workdir lock", daemon=True)
         self._thread.start()
