@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -34,6 +35,9 @@ ARGS = [f"train.steps={STEPS}", f"checkpoint.every={EVERY}", "train.progress=Fal
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
     """The emulator with an empty bucket, and this process's environment pointed at it."""
+    for module in ("gcsfs", "google.cloud.storage"):  # looked up, not imported: the environment is not set yet
+        if not wd._importable(module):
+            pytest.skip(f"gs:// workdirs need {module}: pip install -e '.[test]'")
     root = str(tmp_path_factory.mktemp("gcs"))
     emulator = Emulator(root)
     try:
@@ -130,8 +134,6 @@ def test_sigkill_then_resume_from_a_bucket_is_bit_identical(gcs, tmp_path):
     assert [got[s] for s in range(1, STEPS + 1)] == [ref[s] for s in range(1, STEPS + 1)]  # bit-identical
     ref_params = ckpt.restore_params(os.path.join(reference, "checkpoints"))
     got_params = ckpt.restore_params(f"{url}/checkpoints")
-    import jax
-
     for a, b in zip(jax.tree_util.tree_leaves(ref_params), jax.tree_util.tree_leaves(got_params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert any(name.startswith("run/tb/") for name in _objects("run/tb/"))  # TensorBoard events in the bucket
