@@ -244,3 +244,25 @@ def test_a_missing_bucket_is_named_before_training(gcs, tmp_path, monkeypatch):
     with pytest.raises(wd.WorkdirError, match=r"the bucket gs://no-such-bucket does not exist"):
         loop.train(load_config("tiny", ARGS), "gs://no-such-bucket/run", log=lambda s: None)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_lock_request_that_landed_but_whose_answer_was_lost_keeps_the_lock(gcs):
+    """GCS clients retry a request whose answer was lost; the retry then fails its precondition
+    on the lock's own write. The lock recognises its token instead of calling itself taken."""
+    from google.cloud import storage
+
+    url = f"gs://{BUCKET}/retried"
+    lock = wd.BucketLock(url, lease_s=0.4)
+    wd.write_bytes(f"{url}/.lock", lock._body)  # the create landed, its answer was lost
+    with lock:
+        landed = storage.Client().bucket(BUCKET).get_blob("retried/.lock").generation
+        assert lock._generation == landed
+        wd.write_bytes(f"{url}/.lock", lock._body)  # a refresh landed twice: the object moved past its generation
+        moved = storage.Client().bucket(BUCKET).get_blob("retried/.lock").generation
+        deadline = time.monotonic() + 120
+        while lock.lost is None and lock._generation < moved:  # the next refresh finds its own body
+            assert time.monotonic() < deadline, "the lock never refreshed"
+            time.sleep(0.05)
+        assert lock.lost is None
+        lock.check()
+    assert "retried/.lock" not in _objects("retried/")

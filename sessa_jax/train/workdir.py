@@ -304,6 +304,9 @@ class BucketLock:
                     self._generation = self._put(if_generation_match=0)
                     break
                 except gexc.PreconditionFailed:
+                    self._generation = self._own_generation()  # a retried request whose first try landed
+                    if self._generation is not None:
+                        break
                     generation = self._stale_generation()
                     if generation is None:
                         continue
@@ -330,6 +333,18 @@ class BucketLock:
         self._thread.start()
         _HELD[os.path.dirname(self.url)] = self
         return self
+
+    def _own_generation(self) -> int | None:
+        """The lock object's generation if it holds this lock's body (token included), else None."""
+        from google.api_core import exceptions as gexc
+
+        blob = self._bucket().get_blob(self.name)
+        try:
+            if blob is not None and blob.download_as_bytes(if_generation_match=blob.generation) == self._body:
+                return blob.generation
+        except (gexc.PreconditionFailed, gexc.NotFound):  # replaced or deleted meanwhile: not ours
+            pass
+        return None
 
     def _stale_generation(self) -> int | None:
         """The generation of a dead holder's lock object (to replace), None if it is gone;
@@ -362,6 +377,13 @@ class BucketLock:
             try:
                 self._generation = self._put(if_generation_match=self._generation)
             except (gexc.PreconditionFailed, gexc.NotFound):
+                try:
+                    generation = self._own_generation()  # a retried refresh whose first try landed
+                except Exception:  # noqa: BLE001 - cannot tell now: the next refresh asks again
+                    continue
+                if generation is not None:
+                    self._generation = generation
+                    continue
                 self.lost = f"{self.url} was replaced or deleted by someone else"
                 self.log(f"error: lost the workdir lock: {self.lost}; this run will stop at its next checkpoint")
                 return
