@@ -10,7 +10,6 @@ the baselines recompute the whole prefix per token (fine for short samples).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import jax
@@ -21,14 +20,19 @@ from sessa_jax.data import text
 from sessa_jax.data.pipeline import tokenizer_of
 from sessa_jax.decoding import check_sampling, check_token_ids
 from sessa_jax.train import checkpoint as ckpt
+from sessa_jax.train import workdir as wd
 from sessa_jax.train.config import config_from_json
 from sessa_jax.train.state import build_model, init_params
 
 
 def load_run(run_dir: str, step: int | None = None):
     """(model, params, run config) of a run directory, parameters only."""
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
+    try:
+        run_dir = wd.normalize(run_dir)
+    except wd.WorkdirError as e:
+        raise ValueError(f"--run: {e}") from None
+    ckpt_dir = wd.join(run_dir, "checkpoints")
+    if not wd.isdir(ckpt_dir):
         raise FileNotFoundError(f"--run {run_dir!r} has no checkpoints/ directory; pass the --workdir of a train.py run")
     cfg = config_from_json(ckpt.restore_config(ckpt_dir, step))
     model = build_model(cfg)

@@ -19,7 +19,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYPROJECT = tomllib.load(open(os.path.join(REPO, "pyproject.toml"), "rb"))
 # import name -> distribution name, where they differ
 DIST = {"orbax": "orbax-checkpoint", "ml_collections": "ml-collections", "array_record": "array-record",
-        "tensorboardX": "tensorboardX", "ml_dtypes": "ml-dtypes"}
+        "tensorboardX": "tensorboardX", "ml_dtypes": "ml-dtypes",
+        "google": "google-cloud-storage"}
 
 
 def _dist_names(reqs) -> set:

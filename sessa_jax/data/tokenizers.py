@@ -208,22 +208,33 @@ def main(argv: list[str] | None = None) -> int:
 def ensure_tokenizer(cfg, workdir: str, log=print):
     """``cfg`` with ``data.tokenizer.path`` filled in: for a text run with ``kind=sentencepiece``
     and no path, fits one on the run's corpus into ``WORKDIR/tokenizer.model`` (once: a resumed
-    run reuses the file). Process 0 fits; the others wait (the workdir must be shared)."""
+    run reuses the file). Process 0 fits; the others wait (the workdir must be shared). In a
+    ``gs://`` workdir the model is kept in the bucket and read from a local copy
+    (``train.workdir.local_dir``)."""
     import jax
     import ml_collections as mc
 
     tok = cfg.data.tokenizer
     if cfg.data.task != "text" or tok.kind != "sentencepiece" or tok.path:
         return cfg
-    path = os.path.abspath(os.path.join(workdir, "tokenizer.model"))
-    if jax.process_index() == 0 and not os.path.isfile(path):
+    from sessa_jax.train import workdir as wd
+
+    workdir = wd.normalize(workdir)
+    saved = wd.join(workdir, "tokenizer.model")
+    path = os.path.join(wd.local_dir(workdir), "tokenizer.model")  # == saved, unless the workdir is a bucket
+    if jax.process_index() == 0 and not wd.exists(saved):
         log(f"fitting a sentencepiece tokenizer (vocab {tok.vocab_size}) on "
-            f"{cfg.data.text.path or 'the built-in corpus'} -> {path}")
+            f"{cfg.data.text.path or 'the built-in corpus'} -> {saved}")
         train_sentencepiece(cfg.data.text.path, path, tok.vocab_size, max_bytes=cfg.data.text.max_bytes)
+        if saved != path:
+            wd.write_bytes(saved, wd.read_bytes(path))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("sessa_jax tokenizer fitted")
+    if saved != path:  # sentencepiece reads a local file: every process takes the workdir's copy
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        wd.write_bytes(path, wd.read_bytes(saved))
     out = mc.ConfigDict(cfg.to_dict())
     out.data.tokenizer.path = path
     return out

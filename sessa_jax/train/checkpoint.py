@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sessa_jax.train import workdir as wd
 from sessa_jax.train.resume_guard import ResumeError, check_resume
 from sessa_jax.train.state import TrainState
 
@@ -86,15 +87,19 @@ class _IteratorSnapshot:
 
 
 def make_manager(directory: str, every: int = 0, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
-    """CheckpointManager over ``directory`` keeping the last ``keep`` steps."""
+    """CheckpointManager over ``directory`` (a local path or ``gs://`` URL) keeping the last ``keep`` steps."""
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(every, 1), max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
     )
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
+    return ocp.CheckpointManager(wd.normalize(directory), options=options, item_names=ITEMS)
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, iterator, config_dict: dict, force: bool = False) -> bool:
-    """Saves everything that makes the run resumable at ``state.step``."""
+    """Saves everything that makes the run resumable at ``state.step``.
+
+    WorkdirError, and nothing saved, if this process has lost its workdir's bucket lock.
+    """
+    wd.check_held(os.path.dirname(str(manager.directory)))
     step = int(state.step)
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
@@ -108,7 +113,7 @@ def save(manager: ocp.CheckpointManager, state: TrainState, iterator, config_dic
 
 
 def _has_item(manager, step: int, item: str) -> bool:
-    return os.path.isdir(os.path.join(str(manager.directory), str(step), item))
+    return wd.isdir(wd.join(str(manager.directory), str(step), item))
 
 
 def _integrity(manager, step: int) -> dict | None:
@@ -144,11 +149,11 @@ def _first_good(manager, steps, attempt, log, set_aside: bool):
         if set_aside and failed:
             if jax.process_index() == 0:
                 for bad, _ in failed:
-                    src = os.path.join(str(manager.directory), str(bad))
+                    src = wd.join(str(manager.directory), str(bad))
                     dst = f"{src}.damaged"
-                    while os.path.exists(dst):
+                    while wd.exists(dst):
                         dst += "+"
-                    os.replace(src, dst)
+                    wd.rename(src, dst)
                     log(f"moved the damaged step {bad} aside to {dst}")
             manager.reload()
         return result

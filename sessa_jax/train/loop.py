@@ -78,7 +78,9 @@ def train(cfg, workdir: str, log=print) -> RunResult:
     checkpoint saved under any other mesh restores onto this one. The workdir is locked
     for the run (``train.workdir``); a resume first compares the saved config with ``cfg``
     (``train.resume_guard``) and falls back past damaged checkpoints (``train.checkpoint``).
+    ``workdir`` may be a ``gs://`` URL (``train.workdir.normalize``).
     """
+    workdir = wd.normalize(workdir)  # an unsupported URL is refused before anything is written
     maybe_initialize(cfg.distributed, log)  # before any JAX call: the lock is taken on process 0 only
     with wd.claimed(workdir, log if jax.process_index() == 0 else _quiet):
         return _train(cfg, workdir, log)
@@ -110,7 +112,7 @@ def _train(cfg, workdir: str, log=print) -> RunResult:
                                token_bytes, num_batches, sharding)
 
     train_iter = make_iterator(cfg.data, TRAIN)
-    manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"), cfg.checkpoint.every, cfg.checkpoint.keep,
+    manager = ckpt.make_manager(wd.join(workdir, "checkpoints"), cfg.checkpoint.every, cfg.checkpoint.keep,
                                 cfg.checkpoint.async_save)
     if manager.latest_step() is not None:
         abstract = abstract_state(model, tx, cfg.train.seed, cfg.data.seq_len, shardings)
@@ -134,7 +136,7 @@ def _train(cfg, workdir: str, log=print) -> RunResult:
     flops_token = report.flops_per_token(n_params, model_cfg.n_layers, model_cfg.d_model, cfg.data.seq_len)
     peak = report.peak_tflops(jax.devices()[0].device_kind, cfg.metrics.peak_tflops)
     profiler = report.Profiler(parse_profile_steps(cfg.train.profile_steps, steps),
-                               os.path.join(workdir, "profile"), log)
+                               os.path.join(wd.local_dir(workdir), "profile"), log)
     schedule = learning_rate_schedule(cfg.optim, steps)
     pending: list[tuple[int, dict]] = []  # dispatched steps whose metrics are not read yet
     last = {}
@@ -179,6 +181,7 @@ def _train(cfg, workdir: str, log=print) -> RunResult:
                     log(_eval_line(step, e))
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                     flush()  # never save a step whose metrics were not checked
+                    writer.sync()  # a bucket's metrics.jsonl holds every step up to the checkpoint
                     ckpt.save(manager, state, train_iter, config_dict)
             flush()
             profiler.stop(block_on=state.step)

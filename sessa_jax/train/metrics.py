@@ -8,11 +8,12 @@ import time
 
 import jax
 
+from sessa_jax.train import workdir as wd
+
 
 def read_jsonl(path: str) -> list[dict]:
-    """All records of a metrics.jsonl file."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """All records of a metrics.jsonl file (a local path or ``gs://`` URL)."""
+    return [json.loads(line) for line in wd.read_bytes(path).decode().splitlines() if line.strip()]
 
 
 def format_duration(seconds: float) -> str:
@@ -26,25 +27,27 @@ class MetricsWriter:
     """Writes ``metrics.jsonl`` and TensorBoard events under ``workdir``.
 
     On resume from ``start_step`` it drops JSONL records of later steps (written by the
-    interrupted run after its last checkpoint) so the file reads as one clean run.
+    interrupted run after its last checkpoint) so the file reads as one clean run. In a
+    bucket the file is uploaded whole by ``sync`` (called before each checkpoint), by
+    ``close`` and at most once a minute in between.
     """
 
     def __init__(self, workdir: str, start_step: int = 0, enabled: bool | None = None, mirror=None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.mirror = mirror  # e.g. report.WandbLogger: gets what TensorBoard gets
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = wd.join(workdir, "metrics.jsonl")
         self._tb = None
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        if os.path.exists(self.path):
+        if not wd.is_remote(workdir):
+            os.makedirs(workdir, exist_ok=True)
+        if wd.exists(self.path):
             kept = [r for r in read_jsonl(self.path) if r["step"] <= start_step]
-            with open(self.path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
+            wd.write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start_step + 1 if start_step else None)
-        self._file = open(self.path, "a")
+        self._tb = SummaryWriter(wd.join(workdir, "tb"), purge_step=start_step + 1 if start_step else None)
+        self._file = wd.open_append(self.path)
 
     def write(self, step: int, scalars: dict, tensorboard: bool = True) -> None:
         if not self.enabled:
@@ -57,6 +60,12 @@ class MetricsWriter:
                 self._tb.add_scalar(k, float(v), int(step))
             if self.mirror is not None:
                 self.mirror.log(step, scalars)
+
+    def sync(self) -> None:
+        """Makes every record written so far durable (in a bucket: uploads metrics.jsonl)."""
+        if self.enabled:
+            self._file.sync()
+            self._tb.flush()
 
     def close(self) -> None:
         if self.enabled:

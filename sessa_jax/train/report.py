@@ -19,6 +19,8 @@ import time
 
 import jax
 
+from sessa_jax.train import workdir as wd
+
 # Dense bf16 peak TFLOP/s per device (vendor data sheets), matched by substring of device_kind.
 PEAK_TFLOPS = (
     ("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
@@ -65,7 +67,8 @@ def startup_summary(*, workdir: str, mesh, n_params: int, tokens_per_step: int, 
         f"sessa-jax {_version()} | jax {jax.__version__} | {jax.process_count()} process(es), "
         f"{jax.device_count()} x {kind} ({jax.default_backend()})",
         f"mesh {axes} | params {n_params:,} | tokens/step {tokens_per_step:,} | steps {steps:,}",
-        f"workdir {os.path.abspath(workdir)}" + (f" | config {config_name}" if config_name else "")
+        f"workdir {workdir if wd.is_remote(workdir) else os.path.abspath(workdir)}"
+        + (f" | config {config_name}" if config_name else "")
         + (f" | tokenizer {tokenizer}" if tokenizer else ""),
         (f"start step {start_step} (resumed)" if start_step else "start step 0 (fresh, no checkpoint)")
         + (f" | compilation cache {compile_cache}" if compile_cache else " | compilation cache off"),
@@ -146,15 +149,17 @@ def enable_compilation_cache(setting: str, workdir: str) -> str:
 
     ``setting``: "auto" (``WORKDIR/compilation_cache``), a path, or "" (off). A cache
     directory set earlier in this process (JAX_COMPILATION_CACHE_DIR or another run) is kept:
-    JAX reads it once.
+    JAX reads it once. A ``gs://`` cache (under a bucket workdir, or given) is used in place:
+    JAX reads and writes it through ``etils.epath``, and it outlives the VM.
     """
     if not setting:
         return ""
     current = jax.config.jax_compilation_cache_dir
     if current:
         return current
-    path = os.path.abspath(os.path.join(workdir, "compilation_cache") if setting == "auto" else setting)
-    os.makedirs(path, exist_ok=True)
+    path = wd.normalize(wd.join(workdir, "compilation_cache") if setting == "auto" else setting)
+    if not wd.is_remote(path):
+        os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     return path
 
@@ -171,18 +176,16 @@ class WandbLogger:
             import wandb
         except ImportError as e:
             raise ImportError("metrics.wandb=True needs the wandb package: pip install 'sessa-jax[wandb]'") from e
-        id_file = os.path.join(workdir, "wandb_run_id")
-        if os.path.exists(id_file):
-            with open(id_file) as f:
-                run_id = f.read().strip()
+        os.makedirs(wd.local_dir(workdir), exist_ok=True)  # wandb keeps its files on a local disk
+        id_file = wd.join(workdir, "wandb_run_id")
+        if wd.exists(id_file):
+            run_id = wd.read_bytes(id_file).decode().strip()
         else:
             run_id = wandb.util.generate_id()
-            os.makedirs(workdir, exist_ok=True)
-            with open(id_file, "w") as f:
-                f.write(run_id)
+            wd.write_bytes(id_file, run_id.encode())
         self.run_id = run_id
         self.run = wandb.init(project=project, entity=entity or None, id=run_id, resume="allow", config=config,
-                              dir=workdir)
+                              dir=wd.local_dir(workdir))
 
     def log(self, step: int, scalars: dict) -> None:
         self.run.log({k: float(v) for k, v in scalars.items()}, step=int(step))
