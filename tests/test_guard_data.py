@@ -256,3 +256,12 @@ def test_flipped_bytes_without_checksums_fail_at_read_naming_the_shard(tmp_path)
         source = make_source(cfg, 0)
         for i in range(len(source)):
             source[i]
+
+
+def test_the_verify_command_checks_what_training_checks(tmp_path, capsys):
+    out, counts = _shards(tmp_path)
+    assert text.main(["verify", "--dir", str(out)]) == 0
+    assert f"{sum(counts.values())} rows of seq_len=16" in capsys.readouterr().out
+    (out / "eval-00000.array_record").write_bytes(b"")
+    assert text.main(["verify", "--dir", str(out), "--no_checksums"]) == 2
+    assert "eval-00000.array_record: 0 bytes" in capsys.readouterr().err

@@ -10,6 +10,7 @@ rule). For large corpora, ``prepare`` writes packed rows to ArrayRecord shards o
 training reads them through ``open_shards``:
 
     python -m sessa_jax.data.text prepare --input DIR --output SHARDS --seq_len 512
+    python -m sessa_jax.data.text verify --dir SHARDS     # the checks training makes at open, timed
 
 ``prepare`` also writes ``manifest.json``: seq_len, the tokenizer (kind, vocabulary, BOS, the
 SHA-256 of its model file) and, per shard, its records, bytes and CRC-32. ``open_shards``
@@ -195,6 +196,7 @@ def decode_row(record: bytes) -> dict[str, np.ndarray]:
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+ANY_TOKENIZER = object()  # verify_shards(tokenizer=ANY_TOKENIZER): the manifest's tokenizer is not compared
 SPLITS = ("train", "eval")
 
 
@@ -291,7 +293,8 @@ def verify_shards(directory: str, seq_len: int, tokenizer=None, verify_checksums
     """Checks a shard directory against its manifest and the run; returns the manifest.
 
     In order: the manifest exists; its seq_len equals ``seq_len``; its tokenizer is
-    ``tokenizer`` (kind, vocabulary, BOS, model file hash); then every shard file (both
+    ``tokenizer`` (kind, vocabulary, BOS, model file hash; None = bytes, ``ANY_TOKENIZER`` =
+    not compared); then every shard file (both
     splits): listed in the manifest, present, of the recorded byte size and record count,
     and (``verify_checksums``) of the recorded CRC-32. A ShardError lists every bad file.
     Cost: one stat and one index read per shard, plus one sequential read of every byte
@@ -307,7 +310,8 @@ def verify_shards(directory: str, seq_len: int, tokenizer=None, verify_checksums
             f"data.text.arrayrecord_dir={directory!r} holds rows of seq_len={manifest.get('seq_len')} (its "
             f"{MANIFEST}), but data.seq_len={seq_len}; set data.seq_len={manifest.get('seq_len')} or {fix}"
         )
-    saved, run = manifest.get("tokenizer", {}), tokenizer_identity(tokenizer)
+    saved = manifest.get("tokenizer", {})
+    run = saved if tokenizer is ANY_TOKENIZER else tokenizer_identity(tokenizer)
     if any(saved.get(k) != run[k] for k in ("kind", "vocab_size", "bos_id", "sha256")):
         raise ShardError(
             f"data.text.arrayrecord_dir={directory!r} was prepared with the tokenizer {_describe_tokenizer(saved)}, "
@@ -543,16 +547,40 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace the shards of a non-empty --output")
     p.add_argument("--tokenizer", default="bytes", help="bytes, sentencepiece or tokenizers")
     p.add_argument("--tokenizer_path", default="", help="the .model or tokenizer.json")
+    v = sub.add_parser("verify", help="check shards against their manifest (as training does at open)")
+    v.add_argument("--dir", required=True)
+    v.add_argument("--seq_len", type=int, default=0, help="the run's seq_len (0 = the manifest's)")
+    v.add_argument("--tokenizer", default="", help="the run's tokenizer kind ('' = not checked)")
+    v.add_argument("--tokenizer_path", default="")
+    v.add_argument("--no_checksums", action="store_true", help="skip the CRC-32 read of every byte")
     args = parser.parse_args(argv)
     try:
         from sessa_jax.data.tokenizers import make_tokenizer
 
+        if args.command == "verify":
+            return _verify_command(args, make_tokenizer)
         counts = prepare(args.input, args.output, args.seq_len, args.rows_per_shard, args.max_bytes,
                          args.eval_fraction, args.overwrite, make_tokenizer(args.tokenizer, args.tokenizer_path))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {counts['train']} train and {counts['eval']} eval rows of seq_len={args.seq_len} to {args.output}")
+    return 0
+
+
+def _verify_command(args, make_tokenizer) -> int:
+    import time
+
+    manifest = read_manifest(args.dir)
+    seq_len = args.seq_len or manifest.get("seq_len")
+    tokenizer = make_tokenizer(args.tokenizer, args.tokenizer_path) if args.tokenizer else ANY_TOKENIZER
+    start = time.perf_counter()
+    verify_shards(args.dir, seq_len, tokenizer, verify_checksums=not args.no_checksums)
+    seconds = time.perf_counter() - start
+    size = sum(e["bytes"] for e in manifest["shards"])
+    print(f"{len(manifest['shards'])} shards ({size / 1e6:.1f} MB, {sum(manifest['rows'].values())} rows of "
+          f"seq_len={seq_len}, tokenizer {_describe_tokenizer(manifest['tokenizer'])}) match {MANIFEST}"
+          f"{'' if args.no_checksums else ', CRC-32 included'}; checked in {seconds:.3f} s")
     return 0
 
 
