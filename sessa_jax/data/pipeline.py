@@ -91,10 +91,10 @@ def source_fingerprint(data_cfg) -> dict | None:
             entries = [[e["name"], e["bytes"], e["crc32"]] for e in manifest["shards"]]
         else:
             root, files = text.corpus_files(t.path, t.max_bytes)
-            entries = [[os.path.relpath(f, root), text._size(f)] for f in files]
+            entries = [[os.path.relpath(f, root), text.file_size(f)] for f in files]
     elif data_cfg.task == "symbol_soup" and data_cfg.symbol_soup.tsv_dir:
         files = [symbol_soup_tsv.split_file(data_cfg.symbol_soup.tsv_dir, s) for s in (TRAIN, EVAL)]
-        entries = [[os.path.basename(f), text._size(f)] for f in files]
+        entries = [[os.path.basename(f), text.file_size(f)] for f in files]
     else:
         return None
     digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()
@@ -163,10 +163,9 @@ class PositionedIterator:
     skips nor repeats data. States of grain's own iterator ({"next_index": n}, older
     checkpoints) are read as n batches of this run's batch size.
 
-    The state also holds ``source_fingerprint`` of the data read ("sources", absent for generated
-    data); ``set_state``
-    refuses a state whose sources differ from this run's (``resume_guard.DataChangedError``)
-    unless ``data.allow_changed_sources`` is set.
+    The state also holds ``source_fingerprint`` of the data read ("sources", absent for
+    generated data); ``set_state`` refuses a state whose sources differ from this run's
+    (``resume_guard.DataChangedError``) unless ``data.allow_changed_sources`` is set.
     """
 
     def __init__(self, data_cfg, process_index: int | None = None, process_count: int | None = None,

@@ -173,14 +173,15 @@ def corpus_files(path: str, max_bytes: int) -> tuple[str, list[str]]:
         files, kept, total = [f for f in files if f.endswith(".py")], [], 0
         for f in files:
             kept.append(f)
-            total += _size(f)
+            total += file_size(f)
             if max_bytes and total >= max_bytes:
                 break
         files = kept
     return (root if os.path.isdir(root) else os.path.dirname(root)), files
 
 
-def _size(path: str) -> int:
+def file_size(path: str) -> int:
+    """Size in bytes; -1 when it cannot be read (``iter_documents`` names such a file)."""
     try:
         return os.path.getsize(path)
     except OSError:
@@ -294,17 +295,21 @@ def verify_shards(directory: str, seq_len: int, tokenizer=None, verify_checksums
 
     In order: the manifest exists; its seq_len equals ``seq_len``; its tokenizer is
     ``tokenizer`` (kind, vocabulary, BOS, model file hash; None = bytes, ``ANY_TOKENIZER`` =
-    not compared); then every shard file (both
-    splits): listed in the manifest, present, of the recorded byte size and record count,
-    and (``verify_checksums``) of the recorded CRC-32. A ShardError lists every bad file.
+    not compared); then every shard file of both splits: listed in the manifest, present, of
+    the recorded byte size and record count, and (``verify_checksums``) of the recorded
+    CRC-32. A ShardError lists every bad file.
     Cost: one stat and one index read per shard, plus one sequential read of every byte
     when ``verify_checksums`` (cached per process by size, mtime and inode).
     """
     from array_record.python.array_record_module import ArrayRecordReader
 
     manifest = read_manifest(directory)
-    fix = (f"write the shards again with `python -m sessa_jax.data.text prepare --input CORPUS --output "
-           f"{directory} --seq_len {seq_len} --overwrite`")
+
+    def prepare_again(extra: str = "") -> str:
+        return (f"write the shards again with `python -m sessa_jax.data.text prepare --input CORPUS --output "
+                f"{directory} --seq_len {seq_len}{extra} --overwrite`")
+
+    fix = prepare_again()
     if manifest.get("seq_len") != seq_len:
         raise ShardError(
             f"data.text.arrayrecord_dir={directory!r} holds rows of seq_len={manifest.get('seq_len')} (its "
@@ -312,13 +317,13 @@ def verify_shards(directory: str, seq_len: int, tokenizer=None, verify_checksums
         )
     saved = manifest.get("tokenizer", {})
     run = saved if tokenizer is ANY_TOKENIZER else tokenizer_identity(tokenizer)
-    if any(saved.get(k) != run[k] for k in ("kind", "vocab_size", "bos_id", "sha256")):
+    if any(saved.get(k) != run.get(k) for k in ("kind", "vocab_size", "bos_id", "sha256")):
         raise ShardError(
             f"data.text.arrayrecord_dir={directory!r} was prepared with the tokenizer {_describe_tokenizer(saved)}, "
             f"but this run uses {_describe_tokenizer(run)}: its token ids would mean other text (or lie outside "
             f"the vocabulary); set data.tokenizer.kind and data.tokenizer.path to the tokenizer the shards were "
-            f"prepared with, or {fix} --tokenizer {run['kind']}"
-            + (f" --tokenizer_path {tokenizer.path}" if run["kind"] != "bytes" else "")
+            f"prepared with, or " + prepare_again(f" --tokenizer {run['kind']}" + (
+                f" --tokenizer_path {tokenizer.path}" if run["kind"] != "bytes" else ""))
         )
     listed = {e["name"]: e for e in manifest["shards"]}
     on_disk = sorted(n for n in os.listdir(directory) if _is_shard(n))
@@ -332,8 +337,8 @@ def verify_shards(directory: str, seq_len: int, tokenizer=None, verify_checksums
             problems.append(f"  {name}: missing ({e.strerror or e})")
             continue
         if st.st_size != entry["bytes"]:
-            problems.append(f"  {name}: {st.st_size} bytes, {MANIFEST} records {entry['bytes']} "
-                            f"({'empty' if st.st_size == 0 else 'truncated' if st.st_size < entry['bytes'] else 'grown'})")
+            how = "empty" if st.st_size == 0 else "truncated" if st.st_size < entry["bytes"] else "grown"
+            problems.append(f"  {name}: {st.st_size} bytes, {MANIFEST} records {entry['bytes']} ({how})")
             continue
         try:
             reader = ArrayRecordReader(path)

@@ -218,8 +218,7 @@ def train_sentencepiece(input_path: str, output: str, vocab_size: int = 4096, mo
             vocab_size=vocab_size, model_type=model_type, byte_fallback=True, normalization_rule_name="identity",
             remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
             hard_vocab_limit=False, max_sentence_length=MAX_LINE_BYTES, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            num_threads=num_threads,
-            minloglevel=2,
+            num_threads=num_threads, minloglevel=2,
         )
     except RuntimeError as e:
         raise ValueError(f"{_fit_error(e, vocab_size, input_path)} (sentencepiece: {e})") from e
