@@ -1,9 +1,10 @@
 """Conversion between the published PyTorch state-dict layout and Flax variables.
 
 PyTorch ``nn.Linear.weight`` is (out, in); a Flax ``Dense`` kernel is its transpose.
-Layer names follow SPEC section 4 (``ln.weight``, ``W_in.weight``, ``mixer.q_proj.weight``,
+Layer names are the published layer's (``ln.weight``, ``W_in.weight``, ``mixer.q_proj.weight``,
 ...). The LM-level layout adds ``embed.weight`` (V, D), ``layers.{i}.<layer name>``,
-``norm_f.weight``/``norm_f.bias`` and, when embeddings are untied, ``head.weight`` (V, D).
+``norm_f.weight``/``norm_f.bias`` and ``head.weight`` (V, D): for tied embeddings it is the
+embedding matrix again, as in a PyTorch LM whose head shares its embedding's weight.
 Only numpy is needed; ``load_torch_state_dict`` imports torch lazily for ``.pt`` files.
 
 Interop target: the published ``SessaLayer`` (LibratioAI/sessa). ``layer_params_to_torch``
@@ -157,9 +158,47 @@ def _get(tree: Mapping, path: tuple):
     return tree
 
 
-def _layer_params(state_dict: Mapping, cfg: SessaConfig, prefix: str, dtype) -> dict:
-    _check_buffers(state_dict, cfg, prefix, complete=isinstance(state_dict, PublishedStateDict)
-                   or any(type(v).__module__.startswith("torch") for v in state_dict.values()))
+def _is_float(dtype) -> bool:
+    """Floating point, numpy's or ml_dtypes' (bfloat16, float8 kinds: numpy kind 'V')."""
+    dtype = np.dtype(dtype)
+    return dtype.kind == "f" or (dtype.kind == "V" and "float" in dtype.name)
+
+
+# Prefixes that wrappers add to every key, and what adds them.
+_WRAPPERS = {"module.": "torch DistributedDataParallel / DataParallel", "_orig_mod.": "torch.compile"}
+
+
+def _check_layout(state_dict: Mapping, anchor: str, what: str) -> None:
+    """KeyError when ``state_dict`` is not the layout a loader expects, naming what it is instead.
+
+    ``anchor``: a key the expected layout always has (``ln.weight`` for a layer,
+    ``embed.weight`` for an LM); ``what``: "layer" or "lm".
+    """
+    keys = list(state_dict)
+    if anchor in state_dict or not keys:
+        return
+    for k in keys:  # every key under one prefix that ends in the anchor: a wrapper's or a parent module's
+        if k.endswith("." + anchor):
+            pre = k[:-len(anchor)]
+            if all(key.startswith(pre) for key in keys):
+                source = next((f" (added by {who})" for w, who in _WRAPPERS.items() if pre.startswith(w)), "")
+                raise KeyError(
+                    f"every key of the state dict starts with {pre!r}{source}; strip it first: "
+                    f"{{k.removeprefix({pre!r}): v for k, v in state_dict.items()}}"
+                )
+    if what == "layer" and ("embed.weight" in state_dict or any(k.startswith("layers.0.") for k in keys)):
+        raise KeyError(
+            "this is an LM state dict (it has embed.weight / layers.<i>.<name>), not one layer's: load it with "
+            "lm_params_from_torch, or pass one layer's entries: "
+            "{k.removeprefix('layers.0.'): v for k, v in state_dict.items() if k.startswith('layers.0.')}"
+        )
+    if what == "lm" and ("ln.weight" in state_dict or "W_in.weight" in state_dict):
+        raise KeyError("this is one SessaLayer's state dict (ln.weight, W_in.weight, ... at the top level), not an "
+                       "LM's: load it with layer_params_from_torch")
+
+
+def _check_layer(state_dict: Mapping, cfg: SessaConfig, prefix: str) -> None:
+    """KeyError/ValueError naming the first problem with a layer's keys, shapes or dtypes."""
     table = _layer_table(cfg)
     expected = {name for name, _, _ in table}
     present = {k[len(prefix):] for k in state_dict if k.startswith(prefix)}
@@ -170,12 +209,46 @@ def _layer_params(state_dict: Mapping, cfg: SessaConfig, prefix: str, dtype) -> 
     if extra:
         raise KeyError(f"state dict has unexpected entries {[prefix + e for e in extra]} "
                        f"(n_heads={cfg.n_heads}: out_proj exists only when n_heads > 1)")
+    ln = np.shape(state_dict[prefix + "ln.weight"])
+    if len(ln) == 1 and ln[0] != cfg.d_model:
+        raise ValueError(f"{prefix}ln.weight has shape {ln}: the saved layer has d_model={ln[0]}, the config "
+                         f"d_model={cfg.d_model}; set d_model={ln[0]}")
+    for name, _, _ in table:
+        shape, want = np.shape(state_dict[prefix + name]), _expected_shape(cfg, name)
+        if shape != want:
+            raise ValueError(f"{prefix + name} has shape {shape}; expected {want} for d_model={cfg.d_model}, "
+                             f"n_heads={cfg.n_heads}, n_kv_heads={cfg.kv_heads}")
+        dtype = _dtype(state_dict[prefix + name])
+        if not _is_float(dtype):
+            raise ValueError(f"{prefix + name} has dtype {dtype}; weights must be floating point (float32, "
+                             f"bfloat16, float16, float64): this is not a model's weights, or they were quantized "
+                             f"(dequantize them first)")
+
+
+def _dtype(value):
+    """The dtype of a numpy array or torch tensor, as numpy's (torch.bfloat16 -> bfloat16)."""
+    if type(value).__module__.startswith("torch"):
+        name = str(value.dtype).removeprefix("torch.")
+        if name == "bfloat16":
+            import ml_dtypes
+
+            return np.dtype(ml_dtypes.bfloat16)
+        return np.dtype(name) if hasattr(np, name) else np.dtype("V")
+    return np.asarray(value).dtype
+
+
+def _complete(state_dict: Mapping) -> bool:
+    return isinstance(state_dict, PublishedStateDict) or any(type(v).__module__.startswith("torch")
+                                                              for v in state_dict.values())
+
+
+def _layer_params(state_dict: Mapping, cfg: SessaConfig, prefix: str, dtype, check_buffers: bool = True) -> dict:
+    _check_layer(state_dict, cfg, prefix)
+    if check_buffers:  # after keys and shapes: a buffer only explains what the weights cannot
+        _check_buffers(state_dict, cfg, prefix, complete=_complete(state_dict))
     params: dict = {}
-    for name, path, transpose in table:
+    for name, path, transpose in _layer_table(cfg):
         value = _to_numpy(state_dict[prefix + name])
-        if value.shape != _expected_shape(cfg, name):
-            raise ValueError(f"{prefix + name} has shape {value.shape}; expected {_expected_shape(cfg, name)} "
-                             f"for d_model={cfg.d_model}, n_heads={cfg.n_heads}, n_kv_heads={cfg.kv_heads}")
         value = value.T if transpose else value
         _set(params, path, value.astype(dtype) if dtype is not None else value)
     return params
@@ -190,7 +263,12 @@ def layer_params_from_torch(state_dict: Mapping, cfg: SessaConfig, dtype=None) -
     learned state but are checked against ``cfg`` (RoPE on/off, head width, rope_base,
     mask shape); a mismatch raises ValueError naming it. A dict of torch tensors (or from
     ``load_torch_state_dict``) is taken as complete: no rope_inv_freq means no RoPE.
+
+    Checked in this order, each error naming the cause: the layout (keys under a wrapper's
+    prefix such as DDP's ``module.``, or an LM's state dict; KeyError), the keys, the shapes
+    (a ``d_model`` mismatch named as such), floating-point dtypes (ValueError), the buffers.
     """
+    _check_layout(state_dict, "ln.weight", "layer")
     return {"params": _layer_params(state_dict, cfg, "", dtype)}
 
 
@@ -231,18 +309,55 @@ def _finish(out: dict, as_torch: bool | None) -> dict:
     return {k: tensor(v) for k, v in arrays.items()}
 
 
+def _check_target(out: dict, target, max_len: int | None, fn: str) -> None:
+    """ValueError naming how ``out``'s keys differ from ``target``'s (a torch module, a state dict
+    or a collection of key names) and the argument that fixes it."""
+    if target is None:
+        return
+    if hasattr(target, "state_dict") and callable(target.state_dict):
+        target = target.state_dict()
+    keys = set(target)
+    missing, unexpected = sorted(keys - set(out)), sorted(set(out) - keys)
+    if not missing and not unexpected:
+        return
+    masks = [k for k in missing if k.endswith(_BUFFERS[1:])]
+    if masks and max_len is None:
+        shape = np.shape(target[masks[0]]) if isinstance(target, Mapping) else ()
+        n = f"={shape[0]}" if len(shape) == 2 else ""
+        raise ValueError(
+            f"the target registers the causal-mask buffers {masks[:2]} (its layers were built with max_len{n}); "
+            f"{fn} needs max_len to produce them: pass max_len{n or '=<the max_len the torch layer was built with>'}"
+        )
+    hints = []
+    if any(k.endswith("rope_inv_freq") for k in missing + unexpected):
+        hints.append("rope_inv_freq differs: set rope to match the torch layer")
+    if any(k.endswith(_BUFFERS[1:]) for k in unexpected):
+        hints.append("the target has no causal masks: pass max_len=None")
+    if any(k.startswith(tuple(_WRAPPERS)) for k in missing):
+        hints.append("the target's keys carry a wrapper's prefix (DDP 'module.'): pass the unwrapped module")
+    raise ValueError(f"{fn}: the result would not load strictly into the target: missing {missing[:6]}, unexpected "
+                     f"{unexpected[:6]}" + (f" ({'; '.join(hints)})" if hints else ""))
+
+
 def layer_params_to_torch(variables: Mapping, cfg: SessaConfig, include_buffers: bool = True,
-                          max_len: int | None = None, as_torch: bool | None = None) -> dict:
+                          max_len: int | None = None, as_torch: bool | None = None, target=None) -> dict:
     """Inverse of ``layer_params_from_torch``: the published layer's ``state_dict()``.
 
     ``include_buffers`` adds ``mixer.rope_inv_freq`` (when ``cfg.rope``) and, for a
-    published layer built with ``max_len``, its two (max_len, max_len) bool causal masks,
-    so ``torch_layer.load_state_dict(sd, strict=True)`` succeeds. ``as_torch``: torch
+    published layer built with ``max_len``, its two (max_len, max_len) bool causal masks
+    (only ``max_len`` can size them: a layer built with it needs it passed here), so
+    ``torch_layer.load_state_dict(sd, strict=True)`` succeeds. ``as_torch``: torch
     tensors (True), writable numpy arrays (False), or tensors when torch is installed (None).
+    ``target`` (optional): the torch layer (or its state dict, or its key names) that will load
+    the result; its keys are compared first and a difference raises ValueError naming the
+    fix (e.g. the ``max_len`` its mask buffers need).
     """
     if max_len is not None and not include_buffers:
-        raise ValueError("layer_params_to_torch: max_len sizes the causal-mask buffers; it needs include_buffers=True")
-    return _finish(_layer_to_torch(variables["params"], cfg, "", include_buffers, max_len), as_torch)
+        raise ValueError("layer_params_to_torch: max_len sizes the causal-mask buffers, which only "
+                         "include_buffers=True produces; pass include_buffers=True or drop max_len")
+    out = _layer_to_torch(variables["params"], cfg, "", include_buffers, max_len)
+    _check_target(out, target, max_len, "layer_params_to_torch")
+    return _finish(out, as_torch)
 
 
 def lm_params_from_torch(state_dict: Mapping, cfg: SessaConfig, dtype=None) -> dict:
@@ -252,7 +367,7 @@ def lm_params_from_torch(state_dict: Mapping, cfg: SessaConfig, dtype=None) -> d
     and ``cfg.tie_embeddings`` (``head.weight`` required only when untied).
     """
     cast = (lambda a: _to_numpy(a).astype(dtype)) if dtype is not None else _to_numpy
-    layers = [_layer_params(state_dict, cfg, f"layers.{i}.", dtype) for i in range(cfg.n_layers)]
+    _check_layout(state_dict, "embed.weight", "lm")
     extra = sorted(k for k in state_dict if k.startswith("layers.") and k.split(".")[1].isdigit()
                    and int(k.split(".")[1]) >= cfg.n_layers)
     if extra:
@@ -269,16 +384,26 @@ def lm_params_from_torch(state_dict: Mapping, cfg: SessaConfig, dtype=None) -> d
     unknown = sorted(k for k in state_dict if k not in shapes and k != "head.weight" and not layer_key(k))
     if unknown:
         raise KeyError(f"state dict has unexpected entries {unknown}; an LM state dict holds embed.weight, "
-                       f"norm_f.weight, norm_f.bias, head.weight (untied only) and layers.<i>.<layer name>")
+                       f"norm_f.weight, norm_f.bias, head.weight and layers.<i>.<layer name>")
+    embed = np.shape(state_dict["embed.weight"])
+    if len(embed) == 2 and embed[1] != cfg.d_model:
+        raise ValueError(f"embed.weight has shape {embed}: the saved model has d_model={embed[1]}, the config "
+                         f"d_model={cfg.d_model}; set d_model={embed[1]}")
+    for name, shape in shapes.items():
+        if np.shape(state_dict[name]) != shape:
+            raise ValueError(f"{name} has shape {np.shape(state_dict[name])}; expected {shape} for "
+                             f"vocab_size={cfg.vocab_size}, d_model={cfg.d_model}")
+        if not _is_float(_dtype(state_dict[name])):
+            raise ValueError(f"{name} has dtype {_dtype(state_dict[name])}; weights must be floating point: this "
+                             f"is not a model's weights, or they were quantized (dequantize them first)")
     if cfg.tie_embeddings and "head.weight" in state_dict:
         # A tied PyTorch model lists the shared matrix under both names; anything else is an untied head.
         if not np.array_equal(_to_numpy(state_dict["head.weight"]), _to_numpy(state_dict["embed.weight"])):
             raise KeyError("state dict has a head.weight that differs from embed.weight, but the config has "
                            "tie_embeddings=True and would drop it; load it with tie_embeddings=False")
-    for name, shape in shapes.items():
-        if np.shape(state_dict[name]) != shape:
-            raise ValueError(f"{name} has shape {np.shape(state_dict[name])}; expected {shape} for "
-                             f"vocab_size={cfg.vocab_size}, d_model={cfg.d_model}")
+    for i in range(cfg.n_layers):  # every layer's keys and shapes before any buffer
+        _check_layer(state_dict, cfg, f"layers.{i}.")
+    layers = [_layer_params(state_dict, cfg, f"layers.{i}.", dtype) for i in range(cfg.n_layers)]
     params: dict = {
         "embed": {"embedding": cast(state_dict["embed.weight"])},
         "norm_f": {"scale": cast(state_dict["norm_f.weight"]), "bias": cast(state_dict["norm_f.bias"])},
@@ -296,17 +421,18 @@ def lm_params_from_torch(state_dict: Mapping, cfg: SessaConfig, dtype=None) -> d
 
 
 def lm_params_to_torch(variables: Mapping, cfg: SessaConfig, include_buffers: bool = True,
-                       max_len: int | None = None, as_torch: bool | None = None) -> dict:
-    """Inverse of ``lm_params_from_torch``: ``head.weight`` only when untied; per-layer buffers,
-    ``max_len`` and ``as_torch`` as in ``layer_params_to_torch``."""
+                       max_len: int | None = None, as_torch: bool | None = None, target=None) -> dict:
+    """Inverse of ``lm_params_from_torch``. A tied model (``cfg.tie_embeddings``) lists the shared
+    matrix as both ``embed.weight`` and ``head.weight``, as a PyTorch LM whose head weight is its
+    embedding's does, so strict loading works either way. Per-layer buffers, ``max_len``,
+    ``as_torch`` and ``target`` as in ``layer_params_to_torch``."""
     params = variables["params"]
     out = {
         "embed.weight": np.asarray(params["embed"]["embedding"]),
         "norm_f.weight": np.asarray(params["norm_f"]["scale"]),
         "norm_f.bias": np.asarray(params["norm_f"]["bias"]),
     }
-    if not cfg.tie_embeddings:
-        out["head.weight"] = np.asarray(params["head"]["kernel"]).T
+    out["head.weight"] = out["embed.weight"] if cfg.tie_embeddings else np.asarray(params["head"]["kernel"]).T
     for i in range(cfg.n_layers):
         if cfg.scan_layers:
             import jax
@@ -315,6 +441,7 @@ def lm_params_to_torch(variables: Mapping, cfg: SessaConfig, include_buffers: bo
         else:
             layer = params[f"layers_{i}"]
         out.update(_layer_to_torch(layer, cfg, f"layers.{i}.", include_buffers, max_len))
+    _check_target(out, target, max_len, "lm_params_to_torch")
     return _finish(out, as_torch)
 
 

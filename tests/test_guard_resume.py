@@ -219,3 +219,87 @@ def test_training_resumes_past_a_damaged_step_and_redoes_it_identically(finished
 
     assert losses(workdir) == losses(finished)  # steps 5..8 redone bit-identically from step 4
     assert _data_state(workdir, 8) == {"examples": 64, "batch_size": 8}
+
+
+# ---- changed data sources ----
+
+def _text_corpus(tmp_path, n=3, size=1500):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    line = bytes(range(32, 127))
+    for i in range(n):
+        (d / f"doc{i}.txt").write_bytes((line * (size // len(line) + 1))[:size])
+    return d
+
+
+def _text_data_cfg(corpus, **text_keys):
+    cfg = _cfg("data.task=text", f"data.text.path={corpus}", "data.seq_len=32", "data.text.eval_fraction=0.2")
+    for k, v in text_keys.items():
+        cfg.data.text[k] = v
+    return cfg.data
+
+
+@pytest.mark.parametrize("change", ["append", "delete", "add"])
+def test_a_changed_corpus_is_refused_on_resume_naming_the_file_and_the_flag(tmp_path, change, caplog):
+    from sessa_jax.train.resume_guard import DataChangedError
+
+    d = _text_corpus(tmp_path)
+    it = make_iterator(_text_data_cfg(d), TRAIN)
+    next(it)
+    state = json.dumps(it.get_state()).encode()  # as saved with a checkpoint
+    make_iterator(_text_data_cfg(d), TRAIN).set_state(state)  # unchanged: resumes
+    if change == "append":
+        with open(d / "doc1.txt", "ab") as f:
+            f.write(b"one more line\n")
+        named = "changed: doc1.txt"
+    elif change == "delete":
+        (d / "doc2.txt").unlink()
+        named = "removed: doc2.txt"
+    else:
+        (d / "doc3.txt").write_bytes(b"a new document " * 40)
+        named = "added: doc3.txt"
+    with pytest.raises(DataChangedError, match=rf"\({named}\).*--config.data.allow_changed_sources=True"):
+        make_iterator(_text_data_cfg(d), TRAIN).set_state(state)
+    allowed = _text_data_cfg(d)
+    allowed.allow_changed_sources = True
+    resumed = make_iterator(allowed, TRAIN)
+    with caplog.at_level("WARNING"):
+        resumed.set_state(state)
+    assert resumed.position == 8 and named in caplog.text and "data.allow_changed_sources=True" in caplog.text
+    assert resumed.get_state()["sources"] != json.loads(state)["sources"]  # the next checkpoint records the new data
+
+
+def test_shards_prepared_again_from_a_changed_corpus_are_refused_on_resume(tmp_path):
+    from sessa_jax.data import text
+    from sessa_jax.train.resume_guard import DataChangedError
+
+    d = _text_corpus(tmp_path)
+    shards = tmp_path / "shards"
+    text.prepare(str(d), str(shards), seq_len=32, rows_per_shard=30, eval_fraction=0.2)
+    cfg = _text_data_cfg("", arrayrecord_dir=str(shards))
+    it = make_iterator(cfg, TRAIN)
+    next(it)
+    state = it.get_state()
+    with open(d / "doc0.txt", "ab") as f:
+        f.write(b"x" * 200)
+    text.prepare(str(d), str(shards), seq_len=32, rows_per_shard=30, eval_fraction=0.2, overwrite=True)
+    with pytest.raises(DataChangedError, match=r"\(changed: .*train-000\d\d.array_record"):
+        make_iterator(cfg, TRAIN).set_state(state)
+
+
+def test_training_refuses_to_resume_on_changed_data_until_allowed(tmp_path):
+    """End to end: the refusal comes through the checkpoint restore as a ResumeError (not taken
+    for damage: no step is moved aside), and the flag lets the run go on."""
+    d = _text_corpus(tmp_path)
+    workdir = str(tmp_path / "run")
+    text_args = ["data.task=text", f"data.text.path={d}", "data.seq_len=32", "data.text.eval_fraction=0.2",
+                 "train.steps=4", "checkpoint.every=2"]
+    loop.train(_cfg(*text_args), workdir, log=lambda s: None)
+    with open(d / "doc0.txt", "ab") as f:
+        f.write(b"appended after the run\n")
+    more = [*text_args, "train.steps=6", "train.allow_config_change=train.steps"]
+    with pytest.raises(ResumeError, match=r"changed: doc0.txt.*data.allow_changed_sources=True"):
+        loop.train(_cfg(*more), workdir, log=lambda s: None)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]  # nothing set aside
+    result = loop.train(_cfg(*more, "data.allow_changed_sources=True"), workdir, log=lambda s: None)
+    assert result.step == 6

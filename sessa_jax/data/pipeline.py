@@ -12,6 +12,7 @@ per-process batches into global ``jax.Array``s sharded over the data axis.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 
@@ -44,6 +45,11 @@ def tokenizer_of(data_cfg):
     return _tokenizer(data_cfg.tokenizer.kind, data_cfg.tokenizer.path)
 
 
+def _text_tokenizer(data_cfg):
+    """``tokenizer_of``, or None (bytes) for a data config without a ``tokenizer`` entry."""
+    return tokenizer_of(data_cfg) if data_cfg.get("tokenizer") is not None else None
+
+
 @functools.lru_cache(maxsize=8)
 def _tokenizer(kind: str, path: str):
     return tokenizers.make_tokenizer(kind, path)
@@ -63,23 +69,37 @@ def make_source(data_cfg, split: int):
                                             s.num_train if split == TRAIN else s.num_eval)
     if task == "text":
         t = data_cfg.text
-        if t.arrayrecord_dir:
-            files = text.shard_files(t.arrayrecord_dir, split)
-            for f in files:  # every shard: a stale shard of another seq_len would feed rows of the wrong length
-                shard = grain.sources.ArrayRecordDataSource([f])
-                row_len = text.shard_seq_len(shard[0]) if len(shard) else data_cfg.seq_len
-                if row_len != data_cfg.seq_len:
-                    raise ValueError(
-                        f"data.text.arrayrecord_dir={t.arrayrecord_dir!r} holds rows of seq_len={row_len} (in "
-                        f"{os.path.basename(f)}), but data.seq_len={data_cfg.seq_len}; set data.seq_len={row_len} or "
-                        f"write new shards with `python -m sessa_jax.data.text prepare ... --seq_len "
-                        f"{data_cfg.seq_len} --overwrite`"
-                    )
-            records = grain.sources.ArrayRecordDataSource(files)
-            return grain.MapDataset.source(records).map(text.decode_row)
+        if t.arrayrecord_dir:  # verified against its manifest and this run's tokenizer before any read
+            return text.open_shards(t.arrayrecord_dir, split, data_cfg.seq_len, _text_tokenizer(data_cfg),
+                                    verify_checksums=t.get("verify_checksums", True))
         return text.load_text_source(t.path, data_cfg.seq_len, t.max_bytes, t.eval_fraction, split,
-                                     tokenizer_of(data_cfg))
+                                     _text_tokenizer(data_cfg))
     raise ValueError(f"data.task={task!r} is unknown; choose one of {TASKS}")
+
+
+def source_fingerprint(data_cfg) -> dict | None:
+    """The data sources a run reads, as saved with each checkpoint and compared on resume
+    (``resume_guard.check_sources``): {"digest", "files", "bytes", "entries"} over the source
+    files' names (relative to their directory), sizes and, for shards, their recorded CRC-32;
+    ``entries`` (the list itself) only when it has at most 64 files. None for generated data
+    (mqar, generated SymbolSoup), which the config alone determines.
+    """
+    if data_cfg.task == "text":
+        t = data_cfg.text
+        if t.arrayrecord_dir:
+            manifest = text.read_manifest(t.arrayrecord_dir)
+            entries = [[e["name"], e["bytes"], e["crc32"]] for e in manifest["shards"]]
+        else:
+            root, files = text.corpus_files(t.path, t.max_bytes)
+            entries = [[os.path.relpath(f, root), text.file_size(f)] for f in files]
+    elif data_cfg.task == "symbol_soup" and data_cfg.symbol_soup.tsv_dir:
+        files = [symbol_soup_tsv.split_file(data_cfg.symbol_soup.tsv_dir, s) for s in (TRAIN, EVAL)]
+        entries = [[os.path.basename(f), text.file_size(f)] for f in files]
+    else:
+        return None
+    digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+    return dict(digest=digest, files=len(entries), bytes=sum(e[1] for e in entries),
+                entries=entries if len(entries) <= 64 else None)
 
 
 def make_dataset(data_cfg, split: int = TRAIN, process_index: int | None = None,
@@ -142,13 +162,18 @@ class PositionedIterator:
     E, whatever this run's batch size, so changing ``data.batch_size`` on resume neither
     skips nor repeats data. States of grain's own iterator ({"next_index": n}, older
     checkpoints) are read as n batches of this run's batch size.
+
+    The state also holds ``source_fingerprint`` of the data read ("sources", absent for
+    generated data); ``set_state`` refuses a state whose sources differ from this run's
+    (``resume_guard.DataChangedError``) unless ``data.allow_changed_sources`` is set.
     """
 
     def __init__(self, data_cfg, process_index: int | None = None, process_count: int | None = None,
                  start_example: int = 0):
         self._cfg, self._pi = data_cfg, process_index
         self._pc = jax.process_count() if process_count is None else process_count
-        self.seek(start_example)
+        self.seek(start_example)  # builds (and verifies) the sources first, so errors about them come first
+        self.sources = source_fingerprint(data_cfg)
 
     @property
     def position(self) -> int:
@@ -175,12 +200,23 @@ class PositionedIterator:
         return batch
 
     def get_state(self) -> dict:
-        return {"examples": self._position, "batch_size": self._cfg.batch_size}
+        state = {"examples": self._position, "batch_size": self._cfg.batch_size}
+        if self.sources is not None:  # generated data has none: its config decides it
+            state["sources"] = json.loads(json.dumps(self.sources))  # a copy
+        return state
 
     def set_state(self, state) -> None:
-        """Accepts this class's state (dict, or its JSON bytes from grain's checkpoint handler)."""
+        """Accepts this class's state (dict, or its JSON bytes from grain's checkpoint handler).
+
+        Raises ``resume_guard.DataChangedError`` when the state's sources differ from this
+        run's and ``data.allow_changed_sources`` is not set."""
         if isinstance(state, (bytes, str)):
             state = json.loads(state)
+        if state.get("sources") is not None:  # states written before fingerprints existed carry none
+            from sessa_jax.train import resume_guard  # here: sessa_jax.train imports this module
+
+            resume_guard.check_sources(state["sources"], self.sources,
+                                       bool(self._cfg.get("allow_changed_sources", False)))
         if "examples" in state:
             self.seek(int(state["examples"]))
         elif "next_index" in state:  # grain's iterator state: batches of (presumably) this batch size

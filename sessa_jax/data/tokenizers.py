@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Iterator
 
@@ -136,19 +137,61 @@ def make_tokenizer(kind: str = "bytes", path: str = ""):
     raise ValueError(f"data.tokenizer.kind={kind!r} is unknown; choose one of {KINDS}")
 
 
+# sentencepiece drops every line longer than its max_sentence_length (bytes); lines are cut to
+# this length before it sees them, so a corpus of long lines (minified JSON, one paragraph per
+# file) is fitted on all its text instead of on nothing.
+MAX_LINE_BYTES = 8192
+
+
+def split_line(line: str, limit: int = MAX_LINE_BYTES) -> list[str]:
+    """``line`` cut into pieces of at most ``limit`` UTF-8 bytes, at the last space of each piece
+    when it has one (else at a character boundary); the pieces concatenate to ``line``."""
+    data = line.encode("utf-8")
+    if len(data) <= limit:
+        return [line]
+    pieces = []
+    while len(data) > limit:
+        cut = limit
+        while cut > 0 and (data[cut] & 0xC0) == 0x80:  # never inside a multi-byte character
+            cut -= 1
+        space = data.rfind(b" ", 0, cut)
+        cut = space + 1 if space > 0 else cut
+        pieces.append(data[:cut].decode("utf-8"))
+        data = data[cut:]
+    return pieces + ([data.decode("utf-8")] if data else [])
+
+
 def iter_lines(path: str, max_bytes: int = 0) -> Iterator[str]:
-    """Non-empty lines of the text files at ``path`` ('' = built-in corpus), streamed; stops
-    after the file that passes ``max_bytes`` (0 = all): fitting a tokenizer may sample."""
+    """Non-empty lines of the text files at ``path`` ('' = built-in corpus), streamed, each cut to
+    at most ``MAX_LINE_BYTES`` bytes (``split_line``); stops after the file that passes
+    ``max_bytes`` (0 = all): fitting a tokenizer may sample."""
     from sessa_jax.data.text import iter_documents
 
     total = 0
     for doc in iter_documents(path, 0):  # 0: no size error; the sample cap is applied here
         for line in bytes(doc).decode("utf-8", errors="replace").splitlines():
             if line.strip():
-                yield line
+                yield from split_line(line)
         total += len(doc)
         if max_bytes and total >= max_bytes:
             return
+
+
+def _fit_error(e: Exception, vocab_size: int, input_path: str) -> str:
+    """A sentencepiece training failure as its cause and the fix (its own message kept at the end)."""
+    msg = str(e)
+    where = repr(input_path or "the built-in corpus")
+    need = re.search(r"required_chars\. \d+ vs (\d+)", msg)
+    if need:
+        return (f"the corpus {where} has more distinct characters than vocab_size={vocab_size} can hold "
+                f"(sentencepiece needs {need.group(1)} pieces for them); raise --vocab_size to at least "
+                f"{need.group(1)}")
+    if "sentences_.empty()" in msg:
+        return f"sentencepiece found no usable lines in {where}; pass a corpus with text in it"
+    if "Vocabulary size too high" in msg:
+        return (f"the corpus {where} is too small to merge up to vocab_size={vocab_size}; lower --vocab_size "
+                f"or use more text")
+    return f"sentencepiece could not fit vocab_size={vocab_size} on {where}"
 
 
 def train_sentencepiece(input_path: str, output: str, vocab_size: int = 4096, model_type: str = "bpe",
@@ -174,13 +217,11 @@ def train_sentencepiece(input_path: str, output: str, vocab_size: int = 4096, mo
             sentence_iterator=iter_lines(input_path, max_bytes), model_prefix=output[:-len(".model")],
             vocab_size=vocab_size, model_type=model_type, byte_fallback=True, normalization_rule_name="identity",
             remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
-            hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=num_threads,
-            minloglevel=2,
+            hard_vocab_limit=False, max_sentence_length=MAX_LINE_BYTES, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            num_threads=num_threads, minloglevel=2,
         )
     except RuntimeError as e:
-        raise ValueError(f"sentencepiece could not fit vocab_size={vocab_size} on {input_path or 'the built-in corpus'!r}:"
-                         f" {e}; the vocabulary must hold the corpus's characters plus 256 byte pieces (raise --vocab_size), "
-                         f"and the corpus must have enough text to merge up to it") from e
+        raise ValueError(f"{_fit_error(e, vocab_size, input_path)} (sentencepiece: {e})") from e
     return SentencePieceTokenizer(output)
 
 

@@ -52,11 +52,13 @@ def base_config() -> mc.ConfigDict:
     ))
     c.data = mc.ConfigDict(dict(
         task="mqar", seq_len=64, batch_size=16, seed=0, num_threads=0, prefetch=2,
+        allow_changed_sources=False,  # resume even when the data files differ from the checkpoint's (resume_guard)
         mqar=dict(vocab_size=64, num_kv_pairs=8),
         # the published SymbolSoup (400-600 tokens, splits 20000/2000); tsv_dir: read files made by the
         # published script (or sessa_jax.data.symbol_soup_tsv) instead of generating
         symbol_soup=dict(min_tokens=400, max_tokens=600, num_train=20000, num_eval=2000, tsv_dir=""),
-        text=dict(path="", arrayrecord_dir="", max_bytes=8_000_000, eval_fraction=0.01),
+        # verify_checksums: read every shard byte once at open to check its CRC-32 (data.text.open_shards)
+        text=dict(path="", arrayrecord_dir="", max_bytes=8_000_000, eval_fraction=0.01, verify_checksums=True),
         # bytes | sentencepiece | tokenizers; path: the .model / tokenizer.json. sentencepiece with
         # path '' fits a model of vocab_size on the corpus into WORKDIR/tokenizer.model at the first start.
         tokenizer=dict(kind="bytes", path="", vocab_size=4096),

@@ -12,19 +12,24 @@ Keys fall in three groups:
   alters the data stream or the model: a change is always an error whose fix is a new
   workdir.
 
+The data sources themselves (files and sizes, not only their paths) are compared by
+``check_sources`` when the train iterator's state is restored: a changed corpus or shard set is
+refused unless ``data.allow_changed_sources`` is set.
+
 Pure Python (no JAX), so ``train.config`` validates ``allow_config_change`` at load time.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 
 FREE_PREFIXES = ("mesh.", "distributed.", "metrics.")
 FREE = frozenset({
     "train.log_every", "train.progress", "train.step_delay_s", "train.eval_every", "train.eval_batches",
     "train.allow_config_change", "train.profile_steps", "train.compilation_cache",
     "checkpoint.every", "checkpoint.keep", "checkpoint.async_save",
-    "data.num_threads", "data.prefetch",
+    "data.num_threads", "data.prefetch", "data.allow_changed_sources", "data.text.verify_checksums",
 })
 ALLOWABLE = frozenset({
     "train.steps",
@@ -39,6 +44,49 @@ ALLOWABLE = frozenset({
 
 class ResumeError(ValueError):
     """The workdir's checkpoint cannot be resumed with this config; names keys and the fix."""
+
+
+class DataChangedError(ResumeError):
+    """The data sources differ from those the checkpoint was trained on; names the change and the flag."""
+
+
+def _describe_sources(saved: dict, now: dict) -> str:
+    if saved.get("entries") is not None and now.get("entries") is not None:
+        a = {e[0]: e[1:] for e in saved["entries"]}
+        b = {e[0]: e[1:] for e in now["entries"]}
+        parts = []
+        for label, names in (("removed", sorted(set(a) - set(b))), ("added", sorted(set(b) - set(a))),
+                             ("changed", sorted(k for k in set(a) & set(b) if a[k] != b[k]))):
+            if names:
+                shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                parts.append(f"{label}: {shown}")
+        if parts:
+            return "; ".join(parts)
+    return (f"saved {saved.get('files')} files, {saved.get('bytes')} bytes (digest {str(saved.get('digest'))[:12]}); "
+            f"now {now.get('files')} files, {now.get('bytes')} bytes (digest {str(now.get('digest'))[:12]})")
+
+
+def check_sources(saved: dict | None, now: dict | None, allowed: bool, log=None) -> None:
+    """Refuses a resume whose data sources differ from the checkpoint's.
+
+    ``saved``/``now``: ``sessa_jax.data.pipeline.source_fingerprint`` dicts (None: generated
+    data, nothing to compare). A difference raises DataChangedError naming the files and the
+    flag ``data.allow_changed_sources``; with ``allowed`` it is logged instead (``log``, default
+    the ``logging`` module's warning).
+    """
+    if saved is None or now is None or saved.get("digest") == now.get("digest"):
+        return
+    change = _describe_sources(saved, now)
+    if allowed:
+        (log or logging.getLogger(__name__).warning)(
+            f"resume: the data sources changed since the checkpoint ({change}); data.allow_changed_sources=True, "
+            f"so training goes on from the saved position over the new data")
+        return
+    raise DataChangedError(
+        f"the data sources differ from those the checkpoint was trained on ({change}), so resuming would read "
+        f"another stream from the saved position. Fix: restore the original data, or pass "
+        f"--config.data.allow_changed_sources=True to continue over the new data, or start a new --workdir"
+    )
 
 
 def parse_allowed(value: str) -> list[str]:
