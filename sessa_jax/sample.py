@@ -42,7 +42,11 @@ def load_run_step(run_dir: str, step: int | None = None, log=None):
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"--run {run_dir!r} has no checkpoints/ directory; pass the --workdir of a train.py run")
-    steps = sorted(ckpt.make_manager(ckpt_dir, async_save=False).all_steps(), reverse=True)
+    manager = ckpt.make_manager(ckpt_dir, async_save=False)
+    try:
+        steps = sorted(manager.all_steps(), reverse=True)
+    finally:
+        manager.close()
     if not steps:
         raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir!r}; train with checkpoint.every > 0 (or let the "
                                 f"run finish) and point --run at its workdir")

@@ -130,6 +130,8 @@ def _set(cfg: mc.ConfigDict, key: str, raw: str) -> None:
             value = {"true": True, "false": False, "none": None}.get(raw.lower(), raw)
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if want is float and isinstance(value, str) and value.strip().lower().lstrip("+-") in ("inf", "nan"):
+            value = float(value)  # parsed so that validation can name it (it is never a usable setting)
     if want not in (None, object) and value is not None and not (type(value) is want):
         raise ConfigError(f"config key {key!r} expects {want.__name__}, got {raw!r} ({type(value).__name__})")
     node[leaf] = value
