@@ -96,7 +96,7 @@ def test_sessa_eval_reproduces_the_runs_final_eval(text_run, capsys):
     _, workdir, result, _ = text_run
     assert eval_main(["--run", workdir, "--json"]) == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(got) == EVAL_KEYS and got["eval_tokens"] == result.eval["eval_tokens"]
+    assert set(got) == EVAL_KEYS | {"step"} and got["step"] == 4 and got["eval_tokens"] == result.eval["eval_tokens"]
     for k in EVAL_KEYS:
         np.testing.assert_allclose(got[k], result.eval[k], rtol=1e-5)
     assert eval_main(["--run", workdir + "/nope"]) == 2
