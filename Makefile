@@ -1,6 +1,6 @@
 # Two commands on a fresh machine: `make train` and `make test`. Both create .venv first.
 # `make test-latest` checks the other end of the dependency ranges: the newest jax/flax/orbax
-# releases on Python 3.12+ in .venv-latest.
+# releases on Python 3.12+ in .venv-latest, with the wandb extra (the real package, offline).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -20,9 +20,9 @@ LATEST_TESTS ?= tests/test_core_fixtures.py tests/test_core_blocked.py tests/tes
 	tests/test_core_decoding.py tests/test_lowering.py tests/test_pallas_attention.py tests/test_train_config.py \
 	tests/test_train_loop.py tests/test_train_resume.py tests/test_train_loss.py tests/test_train_evaluate.py \
 	tests/test_train_report.py tests/test_data_tokenizers.py tests/test_data_text.py tests/test_packaging.py \
-	tests/test_gpu_kernels.py
+	tests/test_gpu_kernels.py tests/test_train_wandb.py
 CI_LATEST_TESTS := tests/test_core_fixtures.py tests/test_lowering.py tests/test_train_loop.py tests/test_packaging.py \
-	tests/test_gpu_kernels.py
+	tests/test_gpu_kernels.py tests/test_train_wandb.py
 
 .PHONY: install test test-latest test-latest-ci test-interop train bench clean
 
@@ -43,7 +43,7 @@ $(STAMP_LATEST): pyproject.toml
 	@test -n "$(PYTHON_LATEST)" || { echo "make test-latest needs python3.12 or python3.13 on PATH (or PYTHON_LATEST=...)"; exit 2; }
 	$(PYTHON_LATEST) -m venv $(VENV_LATEST)
 	$(PY_LATEST) -m pip install -q --upgrade pip
-	$(PY_LATEST) -m pip install -q --upgrade --upgrade-strategy eager -e '.[test]'
+	$(PY_LATEST) -m pip install -q --upgrade --upgrade-strategy eager -e '.[test,wandb]'
 	touch $(STAMP_LATEST)
 
 test-latest: $(STAMP_LATEST)

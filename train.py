@@ -4,7 +4,9 @@
     python train.py --config=tiny --config.train.steps=30 --workdir=runs/tiny
     python train.py --config=mqar --config.model.kind=mamba --config.model.match_params=True
 
-Overrides are ``--config.<section>.<key>=<value>``; bad keys or values fail before compiling.
+Overrides are ``--config.<section>.<key>=<value>`` (or ``--config.<section>.<key> <value>``);
+bad keys or values fail before compiling. A failure after start-up ends in one ``error:``
+line; its full traceback is in ``WORKDIR/train.log``.
 """
 
 import sys

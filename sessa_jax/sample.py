@@ -26,7 +26,19 @@ from sessa_jax.train.state import build_model, init_params
 
 
 def load_run(run_dir: str, step: int | None = None):
-    """(model, params, run config) of a run directory, parameters only."""
+    """(model, params, run config) of a run directory, parameters only (see ``load_run_step``)."""
+    return load_run_step(run_dir, step)[:3]
+
+
+def load_run_step(run_dir: str, step: int | None = None, log=None):
+    """(model, params, run config, step) of a run directory, parameters only.
+
+    ``step`` None: the newest checkpoint whose config and parameters restore and verify
+    (a damaged newer one is skipped, and ``log``, when given, says so); otherwise that
+    step. Raises FileNotFoundError (no checkpoints), ValueError (no such step) or
+    ``checkpoint.CheckpointError`` (the step, or every step, is damaged), each naming the
+    steps there are and the fix.
+    """
     try:
         run_dir = wd.normalize(run_dir)
     except wd.WorkdirError as e:
@@ -34,10 +46,36 @@ def load_run(run_dir: str, step: int | None = None):
     ckpt_dir = wd.join(run_dir, "checkpoints")
     if not wd.isdir(ckpt_dir):
         raise FileNotFoundError(f"--run {run_dir!r} has no checkpoints/ directory; pass the --workdir of a train.py run")
-    cfg = config_from_json(ckpt.restore_config(ckpt_dir, step))
-    model = build_model(cfg)
-    abstract = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), cfg.data.seq_len))
-    return model, ckpt.restore_params(ckpt_dir, abstract, step), cfg
+    manager = ckpt.make_manager(ckpt_dir, async_save=False)
+    try:
+        steps = sorted(manager.all_steps(), reverse=True)
+    finally:
+        manager.close()
+    if not steps:
+        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir!r}; train with checkpoint.every > 0 (or let the "
+                                f"run finish) and point --run at its workdir")
+    if step is not None and step not in steps:
+        raise ValueError(f"--step {step}: {ckpt_dir!r} has no checkpoint of that step; its steps are {sorted(steps)}")
+    failed = []
+    for s in ([step] if step is not None else steps):
+        try:
+            cfg = config_from_json(ckpt.restore_config(ckpt_dir, s, log=_quiet))
+            model = build_model(cfg)
+            abstract = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), cfg.data.seq_len))
+            return model, ckpt.restore_params(ckpt_dir, abstract, s, log=_quiet), cfg, s
+        except ckpt.CheckpointError as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip().startswith(f"step {s}:")]
+            failed.append(lines[0] if lines else f"step {s}: {str(e).splitlines()[0]}")
+            if log is not None and step is None:
+                log(f"warning: checkpoint {failed[-1]} (damaged); trying the one before it")
+    others = sorted(set(steps) - {step}) if step is not None else []
+    fix = (f"pass another --step (the others: {others}) or leave --step out for the newest that restores"
+           if others else "restore the checkpoints from a backup, or train again")
+    raise ckpt.CheckpointError(f"no checkpoint of {ckpt_dir!r} restores: " + "; ".join(failed) + f". Fix: {fix}")
+
+
+def _quiet(*args, **kwargs):
+    pass
 
 
 def encode_prompt(prompt: str, task: str, tokenizer=None) -> np.ndarray:
@@ -85,9 +123,14 @@ def generate_by_recompute(model, params, prompt, max_new_tokens: int, rng, tempe
 
 
 def sample(run_dir: str, prompt: str, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None, seed: int = 0, step: int | None = None) -> str:
-    """Continuation of ``prompt`` sampled from the run's parameters."""
-    model, params, cfg = load_run(run_dir, step)
+           top_p: float | None = None, seed: int = 0, step: int | None = None, log=None) -> str:
+    """Continuation of ``prompt`` sampled from the run's parameters (``load_run_step``)."""
+    return _sample(run_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, step, log)[0]
+
+
+def _sample(run_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, step, log):
+    """(continuation, the checkpoint step it came from)."""
+    model, params, cfg, step = load_run_step(run_dir, step, log)
     tok = tokenizer_of(cfg.data) if cfg.data.task == "text" else None
     tokens = jnp.asarray(encode_prompt(prompt, cfg.data.task, tok))[None]
     if tokens.shape[1] == 0:
@@ -101,7 +144,7 @@ def sample(run_dir: str, prompt: str, max_new_tokens: int = 64, temperature: flo
         if top_p is not None:
             raise ValueError(f"--top_p is supported for kind='sessa' runs only; this run is {cfg.model.kind!r}")
         out = generate_by_recompute(model, params, tokens, max_new_tokens, rng, temperature, top_k)
-    return decode_tokens(np.asarray(out[0, tokens.shape[1]:]), cfg.data.task, tok)
+    return decode_tokens(np.asarray(out[0, tokens.shape[1]:]), cfg.data.task, tok), step
 
 
 def main(argv=None) -> int:
@@ -116,11 +159,12 @@ def main(argv=None) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     args = parser.parse_args(argv)
     try:
-        out = sample(args.run, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                     args.seed, args.step)
-    except (FileNotFoundError, ValueError) as e:
+        out, step = _sample(args.run, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                            args.seed, args.step, log=lambda line: print(line, file=sys.stderr))
+    except (FileNotFoundError, ValueError, ckpt.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(f"(sampled from {wd.join(args.run, 'checkpoints')} step {step})", file=sys.stderr)
     print(args.prompt + out)
     return 0
 

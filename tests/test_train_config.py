@@ -119,3 +119,32 @@ def test_unknown_keys_set_in_a_config_file_are_rejected(tmp_path):
 def test_negative_step_delay_is_rejected_before_compiling():
     with pytest.raises(ConfigError, match=r"train.step_delay_s must be >= 0; got -1.0"):
         load_config("tiny", ["train.step_delay_s=-1"])
+
+
+@pytest.mark.parametrize("override", ["optim.lr=inf", "optim.lr=1e999", "optim.lr=nan", "optim.weight_decay=inf",
+                                      "optim.clip_norm=1e999", "optim.eps=inf", "optim.min_lr_ratio=nan"])
+def test_non_finite_optimizer_numbers_are_refused(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key} must be a finite number; got"):
+        load_config("tiny", [override])
+
+
+def test_flag_values_may_follow_a_space_as_absl_users_type_them():
+    from sessa_jax.cli import parse_train_args
+
+    spaced = parse_train_args(["--config", "tiny", "--config.train.steps", "30", "--workdir", "runs/x",
+                               "--config.model.n_layers=3", "--config.optim.lr", "-1e-3"])
+    assert spaced == ("tiny", "runs/x", ["--config.train.steps=30", "--config.model.n_layers=3",
+                                         "--config.optim.lr=-1e-3"])
+    assert parse_train_args(["--config=tiny", "--workdir=w"]) == ("tiny", "w", [])
+    for bad, message in [(["--config"], "--config needs a value"),
+                         (["--config.train.steps", "--workdir=w"], "--config.train.steps needs a value"),
+                         (["--bogus"], "unknown argument '--bogus'")]:
+        with pytest.raises(ValueError, match=message):
+            parse_train_args(bad)
+
+
+def test_cli_takes_space_separated_values_before_compiling():
+    out = subprocess.run([sys.executable, "train.py", "--config", "tiny", "--config.train.stepz", "3"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "config error: unknown config key 'train.stepz'" in out.stderr, out.stderr

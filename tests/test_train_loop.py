@@ -81,10 +81,10 @@ def test_nan_stops_with_the_step_and_saves_nothing_broken(tmp_path, monkeypatch)
     def make_poisoned(*args, **kwargs):
         real = make_real(*args, **kwargs)
 
-        def poisoned(state, batch):
+        def poisoned(state, batch, *rest):
             if int(state.step) == 6:  # the 7th update sees a NaN loss
                 batch = dict(batch, weights=batch["weights"] * jnp.nan)
-            return real(state, batch)
+            return real(state, batch, *rest)
 
         return poisoned
 

@@ -26,6 +26,7 @@ from sessa_jax.data.mqar import check_mqar
 from sessa_jax.data.pipeline import TASKS, task_vocab_size
 from sessa_jax.data.symbol_soup import check_symbol_soup
 from sessa_jax.sharding import MeshError, mesh_shape
+from sessa_jax.train.optimizer import SCHEDULES
 from sessa_jax.train.resume_guard import check_allowed_keys, flatten
 
 KINDS = ("sessa", "transformer", "mamba")
@@ -66,6 +67,9 @@ def base_config() -> mc.ConfigDict:
     c.optim = mc.ConfigDict(dict(
         lr=3e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
         clip_norm=1.0, grad_accum=1,
+        # cosine | linear | constant | wsd (warmup-stable-decay: the last decay_fraction of train.steps decays)
+        schedule="cosine", decay_fraction=0.2,
+        decay_embeddings=False,  # weight decay on embedding tables (biases and norms are never decayed)
     ))
     c.train = mc.ConfigDict(dict(
         steps=100, seed=0, log_every=10, eval_every=0, eval_batches=4, progress=True,
@@ -128,6 +132,8 @@ def _set(cfg: mc.ConfigDict, key: str, raw: str) -> None:
             value = {"true": True, "false": False, "none": None}.get(raw.lower(), raw)
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if want is float and isinstance(value, str) and value.strip().lower().lstrip("+-") in ("inf", "nan"):
+            value = float(value)  # parsed so that validation can name it (it is never a usable setting)
     if want not in (None, object) and value is not None and not (type(value) is want):
         raise ConfigError(f"config key {key!r} expects {want.__name__}, got {raw!r} ({type(value).__name__})")
     node[leaf] = value
@@ -198,6 +204,15 @@ def validate(cfg: mc.ConfigDict, process_count: int = 1, device_count: int | Non
     for key in ("dtype", "param_dtype"):
         if m[key] not in ("float32", "bfloat16", "float16", "float64"):
             raise ConfigError(f"model.{key}={m[key]!r} is not a float dtype name; use 'float32' or 'bfloat16'")
+    for key in ("lr", "min_lr_ratio", "weight_decay", "clip_norm", "eps", "b1", "b2", "decay_fraction"):
+        if not math.isfinite(o[key]):
+            raise ConfigError(f"optim.{key} must be a finite number; got {o[key]!r} (inf or nan makes every update "
+                              f"non-finite); e.g. optim.lr=3e-4")
+    if o.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule={o.schedule!r} is unknown; choose one of {SCHEDULES}")
+    if not 0 < o.decay_fraction <= 1:
+        raise ConfigError(f"optim.decay_fraction must lie in (0, 1] (the share of train.steps the 'wsd' schedule "
+                          f"decays over); got {o.decay_fraction}")
     if o.lr <= 0 or not 0 <= o.min_lr_ratio <= 1 or o.weight_decay < 0 or o.clip_norm < 0:
         raise ConfigError(
             f"optim: need lr > 0 (got {o.lr}), 0 <= min_lr_ratio <= 1 (got {o.min_lr_ratio}), "

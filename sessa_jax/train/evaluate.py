@@ -14,6 +14,8 @@ counts 0), so bits per byte compares byte- and subword-level runs on the same te
 
     sessa-eval --run runs/text_bytes               # the whole eval split, latest checkpoint
     sessa-eval --run runs/tiny --num_batches 8 --step 30
+
+The output starts with the checkpoint step evaluated (``step`` in ``--json``).
 """
 
 from __future__ import annotations
@@ -104,10 +106,17 @@ def token_bytes_for(data_cfg, vocab_size: int):
 
 def evaluate_run(run_dir: str, step: int | None = None, num_batches: int = 0, batch_size: int = 0) -> dict:
     """Eval metrics of a training run's checkpoint (latest by default) on its held-out split."""
-    from sessa_jax.data import EVAL, make_dataset
-    from sessa_jax.sample import load_run
+    return evaluate_run_step(run_dir, step, num_batches, batch_size)[1]
 
-    model, params, cfg = load_run(run_dir, step)
+
+def evaluate_run_step(run_dir: str, step: int | None = None, num_batches: int = 0, batch_size: int = 0,
+                      log=None) -> tuple[int, dict]:
+    """(checkpoint step evaluated, eval metrics): ``evaluate_run`` saying which step it read
+    (without ``step``: the newest that restores; ``sample.load_run_step``)."""
+    from sessa_jax.data import EVAL, make_dataset
+    from sessa_jax.sample import load_run_step
+
+    model, params, cfg, step = load_run_step(run_dir, step, log)
     if batch_size:
         cfg.data.batch_size = batch_size
     if cfg.data.task != "text" and not num_batches:
@@ -116,7 +125,7 @@ def evaluate_run(run_dir: str, step: int | None = None, num_batches: int = 0, ba
     data = make_dataset(cfg.data, EVAL, process_index=0, process_count=1)
     metrics = evaluate(params, eval_step, data, cfg.data.batch_size, token_bytes_for(cfg.data, model.config.vocab_size),
                        num_batches)
-    return metrics
+    return step, metrics
 
 
 def main(argv=None) -> int:
@@ -131,15 +140,18 @@ def main(argv=None) -> int:
         print(f"error: --num_batches ({args.num_batches}) and --batch_size ({args.batch_size}) must be >= 0",
               file=sys.stderr)
         return 2
+    from sessa_jax.train.checkpoint import CheckpointError
+
     try:
-        metrics = evaluate_run(args.run, args.step, args.num_batches, args.batch_size)
-    except (FileNotFoundError, ValueError) as e:
+        step, metrics = evaluate_run_step(args.run, args.step, args.num_batches, args.batch_size,
+                                          log=lambda line: print(line, file=sys.stderr))
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(metrics))
+        print(json.dumps({"step": step, **metrics}))
     else:
-        print(" | ".join(f"{k.removeprefix('eval_')} {v:.6g}" for k, v in metrics.items()))
+        print(" | ".join([f"step {step}"] + [f"{k.removeprefix('eval_')} {v:.6g}" for k, v in metrics.items()]))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The training loop: resume, jitted steps, one-step-late metrics, eval, checkpoints, SIGTERM."""
+"""The training loop: resume, jitted steps, per-step metrics and timing, eval, checkpoints, SIGTERM."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import signal
 import time
 
 import jax
+import numpy as np
 
 from sessa_jax import sharding
 from sessa_jax.data import EVAL, TRAIN, global_batch, make_dataset, make_iterator
@@ -20,7 +21,7 @@ from sessa_jax.train.config import model_config, parse_profile_steps, resolve, v
 from sessa_jax.train.evaluate import make_eval_step, token_bytes_for
 from sessa_jax.train.evaluate import evaluate as evaluate_params
 from sessa_jax.train.metrics import MetricsWriter, Progress, format_duration
-from sessa_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from sessa_jax.train.optimizer import learning_rate_schedule, make_optimizer, schedule_inputs
 from sessa_jax.train.state import TrainState, abstract_state, build_model, create_state, state_shardings
 from sessa_jax.train.step import make_train_step
 
@@ -64,6 +65,37 @@ def _quiet(*args, **kwargs):
     pass
 
 
+class _Once:
+    """A log function that passes on its first message only (a warning that would repeat every step)."""
+
+    def __init__(self, log):
+        self.log, self.done = log, False
+
+    def __call__(self, message: str) -> None:
+        if not self.done:
+            self.done = True
+            self.log(message)
+
+
+def _close_all(closers, failure: BaseException | None, log) -> None:
+    """Runs every ``(name, close)``. With ``failure`` already propagating, a close that fails
+    too (a full disk fails the flushes after the write that hit it) is logged in one line
+    and the first error stays the one reported; otherwise the first close error is raised
+    after all have run."""
+    first = None
+    for name, close in closers:
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001 - every resource gets closed
+            if failure is not None:
+                reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                log(f"warning: closing the {name} failed as well, after the error below: {type(e).__name__}: {reason}")
+            elif first is None:
+                first = e
+    if first is not None:
+        raise first
+
+
 def _eval_line(step: int, e: dict) -> str:
     per = (f"bits/byte {e['eval_bits_per_byte']:.4f}" if "eval_bits_per_byte" in e
            else f"bits/token {e['eval_bits_per_token']:.4f}")
@@ -103,7 +135,7 @@ def _train(cfg, workdir: str, log=print) -> RunResult:
     sharding.validate_mesh(mesh, model_cfg, cfg.data.batch_size, accum, kind=cfg.model.kind)
     data_sharding = sharding.batch_sharding(mesh)
     shardings = state_shardings(model, tx, cfg.train.seed, cfg.data.seq_len, mesh)
-    step_fn = make_train_step(shardings, data_sharding, accum, cfg.train.loss_chunk)
+    step_fn = make_train_step(shardings, data_sharding, accum, cfg.train.loss_chunk, schedule_input=True)
     eval_fn = make_eval_step(model.apply, cfg.train.loss_chunk)
     token_bytes = token_bytes_for(cfg.data, model_cfg.vocab_size)  # None: no bits per byte
 
@@ -137,53 +169,54 @@ def _train(cfg, workdir: str, log=print) -> RunResult:
     peak = report.peak_tflops(jax.devices()[0].device_kind, cfg.metrics.peak_tflops)
     profiler = report.Profiler(parse_profile_steps(cfg.train.profile_steps, steps),
                                os.path.join(wd.local_dir(workdir), "profile"), log)
-    schedule = learning_rate_schedule(cfg.optim, steps)
-    pending: list[tuple[int, dict]] = []  # dispatched steps whose metrics are not read yet
+    lr_of = learning_rate_schedule(cfg.optim, steps)
+    # The schedule's numbers enter the step as inputs: the compiled step does not depend on them.
+    schedule = jax.tree_util.tree_map(np.float32, schedule_inputs(cfg.optim, steps))
+    mfu_warning = _Once(log)
     last = {}
 
-    def flush():
+    def record(s: int, m: dict) -> None:
+        """Checks, times and writes step ``s``'s metrics (already on the host)."""
         nonlocal last
-        for s, m in pending:
-            m = jax.device_get(m)
-            if not bool(m["finite"]):
-                raise NonFiniteError(
-                    f"non-finite loss or gradient at step {s} (loss={float(m['loss'])}, grad_norm="
-                    f"{float(m['grad_norm'])}); stopped without saving it. Lower optim.lr, keep "
-                    f"optim.clip_norm > 0 or use model.dtype='float32'"
-                )
-            last = dict(loss=float(m["loss"]), accuracy=float(m["accuracy"]), grad_norm=float(m["grad_norm"]),
-                        lr=float(schedule(s - 1)))
-            last.update(report.step_scalars(clock.tick(s), tokens_per_step, flops_token, jax.device_count(), peak))
-            writer.write(s, last, tensorboard=s % cfg.train.log_every == 0 or s == steps)
-            if s % cfg.train.log_every == 0 or s == steps or s == start + 1:
-                progress.print(s, last)
-        pending.clear()
+        if not bool(m["finite"]):
+            raise NonFiniteError(
+                f"non-finite loss or gradient at step {s} (loss={float(m['loss'])}, grad_norm="
+                f"{float(m['grad_norm'])}); stopped without saving it. Lower optim.lr, keep "
+                f"optim.clip_norm > 0 or use model.dtype='float32'"
+            )
+        last = dict(loss=float(m["loss"]), accuracy=float(m["accuracy"]), grad_norm=float(m["grad_norm"]),
+                    lr=lr_of(s - 1))
+        last.update(report.step_scalars(clock.tick(s), tokens_per_step, flops_token, jax.device_count(), peak,
+                                        log=mfu_warning))
+        writer.write(s, last, tensorboard=s % cfg.train.log_every == 0 or s == steps)
+        if s % cfg.train.log_every == 0 or s == steps or s == start + 1:
+            progress.print(s, last, clock.mean_s())
 
-    interrupted, eval_metrics = False, {}
+    interrupted, eval_metrics, failure = False, {}, None
     try:
         with _Sigterm() as sigterm, sharding.activate(mesh):
             step = start
             while step < steps and not sigterm.hit:
                 batch = global_batch(next(train_iter), data_sharding)
                 profiler.before(step + 1)
-                state, metrics = step_fn(state, batch)
+                state, metrics = step_fn(state, batch, schedule)
                 step += 1
-                profiler.after(step, block_on=metrics)
-                if len(pending) >= 1:  # read step-1 metrics only after step is dispatched
-                    flush()
-                pending.append((step, metrics))
+                # Block on this step's results: its time ends when they exist, and a NaN stops
+                # the run before anything of this step is saved or evaluated.
+                record(step, jax.device_get(metrics))
+                profiler.after(step)
                 if cfg.train.step_delay_s:
                     time.sleep(cfg.train.step_delay_s)
+                    clock.restart(step)
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps:
-                    flush()
                     e = evaluate(state, eval_data, cfg.train.eval_batches, data_sharding)
                     writer.write(step, e)
                     log(_eval_line(step, e))
+                    clock.restart(step)  # the eval's time is no step's
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                    flush()  # never save a step whose metrics were not checked
                     writer.sync()  # a bucket's metrics.jsonl holds every step up to the checkpoint
                     ckpt.save(manager, state, train_iter, config_dict)
-            flush()
+                    clock.restart(step)
             profiler.stop(block_on=state.step)
             interrupted = sigterm.hit
             if manager.latest_step() != step:
@@ -194,11 +227,12 @@ def _train(cfg, workdir: str, log=print) -> RunResult:
                 eval_metrics = evaluate(state, eval_data, cfg.train.eval_batches, data_sharding)
                 if not wd.has_record(workdir, step, "eval_loss"):  # a re-run of a finished workdir adds none
                     writer.write(step, eval_metrics)
+    except BaseException as e:
+        failure = e
+        raise
     finally:
-        profiler.stop()
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
+        _close_all([("profiler", profiler.stop), ("checkpoint manager", manager.wait_until_finished),
+                    ("checkpoint manager", manager.close), ("metrics writer", writer.close)], failure, log)
     seconds = time.perf_counter() - t_start
     if not interrupted:
         log(f"done: {step} steps in {format_duration(seconds)}")

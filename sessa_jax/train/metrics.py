@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import jax
 
@@ -68,11 +67,20 @@ class MetricsWriter:
             self._tb.flush()
 
     def close(self) -> None:
-        if self.enabled:
-            self._file.close()
-            self._tb.close()
-            if self.mirror is not None:
-                self.mirror.close()
+        """Closes the JSONL file, TensorBoard and the mirror, each even if another fails; the
+        first failure is raised afterwards."""
+        if not self.enabled:
+            return
+        errors = []
+        for close in (self._file.close, self._tb.close, self.mirror.close if self.mirror is not None else None):
+            if close is None:
+                continue
+            try:
+                close()
+            except Exception as e:  # noqa: BLE001 - close the rest, then raise the first
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
 
 def _tokens_rate(tokens_per_s: float) -> str:
@@ -82,30 +90,29 @@ def _tokens_rate(tokens_per_s: float) -> str:
 class Progress:
     """``step 10/300 | loss 2.345 | acc 0.120 | 0.21 s/step | 12.3k tok/s | eta 1m23s`` lines.
 
-    Printed from the first step on: that line's rate runs from the loop's start, so it
-    includes compilation (marked ``incl. compile``); later lines time from the first step.
+    Printed from the first step on. That step includes compilation: its line shows its own
+    time, marked ``incl. compile``, and no ETA. Later lines show the mean step time after
+    compilation (``report.StepClock.mean_s``), and the ETA is the remaining steps at that
+    rate.
     """
 
     def __init__(self, total_steps: int, tokens_per_step: int, start_step: int, enabled: bool = True):
         self.total, self.tokens_per_step = total_steps, tokens_per_step
         self.enabled = enabled and jax.process_index() == 0
-        self._t0, self._s0, self._first = time.perf_counter(), start_step, True
 
-    def line(self, step: int, metrics: dict) -> str:
-        now = time.perf_counter()
-        first = self._first
-        rate = (step - self._s0) / max(now - self._t0, 1e-9)
-        if first:  # later rates exclude compilation: time from here
-            self._t0, self._s0, self._first = now, step, False
+    def line(self, step: int, metrics: dict, mean_step_s: float | None = None) -> str:
+        """``metrics``: the step's scalars (loss, accuracy, step_time_s); ``mean_step_s``:
+        seconds per step after compilation, None on the step that compiled."""
         parts = [f"step {step}/{self.total}", f"loss {metrics['loss']:.4f}"]
         if "accuracy" in metrics:
             parts.append(f"acc {metrics['accuracy']:.3f}")
-        if rate > 0:
-            parts += [f"{1 / rate:.3g} s/step", _tokens_rate(rate * self.tokens_per_step),
-                      f"eta {format_duration((self.total - step) / rate)}" + (" (incl. compile)" if first else "")]
+        per_step = mean_step_s if mean_step_s else metrics.get("step_time_s")
+        if per_step:
+            parts += [f"{per_step:.3g} s/step", _tokens_rate(self.tokens_per_step / per_step)]
+            parts.append(f"eta {format_duration((self.total - step) * per_step)}" if mean_step_s else "incl. compile")
         return " | ".join(parts)
 
-    def print(self, step: int, metrics: dict) -> None:
-        text = self.line(step, metrics)
+    def print(self, step: int, metrics: dict, mean_step_s: float | None = None) -> None:
+        text = self.line(step, metrics, mean_step_s)
         if self.enabled:
             print(text, flush=True)

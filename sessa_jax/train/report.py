@@ -15,6 +15,8 @@ MFU = flops_per_token * tokens/s / (devices * peak), the per-device peak from
 from __future__ import annotations
 
 import os
+import secrets
+import string
 import time
 
 import jax
@@ -83,32 +85,58 @@ def _version() -> str:
 
 
 class StepClock:
-    """Wall time per step from the loop's one-step-late reads.
+    """Wall time of each step, from the moments the loop holds each step's results.
 
-    ``tick(step)`` is called when step's metrics are read; the first tick measures from
-    ``start`` (so it includes compilation), later ones from the previous tick.
+    The loop blocks on a step's metrics right after dispatching it and then calls
+    ``tick(step)``: a step's time runs from the previous tick (or from ``restart``) to its
+    own, so it covers loading its batch, dispatch and the device's work, and nothing else.
+    ``restart(step)`` after an eval, a checkpoint save or anything else that is not
+    training makes the next step time from there. The first step after the clock's start
+    includes compilation; ``mean_s`` (what the ETA uses) leaves it out.
     """
 
     def __init__(self, start_step: int):
         self._t, self._s = time.perf_counter(), start_step
+        self.compile_step = start_step + 1
         self.first_step_s: float | None = None
+        self._sum, self._n = 0.0, 0
 
     def tick(self, step: int) -> float:
+        """Seconds per step since the previous tick or restart (``step``: the step just read)."""
         now = time.perf_counter()
         dt = (now - self._t) / max(step - self._s, 1)
-        if self.first_step_s is None:
+        if step == self.compile_step:
             self.first_step_s = dt
+        else:
+            self._sum, self._n = self._sum + dt * (step - self._s), self._n + (step - self._s)
         self._t, self._s = now, step
         return dt
 
+    def restart(self, step: int) -> None:
+        """The next step times from now (call after work that is not a training step)."""
+        self._t, self._s = time.perf_counter(), step
+
+    def mean_s(self) -> float | None:
+        """Mean seconds per step after compilation (None before the second step)."""
+        return self._sum / self._n if self._n else None
+
 
 def step_scalars(step_time_s: float, tokens_per_step: int, flops_token: float, n_devices: int,
-                 peak: float | None) -> dict:
-    """step_time_s, tokens_per_s, (mfu) and (peak_memory_gib) for metrics.jsonl/TensorBoard."""
+                 peak: float | None, log=None) -> dict:
+    """step_time_s, tokens_per_s, (mfu) and (peak_memory_gib) for metrics.jsonl/TensorBoard.
+
+    An MFU above 1 is impossible: the device peak must be too low (``metrics.peak_tflops``
+    or the device table); it is then left out and ``log`` (when given) says so.
+    """
     tps = tokens_per_step / max(step_time_s, 1e-12)
     out = dict(step_time_s=step_time_s, tokens_per_s=tps)
     if peak:
-        out["mfu"] = flops_token * tps / (n_devices * peak * 1e12)
+        mfu = flops_token * tps / (n_devices * peak * 1e12)
+        if 0 < mfu <= 1:
+            out["mfu"] = mfu
+        elif log is not None:
+            log(f"warning: MFU {mfu:.3g} > 1 at {step_time_s:.4g} s/step, so the device peak of {peak:g} TFLOP/s "
+                f"is too low; not logging mfu. Set --config.metrics.peak_tflops to the device's dense bf16 peak")
     mem = peak_memory_gib()
     if mem is not None:
         out["peak_memory_gib"] = mem
@@ -164,6 +192,13 @@ def enable_compilation_cache(setting: str, workdir: str) -> str:
     return path
 
 
+def new_run_id() -> str:
+    """A fresh W&B run id: 8 characters of [a-z0-9], the form W&B generates itself (made here
+    because wandb's own helper is not a stable API: ``wandb.util.generate_id`` is gone in 0.31)."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
 class WandbLogger:
     """Optional W&B mirror of the metrics (``metrics.wandb=True``; process 0 only).
 
@@ -181,7 +216,7 @@ class WandbLogger:
         if wd.exists(id_file):
             run_id = wd.read_bytes(id_file).decode().strip()
         else:
-            run_id = wandb.util.generate_id()
+            run_id = new_run_id()
             wd.write_bytes(id_file, run_id.encode())
         self.run_id = run_id
         self.run = wandb.init(project=project, entity=entity or None, id=run_id, resume="allow", config=config,

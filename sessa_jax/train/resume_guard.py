@@ -36,7 +36,8 @@ ALLOWABLE = frozenset({
     "train.loss_chunk",  # the same loss up to float32 summation order
     "data.batch_size",  # the data position is saved in examples: a new batch size neither skips nor repeats
     "optim.lr", "optim.warmup_steps", "optim.min_lr_ratio", "optim.weight_decay", "optim.b1", "optim.b2",
-    "optim.eps", "optim.clip_norm", "optim.grad_accum",
+    "optim.eps", "optim.clip_norm", "optim.grad_accum", "optim.schedule", "optim.decay_fraction",
+    "optim.decay_embeddings",
     "model.dtype", "model.remat", "model.solver", "model.chunk_size", "model.leaf_size",
     "model.feedback_precision", "model.max_len",
 })

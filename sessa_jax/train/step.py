@@ -46,11 +46,17 @@ def _summed_loss(params, apply_fn, batch, rng, loss_chunk=0):
     return sums["loss_sum"], sums
 
 
-def _train_step(state: TrainState, batch, grad_accum: int = 1, loss_chunk: int = 0):
-    """One optimizer update. Returns (new state, metrics of this step's batch)."""
+def _train_step(state: TrainState, batch, schedule=None, grad_accum: int = 1, loss_chunk: int = 0):
+    """One optimizer update. Returns (new state, metrics of this step's batch).
+
+    ``schedule``: the learning-rate schedule's numbers (``optimizer.ScheduleInputs`` of
+    float32 scalars), inputs rather than compiled constants so one compiled step serves
+    any ``train.steps``/warmup; None uses those the optimizer was made with.
+    """
     rng = jax.random.fold_in(state.rng, state.step)  # per-step randomness (e.g. dropout)
     grads, sums = _grads(state.params, state.apply_fn, batch, grad_accum, rng, loss_chunk)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    extra = {} if schedule is None else {"schedule": schedule}
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
     denom = jnp.maximum(sums["weight_sum"], 1.0)
@@ -66,16 +72,24 @@ train_step = jax.jit(_train_step, static_argnames=("grad_accum", "loss_chunk"), 
 train_step.__doc__ = _train_step.__doc__
 
 
-def make_train_step(state_sharding, batch_sharding: NamedSharding, grad_accum: int = 1, loss_chunk: int = 0):
+def make_train_step(state_sharding, batch_sharding: NamedSharding, grad_accum: int = 1, loss_chunk: int = 0,
+                    schedule_input: bool = False):
     """``train_step`` jitted with explicit shardings and the state donated.
 
     ``state_sharding``: a TrainState of NamedShardings (``state.state_shardings``);
     ``batch_sharding``: the sharding of every batch array; metrics come back replicated.
-    Call it under ``sharding.activate(mesh)`` so the activation constraints apply.
+    Called as ``step(state, batch)``, or with ``schedule_input`` as
+    ``step(state, batch, schedule)``: the schedule's numbers (``optimizer.ScheduleInputs``
+    of float32 scalars, replicated) as inputs, so the compiled step does not depend on
+    them. Call it under ``sharding.activate(mesh)`` so the activation constraints apply.
     """
-    metrics_sharding = NamedSharding(batch_sharding.mesh, PartitionSpec())
-    return jax.jit(functools.partial(_train_step, grad_accum=grad_accum, loss_chunk=loss_chunk), in_shardings=(state_sharding, batch_sharding),
-                   out_shardings=(state_sharding, metrics_sharding), donate_argnums=(0,))
+    replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+    fn = functools.partial(_train_step, grad_accum=grad_accum, loss_chunk=loss_chunk)
+    if not schedule_input:
+        return jax.jit(lambda state, batch: fn(state, batch), in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+    return jax.jit(fn, in_shardings=(state_sharding, batch_sharding, replicated),
+                   out_shardings=(state_sharding, replicated), donate_argnums=(0,))
 
 
 @functools.partial(jax.jit, static_argnames=("loss_chunk",))
