@@ -29,7 +29,8 @@ from sessa_jax.config import SessaConfig
 from sessa_jax.layer import SessaLayer
 from sessa_jax.ops.layer_norm import LayerNorm
 from sessa_jax.ops.rope import resolve_positions
-from sessa_jax.sharding import BTD, BTV, constrain, dense_init, logical, norm_init
+from sessa_jax.sharding import (DEFAULT_AXES, ActivationAxes, check_explicit_params, constrain, dense_init, explicit_mesh,
+                                logical, norm_init)
 
 
 _CHECKIFY_TOKENS = contextvars.ContextVar("sessa_checkify_tokens", default=False)
@@ -93,10 +94,13 @@ class SessaLM(nn.Module):
     (logits, cache); with ``decode=True`` tokens is (B, 1) and one step is appended.
     ``return_hidden=True`` (no cache) returns the final-norm hidden states (B, T, D) instead
     of logits; ``SessaLM.logits`` maps them to logits (used by the chunked loss).
+    ``axes`` names the activations' logical axes (``sessa_jax.sharding.ActivationAxes``,
+    passed on to every block).
     """
 
     config: SessaConfig
     kind: str = "sessa"
+    axes: ActivationAxes = DEFAULT_AXES
 
     def setup(self):
         cfg = self.config
@@ -118,8 +122,8 @@ class SessaLM(nn.Module):
             scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                               in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.n_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})
-            return scanned(cfg, self.kind, decode=decode, name="layers")
-        return [block(cfg, self.kind, decode=decode, name=f"layers_{i}") for i in range(cfg.n_layers)]
+            return scanned(cfg, self.kind, self.axes, decode=decode, name="layers")
+        return [block(cfg, self.kind, self.axes, decode=decode, name=f"layers_{i}") for i in range(cfg.n_layers)]
 
     @nn.compact
     def __call__(self, tokens, segment_ids=None, positions=None, *, cache=None, decode=False, return_hidden=False):
@@ -144,7 +148,9 @@ class SessaLM(nn.Module):
                 raise err
         if not decode and cache is None:
             positions = resolve_positions(segment_ids, positions, b, t)
-        x = constrain(self.embed(tokens), BTD)
+        if not self.is_initializing():
+            check_explicit_params(self.variables, "SessaLM")
+        x = constrain(self._embed(tokens), self.axes.btd)
         blocks = self._blocks(decode)
         if cfg.scan_layers:
             x, new_cache = blocks(x, cache, segment_ids, positions)
@@ -159,7 +165,17 @@ class SessaLM(nn.Module):
         logits = self.logits(x)
         return logits if cache is None else (logits, new_cache)
 
+    def _embed(self, tokens):
+        """Token embeddings (B, T, D) in the compute dtype; ids outside the table give NaN."""
+        if explicit_mesh() is None:
+            return self.embed(tokens)
+        # On an Explicit mesh the gather must say how its result is split: as the token rows are.
+        spec = tuple(jax.typeof(tokens).sharding.spec) + (None,) * (tokens.ndim + 1)
+        table = jnp.asarray(self.embed.embedding, self.config.dtype)
+        return table.at[tokens].get(mode="fill", fill_value=jnp.nan,
+                                    out_sharding=jax.sharding.PartitionSpec(*spec[:tokens.ndim + 1]))
+
     def logits(self, x):
         """Final hidden states (B, T, D) -> float32 logits (B, T, V): the (tied) output head."""
         logits = self.embed.attend(x) if self.config.tie_embeddings else self.head(x)
-        return constrain(logits.astype(jnp.float32), BTV)
+        return constrain(logits.astype(jnp.float32), self.axes.btv)
