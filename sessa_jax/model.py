@@ -113,6 +113,26 @@ class SessaLM(nn.Module):
             self.head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                  **dense_init("embed", "vocab"))
 
+    def _check_cache_layers(self, cache) -> None:
+        """The cache has one entry per layer, in the layout ``decoding.init_cache`` builds for
+        this config: a list of n_layers layer dicts, or (scan_layers) one dict stacked on a
+        leading axis of n_layers. The layer checks its entries' shapes."""
+        cfg = self.config
+        n = cfg.n_layers
+        fix = (f"build it with sessa_jax.decoding.init_cache(config, batch_size) for this config (n_layers={n}, "
+               f"scan_layers={cfg.scan_layers})")
+        if cfg.scan_layers:
+            lead = {k: getattr(v, "shape", ())[:1] for k, v in cache.items()} if isinstance(cache, dict) else None
+            if lead is None or not lead or any(shape != (n,) for shape in lead.values()):
+                got = (f"a {type(cache).__name__}" if lead is None else
+                       "leading axes " + ", ".join(f"{k}: {v[0] if v else 'none'}" for k, v in lead.items()))
+                raise ValueError(f"SessaLM (scan_layers=True) takes a cache stacked over its {n} layers: one dict "
+                                 f"whose entries have a leading axis of {n}; got {got}; {fix}")
+            return
+        if not isinstance(cache, (list, tuple)) or len(cache) != n or not all(isinstance(c, dict) for c in cache):
+            got = (f"{len(cache)} entries" if isinstance(cache, (list, tuple)) else f"a {type(cache).__name__}")
+            raise ValueError(f"SessaLM takes a cache with one dict per layer, a list of {n}; got {got}; {fix}")
+
     def _blocks(self, decode: bool):
         cfg = self.config
         block = _StackedLayer
@@ -140,6 +160,8 @@ class SessaLM(nn.Module):
                 "decode=True appends to a decode cache: pass cache=sessa_jax.decoding.init_cache(config, "
                 "batch_size) (prefilled by a call with cache=... and decode=False)"
             )
+        if cache is not None:
+            self._check_cache_layers(cache)
         if decode:
             from sessa_jax.decoding import cache_full_error
 
