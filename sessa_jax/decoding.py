@@ -78,8 +78,8 @@ def _first_layer(cache) -> dict:
     """The (first) layer dict of a cache built by ``init_cache`` or ``init_layer_cache``."""
     first = cache if isinstance(cache, dict) else cache[0] if isinstance(cache, (list, tuple)) and cache else None
     if not isinstance(first, dict) or "index" not in first or "k_f" not in first:
-        raise ValueError(f"expected a decode cache built by sessa_jax.decoding.init_cache (a list of layer dicts, or one "
-                         f"stacked dict) or init_layer_cache; got {type(cache).__name__}"
+        raise ValueError(f"expected a decode cache built by sessa_jax.decoding.init_cache (a list of layer dicts, "
+                         f"or one stacked dict) or init_layer_cache; got {type(cache).__name__}"
                          f"{' of ' + str(len(cache)) + ' entries' if isinstance(cache, (list, tuple)) else ''}")
     return first
 
@@ -222,7 +222,8 @@ def check_rng(rng, what: str = "generate"):
     key (``jax.random.PRNGKey(0)``); anything else is a ValueError naming it and the fix."""
     fix = "pass a key such as jax.random.key(0) or jax.random.PRNGKey(0)"
     if _is_int(rng):
-        raise ValueError(f"{what}: rng must be a JAX PRNG key, not the integer {int(rng)}; {fix} (the integer is its seed)")
+        raise ValueError(f"{what}: rng must be a JAX PRNG key, not the integer {int(rng)}; {fix} "
+                         f"(the integer is its seed)")
     try:
         key = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
     except TypeError as e:

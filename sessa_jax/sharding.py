@@ -55,7 +55,6 @@ RULES = (
 )
 
 
-
 @dataclasses.dataclass(frozen=True)
 class ActivationAxes:
     """Logical axis names a ``SessaLayer`` / ``SessaLM`` gives its activations.

@@ -151,8 +151,8 @@ def test_lm_cache_of_the_other_layout(scan):
 
 
 def test_cache_helpers_name_a_non_cache():
-    with pytest.raises(ValueError, match=r"expected a decode cache built by sessa_jax\.decoding\.init_cache .* got list "
-                                         r"of 0 entries"):
+    with pytest.raises(ValueError, match=r"expected a decode cache built by sessa_jax\.decoding\.init_cache .* "
+                                         r"got list of 0 entries"):
         decoding.cache_index([])
 
 

@@ -117,7 +117,8 @@ def test_release_script_tags_the_version(tmp_path):
     (repo / "CHANGELOG.md").write_text((repo / "CHANGELOG.md").read_text().replace(
         f"## {sessa_jax.__version__}", "## next"))
     out = run(sys.executable, "scripts/release.py")
-    assert out.returncode == 1 and "uncommitted changes" in out.stderr and f"no '## {sessa_jax.__version__}'" in out.stderr
+    assert out.returncode == 1 and "uncommitted changes" in out.stderr
+    assert f"no '## {sessa_jax.__version__}'" in out.stderr
     run("git", "commit", "-qam", "more")
     (repo / "CHANGELOG.md").write_text(open(os.path.join(REPO, "CHANGELOG.md")).read())
     run("git", "commit", "-qam", "changelog back")

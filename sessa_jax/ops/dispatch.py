@@ -188,8 +188,8 @@ def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: str = "auto"
     for name, x in (("q_b", q_b), ("k_b", k_b), ("gamma", gamma), ("f", f)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"feedback_solve: {name} has dtype {x.dtype}; the solve takes floating-point inputs "
-                             f"(float32/bfloat16): cast it, e.g. {name}.astype(jnp.float32) (s comes back in f's dtype, "
-                             f"so integer inputs would truncate it)")
+                             f"(float32/bfloat16): cast it, e.g. {name}.astype(jnp.float32) (s comes back in f's "
+                             f"dtype, so integer inputs would truncate it)")
     packed = _check_segments(segment_ids, b, t, "feedback_solve")
     method = resolve_method(method)
     if method == "dense":
