@@ -212,9 +212,11 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p, vocab_size: int) -
     if not (_is_real(temperature) and 0 <= temperature < float("inf")):
         raise ValueError(f"generate: temperature must be a finite number >= 0 (0 = greedy); got {temperature!r}")
     if top_k is not None and not (_is_int(top_k) and 1 <= top_k <= vocab_size):
-        raise ValueError(f"generate: top_k must be an integer in [1, vocab_size={vocab_size}]; got {top_k!r}")
+        raise ValueError(f"generate: top_k must be in [1, vocab_size={vocab_size}]; got {top_k!r}"
+                         + ("" if _is_int(top_k) else ", not an integer"))
     if top_p is not None and not (_is_real(top_p) and 0.0 < top_p <= 1.0):
-        raise ValueError(f"generate: top_p must be a number in (0, 1]; got {top_p!r}")
+        raise ValueError(f"generate: top_p must be in (0, 1]; got {top_p!r}"
+                         + ("" if _is_real(top_p) else ", not a number"))
 
 
 def check_rng(rng, what: str = "generate"):
