@@ -18,7 +18,7 @@ from sessa_jax.config import SessaConfig
 from sessa_jax.mixer import AttentionMixer, SessaMixer
 from sessa_jax.ops.layer_norm import LayerNorm
 from sessa_jax.ops.rope import resolve_positions
-from sessa_jax.sharding import BTD, BTW, constrain, dense_init, norm_init
+from sessa_jax.sharding import DEFAULT_AXES, ActivationAxes, check_explicit_params, constrain, dense_init, norm_init
 
 KINDS = ("sessa", "transformer", "mamba")
 
@@ -43,10 +43,19 @@ class SessaLayer(nn.Module):
     RoPE positions; ``positions`` (B, T) override them. With ``cache`` it prefills the
     decode cache and returns (y, cache); with ``decode=True`` it appends one token (at
     RoPE position cache['index'] unless ``positions`` (B, 1) are given).
+
+    Sharding: ``axes`` (``sessa_jax.sharding.ActivationAxes``) names the logical axes of
+    the activations it constrains, for the enclosing model's ``nn.logical_axis_rules``
+    (``ActivationAxes(batch="activation_batch", ...)`` or ``sharding.MAXTEXT_AXES`` for
+    MaxText-style rules); a name with no rule leaves that dimension to the compiler. The
+    parameters' logical names (``embed``, ``mlp``, ``heads``, ``kv_heads``, ``norm``) come
+    out with ``sessa_jax.sharding.param_logical_specs``. Without rules and a mesh, nothing
+    is constrained.
     """
 
     config: SessaConfig
     kind: str = "sessa"
+    axes: ActivationAxes = DEFAULT_AXES
 
     def setup(self):
         cfg = self.config
@@ -55,7 +64,7 @@ class SessaLayer(nn.Module):
         self.ln = LayerNorm(epsilon=cfg.ln_eps, dtype=jnp.promote_types(cfg.dtype, jnp.float32),
                                param_dtype=cfg.param_dtype, **norm_init())
         self.W_in = dense(2 * cfg.d_model, **dense_init("embed", "mlp"))  # column-parallel
-        self.mixer = mixer_class(self.kind)(cfg)
+        self.mixer = mixer_class(self.kind)(cfg, axes=self.axes)
         self.W_out = dense(cfg.d_model, **dense_init("mlp", "embed"))  # row-parallel
 
     def __call__(self, x, segment_ids=None, positions=None, *, cache=None, decode=False):
@@ -85,9 +94,12 @@ class SessaLayer(nn.Module):
                 raise err
         if segment_ids is not None and tuple(segment_ids.shape) != (b, t):
             raise ValueError(f"segment_ids must have shape (batch, time) = {(b, t)}; got {tuple(segment_ids.shape)}")
-        x = constrain(x, BTD)
+        if not self.is_initializing():
+            check_explicit_params(self.variables, "SessaLayer")
+        btd, btw = self.axes.btd, self.axes.btw
+        x = constrain(x, btd)
         xn = self.ln(x.astype(jnp.promote_types(x.dtype, jnp.float32))).astype(cfg.dtype)
-        a, g = (constrain(z, BTW) for z in jnp.split(self.W_in(xn), 2, axis=-1))
+        a, g = (constrain(z, btw) for z in jnp.split(self.W_in(xn), 2, axis=-1))
         a_bar = nn.gelu(a, approximate=False)
         if cache is None and not decode:
             s = self.mixer(a_bar, segment_ids, resolve_positions(segment_ids, positions, b, t))
@@ -98,5 +110,5 @@ class SessaLayer(nn.Module):
                 raise ValueError("segment_ids are not supported with a decode cache (one sequence per row)")
             pos = None if decode and positions is None else resolve_positions(None, positions, b, t)
             s, cache = self.mixer(a_bar, None, pos, cache=cache, decode=decode)
-        y = constrain(x + self.W_out(constrain(s, BTW) * g).astype(x.dtype), BTD)
+        y = constrain(x + self.W_out(constrain(s, btw) * g).astype(x.dtype), btd)
         return y if cache is None else (y, cache)

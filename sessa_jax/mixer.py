@@ -16,7 +16,7 @@ from sessa_jax.config import SessaConfig
 from sessa_jax.ops import apply_rope, causal_attention, feedback_solve
 from sessa_jax.ops.decode import attend_cached, feedback_read_cached
 from sessa_jax.ops.rope import resolve_positions
-from sessa_jax.sharding import BTHK, BTW, constrain, dense_init, logical
+from sessa_jax.sharding import DEFAULT_AXES, ActivationAxes, constrain, dense_init, logical, sharding_agnostic
 
 
 def _wide(dtype):
@@ -37,10 +37,12 @@ class AttentionMixer(nn.Module):
     """Causal multi-head (GQA) attention with interleaved RoPE: Sessa's forward branch.
 
     Alone it is the Transformer baseline's mixer; SessaMixer extends it with feedback.
-    Input a_bar (B, T, D) -> f (B, T, D) in the compute dtype.
+    Input a_bar (B, T, D) -> f (B, T, D) in the compute dtype. ``axes`` names the logical
+    axes of the activations (``sessa_jax.sharding.ActivationAxes``).
     """
 
     config: SessaConfig
+    axes: ActivationAxes = DEFAULT_AXES
 
     def setup(self):
         cfg = self.config
@@ -61,7 +63,7 @@ class AttentionMixer(nn.Module):
         if cfg.rope:
             q = apply_rope(q, positions, cfg.rope_base)
             k = apply_rope(k, positions, cfg.rope_base)
-        return constrain(q, BTHK), constrain(k, BTHK), constrain(v, BTHK)
+        return constrain(q, self.axes.bthk), constrain(k, self.axes.btkv), constrain(v, self.axes.btkv)
 
     def merge_heads(self, o):
         """(B, T, H, K) -> (B, T, D), through out_proj when H > 1."""
@@ -74,8 +76,10 @@ class AttentionMixer(nn.Module):
         cfg = self.config
         positions = resolve_positions(segment_ids, positions, *a_bar.shape[:2])
         q, k, v = self.project_qkv(a_bar, positions)
-        o = causal_attention(q, k, v, segment_ids=segment_ids, method=cfg.solver, chunk_size=cfg.chunk_size)
-        return constrain(self.merge_heads(constrain(o, BTHK)), BTW), k, v
+        attend = lambda q, k, v, seg: causal_attention(  # noqa: E731
+            q, k, v, segment_ids=seg, method=cfg.solver, chunk_size=cfg.chunk_size)
+        o = sharding_agnostic(attend, q)(q, k, v, segment_ids)
+        return constrain(self.merge_heads(constrain(o, self.axes.bthk)), self.axes.btw), k, v
 
     def __call__(self, a_bar, segment_ids=None, positions=None):
         return self.forward_branch(a_bar, segment_ids, positions)[0]
@@ -106,7 +110,7 @@ class SessaMixer(AttentionMixer):
     def feedback_inputs(self, a_bar):
         """q_b, k_b (B,T,D) in the compute dtype and gamma (B,T) in float32 or wider."""
         cfg = self.config
-        q_b, k_b = (constrain(z, BTW) for z in jnp.split(self.proj_fb(a_bar), 2, axis=-1))
+        q_b, k_b = (constrain(z, self.axes.btw) for z in jnp.split(self.proj_fb(a_bar), 2, axis=-1))
         wide = _wide(cfg.dtype)
         gamma = cfg.gamma_max * jnp.tanh(self.gamma_bias.astype(wide) + self.gamma_ctx(a_bar.astype(wide))[..., 0])
         return q_b, k_b, gamma
@@ -145,11 +149,12 @@ class SessaMixer(AttentionMixer):
         cfg = self.config
         f, k, v = self.forward_branch(a_bar, segment_ids, positions)
         q_b, k_b, gamma = self.feedback_inputs(a_bar)
-        s = feedback_solve(
-            q_b, k_b, gamma, f, segment_ids=segment_ids, method=cfg.solver, chunk_size=cfg.chunk_size,
+        solve = lambda q_b, k_b, gamma, f, seg: feedback_solve(  # noqa: E731
+            q_b, k_b, gamma, f, segment_ids=seg, method=cfg.solver, chunk_size=cfg.chunk_size,
             leaf_size=cfg.leaf_size, precision=cfg.feedback_precision, kernels=cfg.feedback_kernels,
         )
-        s = constrain(s, BTW)  # the solve is independent per width column: s stays split over D
+        s = sharding_agnostic(solve, f)(q_b, k_b, gamma, f, segment_ids)
+        s = constrain(s, self.axes.btw)  # the solve is independent per width column: s stays split over D
         if cache is None:
             return s
         n = a_bar.shape[1]

@@ -29,7 +29,8 @@ from sessa_jax.config import SessaConfig
 from sessa_jax.layer import SessaLayer
 from sessa_jax.ops.layer_norm import LayerNorm
 from sessa_jax.ops.rope import resolve_positions
-from sessa_jax.sharding import BTD, BTV, constrain, dense_init, logical, norm_init
+from sessa_jax.sharding import (DEFAULT_AXES, ActivationAxes, check_explicit_params, constrain, dense_init,
+                                explicit_mesh, logical, norm_init)
 
 
 _CHECKIFY_TOKENS = contextvars.ContextVar("sessa_checkify_tokens", default=False)
@@ -93,10 +94,13 @@ class SessaLM(nn.Module):
     (logits, cache); with ``decode=True`` tokens is (B, 1) and one step is appended.
     ``return_hidden=True`` (no cache) returns the final-norm hidden states (B, T, D) instead
     of logits; ``SessaLM.logits`` maps them to logits (used by the chunked loss).
+    ``axes`` names the activations' logical axes (``sessa_jax.sharding.ActivationAxes``,
+    passed on to every block).
     """
 
     config: SessaConfig
     kind: str = "sessa"
+    axes: ActivationAxes = DEFAULT_AXES
 
     def setup(self):
         cfg = self.config
@@ -109,6 +113,26 @@ class SessaLM(nn.Module):
             self.head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                  **dense_init("embed", "vocab"))
 
+    def _check_cache_layers(self, cache) -> None:
+        """The cache has one entry per layer, in the layout ``decoding.init_cache`` builds for
+        this config: a list of n_layers layer dicts, or (scan_layers) one dict stacked on a
+        leading axis of n_layers. The layer checks its entries' shapes."""
+        cfg = self.config
+        n = cfg.n_layers
+        fix = (f"build it with sessa_jax.decoding.init_cache(config, batch_size) for this config (n_layers={n}, "
+               f"scan_layers={cfg.scan_layers})")
+        if cfg.scan_layers:
+            lead = {k: getattr(v, "shape", ())[:1] for k, v in cache.items()} if isinstance(cache, dict) else None
+            if lead is None or not lead or any(shape != (n,) for shape in lead.values()):
+                got = (f"a {type(cache).__name__}" if lead is None else
+                       "leading axes " + ", ".join(f"{k}: {v[0] if v else 'none'}" for k, v in lead.items()))
+                raise ValueError(f"SessaLM (scan_layers=True) takes a cache stacked over its {n} layers: one dict "
+                                 f"whose entries have a leading axis of {n}; got {got}; {fix}")
+            return
+        if not isinstance(cache, (list, tuple)) or len(cache) != n or not all(isinstance(c, dict) for c in cache):
+            got = (f"{len(cache)} entries" if isinstance(cache, (list, tuple)) else f"a {type(cache).__name__}")
+            raise ValueError(f"SessaLM takes a cache with one dict per layer, a list of {n}; got {got}; {fix}")
+
     def _blocks(self, decode: bool):
         cfg = self.config
         block = _StackedLayer
@@ -118,8 +142,8 @@ class SessaLM(nn.Module):
             scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                               in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.n_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})
-            return scanned(cfg, self.kind, decode=decode, name="layers")
-        return [block(cfg, self.kind, decode=decode, name=f"layers_{i}") for i in range(cfg.n_layers)]
+            return scanned(cfg, self.kind, self.axes, decode=decode, name="layers")
+        return [block(cfg, self.kind, self.axes, decode=decode, name=f"layers_{i}") for i in range(cfg.n_layers)]
 
     @nn.compact
     def __call__(self, tokens, segment_ids=None, positions=None, *, cache=None, decode=False, return_hidden=False):
@@ -136,6 +160,8 @@ class SessaLM(nn.Module):
                 "decode=True appends to a decode cache: pass cache=sessa_jax.decoding.init_cache(config, "
                 "batch_size) (prefilled by a call with cache=... and decode=False)"
             )
+        if cache is not None:
+            self._check_cache_layers(cache)
         if decode:
             from sessa_jax.decoding import cache_full_error
 
@@ -144,7 +170,9 @@ class SessaLM(nn.Module):
                 raise err
         if not decode and cache is None:
             positions = resolve_positions(segment_ids, positions, b, t)
-        x = constrain(self.embed(tokens), BTD)
+        if not self.is_initializing():
+            check_explicit_params(self.variables, "SessaLM")
+        x = constrain(self._embed(tokens), self.axes.btd)
         blocks = self._blocks(decode)
         if cfg.scan_layers:
             x, new_cache = blocks(x, cache, segment_ids, positions)
@@ -159,7 +187,17 @@ class SessaLM(nn.Module):
         logits = self.logits(x)
         return logits if cache is None else (logits, new_cache)
 
+    def _embed(self, tokens):
+        """Token embeddings (B, T, D) in the compute dtype; ids outside the table give NaN."""
+        if explicit_mesh() is None:
+            return self.embed(tokens)
+        # On an Explicit mesh the gather must say how its result is split: as the token rows are.
+        spec = tuple(jax.typeof(tokens).sharding.spec) + (None,) * (tokens.ndim + 1)
+        table = jnp.asarray(self.embed.embedding, self.config.dtype)
+        return table.at[tokens].get(mode="fill", fill_value=jnp.nan,
+                                    out_sharding=jax.sharding.PartitionSpec(*spec[:tokens.ndim + 1]))
+
     def logits(self, x):
         """Final hidden states (B, T, D) -> float32 logits (B, T, V): the (tied) output head."""
         logits = self.embed.attend(x) if self.config.tie_embeddings else self.head(x)
-        return constrain(logits.astype(jnp.float32), BTV)
+        return constrain(logits.astype(jnp.float32), self.axes.btv)

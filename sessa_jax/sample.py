@@ -18,7 +18,7 @@ import numpy as np
 
 from sessa_jax.data import text
 from sessa_jax.data.pipeline import tokenizer_of
-from sessa_jax.decoding import check_sampling, check_token_ids
+from sessa_jax.decoding import check_rng, check_sampling, check_token_ids
 from sessa_jax.train import checkpoint as ckpt
 from sessa_jax.train import workdir as wd
 from sessa_jax.train.config import config_from_json
@@ -102,7 +102,9 @@ def decode_tokens(tokens: np.ndarray, task: str, tokenizer=None) -> str:
 def generate_by_recompute(model, params, prompt, max_new_tokens: int, rng, temperature=1.0, top_k=None):
     """Samples by re-running the full model on a fixed-size buffer (one compile)."""
     check_sampling(max_new_tokens, temperature, top_k, None, model.config.vocab_size)
+    rng = check_rng(rng, "generate_by_recompute")
     check_token_ids(prompt, model.config.vocab_size)
+    max_new_tokens, top_k = int(max_new_tokens), None if top_k is None else int(top_k)
     b, p = prompt.shape
     buf = jnp.zeros((b, p + max_new_tokens), jnp.int32).at[:, :p].set(prompt)
 

@@ -10,6 +10,11 @@ them onto the physical mesh axes ``MESH_AXES = ('data', 'fsdp', 'tensor')``:
                  act_mlp (gated-branch / feedback-solve width D) -> tensor,
                  act_heads -> tensor, act_vocab -> tensor
 
+The activation names are the defaults of ``ActivationAxes``; a model with its own rules
+passes ``SessaLayer(cfg, axes=ActivationAxes(batch="activation_batch", ...))`` (or
+``MAXTEXT_AXES``) so the layer speaks its vocabulary. The parameter names are fixed;
+``param_logical_specs`` returns them for any model containing these modules.
+
 Tensor parallelism is Megatron-style: W_in, q/k/v and proj_fb are column-parallel,
 out_proj and W_out row-parallel, so the forward heads and the width of the feedback
 branch (a_bar, f, q_b, k_b, s; the solve is independent per width column once A is
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -48,11 +54,79 @@ RULES = (
     ("layers", None),
 )
 
-# Logical names of the main activations, used by the modules.
-BTD = ("batch", "length", "act_embed")  # residual stream x, y
-BTW = ("batch", "length", "act_mlp")  # a, g, a_bar, f, q_b, k_b, s: split over 'tensor'
-BTHK = ("batch", "length", "act_heads", None)  # q, k, v, attention output
-BTV = ("batch", "length", "act_vocab")  # logits
+
+@dataclasses.dataclass(frozen=True)
+class ActivationAxes:
+    """Logical axis names a ``SessaLayer`` / ``SessaLM`` gives its activations.
+
+    Each field is a logical name (looked up in the active ``nn.logical_axis_rules``) or
+    None (that dimension unsharded):
+
+        batch, length    B and T of every activation
+        embed            D of the residual stream x, y (B, T, D)
+        mlp              D of the gated branch and the feedback solve: a, g, a_bar, f,
+                         q_b, k_b, s (B, T, D); the Megatron column/row-parallel width
+        heads, kv_heads  H of q and the attention output (B, T, H, K), Hkv of k, v
+        head_dim         K of q, k, v
+        vocab            V of the logits (B, T, V)
+
+    The defaults are the names of ``RULES``. ``MAXTEXT_AXES`` holds MaxText's names
+    (``activation_batch``, ``activation_length``, ...). Frozen and hashable, so it can be
+    a Flax module attribute of a model passed to ``jax.jit`` as a static argument.
+    """
+
+    batch: str | None = "batch"
+    length: str | None = "length"
+    embed: str | None = "act_embed"
+    mlp: str | None = "act_mlp"
+    heads: str | None = "act_heads"
+    kv_heads: str | None = "act_heads"
+    head_dim: str | None = None
+    vocab: str | None = "act_vocab"
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"ActivationAxes.{field.name} must be a logical axis name (str) or None; "
+                                f"got {value!r}")
+
+    @property
+    def btd(self) -> tuple:
+        """Residual stream (B, T, D)."""
+        return (self.batch, self.length, self.embed)
+
+    @property
+    def btw(self) -> tuple:
+        """Gated branch and feedback-solve width (B, T, D)."""
+        return (self.batch, self.length, self.mlp)
+
+    @property
+    def bthk(self) -> tuple:
+        """Queries and attention output (B, T, H, K)."""
+        return (self.batch, self.length, self.heads, self.head_dim)
+
+    @property
+    def btkv(self) -> tuple:
+        """Keys and values (B, T, Hkv, K)."""
+        return (self.batch, self.length, self.kv_heads, self.head_dim)
+
+    @property
+    def btv(self) -> tuple:
+        """Logits (B, T, V)."""
+        return (self.batch, self.length, self.vocab)
+
+
+DEFAULT_AXES = ActivationAxes()
+MAXTEXT_AXES = ActivationAxes(batch="activation_batch", length="activation_length", embed="activation_embed",
+                              mlp="activation_mlp", heads="activation_heads", kv_heads="activation_kv_heads",
+                              head_dim="activation_kv", vocab="activation_vocab")
+
+# The default names of the main activations (kept for code that imports them).
+BTD = DEFAULT_AXES.btd  # residual stream x, y
+BTW = DEFAULT_AXES.btw  # a, g, a_bar, f, q_b, k_b, s: split over 'tensor'
+BTHK = DEFAULT_AXES.bthk  # q, k, v, attention output
+BTV = DEFAULT_AXES.btv  # logits
 
 
 _BOXED = contextvars.ContextVar("sessa_logical_boxes", default=False)
@@ -105,8 +179,99 @@ def norm_init() -> dict:
 
 
 def constrain(x, names):
-    """``nn.with_logical_constraint``; a no-op unless ``activate`` is in effect."""
-    return nn.with_logical_constraint(x, names)
+    """Shards ``x`` as its logical axis ``names`` say under the active rules and mesh.
+
+    A no-op without logical axis rules (``activate`` or ``nn.logical_axis_rules``) or
+    without a mesh (``jax.set_mesh``). A name that no rule mentions leaves its dimension
+    as it is: the layer never forces replication because a model's rules use other names.
+    On a mesh whose axes are all ``Explicit`` (jax's default for ``jax.make_mesh``) the
+    sharding is part of the type, so this reshards (``jax.sharding.reshard``, as MaxText's
+    explicit mode does); otherwise it is ``jax.lax.with_sharding_constraint``.
+    """
+    rules = nn.get_logical_axis_rules()
+    if not rules:
+        return x
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    known = {name for name, _ in rules}
+    spec = list(nn.logical_to_mesh_axes(names, rules))
+    free = [isinstance(n, str) and n not in known for n in names]
+    if _all_explicit(mesh):
+        # Keep the current sharding of the free dimensions unless a constrained one now uses its mesh axes.
+        current = tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim
+        used = set(jax.tree_util.tree_leaves([s for s, f in zip(spec, free) if not f]))
+        for d, f in enumerate(free):
+            if f:
+                spec[d] = None if used & set(jax.tree_util.tree_leaves(current[d])) else current[d]
+        return jax.sharding.reshard(x, P(*spec))
+    spec = [P.UNCONSTRAINED if f else s for s, f in zip(spec, free)]
+    return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
+def _all_explicit(mesh) -> bool:
+    return not mesh.empty and all(t == AxisType.Explicit for t in mesh.axis_types)
+
+
+def explicit_mesh():
+    """The ambient mesh when all its axes are ``Explicit`` (sharding in the types), else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh if _all_explicit(mesh) else None
+
+
+def sharding_agnostic(fn, out_like):
+    """``fn`` as it runs on the ambient mesh, for ops written for XLA's sharding propagation.
+
+    On a mesh whose axes are all ``Explicit`` the call runs with the axes ``Auto``
+    (``jax.sharding.auto_axes``) and its result (an array like ``out_like``) comes back
+    sharded as ``out_like`` is; elsewhere ``fn`` itself. The solve and attention kernels
+    contract over widths that a tensor axis may split, which an explicit mesh would
+    otherwise refuse as ambiguous.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if not _all_explicit(mesh):
+        return fn
+    return jax.sharding.auto_axes(fn, out_sharding=jax.typeof(out_like).sharding)
+
+
+def check_explicit_params(variables, where: str) -> None:
+    """Refuses parameters split over the axes of an ``Explicit`` mesh, naming the first.
+
+    On such a mesh the sharding is part of each array's type and ``nn.Dense`` has no way to
+    say how a split weight's product is laid out; activations split over the batch are
+    fine. Nothing is checked on other meshes or without one.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if not _all_explicit(mesh):
+        return
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables.get("params", {}))[0]:
+        spec = getattr(getattr(jax.typeof(leaf), "sharding", None), "spec", None) or ()
+        if any(e is not None for e in spec):
+            name = "/".join(str(getattr(k, "key", k)) for k in path)
+            raise ValueError(
+                f"{where}: parameter {name!r} is split as {P(*spec)} over a mesh whose axes are all Explicit; "
+                f"on such a mesh only the batch may be split (replicate the parameters). For FSDP or "
+                f"tensor parallelism use a mesh with Auto axes, e.g. jax.make_mesh(shape, names, "
+                f"axis_types=(jax.sharding.AxisType.Auto,) * len(names)) or sessa_jax.sharding.make_mesh"
+            )
+
+
+def param_logical_specs(module: nn.Module, *init_args, **init_kwargs):
+    """Logical ``PartitionSpec`` of every parameter of ``module.init(*init_args, **init_kwargs)``.
+
+    Shapes only (``jax.eval_shape``; nothing is allocated). The tree has the structure of
+    the variables ``init`` returns; SessaLayer/SessaLM parameters carry the names
+    ``embed``, ``mlp``, ``heads``, ``kv_heads``, ``vocab``, ``norm`` (and ``layers`` for the
+    stacked axis of ``scan_layers``); parameters a model boxes itself
+    (``nn.with_logical_partitioning``) keep their names, unboxed ones get ``P()``. Map it to
+    shardings with ``nn.logical_to_mesh_sharding(specs, mesh, rules)`` and initialise with
+    ``jax.jit(module.init, out_shardings=...)``.
+    """
+    # No rules while tracing: only the names are wanted, and Flax would otherwise constrain each new
+    # parameter to its sharding (an assertion that fails on an Explicit mesh).
+    with logical_boxes(), nn.logical_axis_rules(()):
+        abstract = jax.eval_shape(lambda *a: module.init(*a, **init_kwargs), *init_args)
+    return nn.get_partition_spec(abstract)
 
 
 # Mesh --------------------------------------------------------------------------------

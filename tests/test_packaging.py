@@ -88,7 +88,40 @@ def test_one_version_and_notebooks_install_its_tag():
     tag = f"v{sessa_jax.__version__}"
     for path in glob.glob(os.path.join(REPO, "notebooks", "*.ipynb")):
         src = "".join("".join(c["source"]) for c in json.load(open(path))["cells"])
-        refs = set(re.findall(r"(?:@|/blob/)(v\d+\.\d+\.\d+)", src))
+        refs = set(re.findall(r"\bv\d+\.\d+\.\d+\b", src))  # install, badge, clone: every version named
         assert refs == {tag}, f"{os.path.basename(path)} refers to {refs}, expected {tag}"
     changelog = open(os.path.join(REPO, "CHANGELOG.md")).read()
     assert f"## {sessa_jax.__version__}" in changelog
+
+
+def test_release_script_tags_the_version(tmp_path):
+    """scripts/release.py creates the tag the notebooks pin, and refuses what would make it lie."""
+    repo = tmp_path / "repo"
+    for rel in ("sessa_jax/__init__.py", "CHANGELOG.md", "scripts/release.py", *(
+            os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "notebooks", "*.ipynb")))):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_bytes(open(os.path.join(REPO, rel), "rb").read())
+    env = dict(os.environ, GIT_AUTHOR_NAME="ci", GIT_AUTHOR_EMAIL="ci@localhost", GIT_COMMITTER_NAME="ci",
+               GIT_COMMITTER_EMAIL="ci@localhost")
+
+    def run(*cmd):
+        return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=60)
+
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "release"]):
+        assert run("git", *cmd).returncode == 0
+    tag = f"v{sessa_jax.__version__}"
+    out = run(sys.executable, "scripts/release.py")
+    assert out.returncode == 0 and f"git push origin {tag}" in out.stdout, out.stderr
+    assert run("git", "tag").stdout.split() == [tag]
+    assert run(sys.executable, "scripts/release.py", "--check").stdout.startswith(f"ok: {tag} is HEAD already")
+    # a new commit without a version bump: the tag would name two different trees
+    (repo / "CHANGELOG.md").write_text((repo / "CHANGELOG.md").read_text().replace(
+        f"## {sessa_jax.__version__}", "## next"))
+    out = run(sys.executable, "scripts/release.py")
+    assert out.returncode == 1 and "uncommitted changes" in out.stderr
+    assert f"no '## {sessa_jax.__version__}'" in out.stderr
+    run("git", "commit", "-qam", "more")
+    (repo / "CHANGELOG.md").write_text(open(os.path.join(REPO, "CHANGELOG.md")).read())
+    run("git", "commit", "-qam", "changelog back")
+    out = run(sys.executable, "scripts/release.py")
+    assert out.returncode == 1 and f"tag {tag} already exists" in out.stderr and "bump __version__" in out.stderr

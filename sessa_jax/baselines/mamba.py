@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from sessa_jax.config import SessaConfig
 from sessa_jax.ops.dispatch import AUTO
 from sessa_jax.ops.precision import platform_kind
-from sessa_jax.sharding import BTW, constrain, dense_init, logical
+from sessa_jax.sharding import DEFAULT_AXES, ActivationAxes, constrain, dense_init, logical
 
 STATE_SIZE = 16  # N
 EXPAND = 2  # E / D
@@ -132,11 +132,13 @@ class MambaMixer(nn.Module):
     """Selective SSM mixer: a_bar (B, T, D) -> (B, T, D) in a_bar.dtype.
 
     ``scan`` picks how the recurrence runs ("auto", "chunked" or "stepwise"; same numbers
-    up to float32 rounding, see the module docstring).
+    up to float32 rounding, see the module docstring). ``axes``: the activations' logical
+    axis names (``sessa_jax.sharding.ActivationAxes``, as in ``SessaLayer``).
     """
 
     config: SessaConfig
     scan: str = "auto"
+    axes: ActivationAxes = DEFAULT_AXES
 
     @nn.compact
     def __call__(self, a_bar, segment_ids=None, positions=None):
@@ -149,7 +151,7 @@ class MambaMixer(nn.Module):
             feats, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name, **dense_init(*names, **kw)
         )
 
-        x_BxTxE = constrain(dense(e, "in_proj", ("embed", "mlp"))(a_bar), BTW)
+        x_BxTxE = constrain(dense(e, "in_proj", ("embed", "mlp"))(a_bar), self.axes.btw)
 
         # Causal depthwise conv; taps reaching into another segment are dropped.
         conv_w = self.param("conv_kernel", logical(nn.initializers.lecun_normal(), (None, "mlp")),

@@ -183,6 +183,15 @@ def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: str = "auto"
     b, t, _ = f.shape
     if tuple(gamma.shape) != (b, t):
         raise ValueError(f"feedback_solve: gamma must have shape (batch, time) = {(b, t)}; got {tuple(gamma.shape)}")
+    if 0 in f.shape:
+        empty = [name for name, n in zip(("batch", "time", "width"), f.shape) if n == 0]
+        raise ValueError(f"feedback_solve: q_b, k_b, f have shape {tuple(f.shape)}, an empty {' and '.join(empty)} "
+                         f"axis; pass at least one row, one position and one width column")
+    for name, x in (("q_b", q_b), ("k_b", k_b), ("gamma", gamma), ("f", f)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"feedback_solve: {name} has dtype {x.dtype}; the solve takes floating-point inputs "
+                             f"(float32/bfloat16): cast it, e.g. {name}.astype(jnp.float32) (s comes back in f's "
+                             f"dtype, so integer inputs would truncate it)")
     packed = _check_segments(segment_ids, b, t, "feedback_solve")
     method = resolve_method(method)
     if method == "dense":
