@@ -19,7 +19,7 @@ def start(args, devices: int) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def finish(proc: subprocess.Popen, out_path, timeout: float = 300) -> dict:
+def finish(proc: subprocess.Popen, out_path, timeout: float = 1800) -> dict:
     log, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{log[-4000:]}"
     with open(out_path) as f:

@@ -95,7 +95,7 @@ def _has_cuda_plugin() -> bool:
 
 def _run_script(name: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+                          capture_output=True, text=True, timeout=1800, cwd=ROOT)
 
 
 @pytest.mark.skipif(_has_cuda_plugin(),

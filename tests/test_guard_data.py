@@ -101,7 +101,7 @@ def test_python_m_text_runs_without_a_runpy_warning():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "sessa_jax.data.text", "--help"],
-                         env=env, capture_output=True, text=True, timeout=300)
+                         env=env, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr
     assert "RuntimeWarning" not in out.stderr and "prepare" in out.stdout
 

@@ -42,7 +42,7 @@ def _third_party_imports() -> set:
 def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
-                    REPO], check=True, capture_output=True, timeout=300)
+                    REPO], check=True, capture_output=True, timeout=1800)
     (whl,) = glob.glob(str(out / "*.whl"))
     return whl
 
@@ -67,7 +67,7 @@ def test_wheel_ships_configs_scripts_license_and_version(wheel, tmp_path):
             "from sessa_jax.cli import train_main; print(train_main(['--config=nope']))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(site)}
     out = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env, capture_output=True, text=True,
-                         timeout=120)
+                         timeout=900)
     assert out.returncode == 0, out.stderr
     where, values, rc = out.stdout.strip().splitlines()
     assert where.startswith(str(site)) and values == "30 256" and rc == "2"

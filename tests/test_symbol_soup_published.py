@@ -96,7 +96,7 @@ def published_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("published")
     cmd = [sys.executable, "-c", _RUNNER, script, "--num_train_samples", str(N_REF), "--num_valid_samples", "20",
            "--num_test_samples", "20", "--seed", str(SEED), "--output_dir", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    subprocess.run(cmd, check=True, capture_output=True, timeout=1800)
     return str(out)
 
 
@@ -196,7 +196,7 @@ def test_style_tables_and_constants_are_the_published_ones(published_dir):
     import json
 
     out = subprocess.run([sys.executable, "-c", _RUNNER, reference_script(), "--dump-styles"], check=True,
-                         capture_output=True, text=True, timeout=120).stdout
+                         capture_output=True, text=True, timeout=900).stdout
     published = json.loads(out)
     p = ss.PUBLISHED
     assert published["constants"] == [p.bigram_strength, p.motif_prob, p.flip_prob]
