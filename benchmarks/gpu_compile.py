@@ -17,6 +17,8 @@ Per program it prints
     on the CUDA cores, counts PEAK_FLOPS / FP32_FLOPS = 14.8 times: ``dot_passes``);
   * ``GEMM GB`` / ``other GB``: bytes the GEMM kernels and all other kernels read and write
     (operands read in full unless the fusion only slices them; in-place updates count the update);
+  * ``exp in GEMM``: launches of GEMM kernels that compute an exponential in their epilogue
+    (the known-statistics P tile made inside the logits product instead of a separate pass);
   * ``HBM temp``: the compiled program's temporary buffers (``memory_analysis()``);
   * ``x - x``: subtractions of a value from itself, i.e. bf16x3 low parts the compiler zeroed
     (``precision.bf16_round_bits`` keeps this at 0; a split through float32(bfloat16(x)) did not);
@@ -290,10 +292,12 @@ class Walk:
 
     def table(self, launch_us: float):
         """Totals over all launches: see the module docstring."""
-        out = dict(launches=0.0, gemm_flops=0.0, gemm_bytes=0.0, other_bytes=0.0, roofline_s=0.0)
+        out = dict(launches=0.0, gemm_flops=0.0, gemm_bytes=0.0, other_bytes=0.0, roofline_s=0.0, gemm_exp=0.0)
         for (comp, name), times in self.kernels.items():
-            _, flops, moved = self._cost(comp, name)
+            inst, flops, moved = self._cost(comp, name)
             out["launches"] += times
+            if flops and any(i.op == "exponential" for i in self._fused(inst)):
+                out["gemm_exp"] += times
             out["gemm_flops"] += times * flops
             out["gemm_bytes" if flops else "other_bytes"] += times * moved
             out["roofline_s"] += times * (max(flops / PEAK_FLOPS, moved / PEAK_BYTES) + launch_us * 1e-6)
@@ -332,8 +336,11 @@ def optimized_hlo(compiled) -> str:
         return compiled.as_text()
 
 
-def programs(b: int, t: int, d: int, h: int, leaf: int, tile: int | None, kernels: str = "xla"):
-    """name -> (function, argument shapes) of the programs this report compiles."""
+def programs(b: int, t: int, d: int, h: int, leaf: int, tile: int | None, kernels: str = "xla",
+             packed: bool = False, static_span: int | None = None):
+    """name -> (function, argument shapes) of the programs this report compiles. ``packed``:
+    the solve gets segment ids (all one segment: the masked path); otherwise None, as an
+    unpacked layer passes it."""
     import jax
     import jax.numpy as jnp
 
@@ -343,8 +350,10 @@ def programs(b: int, t: int, d: int, h: int, leaf: int, tile: int | None, kernel
     tile = tile or recursive_tile(t, leaf)
 
     def solve(q, k, g, f):
-        seg = jnp.zeros(g.shape, jnp.int32)
+        seg = jnp.zeros(g.shape, jnp.int32) if packed else None
         extra = {} if kernels == "xla" else {"kernels": kernels}  # older checkouts have no kernels argument
+        if static_span is not None:
+            extra["static_span"] = static_span
         return recursive_feedback_solve(q, k, g, f, seg, leaf_size=leaf, tile=tile, tier="bf16x3", platform="gpu",
                                         dtype=jnp.float32, **extra)
 
@@ -398,6 +407,10 @@ def main(argv=None) -> None:
     p.add_argument("--gpu-bf16x3", choices=["split", "preset"], default=None, help="default: precision.GPU_BF16X3")
     p.add_argument("--kernels", choices=["xla", "pallas"], default="xla",
                    help="pallas: the Mosaic GPU statistics kernel (D a multiple of 64 up to 256)")
+    p.add_argument("--packed", action="store_true",
+                   help="give the solve segment ids (one segment: the masked path) instead of None")
+    p.add_argument("--static-span", type=int, default=None,
+                   help="the solve's static span (fenwick.PushSchedule); default: the solve's own rule")
     p.add_argument("--launch-us", type=float, default=4.0)
     p.add_argument("--top", type=int, default=0, help="also list the kernels moving the most bytes")
     p.add_argument("--dump", type=pathlib.Path, default=None, help="write each optimized HLO here")
@@ -418,11 +431,14 @@ def main(argv=None) -> None:
         precision.GPU_BF16X3 = args.gpu_bf16x3
     gpu_bf16x3 = getattr(precision, "GPU_BF16X3", "preset")  # older checkouts: always the preset
     sharding = NamedSharding(topologies.make_mesh(topo, (1,), ("x",)), PartitionSpec())
-    table = programs(args.B, args.T, args.D, args.H, args.leaf, args.tile, args.kernels)
+    table = programs(args.B, args.T, args.D, args.H, args.leaf, args.tile, args.kernels, args.packed,
+                     args.static_span)
     print(f"# XLA GPU compile for an H100 (deviceless), jax {jax.__version__}, B={args.B} T={args.T} D={args.D} "
-          f"H={args.H} bf16, leaf {args.leaf}, bf16x3 on GPU: {gpu_bf16x3}, kernels {args.kernels}")
-    print("| program | launches | in loops | GEMM TF | GEMM GB | other GB | roofline ms | HBM temp | x - x | compile s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"H={args.H} bf16, leaf {args.leaf}, bf16x3 on GPU: {gpu_bf16x3}, kernels {args.kernels}, "
+          f"solve segment ids: {'one segment (masked)' if args.packed else 'None'}")
+    print("| program | launches | in loops | GEMM TF | GEMM GB | other GB | exp in GEMM | roofline ms | HBM temp | x - x "
+          "| compile s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.programs:
         fn, shapes = table[name]
         specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)
@@ -447,7 +463,8 @@ def main(argv=None) -> None:
         r = walk.table(args.launch_us)
         note = f" ({walk.unresolved} switches guessed)" if walk.unresolved else ""
         print(f"| {name}{note} | {r['launches']:.0f} | {r['loop_launches']:.0f} | {r['gemm_flops'] / 1e12:.2f} | "
-              f"{r['gemm_bytes'] / 1e9:.2f} | {r['other_bytes'] / 1e9:.2f} | {r['roofline_s'] * 1e3:.2f} | "
+              f"{r['gemm_bytes'] / 1e9:.2f} | {r['other_bytes'] / 1e9:.2f} | {r['gemm_exp']:.0f} | "
+              f"{r['roofline_s'] * 1e3:.2f} | "
               f"{compiled.memory_analysis().temp_size_in_bytes / 2 ** 30:.2f} GiB | {self_subtractions(text)} | "
               f"{seconds:.1f} |", flush=True)
         for gb, tf, times, shape, what in walk.top(args.top):

@@ -10,8 +10,11 @@ with the pushes and statistics in XLA (``kernels="xla"``) and once with the Pall
 ``ops/tpu_kernels.py`` (``kernels="pallas"``: libtpu runs the Mosaic compiler on each kernel while
 compiling the program; a first check compiles a kernel too large for VMEM, which libtpu must
 refuse). Per run it prints whether it compiled, the compile time on this machine,
-the program's HBM temporaries (``memory_analysis()``) and the number of Mosaic kernel calls in
-the compiled program. Compiling proves the kernels fit the chip's VMEM and layouts; it says
+the program's HBM temporaries (``memory_analysis()``), the fusions in the compiled program
+(``fusions``: in its text; ``run``: executed per call, loop bodies times their trip counts and
+switch branches as often as their index table says, as ``gpu_compile.Walk`` counts GPU kernels)
+and the number of Mosaic kernel calls in the compiled program. The solve gets segment ids None
+(an unpacked batch) unless ``--packed``. Compiling proves the kernels fit the chip's VMEM and layouts; it says
 nothing about speed, which only a TPU measures.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
 import time
 
@@ -61,6 +65,10 @@ def main(argv=None) -> None:
                    help="B,T,D of each run")
     p.add_argument("--kernels", nargs="+", default=["xla", "pallas"], choices=["xla", "pallas"])
     p.add_argument("--leaf", type=int, default=512)
+    p.add_argument("--packed", action="store_true",
+                   help="give the solve segment ids (one segment: the masked path) instead of None")
+    p.add_argument("--static-span", type=int, default=None,
+                   help="the pushes' static span (fenwick.PushSchedule); default: the solve's own rule")
     args = p.parse_args(argv)
 
     import jax
@@ -77,18 +85,24 @@ def main(argv=None) -> None:
     from sessa_jax.ops._recursive import recursive_feedback_solve
     from sessa_jax.ops.dispatch import recursive_tile
 
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    from gpu_compile import Walk, optimized_hlo, wide_tile_trips
+
     sharding = NamedSharding(Mesh(np.array(topo.devices[:1]), ("x",)), PartitionSpec())  # one chip
     print(f"# VMEM check: {vmem_check(sharding)}")
     print(f"# deviceless TPU compile, topology {args.topology} ({topo.devices[0].device_kind}), jax {jax.__version__}, "
-          f"solve forward + backward, bf16 q/k/f, tier bf16x3, leaf {args.leaf}")
-    print("| B | T | D | kernels | compiled | compile s | HBM temp | Mosaic kernel calls |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"solve forward + backward, bf16 q/k/f, tier bf16x3, leaf {args.leaf}, segment ids: "
+          f"{'one segment (masked)' if args.packed else 'None'}, static span: {args.static_span or 'default'}")
+    print("| B | T | D | kernels | compiled | compile s | HBM temp | fusions | run | Mosaic kernel calls |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    extra = {} if args.static_span is None else {"static_span": args.static_span}  # older checkouts: no argument
     for b, t, d in args.shapes:
         for kernels in args.kernels:
             def loss(q, k, g, f, kernels=kernels, t=t):
-                seg = jnp.zeros(g.shape, jnp.int32)
+                seg = jnp.zeros(g.shape, jnp.int32) if args.packed else None
                 s = recursive_feedback_solve(q, k, g, f, seg, leaf_size=args.leaf, tile=recursive_tile(t, args.leaf),
-                                             tier="bf16x3", platform="tpu", dtype=jnp.float32, kernels=kernels)
+                                             tier="bf16x3", platform="tpu", dtype=jnp.float32, kernels=kernels,
+                                             **extra)
                 return jnp.sum(s)
 
             x = jax.ShapeDtypeStruct((b, t, d), jnp.bfloat16, sharding=sharding)
@@ -101,8 +115,13 @@ def main(argv=None) -> None:
                 continue
             seconds = time.perf_counter() - t0
             temp = compiled.memory_analysis().temp_size_in_bytes
-            calls = compiled.as_text().count('custom_call_target="tpu_custom_call"')
-            print(f"| {b} | {t} | {d} | {kernels} | yes | {seconds:.1f} | {temp / 2 ** 30:.2f} GiB | {calls} |", flush=True)
+            text = optimized_hlo(compiled)
+            calls = text.count('custom_call_target="tpu_custom_call"')
+            fusions = sum(1 for line in text.splitlines() if " fusion(" in line)
+            walk = Walk(text, wide_tile_trips(t, args.leaf, None)).run()
+            run = sum(n for (comp, name), n in walk.kernels.items() if walk.by_name[comp][name].op == "fusion")
+            print(f"| {b} | {t} | {d} | {kernels} | yes | {seconds:.1f} | {temp / 2 ** 30:.2f} GiB | {fusions} | {run:.0f} "
+                  f"| {calls} |", flush=True)
 
 
 if __name__ == "__main__":
