@@ -68,7 +68,9 @@ def main(argv=None) -> None:
     p.add_argument("--packed", action="store_true",
                    help="give the solve segment ids (one segment: the masked path) instead of None")
     p.add_argument("--static-span", type=int, default=None,
-                   help="the pushes' static span (fenwick.PushSchedule); default: the solve's own rule")
+                   help="the solve's static span (fenwick.PushSchedule; 0: every push in the loop); default: the "
+                        "library's rule (fenwick.auto_static_span)")
+    p.add_argument("--dump", type=pathlib.Path, default=None, help="write each optimized HLO here")
     args = p.parse_args(argv)
 
     import jax
@@ -86,39 +88,41 @@ def main(argv=None) -> None:
     from sessa_jax.ops.dispatch import recursive_tile
 
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-    from gpu_compile import Walk, optimized_hlo, wide_tile_trips
+    from gpu_compile import Walk, optimized_hlo, static_span_rule, wide_tile_trips
 
     sharding = NamedSharding(Mesh(np.array(topo.devices[:1]), ("x",)), PartitionSpec())  # one chip
     print(f"# VMEM check: {vmem_check(sharding)}")
     print(f"# deviceless TPU compile, topology {args.topology} ({topo.devices[0].device_kind}), jax {jax.__version__}, "
           f"solve forward + backward, bf16 q/k/f, tier bf16x3, leaf {args.leaf}, segment ids: "
-          f"{'one segment (masked)' if args.packed else 'None'}, static span: {args.static_span or 'default'}")
+          f"{'one segment (masked)' if args.packed else 'None'}, static span: {'default' if args.static_span is None else args.static_span}")
     print("| B | T | D | kernels | compiled | compile s | HBM temp | fusions | run | Mosaic kernel calls |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    extra = {} if args.static_span is None else {"static_span": args.static_span}  # older checkouts: no argument
     for b, t, d in args.shapes:
         for kernels in args.kernels:
             def loss(q, k, g, f, kernels=kernels, t=t):
                 seg = jnp.zeros(g.shape, jnp.int32) if args.packed else None
                 s = recursive_feedback_solve(q, k, g, f, seg, leaf_size=args.leaf, tile=recursive_tile(t, args.leaf),
-                                             tier="bf16x3", platform="tpu", dtype=jnp.float32, kernels=kernels,
-                                             **extra)
+                                             tier="bf16x3", platform="tpu", dtype=jnp.float32, kernels=kernels)
                 return jnp.sum(s)
 
             x = jax.ShapeDtypeStruct((b, t, d), jnp.bfloat16, sharding=sharding)
             g = jax.ShapeDtypeStruct((b, t), jnp.float32, sharding=sharding)
             t0 = time.perf_counter()
             try:
-                compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(x, x, g, x).compile()
+                with static_span_rule(args.static_span):
+                    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(x, x, g, x).compile()
             except Exception as err:  # noqa: BLE001 - report and go on to the next run
                 print(f"| {b} | {t} | {d} | {kernels} | no: {type(err).__name__}: {str(err)[:200]} | | | |", flush=True)
                 continue
             seconds = time.perf_counter() - t0
             temp = compiled.memory_analysis().temp_size_in_bytes
             text = optimized_hlo(compiled)
+            if args.dump:
+                args.dump.mkdir(parents=True, exist_ok=True)
+                (args.dump / f"solve-f+b-{b}-{t}-{d}-{kernels}.hlo.txt").write_text(text)
             calls = text.count('custom_call_target="tpu_custom_call"')
             fusions = sum(1 for line in text.splitlines() if " fusion(" in line)
-            walk = Walk(text, wide_tile_trips(t, args.leaf, None)).run()
+            walk = Walk(text, wide_tile_trips(t, args.leaf, None, args.static_span, b, d)).run()
             run = sum(n for (comp, name), n in walk.kernels.items() if walk.by_name[comp][name].op == "fusion")
             print(f"| {b} | {t} | {d} | {kernels} | yes | {seconds:.1f} | {temp / 2 ** 30:.2f} GiB | {fusions} | {run:.0f} "
                   f"| {calls} |", flush=True)

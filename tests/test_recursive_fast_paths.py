@@ -159,3 +159,20 @@ def test_static_schedule_equals_the_loop_x64(t, leaf, tile, span, packed):
         loop = _value_and_grads(_recursive(segments, leaf=leaf, tile=tile), args)
         static = _value_and_grads(_recursive(segments, leaf=leaf, tile=tile, static_span=span), args)
         _assert_close(static, loop, 1e-12)
+
+
+@pytest.mark.parametrize("span", [1, 4])
+def test_row_statistics_take_the_static_blocks_too(span):
+    """A static schedule handed to the statistics pass: its static blocks are visited after the
+    loop, with the same (m, logl) as the all-loop schedule (x64)."""
+    from sessa_jax.ops.fenwick import PushSchedule
+    from sessa_jax.ops.row_stats import row_statistics
+
+    with jax.enable_x64(True):
+        q, k, _, _, _ = _inputs(jnp.float64, 128, sharp=True)
+        stats = lambda sched: jax.jit(lambda q, k: row_statistics(q, k, None, leaf=8, scale=8 ** -0.5, tier="float32",
+                                                                  schedule=sched))(q, k)
+        m_loop, logl_loop = stats(PushSchedule.make(16, 2))
+        m_static, logl_static = stats(PushSchedule.make(16, 2, span))
+        np.testing.assert_allclose(np.asarray(m_static), np.asarray(m_loop), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(logl_static), np.asarray(logl_loop), rtol=0, atol=1e-12)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sessa_jax.ops.fenwick import PushSchedule, padded_leaves
+from sessa_jax.ops.fenwick import PushSchedule, auto_static_span, padded_leaves
 from sessa_jax.ops.gpu_kernels import TIERS as GPU_TIERS
 from sessa_jax.ops.gpu_kernels import gpu_row_statistics
 from sessa_jax.ops.masks import PAD_SEGMENT, default_segment_ids, merge_chunks, pad_time, take_chunk
@@ -60,11 +60,14 @@ class RecursivePlan:
     def make(cls, length: int, leaf_size: int, tile: int, tier: str, platform: str, scale: float,
              input_dtype=None, kernels: str = "xla", static_span: int | None = None):
         """Plan for T = ``length``: leaf min(leaf_size, T); wide blocks in tiles of ~``tile`` rows;
-        ``static_span``: see ``fenwick.PushSchedule`` (None: every push in the leaf loop)."""
+        ``static_span``: see ``fenwick.PushSchedule`` (None: every push in the leaf loop;
+        "auto": ``fenwick.auto_static_span``)."""
         leaf = max(1, min(leaf_size, length))
         tile_leaves = max(1, tile // leaf)
         n = padded_leaves(-(-length // leaf), tile_leaves)
         plain = tier if input_dtype is None else nonchained_tier(tier, input_dtype)
+        if static_span == "auto":
+            static_span = auto_static_span(n, tile_leaves)
         return cls(leaf, n, tile_leaves, tier, platform, scale, plain, kernels, static_span)
 
     @property
@@ -320,7 +323,7 @@ _solve.defvjp(_solve_fwd, _solve_bwd)
 
 
 def recursive_feedback_solve(q_b, k_b, gamma, f, segment_ids, *, leaf_size: int, tile: int, tier: str,
-                             platform: str, dtype, kernels: str = "xla", static_span: int | None = None):
+                             platform: str, dtype, kernels: str = "xla", static_span="auto"):
     """Recursive solve on validated inputs; q_b/k_b/f (B,T,D), gamma (B,T), segment_ids (B,T)
     integers or None (one sequence per row: no segment mask anywhere, only causality).
 

@@ -43,6 +43,30 @@ def block_shape(j: int, num_leaves: int) -> tuple[int, int]:
     return min(h, num_leaves - j), h
 
 
+# The default static program (``auto_static_span``): the wide blocks pushed statically while
+# they are at most STATIC_TILES tiles and the leaves at most STATIC_SEGMENTS loops; beyond
+# that (long T) the all-loop schedule, so that the program's size stays bounded in T.
+STATIC_TILES = 8
+STATIC_SEGMENTS = 8
+
+
+def auto_static_span(num_leaves: int, tile_leaves: int) -> int | None:
+    """The default ``static_span``: ``tile_leaves`` (every wide block static, every narrow
+    block in the loops) when that makes at most STATIC_TILES static tiles and STATIC_SEGMENTS
+    loops; None (all in the loop) otherwise, or when there are no wide blocks. In the
+    deviceless H100 compile at B=8, T=8192 (README, "What XLA's GPU compiler makes of the
+    solve") this span cut launches and roofline with the loop's temporaries and compile time;
+    smaller spans (more of the schedule static) compiled over 2x slower."""
+    if num_leaves <= tile_leaves:
+        return None
+    span = tile_leaves
+    static_tiles = sum((min(lowbit(j), num_leaves - j) // span) * (lowbit(j) // span)
+                       for j in range(span, num_leaves, span))
+    if static_tiles > STATIC_TILES or -(-num_leaves // span) > STATIC_SEGMENTS:
+        return None
+    return span
+
+
 def _wide(j: int, num_leaves: int, tile_leaves: int) -> bool:
     """Whether block j is walked in tiles (at least a tile wide, and n exceeds one tile)."""
     return num_leaves > tile_leaves and lowbit(j) >= tile_leaves
