@@ -364,8 +364,21 @@ def optimized_hlo(compiled) -> str:
         return compiled.as_text()
 
 
+def solve_tier(precision: str) -> str:
+    """The tier a bf16 solve runs on a GPU at ``precision`` ("auto": the library's rule)."""
+    if precision != "auto":
+        return precision
+    import jax.numpy as jnp
+
+    from sessa_jax.ops.precision import resolve_precision
+    try:
+        return resolve_precision("auto", "gpu", jnp.bfloat16)
+    except TypeError:  # older checkouts: a rule by platform alone
+        return resolve_precision("auto", "gpu")
+
+
 def programs(b: int, t: int, d: int, h: int, leaf: int, tile: int | None, kernels: str = "xla",
-             packed: bool = False, precision: str = "bf16x3"):
+             packed: bool = False, precision: str = "auto"):
     """name -> (function, argument shapes) of the programs this report compiles. ``packed``:
     the solve gets segment ids (all one segment: the masked path); otherwise None, as an
     unpacked layer passes it. ``precision``: the solve's tier (the layers' feedback_precision;
@@ -377,10 +390,7 @@ def programs(b: int, t: int, d: int, h: int, leaf: int, tile: int | None, kernel
     from sessa_jax.ops.dispatch import recursive_tile
 
     tile = tile or recursive_tile(t, leaf)
-    tier = precision
-    if tier == "auto":
-        from sessa_jax.ops.precision import resolve_precision
-        tier = resolve_precision("auto", "gpu")
+    tier = solve_tier(precision)
 
     def solve(q, k, g, f):
         seg = jnp.zeros(g.shape, jnp.int32) if packed else None
@@ -404,7 +414,7 @@ def programs(b: int, t: int, d: int, h: int, leaf: int, tile: int | None, kernel
     return table
 
 
-def _layer_program(kind: str, b: int, t: int, d: int, h: int, leaf: int, precision: str = "bf16x3"):
+def _layer_program(kind: str, b: int, t: int, d: int, h: int, leaf: int, precision: str = "auto"):
     """Forward + backward of a whole bf16 ``SessaLayer`` (kind "sessa": the recursive solve at
     ``precision``; "transformer": the same block with causal attention), as
     ``benchmarks/layer.py`` times it on a device."""
@@ -435,8 +445,8 @@ def main(argv=None) -> None:
                    help="tile of the wide blocks, in the solve and the layers (default: ops.dispatch.recursive_tile)")
     p.add_argument("--programs", nargs="+", default=["solve-fwd", "solve-f+b", "attention-fwd", "attention-f+b",
                                                      "sessa-layer-f+b", "transformer-layer-f+b"])
-    p.add_argument("--precision", default="bf16x3", choices=["auto", "float32", "bf16x3", "bfloat16"],
-                   help="the solve's tier (feedback_precision of the layers; auto: the library's rule)")
+    p.add_argument("--precision", default="auto", choices=["auto", "float32", "bf16x3", "bfloat16"],
+                   help="the solve's tier (feedback_precision of the layers); auto: the library's rule for bf16")
     p.add_argument("--gpu-bf16x3", choices=["split", "preset"], default=None, help="default: precision.GPU_BF16X3")
     p.add_argument("--kernels", choices=["xla", "pallas"], default="xla",
                    help="pallas: the Mosaic GPU statistics kernel (D a multiple of 64 up to 256)")
@@ -467,7 +477,7 @@ def main(argv=None) -> None:
     sharding = NamedSharding(topologies.make_mesh(topo, (1,), ("x",)), PartitionSpec())
     table = programs(args.B, args.T, args.D, args.H, args.leaf, args.tile, args.kernels, args.packed, args.precision)
     print(f"# XLA GPU compile for an H100 (deviceless), jax {jax.__version__}, B={args.B} T={args.T} D={args.D} "
-          f"H={args.H} bf16, leaf {args.leaf}, precision {args.precision}, bf16x3 on GPU: {gpu_bf16x3}, kernels {args.kernels}, "
+          f"H={args.H} bf16, leaf {args.leaf}, precision {args.precision} ({solve_tier(args.precision)}), bf16x3 on GPU: {gpu_bf16x3}, kernels {args.kernels}, "
           f"static span {'default' if args.static_span is None else args.static_span}, "
           f"solve segment ids: {'one segment (masked)' if args.packed else 'None'}")
     print("| program | launches | in loops | GEMM TF | GEMM GB | other GB | exp in GEMM | roofline ms | HBM temp | x - x "

@@ -72,7 +72,10 @@ b, t, d, leaf = (int(os.environ[k]) for k in ("B", "T", "D", "LEAF"))
 tile = recursive_tile(t, leaf)
 static = RecursivePlan.make(t, leaf, tile, "bf16x3", "cpu", 1.0, static_span="auto").static_span
 platform = {"cuda": "gpu", "rocm": "gpu"}.get(jax.default_backend(), jax.default_backend())
-tier = os.environ.get("TIER") or resolve_precision("auto", platform)
+try:
+    tier = os.environ.get("TIER") or resolve_precision("auto", platform, jnp.bfloat16)
+except TypeError:  # a rule by platform alone
+    tier = os.environ.get("TIER") or resolve_precision("auto", platform)
 ks = jax.random.split(jax.random.PRNGKey(0), 5)
 q, k, f = (jax.random.normal(ks[i], (b, t, d), jnp.bfloat16) for i in range(3))
 gam = 0.99 * jnp.tanh(jax.random.normal(ks[3], (b, t)))
