@@ -10,10 +10,9 @@ with the pushes and statistics in XLA (``kernels="xla"``) and once with the Pall
 ``ops/tpu_kernels.py`` (``kernels="pallas"``: libtpu runs the Mosaic compiler on each kernel while
 compiling the program; a first check compiles a kernel too large for VMEM, which libtpu must
 refuse). Per run it prints whether it compiled, the compile time on this machine,
-the program's HBM temporaries (``memory_analysis()``), the fusions in the compiled program
-(``fusions``: in its text; ``run``: executed per call, loop bodies times their trip counts and
-switch branches as often as their index table says, as ``gpu_compile.Walk`` counts GPU kernels)
-and the number of Mosaic kernel calls in the compiled program. The solve gets segment ids None
+the program's HBM temporaries (``memory_analysis()``), the fusions in the compiled program's
+text (each a kernel; loop bodies counted once: libtpu's loops carry no trip count to weigh
+them by) and the number of Mosaic kernel calls in it. The solve gets segment ids None
 (an unpacked batch) unless ``--packed``. Compiling proves the kernels fit the chip's VMEM and layouts; it says
 nothing about speed, which only a TPU measures.
 """
@@ -88,15 +87,15 @@ def main(argv=None) -> None:
     from sessa_jax.ops.dispatch import recursive_tile
 
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-    from gpu_compile import Walk, optimized_hlo, static_span_rule, wide_tile_trips
+    from gpu_compile import optimized_hlo, static_span_rule
 
     sharding = NamedSharding(Mesh(np.array(topo.devices[:1]), ("x",)), PartitionSpec())  # one chip
     print(f"# VMEM check: {vmem_check(sharding)}")
     print(f"# deviceless TPU compile, topology {args.topology} ({topo.devices[0].device_kind}), jax {jax.__version__}, "
           f"solve forward + backward, bf16 q/k/f, tier bf16x3, leaf {args.leaf}, segment ids: "
           f"{'one segment (masked)' if args.packed else 'None'}, static span: {'default' if args.static_span is None else args.static_span}")
-    print("| B | T | D | kernels | compiled | compile s | HBM temp | fusions | run | Mosaic kernel calls |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| B | T | D | kernels | compiled | compile s | HBM temp | fusions | Mosaic kernel calls |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for b, t, d in args.shapes:
         for kernels in args.kernels:
             def loss(q, k, g, f, kernels=kernels, t=t):
@@ -112,7 +111,7 @@ def main(argv=None) -> None:
                 with static_span_rule(args.static_span):
                     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(x, x, g, x).compile()
             except Exception as err:  # noqa: BLE001 - report and go on to the next run
-                print(f"| {b} | {t} | {d} | {kernels} | no: {type(err).__name__}: {str(err)[:200]} | | | |", flush=True)
+                print(f"| {b} | {t} | {d} | {kernels} | no: {type(err).__name__}: {str(err)[:200]} | | | | |", flush=True)
                 continue
             seconds = time.perf_counter() - t0
             temp = compiled.memory_analysis().temp_size_in_bytes
@@ -122,10 +121,8 @@ def main(argv=None) -> None:
                 (args.dump / f"solve-f+b-{b}-{t}-{d}-{kernels}.hlo.txt").write_text(text)
             calls = text.count('custom_call_target="tpu_custom_call"')
             fusions = sum(1 for line in text.splitlines() if " fusion(" in line)
-            walk = Walk(text, wide_tile_trips(t, args.leaf, None, args.static_span, b, d)).run()
-            run = sum(n for (comp, name), n in walk.kernels.items() if walk.by_name[comp][name].op == "fusion")
-            print(f"| {b} | {t} | {d} | {kernels} | yes | {seconds:.1f} | {temp / 2 ** 30:.2f} GiB | {fusions} | {run:.0f} "
-                  f"| {calls} |", flush=True)
+            print(f"| {b} | {t} | {d} | {kernels} | yes | {seconds:.1f} | {temp / 2 ** 30:.2f} GiB | {fusions} | {calls} |",
+                  flush=True)
 
 
 if __name__ == "__main__":
