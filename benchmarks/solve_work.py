@@ -2,6 +2,7 @@
 
     python benchmarks/solve_work.py                         # T = 1024 ... 65536, D = 1024, B = 1 and 8
     python benchmarks/solve_work.py --T 1024 4096 --B 1     # a quick look
+    python benchmarks/solve_work.py --T 8192 --B 8 --methods recursive --tiers bf16x3 bfloat16 --no-compile
     python benchmarks/solve_work.py --layer-compile 4096 65536   # + compile time of the whole layer
 
 For each method, length and batch it prints the work of the solve's forward and
@@ -17,8 +18,8 @@ backward):
   * ``temp``: XLA's temporary buffers for the compiled forward + backward
     (``memory_analysis()``), ``largest``: the largest array in the compiled program;
   * ``compile``: seconds to compile forward + backward on this machine.
-The recursive method is traced as it runs on a GPU (bf16 q, k, f; tier bf16x3; the GPU's dot
-algorithms), the blocked scan as it runs everywhere (float32 HIGHEST).
+The recursive method is traced as it runs on a GPU (bf16 q, k, f; tier bf16x3, or those of
+``--tiers``; the GPU's dot algorithms), the blocked scan as it runs everywhere (float32 HIGHEST).
 """
 
 from __future__ import annotations
@@ -41,11 +42,11 @@ from sessa_jax.ops._blocked import blocked_feedback_solve  # noqa: E402
 from sessa_jax.ops._recursive import recursive_feedback_solve  # noqa: E402
 from sessa_jax.ops.dispatch import recursive_tile  # noqa: E402
 
-def solver(method: str, b: int, t: int, leaf: int, chunk: int):
+def solver(method: str, b: int, t: int, leaf: int, chunk: int, tier: str = "bf16x3"):
     seg = jnp.ones((b, t), jnp.int32)
     if method == "recursive":
         def solve(q, k, g, f):
-            return recursive_feedback_solve(q, k, g, f, seg, leaf_size=leaf, tile=recursive_tile(t, leaf), tier="bf16x3",
+            return recursive_feedback_solve(q, k, g, f, seg, leaf_size=leaf, tile=recursive_tile(t, leaf), tier=tier,
                                             platform="gpu", dtype=jnp.float32).astype(f.dtype)
         dtype = jnp.bfloat16
     else:
@@ -55,8 +56,8 @@ def solver(method: str, b: int, t: int, leaf: int, chunk: int):
     return solve, dtype
 
 
-def measure(method: str, b: int, t: int, d: int, leaf: int, chunk: int, compile_: bool) -> dict:
-    solve, dtype = solver(method, b, t, leaf, chunk)
+def measure(method: str, b: int, t: int, d: int, leaf: int, chunk: int, compile_: bool, tier: str = "bf16x3") -> dict:
+    solve, dtype = solver(method, b, t, leaf, chunk, tier)
     x = jax.ShapeDtypeStruct((b, t, d), dtype)
     g = jax.ShapeDtypeStruct((b, t), jnp.float32)
 
@@ -65,7 +66,8 @@ def measure(method: str, b: int, t: int, d: int, leaf: int, chunk: int, compile_
 
     u = float(b) * t * t * d
     fwd, both = count_work(solve, x, x, g, x), count_work(fwd_bwd, x, x, g, x)
-    row = dict(method=method, B=b, T=t, D=d, leaf=leaf if method == "recursive" else chunk,
+    row = dict(method=method, tier=tier if method == "recursive" else "float32", B=b, T=t, D=d,
+               leaf=leaf if method == "recursive" else chunk,
                fwd_U=fwd.flops / u, fwd_pass_U=fwd.pass_flops / u, fwd_big=fwd.big_flops / max(fwd.flops, 1),
                fwd_steps=fwd.outer_steps, fb_U=both.flops / u, fb_pass_U=both.pass_flops / u,
                fb_big=both.big_flops / max(both.flops, 1), fb_steps=both.outer_steps, fb_all_steps=both.all_steps)
@@ -98,14 +100,14 @@ def _fmt_bytes(n) -> str:
 
 def print_table(rows: list[dict]) -> None:
     head = ("| method | B | T | leaf/C | fwd U | fwd pass-U | fwd big | fwd steps | f+b U | f+b pass-U | f+b big "
-            "| f+b steps (all) | temp | largest | compile s |")
+            "| f+b steps (all) | temp | largest | compile s | tier |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
         print(f"| {r['method']} | {r['B']} | {r['T']} | {r['leaf']} | {r['fwd_U']:.2f} | {r['fwd_pass_U']:.2f} | "
               f"{100 * r['fwd_big']:.1f}% | {r['fwd_steps']} | {r['fb_U']:.2f} | {r['fb_pass_U']:.2f} | "
               f"{100 * r['fb_big']:.1f}% | {r['fb_steps']} ({r['fb_all_steps']}) | {_fmt_bytes(r.get('temp_bytes'))} | "
-              f"{r.get('largest', '-')} | {r.get('compile_s', float('nan')):.1f} |")
+              f"{r.get('largest', '-')} | {r.get('compile_s', float('nan')):.1f} | {r['tier']} |")
 
 
 def main(argv=None) -> list[dict]:
@@ -114,6 +116,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--B", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--D", type=int, default=1024)
     ap.add_argument("--methods", nargs="+", default=["recursive", "blocked"], choices=["recursive", "blocked"])
+    ap.add_argument("--tiers", nargs="+", default=["bf16x3"], choices=["float32", "bf16x3", "bfloat16"],
+                    help="precision tiers of the recursive solve (bf16 q, k, f)")
     ap.add_argument("--leaf", type=int, default=512, help="leaf of the recursive solve")
     ap.add_argument("--chunk", type=int, default=128, help="chunk of the blocked scan")
     ap.add_argument("--no-compile", action="store_true", help="count work only (no compile time or memory)")
@@ -127,8 +131,9 @@ def main(argv=None) -> list[dict]:
     for b in args.B:
         for t in args.T:
             for method in args.methods:
-                rows.append(measure(method, b, t, args.D, args.leaf, args.chunk, not args.no_compile))
-                print(json.dumps(rows[-1]), flush=True)
+                for tier in args.tiers if method == "recursive" else ["float32"]:
+                    rows.append(measure(method, b, t, args.D, args.leaf, args.chunk, not args.no_compile, tier))
+                    print(json.dumps(rows[-1]), flush=True)
     print()
     print_table(rows)
     layer = {}

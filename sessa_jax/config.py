@@ -37,11 +37,13 @@ class SessaConfig:
     blocked on CPU), ``chunk_size`` (C of the blocked paths: an integer, or "auto", the
     default, which picks C per call from the batch, heads and length, and for short
     sequences attention's panel schedule: ``sessa_jax.ops.dispatch``), ``leaf_size`` (Cs, the leaf of
-    the recursive solve), ``feedback_precision`` (tier of the recursive solve's chained
-    products: "auto" = bf16x3 on GPU/TPU and float32 on CPU, "float32", "bf16x3",
-    "bfloat16"), ``feedback_kernels`` ("xla", the portable default, or "pallas": the TPU
-    Mosaic kernels for the recursive solve's statistics pass and pushes; on GPU a Mosaic GPU
-    kernel for its statistics pass only, head width a multiple of 64 up to 256; opt-in until
+    the recursive solve), ``feedback_precision`` (tier of the recursive solve's products,
+    ``sessa_jax.ops.precision``: "float32", "bf16x3", "bfloat16", or "auto": float32 on CPU; on
+    GPU/TPU "bfloat16" for bf16 ``dtype`` (its gradients within 2x of bf16 attention's own error,
+    s within 2x of what f's bf16 rounding does to it) and "bf16x3" for float32 ``dtype``),
+    ``feedback_kernels`` ("xla", the portable default, or "pallas": the TPU Mosaic kernels for
+    the recursive solve's statistics pass and pushes; on GPU a Mosaic GPU kernel for its
+    statistics pass only, head width a multiple of 64 up to 256; opt-in until
     measured on a device; needs leaf_size a multiple of 128),
     ``dtype`` (compute) and ``param_dtype`` (parameters, float32 by default).
 
@@ -138,7 +140,8 @@ class SessaConfig:
         if self.feedback_precision not in FEEDBACK_PRECISIONS:
             raise ValueError(
                 f"SessaConfig.feedback_precision={self.feedback_precision!r} is unknown; choose one of "
-                f"{FEEDBACK_PRECISIONS} ('auto' = bf16x3 on GPU/TPU, float32 on CPU)"
+                f"{FEEDBACK_PRECISIONS} ('auto' = float32 on CPU; on GPU/TPU bfloat16 for bf16 dtype, "
+                "bf16x3 for float32)"
             )
         if self.feedback_kernels not in FEEDBACK_KERNELS:
             raise ValueError(

@@ -35,7 +35,8 @@ from sessa_jax.ops.fenwick import PushSchedule, auto_static_span, padded_leaves
 from sessa_jax.ops.gpu_kernels import TIERS as GPU_TIERS
 from sessa_jax.ops.gpu_kernels import gpu_row_statistics
 from sessa_jax.ops.masks import PAD_SEGMENT, default_segment_ids, merge_chunks, pad_time, take_chunk
-from sessa_jax.ops.precision import chained_dot, logits_dot, nonchained_tier
+from sessa_jax.ops.precision import (bf16_round_bits, chained_dot, difference_dot, logits_dot, nonchained_tier,
+                                     solution_tier)
 from sessa_jax.ops.row_stats import leaf_logits, leaf_mask, row_statistics
 from sessa_jax.ops.tpu_kernels import tpu_block_product, tpu_block_product_bwd, tpu_row_statistics
 from sessa_jax.ops.trsolve import unit_lower_inverse
@@ -52,7 +53,7 @@ class RecursivePlan:
     tier: str
     platform: str
     scale: float
-    plain_tier: str = "float32"  # tier of g s^T, dq, dk (``precision.nonchained_tier``)
+    plain_tier: str = "float32"  # tier of g s^T, dq, dk (``precision.nonchained_tier``, ``difference_dot``)
     kernels: str = "xla"  # "pallas": TPU kernels (stats, pushes); on GPU the Mosaic GPU stats kernel only
     static_span: int | None = None  # the pushes' ``PushSchedule.static_span``; None: all in the loop
 
@@ -86,8 +87,18 @@ class RecursivePlan:
         It is always compiled for the GPU; CPU tests run it under ``plgpu.force_gpu_interpret_mode``."""
         return self.kernels == "pallas" and self.platform == "gpu"
 
+    @property
+    def solution_tier(self) -> str:
+        """Tier of the forward's pushes and leaf solves (they form s and r = A s) and of the
+        backward's leaf products (``precision.solution_tier``)."""
+        return solution_tier(self.tier)
+
     def chained(self, spec: str, a, b):
-        """einsum for the products that chain through the recurrence (``precision.chained_dot``)."""
+        """einsum for the chained products at ``solution_tier`` (``precision.chained_dot``)."""
+        return chained_dot(spec, a, b, self.solution_tier, self.platform)
+
+    def transposed_push(self, spec: str, a, b):
+        """einsum for the backward's pushes A^T g, at ``tier`` (one bf16 pass in "bfloat16")."""
         return chained_dot(spec, a, b, self.tier, self.platform)
 
     def faithful(self, spec: str, a, b):
@@ -96,8 +107,13 @@ class RecursivePlan:
         return logits_dot(spec, a, b, "float32", self.platform)
 
     def plain(self, spec: str, a, b):
-        """einsum for g s^T, dq and dk, at ``plain_tier``."""
+        """einsum for dq and dk, at ``plain_tier``."""
         return chained_dot(spec, a, b, self.plain_tier, self.platform)
+
+    def difference(self, spec: str, g, s):
+        """(g as used, g s^T) at ``plain_tier`` (``precision.difference_dot``): the logits gradient
+        A * (g s^T - rowsum(g * r)) must form rowsum(g * r) from the returned g."""
+        return difference_dot(spec, g, s, self.plain_tier, self.platform)
 
     @property
     def padded_len(self) -> int:
@@ -182,7 +198,8 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
         args = (take_chunk(q, r0, rows), _take_segments(seg, r0, rows), take_chunk(m, r0, rows),
                 take_chunk(logl, r0, rows), take_chunk(k, k0, keys), _take_segments(seg, k0, keys))
         if plan.tpu_kernels:
-            return tpu_block_product(*args, s_keys, scale=plan.scale, tier=plan.tier, interpret=plan.interpret)
+            return tpu_block_product(*args, s_keys, scale=plan.scale, tier=plan.solution_tier,
+                                     interpret=plan.interpret)
         return plan.chained("bpk,bkd->bpd", _block_probs(plan, *args), s_keys)
 
     def tile(carry, r0, rows, k0, keys):
@@ -237,13 +254,16 @@ def _backward(plan: RecursivePlan, res, ds):
         seg_p, m_p, logl_p, seg_keys = (_take_segments(seg, r0, rows), take_chunk(m, r0, rows),
                                         take_chunk(logl, r0, rows), _take_segments(seg, k0, keys))
         if plan.tpu_kernels:
+            plain = plan.plain_tier
+            if plain == "bfloat16":  # g rounded once and s split (``difference_dot``): bf16x3 of bf16-valued g
+                g_p, plain = bf16_round_bits(g_p), "bf16x3"
             return tpu_block_product_bwd(q_p, seg_p, m_p, logl_p, g_p, r_p, k_keys, seg_keys, s_keys,
-                                         scale=plan.scale, tier=plan.tier, plain_tier=plan.plain_tier,
+                                         scale=plan.scale, tier=plan.tier, plain_tier=plain,
                                          interpret=plan.interpret)
         probs = _block_probs(plan, q_p, seg_p, m_p, logl_p, k_keys, seg_keys)
-        b_keys = plan.chained("bpk,bpd->bkd", probs, g_p)
-        delta = jnp.sum(g_p * r_p, axis=-1, keepdims=True)
-        g_dot_s = plan.plain("bpd,bkd->bpk", g_p, s_keys)
+        b_keys = plan.transposed_push("bpk,bpd->bkd", probs, g_p)
+        g_used, g_dot_s = plan.difference("bpd,bkd->bpk", g_p, s_keys)
+        delta = jnp.sum(g_used * r_p, axis=-1, keepdims=True)
         dlogits = probs * (g_dot_s - delta)
         dq_p = plan.plain("bpk,bkd->bpd", dlogits, k_keys) * plan.scale
         dk_keys = plan.plain("bpk,bpd->bkd", dlogits, q_p) * plan.scale
@@ -294,8 +314,8 @@ def _backward(plan: RecursivePlan, res, ds):
 
     # The diagonal leaves' share of the logits gradient, all leaves at once.
     g4, s4, r4 = (x.reshape(b, n, c, d) for x in (g_buf, s, r))
-    delta = jnp.sum(g4 * r4, axis=-1, keepdims=True)
-    dlogits = a_ii * (plan.plain("bnid,bnjd->bnij", g4, s4) - delta)
+    g_used, g_dot_s = plan.difference("bnid,bnjd->bnij", g4, s4)
+    dlogits = a_ii * (g_dot_s - jnp.sum(g_used * r4, axis=-1, keepdims=True))
     q4, k4 = q.reshape(b, n, c, d), k.reshape(b, n, c, d)
     dq = dq + (plan.plain("bnij,bnjd->bnid", dlogits, k4) * plan.scale).reshape(b, tp, d)
     dk = dk + (plan.plain("bnij,bnid->bnjd", dlogits, q4) * plan.scale).reshape(b, tp, d)

@@ -164,13 +164,15 @@ def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: str = "auto"
     and returns s (B, T, D) in f.dtype. Differentiable in q_b, k_b, gamma and f.
     ``chunk_size``: C of the blocked scan (an integer, or "auto": ``solve_schedule``);
     ``leaf_size``: Cs of the recursive solve;
-    ``precision``: the recursive solve's tier (``sessa_jax.ops.precision``); ``kernels``: "xla"
+    ``precision``: the recursive solve's tier (``sessa_jax.ops.precision``): "auto" runs float32 on
+    CPU; on GPU/TPU "bfloat16" when q_b, k_b and f are all bf16 (bf16 compute) and "bf16x3"
+    otherwise (``precision.auto_precision``); ``kernels``: "xla"
     or "pallas" (the recursive solve's statistics and pushes in TPU kernels; on GPU its
     statistics in a Mosaic GPU kernel, D a multiple of 64 up to 256).
     """
     _check_method(method, chunk_size)
     _check_size("leaf_size", leaf_size)
-    tier = resolve_precision(precision)
+    tier = resolve_precision(precision, platform_kind(), compute_dtype=jnp.result_type(q_b, k_b, f))
     if f.ndim != 3:
         raise ValueError(f"feedback_solve: f must be (batch, time, width); got shape {tuple(f.shape)}")
     for name, x in (("q_b", q_b), ("k_b", k_b)):

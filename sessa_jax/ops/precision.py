@@ -17,16 +17,32 @@ those products compounds along the recurrence, so they get their own tier:
   (``bf16_round_bits``), which no such rewrite touches (``benchmarks/gpu_compile.py --dump``
   shows the low parts in the H100-compiled program). ``GPU_BF16X3 = "preset"`` switches the
   GPU back to XLA's preset (``scripts/gpu_bf16x3_split_check.py`` compares both on a device).
-  The GPU and TPU default: ~5e-6 relative error in the sharp gamma = +-0.999 stress case.
-* ``"bfloat16"``: one bf16 pass (opt-in, for bf16 training only: ~1e-3 in the stress case,
-  below the bf16 noise of f itself).
+  The GPU and TPU default for float32 compute: ~5e-6 relative error in the sharp gamma = +-0.999
+  stress case.
+* ``"bfloat16"``: one bf16 pass for the backward's transposed pushes A^T g, the bulk of the
+  backward's chained work; everything else as in bf16x3 (``solution_tier``). The forward cannot
+  be leaner: the logits gradient dL = A * (g s^T - rowsum(g * r)) takes the difference of
+  g_i . s_j and g_i . r_i with r = A s, a weighted mean of s, and s varies slowly along time (gamma
+  near 1 makes it a running sum), so the difference is small and r must equal A s to better than
+  bf16: with one-pass pushes in the forward, s stays within 2x of the error f's own bf16 rounding
+  gives it, but dq reaches ~8x bf16 attention's own error when every row attends to the previous
+  token (``benchmarks/solve_accuracy.py --tiers bfloat16-fwd1``). The GPU and TPU default for
+  bf16 compute (``auto_precision``).
 
 The logits enter an exponential, so their error is not averaged away: bf16 q, k take one
 bf16 pass (the products are exact with fp32 accumulation); float32 q, k take fp32-faithful
 products (six bf16 passes) in the float32 and bf16x3 tiers and one bf16 pass in the bfloat16
-tier. The other products that do not chain (g s^T, dq, dk) use one bf16 pass when the solve's
-inputs are bf16 and the tier's chained rule for float32 inputs (``nonchained_tier``). Accumulation is float32 (float64 under x64)
-in every tier.
+tier. The other products that do not chain (g s^T, dq, dk) use the tier's chained rule for
+float32 inputs; for bf16 inputs (``nonchained_tier``) dq and dk take one bf16 pass (like a
+flash-attention backward, whose dS is rounded to bf16 too) and g s^T two (``difference_dot``: g
+rounded once, s split hi + lo), since one pass would leave ~2^-9 |g| |s| in the small difference
+above. Accumulation is float32 (float64 under x64) in every tier.
+
+``auto_precision`` picks the tier of ``"auto"`` by platform and compute dtype: bf16 compute on
+GPU/TPU runs the leanest tier whose s and gradients stay as accurate as bf16 allows (its
+gradients within 2x of bf16 causal attention's own error on the same inputs, s within 2x of the
+error f's own bf16 rounding gives it); float32 compute runs bf16x3 on GPU/TPU; the CPU runs
+float32.
 """
 
 from __future__ import annotations
@@ -53,16 +69,43 @@ def platform_kind(platform: str | None = None) -> str:
     return "cpu"
 
 
-def resolve_precision(precision: str, platform: str | None = None) -> str:
-    """Maps ``"auto"`` to the tier of the platform (bf16x3 on GPU/TPU, float32 on CPU)."""
+# The tier "auto" picks for bf16 compute on GPU/TPU: the leanest whose s and gradients meet the
+# bounds in ``auto_precision`` in every regime of ``benchmarks/solve_accuracy.py``.
+BF16_AUTO_TIER = "bfloat16"
+
+
+def auto_precision(platform: str | None = None, compute_dtype=None) -> str:
+    """The tier ``"auto"`` runs: float32 on CPU; on GPU/TPU ``BF16_AUTO_TIER`` for bf16 compute
+    (the leanest tier whose gradients stay within 2x of bf16 causal attention's own error and s
+    within 2x of what f's own bf16 rounding does to it), bf16x3 otherwise (float32 compute).
+
+    ``platform``: a JAX platform name (None: the default backend); ``compute_dtype``: the model's
+    compute dtype, the dtype of the solve's inputs q_b, k_b and f (None: float32).
+    """
+    if platform_kind(platform) == "cpu":
+        return "float32"
+    if compute_dtype is not None and jnp.dtype(compute_dtype) == _BF16:
+        return BF16_AUTO_TIER
+    return "bf16x3"
+
+
+def resolve_precision(precision: str, platform: str | None = None, compute_dtype=None) -> str:
+    """Maps ``"auto"`` to ``auto_precision(platform, compute_dtype)``; checks the name."""
     if precision not in PRECISIONS:
         raise ValueError(
-            f"feedback precision {precision!r} is not one of {PRECISIONS}; use 'auto' (bf16x3 on "
-            f"GPU/TPU, float32 on CPU), 'float32', 'bf16x3' or 'bfloat16'"
+            f"feedback precision {precision!r} is not one of {PRECISIONS}; use 'auto' (float32 on CPU; "
+            f"on GPU/TPU {BF16_AUTO_TIER} for bf16 compute, bf16x3 for float32), 'float32', 'bf16x3' or 'bfloat16'"
         )
     if precision != "auto":
         return precision
-    return "float32" if platform_kind(platform) == "cpu" else "bf16x3"
+    return auto_precision(platform, compute_dtype)
+
+
+def solution_tier(tier: str) -> str:
+    """Tier of the products that form s and r = A s (the forward's pushes and leaf solves) and of
+    the backward's leaf products X_i^T: bf16x3 in the bfloat16 tier too, which only runs the
+    backward's transposed pushes A^T g in one pass (see the module notes)."""
+    return "bf16x3" if tier == "bfloat16" else tier
 
 
 def bf16_round_bits(x):
@@ -139,9 +182,30 @@ def logits_dot(spec: str, q, k, tier: str, platform: str | None = None):
                       preferred_element_type=acc)
 
 
+def difference_dot(spec: str, g, s, tier: str, platform: str | None = None):
+    """(g as used, einsum(spec, g, s)) for g s^T in the logits gradient A * (g s^T - rowsum(g * r)),
+    whose caller must form rowsum(g * r) from the returned g; fp32 (or f64) out.
+
+    ``tier``: the non-chained tier (``nonchained_tier``). At ``"bfloat16"`` (bf16 inputs), g is
+    rounded to bf16 once and returned, and s is split into bf16 hi + lo: two bf16 passes, s to
+    ~2^-16, so the small difference g_i . (s_j - r_i) keeps the accuracy of g's own rounding (a
+    relative error of the row, as harmless as bf16 rounding of a flash-attention dO). Other tiers:
+    g unchanged and ``chained_dot``.
+    """
+    acc = _wide(g, s)
+    if tier != "bfloat16" or acc == jnp.float64:
+        return g, chained_dot(spec, g, s, tier, platform)
+    g_hi = g.astype(jnp.float32) if g.dtype == _BF16 else bf16_round_bits(g)
+    s_hi, s_lo = split_bf16(s)
+    out = jnp.einsum(spec, g_hi.astype(_BF16), s_hi, preferred_element_type=acc)
+    if s_lo is not None:
+        out = out + jnp.einsum(spec, g_hi.astype(_BF16), s_lo, preferred_element_type=acc)
+    return g_hi.astype(acc), out
+
+
 def nonchained_tier(tier: str, input_dtype) -> str:
-    """Tier of the products that do not chain (g s^T, dq, dk): one bf16 pass when the solve's
-    inputs are bf16 (their own rounding dominates), else the chained tier."""
+    """Tier of the products that do not chain (g s^T, dq, dk): "bfloat16" when the solve's inputs
+    are bf16 (one bf16 pass for dq and dk, two for g s^T: ``difference_dot``), else the chained tier."""
     if tier != "float32" and jnp.dtype(input_dtype) == _BF16:
         return "bfloat16"
     return tier

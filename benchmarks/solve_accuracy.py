@@ -1,0 +1,241 @@
+"""Accuracy of the recursive solve's precision tiers for bf16 training, against a float64 oracle.
+
+    python benchmarks/solve_accuracy.py                    # T = 512 and 2048, every regime and tier
+    python benchmarks/solve_accuracy.py --T 512 --tiers bfloat16 --json out.json
+
+A bf16 model feeds the solve bf16 q_b, k_b and f, float32 gamma, and a bf16 cotangent ds; it
+gets s back in bf16 (``feedback_solve`` casts s to f's dtype) and dq, dk, df in bf16. For each
+regime, length and tier this prints the relative Frobenius error ||x - x64|| / ||x64|| of
+
+  * ``s`` (the solve's float32 output, before the cast) and ``s floor``: what rounding f to bf16
+    alone does to s, ||S(bf16(f)) - S(f)|| / ||S(f)|| in float64 (the tier rule asks s <= 2x this);
+  * ``dq``, ``dk``, ``dgamma``, ``df`` (as the solve returns them: dq, dk, df in bf16);
+  * bf16 causal attention's own errors on the same inputs (q_b, k_b, v = f, cotangent ds, one head
+    of width D, diagonal included), computed as flash kernels do: P rounded to bf16 for P v and
+    P^T dO, dS = P * (dO v^T - rowsum(dO * O)) rounded to bf16 for dS k and dS^T q, outputs in bf16.
+
+The gradients are held to 2x attention's: dq to its dq, dk to its dk, df to its dv, and dgamma
+(no counterpart in attention) to the largest of attention's three.
+
+Regimes (gamma 0.999 unless said): ``sharp_pm`` logits ~ N(0, 16^2) with gamma +-0.999 of random
+signs; ``sharp`` logits ~ N(0, 16^2); ``diffuse`` logits ~ N(0, 1); ``prev`` every row attends
+(almost) only to the previous token, a pure recurrence; ``hub`` one key (position 0) takes about a
+third of every row's weight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import pathlib
+import platform
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from sessa_jax.ops import _recursive  # noqa: E402
+from sessa_jax.ops._dense import dense_feedback_solve  # noqa: E402
+from sessa_jax.ops._recursive import recursive_feedback_solve  # noqa: E402
+from sessa_jax.ops.dispatch import recursive_tile  # noqa: E402
+
+REGIMES = ("sharp_pm", "sharp", "diffuse", "prev", "hub")
+TIERS = ("float32", "bf16x3", "bfloat16")
+# Not a tier: the bfloat16 tier with its forward (pushes, leaf solves, r = A s) in one bf16 pass
+# too, to show why the tier keeps the forward at bf16x3 (``--tiers bfloat16-fwd1``).
+ONE_PASS_FORWARD = "bfloat16-fwd1"
+GRADS = ("dq", "dk", "dgamma", "df")
+BF16 = jnp.bfloat16
+
+
+def regime_inputs(regime: str, t: int, d: int = 64, b: int = 1, seed: int = 0):
+    """float32 (q, k, gamma, f, ds) of ``regime`` (see the module notes); q (B, T, D), gamma (B, T)."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    scale = 4.0 if regime.startswith("sharp") else 1.0
+    q = scale * jax.random.normal(ks[0], (b, t, d))
+    k = scale * jax.random.normal(ks[1], (b, t, d))
+    if regime == "prev":
+        e = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
+        k, q = 40.0 * e, jnp.roll(e, 1, axis=1)
+    elif regime == "hub":
+        # Key 0 points along u, every other key is orthogonal to u, and row t's query has a
+        # component along u sized so that key 0's logit is log((t - 1) / 2) above the others'
+        # (about 1/3 of the row's weight whatever t is).
+        u = jnp.zeros((d,)).at[0].set(1.0)
+        k = k.at[:, :, 0].set(0.0).at[:, 0].set(float(d) ** 0.5 * u)
+        pos = jnp.arange(t, dtype=jnp.float32)
+        lift = jnp.log(jnp.maximum(pos - 1.0, 1.0) / 2.0) + 0.5  # + mean log-weight of N(0, 1) logits
+        q = q.at[:, :, 0].set(lift[None, :])
+    if regime == "sharp_pm":
+        gamma = 0.999 * jnp.where(jax.random.bernoulli(ks[2], 0.5, (b, t)), 1.0, -1.0)
+    else:
+        gamma = jnp.full((b, t), 0.999)
+    f = jax.random.normal(ks[4], (b, t, d))
+    ds = jax.random.normal(ks[5], (b, t, d))
+    return q, k, gamma, f, ds
+
+
+def rel(a, b) -> float:
+    """Relative Frobenius error ||a - b|| / ||b|| in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _bf16(x):
+    return np.asarray(x, np.float32).astype(jnp.bfloat16).astype(np.float32)
+
+
+def attention_errors(q, k, v, do) -> dict:
+    """Errors of bf16 flash-style causal attention's (dq, dk, dv) against float64, on bf16-valued
+    float32 (B, T, D) inputs (one head of width D, diagonal included)."""
+    out = {"dq": [], "dk": [], "dv": []}
+    for qb, kb, vb, dob in zip(*(np.asarray(x, np.float32) for x in (q, k, v, do))):
+        t, d = qb.shape
+        scale = float(d) ** -0.5
+        causal = np.tril(np.ones((t, t), bool))
+
+        def grads(dt, rnd):
+            qd, kd, vd, dod = (x.astype(dt) for x in (qb, kb, vb, dob))
+            logits = np.where(causal, qd @ kd.T * dt(scale), -np.inf)
+            p = np.exp(logits - logits.max(-1, keepdims=True))
+            p = p / p.sum(-1, keepdims=True)
+            pb = rnd(p)
+            o = rnd(pb @ vd)
+            dp = dod @ vd.T
+            ds = p * (dp - np.sum(dod * o, -1, keepdims=True))
+            dsb = rnd(ds)
+            return rnd(dsb @ kd * dt(scale)), rnd(dsb.T @ qd * dt(scale)), rnd(pb.T @ dod)
+
+        want = grads(np.float64, lambda x: x)
+        got = grads(np.float32, _bf16)
+        for name, a, b in zip(("dq", "dk", "dv"), got, want):
+            out[name].append((a, b))
+    return {name: rel(np.stack([a for a, _ in pairs]), np.stack([b for _, b in pairs])) for name, pairs in out.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _oracle_fn():
+    def loss(q, k, g, f, ds):
+        s = dense_feedback_solve(q, k, g, f, jnp.ones(g.shape, jnp.int32))
+        return jnp.sum(s * ds), s
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+
+
+@functools.lru_cache(maxsize=None)
+def _oracle_forward():
+    return jax.jit(lambda q, k, g, f: dense_feedback_solve(q, k, g, f, jnp.ones(g.shape, jnp.int32)))
+
+
+def oracle(q, k, gamma, f, ds, f_full):
+    """float64 (s, (dq, dk, dgamma, df), s of the unrounded f_full) of the solve on these inputs."""
+    with jax.enable_x64(True):
+        args = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, gamma, f, ds)]
+        (_, s), grads = _oracle_fn()(*args)
+        s_full = _oracle_forward()(*args[:3], jnp.asarray(np.asarray(f_full, np.float64)))
+        return np.asarray(s), tuple(np.asarray(x) for x in grads), np.asarray(s_full)
+
+
+@contextlib.contextmanager
+def _one_pass_forward(active: bool):
+    """While tracing: the recursive solve's forward at its own tier (no bf16x3 for "bfloat16")."""
+    if not active:
+        yield
+        return
+    saved = _recursive.solution_tier
+    _recursive.solution_tier = lambda tier: tier
+    try:
+        yield
+    finally:
+        _recursive.solution_tier = saved
+
+
+@functools.lru_cache(maxsize=None)
+def solve_fn(tier: str, leaf: int, t: int, kernels: str = "xla"):
+    """Jitted (s float32, (dq, dk, dgamma, df)) of the recursive solve at ``tier`` on bf16 inputs,
+    run as on a GPU or TPU (tier rules of the products; platform "cpu" only picks the split form;
+    ``kernels="pallas"`` runs the TPU kernels in interpret mode)."""
+    tile = recursive_tile(t, leaf)
+
+    def loss(q, k, g, f, ds):
+        with _one_pass_forward(tier == ONE_PASS_FORWARD):
+            s = recursive_feedback_solve(q, k, g, f, jnp.ones(g.shape, jnp.int32), leaf_size=leaf, tile=tile,
+                                         tier="bfloat16" if tier == ONE_PASS_FORWARD else tier, platform="cpu",
+                                         dtype=jnp.float32, kernels=kernels)
+        return jnp.sum(s.astype(f.dtype).astype(jnp.float32) * ds.astype(jnp.float32)), s
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+
+
+def leaf_for(t: int) -> int:
+    """A leaf giving 8-16 leaves: T/16 rounded down to a power of two, at least 8."""
+    return max(8, 1 << max(0, (t // 16).bit_length() - 1))
+
+
+def measure(regime: str, t: int, tiers=TIERS, d: int = 64, seed: int = 0, leaf: int | None = None,
+            kernels: str = "xla") -> dict:
+    """{"attention": {dq, dk, dv}, "s_floor": float, tier: {s, dq, dk, dgamma, df}} for one case."""
+    leaf = leaf_for(t) if leaf is None else leaf
+    q, k, gamma, f, ds = regime_inputs(regime, t, d=d, seed=seed)
+    qb, kb, fb, dsb = (x.astype(BF16) for x in (q, k, f, ds))
+    s64, g64, s64_full = oracle(qb, kb, gamma, fb, dsb, f)
+    row = {"regime": regime, "T": t, "D": d, "leaf": leaf,
+           "attention": attention_errors(qb, kb, fb, dsb), "s_floor": rel(s64, s64_full)}
+    for tier in tiers:
+        (_, s), grads = solve_fn(tier, leaf, t, kernels)(qb, kb, gamma, fb, dsb)
+        row[tier] = {"s": rel(s, s64), **{name: rel(a, b) for name, a, b in zip(GRADS, grads, g64)}}
+    return row
+
+
+def bounds(row: dict) -> dict:
+    """The accuracy targets of one measured case: s <= 2x its floor; dq, dk, df <= 2x attention's
+    dq, dk, dv; dgamma <= 2x the largest of attention's three."""
+    att = row["attention"]
+    return {"s": 2 * row["s_floor"], "dq": 2 * att["dq"], "dk": 2 * att["dk"], "df": 2 * att["dv"],
+            "dgamma": 2 * max(att.values())}
+
+
+def print_table(rows: list[dict], tiers) -> None:
+    print("| regime | T | leaf | tier | s | dq | dk | dgamma | df | meets |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        att, lim = r["attention"], bounds(r)
+        print(f"| {r['regime']} | {r['T']} | {r['leaf']} | bf16 attention / s floor | {r['s_floor']:.1e} | "
+              f"{att['dq']:.1e} | {att['dk']:.1e} | - | {att['dv']:.1e} (dv) | |")
+        for tier in tiers:
+            e = r[tier]
+            ok = all(e[name] <= lim[name] for name in lim)
+            print(f"| | | | {tier} | {e['s']:.1e} | {e['dq']:.1e} | {e['dk']:.1e} | {e['dgamma']:.1e} | "
+                  f"{e['df']:.1e} | {'yes' if ok else 'no'} |")
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--T", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--D", type=int, default=64)
+    ap.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES)
+    ap.add_argument("--tiers", nargs="+", default=list(TIERS), choices=TIERS + (ONE_PASS_FORWARD,))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=str, default=None)
+    args = ap.parse_args(argv)
+    print(f"# solve_accuracy: {platform.node()} {platform.machine()}, jax {jax.__version__}, "
+          f"backend {jax.default_backend()}; B=1, D={args.D}, relative Frobenius errors vs float64")
+    rows = []
+    for t in args.T:
+        for regime in args.regimes:
+            rows.append(measure(regime, t, args.tiers, d=args.D, seed=args.seed))
+            print(json.dumps(rows[-1]), flush=True)
+    print()
+    print_table(rows, args.tiers)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
