@@ -40,10 +40,10 @@ def _value_and_grads(solve, args):
     return s, grads
 
 
-def _recursive(segment_ids, *, leaf, tile, **kw):
+def _recursive(segment_ids, *, leaf, tile, tier="float32", platform="cpu", **kw):
     def solve(q, k, g, f):
         seg = None if segment_ids is None else segment_ids(g.shape)
-        return recursive_feedback_solve(q, k, g, f, seg, leaf_size=leaf, tile=tile, tier="float32", platform="cpu",
+        return recursive_feedback_solve(q, k, g, f, seg, leaf_size=leaf, tile=tile, tier=tier, platform=platform,
                                         dtype=f.dtype, **kw)
     return solve
 
@@ -87,6 +87,20 @@ def test_unpacked_solve_equals_the_masked_one_x64(t, leaf, tile, sharp):
         masked = _value_and_grads(_recursive(ones, leaf=leaf, tile=tile), args)
         unpacked = _value_and_grads(_recursive(None, leaf=leaf, tile=tile), args)
         _assert_close(unpacked, masked, 1e-12)
+
+
+def test_unpacked_solve_traced_for_gpu_equals_the_masked_one_x64():
+    """Traced as for a GPU at bf16x3 (its forward pushes split P, so the unpacked path keeps the
+    exponential out of the logits product with a barrier): still the masked solve's values."""
+    from sessa_jax.ops._recursive import RecursivePlan
+
+    assert RecursivePlan.make(130, 16, 32, "bf16x3", "gpu", 1.0).splits_pushed_probs
+    with jax.enable_x64(True):
+        args = _inputs(jnp.float64, 130, seed=5, sharp=True)
+        ones = lambda shape: jnp.ones(shape, jnp.int32)
+        kw = dict(leaf=16, tile=32, tier="bf16x3", platform="gpu")
+        _assert_close(_value_and_grads(_recursive(None, **kw), args), _value_and_grads(_recursive(ones, **kw), args),
+                      1e-12)
 
 
 def test_public_solve_without_segments_applies_no_segment_mask():

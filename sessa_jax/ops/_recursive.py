@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from sessa_jax.ops.fenwick import PushSchedule, auto_static_span, padded_leaves
+from sessa_jax.ops import precision as _precision
 from sessa_jax.ops.gpu_kernels import TIERS as GPU_TIERS
 from sessa_jax.ops.gpu_kernels import gpu_row_statistics
 from sessa_jax.ops.masks import PAD_SEGMENT, default_segment_ids, merge_chunks, pad_time, take_chunk
@@ -116,6 +117,12 @@ class RecursivePlan:
         return difference_dot(spec, g, s, self.plain_tier, self.platform)
 
     @property
+    def splits_pushed_probs(self) -> bool:
+        """Whether the forward's pushes split each P tile into bf16 hi + lo parts in separate
+        passes: the explicit bf16x3 split on GPU (``precision.GPU_BF16X3``)."""
+        return self.platform == "gpu" and self.solution_tier == "bf16x3" and _precision.GPU_BF16X3 == "split"
+
+    @property
     def padded_len(self) -> int:
         return self.leaf * self.num_leaves
 
@@ -162,11 +169,17 @@ def _diag_inverse(plan: RecursivePlan, a_ii, gamma):
     return unit_lower_inverse(nil.reshape(b * n, c, c), plan.faithful).reshape(b, n, c, c)
 
 
-def _block_probs(plan: RecursivePlan, q_p, seg_p, m_p, logl_p, k_keys, seg_keys):
+def _block_probs(plan: RecursivePlan, q_p, seg_p, m_p, logl_p, k_keys, seg_keys, fuse_exp: bool = True):
     """A[rows, keys] of one block panel (B, P, K); every key precedes every row. ``seg_p`` and
     ``seg_keys`` None (one sequence per row): no mask at all, so that the compiler can fuse the
-    exponential into the logits product (a select on segment ids stops that fusion)."""
+    exponential into the logits product (a select on segment ids stops that fusion).
+    ``fuse_exp`` False keeps it out (an optimization barrier on the logits): for a product that
+    splits P into bf16 hi + lo parts, where XLA's GPU compiler would otherwise write P in float32
+    from the logits product and read it once per part; unfused, one pass makes both parts from
+    the logits (``RecursivePlan.splits_pushed_probs``)."""
     logits = logits_dot("bpd,bkd->bpk", q_p, k_keys, plan.tier, plan.platform) * plan.scale
+    if seg_p is None and not fuse_exp:
+        logits = lax.optimization_barrier(logits)
     z = (logits - m_p[..., None]) - logl_p[..., None]
     if seg_p is None:
         return jnp.exp(z)
@@ -200,7 +213,8 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
         if plan.tpu_kernels:
             return tpu_block_product(*args, s_keys, scale=plan.scale, tier=plan.solution_tier,
                                      interpret=plan.interpret)
-        return plan.chained("bpk,bkd->bpd", _block_probs(plan, *args), s_keys)
+        probs = _block_probs(plan, *args, fuse_exp=not plan.splits_pushed_probs)
+        return plan.chained("bpk,bkd->bpd", probs, s_keys)
 
     def tile(carry, r0, rows, k0, keys):
         s_buf, racc = carry
