@@ -1,7 +1,7 @@
 """Compiles the recursive feedback solve for a TPU without a TPU: XLA and the Mosaic kernels.
 
     pip install "jax[tpu]"             # libtpu; no TPU needed to compile
-    python benchmarks/tpu_compile.py                         # v5e, B=8 T=8192 and B=1 T=65536, D=1024
+    python benchmarks/tpu_compile.py                         # v5e, B=8 T=8192 and B=1 T=65536, D=1024, bf16
     python benchmarks/tpu_compile.py --topology v5p:2x2x1 --shapes 8,4096,1024
 
 Builds a deviceless topology (``jax.experimental.topologies``, as MaxText's ``train_compile``
@@ -64,6 +64,8 @@ def main(argv=None) -> None:
                    help="B,T,D of each run")
     p.add_argument("--kernels", nargs="+", default=["xla", "pallas"], choices=["xla", "pallas"])
     p.add_argument("--leaf", type=int, default=512)
+    p.add_argument("--precision", default="auto", choices=["auto", "float32", "bf16x3", "bfloat16"],
+                   help="the solve's tier; auto: the library's rule for bf16 compute on a TPU")
     p.add_argument("--packed", action="store_true",
                    help="give the solve segment ids (one segment: the masked path) instead of None")
     p.add_argument("--static-span", type=int, default=None,
@@ -90,9 +92,16 @@ def main(argv=None) -> None:
     from gpu_compile import optimized_hlo, static_span_rule
 
     sharding = NamedSharding(Mesh(np.array(topo.devices[:1]), ("x",)), PartitionSpec())  # one chip
+    tier = args.precision
+    if tier == "auto":
+        from sessa_jax.ops.precision import resolve_precision
+        try:
+            tier = resolve_precision("auto", "tpu", jnp.bfloat16)
+        except TypeError:  # older checkouts: a rule by platform alone
+            tier = resolve_precision("auto", "tpu")
     print(f"# VMEM check: {vmem_check(sharding)}")
     print(f"# deviceless TPU compile, topology {args.topology} ({topo.devices[0].device_kind}), jax {jax.__version__}, "
-          f"solve forward + backward, bf16 q/k/f, tier bf16x3, leaf {args.leaf}, segment ids: "
+          f"solve forward + backward, bf16 q/k/f, precision {args.precision} ({tier}), leaf {args.leaf}, segment ids: "
           f"{'one segment (masked)' if args.packed else 'None'}, static span: {'default' if args.static_span is None else args.static_span}")
     print("| B | T | D | kernels | compiled | compile s | HBM temp | fusions | Mosaic kernel calls |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -101,7 +110,7 @@ def main(argv=None) -> None:
             def loss(q, k, g, f, kernels=kernels, t=t):
                 seg = jnp.zeros(g.shape, jnp.int32) if args.packed else None
                 s = recursive_feedback_solve(q, k, g, f, seg, leaf_size=args.leaf, tile=recursive_tile(t, args.leaf),
-                                             tier="bf16x3", platform="tpu", dtype=jnp.float32, kernels=kernels)
+                                             tier=tier, platform="tpu", dtype=jnp.float32, kernels=kernels)
                 return jnp.sum(s)
 
             x = jax.ShapeDtypeStruct((b, t, d), jnp.bfloat16, sharding=sharding)

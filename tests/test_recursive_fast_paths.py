@@ -190,3 +190,23 @@ def test_row_statistics_take_the_static_blocks_too(span):
         m_static, logl_static = stats(PushSchedule.make(16, 2, span))
         np.testing.assert_allclose(np.asarray(m_static), np.asarray(m_loop), rtol=0, atol=1e-12)
         np.testing.assert_allclose(np.asarray(logl_static), np.asarray(logl_loop), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n,tile_leaves,expected", [
+    (16, 4, 4),      # T=8192 at leaf 512: the three wide blocks (6 tiles) static
+    (12, 3, 4),      # a tile of 3 leaves: wide blocks have lowbit >= 4
+    (4, 4, None),    # one tile: no wide blocks
+    (64, 8, None),   # 28 static tiles: over the bound, all in the loop
+    (128, 8, None),
+])
+def test_default_static_span_makes_exactly_the_wide_blocks_static(n, tile_leaves, expected):
+    from sessa_jax.ops.fenwick import STATIC_TILES, PushSchedule, auto_static_span
+
+    span = auto_static_span(n, tile_leaves)
+    assert span == expected
+    if span is None:
+        return
+    static = PushSchedule.make(n, tile_leaves, span)
+    assert not static.has_wide  # every wide block left the loops
+    tiles = [t for j in static.static_blocks for t in static.block_tiles(j)]
+    assert all(rows == keys == tile_leaves for *_, rows, _, keys in tiles) and len(tiles) <= STATIC_TILES

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sessa_jax.ops.fenwick import PushSchedule, auto_static_span, padded_leaves
 from sessa_jax.ops import precision as _precision
+from sessa_jax.ops.fenwick import PushSchedule, auto_static_span, padded_leaves
 from sessa_jax.ops.gpu_kernels import TIERS as GPU_TIERS
 from sessa_jax.ops.gpu_kernels import gpu_row_statistics
 from sessa_jax.ops.masks import PAD_SEGMENT, default_segment_ids, merge_chunks, pad_time, take_chunk

@@ -51,16 +51,17 @@ STATIC_SEGMENTS = 8
 
 
 def auto_static_span(num_leaves: int, tile_leaves: int) -> int | None:
-    """The default ``static_span``: ``tile_leaves`` (every wide block static, every narrow
-    block in the loops) when that makes at most STATIC_TILES static tiles and STATIC_SEGMENTS
-    loops; None (all in the loop) otherwise, or when there are no wide blocks. In the
+    """The default ``static_span``: the smallest power of two >= ``tile_leaves``, which makes
+    every wide block static and leaves every narrow one in the loops, when that makes at most
+    STATIC_TILES static tiles and STATIC_SEGMENTS loops; None (all in the loop) otherwise, or
+    when there are no wide blocks. In the
     deviceless H100 compile at B=8, T=8192 (README, "What XLA's GPU compiler makes of the
     solve") this span cut launches and roofline with the loop's temporaries and compile time;
-    smaller spans (more of the schedule static) compiled over 2x slower."""
+    the fully static schedule (span 1) cut more but compiled over 2x slower."""
     if num_leaves <= tile_leaves:
         return None
-    span = tile_leaves
-    static_tiles = sum((min(lowbit(j), num_leaves - j) // span) * (lowbit(j) // span)
+    span = 1 << (tile_leaves - 1).bit_length()  # wide blocks: lowbit(j) >= tile_leaves, a power of two
+    static_tiles = sum((min(lowbit(j), num_leaves - j) // tile_leaves) * (lowbit(j) // tile_leaves)
                        for j in range(span, num_leaves, span))
     if static_tiles > STATIC_TILES or -(-num_leaves // span) > STATIC_SEGMENTS:
         return None
@@ -110,7 +111,7 @@ class PushSchedule:
                 f"pad it with padded_leaves()"
             )
         span = num_leaves if static_span is None else static_span
-        if span < 1 or span & (span - 1) and span < num_leaves:
+        if span < 1 or (span & (span - 1) and span < num_leaves):
             raise ValueError(f"static_span must be a power of two >= 1 (or None); got {static_span}")
         span = min(span, num_leaves)
         shapes: list[tuple[int, int]] = []

@@ -90,8 +90,8 @@ def row_statistics(q, k, seg, *, leaf: int, scale: float, tier: str, schedule: P
     """Softmax row statistics (m, logl), each (B, Tp) float32 (float64 under x64).
 
     q, k: (B, Tp, D) with Tp = schedule.num_leaves * leaf; seg: (B, Tp) int segment ids, or
-    None for one sequence per row. Row t's allowed keys are tau < t with seg[tau] == seg[t]. ``tier``/``platform`` pick the
-    logits precision (``sessa_jax.ops.precision``). ``diag_logits`` may pass
+    None for one sequence per row. Row t's allowed keys are tau < t with seg[tau] == seg[t]
+    (any tau < t without ``seg``). ``tier``/``platform`` pick the logits precision (``sessa_jax.ops.precision``). ``diag_logits`` may pass
     ``leaf_logits(q, k, leaf, scale, tier, platform)`` when the caller already has them.
     The blocks are independent; they are walked in the solve's own order and tiles (the
     schedule's static blocks, if any, after the loop).
@@ -110,14 +110,15 @@ def row_statistics(q, k, seg, *, leaf: int, scale: float, tier: str, schedule: P
             return schedule.visit(branch, j, c, leaf, tile), None
 
         carry, _ = lax.scan(step, carry, (jnp.arange(1, n), jnp.asarray(schedule.branch[1:n])))
+
+        def barrier(c):  # one static tile after the other (fenwick.PushSchedule.visit_static)
+            nonlocal q, k
+            c, q, k = lax.optimization_barrier((c, q, k))
+            return c
+
+        def static_tile(c, *offsets):  # reads q and k as they left the last barrier
+            return _tile_stats(q, k, seg, scale, tier, platform)(c, *offsets)
+
         for j in schedule.static_blocks:
-            def barrier(c):  # one static tile after the other (fenwick.PushSchedule.visit_static)
-                nonlocal q, k
-                c, q, k = lax.optimization_barrier((c, q, k))
-                return c
-
-            def static_tile(c, *offsets):  # reads q and k as they left the last barrier
-                return _tile_stats(q, k, seg, scale, tier, platform)(c, *offsets)
-
             carry = schedule.visit_static(j, carry, leaf, static_tile, barrier)
     return finish_stats(*carry)
