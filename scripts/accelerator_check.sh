@@ -8,11 +8,12 @@
 #                                                       # solve-paths script at toy size on CPU
 #
 # STEP:
-#   report the whole issue in one call (about 9 minutes on an H100): device info; the solve's
-#          accuracy and fast-path tests on the device; the solve's forward + backward with and
-#          without segment ids and with the loop vs the static schedule (accuracy against the
-#          float32 tier, time); the whole layer vs the Transformer layer at B=8, T=8192,
-#          D=1024, H=8, bf16 (the 2.0x yardstick); and the layer at B=1, T=65536 (it must run)
+#   report the whole check in one call (at most 9.5 minutes: each part has its timeout): device
+#          info; the solve's bf16 accuracy and fast-path tests on the device; the solve's
+#          forward + backward with and without segment ids, with the loop vs the static
+#          schedule (time, and agreement with the first path); the whole layer vs the
+#          Transformer layer at B=8, T=8192, D=1024, H=8, bf16 (the 2.0x yardstick); and the
+#          layer at B=1, T=65536 (it must run)
 #   tests  device info; the recursive solve's tests (tests/test_recursive_solve.py, without the
 #          pure-Python schedule cases) and the attention-backend tests, compiled on the device
 #   solve  the solve alone (recursive) next to causal attention (cuDNN / splash) at B=8,
@@ -114,7 +115,7 @@ run_paths() {
     return
   fi
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
-  B=8 T=8192 D=1024 LEAF=512 run 200 paths.txt "$py" -c "$(paths_script)"
+  B=8 T=8192 D=1024 LEAF=512 run 150 paths.txt "$py" -c "$(paths_script)"
 }
 
 run_quick() {
@@ -158,13 +159,13 @@ run_layer() {
 run_report() {
   device_info
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
-  # the solve's accuracy tests (any tests/test_recursive_*.py but the schedule cases) on the device
-  run 120 report_pytest.txt "$py" -m pytest -q -p no:cacheprovider tests/test_recursive_fast_paths.py \
-    $(ls tests/test_recursive_accuracy*.py 2>/dev/null) -k "not cover"
+  # the solve's bf16 accuracy tests and its fast paths against the general ones, on the device
+  run 140 report_pytest.txt "$py" -m pytest -q -p no:cacheprovider tests/test_recursive_fast_paths.py \
+    tests/test_recursive_bf16_accuracy.py -k "not cover"
   run_paths
-  run 170 report_layer.txt "$py" "${layer[@]}" --T 8192 --solvers recursive --iters 5 --warmup 2 \
+  run 150 report_layer.txt "$py" "${layer[@]}" --T 8192 --solvers recursive --iters 5 --warmup 2 \
     --json "$out/report_layer.json"
-  run 120 report_layer_fit.txt "$py" "${layer[@]}" --B 1 --T 65536 --solvers recursive --no-transformer \
+  run 110 report_layer_fit.txt "$py" "${layer[@]}" --B 1 --T 65536 --solvers recursive --no-transformer \
     --iters 1 --warmup 1 --json "$out/report_layer_fit.json"
 }
 
