@@ -17,6 +17,8 @@ Per program it prints
     on the CUDA cores, counts PEAK_FLOPS / FP32_FLOPS = 14.8 times: ``dot_passes``);
   * ``GEMM GB`` / ``other GB``: bytes the GEMM kernels and all other kernels read and write
     (operands read in full unless the fusion only slices them; in-place updates count the update);
+  * ``exp in GEMM``: launches of GEMM kernels that compute an exponential in their epilogue
+    (the known-statistics P tile made inside the logits product instead of a separate pass);
   * ``HBM temp``: the compiled program's temporary buffers (``memory_analysis()``);
   * ``x - x``: subtractions of a value from itself, i.e. bf16x3 low parts the compiler zeroed
     (``precision.bf16_round_bits`` keeps this at 0; a split through float32(bfloat16(x)) did not);
@@ -142,9 +144,10 @@ def parse(text: str) -> tuple[dict[str, list[Inst]], str]:
 class Walk:
     """Kernel launches of a compiled module, with loop trip counts and switch-branch histograms."""
 
-    def __init__(self, text: str, dynamic_trips: tuple[float, float] = (1.0, 1.0)):
+    def __init__(self, text: str, dynamic_trips=(1.0, 1.0)):
         """``dynamic_trips``: trips charged to a loop without a known trip count, (outer, nested):
-        the tile loops of the solve's wide blocks (rows, then keys), whose counts depend on j."""
+        the tile loops of the solve's wide blocks (rows, then keys), whose counts depend on j;
+        or a function of the while instruction's result type giving that pair per loop."""
         self.dynamic_trips = dynamic_trips
         self.comps, self.entry = parse(text)
         self.by_name = {c: {i.name: i for i in insts} for c, insts in self.comps.items()}
@@ -192,7 +195,8 @@ class Walk:
         for inst in self.comps[comp]:
             if inst.op == "while":
                 n = re.search(r'"known_trip_count":\{"n":"(\d+)"', inst.attrs)
-                t = float(n.group(1)) if n else self.dynamic_trips[min(dynamic, 1)]
+                trips_of = self.dynamic_trips(inst.type) if callable(self.dynamic_trips) else self.dynamic_trips
+                t = float(n.group(1)) if n else trips_of[min(dynamic, 1)]
                 self.dynamic_loops += n is None
                 self._visit(inst.attr("body"), times * t, (comp, inst), True, t, dynamic + (n is None))
                 self._visit(inst.attr("condition"), times * (t + 1), None, True)
@@ -290,10 +294,12 @@ class Walk:
 
     def table(self, launch_us: float):
         """Totals over all launches: see the module docstring."""
-        out = dict(launches=0.0, gemm_flops=0.0, gemm_bytes=0.0, other_bytes=0.0, roofline_s=0.0)
+        out = dict(launches=0.0, gemm_flops=0.0, gemm_bytes=0.0, other_bytes=0.0, roofline_s=0.0, gemm_exp=0.0)
         for (comp, name), times in self.kernels.items():
-            _, flops, moved = self._cost(comp, name)
+            inst, flops, moved = self._cost(comp, name)
             out["launches"] += times
+            if flops and any(i.op == "exponential" for i in self._fused(inst)):
+                out["gemm_exp"] += times
             out["gemm_flops"] += times * flops
             out["gemm_bytes" if flops else "other_bytes"] += times * moved
             out["roofline_s"] += times * (max(flops / PEAK_FLOPS, moved / PEAK_BYTES) + launch_us * 1e-6)
@@ -301,18 +307,44 @@ class Walk:
         return out
 
 
-def wide_tile_trips(t: int, leaf: int, tile: int | None) -> tuple[float, float]:
-    """(row tiles, key tiles) per wide block, averaged over the solve's schedule: the trip
-    counts of its dynamic tile loops (key tiles charged as total tiles / row tiles)."""
-    from sessa_jax.ops._recursive import RecursivePlan
-    from sessa_jax.ops.dispatch import recursive_tile
-
-    sched = RecursivePlan.make(t, leaf, tile or recursive_tile(t, leaf), "bf16x3", "gpu", 1.0).schedule
-    wide = [(j, r0) for j, r0, *_ in sched.tiles() if sched.branch[j] > len(sched.shapes)]
+def _wide_trips(sched) -> tuple[float, float]:
+    """(row tiles, key tiles) per wide block the loops of ``sched`` push, averaged over them."""
+    wide = [(j, r0) for j, r0, *_ in sched.tiles() if sched.has_wide and sched.branch[j] == 1 + len(sched.shapes)]
     if not wide:
         return 1.0, 1.0
     blocks, row_tiles = len({j for j, _ in wide}), len(set(wide))
     return row_tiles / blocks, len(wide) / row_tiles
+
+
+def static_span_rule(static_span: int | None):
+    """Context in which the solve's default static span (``fenwick.auto_static_span``, as the
+    solve and the layers resolve it) is ``static_span`` (0: none, every push in the loop);
+    None: the library's own rule."""
+    import contextlib
+
+    if static_span is None:
+        return contextlib.nullcontext()
+    return unittest.mock.patch("sessa_jax.ops._recursive.auto_static_span", lambda n, tile_leaves: static_span or None)
+
+
+def wide_tile_trips(t: int, leaf: int, tile: int | None, static_span=None, b: int = 0, d: int = 0):
+    """Trips charged to the solve's dynamic tile loops (rows, then keys; key tiles as total
+    tiles / row tiles), averaged over the wide blocks the loops push. The statistics pass's loop
+    pushes every wide block, the forward's and backward's only those ``static_span`` leaves
+    there; with ``b`` and ``d`` given and the two differing, a function of a loop's type that
+    tells them apart (the pushes carry a float32 (B, Tp, D) buffer, the statistics pass not)."""
+    from sessa_jax.ops._recursive import RecursivePlan
+    from sessa_jax.ops.dispatch import recursive_tile
+
+    with static_span_rule(static_span):
+        extra = {"static_span": "auto"} if hasattr(RecursivePlan, "stats_schedule") else {}  # older: no argument
+        plan = RecursivePlan.make(t, leaf, tile or recursive_tile(t, leaf), "bf16x3", "gpu", 1.0, **extra)
+    pushes = _wide_trips(plan.schedule)
+    stats = _wide_trips(getattr(plan, "stats_schedule", plan.schedule))
+    if stats == pushes or not (b and d):
+        return pushes
+    marker = f"f32[{b},{plan.padded_len},{d}]"
+    return lambda loop_type: pushes if marker in loop_type else stats
 
 
 def self_subtractions(text: str) -> int:
@@ -332,8 +364,25 @@ def optimized_hlo(compiled) -> str:
         return compiled.as_text()
 
 
-def programs(b: int, t: int, d: int, h: int, leaf: int, tile: int | None, kernels: str = "xla"):
-    """name -> (function, argument shapes) of the programs this report compiles."""
+def solve_tier(precision: str) -> str:
+    """The tier a bf16 solve runs on a GPU at ``precision`` ("auto": the library's rule)."""
+    if precision != "auto":
+        return precision
+    import jax.numpy as jnp
+
+    from sessa_jax.ops.precision import resolve_precision
+    try:
+        return resolve_precision("auto", "gpu", jnp.bfloat16)
+    except TypeError:  # older checkouts: a rule by platform alone
+        return resolve_precision("auto", "gpu")
+
+
+def programs(b: int, t: int, d: int, h: int, leaf: int, tile: int | None, kernels: str = "xla",
+             packed: bool = False, precision: str = "auto"):
+    """name -> (function, argument shapes) of the programs this report compiles. ``packed``:
+    the solve gets segment ids (all one segment: the masked path); otherwise None, as an
+    unpacked layer passes it. ``precision``: the solve's tier (the layers' feedback_precision;
+    "auto" there is the library's rule, in the solve alone ``precision.resolve_precision``)."""
     import jax
     import jax.numpy as jnp
 
@@ -341,11 +390,12 @@ def programs(b: int, t: int, d: int, h: int, leaf: int, tile: int | None, kernel
     from sessa_jax.ops.dispatch import recursive_tile
 
     tile = tile or recursive_tile(t, leaf)
+    tier = solve_tier(precision)
 
     def solve(q, k, g, f):
-        seg = jnp.zeros(g.shape, jnp.int32)
+        seg = jnp.zeros(g.shape, jnp.int32) if packed else None
         extra = {} if kernels == "xla" else {"kernels": kernels}  # older checkouts have no kernels argument
-        return recursive_feedback_solve(q, k, g, f, seg, leaf_size=leaf, tile=tile, tier="bf16x3", platform="gpu",
+        return recursive_feedback_solve(q, k, g, f, seg, leaf_size=leaf, tile=tile, tier=tier, platform="gpu",
                                         dtype=jnp.float32, **extra)
 
     def attention(q, k, v):
@@ -360,20 +410,20 @@ def programs(b: int, t: int, d: int, h: int, leaf: int, tile: int | None, kernel
     table = {"solve-fwd": (solve, solve_args), "solve-f+b": (loss(solve), solve_args),
              "attention-fwd": (attention, (heads,) * 3), "attention-f+b": (loss(attention), (heads,) * 3)}
     for kind in ("sessa", "transformer"):
-        table[f"{kind}-layer-f+b"] = _layer_program(kind, b, t, d, h, leaf)
+        table[f"{kind}-layer-f+b"] = _layer_program(kind, b, t, d, h, leaf, precision)
     return table
 
 
-def _layer_program(kind: str, b: int, t: int, d: int, h: int, leaf: int):
-    """Forward + backward of a whole bf16 ``SessaLayer`` (kind "sessa": the recursive solve in
-    bf16x3; "transformer": the same block with causal attention), as ``benchmarks/layer.py``
-    times it on a device."""
+def _layer_program(kind: str, b: int, t: int, d: int, h: int, leaf: int, precision: str = "auto"):
+    """Forward + backward of a whole bf16 ``SessaLayer`` (kind "sessa": the recursive solve at
+    ``precision``; "transformer": the same block with causal attention), as
+    ``benchmarks/layer.py`` times it on a device."""
     import jax
     import jax.numpy as jnp
 
     from sessa_jax import SessaConfig, SessaLayer
 
-    cfg = SessaConfig(d_model=d, n_heads=h, solver="recursive", leaf_size=leaf, feedback_precision="bf16x3",
+    cfg = SessaConfig(d_model=d, n_heads=h, solver="recursive", leaf_size=leaf, feedback_precision=precision,
                       dtype=jnp.bfloat16, max_len=t)
     layer = SessaLayer(cfg, kind=kind)
     params = jax.eval_shape(layer.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((b, 16, d), jnp.bfloat16))
@@ -395,9 +445,16 @@ def main(argv=None) -> None:
                    help="tile of the wide blocks, in the solve and the layers (default: ops.dispatch.recursive_tile)")
     p.add_argument("--programs", nargs="+", default=["solve-fwd", "solve-f+b", "attention-fwd", "attention-f+b",
                                                      "sessa-layer-f+b", "transformer-layer-f+b"])
+    p.add_argument("--precision", default="auto", choices=["auto", "float32", "bf16x3", "bfloat16"],
+                   help="the solve's tier (feedback_precision of the layers); auto: the library's rule for bf16")
     p.add_argument("--gpu-bf16x3", choices=["split", "preset"], default=None, help="default: precision.GPU_BF16X3")
     p.add_argument("--kernels", choices=["xla", "pallas"], default="xla",
                    help="pallas: the Mosaic GPU statistics kernel (D a multiple of 64 up to 256)")
+    p.add_argument("--packed", action="store_true",
+                   help="give the solve segment ids (one segment: the masked path) instead of None")
+    p.add_argument("--static-span", type=int, default=None,
+                   help="the static span of the solve and the layers (fenwick.PushSchedule; 0: every push in the "
+                        "loop); default: the library's rule (fenwick.auto_static_span)")
     p.add_argument("--launch-us", type=float, default=4.0)
     p.add_argument("--top", type=int, default=0, help="also list the kernels moving the most bytes")
     p.add_argument("--dump", type=pathlib.Path, default=None, help="write each optimized HLO here")
@@ -418,11 +475,14 @@ def main(argv=None) -> None:
         precision.GPU_BF16X3 = args.gpu_bf16x3
     gpu_bf16x3 = getattr(precision, "GPU_BF16X3", "preset")  # older checkouts: always the preset
     sharding = NamedSharding(topologies.make_mesh(topo, (1,), ("x",)), PartitionSpec())
-    table = programs(args.B, args.T, args.D, args.H, args.leaf, args.tile, args.kernels)
+    table = programs(args.B, args.T, args.D, args.H, args.leaf, args.tile, args.kernels, args.packed, args.precision)
     print(f"# XLA GPU compile for an H100 (deviceless), jax {jax.__version__}, B={args.B} T={args.T} D={args.D} "
-          f"H={args.H} bf16, leaf {args.leaf}, bf16x3 on GPU: {gpu_bf16x3}, kernels {args.kernels}")
-    print("| program | launches | in loops | GEMM TF | GEMM GB | other GB | roofline ms | HBM temp | x - x | compile s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"H={args.H} bf16, leaf {args.leaf}, precision {args.precision} ({solve_tier(args.precision)}), bf16x3 on GPU: {gpu_bf16x3}, kernels {args.kernels}, "
+          f"static span {'default' if args.static_span is None else args.static_span}, "
+          f"solve segment ids: {'one segment (masked)' if args.packed else 'None'}")
+    print("| program | launches | in loops | GEMM TF | GEMM GB | other GB | exp in GEMM | roofline ms | HBM temp | x - x "
+          "| compile s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.programs:
         fn, shapes = table[name]
         specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)
@@ -432,7 +492,8 @@ def main(argv=None) -> None:
             # trace as on a GPU (recursive solve, bf16x3 split, cuDNN attention).
             # --tile reaches the layers too, which take their tile from ops.dispatch.
             with unittest.mock.patch.object(jax, "default_backend", lambda: "gpu"), \
-                    unittest.mock.patch.object(dispatch, "recursive_tile", tile_rule):
+                    unittest.mock.patch.object(dispatch, "recursive_tile", tile_rule), \
+                    static_span_rule(args.static_span):
                 lowered = jax.jit(fn).lower(*specs)
             compiled = lowered.compile()
             text = optimized_hlo(compiled)
@@ -443,11 +504,12 @@ def main(argv=None) -> None:
         if args.dump:
             args.dump.mkdir(parents=True, exist_ok=True)
             (args.dump / f"{name}.hlo.txt").write_text(text)
-        walk = Walk(text, wide_tile_trips(args.T, args.leaf, args.tile)).run()
+        walk = Walk(text, wide_tile_trips(args.T, args.leaf, args.tile, args.static_span, args.B, args.D)).run()
         r = walk.table(args.launch_us)
         note = f" ({walk.unresolved} switches guessed)" if walk.unresolved else ""
         print(f"| {name}{note} | {r['launches']:.0f} | {r['loop_launches']:.0f} | {r['gemm_flops'] / 1e12:.2f} | "
-              f"{r['gemm_bytes'] / 1e9:.2f} | {r['other_bytes'] / 1e9:.2f} | {r['roofline_s'] * 1e3:.2f} | "
+              f"{r['gemm_bytes'] / 1e9:.2f} | {r['other_bytes'] / 1e9:.2f} | {r['gemm_exp']:.0f} | "
+              f"{r['roofline_s'] * 1e3:.2f} | "
               f"{compiled.memory_analysis().temp_size_in_bytes / 2 ** 30:.2f} GiB | {self_subtractions(text)} | "
               f"{seconds:.1f} |", flush=True)
         for gb, tf, times, shape, what in walk.top(args.top):

@@ -1,7 +1,7 @@
 """Compiles the recursive feedback solve for a TPU without a TPU: XLA and the Mosaic kernels.
 
     pip install "jax[tpu]"             # libtpu; no TPU needed to compile
-    python benchmarks/tpu_compile.py                         # v5e, B=8 T=8192 and B=1 T=65536, D=1024
+    python benchmarks/tpu_compile.py                         # v5e, B=8 T=8192 and B=1 T=65536, D=1024, bf16
     python benchmarks/tpu_compile.py --topology v5p:2x2x1 --shapes 8,4096,1024
 
 Builds a deviceless topology (``jax.experimental.topologies``, as MaxText's ``train_compile``
@@ -10,8 +10,10 @@ with the pushes and statistics in XLA (``kernels="xla"``) and once with the Pall
 ``ops/tpu_kernels.py`` (``kernels="pallas"``: libtpu runs the Mosaic compiler on each kernel while
 compiling the program; a first check compiles a kernel too large for VMEM, which libtpu must
 refuse). Per run it prints whether it compiled, the compile time on this machine,
-the program's HBM temporaries (``memory_analysis()``) and the number of Mosaic kernel calls in
-the compiled program. Compiling proves the kernels fit the chip's VMEM and layouts; it says
+the program's HBM temporaries (``memory_analysis()``), the fusions in the compiled program's
+text (each a kernel; loop bodies counted once: libtpu's loops carry no trip count to weigh
+them by) and the number of Mosaic kernel calls in it. The solve gets segment ids None
+(an unpacked batch) unless ``--packed``. Compiling proves the kernels fit the chip's VMEM and layouts; it says
 nothing about speed, which only a TPU measures.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
 import time
 
@@ -61,6 +64,14 @@ def main(argv=None) -> None:
                    help="B,T,D of each run")
     p.add_argument("--kernels", nargs="+", default=["xla", "pallas"], choices=["xla", "pallas"])
     p.add_argument("--leaf", type=int, default=512)
+    p.add_argument("--precision", default="auto", choices=["auto", "float32", "bf16x3", "bfloat16"],
+                   help="the solve's tier; auto: the library's rule for bf16 compute on a TPU")
+    p.add_argument("--packed", action="store_true",
+                   help="give the solve segment ids (one segment: the masked path) instead of None")
+    p.add_argument("--static-span", type=int, default=None,
+                   help="the solve's static span (fenwick.PushSchedule; 0: every push in the loop); default: the "
+                        "library's rule (fenwick.auto_static_span)")
+    p.add_argument("--dump", type=pathlib.Path, default=None, help="write each optimized HLO here")
     args = p.parse_args(argv)
 
     import jax
@@ -77,32 +88,50 @@ def main(argv=None) -> None:
     from sessa_jax.ops._recursive import recursive_feedback_solve
     from sessa_jax.ops.dispatch import recursive_tile
 
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    from gpu_compile import optimized_hlo, static_span_rule
+
     sharding = NamedSharding(Mesh(np.array(topo.devices[:1]), ("x",)), PartitionSpec())  # one chip
+    tier = args.precision
+    if tier == "auto":
+        from sessa_jax.ops.precision import resolve_precision
+        try:
+            tier = resolve_precision("auto", "tpu", jnp.bfloat16)
+        except TypeError:  # older checkouts: a rule by platform alone
+            tier = resolve_precision("auto", "tpu")
     print(f"# VMEM check: {vmem_check(sharding)}")
     print(f"# deviceless TPU compile, topology {args.topology} ({topo.devices[0].device_kind}), jax {jax.__version__}, "
-          f"solve forward + backward, bf16 q/k/f, tier bf16x3, leaf {args.leaf}")
-    print("| B | T | D | kernels | compiled | compile s | HBM temp | Mosaic kernel calls |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"solve forward + backward, bf16 q/k/f, precision {args.precision} ({tier}), leaf {args.leaf}, segment ids: "
+          f"{'one segment (masked)' if args.packed else 'None'}, static span: {'default' if args.static_span is None else args.static_span}")
+    print("| B | T | D | kernels | compiled | compile s | HBM temp | fusions | Mosaic kernel calls |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for b, t, d in args.shapes:
         for kernels in args.kernels:
             def loss(q, k, g, f, kernels=kernels, t=t):
-                seg = jnp.zeros(g.shape, jnp.int32)
+                seg = jnp.zeros(g.shape, jnp.int32) if args.packed else None
                 s = recursive_feedback_solve(q, k, g, f, seg, leaf_size=args.leaf, tile=recursive_tile(t, args.leaf),
-                                             tier="bf16x3", platform="tpu", dtype=jnp.float32, kernels=kernels)
+                                             tier=tier, platform="tpu", dtype=jnp.float32, kernels=kernels)
                 return jnp.sum(s)
 
             x = jax.ShapeDtypeStruct((b, t, d), jnp.bfloat16, sharding=sharding)
             g = jax.ShapeDtypeStruct((b, t), jnp.float32, sharding=sharding)
             t0 = time.perf_counter()
             try:
-                compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(x, x, g, x).compile()
+                with static_span_rule(args.static_span):
+                    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(x, x, g, x).compile()
             except Exception as err:  # noqa: BLE001 - report and go on to the next run
-                print(f"| {b} | {t} | {d} | {kernels} | no: {type(err).__name__}: {str(err)[:200]} | | | |", flush=True)
+                print(f"| {b} | {t} | {d} | {kernels} | no: {type(err).__name__}: {str(err)[:200]} | | | | |", flush=True)
                 continue
             seconds = time.perf_counter() - t0
             temp = compiled.memory_analysis().temp_size_in_bytes
-            calls = compiled.as_text().count('custom_call_target="tpu_custom_call"')
-            print(f"| {b} | {t} | {d} | {kernels} | yes | {seconds:.1f} | {temp / 2 ** 30:.2f} GiB | {calls} |", flush=True)
+            text = optimized_hlo(compiled)
+            if args.dump:
+                args.dump.mkdir(parents=True, exist_ok=True)
+                (args.dump / f"solve-f+b-{b}-{t}-{d}-{kernels}.hlo.txt").write_text(text)
+            calls = text.count('custom_call_target="tpu_custom_call"')
+            fusions = sum(1 for line in text.splitlines() if " fusion(" in line)
+            print(f"| {b} | {t} | {d} | {kernels} | yes | {seconds:.1f} | {temp / 2 ** 30:.2f} GiB | {fusions} | {calls} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -31,10 +31,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sessa_jax.ops.fenwick import PushSchedule, padded_leaves
+from sessa_jax.ops import precision as _precision
+from sessa_jax.ops.fenwick import PushSchedule, auto_static_span, padded_leaves
 from sessa_jax.ops.gpu_kernels import TIERS as GPU_TIERS
 from sessa_jax.ops.gpu_kernels import gpu_row_statistics
-from sessa_jax.ops.masks import PAD_SEGMENT, merge_chunks, pad_time, take_chunk
+from sessa_jax.ops.masks import PAD_SEGMENT, default_segment_ids, merge_chunks, pad_time, take_chunk
 from sessa_jax.ops.precision import (bf16_round_bits, chained_dot, difference_dot, logits_dot, nonchained_tier,
                                      solution_tier)
 from sessa_jax.ops.row_stats import leaf_logits, leaf_mask, row_statistics
@@ -55,16 +56,21 @@ class RecursivePlan:
     scale: float
     plain_tier: str = "float32"  # tier of g s^T, dq, dk (``precision.nonchained_tier``, ``difference_dot``)
     kernels: str = "xla"  # "pallas": TPU kernels (stats, pushes); on GPU the Mosaic GPU stats kernel only
+    static_span: int | None = None  # the pushes' ``PushSchedule.static_span``; None: all in the loop
 
     @classmethod
     def make(cls, length: int, leaf_size: int, tile: int, tier: str, platform: str, scale: float,
-             input_dtype=None, kernels: str = "xla"):
-        """Plan for T = ``length``: leaf min(leaf_size, T); wide blocks in tiles of ~``tile`` rows."""
+             input_dtype=None, kernels: str = "xla", static_span: int | None = None):
+        """Plan for T = ``length``: leaf min(leaf_size, T); wide blocks in tiles of ~``tile`` rows;
+        ``static_span``: see ``fenwick.PushSchedule`` (None: every push in the leaf loop;
+        "auto": ``fenwick.auto_static_span``)."""
         leaf = max(1, min(leaf_size, length))
         tile_leaves = max(1, tile // leaf)
         n = padded_leaves(-(-length // leaf), tile_leaves)
         plain = tier if input_dtype is None else nonchained_tier(tier, input_dtype)
-        return cls(leaf, n, tile_leaves, tier, platform, scale, plain, kernels)
+        if static_span == "auto":
+            static_span = auto_static_span(n, tile_leaves)
+        return cls(leaf, n, tile_leaves, tier, platform, scale, plain, kernels, static_span)
 
     @property
     def interpret(self) -> bool:
@@ -111,23 +117,44 @@ class RecursivePlan:
         return difference_dot(spec, g, s, self.plain_tier, self.platform)
 
     @property
+    def splits_pushed_probs(self) -> bool:
+        """Whether the forward's pushes split each P tile into bf16 hi + lo parts in separate
+        passes: the explicit bf16x3 split on GPU (``precision.GPU_BF16X3``)."""
+        return self.platform == "gpu" and self.solution_tier == "bf16x3" and _precision.GPU_BF16X3 == "split"
+
+    @property
     def padded_len(self) -> int:
         return self.leaf * self.num_leaves
 
     @property
     def schedule(self) -> PushSchedule:
-        return _schedule(self.num_leaves, self.tile_leaves)
+        """The pushes' schedule (static blocks per ``static_span``)."""
+        return _schedule(self.num_leaves, self.tile_leaves, self.static_span)
+
+    @property
+    def stats_schedule(self) -> PushSchedule:
+        """The statistics pass's schedule: every block in one loop (its blocks are independent,
+        so a static program would only let the compiler hold many logits tiles at once)."""
+        return _schedule(self.num_leaves, self.tile_leaves, None)
 
 
 @functools.lru_cache(maxsize=256)
-def _schedule(num_leaves: int, tile_leaves: int) -> PushSchedule:
-    return PushSchedule.make(num_leaves, tile_leaves)
+def _schedule(num_leaves: int, tile_leaves: int, static_span: int | None) -> PushSchedule:
+    return PushSchedule.make(num_leaves, tile_leaves, static_span)
+
+
+def _barrier(carry, q, k):
+    """(carry, q, k) through one optimization barrier: the next static tile's logits then wait
+    for the previous tile's result. Without it the compiler may compute the independent
+    logits tiles of the static pushes side by side, or merge a forward tile with the same
+    tile of the backward, and keep them all in memory."""
+    return lax.optimization_barrier((carry, q, k))
 
 
 def _diag_blocks(plan: RecursivePlan, diag_logits, seg, m, logl):
     """A_ii (B, n, Cs, Cs): the diagonal leaves of A from their logits (``leaf_logits``) and the
     known statistics."""
-    b, _ = seg.shape
+    b = m.shape[0]
     shape = (b, plan.num_leaves, plan.leaf, 1)
     z = (diag_logits - m.reshape(shape)) - logl.reshape(shape)
     return jnp.where(leaf_mask(seg, plan.leaf), jnp.exp(z), 0.0)
@@ -142,11 +169,26 @@ def _diag_inverse(plan: RecursivePlan, a_ii, gamma):
     return unit_lower_inverse(nil.reshape(b * n, c, c), plan.faithful).reshape(b, n, c, c)
 
 
-def _block_probs(plan: RecursivePlan, q_p, seg_p, m_p, logl_p, k_keys, seg_keys):
-    """A[rows, keys] of one block panel (B, P, K); every key precedes every row."""
+def _block_probs(plan: RecursivePlan, q_p, seg_p, m_p, logl_p, k_keys, seg_keys, fuse_exp: bool = True):
+    """A[rows, keys] of one block panel (B, P, K); every key precedes every row. ``seg_p`` and
+    ``seg_keys`` None (one sequence per row): no mask at all, so that the compiler can fuse the
+    exponential into the logits product (a select on segment ids stops that fusion).
+    ``fuse_exp`` False keeps it out (an optimization barrier on the logits): for a product that
+    splits P into bf16 hi + lo parts, where XLA's GPU compiler would otherwise write P in float32
+    from the logits product and read it once per part; unfused, one pass makes both parts from
+    the logits (``RecursivePlan.splits_pushed_probs``)."""
     logits = logits_dot("bpd,bkd->bpk", q_p, k_keys, plan.tier, plan.platform) * plan.scale
+    if seg_p is None and not fuse_exp:
+        logits = lax.optimization_barrier(logits)
     z = (logits - m_p[..., None]) - logl_p[..., None]
+    if seg_p is None:
+        return jnp.exp(z)
     return jnp.where(seg_p[:, :, None] == seg_keys[:, None, :], jnp.exp(z), 0.0)
+
+
+def _take_segments(seg, start, size: int):
+    """``take_chunk`` of the segment ids, or None when there are none (one sequence per row)."""
+    return None if seg is None else take_chunk(seg, start, size)
 
 
 def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
@@ -160,36 +202,53 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
     elif plan.tpu_kernels:
         m, logl = tpu_row_statistics(q, k, seg, scale=plan.scale, interpret=plan.interpret)
     else:
-        m, logl = row_statistics(q, k, seg, leaf=c, scale=plan.scale, tier=plan.tier, schedule=sched,
+        m, logl = row_statistics(q, k, seg, leaf=c, scale=plan.scale, tier=plan.tier, schedule=plan.stats_schedule,
                                  platform=plan.platform, diag_logits=diag_logits)
     a_ii = _diag_blocks(plan, diag_logits, seg, m, logl)
     x_inv = _diag_inverse(plan, a_ii, gamma)
 
     def block_update(r0, rows, k0, keys, s_keys):
-        args = (take_chunk(q, r0, rows), take_chunk(seg, r0, rows), take_chunk(m, r0, rows),
-                take_chunk(logl, r0, rows), take_chunk(k, k0, keys), take_chunk(seg, k0, keys))
+        args = (take_chunk(q, r0, rows), _take_segments(seg, r0, rows), take_chunk(m, r0, rows),
+                take_chunk(logl, r0, rows), take_chunk(k, k0, keys), _take_segments(seg, k0, keys))
         if plan.tpu_kernels:
             return tpu_block_product(*args, s_keys, scale=plan.scale, tier=plan.solution_tier,
                                      interpret=plan.interpret)
-        return plan.chained("bpk,bkd->bpd", _block_probs(plan, *args), s_keys)
+        probs = _block_probs(plan, *args, fuse_exp=not plan.splits_pushed_probs)
+        return plan.chained("bpk,bkd->bpd", probs, s_keys)
 
     def tile(carry, r0, rows, k0, keys):
         s_buf, racc = carry
         update = block_update(r0, rows, k0, keys, take_chunk(s_buf, k0, keys))
         return s_buf, lax.dynamic_update_slice_in_dim(racc, take_chunk(racc, r0, rows) + update, r0, axis=1)
 
-    def step(carry, xs):
+    def solve_leaf(carry, i):
         s_buf, racc = carry
-        i, branch = xs
         start = i * c
         rhs = take_chunk(f, start, c) + take_chunk(gamma, start, c)[..., None] * take_chunk(racc, start, c)
         x_i = lax.dynamic_index_in_dim(x_inv, i, axis=1, keepdims=False)
         s_i = plan.chained("bij,bjd->bid", x_i, rhs)
-        s_buf = lax.dynamic_update_slice_in_dim(s_buf, s_i, start, axis=1)
-        return sched.visit(branch, i + 1, (s_buf, racc), c, tile), None
+        return lax.dynamic_update_slice_in_dim(s_buf, s_i, start, axis=1), racc
 
-    zeros = jnp.zeros_like(f)
-    (s, racc), _ = lax.scan(step, (zeros, zeros), (jnp.arange(n), jnp.asarray(sched.branch[1:])))
+    def step(carry, xs):
+        i, branch = xs
+        return sched.visit(branch, i + 1, solve_leaf(carry, i), c, tile), None
+
+    def barrier(carry):
+        nonlocal q, k  # the next tile reads q and k as they leave the barrier
+        carry, q, k = _barrier(carry, q, k)
+        return carry
+
+    # Leaves in order: each segment's leaves in a loop, then the static block that follows it.
+    carry = (jnp.zeros_like(f), jnp.zeros_like(f))
+    for first, count in sched.segments():
+        if count == 1:
+            carry = solve_leaf(carry, first)  # its block, first + 1, is static (or absent)
+        else:
+            carry, _ = lax.scan(step, carry, (jnp.arange(first, first + count),
+                                              jnp.asarray(sched.branch[first + 1:first + count + 1])))
+        if first + count < n:
+            carry = sched.visit_static(first + count, carry, c, tile, barrier)
+    s, racc = carry
     b, tp, d = f.shape
     s_leaves = s.reshape(b, n, c, d)
     r = racc + plan.chained("bnij,bnjd->bnid", a_ii, s_leaves).reshape(b, tp, d)
@@ -206,8 +265,8 @@ def _backward(plan: RecursivePlan, res, ds):
         """(A^T g on the keys, dq on the rows, dk on the keys) of one pushed block."""
         q_p, k_keys, r_p, s_keys = (take_chunk(q, r0, rows), take_chunk(k, k0, keys), take_chunk(r, r0, rows),
                                     take_chunk(s, k0, keys))
-        seg_p, m_p, logl_p, seg_keys = (take_chunk(seg, r0, rows), take_chunk(m, r0, rows),
-                                        take_chunk(logl, r0, rows), take_chunk(seg, k0, keys))
+        seg_p, m_p, logl_p, seg_keys = (_take_segments(seg, r0, rows), take_chunk(m, r0, rows),
+                                        take_chunk(logl, r0, rows), _take_segments(seg, k0, keys))
         if plan.tpu_kernels:
             plain = plan.plain_tier
             if plain == "bfloat16":  # g rounded once and s split (``difference_dot``): bf16x3 of bf16-valued g
@@ -233,19 +292,39 @@ def _backward(plan: RecursivePlan, res, ds):
 
         return add(bacc, b_keys, k0), g_buf, add(dq, dq_p, r0), add(dk, dk_keys, k0)
 
-    def step(carry, xs):
+    def solve_leaf(carry, i):
         bacc, g_buf, dq, dk = carry
-        i, branch = xs
         start = i * c
         x_i = lax.dynamic_index_in_dim(x_inv, i, axis=1, keepdims=False)
         lam_i = plan.chained("bji,bjd->bid", x_i, take_chunk(ds, start, c) + take_chunk(bacc, start, c))
         g_buf = lax.dynamic_update_slice_in_dim(g_buf, take_chunk(gamma, start, c)[..., None] * lam_i, start, axis=1)
-        return sched.visit(branch, i, (bacc, g_buf, dq, dk), c, tile), lam_i
+        return (bacc, g_buf, dq, dk), lam_i
 
+    def step(carry, xs):
+        i, branch = xs
+        carry, lam_i = solve_leaf(carry, i)
+        return sched.visit(branch, i, carry, c, tile), lam_i
+
+    def barrier(carry):
+        nonlocal q, k  # the next tile reads q and k as they leave the barrier
+        carry, q, k = _barrier(carry, q, k)
+        return carry
+
+    # Leaves in reverse: each segment's leaves in a loop, then the static block of its first leaf.
     zeros = jnp.zeros((b, tp, d), s.dtype)
-    (_, g_buf, dq, dk), lam = lax.scan(step, (zeros, zeros, zeros, zeros),
-                                       (jnp.arange(n), jnp.asarray(sched.branch[:-1])), reverse=True)
-    lam = merge_chunks(lam)
+    carry, lams = (zeros, zeros, zeros, zeros), []
+    for first, count in reversed(sched.segments()):
+        if count == 1:
+            carry, lam_i = solve_leaf(carry, first)  # its block, first, is static (or absent)
+            lams.append(lam_i)
+        else:
+            carry, lam_seg = lax.scan(step, carry, (jnp.arange(first, first + count),
+                                                    jnp.asarray(sched.branch[first:first + count])), reverse=True)
+            lams.append(merge_chunks(lam_seg))
+        if first > 0:
+            carry = sched.visit_static(first, carry, c, tile, barrier)
+    _, g_buf, dq, dk = carry
+    lam = lams[0] if len(lams) == 1 else jnp.concatenate(lams[::-1], axis=1)
 
     # The diagonal leaves' share of the logits gradient, all leaves at once.
     g4, s4, r4 = (x.reshape(b, n, c, d) for x in (g_buf, s, r))
@@ -278,8 +357,9 @@ _solve.defvjp(_solve_fwd, _solve_bwd)
 
 
 def recursive_feedback_solve(q_b, k_b, gamma, f, segment_ids, *, leaf_size: int, tile: int, tier: str,
-                             platform: str, dtype, kernels: str = "xla"):
-    """Recursive solve on validated inputs; q_b/k_b/f (B,T,D), gamma/segment_ids (B,T).
+                             platform: str, dtype, kernels: str = "xla", static_span="auto"):
+    """Recursive solve on validated inputs; q_b/k_b/f (B,T,D), gamma (B,T), segment_ids (B,T)
+    integers or None (one sequence per row: no segment mask anywhere, only causality).
 
     ``leaf_size``: Cs; ``tile``: rows and keys of one tile of the wide blocks (rounded down to
     whole leaves). ``dtype``: accumulation dtype (float32, or float64 under x64). q_b and k_b keep their
@@ -297,9 +377,13 @@ def recursive_feedback_solve(q_b, k_b, gamma, f, segment_ids, *, leaf_size: int,
     b, t, d = f.shape
     kdtype = q_b.dtype if q_b.dtype == k_b.dtype == jnp.bfloat16 else dtype
     plan = RecursivePlan.make(t, leaf_size, tile, tier, platform, float(d) ** -0.5, input_dtype=kdtype,
-                              kernels=kernels)
+                              kernels=kernels, static_span=static_span)
     tp = plan.padded_len
-    seg = pad_time(segment_ids.astype(jnp.int32), tp, PAD_SEGMENT)
+    if segment_ids is None and kernels == "pallas":  # the kernels always compare segment ids
+        segment_ids = default_segment_ids(b, t)
+    # Without segment ids the padding needs no mask either: padded rows come after every real
+    # row and keys are strictly causal, so no real row sees a padded key.
+    seg = None if segment_ids is None else pad_time(segment_ids.astype(jnp.int32), tp, PAD_SEGMENT)
     s = _solve(plan, pad_time(q_b.astype(kdtype), tp), pad_time(k_b.astype(kdtype), tp),
                pad_time(gamma.astype(dtype), tp), pad_time(f.astype(dtype), tp), seg)
     return s[:, :t]

@@ -202,7 +202,9 @@ def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: str = "auto"
         _check_kernels(kernels, min(leaf_size, t), dtype, platform)
         if kernels == "pallas" and platform == "gpu":
             _check_gpu_kernels(f.shape[-1], tier, (q_b.dtype, k_b.dtype))
-        s = recursive_feedback_solve(q_b, k_b, gamma, f, packed, leaf_size=leaf_size, tile=recursive_tile(t, leaf_size),
+        # Without segment ids the solve masks nothing but causality (no select in its tiles).
+        segments = None if segment_ids is None else packed
+        s = recursive_feedback_solve(q_b, k_b, gamma, f, segments, leaf_size=leaf_size, tile=recursive_tile(t, leaf_size),
                                      tier=tier, platform=platform, dtype=dtype, kernels=kernels)
         return s.astype(f.dtype)
     segments = None if segment_ids is None else packed  # causality alone masks one sequence per row

@@ -15,6 +15,13 @@ Blocks narrower than a tile (``tile_leaves`` leaves) come in few distinct shapes
 tile x tile leaves with loops whose trip counts are computed from j; for that, n is a
 multiple of ``tile_leaves`` whenever it exceeds it (the caller pads). So the program has at
 most log2(tile_leaves) + 2 branches whatever T is, and every tile is a large matrix product.
+
+Since T is static, the outer levels of the recursion can also run as a static program: with
+``static_span`` H (a power of two), the blocks j that are multiples of H (the largest ones)
+are left out of the loop's branch table and pushed between the loops with Python-int
+offsets (``visit_static``), and the leaves run as ceil(n / H) loops of H leaves (``segments``)
+whose blocks never leave their segment. With static offsets the compiler reads the tiles in
+place and knows every shape; the loops keep the program small.
 """
 
 from __future__ import annotations
@@ -36,6 +43,36 @@ def block_shape(j: int, num_leaves: int) -> tuple[int, int]:
     return min(h, num_leaves - j), h
 
 
+# The default static program (``auto_static_span``): the wide blocks pushed statically while
+# they are at most STATIC_TILES tiles and the leaves at most STATIC_SEGMENTS loops; beyond
+# that (long T) the all-loop schedule, so that the program's size stays bounded in T.
+STATIC_TILES = 8
+STATIC_SEGMENTS = 8
+
+
+def auto_static_span(num_leaves: int, tile_leaves: int) -> int | None:
+    """The default ``static_span``: the smallest power of two >= ``tile_leaves``, which makes
+    every wide block static and leaves every narrow one in the loops, when that makes at most
+    STATIC_TILES static tiles and STATIC_SEGMENTS loops; None (all in the loop) otherwise, or
+    when there are no wide blocks. In the
+    deviceless H100 compile at B=8, T=8192 (README, "What XLA's GPU compiler makes of the
+    solve") this span cut launches and roofline with the loop's temporaries and compile time;
+    the fully static schedule (span 1) cut more but compiled over 2x slower."""
+    if num_leaves <= tile_leaves:
+        return None
+    span = 1 << (tile_leaves - 1).bit_length()  # wide blocks: lowbit(j) >= tile_leaves, a power of two
+    static_tiles = sum((min(lowbit(j), num_leaves - j) // tile_leaves) * (lowbit(j) // tile_leaves)
+                       for j in range(span, num_leaves, span))
+    if static_tiles > STATIC_TILES or -(-num_leaves // span) > STATIC_SEGMENTS:
+        return None
+    return span
+
+
+def _wide(j: int, num_leaves: int, tile_leaves: int) -> bool:
+    """Whether block j is walked in tiles (at least a tile wide, and n exceeds one tile)."""
+    return num_leaves > tile_leaves and lowbit(j) >= tile_leaves
+
+
 def padded_leaves(num_leaves: int, tile_leaves: int) -> int:
     """Leaf count after padding: a multiple of ``tile_leaves`` when it exceeds it."""
     if num_leaves <= tile_leaves:
@@ -47,19 +84,24 @@ def padded_leaves(num_leaves: int, tile_leaves: int) -> int:
 class PushSchedule:
     """Static push plan for n leaves.
 
-    ``shapes``: the distinct (row_leaves, key_leaves) shapes of the narrow blocks (one switch
-    branch each); ``tile_leaves``: the tile of the wide blocks. ``branch``: int32 (n + 1,),
-    entry j = 0 where there is no block (j = 0 and j = n), 1 + index into ``shapes`` for a
-    narrow block, and 1 + len(shapes) for a wide one.
+    ``shapes``: the distinct (row_leaves, key_leaves) shapes of the narrow blocks pushed in
+    the loops (one switch branch each); ``tile_leaves``: the tile of the wide blocks.
+    ``branch``: int32 (n + 1,), entry j = 0 where the loop pushes nothing (j = 0, j = n and
+    the static blocks), 1 + index into ``shapes`` for a narrow block, and 1 + len(shapes) for
+    a wide one. ``static_span``: H, the blocks j with j % H == 0 are pushed statically
+    (``visit_static``) between the loops over ``segments``; num_leaves or more: none.
     """
 
     num_leaves: int
     tile_leaves: int
     shapes: tuple[tuple[int, int], ...]
     branch: np.ndarray
+    static_span: int = 0
 
     @classmethod
-    def make(cls, num_leaves: int, tile_leaves: int | None = None) -> "PushSchedule":
+    def make(cls, num_leaves: int, tile_leaves: int | None = None, static_span: int | None = None) -> "PushSchedule":
+        """``static_span``: None (every block in the loop) or a power of two H >= 1: the blocks
+        j % H == 0 become static pushes (H = 1: the whole schedule is static)."""
         if num_leaves < 1:
             raise ValueError(f"the recursive solve needs at least one leaf; got num_leaves={num_leaves}")
         tile_leaves = num_leaves if tile_leaves is None else tile_leaves
@@ -68,35 +110,66 @@ class PushSchedule:
                 f"num_leaves={num_leaves} must be a multiple of tile_leaves={tile_leaves} when larger; "
                 f"pad it with padded_leaves()"
             )
+        span = num_leaves if static_span is None else static_span
+        if span < 1 or (span & (span - 1) and span < num_leaves):
+            raise ValueError(f"static_span must be a power of two >= 1 (or None); got {static_span}")
+        span = min(span, num_leaves)
         shapes: list[tuple[int, int]] = []
-        wide = []
-        for j in range(1, num_leaves):
-            if num_leaves > tile_leaves and lowbit(j) >= tile_leaves:
-                wide.append(j)
-                continue
-            shape = block_shape(j, num_leaves)
-            if shape not in shapes:
-                shapes.append(shape)
+        loop_blocks = [j for j in range(1, num_leaves) if j % span]
+        for j in loop_blocks:
+            if not _wide(j, num_leaves, tile_leaves):
+                shape = block_shape(j, num_leaves)
+                if shape not in shapes:
+                    shapes.append(shape)
         branch = np.zeros(num_leaves + 1, np.int32)
-        for j in range(1, num_leaves):
-            branch[j] = 1 + len(shapes) if j in wide else 1 + shapes.index(block_shape(j, num_leaves))
-        return cls(num_leaves, tile_leaves, tuple(shapes), branch)
+        for j in loop_blocks:
+            wide = _wide(j, num_leaves, tile_leaves)
+            branch[j] = 1 + len(shapes) if wide else 1 + shapes.index(block_shape(j, num_leaves))
+        return cls(num_leaves, tile_leaves, tuple(shapes), branch, span)
 
     @property
     def has_wide(self) -> bool:
         return bool(np.any(self.branch == 1 + len(self.shapes)))
 
+    @property
+    def static_blocks(self) -> tuple[int, ...]:
+        """The blocks j pushed with static offsets: 0 < j < n, j a multiple of ``static_span``."""
+        return tuple(range(self.static_span, self.num_leaves, self.static_span))
+
+    def segments(self) -> list[tuple[int, int]]:
+        """(first leaf, leaf count) of each loop: runs of ``static_span`` leaves, the last one
+        shorter where n is not a multiple. Every block of ``branch`` lies inside one segment."""
+        h = self.static_span
+        return [(a, min(h, self.num_leaves - a)) for a in range(0, self.num_leaves, h)]
+
+    def block_tiles(self, j: int):
+        """(j, row_start, rows, key_start, keys) in leaves of the tiles of block j, in order."""
+        rows, keys = block_shape(j, self.num_leaves)
+        if not _wide(j, self.num_leaves, self.tile_leaves):
+            yield j, j, rows, j - keys, keys
+            return
+        t = self.tile_leaves
+        for a in range(rows // t):
+            for b in range(keys // t):
+                yield j, j + a * t, t, j - keys + b * t, t
+
     def tiles(self):
-        """(j, row_start, rows, key_start, keys) in leaves of every tile visited, in order."""
+        """(j, row_start, rows, key_start, keys) in leaves of every tile visited (loops and
+        static pushes alike), in order of j."""
         for j in range(1, self.num_leaves):
-            rows, keys = block_shape(j, self.num_leaves)
-            if self.branch[j] <= len(self.shapes):
-                yield j, j, rows, j - keys, keys
-                continue
-            t = self.tile_leaves
-            for a in range(rows // t):
-                for b in range(keys // t):
-                    yield j, j + a * t, t, j - keys + b * t, t
+            yield from self.block_tiles(j)
+
+    def visit_static(self, j: int, carry, leaf: int, tile_fn, barrier=None):
+        """Applies block j (a Python int, one of ``static_blocks``) with static token offsets:
+        ``tile_fn(carry, row0, rows, key0, keys)`` for each of its tiles. ``barrier(carry)``,
+        if given, runs before every tile: the caller's optimization barrier, which makes each
+        tile wait for what came before it, so that the compiler does not compute independent
+        tiles side by side (their logits tiles would all be live at once)."""
+        for _, r0, rows, k0, keys in self.block_tiles(j):
+            if barrier is not None:
+                carry = barrier(carry)
+            carry = tile_fn(carry, r0 * leaf, rows * leaf, k0 * leaf, keys * leaf)
+        return carry
 
     def visit(self, branch, j, carry, leaf: int, tile_fn):
         """Applies block j to ``carry`` inside a traced loop (``branch`` = self.branch[j]).

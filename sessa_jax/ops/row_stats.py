@@ -25,10 +25,13 @@ EMPTY_LOGL = 1e30
 
 
 def leaf_mask(seg, leaf: int):
-    """(B, n, Cs, Cs) allowed pairs inside each diagonal leaf: key before row, same segment."""
+    """(B, n, Cs, Cs) allowed pairs inside each diagonal leaf: key before row, same segment;
+    (1, 1, Cs, Cs) causality alone when ``seg`` is None (one sequence per row)."""
+    causal = jnp.arange(leaf)[None, :] < jnp.arange(leaf)[:, None]
+    if seg is None:
+        return causal[None, None]
     b, tp = seg.shape
     s = seg.reshape(b, tp // leaf, leaf)
-    causal = jnp.arange(leaf)[None, :] < jnp.arange(leaf)[:, None]
     return causal[None, None] & (s[:, :, :, None] == s[:, :, None, :])
 
 
@@ -41,7 +44,11 @@ def leaf_logits(q, k, leaf: int, scale: float, tier: str, platform: str | None =
 
 
 def _masked_max_sum(logits, mask):
-    """Row max and sum of exp(logits - max) over ``mask``; (-inf, 0) for empty rows."""
+    """Row max and sum of exp(logits - max) over ``mask``; (-inf, 0) for empty rows. ``mask``
+    None: every entry is allowed (no select, so the exponential can fuse with the product)."""
+    if mask is None:
+        m = jnp.max(logits, axis=-1)
+        return m, jnp.sum(jnp.exp(logits - m[..., None]), axis=-1)
     neg = jnp.asarray(-jnp.inf, logits.dtype)
     m = jnp.max(jnp.where(mask, logits, neg), axis=-1)
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -69,8 +76,8 @@ def _tile_stats(q, k, seg, scale, tier, platform):
     def tile(carry, r0, rows, k0, keys):
         m, l = carry
         logits = logits_dot("brd,bkd->brk", take_chunk(q, r0, rows), take_chunk(k, k0, keys), tier, platform) * scale
-        seg_r, seg_k = take_chunk(seg, r0, rows), take_chunk(seg, k0, keys)
-        m_b, l_b = _masked_max_sum(logits, seg_r[:, :, None] == seg_k[:, None, :])
+        mask = None if seg is None else take_chunk(seg, r0, rows)[:, :, None] == take_chunk(seg, k0, keys)[:, None, :]
+        m_b, l_b = _masked_max_sum(logits, mask)
         m_r, l_r = _merge(take_chunk(m, r0, rows), take_chunk(l, r0, rows), m_b, l_b)
         return (lax.dynamic_update_slice_in_dim(m, m_r, r0, axis=1),
                 lax.dynamic_update_slice_in_dim(l, l_r, r0, axis=1))
@@ -82,11 +89,12 @@ def row_statistics(q, k, seg, *, leaf: int, scale: float, tier: str, schedule: P
                    platform: str | None = None, diag_logits=None):
     """Softmax row statistics (m, logl), each (B, Tp) float32 (float64 under x64).
 
-    q, k: (B, Tp, D) with Tp = schedule.num_leaves * leaf; seg: (B, Tp) int segment ids. Row
-    t's allowed keys are tau < t with seg[tau] == seg[t]. ``tier``/``platform`` pick the
-    logits precision (``sessa_jax.ops.precision``). ``diag_logits`` may pass
+    q, k: (B, Tp, D) with Tp = schedule.num_leaves * leaf; seg: (B, Tp) int segment ids, or
+    None for one sequence per row. Row t's allowed keys are tau < t with seg[tau] == seg[t]
+    (any tau < t without ``seg``). ``tier``/``platform`` pick the logits precision (``sessa_jax.ops.precision``). ``diag_logits`` may pass
     ``leaf_logits(q, k, leaf, scale, tier, platform)`` when the caller already has them.
-    The blocks are independent; they are walked in the solve's own order and tiles.
+    The blocks are independent; they are walked in the solve's own order and tiles (the
+    schedule's static blocks, if any, after the loop).
     """
     b, tp, _ = q.shape
     if diag_logits is None:
@@ -102,4 +110,15 @@ def row_statistics(q, k, seg, *, leaf: int, scale: float, tier: str, schedule: P
             return schedule.visit(branch, j, c, leaf, tile), None
 
         carry, _ = lax.scan(step, carry, (jnp.arange(1, n), jnp.asarray(schedule.branch[1:n])))
+
+        def barrier(c):  # one static tile after the other (fenwick.PushSchedule.visit_static)
+            nonlocal q, k
+            c, q, k = lax.optimization_barrier((c, q, k))
+            return c
+
+        def static_tile(c, *offsets):  # reads q and k as they left the last barrier
+            return _tile_stats(q, k, seg, scale, tier, platform)(c, *offsets)
+
+        for j in schedule.static_blocks:
+            carry = schedule.visit_static(j, carry, leaf, static_tile, barrier)
     return finish_stats(*carry)
