@@ -46,6 +46,30 @@ def test_influence_of_a_whole_model_from_its_embeddings():
     assert np.all(np.triu(got, 1) == 0) and np.all(np.diag(got) > 0)
 
 
+def test_influence_compiles_once_per_shape_and_batches_over_examples():
+    cfg = SessaConfig(d_model=8, n_heads=2, n_layers=1, vocab_size=16, chunk_size=4)
+    model = SessaLM(cfg)
+    toks = jax.random.randint(jax.random.PRNGKey(4), (3, 10), 0, 16)
+    variables = model.init(jax.random.PRNGKey(5), toks[:1])
+    before = an.TRACES["influence"]
+    rows = []
+    for b in range(3):  # new tokens and a new target each call: one trace for the shape
+        fn, x0 = an.lm_fn(model, variables, toks[b])
+        rows.append(an.influence(fn, x0, [9 - b]))
+    assert an.TRACES["influence"] == before + 1
+    other = model.init(jax.random.PRNGKey(6), toks[:1])  # new parameters, same shapes: still no retrace
+    fn, x0 = an.lm_fn(model, other, toks[0])
+    an.influence(fn, x0, [9])
+    assert an.TRACES["influence"] == before + 1
+    # the batched form gives the per-example rows, with one more trace (its own shape)
+    batched = an.lm_influence(model, variables, toks, np.array([[9], [8], [7]]))
+    assert an.TRACES["influence"] == before + 2
+    for b in range(3):
+        np.testing.assert_allclose(batched[b], rows[b], rtol=1e-5, atol=1e-6 * rows[b].max())
+    an.lm_influence(model, variables, toks[::-1], np.array([[5], [6], [7]]))
+    assert an.TRACES["influence"] == before + 2
+
+
 def _profile(kind, t_len=T, lags=LAGS, **kw):
     module, variables = an.uniform_mixer(kind, D, **kw)
     return an.lag_profile(an.layer_fn(module, variables), an.constant_input(t_len, D), lags)
