@@ -157,12 +157,13 @@ def trained_tails(cm, path: str, scale_name: str, summary: list, num_examples: i
             continue
         length = next(ln for ln in (scale.soup_lengths if task == "symbol_soup" else scale.mqar_lengths)
                       if cm.length_name(task, ln) == name)
-        config = cm.model_configs(scale, task, length)[kind]
+        tscale = cm.task_scale(scale, task)
+        config = cm.model_configs(tscale, task, length)[kind]
         model = SessaLM(config, kind=kind)
         like = model.init(jax.random.PRNGKey(0), jnp.zeros((1, config.max_len), jnp.int32))
         params = cm.load_params(cm.params_path(path, task, name, kind, lr, seed), like)
-        test = (cm.soup_split(scale, length, cm.SPLIT_TEST) if task == "symbol_soup"
-                else cm.mqar_split(scale, length, cm.SPLIT_TEST))
+        test = (cm.soup_split(tscale, length, cm.SPLIT_TEST) if task == "symbol_soup"
+                else cm.mqar_split(tscale, length, cm.SPLIT_TEST))
         tokens = test["inputs"][:num_examples]
         # the scored position: the <label> (SymbolSoup) or the last query (MQAR) of each example
         target = np.array([np.nonzero(w)[0][-1] for w in test["weights"][:num_examples]])
