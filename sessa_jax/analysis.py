@@ -376,17 +376,21 @@ def uniform_mixer(kind: str, d_model: int = 8, *, gamma: float = 0.5, decay: flo
     return module, {"params": _with(params, upd)}
 
 
-def sessa_uniform_closed_form(gamma: float, t_len: int) -> np.ndarray:
-    """g_t, t < t_len: d s_t / d x_0 = g_t * I for ``uniform_mixer('sessa')`` (float64).
+def sessa_uniform_closed_form(gamma: float, t_len: int, source: int = 0) -> np.ndarray:
+    """g_t, t < t_len: d s_t / d x_source = g_t * I for ``uniform_mixer('sessa')`` (float64).
 
     (I - gamma A) s = M x with M[t, tau] = 1/(t+1) (tau <= t) and A[t, tau] = 1/t
-    (tau < t) gives g_t = 1/(t+1) + gamma/t * sum_{tau<t} g_tau, g_0 = 1.
+    (tau < t) gives g_t = [t >= source]/(t+1) + gamma/t * sum_{tau<t} g_tau (g_0 = 1 when
+    source = 0). The Transformer's (forward branch alone) is [t >= source]/(t+1), so the
+    ratio Sessa / Transformer at t is about (t / source)^gamma for a source in the middle,
+    not the (t+1) g_t of source 0.
     """
+    if not 0 <= source < t_len:
+        raise ValueError(f"source must lie in [0, t_len={t_len}); got {source}")
     g = np.zeros(t_len)
-    g[0] = 1.0
-    running = 1.0
-    for t in range(1, t_len):
-        g[t] = 1.0 / (t + 1) + gamma / t * running
+    running = 0.0
+    for t in range(t_len):
+        g[t] = (1.0 / (t + 1) if t >= source else 0.0) + (gamma / t * running if t > 0 else 0.0)
         running += g[t]
     return g
 
