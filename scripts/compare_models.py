@@ -399,12 +399,14 @@ def checkpoint_path(checkpoint_dir: str, task: str, name: str, kind: str, lr: fl
 
 
 def compare(scale_name: str, out: str, tasks=("mqar", "symbol_soup"), kinds=KINDS, log=print,
-            time_limit: float | None = None, checkpoint_dir: str | None = None) -> list[dict] | None:
+            time_limit: float | None = None, checkpoint_dir: str | None = None,
+            redo_lines: bool = False) -> list[dict] | None:
     """Runs every missing (task, length, kind, lr, seed) of ``scale_name``; returns all its rows.
 
     With ``time_limit`` (seconds) it stops once that much time has passed, saving the run in
     progress under ``checkpoint_dir`` (default: ``out`` + ".runs"), and returns None; calling
     it again continues. It always makes progress (at least one train step per call).
+    ``redo_lines`` computes every cell's reference lines again (appended; the last ones count).
     """
     from sessa_jax.baselines import count_params
 
@@ -422,7 +424,8 @@ def compare(scale_name: str, out: str, tasks=("mqar", "symbol_soup"), kinds=KIND
     progressed = False
     rows_so_far = read_results(out)
     done = {run_key(r) for r in rows_so_far if "kind" in r}
-    have_lines = {(r["task"], r["length"]) for r in rows_so_far if "reference" in r and r["scale"] == scale_name}
+    have_lines = set() if redo_lines else {(r["task"], r["length"]) for r in rows_so_far
+                                           if "reference" in r and r["scale"] == scale_name}
     _end_with_newline(out)
     for task, length in plan(scale, tasks):
         name = length_name(task, length)
@@ -566,10 +569,11 @@ def main(argv=None) -> None:
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds; then save the run in progress and exit with status 3 (rerun to continue)")
     p.add_argument("--checkpoint-dir", help="checkpoints of runs in progress (default: OUT.runs)")
+    p.add_argument("--redo-lines", action="store_true", help="compute the reference lines again (the last ones count)")
     a = p.parse_args(argv)
     out = a.out or os.path.join("results", f"compare_{a.scale}.jsonl")
     rows = None if a.table else compare(a.scale, out, tuple(a.tasks.split(",")), tuple(a.kinds.split(",")),
-                                        time_limit=a.time_limit, checkpoint_dir=a.checkpoint_dir)
+                                        time_limit=a.time_limit, checkpoint_dir=a.checkpoint_dir, redo_lines=a.redo_lines)
     unfinished = rows is None and not a.table
     lines = scale_lines(out, a.scale)
     print(table(summarize(scale_rows(out, a.scale) if rows is None else rows, lines), lines))

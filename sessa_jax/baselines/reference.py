@@ -21,7 +21,7 @@ import numpy as np
 
 from sessa_jax.data import symbol_soup as ss
 
-L2_GRID = (1e-4, 1e-3, 1e-2)
+L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # per-weight penalty on standardised features, chosen on valid
 
 
 def labels_of(batch: dict[str, np.ndarray]) -> np.ndarray:
