@@ -492,7 +492,8 @@ KEY_LINE = {"symbol_soup": "unigram", "mqar": "no_association"}  # the line a ki
 
 def summarize(rows: list[dict], lines: dict | None = None) -> list[dict]:
     """Per (task, length, kind): the lr with the best mean validation accuracy, its test accuracy
-    (mean, sd, standard error, 95% t-interval, min, max over seeds) and every lr's mean test accuracy.
+    (mean, sd, standard error, 95% t-interval clipped to [0, 1], min, max over seeds) and every lr's
+    mean test accuracy.
 
     With ``lines`` ((task, length) -> reference lines), ``line`` is the task's key line
     (``KEY_LINE``) and ``margin_se`` is (mean - line) / sqrt(se^2 + line(1 - line) / test_n):
@@ -519,7 +520,7 @@ def summarize(rows: list[dict], lines: dict | None = None) -> list[dict]:
         half = float(student_t.ppf(0.975, n - 1)) * se if n > 1 else float("nan")
         row = dict(task=task, length=length, kind=kind, params=first["params"], d_model=first["d_model"],
                    tokens=first["tokens"], best_lr=best, seeds=n, test_mean=float(np.mean(test)), test_sd=sd,
-                   test_se=se, ci95=(float(np.mean(test)) - half, float(np.mean(test)) + half),
+                   test_se=se, ci95=(max(0.0, float(np.mean(test)) - half), min(1.0, float(np.mean(test)) + half)),
                    test_min=float(test.min()), test_max=float(test.max()),
                    per_lr={f"{lr:g}": round(mean(lr, "test_accuracy"), 4) for lr in sorted(by_lr)},
                    complete=min(len(v) for v in by_lr.values()))

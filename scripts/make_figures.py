@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--compare", help="results JSONL of scripts/compare_models.py: table, figure and trained tails")
     p.add_argument("--scale", default="cpu", help="the compare_models scale of --compare")
-    p.add_argument("--tail-examples", type=int, default=32, help="test examples per trained-tail measurement")
+    p.add_argument("--tail-examples", type=int, default=16,
+                   help="test examples per trained-tail measurement (0: keep the tails already written)")
     args = p.parse_args(argv)
 
     if args.compare:
@@ -114,6 +115,8 @@ def compare_report(path: str, scale_name: str, tail_examples: int) -> None:
     fig.savefig(os.path.join(ROOT, "docs", f"compare_{scale_name}.png"), dpi=110)
     print(f"wrote docs/compare_{scale_name}.png")
 
+    if tail_examples <= 0:
+        return
     tails = trained_tails(cm, path, scale_name, summary, tail_examples)
     with open(stem + "_tails.jsonl", "w") as f:
         for t in tails:
