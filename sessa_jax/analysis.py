@@ -480,7 +480,8 @@ def plot_memory_tails(tails: dict, path: str | None = None):
         ax.loglog(c["lags"], c["influence"], styles.get(name, "o-"), ms=4, label=c["label"])
     ax.set_xlabel("lag l = t - $\\tau$")
     ax.set_ylabel("$\\|\\partial y_t / \\partial x_\\tau\\|_F$")
-    ax.set_title("Influence of a past token on a later output (one layer, VJPs)")
+    ax.set_title("Hand-set weights, one layer, source at position 0 (lag = target position):\n"
+                 "the shapes these mixers can produce, not what trained models do", fontsize=9)
     lows = [c["influence"].min() for c in tails.values()]
     ax.set_ylim(max(min(lows), 1e-12) / 2, None)
     ax.legend(fontsize=8, loc="lower left")
