@@ -28,7 +28,7 @@ optimizer runs at peak lr 1 and the update is scaled by lr, which is exactly Ada
     python scripts/compare_models.py --scale cpu --out results/compare_cpu.jsonl --table   # table only
     python scripts/compare_models.py --scale paper --out results/compare_paper.jsonl --time-limit 540  # accelerator
 
-Scales: ``toy`` (the test, seconds), ``cpu`` (15 minutes on a quiet 2-core machine, measured; the budget is an hour),
+Scales: ``toy`` (the test, seconds), ``cpu`` (sized for about 40 minutes on a quiet 2-core machine; the budget is an hour),
 ``paper`` (T = 2048 SymbolSoup and MQAR, the paper's 125M width: for an accelerator).
 """
 
@@ -75,20 +75,38 @@ class Scale:
     dtype: str = "float32"
     warmup_frac: float = 0.1
     checkpoint_every: int = 0  # steps between checkpoints of the run in progress (0: only at --time-limit)
+    save_params_seeds: tuple[int, ...] = (0,)  # these seeds' trained parameters go to OUT.params/ (influence)
+    mqar_model: tuple[int, int] | None = None  # MQAR's own (Sessa d_model, n_heads); None: d_model, n_heads
+    mqar_steps: int = 0  # MQAR's own number of steps; 0: steps
 
 
 SCALES = {
     "toy": Scale(d_model=16, n_heads=1, n_layers=1, batch_size=4, steps=3, lrs=(1e-3, 3e-3, 1e-2), seeds=(0, 1, 2),
                  soup_lengths=((40, 60),), soup_sizes=(40, 20, 20), mqar_lengths=(16,), mqar_kv_pairs=2,
                  mqar_vocab=32, mqar_eval=8, chunk_size=16),
-    "cpu": Scale(d_model=32, n_heads=1, n_layers=2, batch_size=16, steps=200, lrs=(1e-3, 3e-3, 1e-2),
-                 seeds=(0, 1, 2), soup_lengths=((100, 150), (200, 300)), soup_sizes=(3200, 400, 400),
-                 mqar_lengths=(64, 128), mqar_kv_pairs=4, mqar_vocab=32, mqar_eval=256, chunk_size=16),
+    # cpu: one learning rate (the sweep would triple the cost; 3e-3 is where the 2-layer models learn
+    # SymbolSoup, 1e-2 diverges there), 3 seeds, the longest SymbolSoup window that fits the budget.
+    # cpu: one learning rate (the sweep would triple the cost; 3e-3 is where the 2-layer models learn
+    # SymbolSoup, 1e-2 diverges there), 3 seeds, the longest SymbolSoup window that fits the budget.
+    # MQAR gets width 64 / 2 heads and 1500 steps: at width 32 / 1 head no kind learned the key-value
+    # association within 3000 steps (all at 1 / pairs), at 64 / 2 heads Sessa does.
+    "cpu": Scale(d_model=32, n_heads=1, n_layers=2, batch_size=32, steps=1000, lrs=(3e-3,),
+                 seeds=(0, 1, 2), soup_lengths=((200, 300),), soup_sizes=(32000, 400, 2000),
+                 mqar_lengths=(32,), mqar_kv_pairs=4, mqar_vocab=64, mqar_eval=500, chunk_size=16,
+                 mqar_model=(64, 2), mqar_steps=1500),
     "paper": Scale(d_model=768, n_heads=12, n_layers=12, batch_size=32, steps=5000, lrs=(3e-4, 6e-4, 1.2e-3),
                    seeds=(0, 1, 2), soup_lengths=((400, 600), (1366, 2048)), soup_sizes=(20000, 2000, 2000),
                    mqar_lengths=(512, 2048), mqar_kv_pairs=32, mqar_vocab=8192, mqar_eval=2000, chunk_size=128,
                    dtype="bfloat16", checkpoint_every=500),
 }
+
+
+def task_scale(scale: Scale, task: str) -> Scale:
+    """``scale`` with MQAR's own width, heads and steps applied when ``task`` is "mqar"."""
+    if task != "mqar":
+        return scale
+    d, h = scale.mqar_model or (scale.d_model, scale.n_heads)
+    return dataclasses.replace(scale, d_model=d, n_heads=h, steps=scale.mqar_steps or scale.steps)
 
 
 # --------------------------------------------------------------------------------------
@@ -135,6 +153,30 @@ def vocab_of(scale: Scale, task: str) -> int:
 
     v = ss.VOCAB_SIZE if task == "symbol_soup" else scale.mqar_vocab
     return -(-v // 8) * 8
+
+
+def reference_lines(scale: Scale, task: str, data: dict) -> dict[str, float]:
+    """Test accuracies of the reference lines on the test split the models are scored on.
+
+    SymbolSoup (``sessa_jax.baselines.reference``): chance, learned unigram and bigram
+    regressions (fitted on the same training texts, L2 chosen on valid) and the Markov
+    oracle. MQAR: chance (1 / number of values), the no-association line in closed form
+    (``mqar.no_association_accuracy``) and the same predictor measured on the test split.
+    ``test_n`` is the number of scored test answers.
+    """
+    if task == "symbol_soup":
+        from sessa_jax.baselines.reference import soup_reference_lines
+
+        lines = soup_reference_lines(data[SPLIT_TRAIN], data[SPLIT_VALID], data[SPLIT_TEST])
+    else:
+        from sessa_jax.data.mqar import frequency_baseline, no_association_accuracy
+
+        num_values = scale.mqar_vocab - scale.mqar_vocab // 2
+        lines = dict(chance=1.0 / num_values,
+                     no_association=no_association_accuracy(scale.mqar_kv_pairs, num_values),
+                     no_association_measured=frequency_baseline(data[SPLIT_TEST], scale.mqar_kv_pairs))
+    lines["test_n"] = int(np.sum(data[SPLIT_TEST]["weights"] > 0))
+    return {k: float(v) if k != "test_n" else v for k, v in lines.items()}
 
 
 # --------------------------------------------------------------------------------------
@@ -257,7 +299,7 @@ class Trainer:
         """
         import jax.numpy as jnp
 
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         params, opt_state = self.init(seed)
         first, losses, before = 0, [], 0.0
         if checkpoint and os.path.isdir(checkpoint):
@@ -283,8 +325,10 @@ class Trainer:
             valid = test = float("nan")
         else:
             valid, test = self.accuracy(params, data[SPLIT_VALID]), self.accuracy(params, data[SPLIT_TEST])
+        self.last_params = params  # the trained parameters, for --save of influence checkpoints
         return dict(final_loss=float(np.mean(losses[-max(1, len(losses) // 10):])), valid_accuracy=valid,
-                    test_accuracy=test, seconds=before + time.perf_counter() - start)
+                    test_accuracy=test, seconds=before + time.perf_counter() - start,
+                    cpu_seconds=time.process_time() - cpu_start)  # this process's CPU time (all threads)
 
 
 # --------------------------------------------------------------------------------------
@@ -292,6 +336,29 @@ class Trainer:
 # --------------------------------------------------------------------------------------
 def run_key(r: dict) -> tuple:
     return (r["scale"], r["task"], r["length"], r["kind"], float(r["lr"]), int(r["seed"]))
+
+
+def params_path(out: str, task: str, name: str, kind: str, lr: float, seed: int) -> str:
+    """Where a finished run's trained parameters are saved (flax msgpack)."""
+    return os.path.join(os.path.abspath(out) + ".params", f"{task}-{name}-{kind}-lr{lr:g}-seed{seed}.msgpack")
+
+
+def save_params(path: str, params) -> None:
+    """Writes ``params`` (flax msgpack) atomically."""
+    from flax import serialization
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        f.write(serialization.to_bytes(params))
+    os.replace(path + ".tmp", path)
+
+
+def load_params(path: str, like):
+    """Parameters saved by ``save_params``, restored into the structure of ``like``."""
+    from flax import serialization
+
+    with open(path, "rb") as f:
+        return serialization.from_bytes(like, f.read())
 
 
 def read_results(path: str) -> list[dict]:
@@ -331,13 +398,15 @@ def checkpoint_path(checkpoint_dir: str, task: str, name: str, kind: str, lr: fl
     return os.path.join(checkpoint_dir, f"{task}-{name}-{kind}-lr{lr:g}-seed{seed}")
 
 
-def compare(scale_name: str, out: str, tasks=("symbol_soup", "mqar"), kinds=KINDS, log=print,
-            time_limit: float | None = None, checkpoint_dir: str | None = None) -> list[dict] | None:
+def compare(scale_name: str, out: str, tasks=("mqar", "symbol_soup"), kinds=KINDS, log=print,
+            time_limit: float | None = None, checkpoint_dir: str | None = None,
+            redo_lines: bool = False) -> list[dict] | None:
     """Runs every missing (task, length, kind, lr, seed) of ``scale_name``; returns all its rows.
 
     With ``time_limit`` (seconds) it stops once that much time has passed, saving the run in
     progress under ``checkpoint_dir`` (default: ``out`` + ".runs"), and returns None; calling
     it again continues. It always makes progress (at least one train step per call).
+    ``redo_lines`` computes every cell's reference lines again (appended; the last ones count).
     """
     from sessa_jax.baselines import count_params
 
@@ -353,16 +422,30 @@ def compare(scale_name: str, out: str, tasks=("symbol_soup", "mqar"), kinds=KIND
     checkpoint_dir = checkpoint_dir or os.path.abspath(out) + ".runs"
     deadline = None if time_limit is None else time.monotonic() + time_limit
     progressed = False
-    done = {run_key(r) for r in read_results(out)}
+    rows_so_far = read_results(out)
+    done = {run_key(r) for r in rows_so_far if "kind" in r}
+    have_lines = set() if redo_lines else {(r["task"], r["length"]) for r in rows_so_far
+                                           if "reference" in r and r["scale"] == scale_name}
     _end_with_newline(out)
     for task, length in plan(scale, tasks):
         name = length_name(task, length)
         todo = [(s, lr, k) for s in scale.seeds for lr in scale.lrs for k in kinds
                 if (scale_name, task, name, k, float(lr), int(s)) not in done]
-        if not todo:
+        if not todo and (task, name) in have_lines:
             continue
-        data = task_data(scale, task, length)
-        configs = model_configs(scale, task, length)
+        t0 = time.perf_counter()
+        tscale = task_scale(scale, task)
+        data = task_data(tscale, task, length)
+        log(f"{task} {name}: data made ({time.perf_counter() - t0:.0f}s)")
+        if (task, name) not in have_lines:
+            t0 = time.perf_counter()
+            lines = reference_lines(tscale, task, data)
+            with open(out, "a") as f:
+                f.write(json.dumps(dict(scale=scale_name, task=task, length=name, reference=lines)) + "\n")
+            log(f"{task} {name} reference lines (test accuracy): "
+                + ", ".join(f"{k} {v:.3f}" for k, v in lines.items() if k != "test_n")
+                + f" ({time.perf_counter() - t0:.0f}s)")
+        configs = model_configs(tscale, task, length)
         trainers = {}  # one compiled step per kind, reused by every lr and seed
         # seed-major order: an interrupted sweep has every kind and lr for the seeds it finished
         for seed, lr, kind in todo:
@@ -371,7 +454,7 @@ def compare(scale_name: str, out: str, tasks=("symbol_soup", "mqar"), kinds=KIND
                     "rerun the same command to continue")
                 return None
             if kind not in trainers:
-                trainers[kind] = Trainer(configs[kind], kind, scale)
+                trainers[kind] = Trainer(configs[kind], kind, tscale)
             ckpt = checkpoint_path(checkpoint_dir, task, name, kind, lr, seed)
             result = trainers[kind].run(lr, seed, data, checkpoint=ckpt, deadline=deadline)
             progressed = True
@@ -381,8 +464,10 @@ def compare(scale_name: str, out: str, tasks=("symbol_soup", "mqar"), kinds=KIND
                 return None
             row = dict(scale=scale_name, task=task, length=name, seq_len=seq_len_of(task, length),
                        kind=kind, lr=float(lr), seed=int(seed), d_model=configs[kind].d_model,
-                       params=count_params(configs[kind], kind), steps=scale.steps,
-                       tokens=scale.steps * scale.batch_size * seq_len_of(task, length), **result)
+                       params=count_params(configs[kind], kind), steps=tscale.steps,
+                       tokens=tscale.steps * tscale.batch_size * seq_len_of(task, length), **result)
+            if seed in scale.save_params_seeds:
+                save_params(params_path(out, task, name, kind, lr, seed), trainers[kind].last_params)
             with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")
             shutil.rmtree(ckpt, ignore_errors=True)  # after the row is written: a crash between keeps both
@@ -393,12 +478,29 @@ def compare(scale_name: str, out: str, tasks=("symbol_soup", "mqar"), kinds=KIND
 
 def scale_rows(out: str, scale_name: str) -> list[dict]:
     """The finished runs of ``scale_name`` in ``out``."""
-    return [r for r in read_results(out) if r["scale"] == scale_name]
+    return [r for r in read_results(out) if r["scale"] == scale_name and "kind" in r]
 
 
-def summarize(rows: list[dict]) -> list[dict]:
+def scale_lines(out: str, scale_name: str) -> dict[tuple[str, str], dict]:
+    """Reference lines of ``scale_name`` in ``out`` per (task, length name)."""
+    return {(r["task"], r["length"]): r["reference"] for r in read_results(out)
+            if r["scale"] == scale_name and "reference" in r}
+
+
+KEY_LINE = {"symbol_soup": "unigram", "mqar": "no_association"}  # the line a kind must beat to show learning
+
+
+def summarize(rows: list[dict], lines: dict | None = None) -> list[dict]:
     """Per (task, length, kind): the lr with the best mean validation accuracy, its test accuracy
-    (mean, sd, min, max over seeds) and every lr's mean test accuracy."""
+    (mean, sd, standard error, 95% t-interval clipped to [0, 1], min, max over seeds) and every lr's
+    mean test accuracy.
+
+    With ``lines`` ((task, length) -> reference lines), ``line`` is the task's key line
+    (``KEY_LINE``) and ``margin_se`` is (mean - line) / sqrt(se^2 + line(1 - line) / test_n):
+    the seeds' spread and the line's own sampling error on the test answers.
+    """
+    from scipy.stats import t as student_t
+
     groups: dict[tuple, dict[float, list[dict]]] = {}
     for r in rows:
         groups.setdefault((r["task"], r["length"], r["kind"]), {}).setdefault(r["lr"], []).append(r)
@@ -412,12 +514,22 @@ def summarize(rows: list[dict]) -> list[dict]:
         best = max(by_lr, key=lambda lr: mean(lr, "valid_accuracy"))
         test = np.array([x["test_accuracy"] for x in by_lr[best]])
         first = by_lr[best][0]
-        out.append(dict(task=task, length=length, kind=kind, params=first["params"], d_model=first["d_model"],
-                        tokens=first["tokens"], best_lr=best, seeds=len(test), test_mean=float(np.mean(test)),
-                        test_sd=float(np.std(test, ddof=1)) if len(test) > 1 else 0.0,
-                        test_min=float(test.min()), test_max=float(test.max()),
-                        per_lr={f"{lr:g}": round(mean(lr, "test_accuracy"), 4) for lr in sorted(by_lr)},
-                        complete=min(len(v) for v in by_lr.values())))
+        n = len(test)
+        sd = float(np.std(test, ddof=1)) if n > 1 else 0.0
+        se = sd / math.sqrt(n) if n > 1 else float("nan")
+        half = float(student_t.ppf(0.975, n - 1)) * se if n > 1 else float("nan")
+        row = dict(task=task, length=length, kind=kind, params=first["params"], d_model=first["d_model"],
+                   tokens=first["tokens"], best_lr=best, seeds=n, test_mean=float(np.mean(test)), test_sd=sd,
+                   test_se=se, ci95=(max(0.0, float(np.mean(test)) - half), min(1.0, float(np.mean(test)) + half)),
+                   test_min=float(test.min()), test_max=float(test.max()),
+                   per_lr={f"{lr:g}": round(mean(lr, "test_accuracy"), 4) for lr in sorted(by_lr)},
+                   complete=min(len(v) for v in by_lr.values()))
+        ref = (lines or {}).get((task, length))
+        if ref is not None:
+            line = ref[KEY_LINE[task]]
+            err = math.sqrt((se if n > 1 else 0.0) ** 2 + line * (1 - line) / ref["test_n"])
+            row.update(line_name=KEY_LINE[task], line=line, margin_se=(row["test_mean"] - line) / err)
+        out.append(row)
     return out
 
 
@@ -425,35 +537,47 @@ def _length_key(name: str) -> int:
     return int(name.split("-")[-1])
 
 
-def table(summary: list[dict]) -> str:
-    """Markdown table of ``summarize`` rows."""
-    lines = ["| task | length | kind | params | d_model | tokens/run | lr (chosen on valid) | seeds | test acc mean ± sd "
-             "| min-max | mean test acc per lr |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+def table(summary: list[dict], lines: dict | None = None) -> str:
+    """Markdown tables: the reference lines per (task, length), then the ``summarize`` rows."""
+    out = []
+    if lines:
+        out += ["| task | length | reference line: test accuracy |", "| --- | --- | --- |"]
+        for (task, length), ref in sorted(lines.items(), key=lambda kv: (kv[0][0], _length_key(kv[0][1]))):
+            vals = ", ".join(f"{k} {v:.3f}" for k, v in ref.items() if k != "test_n")
+            out.append(f"| {task} | {length} | {vals} (n = {ref['test_n']} test answers) |")
+        out.append("")
+    out += ["| task | length | kind | params | d_model | tokens/run | lr | seeds | test acc mean ± sd "
+            "| 95% CI | min-max | key line | (mean - line) / SE |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in summary:
-        per_lr = ", ".join(f"{k}: {v:.3f}" for k, v in s["per_lr"].items())
         sd = f"{s['test_sd']:.3f}" if s["seeds"] > 1 else "n/a (1 seed)"
-        lines.append(f"| {s['task']} | {s['length']} | {s['kind']} | {s['params']:,} | {s['d_model']} | "
-                     f"{s['tokens']:,} | {s['best_lr']:g} | {s['seeds']} | {s['test_mean']:.3f} ± {sd} "
-                     f"| {s['test_min']:.3f}-{s['test_max']:.3f} | {per_lr} |")
-    return "\n".join(lines)
+        ci = f"[{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]" if s["seeds"] > 1 else "n/a"
+        line = f"{s['line_name']} {s['line']:.3f}" if "line" in s else "n/a"
+        margin = f"{s['margin_se']:+.1f}" if "line" in s else "n/a"
+        out.append(f"| {s['task']} | {s['length']} | {s['kind']} | {s['params']:,} | {s['d_model']} | "
+                   f"{s['tokens']:,} | {s['best_lr']:g} | {s['seeds']} | {s['test_mean']:.3f} ± {sd} | {ci} "
+                   f"| {s['test_min']:.3f}-{s['test_max']:.3f} | {line} | {margin} |")
+    return "\n".join(out)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scale", choices=sorted(SCALES), required=True)
     p.add_argument("--out", help="results JSONL (appended; finished runs are skipped)")
-    p.add_argument("--tasks", default="symbol_soup,mqar")
+    p.add_argument("--tasks", default="mqar,symbol_soup", help="in this order (the cheaper MQAR first)")
     p.add_argument("--kinds", default=",".join(KINDS))
     p.add_argument("--table", action="store_true", help="print the table of --out without running anything")
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds; then save the run in progress and exit with status 3 (rerun to continue)")
     p.add_argument("--checkpoint-dir", help="checkpoints of runs in progress (default: OUT.runs)")
+    p.add_argument("--redo-lines", action="store_true", help="compute the reference lines again (the last ones count)")
     a = p.parse_args(argv)
     out = a.out or os.path.join("results", f"compare_{a.scale}.jsonl")
     rows = None if a.table else compare(a.scale, out, tuple(a.tasks.split(",")), tuple(a.kinds.split(",")),
-                                        time_limit=a.time_limit, checkpoint_dir=a.checkpoint_dir)
+                                        time_limit=a.time_limit, checkpoint_dir=a.checkpoint_dir, redo_lines=a.redo_lines)
     unfinished = rows is None and not a.table
-    print(table(summarize(scale_rows(out, a.scale) if rows is None else rows)))
+    lines = scale_lines(out, a.scale)
+    print(table(summarize(scale_rows(out, a.scale) if rows is None else rows, lines), lines))
     if unfinished:
         sys.exit(EXIT_UNFINISHED)
 

@@ -36,42 +36,124 @@ from sessa_jax.config import SessaConfig
 # --------------------------------------------------------------------------------------
 # Influence by VJPs
 # --------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BoundFn:
+    """fn(x) = apply(args, x): a (T, D) -> (T, O) function whose data travel as an argument.
+
+    ``apply`` is a fixed Python callable (kept, so its compiled influence is reused);
+    ``args`` is any pytree (parameters, tokens) passed to it as traced values, so calling
+    ``influence`` again with new ``args`` of the same shapes does not compile again.
+    """
+
+    apply: object
+    args: object
+
+    def __call__(self, x_TxD):
+        return self.apply(self.args, x_TxD)
+
+
+TRACES = {"influence": 0}  # times influence's computation has been traced (compiled); tests read it
+
+
+def _influence_rows(apply, args, x_TxD, tgt_N, target_chunk: int):
+    """(N, T) influence rows of fn(x) = apply(args, x) at targets ``tgt_N`` (traced, one example)."""
+    t_len = x_TxD.shape[0]
+    y_TxO, vjp = jax.vjp(lambda x: apply(args, x), x_TxD)
+    if y_TxO.ndim != 2 or y_TxO.shape[0] != t_len:
+        raise ValueError(f"influence: fn must map (T, D) to (T, O); got output shape {y_TxO.shape}")
+    o = y_TxO.shape[1]
+    eye_OxO = jnp.eye(o, dtype=y_TxO.dtype)
+
+    def one_target(t):
+        cot_OxTxO = jnp.zeros((o, t_len, o), y_TxO.dtype).at[:, t, :].set(eye_OxO)
+        (g_OxTxD,) = jax.vmap(vjp)(cot_OxTxO)
+        g = g_OxTxD.astype(jnp.promote_types(g_OxTxD.dtype, jnp.float32))
+        # scaled 2-norm: squaring raw entries would underflow for tails below ~1e-19
+        scale = jnp.max(jnp.abs(g), axis=(0, 2))
+        safe = jnp.where(scale > 0, scale, 1.0)
+        return scale * jnp.sqrt(jnp.sum((g / safe[None, :, None]) ** 2, axis=(0, 2)))  # (T,)
+
+    return jax.lax.map(one_target, tgt_N, batch_size=target_chunk)
+
+
+_COMPILED: dict = {}  # (apply, target_chunk, batched) -> jitted rows; jit caches one program per shape
+
+
+def _compiled(apply, target_chunk: int, batched: bool):
+    key = (apply, target_chunk, batched)
+    if key not in _COMPILED:
+        def rows(args, x, tgt):
+            TRACES["influence"] += 1  # runs only while tracing
+            return _influence_rows(apply, args, x, tgt, target_chunk)
+
+        if batched:  # args: (shared, per-example); x (B, T, D); targets (B, N)
+            def rows_b(args, x, tgt):
+                shared, each = args
+                return jax.vmap(lambda e, xb, tb: rows((shared, e), xb, tb))(each, x, tgt)
+
+            _COMPILED[key] = jax.jit(rows_b)
+        else:
+            _COMPILED[key] = jax.jit(rows)
+    return _COMPILED[key]
+
+
+def _check_targets(targets, t_len: int):
+    targets = np.asarray(targets)
+    if targets.size == 0 or int(targets.min()) < 0 or int(targets.max()) >= t_len:
+        raise ValueError(f"influence: targets must be a non-empty list of positions in [0, {t_len})")
+    return jnp.asarray(targets.astype(np.int32))
+
+
 def influence(fn, x_TxD, targets, *, target_chunk: int = 8) -> np.ndarray:
     """Rows of the influence matrix: out[i, tau] = ||d fn(x)[targets[i]] / d x[tau]||_F.
 
-    fn maps x (T, D) to y (T, O) (one sequence, no batch axis). For each target t the
-    O unit cotangents on y_t go through one batched VJP; targets are processed
-    ``target_chunk`` at a time. Returns float64 numpy (N, T); entries tau > t are zero
-    for a causal fn.
+    fn maps x (T, D) to y (T, O) (one sequence, no batch axis): a ``BoundFn`` (``lm_fn``,
+    ``layer_fn`` return one) or any callable. For each target t the O unit cotangents on y_t
+    go through one batched VJP; targets are processed ``target_chunk`` at a time. The
+    computation is compiled once per (fn.apply or fn, target_chunk) and input shapes:
+    calling again with new parameters, tokens or x of the same shapes reuses it.
+    Returns float64 numpy (N, T); entries tau > t are zero for a causal fn.
     """
     x_TxD = jnp.asarray(x_TxD)
-    targets = jnp.asarray(np.asarray(targets, np.int32))
     if x_TxD.ndim != 2:
         raise ValueError(f"influence: x must be (time, width); got shape {tuple(x_TxD.shape)}")
-    t_len = x_TxD.shape[0]
-    if targets.ndim != 1 or targets.size == 0 or int(targets.min()) < 0 or int(targets.max()) >= t_len:
-        raise ValueError(f"influence: targets must be a non-empty 1-D list of positions in [0, {t_len})")
+    if np.ndim(targets) != 1:
+        raise ValueError(f"influence: targets must be a non-empty 1-D list of positions in [0, {x_TxD.shape[0]})")
+    tgt = _check_targets(targets, x_TxD.shape[0])
+    apply, args = (fn.apply, fn.args) if isinstance(fn, BoundFn) else (_call, fn)
+    if apply is _call:  # a plain callable is static: compile per callable
+        apply, args = _static_apply(fn), ()
+    return np.asarray(_compiled(apply, target_chunk, False)(args, x_TxD, tgt), np.float64)
 
-    @jax.jit
-    def rows(x, tgt_N):
-        y_TxO, vjp = jax.vjp(fn, x)
-        if y_TxO.ndim != 2 or y_TxO.shape[0] != t_len:
-            raise ValueError(f"influence: fn must map (T, D) to (T, O); got output shape {y_TxO.shape}")
-        o = y_TxO.shape[1]
-        eye_OxO = jnp.eye(o, dtype=y_TxO.dtype)
 
-        def one_target(t):
-            cot_OxTxO = jnp.zeros((o, t_len, o), y_TxO.dtype).at[:, t, :].set(eye_OxO)
-            (g_OxTxD,) = jax.vmap(vjp)(cot_OxTxO)
-            g = g_OxTxD.astype(jnp.promote_types(g_OxTxD.dtype, jnp.float32))
-            # scaled 2-norm: squaring raw entries would underflow for tails below ~1e-19
-            scale = jnp.max(jnp.abs(g), axis=(0, 2))
-            safe = jnp.where(scale > 0, scale, 1.0)
-            return scale * jnp.sqrt(jnp.sum((g / safe[None, :, None]) ** 2, axis=(0, 2)))  # (T,)
+def influence_batch(apply, shared, each, x_BxTxD, targets_BxN, *, target_chunk: int = 8) -> np.ndarray:
+    """``influence`` for B examples at once: (B, N, T) float64.
 
-        return jax.lax.map(one_target, tgt_N, batch_size=target_chunk)
+    Example b is fn_b(x) = apply((shared, each_b), x) with ``each`` a pytree whose leaves
+    have a leading B axis (e.g. tokens (B, T)), ``x_BxTxD`` its inputs and ``targets_BxN``
+    its target positions. One compiled program per shapes, vmapped over examples.
+    """
+    x = jnp.asarray(x_BxTxD)
+    if x.ndim != 3:
+        raise ValueError(f"influence_batch: x must be (batch, time, width); got shape {tuple(x.shape)}")
+    if np.ndim(targets_BxN) != 2 or np.shape(targets_BxN)[0] != x.shape[0]:
+        raise ValueError(f"influence_batch: targets must be (batch={x.shape[0]}, N); got shape {np.shape(targets_BxN)}")
+    tgt = _check_targets(targets_BxN, x.shape[1])
+    return np.asarray(_compiled(apply, target_chunk, True)((shared, each), x, tgt), np.float64)
 
-    return np.asarray(rows(x_TxD, targets), np.float64)
+
+def _call(args, x):  # marker: plain callables are wrapped by _static_apply
+    raise NotImplementedError
+
+
+_STATIC: dict = {}
+
+
+def _static_apply(fn):
+    """apply(args, x) = fn(x) for a plain callable (one per callable, so its compile is reused)."""
+    if fn not in _STATIC:
+        _STATIC[fn] = lambda args, x: fn(x)
+    return _STATIC[fn]
 
 
 def lag_profile(fn, x_TxD, lags, source: int = 0, **kw) -> np.ndarray:
@@ -119,39 +201,116 @@ def fit_exponential(lags, values) -> Fit:
     return _line(np.asarray(lags, np.float64), np.log(values))
 
 
+def fit_power_law_bootstrap(lags, profiles_BxL, num_boot: int = 200, seed: int = 0) -> dict:
+    """Log-log slope of the median-over-examples profile, with a bootstrap over examples.
+
+    ``profiles_BxL`` holds one influence-vs-lag profile per example (positive entries).
+    Returns dict(slope, r2, slope_se (bootstrap sd), slope_ci95 (2.5/97.5 percentiles),
+    median (L,)). Resampling examples gives the uncertainty of the slope that comes from
+    which sequences were measured, not the (smaller) error of the least-squares line.
+    """
+    prof = np.asarray(profiles_BxL, np.float64)
+    lags = np.asarray(lags, np.float64)
+    median = np.median(prof, axis=0)
+    fit = fit_power_law(lags, median)
+    rng = np.random.default_rng(seed)
+    boots = [fit_power_law(lags, np.median(prof[rng.integers(0, len(prof), len(prof))], axis=0)).slope
+             for _ in range(num_boot)]
+    return dict(slope=fit.slope, r2=fit.r2, slope_se=float(np.std(boots, ddof=1)),
+                slope_ci95=(float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))), median=median)
+
+
+def trained_memory_tail(model: nn.Module, variables, tokens_BxT, target_B, lags, *, target_chunk: int = 8) -> dict:
+    """Memory tail of a trained ``SessaLM`` at its scored positions.
+
+    For example b, the target is ``target_B[b]`` (e.g. the SymbolSoup ``<label>`` position or
+    an MQAR query) and the sources are ``target - lag`` for each lag, so the sources lie
+    across the middle of the sequence and lag is not confounded with the target position.
+    Influence is ||d logits[target] / d embedding[source]||_F. Lags whose source would be
+    before position 1 in some example are dropped. Returns ``fit_power_law_bootstrap``'s
+    dict plus ``lags`` and ``profiles`` (B, L).
+    """
+    tokens = np.asarray(tokens_BxT)
+    target = np.asarray(target_B, np.int64)
+    lags = np.asarray([lag for lag in np.asarray(lags) if lag >= 1 and np.all(target - lag >= 1)], np.int64)
+    if lags.size < 2:
+        raise ValueError(f"trained_memory_tail: fewer than 2 lags fit before every target (targets {target.min()}.."
+                         f"{target.max()}); pass smaller lags")
+    rows = lm_influence(model, variables, tokens, target[:, None], target_chunk=target_chunk)[:, 0]  # (B, T)
+    profiles = rows[np.arange(len(target))[:, None], target[:, None] - lags[None, :]]
+    out = fit_power_law_bootstrap(lags, np.maximum(profiles, np.finfo(np.float64).tiny))
+    return dict(out, lags=lags, profiles=profiles)
+
+
 # --------------------------------------------------------------------------------------
 # Modules as (T, D) -> (T, O) functions
 # --------------------------------------------------------------------------------------
-def layer_fn(module: nn.Module, variables, **kwargs):
-    """fn(x (T, D)) = module.apply(variables, x[None], **kwargs)[0] (a mixer or a SessaLayer)."""
+def _kwargs_key(kwargs: dict):
+    return tuple(sorted(kwargs.items()))
+
+
+_LAYER_APPLY: dict = {}
+_LM_APPLY: dict = {}
+
+
+def layer_fn(module: nn.Module, variables, **kwargs) -> BoundFn:
+    """fn(x (T, D)) = module.apply(variables, x[None], **kwargs)[0] (a mixer or a SessaLayer).
+
+    ``kwargs`` must be hashable (they are fixed into the compiled function); the variables
+    are an argument, so new parameters of the same shapes reuse the compiled influence.
+    """
     variables = nn.meta.unbox(variables)
+    key = (module, _kwargs_key(kwargs))
+    if key not in _LAYER_APPLY:
+        def apply(args, x_TxD):
+            return module.apply(args, x_TxD[None], **kwargs)[0]
 
-    def fn(x_TxD):
-        return module.apply(variables, x_TxD[None], **kwargs)[0]
+        _LAYER_APPLY[key] = apply
+    return BoundFn(_LAYER_APPLY[key], variables)
 
-    return fn
+
+def _lm_apply(model: nn.Module):
+    """apply((variables, tokens (T,)), embeddings (T, D)) = logits (T, V) of ``model``."""
+    if model not in _LM_APPLY:
+        def apply(args, x_TxD):
+            variables, tokens_T = args
+
+            def swap_embedding(next_fun, a, kw, context):
+                if isinstance(context.module, nn.Embed) and context.method_name == "__call__":
+                    return x_TxD[None].astype(context.module.dtype or x_TxD.dtype)
+                return next_fun(*a, **kw)
+
+            with nn.intercept_methods(swap_embedding):
+                return model.apply(variables, jnp.asarray(tokens_T, jnp.int32)[None])[0]
+
+        _LM_APPLY[model] = apply
+    return _LM_APPLY[model]
 
 
 def lm_fn(model: nn.Module, variables, tokens_T):
     """(fn, x0) for a whole SessaLM: fn(embeddings (T, D)) = logits (T, V), x0 = embed(tokens).
 
     The model runs on ``tokens_T`` with its embedding lookup replaced by fn's argument,
-    so influence is measured from the embedding sequence to the logits.
+    so influence is measured from the embedding sequence to the logits. ``fn`` is a
+    ``BoundFn`` carrying (variables, tokens): other tokens or parameters of the same shapes
+    reuse its compiled influence.
     """
     variables = nn.meta.unbox(variables)
-    tokens_1xT = jnp.asarray(tokens_T, jnp.int32)[None]
+    tokens_T = jnp.asarray(tokens_T, jnp.int32)
+    x0 = model.apply(variables, tokens_T[None], method=lambda m, tok: m.embed(tok))[0]
+    return BoundFn(_lm_apply(model), (variables, tokens_T)), x0
 
-    def fn(x_TxD):
-        def swap_embedding(next_fun, args, kwargs, context):
-            if isinstance(context.module, nn.Embed) and context.method_name == "__call__":
-                return x_TxD[None].astype(context.module.dtype or x_TxD.dtype)
-            return next_fun(*args, **kwargs)
 
-        with nn.intercept_methods(swap_embedding):
-            return model.apply(variables, tokens_1xT)[0]
+def lm_influence(model: nn.Module, variables, tokens_BxT, targets_BxN, *, target_chunk: int = 8) -> np.ndarray:
+    """(B, N, T) float64: influence of every input embedding on the logits at ``targets``, per example.
 
-    x0 = model.apply(variables, tokens_1xT, method=lambda m, tok: m.embed(tok))[0]
-    return fn, x0
+    Example b reads ``tokens_BxT[b]``; targets_BxN[b] are its target positions. One compiled
+    program per (model, shapes), vmapped over the B examples.
+    """
+    variables = nn.meta.unbox(variables)
+    tokens = jnp.asarray(tokens_BxT, jnp.int32)
+    x0 = model.apply(variables, tokens, method=lambda m, tok: m.embed(tok))
+    return influence_batch(_lm_apply(model), variables, tokens, x0, targets_BxN, target_chunk=target_chunk)
 
 
 # --------------------------------------------------------------------------------------
@@ -217,17 +376,21 @@ def uniform_mixer(kind: str, d_model: int = 8, *, gamma: float = 0.5, decay: flo
     return module, {"params": _with(params, upd)}
 
 
-def sessa_uniform_closed_form(gamma: float, t_len: int) -> np.ndarray:
-    """g_t, t < t_len: d s_t / d x_0 = g_t * I for ``uniform_mixer('sessa')`` (float64).
+def sessa_uniform_closed_form(gamma: float, t_len: int, source: int = 0) -> np.ndarray:
+    """g_t, t < t_len: d s_t / d x_source = g_t * I for ``uniform_mixer('sessa')`` (float64).
 
     (I - gamma A) s = M x with M[t, tau] = 1/(t+1) (tau <= t) and A[t, tau] = 1/t
-    (tau < t) gives g_t = 1/(t+1) + gamma/t * sum_{tau<t} g_tau, g_0 = 1.
+    (tau < t) gives g_t = [t >= source]/(t+1) + gamma/t * sum_{tau<t} g_tau (g_0 = 1 when
+    source = 0). The Transformer's (forward branch alone) is [t >= source]/(t+1), so the
+    ratio Sessa / Transformer at t is about (t / source)^gamma for a source in the middle,
+    not the (t+1) g_t of source 0.
     """
+    if not 0 <= source < t_len:
+        raise ValueError(f"source must lie in [0, t_len={t_len}); got {source}")
     g = np.zeros(t_len)
-    g[0] = 1.0
-    running = 1.0
-    for t in range(1, t_len):
-        g[t] = 1.0 / (t + 1) + gamma / t * running
+    running = 0.0
+    for t in range(t_len):
+        g[t] = (1.0 / (t + 1) if t >= source else 0.0) + (gamma / t * running if t > 0 else 0.0)
         running += g[t]
     return g
 
@@ -317,7 +480,8 @@ def plot_memory_tails(tails: dict, path: str | None = None):
         ax.loglog(c["lags"], c["influence"], styles.get(name, "o-"), ms=4, label=c["label"])
     ax.set_xlabel("lag l = t - $\\tau$")
     ax.set_ylabel("$\\|\\partial y_t / \\partial x_\\tau\\|_F$")
-    ax.set_title("Influence of a past token on a later output (one layer, VJPs)")
+    ax.set_title("Hand-set weights, one layer, source at position 0 (lag = target position):\n"
+                 "the shapes these mixers can produce, not what trained models do", fontsize=9)
     lows = [c["influence"].min() for c in tails.values()]
     ax.set_ylim(max(min(lows), 1e-12) / 2, None)
     ax.legend(fontsize=8, loc="lower left")

@@ -46,6 +46,43 @@ def test_influence_of_a_whole_model_from_its_embeddings():
     assert np.all(np.triu(got, 1) == 0) and np.all(np.diag(got) > 0)
 
 
+def test_uniform_sessa_from_a_source_in_the_middle_matches_its_closed_form():
+    t_len, source, gamma = 96, 40, 0.5
+    module, variables = an.uniform_mixer("sessa", D, gamma=gamma)
+    x = an.constant_input(t_len, D)
+    got = an.influence(an.layer_fn(module, variables), x, np.arange(source, t_len))[:, source]
+    want = np.sqrt(D) * an.sessa_uniform_closed_form(gamma, t_len, source)[source:]
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert np.array_equal(an.sessa_uniform_closed_form(gamma, t_len), an.sessa_uniform_closed_form(gamma, t_len, 0))
+    # the Sessa / Transformer ratio at t is ~ (t / source)^gamma, not the ~t^gamma of source 0
+    ratio = want[-1] / np.sqrt(D) * t_len  # g_t / (1 / (t + 1)) at t = t_len - 1
+    assert abs(ratio / ((t_len - 1) / source) ** gamma - 1) < 0.05
+
+
+def test_influence_compiles_once_per_shape_and_batches_over_examples():
+    cfg = SessaConfig(d_model=8, n_heads=2, n_layers=1, vocab_size=16, chunk_size=4)
+    model = SessaLM(cfg)
+    toks = jax.random.randint(jax.random.PRNGKey(4), (3, 10), 0, 16)
+    variables = model.init(jax.random.PRNGKey(5), toks[:1])
+    before = an.TRACES["influence"]
+    rows = []
+    for b in range(3):  # new tokens and a new target each call: one trace for the shape
+        fn, x0 = an.lm_fn(model, variables, toks[b])
+        rows.append(an.influence(fn, x0, [9 - b]))
+    assert an.TRACES["influence"] == before + 1
+    other = model.init(jax.random.PRNGKey(6), toks[:1])  # new parameters, same shapes: still no retrace
+    fn, x0 = an.lm_fn(model, other, toks[0])
+    an.influence(fn, x0, [9])
+    assert an.TRACES["influence"] == before + 1
+    # the batched form gives the per-example rows, with one more trace (its own shape)
+    batched = an.lm_influence(model, variables, toks, np.array([[9], [8], [7]]))
+    assert an.TRACES["influence"] == before + 2
+    for b in range(3):
+        np.testing.assert_allclose(batched[b], rows[b], rtol=1e-5, atol=1e-6 * rows[b].max())
+    an.lm_influence(model, variables, toks[::-1], np.array([[5], [6], [7]]))
+    assert an.TRACES["influence"] == before + 2
+
+
 def _profile(kind, t_len=T, lags=LAGS, **kw):
     module, variables = an.uniform_mixer(kind, D, **kw)
     return an.lag_profile(an.layer_fn(module, variables), an.constant_input(t_len, D), lags)

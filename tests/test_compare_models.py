@@ -23,8 +23,9 @@ cm = _load_script()
 
 
 def _lines(path):
+    """The run rows of a results file (reference-line rows have no "kind")."""
     with open(path) as f:
-        return [json.loads(x) for x in f if x.strip()]
+        return [r for r in (json.loads(x) for x in f if x.strip()) if "kind" in r]
 
 
 STOPPED = {}
@@ -37,7 +38,7 @@ def soup_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("compare") / "toy.jsonl")
     with pytest.raises(SystemExit) as stop:
         cm.main(["--scale", "toy", "--out", out, "--tasks", "symbol_soup", "--time-limit", "0"])
-    STOPPED.update(code=stop.value.code, rows=len(cm.read_results(out)), saved=sorted(os.listdir(out + ".runs")))
+    STOPPED.update(code=stop.value.code, rows=len(_lines(out)), saved=sorted(os.listdir(out + ".runs")))
     cm.main(["--scale", "toy", "--out", out, "--tasks", "symbol_soup"])
     return out
 
@@ -113,13 +114,13 @@ def _interrupted_copy(src, dst, drop: int):
         lines = f.read().splitlines()
     with open(dst, "w") as f:
         f.write("\n".join(lines[:-drop]) + "\n" + lines[-drop][:20])
-    return [cm.run_key(json.loads(x)) for x in lines]
+    return [cm.run_key(r) for r in map(json.loads, lines) if "kind" in r]
 
 
 def test_a_torn_last_line_is_ignored_and_closed(soup_run, tmp_path):
     out = str(tmp_path / "partial.jsonl")
     keys = _interrupted_copy(soup_run, out, drop=1)
-    assert [cm.run_key(r) for r in cm.read_results(out)] == keys[:-1]
+    assert [cm.run_key(r) for r in cm.read_results(out) if "kind" in r] == keys[:-1]
     cm._end_with_newline(out)
     with open(out) as f:
         assert f.read().endswith("\n")
@@ -130,7 +131,7 @@ def test_a_rerun_redoes_only_the_missing_runs(soup_run, tmp_path):
     out = str(tmp_path / "partial.jsonl")
     keys = _interrupted_copy(soup_run, out, drop=2)
     cm.compare("toy", out, tasks=("symbol_soup",))
-    assert sorted(cm.run_key(r) for r in cm.read_results(out)) == sorted(keys)
+    assert sorted(cm.run_key(r) for r in cm.read_results(out) if "kind" in r) == sorted(keys)
 
 
 def test_mqar_splits_are_disjoint_and_budgeted():
@@ -168,3 +169,56 @@ def test_accuracy_counts_every_example_when_the_last_batch_is_partial():
     sums = [trainer.eval_sums(params, {k: v[s:s + 4] for k, v in masked.items()}) for s in (0, 4)]
     expect = sum(float(x["correct_sum"]) for x in sums) / sum(float(x["weight_sum"]) for x in sums)
     assert trainer.accuracy(params, first6) == pytest.approx(expect, rel=1e-6)
+
+
+def test_reference_lines_are_written_once_per_cell_and_shown_beside_the_results(soup_run):
+    from sessa_jax.baselines import reference as ref
+
+    lines = cm.scale_lines(soup_run, "toy")
+    assert list(lines) == [("symbol_soup", "40-60")]
+    got = lines[("symbol_soup", "40-60")]
+    scale = cm.SCALES["toy"]
+    data = cm.task_data(scale, "symbol_soup", scale.soup_lengths[0])
+    want = ref.soup_reference_lines(data[cm.SPLIT_TRAIN], data[cm.SPLIT_VALID], data[cm.SPLIT_TEST])
+    assert got == {**{k: pytest.approx(float(v)) for k, v in want.items()}, "test_n": 20}
+    with open(soup_run) as f:  # the rerun of the fixture did not write them again
+        assert sum('"reference"' in x for x in f) == 1
+    summary = cm.summarize(_lines(soup_run), lines)
+    for s in summary:
+        assert s["line_name"] == "unigram" and s["line"] == got["unigram"]
+        err = np.sqrt(s["test_se"] ** 2 + got["unigram"] * (1 - got["unigram"]) / 20)
+        assert s["margin_se"] == pytest.approx((s["test_mean"] - got["unigram"]) / err)
+    text = cm.table(summary, lines)
+    assert "unigram" in text and "markov_oracle" in text and "(mean - line) / SE" in text
+
+
+def test_mqar_reference_lines_are_chance_and_the_no_association_line():
+    from sessa_jax.data.mqar import frequency_baseline
+
+    scale = cm.SCALES["toy"]
+    data = cm.task_data(scale, "mqar", 16)
+    lines = cm.reference_lines(scale, "mqar", data)
+    values = scale.mqar_vocab - scale.mqar_vocab // 2
+    assert lines["chance"] == 1 / values and lines["no_association"] == 1 / scale.mqar_kv_pairs
+    assert lines["no_association_measured"] == frequency_baseline(data[cm.SPLIT_TEST], scale.mqar_kv_pairs)
+    assert lines["test_n"] == scale.mqar_eval * scale.mqar_kv_pairs
+
+
+def test_the_first_seed_saves_its_trained_parameters(soup_run):
+    import jax
+    import jax.numpy as jnp
+
+    from sessa_jax.model import SessaLM
+
+    scale = cm.SCALES["toy"]
+    config = cm.model_configs(scale, "symbol_soup", scale.soup_lengths[0])["sessa"]
+    path = cm.params_path(soup_run, "symbol_soup", "40-60", "sessa", 0.001, 0)
+    assert os.path.exists(path) and not os.path.exists(cm.params_path(soup_run, "symbol_soup", "40-60", "sessa",
+                                                                      0.001, 1))
+    model = SessaLM(config, kind="sessa")
+    like = model.init(jax.random.PRNGKey(0), jnp.zeros((1, config.max_len), jnp.int32))
+    params = cm.load_params(path, like)
+    trainer = cm.Trainer(config, "sessa", scale)
+    data = cm.task_data(scale, "symbol_soup", scale.soup_lengths[0])
+    row = next(r for r in _lines(soup_run) if cm.run_key(r) == ("toy", "symbol_soup", "40-60", "sessa", 0.001, 0))
+    assert trainer.accuracy(params, data[cm.SPLIT_TEST]) == row["test_accuracy"]

@@ -100,3 +100,51 @@ def test_generator_errors_name_the_key():
         ss.SymbolSoupSource(seq_len=64, min_tokens=30, max_tokens=20)
     with pytest.raises(ValueError, match=r"train split size=30 must be a positive multiple of 20"):
         ss.SymbolSoupSource(seq_len=64, min_tokens=40, max_tokens=64, num_records=30)
+
+
+def test_mqar_values_are_distinct_within_a_sequence_unless_asked_otherwise():
+    k = 8
+    distinct = MQARSource(seq_len=64, vocab_size=40, num_kv_pairs=k, seed=5)
+    assert all(len(set(distinct[i]["inputs"][1:2 * k:2].tolist())) == k for i in range(200))
+    # 8 values from 20 with replacement repeat one in most sequences (P(no repeat) ~ 0.18).
+    shared = MQARSource(seq_len=64, vocab_size=40, num_kv_pairs=k, seed=5, distinct_values=False)
+    repeats = [len(set(shared[i]["inputs"][1:2 * k:2].tolist())) < k for i in range(200)]
+    assert 0.5 < np.mean(repeats) < 1.0
+
+
+@pytest.mark.parametrize("k, v", [(1, 4), (3, 3), (4, 2), (4, 16), (5, 7)])
+def test_no_association_closed_form_matches_enumerating_every_value_draw(k, v):
+    import itertools
+
+    from sessa_jax.data.mqar import no_association_accuracy
+
+    # Expected (max value multiplicity) / K over all V^K equally likely draws.
+    exact = np.mean([max(np.bincount(draw)) / k for draw in itertools.product(range(v), repeat=k)])
+    assert no_association_accuracy(k, v, distinct_values=False) == pytest.approx(exact, rel=1e-12)
+    if v >= k:
+        assert no_association_accuracy(k, v) == 1.0 / k
+
+
+@pytest.mark.parametrize("distinct", [True, False])
+def test_frequency_baseline_measured_on_examples_matches_its_closed_form(distinct):
+    from sessa_jax.data.mqar import frequency_baseline, no_association_accuracy
+
+    k, vocab, n = 4, 32, 3000
+    src = MQARSource(seq_len=32, vocab_size=vocab, num_kv_pairs=k, seed=1, split=2, distinct_values=distinct)
+    batch = {key: np.stack([src[i][key] for i in range(n)]) for key in ("inputs", "targets", "weights")}
+    measured = frequency_baseline(batch, k)
+    closed = no_association_accuracy(k, vocab - vocab // 2, distinct_values=distinct)
+    if distinct:
+        assert measured == pytest.approx(closed, rel=1e-12)  # every sequence scores exactly 1/K
+    else:  # a mean of n per-sequence scores in [1/K, 1]: within 5 standard errors
+        assert abs(measured - closed) < 5 * 0.5 / np.sqrt(n)
+
+
+def test_frequency_baseline_on_a_hand_made_sequence():
+    from sessa_jax.data.mqar import frequency_baseline
+
+    # pairs (1, 9) (2, 9) (3, 8): value 9 is the most frequent; queries ask keys 1, 2, 3.
+    inputs = np.array([[1, 9, 2, 9, 3, 8, 1, 0, 2, 0, 3, 0]])
+    targets = np.array([[0, 0, 0, 0, 0, 0, 9, 0, 9, 0, 8, 0]])
+    weights = (targets > 0).astype(np.float32)
+    assert frequency_baseline(dict(inputs=inputs, targets=targets, weights=weights), 3) == pytest.approx(2 / 3)
