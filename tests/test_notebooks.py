@@ -4,7 +4,6 @@ downloaded), the notebook alone in a temporary directory (no scripts/ or results
 the checkout off the path), and notebook 03's clone of the release tag served by a local git
 repository holding that tag (SESSA_JAX_REPO)."""
 
-import glob
 import json
 import os
 import re
@@ -18,6 +17,8 @@ import pytest
 
 import sessa_jax
 from sessa_jax.ops.dispatch import resolve_method
+
+from _processes import build_wheel
 
 nbclient = pytest.importorskip("nbclient")
 
@@ -58,10 +59,7 @@ def test_notebook_is_stripped_and_opens_with_badge_and_pinned_install(name):
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     """This checkout's wheel, unpacked into a site directory (what pip would install)."""
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
-                    ROOT], check=True, capture_output=True, timeout=600)
-    (whl,) = glob.glob(str(out / "*.whl"))
+    whl = build_wheel(ROOT, tmp_path_factory.mktemp("wheel"))
     site = tmp_path_factory.mktemp("site")
     zipfile.ZipFile(whl).extractall(site)
     return str(site)

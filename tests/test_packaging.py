@@ -15,6 +15,8 @@ import pytest
 
 import sessa_jax
 
+from _processes import build_wheel
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYPROJECT = tomllib.load(open(os.path.join(REPO, "pyproject.toml"), "rb"))
 # import name -> distribution name, where they differ
@@ -40,11 +42,7 @@ def _third_party_imports() -> set:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
-                    REPO], check=True, capture_output=True, timeout=1800)
-    (whl,) = glob.glob(str(out / "*.whl"))
-    return whl
+    return build_wheel(REPO, tmp_path_factory.mktemp("wheel"))
 
 
 def test_wheel_ships_configs_scripts_license_and_version(wheel, tmp_path):

@@ -24,6 +24,7 @@ from sessa_jax.train import workdir as wd
 from sessa_jax.train.config import load_config
 from sessa_jax.train.metrics import read_jsonl
 
+from _processes import wait_for
 from _gcs_emulator import UNSET, Emulator, EmulatorUnavailable, client_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,13 +89,6 @@ def _start(gcs, cwd, workdir, extra=()):
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait(proc, predicate, timeout=600):
-    t0 = time.monotonic()
-    while not predicate():
-        assert proc.poll() is None, f"run ended early:\n{proc.stdout.read()}"
-        assert time.monotonic() - t0 < timeout, "timed out waiting for the run"
-        time.sleep(0.2)
-
 
 def _losses(path):
     return {r["step"]: r["loss"] for r in read_jsonl(path) if "loss" in r}
@@ -109,7 +103,7 @@ def test_sigkill_then_resume_from_a_bucket_is_bit_identical(gcs, tmp_path):
     url = f"gs://{BUCKET}/run"
     proc = _start(gcs, cwd, url, ["train.step_delay_s=0.25"])
     try:
-        _wait(proc, lambda: bool(_committed_steps("run")))
+        wait_for(proc, lambda: bool(_committed_steps("run")))
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

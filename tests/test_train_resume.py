@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -13,6 +12,8 @@ from sessa_jax.train import checkpoint as ckpt
 from sessa_jax.train import loop
 from sessa_jax.train.config import load_config
 from sessa_jax.train.metrics import read_jsonl
+
+from _processes import wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["train.steps=40", "checkpoint.every=10", "train.progress=False", "checkpoint.async_save=True"]
@@ -29,13 +30,6 @@ def _complete_steps(workdir):
     return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if os.path.isdir(d) else []
 
 
-def _wait(proc, predicate, timeout=900):
-    t0 = time.time()
-    while not predicate():
-        assert proc.poll() is None, f"run ended early:\n{proc.stdout.read()}"
-        assert time.time() - t0 < timeout, "timed out waiting for the run"
-        time.sleep(0.05)
-
 
 def _losses_by_step(workdir):
     return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r}
@@ -47,7 +41,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
 
     killed = str(tmp_path / "killed")
     proc = _start(killed, ["train.step_delay_s=0.1"])
-    _wait(proc, lambda: len(_complete_steps(killed)) >= 1 and _complete_steps(killed)[-1] >= 10)
+    wait_for(proc, lambda: len(_complete_steps(killed)) >= 1 and _complete_steps(killed)[-1] >= 10)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     n = _complete_steps(killed)[-1]
@@ -68,7 +62,7 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
     workdir = str(tmp_path / "term")
     proc = _start(workdir, ["train.step_delay_s=0.1", "train.steps=400", "model.kind=transformer"])
     metrics = os.path.join(workdir, "metrics.jsonl")
-    _wait(proc, lambda: os.path.exists(metrics) and len(open(metrics).readlines()) >= 12)
+    wait_for(proc, lambda: os.path.exists(metrics) and len(open(metrics).readlines()) >= 12)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
