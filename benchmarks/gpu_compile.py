@@ -364,17 +364,28 @@ def optimized_hlo(compiled) -> str:
         return compiled.as_text()
 
 
-def solve_tier(precision: str) -> str:
-    """The tier a bf16 solve runs on a GPU at ``precision`` ("auto": the library's rule)."""
+def solve_tier(precision: str, platform: str = "gpu") -> str:
+    """The tier a bf16 solve runs on ``platform`` at ``precision`` ("auto": the library's rule)."""
     if precision != "auto":
         return precision
     import jax.numpy as jnp
 
     from sessa_jax.ops.precision import resolve_precision
     try:
-        return resolve_precision("auto", "gpu", jnp.bfloat16)
+        return resolve_precision("auto", platform, jnp.bfloat16)
     except TypeError:  # older checkouts: a rule by platform alone
-        return resolve_precision("auto", "gpu")
+        return resolve_precision("auto", platform)
+
+
+def add_solve_options(p: argparse.ArgumentParser, static_span_scope: str) -> None:
+    """The solve's --precision, --packed and --static-span, shared by the GPU and TPU compile reports."""
+    p.add_argument("--precision", default="auto", choices=["auto", "float32", "bf16x3", "bfloat16"],
+                   help="the solve's tier (feedback_precision of the layers); auto: the library's rule for bf16")
+    p.add_argument("--packed", action="store_true",
+                   help="give the solve segment ids (one segment: the masked path) instead of None")
+    p.add_argument("--static-span", type=int, default=None,
+                   help=f"the static span of {static_span_scope} (fenwick.PushSchedule; 0: every push in the loop); "
+                        "default: the library's rule (fenwick.auto_static_span)")
 
 
 def programs(b: int, t: int, d: int, h: int, leaf: int, tile: int | None, kernels: str = "xla",
@@ -445,16 +456,10 @@ def main(argv=None) -> None:
                    help="tile of the wide blocks, in the solve and the layers (default: ops.dispatch.recursive_tile)")
     p.add_argument("--programs", nargs="+", default=["solve-fwd", "solve-f+b", "attention-fwd", "attention-f+b",
                                                      "sessa-layer-f+b", "transformer-layer-f+b"])
-    p.add_argument("--precision", default="auto", choices=["auto", "float32", "bf16x3", "bfloat16"],
-                   help="the solve's tier (feedback_precision of the layers); auto: the library's rule for bf16")
+    add_solve_options(p, "the solve and the layers")
     p.add_argument("--gpu-bf16x3", choices=["split", "preset"], default=None, help="default: precision.GPU_BF16X3")
     p.add_argument("--kernels", choices=["xla", "pallas"], default="xla",
                    help="pallas: the Mosaic GPU statistics kernel (D a multiple of 64 up to 256)")
-    p.add_argument("--packed", action="store_true",
-                   help="give the solve segment ids (one segment: the masked path) instead of None")
-    p.add_argument("--static-span", type=int, default=None,
-                   help="the static span of the solve and the layers (fenwick.PushSchedule; 0: every push in the "
-                        "loop); default: the library's rule (fenwick.auto_static_span)")
     p.add_argument("--launch-us", type=float, default=4.0)
     p.add_argument("--top", type=int, default=0, help="also list the kernels moving the most bytes")
     p.add_argument("--dump", type=pathlib.Path, default=None, help="write each optimized HLO here")

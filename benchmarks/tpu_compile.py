@@ -58,19 +58,16 @@ def vmem_check(sharding) -> str:
 
 
 def main(argv=None) -> None:
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    from gpu_compile import add_solve_options, optimized_hlo, solve_tier, static_span_rule
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--topology", default="v5e:1x1", help="a jax.experimental.topologies name")
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=[(8, 8192, 1024), (1, 65536, 1024)],
                    help="B,T,D of each run")
     p.add_argument("--kernels", nargs="+", default=["xla", "pallas"], choices=["xla", "pallas"])
     p.add_argument("--leaf", type=int, default=512)
-    p.add_argument("--precision", default="auto", choices=["auto", "float32", "bf16x3", "bfloat16"],
-                   help="the solve's tier; auto: the library's rule for bf16 compute on a TPU")
-    p.add_argument("--packed", action="store_true",
-                   help="give the solve segment ids (one segment: the masked path) instead of None")
-    p.add_argument("--static-span", type=int, default=None,
-                   help="the solve's static span (fenwick.PushSchedule; 0: every push in the loop); default: the "
-                        "library's rule (fenwick.auto_static_span)")
+    add_solve_options(p, "the solve")
     p.add_argument("--dump", type=pathlib.Path, default=None, help="write each optimized HLO here")
     args = p.parse_args(argv)
 
@@ -88,17 +85,8 @@ def main(argv=None) -> None:
     from sessa_jax.ops._recursive import recursive_feedback_solve
     from sessa_jax.ops.dispatch import recursive_tile
 
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-    from gpu_compile import optimized_hlo, static_span_rule
-
     sharding = NamedSharding(Mesh(np.array(topo.devices[:1]), ("x",)), PartitionSpec())  # one chip
-    tier = args.precision
-    if tier == "auto":
-        from sessa_jax.ops.precision import resolve_precision
-        try:
-            tier = resolve_precision("auto", "tpu", jnp.bfloat16)
-        except TypeError:  # older checkouts: a rule by platform alone
-            tier = resolve_precision("auto", "tpu")
+    tier = solve_tier(args.precision, "tpu")
     print(f"# VMEM check: {vmem_check(sharding)}")
     print(f"# deviceless TPU compile, topology {args.topology} ({topo.devices[0].device_kind}), jax {jax.__version__}, "
           f"solve forward + backward, bf16 q/k/f, precision {args.precision} ({tier}), leaf {args.leaf}, segment ids: "
