@@ -13,7 +13,7 @@ FLOP formula (model FLOPs of one layer, matmuls only, causal halves counted once
     sessa extra  = 2 B T D * 2D [W_fb]  +  2 B T^2 D [feedback logits + A s, strict past]
     attention    = 2 B T^2 D [q k^T + p v over heads, causal half]
     fwd+bwd      = 3 x forward (the usual convention; the feedback backward really costs
-                   ~3.5x its forward, see shared/KERNELS.md 2.3, so this understates work).
+                   ~3.5x its forward, so this understates work).
 Achieved TFLOP/s = FLOPs / time; "% peak" divides by the matmul peak measured here.
 
 GPU run (scripts/accelerator_check.sh; its measured tables are in the README):
