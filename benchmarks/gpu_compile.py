@@ -317,14 +317,14 @@ def _wide_trips(sched) -> tuple[float, float]:
 
 
 def static_span_rule(static_span: int | None):
-    """Context in which the solve's default static span (``fenwick.auto_static_span``, as the
+    """Context in which the solve's default static span (``schedule.auto_static_span``, as the
     solve and the layers resolve it) is ``static_span`` (0: none, every push in the loop);
     None: the library's own rule."""
     import contextlib
 
     if static_span is None:
         return contextlib.nullcontext()
-    return unittest.mock.patch("sessa_jax.ops._recursive.auto_static_span", lambda n, tile_leaves: static_span or None)
+    return unittest.mock.patch("sessa_jax.ops.solve.recursive.auto_static_span", lambda n, tile_leaves: static_span or None)
 
 
 def wide_tile_trips(t: int, leaf: int, tile: int | None, static_span=None, b: int = 0, d: int = 0):
@@ -333,7 +333,7 @@ def wide_tile_trips(t: int, leaf: int, tile: int | None, static_span=None, b: in
     pushes every wide block, the forward's and backward's only those ``static_span`` leaves
     there; with ``b`` and ``d`` given and the two differing, a function of a loop's type that
     tells them apart (the pushes carry a float32 (B, Tp, D) buffer, the statistics pass not)."""
-    from sessa_jax.ops._recursive import RecursivePlan
+    from sessa_jax.ops.solve.recursive import RecursivePlan
     from sessa_jax.ops.dispatch import recursive_tile
 
     with static_span_rule(static_span):
@@ -370,7 +370,7 @@ def solve_tier(precision: str, platform: str = "gpu") -> str:
         return precision
     import jax.numpy as jnp
 
-    from sessa_jax.ops.precision import resolve_precision
+    from sessa_jax.ops.solve.precision import resolve_precision
     try:
         return resolve_precision("auto", platform, jnp.bfloat16)
     except TypeError:  # older checkouts: a rule by platform alone
@@ -384,8 +384,8 @@ def add_solve_options(p: argparse.ArgumentParser, static_span_scope: str) -> Non
     p.add_argument("--packed", action="store_true",
                    help="give the solve segment ids (one segment: the masked path) instead of None")
     p.add_argument("--static-span", type=int, default=None,
-                   help=f"the static span of {static_span_scope} (fenwick.PushSchedule; 0: every push in the loop); "
-                        "default: the library's rule (fenwick.auto_static_span)")
+                   help=f"the static span of {static_span_scope} (schedule.PushSchedule; 0: every push in the loop); "
+                        "default: the library's rule (schedule.auto_static_span)")
 
 
 def programs(b: int, t: int, d: int, h: int, leaf: int, tile: int | None, kernels: str = "xla",
@@ -397,7 +397,7 @@ def programs(b: int, t: int, d: int, h: int, leaf: int, tile: int | None, kernel
     import jax
     import jax.numpy as jnp
 
-    from sessa_jax.ops._recursive import recursive_feedback_solve
+    from sessa_jax.ops.solve.recursive import recursive_feedback_solve
     from sessa_jax.ops.dispatch import recursive_tile
 
     tile = tile or recursive_tile(t, leaf)
@@ -457,7 +457,6 @@ def main(argv=None) -> None:
     p.add_argument("--programs", nargs="+", default=["solve-fwd", "solve-f+b", "attention-fwd", "attention-f+b",
                                                      "sessa-layer-f+b", "transformer-layer-f+b"])
     add_solve_options(p, "the solve and the layers")
-    p.add_argument("--gpu-bf16x3", choices=["split", "preset"], default=None, help="default: precision.GPU_BF16X3")
     p.add_argument("--kernels", choices=["xla", "pallas"], default="xla",
                    help="pallas: the Mosaic GPU statistics kernel (D a multiple of 64 up to 256)")
     p.add_argument("--launch-us", type=float, default=4.0)
@@ -474,15 +473,12 @@ def main(argv=None) -> None:
                  f"install the CUDA plugin: pip install 'jax[cuda13]'")
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from sessa_jax.ops import dispatch, precision
+    from sessa_jax.ops import dispatch
     tile_rule = dispatch.recursive_tile if args.tile is None else (lambda length, leaf: args.tile)
-    if args.gpu_bf16x3:
-        precision.GPU_BF16X3 = args.gpu_bf16x3
-    gpu_bf16x3 = getattr(precision, "GPU_BF16X3", "preset")  # older checkouts: always the preset
     sharding = NamedSharding(topologies.make_mesh(topo, (1,), ("x",)), PartitionSpec())
     table = programs(args.B, args.T, args.D, args.H, args.leaf, args.tile, args.kernels, args.packed, args.precision)
     print(f"# XLA GPU compile for an H100 (deviceless), jax {jax.__version__}, B={args.B} T={args.T} D={args.D} "
-          f"H={args.H} bf16, leaf {args.leaf}, precision {args.precision} ({solve_tier(args.precision)}), bf16x3 on GPU: {gpu_bf16x3}, kernels {args.kernels}, "
+          f"H={args.H} bf16, leaf {args.leaf}, precision {args.precision} ({solve_tier(args.precision)}), kernels {args.kernels}, "
           f"static span {'default' if args.static_span is None else args.static_span}, "
           f"solve segment ids: {'one segment (masked)' if args.packed else 'None'}")
     print("| program | launches | in loops | GEMM TF | GEMM GB | other GB | exp in GEMM | roofline ms | HBM temp | x - x "

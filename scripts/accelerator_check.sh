@@ -58,16 +58,16 @@ device_info() {
 }
 
 # The solve's forward + backward per path: segment ids None (no segment mask) vs one segment
-# (the masked path), the loop schedule vs the static one (fenwick.auto_static_span),
+# (the masked path), the loop schedule vs the static one (schedule.auto_static_span),
 # each timed (mean of 5 calls after a warm-up) and its s and gradients compared with the first
 # path's (relative Frobenius error). Sizes from the environment (B, T, D, LEAF).
 paths_script() {
   cat <<'PY'
 import os, sys, time
 import jax, jax.numpy as jnp
-from sessa_jax.ops._recursive import RecursivePlan, recursive_feedback_solve
+from sessa_jax.ops.solve.recursive import RecursivePlan, recursive_feedback_solve
 from sessa_jax.ops.dispatch import recursive_tile
-from sessa_jax.ops.precision import resolve_precision
+from sessa_jax.ops.solve.precision import resolve_precision
 
 b, t, d, leaf = (int(os.environ[k]) for k in ("B", "T", "D", "LEAF"))
 tile = recursive_tile(t, leaf)
@@ -121,7 +121,6 @@ run_paths() {
 run_quick() {
   device_info
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
-  run 200 bf16x3_split.txt "$py" scripts/gpu_bf16x3_split_check.py
   run 250 quick_layer.txt "$py" "${layer[@]}" --T 8192 --solvers recursive --iters 5 --warmup 2 \
     --json "$out/quick_layer.json"
 }
@@ -140,9 +139,6 @@ run_solve() {
     run 200 solve.txt "$py" benchmarks/feedback_solve.py --ops "$1" --methods "${@:2}" --B 8 --D 1024 --H 8 \
       --dtype bfloat16 --T 8192 --reps 5 --reps-large 5
   done
-  if [ -n "$dry" ] || command -v nvidia-smi >/dev/null; then
-    run 200 bf16x3_split.txt "$py" scripts/gpu_bf16x3_split_check.py
-  fi
 }
 
 run_layer() {

@@ -6,8 +6,7 @@ recomputes each tile from the saved log-sum-exp, keeps dq_i in the loop carry an
 dv into their tile's rows in place. Grouped-query attention views q as (B, Hkv, G, T, K).
 
 Written for the CPU, where this is the attention every method but "dense" runs, and where
-the elementwise passes over the logits, not the products, set the speed
-(benchmarks/vs_reference.py measures it inside the whole layer):
+the elementwise passes over the logits, not the products, set the speed:
 * tiles small enough to stay in cache for those passes;
 * heads-major layouts, (B, Hkv, [G,] T, K), made once, so the batched products read keys and
   values in place;
@@ -27,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sessa_jax.ops._blocked import BlockedPlan
+from sessa_jax.ops.solve.blocked import BlockedPlan
 from sessa_jax.ops.masks import PAD_SEGMENT, pad_time, prefix_mask, row_dot
 
 _HI = lax.Precision.HIGHEST
@@ -132,9 +131,7 @@ def _backward(plan: BlockedPlan, res, d_out):
 # Panel schedule: query chunk i attends to its whole causal prefix, keys [0, (i + 1) C), in
 # one (C, (i + 1) C) product per head, with an exact (not online) softmax. The chunks are
 # unrolled in Python (static shapes), so each panel is one large op instead of a loop of
-# i + 1 small tiles: on CPU this halves attention's forward + backward time for small
-# problems (B=1, H=4, T<=512; benchmarks/blocked_chunks.py) where per-tile overheads
-# dominate. Panels hold (B, Hkv, G, C, <=T) logits, so callers keep it to short sequences.
+# i + 1 small tiles, for small problems where per-tile overheads dominate. Panels hold (B, Hkv, G, C, <=T) logits, so callers keep it to short sequences.
 
 
 def _panel(q, k, i: int, c: int, seg):
