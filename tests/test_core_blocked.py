@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _parity import rel_err
+from tests.support.parity import rel_err
 
 from sessa_jax import SessaConfig, SessaLayer
 from sessa_jax.ops import causal_attention, feedback_solve

@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 import pytest
-from _parity import rel_err
+from tests.support.parity import rel_err
 from jax import lax
 
 from sessa_jax.ops.trsolve import unit_lower_inverse, unit_lower_solve

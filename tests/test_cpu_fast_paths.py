@@ -12,7 +12,7 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
-from _parity import SEGMENTS_37, output_and_grads, rel_err
+from tests.support.parity import SEGMENTS_37, output_and_grads, rel_err
 
 from sessa_jax.ops import causal_attention, feedback_solve
 

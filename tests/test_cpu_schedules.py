@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _parity import SEGMENTS_37, output_and_grads, rel_err
+from tests.support.parity import SEGMENTS_37, output_and_grads, rel_err
 
 from sessa_jax import SessaConfig, SessaLayer
 from sessa_jax.ops import causal_attention, feedback_solve

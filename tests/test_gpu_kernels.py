@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _kernel_inputs import kernel_segments, normal
+from tests.support.kernel_inputs import kernel_segments, normal
 
 from sessa_jax.ops import gpu_kernels as gk
 from sessa_jax.ops.fenwick import PushSchedule

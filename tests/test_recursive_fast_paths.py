@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _parity import rel_err
+from tests.support.parity import rel_err
 
 from sessa_jax.ops import feedback_solve
 from sessa_jax.ops._recursive import recursive_feedback_solve
