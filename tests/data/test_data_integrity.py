@@ -139,7 +139,7 @@ def test_the_manifest_records_the_tokenizer_rows_and_each_shard(tmp_path):
 
 @pytest.fixture(scope="module")
 def spm_path(tmp_path_factory):
-    pytest.importorskip("sentencepiece")
+    pytest.importorskip("sentencepiece", reason="sentencepiece tokenizers need the sentencepiece package")
     from sessa_jax.data.tokenizers import train_sentencepiece
 
     d = tmp_path_factory.mktemp("spm")

@@ -41,7 +41,7 @@ def _reference_dir():
 
 def _published():
     """The published package ``sessa`` loaded by path (never copied into the project)."""
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="interop with the published layer needs torch (`make test-interop`)")
     ref = _reference_dir()
     if ref is None:
         pytest.skip("the published PyTorch code is not available (set SESSA_REFERENCE_DIR)")

@@ -20,7 +20,7 @@ from sessa_jax.ops.dispatch import resolve_method
 
 from tests.support.processes import TIMEOUT_S, build_wheel
 
-nbclient = pytest.importorskip("nbclient")
+nbclient = pytest.importorskip("nbclient", reason="running the notebooks needs nbclient (the test extra)")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NB_DIR = os.path.join(ROOT, "notebooks")

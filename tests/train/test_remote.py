@@ -79,13 +79,15 @@ def _committed_steps(run: str) -> list[int]:
     return sorted(int(m.group(1)) for m in map(pattern.match, _objects(f"{run}/checkpoints/")) if m)
 
 
-def _start(gcs, cwd, workdir, extra=()):
+def _start(gcs, cwd, workdir, step_delay_s=None):
     env = {k: v for k, v in os.environ.items() if k not in UNSET}
     # Every program goes to the compilation cache, however fast it compiled: the test sees it in the bucket.
     env.update(gcs["env"], JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config=tiny", f"--workdir={workdir}",
-           *[f"--config.{a}" for a in (*ARGS, *extra)]]
+    # tests/support/slow_train.py is train.py sleeping step_delay_s after each step.
+    script = ([os.path.join(REPO, "train.py")] if step_delay_s is None
+              else [os.path.join(REPO, "tests", "support", "slow_train.py"), str(step_delay_s)])
+    cmd = [sys.executable, *script, "--config=tiny", f"--workdir={workdir}", *[f"--config.{a}" for a in ARGS]]
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -101,7 +103,7 @@ def test_sigkill_then_resume_from_a_bucket_is_bit_identical(gcs, tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     url = f"gs://{BUCKET}/run"
-    proc = _start(gcs, cwd, url, ["train.step_delay_s=0.25"])
+    proc = _start(gcs, cwd, url, step_delay_s=0.25)
     try:
         wait_for(proc, lambda: bool(_committed_steps("run")))
     finally:

@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import re
+import shlex
 import struct
 import sys
 import types
@@ -12,6 +13,7 @@ import types
 import numpy as np
 import pytest
 
+from sessa_jax.cli import sample_main
 from sessa_jax.train import loop, report
 from sessa_jax.train.config import load_config
 from sessa_jax.train.metrics import read_jsonl
@@ -60,6 +62,34 @@ def test_startup_summary_and_eval_line(text_run):
     assert "1 process(es)" in head and "mesh data=1 x fsdp=1 x tensor=1" in head
     assert "tokens/step 128" in head and "start step 0 (fresh" in head and os.path.abspath(workdir) in head
     assert any(line.startswith("eval @ 4:") and "bits/byte" in line for line in lines)
+
+
+def test_a_finished_run_says_what_acc_means_where_it_is_and_what_to_run_next(tmp_path, capsys):
+    cfg = load_config("tiny", ["train.steps=3", "optim.warmup_steps=1", "train.progress=False", "checkpoint.every=0"])
+    workdir = str(tmp_path / "run")
+    lines = []
+    loop.train(cfg, workdir, log=lines.append)
+    m = cfg.data.mqar
+    values = m.vocab_size - m.vocab_size // 2  # MQAR's values are the upper half of the ids
+    text = "\n".join(lines)
+    assert f"chance {1 / values:.3f} (1 of {values} values)" in text
+    assert f"{1 / m.num_kv_pairs:.3f} for a model that knows the context's values" in text  # distinct values
+    assert f"run: {workdir} (checkpoints/ up to step 3," in text
+    assert re.search(rf"^next: \S*sessa-eval\S* --run {re.escape(workdir)}$", text, re.M), text
+    sample = next(line for line in lines if "sessa-sample" in line)
+    query = re.search(r'--prompt "([\d ]+)" .*# key (\d+) -> its value (\d+)$', sample)
+    ids, key, value = [int(t) for t in query.group(1).split()], int(query.group(2)), int(query.group(3))
+    context = ids[:-3]  # the pairs, then "0 0" and one of their keys, as a query position reads
+    assert ids[-3:] == [0, 0, key] and len(context) == 2 * m.num_kv_pairs
+    assert context[0::2].index(key) == context[1::2].index(value)  # the value the comment names is the key's
+    command = shlex.split(sample.split("#")[0])
+    assert sample_main(command[command.index("--run"):]) == 0  # runs as printed against this run
+    assert capsys.readouterr().out.split()[:len(ids)] == [str(t) for t in ids]
+
+    again = []  # the same command on the finished workdir trains nothing and says so
+    assert loop.train(cfg, workdir, log=again.append).step == 3
+    assert any(line.startswith(f"already finished: {workdir} holds step 3 of train.steps=3") for line in again)
+    assert not any(line.startswith("done:") for line in again), again
 
 
 def test_metrics_keys_in_jsonl_and_tensorboard(text_run):

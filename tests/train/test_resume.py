@@ -16,11 +16,12 @@ from sessa_jax.train.metrics import read_jsonl
 from tests.support.processes import TIMEOUT_S, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SLOW_TRAIN = os.path.join(REPO, "tests", "support", "slow_train.py")  # train.py, sleeping after each step
 ARGS = ["train.steps=40", "checkpoint.every=10", "train.progress=False", "checkpoint.async_save=True"]
 
 
-def _start(workdir, extra=()):
-    cmd = [sys.executable, "train.py", "--config=tiny", f"--workdir={workdir}",
+def _start(workdir, extra=(), step_delay_s=0.1):
+    cmd = [sys.executable, SLOW_TRAIN, str(step_delay_s), "--config=tiny", f"--workdir={workdir}",
            *[f"--config.{a}" for a in (*ARGS, *extra)]]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -40,7 +41,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     loop.train(load_config("tiny", ARGS), reference, log=lambda s: None)
 
     killed = str(tmp_path / "killed")
-    proc = _start(killed, ["train.step_delay_s=0.1"])
+    proc = _start(killed)
     wait_for(proc, lambda: len(_complete_steps(killed)) >= 1 and _complete_steps(killed)[-1] >= 10)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -60,7 +61,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
 
 def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
     workdir = str(tmp_path / "term")
-    proc = _start(workdir, ["train.step_delay_s=0.1", "train.steps=400", "model.kind=transformer"])
+    proc = _start(workdir, ["train.steps=400", "model.kind=transformer"])
     metrics = os.path.join(workdir, "metrics.jsonl")
     wait_for(proc, lambda: os.path.exists(metrics) and len(open(metrics).readlines()) >= 12)
     proc.send_signal(signal.SIGTERM)
