@@ -21,7 +21,7 @@ import pytest
 from sessa_jax.ops import dispatch
 from sessa_jax.ops.solve import precision
 
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+BENCH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import jaxpr_work  # noqa: E402
 import solve_accuracy  # noqa: E402

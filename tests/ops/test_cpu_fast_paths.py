@@ -1,10 +1,10 @@
 """The CPU fast paths (tiled blocked attention and solve) against the dense oracles.
 
-Covers what tests/test_core_blocked.py does not: attention without segment ids (the
+Covers what tests/ops/test_blocked.py does not: attention without segment ids (the
 position-only mask), tiles in which whole rows are masked by segments (empty rows in the
 middle of the sequence, padding id 0, one-token segments), lengths that are not a multiple
 of the tile, and memory at T=32768. (The whole layer on these paths is checked against the
-published layer by tests/test_core_fixtures.py.)
+published layer by tests/model/test_fixtures.py.)
 """
 
 import re
