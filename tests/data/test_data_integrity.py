@@ -1,4 +1,4 @@
-"""Data integrity (problem 3): no silent corpus truncation, a safe ``prepare``, every shard's seq_len checked."""
+"""Data integrity: no silent corpus truncation, a safe ``prepare``, every shard's seq_len checked."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""Input checks (problems 6 and 7): out-of-range token ids, NaN temperature, non-float layer
+"""Input checks: out-of-range token ids, NaN temperature, non-float layer
 input, T=0, and an eager layer-level decode step past the end of the cache."""
 
 import jax

@@ -1,4 +1,4 @@
-"""PyTorch interop (problem 8): strict state-dict loading both ways against the published layer.
+"""PyTorch interop: strict state-dict loading both ways against the published layer.
 
 The numpy-side tests always run. The torch-side tests need torch and the published code
 (LibratioAI/sessa, found at $SESSA_REFERENCE_DIR or ../shared/reference next to the

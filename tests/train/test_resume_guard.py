@@ -1,5 +1,5 @@
-"""Resume guards: the saved config is compared (problem 1), the data position is in examples,
-and a damaged latest checkpoint falls back to the newest one that restores and verifies (problem 2)."""
+"""Resume guards: the saved config is compared, the data position is in examples, and a damaged
+latest checkpoint falls back to the newest one that restores and verifies."""
 
 import json
 import os
@@ -112,7 +112,7 @@ def test_an_allowed_batch_size_change_resumes_at_the_same_example(finished, tmp_
     assert saved["data"]["batch_size"] == 4
 
 
-# ---- problem 2: damaged checkpoints ----
+# ---- damaged checkpoints ----
 
 def _largest(directory):
     files = [os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs]

@@ -1,4 +1,4 @@
-"""Workdir guards (problem 4): one run per workdir, writable checkpoints, a torn metrics line,
+"""Workdir guards: one run per workdir, writable checkpoints, a torn metrics line,
 no duplicate final eval, and clean messages from train.py for errors found after start-up."""
 
 import importlib.util
