@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests.support.kernel_inputs import kernel_segments, normal
+from _kernel_inputs import kernel_segments, normal
 
 from sessa_jax.ops import feedback_solve
 from sessa_jax.ops.solve import block_product_tpu, row_stats_tpu
@@ -23,7 +23,7 @@ B, D = 2, 128
 def interpret(request):
     """The kernels' ``interpret`` argument, and a check to call after running them.
 
-    "plain": Pallas interpret mode. "tpu": TPU interpret mode, strict enough to catch what a TPU would:
+    "plain": Pallas interpret mode. "tpu": TPU interpret mode:
     VMEM scratch filled with NaN (an accumulator read before it is set turns the output NaN),
     two simulated cores sharing the "parallel" grid axes, and the race detector, which the
     check consults (a block written by both cores is a race).
