@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _kernel_inputs import kernel_segments, normal
+from tests.support.kernel_inputs import kernel_segments, normal
 
 from sessa_jax.ops import feedback_solve
 from sessa_jax.ops.solve import block_product_tpu, row_stats_tpu
