@@ -34,5 +34,7 @@ def slowed(make_train_step, delay_s: float):
 
 if __name__ == "__main__":
     delay_s = float(sys.argv[1])
+    # The loop builds its step with this name; if it ever stops doing so, fail here, not slowly later.
+    assert callable(getattr(loop, "make_train_step", None)), "sessa_jax.train.loop.make_train_step is gone"
     loop.make_train_step = slowed(loop.make_train_step, delay_s)
     sys.exit(train_main(sys.argv[2:]))
