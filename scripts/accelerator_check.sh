@@ -14,7 +14,7 @@
 #          schedule (time, and agreement with the first path); the whole layer vs the
 #          Transformer layer at B=8, T=8192, D=1024, H=8, bf16 (the 2.0x yardstick); and the
 #          layer at B=1, T=65536 (it must run)
-#   tests  device info; the recursive solve's tests (tests/test_recursive_solve.py, without the
+#   tests  device info; the recursive solve's tests (tests/ops/test_recursive.py, without the
 #          pure-Python schedule cases) and the attention-backend tests, compiled on the device
 #   solve  the solve alone (recursive) next to causal attention (cuDNN / splash) at B=8,
 #          T=8192, D=1024, bf16; on a GPU also the bf16x3 split vs XLA's preset (accuracy, time)
@@ -127,8 +127,8 @@ run_quick() {
 
 run_tests() {
   device_info
-  run 280 pytest.txt "$py" -m pytest -x -q -p no:cacheprovider tests/test_recursive_solve.py \
-    tests/test_pallas_attention.py -k "not schedule"
+  run 280 pytest.txt "$py" -m pytest -x -q -p no:cacheprovider tests/ops/test_recursive.py \
+    tests/ops/test_attention_backends.py -k "not schedule"
 }
 
 run_solve() {
@@ -156,8 +156,8 @@ run_report() {
   device_info
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
   # the solve's bf16 accuracy tests and its fast paths against the general ones, on the device
-  run 140 report_pytest.txt "$py" -m pytest -q -p no:cacheprovider tests/test_recursive_fast_paths.py \
-    tests/test_recursive_bf16_accuracy.py -k "not cover"
+  run 140 report_pytest.txt "$py" -m pytest -q -p no:cacheprovider tests/ops/test_recursive_fast_paths.py \
+    tests/ops/test_recursive_bf16_accuracy.py -k "not cover"
   run_paths
   run 150 report_layer.txt "$py" "${layer[@]}" --T 8192 --solvers recursive --iters 5 --warmup 2 \
     --json "$out/report_layer.json"

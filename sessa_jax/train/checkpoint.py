@@ -201,10 +201,13 @@ def restore(manager: ocp.CheckpointManager, abstract: TrainState, iterator, step
 def restore_config(directory: str, step: int | None = None, log=print) -> dict:
     """The resolved run config saved with a checkpoint (by default the newest that reads)."""
     manager = make_manager(directory, async_save=False)
-    _require_step(manager, directory, step)
-    steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
-    return _first_good(manager, steps, lambda s: manager.restore(
-        s, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config, log, set_aside=False)
+    try:
+        _require_step(manager, directory, step)
+        steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+        return _first_good(manager, steps, lambda s: manager.restore(
+            s, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config, log, set_aside=False)
+    finally:
+        manager.close()
 
 
 def restore_params(directory: str, abstract_params=None, step: int | None = None, log=print):
@@ -215,8 +218,6 @@ def restore_params(directory: str, abstract_params=None, step: int | None = None
     ``step``, the newest step whose params restore and verify (nothing is moved).
     """
     manager = make_manager(directory, async_save=False)
-    _require_step(manager, directory, step)
-    steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
     arg = ocp.args.StandardRestore(abstract_params) if abstract_params is not None else ocp.args.StandardRestore()
 
     def attempt(s):
@@ -226,7 +227,12 @@ def restore_params(directory: str, abstract_params=None, step: int | None = None
             _verify("params", params, saved_fps["params"])
         return params
 
-    return _first_good(manager, steps, attempt, log, set_aside=False)
+    try:
+        _require_step(manager, directory, step)
+        steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+        return _first_good(manager, steps, attempt, log, set_aside=False)
+    finally:
+        manager.close()  # its threads and handlers, also when no step restores
 
 
 def _require_step(manager, directory, step):

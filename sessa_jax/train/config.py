@@ -74,7 +74,6 @@ def base_config() -> mc.ConfigDict:
     ))
     c.train = mc.ConfigDict(dict(
         steps=100, seed=0, log_every=10, eval_every=0, eval_batches=4, progress=True,
-        step_delay_s=0.0,  # testing aid: sleep after each step so a test can interrupt a run mid-way
         allow_config_change="",  # comma-separated keys that may differ from the checkpoint's (resume_guard)
         loss_chunk=0,  # > 0: the loss projects this many positions at a time (no full (B, T, V) logits)
         profile_steps="",  # "a:b": a jax.profiler trace of steps a..b-1 in WORKDIR/profile
@@ -228,8 +227,6 @@ def validate(cfg: mc.ConfigDict, process_count: int = 1, device_count: int | Non
         check_allowed_keys(t.allow_config_change)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    if not t.step_delay_s >= 0:
-        raise ConfigError(f"train.step_delay_s must be >= 0; got {t.step_delay_s}")
     if o.warmup_steps >= t.steps:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be < train.steps={t.steps}")
     if cfg.distributed.initialize not in ("auto", "yes", "no"):

@@ -160,6 +160,9 @@ def _train(cfg, workdir: str, log=print) -> RunResult:
                                        steps=steps, start_step=start, tokenizer=cfg.data.tokenizer.kind
                                        if cfg.data.task == "text" else "", compile_cache=cache_dir):
         log(line)
+    if start >= steps:  # a resume past train.steps was refused by the resume guard: start == steps
+        log(f"already finished: {workdir} holds step {start} of train.steps={steps}, so there is nothing to train "
+            f"(pass a larger --config.train.steps to train on); evaluating the final step")
     wandb = (report.WandbLogger(workdir, cfg.metrics.wandb_project, cfg.metrics.wandb_entity, config_dict)
              if cfg.metrics.wandb and jax.process_index() == 0 else None)
     writer = MetricsWriter(workdir, start_step=start, mirror=wandb)
@@ -205,9 +208,6 @@ def _train(cfg, workdir: str, log=print) -> RunResult:
                 # the run before anything of this step is saved or evaluated.
                 record(step, jax.device_get(metrics))
                 profiler.after(step)
-                if cfg.train.step_delay_s:
-                    time.sleep(cfg.train.step_delay_s)
-                    clock.restart(step)
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps:
                     e = evaluate(state, eval_data, cfg.train.eval_batches, data_sharding)
                     writer.write(step, e)
@@ -235,7 +235,11 @@ def _train(cfg, workdir: str, log=print) -> RunResult:
                     ("checkpoint manager", manager.close), ("metrics writer", writer.close)], failure, log)
     seconds = time.perf_counter() - t_start
     if not interrupted:
-        log(f"done: {step} steps in {format_duration(seconds)}")
+        if step > start:
+            log(f"done: {step - start} steps in {format_duration(seconds)}"
+                + (f" (resumed at step {start})" if start else ""))
         if eval_metrics:
             log(_eval_line(step, eval_metrics))
+        for line in report.closing_lines(cfg, workdir, step, model_cfg.vocab_size):
+            log(line)
     return RunResult(step=step, train=last, eval=eval_metrics, interrupted=interrupted, seconds=seconds)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import string
+import sys
 import time
 
 import jax
@@ -227,3 +229,68 @@ class WandbLogger:
 
     def close(self) -> None:
         self.run.finish()
+
+
+def accuracy_baselines(data_cfg, vocab_size: int) -> str:
+    """One line saying what the eval accuracy of a ``data_cfg`` task counts and what chance scores.
+
+    MQAR: the answer positions; chance is one of the task's values, and a model that knows
+    which values the context holds but not which key each belongs to scores
+    ``mqar.no_association_accuracy``. SymbolSoup: the class position, chance one of the classes.
+    Text: every next token, against a uniform guess over the ``vocab_size`` ids.
+    """
+    if data_cfg.task == "mqar":
+        from sessa_jax.data.mqar import no_association_accuracy
+
+        m = data_cfg.mqar
+        values = m.vocab_size - m.vocab_size // 2
+        blind = no_association_accuracy(m.num_kv_pairs, values)
+        return (f"acc counts the answers to the queries: chance {1 / values:.3f} (1 of {values} values); "
+                f"{blind:.3f} for a model that knows the context's values but not which key each belongs to")
+    if data_cfg.task == "symbol_soup":
+        from sessa_jax.data.symbol_soup import NUM_CLASSES
+
+        return f"acc counts the class predicted for each text: chance {1 / NUM_CLASSES:.3f} (1 of {NUM_CLASSES})"
+    return f"acc counts next tokens predicted right: chance {1 / vocab_size:.4f} (a uniform guess over {vocab_size} ids)"
+
+
+def _script(name: str, module: str) -> str:
+    """How to call this installation's console script ``name``: bare when PATH finds this one, else its
+    path beside this interpreter (relative when under the working directory), else ``python -m module``."""
+    here = os.path.join(os.path.dirname(sys.executable), name)
+    found = shutil.which(name)
+    if found and os.path.realpath(found) == os.path.realpath(here):
+        return name
+    if os.path.isfile(here):
+        rel = os.path.relpath(here)
+        return rel if not rel.startswith("..") else here
+    return f"{sys.executable} -m {module}"
+
+
+def mqar_query(data_cfg) -> tuple[str, int, int]:
+    """(prompt, key, value): the context of the first held-out MQAR example, then ``0 0`` and one of
+    its keys, as ``sessa-sample`` takes it (space-separated ids); a trained model answers ``value``."""
+    from sessa_jax.data import EVAL
+    from sessa_jax.data.pipeline import make_source
+
+    k = data_cfg.mqar.num_kv_pairs
+    context = [int(t) for t in make_source(data_cfg, EVAL)[0]["inputs"][:2 * k]]
+    j = min(2, k - 1)
+    key, value = context[2 * j], context[2 * j + 1]
+    return " ".join(map(str, [*context, 0, 0, key])), key, value
+
+
+def closing_lines(cfg, workdir: str, step: int, vocab_size: int) -> list[str]:
+    """Lines printed after a finished run: what its accuracy means, where its files are, what to run next."""
+    run = workdir
+    lines = [accuracy_baselines(cfg.data, vocab_size),
+             f"run: {run} (checkpoints/ up to step {step}, metrics.jsonl, train.log, TensorBoard in tb/)",
+             f"next: {_script('sessa-eval', 'sessa_jax.train.evaluate')} --run {run}"]
+    sample = _script("sessa-sample", "sessa_jax.sample")
+    if cfg.data.task == "mqar":
+        prompt, key, value = mqar_query(cfg.data)
+        lines.append(f"      {sample} --run {run} --prompt \"{prompt}\" --max_new_tokens 1 --temperature 0"
+                     f"   # key {key} -> its value {value}")
+    elif cfg.data.task == "text":
+        lines.append(f"      {sample} --run {run} --prompt \"def \" --max_new_tokens 200")
+    return lines

@@ -26,7 +26,7 @@ import logging
 
 FREE_PREFIXES = ("mesh.", "distributed.", "metrics.")
 FREE = frozenset({
-    "train.log_every", "train.progress", "train.step_delay_s", "train.eval_every", "train.eval_batches",
+    "train.log_every", "train.progress", "train.eval_every", "train.eval_batches",
     "train.allow_config_change", "train.profile_steps", "train.compilation_cache",
     "checkpoint.every", "checkpoint.keep", "checkpoint.async_save",
     "data.num_threads", "data.prefetch", "data.allow_changed_sources", "data.text.verify_checksums",

@@ -1,0 +1,116 @@
+"""benchmarks/gpu_compile.py: its HLO walk (trip counts, switch-branch histograms, bytes, FLOPs),
+checked on a program compiled for this CPU, whose answers are known by construction; and the
+messages of it and of benchmarks/tpu_compile.py where the CUDA plugin or libtpu they need is
+not installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from tests.support.processes import TIMEOUT_S
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_compile  # noqa: E402
+
+TABLE = [0, 1, 2, 1, 1, 0]  # the switch index of each scan step: branch 0 twice, 1 three times, 2 once
+N = 64
+
+
+def _program(x):
+    def body(c, i):
+        return lax_switch(i, c), None
+
+    return jax.lax.scan(body, x, jnp.array(TABLE, jnp.int32))[0]
+
+
+def lax_switch(i, c):
+    return jax.lax.switch(i, [lambda c: c, lambda c: jnp.exp(c) * 2.0, lambda c: jnp.sin(c) + c @ c.T], c)
+
+
+@pytest.fixture(scope="module")
+def walk():
+    text = gpu_compile.optimized_hlo(jax.jit(_program).lower(jnp.ones((N, N), jnp.float32)).compile())
+    return gpu_compile.Walk(text).run()
+
+
+def _kernels_in(walk, comp):
+    return sum(1 for inst in walk.comps[comp] if inst.op not in gpu_compile._FREE)
+
+
+def test_switch_branches_run_as_often_as_the_index_table_says(walk):
+    (cond,) = [i for insts in walk.comps.values() for i in insts if i.op == "conditional"]
+    branches = [b.strip().lstrip("%") for b in cond.attrs.split("branch_computations={")[1].split("}")[0].split(",")]
+    launches = {comp: 0.0 for comp in branches}
+    for (comp, _), times in walk.kernels.items():
+        if comp in launches:
+            launches[comp] += times
+    for index, comp in enumerate(branches):
+        assert launches[comp] == TABLE.count(index) * _kernels_in(walk, comp), (index, comp, launches)
+    assert walk.unresolved == 0 and walk.dynamic_loops == 0
+
+
+def test_loop_body_counts_its_trips_and_flops_count_each_executed_dot(walk):
+    (loop,) = [i for insts in walk.comps.values() for i in insts if i.op == "while"]
+    body = loop.attr("body")
+    assert sum(t for (c, _), t in walk.kernels.items() if c == body) == len(TABLE) * _kernels_in(walk, body)
+    table = walk.table(launch_us=0.0)
+    assert table["gemm_flops"] == 2.0 * N ** 3 * TABLE.count(2)  # c @ c.T runs once
+    assert table["launches"] == sum(walk.kernels.values()) and table["roofline_s"] > 0
+
+
+def test_self_subtractions_are_found():
+    text = "%a = f32[2]{0} subtract(%p.1, %p.1)\n%b = f32[2]{0} subtract(%p.1, %q.2)\n"
+    assert gpu_compile.self_subtractions(text) == 1
+
+
+def test_dot_passes_charge_presets_and_cuda_core_float32():
+    x6 = "lhs_contracting_dims={2}, algorithm=dot_bf16_bf16_f32_x6"
+    highest = "lhs_contracting_dims={2}, operand_precision={highest,highest}"
+    assert gpu_compile.dot_passes(x6, "f32[8,16,16]{2,1,0}") == 6.0
+    assert gpu_compile.dot_passes(highest, "f32[8,16,16]{2,1,0}") == 989e12 / 67e12
+    assert gpu_compile.dot_passes(highest, "bf16[8,16,16]{2,1,0}") == 1.0  # bf16 runs on the tensor cores
+    assert gpu_compile.dot_passes("lhs_contracting_dims={2}", "f32[8,16,16]{2,1,0}") == 1.0
+
+
+def test_sizes_of_hlo_types():
+    assert gpu_compile.nbytes("f32[8,16]{1,0}") == 512
+    assert gpu_compile.nbytes("(bf16[4,4]{1,0}, s32[], pred[3])") == 32 + 4 + 3
+    assert gpu_compile._tuple_elements("((s32[16]{0}, s32[]), f32[2,2]{1,0}, u32[])") == [
+        "(s32[16]{0}, s32[])", "f32[2,2]{1,0}", "u32[]"]
+
+
+def _has_cuda_plugin() -> bool:
+    try:
+        return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13))
+    except ModuleNotFoundError:  # no jax_plugins package at all
+        return False
+
+
+def _run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args],
+                          capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT)
+
+
+@pytest.mark.skipif(_has_cuda_plugin(),
+                    reason="a CUDA plugin is installed here: the script would compile instead")
+def test_without_the_cuda_plugin_the_script_says_what_to_install():
+    proc = _run_script("gpu_compile.py", "--T", "1024")
+    assert proc.returncode != 0
+    assert "pip install 'jax[cuda13]'" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None,
+                    reason="libtpu is installed here: the script would compile instead")
+def test_without_libtpu_the_tpu_script_says_what_to_install():
+    proc = _run_script("tpu_compile.py", "--shapes", "1,1024,128")
+    assert proc.returncode != 0
+    assert "pip install 'jax[tpu]'" in proc.stderr, proc.stderr[-2000:]
