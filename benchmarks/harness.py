@@ -183,6 +183,14 @@ def add_shape_args(p: argparse.ArgumentParser, *, T: Sequence[int], D: int, B: S
         p.add_argument("--H", type=int, default=H, help="heads")
 
 
+def add_tier_args(p: argparse.ArgumentParser, *, default: Sequence[str], extra: Sequence[str] = ()) -> None:
+    """--tiers: precision tiers of the recursive solve (``sessa_jax.ops.precision.TIERS``, and ``extra``)."""
+    from sessa_jax.ops.precision import TIERS
+
+    p.add_argument("--tiers", nargs="+", default=list(default), choices=tuple(TIERS) + tuple(extra),
+                   help="precision tiers of the recursive solve")
+
+
 def add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="also write the results to this file")
 
