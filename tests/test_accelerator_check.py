@@ -23,9 +23,19 @@ def _dry_run(step: str, out: pathlib.Path) -> subprocess.CompletedProcess:
                           timeout=900)
 
 
+FLAG = r'add_argument\(\s*"(--[A-Za-z0-9-]+)"'
+
+
 def _flags(path: pathlib.Path) -> set[str]:
-    """The long options a script's argparse declares."""
-    return set(re.findall(r'add_argument\(\s*"(--[A-Za-z0-9-]+)"', path.read_text()))
+    """The long options a script's argparse declares, itself or through the shared harness's
+    argument helpers (``harness.add_..._args``) it calls."""
+    text = path.read_text()
+    flags = set(re.findall(FLAG, text))
+    harness = (ROOT / "benchmarks" / "harness.py").read_text()
+    for helper in re.findall(r"harness\.(add_\w+)\(", text):
+        body = harness.split(f"\ndef {helper}(", 1)[1].split("\ndef ", 1)[0]
+        flags |= set(re.findall(FLAG, body))
+    return flags
 
 
 def _target(words: list[str]) -> pathlib.Path | None:
