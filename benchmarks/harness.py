@@ -184,8 +184,8 @@ def add_shape_args(p: argparse.ArgumentParser, *, T: Sequence[int], D: int, B: S
 
 
 def add_tier_args(p: argparse.ArgumentParser, *, default: Sequence[str], extra: Sequence[str] = ()) -> None:
-    """--tiers: precision tiers of the recursive solve (``sessa_jax.ops.precision.TIERS``, and ``extra``)."""
-    from sessa_jax.ops.precision import TIERS
+    """--tiers: precision tiers of the recursive solve (``sessa_jax.ops.solve.precision.TIERS``, and ``extra``)."""
+    from sessa_jax.ops.solve.precision import TIERS
 
     p.add_argument("--tiers", nargs="+", default=list(default), choices=tuple(TIERS) + tuple(extra),
                    help="precision tiers of the recursive solve")

@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness
-from sessa_jax.ops import _recursive
-from sessa_jax.ops._dense import dense_feedback_solve
-from sessa_jax.ops._recursive import recursive_feedback_solve
+from sessa_jax.ops.reference import dense_feedback_solve
+from sessa_jax.ops.solve import recursive
+from sessa_jax.ops.solve.recursive import recursive_feedback_solve
 from sessa_jax.ops.dispatch import recursive_tile
 
 REGIMES = ("sharp_pm", "sharp", "diffuse", "prev", "hub")
@@ -143,12 +143,12 @@ def _one_pass_forward(active: bool):
     if not active:
         yield
         return
-    saved = _recursive.solution_tier
-    _recursive.solution_tier = lambda tier: tier
+    saved = recursive.solution_tier
+    recursive.solution_tier = lambda tier: tier
     try:
         yield
     finally:
-        _recursive.solution_tier = saved
+        recursive.solution_tier = saved
 
 
 @functools.lru_cache(maxsize=None)

@@ -33,9 +33,9 @@ def main(argv=None) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    from sessa_jax.ops._recursive import RecursivePlan, recursive_feedback_solve
     from sessa_jax.ops.dispatch import recursive_tile
-    from sessa_jax.ops.precision import platform_kind, resolve_precision
+    from sessa_jax.ops.solve.precision import platform_kind, resolve_precision
+    from sessa_jax.ops.solve.recursive import RecursivePlan, recursive_feedback_solve
 
     b, t, d, leaf = args.B, args.T, args.D, args.leaf
     tile = recursive_tile(t, leaf)

@@ -44,9 +44,9 @@ def main(argv=None) -> None:
     import jax
     import jax.numpy as jnp
 
-    from sessa_jax.ops._recursive import RecursivePlan, recursive_feedback_solve
-    from sessa_jax.ops.precision import platform_kind
-    from sessa_jax.ops.row_stats import row_statistics
+    from sessa_jax.ops.solve.precision import platform_kind
+    from sessa_jax.ops.solve.recursive import RecursivePlan, recursive_feedback_solve
+    from sessa_jax.ops.solve.row_stats import row_statistics
 
     b, t, d, tier = args.B, args.T, args.D, args.tier
     calls = args.calls or (5 if t <= 8192 else 2)

@@ -73,7 +73,7 @@ def main(argv=None) -> None:
     import jax.numpy as jnp
 
     from sessa_jax.ops import feedback_solve
-    from sessa_jax.ops import precision as precision_module
+    from sessa_jax.ops.solve import precision as precision_module
 
     if args.gpu_bf16x3 and not hasattr(precision_module, "GPU_BF16X3"):
         p.error("--gpu-bf16x3: this sessa_jax has no precision.GPU_BF16X3 switch (one bf16x3 form only)")

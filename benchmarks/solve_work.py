@@ -33,8 +33,8 @@ import jax.numpy as jnp
 
 from benchmarks import harness
 from benchmarks.jaxpr_work import count_work
-from sessa_jax.ops._blocked import blocked_feedback_solve
-from sessa_jax.ops._recursive import recursive_feedback_solve
+from sessa_jax.ops.solve.blocked import blocked_feedback_solve
+from sessa_jax.ops.solve.recursive import recursive_feedback_solve
 from sessa_jax.ops.dispatch import recursive_tile
 
 

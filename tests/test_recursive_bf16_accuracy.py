@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from benchmarks import jaxpr_work, solve_accuracy
-from sessa_jax.ops import dispatch, precision
+from sessa_jax.ops import dispatch
+from sessa_jax.ops.solve import precision
 
 CASES = [(t, regime) for t in (512, 2048) for regime in solve_accuracy.REGIMES]
 ACCELERATOR_TIERS = ("bf16x3", "bfloat16")
