@@ -2,8 +2,9 @@
 
 B=1, D=256, H=4, float32 by default; forward and forward + backward (loss = sum(y * r),
 gradients of every weight and of x) for each T. The reference (`sessa.layer.SessaLayer` from
-the published code, imported by path) runs in a worker subprocess with torch; if torch or the
-reference is missing its columns say why and sessa-jax is measured alone.
+the published code, found at --reference or $SESSA_REFERENCE_DIR and put on the worker's
+PYTHONPATH) runs in a worker subprocess with torch; if torch or the reference is missing its
+columns say why and sessa-jax is measured alone.
 
 The machine may be shared: every repeat times each (T, implementation, pass) once, interleaved
 (jax fwd, ref fwd, jax f+b, ref f+b for T1, then T2, ...), so slow phases of the machine hit
@@ -37,7 +38,9 @@ DEFAULT_T = [256, 512, 1024, 2048, 4096, 8192]
 
 
 def _default_reference() -> str:
-    env = os.environ.get("SESSA_REFERENCE")
+    """$SESSA_REFERENCE_DIR (as the interop tests read it; $SESSA_REFERENCE too), else
+    shared/reference beside the checkout."""
+    env = os.environ.get("SESSA_REFERENCE_DIR") or os.environ.get("SESSA_REFERENCE")
     if env:
         return env
     for cand in (REPO.parent / "shared" / "reference", REPO.parents[1] / "shared" / "reference"):
