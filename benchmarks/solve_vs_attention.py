@@ -2,18 +2,18 @@
 
     python -m benchmarks.solve_vs_attention --tiers bf16x3 bfloat16 float32   # recursive solve per tier
     python -m benchmarks.solve_vs_attention --tiers --attention cudnn xla     # attention alone
-    python -m benchmarks.solve_vs_attention --tiers --gpu-bf16x3 split preset # the bf16x3 split vs XLA's preset
+    python -m benchmarks.solve_vs_attention --tiers --accuracy                # bf16x3 vs float32 on this device
 
 B=8, T=8192, D=1024 by default (attention: H=8 heads of D/H), bf16 inputs; prints the mean wall
 time of --calls calls after a warm-up, forward and forward + backward, of the recursive solve
 at each tier of --tiers and of ``jax.nn.dot_product_attention`` with each implementation of
 --attention.
 
---gpu-bf16x3 MODE...: for each way a GPU runs the bf16x3 products (``precision.GPU_BF16X3``:
-"split", the explicit bit-rounded hi/lo split, or "preset", XLA's BF16_BF16_F32_X3 algorithm), the
-bf16x3 tier's relative Frobenius error against the float32 tier on a sharp stress case (T=512,
-D=64, logits ~ N(0, 16^2), gamma +-0.999, bf16 q and k; the tier's bound is 1e-5), and the
-solve's forward + backward time at the default precision. Only a GPU tells the two apart.
+--accuracy: the bf16x3 tier's relative Frobenius error against the float32 tier, as this
+device's compiler builds both, on a sharp stress case (T=512, D=64, leaf 64, logits ~ N(0, 16^2),
+gamma +-0.999, bf16 q and k; the tier's bound is 1e-5). On a GPU this is what shows the bf16x3
+split's low parts survive the compiler (a split the compiler simplifies away falls to one bf16
+pass's error, above 1e-4).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _grad(fn, n: int):
     return jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=tuple(range(n))))
 
 
-def _split_error() -> float:
+def _bf16x3_error() -> float:
     """bf16x3 vs float32 tier, relative Frobenius error of s on the sharp stress case."""
     import jax
     import jax.numpy as jnp
@@ -64,8 +64,7 @@ def main(argv=None) -> None:
     p.add_argument("--tiers", nargs="*", default=["bf16x3"], choices=TIERS, help="recursive solve tiers (none: skip)")
     p.add_argument("--attention", nargs="*", default=[], choices=["cudnn", "xla"],
                    help="jax.nn.dot_product_attention implementations")
-    p.add_argument("--gpu-bf16x3", nargs="*", default=[], choices=["split", "preset"],
-                   help="bf16x3 on GPU: explicit split vs XLA's preset, accuracy and time")
+    p.add_argument("--accuracy", action="store_true", help="also the bf16x3 tier's error vs float32 on this device")
     p.add_argument("--calls", type=int, default=5, help="timed calls after the warm-up")
     args = p.parse_args(argv)
 
@@ -73,10 +72,7 @@ def main(argv=None) -> None:
     import jax.numpy as jnp
 
     from sessa_jax.ops import feedback_solve
-    from sessa_jax.ops.solve import precision as precision_module
 
-    if args.gpu_bf16x3 and not hasattr(precision_module, "GPU_BF16X3"):
-        p.error("--gpu-bf16x3: this sessa_jax has no precision.GPU_BF16X3 switch (one bf16x3 form only)")
     b, t, d, h = args.B, args.T, args.D, args.H
     ks = jax.random.split(jax.random.PRNGKey(0), 5)
     q, k, f = (jax.random.normal(ks[i], (b, t, d), jnp.bfloat16) for i in range(3))
@@ -95,16 +91,8 @@ def main(argv=None) -> None:
 
         _attempt(f"attention fwd {impl}", jax.jit(attention), heads, args.calls)
         _attempt(f"attention f+b {impl}", _grad(attention, 3), heads, args.calls)
-    saved = getattr(precision_module, "GPU_BF16X3", None)
-    try:
-        for mode in args.gpu_bf16x3:
-            precision_module.GPU_BF16X3 = mode  # read while tracing: each mode traces afresh below
-            print(f"{mode}: bf16x3 vs float32 tier {_split_error():.2e} (bound 1e-5)", flush=True)
-            _attempt(f"{mode}: recursive f+b default precision", _grad(
-                lambda q, k, g, f: feedback_solve(q, k, g, f, method="recursive"), 4), (q, k, g, f), args.calls)
-    finally:
-        if args.gpu_bf16x3:
-            precision_module.GPU_BF16X3 = saved
+    if args.accuracy:
+        print(f"bf16x3 vs float32 tier, sharp stress case: {_bf16x3_error():.2e} (bound 1e-5)", flush=True)
 
 
 if __name__ == "__main__":

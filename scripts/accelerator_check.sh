@@ -17,16 +17,16 @@
 #   tests  device info; the recursive solve's tests (tests/test_recursive_solve.py, without the
 #          pure-Python schedule cases) and the attention-backend tests, compiled on the device
 #   solve  the solve alone (recursive) next to causal attention (cuDNN / splash) at B=8,
-#          T=8192, D=1024, bf16; on a GPU also the bf16x3 split vs XLA's preset (accuracy, time;
-#          python -m benchmarks.solve_vs_attention --gpu-bf16x3 split preset)
+#          T=8192, D=1024, bf16; and the solve at the bfloat16 tier with the bf16x3 tier's
+#          accuracy as this device compiles it (python -m benchmarks.solve_vs_attention --accuracy)
 #   paths  the solve's forward + backward at B=8, T=8192, D=1024, bf16: segment ids None vs one
 #          segment (the masked path), and the loop schedule vs the static one
 #          (python -m benchmarks.solve_paths)
 #   layer  the whole layer (recursive) next to the Transformer layer at B=8, T=4096 and 8192,
 #          D=1024, H=8, bf16; and B=1, T=65536 (leaf 512, the default, and leaf 1024)
-#   quick  what fits one short slot (about 8 minutes on an H100): device info, the bf16x3 split vs
-#          XLA's preset (accuracy, solve time), and the whole layer vs the Transformer layer at
-#          B=8, T=8192, D=1024, H=8, bf16
+#   quick  what fits one short slot (about 8 minutes on an H100): device info, the solve at the
+#          bfloat16 tier with the bf16x3 tier's accuracy on the device, the whole layer vs the Transformer
+#          layer at B=8, T=8192, D=1024, H=8, bf16
 #   compile  no device needed: the deviceless H100 compile report (benchmarks.gpu_compile,
 #          with the CUDA plugin) and the v5e compile (benchmarks.tpu_compile, with libtpu)
 #   all    tests, solve, paths and layer, in order
@@ -41,7 +41,7 @@ dry=${DRY_RUN:-}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 layer=(-m benchmarks.layer --B 8 --D 1024 --H 8 --dtype bfloat16)
-split=(-m benchmarks.solve_vs_attention --tiers --gpu-bf16x3 split preset)
+tiers=(-m benchmarks.solve_vs_attention --B 8 --T 8192 --D 1024 --tiers bfloat16 --accuracy)
 
 # run SECONDS LOG CMD...: CMD under a timeout, its output appended to OUTDIR/LOG (or, with
 # DRY_RUN, the command printed).
@@ -74,7 +74,7 @@ run_paths() {
 run_quick() {
   device_info
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
-  run 200 bf16x3_split.txt "$py" "${split[@]}"
+  run 200 solve_tiers.txt "$py" "${tiers[@]}"
   run 250 quick_layer.txt "$py" "${layer[@]}" --T 8192 --solvers recursive --iters 5 --warmup 2 \
     --json "$out/quick_layer.json"
 }
@@ -93,9 +93,7 @@ run_solve() {
     run 200 solve.txt "$py" -m benchmarks.feedback_solve --ops "$1" --methods "${@:2}" --B 8 --D 1024 --H 8 \
       --dtype bfloat16 --T 8192 --reps 5 --reps-large 5
   done
-  if [ -n "$dry" ] || command -v nvidia-smi >/dev/null; then
-    run 200 bf16x3_split.txt "$py" "${split[@]}"
-  fi
+  run 200 solve_tiers.txt "$py" "${tiers[@]}"
 }
 
 run_layer() {
