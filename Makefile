@@ -56,8 +56,8 @@ test-latest: $(STAMP_LATEST)
 test-latest-ci:
 	$(MAKE) test-latest LATEST_TESTS="$(CI_LATEST_TESTS)"
 
-# Strict state-dict loading against the published PyTorch layer (needs torch and ../shared/reference,
-# or SESSA_REFERENCE_DIR): installs the `interop` extra, then runs the interop tests.
+# Strict state-dict loading against the published PyTorch layer (needs torch and a checkout of
+# the published code, LibratioAI/sessa, named by SESSA_REFERENCE_DIR): installs the `interop` extra, then runs the interop tests.
 test-interop: install
 	$(PY) -m pip install -q -e '.[test,interop]'
 	$(PY) -m pytest -x -q tests/test_guard_interop.py tests/test_core_convert.py

@@ -14,7 +14,7 @@ fit log-log / log-linear lines to it.
 the input is the embedding sequence (the embedding lookup is intercepted).
 
 The constructions below make the paper's memory claims measurable on the real modules
-(SPEC section 2): uniform routing, where Sessa's feedback gives a power-law tail
+(docs/design.md, "The layer"): uniform routing, where Sessa's feedback gives a power-law tail
 t^-(1 - gamma), attention a 1/t tail and a constant-decay SSM an exponential one, and a
 selective construction whose feedback carries an anchor token's state forward without
 decay. Dimension legend: T time, D input width, O output width, N target positions.

@@ -2,7 +2,7 @@
 
 Per layer the cache holds the roped forward keys/values k_f, v_f (B, L, Hkv, K), the
 feedback keys k_b (B, L, D), the solved states s (B, L, D, float32) and ``index``, the
-number of cached tokens (SPEC section 3). A step costs O(L D) per layer.
+number of cached tokens. A step costs O(L D) per layer.
 
 ``generate`` works with any model that has the ``DecodableModel`` interface: ``SessaLM``,
 or a user's own Flax module built from ``SessaLayer`` blocks.

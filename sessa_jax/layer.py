@@ -1,4 +1,4 @@
-"""The gated residual block shared by Sessa and the baselines (SPEC section 1).
+"""The gated residual block shared by Sessa and the baselines (docs/design.md, "The layer").
 
     y = x + W_out(mixer(gelu(a)) * g) + b_out,   (a, g) = split(W_in LayerNorm(x))
 

@@ -1,4 +1,4 @@
-"""Sessa mixer (SPEC section 2) and the attention-only mixer used by the Transformer baseline.
+"""Sessa mixer (docs/design.md, "The layer") and the attention-only mixer used by the Transformer baseline.
 
 Parameter names follow the published PyTorch layer (q_proj, k_proj, v_proj, out_proj,
 proj_fb, gamma_ctx, gamma_bias) so checkpoints convert by name.

@@ -1,4 +1,4 @@
-"""Parity with the published PyTorch layer on the golden fixtures (SPEC section 5)."""
+"""Parity with the published PyTorch layer on the golden fixtures (docs/design.md, "Parity")."""
 
 import functools
 
@@ -12,7 +12,7 @@ from sessa_jax import SessaLayer, SessaMixer
 from sessa_jax.convert import layer_params_from_torch, layer_params_to_torch
 from sessa_jax.decoding import init_layer_cache
 
-# (output tolerance, gradient tolerance) per precision, from the issue's acceptance bounds.
+# (output tolerance, gradient tolerance) per precision: the parity bounds of docs/design.md.
 TOLERANCES = {"float32": (1e-4, 1e-3), "float64": (1e-9, 1e-9)}
 
 

@@ -1,4 +1,4 @@
-"""chunk_size="auto" and the pieces written for the CPU layer's speed (issue 11).
+"""chunk_size="auto" and the pieces written for the CPU layer's speed (docs/performance.md, "CPU").
 
 * attention's "panels" schedule (unrolled causal-prefix panels) against the dense oracle:
   forward and gradients, GQA, segments, a length that is not a multiple of the chunk;

@@ -26,3 +26,37 @@ def test_match_drift_update_and_failure(tmp_path):
     assert "loss 0.5\n```" in open(drift).read() and readme_check.main(["--readme", drift]) == 0
     with pytest.raises(SystemExit, match="exited 3; a README command must run as written"):
         readme_check.main(["--readme", _readme(tmp_path, "$ exit 3")])
+
+
+def test_references_name_what_exists(tmp_path):
+    """Commands and links that name a missing module, script, config, file or heading are reported;
+    existing ones, what a command writes, and comments are not."""
+    (tmp_path / "other.md").write_text("# Other page\n\n## Memory planning: `scripts/aot_memory.py`\n")
+    good = tmp_path / "good.md"
+    good.write_text(
+        "# t\n\nSee [other](other.md#memory-planning-scriptsaot_memorypy), [top](#t) and "
+        "[the paper](https://arxiv.org/abs/2604.18580).\n\n"
+        "```bash\n.venv/bin/python -m benchmarks.feedback_solve --T 512\n"
+        "python -m sessa_jax.data.text prepare --output /tmp/new_shards\n"
+        "python scripts/aot_memory.py --config=paper_125m   # a comment naming scripts/missing.py\n"
+        "# python -m benchmarks.not_a_module  (a comment line)\n"
+        "python scripts/compare_models.py --out results/new.jsonl\n```\n")
+    assert readme_check.references(str(good)) == []
+    bad = tmp_path / "README.md"
+    bad.write_text(
+        "# t\n\n[gone](missing.md) [wrong anchor](other.md#no-such-heading)\n\n"
+        "```console\n$ python -m benchmarks.not_a_module\n$ python scripts/not_a_script.py\n"
+        "$ sessa-train --config=not_a_config\n```\n")
+    problems = "\n".join(readme_check.references(str(bad)))
+    for expected in ("benchmarks.not_a_module`: no such module", "scripts/not_a_script.py: no such file",
+                     "--config=not_a_config: no such run config", "`sessa-train` called bare",
+                     "link to missing.md: no such file", "link to other.md#no-such-heading: no heading"):
+        assert expected in problems, (expected, problems)
+    assert readme_check.main(["--readme", str(bad), "--refs"]) == 1
+
+
+def test_anchors_follow_github():
+    lines = ["# Results: memory tails", "```", "# not a heading", "```", "## Measured: `--scale cpu`",
+             "## The Mamba-style baseline's scan", "## Notes", "## Notes"]
+    assert readme_check.anchors(lines) == {"results-memory-tails", "measured---scale-cpu",
+                                           "the-mamba-style-baselines-scan", "notes", "notes-1"}
