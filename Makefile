@@ -71,7 +71,7 @@ train: install
 	$(PY) train.py
 
 bench: install
-	$(PY) benchmarks/feedback_solve.py
+	$(PY) -m benchmarks.feedback_solve
 
 clean:
 	rm -rf $(VENV) $(VENV_LATEST) build *.egg-info

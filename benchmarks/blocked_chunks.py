@@ -5,10 +5,10 @@ method "blocked") for each chunk C, both "panels" schedules (per C for the solve
 ``solve_schedule``), same run, interleaved repeats, medians (ms). The "auto" rules were set
 from this table.
 
-    python benchmarks/blocked_chunks.py                        # the README's cases
-    python benchmarks/blocked_chunks.py --cases 1x256x4x512 8x256x4x512 --repeats 5
-    python benchmarks/blocked_chunks.py --ops solve --cases 32x64x4x2048
-    python benchmarks/blocked_chunks.py --ops layer --cases 1x256x4x512 --repeats 7
+    python -m benchmarks.blocked_chunks                        # the README's cases
+    python -m benchmarks.blocked_chunks --cases 1x256x4x512 8x256x4x512 --repeats 5
+    python -m benchmarks.blocked_chunks --ops solve --cases 32x64x4x2048
+    python -m benchmarks.blocked_chunks --ops layer --cases 1x256x4x512 --repeats 7
 
 ``--ops layer`` times the whole default ``SessaLayer`` (d_model D, n_heads H, chunk "auto")
 twice: as "auto" compiles it, and with the solve's panels turned off (traced with
@@ -22,29 +22,13 @@ A case is BxDxHxT: batch, width D (the solve's width; attention has H heads of D
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import sys
-import time
 import unittest.mock
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import harness
 
 CHUNKS = (64, 128, 256)
 DEFAULT_CASES = ["1x256x4x256", "1x256x4x512", "1x256x4x2048", "8x256x4x512", "32x64x4x512"]
-
-
-def _timed(fn, sample_s: float) -> float:
-    """Mean seconds of one call of ``fn`` over a sample of about ``sample_s`` seconds."""
-    fn()
-    start = time.perf_counter()
-    fn()
-    calls = max(1, int(sample_s / max(time.perf_counter() - start, 1e-6)))
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
 
 
 def _layer_fns(b: int, d: int, h: int, t: int, panel_max_len: int) -> dict:
@@ -113,8 +97,6 @@ def _case_fns(b: int, d: int, h: int, t: int, ops, panel_max_len: int) -> dict:
 
 
 def main(argv=None) -> None:
-    import jax
-
     from sessa_jax.ops import dispatch
     from sessa_jax.ops.dispatch import attention_schedule, solve_schedule
 
@@ -136,16 +118,12 @@ def main(argv=None) -> None:
         if d % h:
             p.error(f"--cases: {spec!r}: D={d} is not a multiple of H={h}")
         cases.append((b, d, h, t))
-    print(f"# {platform.processor() or platform.machine()}, jax {jax.__version__} on {jax.default_backend()}; "
-          f"forward + backward ms, median of {args.repeats} interleaved repeats")
+    print(f"# {harness.machine_line()}; forward + backward ms, median of {args.repeats} interleaved repeats")
     print("| case BxDxHxT | column | ms | auto picks |")
     print("| --- | --- | --- | --- |")
     for b, d, h, t in cases:
         fns = _case_fns(b, d, h, t, args.ops, layer_max_len)
-        times = {name: [] for name in fns}
-        for _ in range(args.repeats):
-            for name, fn in fns.items():
-                times[name].append(_timed(fn, args.sample_s))
+        times = {name: t["wall"] for name, t in harness.interleaved(fns, args.repeats, sample_s=args.sample_s).items()}
         with unittest.mock.patch.object(dispatch, "SOLVE_PANEL_MAX_LEN", layer_max_len):  # as "layer auto" was traced
             layer_pick = "solve {} C={}".format(*solve_schedule("auto", b, t))
         picks = {"attention auto": "{} C={}".format(*attention_schedule("auto", b, h, t)),

@@ -1,7 +1,7 @@
 """Speed and memory of the feedback solve and the forward attention, per method and length.
 
-    python benchmarks/feedback_solve.py                       # T = 512 ... 32768, CPU, float32
-    python benchmarks/feedback_solve.py --T 512 1024 --reps 2 # a quick look
+    python -m benchmarks.feedback_solve                        # T = 512 ... 32768, CPU, float32
+    python -m benchmarks.feedback_solve --T 512 1024 --reps 2  # a quick look
 
 Prints one table. Each (op, method, T) cell runs in a fresh subprocess so that its peak
 resident memory (ru_maxrss) is its own; XLA's own view of the compiled program's memory
@@ -21,38 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
+import pathlib
 import subprocess
 import sys
-import time
 
+from benchmarks import harness
 
-def _matmul_gflops(n: int = 2048, reps: int = 5) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
-
-
-def _time(fn, args, reps: int) -> float:
-    import jax
-
-    jax.block_until_ready(fn(*args))  # warm-up (after compile)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def run_cell(op: str, method: str, t: int, d: int, heads: int, chunk: int, reps: int, mem_limit: float,
@@ -92,16 +67,15 @@ def run_cell(op: str, method: str, t: int, d: int, heads: int, chunk: int, reps:
     row = {"op": op, "method": method, "T": t}
     for name, fn, flops in (("fwd", fwd, flops_fwd), ("fwd+bwd", fwd_bwd, flops_bwd)):
         compiled = jax.jit(fn).lower(*args).compile()
-        mem = compiled.memory_analysis()
-        total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+        total = harness.compiled_memory(compiled)["total"]
         row[f"{name} xla_mib"] = total / 2**20
         if total > mem_limit * 2**30:
             row[f"{name} s"] = None
             continue
-        seconds = _time(compiled, args, reps)
+        seconds = harness.measure(harness.blocking(compiled, *args), warmup=1, repeats=reps, stat="min")
         row[f"{name} s"] = seconds
         row[f"{name} gflops"] = flops / seconds / 1e9
-    row["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row["rss_mib"] = harness.peak_rss_mib()
     return row
 
 
@@ -109,14 +83,11 @@ def _fmt(v, spec):
     return "skipped" if v is None else format(v, spec)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--T", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384, 32768])
-    p.add_argument("--D", type=int, default=256)
-    p.add_argument("--H", type=int, default=4, help="heads of the forward-attention rows")
+    harness.add_shape_args(p, T=[512, 1024, 2048, 4096, 8192, 16384, 32768], D=256, B=1, H=4)
     p.add_argument("--chunk", type=int, default=128)
     p.add_argument("--leaf", type=int, default=512, help="leaf of the recursive solve")
-    p.add_argument("--B", type=int, default=1)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--methods", nargs="+", default=["dense", "blocked"])
     p.add_argument("--ops", nargs="+", default=["feedback", "attention"])
@@ -124,28 +95,24 @@ def main() -> None:
     p.add_argument("--reps-large", type=int, default=1, help="timed repetitions for T > 4096")
     p.add_argument("--mem-limit-gib", type=float, default=20.0)
     p.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell, print JSON
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.cell:
         op, method, t = a.cell.split(":")
         print(json.dumps(run_cell(op, method, int(t), a.D, a.H, a.chunk, a.reps, a.mem_limit_gib, a.leaf, a.B, a.dtype)))
         return
 
-    import jax
-
-    ceiling = _matmul_gflops()
-    print(f"# device: {jax.devices()[0].device_kind} x{jax.device_count()}, cores: {os.cpu_count()}, "
-          f"jax {jax.__version__}; B={a.B}, D={a.D}, H={a.H} (attention), chunk={a.chunk}, leaf={a.leaf}, {a.dtype}")
+    ceiling = harness.matmul_rate(2048) / 1e9
+    print(f"# {harness.machine_line()}; B={a.B}, D={a.D}, H={a.H} (attention), chunk={a.chunk}, leaf={a.leaf}, {a.dtype}")
     print(f"# matmul ceiling (2048^3 float32): {ceiling:.1f} GFLOP/s")
     head = ("op", "method", "T", "fwd s", "fwd GF/s", "f+b s", "f+b GF/s", "f+b %ceil", "xla f+b MiB", "peak RSS MiB")
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
+    print(harness.markdown_table(head))
     for op in a.ops:
         for t in a.T:
             for method in a.methods:
-                cmd = [sys.executable, __file__, "--cell", f"{op}:{method}:{t}", "--D", str(a.D), "--H", str(a.H),
+                cmd = [sys.executable, "-m", "benchmarks.feedback_solve", "--cell", f"{op}:{method}:{t}", "--D", str(a.D), "--H", str(a.H),
                        "--chunk", str(a.chunk), "--leaf", str(a.leaf), "--B", str(a.B), "--dtype", a.dtype, "--reps", str(a.reps if t <= 4096 else a.reps_large),
                        "--mem-limit-gib", str(a.mem_limit_gib)]
-                res = subprocess.run(cmd, capture_output=True, text=True)
+                res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
                 if res.returncode != 0:
                     print(f"| {op} | {method} | {t} | failed: {res.stderr.strip().splitlines()[-1][:80]} |")
                     continue
@@ -155,7 +122,7 @@ def main() -> None:
                          _fmt(r.get("fwd+bwd s"), ".4f"), _fmt(fb, ".1f"),
                          _fmt(None if fb is None else 100 * fb / ceiling, ".0f"),
                          f"{r['fwd+bwd xla_mib']:.0f}", f"{r['rss_mib']:.0f}"]
-                print("| " + " | ".join(cells) + " |", flush=True)
+                print(harness.markdown_row(cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """What XLA's GPU compiler makes of the feedback solve, without a GPU: kernels, bytes, FLOPs.
 
     pip install "jax[cuda13]"          # the CUDA plugin and libraries; no GPU or driver needed
-    python benchmarks/gpu_compile.py                       # B=8, T=8192, D=1024, bf16
-    python benchmarks/gpu_compile.py --programs solve-fwd --dump /tmp/hlo   # + the optimized HLO
+    python -m benchmarks.gpu_compile                       # B=8, T=8192, D=1024, bf16
+    python -m benchmarks.gpu_compile --programs solve-fwd --dump /tmp/hlo   # + the optimized HLO
 
 Programs: the recursive solve (forward; forward + backward), cuDNN causal attention (H heads),
 and whole bf16 layers' forward + backward (Sessa with the recursive solve; the Transformer
@@ -24,7 +24,7 @@ Per program it prints
     (``precision.bf16_round_bits`` keeps this at 0; a split through float32(bfloat16(x)) did not);
   * ``roofline ms``: the sum over kernels of max(FLOPs / 989 TFLOP/s, bytes / 3.35 TB/s), the
     H100 SXM's dense bf16 and HBM peaks, plus ``--launch-us`` per launch. It is a lower bound
-    that ranks variants; only a device measures time (README, "Measured on an NVIDIA H100").
+    that ranks variants; only a device measures time.
 Nothing here runs on a GPU. Without the CUDA plugin the script says so and exits.
 """
 
@@ -39,11 +39,7 @@ import sys
 import time
 import unittest.mock
 
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")  # never touch a local GPU: compile only
-os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver to check against
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from hlo_text import dims, nbytes  # noqa: E402
+from benchmarks.harness import dims, nbytes
 
 # XLA's H100 SXM device description (xla/tools/hlo_opt/gpu_specs/h100_sxm.txtpb), with the
 # CUDA runtime this plugin ships.
@@ -353,6 +349,13 @@ def self_subtractions(text: str) -> int:
     return len(re.findall(r"subtract\(%([^,\s]+), %\1\)", text))
 
 
+def compile_only_cuda() -> None:
+    """Keeps the CUDA plugin (where installed) off any local GPU and driver: read when JAX
+    starts its backends, so call it before the first JAX computation."""
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")  # never touch a local GPU: compile only
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver to check against
+
+
 def optimized_hlo(compiled) -> str:
     """The compiled module's text with large constants printed (the switch-index tables)."""
     try:
@@ -428,7 +431,7 @@ def programs(b: int, t: int, d: int, h: int, leaf: int, tile: int | None, kernel
 def _layer_program(kind: str, b: int, t: int, d: int, h: int, leaf: int, precision: str = "auto"):
     """Forward + backward of a whole bf16 ``SessaLayer`` (kind "sessa": the recursive solve at
     ``precision``; "transformer": the same block with causal attention), as
-    ``benchmarks/layer.py`` times it on a device."""
+    ``benchmarks.layer`` times it on a device."""
     import jax
     import jax.numpy as jnp
 
@@ -464,6 +467,7 @@ def main(argv=None) -> None:
     p.add_argument("--dump", type=pathlib.Path, default=None, help="write each optimized HLO here")
     args = p.parse_args(argv)
 
+    compile_only_cuda()
     import jax
     try:
         from jax.experimental import topologies

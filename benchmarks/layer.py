@@ -13,27 +13,25 @@ FLOP formula (model FLOPs of one layer, matmuls only, causal halves counted once
     sessa extra  = 2 B T D * 2D [W_fb]  +  2 B T^2 D [feedback logits + A s, strict past]
     attention    = 2 B T^2 D [q k^T + p v over heads, causal half]
     fwd+bwd      = 3 x forward (the usual convention; the feedback backward really costs
-                   ~3.5x its forward, so this understates work).
+                   ~3.5x its forward: seven products over the causal half against two, so this
+                   understates its work).
 Achieved TFLOP/s = FLOPs / time; "% peak" divides by the matmul peak measured here.
 
-GPU run (scripts/accelerator_check.sh; its measured tables are in the README):
-    python benchmarks/layer.py --T 1024 2048 4096 8192 --B 8 --D 1024 --H 8 --dtype bfloat16 \
+GPU run (scripts/accelerator_check.sh runs it):
+    python -m benchmarks.layer --T 1024 2048 4096 8192 --B 8 --D 1024 --H 8 --dtype bfloat16 \
         --solvers recursive
 CPU smoke run:
-    python benchmarks/layer.py --T 512 1024 --B 1 --D 64 --H 4 --dtype float32 --solvers dense blocked
+    python -m benchmarks.layer --T 512 1024 --B 1 --D 64 --H 4 --dtype float32 --solvers dense blocked
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks import harness
 from sessa_jax import SessaConfig, SessaLayer
 
 
@@ -45,41 +43,6 @@ def layer_flops(b, t, d, h, hkv, kind):
     if kind == "sessa":
         return proj + 2 * b * t * d * 2 * d + attn + 2 * b * t * t * d
     return proj + attn
-
-
-def bench(fn, args, iters, warmup):
-    """Median wall seconds of fn(*args) (jitted, results blocked on)."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def matmul_peak(n, dtype, iters):
-    """Measured dense matmul TFLOP/s on the default device."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
-    fn = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-    sec = bench(fn, (a, a), iters, 2)
-    return 2 * n**3 / sec / 1e12
-
-
-def device_peak_bytes():
-    try:
-        stats = jax.devices()[0].memory_stats() or {}
-    except Exception:  # noqa: BLE001 - CPU devices may not implement memory_stats
-        return None
-    return stats.get("peak_bytes_in_use")
-
-
-def compiled_bytes(jitted, args):
-    mem = jitted.lower(*args).compile().memory_analysis()
-    if mem is None:
-        return None
-    return mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
 
 
 def run_case(cfg, kind, t, args):
@@ -94,25 +57,19 @@ def run_case(cfg, kind, t, args):
     flops = layer_flops(args.B, t, cfg.d_model, cfg.n_heads, cfg.kv_heads, kind)
     out = {"kind": kind, "solver": cfg.solver if kind == "sessa" else "-", "T": t, "flops_fwd": flops}
     for name, fn, mult in (("fwd", fwd, 1), ("fwd_bwd", fwd_bwd, 3)):
-        sec = bench(fn, (params, x), args.iters, args.warmup)
+        sec = harness.measure(harness.blocking(fn, params, x), warmup=args.warmup, repeats=args.iters)
         out[f"{name}_s"] = sec
         out[f"{name}_tok_s"] = args.B * t / sec
         out[f"{name}_tflops"] = mult * flops / sec / 1e12
-        out[f"{name}_bytes"] = compiled_bytes(fn, (params, x))
-    out["device_peak_bytes"] = device_peak_bytes()
+        mem = harness.compiled_memory(fn.lower(params, x).compile())
+        out[f"{name}_bytes"] = None if mem is None else mem["total"]
+    out["device_peak_bytes"] = harness.device_peak_bytes()
     return out
-
-
-def fmt_bytes(n):
-    return "-" if n is None else f"{n / 2**20:.1f}MiB"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--T", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
-    p.add_argument("--B", type=int, default=8)
-    p.add_argument("--D", type=int, default=1024)
-    p.add_argument("--H", type=int, default=8)
+    harness.add_shape_args(p, T=[1024, 2048, 4096, 8192, 16384, 32768, 65536], D=1024, B=8, H=8)
     p.add_argument("--kv-heads", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--solvers", nargs="+", default=["blocked", "recursive", "auto"],
@@ -126,14 +83,14 @@ def main(argv=None):
     p.add_argument("--dense-max-bytes", type=float, default=4 * 2**30,
                    help="skip the dense solver when B*T*T*4 exceeds this (it materialises T x T)")
     p.add_argument("--peak-n", type=int, default=None, help="matmul size for the peak (default 8192 on GPU/TPU, 1024 on CPU)")
-    p.add_argument("--json", default=None, help="write all results to this file")
+    harness.add_output_args(p)
     args = p.parse_args(argv)
 
     dtype = jnp.dtype(args.dtype)
     platform = jax.default_backend()
     peak_n = args.peak_n or (1024 if platform == "cpu" else 8192)
-    peak = matmul_peak(peak_n, dtype, max(3, args.iters))
-    print(f"# device: {jax.devices()[0].device_kind} ({platform}); jax {jax.__version__}")
+    peak = harness.matmul_rate(peak_n, dtype, max(3, args.iters)) / 1e12
+    print(f"# {harness.machine_line()}")
     print(f"# measured {args.dtype} matmul peak ({peak_n}^3): {peak:.2f} TFLOP/s")
     print(f"# B={args.B} D={args.D} H={args.H} Hkv={args.kv_heads or args.H} dtype={args.dtype} chunk={args.chunk}")
     header = ("kind", "solver", "T", "fwd ms", "fwd tok/s", "fwd TF/s", "fwd %pk", "f+b ms", "f+b tok/s",
@@ -163,13 +120,11 @@ def main(argv=None):
                 f"{r['fwd_s'] * 1e3:.2f}", f"{r['fwd_tok_s']:.0f}", f"{r['fwd_tflops']:.3f}",
                 f"{100 * r['fwd_tflops'] / peak:.1f}", f"{r['fwd_bwd_s'] * 1e3:.2f}", f"{r['fwd_bwd_tok_s']:.0f}",
                 f"{r['fwd_bwd_tflops']:.3f}", f"{100 * r['fwd_bwd_tflops'] / peak:.1f}",
-                fmt_bytes(r["fwd_bytes"]), fmt_bytes(r["fwd_bwd_bytes"]))), flush=True)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"device": jax.devices()[0].device_kind, "platform": platform, "peak_tflops": peak,
-                       "args": vars(args), "results": results}, fh, indent=1)
+                harness.fmt_mib(r["fwd_bytes"]), harness.fmt_mib(r["fwd_bwd_bytes"]))), flush=True)
+    harness.write_json(args.json, {"device": jax.devices()[0].device_kind, "platform": platform, "peak_tflops": peak,
+                                   "args": vars(args), "results": results})
     return results
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    main()

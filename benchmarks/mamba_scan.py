@@ -3,20 +3,16 @@
 same run, interleaved repeats, medians. ``MambaMixer(scan="auto")`` takes "stepwise" on CPU
 from this table.
 
-    python benchmarks/mamba_scan.py                                  # the compare_models cpu shapes
-    python benchmarks/mamba_scan.py --shapes 16x300x28 8x1024x64 --repeats 5
+    python -m benchmarks.mamba_scan                                  # the compare_models cpu shapes
+    python -m benchmarks.mamba_scan --shapes 16x300x28 8x1024x64 --repeats 5
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import harness
 
 
 def _step_fn(scan: str, batch: int, seq_len: int, d_model: int, chunk: int):
@@ -34,30 +30,20 @@ def _step_fn(scan: str, batch: int, seq_len: int, d_model: int, chunk: int):
 
 
 def main(argv=None) -> None:
-    import jax
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=["16x64x28", "16x150x28", "16x300x28"],
                    help="BATCHxTIMExD_MODEL (E = 2 D inner width, N = 16 state)")
     p.add_argument("--chunk", type=int, default=16, help="chunk of the chunked scan (config.chunk_size)")
     p.add_argument("--repeats", type=int, default=7)
     a = p.parse_args(argv)
-    print(f"machine: {platform.processor() or platform.machine()}, {jax.device_count()} {jax.default_backend()} "
-          f"device(s); jax {jax.__version__}; chunk {a.chunk}")
+    print(f"# {harness.machine_line()}; chunk {a.chunk}")
     print("| B x T x D | chunked f+b ms | stepwise f+b ms | stepwise / chunked |")
     print("| --- | --- | --- | --- |")
     for shape in a.shapes:
         b, t, d = (int(v) for v in shape.split("x"))
         fns = {scan: _step_fn(scan, b, t, d, a.chunk) for scan in ("chunked", "stepwise")}
-        times = {scan: [] for scan in fns}
-        for fn in fns.values():
-            fn()  # compile
-        for _ in range(a.repeats):
-            for scan, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                times[scan].append(time.perf_counter() - start)
-        med = {scan: statistics.median(v) * 1e3 for scan, v in times.items()}
+        times = harness.interleaved(fns, a.repeats)
+        med = {scan: statistics.median(v["wall"]) * 1e3 for scan, v in times.items()}
         print(f"| {shape} | {med['chunked']:.1f} | {med['stepwise']:.1f} | {med['stepwise'] / med['chunked']:.2f} |",
               flush=True)
 

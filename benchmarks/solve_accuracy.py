@@ -1,7 +1,7 @@
 """Accuracy of the recursive solve's precision tiers for bf16 training, against a float64 oracle.
 
-    python benchmarks/solve_accuracy.py                    # T = 512 and 2048, every regime and tier
-    python benchmarks/solve_accuracy.py --T 512 --tiers bfloat16 --json out.json
+    python -m benchmarks.solve_accuracy                    # T = 512 and 2048, every regime and tier
+    python -m benchmarks.solve_accuracy --T 512 --tiers bfloat16 --json out.json
 
 A bf16 model feeds the solve bf16 q_b, k_b and f, float32 gamma, and a bf16 cotangent ds; it
 gets s back in bf16 (``feedback_solve`` casts s to f's dtype) and dq, dk, df in bf16. For each
@@ -29,20 +29,16 @@ import argparse
 import contextlib
 import functools
 import json
-import pathlib
-import platform
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from sessa_jax.ops.solve import recursive  # noqa: E402
-from sessa_jax.ops.reference import dense_feedback_solve  # noqa: E402
-from sessa_jax.ops.solve.recursive import recursive_feedback_solve  # noqa: E402
-from sessa_jax.ops.dispatch import recursive_tile  # noqa: E402
+from benchmarks import harness
+from sessa_jax.ops.reference import dense_feedback_solve
+from sessa_jax.ops.solve import recursive
+from sessa_jax.ops.solve.recursive import recursive_feedback_solve
+from sessa_jax.ops.dispatch import recursive_tile
 
 REGIMES = ("sharp_pm", "sharp", "diffuse", "prev", "hub")
 TIERS = ("float32", "bf16x3", "bfloat16")
@@ -216,15 +212,13 @@ def print_table(rows: list[dict], tiers) -> None:
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--T", type=int, nargs="+", default=[512, 2048])
-    ap.add_argument("--D", type=int, default=64)
+    harness.add_shape_args(ap, T=[512, 2048], D=64)
     ap.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES)
-    ap.add_argument("--tiers", nargs="+", default=list(TIERS), choices=TIERS + (ONE_PASS_FORWARD,))
+    harness.add_tier_args(ap, default=TIERS, extra=(ONE_PASS_FORWARD,))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", type=str, default=None)
+    harness.add_output_args(ap)
     args = ap.parse_args(argv)
-    print(f"# solve_accuracy: {platform.node()} {platform.machine()}, jax {jax.__version__}, "
-          f"backend {jax.default_backend()}; B=1, D={args.D}, relative Frobenius errors vs float64")
+    print(f"# solve_accuracy: {harness.machine_line()}; B=1, D={args.D}, relative Frobenius errors vs float64")
     rows = []
     for t in args.T:
         for regime in args.regimes:
@@ -232,8 +226,7 @@ def main(argv=None) -> list[dict]:
             print(json.dumps(rows[-1]), flush=True)
     print()
     print_table(rows, args.tiers)
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
+    harness.write_json(args.json, rows)
     return rows
 
 

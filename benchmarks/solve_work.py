@@ -1,12 +1,12 @@
 """Accelerator-readiness of the feedback solve, measured on any machine (CPU included).
 
-    python benchmarks/solve_work.py                         # T = 1024 ... 65536, D = 1024, B = 1 and 8
-    python benchmarks/solve_work.py --T 1024 4096 --B 1     # a quick look
-    python benchmarks/solve_work.py --T 8192 --B 8 --methods recursive --tiers bf16x3 bfloat16 --no-compile
-    python benchmarks/solve_work.py --layer-compile 4096 65536   # + compile time of the whole layer
+    python -m benchmarks.solve_work                         # T = 1024 ... 65536, D = 1024, B = 1 and 8
+    python -m benchmarks.solve_work --T 1024 4096 --B 1     # a quick look
+    python -m benchmarks.solve_work --T 8192 --B 8 --methods recursive --tiers bf16x3 bfloat16 --no-compile
+    python -m benchmarks.solve_work --layer-compile 4096 65536   # + compile time of the whole layer
 
 For each method, length and batch it prints the work of the solve's forward and
-forward + backward, counted from the program (``jaxpr_work``: every dot's FLOPs times its
+forward + backward, counted from the program (``benchmarks.jaxpr_work``: every dot's FLOPs times its
 loop trip count, the taken ``lax.switch`` branch per step), in units of U = B T^2 D (one pass of
 a matrix product over the causal half; causal attention costs 2U forward, 7U forward +
 backward):
@@ -26,21 +26,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
-import platform
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+from benchmarks import harness
+from benchmarks.jaxpr_work import count_work
+from sessa_jax.ops.solve.blocked import blocked_feedback_solve
+from sessa_jax.ops.solve.recursive import recursive_feedback_solve
+from sessa_jax.ops.dispatch import recursive_tile
 
-from hlo_text import largest_array  # noqa: E402
-from jaxpr_work import count_work  # noqa: E402
-from sessa_jax.ops.solve.blocked import blocked_feedback_solve  # noqa: E402
-from sessa_jax.ops.solve.recursive import recursive_feedback_solve  # noqa: E402
-from sessa_jax.ops.dispatch import recursive_tile  # noqa: E402
 
 def solver(method: str, b: int, t: int, leaf: int, chunk: int, tier: str = "bf16x3"):
     seg = jnp.ones((b, t), jnp.int32)
@@ -76,7 +72,7 @@ def measure(method: str, b: int, t: int, d: int, leaf: int, chunk: int, compile_
         compiled = jax.jit(fwd_bwd).lower(x, x, g, x).compile()
         row["compile_s"] = time.perf_counter() - t0
         row["temp_bytes"] = compiled.memory_analysis().temp_size_in_bytes
-        row["largest_bytes"], row["largest"] = largest_array(compiled.as_text())
+        row["largest_bytes"], row["largest"] = harness.largest_array(compiled.as_text())
     return row
 
 
@@ -112,21 +108,17 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--T", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
-    ap.add_argument("--B", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--D", type=int, default=1024)
+    harness.add_shape_args(ap, T=[1024, 2048, 4096, 8192, 16384, 32768, 65536], D=1024, B=[1, 8])
     ap.add_argument("--methods", nargs="+", default=["recursive", "blocked"], choices=["recursive", "blocked"])
-    ap.add_argument("--tiers", nargs="+", default=["bf16x3"], choices=["float32", "bf16x3", "bfloat16"],
-                    help="precision tiers of the recursive solve (bf16 q, k, f)")
+    harness.add_tier_args(ap, default=["bf16x3"])
     ap.add_argument("--leaf", type=int, default=512, help="leaf of the recursive solve")
     ap.add_argument("--chunk", type=int, default=128, help="chunk of the blocked scan")
     ap.add_argument("--no-compile", action="store_true", help="count work only (no compile time or memory)")
     ap.add_argument("--layer-compile", type=int, nargs="*", default=[],
                     help="also time compiling a SessaLayer (D, H=8, bf16) forward + backward at these T")
-    ap.add_argument("--json", type=str, default=None)
+    harness.add_output_args(ap)
     args = ap.parse_args(argv)
-    print(f"# solve_work: {platform.node()} {platform.machine()}, jax {jax.__version__}, "
-          f"backend {jax.default_backend()}; U = B T^2 D")
+    print(f"# solve_work: {harness.machine_line()}; U = B T^2 D")
     rows = []
     for b in args.B:
         for t in args.T:
@@ -145,8 +137,7 @@ def main(argv=None) -> list[dict]:
         print("|---|---|")
         for t, sec in layer.items():
             print(f"| T={t} | {sec:.1f} |")
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps({"rows": rows, "layer_compile_s": layer}, indent=1))
+    harness.write_json(args.json, {"rows": rows, "layer_compile_s": layer})
     return rows
 
 

@@ -1,8 +1,8 @@
 """Compiles the recursive feedback solve for a TPU without a TPU: XLA and the Mosaic kernels.
 
     pip install "jax[tpu]"             # libtpu; no TPU needed to compile
-    python benchmarks/tpu_compile.py                         # v5e, B=8 T=8192 and B=1 T=65536, D=1024, bf16
-    python benchmarks/tpu_compile.py --topology v5p:2x2x1 --shapes 8,4096,1024
+    python -m benchmarks.tpu_compile                         # v5e, B=8 T=8192 and B=1 T=65536, D=1024, bf16
+    python -m benchmarks.tpu_compile --topology v5p:2x2x1 --shapes 8,4096,1024
 
 Builds a deviceless topology (``jax.experimental.topologies``, as MaxText's ``train_compile``
 does) and compiles the solve's forward + backward (``jax.grad``) ahead of time with libtpu, once
@@ -25,9 +25,7 @@ import pathlib
 import sys
 import time
 
-# libtpu looks for a TPU host on start-up unless told what it is compiling for.
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+from benchmarks.gpu_compile import add_solve_options, compile_only_cuda, optimized_hlo, solve_tier, static_span_rule
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -58,9 +56,6 @@ def vmem_check(sharding) -> str:
 
 
 def main(argv=None) -> None:
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-    from gpu_compile import add_solve_options, optimized_hlo, solve_tier, static_span_rule
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--topology", default="v5e:1x1", help="a jax.experimental.topologies name")
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=[(8, 8192, 1024), (1, 65536, 1024)],
@@ -71,6 +66,10 @@ def main(argv=None) -> None:
     p.add_argument("--dump", type=pathlib.Path, default=None, help="write each optimized HLO here")
     args = p.parse_args(argv)
 
+    # libtpu looks for a TPU host on start-up unless told what it is compiling for.
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    compile_only_cuda()
     import jax
     import jax.numpy as jnp
     try:

@@ -10,30 +10,22 @@ kinds interleaved, --repeats samples; the table shows the median and the ratio o
 Sessa / Transformer (>= 0.9 is the target), and the same ratio from the process's CPU time
 per step (steadier on a loaded machine; it counts every compute thread). --match-params widens the baseline to Sessa's
 parameter count (model.match_params); by default both have the same width. --work adds a
-table of each step's work counted from its jaxpr (benchmarks/jaxpr_work.py): matrix-product
+table of each step's work counted from its jaxpr (``benchmarks.jaxpr_work``): matrix-product
 FLOPs and transcendental elements (exp, log, tanh, ...), the two costs of softmax mixers on CPU,
 and the best ratio any implementation could reach on this machine: the Transformer's measured
 step plus Sessa's extra work at this machine's measured float32 matmul peak (one large jitted
 matmul) and exp rate, as if that extra work cost nothing else. Faster attention lowers that bound.
 
-    python benchmarks/train_throughput.py                      # seq_len 512 and 2048
-    python benchmarks/train_throughput.py --seq-len 512 --steps 2 --repeats 3
+    python -m benchmarks.train_throughput                      # seq_len 512 and 2048
+    python -m benchmarks.train_throughput --seq-len 512 --steps 2 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
-import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import jaxpr_work  # noqa: E402
+from benchmarks import harness, jaxpr_work
 
 
 def _setup(config: str, kind: str, seq_len: int, args):
@@ -95,23 +87,11 @@ def machine_rates(repeats: int = 5) -> tuple[float, float]:
     import jax
     import jax.numpy as jnp
 
-    def best(fn, *args):
-        fn(*args).block_until_ready()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn(*args).block_until_ready()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    key = jax.random.PRNGKey(0)
-    matmul = jax.jit(jnp.matmul)
-    flops = max(2.0 * n ** 3 / best(matmul, jax.random.normal(key, (n, n)), jax.random.normal(key, (n, n)))
-                for n in (1024, 2048))
-    x, passes = jax.random.normal(key, (64, 1 << 14)), 64
+    flops = max(harness.matmul_rate(n, repeats=repeats) for n in (1024, 2048))
+    x, passes = jax.random.normal(jax.random.PRNGKey(0), (64, 1 << 14)), 64
     # each pass depends on the last (so none is skipped); the shift is too small to change exp's work
     exps = jax.jit(lambda x: jax.lax.fori_loop(0, passes, lambda i, c: c + jnp.exp(x - 1e-9 * c), jnp.zeros_like(x)))
-    return flops, passes * x.size / best(exps, x)
+    return flops, passes * x.size / harness.measure(harness.blocking(exps, x), repeats=repeats, stat="min")
 
 
 def main(argv=None):
@@ -128,11 +108,8 @@ def main(argv=None):
     for name in ("warmup", "steps", "repeats"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             p.error(f"--{name.replace('_', '-')} must be >= {0 if name == 'warmup' else 1}; got {getattr(args, name)}")
-    import jax
-
-    print(f"# {platform.machine()} cpus={os.cpu_count()}; jax {jax.__version__} on {jax.devices()[0].device_kind} "
-          f"({jax.default_backend()}); config {args.config}; match_params={args.match_params}")
-    print(f"# load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
+    print(f"# {harness.machine_line()}; config {args.config}; match_params={args.match_params}")
+    print(harness.load_line("before"), flush=True)
     kinds = ("sessa", "transformer")
     work_rows = []
     print("| seq_len | kind | d_model | layers | batch | params | step ms | tokens/s | sessa / transformer "
@@ -142,15 +119,11 @@ def main(argv=None):
         runs = {k: _setup(args.config, k, seq_len, args) for k in kinds}
         for run, _ in runs.values():
             run(max(1, args.warmup))  # compiles
-        samples = {k: [] for k in kinds}
-        cpu = {k: [] for k in kinds}
-        for _ in range(args.repeats):
-            for k in kinds:
-                t0, c0 = time.perf_counter(), time.process_time()
-                runs[k][0](args.steps)
-                samples[k].append((time.perf_counter() - t0) / args.steps)
-                cpu[k].append((time.process_time() - c0) / args.steps)
-        cpu_ms = {k: statistics.median(cpu[k]) * 1e3 for k in kinds}
+        # one call runs --steps train steps and blocks once at the end, as training does
+        timed = harness.interleaved({k: (lambda run=runs[k][0]: run(args.steps)) for k in kinds}, args.repeats,
+                                    warmup=0)
+        samples = {k: [s / args.steps for s in timed[k]["wall"]] for k in kinds}
+        cpu_ms = {k: statistics.median(timed[k]["cpu"]) / args.steps * 1e3 for k in kinds}
         tok = {k: runs[k][1]["batch"] * seq_len / statistics.median(samples[k]) for k in kinds}
         for k in kinds:
             info = runs[k][1]
@@ -175,7 +148,7 @@ def main(argv=None):
             bound = f"{step_s / (step_s + extra_s):.2f}" if k == "sessa" else ""
             print(f"| {seq_len} | {k} | {w.flops / 1e9:.2f} | {w.transcendentals / 1e6:.1f} | "
                   f"{w.flops / base.flops:.2f} | {w.transcendentals / base.transcendentals:.2f} | {bound} |")
-    print(f"# load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(harness.load_line("after"))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 B=1, D=256, H=4, float32 by default; forward and forward + backward (loss = sum(y * r),
 gradients of every weight and of x) for each T. The reference (`sessa.layer.SessaLayer` from
-the published code, imported by path) runs in a worker subprocess with torch; if torch or the
-reference is missing its columns say why and sessa-jax is measured alone.
+the published code, found at --reference or $SESSA_REFERENCE_DIR and put on the worker's
+PYTHONPATH) runs in a worker subprocess with torch; if torch or the reference is missing its
+columns say why and sessa-jax is measured alone.
 
 The machine may be shared: every repeat times each (T, implementation, pass) once, interleaved
 (jax fwd, ref fwd, jax f+b, ref f+b for T1, then T2, ...), so slow phases of the machine hit
@@ -15,8 +16,8 @@ reference worker inherits it) and sets torch's thread count to N: XLA's CPU runt
 its own threads whatever its flags say, so pinning is what makes the two equal. The load average (os.getloadavg) is printed before and after.
 
     pip install -e '.[bench]'        # torch (CPU wheel) for the reference
-    python benchmarks/vs_reference.py                       # T = 256 ... 8192
-    python benchmarks/vs_reference.py --T 512 1024 --repeats 5
+    python -m benchmarks.vs_reference                       # T = 256 ... 8192
+    python -m benchmarks.vs_reference --T 512 1024 --repeats 5
 """
 
 from __future__ import annotations
@@ -28,15 +29,18 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from benchmarks import harness
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_T = [256, 512, 1024, 2048, 4096, 8192]
 
 
 def _default_reference() -> str:
-    env = os.environ.get("SESSA_REFERENCE")
+    """$SESSA_REFERENCE_DIR (as the interop tests read it; $SESSA_REFERENCE too), else
+    shared/reference beside the checkout."""
+    env = os.environ.get("SESSA_REFERENCE_DIR") or os.environ.get("SESSA_REFERENCE")
     if env:
         return env
     for cand in (REPO.parent / "shared" / "reference", REPO.parents[1] / "shared" / "reference"):
@@ -45,39 +49,15 @@ def _default_reference() -> str:
     return str(REPO.parent / "shared" / "reference")
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _time_calls(fn, n: int) -> tuple[float, float]:
-    """Mean (wall, process CPU) seconds of ``n`` calls of ``fn`` (fn blocks until its result is ready)."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
-
-
-def _calls_for(seconds_per_call: float, sample_s: float) -> int:
-    return max(1, min(50, round(sample_s / max(seconds_per_call, 1e-6))))
-
-
 # ----------------------------------------------------------------------------- reference worker
-def _worker(reference: str, b: int, d: int, h: int, seed: int, threads: int) -> None:
-    """Reads {"T", "pass", "n"} JSON lines on stdin; answers {"s": mean seconds} per line."""
+def _worker(b: int, d: int, h: int, seed: int, threads: int) -> None:
+    """Reads {"T", "pass", "n"} JSON lines on stdin; answers {"s": mean seconds} per line.
+    The reference's folder is on this process's PYTHONPATH (``Reference`` puts it there)."""
     import torch
+    from sessa.layer import SessaLayer as RefLayer
 
     if threads:
         torch.set_num_threads(threads)
-
-    sys.path.insert(0, reference)
-    from sessa.layer import SessaLayer as RefLayer  # noqa: E402 - imported by path on purpose
 
     torch.manual_seed(seed)
     cases = {}
@@ -106,7 +86,7 @@ def _worker(reference: str, b: int, d: int, h: int, seed: int, threads: int) -> 
         req = json.loads(line)
         try:
             fn = case(req["T"])[req["pass"]]
-            wall, cpu = _time_calls(fn, req["n"])
+            wall, cpu = harness.time_calls(fn, req["n"])
             print(json.dumps({"s": wall, "cpu": cpu}), flush=True)
         except Exception as err:  # noqa: BLE001 - reported to the parent, which shows it in the table
             print(json.dumps({"error": f"{type(err).__name__}: {err}"[:200]}), flush=True)
@@ -132,9 +112,11 @@ class Reference:
         except (ImportError, FileNotFoundError) as err:
             self.why_not = str(err)
             return
-        cmd = [sys.executable, __file__, "--worker", "--reference", reference, "--B", str(b), "--D", str(d),
+        cmd = [sys.executable, "-m", "benchmarks.vs_reference", "--worker", "--B", str(b), "--D", str(d),
                "--H", str(h), "--seed", str(seed), "--threads", str(threads)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        path = os.pathsep.join([reference, str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+                                     env=dict(os.environ, PYTHONPATH=path))
         self.info = json.loads(self.proc.stdout.readline())
 
     def time(self, t: int, which: str, n: int):
@@ -210,7 +192,7 @@ def main(argv=None):
     if any(t < 1 for t in args.T):
         p.error(f"--T values must be >= 1; got {args.T}")
     if args.worker:
-        return _worker(args.reference, args.B, args.D, args.H, args.seed, args.threads)
+        return _worker(args.B, args.D, args.H, args.seed, args.threads)
     if args.threads:
         if "jax" in sys.modules:
             raise RuntimeError("--threads must be set before jax is imported: run this script as a program")
@@ -225,7 +207,7 @@ def main(argv=None):
 
     ref = None if args.no_reference else Reference(args.reference, args.B, args.D, args.H, args.seed, args.threads)
     why_not = "--no-reference" if ref is None else ref.why_not
-    print(f"# machine: {_cpu_model()} ({platform.machine()}), cpus={os.cpu_count()}, python "
+    print(f"# machine: {harness.cpu_model()} ({platform.machine()}), cpus={os.cpu_count()}, python "
           f"{platform.python_version()}, numpy {np.__version__}, flax {flax.__version__}")
     print(f"# sessa-jax: jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"solver={args.solver} chunk={args.chunk} "
@@ -235,7 +217,7 @@ def main(argv=None):
     else:
         print(f"# reference: {args.reference} with torch {ref.info['torch']} ({ref.info['threads']} threads)")
     print(f"# B={args.B} D={args.D} H={args.H} float32; {args.repeats} interleaved repeats, median")
-    print(f"# load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
+    print(harness.load_line("before"), flush=True)
 
     cases, calls = {}, {}
     for t in args.T:  # compile and warm up, and size each sample
@@ -243,7 +225,7 @@ def main(argv=None):
         for which in args.passes:
             fn = cases[t][which]
             fn()
-            calls[(t, which)] = _calls_for(_time_calls(fn, 1)[0], args.sample_s)
+            calls[(t, which)] = harness.calls_for(harness.time_calls(fn)[0], args.sample_s, most=50)
             if not why_not:
                 ref.time(t, which, 1)  # the reference's own warm-up
     samples = {}
@@ -251,7 +233,7 @@ def main(argv=None):
         for t in args.T:
             for which in args.passes:
                 n = calls[(t, which)]
-                wall, cpu = _time_calls(cases[t][which], n)
+                wall, cpu = harness.time_calls(cases[t][which], n)
                 samples.setdefault(("jax", t, which, "wall"), []).append(wall)
                 samples.setdefault(("jax", t, which, "cpu"), []).append(cpu)
                 if not why_not:
@@ -281,11 +263,9 @@ def main(argv=None):
                 r_txt = _fmt_ms(r) if isinstance(r, float) or r is None else f"error: {r}"
                 row += [r_txt, _fmt_ms(j), ratio]
             print("| " + " | ".join(row) + " |")
-    print(f"\n# load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "samples": {"|".join(map(str, k)): v for k, v in samples.items()}}, fh,
-                      indent=1)
+    print("\n" + harness.load_line("after"))
+    harness.write_json(args.json, {"args": vars(args),
+                                   "samples": {"|".join(map(str, k)): v for k, v in samples.items()}})
     return samples
 
 

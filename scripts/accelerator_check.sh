@@ -4,8 +4,8 @@
 # accelerator plugin, flax and chex (no install: the package is used from the checkout):
 #
 #   bash scripts/accelerator_check.sh STEP [OUTDIR]
-#   DRY_RUN=1 bash scripts/accelerator_check.sh STEP   # print the commands; run the inline
-#                                                       # solve-paths script at toy size on CPU
+#   DRY_RUN=1 bash scripts/accelerator_check.sh STEP   # print the commands; run the solve-paths
+#                                                       # benchmark at toy size on CPU
 #
 # STEP:
 #   report the whole check in one call (at most 9.5 minutes: each part has its timeout): device
@@ -17,16 +17,18 @@
 #   tests  device info; the recursive solve's tests (tests/ops/test_recursive.py, without the
 #          pure-Python schedule cases) and the attention-backend tests, compiled on the device
 #   solve  the solve alone (recursive) next to causal attention (cuDNN / splash) at B=8,
-#          T=8192, D=1024, bf16; on a GPU also the bf16x3 split vs XLA's preset (accuracy, time)
+#          T=8192, D=1024, bf16; and the solve at the bfloat16 tier with the bf16x3 tier's
+#          accuracy as this device compiles it (python -m benchmarks.solve_vs_attention --accuracy)
 #   paths  the solve's forward + backward at B=8, T=8192, D=1024, bf16: segment ids None vs one
 #          segment (the masked path), and the loop schedule vs the static one
+#          (python -m benchmarks.solve_paths)
 #   layer  the whole layer (recursive) next to the Transformer layer at B=8, T=4096 and 8192,
 #          D=1024, H=8, bf16; and B=1, T=65536 (leaf 512, the default, and leaf 1024)
-#   quick  what fits one short slot (about 8 minutes on an H100): device info, the bf16x3 split vs
-#          XLA's preset (accuracy, solve time), and the whole layer vs the Transformer layer at
-#          B=8, T=8192, D=1024, H=8, bf16
-#   compile  no device needed: the deviceless H100 compile report (benchmarks/gpu_compile.py,
-#          with the CUDA plugin) and the v5e compile (benchmarks/tpu_compile.py, with libtpu)
+#   quick  what fits one short slot (about 8 minutes on an H100): device info, the solve at the
+#          bfloat16 tier with the bf16x3 tier's accuracy on the device, the whole layer vs the Transformer
+#          layer at B=8, T=8192, D=1024, H=8, bf16
+#   compile  no device needed: the deviceless H100 compile report (benchmarks.gpu_compile,
+#          with the CUDA plugin) and the v5e compile (benchmarks.tpu_compile, with libtpu)
 #   all    tests, solve, paths and layer, in order
 # OUTDIR (default runs/accelerator_check) receives device.txt, the pytest log and each
 # benchmark's printed table (.txt) and results (.json).
@@ -38,7 +40,8 @@ py=${PYTHON:-python3}
 dry=${DRY_RUN:-}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-layer=(benchmarks/layer.py --B 8 --D 1024 --H 8 --dtype bfloat16)
+layer=(-m benchmarks.layer --B 8 --D 1024 --H 8 --dtype bfloat16)
+tiers=(-m benchmarks.solve_vs_attention --B 8 --T 8192 --D 1024 --tiers bfloat16 --accuracy)
 
 # run SECONDS LOG CMD...: CMD under a timeout, its output appended to OUTDIR/LOG (or, with
 # DRY_RUN, the command printed).
@@ -57,70 +60,21 @@ device_info() {
   { date -u; nvidia-smi 2>/dev/null; "$py" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__); print(jax.devices())"; } 2>&1 | tee "$out/device.txt"
 }
 
-# The solve's forward + backward per path: segment ids None (no segment mask) vs one segment
-# (the masked path), the loop schedule vs the static one (schedule.auto_static_span),
-# each timed (mean of 5 calls after a warm-up) and its s and gradients compared with the first
-# path's (relative Frobenius error). Sizes from the environment (B, T, D, LEAF).
-paths_script() {
-  cat <<'PY'
-import os, sys, time
-import jax, jax.numpy as jnp
-from sessa_jax.ops.solve.recursive import RecursivePlan, recursive_feedback_solve
-from sessa_jax.ops.dispatch import recursive_tile
-from sessa_jax.ops.solve.precision import resolve_precision
-
-b, t, d, leaf = (int(os.environ[k]) for k in ("B", "T", "D", "LEAF"))
-tile = recursive_tile(t, leaf)
-static = RecursivePlan.make(t, leaf, tile, "bf16x3", "cpu", 1.0, static_span="auto").static_span
-platform = {"cuda": "gpu", "rocm": "gpu"}.get(jax.default_backend(), jax.default_backend())
-try:
-    tier = os.environ.get("TIER") or resolve_precision("auto", platform, jnp.bfloat16)
-except TypeError:  # a rule by platform alone
-    tier = os.environ.get("TIER") or resolve_precision("auto", platform)
-ks = jax.random.split(jax.random.PRNGKey(0), 5)
-q, k, f = (jax.random.normal(ks[i], (b, t, d), jnp.bfloat16) for i in range(3))
-gam = 0.99 * jnp.tanh(jax.random.normal(ks[3], (b, t)))
-ds = jax.random.normal(ks[4], (b, t, d), jnp.float32)
-print(f"# solve paths on {jax.devices()[0].device_kind}, jax {jax.__version__}: B={b} T={t} D={d} leaf {leaf}, "
-      f"tile {tile}, tier {tier}, static span of the default rule: {static}")
-print("| segment ids | schedule | f+b ms | s vs first | grads vs first |")
-print("|---|---|---|---|---|")
-first = None
-for packed in (False, True):
-    for span in (None, static):
-        seg = jnp.ones((b, t), jnp.int32) if packed else None
-        def loss(q, k, g, f, seg=seg, span=span):
-            s = recursive_feedback_solve(q, k, g, f, seg, leaf_size=leaf, tile=tile, tier=tier, platform=platform,
-                                         dtype=jnp.float32, static_span=span)
-            return jnp.sum(s * ds), s
-        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
-        out = jax.block_until_ready(fn(q, k, gam, f))
-        t0 = time.perf_counter()
-        for _ in range(5):
-            out = jax.block_until_ready(fn(q, k, gam, f))
-        ms = (time.perf_counter() - t0) / 5 * 1e3
-        (_, s), grads = out
-        flat = [s] + list(grads)
-        first = first or flat
-        err = [float(jnp.linalg.norm((a - r).astype(jnp.float32)) / jnp.linalg.norm(r.astype(jnp.float32)))
-               for a, r in zip(flat, first)]
-        print(f"| {'one segment' if packed else 'None'} | {'loop' if span is None else f'static span {span}'} "
-              f"| {ms:.2f} | {err[0]:.1e} | {max(err[1:]):.1e} |", flush=True)
-PY
-}
-
+# The solve's forward + backward per path (benchmarks/solve_paths.py): segment ids None vs one
+# segment, the loop schedule vs the static one, each timed and compared with the first path.
 run_paths() {
-  if [ -n "$dry" ]; then  # the inline script itself, at toy size on CPU
-    B=1 T=256 D=32 LEAF=32 "$py" -c "$(paths_script)" 2>&1 | tee "$out/paths.txt"
+  if [ -n "$dry" ]; then  # the benchmark itself, at toy size on CPU
+    "$py" -m benchmarks.solve_paths --B 1 --T 256 --D 32 --leaf 32 2>&1 | tee "$out/paths.txt"
     return
   fi
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
-  B=8 T=8192 D=1024 LEAF=512 run 150 paths.txt "$py" -c "$(paths_script)"
+  run 150 paths.txt "$py" -m benchmarks.solve_paths --B 8 --T 8192 --D 1024 --leaf 512 --json "$out/paths.json"
 }
 
 run_quick() {
   device_info
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
+  run 200 solve_tiers.txt "$py" "${tiers[@]}"
   run 250 quick_layer.txt "$py" "${layer[@]}" --T 8192 --solvers recursive --iters 5 --warmup 2 \
     --json "$out/quick_layer.json"
 }
@@ -136,9 +90,10 @@ run_solve() {
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
   for cell in "feedback recursive" "attention auto"; do
     set -- $cell
-    run 200 solve.txt "$py" benchmarks/feedback_solve.py --ops "$1" --methods "${@:2}" --B 8 --D 1024 --H 8 \
+    run 200 solve.txt "$py" -m benchmarks.feedback_solve --ops "$1" --methods "${@:2}" --B 8 --D 1024 --H 8 \
       --dtype bfloat16 --T 8192 --reps 5 --reps-large 5
   done
+  run 200 solve_tiers.txt "$py" "${tiers[@]}"
 }
 
 run_layer() {
@@ -147,7 +102,7 @@ run_layer() {
     --json "$out/layer.json"
   run 250 layer_fit.txt "$py" "${layer[@]}" --B 1 --T 65536 --solvers recursive --iters 2 --warmup 1 \
     --json "$out/layer_fit.json"
-  # leaf 1024 at this length: ~30% fewer kernel launches in the H100 compile (benchmarks/gpu_compile.py)
+  # leaf 1024 at this length: ~30% fewer kernel launches in the H100 compile (benchmarks.gpu_compile)
   run 200 layer_fit_leaf1024.txt "$py" "${layer[@]}" --B 1 --T 65536 --solvers recursive --leaf 1024 \
     --no-transformer --iters 2 --warmup 1 --json "$out/layer_fit_leaf1024.json"
 }
@@ -166,8 +121,8 @@ run_report() {
 }
 
 run_compile() {
-  run 590 gpu_compile.txt "$py" benchmarks/gpu_compile.py
-  run 590 tpu_compile.txt "$py" benchmarks/tpu_compile.py --shapes 8,8192,1024 --kernels xla
+  run 590 gpu_compile.txt "$py" -m benchmarks.gpu_compile
+  run 590 tpu_compile.txt "$py" -m benchmarks.tpu_compile --shapes 8,8192,1024 --kernels xla
 }
 
 case "$step" in

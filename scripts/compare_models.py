@@ -45,11 +45,7 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a script from a checkout
-    sys.path.insert(0, ROOT)
-
-from sessa_jax.options import LAYER_KINDS as KINDS  # noqa: E402
+from sessa_jax.options import LAYER_KINDS as KINDS
 
 SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST = 0, 1, 2
 EXIT_UNFINISHED = 3  # main's exit status when --time-limit stopped it with runs left

@@ -3,30 +3,21 @@
 With bf16 q_b, k_b, f and cotangent (what a bf16 model feeds the solve), every tier that runs on
 an accelerator must give dq, dk, dgamma and df within 2x of bf16 causal attention's own error on
 the same inputs (flash-style: P and dS rounded to bf16), and s within 2x of the error that f's
-own bf16 rounding gives it, in the hard regimes (``benchmarks/solve_accuracy.py`` builds the
+own bf16 rounding gives it, in the hard regimes (``benchmarks.solve_accuracy`` builds the
 inputs, the oracle and attention's errors). "auto" picks the leanest tier that does so for bf16
 compute on GPU/TPU; the rule is checked here with the platform passed in.
 """
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import jaxpr_work, solve_accuracy
 from sessa_jax.ops import dispatch
 from sessa_jax.ops.solve import precision
-
-BENCH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-import jaxpr_work  # noqa: E402
-import solve_accuracy  # noqa: E402
-
-sys.path.remove(str(BENCH))
 
 CASES = [(t, regime) for t in (512, 2048) for regime in solve_accuracy.REGIMES]
 ACCELERATOR_TIERS = ("bf16x3", "bfloat16")

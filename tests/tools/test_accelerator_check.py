@@ -1,5 +1,5 @@
-"""scripts/accelerator_check.sh without a device: every step's dry run (DRY_RUN=1) names files
-and flags that exist, and its inline solve-paths script runs at toy size on CPU, so that a
+"""scripts/accelerator_check.sh without a device: every step's dry run (DRY_RUN=1) names files,
+benchmarks and flags that exist, and its solve-paths benchmark runs at toy size on CPU, so that a
 device session spends its minutes measuring."""
 
 from __future__ import annotations
@@ -25,9 +25,33 @@ def _dry_run(step: str, out: pathlib.Path) -> subprocess.CompletedProcess:
                           timeout=TIMEOUT_S)
 
 
+FLAG = r'add_argument\(\s*"(--[A-Za-z0-9-]+)"'
+
+
 def _flags(path: pathlib.Path) -> set[str]:
-    """The long options a script's argparse declares."""
-    return set(re.findall(r'add_argument\(\s*"(--[A-Za-z0-9-]+)"', path.read_text()))
+    """The long options a script's argparse declares, itself or through the shared harness's
+    argument helpers (``harness.add_..._args``) it calls."""
+    text = path.read_text()
+    flags = set(re.findall(FLAG, text))
+    harness = (ROOT / "benchmarks" / "harness.py").read_text()
+    for helper in re.findall(r"harness\.(add_\w+)\(", text):
+        body = harness.split(f"\ndef {helper}(", 1)[1].split("\ndef ", 1)[0]
+        flags |= set(re.findall(FLAG, body))
+    return flags
+
+
+def _target(words: list[str]) -> pathlib.Path | None:
+    """The script a command runs: benchmarks/NAME.py for ``-m benchmarks.NAME``, or its first .py
+    word (None for ``-m pytest``, whose .py words are test files)."""
+    if "-m" in words:
+        module = words[words.index("-m") + 1]
+        if module == "pytest":
+            return None
+        assert module.startswith("benchmarks."), module
+        return ROOT / "benchmarks" / f"{module.split('.', 1)[1]}.py"
+    scripts = [w for w in words if w.endswith(".py")]
+    assert scripts, words
+    return ROOT / scripts[0]
 
 
 @pytest.mark.parametrize("step", [s for s in STEPS if s not in ("paths", "all")])
@@ -38,19 +62,18 @@ def test_dry_run_names_existing_scripts_and_flags(step, tmp_path):
     assert commands, result.stdout
     for line in commands:
         words = line.split()
-        scripts = [w for w in words if w.endswith(".py")]
-        assert scripts, line
-        for name in scripts:
+        for name in [w for w in words if w.endswith(".py")]:
             assert (ROOT / name).is_file(), f"{name} (in: {line})"
-        if words[4:6] == ["-m", "pytest"]:
+        target = _target(words)
+        if target is None:
             continue
-        target = ROOT / scripts[0]
+        assert target.is_file(), f"{target} (in: {line})"
         used = {w for w in words if w.startswith("--")}
         assert used <= _flags(target), f"{target.name} has no {sorted(used - _flags(target))}"
 
 
-def test_paths_step_runs_its_inline_script_on_cpu(tmp_path):
-    """The inline script at toy size: four paths (segment ids None / one segment, loop / the
+def test_paths_step_runs_the_solve_paths_benchmark_on_cpu(tmp_path):
+    """benchmarks.solve_paths at toy size: four paths (segment ids None / one segment, loop / the
     static schedule), each with s and gradients equal to the first path's to float32 rounding."""
     result = _dry_run("paths", tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,32 +1,17 @@
-"""The accelerator benchmarks run end to end at toy sizes on CPU, so that a GPU session spends
-its time measuring, not debugging the scripts (scripts/accelerator_check.sh runs them)."""
+"""The benchmarks run end to end at toy sizes on CPU, so that a GPU session spends its time
+measuring, not debugging the scripts (scripts/accelerator_check.sh runs them), and the shared
+harness times, sizes and prints what it says."""
 
 from __future__ import annotations
 
 import json
-import pathlib
-import sys
 
 import pytest
 
-BENCH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
+from benchmarks import blocked_chunks, harness, jaxpr_work, layer, solve_vs_attention, solve_work, train_throughput
 
 
-@pytest.fixture(scope="module")
-def bench_modules():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import jaxpr_work
-        import layer
-        import solve_work
-
-        yield layer, solve_work, jaxpr_work
-    finally:
-        sys.path.remove(str(BENCH))
-
-
-def test_layer_benchmark_runs(bench_modules, tmp_path):
-    layer = bench_modules[0]
+def test_layer_benchmark_runs(tmp_path):
     out = tmp_path / "layer.json"
     results = layer.main(["--T", "24", "--B", "1", "--D", "32", "--H", "2", "--dtype", "float32", "--solvers",
                           "dense", "blocked", "--iters", "1", "--warmup", "0", "--peak-n", "64", "--json", str(out)])
@@ -39,12 +24,11 @@ def test_layer_benchmark_runs(bench_modules, tmp_path):
     assert json.loads(out.read_text())["results"] == json.loads(json.dumps(results))
 
 
-def test_jaxpr_work_counts_loops_and_taken_branches(bench_modules):
+def test_jaxpr_work_counts_loops_and_taken_branches():
     import jax
     import jax.numpy as jnp
     from jax import lax
 
-    jaxpr_work = bench_modules[2]
     a = jax.ShapeDtypeStruct((300, 400), jnp.float32)
     b = jax.ShapeDtypeStruct((400, 500), jnp.bfloat16)
     one = 2.0 * 300 * 400 * 500
@@ -65,8 +49,7 @@ def test_jaxpr_work_counts_loops_and_taken_branches(bench_modules):
     assert w.transcendentals == 300 * 500 + 2 * 300 * 400  # tanh once, exp in both fori_loop steps
 
 
-def test_solve_work_table_runs(bench_modules, capsys):
-    solve_work = bench_modules[1]
+def test_solve_work_table_runs(capsys):
     rows = solve_work.main(["--T", "256", "--B", "1", "--D", "64", "--leaf", "32", "--chunk", "32"])
     assert [r["method"] for r in rows] == ["recursive", "blocked"]
     rec, blk = rows
@@ -78,11 +61,6 @@ def test_solve_work_table_runs(bench_modules, capsys):
 
 
 def test_train_throughput_tables_and_bound_run(capsys):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import train_throughput
-    finally:
-        sys.path.remove(str(BENCH))
     train_throughput.main(["--seq-len", "32", "--batch-size", "2", "--steps", "1", "--repeats", "1", "--warmup", "0",
                            "--work"])
     out = capsys.readouterr().out
@@ -95,11 +73,6 @@ def test_train_throughput_tables_and_bound_run(capsys):
 
 
 def test_blocked_chunks_table_runs(capsys):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import blocked_chunks
-    finally:
-        sys.path.remove(str(BENCH))
     blocked_chunks.main(["--cases", "2x8x2x96", "--repeats", "1", "--sample-s", "0.001"])
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| 2x8x2x96")]
     names = [r[1].strip() for r in rows]
@@ -114,3 +87,28 @@ def test_blocked_chunks_table_runs(capsys):
     assert rows[1][3].strip() == "solve panels C=128" and all(float(r[2]) > 0 for r in rows)
     with pytest.raises(SystemExit):
         blocked_chunks.main(["--cases", "2x9x2x96"])  # D not a multiple of H
+
+
+def test_solve_vs_attention_runs_tiers_attention_and_the_accuracy_check(capsys):
+    solve_vs_attention.main(["--B", "1", "--T", "64", "--D", "16", "--H", "2", "--tiers", "float32",
+                             "--attention", "xla", "--accuracy", "--calls", "1"])
+    out = capsys.readouterr().out
+    assert "FAILED" not in out, out
+    for name in ("recursive fwd float32", "recursive f+b float32", "attention fwd xla", "attention f+b xla"):
+        line = next(line for line in out.splitlines() if line.startswith(name))
+        assert line.endswith(" ms") and float(line.split()[-2]) > 0, line
+    (line,) = [line for line in out.splitlines() if line.startswith("bf16x3 vs float32 tier")]
+    assert 0 < float(line.split(": ")[1].split()[0]) <= 1e-5, line
+
+
+def test_harness_times_sizes_and_prints():
+    calls = []
+    timed = harness.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2,
+                                number=3, warmup=1)
+    assert calls == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3  # warm-ups, then turns
+    assert all(len(v["wall"]) == len(v["cpu"]) == 2 and min(v["wall"]) >= 0 for v in timed.values())
+    assert harness.calls_for(0.01, 0.3) == 30 and harness.calls_for(1.0, 0.3) == 1
+    assert harness.calls_for(1e-9, 1.0, most=50) == 50
+    assert harness.nbytes("(bf16[4,4]{1,0}, s32[], pred[3])") == 32 + 4 + 3 and harness.dims("f32[8,16]{1,0}") == [8, 16]
+    assert harness.largest_array("f32[2,2] bf16[4,4] s32[]") == (32, "bf16[4,4]")
+    assert harness.markdown_table(("x", "y"), [(1, 2)]).splitlines() == ["| x | y |", "|---|---|", "| 1 | 2 |"]

@@ -1,6 +1,6 @@
-"""benchmarks/gpu_compile.py: its HLO walk (trip counts, switch-branch histograms, bytes, FLOPs),
+"""benchmarks.gpu_compile: its HLO walk (trip counts, switch-branch histograms, bytes, FLOPs),
 checked on a program compiled for this CPU, whose answers are known by construction; and the
-messages of it and of benchmarks/tpu_compile.py where the CUDA plugin or libtpu they need is
+messages of it and of benchmarks.tpu_compile where the CUDA plugin or libtpu they need is
 not installed."""
 
 from __future__ import annotations
@@ -14,12 +14,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from benchmarks import gpu_compile
 from tests.support.processes import TIMEOUT_S
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import gpu_compile  # noqa: E402
 
 TABLE = [0, 1, 2, 1, 1, 0]  # the switch index of each scan step: branch 0 twice, 1 three times, 2 once
 N = 64
@@ -96,14 +94,14 @@ def _has_cuda_plugin() -> bool:
 
 
 def _run_script(name: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args],
+    return subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args],
                           capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT)
 
 
 @pytest.mark.skipif(_has_cuda_plugin(),
                     reason="a CUDA plugin is installed here: the script would compile instead")
 def test_without_the_cuda_plugin_the_script_says_what_to_install():
-    proc = _run_script("gpu_compile.py", "--T", "1024")
+    proc = _run_script("gpu_compile", "--T", "1024")
     assert proc.returncode != 0
     assert "pip install 'jax[cuda13]'" in proc.stderr, proc.stderr[-2000:]
 
@@ -111,6 +109,6 @@ def test_without_the_cuda_plugin_the_script_says_what_to_install():
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None,
                     reason="libtpu is installed here: the script would compile instead")
 def test_without_libtpu_the_tpu_script_says_what_to_install():
-    proc = _run_script("tpu_compile.py", "--shapes", "1,1024,128")
+    proc = _run_script("tpu_compile", "--shapes", "1,1024,128")
     assert proc.returncode != 0
     assert "pip install 'jax[tpu]'" in proc.stderr, proc.stderr[-2000:]

@@ -1,0 +1,81 @@
+"""The recursive solve's forward + backward per path, on the default device.
+
+    python -m benchmarks.solve_paths                                  # B=8, T=8192, D=1024, leaf 512
+    python -m benchmarks.solve_paths --B 1 --T 256 --D 32 --leaf 32  # a toy size (CPU)
+
+Four paths: segment ids None (no segment mask, only causality) or one segment (the masked
+path), each with the loop schedule and with the static schedule of the default rule
+(``static_span``). bf16 q, k, f, float32 gamma, at the library's tier for bf16 compute on this
+platform (or --tier). Each path is timed (mean of --calls calls after a warm-up), and its s and
+gradients are compared with the first path's (relative Frobenius error, the largest over the
+four gradients).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from benchmarks import harness
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--B", type=int, default=8)
+    p.add_argument("--T", type=int, default=8192)
+    p.add_argument("--D", type=int, default=1024)
+    p.add_argument("--leaf", type=int, default=512)
+    p.add_argument("--tier", default=None, choices=["float32", "bf16x3", "bfloat16"],
+                   help="precision tier (default: the library's rule for bf16 compute here)")
+    p.add_argument("--calls", type=int, default=5)
+    harness.add_output_args(p)
+    args = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+
+    from sessa_jax.ops.dispatch import recursive_tile
+    from sessa_jax.ops.solve.precision import platform_kind, resolve_precision
+    from sessa_jax.ops.solve.recursive import RecursivePlan, recursive_feedback_solve
+
+    b, t, d, leaf = args.B, args.T, args.D, args.leaf
+    tile = recursive_tile(t, leaf)
+    static = RecursivePlan.make(t, leaf, tile, "bf16x3", "cpu", 1.0, static_span="auto").static_span
+    platform = platform_kind()
+    tier = args.tier or resolve_precision("auto", platform, jnp.bfloat16)
+    ks = jax.random.split(jax.random.PRNGKey(0), 5)
+    q, k, f = (jax.random.normal(ks[i], (b, t, d), jnp.bfloat16) for i in range(3))
+    gam = 0.99 * jnp.tanh(jax.random.normal(ks[3], (b, t)))
+    ds = jax.random.normal(ks[4], (b, t, d), jnp.float32)
+    print(f"# solve paths on {harness.machine_line()}: B={b} T={t} D={d} leaf {leaf}, tile {tile}, tier {tier}, "
+          f"static span of the default rule: {static}")
+    print(harness.markdown_table(("segment ids", "schedule", "f+b ms", "s vs first", "grads vs first")))
+    first, rows = None, []
+    for packed in (False, True):
+        for span in (None, static):
+            seg = jnp.ones((b, t), jnp.int32) if packed else None
+
+            def loss(q, k, g, f, seg=seg, span=span):
+                s = recursive_feedback_solve(q, k, g, f, seg, leaf_size=leaf, tile=tile, tier=tier, platform=platform,
+                                             dtype=jnp.float32, static_span=span)
+                return jnp.sum(s * ds), s
+
+            fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+            call = harness.blocking(fn, q, k, gam, f)
+            ms = 1e3 * harness.measure(call, warmup=1, repeats=1, number=args.calls)
+            (_, s), grads = call()
+            flat = [s] + list(grads)
+            first = first or flat
+            err = [float(jnp.linalg.norm((a - r).astype(jnp.float32)) / jnp.linalg.norm(r.astype(jnp.float32)))
+                   for a, r in zip(flat, first)]
+            rows.append({"segment_ids": "one segment" if packed else "None",
+                         "schedule": "loop" if span is None else f"static span {span}", "ms": ms,
+                         "s_err": err[0], "grad_err": max(err[1:])})
+            r = rows[-1]
+            print(harness.markdown_row((r["segment_ids"], r["schedule"], f"{ms:.2f}", f"{err[0]:.1e}",
+                                        f"{max(err[1:]):.1e}")), flush=True)
+    harness.write_json(args.json, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
