@@ -56,7 +56,29 @@ FWD_KERNEL_NAME = "sessa_block_probs_gpu"
 BWD_KERNEL_NAME = "sessa_block_probs_grad_gpu"
 _SWIZZLE = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
-__all__ = ["BLOCK_D", "BLOCK_Q", "BLOCK_K", "gpu_block_probs", "gpu_block_probs_and_grad", "interpret_params"]
+__all__ = ["BLOCK_D", "BLOCK_Q", "BLOCK_K", "check_solve_support", "gpu_block_probs", "gpu_block_probs_and_grad",
+           "interpret_params"]
+
+
+def check_solve_support(width: int, tier: str, input_dtype, platform: str) -> None:
+    """Raises ValueError unless the recursive solve can run its pushes with these kernels
+    (``kernels="gpu_gemm"``): ``width`` D a multiple of ``BLOCK_D``; ``tier`` "bf16x3" or
+    "bfloat16" with the logits in one bf16 pass (``input_dtype`` of q_b, k_b bf16, or tier
+    "bfloat16"), since the kernels multiply bf16 operands; off the GPU, a JAX with the Mosaic GPU
+    interpret mode."""
+    if width % BLOCK_D:
+        raise ValueError(f"feedback kernels 'gpu_gemm' need the head width D a multiple of {BLOCK_D}; got D={width}: "
+                         "use kernels='xla'")
+    if tier not in ("bf16x3", "bfloat16"):
+        raise ValueError(f"feedback kernels 'gpu_gemm' run the tiers 'bf16x3' and 'bfloat16' (bf16 P tiles); got "
+                         f"precision {tier!r}: pass precision='bfloat16' or 'bf16x3', or use kernels='xla'")
+    if tier == "bf16x3" and jnp.dtype(input_dtype) != BF16:
+        raise ValueError("feedback kernels 'gpu_gemm' at precision 'bf16x3' need bf16 q_b and k_b (their logits are "
+                         f"one exact bf16 pass; float32 ones take six); got {jnp.dtype(input_dtype)}: cast them to "
+                         "bf16, use precision='bfloat16', or kernels='xla'")
+    if platform != "gpu" and interpret_params() is None:
+        raise ValueError(f"feedback kernels 'gpu_gemm' off the GPU run in Mosaic GPU interpret mode, which jax "
+                         f"{jax.__version__} lacks (jax >= 0.11): upgrade jax, or use kernels='xla'")
 
 
 def _check(op: str, q, k, seg_q, seg_k, block_q: int, block_k: int, rows_extra=(), keys_extra=()):
