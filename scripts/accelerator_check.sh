@@ -8,12 +8,17 @@
 #                                                       # solve-paths script at toy size on CPU
 #
 # STEP:
-#   report the whole check in one call (at most 9.5 minutes: each part has its timeout): device
+#   report the whole check in one call (at most 9.7 minutes: each part has its timeout): device
 #          info; the solve's bf16 accuracy and fast-path tests on the device; the solve's
 #          forward + backward with and without segment ids, with the loop vs the static
 #          schedule (time, and agreement with the first path); the whole layer vs the
 #          Transformer layer at B=8, T=8192, D=1024, H=8, bf16 (the 2.0x yardstick); and the
-#          layer at B=1, T=65536 (it must run)
+#          layer at B=1, T=65536 (it must run). On a GPU the paths also time the solve with the
+#          opt-in Mosaic GPU GEMM-with-epilogue kernels (kernels="gpu_gemm") next to XLA
+#   kernels  the GEMM-with-epilogue kernels on a GPU: their tests against XLA run on the device
+#          (tests/test_gpu_epilogue_kernels.py, feedback_solve with kernels="gpu_gemm" vs "xla"),
+#          the solve's forward + backward with kernels "xla" vs "gpu_gemm" (segment ids None
+#          and one segment), and the layer with them at B=8, T=8192
 #   tests  device info; the recursive solve's tests (tests/test_recursive_solve.py, without the
 #          pure-Python schedule cases) and the attention-backend tests, compiled on the device
 #   solve  the solve alone (recursive) next to causal attention (cuDNN / splash) at B=8,
@@ -26,13 +31,14 @@
 #          XLA's preset (accuracy, solve time), and the whole layer vs the Transformer layer at
 #          B=8, T=8192, D=1024, H=8, bf16
 #   compile  no device needed: the deviceless H100 compile report (benchmarks/gpu_compile.py,
-#          with the CUDA plugin) and the v5e compile (benchmarks/tpu_compile.py, with libtpu)
+#          with the CUDA plugin; XLA, then the solve and layer with kernels="gpu_gemm") and the
+#          v5e compile (benchmarks/tpu_compile.py, with libtpu)
 #   all    tests, solve, paths and layer, in order
 # OUTDIR (default runs/accelerator_check) receives device.txt, the pytest log and each
 # benchmark's printed table (.txt) and results (.json).
 set -u -o pipefail
 
-step=${1:?usage: bash scripts/accelerator_check.sh report|tests|solve|paths|layer|quick|compile|all [OUTDIR]}
+step=${1:?usage: bash scripts/accelerator_check.sh report|tests|solve|paths|kernels|layer|quick|compile|all [OUTDIR]}
 out=${2:-runs/accelerator_check}
 py=${PYTHON:-python3}
 dry=${DRY_RUN:-}
@@ -60,7 +66,10 @@ device_info() {
 # The solve's forward + backward per path: segment ids None (no segment mask) vs one segment
 # (the masked path), the loop schedule vs the static one (fenwick.auto_static_span),
 # each timed (mean of 5 calls after a warm-up) and its s and gradients compared with the first
-# path's (relative Frobenius error). Sizes from the environment (B, T, D, LEAF).
+# path's (relative Frobenius error); then, for each value of KERNELS other than "xla" (the
+# solve's ``kernels``, e.g. "xla gpu_gemm"), the same with those kernels at the default schedule,
+# segment ids None (and one segment with KERNEL_SEGMENTS=1). Sizes from the environment
+# (B, T, D, LEAF).
 paths_script() {
   cat <<'PY'
 import os, sys, time
@@ -83,39 +92,53 @@ gam = 0.99 * jnp.tanh(jax.random.normal(ks[3], (b, t)))
 ds = jax.random.normal(ks[4], (b, t, d), jnp.float32)
 print(f"# solve paths on {jax.devices()[0].device_kind}, jax {jax.__version__}: B={b} T={t} D={d} leaf {leaf}, "
       f"tile {tile}, tier {tier}, static span of the default rule: {static}")
-print("| segment ids | schedule | f+b ms | s vs first | grads vs first |")
-print("|---|---|---|---|---|")
+print("| segment ids | schedule | kernels | f+b ms | s vs first | grads vs first |")
+print("|---|---|---|---|---|---|")
 first = None
-for packed in (False, True):
-    for span in (None, static):
-        seg = jnp.ones((b, t), jnp.int32) if packed else None
-        def loss(q, k, g, f, seg=seg, span=span):
-            s = recursive_feedback_solve(q, k, g, f, seg, leaf_size=leaf, tile=tile, tier=tier, platform=platform,
-                                         dtype=jnp.float32, static_span=span)
-            return jnp.sum(s * ds), s
-        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+extra = [kern for kern in os.environ.get("KERNELS", "xla").split() if kern != "xla"]
+cases = [(packed, span, "xla") for packed in (False, True) for span in (None, static)]
+cases += [(packed, static, kern) for kern in extra for packed in (False, True)[:1 + (os.environ.get("KERNEL_SEGMENTS") == "1")]]
+for packed, span, kern in cases:
+    seg = jnp.ones((b, t), jnp.int32) if packed else None
+    def loss(q, k, g, f, seg=seg, span=span, kern=kern):
+        s = recursive_feedback_solve(q, k, g, f, seg, leaf_size=leaf, tile=tile, tier=tier, platform=platform,
+                                     dtype=jnp.float32, static_span=span,
+                                     **({} if kern == "xla" else {"kernels": kern}))
+        return jnp.sum(s * ds), s
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+    out = jax.block_until_ready(fn(q, k, gam, f))
+    t0 = time.perf_counter()
+    for _ in range(5):
         out = jax.block_until_ready(fn(q, k, gam, f))
-        t0 = time.perf_counter()
-        for _ in range(5):
-            out = jax.block_until_ready(fn(q, k, gam, f))
-        ms = (time.perf_counter() - t0) / 5 * 1e3
-        (_, s), grads = out
-        flat = [s] + list(grads)
-        first = first or flat
-        err = [float(jnp.linalg.norm((a - r).astype(jnp.float32)) / jnp.linalg.norm(r.astype(jnp.float32)))
-               for a, r in zip(flat, first)]
-        print(f"| {'one segment' if packed else 'None'} | {'loop' if span is None else f'static span {span}'} "
-              f"| {ms:.2f} | {err[0]:.1e} | {max(err[1:]):.1e} |", flush=True)
+    ms = (time.perf_counter() - t0) / 5 * 1e3
+    (_, s), grads = out
+    flat = [s] + list(grads)
+    first = first or flat
+    err = [float(jnp.linalg.norm((a - r).astype(jnp.float32)) / jnp.linalg.norm(r.astype(jnp.float32)))
+           for a, r in zip(flat, first)]
+    print(f"| {'one segment' if packed else 'None'} | {'loop' if span is None else f'static span {span}'} "
+          f"| {kern} | {ms:.2f} | {err[0]:.1e} | {max(err[1:]):.1e} |", flush=True)
 PY
 }
 
 run_paths() {
-  if [ -n "$dry" ]; then  # the inline script itself, at toy size on CPU
-    B=1 T=256 D=32 LEAF=32 "$py" -c "$(paths_script)" 2>&1 | tee "$out/paths.txt"
+  if [ -n "$dry" ]; then  # the inline script itself, at toy size on CPU (XLA only: the kernels need leaves of 128)
+    echo "+ KERNELS=${KERNELS:-xla}: at toy size only xla"
+    KERNELS=xla B=1 T=256 D=32 LEAF=32 "$py" -c "$(paths_script)" 2>&1 | tee "$out/paths.txt"
     return
   fi
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
-  B=8 T=8192 D=1024 LEAF=512 run 150 paths.txt "$py" -c "$(paths_script)"
+  B=8 T=8192 D=1024 LEAF=512 run "${PATHS_LIMIT:-150}" paths.txt "$py" -c "$(paths_script)"
+}
+
+# The opt-in GEMM-with-epilogue kernels against XLA on the device (GPU only).
+run_kernels() {
+  device_info
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false
+  run 120 kernels_pytest.txt "$py" -m pytest -q -p no:cacheprovider tests/test_gpu_epilogue_kernels.py -k feedback_solve
+  KERNELS="xla gpu_gemm" KERNEL_SEGMENTS=1 PATHS_LIMIT=240 run_paths
+  run 200 kernels_layer.txt "$py" "${layer[@]}" --T 8192 --solvers recursive --kernels gpu_gemm --no-transformer \
+    --iters 5 --warmup 2 --json "$out/kernels_layer.json"
 }
 
 run_quick() {
@@ -162,7 +185,11 @@ run_report() {
   # the solve's bf16 accuracy tests and its fast paths against the general ones, on the device
   run 140 report_pytest.txt "$py" -m pytest -q -p no:cacheprovider tests/test_recursive_fast_paths.py \
     tests/test_recursive_bf16_accuracy.py -k "not cover"
-  run_paths
+  if [ -n "$dry" ] || command -v nvidia-smi >/dev/null; then  # + the GEMM-with-epilogue kernels, unpacked
+    KERNELS="xla gpu_gemm" PATHS_LIMIT=180 run_paths
+  else
+    run_paths
+  fi
   run 150 report_layer.txt "$py" "${layer[@]}" --T 8192 --solvers recursive --iters 5 --warmup 2 \
     --json "$out/report_layer.json"
   run 110 report_layer_fit.txt "$py" "${layer[@]}" --B 1 --T 65536 --solvers recursive --no-transformer \
@@ -171,6 +198,8 @@ run_report() {
 
 run_compile() {
   run 590 gpu_compile.txt "$py" benchmarks/gpu_compile.py
+  run 590 gpu_compile_gemm.txt "$py" benchmarks/gpu_compile.py --kernels gpu_gemm --programs solve-fwd solve-f+b \
+    sessa-layer-f+b
   run 590 tpu_compile.txt "$py" benchmarks/tpu_compile.py --shapes 8,8192,1024 --kernels xla
 }
 
@@ -179,9 +208,10 @@ case "$step" in
   tests) run_tests ;;
   solve) run_solve ;;
   paths) device_info; run_paths ;;
+  kernels) run_kernels ;;
   layer) run_layer ;;
   quick) run_quick ;;
   compile) run_compile ;;
   all) run_tests; run_solve; run_paths; run_layer ;;
-  *) echo "unknown step '$step': choose report, tests, solve, paths, layer, quick, compile or all" >&2; exit 2 ;;
+  *) echo "unknown step '$step': choose report, tests, solve, paths, kernels, layer, quick, compile or all" >&2; exit 2 ;;
 esac
