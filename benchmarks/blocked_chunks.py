@@ -75,8 +75,8 @@ def _case_fns(b: int, d: int, h: int, t: int, ops, panel_max_len: int) -> dict:
     import jax.numpy as jnp
 
     from sessa_jax.ops import causal_attention, feedback_solve
-    from sessa_jax.ops._blocked import blocked_feedback_solve
-    from sessa_jax.ops._blocked_attention import blocked_causal_attention
+    from sessa_jax.ops.solve.blocked import blocked_feedback_solve
+    from sessa_jax.ops.attention.blocked import blocked_causal_attention
 
     ks = jax.random.split(jax.random.PRNGKey(0), 6)
     q, k, v = (jax.random.normal(kk, (b, t, h, d // h)) for kk in ks[:3])

@@ -340,14 +340,14 @@ def _wide_trips(sched) -> tuple[float, float]:
 
 
 def static_span_rule(static_span: int | None):
-    """Context in which the solve's default static span (``fenwick.auto_static_span``, as the
+    """Context in which the solve's default static span (``schedule.auto_static_span``, as the
     solve and the layers resolve it) is ``static_span`` (0: none, every push in the loop);
     None: the library's own rule."""
     import contextlib
 
     if static_span is None:
         return contextlib.nullcontext()
-    return unittest.mock.patch("sessa_jax.ops._recursive.auto_static_span", lambda n, tile_leaves: static_span or None)
+    return unittest.mock.patch("sessa_jax.ops.solve.recursive.auto_static_span", lambda n, tile_leaves: static_span or None)
 
 
 def wide_tile_trips(t: int, leaf: int, tile: int | None, static_span=None, b: int = 0, d: int = 0):
@@ -356,7 +356,7 @@ def wide_tile_trips(t: int, leaf: int, tile: int | None, static_span=None, b: in
     pushes every wide block, the forward's and backward's only those ``static_span`` leaves
     there; with ``b`` and ``d`` given and the two differing, a function of a loop's type that
     tells them apart (the pushes carry a float32 (B, Tp, D) buffer, the statistics pass not)."""
-    from sessa_jax.ops._recursive import RecursivePlan
+    from sessa_jax.ops.solve.recursive import RecursivePlan
     from sessa_jax.ops.dispatch import recursive_tile
 
     with static_span_rule(static_span):
@@ -393,7 +393,7 @@ def solve_tier(precision: str, platform: str = "gpu") -> str:
         return precision
     import jax.numpy as jnp
 
-    from sessa_jax.ops.precision import resolve_precision
+    from sessa_jax.ops.solve.precision import resolve_precision
     try:
         return resolve_precision("auto", platform, jnp.bfloat16)
     except TypeError:  # older checkouts: a rule by platform alone
@@ -407,8 +407,8 @@ def add_solve_options(p: argparse.ArgumentParser, static_span_scope: str) -> Non
     p.add_argument("--packed", action="store_true",
                    help="give the solve segment ids (one segment: the masked path) instead of None")
     p.add_argument("--static-span", type=int, default=None,
-                   help=f"the static span of {static_span_scope} (fenwick.PushSchedule; 0: every push in the loop); "
-                        "default: the library's rule (fenwick.auto_static_span)")
+                   help=f"the static span of {static_span_scope} (schedule.PushSchedule; 0: every push in the loop); "
+                        "default: the library's rule (schedule.auto_static_span)")
 
 
 def programs(b: int, t: int, d: int, h: int, leaf: int, tile: int | None, kernels: str = "xla",
@@ -420,7 +420,7 @@ def programs(b: int, t: int, d: int, h: int, leaf: int, tile: int | None, kernel
     import jax
     import jax.numpy as jnp
 
-    from sessa_jax.ops._recursive import recursive_feedback_solve
+    from sessa_jax.ops.solve.recursive import recursive_feedback_solve
     from sessa_jax.ops.dispatch import recursive_tile
 
     tile = tile or recursive_tile(t, leaf)
@@ -503,7 +503,8 @@ def main(argv=None) -> None:
                  f"install the CUDA plugin: pip install 'jax[cuda13]'")
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from sessa_jax.ops import dispatch, precision
+    from sessa_jax.ops import dispatch
+    from sessa_jax.ops.solve import precision
     tile_rule = dispatch.recursive_tile if args.tile is None else (lambda length, leaf: args.tile)
     if args.gpu_bf16x3:
         precision.GPU_BF16X3 = args.gpu_bf16x3

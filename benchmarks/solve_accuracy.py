@@ -39,9 +39,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sessa_jax.ops import _recursive  # noqa: E402
-from sessa_jax.ops._dense import dense_feedback_solve  # noqa: E402
-from sessa_jax.ops._recursive import recursive_feedback_solve  # noqa: E402
+from sessa_jax.ops.solve import recursive  # noqa: E402
+from sessa_jax.ops.reference import dense_feedback_solve  # noqa: E402
+from sessa_jax.ops.solve.recursive import recursive_feedback_solve  # noqa: E402
 from sessa_jax.ops.dispatch import recursive_tile  # noqa: E402
 
 REGIMES = ("sharp_pm", "sharp", "diffuse", "prev", "hub")
@@ -147,12 +147,12 @@ def _one_pass_forward(active: bool):
     if not active:
         yield
         return
-    saved = _recursive.solution_tier
-    _recursive.solution_tier = lambda tier: tier
+    saved = recursive.solution_tier
+    recursive.solution_tier = lambda tier: tier
     try:
         yield
     finally:
-        _recursive.solution_tier = saved
+        recursive.solution_tier = saved
 
 
 @functools.lru_cache(maxsize=None)

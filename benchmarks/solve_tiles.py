@@ -8,9 +8,9 @@ statistics pass alone, the forward and the forward + backward (mean of 5 calls, 
 """
 import sys, time
 import jax, jax.numpy as jnp
-from sessa_jax.ops._recursive import RecursivePlan, recursive_feedback_solve
-from sessa_jax.ops.precision import platform_kind
-from sessa_jax.ops.row_stats import row_statistics
+from sessa_jax.ops.solve.recursive import RecursivePlan, recursive_feedback_solve
+from sessa_jax.ops.solve.precision import platform_kind
+from sessa_jax.ops.solve.row_stats import row_statistics
 def timeit(fn, *a, n=5):
     out = fn(*a); jax.block_until_ready(out)
     t0 = time.perf_counter()

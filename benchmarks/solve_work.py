@@ -38,8 +38,8 @@ import jax.numpy as jnp  # noqa: E402
 
 from hlo_text import largest_array  # noqa: E402
 from jaxpr_work import count_work  # noqa: E402
-from sessa_jax.ops._blocked import blocked_feedback_solve  # noqa: E402
-from sessa_jax.ops._recursive import recursive_feedback_solve  # noqa: E402
+from sessa_jax.ops.solve.blocked import blocked_feedback_solve  # noqa: E402
+from sessa_jax.ops.solve.recursive import recursive_feedback_solve  # noqa: E402
 from sessa_jax.ops.dispatch import recursive_tile  # noqa: E402
 
 def solver(method: str, b: int, t: int, leaf: int, chunk: int, tier: str = "bf16x3"):

@@ -7,7 +7,7 @@
 Builds a deviceless topology (``jax.experimental.topologies``, as MaxText's ``train_compile``
 does) and compiles the solve's forward + backward (``jax.grad``) ahead of time with libtpu, once
 with the pushes and statistics in XLA (``kernels="xla"``) and once with the Pallas TPU kernels of
-``ops/tpu_kernels.py`` (``kernels="pallas"``: libtpu runs the Mosaic compiler on each kernel while
+``ops/solve/row_stats_tpu.py`` and ``ops/solve/block_product_tpu.py`` (``kernels="pallas"``: libtpu runs the Mosaic compiler on each kernel while
 compiling the program; a first check compiles a kernel too large for VMEM, which libtpu must
 refuse). Per run it prints whether it compiled, the compile time on this machine,
 the program's HBM temporaries (``memory_analysis()``), the fusions in the compiled program's
@@ -82,7 +82,7 @@ def main(argv=None) -> None:
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from sessa_jax.ops._recursive import recursive_feedback_solve
+    from sessa_jax.ops.solve.recursive import recursive_feedback_solve
     from sessa_jax.ops.dispatch import recursive_tile
 
     sharding = NamedSharding(Mesh(np.array(topo.devices[:1]), ("x",)), PartitionSpec())  # one chip

@@ -64,7 +64,7 @@ device_info() {
 }
 
 # The solve's forward + backward per path: segment ids None (no segment mask) vs one segment
-# (the masked path), the loop schedule vs the static one (fenwick.auto_static_span),
+# (the masked path), the loop schedule vs the static one (schedule.auto_static_span),
 # each timed (mean of 5 calls after a warm-up) and its s and gradients compared with the first
 # path's (relative Frobenius error); then, for each value of KERNELS other than "xla" (the
 # solve's ``kernels``, e.g. "xla gpu_gemm"), the same with those kernels at the default schedule,
@@ -74,9 +74,9 @@ paths_script() {
   cat <<'PY'
 import os, sys, time
 import jax, jax.numpy as jnp
-from sessa_jax.ops._recursive import RecursivePlan, recursive_feedback_solve
+from sessa_jax.ops.solve.recursive import RecursivePlan, recursive_feedback_solve
 from sessa_jax.ops.dispatch import recursive_tile
-from sessa_jax.ops.precision import resolve_precision
+from sessa_jax.ops.solve.precision import resolve_precision
 
 b, t, d, leaf = (int(os.environ[k]) for k in ("B", "T", "D", "LEAF"))
 tile = recursive_tile(t, leaf)

@@ -17,7 +17,7 @@ sys.path.insert(0, "tests")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-import sessa_jax.ops.precision as P  # noqa: E402
+import sessa_jax.ops.solve.precision as P  # noqa: E402
 from sessa_jax.ops import feedback_solve  # noqa: E402
 from test_recursive_solve import _fro, _inputs, _run  # noqa: E402
 

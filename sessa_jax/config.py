@@ -38,7 +38,7 @@ class SessaConfig:
     default, which picks C per call from the batch, heads and length, and for short
     sequences attention's panel schedule: ``sessa_jax.ops.dispatch``), ``leaf_size`` (Cs, the leaf of
     the recursive solve), ``feedback_precision`` (tier of the recursive solve's products,
-    ``sessa_jax.ops.precision``: "float32", "bf16x3", "bfloat16", or "auto": float32 on CPU; on
+    ``sessa_jax.ops.solve.precision``: "float32", "bf16x3", "bfloat16", or "auto": float32 on CPU; on
     GPU/TPU "bfloat16" for bf16 ``dtype`` (its gradients within 2x of bf16 attention's own error,
     s within 2x of what f's bf16 rounding does to it) and "bf16x3" for float32 ``dtype``),
     ``feedback_kernels`` ("xla", the portable default, or "pallas": the TPU Mosaic kernels for

@@ -27,7 +27,7 @@ from jax.experimental import checkify
 
 from sessa_jax.config import SessaConfig
 from sessa_jax.layer import SessaLayer
-from sessa_jax.ops.layer_norm import LayerNorm
+from sessa_jax.layer_norm import LayerNorm
 from sessa_jax.ops.rope import resolve_positions
 from sessa_jax.sharding import (DEFAULT_AXES, ActivationAxes, check_explicit_params, constrain, dense_init,
                                 explicit_mesh, logical, norm_init)

@@ -6,7 +6,7 @@ import pytest
 from _parity import rel_err
 from jax import lax
 
-from sessa_jax.ops.trsolve import unit_lower_inverse, unit_lower_solve
+from sessa_jax.ops.solve.trsolve import unit_lower_inverse, unit_lower_solve
 
 
 def _feedback_matrix(c: int, dtype):
@@ -55,8 +55,8 @@ def test_inverse_float32_is_faithful():
 def test_inverse_merges_use_the_given_dot():
     """``dot`` runs the pairwise merges: a one-pass bf16 dot shows up as bf16-sized error, the
     solve's fp32-faithful dot (``RecursivePlan.faithful``) stays at the exact inverse's."""
-    from sessa_jax.ops._recursive import RecursivePlan
-    from sessa_jax.ops.precision import chained_dot
+    from sessa_jax.ops.solve.recursive import RecursivePlan
+    from sessa_jax.ops.solve.precision import chained_dot
 
     n = _feedback_matrix(256, jnp.float32)
     with jax.enable_x64(True):

@@ -21,8 +21,10 @@ from _parity import SEGMENTS_37, output_and_grads, rel_err
 
 from sessa_jax import SessaConfig, SessaLayer
 from sessa_jax.ops import causal_attention, feedback_solve
-from sessa_jax.ops import _blocked, _blocked_attention, dispatch
-from sessa_jax.ops.layer_norm import LayerNorm, layer_norm
+from sessa_jax.ops import dispatch
+from sessa_jax.ops.attention.blocked import blocked_causal_attention
+from sessa_jax.ops.solve.blocked import blocked_feedback_solve
+from sessa_jax.layer_norm import LayerNorm, layer_norm
 from sessa_jax.ops.masks import row_dot
 
 T = 37
@@ -43,7 +45,7 @@ def test_panel_attention_equals_dense_x64(segments, chunk):
         args, cot = _attention_inputs(jnp.float64)
         seg = SEGMENTS_37 if segments else None
         o_ref, g_ref = output_and_grads(lambda q, k, v: causal_attention(q, k, v, segment_ids=seg, method="dense"), args, cot)
-        o, g = output_and_grads(lambda q, k, v: _blocked_attention.blocked_causal_attention(
+        o, g = output_and_grads(lambda q, k, v: blocked_causal_attention(
             q, k, v, seg, chunk, jnp.float64, schedule="panels"), args, cot)
         assert rel_err(o, o_ref) <= 1e-12
         for a, b in zip(g, g_ref):
@@ -52,7 +54,7 @@ def test_panel_attention_equals_dense_x64(segments, chunk):
 
 def test_panel_and_loop_schedules_agree_float32():
     args, cot = _attention_inputs(jnp.float32, h=4, hkv=4, k=8, seed=21)
-    run = lambda schedule: output_and_grads(lambda q, k, v: _blocked_attention.blocked_causal_attention(
+    run = lambda schedule: output_and_grads(lambda q, k, v: blocked_causal_attention(
         q, k, v, None, 8, jnp.float32, schedule=schedule), args, cot)
     (o_loop, g_loop), (o_panel, g_panel) = run("loop"), run("panels")
     chex.assert_trees_all_close(o_panel, o_loop, rtol=1e-5, atol=1e-5)
@@ -62,7 +64,7 @@ def test_panel_and_loop_schedules_agree_float32():
 def test_unknown_schedule_is_rejected():
     (q, k, v), _ = _attention_inputs(jnp.float32)
     with pytest.raises(ValueError, match=r"unknown attention schedule 'tiles'; choose one of \('loop', 'panels'\)"):
-        _blocked_attention.blocked_causal_attention(q, k, v, None, 8, jnp.float32, schedule="tiles")
+        blocked_causal_attention(q, k, v, None, 8, jnp.float32, schedule="tiles")
 
 
 @pytest.mark.parametrize("batch,heads,length,expected", [
@@ -114,7 +116,7 @@ def test_panel_solve_equals_dense_x64(segments, chunk):
         seg = SEGMENTS_37 if segments else None
         s_ref, g_ref = output_and_grads(lambda *a: feedback_solve(*a, segment_ids=seg, method="dense"),
                                         (q, k, gamma, f), cot)
-        s, g = output_and_grads(lambda *a: _blocked.blocked_feedback_solve(*a, seg, chunk, jnp.float64, "panels"),
+        s, g = output_and_grads(lambda *a: blocked_feedback_solve(*a, seg, chunk, jnp.float64, "panels"),
                                 (q, k, gamma, f), cot)
         assert rel_err(s, s_ref) <= 1e-12
         for a, b in zip(g, g_ref):
@@ -124,7 +126,7 @@ def test_panel_solve_equals_dense_x64(segments, chunk):
 def test_unknown_solve_schedule_is_rejected():
     w = jnp.ones((1, 8, 4))
     with pytest.raises(ValueError, match=r"unknown solve schedule 'tiles'; choose one of \('loop', 'panels'\)"):
-        _blocked.blocked_feedback_solve(w, w, jnp.zeros((1, 8)), w, None, 4, jnp.float32, "tiles")
+        blocked_feedback_solve(w, w, jnp.zeros((1, 8)), w, None, 4, jnp.float32, "tiles")
 
 
 def test_auto_reaches_the_schedules(monkeypatch):

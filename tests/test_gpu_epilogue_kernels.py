@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from _kernel_inputs import kernel_segments, normal
 
-from sessa_jax.ops import block_product as bp
-from sessa_jax.ops import block_product_gpu as bg
-from sessa_jax.ops.precision import bf16_round_bits, split_bf16
+from sessa_jax.ops.solve import block_product as bp
+from sessa_jax.ops.solve import block_product_gpu as bg
+from sessa_jax.ops.solve.precision import bf16_round_bits, split_bf16
 
 B, D = 2, 128
 SD = jax.ShapeDtypeStruct
@@ -52,7 +52,7 @@ def _panel(p: int, kk: int, mask: str, seed: int = 0):
 
 
 def _twin_probs(q, k, m, logl, seg_q, seg_k, causal=False):
-    return bp.block_probs(q, k, m, logl, seg_q, seg_k, scale=D ** -0.5, tier="bfloat16", platform="gpu",
+    return bp.block_probs(q, seg_q, m, logl, k, seg_k, scale=D ** -0.5, tier="bfloat16", platform="gpu",
                           causal=causal)
 
 
@@ -89,7 +89,7 @@ def _assert_probs(parts, want, allowed):
 def test_block_probs_kernel_matches_xla_twin(mask, causal, split):
     p, kk = (256, 256) if causal else (128, 384)
     q, k, m, logl, seg_q, seg_k = _panel(p, kk, mask)
-    parts = bg.gpu_block_probs(q, k, m, logl, seg_q, seg_k, scale=D ** -0.5, split=split, causal=causal,
+    parts = bg.gpu_block_probs(q, seg_q, m, logl, k, seg_k, scale=D ** -0.5, split=split, causal=causal,
                                interpret=_interpret_or_skip())
     assert len(parts) == (2 if split else 1)
     _assert_probs(parts, _twin_probs(q, k, m, logl, seg_q, seg_k, causal), _allowed(seg_q, seg_k, p, kk, causal))
@@ -110,13 +110,13 @@ def test_block_probs_and_grad_kernel_matches_xla_twin(mask, causal, split):
     g = normal(10, (B, p, D))
     g_used = bf16_round_bits(g)
     s_hi, s_lo = split_bf16(s)
-    parts, dl = bg.gpu_block_probs_and_grad(q, k, m, logl, seg_q, seg_k, g_used.astype(BF16), s_hi, s_lo,
+    parts, dl = bg.gpu_block_probs_and_grad(q, seg_q, m, logl, k, seg_k, g_used.astype(BF16), s_hi, s_lo,
                                             jnp.sum(g_used * r, axis=-1), scale=D ** -0.5, split=split,
                                             causal=causal, interpret=_interpret_or_skip())
     probs = _twin_probs(q, k, m, logl, seg_q, seg_k, causal)
     want = bp.probs_grad("bpd,bkd->bpk", probs, g, r, s, "bfloat16", "gpu")
     if not causal:  # the twin the solve runs on its pushed blocks
-        p_twin, dl_twin = bp.block_probs_and_grad(q, k, m, logl, seg_q, seg_k, g, r, s, scale=D ** -0.5,
+        p_twin, dl_twin = bp.block_probs_and_grad(q, seg_q, m, logl, k, seg_k, g, r, s, scale=D ** -0.5,
                                                   tier="bfloat16", plain_tier="bfloat16", platform="gpu")
         np.testing.assert_array_equal(p_twin, probs)
         np.testing.assert_array_equal(dl_twin, want)
@@ -195,7 +195,7 @@ def test_gemm_kernel_errors(kwargs, match):
     v = jnp.zeros((1, p))
     seg = (jnp.zeros((1, p), jnp.int32), None) if kwargs.get("one_seg") else (None, None)
     with pytest.raises(ValueError, match=match):
-        bg.gpu_block_probs(q, k, v, v, *seg, scale=1.0, block_q=128, block_k=kwargs.get("block_k", 128))
+        bg.gpu_block_probs(q, seg[0], v, v, k, seg[1], scale=1.0, block_q=128, block_k=kwargs.get("block_k", 128))
 
 
 # --------------------------------------------------------------------------- lowering for CUDA
@@ -206,11 +206,12 @@ def test_gemm_kernels_lower_for_cuda(d, masked, split):
     segs = (SD((B, p), jnp.int32), SD((B, kk), jnp.int32)) if masked else ()
 
     def fwd(q, k, m, logl, *seg):
-        return bg.gpu_block_probs(q, k, m, logl, *(seg or (None, None)), scale=0.1, split=split)
+        seg_q, seg_k = seg or (None, None)
+        return bg.gpu_block_probs(q, seg_q, m, logl, k, seg_k, scale=0.1, split=split)
 
     def bwd(q, k, m, logl, g, s_hi, s_lo, delta, *seg):
-        return bg.gpu_block_probs_and_grad(q, k, m, logl, *(seg or (None, None)), g, s_hi, s_lo, delta, scale=0.1,
-                                           split=split)
+        seg_q, seg_k = seg or (None, None)
+        return bg.gpu_block_probs_and_grad(q, seg_q, m, logl, k, seg_k, g, s_hi, s_lo, delta, scale=0.1, split=split)
 
     text = _lower_or_skip(jax.jit(fwd), (rows, keys, vec, vec, *segs))
     assert bg.FWD_KERNEL_NAME in text and "mosaic_gpu" in text
@@ -221,7 +222,7 @@ def test_gemm_kernels_lower_for_cuda(d, masked, split):
 @pytest.mark.parametrize("kernels", ["gpu_gemm", "xla"])
 def test_recursive_solve_with_gemm_kernels_lowers_for_cuda(kernels):
     """Forward + backward of the solve for "cuda": the kernels are in the program exactly when opted in."""
-    from sessa_jax.ops._recursive import recursive_feedback_solve
+    from sessa_jax.ops.solve.recursive import recursive_feedback_solve
 
     t, d = 1024, 128
 

@@ -1,4 +1,4 @@
-"""The Mosaic GPU kernel of the recursive solve (``gpu_kernels.gpu_row_statistics``) against its
+"""The Mosaic GPU kernel of the recursive solve (``row_stats_gpu.gpu_row_statistics``) against its
 XLA twin in Mosaic GPU interpret mode (jax >= 0.11, skipped before), its lowering for "cuda"
 (skipped where the installed JAX cannot lower Mosaic GPU on this machine), and its errors.
 Nothing here runs on a GPU."""
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from _kernel_inputs import kernel_segments, normal
 
-from sessa_jax.ops import gpu_kernels as gk
-from sessa_jax.ops.fenwick import PushSchedule
-from sessa_jax.ops.row_stats import EMPTY_LOGL, row_statistics
+from sessa_jax.ops.solve import row_stats_gpu as gk
+from sessa_jax.ops.solve.schedule import PushSchedule
+from sessa_jax.ops.solve.row_stats import EMPTY_LOGL, row_statistics
 
 B, D = 2, 128
 SD = jax.ShapeDtypeStruct
@@ -89,7 +89,7 @@ def test_stats_kernel_errors(shape, kwargs, match):
 
 # --------------------------------------------------------------------------- the recursive solve with it
 def _solve_grad(kernels, t, d, seg):
-    from sessa_jax.ops._recursive import recursive_feedback_solve
+    from sessa_jax.ops.solve.recursive import recursive_feedback_solve
 
     def loss(q, k, g, f):
         s = recursive_feedback_solve(q, k, g, f, seg, leaf_size=128, tile=128, tier="bf16x3", platform="gpu",
@@ -131,8 +131,8 @@ def test_recursive_solve_with_gpu_kernel_matches_xla():
     (128, "float32", (jnp.float32,) * 2, "precision 'float32' with float32 q_b/k_b"),
 ])
 def test_gpu_kernel_option_errors(width, tier, dtypes, match):
-    from sessa_jax.ops.dispatch import _check_gpu_kernels
+    from sessa_jax.ops.dispatch import check_gpu_kernels
 
     with pytest.raises(ValueError, match=match):
-        _check_gpu_kernels(width, tier, dtypes)
-    _check_gpu_kernels(128, "float32", (jnp.bfloat16,) * 2)  # bf16 q/k: one exact pass at any tier
+        check_gpu_kernels(width, tier, dtypes)
+    check_gpu_kernels(128, "float32", (jnp.bfloat16,) * 2)  # bf16 q/k: one exact pass at any tier

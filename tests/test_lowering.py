@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from sessa_jax.ops import precision
-from sessa_jax.ops._recursive import recursive_feedback_solve
-from sessa_jax.ops.attention_backends import accelerated_causal_attention
+from sessa_jax.ops.solve import precision
+from sessa_jax.ops.solve.recursive import recursive_feedback_solve
+from sessa_jax.ops.attention.backends import accelerated_causal_attention
 
 SD = jax.ShapeDtypeStruct
 T = 1024

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sessa_jax.ops import causal_attention
-from sessa_jax.ops.attention_backends import accelerated_causal_attention
+from sessa_jax.ops.attention.backends import accelerated_causal_attention
 
 
 def _inputs(b=2, t=130, h=4, hkv=2, kd=16):

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sessa_jax.ops import precision
-from sessa_jax.ops.precision import bf16_round_bits, split_bf16
+from sessa_jax.ops.solve import precision
+from sessa_jax.ops.solve.precision import bf16_round_bits, split_bf16
 
 BF16 = jnp.bfloat16
 

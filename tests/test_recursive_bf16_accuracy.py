@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sessa_jax.ops import dispatch, precision
+from sessa_jax.ops import dispatch
+from sessa_jax.ops.solve import precision
 
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))

@@ -13,7 +13,7 @@ import pytest
 from _parity import rel_err
 
 from sessa_jax.ops import feedback_solve
-from sessa_jax.ops._recursive import recursive_feedback_solve
+from sessa_jax.ops.solve.recursive import recursive_feedback_solve
 
 
 def _inputs(dtype, t, *, d=8, b=2, seed=0, sharp=False):
@@ -92,7 +92,7 @@ def test_unpacked_solve_equals_the_masked_one_x64(t, leaf, tile, sharp):
 def test_unpacked_solve_traced_for_gpu_equals_the_masked_one_x64():
     """Traced as for a GPU at bf16x3 (its forward pushes split P, so the unpacked path keeps the
     exponential out of the logits product with a barrier): still the masked solve's values."""
-    from sessa_jax.ops._recursive import RecursivePlan
+    from sessa_jax.ops.solve.recursive import RecursivePlan
 
     assert RecursivePlan.make(130, 16, 32, "bf16x3", "gpu", 1.0).splits_pushed_probs
     with jax.enable_x64(True):
@@ -139,7 +139,7 @@ def test_unpacked_solve_with_the_kernels_still_masks_padding():
 def test_static_blocks_and_loop_segments_cover_the_schedule(n, tile_leaves, span):
     """The loop segments plus the static blocks push every block of the loop schedule once:
     loop blocks stay inside their segment, static blocks are exactly the multiples of the span."""
-    from sessa_jax.ops.fenwick import PushSchedule, padded_leaves
+    from sessa_jax.ops.solve.schedule import PushSchedule, padded_leaves
 
     n = padded_leaves(n, tile_leaves)
     loop, static = PushSchedule.make(n, tile_leaves), PushSchedule.make(n, tile_leaves, span)
@@ -179,8 +179,8 @@ def test_static_schedule_equals_the_loop_x64(t, leaf, tile, span, packed):
 def test_row_statistics_take_the_static_blocks_too(span):
     """A static schedule handed to the statistics pass: its static blocks are visited after the
     loop, with the same (m, logl) as the all-loop schedule (x64)."""
-    from sessa_jax.ops.fenwick import PushSchedule
-    from sessa_jax.ops.row_stats import row_statistics
+    from sessa_jax.ops.solve.schedule import PushSchedule
+    from sessa_jax.ops.solve.row_stats import row_statistics
 
     with jax.enable_x64(True):
         q, k, _, _, _ = _inputs(jnp.float64, 128, sharp=True)
@@ -200,7 +200,7 @@ def test_row_statistics_take_the_static_blocks_too(span):
     (128, 8, None),
 ])
 def test_default_static_span_makes_exactly_the_wide_blocks_static(n, tile_leaves, expected):
-    from sessa_jax.ops.fenwick import STATIC_TILES, PushSchedule, auto_static_span
+    from sessa_jax.ops.solve.schedule import STATIC_TILES, PushSchedule, auto_static_span
 
     span = auto_static_span(n, tile_leaves)
     assert span == expected

@@ -16,11 +16,11 @@ from _parity import rel_err
 
 from sessa_jax import SessaConfig, SessaLayer, SessaLM
 from sessa_jax.ops import feedback_solve
-from sessa_jax.ops._blocked import BlockedPlan, _backward as blocked_backward
-from sessa_jax.ops._recursive import RecursivePlan, _solve_fwd as recursive_fwd, recursive_feedback_solve
-from sessa_jax.ops.fenwick import PushSchedule, padded_leaves
+from sessa_jax.ops.solve.blocked import BlockedPlan, blocked_backward
+from sessa_jax.ops.solve.recursive import RecursivePlan, recursive_feedback_solve, recursive_solve_fwd
+from sessa_jax.ops.solve.schedule import PushSchedule, padded_leaves
 from sessa_jax.ops.masks import PAD_SEGMENT, compute_dtype, pad_time
-from sessa_jax.ops.row_stats import EMPTY_LOGL, row_statistics
+from sessa_jax.ops.solve.row_stats import EMPTY_LOGL, row_statistics
 
 
 # 1. Schedule -------------------------------------------------------------------------------
@@ -187,10 +187,10 @@ def test_recursive_check_grads_x64():
 
 def test_backward_reuses_the_forward_diagonal_inverses(monkeypatch):
     """A_ii and X_i are residuals: tracing forward + backward builds each once (the forward's)."""
-    from sessa_jax.ops import _recursive
+    from sessa_jax.ops.solve import recursive
 
     calls = {"blocks": 0, "inverse": 0}
-    blocks, inverse = _recursive._diag_blocks, _recursive._diag_inverse
+    blocks, inverse = recursive.diag_blocks, recursive.diag_inverse
 
     def count(name, fn):
         def wrapped(*a, **kw):
@@ -198,8 +198,8 @@ def test_backward_reuses_the_forward_diagonal_inverses(monkeypatch):
             return fn(*a, **kw)
         return wrapped
 
-    monkeypatch.setattr(_recursive, "_diag_blocks", count("blocks", blocks))
-    monkeypatch.setattr(_recursive, "_diag_inverse", count("inverse", inverse))
+    monkeypatch.setattr(recursive, "diag_blocks", count("blocks", blocks))
+    monkeypatch.setattr(recursive, "diag_inverse", count("inverse", inverse))
     q, k, g, f, _ = _inputs(jnp.float32, 40, d=8, case="diffuse")
 
     def loss(q, k, g, f):
@@ -216,7 +216,7 @@ def test_recursive_residuals_feed_the_blocked_backward():
         q, k, g, f, ds = _inputs(jnp.float64, t, d=d, case="sharp", gamma="pm")
         seg = _packed(2, t, seed=2)
         plan = RecursivePlan.make(t, leaf, 32, "float32", "cpu", d ** -0.5)
-        _, (qr, kr, gr, segr, s, r, m, logl, _, _) = recursive_fwd(plan, q, k, g, f, seg)
+        _, (qr, kr, gr, segr, s, r, m, logl, _, _) = recursive_solve_fwd(plan, q, k, g, f, seg)
         res = (qr * d ** -0.5, kr, gr, segr, s, m + logl, r)
         dq, dk, dgamma, df = blocked_backward(BlockedPlan.make(t, 32), res, ds)
         _, g_ref = _run("dense", (q, k, g, f, ds), segment_ids=seg)

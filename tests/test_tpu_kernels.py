@@ -10,11 +10,11 @@ import pytest
 from _kernel_inputs import kernel_segments, normal
 
 from sessa_jax.ops import feedback_solve
-from sessa_jax.ops import tpu_kernels as tk
-from sessa_jax.ops._recursive import _block_probs, recursive_feedback_solve
-from sessa_jax.ops.fenwick import PushSchedule
-from sessa_jax.ops.precision import chained_dot
-from sessa_jax.ops.row_stats import row_statistics
+from sessa_jax.ops.solve import block_product_tpu, row_stats_tpu
+from sessa_jax.ops.solve.block_product import block_probs, block_product
+from sessa_jax.ops.solve.recursive import recursive_feedback_solve
+from sessa_jax.ops.solve.schedule import PushSchedule
+from sessa_jax.ops.solve.row_stats import EMPTY_LOGL, row_statistics
 
 B, D = 2, 128
 
@@ -51,13 +51,13 @@ def interpret(request):
 def test_stats_kernel_matches_xla_twin(dtype, interpret):
     t = 256
     q, k, seg = normal(0, (B, t, D), dtype), normal(1, (B, t, D), dtype) * 2, kernel_segments(B, t)
-    m, logl = tk.tpu_row_statistics(q, k, seg, scale=D ** -0.5, block=128, interpret=interpret[0])
+    m, logl = row_stats_tpu.tpu_row_statistics(q, k, seg, scale=D ** -0.5, block=128, interpret=interpret[0])
     interpret[1]()
     m_x, logl_x = row_statistics(q, k, seg, leaf=128, scale=D ** -0.5, tier="float32",
                                  schedule=PushSchedule.make(2, None))
     np.testing.assert_allclose(m, m_x, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(logl, logl_x, rtol=1e-6, atol=1e-6)
-    assert logl[0, 0] == np.float32(tk.EMPTY_LOGL) and logl[0, 150] == np.float32(tk.EMPTY_LOGL)
+    assert logl[0, 0] == np.float32(EMPTY_LOGL) and logl[0, 150] == np.float32(EMPTY_LOGL)
 
 
 @pytest.mark.parametrize("tier,tol", [("float32", 1e-6), ("bf16x3", 1e-5), ("bfloat16", 5e-3)])
@@ -69,12 +69,9 @@ def test_block_product_matches_xla_twin(tier, tol, interpret):
     logl = jax.random.uniform(jax.random.PRNGKey(6), (B, rows)) + 2.0
     seg_r = jnp.ones((B, rows), jnp.int32)
     seg_k = jnp.asarray(np.arange(keys) >= 100, jnp.int32)[None].repeat(B, 0)
-    out = tk.tpu_block_product(q, seg_r, m, logl, k, seg_k, s, scale=D ** -0.5, tier=tier, interpret=interpret[0])
+    out = block_product_tpu.tpu_block_product(q, seg_r, m, logl, k, seg_k, s, scale=D ** -0.5, tier=tier, interpret=interpret[0])
     interpret[1]()
-    from sessa_jax.ops._recursive import RecursivePlan
-
-    plan = RecursivePlan.make(rows + keys, 128, 256, "float32", "cpu", D ** -0.5)
-    want = chained_dot("bpk,bkd->bpd", _block_probs(plan, q, seg_r, m, logl, k, seg_k), s, "float32", "cpu")
+    want = block_product(q, seg_r, m, logl, k, seg_k, s, scale=D ** -0.5, tier="float32", platform="cpu")
     err = float(jnp.linalg.norm(out - want) / jnp.linalg.norm(want))
     assert err <= tol, (tier, err)
     assert float(jnp.abs(out[:, :, :1]).sum()) > 0
@@ -90,13 +87,10 @@ def test_block_product_backward_matches_xla_twin(tier, plain, dtype, tol, interp
     logl = jax.random.uniform(jax.random.PRNGKey(17), (B, rows)) + 2.0
     seg_r = jnp.asarray(np.arange(rows) < 200, jnp.int32)[None].repeat(B, 0)
     seg_k = jnp.ones((B, keys), jnp.int32)
-    got = tk.tpu_block_product_bwd(q, seg_r, m, logl, g, r, k, seg_k, s, scale=D ** -0.5, tier=tier,
+    got = block_product_tpu.tpu_block_product_bwd(q, seg_r, m, logl, g, r, k, seg_k, s, scale=D ** -0.5, tier=tier,
                                    plain_tier=plain, interpret=interpret[0])
     interpret[1]()
-    from sessa_jax.ops._recursive import RecursivePlan
-
-    plan = RecursivePlan.make(rows + keys, 128, 256, "float32", "cpu", D ** -0.5)
-    probs = _block_probs(plan, q, seg_r, m, logl, k, seg_k)
+    probs = block_probs(q, seg_r, m, logl, k, seg_k, scale=D ** -0.5, tier="float32", platform="cpu")
     dl = probs * (jnp.einsum("bpd,bkd->bpk", g, s, precision="highest") - jnp.sum(g * r, -1, keepdims=True))
     want = (jnp.einsum("bpk,bpd->bkd", probs, g, precision="highest"),
             jnp.einsum("bpk,bkd->bpd", dl, k.astype(jnp.float32), precision="highest") * D ** -0.5,
@@ -108,8 +102,8 @@ def test_block_product_backward_matches_xla_twin(tier, plain, dtype, tol, interp
 
 def test_block_sizes_do_not_grow_with_t():
     """VMEM holds (Bq, D) and (Bk, D) blocks whose size is capped whatever T is (no T cap)."""
-    assert tk.key_block(65536) == 512 and tk.row_block(65536) == 512
-    assert tk.key_block(384) == 128 and tk.row_block(384) == 128
+    assert row_stats_tpu.key_block(65536) == 512 and row_stats_tpu.row_block(65536) == 512
+    assert row_stats_tpu.key_block(384) == 128 and row_stats_tpu.row_block(384) == 128
 
 
 def _solve(kernels, t=384, leaf=128):

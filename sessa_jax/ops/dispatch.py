@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from sessa_jax.ops._blocked import blocked_feedback_solve
-from sessa_jax.ops._blocked_attention import blocked_causal_attention
-from sessa_jax.ops._dense import dense_causal_attention, dense_feedback_solve
-from sessa_jax.ops._recursive import recursive_feedback_solve
+from sessa_jax.ops.attention.blocked import blocked_causal_attention
 from sessa_jax.ops.masks import compute_dtype, default_segment_ids
-from sessa_jax.ops.precision import platform_kind, resolve_precision
+from sessa_jax.ops.reference import dense_causal_attention, dense_feedback_solve
+from sessa_jax.ops.solve.blocked import blocked_feedback_solve
+from sessa_jax.ops.solve.precision import platform_kind, resolve_precision
+from sessa_jax.ops.solve.recursive import recursive_feedback_solve
 
 METHODS = ("dense", "blocked", "recursive", "auto")
 # Implementations of the recursive solve's statistics pass and pushes: "xla" (portable, the
 # default everywhere) or "pallas": on TPU (and CPU, in interpret mode) the TPU Mosaic kernels of
-# ``tpu_kernels`` for stats and pushes; on GPU the Mosaic GPU stats kernel of ``gpu_kernels``
-# with the pushes in XLA; "gpu_gemm": the pushes' P and dL tiles in the Mosaic GPU
+# ``row_stats_tpu`` / ``block_product_tpu`` for stats and pushes; on GPU the Mosaic GPU stats kernel of
+# ``row_stats_gpu`` with the pushes in XLA; "gpu_gemm": the pushes' P and dL tiles in the Mosaic GPU
 # GEMM-with-epilogue kernels of ``block_product_gpu`` (products and statistics in XLA; interpret
 # mode off the GPU). Opt-in: never measured on either device.
 KERNELS = ("xla", "pallas", "gpu_gemm")
@@ -125,14 +125,14 @@ def _check_segments(segment_ids, batch: int, length: int, op: str):
 
 
 def _accelerated_attention(q, k, v, segment_ids):
-    from sessa_jax.ops.attention_backends import accelerated_causal_attention
+    from sessa_jax.ops.attention.backends import accelerated_causal_attention
 
     return accelerated_causal_attention(q, k, v, segment_ids)
 
 
-def _check_gpu_kernels(width: int, tier: str, input_dtypes) -> None:
-    """The Mosaic GPU stats kernel's limits (``gpu_kernels``): D and the logits tier."""
-    from sessa_jax.ops.gpu_kernels import MAX_D, TIERS
+def check_gpu_kernels(width: int, tier: str, input_dtypes) -> None:
+    """The Mosaic GPU stats kernel's limits (``row_stats_gpu``): D and the logits tier."""
+    from sessa_jax.ops.solve.row_stats_gpu import MAX_D, TIERS
 
     if width % 64 or width > MAX_D:
         raise ValueError(f"feedback kernels 'pallas' on GPU need the head width D a multiple of 64 and at most "
@@ -168,7 +168,7 @@ def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: str = "auto"
     and returns s (B, T, D) in f.dtype. Differentiable in q_b, k_b, gamma and f.
     ``chunk_size``: C of the blocked scan (an integer, or "auto": ``solve_schedule``);
     ``leaf_size``: Cs of the recursive solve;
-    ``precision``: the recursive solve's tier (``sessa_jax.ops.precision``): "auto" runs float32 on
+    ``precision``: the recursive solve's tier (``sessa_jax.ops.solve.precision``): "auto" runs float32 on
     CPU; on GPU/TPU "bfloat16" when q_b, k_b and f are all bf16 (bf16 compute) and "bf16x3"
     otherwise (``precision.auto_precision``); ``kernels``: "xla",
     "pallas" (the recursive solve's statistics and pushes in TPU kernels; on GPU its
@@ -207,7 +207,7 @@ def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: str = "auto"
         platform = platform_kind()
         _check_kernels(kernels, min(leaf_size, t), dtype, platform)
         if kernels == "pallas" and platform == "gpu":
-            _check_gpu_kernels(f.shape[-1], tier, (q_b.dtype, k_b.dtype))
+            check_gpu_kernels(f.shape[-1], tier, (q_b.dtype, k_b.dtype))
         # Without segment ids the solve masks nothing but causality (no select in its tiles).
         segments = None if segment_ids is None else packed
         s = recursive_feedback_solve(q_b, k_b, gamma, f, segments, leaf_size=leaf_size, tile=recursive_tile(t, leaf_size),

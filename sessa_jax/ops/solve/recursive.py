@@ -5,7 +5,7 @@ Forward, on q, k, f (B, Tp, D) and gamma (B, Tp) with Tp = n * Cs:
   2. Every diagonal leaf at once: A_ii = exp((L_ii - m) - logl) masked, X_i = (I - G_i A_ii)^-1.
   3. One ``lax.scan`` over leaves i = 0 .. n-1 (the sequential spine):
          s_i = X_i (f_i + gamma_i racc_i)
-         push block j = i + 1 (``fenwick.PushSchedule``): racc[R_j] += A[R_j, K_j] s[K_j],
+         push block j = i + 1 (``schedule.PushSchedule``): racc[R_j] += A[R_j, K_j] s[K_j],
      where the block's shape picks a ``lax.switch`` branch and A's entries are rebuilt from
      the known statistics in tiles: two large matrix products per tile.
   4. r = racc + A_ii s_i for all leaves at once.
@@ -31,17 +31,20 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sessa_jax.ops import precision as _precision
-from sessa_jax.ops.block_product import block_probs, block_probs_and_grad, probs_grad, split_dot
-from sessa_jax.ops.fenwick import PushSchedule, auto_static_span, padded_leaves
-from sessa_jax.ops.gpu_kernels import TIERS as GPU_TIERS
-from sessa_jax.ops.gpu_kernels import gpu_row_statistics
 from sessa_jax.ops.masks import PAD_SEGMENT, default_segment_ids, merge_chunks, pad_time, take_chunk
-from sessa_jax.ops.precision import bf16_round_bits, chained_dot, logits_dot, nonchained_tier, solution_tier, split_bf16
-from sessa_jax.ops.row_stats import leaf_logits, leaf_mask, row_statistics
-from sessa_jax.ops.tpu_kernels import tpu_block_product, tpu_block_product_bwd, tpu_row_statistics
-from sessa_jax.ops.block_product_gpu import check_solve_support, gpu_block_probs, gpu_block_probs_and_grad, interpret_params
-from sessa_jax.ops.trsolve import unit_lower_inverse
+from sessa_jax.ops.solve import precision as _precision
+from sessa_jax.ops.solve.block_product import block_probs_and_grad, block_product, probs_grad, split_dot
+from sessa_jax.ops.solve.block_product_gpu import (check_solve_support, gpu_block_probs, gpu_block_probs_and_grad,
+                                                   interpret_params)
+from sessa_jax.ops.solve.block_product_tpu import tpu_block_product, tpu_block_product_bwd
+from sessa_jax.ops.solve.precision import (bf16_round_bits, chained_dot, logits_dot, nonchained_tier, solution_tier,
+                                           split_bf16)
+from sessa_jax.ops.solve.row_stats import leaf_logits, leaf_mask, row_statistics
+from sessa_jax.ops.solve.row_stats_gpu import TIERS as GPU_TIERS
+from sessa_jax.ops.solve.row_stats_gpu import gpu_row_statistics
+from sessa_jax.ops.solve.row_stats_tpu import tpu_row_statistics
+from sessa_jax.ops.solve.schedule import PushSchedule, auto_static_span, padded_leaves
+from sessa_jax.ops.solve.trsolve import unit_lower_inverse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +67,8 @@ class RecursivePlan:
     def make(cls, length: int, leaf_size: int, tile: int, tier: str, platform: str, scale: float,
              input_dtype=None, kernels: str = "xla", static_span: int | None = None):
         """Plan for T = ``length``: leaf min(leaf_size, T); wide blocks in tiles of ~``tile`` rows;
-        ``static_span``: see ``fenwick.PushSchedule`` (None: every push in the leaf loop;
-        "auto": ``fenwick.auto_static_span``)."""
+        ``static_span``: see ``schedule.PushSchedule`` (None: every push in the leaf loop;
+        "auto": ``schedule.auto_static_span``)."""
         leaf = max(1, min(leaf_size, length))
         tile_leaves = max(1, tile // leaf)
         n = padded_leaves(-(-length // leaf), tile_leaves)
@@ -81,12 +84,12 @@ class RecursivePlan:
 
     @property
     def tpu_kernels(self) -> bool:
-        """The ``tpu_kernels`` for stats and pushes: kernels "pallas" anywhere but on GPU."""
+        """The TPU kernels (``row_stats_tpu``, ``block_product_tpu``) for stats and pushes: kernels "pallas" anywhere but on GPU."""
         return self.kernels == "pallas" and self.platform != "gpu"
 
     @property
     def gpu_kernels(self) -> bool:
-        """The Mosaic GPU stats kernel (``gpu_kernels``), pushes in XLA: kernels "pallas" on GPU.
+        """The Mosaic GPU stats kernel (``row_stats_gpu``), pushes in XLA: kernels "pallas" on GPU.
         It is always compiled for the GPU; CPU tests run it under ``plgpu.force_gpu_interpret_mode``."""
         return self.kernels == "pallas" and self.platform == "gpu"
 
@@ -159,7 +162,7 @@ def _barrier(carry, q, k):
     return lax.optimization_barrier((carry, q, k))
 
 
-def _diag_blocks(plan: RecursivePlan, diag_logits, seg, m, logl):
+def diag_blocks(plan: RecursivePlan, diag_logits, seg, m, logl):
     """A_ii (B, n, Cs, Cs): the diagonal leaves of A from their logits (``leaf_logits``) and the
     known statistics."""
     b = m.shape[0]
@@ -168,7 +171,7 @@ def _diag_blocks(plan: RecursivePlan, diag_logits, seg, m, logl):
     return jnp.where(leaf_mask(seg, plan.leaf), jnp.exp(z), 0.0)
 
 
-def _diag_inverse(plan: RecursivePlan, a_ii, gamma):
+def diag_inverse(plan: RecursivePlan, a_ii, gamma):
     """X_i = (I - diag(gamma_i) A_ii)^-1 for all leaves at once, (B, n, Cs, Cs), fp32-faithful
     (``RecursivePlan.faithful``) at every tier: in bf16x3 the inverse added ~20% to the tier's error
     in the sharp stress case (5.1e-6 -> 6.2e-6 at leaf 512) for under 1% less work."""
@@ -177,17 +180,10 @@ def _diag_inverse(plan: RecursivePlan, a_ii, gamma):
     return unit_lower_inverse(nil.reshape(b * n, c, c), plan.faithful).reshape(b, n, c, c)
 
 
-def _block_probs(plan: RecursivePlan, q_p, seg_p, m_p, logl_p, k_keys, seg_keys, fuse_exp: bool = True):
-    """A[rows, keys] of one block panel (B, P, K); every key precedes every row
-    (``block_product.block_probs`` at the plan's tier)."""
-    return block_probs(q_p, k_keys, m_p, logl_p, seg_p, seg_keys, scale=plan.scale, tier=plan.tier,
-                       platform=plan.platform, fuse_exp=fuse_exp)
-
-
 def _gemm_block_update(plan: RecursivePlan, q_p, seg_p, m_p, logl_p, k_keys, seg_keys, s_keys):
     """A[rows, keys] s[keys] with the P tile from the Mosaic GPU kernel as bf16 hi + lo parts and the
     product in XLA: the same bf16x3 product as ``plan.chained`` on a float32 P (``split_dot``)."""
-    hi, lo = gpu_block_probs(q_p.astype(jnp.bfloat16), k_keys.astype(jnp.bfloat16), m_p, logl_p, seg_p, seg_keys,
+    hi, lo = gpu_block_probs(q_p.astype(jnp.bfloat16), seg_p, m_p, logl_p, k_keys.astype(jnp.bfloat16), seg_keys,
                              scale=plan.scale, split=True, interpret=plan.gpu_interpret)
     return split_dot("bpk,bkd->bpd", hi, lo, s_keys)
 
@@ -200,7 +196,7 @@ def _gemm_block_grads(plan: RecursivePlan, q_p, seg_p, m_p, logl_p, k_keys, seg_
     g_used = bf16_round_bits(g_p)  # ``precision.difference_dot``'s g at the "bfloat16" plain tier
     s_hi, s_lo = split_bf16(s_keys)
     parts, dlogits = gpu_block_probs_and_grad(
-        q_p.astype(bf16), k_keys.astype(bf16), m_p, logl_p, seg_p, seg_keys, g_used.astype(bf16), s_hi, s_lo,
+        q_p.astype(bf16), seg_p, m_p, logl_p, k_keys.astype(bf16), seg_keys, g_used.astype(bf16), s_hi, s_lo,
         jnp.sum(g_used * r_p, axis=-1), scale=plan.scale, split=plan.tier == "bf16x3", interpret=plan.gpu_interpret)
     if plan.tier == "bf16x3":
         b_keys = split_dot("bpk,bpd->bkd", parts[0], parts[1], g_p)
@@ -229,8 +225,8 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
     else:
         m, logl = row_statistics(q, k, seg, leaf=c, scale=plan.scale, tier=plan.tier, schedule=plan.stats_schedule,
                                  platform=plan.platform, diag_logits=diag_logits)
-    a_ii = _diag_blocks(plan, diag_logits, seg, m, logl)
-    x_inv = _diag_inverse(plan, a_ii, gamma)
+    a_ii = diag_blocks(plan, diag_logits, seg, m, logl)
+    x_inv = diag_inverse(plan, a_ii, gamma)
 
     def block_update(r0, rows, k0, keys, s_keys):
         args = (take_chunk(q, r0, rows), _take_segments(seg, r0, rows), take_chunk(m, r0, rows),
@@ -240,8 +236,8 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
                                      interpret=plan.interpret)
         if plan.gemm_kernels:
             return _gemm_block_update(plan, *args, s_keys)
-        probs = _block_probs(plan, *args, fuse_exp=not plan.splits_pushed_probs)
-        return plan.chained("bpk,bkd->bpd", probs, s_keys)
+        return block_product(*args, s_keys, scale=plan.scale, tier=plan.solution_tier, logits_tier=plan.tier,
+                             platform=plan.platform, fuse_exp=not plan.splits_pushed_probs)
 
     def tile(carry, r0, rows, k0, keys):
         s_buf, racc = carry
@@ -303,7 +299,7 @@ def _backward(plan: RecursivePlan, res, ds):
                                          interpret=plan.interpret)
         if plan.gemm_kernels:
             return _gemm_block_grads(plan, q_p, seg_p, m_p, logl_p, k_keys, seg_keys, g_p, r_p, s_keys)
-        probs, dlogits = block_probs_and_grad(q_p, k_keys, m_p, logl_p, seg_p, seg_keys, g_p, r_p, s_keys,
+        probs, dlogits = block_probs_and_grad(q_p, seg_p, m_p, logl_p, k_keys, seg_keys, g_p, r_p, s_keys,
                                               scale=plan.scale, tier=plan.tier, plain_tier=plan.plain_tier,
                                               platform=plan.platform)
         b_keys = plan.transposed_push("bpk,bpd->bkd", probs, g_p)
@@ -369,7 +365,7 @@ def _solve(plan, q, k, gamma, f, seg):
     return _forward(plan, q, k, gamma, f, seg)[0]
 
 
-def _solve_fwd(plan, q, k, gamma, f, seg):
+def recursive_solve_fwd(plan, q, k, gamma, f, seg):
     s, r, m, logl, a_ii, x_inv = _forward(plan, q, k, gamma, f, seg)
     return s, (q, k, gamma, seg, s, r, m, logl, a_ii, x_inv)
 
@@ -380,7 +376,7 @@ def _solve_bwd(plan, res, ds):
     return dq.astype(q.dtype), dk.astype(k.dtype), dgamma, df, None
 
 
-_solve.defvjp(_solve_fwd, _solve_bwd)
+_solve.defvjp(recursive_solve_fwd, _solve_bwd)
 
 
 def recursive_feedback_solve(q_b, k_b, gamma, f, segment_ids, *, leaf_size: int, tile: int, tier: str,
@@ -394,8 +390,8 @@ def recursive_feedback_solve(q_b, k_b, gamma, f, segment_ids, *, leaf_size: int,
     cast to ``dtype``. T is padded to a multiple of the leaf with q = k = f = gamma = 0 and a
     padding segment (padded rows come last, so they never reach real rows). Returns s (B, T, D)
     in ``dtype``. ``kernels``: "xla" (portable), or "pallas": with platform "gpu" the Mosaic GPU
-    kernel ``gpu_kernels.gpu_row_statistics`` for the statistics pass only (pushes stay XLA);
-    otherwise the TPU kernels of ``tpu_kernels`` in the statistics pass and the pushes of the
+    kernel ``row_stats_gpu.gpu_row_statistics`` for the statistics pass only (pushes stay XLA);
+    otherwise the TPU kernels (``row_stats_tpu``, ``block_product_tpu``) in the statistics pass and the pushes of the
     forward and the backward (interpret mode off the TPU; leaves and diagonal inversion stay
     XLA). "pallas" needs float32 accumulation and a leaf that is a multiple of 128 (the key
     block of the kernels), on GPU also D a multiple of 64 up to 256 and tier bf16x3 or bfloat16

@@ -7,7 +7,7 @@ that follows is linear: A[t, tau] = exp((L[t, tau] - m_t) - logl_t). Storing (m,
 than their sum keeps the exponent's rounding at the size of L - m (KERNELS.md 3.3).
 
 Work is exactly the causal half of the logits (1U). It is cut into the solve's own blocks
-(``fenwick.PushSchedule``): the diagonal leaves, all at once, then one loop over the
+(``schedule.PushSchedule``): the diagonal leaves, all at once, then one loop over the
 off-diagonal blocks in tiles, so no buffer holds two T-sized axes.
 Rows with no allowed key get m = 0 and logl = EMPTY_LOGL, which makes every A entry 0.
 """
@@ -17,9 +17,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from sessa_jax.ops.fenwick import PushSchedule
+from sessa_jax.ops.solve.schedule import PushSchedule
 from sessa_jax.ops.masks import take_chunk
-from sessa_jax.ops.precision import logits_dot
+from sessa_jax.ops.solve.precision import logits_dot
 
 EMPTY_LOGL = 1e30
 
@@ -91,7 +91,7 @@ def row_statistics(q, k, seg, *, leaf: int, scale: float, tier: str, schedule: P
 
     q, k: (B, Tp, D) with Tp = schedule.num_leaves * leaf; seg: (B, Tp) int segment ids, or
     None for one sequence per row. Row t's allowed keys are tau < t with seg[tau] == seg[t]
-    (any tau < t without ``seg``). ``tier``/``platform`` pick the logits precision (``sessa_jax.ops.precision``). ``diag_logits`` may pass
+    (any tau < t without ``seg``). ``tier``/``platform`` pick the logits precision (``sessa_jax.ops.solve.precision``). ``diag_logits`` may pass
     ``leaf_logits(q, k, leaf, scale, tier, platform)`` when the caller already has them.
     The blocks are independent; they are walked in the solve's own order and tiles (the
     schedule's static blocks, if any, after the loop).
@@ -111,7 +111,7 @@ def row_statistics(q, k, seg, *, leaf: int, scale: float, tier: str, schedule: P
 
         carry, _ = lax.scan(step, carry, (jnp.arange(1, n), jnp.asarray(schedule.branch[1:n])))
 
-        def barrier(c):  # one static tile after the other (fenwick.PushSchedule.visit_static)
+        def barrier(c):  # one static tile after the other (schedule.PushSchedule.visit_static)
             nonlocal q, k
             c, q, k = lax.optimization_barrier((c, q, k))
             return c

@@ -1,7 +1,7 @@
 """Pallas Mosaic GPU (Hopper, ``plgpu``) kernel of the recursive solve: the row statistics.
 
 * ``gpu_row_statistics`` (twin: ``row_stats.row_statistics``; same contract as
-  ``tpu_kernels.tpu_row_statistics``): the softmax max m and log-normaliser logl of every row
+  ``row_stats_tpu.tpu_row_statistics``): the softmax max m and log-normaliser logl of every row
   over its allowed keys (tau < t, same segment), KERNELS.md 3.4 "stats".
 
 Layout: ``plgpu.kernel`` with grid (T/Bq row blocks, B) and one warpgroup per block. The row
@@ -37,8 +37,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from sessa_jax.ops.precision import split_bf16
-from sessa_jax.ops.row_stats import EMPTY_LOGL
+from sessa_jax.ops.solve.precision import split_bf16
+from sessa_jax.ops.solve.row_stats import EMPTY_LOGL
 
 F32 = jnp.float32
 BF16 = jnp.bfloat16

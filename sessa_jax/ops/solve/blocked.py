@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sessa_jax.ops.trsolve import unit_lower_solve
+from sessa_jax.ops.solve.trsolve import unit_lower_solve
 from sessa_jax.ops.masks import PAD_SEGMENT, masked_softmax, merge_chunks, pad_time, prefix_mask, row_dot, take_chunk
 
 _HI = lax.Precision.HIGHEST
@@ -123,7 +123,7 @@ def _forward(plan: BlockedPlan, q, k, gamma, f, seg):
     return s_buf, merge_chunks(lse), merge_chunks(r)
 
 
-def _backward(plan: BlockedPlan, res, ds):
+def blocked_backward(plan: BlockedPlan, res, ds):
     """Reverse scan over key chunks j; for each, the (C, C) tiles of the later rows i > j (a
     loop of n - 1 - j trips), then the diagonal tile with the transposed diagonal solve.
 
@@ -200,7 +200,7 @@ def _panels_forward(plan: BlockedPlan, q, k, gamma, f, seg):
 
 
 def _panels_backward(plan: BlockedPlan, res, ds):
-    """Like ``_backward`` (same outputs), row chunks last to first: chunk i's panel rebuilt from
+    """Like ``blocked_backward`` (same outputs), row chunks last to first: chunk i's panel rebuilt from
     the saved log-sum-exp gives lam_i (its b_i is complete: only later rows add to it), pushes
     A[rows, :iC]^T g_i into the earlier rows' b, and gives dq_i exactly and dk over its prefix."""
     q, k, gamma, seg, s, lse, r = res
@@ -222,7 +222,7 @@ def _panels_backward(plan: BlockedPlan, res, ds):
     return dq, dk, row_dot(lam, r), lam
 
 
-SCHEDULES = {"loop": (_forward, _backward), "panels": (_panels_forward, _panels_backward)}
+SCHEDULES = {"loop": (_forward, blocked_backward), "panels": (_panels_forward, _panels_backward)}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

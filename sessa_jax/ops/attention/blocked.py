@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sessa_jax.ops._blocked import BlockedPlan
+from sessa_jax.ops.solve.blocked import BlockedPlan
 from sessa_jax.ops.masks import PAD_SEGMENT, pad_time, prefix_mask, row_dot
 
 _HI = lax.Precision.HIGHEST

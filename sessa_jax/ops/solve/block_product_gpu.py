@@ -46,7 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from sessa_jax.ops.gpu_kernels import _load, interpret_params
+from sessa_jax.ops.solve.row_stats_gpu import _load, interpret_params
 
 F32 = jnp.float32
 BF16 = jnp.bfloat16
@@ -81,7 +81,7 @@ def check_solve_support(width: int, tier: str, input_dtype, platform: str) -> No
                          f"{jax.__version__} lacks (jax >= 0.11): upgrade jax, or use kernels='xla'")
 
 
-def _check(op: str, q, k, seg_q, seg_k, block_q: int, block_k: int, rows_extra=(), keys_extra=()):
+def _check(op: str, q, seg_q, k, seg_k, block_q: int, block_k: int, rows_extra=(), keys_extra=()):
     """Shapes, dtypes and block sizes of either kernel (readable errors: value, cause, fix)."""
     if q.ndim != 3 or k.ndim != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"{op}: want q (B, P, D) and k (B, K, D); got q {q.shape}, k {k.shape}")
@@ -258,19 +258,20 @@ def _row_scratch(masked: bool, block_q: int, block_k: int, vectors: int):
     return rows + segs
 
 
-def gpu_block_probs(q, k, m, logl, seg_q=None, seg_k=None, *, scale: float, split: bool = True,
-                    causal: bool = False, block_q: int = BLOCK_Q, block_k: int = BLOCK_K, interpret=False):
+def gpu_block_probs(q, seg_q, m, logl, k, seg_k, *, scale: float, split: bool = True, causal: bool = False,
+                    block_q: int = BLOCK_Q, block_k: int = BLOCK_K, interpret=False):
     """P tiles of a (rows, keys) panel of A in bf16 (Mosaic GPU): (hi,) or, ``split``, (hi, lo).
 
     q (B, P, D), k (B, K, D): bf16, D a multiple of 64; m, logl (B, P) float32: the rows' known
     statistics; seg_q (B, P), seg_k (B, K): integer segment ids, or both None (no segment mask).
+    Arguments in the order of the twin ``block_product.block_probs``.
     P = exp((scale q k^T - m) - logl), zero where the segment ids differ and, with ``causal``,
     where key index >= row index (a diagonal panel). Returns bf16 (B, P, K) arrays: hi = bf16(P)
     and, with ``split``, lo = bf16(P - hi), so hi + lo is P to ~2^-16. P, K multiples of
     ``block_q``, ``block_k`` (multiples of 64 up to 256). ``interpret``: False (compile for the
     GPU) or ``plgpu.InterpretGPUParams()`` (Mosaic GPU interpret mode, jax >= 0.11).
     """
-    _check("gpu_block_probs", q, k, seg_q, seg_k, block_q, block_k)
+    _check("gpu_block_probs", q, seg_q, k, seg_k, block_q, block_k)
     b, p, d = q.shape
     kk = k.shape[1]
     masked = seg_q is not None
@@ -286,7 +287,7 @@ def gpu_block_probs(q, k, m, logl, seg_q=None, seg_k=None, *, scale: float, spli
                  interpret)
 
 
-def gpu_block_probs_and_grad(q, k, m, logl, seg_q, seg_k, g, s_hi, s_lo, delta, *, scale: float,
+def gpu_block_probs_and_grad(q, seg_q, m, logl, k, seg_k, g, s_hi, s_lo, delta, *, scale: float,
                              split: bool = False, causal: bool = False, block_q: int = BLOCK_Q,
                              block_k: int = BLOCK_K, interpret=False):
     """(P parts, dL) of a (rows, keys) panel in bf16 (Mosaic GPU): the backward's dual GEMM.
@@ -297,7 +298,7 @@ def gpu_block_probs_and_grad(q, k, m, logl, seg_q, seg_k, g, s_hi, s_lo, delta, 
     rowsum(g * r) of the same g. Returns ((hi,) or, ``split``, (hi, lo), dL): bf16 (B, P, K)
     tiles of P and of dL = P * (g s_hi^T + g s_lo^T - delta), all in fp32 before the cast.
     """
-    _check("gpu_block_probs_and_grad", q, k, seg_q, seg_k, block_q, block_k, rows_extra=(("g", g),),
+    _check("gpu_block_probs_and_grad", q, seg_q, k, seg_k, block_q, block_k, rows_extra=(("g", g),),
            keys_extra=(("s_hi", s_hi), ("s_lo", s_lo)))
     b, p, d = q.shape
     kk = k.shape[1]

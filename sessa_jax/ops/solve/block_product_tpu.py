@@ -1,24 +1,10 @@
-"""Pallas TPU (Mosaic) kernels of the recursive solve: the row statistics and the
-known-statistics block product (KERNELS.md 3.5). Each has an XLA twin it is tested against.
+"""Pallas TPU (Mosaic) kernels of the recursive solve's block product and its backward.
 
-* ``tpu_row_statistics`` (twin: ``row_stats.row_statistics``): grid (B, T/Bq, T/Bk) with the
-  key axis "arbitrary"; (max, sum) scratch per row block, online merge, blocks above the
-  diagonal skipped with ``pl.when`` and a clamped index map (no DMA issued for them).
-* ``tpu_block_product`` (twin: ``_recursive._block_probs`` then ``chained_dot``): the update
-  A[R, K] s[K] of one off-diagonal block whose keys all precede its rows, with
-  A = exp((q k^T * scale - m) - logl) on allowed pairs; grid (B, |R|/Bq, |K|/Bk), an fp32
-  (Bq, D) accumulator in VMEM, the chained product in the solve's tier (bf16x3 as an explicit
-  hi/lo split: three bf16 MXU passes with fp32 accumulation).
-
-VMEM use is O(Bq D + Bk D + Bq Bk) whatever T is: nothing of length T stays on chip, so T
-has no cap beyond HBM. Row vectors travel as (B, T, 1) arrays with (Bq, 1) blocks and key
-segment ids as (B, 1, T) with (1, Bk) blocks, the layouts Mosaic accepts.
-On CPU the kernels run in Pallas interpret mode (tests): ``interpret=True`` is the plain
-mode, ``interpret=pltpu.InterpretParams(...)`` the TPU interpret mode, which simulates VMEM
-scratch (``uninitialized_memory="nan"`` fills it with NaN, so an accumulator that is read
-before it is set shows up), several cores running the "parallel" grid axes
-(``num_cores_or_threads``) and a race detector (``detect_races``). On a TPU they compile with
-Mosaic. Not yet measured on a TPU: ``feedback_kernels="pallas"`` is opt-in.
+``tpu_block_product`` (XLA twin: ``block_product.block_product``): the update A[R, K] s[K] of one
+off-diagonal block whose keys all precede its rows, with A = exp((q k^T * scale - m) - logl) on
+allowed pairs; grid (B, |R|/Bq, |K|/Bk), an fp32 (Bq, D) accumulator in VMEM, the chained product in
+the solve's tier (bf16x3 as an explicit hi/lo split: three bf16 MXU passes, fp32 accumulation).
+``tpu_block_product_bwd``: (A^T g, dq, dk) of one block. ``interpret`` as in ``row_stats_tpu``.
 """
 
 from __future__ import annotations
@@ -31,53 +17,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from sessa_jax.ops.row_stats import EMPTY_LOGL
+from sessa_jax.ops.solve.row_stats_tpu import compiler_params, interpret_arg, key_block, row_block, tile_logits
 
 F32 = jnp.float32
 BF16 = jnp.bfloat16
-_NEG = -1e30  # finite "minus infinity": exp(-inf - -inf) would be NaN on the VPU
-_ROW_BLOCKS = (512, 256, 128, 64, 32, 16, 8)
-_KEY_BLOCKS = (512, 256, 128)
-VMEM_LIMIT_BYTES = 48 * 1024 * 1024
-
-
-def row_block(n: int) -> int:
-    """Largest supported row block (a multiple of 8 sublanes) dividing ``n``; ``n`` if none does."""
-    return next((c for c in _ROW_BLOCKS if n % c == 0), n)
-
-
-def key_block(n: int) -> int:
-    """Largest key block (a multiple of 128 lanes) dividing ``n``; ``n`` (one block) if none does."""
-    return next((c for c in _KEY_BLOCKS if n % c == 0), n)
-
-
-def _interpret(interpret):
-    """``pallas_call``'s interpret argument: a ``pltpu.InterpretParams`` (TPU interpret mode)
-    passes through; anything else is a bool (plain interpret mode, or compile)."""
-    if isinstance(interpret, pltpu.InterpretParams):
-        return interpret
-    return bool(interpret)
-
-
-def _params(vmem_limit: int = VMEM_LIMIT_BYTES):
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
-                                vmem_limit_bytes=vmem_limit)
-
-
-def _logits(q, k, scale):
-    """(Bq, Bk) fp32 logits; bf16 operands in one exact MXU pass, fp32 operands faithful."""
-    precision = None if q.dtype == BF16 else lax.Precision.HIGHEST
-    out = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=F32)
-    return out * scale
-
-
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 _NT = (((1,), (1,)), ((), ()))  # a @ b^T
 
 
 def _chained(p, s, tier: str, dims=_NN):
-    """dot_general(p, s, dims) in the solve's tier; fp32 out. bf16x3 = hi.hi + hi.lo + lo.hi
-    (KERNELS.md 3.3); a bf16 operand has no lo part, so its pass is skipped."""
+    """dot_general(p, s, dims) in the solve's tier; fp32 out. bf16x3 = hi.hi + hi.lo + lo.hi;
+    a bf16 operand has no lo part, so its pass is skipped."""
     if tier == "float32":
         return lax.dot_general(p.astype(F32), s.astype(F32), dims, precision=lax.Precision.HIGHEST,
                                preferred_element_type=F32)
@@ -92,68 +42,6 @@ def _chained(p, s, tier: str, dims=_NN):
     return out
 
 
-# --------------------------------------------------------------------------- statistics
-def _stats_kernel(q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, m_scr, l_scr, *, block: int, scale: float):
-    i, j = pl.program_id(1), pl.program_id(2)
-
-    @pl.when(j == 0)
-    def _init():
-        m_scr[...] = jnp.full(m_scr.shape, _NEG, F32)
-        l_scr[...] = jnp.zeros(l_scr.shape, F32)
-
-    @pl.when(j <= i)
-    def _accumulate():
-        logits = _logits(q_ref[...], k_ref[...], scale)
-        rows = i * block + lax.broadcasted_iota(jnp.int32, logits.shape, 0)
-        keys = j * block + lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-        allowed = (keys < rows) & (qseg_ref[...] == kseg_ref[...])
-        m_old = m_scr[...]
-        m_new = jnp.maximum(m_old, jnp.max(jnp.where(allowed, logits, _NEG), axis=1, keepdims=True))
-        p = jnp.where(allowed, jnp.exp(logits - m_new), 0.0)
-        l_scr[...] = l_scr[...] * jnp.exp(m_old - m_new) + jnp.sum(p, axis=1, keepdims=True)
-        m_scr[...] = m_new
-
-    @pl.when(j == i)
-    def _finish():
-        l = l_scr[...]
-        has = l > 0
-        m_ref[...] = jnp.where(has, m_scr[...], 0.0)
-        logl_ref[...] = jnp.where(has, jnp.log(jnp.where(has, l, 1.0)), EMPTY_LOGL)
-
-
-def tpu_row_statistics(q, k, seg, *, scale: float, block: int | None = None, interpret=False):
-    """Row statistics (m, logl), each (B, T) float32, of the strict-past softmax.
-
-    q, k: (B, T, D) (bf16 or fp32); seg: (B, T) int segment ids; row t's keys are tau < t with
-    seg[tau] == seg[t]. Rows without keys get (0, EMPTY_LOGL). ``block``: rows and keys per
-    grid step (default: the largest of 512, 256, 128 dividing T, else T). ``interpret``: False
-    (compile), True or a ``pltpu.InterpretParams`` (module docstring), as for the other kernels.
-    """
-    b, t, d = q.shape
-    blk = block or key_block(t)
-    if t % blk:
-        raise ValueError(f"tpu_row_statistics: block {blk} must divide T={t}")
-    n = t // blk
-    row = lambda bi, i, j: (bi, i, 0)  # noqa: E731
-    key = lambda bi, i, j: (bi, jnp.minimum(i, j), 0)  # noqa: E731  (skipped steps stay on block i)
-    out_shape = [jax.ShapeDtypeStruct((b, t, 1), F32)] * 2
-    m, logl = pl.pallas_call(
-        functools.partial(_stats_kernel, block=blk, scale=scale),
-        grid=(b, n, n),
-        in_specs=[pl.BlockSpec((None, blk, d), row), pl.BlockSpec((None, blk, d), key),
-                  pl.BlockSpec((None, blk, 1), row),
-                  pl.BlockSpec((None, 1, blk), lambda bi, i, j: (bi, 0, jnp.minimum(i, j)))],
-        out_specs=[pl.BlockSpec((None, blk, 1), row)] * 2,
-        out_shape=out_shape,
-        scratch_shapes=[pltpu.VMEM((blk, 1), F32), pltpu.VMEM((blk, 1), F32)],
-        compiler_params=_params(),
-        interpret=_interpret(interpret),
-        name="sessa_row_stats_tpu",
-    )(q, k, seg[:, :, None], seg[:, None, :])
-    return m[:, :, 0], logl[:, :, 0]
-
-
-# --------------------------------------------------------------------------- block product
 def _product_kernel(q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, s_ref, out_ref, acc_scr, *,
                     scale: float, tier: str):
     j = pl.program_id(2)
@@ -162,7 +50,7 @@ def _product_kernel(q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, s_ref, ou
     def _init():
         acc_scr[...] = jnp.zeros(acc_scr.shape, F32)
 
-    z = (_logits(q_ref[...], k_ref[...], scale) - m_ref[...]) - logl_ref[...]
+    z = (tile_logits(q_ref[...], k_ref[...], scale) - m_ref[...]) - logl_ref[...]
     probs = jnp.where(qseg_ref[...] == kseg_ref[...], jnp.exp(z), 0.0)
     acc_scr[...] += _chained(probs, s_ref[...].astype(F32), tier)
 
@@ -195,8 +83,8 @@ def tpu_block_product(q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, s_k
         out_specs=pl.BlockSpec((None, bq, d), row),
         out_shape=jax.ShapeDtypeStruct((b, r, d), F32),
         scratch_shapes=[pltpu.VMEM((bq, d), F32)],
-        compiler_params=_params(),
-        interpret=_interpret(interpret),
+        compiler_params=compiler_params(),
+        interpret=interpret_arg(interpret),
         name="sessa_block_product_tpu",
     )(q_rows, k_keys, seg_rows.astype(jnp.int32)[:, :, None], seg_keys.astype(jnp.int32)[:, None, :],
       col(m_rows), col(logl_rows), s_keys.astype(F32))
@@ -205,7 +93,7 @@ def tpu_block_product(q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, s_k
 # --------------------------------------------------------------------------- block product, backward
 def _probs_and_dlogits(q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, delta_ref, g_ref, s_ref, scale, plain):
     """P (Bq, Bk) and dL = P * (g s^T - delta) of one tile; everything fp32."""
-    z = (_logits(q_ref[...], k_ref[...], scale) - m_ref[...]) - logl_ref[...]
+    z = (tile_logits(q_ref[...], k_ref[...], scale) - m_ref[...]) - logl_ref[...]
     probs = jnp.where(qseg_ref[...] == kseg_ref[...], jnp.exp(z), 0.0)
     g_dot_s = _chained(g_ref[...], s_ref[...], plain, _NT)
     return probs, probs * (g_dot_s - delta_ref[...])
@@ -279,8 +167,8 @@ def tpu_block_product_bwd(q_rows, seg_rows, m_rows, logl_rows, g_rows, r_rows, k
         out_specs=[key_spec, key_spec],
         out_shape=[jax.ShapeDtypeStruct((b, kk, d), F32)] * 2,
         scratch_shapes=[pltpu.VMEM((bk, d), F32), pltpu.VMEM((bk, d), F32)],
-        compiler_params=_params(),
-        interpret=_interpret(interpret),
+        compiler_params=compiler_params(),
+        interpret=interpret_arg(interpret),
         name="sessa_block_product_bwd_keys_tpu",
     )(*args)
     # rows outer: grid (B, R/Bq, K/Bk)
@@ -291,8 +179,8 @@ def tpu_block_product_bwd(q_rows, seg_rows, m_rows, logl_rows, g_rows, r_rows, k
         out_specs=pl.BlockSpec((None, bq, d), lambda bi, i, j: (bi, i, 0)),
         out_shape=jax.ShapeDtypeStruct((b, r, d), F32),
         scratch_shapes=[pltpu.VMEM((bq, d), F32)],
-        compiler_params=_params(),
-        interpret=_interpret(interpret),
+        compiler_params=compiler_params(),
+        interpret=interpret_arg(interpret),
         name="sessa_block_product_bwd_rows_tpu",
     )(*args)
     return bacc, dq, dk
