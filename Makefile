@@ -22,9 +22,9 @@ LATEST_TESTS ?= tests/test_core_fixtures.py tests/test_core_blocked.py tests/tes
 	tests/test_train_report.py tests/test_data_tokenizers.py tests/test_data_text.py tests/test_packaging.py \
 	tests/test_gpu_kernels.py tests/test_train_wandb.py tests/test_recursive_bf16_accuracy.py tests/test_guard_data.py \
 	tests/test_sharding_user_model.py tests/test_decoding_interface.py tests/test_recursive_fast_paths.py \
-	tests/test_accelerator_check.py
+	tests/test_accelerator_check.py tests/test_gpu_epilogue_kernels.py
 CI_LATEST_TESTS := tests/test_core_fixtures.py tests/test_lowering.py tests/test_train_loop.py tests/test_packaging.py \
-	tests/test_gpu_kernels.py tests/test_train_wandb.py tests/test_sharding_user_model.py
+	tests/test_gpu_kernels.py tests/test_gpu_epilogue_kernels.py tests/test_train_wandb.py tests/test_sharding_user_model.py
 
 .PHONY: install test test-latest test-latest-ci test-interop train bench clean
 
