@@ -4,7 +4,8 @@ interpret mode (jax >= 0.11, skipped before): P tiles (unmasked, segment-masked,
 diagonal tiles), the backward's (P, dL) tiles, and the opt-in ``kernels="gpu_gemm"`` end to
 end through ``feedback_solve``, forward and gradients, against ``kernels="xla"``. Also their
 lowering for "cuda" (skipped where the installed JAX cannot lower Mosaic GPU here) and their
-errors. Nothing here runs on a GPU."""
+errors. On a GPU (``scripts/accelerator_check.sh kernels``) the end-to-end test runs the
+compiled kernels."""
 
 from __future__ import annotations
 
@@ -146,9 +147,11 @@ def _solve_grad(kernels, precision, segment_ids):
 
 @pytest.mark.parametrize("precision,packed", [("bfloat16", False), ("bf16x3", True)])
 def test_feedback_solve_with_gemm_kernels_matches_xla(precision, packed):
-    """kernels="gpu_gemm" (Mosaic GPU interpret mode on CPU) against kernels="xla", bf16 inputs:
-    s and every gradient agree to bf16 (the paths differ only by fp32 accumulation order)."""
-    _interpret_or_skip()
+    """kernels="gpu_gemm" (Mosaic GPU interpret mode on CPU, the compiled kernels on a GPU) against
+    kernels="xla", bf16 inputs: s and every gradient agree to bf16 (the paths differ only by fp32
+    accumulation order)."""
+    if jax.default_backend() != "gpu":
+        _interpret_or_skip()
     t, d = 512, 64
     seg = kernel_segments(B, t) if packed else None
     args = (normal(20, (B, t, d), BF16), normal(21, (B, t, d), BF16), 0.95 * jnp.tanh(normal(22, (B, t))),
