@@ -62,6 +62,7 @@ def run_cell(op: str, method: str, t: int, d: int, heads: int, chunk: int, reps:
     import jax.numpy as jnp
 
     from sessa_jax.ops import causal_attention, feedback_solve
+    from sessa_jax.options import ATTENTION_OF_SOLVE
 
     key = jax.random.PRNGKey(0)
     ks = jax.random.split(key, 5)
@@ -79,7 +80,8 @@ def run_cell(op: str, method: str, t: int, d: int, heads: int, chunk: int, reps:
         args = tuple(jax.random.normal(ks[i], (b, t, heads, hd), dt) for i in range(3))
 
         def fwd(q, k, v):
-            return causal_attention(q, k, v, method=method, chunk_size=chunk)
+            # A solve method names the attention its layers run with it ("recursive": the vendor kernel).
+            return causal_attention(q, k, v, method=ATTENTION_OF_SOLVE.get(method, method), chunk_size=chunk)
 
         flops_fwd, flops_bwd = 2 * t * t * d, 7 * t * t * d
     flops_fwd, flops_bwd = b * flops_fwd, b * flops_bwd

@@ -485,7 +485,6 @@ def main(argv=None) -> None:
     p.add_argument("--programs", nargs="+", default=["solve-fwd", "solve-f+b", "attention-fwd", "attention-f+b",
                                                      "sessa-layer-f+b", "transformer-layer-f+b"])
     add_solve_options(p, "the solve and the layers")
-    p.add_argument("--gpu-bf16x3", choices=["split", "preset"], default=None, help="default: precision.GPU_BF16X3")
     p.add_argument("--kernels", choices=["xla", "pallas", "gpu_gemm"], default="xla",
                    help="pallas: the Mosaic GPU statistics kernel (D a multiple of 64 up to 256); gpu_gemm: the "
                         "Mosaic GPU GEMM-with-epilogue kernels of the pushes' P and dL tiles (solve and Sessa layer)")
@@ -504,15 +503,11 @@ def main(argv=None) -> None:
     from jax.sharding import NamedSharding, PartitionSpec
 
     from sessa_jax.ops import dispatch
-    from sessa_jax.ops.solve import precision
     tile_rule = dispatch.recursive_tile if args.tile is None else (lambda length, leaf: args.tile)
-    if args.gpu_bf16x3:
-        precision.GPU_BF16X3 = args.gpu_bf16x3
-    gpu_bf16x3 = getattr(precision, "GPU_BF16X3", "preset")  # older checkouts: always the preset
     sharding = NamedSharding(topologies.make_mesh(topo, (1,), ("x",)), PartitionSpec())
     table = programs(args.B, args.T, args.D, args.H, args.leaf, args.tile, args.kernels, args.packed, args.precision)
     print(f"# XLA GPU compile for an H100 (deviceless), jax {jax.__version__}, B={args.B} T={args.T} D={args.D} "
-          f"H={args.H} bf16, leaf {args.leaf}, precision {args.precision} ({solve_tier(args.precision)}), bf16x3 on GPU: {gpu_bf16x3}, kernels {args.kernels}, "
+          f"H={args.H} bf16, leaf {args.leaf}, precision {args.precision} ({solve_tier(args.precision)}), kernels {args.kernels}, "
           f"static span {'default' if args.static_span is None else args.static_span}, "
           f"solve segment ids: {'one segment (masked)' if args.packed else 'None'}")
     print("| program | launches | in loops | GEMM TF | GEMM GB | other GB | exp in GEMM | roofline ms | HBM temp | x - x "

@@ -23,7 +23,7 @@ def _step_fn(scan: str, batch: int, seq_len: int, d_model: int, chunk: int):
     import jax
     import jax.numpy as jnp
 
-    from sessa_jax.baselines.mamba import MambaMixer
+    from sessa_jax.mamba_mixer import MambaMixer
     from sessa_jax.config import SessaConfig
 
     mixer = MambaMixer(SessaConfig(d_model=d_model, n_heads=1, chunk_size=chunk), scan=scan)

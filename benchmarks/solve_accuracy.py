@@ -159,7 +159,8 @@ def _one_pass_forward(active: bool):
 def solve_fn(tier: str, leaf: int, t: int, kernels: str = "xla"):
     """Jitted (s float32, (dq, dk, dgamma, df)) of the recursive solve at ``tier`` on bf16 inputs,
     run as on a GPU or TPU (tier rules of the products; platform "cpu" only picks the split form;
-    ``kernels="pallas"`` runs the TPU kernels in interpret mode)."""
+    ``kernels="pallas"`` runs the TPU kernels, ``"gpu_gemm"`` the Mosaic GPU GEMM-with-epilogue kernels,
+    in interpret mode)."""
     tile = recursive_tile(t, leaf)
 
     def loss(q, k, g, f, ds):
@@ -222,13 +223,16 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--tiers", nargs="+", default=list(TIERS), choices=TIERS + (ONE_PASS_FORWARD,))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=str, default=None)
+    ap.add_argument("--kernels", default="xla", choices=["xla", "pallas", "gpu_gemm"],
+                    help="the solve's kernels (off their device in interpret mode); gpu_gemm needs T/16 >= 128")
     args = ap.parse_args(argv)
     print(f"# solve_accuracy: {platform.node()} {platform.machine()}, jax {jax.__version__}, "
-          f"backend {jax.default_backend()}; B=1, D={args.D}, relative Frobenius errors vs float64")
+          f"backend {jax.default_backend()}; B=1, D={args.D}, kernels {args.kernels}, relative Frobenius errors "
+          "vs float64")
     rows = []
     for t in args.T:
         for regime in args.regimes:
-            rows.append(measure(regime, t, args.tiers, d=args.D, seed=args.seed))
+            rows.append(measure(regime, t, args.tiers, d=args.D, seed=args.seed, kernels=args.kernels))
             print(json.dumps(rows[-1]), flush=True)
     print()
     print_table(rows, args.tiers)

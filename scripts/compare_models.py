@@ -49,7 +49,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, ROOT)
 
-KINDS = ("sessa", "transformer", "mamba")
+from sessa_jax.options import LAYER_KINDS as KINDS  # noqa: E402
+
 SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST = 0, 1, 2
 EXIT_UNFINISHED = 3  # main's exit status when --time-limit stopped it with runs left
 

@@ -14,11 +14,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from sessa_jax.ops.dispatch import is_chunk_size
-
-SOLVERS = ("dense", "blocked", "recursive", "auto")
-FEEDBACK_PRECISIONS = ("auto", "float32", "bf16x3", "bfloat16")
-FEEDBACK_KERNELS = ("xla", "pallas", "gpu_gemm")
+from sessa_jax.options import (FEEDBACK_PRECISIONS, KERNELS, SOLVE_METHODS, FeedbackPrecision, Kernels, SolveMethod,
+                               is_chunk_size)
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -59,11 +56,11 @@ class SessaConfig:
     rope_base: float = 10000.0
     gamma_max: float = 0.999
     ln_eps: float = 1e-5
-    solver: str = "auto"
+    solver: SolveMethod = "auto"
     chunk_size: int | str = "auto"
     leaf_size: int = 512
-    feedback_precision: str = "auto"
-    feedback_kernels: str = "xla"
+    feedback_precision: FeedbackPrecision = "auto"
+    feedback_kernels: Kernels = "xla"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     vocab_size: int = 256
@@ -144,10 +141,10 @@ class SessaConfig:
                 f"{FEEDBACK_PRECISIONS} ('auto' = float32 on CPU; on GPU/TPU bfloat16 for bf16 dtype, "
                 "bf16x3 for float32)"
             )
-        if self.feedback_kernels not in FEEDBACK_KERNELS:
+        if self.feedback_kernels not in KERNELS:
             raise ValueError(
                 f"SessaConfig.feedback_kernels={self.feedback_kernels!r} is unknown; choose one of "
-                f"{FEEDBACK_KERNELS} ('xla' everywhere, 'pallas' = TPU kernels, on GPU the stats kernel, "
+                f"{KERNELS} ('xla' everywhere, 'pallas' = TPU kernels, on GPU the stats kernel, "
                 "'gpu_gemm' = GPU GEMM-with-epilogue kernels)"
             )
         if self.feedback_kernels != "xla" and self.leaf_size % 128:
@@ -191,8 +188,8 @@ class SessaConfig:
             v = getattr(self, name)
             if not (real(v) and math.isfinite(v) and v > 0):
                 raise ValueError(f"SessaConfig.{name} must be a finite number > 0; got {v!r}")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"SessaConfig.solver={self.solver!r} is unknown; choose one of {SOLVERS}")
+        if self.solver not in SOLVE_METHODS:
+            raise ValueError(f"SessaConfig.solver={self.solver!r} is unknown; choose one of {SOLVE_METHODS}")
         for name in ("dtype", "param_dtype"):
             try:
                 dt = jnp.dtype(getattr(self, name))

@@ -2,7 +2,7 @@
 
 Per layer the cache holds the roped forward keys/values k_f, v_f (B, L, Hkv, K), the
 feedback keys k_b (B, L, D), the solved states s (B, L, D, float32) and ``index``, the
-number of cached tokens (SPEC section 3). A step costs O(L D) per layer.
+number of cached tokens. A step costs O(L D) per layer.
 
 ``generate`` works with any model that has the ``DecodableModel`` interface: ``SessaLM``,
 or a user's own Flax module built from ``SessaLayer`` blocks.
@@ -18,7 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sessa_jax.cache import (cache_full_error, cache_index, cache_length, check_room, init_cache,  # noqa: F401
+                             init_layer_cache)
 from sessa_jax.config import SessaConfig
+from sessa_jax.model import check_token_ids  # noqa: F401  (part of this module's interface)
 
 
 class DecodableModel(Protocol):
@@ -51,77 +54,6 @@ class DecodableModel(Protocol):
         ...
 
 
-def init_layer_cache(cfg: SessaConfig, batch_size: int, max_len: int | None = None):
-    """Empty cache of one layer: dict of zero buffers of length max_len (default cfg.max_len)."""
-    length = cfg.max_len if max_len is None else max_len
-    if length < 1:
-        raise ValueError(f"cache max_len must be >= 1; got {length}")
-    kv = (batch_size, length, cfg.kv_heads, cfg.head_dim)
-    return {
-        "k_f": jnp.zeros(kv, cfg.dtype),
-        "v_f": jnp.zeros(kv, cfg.dtype),
-        "k_b": jnp.zeros((batch_size, length, cfg.d_model), cfg.dtype),
-        "s": jnp.zeros((batch_size, length, cfg.d_model), jnp.promote_types(cfg.dtype, jnp.float32)),
-        "index": jnp.zeros((), jnp.int32),
-    }
-
-
-def init_cache(cfg: SessaConfig, batch_size: int, max_len: int | None = None):
-    """Cache for a SessaLM: a list of layer caches, or one stacked cache with scan_layers."""
-    layers = [init_layer_cache(cfg, batch_size, max_len) for _ in range(cfg.n_layers)]
-    if cfg.scan_layers:
-        return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
-    return layers
-
-
-def _first_layer(cache) -> dict:
-    """The (first) layer dict of a cache built by ``init_cache`` or ``init_layer_cache``."""
-    first = cache if isinstance(cache, dict) else cache[0] if isinstance(cache, (list, tuple)) and cache else None
-    if not isinstance(first, dict) or "index" not in first or "k_f" not in first:
-        raise ValueError(f"expected a decode cache built by sessa_jax.decoding.init_cache (a list of layer dicts, "
-                         f"or one stacked dict) or init_layer_cache; got {type(cache).__name__}"
-                         f"{' of ' + str(len(cache)) + ' entries' if isinstance(cache, (list, tuple)) else ''}")
-    return first
-
-
-def cache_length(cache) -> int:
-    """L, the number of positions a cache can hold."""
-    return _first_layer(cache)["k_f"].shape[-3]
-
-
-def cache_index(cache):
-    """Number of tokens already cached (a scalar array)."""
-    idx = _first_layer(cache)["index"]
-    return idx.reshape(-1)[0] if idx.ndim else idx
-
-
-def cache_full_error(cache) -> ValueError | None:
-    """The error for a decode step into a full cache (index >= length); None when there is
-    room or the index is traced (under jit a step past the end yields NaN instead)."""
-    idx = cache_index(cache)
-    if isinstance(idx, jax.core.Tracer):
-        return None
-    length = cache_length(cache)
-    if int(idx) >= length:
-        return ValueError(
-            f"Cache is full: it holds {length} positions and all are used, so a decode step has nowhere to go; "
-            f"build the cache (or the config) with a larger max_len"
-        )
-    return None
-
-
-def _check_room(cache, needed: int, what: str) -> None:
-    length = cache_length(cache)
-    idx = cache_index(cache)
-    if isinstance(idx, jax.core.Tracer):
-        return  # under jit the caller (generate) has checked the lengths statically
-    if int(idx) + needed > length:
-        raise ValueError(
-            f"{what}: the cache holds {length} positions and {int(idx)} are used, so {needed} more "
-            f"do not fit; build the cache (or the config) with max_len >= {int(idx) + needed}"
-        )
-
-
 def prefill(model, params, tokens, cache):
     """Runs the prompt tokens (B, P) from an empty cache: returns (logits (B, P, V), cache)."""
     idx = cache_index(cache)
@@ -137,7 +69,7 @@ def decode_step(model, params, token, cache):
     token = jnp.asarray(token)
     if token.ndim == 1:
         token = token[:, None]
-    _check_room(cache, 1, "decode_step")
+    check_room(cache, 1, "decode_step")
     logits, cache = model.apply(params, token, cache=cache, decode=True)
     return logits[:, 0], cache
 
@@ -238,13 +170,6 @@ def check_rng(rng, what: str = "generate"):
         raise ValueError(f"{what}: rng must be a JAX PRNG key (a typed key, or uint32 of shape (2,)); got "
                          f"{key.dtype} of shape {tuple(key.shape)}; {fix}")
     return key
-
-
-def check_token_ids(tokens, vocab_size: int) -> None:
-    """ValueError naming the first id of ``tokens`` outside [0, vocab_size) (see ``sessa_jax.model``)."""
-    from sessa_jax.model import check_token_ids as check
-
-    check(tokens, vocab_size)
 
 
 def generate(model, params, prompt, max_new_tokens: int, rng, temperature: float = 1.0,

@@ -1,4 +1,4 @@
-"""The gated residual block shared by Sessa and the baselines (SPEC section 1).
+"""The gated residual block shared by Sessa and the baselines.
 
     y = x + W_out(mixer(gelu(a)) * g) + b_out,   (a, g) = split(W_in LayerNorm(x))
 
@@ -14,13 +14,15 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
+from sessa_jax.cache import check_call
 from sessa_jax.config import SessaConfig
-from sessa_jax.mixer import AttentionMixer, SessaMixer
 from sessa_jax.layer_norm import LayerNorm
+from sessa_jax.mamba_mixer import MambaMixer
+from sessa_jax.mixer import AttentionMixer, SessaMixer
+from sessa_jax.options import LAYER_KINDS, LayerKind
 from sessa_jax.ops.rope import resolve_positions
 from sessa_jax.sharding import DEFAULT_AXES, ActivationAxes, check_explicit_params, constrain, dense_init, norm_init
 
-KINDS = ("sessa", "transformer", "mamba")
 
 
 def mixer_class(kind: str):
@@ -30,10 +32,8 @@ def mixer_class(kind: str):
     if kind == "transformer":
         return AttentionMixer
     if kind == "mamba":
-        from sessa_jax.baselines.mamba import MambaMixer  # baseline lives with the training code
-
         return MambaMixer
-    raise ValueError(f"unknown block kind {kind!r}; choose one of {KINDS}")
+    raise ValueError(f"unknown block kind {kind!r}; choose one of {LAYER_KINDS}")
 
 
 class SessaLayer(nn.Module):
@@ -54,7 +54,7 @@ class SessaLayer(nn.Module):
     """
 
     config: SessaConfig
-    kind: str = "sessa"
+    kind: LayerKind = "sessa"
     axes: ActivationAxes = DEFAULT_AXES
 
     def setup(self):
@@ -67,7 +67,9 @@ class SessaLayer(nn.Module):
         self.mixer = mixer_class(self.kind)(cfg, axes=self.axes)
         self.W_out = dense(cfg.d_model, **dense_init("mlp", "embed"))  # row-parallel
 
-    def __call__(self, x, segment_ids=None, positions=None, *, cache=None, decode=False):
+    def _check_inputs(self, x, segment_ids, cache, decode) -> None:
+        """ValueError (NotImplementedError for an unsupported cached kind) naming what is wrong
+        with the inputs of ``__call__`` and how to fix it."""
         cfg = self.config
         if x.ndim != 3 or x.shape[-1] != cfg.d_model:
             raise ValueError(
@@ -79,23 +81,22 @@ class SessaLayer(nn.Module):
         b, t, _ = x.shape
         if t == 0:
             raise ValueError(f"SessaLayer got x of shape {tuple(x.shape)}: no positions (T=0); pass at least one token")
-        if decode and cache is None:
-            raise ValueError(
-                "decode=True appends to a decode cache: pass cache=sessa_jax.decoding.init_layer_cache("
-                "config, batch_size) (prefilled by a call with cache=... and decode=False)"
-            )
-        if decode and t != 1:
-            raise ValueError(f"decode=True appends one token: x must be (batch, 1, {cfg.d_model}); got {tuple(x.shape)}")
-        if decode and isinstance(cache, dict) and "index" in cache and "k_f" in cache:
-            from sessa_jax.decoding import cache_full_error  # decoding imports no modules: no cycle
-
-            err = cache_full_error(cache)
-            if err is not None:  # eager only: under jit the step yields NaN (SessaMixer)
-                raise err
+        check_call(cache, decode, t, "SessaLayer", "init_layer_cache")
         if segment_ids is not None and tuple(segment_ids.shape) != (b, t):
             raise ValueError(f"segment_ids must have shape (batch, time) = {(b, t)}; got {tuple(segment_ids.shape)}")
+        if cache is not None or decode:
+            if self.kind != "sessa":
+                raise NotImplementedError(f"cached decoding is implemented for kind='sessa' only; got {self.kind!r}")
+            if segment_ids is not None:
+                raise ValueError("segment_ids are not supported with a decode cache (one sequence per row)")
         if not self.is_initializing():
             check_explicit_params(self.variables, "SessaLayer")
+
+    def __call__(self, x, segment_ids=None, positions=None, *, cache=None, decode=False):
+        """y = x + W_out(mixer(gelu(a)) * g) + b_out with (a, g) = split(W_in LayerNorm(x))."""
+        self._check_inputs(x, segment_ids, cache, decode)
+        cfg = self.config
+        b, t, _ = x.shape
         btd, btw = self.axes.btd, self.axes.btw
         x = constrain(x, btd)
         xn = self.ln(x.astype(jnp.promote_types(x.dtype, jnp.float32))).astype(cfg.dtype)
@@ -104,10 +105,6 @@ class SessaLayer(nn.Module):
         if cache is None and not decode:
             s = self.mixer(a_bar, segment_ids, resolve_positions(segment_ids, positions, b, t))
         else:
-            if self.kind != "sessa":
-                raise NotImplementedError(f"cached decoding is implemented for kind='sessa' only; got {self.kind!r}")
-            if segment_ids is not None:
-                raise ValueError("segment_ids are not supported with a decode cache (one sequence per row)")
             pos = None if decode and positions is None else resolve_positions(None, positions, b, t)
             s, cache = self.mixer(a_bar, None, pos, cache=cache, decode=decode)
         y = constrain(x + self.W_out(constrain(s, btw) * g).astype(x.dtype), btd)

@@ -1,4 +1,4 @@
-"""Sessa mixer (SPEC section 2) and the attention-only mixer used by the Transformer baseline.
+"""Sessa mixer and the attention-only mixer used by the Transformer baseline.
 
 Parameter names follow the published PyTorch layer (q_proj, k_proj, v_proj, out_proj,
 proj_fb, gamma_ctx, gamma_bias) so checkpoints convert by name.
@@ -12,10 +12,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sessa_jax.cache import check_layer_cache
 from sessa_jax.config import SessaConfig
 from sessa_jax.ops import apply_rope, causal_attention, feedback_solve
 from sessa_jax.ops.decode import attend_cached, feedback_read_cached
 from sessa_jax.ops.rope import resolve_positions
+from sessa_jax.options import ATTENTION_OF_SOLVE
 from sessa_jax.sharding import DEFAULT_AXES, ActivationAxes, constrain, dense_init, logical, sharding_agnostic
 
 
@@ -77,7 +79,7 @@ class AttentionMixer(nn.Module):
         positions = resolve_positions(segment_ids, positions, *a_bar.shape[:2])
         q, k, v = self.project_qkv(a_bar, positions)
         attend = lambda q, k, v, seg: causal_attention(  # noqa: E731
-            q, k, v, segment_ids=seg, method=cfg.solver, chunk_size=cfg.chunk_size)
+            q, k, v, segment_ids=seg, method=ATTENTION_OF_SOLVE[cfg.solver], chunk_size=cfg.chunk_size)
         o = sharding_agnostic(attend, q)(q, k, v, segment_ids)
         return constrain(self.merge_heads(constrain(o, self.axes.bthk)), self.axes.btw), k, v
 
@@ -115,35 +117,11 @@ class SessaMixer(AttentionMixer):
         gamma = cfg.gamma_max * jnp.tanh(self.gamma_bias.astype(wide) + self.gamma_ctx(a_bar.astype(wide))[..., 0])
         return q_b, k_b, gamma
 
-    def _check_cache(self, cache, batch: int, new: int) -> None:
-        """Static checks: the cache matches this config and batch and has room for ``new``
-        tokens written from position 0 (prefill); the decode index is checked at run time."""
-        cfg = self.config
-        if not isinstance(cache, dict):
-            raise ValueError(
-                "decode=True appends to a decode cache (and prefill fills one): pass cache=sessa_jax.decoding."
-                f"init_layer_cache(config, batch_size), a dict; got {type(cache).__name__}"
-            )
-        length = cache["k_f"].shape[1] if getattr(cache.get("k_f"), "ndim", 0) >= 2 else None
-        kv = (batch, length, cfg.kv_heads, cfg.head_dim)
-        wide = (batch, length, cfg.d_model)
-        for name, expected in (("k_f", kv), ("v_f", kv), ("k_b", wide), ("s", wide)):
-            got = tuple(getattr(cache.get(name), "shape", ()))
-            if got != expected:
-                raise ValueError(
-                    f"cache entry {name!r} has shape {got}; this input needs {expected} (batch={batch}, "
-                    f"d_model={cfg.d_model}, kv_heads={cfg.kv_heads}, head_dim={cfg.head_dim}); build the "
-                    f"cache with sessa_jax.decoding.init_layer_cache(config, batch_size={batch}) for this config"
-                )
-        if new > length:
-            raise ValueError(
-                f"prefill of {new} tokens: the cache holds {length} positions; build the cache (or the "
-                f"config) with max_len >= {new}"
-            )
-
     def __call__(self, a_bar, segment_ids=None, positions=None, cache=None, decode=False):
+        """s = (I - diag(gamma) A)^-1 f: f the forward branch's attention of a_bar, A the
+        strict-past softmax of q_b k_b^T, gamma = gamma_max tanh(w . a_bar + b)."""
         if cache is not None or decode:
-            self._check_cache(cache, a_bar.shape[0], 0 if decode else a_bar.shape[1])
+            check_layer_cache(cache, self.config, a_bar.shape[0], 0 if decode else a_bar.shape[1])
         if decode:
             return self._decode(a_bar, cache, positions)
         cfg = self.config

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
+from sessa_jax.cache import check_call, check_model_cache
 from sessa_jax.config import SessaConfig
 from sessa_jax.layer import SessaLayer
 from sessa_jax.layer_norm import LayerNorm
@@ -113,26 +114,6 @@ class SessaLM(nn.Module):
             self.head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                  **dense_init("embed", "vocab"))
 
-    def _check_cache_layers(self, cache) -> None:
-        """The cache has one entry per layer, in the layout ``decoding.init_cache`` builds for
-        this config: a list of n_layers layer dicts, or (scan_layers) one dict stacked on a
-        leading axis of n_layers. The layer checks its entries' shapes."""
-        cfg = self.config
-        n = cfg.n_layers
-        fix = (f"build it with sessa_jax.decoding.init_cache(config, batch_size) for this config (n_layers={n}, "
-               f"scan_layers={cfg.scan_layers})")
-        if cfg.scan_layers:
-            lead = {k: getattr(v, "shape", ())[:1] for k, v in cache.items()} if isinstance(cache, dict) else None
-            if lead is None or not lead or any(shape != (n,) for shape in lead.values()):
-                got = (f"a {type(cache).__name__}" if lead is None else
-                       "leading axes " + ", ".join(f"{k}: {v[0] if v else 'none'}" for k, v in lead.items()))
-                raise ValueError(f"SessaLM (scan_layers=True) takes a cache stacked over its {n} layers: one dict "
-                                 f"whose entries have a leading axis of {n}; got {got}; {fix}")
-            return
-        if not isinstance(cache, (list, tuple)) or len(cache) != n or not all(isinstance(c, dict) for c in cache):
-            got = (f"{len(cache)} entries" if isinstance(cache, (list, tuple)) else f"a {type(cache).__name__}")
-            raise ValueError(f"SessaLM takes a cache with one dict per layer, a list of {n}; got {got}; {fix}")
-
     def _blocks(self, decode: bool):
         cfg = self.config
         block = _StackedLayer
@@ -145,8 +126,8 @@ class SessaLM(nn.Module):
             return scanned(cfg, self.kind, self.axes, decode=decode, name="layers")
         return [block(cfg, self.kind, self.axes, decode=decode, name=f"layers_{i}") for i in range(cfg.n_layers)]
 
-    @nn.compact
-    def __call__(self, tokens, segment_ids=None, positions=None, *, cache=None, decode=False, return_hidden=False):
+    def _check_inputs(self, tokens, cache, decode) -> None:
+        """ValueError naming what is wrong with the inputs of ``__call__`` and how to fix it."""
         cfg = self.config
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"SessaLM expects integer tokens of shape (batch, time); got {tokens.dtype} "
@@ -155,23 +136,20 @@ class SessaLM(nn.Module):
         if t == 0:
             raise ValueError(f"SessaLM got tokens of shape {(b, t)}: no positions (T=0); pass at least one token per row")
         check_token_ids(tokens, cfg.vocab_size)
-        if decode and cache is None:
-            raise ValueError(
-                "decode=True appends to a decode cache: pass cache=sessa_jax.decoding.init_cache(config, "
-                "batch_size) (prefilled by a call with cache=... and decode=False)"
-            )
         if cache is not None:
-            self._check_cache_layers(cache)
-        if decode:
-            from sessa_jax.decoding import cache_full_error
-
-            err = cache_full_error(cache)
-            if err is not None:
-                raise err
-        if not decode and cache is None:
-            positions = resolve_positions(segment_ids, positions, b, t)
+            check_model_cache(cache, cfg)
+        check_call(cache, decode, t, "SessaLM", "init_cache")
         if not self.is_initializing():
             check_explicit_params(self.variables, "SessaLM")
+
+    @nn.compact
+    def __call__(self, tokens, segment_ids=None, positions=None, *, cache=None, decode=False, return_hidden=False):
+        """logits = head(LayerNorm(layers(embed(tokens)))); (logits, cache) with ``cache``."""
+        self._check_inputs(tokens, cache, decode)
+        cfg = self.config
+        b, t = tokens.shape
+        if not decode and cache is None:
+            positions = resolve_positions(segment_ids, positions, b, t)
         x = constrain(self._embed(tokens), self.axes.btd)
         blocks = self._blocks(decode)
         if cfg.scan_layers:

@@ -18,7 +18,7 @@ import numpy as np
 
 from sessa_jax.data import text
 from sessa_jax.data.pipeline import tokenizer_of
-from sessa_jax.decoding import check_rng, check_sampling, check_token_ids
+from sessa_jax.decoding import check_rng, check_sampling, check_token_ids, generate
 from sessa_jax.train import checkpoint as ckpt
 from sessa_jax.train import workdir as wd
 from sessa_jax.train.config import config_from_json
@@ -139,8 +139,6 @@ def _sample(run_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, st
         raise ValueError(f"a {cfg.data.task!r} run needs a non-empty --prompt of space-separated token ids, e.g. '3 41 7'")
     rng = jax.random.PRNGKey(seed)
     if cfg.model.kind == "sessa":
-        from sessa_jax.decoding import generate
-
         out = generate(model, params, tokens, max_new_tokens, rng, temperature=temperature, top_k=top_k, top_p=top_p)
     else:
         if top_p is not None:

@@ -310,10 +310,6 @@ def make_mesh(axes: dict, devices=None) -> Mesh:
         return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=types)
 
 
-def axis_size(mesh: Mesh, *names: str) -> int:
-    return math.prod(mesh.shape[n] for n in names)
-
-
 def validate_mesh(mesh: Mesh, model_config, global_batch: int, grad_accum: int = 1,
                   process_count: int | None = None, kind: str = "sessa") -> None:
     """Raises MeshError, naming the values, for any batch/head/width the mesh cannot split."""

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sessa_jax.baselines.mamba import MambaMixer, resolve_scan, selective_scan, selective_scan_stepwise
+from sessa_jax.mamba_mixer import MambaMixer, resolve_scan, selective_scan, selective_scan_stepwise
 from sessa_jax.config import SessaConfig
 
 F32_TOL = dict(rtol=1e-5, atol=1e-5)  # a few float32 ulps of O(1) values, accumulated over T

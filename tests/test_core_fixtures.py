@@ -1,4 +1,4 @@
-"""Parity with the published PyTorch layer on the golden fixtures (SPEC section 5)."""
+"""Parity with the published PyTorch layer on the golden fixtures."""
 
 import functools
 

@@ -1,4 +1,4 @@
-"""Memory tail from SPEC: uniform feedback routing gives a t^-(1 - gamma) influence."""
+"""Memory tail of the feedback solve: uniform feedback routing gives a t^-(1 - gamma) influence."""
 
 import jax
 import jax.numpy as jnp

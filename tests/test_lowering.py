@@ -1,8 +1,8 @@
 """Cross-platform lowering on a CPU-only machine: the recursive solve and the vendor attention.
 
 * The recursive feedback solve (pure XLA) lowers for "cuda" and "tpu" (forward + backward of
-  jax.grad), with the GPU's bf16x3 split rounded on the bits (``precision.bf16_round_bits``; the
-  XLA preset when ``GPU_BF16X3 = "preset"``) and the TPU's HIGH precision in the module,
+  jax.grad), with the GPU's bf16x3 split rounded on the bits (``precision.bf16_round_bits``) and
+  the TPU's HIGH precision in the module,
   and no array with two dimensions >= T/2 in it. This runs JAX's lowering, not the device
   compiler, which needs the device; skipped with the reason if the installed JAX cannot.
 * splash attention lowers for "tpu" and cuDNN attention for "cuda".
@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from sessa_jax.ops.solve import precision
 from sessa_jax.ops.solve.recursive import recursive_feedback_solve
 from sessa_jax.ops.attention.backends import accelerated_causal_attention
 
@@ -41,13 +40,11 @@ def _long_shapes(text: str, length: int):
     return out
 
 
-@pytest.mark.parametrize("platform,kind,gpu_bf16x3,marker", [
-    ("cuda", "gpu", "split", "stablehlo.shift_right_logical"),  # the bit-rounded hi/lo split
-    ("cuda", "gpu", "preset", "num_primitive_operations = 3"),  # BF16_BF16_F32_X3
-    ("tpu", "tpu", "split", "HIGH"),
+@pytest.mark.parametrize("platform,kind,marker", [
+    ("cuda", "gpu", "stablehlo.shift_right_logical"),  # the bit-rounded hi/lo split
+    ("tpu", "tpu", "HIGH"),
 ])
-def test_recursive_solve_lowers(platform, kind, gpu_bf16x3, marker, monkeypatch):
-    monkeypatch.setattr(precision, "GPU_BF16X3", gpu_bf16x3)
+def test_recursive_solve_lowers(platform, kind, marker):
     b, d = 2, 128
     seg = jnp.ones((b, T), jnp.int32)
 
@@ -60,7 +57,7 @@ def test_recursive_solve_lowers(platform, kind, gpu_bf16x3, marker, monkeypatch)
     x = SD((b, T, d), jnp.bfloat16)
     text = lower_or_skip(fn, (x, x, SD((b, T), jnp.float32), x), platform).as_text()
     assert marker in text
-    if kind == "gpu" and gpu_bf16x3 == "split":
+    if kind == "gpu":  # not XLA's BF16_BF16_F32_X3 preset
         assert "num_primitive_operations = 3" not in text
     assert _long_shapes(text, T // 2) == set()
 

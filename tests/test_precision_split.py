@@ -114,7 +114,6 @@ def test_the_replayed_rewrite_zeroes_a_convert_split_but_not_the_bit_split():
 def test_bf16x3_products_keep_their_accuracy_under_the_rewrite(platform, monkeypatch):
     """The tier's products (a float32 P times a float32 s, as in a push) stay ~1e-5 accurate when
     the GPU's rewrite is replayed; a one-pass bf16 product is ~1e-3."""
-    monkeypatch.setattr(precision, "GPU_BF16X3", "split")
     rng = np.random.default_rng(3)
     a = jnp.asarray(rng.random((128, 256)), jnp.float32)  # probabilities-like: all positive
     b = jnp.asarray(rng.standard_normal((256, 64)), jnp.float32)

@@ -1,4 +1,4 @@
-"""The recursive known-statistics feedback solve (KERNELS.md section 4, items 1-7).
+"""The recursive known-statistics feedback solve.
 
 Schedule coverage, row statistics against float64, forward and gradients against the dense
 oracle (x64 and float32), precision tiers, memory (no buffer with two T-sized axes) and
@@ -233,7 +233,7 @@ def _fro(a, b):
 
 @pytest.mark.parametrize("qk_dtype", [jnp.bfloat16, jnp.float32])
 def test_precision_tiers_on_the_sharp_stress_case(qk_dtype):
-    """bf16x3 within 1e-5 and the bfloat16 tier within 5e-3 of fp32 (KERNELS.md 3.3).
+    """bf16x3 within 1e-5 and the bfloat16 tier within 5e-3 of fp32.
 
     Sharp rows (logits ~ N(0, 16^2)), gamma pinned at +-0.999. The bfloat16 tier is for bf16
     training, so it is held to its bound with bf16 q, k only; its forward is bf16x3's

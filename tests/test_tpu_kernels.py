@@ -23,7 +23,7 @@ B, D = 2, 128
 def interpret(request):
     """The kernels' ``interpret`` argument, and a check to call after running them.
 
-    "plain": Pallas interpret mode. "tpu": TPU interpret mode as KERNELS.md section 4 asks:
+    "plain": Pallas interpret mode. "tpu": TPU interpret mode:
     VMEM scratch filled with NaN (an accumulator read before it is set turns the output NaN),
     two simulated cores sharing the "parallel" grid axes, and the race detector, which the
     check consults (a block written by both cores is a race).

@@ -9,15 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from sessa_jax.config import SessaConfig
-
-KINDS = ("sessa", "transformer", "mamba")
+from sessa_jax.model import SessaLM
+from sessa_jax.options import LAYER_KINDS as KINDS
 
 
 @functools.lru_cache(maxsize=256)
 def count_params(config: SessaConfig, kind: str = "sessa") -> int:
     """Number of parameters of ``SessaLM(config, kind)``, from shapes only (no FLOPs)."""
-    from sessa_jax.model import SessaLM  # lazy: the model imports this package
-
     if kind not in KINDS:
         raise ValueError(f"model.kind={kind!r} is unknown; choose one of {KINDS}")
     model = SessaLM(config, kind=kind)

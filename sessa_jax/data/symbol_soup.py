@@ -91,11 +91,6 @@ class Style:
     transition: np.ndarray  # (16, 16) row-stochastic Markov-step probabilities
 
 
-def class_of(left: int, right: int) -> int:
-    """Class index of a (left style, right style) pair (row-major, as published: CLASS_k)."""
-    return left * NUM_RIGHT + right
-
-
 def styles_of_class(label: int) -> tuple[int, int]:
     """(left style, right style) of class ``label``."""
     return label // NUM_RIGHT, label % NUM_RIGHT

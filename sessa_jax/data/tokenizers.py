@@ -29,7 +29,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-KINDS = ("bytes", "sentencepiece", "tokenizers")
+from sessa_jax.data.corpus import iter_documents
+
+from sessa_jax.options import TOKENIZER_KINDS as KINDS
 HF_BOS_NAMES = ("<|endoftext|>", "<s>", "<bos>", "[BOS]", "<|begin_of_text|>")
 
 
@@ -165,8 +167,6 @@ def iter_lines(path: str, max_bytes: int = 0) -> Iterator[str]:
     """Non-empty lines of the text files at ``path`` ('' = built-in corpus), streamed, each cut to
     at most ``MAX_LINE_BYTES`` bytes (``split_line``); stops after the file that passes
     ``max_bytes`` (0 = all): fitting a tokenizer may sample."""
-    from sessa_jax.data.text import iter_documents
-
     total = 0
     for doc in iter_documents(path, 0):  # 0: no size error; the sample cap is applied here
         for line in bytes(doc).decode("utf-8", errors="replace").splitlines():
@@ -258,6 +258,7 @@ def ensure_tokenizer(cfg, workdir: str, log=print):
     tok = cfg.data.tokenizer
     if cfg.data.task != "text" or tok.kind != "sentencepiece" or tok.path:
         return cfg
+    # Imported here: ``sessa_jax.train``'s __init__ imports the run config, which imports this module.
     from sessa_jax.train import workdir as wd
 
     workdir = wd.normalize(workdir)

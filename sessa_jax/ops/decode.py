@@ -1,4 +1,4 @@
-"""Single-token attention reads against a decode cache (SPEC section 3), O(L D) per step."""
+"""Single-token attention reads against a decode cache, O(L D) per step."""
 
 from __future__ import annotations
 

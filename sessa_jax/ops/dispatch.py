@@ -1,47 +1,42 @@
 """Public entry points of the ops: argument validation and method dispatch.
 
-Methods: "dense" (oracle, materialises T x T), "blocked" (chunked scan with a custom VJP,
-the fastest on CPU), "recursive" (known-statistics Fenwick solve, large matrix products, the
-accelerator path) and "auto" (recursive on GPU and TPU, blocked on CPU).
+Solve methods (``options.SOLVE_METHODS``): "dense" (oracle, materialises T x T), "blocked"
+(chunked scan with a custom VJP), "recursive" (known-statistics solve, large matrix products) and
+"auto". Attention methods (``options.ATTENTION_METHODS``): "dense", "blocked", "vendor" (cuDNN /
+splash attention where one applies, else blocked) and "auto". What "auto" and the other defaults
+run on each platform is the table ``PLATFORM_PATHS`` (``ops.platforms``).
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
+from sessa_jax.ops.attention.backends import accelerated_causal_attention
 from sessa_jax.ops.attention.blocked import blocked_causal_attention
 from sessa_jax.ops.masks import compute_dtype, default_segment_ids
+from sessa_jax.ops.platforms import PLATFORM_PATHS, PlatformPaths, platform_kind, platform_paths  # noqa: F401
 from sessa_jax.ops.reference import dense_causal_attention, dense_feedback_solve
 from sessa_jax.ops.solve.blocked import blocked_feedback_solve
-from sessa_jax.ops.solve.precision import platform_kind, resolve_precision
+from sessa_jax.ops.solve.precision import resolve_precision
 from sessa_jax.ops.solve.recursive import recursive_feedback_solve
+from sessa_jax.ops.solve.row_stats_gpu import MAX_D
+from sessa_jax.ops.solve.row_stats_gpu import TIERS as GPU_TIERS
+from sessa_jax.options import (ATTENTION_METHODS, AUTO, KERNELS, SOLVE_METHODS, AttentionMethod,  # noqa: F401
+                               FeedbackPrecision, Kernels, SolveMethod, is_chunk_size)
 
-METHODS = ("dense", "blocked", "recursive", "auto")
-# Implementations of the recursive solve's statistics pass and pushes: "xla" (portable, the
-# default everywhere) or "pallas": on TPU (and CPU, in interpret mode) the TPU Mosaic kernels of
-# ``row_stats_tpu`` / ``block_product_tpu`` for stats and pushes; on GPU the Mosaic GPU stats kernel of
-# ``row_stats_gpu`` with the pushes in XLA; "gpu_gemm": the pushes' P and dL tiles in the Mosaic GPU
-# GEMM-with-epilogue kernels of ``block_product_gpu`` (products and statistics in XLA; interpret
-# mode off the GPU). Opt-in: never measured on either device.
-KERNELS = ("xla", "pallas", "gpu_gemm")
-KERNEL_KEY_BLOCK = 128
-# Rows and keys of one tile of the recursive solve's wide blocks: large enough for
-# full-speed matrix products on GPU/TPU (4096 measured fastest on an H100, README), never
-# above T/4, so that no buffer has two axes of T/2 or more, and at most TILE_LEAVES leaves,
-# which bounds the switch branches (program size) whatever T is.
+METHODS = SOLVE_METHODS  # the public name (``sessa_jax.ops.METHODS``)
+KERNEL_KEY_BLOCK = 128  # the key block of the Pallas kernels: the leaf must be a multiple of it
+# Rows and keys of one tile of the recursive solve's wide blocks: large enough for full-speed
+# matrix products on GPU/TPU, never above T/4, so that no buffer has two axes of T/2 or more,
+# and at most TILE_LEAVES leaves, which bounds the switch branches (program size) whatever T is.
 RECURSIVE_TILE = 4096
 TILE_LEAVES = 8
-# chunk_size="auto" (the default) for the blocked paths, measured on CPU over B in {1, 8, 32},
-# H=4, T in {256 ... 2048} (benchmarks/blocked_chunks.py; README, "vs the published PyTorch
-# layer (CPU)"): the largest C whose logits tile (B*H, C, C) for attention, (B, C, C) for the
-# solve, holds at most TILE_BUDGET floats (2 MiB, the size that stays in cache for a tile's
-# elementwise passes); attention on at most
-# PANEL_MAX_LEN tokens with (B*H, PANEL_CHUNK, T) panels within that budget runs the "panels"
-# schedule instead of tile loops; the solve runs its "panels" schedule with chunks of
-# SOLVE_PANEL_CHUNK on more than one chunk and at most SOLVE_PANEL_MAX_LEN tokens, while its
-# (B, SOLVE_PANEL_CHUNK, T) panels fit TILE_BUDGET (`blocked_chunks.py --ops layer`: the whole
-# layer at T=512 9% faster at B=1 and B=8; at T=1024, B=1 slower; the solve at B=32, D=64 slower).
-AUTO = "auto"
+# chunk_size="auto" for the blocked paths: the largest C of AUTO_CHUNKS whose logits tile
+# (B*H, C, C) for attention, (B, C, C) for the solve, holds at most TILE_BUDGET floats (the size
+# that stays in cache for a tile's elementwise passes). Attention on at most PANEL_MAX_LEN
+# tokens whose (B*H, PANEL_CHUNK, T) panels fit that budget runs the "panels" schedule; so does
+# the solve on more than one chunk of SOLVE_PANEL_CHUNK and at most SOLVE_PANEL_MAX_LEN tokens
+# while its (B, SOLVE_PANEL_CHUNK, T) panels fit TILE_BUDGET.
 AUTO_CHUNKS = (256, 128, 64)
 TILE_BUDGET = 1 << 19
 PANEL_CHUNK = 64
@@ -60,14 +55,9 @@ def _check_size(name: str, value) -> None:
         raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
 
 
-def is_chunk_size(value) -> bool:
-    """Whether ``value`` is a valid chunk_size of the blocked paths: "auto" or an integer >= 1."""
-    return value == AUTO or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
-
-
-def _check_method(method: str, chunk_size) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+def _check_method(method: str, chunk_size, methods=SOLVE_METHODS) -> None:
+    if method not in methods:
+        raise ValueError(f"unknown method {method!r}; choose one of {methods}")
     if not is_chunk_size(chunk_size):
         raise ValueError(f"chunk_size must be 'auto' or an integer >= 1; got {chunk_size!r}")
 
@@ -104,11 +94,15 @@ def attention_schedule(chunk_size, batch: int, heads: int, length: int) -> tuple
 
 
 def resolve_method(method: str, platform: str | None = None) -> str:
-    """The solve ``method`` runs on ``platform`` (None: the default backend): "auto" becomes
-    "recursive" on GPU/TPU and "blocked" on CPU (measured: benchmarks/feedback_solve.py)."""
-    if method != "auto":
-        return method
-    return "blocked" if platform_kind(platform) == "cpu" else "recursive"
+    """The solve method ``method`` runs on ``platform`` (None: the default backend): "auto"
+    becomes ``PLATFORM_PATHS[platform].solve``."""
+    return platform_paths(platform).solve if method == AUTO else method
+
+
+def resolve_attention(method: str, platform: str | None = None) -> str:
+    """The attention method ``method`` runs on ``platform`` (None: the default backend): "auto"
+    becomes ``PLATFORM_PATHS[platform].attention``."""
+    return platform_paths(platform).attention if method == AUTO else method
 
 
 def _check_segments(segment_ids, batch: int, length: int, op: str):
@@ -124,21 +118,13 @@ def _check_segments(segment_ids, batch: int, length: int, op: str):
     return segment_ids
 
 
-def _accelerated_attention(q, k, v, segment_ids):
-    from sessa_jax.ops.attention.backends import accelerated_causal_attention
-
-    return accelerated_causal_attention(q, k, v, segment_ids)
-
-
 def check_gpu_kernels(width: int, tier: str, input_dtypes) -> None:
     """The Mosaic GPU stats kernel's limits (``row_stats_gpu``): D and the logits tier."""
-    from sessa_jax.ops.solve.row_stats_gpu import MAX_D, TIERS
-
     if width % 64 or width > MAX_D:
         raise ValueError(f"feedback kernels 'pallas' on GPU need the head width D a multiple of 64 and at most "
                          f"{MAX_D} (the Mosaic GPU stats kernel); got D={width}: use kernels='xla'")
-    if tier not in TIERS and any(jnp.dtype(d) != jnp.bfloat16 for d in input_dtypes):
-        raise ValueError(f"feedback kernels 'pallas' on GPU compute float32 logits at tier {TIERS}; got precision "
+    if tier not in GPU_TIERS and any(jnp.dtype(d) != jnp.bfloat16 for d in input_dtypes):
+        raise ValueError(f"feedback kernels 'pallas' on GPU compute float32 logits at tier {GPU_TIERS}; got precision "
                          f"{tier!r} with float32 q_b/k_b: use precision='bf16x3' (or 'auto'), bf16 q_b/k_b, "
                          "or kernels='xla'")
 
@@ -158,8 +144,8 @@ def _check_kernels(kernels: str, leaf: int, dtype, platform: str) -> None:
                          "(float64 runs only with kernels='xla')")
 
 
-def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: str = "auto", chunk_size="auto",
-                   leaf_size: int = 512, precision: str = "auto", kernels: str = "xla"):
+def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: SolveMethod = "auto", chunk_size="auto",
+                   leaf_size: int = 512, precision: FeedbackPrecision = "auto", kernels: Kernels = "xla"):
     """Solves the Sessa feedback system s = (I - diag(gamma) A)^-1 f.
 
     q_b, k_b, f: (B, T, D); gamma: (B, T); segment_ids: optional (B, T) integers.
@@ -218,17 +204,17 @@ def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: str = "auto"
     return blocked_feedback_solve(q_b, k_b, gamma, f, segments, chunk, dtype, schedule).astype(f.dtype)
 
 
-def causal_attention(q, k, v, *, segment_ids=None, method: str = "auto", chunk_size="auto"):
+def causal_attention(q, k, v, *, segment_ids=None, method: AttentionMethod = "auto", chunk_size="auto"):
     """Causal multi-head attention with grouped-query heads (diagonal included).
 
     q: (B, T, H, K); k, v: (B, T, Hkv, K) with H % Hkv == 0; scale K^-1/2; optional
     segment_ids (B, T) keep each token inside its segment. Softmax in float32 (or wider);
-    returns (B, T, H, K) in v.dtype. ``method``: "dense" is the oracle and "blocked" always
-    the pure-JAX blocked path; the others use the vendor kernel (cuDNN, splash) where one
-    applies and the blocked path elsewhere. ``chunk_size``: C of the blocked path, an integer
-    or "auto" (``attention_schedule``).
+    returns (B, T, H, K) in v.dtype. ``method``: "dense" is the oracle, "blocked" always the
+    pure-JAX blocked path, "vendor" the vendor kernel (cuDNN, splash) where one applies and the
+    blocked path elsewhere, "auto" ``PLATFORM_PATHS[platform].attention``. ``chunk_size``: C of
+    the blocked path, an integer or "auto" (``attention_schedule``).
     """
-    _check_method(method, chunk_size)
+    _check_method(method, chunk_size, ATTENTION_METHODS)
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
             f"causal_attention: q, k, v must be (batch, time, heads, head_dim); got "
@@ -243,11 +229,11 @@ def causal_attention(q, k, v, *, segment_ids=None, method: str = "auto", chunk_s
     if h % k.shape[2]:
         raise ValueError(f"causal_attention: query heads {h} must be a multiple of kv heads {k.shape[2]}")
     packed = _check_segments(segment_ids, b, t, "causal_attention")
-    if method in ("recursive", "auto"):
-        # The attention kernels are the vendor's (cuDNN, splash); where none applies (CPU,
-        # unsupported shape) every non-dense method runs the blocked pure-JAX path.
+    method = resolve_attention(method)
+    if method == "vendor":
+        # Where no vendor kernel applies (CPU, unsupported shape), the blocked pure-JAX path.
         try:
-            return _accelerated_attention(q, k, v, segment_ids).astype(v.dtype)
+            return accelerated_causal_attention(q, k, v, segment_ids).astype(v.dtype)
         except (NotImplementedError, ImportError):
             pass
     if method == "dense":

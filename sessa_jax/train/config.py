@@ -26,10 +26,11 @@ from sessa_jax.data.mqar import check_mqar
 from sessa_jax.data.pipeline import TASKS, task_vocab_size
 from sessa_jax.data.symbol_soup import check_symbol_soup
 from sessa_jax.sharding import MeshError, mesh_shape
-from sessa_jax.train.optimizer import SCHEDULES
+from sessa_jax.options import LAYER_KINDS as KINDS
+from sessa_jax.options import LR_SCHEDULES as SCHEDULES
+from sessa_jax.options import TOKENIZER_KINDS as TOKENIZERS
 from sessa_jax.train.resume_guard import check_allowed_keys, flatten
 
-KINDS = ("sessa", "transformer", "mamba")
 # Shipped inside the package so an installed wheel finds them; a checkout's top-level configs/ links here.
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -276,8 +277,6 @@ def validate(cfg: mc.ConfigDict, process_count: int = 1, device_count: int | Non
 
 
 def _validate_tokenizer(cfg: mc.ConfigDict) -> None:
-    from sessa_jax.data.tokenizers import KINDS as TOKENIZERS
-
     tok, task = cfg.data.tokenizer, cfg.data.task
     if tok.kind not in TOKENIZERS:
         raise ConfigError(f"data.tokenizer.kind={tok.kind!r} is unknown; choose one of {TOKENIZERS}")
@@ -327,6 +326,7 @@ def model_config(cfg: mc.ConfigDict, match: bool = True) -> SessaConfig:
     except ValueError as e:
         raise ConfigError(f"model: {e}".replace("SessaConfig.", "model.")) from e
     if match and cfg.model.match_params and cfg.model.kind != "sessa":
+        # Imported here: the baselines import the model (Flax), which checking a config never needs.
         from sessa_jax.baselines import match_width
 
         config = match_width(config, cfg.model.kind)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-SCHEDULES = ("cosine", "linear", "constant", "wsd")
+from sessa_jax.options import LR_SCHEDULES as SCHEDULES
 
 # Leaf names that are never decayed: biases, norm scales, Mamba's A_log and D (the SSM's
 # dynamics, not weights, as in the Mamba reference).

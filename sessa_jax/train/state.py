@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from sessa_jax import sharding
+from sessa_jax.model import SessaLM
 from sessa_jax.train.config import model_config
 
 
@@ -22,8 +23,6 @@ class TrainState(flax.struct.PyTreeNode):
 
 def build_model(cfg):
     """``SessaLM`` of the run config's model section (kind selects the mixer)."""
-    from sessa_jax.model import SessaLM
-
     return SessaLM(model_config(cfg), kind=cfg.model.kind)
 
 

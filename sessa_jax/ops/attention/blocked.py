@@ -132,9 +132,7 @@ def _backward(plan: BlockedPlan, res, d_out):
 # Panel schedule: query chunk i attends to its whole causal prefix, keys [0, (i + 1) C), in
 # one (C, (i + 1) C) product per head, with an exact (not online) softmax. The chunks are
 # unrolled in Python (static shapes), so each panel is one large op instead of a loop of
-# i + 1 small tiles: on CPU this halves attention's forward + backward time for small
-# problems (B=1, H=4, T<=512; benchmarks/blocked_chunks.py) where per-tile overheads
-# dominate. Panels hold (B, Hkv, G, C, <=T) logits, so callers keep it to short sequences.
+# i + 1 small tiles, for small problems where per-tile overheads dominate. Panels hold (B, Hkv, G, C, <=T) logits, so callers keep it to short sequences.
 
 
 def _panel(q, k, i: int, c: int, seg):

@@ -7,7 +7,7 @@ system
     (I - Gamma_i A_ii) s_i = f_i + Gamma_i r_off.
 Residuals: s, the row log-sum-exp and r = A s, all O(T D).
 
-Backward (SPEC section 2): lam = (I - Gamma A)^-T ds by a reverse scan over key chunks j,
+Backward: lam = (I - Gamma A)^-T ds by a reverse scan over key chunks j,
     b_j = ds_j + sum_{i > j} A_ij^T (Gamma_i lam_i),   lam_j = (I - Gamma_j A_jj)^-T b_j,
 fused with the flash-attention-style logits gradient
     dL[t, tau] = A[t, tau] (g_t . s_tau - g_t . r_t),  g = Gamma lam,

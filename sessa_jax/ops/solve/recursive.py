@@ -1,4 +1,4 @@
-"""Recursive known-statistics feedback solve (KERNELS.md section 3): the accelerator path.
+"""Recursive known-statistics feedback solve: the accelerator path.
 
 Forward, on q, k, f (B, Tp, D) and gamma (B, Tp) with Tp = n * Cs:
   1. (m, logl) = row statistics of the strict-past softmax (one parallel logits pass).
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from sessa_jax.ops.masks import PAD_SEGMENT, default_segment_ids, merge_chunks, pad_time, take_chunk
-from sessa_jax.ops.solve import precision as _precision
+from sessa_jax.ops.platforms import platform_kind, platform_paths
 from sessa_jax.ops.solve.block_product import block_probs_and_grad, block_product, probs_grad, split_dot
 from sessa_jax.ops.solve.block_product_gpu import (check_solve_support, gpu_block_probs, gpu_block_probs_and_grad,
                                                    interpret_params)
@@ -79,19 +79,19 @@ class RecursivePlan:
 
     @property
     def interpret(self) -> bool:
-        """The TPU kernels run in interpret mode off the TPU (CPU tests)."""
-        return self.platform != "tpu"
+        """Whether the Pallas kernels run in interpret mode here (``PLATFORM_PATHS``)."""
+        return platform_paths(self.platform).interpret
 
     @property
     def tpu_kernels(self) -> bool:
-        """The TPU kernels (``row_stats_tpu``, ``block_product_tpu``) for stats and pushes: kernels "pallas" anywhere but on GPU."""
-        return self.kernels == "pallas" and self.platform != "gpu"
+        """The TPU kernels (``row_stats_tpu``, ``block_product_tpu``) for stats and pushes."""
+        return self.kernels == "pallas" and platform_paths(self.platform).pallas == "tpu"
 
     @property
     def gpu_kernels(self) -> bool:
-        """The Mosaic GPU stats kernel (``row_stats_gpu``), pushes in XLA: kernels "pallas" on GPU.
-        It is always compiled for the GPU; CPU tests run it under ``plgpu.force_gpu_interpret_mode``."""
-        return self.kernels == "pallas" and self.platform == "gpu"
+        """The Mosaic GPU stats kernel (``row_stats_gpu``), pushes in XLA. It is always compiled for
+        the GPU; CPU tests run it under ``plgpu.force_gpu_interpret_mode``."""
+        return self.kernels == "pallas" and platform_paths(self.platform).pallas == "gpu"
 
     @property
     def gemm_kernels(self) -> bool:
@@ -102,7 +102,7 @@ class RecursivePlan:
     @property
     def gpu_interpret(self):
         """``interpret`` of the Mosaic GPU kernels: False on the GPU, interpret mode elsewhere."""
-        return False if self.platform == "gpu" else interpret_params()
+        return False if platform_kind(self.platform) == "gpu" else interpret_params()
 
     @property
     def solution_tier(self) -> str:
@@ -130,8 +130,8 @@ class RecursivePlan:
     @property
     def splits_pushed_probs(self) -> bool:
         """Whether the forward's pushes split each P tile into bf16 hi + lo parts in separate
-        passes: the explicit bf16x3 split on GPU (``precision.GPU_BF16X3``)."""
-        return self.platform == "gpu" and self.solution_tier == "bf16x3" and _precision.GPU_BF16X3 == "split"
+        passes: the explicit bf16x3 split on GPU (``precision.chained_dot``)."""
+        return platform_kind(self.platform) == "gpu" and self.solution_tier == "bf16x3"
 
     @property
     def padded_len(self) -> int:
@@ -173,8 +173,7 @@ def diag_blocks(plan: RecursivePlan, diag_logits, seg, m, logl):
 
 def diag_inverse(plan: RecursivePlan, a_ii, gamma):
     """X_i = (I - diag(gamma_i) A_ii)^-1 for all leaves at once, (B, n, Cs, Cs), fp32-faithful
-    (``RecursivePlan.faithful``) at every tier: in bf16x3 the inverse added ~20% to the tier's error
-    in the sharp stress case (5.1e-6 -> 6.2e-6 at leaf 512) for under 1% less work."""
+    (``RecursivePlan.faithful``) at every tier: the inverse reaches every s_i."""
     b, n, c, _ = a_ii.shape
     nil = gamma.reshape(b, n, c, 1).astype(a_ii.dtype) * a_ii
     return unit_lower_inverse(nil.reshape(b * n, c, c), plan.faithful).reshape(b, n, c, c)

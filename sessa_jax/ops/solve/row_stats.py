@@ -4,7 +4,7 @@ For each row t the strict-past softmax of the feedback branch has max m_t and no
 l_t = sum_tau exp(L[t, tau] - m_t) over the allowed keys tau < t of t's segment, with
 L = scale * q k^T. Neither depends on s, so one fully parallel pass finds them and the solve
 that follows is linear: A[t, tau] = exp((L[t, tau] - m_t) - logl_t). Storing (m, logl) rather
-than their sum keeps the exponent's rounding at the size of L - m (KERNELS.md 3.3).
+than their sum keeps the exponent's rounding at the size of L - m.
 
 Work is exactly the causal half of the logits (1U). It is cut into the solve's own blocks
 (``schedule.PushSchedule``): the diagonal leaves, all at once, then one loop over the

@@ -2,7 +2,7 @@
 
 * ``gpu_row_statistics`` (twin: ``row_stats.row_statistics``; same contract as
   ``row_stats_tpu.tpu_row_statistics``): the softmax max m and log-normaliser logl of every row
-  over its allowed keys (tau < t, same segment), KERNELS.md 3.4 "stats".
+  over its allowed keys (tau < t, same segment).
 
 Layout: ``plgpu.kernel`` with grid (T/Bq row blocks, B) and one warpgroup per block. The row
 block of q is copied once into shared memory by TMA; the key blocks 0 .. the diagonal one are
@@ -20,10 +20,9 @@ Shared memory: (Bq + Bk) * D * 2 bytes per operand part (x2 for bf16x3), at most
 D = 256, Bq = Bk = 64. The D contraction is one wgmma per part, not streamed, so D must be a
 multiple of 64 and at most 256 (``MAX_D``); T must be a multiple of both blocks.
 
-Needs a Hopper GPU (sm_90a: wgmma and TMA); ROCm is not supported. Verified on CPU only: in
-Mosaic GPU interpret mode (``interpret=plgpu.InterpretGPUParams()``, jax >= 0.11) against the
-XLA twin, and lowered for the "cuda" platform (jax 0.10.2 and 0.12 on a CPU-only jaxlib).
-Never compiled or run on a GPU; its performance is unknown. Opt-in via ``kernels="pallas"``.
+Needs a Hopper GPU (sm_90a: wgmma and TMA); ROCm is not supported. Off the GPU it runs in
+Mosaic GPU interpret mode (``interpret=plgpu.InterpretGPUParams()``, jax >= 0.11). Opt-in via
+``kernels="pallas"``.
 """
 
 from __future__ import annotations
@@ -120,7 +119,7 @@ def _stats_body(*refs, parts: int, block_q: int, block_k: int, scale: float):
         def logits(acc):
             kt = lambda p: k_smem.at[p].transpose((1, 0))  # noqa: E731
             plgpu.wgmma(acc, q_smem.at[0], kt(0))
-            if parts == 2:  # hi.lo + lo.hi, the bf16x3 split (KERNELS.md 3.3)
+            if parts == 2:  # hi.lo + lo.hi, the bf16x3 split
                 plgpu.wgmma(acc, q_smem.at[0], kt(1))
                 plgpu.wgmma(acc, q_smem.at[1], kt(0))
             return acc[...]

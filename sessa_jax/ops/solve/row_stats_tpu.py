@@ -98,7 +98,7 @@ def tpu_row_statistics(q, k, seg, *, scale: float, block: int | None = None, int
     q, k: (B, T, D) (bf16 or fp32); seg: (B, T) int segment ids; row t's keys are tau < t with
     seg[tau] == seg[t]. Rows without keys get (0, EMPTY_LOGL). ``block``: rows and keys per
     grid step (default: the largest of 512, 256, 128 dividing T, else T). ``interpret``: False
-    (compile), True or a ``pltpu.InterpretParams`` (module docstring), as for the other kernels.
+    (compile), True or a ``pltpu.InterpretParams`` (module docstring).
     """
     b, t, d = q.shape
     blk = block or key_block(t)

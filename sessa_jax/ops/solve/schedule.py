@@ -54,10 +54,7 @@ def auto_static_span(num_leaves: int, tile_leaves: int) -> int | None:
     """The default ``static_span``: the smallest power of two >= ``tile_leaves``, which makes
     every wide block static and leaves every narrow one in the loops, when that makes at most
     STATIC_TILES static tiles and STATIC_SEGMENTS loops; None (all in the loop) otherwise, or
-    when there are no wide blocks. In the
-    deviceless H100 compile at B=8, T=8192 (README, "What XLA's GPU compiler makes of the
-    solve") this span cut launches and roofline with the loop's temporaries and compile time;
-    the fully static schedule (span 1) cut more but compiled over 2x slower."""
+    when there are no wide blocks. A fully static schedule (span 1) compiles much slower."""
     if num_leaves <= tile_leaves:
         return None
     span = 1 << (tile_leaves - 1).bit_length()  # wide blocks: lowbit(j) >= tile_leaves, a power of two

@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from sessa_jax.config import SessaConfig
-from sessa_jax.ops.dispatch import AUTO
-from sessa_jax.ops.solve.precision import platform_kind
+from sessa_jax.ops.platforms import platform_kind
+from sessa_jax.options import AUTO
 from sessa_jax.sharding import DEFAULT_AXES, ActivationAxes, constrain, dense_init, logical
 
 STATE_SIZE = 16  # N
