@@ -32,7 +32,9 @@ bytes of operands plus (1 or 2) * Bq * Bk * 2 of output; backward: (2 Bq + 3 Bk)
 
 Needs a Hopper GPU (sm_90a: wgmma and TMA); ROCm is not supported. Verified on CPU only: in
 Mosaic GPU interpret mode (``plgpu.InterpretGPUParams()``, jax >= 0.11) against the XLA twins,
-and lowered for the "cuda" platform. Never run on a GPU; its performance is unknown.
+lowered for the "cuda" platform, and compiled for an H100 without a device (the deviceless
+compile of ``benchmarks/gpu_compile.py --kernels gpu_gemm``). Never run on a GPU; its
+performance is unknown.
 Opt-in via ``kernels="gpu_gemm"`` of the recursive solve.
 """
 
