@@ -144,7 +144,6 @@ run_kernels() {
 run_quick() {
   device_info
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
-  run 200 bf16x3_split.txt "$py" scripts/gpu_bf16x3_split_check.py
   run 250 quick_layer.txt "$py" "${layer[@]}" --T 8192 --solvers recursive --iters 5 --warmup 2 \
     --json "$out/quick_layer.json"
 }
@@ -163,9 +162,6 @@ run_solve() {
     run 200 solve.txt "$py" benchmarks/feedback_solve.py --ops "$1" --methods "${@:2}" --B 8 --D 1024 --H 8 \
       --dtype bfloat16 --T 8192 --reps 5 --reps-large 5
   done
-  if [ -n "$dry" ] || command -v nvidia-smi >/dev/null; then
-    run 200 bf16x3_split.txt "$py" scripts/gpu_bf16x3_split_check.py
-  fi
 }
 
 run_layer() {

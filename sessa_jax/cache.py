@@ -87,6 +87,14 @@ def check_room(cache, needed: int, what: str) -> None:
         )
 
 
+def check_empty(cache, what: str) -> None:
+    """ValueError from ``what`` unless the cache holds no token yet (concrete index only)."""
+    idx = cache_index(cache)
+    if not isinstance(idx, jax.core.Tracer) and int(idx) != 0:
+        raise ValueError(f"{what} writes from position 0 but the cache already holds {int(idx)} tokens; "
+                         f"start from decoding.init_cache(...) or continue with decode_step")
+
+
 def check_call(cache, decode: bool, length: int, who: str, builder: str) -> None:
     """The checks every cached call makes before it runs: ``decode`` needs a cache, appends one
     token (``length`` == 1) and needs room in it (concrete index only; under jit a step past

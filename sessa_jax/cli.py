@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import sys
 
+# The package's modules are imported inside the entry points, after the arguments are checked
+# (see above): importing them here would import JAX first.
+
 TRAIN_USAGE = """usage: sessa-train [--config=NAME_OR_PATH] [--workdir=DIR] [--config.SECTION.KEY=VALUE ...]
        sessa-train tokenizer train --input PATH --output MODEL [--vocab_size N] [--model_type bpe|unigram]
 

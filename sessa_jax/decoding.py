@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sessa_jax.cache import (cache_full_error, cache_index, cache_length, check_room, init_cache,  # noqa: F401
-                             init_layer_cache)
+from sessa_jax.cache import (cache_full_error, cache_index, cache_length, check_empty, check_room,  # noqa: F401
+                             init_cache, init_layer_cache)
 from sessa_jax.config import SessaConfig
 from sessa_jax.model import check_token_ids  # noqa: F401  (part of this module's interface)
 
@@ -56,10 +56,7 @@ class DecodableModel(Protocol):
 
 def prefill(model, params, tokens, cache):
     """Runs the prompt tokens (B, P) from an empty cache: returns (logits (B, P, V), cache)."""
-    idx = cache_index(cache)
-    if not isinstance(idx, jax.core.Tracer) and int(idx) != 0:
-        raise ValueError(f"prefill writes from position 0 but the cache already holds {int(idx)} tokens; "
-                         f"start from decoding.init_cache(...) or continue with decode_step")
+    check_empty(cache, "prefill")
     # The room for P tokens is a static shape check in SessaMixer (it holds under jit too).
     return model.apply(params, tokens, cache=cache)
 

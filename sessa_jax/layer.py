@@ -19,10 +19,9 @@ from sessa_jax.config import SessaConfig
 from sessa_jax.layer_norm import LayerNorm
 from sessa_jax.mamba_mixer import MambaMixer
 from sessa_jax.mixer import AttentionMixer, SessaMixer
-from sessa_jax.options import LAYER_KINDS, LayerKind
 from sessa_jax.ops.rope import resolve_positions
+from sessa_jax.options import LAYER_KINDS, LayerKind
 from sessa_jax.sharding import DEFAULT_AXES, ActivationAxes, check_explicit_params, constrain, dense_init, norm_init
-
 
 
 def mixer_class(kind: str):

@@ -30,8 +30,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from sessa_jax.data.corpus import iter_documents
-
 from sessa_jax.options import TOKENIZER_KINDS as KINDS
+
 HF_BOS_NAMES = ("<|endoftext|>", "<s>", "<bos>", "[BOS]", "<|begin_of_text|>")
 
 

@@ -164,7 +164,8 @@ def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: SolveMethod 
     """
     _check_method(method, chunk_size)
     _check_size("leaf_size", leaf_size)
-    tier = resolve_precision(precision, platform_kind(), compute_dtype=jnp.result_type(q_b, k_b, f))
+    platform = platform_kind()  # the one platform decision of this call
+    tier = resolve_precision(precision, platform, compute_dtype=jnp.result_type(q_b, k_b, f))
     if f.ndim != 3:
         raise ValueError(f"feedback_solve: f must be (batch, time, width); got shape {tuple(f.shape)}")
     for name, x in (("q_b", q_b), ("k_b", k_b)):
@@ -185,12 +186,11 @@ def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: SolveMethod 
                              f"(float32/bfloat16): cast it, e.g. {name}.astype(jnp.float32) (s comes back in f's "
                              f"dtype, so integer inputs would truncate it)")
     packed = _check_segments(segment_ids, b, t, "feedback_solve")
-    method = resolve_method(method)
+    method = resolve_method(method, platform)
     if method == "dense":
         return dense_feedback_solve(q_b, k_b, gamma, f, packed)
     dtype = compute_dtype(q_b, k_b, gamma, f)
     if method == "recursive":
-        platform = platform_kind()
         _check_kernels(kernels, min(leaf_size, t), dtype, platform)
         if kernels == "pallas" and platform == "gpu":
             check_gpu_kernels(f.shape[-1], tier, (q_b.dtype, k_b.dtype))
@@ -229,7 +229,7 @@ def causal_attention(q, k, v, *, segment_ids=None, method: AttentionMethod = "au
     if h % k.shape[2]:
         raise ValueError(f"causal_attention: query heads {h} must be a multiple of kv heads {k.shape[2]}")
     packed = _check_segments(segment_ids, b, t, "causal_attention")
-    method = resolve_attention(method)
+    method = resolve_attention(method, platform_kind())
     if method == "vendor":
         # Where no vendor kernel applies (CPU, unsupported shape), the blocked pure-JAX path.
         try:

@@ -25,10 +25,10 @@ from sessa_jax.config import SessaConfig
 from sessa_jax.data.mqar import check_mqar
 from sessa_jax.data.pipeline import TASKS, task_vocab_size
 from sessa_jax.data.symbol_soup import check_symbol_soup
-from sessa_jax.sharding import MeshError, mesh_shape
 from sessa_jax.options import LAYER_KINDS as KINDS
 from sessa_jax.options import LR_SCHEDULES as SCHEDULES
 from sessa_jax.options import TOKENIZER_KINDS as TOKENIZERS
+from sessa_jax.sharding import MeshError, mesh_shape
 from sessa_jax.train.resume_guard import check_allowed_keys, flatten
 
 # Shipped inside the package so an installed wheel finds them; a checkout's top-level configs/ links here.

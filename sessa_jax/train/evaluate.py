@@ -29,6 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sessa_jax.data import EVAL, global_batch, make_dataset
+from sessa_jax.data.pipeline import tokenizer_of
+from sessa_jax.sample import load_run_step
+from sessa_jax.train.checkpoint import CheckpointError
 from sessa_jax.train.loss import loss_sums
 
 SUMS = ("loss_sum", "correct_sum", "weight_sum", "bytes_sum")
@@ -76,8 +80,6 @@ def evaluate(params, eval_step, eval_data, local_batch_size: int, token_bytes=No
     (no bits per byte, e.g. synthetic tasks); ``num_batches`` 0 = read ``eval_data`` to its
     end; ``sharding``: lay batches out as global arrays (``data.global_batch``), None = as is.
     """
-    from sessa_jax.data import global_batch
-
     per_byte = token_bytes is not None
     table = jnp.asarray(np.zeros(1, np.int32) if token_bytes is None else token_bytes, jnp.int32)
     totals = dict.fromkeys(SUMS, 0.0)
@@ -96,8 +98,6 @@ def token_bytes_for(data_cfg, vocab_size: int):
     """(vocab_size,) bytes per id for text runs (model vocabulary padding counts 0); None otherwise."""
     if data_cfg.task != "text":
         return None
-    from sessa_jax.data.pipeline import tokenizer_of
-
     table = tokenizer_of(data_cfg).token_bytes()
     out = np.zeros(vocab_size, np.int32)
     out[:len(table)] = table[:vocab_size]
@@ -113,9 +113,6 @@ def evaluate_run_step(run_dir: str, step: int | None = None, num_batches: int = 
                       log=None) -> tuple[int, dict]:
     """(checkpoint step evaluated, eval metrics): ``evaluate_run`` saying which step it read
     (without ``step``: the newest that restores; ``sample.load_run_step``)."""
-    from sessa_jax.data import EVAL, make_dataset
-    from sessa_jax.sample import load_run_step
-
     model, params, cfg, step = load_run_step(run_dir, step, log)
     if batch_size:
         cfg.data.batch_size = batch_size
@@ -140,8 +137,6 @@ def main(argv=None) -> int:
         print(f"error: --num_batches ({args.num_batches}) and --batch_size ({args.batch_size}) must be >= 0",
               file=sys.stderr)
         return 2
-    from sessa_jax.train.checkpoint import CheckpointError
-
     try:
         step, metrics = evaluate_run_step(args.run, args.step, args.num_batches, args.batch_size,
                                           log=lambda line: print(line, file=sys.stderr))

@@ -6,8 +6,7 @@ recomputes each tile from the saved log-sum-exp, keeps dq_i in the loop carry an
 dv into their tile's rows in place. Grouped-query attention views q as (B, Hkv, G, T, K).
 
 Written for the CPU, where this is the attention every method but "dense" runs, and where
-the elementwise passes over the logits, not the products, set the speed
-(benchmarks/vs_reference.py measures it inside the whole layer):
+the elementwise passes over the logits, not the products, set the speed:
 * tiles small enough to stay in cache for those passes;
 * heads-major layouts, (B, Hkv, [G,] T, K), made once, so the batched products read keys and
   values in place;

@@ -15,7 +15,7 @@ giving dk_j = dL^T q and dq += dL k. Then df = lam, dgamma_t = lam_t . r_t.
 
 Both directions visit only the causal (C, C) tiles, in loops whose trip count is the chunk
 index: no causal waste, and each tile's logits stay in cache for their few elementwise
-passes (on CPU those passes, not the products, set the speed: benchmarks/vs_reference.py).
+passes (on CPU those passes, not the products, set the speed).
 No array with two T-sized axes is ever built: the largest transient is (B, C, C).
 
 A second schedule, "panels" (``_panels_forward`` / ``_panels_backward``), unrolls the chunks
