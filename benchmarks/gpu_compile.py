@@ -19,6 +19,10 @@ Per program it prints
     (operands read in full unless the fusion only slices them; in-place updates count the update);
   * ``exp in GEMM``: launches of GEMM kernels that compute an exponential in their epilogue
     (the known-statistics P tile made inside the logits product instead of a separate pass);
+    with ``--kernels gpu_gemm`` the Mosaic GPU GEMM-with-epilogue kernels count as GEMM kernels
+    with their exp: XLA sees them as opaque custom calls, so their FLOPs are computed from the
+    kernel name and shapes (``MOSAIC_GEMM_PASSES``) and their bytes are their operands and
+    results, each read once (a lower bound: the kernels reload q and k chunks per tile);
   * ``HBM temp``: the compiled program's temporary buffers (``memory_analysis()``);
   * ``x - x``: subtractions of a value from itself, i.e. bf16x3 low parts the compiler zeroed
     (``precision.bf16_round_bits`` keeps this at 0; a split through float32(bfloat16(x)) did not);
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import os
 import pathlib
 import re
@@ -58,6 +63,9 @@ dnn_version_info { major: 9 minor: 7 }
 runtime_version { major: 13 minor: 0 patch: 0 }
 device_description_str: "NVIDIA H100 80GB HBM3"
 """
+# bf16 passes of the solve's Mosaic GPU GEMM-with-epilogue kernels (ops/block_product_gpu.py), by
+# kernel name: the forward's q k^T; the backward's q k^T, g s_hi^T and g s_lo^T.
+MOSAIC_GEMM_PASSES = {"sessa_block_probs_gpu": 1, "sessa_block_probs_grad_gpu": 3}
 PEAK_FLOPS = 989e12
 PEAK_BYTES = 3.35e12
 FP32_FLOPS = 67e12  # H100 SXM without tensor cores: where a float32 dot at HIGHEST runs
@@ -251,6 +259,8 @@ class Walk:
         target = inst.attr("custom_call_target") or ""
         if inst.op == "custom-call" and "fmha" in target:
             return self._attention_flops(inst, target)
+        if inst.op == "custom-call" and target.strip('"').startswith("mosaic_gpu"):
+            return self._mosaic_flops(inst)
         if inst.op == "custom-call" and "gemm" in target:
             dots = [inst]
         flops = 0.0
@@ -265,6 +275,18 @@ class Walk:
                 out *= x
             flops += 2.0 * out * k * dot_passes(d.attrs, lhs)
         return flops
+
+    def _mosaic_flops(self, inst: Inst) -> float:
+        """The GEMM FLOPs of the solve's Mosaic GPU GEMM-with-epilogue kernels, which XLA sees as
+        opaque custom calls: 2 B P K D per bf16 pass, read off the kernel name in the op metadata,
+        the first output (B, P, K) and q's (B, P, D); 0 for other Mosaic kernels (the statistics
+        kernel, whose causal skipping the shapes do not tell)."""
+        passes = next((n for name, n in MOSAIC_GEMM_PASSES.items() if f"/{name}/" in inst.attrs), 0)
+        out = dims(_tuple_elements(inst.type)[0] if inst.type.startswith("(") else inst.type)
+        d = dims(self._type_of(inst.operands[0], inst))
+        if not passes or len(out) != 3 or len(d) != 3:
+            return 0.0
+        return 2.0 * passes * out[0] * out[1] * out[2] * d[2]
 
     def _attention_flops(self, inst: Inst, target: str) -> float:
         """cuDNN fused attention: 4 B H T^2 d forward (two products), 10 B H T^2 d backward (five),
@@ -294,7 +316,8 @@ class Walk:
         for (comp, name), times in self.kernels.items():
             inst, flops, moved = self._cost(comp, name)
             out["launches"] += times
-            if flops and any(i.op == "exponential" for i in self._fused(inst)):
+            mosaic_gemm = inst.op == "custom-call" and flops > 0  # the P tile's exp is in its epilogue
+            if flops and (mosaic_gemm or any(i.op == "exponential" for i in self._fused(inst))):
                 out["gemm_exp"] += times
             out["gemm_flops"] += times * flops
             out["gemm_bytes" if flops else "other_bytes"] += times * moved
@@ -424,14 +447,15 @@ def programs(b: int, t: int, d: int, h: int, leaf: int, tile: int | None, kernel
     table = {"solve-fwd": (solve, solve_args), "solve-f+b": (loss(solve), solve_args),
              "attention-fwd": (attention, (heads,) * 3), "attention-f+b": (loss(attention), (heads,) * 3)}
     for kind in ("sessa", "transformer"):
-        table[f"{kind}-layer-f+b"] = _layer_program(kind, b, t, d, h, leaf, precision)
+        table[f"{kind}-layer-f+b"] = _layer_program(kind, b, t, d, h, leaf, precision, kernels)
     return table
 
 
-def _layer_program(kind: str, b: int, t: int, d: int, h: int, leaf: int, precision: str = "auto"):
+def _layer_program(kind: str, b: int, t: int, d: int, h: int, leaf: int, precision: str = "auto",
+                   kernels: str = "xla"):
     """Forward + backward of a whole bf16 ``SessaLayer`` (kind "sessa": the recursive solve at
-    ``precision``; "transformer": the same block with causal attention), as
-    ``benchmarks.layer`` times it on a device."""
+    ``precision`` and feedback ``kernels``; "transformer": the same block with causal attention),
+    as ``benchmarks.layer`` times it on a device."""
     import jax
     import jax.numpy as jnp
 
@@ -439,8 +463,12 @@ def _layer_program(kind: str, b: int, t: int, d: int, h: int, leaf: int, precisi
 
     cfg = SessaConfig(d_model=d, n_heads=h, solver="recursive", leaf_size=leaf, feedback_precision=precision,
                       dtype=jnp.bfloat16, max_len=t)
+    # init traces on the CPU at 16 tokens, which the opt-in kernels refuse; the parameters are the same
+    params = jax.eval_shape(SessaLayer(cfg, kind=kind).init, jax.random.PRNGKey(0),
+                            jax.ShapeDtypeStruct((b, 16, d), jnp.bfloat16))
+    if kernels != "xla":  # older checkouts have no feedback_kernels
+        cfg = dataclasses.replace(cfg, feedback_kernels=kernels)
     layer = SessaLayer(cfg, kind=kind)
-    params = jax.eval_shape(layer.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((b, 16, d), jnp.bfloat16))
 
     def loss(p, x):
         return jnp.sum(layer.apply(p, x).astype(jnp.float32) ** 2)
@@ -460,8 +488,9 @@ def main(argv=None) -> None:
     p.add_argument("--programs", nargs="+", default=["solve-fwd", "solve-f+b", "attention-fwd", "attention-f+b",
                                                      "sessa-layer-f+b", "transformer-layer-f+b"])
     add_solve_options(p, "the solve and the layers")
-    p.add_argument("--kernels", choices=["xla", "pallas"], default="xla",
-                   help="pallas: the Mosaic GPU statistics kernel (D a multiple of 64 up to 256)")
+    p.add_argument("--kernels", choices=["xla", "pallas", "gpu_gemm"], default="xla",
+                   help="pallas: the Mosaic GPU statistics kernel (D a multiple of 64 up to 256); gpu_gemm: the "
+                        "Mosaic GPU GEMM-with-epilogue kernels of the pushes' P and dL tiles (solve and Sessa layer)")
     p.add_argument("--launch-us", type=float, default=4.0)
     p.add_argument("--top", type=int, default=0, help="also list the kernels moving the most bytes")
     p.add_argument("--dump", type=pathlib.Path, default=None, help="write each optimized HLO here")

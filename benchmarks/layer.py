@@ -50,7 +50,9 @@ def run_case(cfg, kind, t, args):
     layer = SessaLayer(cfg, kind=kind)
     key = jax.random.PRNGKey(0)
     x = jax.random.normal(key, (args.B, t, cfg.d_model), jnp.float32).astype(cfg.dtype)
-    params = jax.jit(layer.init)(key, x[:, : min(t, 16)])
+    # init at 16 tokens in XLA (the opt-in feedback kernels need whole leaves); the parameters are the same
+    init_cfg = cfg.replace(feedback_kernels="xla") if getattr(cfg, "feedback_kernels", "xla") != "xla" else cfg
+    params = jax.jit(SessaLayer(init_cfg, kind=kind).init)(key, x[:, : min(t, 16)])
     fwd = jax.jit(lambda p, x: layer.apply(p, x))
     loss = lambda p, x: jnp.sum(layer.apply(p, x).astype(jnp.float32) ** 2)
     fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
@@ -77,6 +79,7 @@ def main(argv=None):
     p.add_argument("--chunk", type=lambda s: s if s == "auto" else int(s), default="auto", help="chunk_size: auto or an integer")
     p.add_argument("--leaf", type=int, default=512, help="leaf of the recursive solve")
     p.add_argument("--precision", default="auto", help="feedback_precision of the recursive solve")
+    p.add_argument("--kernels", default="xla", help="feedback_kernels of the recursive solve (xla, pallas, gpu_gemm)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-transformer", action="store_true", help="skip the causal-attention yardstick")
@@ -102,6 +105,7 @@ def main(argv=None):
         for kind, solver in runs:
             cfg = SessaConfig(d_model=args.D, n_heads=args.H, n_kv_heads=args.kv_heads, solver=solver,
                               chunk_size=args.chunk, leaf_size=args.leaf, feedback_precision=args.precision,
+                              **({} if args.kernels == "xla" else {"feedback_kernels": args.kernels}),
                               dtype=dtype, max_len=max(t, 16))
             label = (kind, solver if kind == "sessa" else "-", str(t))
             if kind == "sessa" and solver == "dense" and args.B * t * t * 4 > args.dense_max_bytes:

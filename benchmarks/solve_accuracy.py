@@ -155,7 +155,8 @@ def _one_pass_forward(active: bool):
 def solve_fn(tier: str, leaf: int, t: int, kernels: str = "xla"):
     """Jitted (s float32, (dq, dk, dgamma, df)) of the recursive solve at ``tier`` on bf16 inputs,
     run as on a GPU or TPU (tier rules of the products; platform "cpu" only picks the split form;
-    ``kernels="pallas"`` runs the TPU kernels in interpret mode)."""
+    ``kernels="pallas"`` runs the TPU kernels, ``"gpu_gemm"`` the Mosaic GPU GEMM-with-epilogue kernels,
+    in interpret mode)."""
     tile = recursive_tile(t, leaf)
 
     def loss(q, k, g, f, ds):
@@ -217,12 +218,15 @@ def main(argv=None) -> list[dict]:
     harness.add_tier_args(ap, default=TIERS, extra=(ONE_PASS_FORWARD,))
     ap.add_argument("--seed", type=int, default=0)
     harness.add_output_args(ap)
+    ap.add_argument("--kernels", default="xla", choices=["xla", "pallas", "gpu_gemm"],
+                    help="the solve's kernels (off their device in interpret mode); gpu_gemm needs T/16 >= 128")
     args = ap.parse_args(argv)
-    print(f"# solve_accuracy: {harness.machine_line()}; B=1, D={args.D}, relative Frobenius errors vs float64")
+    print(f"# solve_accuracy: {harness.machine_line()}; B=1, D={args.D}, kernels {args.kernels}, "
+          "relative Frobenius errors vs float64")
     rows = []
     for t in args.T:
         for regime in args.regimes:
-            rows.append(measure(regime, t, args.tiers, d=args.D, seed=args.seed))
+            rows.append(measure(regime, t, args.tiers, d=args.D, seed=args.seed, kernels=args.kernels))
             print(json.dumps(rows[-1]), flush=True)
     print()
     print_table(rows, args.tiers)

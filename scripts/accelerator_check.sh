@@ -8,12 +8,17 @@
 #                                                       # benchmark at toy size on CPU
 #
 # STEP:
-#   report the whole check in one call (at most 9.5 minutes: each part has its timeout): device
+#   report the whole check in one call (at most 9.7 minutes: each part has its timeout): device
 #          info; the solve's bf16 accuracy and fast-path tests on the device; the solve's
 #          forward + backward with and without segment ids, with the loop vs the static
 #          schedule (time, and agreement with the first path); the whole layer vs the
 #          Transformer layer at B=8, T=8192, D=1024, H=8, bf16 (the 2.0x yardstick); and the
-#          layer at B=1, T=65536 (it must run)
+#          layer at B=1, T=65536 (it must run). On a GPU the paths also time the solve with the
+#          opt-in Mosaic GPU GEMM-with-epilogue kernels (kernels="gpu_gemm") next to XLA
+#   kernels  the GEMM-with-epilogue kernels on a GPU: their tests against XLA run on the device
+#          (tests/ops/test_gpu_epilogue_kernels.py, feedback_solve with kernels="gpu_gemm" vs "xla"),
+#          the solve's forward + backward with kernels "xla" vs "gpu_gemm" (segment ids None
+#          and one segment), and the layer with them at B=8, T=8192
 #   tests  device info; the recursive solve's tests (tests/ops/test_recursive.py, without the
 #          pure-Python schedule cases) and the attention-backend tests, compiled on the device
 #   solve  the solve alone (recursive) next to causal attention (cuDNN / splash) at B=8,
@@ -28,13 +33,14 @@
 #          bfloat16 tier with the bf16x3 tier's accuracy on the device, the whole layer vs the Transformer
 #          layer at B=8, T=8192, D=1024, H=8, bf16
 #   compile  no device needed: the deviceless H100 compile report (benchmarks.gpu_compile,
-#          with the CUDA plugin) and the v5e compile (benchmarks.tpu_compile, with libtpu)
+#          with the CUDA plugin; XLA, then the solve and layer with kernels="gpu_gemm") and the
+#          v5e compile (benchmarks.tpu_compile, with libtpu)
 #   all    tests, solve, paths and layer, in order
 # OUTDIR (default runs/accelerator_check) receives device.txt, the pytest log and each
 # benchmark's printed table (.txt) and results (.json).
 set -u -o pipefail
 
-step=${1:?usage: bash scripts/accelerator_check.sh report|tests|solve|paths|layer|quick|compile|all [OUTDIR]}
+step=${1:?usage: bash scripts/accelerator_check.sh report|tests|solve|paths|kernels|layer|quick|compile|all [OUTDIR]}
 out=${2:-runs/accelerator_check}
 py=${PYTHON:-python3}
 dry=${DRY_RUN:-}
@@ -61,14 +67,30 @@ device_info() {
 }
 
 # The solve's forward + backward per path (benchmarks/solve_paths.py): segment ids None vs one
-# segment, the loop schedule vs the static one, each timed and compared with the first path.
+# segment, the loop schedule vs the static one, each timed and compared with the first path;
+# then the kernel sets in KERNELS other than "xla" (e.g. KERNELS="xla gpu_gemm"), unpacked (and
+# packed with KERNEL_SEGMENTS=1).
 run_paths() {
-  if [ -n "$dry" ]; then  # the benchmark itself, at toy size on CPU
+  if [ -n "$dry" ]; then  # the benchmark itself, at toy size on CPU (XLA only: the kernels need leaves of 128)
+    echo "+ KERNELS=${KERNELS:-xla}: at toy size only xla"
     "$py" -m benchmarks.solve_paths --B 1 --T 256 --D 32 --leaf 32 2>&1 | tee "$out/paths.txt"
     return
   fi
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
-  run 150 paths.txt "$py" -m benchmarks.solve_paths --B 8 --T 8192 --D 1024 --leaf 512 --json "$out/paths.json"
+  local extra=()
+  if [ "${KERNEL_SEGMENTS:-}" = 1 ]; then extra=(--kernel-segments); fi
+  run "${PATHS_LIMIT:-150}" paths.txt "$py" -m benchmarks.solve_paths --B 8 --T 8192 --D 1024 --leaf 512 \
+    --kernels ${KERNELS:-xla} "${extra[@]}" --json "$out/paths.json"
+}
+
+# The opt-in GEMM-with-epilogue kernels against XLA on the device (GPU only).
+run_kernels() {
+  device_info
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false
+  run 120 kernels_pytest.txt "$py" -m pytest -q -p no:cacheprovider tests/ops/test_gpu_epilogue_kernels.py -k feedback_solve
+  KERNELS="xla gpu_gemm" KERNEL_SEGMENTS=1 PATHS_LIMIT=240 run_paths
+  run 200 kernels_layer.txt "$py" "${layer[@]}" --T 8192 --solvers recursive --kernels gpu_gemm --no-transformer \
+    --iters 5 --warmup 2 --json "$out/kernels_layer.json"
 }
 
 run_quick() {
@@ -113,7 +135,11 @@ run_report() {
   # the solve's bf16 accuracy tests and its fast paths against the general ones, on the device
   run 140 report_pytest.txt "$py" -m pytest -q -p no:cacheprovider tests/ops/test_recursive_fast_paths.py \
     tests/ops/test_recursive_bf16_accuracy.py -k "not cover"
-  run_paths
+  if [ -n "$dry" ] || command -v nvidia-smi >/dev/null; then  # + the GEMM-with-epilogue kernels, unpacked
+    KERNELS="xla gpu_gemm" PATHS_LIMIT=180 run_paths
+  else
+    run_paths
+  fi
   run 150 report_layer.txt "$py" "${layer[@]}" --T 8192 --solvers recursive --iters 5 --warmup 2 \
     --json "$out/report_layer.json"
   run 110 report_layer_fit.txt "$py" "${layer[@]}" --B 1 --T 65536 --solvers recursive --no-transformer \
@@ -122,6 +148,8 @@ run_report() {
 
 run_compile() {
   run 590 gpu_compile.txt "$py" -m benchmarks.gpu_compile
+  run 590 gpu_compile_gemm.txt "$py" -m benchmarks.gpu_compile --kernels gpu_gemm --programs solve-fwd solve-f+b \
+    sessa-layer-f+b
   run 590 tpu_compile.txt "$py" -m benchmarks.tpu_compile --shapes 8,8192,1024 --kernels xla
 }
 
@@ -130,9 +158,10 @@ case "$step" in
   tests) run_tests ;;
   solve) run_solve ;;
   paths) device_info; run_paths ;;
+  kernels) run_kernels ;;
   layer) run_layer ;;
   quick) run_quick ;;
   compile) run_compile ;;
   all) run_tests; run_solve; run_paths; run_layer ;;
-  *) echo "unknown step '$step': choose report, tests, solve, paths, layer, quick, compile or all" >&2; exit 2 ;;
+  *) echo "unknown step '$step': choose report, tests, solve, paths, kernels, layer, quick, compile or all" >&2; exit 2 ;;
 esac

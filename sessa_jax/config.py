@@ -40,7 +40,8 @@ class SessaConfig:
     s within 2x of what f's bf16 rounding does to it) and "bf16x3" for float32 ``dtype``),
     ``feedback_kernels`` ("xla", the portable default, or "pallas": the TPU Mosaic kernels for
     the recursive solve's statistics pass and pushes; on GPU a Mosaic GPU kernel for its
-    statistics pass only, head width a multiple of 64 up to 256; opt-in until
+    statistics pass only, head width a multiple of 64 up to 256; or "gpu_gemm": the solve's P and
+    dL tiles in Mosaic GPU GEMM-with-epilogue kernels, docs/kernels.md; opt-in until
     measured on a device; needs leaf_size a multiple of 128),
     ``dtype`` (compute) and ``param_dtype`` (parameters, float32 by default).
 
@@ -143,11 +144,12 @@ class SessaConfig:
         if self.feedback_kernels not in KERNELS:
             raise ValueError(
                 f"SessaConfig.feedback_kernels={self.feedback_kernels!r} is unknown; choose one of "
-                f"{KERNELS} ('xla' everywhere, 'pallas' = TPU kernels, on GPU the stats kernel)"
+                f"{KERNELS} ('xla' everywhere, 'pallas' = TPU kernels, on GPU the stats kernel, "
+                "'gpu_gemm' = GPU GEMM-with-epilogue kernels)"
             )
-        if self.feedback_kernels == "pallas" and self.leaf_size % 128:
+        if self.feedback_kernels != "xla" and self.leaf_size % 128:
             raise ValueError(
-                f"SessaConfig.feedback_kernels='pallas' needs leaf_size a multiple of 128; got leaf_size="
+                f"SessaConfig.feedback_kernels={self.feedback_kernels!r} needs leaf_size a multiple of 128; got leaf_size="
                 f"{self.leaf_size} (use 512, or feedback_kernels='xla')"
             )
         if self.d_model % self.n_heads:

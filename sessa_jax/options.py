@@ -27,9 +27,10 @@ FeedbackPrecision = Literal["auto", "float32", "bf16x3", "bfloat16"]
 """A tier, or "auto": the tier ``ops.solve.precision.auto_precision`` picks."""
 FEEDBACK_PRECISIONS: tuple[str, ...] = get_args(FeedbackPrecision)
 
-Kernels = Literal["xla", "pallas"]
-"""Implementation of the recursive solve's statistics pass and pushes: "xla" (portable) or
-"pallas" (the Mosaic kernels, ``ops.solve.*_tpu`` / ``*_gpu``)."""
+Kernels = Literal["xla", "pallas", "gpu_gemm"]
+"""Implementation of the recursive solve's statistics pass and pushes: "xla" (portable),
+"pallas" (the Mosaic kernels, ``ops.solve.*_tpu`` / ``*_gpu``) or "gpu_gemm" (the pushes' P and dL
+tiles in the Mosaic GPU GEMM-with-epilogue kernels, ``ops.solve.block_product_gpu``)."""
 KERNELS: tuple[str, ...] = get_args(Kernels)
 
 BlockedSchedule = Literal["loop", "panels"]

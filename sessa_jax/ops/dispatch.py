@@ -134,11 +134,13 @@ def _check_kernels(kernels: str, leaf: int, dtype, platform: str) -> None:
         raise ValueError(f"unknown feedback kernels {kernels!r}; choose one of {KERNELS}")
     if kernels == "xla":
         return
+    if platform == "tpu" and kernels == "gpu_gemm":
+        raise ValueError("feedback kernels 'gpu_gemm' are Mosaic GPU kernels; on TPU use kernels='pallas' or 'xla'")
     if leaf % KERNEL_KEY_BLOCK:
-        raise ValueError(f"feedback kernels 'pallas' need leaf_size a multiple of {KERNEL_KEY_BLOCK} "
+        raise ValueError(f"feedback kernels {kernels!r} need leaf_size a multiple of {KERNEL_KEY_BLOCK} "
                          f"(their key block); got leaf {leaf}: use e.g. leaf_size=512 or kernels='xla'")
     if jnp.dtype(dtype) != jnp.float32:
-        raise ValueError(f"feedback kernels 'pallas' accumulate in float32; got {jnp.dtype(dtype)} inputs "
+        raise ValueError(f"feedback kernels {kernels!r} accumulate in float32; got {jnp.dtype(dtype)} inputs "
                          "(float64 runs only with kernels='xla')")
 
 
@@ -154,9 +156,11 @@ def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: SolveMethod 
     ``leaf_size``: Cs of the recursive solve;
     ``precision``: the recursive solve's tier (``sessa_jax.ops.solve.precision``): "auto" runs float32 on
     CPU; on GPU/TPU "bfloat16" when q_b, k_b and f are all bf16 (bf16 compute) and "bf16x3"
-    otherwise (``precision.auto_precision``); ``kernels``: "xla"
-    or "pallas" (the recursive solve's statistics and pushes in TPU kernels; on GPU its
-    statistics in a Mosaic GPU kernel, D a multiple of 64 up to 256).
+    otherwise (``precision.auto_precision``); ``kernels``: "xla",
+    "pallas" (the recursive solve's statistics and pushes in TPU kernels; on GPU its
+    statistics in a Mosaic GPU kernel, D a multiple of 64 up to 256) or "gpu_gemm" (the pushes'
+    P and dL tiles in Mosaic GPU GEMM-with-epilogue kernels; D a multiple of 64, precision
+    "bfloat16", or "bf16x3" with bf16 q_b/k_b; docs/kernels.md).
     """
     _check_method(method, chunk_size)
     _check_size("leaf_size", leaf_size)

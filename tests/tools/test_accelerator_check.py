@@ -16,7 +16,7 @@ from tests.support.processes import TIMEOUT_S
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "accelerator_check.sh"
-STEPS = ["report", "tests", "solve", "paths", "layer", "quick", "compile", "all"]
+STEPS = ["report", "tests", "solve", "paths", "kernels", "layer", "quick", "compile", "all"]
 
 
 def _dry_run(step: str, out: pathlib.Path) -> subprocess.CompletedProcess:
@@ -81,8 +81,9 @@ def test_paths_step_runs_the_solve_paths_benchmark_on_cpu(tmp_path):
     assert len(rows) == 4, result.stdout
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert float(cells[2]) > 0
-        assert float(cells[3]) <= 1e-5 and float(cells[4]) <= 1e-5, row
+        assert cells[2] == "xla"
+        assert float(cells[3]) > 0
+        assert float(cells[4]) <= 1e-5 and float(cells[5]) <= 1e-5, row
     assert (tmp_path / "paths.txt").read_text().count("| None") == 2
 
 

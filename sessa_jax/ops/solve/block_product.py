@@ -1,20 +1,34 @@
-"""XLA twin of the block-product kernels (``block_product_tpu``): one off-diagonal block of the
-recursive solve's pushes, A[R, K] s[K], whose keys all precede its rows."""
+"""XLA twins of the block-product kernels: one off-diagonal block of the recursive solve's pushes,
+A[R, K] s[K], whose keys all precede its rows (``block_product_tpu``), and the P and dL tiles of
+such a block that the Mosaic GPU GEMM-with-epilogue kernels write (``block_product_gpu``). The
+recursive solve's XLA path runs these functions; the kernels are tested against them.
+
+* ``block_probs``: P = exp((scale q k^T - m) - logl) on a (rows, keys) panel, masked where the
+  rows' and keys' segment ids differ (and, ``causal``, where key >= row).
+* ``block_product``: P s in the chained tier.
+* ``probs_grad`` / ``block_probs_and_grad``: dL = P * (g s^T - rowsum(g * r)), the logits gradient
+  of the solve, with g s^T at the non-chained tier (``precision.difference_dot``: g rounded
+  once, s split hi + lo, for bf16 inputs).
+* ``split_dot``: a bf16x3 product whose left operand comes already split into bf16 hi + lo parts
+  (what a kernel that writes P as two bf16 tiles hands to XLA).
+"""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 from jax import lax
 
-from sessa_jax.ops.solve.precision import chained_dot, logits_dot
+from sessa_jax.ops.solve.precision import chained_dot, difference_dot, logits_dot, split_bf16
 
 
 def block_probs(q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, *, scale: float, tier: str,
-                platform: str | None = None, fuse_exp: bool = True):
+                platform: str | None = None, fuse_exp: bool = True, causal: bool = False):
     """A[R, K] = exp((q k^T * scale - m) - logl) where the segments match, else 0; (B, R, K) float32.
 
     q_rows (B, R, D), seg/m/logl_rows (B, R); k_keys (B, K, D), seg_keys (B, K); every key precedes
-    every row. ``tier``: the logits product's precision tier (``precision.logits_dot``).
+    every row, unless ``causal``: then also 0 where key index >= row index (a diagonal panel,
+    R == K; the solve's pushed blocks need no causal mask). ``tier``: the logits product's
+    precision tier (``precision.logits_dot``).
     ``seg_rows`` and ``seg_keys`` None (one sequence per row): no mask at all, so that the compiler
     can fuse the exponential into the logits product (a select on segment ids stops that fusion).
     ``fuse_exp`` False keeps it out (an optimization barrier on the logits): for a product that
@@ -25,9 +39,14 @@ def block_probs(q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, *, scale:
     if seg_rows is None and not fuse_exp:
         logits = lax.optimization_barrier(logits)
     z = (logits - m_rows[..., None]) - logl_rows[..., None]
-    if seg_rows is None:
+    allowed = None if seg_rows is None else seg_rows[:, :, None] == seg_keys[:, None, :]
+    if causal:
+        rows, keys = logits.shape[1:]
+        below = (lax.broadcasted_iota(jnp.int32, (rows, keys), 1) < lax.broadcasted_iota(jnp.int32, (rows, keys), 0))
+        allowed = below[None] if allowed is None else allowed & below[None]
+    if allowed is None:
         return jnp.exp(z)
-    return jnp.where(seg_rows[:, :, None] == seg_keys[:, None, :], jnp.exp(z), 0.0)
+    return jnp.where(allowed, jnp.exp(z), 0.0)
 
 
 def block_product(q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, s_keys, *, scale: float, tier: str,
@@ -40,3 +59,39 @@ def block_product(q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, s_keys,
     probs = block_probs(q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, scale=scale,
                         tier=tier if logits_tier is None else logits_tier, platform=platform, fuse_exp=fuse_exp)
     return chained_dot("bpk,bkd->bpd", probs, s_keys, tier, platform)
+
+
+def probs_grad(spec: str, probs, g, r, s, tier: str, platform: str | None = None):
+    """dL = P * (g s^T - rowsum(g_used * r)): the logits gradient of the solve on one tile.
+
+    ``spec``: the einsum of g s^T (e.g. "bpd,bkd->bpk"); probs: that tile of A (float32); g, r:
+    the rows' (..., R, D) gradient and r = A s; s: the keys' (..., K, D) solution. g s^T runs at
+    the non-chained ``tier`` (``precision.difference_dot``), and rowsum(g * r) takes g as that
+    product used it. Returns dL, float32 (float64 under x64).
+    """
+    g_used, g_dot_s = difference_dot(spec, g, s, tier, platform)
+    return probs * (g_dot_s - jnp.sum(g_used * r, axis=-1, keepdims=True))
+
+
+def block_probs_and_grad(q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, g_rows, r_rows, s_keys, *,
+                         scale: float, tier: str, plain_tier: str, platform: str | None = None):
+    """(P, dL) of one pushed block of the backward, (B, R, K) each: ``block_probs`` at ``tier`` and
+    ``probs_grad`` of it at ``plain_tier``. g_rows, r_rows (B, R, D): the rows' g and r; s_keys
+    (B, K, D): the keys' s (float32); the other arguments as in ``block_probs``."""
+    probs = block_probs(q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, scale=scale, tier=tier,
+                        platform=platform)
+    return probs, probs_grad("bpd,bkd->bpk", probs, g_rows, r_rows, s_keys, plain_tier, platform)
+
+
+def split_dot(spec: str, a_hi, a_lo, b):
+    """einsum(spec, a, b) in bf16x3 for a = a_hi + a_lo given as bf16 parts (a_lo None: a is bf16)
+    and float32 (or bf16) b: a_hi b_hi + a_hi b_lo + a_lo b_hi with float32 accumulation. Equals
+    ``precision.chained_dot(spec, a, b, "bf16x3", "gpu")`` (the explicit split) when the parts
+    are ``precision.split_bf16(a)``."""
+    b_hi, b_lo = split_bf16(b)
+    out = jnp.einsum(spec, a_hi, b_hi, preferred_element_type=jnp.float32)
+    if b_lo is not None:
+        out = out + jnp.einsum(spec, a_hi, b_lo, preferred_element_type=jnp.float32)
+    if a_lo is not None:
+        out = out + jnp.einsum(spec, a_lo, b_hi, preferred_element_type=jnp.float32)
+    return out

@@ -33,10 +33,12 @@ from jax import lax
 
 from sessa_jax.ops.masks import PAD_SEGMENT, default_segment_ids, merge_chunks, pad_time, take_chunk
 from sessa_jax.ops.platforms import platform_kind, platform_paths
-from sessa_jax.ops.solve.block_product import block_probs, block_product
+from sessa_jax.ops.solve.block_product import block_probs_and_grad, block_product, probs_grad, split_dot
+from sessa_jax.ops.solve.block_product_gpu import (check_solve_support, gpu_block_probs, gpu_block_probs_and_grad,
+                                                   interpret_params)
 from sessa_jax.ops.solve.block_product_tpu import tpu_block_product, tpu_block_product_bwd
-from sessa_jax.ops.solve.precision import (bf16_round_bits, chained_dot, difference_dot, logits_dot, nonchained_tier,
-                                           solution_tier)
+from sessa_jax.ops.solve.precision import (bf16_round_bits, chained_dot, logits_dot, nonchained_tier, solution_tier,
+                                           split_bf16)
 from sessa_jax.ops.solve.row_stats import leaf_logits, leaf_mask, row_statistics
 from sessa_jax.ops.solve.row_stats_gpu import TIERS as GPU_TIERS
 from sessa_jax.ops.solve.row_stats_gpu import gpu_row_statistics
@@ -57,7 +59,8 @@ class RecursivePlan:
     platform: str
     scale: float
     plain_tier: str = "float32"  # tier of g s^T, dq, dk (``precision.nonchained_tier``, ``difference_dot``)
-    kernels: str = "xla"  # "pallas": TPU kernels (stats, pushes); on GPU the Mosaic GPU stats kernel only
+    kernels: str = "xla"  # "pallas": TPU kernels (stats, pushes); on GPU the Mosaic GPU stats kernel only;
+    # "gpu_gemm": the pushes' P tiles in the Mosaic GPU GEMM-with-epilogue kernels (``block_product_gpu``)
     static_span: int | None = None  # the pushes' ``PushSchedule.static_span``; None: all in the loop
 
     @classmethod
@@ -91,6 +94,17 @@ class RecursivePlan:
         return self.kernels == "pallas" and platform_paths(self.platform).pallas == "gpu"
 
     @property
+    def gemm_kernels(self) -> bool:
+        """The pushes' P (and dL) tiles in the Mosaic GPU kernels of ``block_product_gpu``, their
+        products in XLA: kernels "gpu_gemm" (off the GPU in Mosaic GPU interpret mode)."""
+        return self.kernels == "gpu_gemm"
+
+    @property
+    def gpu_interpret(self):
+        """``interpret`` of the Mosaic GPU kernels: False on the GPU, interpret mode elsewhere."""
+        return False if platform_kind(self.platform) == "gpu" else interpret_params()
+
+    @property
     def solution_tier(self) -> str:
         """Tier of the forward's pushes and leaf solves (they form s and r = A s) and of the
         backward's leaf products (``precision.solution_tier``)."""
@@ -112,11 +126,6 @@ class RecursivePlan:
     def plain(self, spec: str, a, b):
         """einsum for dq and dk, at ``plain_tier``."""
         return chained_dot(spec, a, b, self.plain_tier, self.platform)
-
-    def difference(self, spec: str, g, s):
-        """(g as used, g s^T) at ``plain_tier`` (``precision.difference_dot``): the logits gradient
-        A * (g s^T - rowsum(g * r)) must form rowsum(g * r) from the returned g."""
-        return difference_dot(spec, g, s, self.plain_tier, self.platform)
 
     @property
     def splits_pushed_probs(self) -> bool:
@@ -170,6 +179,33 @@ def diag_inverse(plan: RecursivePlan, a_ii, gamma):
     return unit_lower_inverse(nil.reshape(b * n, c, c), plan.faithful).reshape(b, n, c, c)
 
 
+def _gemm_block_update(plan: RecursivePlan, q_p, seg_p, m_p, logl_p, k_keys, seg_keys, s_keys):
+    """A[rows, keys] s[keys] with the P tile from the Mosaic GPU kernel as bf16 hi + lo parts and the
+    product in XLA: the same bf16x3 product as ``plan.chained`` on a float32 P (``split_dot``)."""
+    hi, lo = gpu_block_probs(q_p.astype(jnp.bfloat16), seg_p, m_p, logl_p, k_keys.astype(jnp.bfloat16), seg_keys,
+                             scale=plan.scale, split=True, interpret=plan.gpu_interpret)
+    return split_dot("bpk,bkd->bpd", hi, lo, s_keys)
+
+
+def _gemm_block_grads(plan: RecursivePlan, q_p, seg_p, m_p, logl_p, k_keys, seg_keys, g_p, r_p, s_keys):
+    """``_backward``'s (A^T g, dq, dk) of one pushed block with P and dL from the Mosaic GPU dual-GEMM
+    kernel, the products in XLA; the same products as the XLA path at the tiers the kernels serve
+    (plain tier "bfloat16": g rounded once, s split, dL in one bf16 pass)."""
+    bf16 = jnp.bfloat16
+    g_used = bf16_round_bits(g_p)  # ``precision.difference_dot``'s g at the "bfloat16" plain tier
+    s_hi, s_lo = split_bf16(s_keys)
+    parts, dlogits = gpu_block_probs_and_grad(
+        q_p.astype(bf16), seg_p, m_p, logl_p, k_keys.astype(bf16), seg_keys, g_used.astype(bf16), s_hi, s_lo,
+        jnp.sum(g_used * r_p, axis=-1), scale=plan.scale, split=plan.tier == "bf16x3", interpret=plan.gpu_interpret)
+    if plan.tier == "bf16x3":
+        b_keys = split_dot("bpk,bpd->bkd", parts[0], parts[1], g_p)
+    else:  # one bf16 pass, as ``plan.transposed_push`` in the bfloat16 tier
+        b_keys = jnp.einsum("bpk,bpd->bkd", parts[0], g_p.astype(bf16), preferred_element_type=jnp.float32)
+    dq_p = plan.plain("bpk,bkd->bpd", dlogits, k_keys) * plan.scale
+    dk_keys = plan.plain("bpk,bpd->bkd", dlogits, q_p) * plan.scale
+    return b_keys, dq_p, dk_keys
+
+
 def _take_segments(seg, start, size: int):
     """``take_chunk`` of the segment ids, or None when there are none (one sequence per row)."""
     return None if seg is None else take_chunk(seg, start, size)
@@ -197,6 +233,8 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
         if plan.tpu_kernels:
             return tpu_block_product(*args, s_keys, scale=plan.scale, tier=plan.solution_tier,
                                      interpret=plan.interpret)
+        if plan.gemm_kernels:
+            return _gemm_block_update(plan, *args, s_keys)
         return block_product(*args, s_keys, scale=plan.scale, tier=plan.solution_tier, logits_tier=plan.tier,
                              platform=plan.platform, fuse_exp=not plan.splits_pushed_probs)
 
@@ -258,12 +296,12 @@ def _backward(plan: RecursivePlan, res, ds):
             return tpu_block_product_bwd(q_p, seg_p, m_p, logl_p, g_p, r_p, k_keys, seg_keys, s_keys,
                                          scale=plan.scale, tier=plan.tier, plain_tier=plain,
                                          interpret=plan.interpret)
-        probs = block_probs(q_p, seg_p, m_p, logl_p, k_keys, seg_keys, scale=plan.scale, tier=plan.tier,
-                            platform=plan.platform)
+        if plan.gemm_kernels:
+            return _gemm_block_grads(plan, q_p, seg_p, m_p, logl_p, k_keys, seg_keys, g_p, r_p, s_keys)
+        probs, dlogits = block_probs_and_grad(q_p, seg_p, m_p, logl_p, k_keys, seg_keys, g_p, r_p, s_keys,
+                                              scale=plan.scale, tier=plan.tier, plain_tier=plan.plain_tier,
+                                              platform=plan.platform)
         b_keys = plan.transposed_push("bpk,bpd->bkd", probs, g_p)
-        g_used, g_dot_s = plan.difference("bpd,bkd->bpk", g_p, s_keys)
-        delta = jnp.sum(g_used * r_p, axis=-1, keepdims=True)
-        dlogits = probs * (g_dot_s - delta)
         dq_p = plan.plain("bpk,bkd->bpd", dlogits, k_keys) * plan.scale
         dk_keys = plan.plain("bpk,bpd->bkd", dlogits, q_p) * plan.scale
         return b_keys, dq_p, dk_keys
@@ -313,8 +351,7 @@ def _backward(plan: RecursivePlan, res, ds):
 
     # The diagonal leaves' share of the logits gradient, all leaves at once.
     g4, s4, r4 = (x.reshape(b, n, c, d) for x in (g_buf, s, r))
-    g_used, g_dot_s = plan.difference("bnid,bnjd->bnij", g4, s4)
-    dlogits = a_ii * (g_dot_s - jnp.sum(g_used * r4, axis=-1, keepdims=True))
+    dlogits = probs_grad("bnid,bnjd->bnij", a_ii, g4, r4, s4, plan.plain_tier, plan.platform)
     q4, k4 = q.reshape(b, n, c, d), k.reshape(b, n, c, d)
     dq = dq + (plan.plain("bnij,bnjd->bnid", dlogits, k4) * plan.scale).reshape(b, tp, d)
     dk = dk + (plan.plain("bnij,bnid->bnjd", dlogits, q4) * plan.scale).reshape(b, tp, d)
@@ -357,10 +394,16 @@ def recursive_feedback_solve(q_b, k_b, gamma, f, segment_ids, *, leaf_size: int,
     forward and the backward (interpret mode off the TPU; leaves and diagonal inversion stay
     XLA). "pallas" needs float32 accumulation and a leaf that is a multiple of 128 (the key
     block of the kernels), on GPU also D a multiple of 64 up to 256 and tier bf16x3 or bfloat16
-    for float32 q/k, checked by ``ops.dispatch``.
+    for float32 q/k, checked by ``ops.dispatch``. "gpu_gemm": the P tiles (forward) and the P and
+    dL tiles (backward) of the pushed blocks in the Mosaic GPU GEMM-with-epilogue kernels of
+    ``block_product_gpu``, their products and everything else in XLA (Mosaic GPU interpret mode
+    off the GPU); D a multiple of 64, tier bf16x3 (bf16 q/k) or bfloat16, float32 accumulation
+    and a leaf that is a multiple of 128 (``block_product_gpu.check_solve_support``, ``ops.dispatch``).
     """
     b, t, d = f.shape
     kdtype = q_b.dtype if q_b.dtype == k_b.dtype == jnp.bfloat16 else dtype
+    if kernels == "gpu_gemm":
+        check_solve_support(d, tier, kdtype, platform)
     plan = RecursivePlan.make(t, leaf_size, tile, tier, platform, float(d) ** -0.5, input_dtype=kdtype,
                               kernels=kernels, static_span=static_span)
     tp = plan.padded_len

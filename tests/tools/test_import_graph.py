@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 import pathlib
 
-PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "sessa_jax"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "sessa_jax"
 
 # Layers, lowest first: a module may import modules of its own layer or of a lower one. The
 # longest matching prefix picks a module's layer.
@@ -79,7 +79,7 @@ def _layer(module: str, path: pathlib.Path) -> int:
         for prefix in prefixes:
             if (key == prefix or key.startswith(prefix + ".")) and len(prefix) > best:
                 best, level = len(prefix), i
-    assert level is not None, f"{module} ({path}) is in no layer of tests/test_import_graph.py: add it to LAYERS"
+    assert level is not None, f"{module} ({path}) is in no layer of tests/tools/test_import_graph.py: add it to LAYERS"
     return level
 
 
@@ -142,4 +142,4 @@ def test_imports_only_run_downward():
         level = _layer(name, modules[name])
         upward += [f"{name} (layer {level}) imports {t} (layer {_layer(t, modules[t])})"
                    for t in sorted(targets) if _layer(t, modules[t]) > level]
-    assert not upward, "imports running up the layers of tests/test_import_graph.py:\n" + "\n".join(upward)
+    assert not upward, "imports running up the layers of tests/tools/test_import_graph.py:\n" + "\n".join(upward)

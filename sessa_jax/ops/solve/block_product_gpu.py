@@ -1,0 +1,318 @@
+"""Pallas Mosaic GPU (Hopper, ``plgpu``) GEMM-with-epilogue kernels of the recursive solve's
+pushed blocks: the P tiles of A, made from their logits with the known row statistics and
+written in bf16, so that no float32 P tile and no separate elementwise pass over it reach HBM.
+The products that use them (P s, P^T g, dL k, dL^T q) stay in XLA (cuBLAS).
+
+* ``gpu_block_probs`` (twin: ``block_product.block_probs``): forward. P = exp((scale q k^T - m)
+  - logl), masked where segment ids differ (and, ``causal``, where key >= row), written as
+  bf16 hi (and, ``split``, lo = bf16(P - hi)) tiles: the forward's pushes take P s in bf16x3
+  at every accelerator tier (``precision.solution_tier``), so one bf16 P would lose the tier's
+  low part.
+* ``gpu_block_probs_and_grad`` (twin: ``block_product.block_probs_and_grad``): backward, a dual
+  GEMM on the same tile: q k^T (P recomputed with the known statistics) and g s^T, whose
+  epilogue forms dL = P * (g s^T - delta) with delta = rowsum(g * r) given per row; writes P
+  (hi, and lo with ``split``: the bf16x3 tier's P^T g needs it) and dL in bf16 (the dq, dk
+  products take dL in one bf16 pass at the tiers these kernels serve).
+
+Layout: ``plgpu.kernel`` with grid (P/Bq, K/Bk, B), one warpgroup per (Bq, Bk) tile. The D
+contraction runs in chunks of ``BLOCK_D`` = 64 columns (one 128-byte swizzled row of bf16):
+each chunk of every operand is copied into shared memory by TMA (single buffered, no warp
+specialisation), then ``plgpu.wgmma`` accumulates into fp32 (Bq, Bk) accumulators (two in the
+backward, issued on the same chunk). The epilogue runs in fp32 registers (WGMMA layout); row
+vectors (m, logl, delta, segment ids) come through shared memory; the bf16 tiles go back
+through swizzled shared memory by TMA.
+
+Operands are bf16: q, k bf16 (the logits then take one exact pass at every tier) or q, k cast
+to bf16 at tier "bfloat16" (which takes its logits in one pass); g is g as the solve rounds it
+once (``precision.difference_dot``) and s comes split hi + lo (two wgmmas). Accumulation is
+fp32, as in the twins. D must be a multiple of 64 (any size: the contraction is streamed);
+P and K multiples of the blocks (multiples of 64). Shared memory, forward: (Bq + Bk) * 64 * 2
+bytes of operands plus (1 or 2) * Bq * Bk * 2 of output; backward: (2 Bq + 3 Bk) * 64 * 2 plus
+(2 or 3) * Bq * Bk * 2; at the default Bq = 64, Bk = 128: 24 + 32 KiB and 64 + 48 KiB.
+
+Needs a Hopper GPU (sm_90a: wgmma and TMA); ROCm is not supported. Verified on CPU only: in
+Mosaic GPU interpret mode (``plgpu.InterpretGPUParams()``, jax >= 0.11) against the XLA twins,
+lowered for the "cuda" platform, and compiled for an H100 without a device (the deviceless
+compile of ``benchmarks/gpu_compile.py --kernels gpu_gemm``). Never run on a GPU; its
+performance is unknown.
+Opt-in via ``kernels="gpu_gemm"`` of the recursive solve.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from sessa_jax.ops.solve.row_stats_gpu import _load, interpret_params
+
+F32 = jnp.float32
+BF16 = jnp.bfloat16
+BLOCK_D = 64  # columns of D per TMA copy and wgmma: one 128-byte swizzled row of bf16
+BLOCK_Q, BLOCK_K = 64, 128  # default tile: rows per warpgroup (wgmma M granule) x keys
+FWD_KERNEL_NAME = "sessa_block_probs_gpu"
+BWD_KERNEL_NAME = "sessa_block_probs_grad_gpu"
+_SWIZZLE = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+__all__ = ["BLOCK_D", "BLOCK_Q", "BLOCK_K", "check_solve_support", "gpu_block_probs", "gpu_block_probs_and_grad",
+           "interpret_params"]
+
+
+def check_solve_support(width: int, tier: str, input_dtype, platform: str) -> None:
+    """Raises ValueError unless the recursive solve can run its pushes with these kernels
+    (``kernels="gpu_gemm"``): ``width`` D a multiple of ``BLOCK_D``; ``tier`` "bf16x3" or
+    "bfloat16" with the logits in one bf16 pass (``input_dtype`` of q_b, k_b bf16, or tier
+    "bfloat16"), since the kernels multiply bf16 operands; off the GPU, a JAX with the Mosaic GPU
+    interpret mode."""
+    if width % BLOCK_D:
+        raise ValueError(f"feedback kernels 'gpu_gemm' need the head width D a multiple of {BLOCK_D}; got D={width}: "
+                         "use kernels='xla'")
+    if tier not in ("bf16x3", "bfloat16"):
+        raise ValueError(f"feedback kernels 'gpu_gemm' run the tiers 'bf16x3' and 'bfloat16' (bf16 P tiles); got "
+                         f"precision {tier!r}: pass precision='bfloat16' or 'bf16x3', or use kernels='xla'")
+    if tier == "bf16x3" and jnp.dtype(input_dtype) != BF16:
+        raise ValueError("feedback kernels 'gpu_gemm' at precision 'bf16x3' need bf16 q_b and k_b (their logits are "
+                         f"one exact bf16 pass; float32 ones take six); got {jnp.dtype(input_dtype)}: cast them to "
+                         "bf16, use precision='bfloat16', or kernels='xla'")
+    if platform != "gpu" and interpret_params() is None:
+        raise ValueError(f"feedback kernels 'gpu_gemm' off the GPU run in Mosaic GPU interpret mode, which jax "
+                         f"{jax.__version__} lacks (jax >= 0.11): upgrade jax, or use kernels='xla'")
+
+
+def _check(op: str, q, seg_q, k, seg_k, block_q: int, block_k: int, rows_extra=(), keys_extra=()):
+    """Shapes, dtypes and block sizes of either kernel (readable errors: value, cause, fix)."""
+    if q.ndim != 3 or k.ndim != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"{op}: want q (B, P, D) and k (B, K, D); got q {q.shape}, k {k.shape}")
+    b, p, d = q.shape
+    kk = k.shape[1]
+    for name, x in (("q", q), ("k", k), *rows_extra, *keys_extra):
+        if x.dtype != BF16:
+            raise ValueError(f"{op}: {name} must be bfloat16 (the kernels multiply bf16 operands with fp32 "
+                             f"accumulation); got {x.dtype}: cast it, or split float32 values with "
+                             "precision.split_bf16")
+    for name, x in rows_extra:
+        if x.shape != (b, p, d):
+            raise ValueError(f"{op}: {name} must have q's shape {(b, p, d)}; got {x.shape}")
+    for name, x in keys_extra:
+        if x.shape != (b, kk, d):
+            raise ValueError(f"{op}: {name} must have k's shape {(b, kk, d)}; got {x.shape}")
+    if (seg_q is None) != (seg_k is None):
+        raise ValueError(f"{op}: give both seg_q and seg_k, or neither (no segment mask)")
+    if seg_q is not None and (seg_q.shape != (b, p) or seg_k.shape != (b, kk)):
+        raise ValueError(f"{op}: want seg_q (B, P) = {(b, p)} and seg_k (B, K) = {(b, kk)}; got "
+                         f"{seg_q.shape}, {seg_k.shape}")
+    for name, blk, n in (("block_q", block_q, p), ("block_k", block_k, kk)):
+        if blk <= 0 or blk % 64 or blk > 256:
+            raise ValueError(f"{op}: {name}={blk} must be a multiple of 64 up to 256 (wgmma tiles)")
+        if n % blk:
+            raise ValueError(f"{op}: {'P' if name == 'block_q' else 'K'}={n} must be a multiple of {name}={blk}; "
+                             f"pick a smaller block or pad to a multiple of it")
+    if d % BLOCK_D:
+        raise ValueError(f"{op}: D={d} must be a multiple of {BLOCK_D} (the kernels contract D in chunks of "
+                         f"{BLOCK_D}); use kernels='xla' for this D")
+
+
+def _copy(src, dst, barrier):
+    """One TMA copy global -> shared memory, waited for (single buffered)."""
+    plgpu.copy_gmem_to_smem(src, dst, barrier)
+    plgpu.barrier_wait(barrier)
+
+
+def _row_vector(smem):
+    """A (Bq,) shared-memory row vector in the WGMMA row layout."""
+    return _load(smem, plgpu.Layout.WGMMA.reduce(1))
+
+
+def _probs(logits, m_smem, l_smem, seg_smem, *, scale: float, causal: bool, shape, r0, k0):
+    """P = exp((scale logits - m) - logl), masked, in fp32 registers (the twins' order of operations)."""
+    row = functools.partial(lax.broadcast_in_dim, shape=shape, broadcast_dimensions=[0])
+    z = (logits * scale - row(_row_vector(m_smem))) - row(_row_vector(l_smem))
+    probs = jnp.exp(z)
+    allowed = None
+    if seg_smem is not None:
+        qseg_smem, kseg_smem = seg_smem
+        kseg = lax.broadcast_in_dim(_load(kseg_smem, plgpu.Layout.WGMMA.reduce(0)), shape, [1])
+        allowed = row(_row_vector(qseg_smem)) == kseg
+    if causal:
+        row_ids = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + r0
+        key_ids = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA) + k0
+        below = key_ids < row_ids
+        allowed = below if allowed is None else allowed & below
+    return probs if allowed is None else jnp.where(allowed, probs, 0.0)
+
+
+def _write(tiles, out_smem, out_refs, dst):
+    """bf16 tiles out through shared memory, TMA to ``dst`` (an index into each output)."""
+    for i, tile in enumerate(tiles):
+        out_smem[i] = tile
+    plgpu.commit_smem()
+    for i, ref in enumerate(out_refs):
+        plgpu.copy_smem_to_gmem(out_smem.at[i], ref.at[dst])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _split(probs, split: bool):
+    """(hi,) or (hi, lo) bf16 parts of fp32 probs: hi = bf16(P), lo = bf16(P - hi)."""
+    hi = probs.astype(BF16)
+    return (hi, (probs - hi.astype(F32)).astype(BF16)) if split else (hi,)
+
+
+def _fwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, block_k: int, chunks: int,
+              scale: float):
+    """Forward kernel body (one (Bq, Bk) tile of one batch row); see the module docstring."""
+    q_ref, k_ref, m_ref, l_ref, *refs = refs
+    seg_refs, refs = (refs[:2], refs[2:]) if masked else (None, refs)
+    nout = 2 if split else 1
+    out_refs, refs = refs[:nout], refs[nout:]
+    a_smem, b_smem, m_smem, l_smem, *refs = refs
+    seg_smem, refs = (refs[:2], refs[2:]) if masked else (None, refs)
+    out_smem, bar = refs
+    i, j, b = lax.axis_index("rows"), lax.axis_index("keys"), lax.axis_index("batch")
+    r0, k0 = i * block_q, j * block_k
+    rows, keys = pl.ds(r0, block_q), pl.ds(k0, block_k)
+    shape = (block_q, block_k)
+
+    _copy(m_ref.at[b, rows], m_smem, bar.at[0])
+    _copy(l_ref.at[b, rows], l_smem, bar.at[0])
+    if masked:
+        _copy(seg_refs[0].at[b, rows], seg_smem[0], bar.at[0])
+        _copy(seg_refs[1].at[b, keys], seg_smem[1], bar.at[0])
+
+    def logits(acc):
+        def chunk(c, carry):
+            cols = pl.ds(c * BLOCK_D, BLOCK_D)
+            _copy(q_ref.at[b, rows, cols], a_smem.at[0], bar.at[0])
+            _copy(k_ref.at[b, keys, cols], b_smem.at[0], bar.at[0])
+            plgpu.wgmma(acc, a_smem.at[0], b_smem.at[0].transpose((1, 0)))
+            plgpu.wgmma_wait(0)  # the next chunk's copies overwrite the operands
+            return carry
+
+        lax.fori_loop(0, chunks, chunk, 0)
+        return acc[...]
+
+    acc = pl.run_scoped(logits, plgpu.ACC(shape, F32))
+    probs = _probs(acc, m_smem, l_smem, seg_smem, scale=scale, causal=causal, shape=shape, r0=r0, k0=k0)
+    _write(_split(probs, split), out_smem, out_refs, (b, rows, keys))
+
+
+def _bwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, block_k: int, chunks: int,
+              scale: float):
+    """Backward kernel body (one (Bq, Bk) tile of one batch row): the dual GEMM and dL's epilogue."""
+    q_ref, k_ref, g_ref, s_hi_ref, s_lo_ref, m_ref, l_ref, delta_ref, *refs = refs
+    seg_refs, refs = (refs[:2], refs[2:]) if masked else (None, refs)
+    nout = 3 if split else 2
+    out_refs, refs = refs[:nout], refs[nout:]
+    a_smem, b_smem, m_smem, l_smem, delta_smem, *refs = refs
+    seg_smem, refs = (refs[:2], refs[2:]) if masked else (None, refs)
+    out_smem, bar = refs
+    i, j, b = lax.axis_index("rows"), lax.axis_index("keys"), lax.axis_index("batch")
+    r0, k0 = i * block_q, j * block_k
+    rows, keys = pl.ds(r0, block_q), pl.ds(k0, block_k)
+    shape = (block_q, block_k)
+
+    _copy(m_ref.at[b, rows], m_smem, bar.at[0])
+    _copy(l_ref.at[b, rows], l_smem, bar.at[0])
+    _copy(delta_ref.at[b, rows], delta_smem, bar.at[0])
+    if masked:
+        _copy(seg_refs[0].at[b, rows], seg_smem[0], bar.at[0])
+        _copy(seg_refs[1].at[b, keys], seg_smem[1], bar.at[0])
+
+    def products(acc_l, acc_g):
+        def chunk(c, carry):
+            cols = pl.ds(c * BLOCK_D, BLOCK_D)
+            for p, ref in enumerate((q_ref, g_ref)):
+                _copy(ref.at[b, rows, cols], a_smem.at[p], bar.at[0])
+            for p, ref in enumerate((k_ref, s_hi_ref, s_lo_ref)):
+                _copy(ref.at[b, keys, cols], b_smem.at[p], bar.at[0])
+            kt = lambda p: b_smem.at[p].transpose((1, 0))  # noqa: E731
+            plgpu.wgmma(acc_l, a_smem.at[0], kt(0))  # q k^T
+            plgpu.wgmma(acc_g, a_smem.at[1], kt(1))  # g s_hi^T
+            plgpu.wgmma(acc_g, a_smem.at[1], kt(2))  # + g s_lo^T
+            plgpu.wgmma_wait(0)
+            return carry
+
+        lax.fori_loop(0, chunks, chunk, 0)
+        return acc_l[...], acc_g[...]
+
+    logits, g_dot_s = pl.run_scoped(products, plgpu.ACC(shape, F32), plgpu.ACC(shape, F32))
+    probs = _probs(logits, m_smem, l_smem, seg_smem, scale=scale, causal=causal, shape=shape, r0=r0, k0=k0)
+    delta = lax.broadcast_in_dim(_row_vector(delta_smem), shape, [0])
+    dlogits = probs * (g_dot_s - delta)
+    _write((*_split(probs, split), dlogits.astype(BF16)), out_smem, out_refs, (b, rows, keys))
+
+
+def _call(body, name: str, inputs, outputs: int, out_shape, scratch, grid, interpret):
+    """``outputs`` bf16 arrays of ``out_shape`` from the kernel ``body`` on ``grid`` (rows, keys, batch)."""
+    body.__name__ = name  # plgpu.kernel names the kernel after its body
+    kwargs = dict(interpret=interpret) if interpret else {}
+    call = plgpu.kernel(body, out_type=[jax.ShapeDtypeStruct(out_shape, BF16)] * outputs, scratch_types=scratch,
+                        grid=grid, grid_names=("rows", "keys", "batch"), **kwargs)
+    return tuple(call(*inputs))
+
+
+def _row_scratch(masked: bool, block_q: int, block_k: int, vectors: int):
+    rows = [plgpu.SMEM((block_q,), F32) for _ in range(vectors)]
+    segs = [plgpu.SMEM((block_q,), jnp.int32), plgpu.SMEM((block_k,), jnp.int32)] if masked else []
+    return rows + segs
+
+
+def gpu_block_probs(q, seg_q, m, logl, k, seg_k, *, scale: float, split: bool = True, causal: bool = False,
+                    block_q: int = BLOCK_Q, block_k: int = BLOCK_K, interpret=False):
+    """P tiles of a (rows, keys) panel of A in bf16 (Mosaic GPU): (hi,) or, ``split``, (hi, lo).
+
+    q (B, P, D), k (B, K, D): bf16, D a multiple of 64; m, logl (B, P) float32: the rows' known
+    statistics; seg_q (B, P), seg_k (B, K): integer segment ids, or both None (no segment mask).
+    Arguments in the order of the twin ``block_product.block_probs``.
+    P = exp((scale q k^T - m) - logl), zero where the segment ids differ and, with ``causal``,
+    where key index >= row index (a diagonal panel). Returns bf16 (B, P, K) arrays: hi = bf16(P)
+    and, with ``split``, lo = bf16(P - hi), so hi + lo is P to ~2^-16. P, K multiples of
+    ``block_q``, ``block_k`` (multiples of 64 up to 256). ``interpret``: False (compile for the
+    GPU) or ``plgpu.InterpretGPUParams()`` (Mosaic GPU interpret mode, jax >= 0.11).
+    """
+    _check("gpu_block_probs", q, seg_q, k, seg_k, block_q, block_k)
+    b, p, d = q.shape
+    kk = k.shape[1]
+    masked = seg_q is not None
+    nout = 2 if split else 1
+    scratch = [plgpu.SMEM((1, block_q, BLOCK_D), BF16, **_SWIZZLE), plgpu.SMEM((1, block_k, BLOCK_D), BF16, **_SWIZZLE),
+               *_row_scratch(masked, block_q, block_k, 2),
+               plgpu.SMEM((nout, block_q, block_k), BF16, **_SWIZZLE), plgpu.Barrier(num_barriers=1)]
+    body = functools.partial(_fwd_body, masked=masked, split=split, causal=causal, block_q=block_q, block_k=block_k,
+                             chunks=d // BLOCK_D, scale=float(scale))
+    segs = (seg_q.astype(jnp.int32), seg_k.astype(jnp.int32)) if masked else ()
+    inputs = (q, k, m.astype(F32), logl.astype(F32), *segs)
+    return _call(body, FWD_KERNEL_NAME, inputs, nout, (b, p, kk), scratch, (p // block_q, kk // block_k, b),
+                 interpret)
+
+
+def gpu_block_probs_and_grad(q, seg_q, m, logl, k, seg_k, g, s_hi, s_lo, delta, *, scale: float,
+                             split: bool = False, causal: bool = False, block_q: int = BLOCK_Q,
+                             block_k: int = BLOCK_K, interpret=False):
+    """(P parts, dL) of a (rows, keys) panel in bf16 (Mosaic GPU): the backward's dual GEMM.
+
+    q, m, logl, seg_q, seg_k, ``causal``, blocks and ``interpret`` as in ``gpu_block_probs``;
+    g (B, P, D) bf16: the rows' g as the solve uses it (rounded once); s_hi, s_lo (B, K, D)
+    bf16: the keys' s split hi + lo (``precision.split_bf16``); delta (B, P) float32:
+    rowsum(g * r) of the same g. Returns ((hi,) or, ``split``, (hi, lo), dL): bf16 (B, P, K)
+    tiles of P and of dL = P * (g s_hi^T + g s_lo^T - delta), all in fp32 before the cast.
+    """
+    _check("gpu_block_probs_and_grad", q, seg_q, k, seg_k, block_q, block_k, rows_extra=(("g", g),),
+           keys_extra=(("s_hi", s_hi), ("s_lo", s_lo)))
+    b, p, d = q.shape
+    kk = k.shape[1]
+    masked = seg_q is not None
+    nout = 3 if split else 2
+    scratch = [plgpu.SMEM((2, block_q, BLOCK_D), BF16, **_SWIZZLE), plgpu.SMEM((3, block_k, BLOCK_D), BF16, **_SWIZZLE),
+               *_row_scratch(masked, block_q, block_k, 3),
+               plgpu.SMEM((nout, block_q, block_k), BF16, **_SWIZZLE), plgpu.Barrier(num_barriers=1)]
+    body = functools.partial(_bwd_body, masked=masked, split=split, causal=causal, block_q=block_q, block_k=block_k,
+                             chunks=d // BLOCK_D, scale=float(scale))
+    segs = (seg_q.astype(jnp.int32), seg_k.astype(jnp.int32)) if masked else ()
+    inputs = (q, k, g, s_hi, s_lo, m.astype(F32), logl.astype(F32), delta.astype(F32), *segs)
+    *parts, dlogits = _call(body, BWD_KERNEL_NAME, inputs, nout, (b, p, kk), scratch,
+                            (p // block_q, kk // block_k, b), interpret)
+    return tuple(parts), dlogits

@@ -1,0 +1,241 @@
+"""The Mosaic GPU GEMM-with-epilogue kernels of the recursive solve (``block_product_gpu``)
+against their XLA twins (``block_product``, the code the XLA path runs) in Mosaic GPU
+interpret mode (jax >= 0.11, skipped before): P tiles (unmasked, segment-masked, causal
+diagonal tiles), the backward's (P, dL) tiles, and the opt-in ``kernels="gpu_gemm"`` end to
+end through ``feedback_solve``, forward and gradients, against ``kernels="xla"``. Also their
+lowering for "cuda" (skipped where the installed JAX cannot lower Mosaic GPU here) and their
+errors. On a GPU (``scripts/accelerator_check.sh kernels``) the end-to-end test runs the
+compiled kernels."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tests.support.kernel_inputs import kernel_segments, normal
+
+from sessa_jax.ops.solve import block_product as bp
+from sessa_jax.ops.solve import block_product_gpu as bg
+from sessa_jax.ops.solve.precision import bf16_round_bits, split_bf16
+
+B, D = 2, 128
+SD = jax.ShapeDtypeStruct
+BF16 = jnp.bfloat16
+EPS_BF16 = 2.0 ** -8  # bf16's relative spacing: one rounding of a value differs by at most half of it
+EPS_F32 = 2.0 ** -23
+
+
+def _interpret_or_skip():
+    params = bg.interpret_params()
+    if params is None:
+        pytest.skip(f"jax {jax.__version__} has no Mosaic GPU interpret mode (plgpu.InterpretGPUParams, jax >= 0.11)")
+    return params
+
+
+def _lower_or_skip(fn, args):
+    try:
+        return fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    except Exception as err:  # noqa: BLE001 - report why the installed JAX cannot
+        pytest.skip(f"lowering Mosaic GPU for cuda not supported here: {type(err).__name__}: {err}"[:500])
+
+
+def _panel(p: int, kk: int, mask: str, seed: int = 0):
+    """q (B, P, D), k (B, K, D) bf16 and row statistics m, logl (B, P) that make P ~ a softmax row's
+    size (logits up to ~4, so exp spans several binades); segment ids per ``mask``."""
+    q, k = normal(seed, (B, p, D), BF16), normal(seed + 1, (B, kk, D), BF16)
+    m = 1.0 + 0.5 * normal(seed + 2, (B, p))
+    logl = 2.0 + 0.3 * normal(seed + 3, (B, p))
+    if mask == "segments":
+        seg = kernel_segments(B, max(p, kk))
+        return q, k, m, logl, seg[:, :p], seg[:, max(p, kk) - kk:]
+    return q, k, m, logl, None, None
+
+
+def _twin_probs(q, k, m, logl, seg_q, seg_k, causal=False):
+    return bp.block_probs(q, seg_q, m, logl, k, seg_k, scale=D ** -0.5, tier="bfloat16", platform="gpu",
+                          causal=causal)
+
+
+def _allowed(seg_q, seg_k, p: int, kk: int, causal: bool):
+    """(B, P, K) bool: the entries the mask keeps (same segment; with ``causal`` key < row)."""
+    allowed = np.ones((B, p, kk), bool)
+    if seg_q is not None:
+        allowed &= np.asarray(seg_q)[:, :, None] == np.asarray(seg_k)[:, None, :]
+    if causal:
+        allowed &= np.tril(np.ones((p, kk), bool), -1)[None]
+    return allowed
+
+
+def _assert_probs(parts, want, allowed):
+    """hi is P rounded once to bf16; hi + lo is P to bf16x3's ~2^-16; entries outside ``allowed``
+    exactly 0."""
+    hi = np.asarray(parts[0].astype(jnp.float32))
+    want = np.asarray(want)
+    assert parts[0].dtype == BF16 and parts[0].shape == want.shape
+    np.testing.assert_allclose(hi, want, rtol=EPS_BF16, atol=0)
+    if len(parts) == 2:
+        total = hi + np.asarray(parts[1].astype(jnp.float32))
+        # 2^-16: the lo part's own bf16 rounding; 64 fp32 ulps: the logits' fp32 accumulation order
+        # and exp, which the kernel does not share with the twin
+        np.testing.assert_allclose(total, want, rtol=2.0 ** -16 + 64 * EPS_F32, atol=0)
+        assert np.abs(np.asarray(parts[1].astype(jnp.float32))).max() > 0  # the low part is really there
+    for part in parts:
+        assert np.all(np.asarray(part)[~allowed] == 0)
+    assert hi[allowed].min() > 0  # every allowed entry is a positive P
+
+
+@pytest.mark.parametrize("mask,causal,split", [("none", False, True), ("segments", False, True),
+                                               ("none", True, False), ("segments", True, True)])
+def test_block_probs_kernel_matches_xla_twin(mask, causal, split):
+    p, kk = (256, 256) if causal else (128, 384)
+    q, k, m, logl, seg_q, seg_k = _panel(p, kk, mask)
+    parts = bg.gpu_block_probs(q, seg_q, m, logl, k, seg_k, scale=D ** -0.5, split=split, causal=causal,
+                               interpret=_interpret_or_skip())
+    assert len(parts) == (2 if split else 1)
+    _assert_probs(parts, _twin_probs(q, k, m, logl, seg_q, seg_k, causal), _allowed(seg_q, seg_k, p, kk, causal))
+
+
+@pytest.mark.parametrize("mask,causal,split", [("none", False, False), ("segments", False, True),
+                                               ("none", True, True)])
+def test_block_probs_and_grad_kernel_matches_xla_twin(mask, causal, split):
+    """The backward's dual GEMM against ``block_probs_and_grad`` at the bfloat16 plain tier."""
+    p, kk = (256, 256) if causal else (128, 256)
+    q, k, m, logl, seg_q, seg_k = _panel(p, kk, mask, seed=4)
+    # As in the solve: s varies slowly along time and r (a weighted mean of s) is close to it, so
+    # g s^T - rowsum(g r) is a small difference of large terms (~1/30 of them here), whose
+    # accuracy needs s's low part
+    common = 2.0 * normal(12, (B, 1, D))
+    s = common + jnp.cumsum(normal(13, (B, kk, D)), axis=1) / (4.0 * kk)
+    r = common + normal(11, (B, p, D)) / 16.0
+    g = normal(10, (B, p, D))
+    g_used = bf16_round_bits(g)
+    s_hi, s_lo = split_bf16(s)
+    parts, dl = bg.gpu_block_probs_and_grad(q, seg_q, m, logl, k, seg_k, g_used.astype(BF16), s_hi, s_lo,
+                                            jnp.sum(g_used * r, axis=-1), scale=D ** -0.5, split=split,
+                                            causal=causal, interpret=_interpret_or_skip())
+    probs = _twin_probs(q, k, m, logl, seg_q, seg_k, causal)
+    want = bp.probs_grad("bpd,bkd->bpk", probs, g, r, s, "bfloat16", "gpu")
+    if not causal:  # the twin the solve runs on its pushed blocks
+        p_twin, dl_twin = bp.block_probs_and_grad(q, seg_q, m, logl, k, seg_k, g, r, s, scale=D ** -0.5,
+                                                  tier="bfloat16", plain_tier="bfloat16", platform="gpu")
+        np.testing.assert_array_equal(p_twin, probs)
+        np.testing.assert_array_equal(dl_twin, want)
+    _assert_probs(parts, probs, _allowed(seg_q, seg_k, p, kk, causal))
+    assert dl.dtype == BF16 and dl.shape == (B, p, kk)
+    dl, want = np.asarray(dl.astype(jnp.float32)), np.asarray(want)
+    # dL is rounded once to bf16; before that, the kernel's fp32 g s^T (two wgmmas into one
+    # accumulator) differs from the twin's (two products, then a sum) by fp32 accumulation order,
+    # ~D fp32 ulps of |g| |s| |P|, which the difference g s^T - delta does not shrink.
+    gs_bound = float(jnp.max(jnp.abs(g))) * float(jnp.max(jnp.abs(s))) * D  # >= |g_i . s_j|
+    np.testing.assert_allclose(dl, want, rtol=EPS_BF16, atol=float(jnp.max(probs)) * gs_bound * D * EPS_F32)
+    assert np.linalg.norm(dl - want) <= EPS_BF16 / 2 * np.linalg.norm(want)
+    assert np.abs(want).max() > 0.01
+
+
+# --------------------------------------------------------------------------- the solve with them
+def _solve_grad(kernels, precision, segment_ids):
+    from sessa_jax.ops import feedback_solve
+
+    def loss(q, k, g, f):
+        s = feedback_solve(q, k, g, f, segment_ids=segment_ids, method="recursive", leaf_size=128,
+                           precision=precision, kernels=kernels)
+        return jnp.sum(s.astype(jnp.float32) * jnp.cos(f.astype(jnp.float32))), s
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+
+
+@pytest.mark.parametrize("precision,packed", [("bfloat16", False), ("bf16x3", True)])
+def test_feedback_solve_with_gemm_kernels_matches_xla(precision, packed):
+    """kernels="gpu_gemm" (Mosaic GPU interpret mode on CPU, the compiled kernels on a GPU) against
+    kernels="xla", bf16 inputs: s and every gradient agree to bf16 (the paths differ only by fp32
+    accumulation order)."""
+    if jax.default_backend() != "gpu":
+        _interpret_or_skip()
+    t, d = 512, 64
+    seg = kernel_segments(B, t) if packed else None
+    args = (normal(20, (B, t, d), BF16), normal(21, (B, t, d), BF16), 0.95 * jnp.tanh(normal(22, (B, t))),
+            normal(23, (B, t, d), BF16))
+    (_, s_k), g_k = _solve_grad("gpu_gemm", precision, seg)(*args)
+    (_, s_x), g_x = _solve_grad("xla", precision, seg)(*args)
+    assert s_k.dtype == BF16 and float(jnp.abs(s_x.astype(jnp.float32)).max()) > 1.0
+    for name, a, w in zip(("s", "dq", "dk", "dgamma", "df"), (s_k, *g_k), (s_x, *g_x)):
+        a, w = np.asarray(a.astype(jnp.float32)), np.asarray(w.astype(jnp.float32))
+        eps = EPS_BF16 if name in ("s", "dq", "dk", "df") else 1e3 * EPS_F32  # bf16 outputs; dgamma float32
+        np.testing.assert_allclose(a, w, rtol=eps, atol=eps * np.abs(w).max(), err_msg=name)
+        # fp32 summation order moves few bf16 roundings: 2^-12 relative, while one bf16 pass of
+        # g s^T (s's low part dropped) puts dq, dk ~1e-3 away here
+        assert np.linalg.norm(a - w) <= 2.0 ** -12 * np.linalg.norm(w), name
+
+
+def test_feedback_solve_gemm_kernel_errors():
+    from sessa_jax.ops import feedback_solve
+
+    x = jnp.zeros((1, 256, 64), BF16)
+    g = jnp.zeros((1, 256))
+    with pytest.raises(ValueError, match="run the tiers 'bf16x3' and 'bfloat16'"):
+        feedback_solve(x, x, g, x, method="recursive", leaf_size=128, precision="float32", kernels="gpu_gemm")
+    with pytest.raises(ValueError, match="need leaf_size a multiple of 128"):
+        feedback_solve(x, x, g, x, method="recursive", leaf_size=64, precision="bfloat16", kernels="gpu_gemm")
+    with pytest.raises(ValueError, match="at precision 'bf16x3' need bf16 q_b and k_b"):
+        bg.check_solve_support(64, "bf16x3", jnp.float32, "gpu")
+    with pytest.raises(ValueError, match="D a multiple of 64; got D=96"):
+        bg.check_solve_support(96, "bfloat16", BF16, "gpu")
+    bg.check_solve_support(1024, "bf16x3", BF16, "gpu")  # any D that is a multiple of 64
+    bg.check_solve_support(128, "bfloat16", jnp.float32, "gpu")  # bfloat16 logits: one pass of bf16(q), bf16(k)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dtype=jnp.float32), "q must be bfloat16"),
+    (dict(d=96), "D=96 must be a multiple of 64"),
+    (dict(block_k=96), "block_k=96 must be a multiple of 64"),
+    (dict(p=192), "P=192 must be a multiple of block_q=128"),
+    (dict(one_seg=True), "give both seg_q and seg_k, or neither"),
+])
+def test_gemm_kernel_errors(kwargs, match):
+    d, p = kwargs.get("d", 64), kwargs.get("p", 128)
+    q, k = jnp.zeros((1, p, d), kwargs.get("dtype", BF16)), jnp.zeros((1, 256, d), kwargs.get("dtype", BF16))
+    v = jnp.zeros((1, p))
+    seg = (jnp.zeros((1, p), jnp.int32), None) if kwargs.get("one_seg") else (None, None)
+    with pytest.raises(ValueError, match=match):
+        bg.gpu_block_probs(q, seg[0], v, v, k, seg[1], scale=1.0, block_q=128, block_k=kwargs.get("block_k", 128))
+
+
+# --------------------------------------------------------------------------- lowering for CUDA
+@pytest.mark.parametrize("d,masked,split", [(64, True, True), (256, False, False), (1024, True, True)])
+def test_gemm_kernels_lower_for_cuda(d, masked, split):
+    p, kk = 128, 256
+    rows, keys, vec = SD((B, p, d), BF16), SD((B, kk, d), BF16), SD((B, p), jnp.float32)
+    segs = (SD((B, p), jnp.int32), SD((B, kk), jnp.int32)) if masked else ()
+
+    def fwd(q, k, m, logl, *seg):
+        seg_q, seg_k = seg or (None, None)
+        return bg.gpu_block_probs(q, seg_q, m, logl, k, seg_k, scale=0.1, split=split)
+
+    def bwd(q, k, m, logl, g, s_hi, s_lo, delta, *seg):
+        seg_q, seg_k = seg or (None, None)
+        return bg.gpu_block_probs_and_grad(q, seg_q, m, logl, k, seg_k, g, s_hi, s_lo, delta, scale=0.1, split=split)
+
+    text = _lower_or_skip(jax.jit(fwd), (rows, keys, vec, vec, *segs))
+    assert bg.FWD_KERNEL_NAME in text and "mosaic_gpu" in text
+    text = _lower_or_skip(jax.jit(bwd), (rows, keys, vec, vec, rows, keys, keys, vec, *segs))
+    assert bg.BWD_KERNEL_NAME in text and "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("kernels", ["gpu_gemm", "xla"])
+def test_recursive_solve_with_gemm_kernels_lowers_for_cuda(kernels):
+    """Forward + backward of the solve for "cuda": the kernels are in the program exactly when opted in."""
+    from sessa_jax.ops.solve.recursive import recursive_feedback_solve
+
+    t, d = 1024, 128
+
+    def loss(q, k, g, f):
+        s = recursive_feedback_solve(q, k, g, f, None, leaf_size=128, tile=256, tier="bfloat16", platform="gpu",
+                                     dtype=jnp.float32, kernels=kernels)
+        return jnp.sum(s * jnp.cos(f.astype(jnp.float32)))
+
+    x = SD((B, t, d), BF16)
+    text = _lower_or_skip(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), (x, x, SD((B, t), jnp.float32), x))
+    opted_in = kernels == "gpu_gemm"
+    assert (bg.FWD_KERNEL_NAME in text) == opted_in and (bg.BWD_KERNEL_NAME in text) == opted_in
+    assert "sessa_row_stats_gpu" not in text  # the statistics pass stays XLA
