@@ -260,7 +260,10 @@ class Walk:
         if inst.op == "custom-call" and "fmha" in target:
             return self._attention_flops(inst, target)
         if inst.op == "custom-call" and target.strip('"').startswith("mosaic_gpu"):
-            return self._mosaic_flops(inst)
+            return self._mosaic_flops(inst, inst)
+        mosaic = self._mosaic_calls(inst)  # e.g. in XLA's dynamic-slice fusion around a custom call
+        if mosaic:
+            return sum(self._mosaic_flops(call, inst) for call in mosaic)
         if inst.op == "custom-call" and "gemm" in target:
             dots = [inst]
         flops = 0.0
@@ -276,14 +279,20 @@ class Walk:
             flops += 2.0 * out * k * dot_passes(d.attrs, lhs)
         return flops
 
-    def _mosaic_flops(self, inst: Inst) -> float:
+    def _mosaic_calls(self, inst: Inst) -> list[Inst]:
+        """The Mosaic GPU custom calls inside a fusion (XLA fuses the dynamic slices of a custom
+        call's operands into it where it can)."""
+        return [i for i in self._fused(inst) if i.op == "custom-call"
+                and (i.attr("custom_call_target") or "").strip('"').startswith("mosaic_gpu")]
+
+    def _mosaic_flops(self, inst: Inst, kernel: Inst) -> float:
         """The GEMM FLOPs of the solve's Mosaic GPU GEMM-with-epilogue kernels, which XLA sees as
         opaque custom calls: 2 B P K D per bf16 pass, read off the kernel name in the op metadata,
         the first output (B, P, K) and q's (B, P, D); 0 for other Mosaic kernels (the statistics
         kernel, whose causal skipping the shapes do not tell)."""
         passes = next((n for name, n in MOSAIC_GEMM_PASSES.items() if f"/{name}/" in inst.attrs), 0)
         out = dims(_tuple_elements(inst.type)[0] if inst.type.startswith("(") else inst.type)
-        d = dims(self._type_of(inst.operands[0], inst))
+        d = dims(self._type_of(inst.operands[0], kernel))
         if not passes or len(out) != 3 or len(d) != 3:
             return 0.0
         return 2.0 * passes * out[0] * out[1] * out[2] * d[2]
@@ -316,7 +325,7 @@ class Walk:
         for (comp, name), times in self.kernels.items():
             inst, flops, moved = self._cost(comp, name)
             out["launches"] += times
-            mosaic_gemm = inst.op == "custom-call" and flops > 0  # the P tile's exp is in its epilogue
+            mosaic_gemm = flops > 0 and (inst.op == "custom-call" or bool(self._mosaic_calls(inst)))  # exp in epilogue
             if flops and (mosaic_gemm or any(i.op == "exponential" for i in self._fused(inst))):
                 out["gemm_exp"] += times
             out["gemm_flops"] += times * flops

@@ -86,6 +86,36 @@ def test_sizes_of_hlo_types():
         "(s32[16]{0}, s32[])", "f32[2,2]{1,0}", "u32[]"]
 
 
+def _mosaic_module(kernel: str, fused: bool) -> str:
+    """HLO text of one Mosaic GPU custom call (B=2, P=128, K=256, D=64), as the solve's
+    GEMM-with-epilogue kernels compile: alone, or inside XLA's dynamic-slice fusion."""
+    call = ('custom-call(%p0, %p1), custom_call_target="mosaic_gpu_v2", '
+            f'metadata={{op_name="jit(f)/while/body/{kernel}/mpmd_map"}}')
+    out = "(bf16[2,128,256]{2,1,0}, bf16[2,128,256]{2,1,0})"
+    params = "  %p0 = bf16[2,128,64]{2,1,0} parameter(0)\n  %p1 = bf16[2,256,64]{2,1,0} parameter(1)\n"
+    if not fused:
+        return (f"HloModule m\n\nENTRY %main (p0: bf16[2,128,64], p1: bf16[2,256,64]) -> {out} {{\n{params}"
+                f"  ROOT %k = {out} {call}\n}}\n")
+    return (f"HloModule m\n\n%fused (p0: bf16[2,128,64], p1: bf16[2,256,64]) -> {out} {{\n{params}"
+            f"  ROOT %k = {out} {call}\n}}\n\n"
+            f"ENTRY %main (a: bf16[2,128,64], b: bf16[2,256,64]) -> {out} {{\n"
+            "  %a = bf16[2,128,64]{2,1,0} parameter(0)\n  %b = bf16[2,256,64]{2,1,0} parameter(1)\n"
+            f"  ROOT %f = {out} fusion(%a, %b), kind=kCustom, calls=%fused\n}}\n")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("kernel,passes", [("sessa_block_probs_gpu", 1), ("sessa_block_probs_grad_gpu", 3),
+                                           ("sessa_row_stats_gpu", 0)])
+def test_mosaic_gemm_kernels_count_their_flops_and_exp(kernel, passes, fused):
+    """The GEMM-with-epilogue kernels are opaque custom calls to XLA: their FLOPs come from the
+    kernel name and shapes (2 B P K D per bf16 pass), and they count as GEMMs with an exp."""
+    table = gpu_compile.Walk(_mosaic_module(kernel, fused)).run().table(launch_us=0.0)
+    assert table["launches"] == 1
+    assert table["gemm_flops"] == passes * 2.0 * 2 * 128 * 256 * 64
+    assert table["gemm_exp"] == (1 if passes else 0)
+    assert table["gemm_bytes" if passes else "other_bytes"] == 2 * (2 * 128 * 64 + 2 * 256 * 64 + 2 * 2 * 128 * 256)
+
+
 def _has_cuda_plugin() -> bool:
     try:
         return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13))
