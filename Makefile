@@ -28,7 +28,7 @@ CI_LATEST_TESTS := tests/model/test_fixtures.py tests/ops/test_lowering.py tests
 	tests/tools/test_packaging.py tests/ops/test_row_stats_gpu.py tests/ops/test_gpu_epilogue_kernels.py \
 	tests/train/test_wandb.py tests/model/test_sharding_user_model.py
 
-.PHONY: install test test-latest test-latest-ci test-interop train bench clean
+.PHONY: install test lint test-latest test-latest-ci test-interop train bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ install: $(STAMP)
 PYTEST_ARGS ?=
 test: install
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
+# The formatter and linter (ruff, configured in pyproject.toml); `ruff format .` fixes the format.
+lint: install
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
 
 $(STAMP_LATEST): pyproject.toml
 	@test -n "$(PYTHON_LATEST)" || { echo "make test-latest needs python3.12 or python3.13 on PATH (or PYTHON_LATEST=...)"; exit 2; }
