@@ -213,3 +213,24 @@ def test_the_mamba_baseline_learns_from_evidence_far_back_behind_noise():
     acc = float(sums["correct_sum"] / sums["weight_sum"])
     # chance 0.25 (512 answers: sd 0.019); the reference dt range gives 0.26 here
     assert acc > 0.38, acc
+
+
+def test_initialisation_defaults_and_the_reference_one():
+    from sessa_jax.baselines.mamba import DT_MAX, DT_MIN, REFERENCE_DT_RANGE
+
+    cfg = SessaConfig(d_model=16, n_heads=2)
+    x = jnp.ones((1, 5, 16))
+
+    def init(**kw):
+        p = jax.jit(MambaMixer(cfg, **kw).init)(jax.random.PRNGKey(0), x)["params"]
+        return np.asarray(p["D"]), np.asarray(jax.nn.softplus(p["dt_proj"]["bias"]))
+
+    d, dt = init()
+    assert np.all(d == 0.0)
+    assert DT_MIN * (1 - 1e-4) <= dt.min() and dt.max() <= DT_MAX * (1 + 1e-4)  # float32 softplus round trip
+    d, dt = init(dt_range=REFERENCE_DT_RANGE, d_init=1.0)
+    assert np.all(d == 1.0)
+    assert REFERENCE_DT_RANGE[0] * (1 - 1e-4) <= dt.min() and dt.max() <= REFERENCE_DT_RANGE[1] * (1 + 1e-4)
+    assert dt.max() > DT_MAX  # the two ranges differ in this draw
+    with pytest.raises(ValueError, match="must satisfy 0 < dt_min <= dt_max"):
+        MambaMixer(cfg, dt_range=(1e-2, 1e-3)).init(jax.random.PRNGKey(0), x)
