@@ -395,15 +395,36 @@ def checkpoint_path(checkpoint_dir: str, task: str, name: str, kind: str, lr: fl
     return os.path.join(checkpoint_dir, f"{task}-{name}-{kind}-lr{lr:g}-seed{seed}")
 
 
+def parse_overrides(items) -> dict:
+    """``["steps=2000", "soup_lengths=((100, 150),)"]`` -> {field: value} for ``Scale`` (Python literals)."""
+    import ast
+
+    fields = {f.name for f in dataclasses.fields(Scale)}
+    out = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError) as err:
+            raise ValueError(f"--set {item!r}: the value must be a Python literal, e.g. steps=2000 or "
+                             f"\"soup_lengths=((100, 150),)\" ({err})") from None
+        out[key] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
 def compare(scale_name: str, out: str, tasks=("mqar", "symbol_soup"), kinds=KINDS, log=print,
             time_limit: float | None = None, checkpoint_dir: str | None = None,
-            redo_lines: bool = False) -> list[dict] | None:
+            redo_lines: bool = False, overrides: dict | None = None) -> list[dict] | None:
     """Runs every missing (task, length, kind, lr, seed) of ``scale_name``; returns all its rows.
 
     With ``time_limit`` (seconds) it stops once that much time has passed, saving the run in
     progress under ``checkpoint_dir`` (default: ``out`` + ".runs"), and returns None; calling
     it again continues. It always makes progress (at least one train step per call).
     ``redo_lines`` computes every cell's reference lines again (appended; the last ones count).
+    ``overrides`` ({Scale field: value}) change the scale for pilot runs: write them to their own
+    ``out``, since rows are keyed by the scale's name and not by its fields.
     """
     from sessa_jax.baselines import count_params
 
@@ -414,7 +435,7 @@ def compare(scale_name: str, out: str, tasks=("mqar", "symbol_soup"), kinds=KIND
         raise ValueError(f"unknown task(s)/kind(s) {unknown}; tasks: symbol_soup, mqar; kinds: {KINDS}")
     if time_limit is not None and not time_limit >= 0:
         raise ValueError(f"--time-limit must be a number of seconds >= 0; got {time_limit!r}")
-    scale = SCALES[scale_name]
+    scale = dataclasses.replace(SCALES[scale_name], **(overrides or {}))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     checkpoint_dir = checkpoint_dir or os.path.abspath(out) + ".runs"
     deadline = None if time_limit is None else time.monotonic() + time_limit
@@ -568,10 +589,14 @@ def main(argv=None) -> None:
                    help="seconds; then save the run in progress and exit with status 3 (rerun to continue)")
     p.add_argument("--checkpoint-dir", help="checkpoints of runs in progress (default: OUT.runs)")
     p.add_argument("--redo-lines", action="store_true", help="compute the reference lines again (the last ones count)")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="change a field of the scale for a pilot (e.g. steps=2000, seeds=(0,), lrs=(0.01,), "
+                        "\"soup_lengths=((100, 150),)\"); use its own --out")
     a = p.parse_args(argv)
     out = a.out or os.path.join("results", f"compare_{a.scale}.jsonl")
     rows = None if a.table else compare(a.scale, out, tuple(a.tasks.split(",")), tuple(a.kinds.split(",")),
-                                        time_limit=a.time_limit, checkpoint_dir=a.checkpoint_dir, redo_lines=a.redo_lines)
+                                        time_limit=a.time_limit, checkpoint_dir=a.checkpoint_dir, redo_lines=a.redo_lines,
+                                        overrides=parse_overrides(a.set))
     unfinished = rows is None and not a.table
     lines = scale_lines(out, a.scale)
     print(table(summarize(scale_rows(out, a.scale) if rows is None else rows, lines), lines))

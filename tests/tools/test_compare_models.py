@@ -222,3 +222,18 @@ def test_the_first_seed_saves_its_trained_parameters(soup_run):
     data = cm.task_data(scale, "symbol_soup", scale.soup_lengths[0])
     row = next(r for r in _lines(soup_run) if cm.run_key(r) == ("toy", "symbol_soup", "40-60", "sessa", 0.001, 0))
     assert trainer.accuracy(params, data[cm.SPLIT_TEST]) == row["test_accuracy"]
+
+
+def test_set_changes_fields_of_the_scale_for_a_pilot(tmp_path):
+    assert cm.parse_overrides(["steps=2", "seeds=(0,)", "lrs=[0.003]", "soup_lengths=((100, 150),)"]) == dict(
+        steps=2, seeds=(0,), lrs=(0.003,), soup_lengths=((100, 150),))
+    with pytest.raises(ValueError, match="FIELD one of"):
+        cm.parse_overrides(["stepz=2"])
+    with pytest.raises(ValueError, match="must be a Python literal"):
+        cm.parse_overrides(["steps=two"])
+    out = str(tmp_path / "pilot.jsonl")
+    cm.main(["--scale", "toy", "--out", out, "--tasks", "mqar", "--kinds", "transformer",
+             "--set", "steps=2", "--set", "seeds=(1,)", "--set", "lrs=(0.01,)"])
+    rows = _lines(out)
+    assert [(r["steps"], r["seed"], r["lr"], r["kind"]) for r in rows] == [(2, 1, 0.01, "transformer")]
+    assert rows[0]["tokens"] == 2 * cm.SCALES["toy"].batch_size * 16
