@@ -42,7 +42,7 @@ CONV_WIDTH = 4  # W
 # steps and few (channel, state) pairs remember longer than a hundred, while the skip D x adds the
 # current, conv-mixed token to the output as strongly as the whole state readout. At init the
 # output at the query, and so the gradient, then comes from the last few tokens, and the model
-# stays at chance (the small task of tests/test_baselines_mamba.py). Here dt starts ten times
+# stays at chance (the small task of tests/model/test_baselines_mamba.py). Here dt starts ten times
 # smaller (time scales of 6 to 10^4 steps, as S4-style models use for long-range
 # classification) and D starts at 0 (the output at init is the state readout alone; D is trained
 # and grows where the current token helps); each change alone helps that task, both most.

@@ -216,7 +216,7 @@ def test_the_mamba_baseline_learns_from_evidence_far_back_behind_noise():
 
 
 def test_initialisation_defaults_and_the_reference_one():
-    from sessa_jax.baselines.mamba import DT_MAX, DT_MIN, REFERENCE_DT_RANGE
+    from sessa_jax.mamba_mixer import DT_MAX, DT_MIN, REFERENCE_DT_RANGE
 
     cfg = SessaConfig(d_model=16, n_heads=2)
     x = jnp.ones((1, 5, 16))
