@@ -59,8 +59,8 @@ def _case_fns(b: int, d: int, h: int, t: int, ops, panel_max_len: int) -> dict:
     import jax.numpy as jnp
 
     from sessa_jax.ops import causal_attention, feedback_solve
-    from sessa_jax.ops.solve.blocked import blocked_feedback_solve
     from sessa_jax.ops.attention.blocked import blocked_causal_attention
+    from sessa_jax.ops.solve.blocked import blocked_feedback_solve
 
     ks = jax.random.split(jax.random.PRNGKey(0), 6)
     q, k, v = (jax.random.normal(kk, (b, t, h, d // h)) for kk in ks[:3])
@@ -74,11 +74,13 @@ def _case_fns(b: int, d: int, h: int, t: int, ops, panel_max_len: int) -> dict:
     fns = {}
     for c in CHUNKS if "attention" in ops else ():
         if c <= t:
-            fns[f"attention C={c}"] = grad(lambda q, k, v, c=c: causal_attention(q, k, v, method="blocked", chunk_size=c),
-                                           q, k, v)
+            fns[f"attention C={c}"] = grad(
+                lambda q, k, v, c=c: causal_attention(q, k, v, method="blocked", chunk_size=c), q, k, v
+            )
     if "attention" in ops:
-        fns["attention panels"] = grad(lambda q, k, v: blocked_causal_attention(q, k, v, None, 64, q.dtype, "panels"),
-                                       q, k, v)
+        fns["attention panels"] = grad(
+            lambda q, k, v: blocked_causal_attention(q, k, v, None, 64, q.dtype, "panels"), q, k, v
+        )
         fns["attention auto"] = grad(lambda q, k, v: causal_attention(q, k, v, method="blocked"), q, k, v)
     if "layer" in ops:
         fns.update(_layer_fns(b, d, h, t, panel_max_len))
@@ -86,12 +88,14 @@ def _case_fns(b: int, d: int, h: int, t: int, ops, panel_max_len: int) -> dict:
         return fns
     for c in CHUNKS:
         if c <= t:
-            fns[f"solve C={c}"] = grad(lambda *a, c=c: feedback_solve(*a, method="blocked", chunk_size=c),
-                                       qb, kb, gamma, f)
+            fns[f"solve C={c}"] = grad(
+                lambda *a, c=c: feedback_solve(*a, method="blocked", chunk_size=c), qb, kb, gamma, f
+            )
     for c in CHUNKS:
         if c < t:  # one chunk: the same program as the loop
             fns[f"solve panels C={c}"] = grad(
-                lambda q, k, g, f, c=c: blocked_feedback_solve(q, k, g, f, None, c, q.dtype, "panels"), qb, kb, gamma, f)
+                lambda q, k, g, f, c=c: blocked_feedback_solve(q, k, g, f, None, c, q.dtype, "panels"), qb, kb, gamma, f
+            )
     fns["solve auto"] = grad(lambda *a: feedback_solve(*a, method="blocked"), qb, kb, gamma, f)
     return fns
 
@@ -105,8 +109,12 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the table shows the median")
     p.add_argument("--sample-s", type=float, default=0.3, help="target seconds of one timing sample")
     p.add_argument("--ops", nargs="+", choices=["attention", "solve", "layer"], default=["attention", "solve"])
-    p.add_argument("--panel-max-len", type=int, default=None,
-                   help="--ops layer: SOLVE_PANEL_MAX_LEN for the 'layer auto' column (default: the dispatch rule's)")
+    p.add_argument(
+        "--panel-max-len",
+        type=int,
+        default=None,
+        help="--ops layer: SOLVE_PANEL_MAX_LEN for the 'layer auto' column (default: the dispatch rule's)",
+    )
     args = p.parse_args(argv)
     layer_max_len = dispatch.SOLVE_PANEL_MAX_LEN if args.panel_max_len is None else args.panel_max_len
     cases = []
@@ -126,12 +134,16 @@ def main(argv=None) -> None:
         times = {name: t["wall"] for name, t in harness.interleaved(fns, args.repeats, sample_s=args.sample_s).items()}
         with unittest.mock.patch.object(dispatch, "SOLVE_PANEL_MAX_LEN", layer_max_len):  # as "layer auto" was traced
             layer_pick = "solve {} C={}".format(*solve_schedule("auto", b, t))
-        picks = {"attention auto": "{} C={}".format(*attention_schedule("auto", b, h, t)),
-                 "solve auto": "{} C={}".format(*solve_schedule("auto", b, t)),
-                 "layer auto": layer_pick}
+        picks = {
+            "attention auto": "{} C={}".format(*attention_schedule("auto", b, h, t)),
+            "solve auto": "{} C={}".format(*solve_schedule("auto", b, t)),
+            "layer auto": layer_pick,
+        }
         for name, samples in times.items():
-            print(f"| {b}x{d}x{h}x{t} | {name} | {statistics.median(samples) * 1e3:.1f} | {picks.get(name, '')} |",
-                  flush=True)
+            print(
+                f"| {b}x{d}x{h}x{t} | {name} | {statistics.median(samples) * 1e3:.1f} | {picks.get(name, '')} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

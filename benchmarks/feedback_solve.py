@@ -30,8 +30,19 @@ from benchmarks import harness
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run_cell(op: str, method: str, t: int, d: int, heads: int, chunk: int, reps: int, mem_limit: float,
-             leaf: int = 512, b: int = 1, dtype: str = "float32") -> dict:
+def run_cell(
+    op: str,
+    method: str,
+    t: int,
+    d: int,
+    heads: int,
+    chunk: int,
+    reps: int,
+    mem_limit: float,
+    leaf: int = 512,
+    b: int = 1,
+    dtype: str = "float32",
+) -> dict:
     """Measures one (op, method, T) cell in this process; returns a JSON-able dict."""
     import jax
     import jax.numpy as jnp
@@ -43,8 +54,12 @@ def run_cell(op: str, method: str, t: int, d: int, heads: int, chunk: int, reps:
     ks = jax.random.split(key, 5)
     dt = jnp.dtype(dtype)
     if op == "feedback":
-        args = (jax.random.normal(ks[0], (b, t, d), dt), jax.random.normal(ks[1], (b, t, d), dt),
-                0.9 * jnp.tanh(jax.random.normal(ks[2], (b, t))), jax.random.normal(ks[3], (b, t, d), dt))
+        args = (
+            jax.random.normal(ks[0], (b, t, d), dt),
+            jax.random.normal(ks[1], (b, t, d), dt),
+            0.9 * jnp.tanh(jax.random.normal(ks[2], (b, t))),
+            jax.random.normal(ks[3], (b, t, d), dt),
+        )
 
         def fwd(q, k, g, f):
             return feedback_solve(q, k, g, f, method=method, chunk_size=chunk, leaf_size=leaf)
@@ -98,30 +113,62 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     if a.cell:
         op, method, t = a.cell.split(":")
-        print(json.dumps(run_cell(op, method, int(t), a.D, a.H, a.chunk, a.reps, a.mem_limit_gib, a.leaf, a.B, a.dtype)))
+        print(
+            json.dumps(run_cell(op, method, int(t), a.D, a.H, a.chunk, a.reps, a.mem_limit_gib, a.leaf, a.B, a.dtype))
+        )
         return
 
     ceiling = harness.matmul_rate(2048) / 1e9
-    print(f"# {harness.machine_line()}; B={a.B}, D={a.D}, H={a.H} (attention), chunk={a.chunk}, leaf={a.leaf}, {a.dtype}")
+    print(
+        f"# {harness.machine_line()}; B={a.B}, D={a.D}, H={a.H} (attention), chunk={a.chunk}, leaf={a.leaf}, {a.dtype}"
+    )
     print(f"# matmul ceiling (2048^3 float32): {ceiling:.1f} GFLOP/s")
     head = ("op", "method", "T", "fwd s", "fwd GF/s", "f+b s", "f+b GF/s", "f+b %ceil", "xla f+b MiB", "peak RSS MiB")
     print(harness.markdown_table(head))
     for op in a.ops:
         for t in a.T:
             for method in a.methods:
-                cmd = [sys.executable, "-m", "benchmarks.feedback_solve", "--cell", f"{op}:{method}:{t}", "--D", str(a.D), "--H", str(a.H),
-                       "--chunk", str(a.chunk), "--leaf", str(a.leaf), "--B", str(a.B), "--dtype", a.dtype, "--reps", str(a.reps if t <= 4096 else a.reps_large),
-                       "--mem-limit-gib", str(a.mem_limit_gib)]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.feedback_solve",
+                    "--cell",
+                    f"{op}:{method}:{t}",
+                    "--D",
+                    str(a.D),
+                    "--H",
+                    str(a.H),
+                    "--chunk",
+                    str(a.chunk),
+                    "--leaf",
+                    str(a.leaf),
+                    "--B",
+                    str(a.B),
+                    "--dtype",
+                    a.dtype,
+                    "--reps",
+                    str(a.reps if t <= 4096 else a.reps_large),
+                    "--mem-limit-gib",
+                    str(a.mem_limit_gib),
+                ]
                 res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
                 if res.returncode != 0:
                     print(f"| {op} | {method} | {t} | failed: {res.stderr.strip().splitlines()[-1][:80]} |")
                     continue
                 r = json.loads(res.stdout.strip().splitlines()[-1])
                 fb = r.get("fwd+bwd gflops")
-                cells = [op, method, str(t), _fmt(r.get("fwd s"), ".4f"), _fmt(r.get("fwd gflops"), ".1f"),
-                         _fmt(r.get("fwd+bwd s"), ".4f"), _fmt(fb, ".1f"),
-                         _fmt(None if fb is None else 100 * fb / ceiling, ".0f"),
-                         f"{r['fwd+bwd xla_mib']:.0f}", f"{r['rss_mib']:.0f}"]
+                cells = [
+                    op,
+                    method,
+                    str(t),
+                    _fmt(r.get("fwd s"), ".4f"),
+                    _fmt(r.get("fwd gflops"), ".1f"),
+                    _fmt(r.get("fwd+bwd s"), ".4f"),
+                    _fmt(fb, ".1f"),
+                    _fmt(None if fb is None else 100 * fb / ceiling, ".0f"),
+                    f"{r['fwd+bwd xla_mib']:.0f}",
+                    f"{r['rss_mib']:.0f}",
+                ]
                 print(harness.markdown_row(cells), flush=True)
 
 

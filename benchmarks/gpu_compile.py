@@ -6,7 +6,8 @@
 
 Programs: the recursive solve (forward; forward + backward), cuDNN causal attention (H heads),
 and whole bf16 layers' forward + backward (Sessa with the recursive solve; the Transformer
-layer: the same block with causal attention). Compiles each program ahead of time for an H100 (a deviceless CUDA topology built from
+layer: the same block with causal attention). Compiles each program ahead of time for an H100 (a deviceless
+CUDA topology built from
 ``H100_TARGET``, the device description XLA publishes for the H100 SXM), then walks the
 optimized HLO: every kernel launch (fusions, library calls) times its loop trip count, and for
 ``lax.switch`` branches inside a loop the histogram of the branch-index table the loop reads.
@@ -71,8 +72,22 @@ PEAK_BYTES = 3.35e12
 FP32_FLOPS = 67e12  # H100 SXM without tensor cores: where a float32 dot at HIGHEST runs
 
 _HEAD = re.compile(r"^(?:ENTRY )?%(\S+) \(.*\{\s*$")
-_FREE = {"fusion-done", "parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "conditional",
-         "call", "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency"}
+_FREE = {
+    "fusion-done",
+    "parameter",
+    "get-tuple-element",
+    "tuple",
+    "bitcast",
+    "constant",
+    "while",
+    "conditional",
+    "call",
+    "after-all",
+    "partition-id",
+    "replica-id",
+    "opt-barrier",
+    "add-dependency",
+}
 
 
 def dot_passes(attrs: str, lhs_type: str) -> float:
@@ -111,7 +126,7 @@ class Inst:
                 depth += {"(": 1, ")": -1}.get(ch, 0)
                 if depth == 0:
                     break
-            self.type, rest = rest[:i + 1], rest[i + 2:]
+            self.type, rest = rest[: i + 1], rest[i + 2 :]
         else:
             self.type, rest = rest.split(" ", 1)
         self.op, rest = rest.split("(", 1)
@@ -121,7 +136,7 @@ class Inst:
             i += 1
         if self.op == "fusion-start":  # an async fusion: the kernel; its type is (operands, output, token)
             self.op, self.type = "fusion", _tuple_elements(self.type)[1]
-        self.args = rest[:i - 1]  # the text inside the parentheses: operands, or a literal
+        self.args = rest[: i - 1]  # the text inside the parentheses: operands, or a literal
         self.operands = re.findall(r"%([^\s,()]+)", self.args)
         self.attrs = rest[i:]
 
@@ -190,7 +205,7 @@ class Walk:
         for operand in index.operands:
             vals = self._constant_values(comp, operand, loop)
             if vals is not None and len(vals) >= trips - 1:
-                hist = collections.Counter(min(max(v, 0), n_branches - 1) for v in vals[:int(trips)])
+                hist = collections.Counter(min(max(v, 0), n_branches - 1) for v in vals[: int(trips)])
                 return [hist.get(b, 0) / trips for b in range(n_branches)]
         self.unresolved += 1
         return [1.0 / n_branches] * n_branches
@@ -230,8 +245,10 @@ class Walk:
             size = nbytes(operand.type) if operand is not None else 0
             param = next((i for i in fused if i.op == "parameter" and i.args.strip() == str(pos)), None)
             users = [i for i in fused if param is not None and param.name in i.operands]
-            if users and all(u.op in ("dynamic-slice", "slice", "dynamic-update-slice")
-                             and u.operands[0] == param.name for u in users):
+            if users and all(
+                u.op in ("dynamic-slice", "slice", "dynamic-update-slice") and u.operands[0] == param.name
+                for u in users
+            ):
                 # slices read only what they take; an in-place update reads nothing of its buffer
                 size = sum(nbytes(u.type) for u in users if u.op != "dynamic-update-slice")
             total += size
@@ -241,7 +258,11 @@ class Walk:
         """Bytes written: the result, or only the update where the fusion updates a buffer in place."""
         fused = {i.name: i for i in self._fused(inst)}
         root = self._fused(inst)[-1] if fused else None
-        roots = [root] if root is not None and root.op != "tuple" else [fused.get(n) for n in (root.operands if root else [])]
+        roots = (
+            [root]
+            if root is not None and root.op != "tuple"
+            else [fused.get(n) for n in (root.operands if root else [])]
+        )
         if roots and all(r is not None and r.op == "dynamic-update-slice" for r in roots):
             return sum(nbytes(fused[r.operands[1]].type) if r.operands[1] in fused else 0 for r in roots)
         return nbytes(inst.type)
@@ -282,8 +303,11 @@ class Walk:
     def _mosaic_calls(self, inst: Inst) -> list[Inst]:
         """The Mosaic GPU custom calls inside a fusion (XLA fuses the dynamic slices of a custom
         call's operands into it where it can)."""
-        return [i for i in self._fused(inst) if i.op == "custom-call"
-                and (i.attr("custom_call_target") or "").strip('"').startswith("mosaic_gpu")]
+        return [
+            i
+            for i in self._fused(inst)
+            if i.op == "custom-call" and (i.attr("custom_call_target") or "").strip('"').startswith("mosaic_gpu")
+        ]
 
     def _mosaic_flops(self, inst: Inst, kernel: Inst) -> float:
         """The GEMM FLOPs of the solve's Mosaic GPU GEMM-with-epilogue kernels, which XLA sees as
@@ -352,7 +376,9 @@ def static_span_rule(static_span: int | None):
 
     if static_span is None:
         return contextlib.nullcontext()
-    return unittest.mock.patch("sessa_jax.ops.solve.recursive.auto_static_span", lambda n, tile_leaves: static_span or None)
+    return unittest.mock.patch(
+        "sessa_jax.ops.solve.recursive.auto_static_span", lambda n, tile_leaves: static_span or None
+    )
 
 
 def wide_tile_trips(t: int, leaf: int, tile: int | None, static_span=None, b: int = 0, d: int = 0):
@@ -361,8 +387,8 @@ def wide_tile_trips(t: int, leaf: int, tile: int | None, static_span=None, b: in
     pushes every wide block, the forward's and backward's only those ``static_span`` leaves
     there; with ``b`` and ``d`` given and the two differing, a function of a loop's type that
     tells them apart (the pushes carry a float32 (B, Tp, D) buffer, the statistics pass not)."""
-    from sessa_jax.ops.solve.recursive import RecursivePlan
     from sessa_jax.ops.dispatch import recursive_tile
+    from sessa_jax.ops.solve.recursive import RecursivePlan
 
     with static_span_rule(static_span):
         extra = {"static_span": "auto"} if hasattr(RecursivePlan, "stats_schedule") else {}  # older: no argument
@@ -392,6 +418,7 @@ def optimized_hlo(compiled) -> str:
     """The compiled module's text with large constants printed (the switch-index tables)."""
     try:
         import jaxlib._hlo as hlo
+
         options = hlo.HloPrintOptions()
         options.print_large_constants = True
         return compiled.runtime_executable().hlo_modules()[0].to_string(options)
@@ -406,6 +433,7 @@ def solve_tier(precision: str, platform: str = "gpu") -> str:
     import jax.numpy as jnp
 
     from sessa_jax.ops.solve.precision import resolve_precision
+
     try:
         return resolve_precision("auto", platform, jnp.bfloat16)
     except TypeError:  # older checkouts: a rule by platform alone
@@ -414,17 +442,37 @@ def solve_tier(precision: str, platform: str = "gpu") -> str:
 
 def add_solve_options(p: argparse.ArgumentParser, static_span_scope: str) -> None:
     """The solve's --precision, --packed and --static-span, shared by the GPU and TPU compile reports."""
-    p.add_argument("--precision", default="auto", choices=["auto", "float32", "bf16x3", "bfloat16"],
-                   help="the solve's tier (feedback_precision of the layers); auto: the library's rule for bf16")
-    p.add_argument("--packed", action="store_true",
-                   help="give the solve segment ids (one segment: the masked path) instead of None")
-    p.add_argument("--static-span", type=int, default=None,
-                   help=f"the static span of {static_span_scope} (schedule.PushSchedule; 0: every push in the loop); "
-                        "default: the library's rule (schedule.auto_static_span)")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "float32", "bf16x3", "bfloat16"],
+        help="the solve's tier (feedback_precision of the layers); auto: the library's rule for bf16",
+    )
+    p.add_argument(
+        "--packed",
+        action="store_true",
+        help="give the solve segment ids (one segment: the masked path) instead of None",
+    )
+    p.add_argument(
+        "--static-span",
+        type=int,
+        default=None,
+        help=f"the static span of {static_span_scope} (schedule.PushSchedule; 0: every push in the loop); "
+        "default: the library's rule (schedule.auto_static_span)",
+    )
 
 
-def programs(b: int, t: int, d: int, h: int, leaf: int, tile: int | None, kernels: str = "xla",
-             packed: bool = False, precision: str = "auto"):
+def programs(
+    b: int,
+    t: int,
+    d: int,
+    h: int,
+    leaf: int,
+    tile: int | None,
+    kernels: str = "xla",
+    packed: bool = False,
+    precision: str = "auto",
+):
     """name -> (function, argument shapes) of the programs this report compiles. ``packed``:
     the solve gets segment ids (all one segment: the masked path); otherwise None, as an
     unpacked layer passes it. ``precision``: the solve's tier (the layers' feedback_precision;
@@ -432,8 +480,8 @@ def programs(b: int, t: int, d: int, h: int, leaf: int, tile: int | None, kernel
     import jax
     import jax.numpy as jnp
 
-    from sessa_jax.ops.solve.recursive import recursive_feedback_solve
     from sessa_jax.ops.dispatch import recursive_tile
+    from sessa_jax.ops.solve.recursive import recursive_feedback_solve
 
     tile = tile or recursive_tile(t, leaf)
     tier = solve_tier(precision)
@@ -441,27 +489,33 @@ def programs(b: int, t: int, d: int, h: int, leaf: int, tile: int | None, kernel
     def solve(q, k, g, f):
         seg = jnp.zeros(g.shape, jnp.int32) if packed else None
         extra = {} if kernels == "xla" else {"kernels": kernels}  # older checkouts have no kernels argument
-        return recursive_feedback_solve(q, k, g, f, seg, leaf_size=leaf, tile=tile, tier=tier, platform="gpu",
-                                        dtype=jnp.float32, **extra)
+        return recursive_feedback_solve(
+            q, k, g, f, seg, leaf_size=leaf, tile=tile, tier=tier, platform="gpu", dtype=jnp.float32, **extra
+        )
 
     def attention(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
     def loss(fn):
-        return jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=tuple(range(3 if fn is attention else 4)))
+        return jax.grad(
+            lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=tuple(range(3 if fn is attention else 4))
+        )
 
     sds = jax.ShapeDtypeStruct
     x, heads = sds((b, t, d), jnp.bfloat16), sds((b, t, h, d // h), jnp.bfloat16)
     solve_args = (x, x, sds((b, t), jnp.float32), x)
-    table = {"solve-fwd": (solve, solve_args), "solve-f+b": (loss(solve), solve_args),
-             "attention-fwd": (attention, (heads,) * 3), "attention-f+b": (loss(attention), (heads,) * 3)}
+    table = {
+        "solve-fwd": (solve, solve_args),
+        "solve-f+b": (loss(solve), solve_args),
+        "attention-fwd": (attention, (heads,) * 3),
+        "attention-f+b": (loss(attention), (heads,) * 3),
+    }
     for kind in ("sessa", "transformer"):
         table[f"{kind}-layer-f+b"] = _layer_program(kind, b, t, d, h, leaf, precision, kernels)
     return table
 
 
-def _layer_program(kind: str, b: int, t: int, d: int, h: int, leaf: int, precision: str = "auto",
-                   kernels: str = "xla"):
+def _layer_program(kind: str, b: int, t: int, d: int, h: int, leaf: int, precision: str = "auto", kernels: str = "xla"):
     """Forward + backward of a whole bf16 ``SessaLayer`` (kind "sessa": the recursive solve at
     ``precision`` and feedback ``kernels``; "transformer": the same block with causal attention),
     as ``benchmarks.layer`` times it on a device."""
@@ -470,11 +524,19 @@ def _layer_program(kind: str, b: int, t: int, d: int, h: int, leaf: int, precisi
 
     from sessa_jax import SessaConfig, SessaLayer
 
-    cfg = SessaConfig(d_model=d, n_heads=h, solver="recursive", leaf_size=leaf, feedback_precision=precision,
-                      dtype=jnp.bfloat16, max_len=t)
+    cfg = SessaConfig(
+        d_model=d,
+        n_heads=h,
+        solver="recursive",
+        leaf_size=leaf,
+        feedback_precision=precision,
+        dtype=jnp.bfloat16,
+        max_len=t,
+    )
     # init traces on the CPU at 16 tokens, which the opt-in kernels refuse; the parameters are the same
-    params = jax.eval_shape(SessaLayer(cfg, kind=kind).init, jax.random.PRNGKey(0),
-                            jax.ShapeDtypeStruct((b, 16, d), jnp.bfloat16))
+    params = jax.eval_shape(
+        SessaLayer(cfg, kind=kind).init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((b, 16, d), jnp.bfloat16)
+    )
     if kernels != "xla":  # older checkouts have no feedback_kernels
         cfg = dataclasses.replace(cfg, feedback_kernels=kernels)
     layer = SessaLayer(cfg, kind=kind)
@@ -492,14 +554,32 @@ def main(argv=None) -> None:
     p.add_argument("--D", type=int, default=1024)
     p.add_argument("--H", type=int, default=8, help="heads of the attention compared with")
     p.add_argument("--leaf", type=int, default=512)
-    p.add_argument("--tile", type=int, default=None,
-                   help="tile of the wide blocks, in the solve and the layers (default: ops.dispatch.recursive_tile)")
-    p.add_argument("--programs", nargs="+", default=["solve-fwd", "solve-f+b", "attention-fwd", "attention-f+b",
-                                                     "sessa-layer-f+b", "transformer-layer-f+b"])
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        help="tile of the wide blocks, in the solve and the layers (default: ops.dispatch.recursive_tile)",
+    )
+    p.add_argument(
+        "--programs",
+        nargs="+",
+        default=[
+            "solve-fwd",
+            "solve-f+b",
+            "attention-fwd",
+            "attention-f+b",
+            "sessa-layer-f+b",
+            "transformer-layer-f+b",
+        ],
+    )
     add_solve_options(p, "the solve and the layers")
-    p.add_argument("--kernels", choices=["xla", "pallas", "gpu_gemm"], default="xla",
-                   help="pallas: the Mosaic GPU statistics kernel (D a multiple of 64 up to 256); gpu_gemm: the "
-                        "Mosaic GPU GEMM-with-epilogue kernels of the pushes' P and dL tiles (solve and Sessa layer)")
+    p.add_argument(
+        "--kernels",
+        choices=["xla", "pallas", "gpu_gemm"],
+        default="xla",
+        help="pallas: the Mosaic GPU statistics kernel (D a multiple of 64 up to 256); gpu_gemm: the "
+        "Mosaic GPU GEMM-with-epilogue kernels of the pushes' P and dL tiles (solve and Sessa layer)",
+    )
     p.add_argument("--launch-us", type=float, default=4.0)
     p.add_argument("--top", type=int, default=0, help="also list the kernels moving the most bytes")
     p.add_argument("--dump", type=pathlib.Path, default=None, help="write each optimized HLO here")
@@ -507,24 +587,34 @@ def main(argv=None) -> None:
 
     compile_only_cuda()
     import jax
+
     try:
         from jax.experimental import topologies
+
         topo = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET, topology="1x1x1")
     except Exception as err:  # noqa: BLE001 - say why, do not pretend
-        sys.exit(f"gpu_compile: no deviceless CUDA compiler here ({type(err).__name__}: {str(err)[:300]}); "
-                 f"install the CUDA plugin: pip install 'jax[cuda13]'")
+        sys.exit(
+            f"gpu_compile: no deviceless CUDA compiler here ({type(err).__name__}: {str(err)[:300]}); "
+            f"install the CUDA plugin: pip install 'jax[cuda13]'"
+        )
     from jax.sharding import NamedSharding, PartitionSpec
 
     from sessa_jax.ops import dispatch
+
     tile_rule = dispatch.recursive_tile if args.tile is None else (lambda length, leaf: args.tile)
     sharding = NamedSharding(topologies.make_mesh(topo, (1,), ("x",)), PartitionSpec())
     table = programs(args.B, args.T, args.D, args.H, args.leaf, args.tile, args.kernels, args.packed, args.precision)
-    print(f"# XLA GPU compile for an H100 (deviceless), jax {jax.__version__}, B={args.B} T={args.T} D={args.D} "
-          f"H={args.H} bf16, leaf {args.leaf}, precision {args.precision} ({solve_tier(args.precision)}), kernels {args.kernels}, "
-          f"static span {'default' if args.static_span is None else args.static_span}, "
-          f"solve segment ids: {'one segment (masked)' if args.packed else 'None'}")
-    print("| program | launches | in loops | GEMM TF | GEMM GB | other GB | exp in GEMM | roofline ms | HBM temp | x - x "
-          "| compile s |")
+    print(
+        f"# XLA GPU compile for an H100 (deviceless), jax {jax.__version__}, B={args.B} T={args.T} D={args.D} "
+        f"H={args.H} bf16, leaf {args.leaf}, precision {args.precision} ({solve_tier(args.precision)}), "
+        f"kernels {args.kernels}, "
+        f"static span {'default' if args.static_span is None else args.static_span}, "
+        f"solve segment ids: {'one segment (masked)' if args.packed else 'None'}"
+    )
+    print(
+        "| program | launches | in loops | GEMM TF | GEMM GB | other GB | exp in GEMM | roofline ms | HBM temp | x - x "
+        "| compile s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.programs:
         fn, shapes = table[name]
@@ -534,9 +624,11 @@ def main(argv=None) -> None:
             # The layer's dispatch picks its paths by jax.default_backend(), which is the CPU here:
             # trace as on a GPU (recursive solve, bf16x3 split, cuDNN attention).
             # --tile reaches the layers too, which take their tile from ops.dispatch.
-            with unittest.mock.patch.object(jax, "default_backend", lambda: "gpu"), \
-                    unittest.mock.patch.object(dispatch, "recursive_tile", tile_rule), \
-                    static_span_rule(args.static_span):
+            with (
+                unittest.mock.patch.object(jax, "default_backend", lambda: "gpu"),
+                unittest.mock.patch.object(dispatch, "recursive_tile", tile_rule),
+                static_span_rule(args.static_span),
+            ):
                 lowered = jax.jit(fn).lower(*specs)
             compiled = lowered.compile()
             text = optimized_hlo(compiled)
@@ -550,11 +642,14 @@ def main(argv=None) -> None:
         walk = Walk(text, wide_tile_trips(args.T, args.leaf, args.tile, args.static_span, args.B, args.D)).run()
         r = walk.table(args.launch_us)
         note = f" ({walk.unresolved} switches guessed)" if walk.unresolved else ""
-        print(f"| {name}{note} | {r['launches']:.0f} | {r['loop_launches']:.0f} | {r['gemm_flops'] / 1e12:.2f} | "
-              f"{r['gemm_bytes'] / 1e9:.2f} | {r['other_bytes'] / 1e9:.2f} | {r['gemm_exp']:.0f} | "
-              f"{r['roofline_s'] * 1e3:.2f} | "
-              f"{compiled.memory_analysis().temp_size_in_bytes / 2 ** 30:.2f} GiB | {self_subtractions(text)} | "
-              f"{seconds:.1f} |", flush=True)
+        print(
+            f"| {name}{note} | {r['launches']:.0f} | {r['loop_launches']:.0f} | {r['gemm_flops'] / 1e12:.2f} | "
+            f"{r['gemm_bytes'] / 1e9:.2f} | {r['other_bytes'] / 1e9:.2f} | {r['gemm_exp']:.0f} | "
+            f"{r['roofline_s'] * 1e3:.2f} | "
+            f"{compiled.memory_analysis().temp_size_in_bytes / 2**30:.2f} GiB | {self_subtractions(text)} | "
+            f"{seconds:.1f} |",
+            flush=True,
+        )
         for gb, tf, times, shape, what in walk.top(args.top):
             print(f"    {gb:7.2f} GB {tf:6.2f} TF x{times:6.1f}  {shape:40s} {what}")
 

@@ -64,8 +64,9 @@ def measure(call: Call, *, warmup: int = 1, repeats: int = 5, number: int = 1, s
     return STATS[stat]([time_calls(call, number)[0] for _ in range(max(1, repeats))])
 
 
-def interleaved(calls: dict[str, Call], repeats: int, *, sample_s: float | None = None, number: int = 1,
-                warmup: int = 1) -> dict[str, dict[str, list[float]]]:
+def interleaved(
+    calls: dict[str, Call], repeats: int, *, sample_s: float | None = None, number: int = 1, warmup: int = 1
+) -> dict[str, dict[str, list[float]]]:
     """{name: {"wall": [...], "cpu": [...]}}: mean seconds per call of every call in ``calls``,
     one sample each per repeat, the calls taking turns. After ``warmup`` calls each (compiles),
     a sample is ``number`` calls, or with ``sample_s`` as many calls as last about that long
@@ -102,8 +103,7 @@ def compiled_memory(compiled) -> dict | None:
     mem = compiled.memory_analysis()
     if mem is None:
         return None
-    out = {"argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes,
-           "temp": mem.temp_size_in_bytes}
+    out = {"argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes, "temp": mem.temp_size_in_bytes}
     out["total"] = sum(out.values())
     return out
 
@@ -145,8 +145,10 @@ def machine_line() -> str:
     import jax
 
     dev = jax.devices()[0]
-    return (f"{dev.device_kind} x{jax.device_count()} ({jax.default_backend()}); {cpu_model()}, "
-            f"{os.cpu_count()} cores; python {platform.python_version()}, jax {jax.__version__}")
+    return (
+        f"{dev.device_kind} x{jax.device_count()} ({jax.default_backend()}); {cpu_model()}, "
+        f"{os.cpu_count()} cores; python {platform.python_version()}, jax {jax.__version__}"
+    )
 
 
 def load_line(when: str) -> str:
@@ -170,8 +172,9 @@ def write_json(path, obj) -> None:
 
 
 # ----------------------------------------------------------------------------- arguments
-def add_shape_args(p: argparse.ArgumentParser, *, T: Sequence[int], D: int, B: Sequence[int] | int | None = None,
-                   H: int | None = None) -> None:
+def add_shape_args(
+    p: argparse.ArgumentParser, *, T: Sequence[int], D: int, B: Sequence[int] | int | None = None, H: int | None = None
+) -> None:
     """--T (one or more lengths), --D and, where given, --B (one or more batches when ``B`` is a
     sequence) and --H (heads)."""
     p.add_argument("--T", type=int, nargs="+", default=list(T), help="sequence lengths")
@@ -187,8 +190,13 @@ def add_tier_args(p: argparse.ArgumentParser, *, default: Sequence[str], extra: 
     """--tiers: precision tiers of the recursive solve (``sessa_jax.ops.solve.precision.TIERS``, and ``extra``)."""
     from sessa_jax.ops.solve.precision import TIERS
 
-    p.add_argument("--tiers", nargs="+", default=list(default), choices=tuple(TIERS) + tuple(extra),
-                   help="precision tiers of the recursive solve")
+    p.add_argument(
+        "--tiers",
+        nargs="+",
+        default=list(default),
+        choices=tuple(TIERS) + tuple(extra),
+        help="precision tiers of the recursive solve",
+    )
 
 
 def add_output_args(p: argparse.ArgumentParser) -> None:
@@ -196,8 +204,23 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------- HLO text
-HLO_BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1, "pred": 1,
-             "s64": 8, "u64": 8, "s16": 2, "u16": 2, "f8e4m3fn": 1, "f8e5m2": 1}
+HLO_BYTES = {
+    "f64": 8,
+    "f32": 4,
+    "s32": 4,
+    "u32": 4,
+    "bf16": 2,
+    "f16": 2,
+    "s8": 1,
+    "u8": 1,
+    "pred": 1,
+    "s64": 8,
+    "u64": 8,
+    "s16": 2,
+    "u16": 2,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+}
 _ARRAY = re.compile(r"\b(" + "|".join(HLO_BYTES) + r")\[([0-9,]*)\]")
 
 

@@ -165,7 +165,7 @@ class _Walker:
         p = eqn.params
         body, length = p["jaxpr"], p["length"]
         nc, ncarry = p["num_consts"], p["num_carry"]
-        consts, carry, xs = vals[:nc], vals[nc:nc + ncarry], vals[nc + ncarry:]
+        consts, carry, xs = vals[:nc], vals[nc : nc + ncarry], vals[nc + ncarry :]
         if not _has_control_flow(body.jaxpr):
             w, _ = self.run(body.jaxpr, body.consts, consts + [None] * (len(vals) - nc), depth + 1)
             w.outer_steps, w.all_steps = 1, w.all_steps + 1
@@ -184,7 +184,7 @@ class _Walker:
         p = eqn.params
         cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
         cn, bn = p["cond_nconsts"], p["body_nconsts"]
-        c_consts, b_consts, carry = vals[:cn], vals[cn:cn + bn], vals[cn + bn:]
+        c_consts, b_consts, carry = vals[:cn], vals[cn : cn + bn], vals[cn + bn :]
         while True:
             _, (go,) = self.run(cj.jaxpr, cj.consts, c_consts + carry, depth + 1)
             if go is None:

@@ -74,18 +74,30 @@ def main(argv=None):
     harness.add_shape_args(p, T=[1024, 2048, 4096, 8192, 16384, 32768, 65536], D=1024, B=8, H=8)
     p.add_argument("--kv-heads", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--solvers", nargs="+", default=["blocked", "recursive", "auto"],
-                   choices=["dense", "blocked", "recursive", "auto"])
-    p.add_argument("--chunk", type=lambda s: s if s == "auto" else int(s), default="auto", help="chunk_size: auto or an integer")
+    p.add_argument(
+        "--solvers",
+        nargs="+",
+        default=["blocked", "recursive", "auto"],
+        choices=["dense", "blocked", "recursive", "auto"],
+    )
+    p.add_argument(
+        "--chunk", type=lambda s: s if s == "auto" else int(s), default="auto", help="chunk_size: auto or an integer"
+    )
     p.add_argument("--leaf", type=int, default=512, help="leaf of the recursive solve")
     p.add_argument("--precision", default="auto", help="feedback_precision of the recursive solve")
     p.add_argument("--kernels", default="xla", help="feedback_kernels of the recursive solve (xla, pallas, gpu_gemm)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-transformer", action="store_true", help="skip the causal-attention yardstick")
-    p.add_argument("--dense-max-bytes", type=float, default=4 * 2**30,
-                   help="skip the dense solver when B*T*T*4 exceeds this (it materialises T x T)")
-    p.add_argument("--peak-n", type=int, default=None, help="matmul size for the peak (default 8192 on GPU/TPU, 1024 on CPU)")
+    p.add_argument(
+        "--dense-max-bytes",
+        type=float,
+        default=4 * 2**30,
+        help="skip the dense solver when B*T*T*4 exceeds this (it materialises T x T)",
+    )
+    p.add_argument(
+        "--peak-n", type=int, default=None, help="matmul size for the peak (default 8192 on GPU/TPU, 1024 on CPU)"
+    )
     harness.add_output_args(p)
     args = p.parse_args(argv)
 
@@ -96,17 +108,38 @@ def main(argv=None):
     print(f"# {harness.machine_line()}")
     print(f"# measured {args.dtype} matmul peak ({peak_n}^3): {peak:.2f} TFLOP/s")
     print(f"# B={args.B} D={args.D} H={args.H} Hkv={args.kv_heads or args.H} dtype={args.dtype} chunk={args.chunk}")
-    header = ("kind", "solver", "T", "fwd ms", "fwd tok/s", "fwd TF/s", "fwd %pk", "f+b ms", "f+b tok/s",
-              "f+b TF/s", "f+b %pk", "fwd mem", "f+b mem")
+    header = (
+        "kind",
+        "solver",
+        "T",
+        "fwd ms",
+        "fwd tok/s",
+        "fwd TF/s",
+        "fwd %pk",
+        "f+b ms",
+        "f+b tok/s",
+        "f+b TF/s",
+        "f+b %pk",
+        "fwd mem",
+        "f+b mem",
+    )
     print(" | ".join(header))
     results = []
     runs = [("sessa", s) for s in args.solvers] + ([] if args.no_transformer else [("transformer", "auto")])
     for t in args.T:
         for kind, solver in runs:
-            cfg = SessaConfig(d_model=args.D, n_heads=args.H, n_kv_heads=args.kv_heads, solver=solver,
-                              chunk_size=args.chunk, leaf_size=args.leaf, feedback_precision=args.precision,
-                              **({} if args.kernels == "xla" else {"feedback_kernels": args.kernels}),
-                              dtype=dtype, max_len=max(t, 16))
+            cfg = SessaConfig(
+                d_model=args.D,
+                n_heads=args.H,
+                n_kv_heads=args.kv_heads,
+                solver=solver,
+                chunk_size=args.chunk,
+                leaf_size=args.leaf,
+                feedback_precision=args.precision,
+                **({} if args.kernels == "xla" else {"feedback_kernels": args.kernels}),
+                dtype=dtype,
+                max_len=max(t, 16),
+            )
             label = (kind, solver if kind == "sessa" else "-", str(t))
             if kind == "sessa" and solver == "dense" and args.B * t * t * 4 > args.dense_max_bytes:
                 print(" | ".join(label + ("skipped: dense T x T above --dense-max-bytes",)))
@@ -120,13 +153,34 @@ def main(argv=None):
                 continue
             r["peak_tflops"] = peak
             results.append(r)
-            print(" | ".join(label + (
-                f"{r['fwd_s'] * 1e3:.2f}", f"{r['fwd_tok_s']:.0f}", f"{r['fwd_tflops']:.3f}",
-                f"{100 * r['fwd_tflops'] / peak:.1f}", f"{r['fwd_bwd_s'] * 1e3:.2f}", f"{r['fwd_bwd_tok_s']:.0f}",
-                f"{r['fwd_bwd_tflops']:.3f}", f"{100 * r['fwd_bwd_tflops'] / peak:.1f}",
-                harness.fmt_mib(r["fwd_bytes"]), harness.fmt_mib(r["fwd_bwd_bytes"]))), flush=True)
-    harness.write_json(args.json, {"device": jax.devices()[0].device_kind, "platform": platform, "peak_tflops": peak,
-                                   "args": vars(args), "results": results})
+            print(
+                " | ".join(
+                    label
+                    + (
+                        f"{r['fwd_s'] * 1e3:.2f}",
+                        f"{r['fwd_tok_s']:.0f}",
+                        f"{r['fwd_tflops']:.3f}",
+                        f"{100 * r['fwd_tflops'] / peak:.1f}",
+                        f"{r['fwd_bwd_s'] * 1e3:.2f}",
+                        f"{r['fwd_bwd_tok_s']:.0f}",
+                        f"{r['fwd_bwd_tflops']:.3f}",
+                        f"{100 * r['fwd_bwd_tflops'] / peak:.1f}",
+                        harness.fmt_mib(r["fwd_bytes"]),
+                        harness.fmt_mib(r["fwd_bwd_bytes"]),
+                    )
+                ),
+                flush=True,
+            )
+    harness.write_json(
+        args.json,
+        {
+            "device": jax.devices()[0].device_kind,
+            "platform": platform,
+            "peak_tflops": peak,
+            "args": vars(args),
+            "results": results,
+        },
+    )
     return results
 
 

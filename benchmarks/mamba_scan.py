@@ -19,8 +19,8 @@ def _step_fn(scan: str, batch: int, seq_len: int, d_model: int, chunk: int):
     import jax
     import jax.numpy as jnp
 
-    from sessa_jax.mamba_mixer import MambaMixer
     from sessa_jax.config import SessaConfig
+    from sessa_jax.mamba_mixer import MambaMixer
 
     mixer = MambaMixer(SessaConfig(d_model=d_model, n_heads=1, chunk_size=chunk), scan=scan)
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, seq_len, d_model))
@@ -31,8 +31,12 @@ def _step_fn(scan: str, batch: int, seq_len: int, d_model: int, chunk: int):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", nargs="+", default=["16x64x28", "16x150x28", "16x300x28"],
-                   help="BATCHxTIMExD_MODEL (E = 2 D inner width, N = 16 state)")
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        default=["16x64x28", "16x150x28", "16x300x28"],
+        help="BATCHxTIMExD_MODEL (E = 2 D inner width, N = 16 state)",
+    )
     p.add_argument("--chunk", type=int, default=16, help="chunk of the chunked scan (config.chunk_size)")
     p.add_argument("--repeats", type=int, default=7)
     a = p.parse_args(argv)
@@ -44,8 +48,10 @@ def main(argv=None) -> None:
         fns = {scan: _step_fn(scan, b, t, d, a.chunk) for scan in ("chunked", "stepwise")}
         times = harness.interleaved(fns, a.repeats)
         med = {scan: statistics.median(v["wall"]) * 1e3 for scan, v in times.items()}
-        print(f"| {shape} | {med['chunked']:.1f} | {med['stepwise']:.1f} | {med['stepwise'] / med['chunked']:.2f} |",
-              flush=True)
+        print(
+            f"| {shape} | {med['chunked']:.1f} | {med['stepwise']:.1f} | {med['stepwise'] / med['chunked']:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

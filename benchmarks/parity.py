@@ -58,15 +58,26 @@ def run_fixture(arrays: dict, meta: dict, solver: str, precision: str) -> dict:
 
     with jax.enable_x64(precision == "float64"):
         dtype = jnp.dtype(precision)
-        cfg = SessaConfig(d_model=meta["D"], n_heads=meta["n_heads"], n_kv_heads=meta["n_kv_heads"],
-                          rope=meta["rope"], gamma_max=meta["gamma_max"], ln_eps=meta["ln_eps"], solver=solver,
-                          chunk_size=8, leaf_size=8, dtype=dtype, param_dtype=dtype)
+        cfg = SessaConfig(
+            d_model=meta["D"],
+            n_heads=meta["n_heads"],
+            n_kv_heads=meta["n_kv_heads"],
+            rope=meta["rope"],
+            gamma_max=meta["gamma_max"],
+            ln_eps=meta["ln_eps"],
+            solver=solver,
+            chunk_size=8,
+            leaf_size=8,
+            dtype=dtype,
+            param_dtype=dtype,
+        )
         layer = SessaLayer(cfg)
         weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w/")}
         variables = layer_params_from_torch(weights, cfg, dtype=dtype)
         x, r = (jnp.asarray(arrays[k], dtype) for k in ("x", "r"))
-        s = jax.jit(SessaMixer(cfg).apply)({"params": variables["params"]["mixer"]},
-                                           jnp.asarray(arrays["bar_a"], dtype))
+        s = jax.jit(SessaMixer(cfg).apply)(
+            {"params": variables["params"]["mixer"]}, jnp.asarray(arrays["bar_a"], dtype)
+        )
 
         def loss(v, x):
             y = layer.apply(v, x)
@@ -79,17 +90,19 @@ def run_fixture(arrays: dict, meta: dict, solver: str, precision: str) -> dict:
         step = jax.jit(lambda v, xt, c: layer.apply(v, xt, cache=c, decode=True))
         outs = [y_pre]
         for t in range(prefill, x.shape[1]):
-            y_t, cache = step(variables, x[:, t:t + 1], cache)
+            y_t, cache = step(variables, x[:, t : t + 1], cache)
             outs.append(y_t)
         grad_w = layer_params_to_torch(g_vars, cfg, include_buffers=False, as_torch=False)
-        return jax.tree_util.tree_map(np.asarray, dict(y=y, s=s, y_decode=jnp.concatenate(outs, axis=1),
-                                                       grad_x=g_x, grad_w=grad_w))
+        return jax.tree_util.tree_map(
+            np.asarray, dict(y=y, s=s, y_decode=jnp.concatenate(outs, axis=1), grad_x=g_x, grad_w=grad_w)
+        )
 
 
 def errors(arrays: dict, r: dict) -> tuple[float, float]:
     """(worst output error, worst gradient error) of one run against its fixture."""
-    out = max(rel_err(r["y"], arrays["y"]), rel_err(r["s"], arrays["s"]),
-              rel_err(r["y_decode"], arrays["y_prefill_decode"]))
+    out = max(
+        rel_err(r["y"], arrays["y"]), rel_err(r["s"], arrays["s"]), rel_err(r["y_decode"], arrays["y_prefill_decode"])
+    )
     largest = max(float(np.max(np.abs(arrays[f"grad/w/{k}"]))) for k in r["grad_w"])
     grads = [rel_err(v, arrays[f"grad/w/{k}"], floor=1e-3 * largest) for k, v in r["grad_w"].items()]
     return out, max(rel_err(r["grad_x"], arrays["grad/x"]), *grads)
@@ -113,8 +126,12 @@ def main(argv=None) -> list[dict]:
                 out_err, grad_err = max(out_err, o), max(grad_err, g)
         rows.append({"precision": precision, "outputs": out_err, "gradients": grad_err})
     print(f"# {len(files)} fixtures, solvers {' '.join(args.solvers)}")
-    print(harness.markdown_table(("precision", "outputs (y, s, prefill+decode)", "gradients (x and every weight)"),
-                                 [(r["precision"], f"{r['outputs']:.2g}", f"{r['gradients']:.2g}") for r in rows]))
+    print(
+        harness.markdown_table(
+            ("precision", "outputs (y, s, prefill+decode)", "gradients (x and every weight)"),
+            [(r["precision"], f"{r['outputs']:.2g}", f"{r['gradients']:.2g}") for r in rows],
+        )
+    )
     harness.write_json(args.json, rows)
     return rows
 

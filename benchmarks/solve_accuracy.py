@@ -35,10 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness
+from sessa_jax.ops.dispatch import recursive_tile
 from sessa_jax.ops.reference import dense_feedback_solve
 from sessa_jax.ops.solve import recursive
 from sessa_jax.ops.solve.recursive import recursive_feedback_solve
-from sessa_jax.ops.dispatch import recursive_tile
 
 REGIMES = ("sharp_pm", "sharp", "diffuse", "prev", "hub")
 TIERS = ("float32", "bf16x3", "bfloat16")
@@ -161,9 +161,19 @@ def solve_fn(tier: str, leaf: int, t: int, kernels: str = "xla"):
 
     def loss(q, k, g, f, ds):
         with _one_pass_forward(tier == ONE_PASS_FORWARD):
-            s = recursive_feedback_solve(q, k, g, f, jnp.ones(g.shape, jnp.int32), leaf_size=leaf, tile=tile,
-                                         tier="bfloat16" if tier == ONE_PASS_FORWARD else tier, platform="cpu",
-                                         dtype=jnp.float32, kernels=kernels)
+            s = recursive_feedback_solve(
+                q,
+                k,
+                g,
+                f,
+                jnp.ones(g.shape, jnp.int32),
+                leaf_size=leaf,
+                tile=tile,
+                tier="bfloat16" if tier == ONE_PASS_FORWARD else tier,
+                platform="cpu",
+                dtype=jnp.float32,
+                kernels=kernels,
+            )
         return jnp.sum(s.astype(f.dtype).astype(jnp.float32) * ds.astype(jnp.float32)), s
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
@@ -174,15 +184,22 @@ def leaf_for(t: int) -> int:
     return max(8, 1 << max(0, (t // 16).bit_length() - 1))
 
 
-def measure(regime: str, t: int, tiers=TIERS, d: int = 64, seed: int = 0, leaf: int | None = None,
-            kernels: str = "xla") -> dict:
+def measure(
+    regime: str, t: int, tiers=TIERS, d: int = 64, seed: int = 0, leaf: int | None = None, kernels: str = "xla"
+) -> dict:
     """{"attention": {dq, dk, dv}, "s_floor": float, tier: {s, dq, dk, dgamma, df}} for one case."""
     leaf = leaf_for(t) if leaf is None else leaf
     q, k, gamma, f, ds = regime_inputs(regime, t, d=d, seed=seed)
     qb, kb, fb, dsb = (x.astype(BF16) for x in (q, k, f, ds))
     s64, g64, s64_full = oracle(qb, kb, gamma, fb, dsb, f)
-    row = {"regime": regime, "T": t, "D": d, "leaf": leaf,
-           "attention": attention_errors(qb, kb, fb, dsb), "s_floor": rel(s64, s64_full)}
+    row = {
+        "regime": regime,
+        "T": t,
+        "D": d,
+        "leaf": leaf,
+        "attention": attention_errors(qb, kb, fb, dsb),
+        "s_floor": rel(s64, s64_full),
+    }
     for tier in tiers:
         (_, s), grads = solve_fn(tier, leaf, t, kernels)(qb, kb, gamma, fb, dsb)
         row[tier] = {"s": rel(s, s64), **{name: rel(a, b) for name, a, b in zip(GRADS, grads, g64)}}
@@ -193,8 +210,13 @@ def bounds(row: dict) -> dict:
     """The accuracy targets of one measured case: s <= 2x its floor; dq, dk, df <= 2x attention's
     dq, dk, dv; dgamma <= 2x the largest of attention's three."""
     att = row["attention"]
-    return {"s": 2 * row["s_floor"], "dq": 2 * att["dq"], "dk": 2 * att["dk"], "df": 2 * att["dv"],
-            "dgamma": 2 * max(att.values())}
+    return {
+        "s": 2 * row["s_floor"],
+        "dq": 2 * att["dq"],
+        "dk": 2 * att["dk"],
+        "df": 2 * att["dv"],
+        "dgamma": 2 * max(att.values()),
+    }
 
 
 def print_table(rows: list[dict], tiers) -> None:
@@ -202,13 +224,17 @@ def print_table(rows: list[dict], tiers) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         att, lim = r["attention"], bounds(r)
-        print(f"| {r['regime']} | {r['T']} | {r['leaf']} | bf16 attention / s floor | {r['s_floor']:.1e} | "
-              f"{att['dq']:.1e} | {att['dk']:.1e} | - | {att['dv']:.1e} (dv) | |")
+        print(
+            f"| {r['regime']} | {r['T']} | {r['leaf']} | bf16 attention / s floor | {r['s_floor']:.1e} | "
+            f"{att['dq']:.1e} | {att['dk']:.1e} | - | {att['dv']:.1e} (dv) | |"
+        )
         for tier in tiers:
             e = r[tier]
             ok = all(e[name] <= lim[name] for name in lim)
-            print(f"| | | | {tier} | {e['s']:.1e} | {e['dq']:.1e} | {e['dk']:.1e} | {e['dgamma']:.1e} | "
-                  f"{e['df']:.1e} | {'yes' if ok else 'no'} |")
+            print(
+                f"| | | | {tier} | {e['s']:.1e} | {e['dq']:.1e} | {e['dk']:.1e} | {e['dgamma']:.1e} | "
+                f"{e['df']:.1e} | {'yes' if ok else 'no'} |"
+            )
 
 
 def main(argv=None) -> list[dict]:
@@ -218,11 +244,17 @@ def main(argv=None) -> list[dict]:
     harness.add_tier_args(ap, default=TIERS, extra=(ONE_PASS_FORWARD,))
     ap.add_argument("--seed", type=int, default=0)
     harness.add_output_args(ap)
-    ap.add_argument("--kernels", default="xla", choices=["xla", "pallas", "gpu_gemm"],
-                    help="the solve's kernels (off their device in interpret mode); gpu_gemm needs T/16 >= 128")
+    ap.add_argument(
+        "--kernels",
+        default="xla",
+        choices=["xla", "pallas", "gpu_gemm"],
+        help="the solve's kernels (off their device in interpret mode); gpu_gemm needs T/16 >= 128",
+    )
     args = ap.parse_args(argv)
-    print(f"# solve_accuracy: {harness.machine_line()}; B=1, D={args.D}, kernels {args.kernels}, "
-          "relative Frobenius errors vs float64")
+    print(
+        f"# solve_accuracy: {harness.machine_line()}; B=1, D={args.D}, kernels {args.kernels}, "
+        "relative Frobenius errors vs float64"
+    )
     rows = []
     for t in args.T:
         for regime in args.regimes:

@@ -26,13 +26,25 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--T", type=int, default=8192)
     p.add_argument("--D", type=int, default=1024)
     p.add_argument("--leaf", type=int, default=512)
-    p.add_argument("--tier", default=None, choices=["float32", "bf16x3", "bfloat16"],
-                   help="precision tier (default: the library's rule for bf16 compute here)")
+    p.add_argument(
+        "--tier",
+        default=None,
+        choices=["float32", "bf16x3", "bfloat16"],
+        help="precision tier (default: the library's rule for bf16 compute here)",
+    )
     p.add_argument("--calls", type=int, default=5)
-    p.add_argument("--kernels", nargs="+", default=["xla"], choices=["xla", "pallas", "gpu_gemm"],
-                   help="the solve's kernels to time after the XLA paths (the kernels need leaves of 128 or more)")
-    p.add_argument("--kernel-segments", action="store_true",
-                   help="also time each non-XLA kernel set with one segment (the masked path)")
+    p.add_argument(
+        "--kernels",
+        nargs="+",
+        default=["xla"],
+        choices=["xla", "pallas", "gpu_gemm"],
+        help="the solve's kernels to time after the XLA paths (the kernels need leaves of 128 or more)",
+    )
+    p.add_argument(
+        "--kernel-segments",
+        action="store_true",
+        help="also time each non-XLA kernel set with one segment (the masked path)",
+    )
     harness.add_output_args(p)
     args = p.parse_args(argv)
 
@@ -52,8 +64,10 @@ def main(argv=None) -> list[dict]:
     q, k, f = (jax.random.normal(ks[i], (b, t, d), jnp.bfloat16) for i in range(3))
     gam = 0.99 * jnp.tanh(jax.random.normal(ks[3], (b, t)))
     ds = jax.random.normal(ks[4], (b, t, d), jnp.float32)
-    print(f"# solve paths on {harness.machine_line()}: B={b} T={t} D={d} leaf {leaf}, tile {tile}, tier {tier}, "
-          f"static span of the default rule: {static}")
+    print(
+        f"# solve paths on {harness.machine_line()}: B={b} T={t} D={d} leaf {leaf}, tile {tile}, tier {tier}, "
+        f"static span of the default rule: {static}"
+    )
     print(harness.markdown_table(("segment ids", "schedule", "kernels", "f+b ms", "s vs first", "grads vs first")))
     cases = [(packed, span, "xla") for packed in (False, True) for span in (None, static)]
     kernel_packing = (False, True) if args.kernel_segments else (False,)
@@ -63,8 +77,20 @@ def main(argv=None) -> list[dict]:
         seg = jnp.ones((b, t), jnp.int32) if packed else None
 
         def loss(q, k, g, f, seg=seg, span=span, kern=kern):
-            s = recursive_feedback_solve(q, k, g, f, seg, leaf_size=leaf, tile=tile, tier=tier, platform=platform,
-                                         dtype=jnp.float32, kernels=kern, static_span=span)
+            s = recursive_feedback_solve(
+                q,
+                k,
+                g,
+                f,
+                seg,
+                leaf_size=leaf,
+                tile=tile,
+                tier=tier,
+                platform=platform,
+                dtype=jnp.float32,
+                kernels=kern,
+                static_span=span,
+            )
             return jnp.sum(s * ds), s
 
         fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
@@ -75,22 +101,41 @@ def main(argv=None) -> list[dict]:
             if kern == "xla":
                 raise
             note = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
-            rows.append({"segment_ids": "one segment" if packed else "None", "schedule": f"static span {span}",
-                         "kernels": kern, "failed": note})
+            rows.append(
+                {
+                    "segment_ids": "one segment" if packed else "None",
+                    "schedule": f"static span {span}",
+                    "kernels": kern,
+                    "failed": note,
+                }
+            )
             print(harness.markdown_row((rows[-1]["segment_ids"], rows[-1]["schedule"], kern, note, "", "")), flush=True)
             continue
         ms = 1e3 * harness.measure(call, warmup=1, repeats=1, number=args.calls)
         (_, s), grads = call()
         flat = [s] + list(grads)
         first = first or flat
-        err = [float(jnp.linalg.norm((a - r).astype(jnp.float32)) / jnp.linalg.norm(r.astype(jnp.float32)))
-               for a, r in zip(flat, first)]
-        rows.append({"segment_ids": "one segment" if packed else "None",
-                     "schedule": "loop" if span is None else f"static span {span}", "kernels": kern, "ms": ms,
-                     "s_err": err[0], "grad_err": max(err[1:])})
+        err = [
+            float(jnp.linalg.norm((a - r).astype(jnp.float32)) / jnp.linalg.norm(r.astype(jnp.float32)))
+            for a, r in zip(flat, first)
+        ]
+        rows.append(
+            {
+                "segment_ids": "one segment" if packed else "None",
+                "schedule": "loop" if span is None else f"static span {span}",
+                "kernels": kern,
+                "ms": ms,
+                "s_err": err[0],
+                "grad_err": max(err[1:]),
+            }
+        )
         r = rows[-1]
-        print(harness.markdown_row((r["segment_ids"], r["schedule"], kern, f"{ms:.2f}", f"{err[0]:.1e}",
-                                    f"{max(err[1:]):.1e}")), flush=True)
+        print(
+            harness.markdown_row(
+                (r["segment_ids"], r["schedule"], kern, f"{ms:.2f}", f"{err[0]:.1e}", f"{max(err[1:]):.1e}")
+            ),
+            flush=True,
+        )
     harness.write_json(args.json, rows)
     return rows
 

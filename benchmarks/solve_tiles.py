@@ -56,17 +56,22 @@ def main(argv=None) -> None:
     ones = jnp.ones((b, t), jnp.int32)
     print(f"# {harness.machine_line()}; B={b} T={t} D={d} bf16, tier {tier}, mean of {calls} calls")
     for tile, leaf in args.tiles:
+
         def solve(q, k, g, f, tile=tile, leaf=leaf):
-            return recursive_feedback_solve(q, k, g, f, ones, leaf_size=leaf, tile=tile, tier=tier,
-                                            platform=platform_kind(), dtype=jnp.float32)
+            return recursive_feedback_solve(
+                q, k, g, f, ones, leaf_size=leaf, tile=tile, tier=tier, platform=platform_kind(), dtype=jnp.float32
+            )
 
         fwd = jax.jit(solve)
         fb = jax.jit(jax.grad(lambda *a: jnp.sum(solve(*a)), argnums=(0, 1, 2, 3)))
-        plan = RecursivePlan.make(t, leaf, tile, tier, platform_kind(), d ** -0.5)
+        plan = RecursivePlan.make(t, leaf, tile, tier, platform_kind(), d**-0.5)
         seg = jnp.ones((b, plan.padded_len), jnp.int32)
         qp = jnp.pad(q, ((0, 0), (0, plan.padded_len - t), (0, 0)))
-        stats = jax.jit(lambda q, k, plan=plan, seg=seg: row_statistics(
-            q, k, seg, leaf=plan.leaf, scale=plan.scale, tier=tier, schedule=plan.schedule, platform=plan.platform))
+        stats = jax.jit(
+            lambda q, k, plan=plan, seg=seg: row_statistics(
+                q, k, seg, leaf=plan.leaf, scale=plan.scale, tier=tier, schedule=plan.schedule, platform=plan.platform
+            )
+        )
         name = f"B={b} T={t} tile={tile} leaf={leaf}"
         _attempt(f"{name} stats", harness.blocking(stats, qp, qp), calls)
         _attempt(f"{name} fwd", harness.blocking(fwd, q, k, g, f), calls)

@@ -50,8 +50,12 @@ def _bf16x3_error() -> float:
 
     q, k, g, f, _ = regime_inputs("sharp_pm", 512, d=64, seed=7)
     q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
-    s = {tier: jax.jit(lambda q, k, g, f, tier=tier: feedback_solve(
-        q, k, g, f, method="recursive", leaf_size=64, precision=tier))(q, k, g, f) for tier in ("float32", "bf16x3")}
+    s = {
+        tier: jax.jit(
+            lambda q, k, g, f, tier=tier: feedback_solve(q, k, g, f, method="recursive", leaf_size=64, precision=tier)
+        )(q, k, g, f)
+        for tier in ("float32", "bf16x3")
+    }
     return float(jnp.linalg.norm(s["bf16x3"] - s["float32"]) / jnp.linalg.norm(s["float32"]))
 
 
@@ -62,8 +66,13 @@ def main(argv=None) -> None:
     p.add_argument("--D", type=int, default=1024)
     p.add_argument("--H", type=int, default=8, help="attention heads (of D/H each)")
     p.add_argument("--tiers", nargs="*", default=["bf16x3"], choices=TIERS, help="recursive solve tiers (none: skip)")
-    p.add_argument("--attention", nargs="*", default=[], choices=["cudnn", "xla"],
-                   help="jax.nn.dot_product_attention implementations")
+    p.add_argument(
+        "--attention",
+        nargs="*",
+        default=[],
+        choices=["cudnn", "xla"],
+        help="jax.nn.dot_product_attention implementations",
+    )
     p.add_argument("--accuracy", action="store_true", help="also the bf16x3 tier's error vs float32 on this device")
     p.add_argument("--calls", type=int, default=5, help="timed calls after the warm-up")
     args = p.parse_args(argv)
@@ -79,6 +88,7 @@ def main(argv=None) -> None:
     g = 0.9 * jnp.tanh(jax.random.normal(ks[3], (b, t)))
     print(f"# {harness.machine_line()}; B={b} T={t} D={d} H={h} bf16, mean of {args.calls} calls")
     for tier in args.tiers:
+
         def solve(q, k, g, f, tier=tier):
             return feedback_solve(q, k, g, f, method="recursive", precision=tier)
 
@@ -86,6 +96,7 @@ def main(argv=None) -> None:
         _attempt(f"recursive f+b {tier}", _grad(solve, 4), (q, k, g, f), args.calls)
     heads = tuple(x.reshape(b, t, h, d // h) for x in (q, k, f))
     for impl in args.attention:
+
         def attention(q, k, v, impl=impl):
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
 

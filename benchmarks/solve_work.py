@@ -33,21 +33,35 @@ import jax.numpy as jnp
 
 from benchmarks import harness
 from benchmarks.jaxpr_work import count_work
+from sessa_jax.ops.dispatch import recursive_tile
 from sessa_jax.ops.solve.blocked import blocked_feedback_solve
 from sessa_jax.ops.solve.recursive import recursive_feedback_solve
-from sessa_jax.ops.dispatch import recursive_tile
 
 
 def solver(method: str, b: int, t: int, leaf: int, chunk: int, tier: str = "bf16x3"):
     seg = jnp.ones((b, t), jnp.int32)
     if method == "recursive":
+
         def solve(q, k, g, f):
-            return recursive_feedback_solve(q, k, g, f, seg, leaf_size=leaf, tile=recursive_tile(t, leaf), tier=tier,
-                                            platform="gpu", dtype=jnp.float32).astype(f.dtype)
+            return recursive_feedback_solve(
+                q,
+                k,
+                g,
+                f,
+                seg,
+                leaf_size=leaf,
+                tile=recursive_tile(t, leaf),
+                tier=tier,
+                platform="gpu",
+                dtype=jnp.float32,
+            ).astype(f.dtype)
+
         dtype = jnp.bfloat16
     else:
+
         def solve(q, k, g, f):
             return blocked_feedback_solve(q, k, g, f, seg, chunk, jnp.float32)
+
         dtype = jnp.float32
     return solve, dtype
 
@@ -62,11 +76,23 @@ def measure(method: str, b: int, t: int, d: int, leaf: int, chunk: int, compile_
 
     u = float(b) * t * t * d
     fwd, both = count_work(solve, x, x, g, x), count_work(fwd_bwd, x, x, g, x)
-    row = dict(method=method, tier=tier if method == "recursive" else "float32", B=b, T=t, D=d,
-               leaf=leaf if method == "recursive" else chunk,
-               fwd_U=fwd.flops / u, fwd_pass_U=fwd.pass_flops / u, fwd_big=fwd.big_flops / max(fwd.flops, 1),
-               fwd_steps=fwd.outer_steps, fb_U=both.flops / u, fb_pass_U=both.pass_flops / u,
-               fb_big=both.big_flops / max(both.flops, 1), fb_steps=both.outer_steps, fb_all_steps=both.all_steps)
+    row = dict(
+        method=method,
+        tier=tier if method == "recursive" else "float32",
+        B=b,
+        T=t,
+        D=d,
+        leaf=leaf if method == "recursive" else chunk,
+        fwd_U=fwd.flops / u,
+        fwd_pass_U=fwd.pass_flops / u,
+        fwd_big=fwd.big_flops / max(fwd.flops, 1),
+        fwd_steps=fwd.outer_steps,
+        fb_U=both.flops / u,
+        fb_pass_U=both.pass_flops / u,
+        fb_big=both.big_flops / max(both.flops, 1),
+        fb_steps=both.outer_steps,
+        fb_all_steps=both.all_steps,
+    )
     if compile_:
         t0 = time.perf_counter()
         compiled = jax.jit(fwd_bwd).lower(x, x, g, x).compile()
@@ -95,15 +121,19 @@ def _fmt_bytes(n) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = ("| method | B | T | leaf/C | fwd U | fwd pass-U | fwd big | fwd steps | f+b U | f+b pass-U | f+b big "
-            "| f+b steps (all) | temp | largest | compile s | tier |")
+    head = (
+        "| method | B | T | leaf/C | fwd U | fwd pass-U | fwd big | fwd steps | f+b U | f+b pass-U | f+b big "
+        "| f+b steps (all) | temp | largest | compile s | tier |"
+    )
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
-        print(f"| {r['method']} | {r['B']} | {r['T']} | {r['leaf']} | {r['fwd_U']:.2f} | {r['fwd_pass_U']:.2f} | "
-              f"{100 * r['fwd_big']:.1f}% | {r['fwd_steps']} | {r['fb_U']:.2f} | {r['fb_pass_U']:.2f} | "
-              f"{100 * r['fb_big']:.1f}% | {r['fb_steps']} ({r['fb_all_steps']}) | {_fmt_bytes(r.get('temp_bytes'))} | "
-              f"{r.get('largest', '-')} | {r.get('compile_s', float('nan')):.1f} | {r['tier']} |")
+        print(
+            f"| {r['method']} | {r['B']} | {r['T']} | {r['leaf']} | {r['fwd_U']:.2f} | {r['fwd_pass_U']:.2f} | "
+            f"{100 * r['fwd_big']:.1f}% | {r['fwd_steps']} | {r['fb_U']:.2f} | {r['fb_pass_U']:.2f} | "
+            f"{100 * r['fb_big']:.1f}% | {r['fb_steps']} ({r['fb_all_steps']}) | {_fmt_bytes(r.get('temp_bytes'))} | "
+            f"{r.get('largest', '-')} | {r.get('compile_s', float('nan')):.1f} | {r['tier']} |"
+        )
 
 
 def main(argv=None) -> list[dict]:
@@ -114,8 +144,13 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--leaf", type=int, default=512, help="leaf of the recursive solve")
     ap.add_argument("--chunk", type=int, default=128, help="chunk of the blocked scan")
     ap.add_argument("--no-compile", action="store_true", help="count work only (no compile time or memory)")
-    ap.add_argument("--layer-compile", type=int, nargs="*", default=[],
-                    help="also time compiling a SessaLayer (D, H=8, bf16) forward + backward at these T")
+    ap.add_argument(
+        "--layer-compile",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time compiling a SessaLayer (D, H=8, bf16) forward + backward at these T",
+    )
     harness.add_output_args(ap)
     args = ap.parse_args(argv)
     print(f"# solve_work: {harness.machine_line()}; U = B T^2 D")

@@ -39,8 +39,11 @@ def _setup(config: str, kind: str, seq_len: int, args):
     from sessa_jax.train.state import build_model, create_state, state_shardings
     from sessa_jax.train.step import make_train_step
 
-    overrides = [f"--config.data.seq_len={seq_len}", f"--config.model.kind={kind}",
-                 f"--config.model.match_params={args.match_params and kind != 'sessa'}"]
+    overrides = [
+        f"--config.data.seq_len={seq_len}",
+        f"--config.model.kind={kind}",
+        f"--config.model.match_params={args.match_params and kind != 'sessa'}",
+    ]
     cfg = load_config(config, overrides)
     if cfg.model.max_len < seq_len:
         cfg.model.max_len = seq_len
@@ -56,9 +59,13 @@ def _setup(config: str, kind: str, seq_len: int, args):
     b = cfg.data.batch_size
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, resolved.model.vocab_size, (b, seq_len + 1), dtype=np.int32)
-    batch = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], weights=np.ones((b, seq_len), np.float32),
-                 segment_ids=np.ones((b, seq_len), np.int32),
-                 positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32), (b, seq_len)).copy())
+    batch = dict(
+        inputs=tokens[:, :-1],
+        targets=tokens[:, 1:],
+        weights=np.ones((b, seq_len), np.float32),
+        segment_ids=np.ones((b, seq_len), np.int32),
+        positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32), (b, seq_len)).copy(),
+    )
     batch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, data_sharding)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     holder = {"state": state}
@@ -75,8 +82,7 @@ def _setup(config: str, kind: str, seq_len: int, args):
         with sharding.activate(mesh):
             return jaxpr_work.count_work(step_fn, holder["state"], batch)
 
-    info = dict(d_model=resolved.model.d_model, n_layers=resolved.model.n_layers, batch=b, params=n_params,
-                work=work)
+    info = dict(d_model=resolved.model.d_model, n_layers=resolved.model.n_layers, batch=b, params=n_params, work=work)
     return run, info
 
 
@@ -112,16 +118,19 @@ def main(argv=None):
     print(harness.load_line("before"), flush=True)
     kinds = ("sessa", "transformer")
     work_rows = []
-    print("| seq_len | kind | d_model | layers | batch | params | step ms | tokens/s | sessa / transformer "
-          "| step CPU ms | CPU ratio |")
+    print(
+        "| seq_len | kind | d_model | layers | batch | params | step ms | tokens/s | sessa / transformer "
+        "| step CPU ms | CPU ratio |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for seq_len in args.seq_len:
         runs = {k: _setup(args.config, k, seq_len, args) for k in kinds}
         for run, _ in runs.values():
             run(max(1, args.warmup))  # compiles
         # one call runs --steps train steps and blocks once at the end, as training does
-        timed = harness.interleaved({k: (lambda run=runs[k][0]: run(args.steps)) for k in kinds}, args.repeats,
-                                    warmup=0)
+        timed = harness.interleaved(
+            {k: (lambda run=runs[k][0]: run(args.steps)) for k in kinds}, args.repeats, warmup=0
+        )
         samples = {k: [s / args.steps for s in timed[k]["wall"]] for k in kinds}
         cpu_ms = {k: statistics.median(timed[k]["cpu"]) / args.steps * 1e3 for k in kinds}
         tok = {k: runs[k][1]["batch"] * seq_len / statistics.median(samples[k]) for k in kinds}
@@ -129,9 +138,11 @@ def main(argv=None):
             info = runs[k][1]
             ratio = f"{tok['sessa'] / tok['transformer']:.2f}" if k == "sessa" else ""
             cpu_ratio = f"{cpu_ms['transformer'] / cpu_ms['sessa']:.2f}" if k == "sessa" else ""
-            print(f"| {seq_len} | {k} | {info['d_model']} | {info['n_layers']} | {info['batch']} | {info['params']} | "
-                  f"{statistics.median(samples[k]) * 1e3:.1f} | {tok[k]:.0f} | {ratio} | {cpu_ms[k]:.1f} | {cpu_ratio} |",
-                  flush=True)
+            print(
+                f"| {seq_len} | {k} | {info['d_model']} | {info['n_layers']} | {info['batch']} | {info['params']} | "
+                f"{statistics.median(samples[k]) * 1e3:.1f} | {tok[k]:.0f} | {ratio} | {cpu_ms[k]:.1f} | {cpu_ratio} |",
+                flush=True,
+            )
         if args.work:
             counted = {k: runs[k][1]["work"]() for k in kinds}
             step_s = statistics.median(samples["transformer"])
@@ -139,15 +150,21 @@ def main(argv=None):
     if work_rows:
         flops_rate, exp_rate = machine_rates()
         print(f"\n# this machine: float32 matmul {flops_rate / 1e9:.0f} GFLOP/s, exp {exp_rate / 1e9:.2f} G elements/s")
-        print("| seq_len | kind | matmul GFLOP / step | transcendentals M / step | FLOPs vs transformer "
-              "| transcendentals vs transformer | best possible sessa / transformer |")
+        print(
+            "| seq_len | kind | matmul GFLOP / step | transcendentals M / step | FLOPs vs transformer "
+            "| transcendentals vs transformer | best possible sessa / transformer |"
+        )
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for seq_len, k, w, base, step_s in work_rows:
-            extra_s = (max(0.0, w.flops - base.flops) / flops_rate
-                       + max(0.0, w.transcendentals - base.transcendentals) / exp_rate)
+            extra_s = (
+                max(0.0, w.flops - base.flops) / flops_rate
+                + max(0.0, w.transcendentals - base.transcendentals) / exp_rate
+            )
             bound = f"{step_s / (step_s + extra_s):.2f}" if k == "sessa" else ""
-            print(f"| {seq_len} | {k} | {w.flops / 1e9:.2f} | {w.transcendentals / 1e6:.1f} | "
-                  f"{w.flops / base.flops:.2f} | {w.transcendentals / base.transcendentals:.2f} | {bound} |")
+            print(
+                f"| {seq_len} | {k} | {w.flops / 1e9:.2f} | {w.transcendentals / 1e6:.1f} | "
+                f"{w.flops / base.flops:.2f} | {w.transcendentals / base.transcendentals:.2f} | {bound} |"
+            )
     print(harness.load_line("after"))
 
 

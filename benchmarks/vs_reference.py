@@ -13,7 +13,8 @@ of enough calls to last ~--sample-s. Beside wall clock it shows each process's C
 (time.process_time): the work itself, whatever the thread count, the steadier figure on a
 loaded machine. --threads N pins both processes to N cores (os.sched_setaffinity; the
 reference worker inherits it) and sets torch's thread count to N: XLA's CPU runtime keeps
-its own threads whatever its flags say, so pinning is what makes the two equal. The load average (os.getloadavg) is printed before and after.
+its own threads whatever its flags say, so pinning is what makes the two equal. The load average
+(os.getloadavg) is printed before and after.
 
     pip install -e '.[bench]'        # torch (CPU wheel) for the reference
     python -m benchmarks.vs_reference                       # T = 256 ... 8192
@@ -112,11 +113,31 @@ class Reference:
         except (ImportError, FileNotFoundError) as err:
             self.why_not = str(err)
             return
-        cmd = [sys.executable, "-m", "benchmarks.vs_reference", "--worker", "--B", str(b), "--D", str(d),
-               "--H", str(h), "--seed", str(seed), "--threads", str(threads)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.vs_reference",
+            "--worker",
+            "--B",
+            str(b),
+            "--D",
+            str(d),
+            "--H",
+            str(h),
+            "--seed",
+            str(seed),
+            "--threads",
+            str(threads),
+        ]
         path = os.pathsep.join([reference, str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
-                                     env=dict(os.environ, PYTHONPATH=path))
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env=dict(os.environ, PYTHONPATH=path),
+        )
         self.info = json.loads(self.proc.stdout.readline())
 
     def time(self, t: int, which: str, n: int):
@@ -141,8 +162,9 @@ def _jax_case(t: int, args):
 
     from sessa_jax import SessaConfig, SessaLayer
 
-    cfg = SessaConfig(d_model=args.D, n_heads=args.H, solver=args.solver, chunk_size=args.chunk,
-                      dtype=jnp.float32, max_len=max(t, 16))
+    cfg = SessaConfig(
+        d_model=args.D, n_heads=args.H, solver=args.solver, chunk_size=args.chunk, dtype=jnp.float32, max_len=max(t, 16)
+    )
     layer = SessaLayer(cfg)
     kx, kr, kp = jax.random.split(jax.random.PRNGKey(args.seed), 3)
     x = jax.random.normal(kx, (args.B, t, args.D), jnp.float32)
@@ -173,17 +195,25 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats; the table shows the median")
     p.add_argument("--sample-s", type=float, default=0.3, help="target seconds of one timing sample")
     p.add_argument("--solver", default="auto", help="sessa-jax solver (auto = blocked on CPU)")
-    p.add_argument("--chunk", type=lambda s: s if s == "auto" else int(s), default="auto",
-                   help="sessa-jax chunk_size: 'auto' (the default config) or an integer")
+    p.add_argument(
+        "--chunk",
+        type=lambda s: s if s == "auto" else int(s),
+        default="auto",
+        help="sessa-jax chunk_size: 'auto' (the default config) or an integer",
+    )
     p.add_argument("--passes", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"])
     p.add_argument("--reference", default=_default_reference(), help="folder holding the published sessa/ package")
     p.add_argument("--no-reference", action="store_true", help="time sessa-jax only")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0,
-                   help="pin both implementations to this many cores (os.sched_setaffinity, and "
-                        "torch.set_num_threads); 0 = each library's default on every core. On a loaded "
-                        "machine torch's default OpenMP team spins against other processes, so compare "
-                        "with equal small counts")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="pin both implementations to this many cores (os.sched_setaffinity, and "
+        "torch.set_num_threads); 0 = each library's default on every core. On a loaded "
+        "machine torch's default OpenMP team spins against other processes, so compare "
+        "with equal small counts",
+    )
     p.add_argument("--json", default=None, help="also write the samples to this file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -199,7 +229,7 @@ def main(argv=None):
         cores = sorted(os.sched_getaffinity(0))
         if args.threads > len(cores):
             p.error(f"--threads {args.threads}: this process may use only {len(cores)} core(s)")
-        os.sched_setaffinity(0, cores[:args.threads])  # jax's pools and the torch worker inherit this
+        os.sched_setaffinity(0, cores[: args.threads])  # jax's pools and the torch worker inherit this
 
     import flax
     import jax
@@ -207,11 +237,15 @@ def main(argv=None):
 
     ref = None if args.no_reference else Reference(args.reference, args.B, args.D, args.H, args.seed, args.threads)
     why_not = "--no-reference" if ref is None else ref.why_not
-    print(f"# machine: {harness.cpu_model()} ({platform.machine()}), cpus={os.cpu_count()}, python "
-          f"{platform.python_version()}, numpy {np.__version__}, flax {flax.__version__}")
-    print(f"# sessa-jax: jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
-          f"solver={args.solver} chunk={args.chunk} "
-          f"threads={args.threads or 'default'}")
+    print(
+        f"# machine: {harness.cpu_model()} ({platform.machine()}), cpus={os.cpu_count()}, python "
+        f"{platform.python_version()}, numpy {np.__version__}, flax {flax.__version__}"
+    )
+    print(
+        f"# sessa-jax: jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+        f"solver={args.solver} chunk={args.chunk} "
+        f"threads={args.threads or 'default'}"
+    )
     if why_not:
         print(f"# reference skipped: {why_not}")
     else:
@@ -252,9 +286,11 @@ def main(argv=None):
 
     names = {"fwd": "forward", "fwd_bwd": "forward + backward"}
     for which in args.passes:
-        print(f"\n{names[which]} (median ms per call; wall clock, and the process's CPU time)\n"
-              "| T | reference | sessa-jax | ratio (jax / ref) | reference CPU | sessa-jax CPU | CPU ratio |\n"
-              "| --- | --- | --- | --- | --- | --- | --- |")
+        print(
+            f"\n{names[which]} (median ms per call; wall clock, and the process's CPU time)\n"
+            "| T | reference | sessa-jax | ratio (jax / ref) | reference CPU | sessa-jax CPU | CPU ratio |\n"
+            "| --- | --- | --- | --- | --- | --- | --- |"
+        )
         for t in args.T:
             row = [str(t)]
             for clock in ("wall", "cpu"):
@@ -264,8 +300,9 @@ def main(argv=None):
                 row += [r_txt, _fmt_ms(j), ratio]
             print("| " + " | ".join(row) + " |")
     print("\n" + harness.load_line("after"))
-    harness.write_json(args.json, {"args": vars(args),
-                                   "samples": {"|".join(map(str, k)): v for k, v in samples.items()}})
+    harness.write_json(
+        args.json, {"args": vars(args), "samples": {"|".join(map(str, k)): v for k, v in samples.items()}}
+    )
     return samples
 
 

@@ -41,8 +41,9 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     if not args.topology:  # must precede the first JAX import
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + f" --xla_force_host_platform_device_count={args.devices}")
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
+        )
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
     import jax.numpy as jnp
@@ -67,23 +68,32 @@ def main(argv=None):
     sweep = [int(t) for t in args.tensor.split(",")] if args.tensor else [axes.get("tensor", 1)]
     model, tx = build_model(resolved), make_optimizer(cfg.optim, cfg.train.steps)
     mc = model_config(resolved)
-    n_params = sum(x.size for x in jax.tree_util.tree_leaves(
-        jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))))
-    print(f"config={args.config} kind={cfg.model.kind} params={n_params / 1e6:.1f}M d_model={mc.d_model} "
-          f"layers={mc.n_layers} dtype={mc.dtype.name} remat={mc.remat} scan={mc.scan_layers} "
-          f"seq_len={cfg.data.seq_len} global_batch={cfg.data.batch_size} devices={len(devices)} "
-          f"({devices[0].platform}{' ' + args.topology if args.topology else ''})")
+    n_params = sum(
+        x.size
+        for x in jax.tree_util.tree_leaves(
+            jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+        )
+    )
+    print(
+        f"config={args.config} kind={cfg.model.kind} params={n_params / 1e6:.1f}M d_model={mc.d_model} "
+        f"layers={mc.n_layers} dtype={mc.dtype.name} remat={mc.remat} scan={mc.scan_layers} "
+        f"seq_len={cfg.data.seq_len} global_batch={cfg.data.batch_size} devices={len(devices)} "
+        f"({devices[0].platform}{' ' + args.topology if args.topology else ''})"
+    )
     chunks = [int(c) for c in args.loss_chunk.split(",")] if args.loss_chunk else [cfg.train.loss_chunk]
-    header = f"{'mesh (data,fsdp,tensor)':>24} | {'loss chunk':>10} | {'args GiB':>8} | {'temp GiB':>8} | {'out GiB':>8} | " \
-             f"{'alias GiB':>9} | {'peak GiB':>8} | compile s"
+    header = (
+        f"{'mesh (data,fsdp,tensor)':>24} | {'loss chunk':>10} | {'args GiB':>8} | {'temp GiB':>8} | {'out GiB':>8} | "
+        f"{'alias GiB':>9} | {'peak GiB':>8} | compile s"
+    )
     print(header)
     print("-" * len(header))
     for tp, loss_chunk in [(tp, c) for tp in sweep for c in chunks]:
         mesh_axes = dict(axes, tensor=tp)
         try:
             mesh = sharding.make_mesh(mesh_axes, devices)
-            sharding.validate_mesh(mesh, mc, cfg.data.batch_size, cfg.optim.grad_accum, process_count=1,
-                                   kind=cfg.model.kind)
+            sharding.validate_mesh(
+                mesh, mc, cfg.data.batch_size, cfg.optim.grad_accum, process_count=1, kind=cfg.model.kind
+            )
         except ValueError as e:
             print(f"{str(mesh_axes):>24} | skipped: {e}")
             continue
@@ -92,18 +102,27 @@ def main(argv=None):
         state = abstract_state(model, tx, cfg.train.seed, cfg.data.seq_len, shardings)
         bs = sharding.batch_sharding(mesh)
         tok = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.int32, sharding=bs)
-        batch = dict(inputs=tok, targets=tok, segment_ids=tok, positions=tok,
-                     weights=jax.ShapeDtypeStruct(tok.shape, jnp.float32, sharding=bs))
+        batch = dict(
+            inputs=tok,
+            targets=tok,
+            segment_ids=tok,
+            positions=tok,
+            weights=jax.ShapeDtypeStruct(tok.shape, jnp.float32, sharding=bs),
+        )
         step = make_train_step(shardings, bs, cfg.optim.grad_accum, loss_chunk)  # the loop's step and shardings
         with sharding.activate(mesh):
             compiled = step.lower(state, batch).compile()
         m = compiled.memory_analysis()
-        gib = 1024 ** 3
+        gib = 1024**3
         peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
         shape = tuple(mesh.shape[a] for a in sharding.MESH_AXES)
-        print(f"{str(shape):>24} | {loss_chunk or 'dense':>10} | {m.argument_size_in_bytes / gib:8.2f} | {m.temp_size_in_bytes / gib:8.2f} | "
-              f"{m.output_size_in_bytes / gib:8.2f} | {m.alias_size_in_bytes / gib:9.2f} | {peak / gib:8.2f} | "
-              f"{time.perf_counter() - t0:.0f}", flush=True)
+        print(
+            f"{str(shape):>24} | {loss_chunk or 'dense':>10} | {m.argument_size_in_bytes / gib:8.2f} | "
+            f"{m.temp_size_in_bytes / gib:8.2f} | "
+            f"{m.output_size_in_bytes / gib:8.2f} | {m.alias_size_in_bytes / gib:9.2f} | {peak / gib:8.2f} | "
+            f"{time.perf_counter() - t0:.0f}",
+            flush=True,
+        )
 
 
 def _target_devices(jax, args):
@@ -114,8 +133,10 @@ def _target_devices(jax, args):
     try:
         return topologies.get_topology_desc(args.topology, "tpu").devices
     except Exception as e:  # no libtpu / unknown topology: say so rather than guess
-        raise SystemExit(f"cannot target TPU topology {args.topology!r} here ({type(e).__name__}: {e}); "
-                         f"drop --topology to compile for {args.devices} fake CPU devices") from e
+        raise SystemExit(
+            f"cannot target TPU topology {args.topology!r} here ({type(e).__name__}: {e}); "
+            f"drop --topology to compile for {args.devices} fake CPU devices"
+        ) from e
 
 
 if __name__ == "__main__":

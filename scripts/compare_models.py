@@ -28,7 +28,8 @@ optimizer runs at peak lr 1 and the update is scaled by lr, which is exactly Ada
     python scripts/compare_models.py --scale cpu --out results/compare_cpu.jsonl --table   # table only
     python scripts/compare_models.py --scale paper --out results/compare_paper.jsonl --time-limit 540  # accelerator
 
-Scales: ``toy`` (the test, seconds), ``cpu`` (sized for about 40 minutes on a quiet 2-core machine; the budget is an hour),
+Scales: ``toy`` (the test, seconds), ``cpu`` (sized for about 40 minutes on a quiet 2-core machine; the budget
+is an hour),
 ``paper`` (T = 2048 SymbolSoup and MQAR, the paper's 125M width: for an accelerator).
 """
 
@@ -78,23 +79,64 @@ class Scale:
 
 
 SCALES = {
-    "toy": Scale(d_model=16, n_heads=1, n_layers=1, batch_size=4, steps=3, lrs=(1e-3, 3e-3, 1e-2), seeds=(0, 1, 2),
-                 soup_lengths=((40, 60),), soup_sizes=(40, 20, 20), mqar_lengths=(16,), mqar_kv_pairs=2,
-                 mqar_vocab=32, mqar_eval=8, chunk_size=16),
+    "toy": Scale(
+        d_model=16,
+        n_heads=1,
+        n_layers=1,
+        batch_size=4,
+        steps=3,
+        lrs=(1e-3, 3e-3, 1e-2),
+        seeds=(0, 1, 2),
+        soup_lengths=((40, 60),),
+        soup_sizes=(40, 20, 20),
+        mqar_lengths=(16,),
+        mqar_kv_pairs=2,
+        mqar_vocab=32,
+        mqar_eval=8,
+        chunk_size=16,
+    ),
     # cpu: one learning rate (the sweep would triple the cost; 3e-3 is where the 2-layer models learn
     # SymbolSoup, 1e-2 diverges there), 3 seeds, the longest SymbolSoup window that fits the budget.
     # cpu: one learning rate (the sweep would triple the cost; 3e-3 is where the 2-layer models learn
     # SymbolSoup, 1e-2 diverges there), 3 seeds, the longest SymbolSoup window that fits the budget.
     # MQAR gets width 64 / 2 heads and 1500 steps: at width 32 / 1 head no kind learned the key-value
     # association within 3000 steps (all at 1 / pairs), at 64 / 2 heads Sessa does.
-    "cpu": Scale(d_model=32, n_heads=1, n_layers=2, batch_size=32, steps=1000, lrs=(3e-3,),
-                 seeds=(0, 1, 2), soup_lengths=((200, 300),), soup_sizes=(32000, 400, 2000),
-                 mqar_lengths=(32,), mqar_kv_pairs=4, mqar_vocab=64, mqar_eval=500, chunk_size=16,
-                 mqar_model=(64, 2), mqar_steps=1500),
-    "paper": Scale(d_model=768, n_heads=12, n_layers=12, batch_size=32, steps=5000, lrs=(3e-4, 6e-4, 1.2e-3),
-                   seeds=(0, 1, 2), soup_lengths=((400, 600), (1366, 2048)), soup_sizes=(20000, 2000, 2000),
-                   mqar_lengths=(512, 2048), mqar_kv_pairs=32, mqar_vocab=8192, mqar_eval=2000, chunk_size=128,
-                   dtype="bfloat16", checkpoint_every=500),
+    "cpu": Scale(
+        d_model=32,
+        n_heads=1,
+        n_layers=2,
+        batch_size=32,
+        steps=1000,
+        lrs=(3e-3,),
+        seeds=(0, 1, 2),
+        soup_lengths=((200, 300),),
+        soup_sizes=(32000, 400, 2000),
+        mqar_lengths=(32,),
+        mqar_kv_pairs=4,
+        mqar_vocab=64,
+        mqar_eval=500,
+        chunk_size=16,
+        mqar_model=(64, 2),
+        mqar_steps=1500,
+    ),
+    "paper": Scale(
+        d_model=768,
+        n_heads=12,
+        n_layers=12,
+        batch_size=32,
+        steps=5000,
+        lrs=(3e-4, 6e-4, 1.2e-3),
+        seeds=(0, 1, 2),
+        soup_lengths=((400, 600), (1366, 2048)),
+        soup_sizes=(20000, 2000, 2000),
+        mqar_lengths=(512, 2048),
+        mqar_kv_pairs=32,
+        mqar_vocab=8192,
+        mqar_eval=2000,
+        chunk_size=128,
+        dtype="bfloat16",
+        checkpoint_every=500,
+    ),
 }
 
 
@@ -114,8 +156,9 @@ def soup_split(scale: Scale, lengths: tuple[int, int], split: int) -> dict[str, 
     from sessa_jax.data import symbol_soup as ss
 
     lo, hi = lengths
-    src = ss.SymbolSoupSource(seq_len=hi, min_tokens=lo, max_tokens=hi, seed=0, split=split,
-                              num_records=scale.soup_sizes[split])
+    src = ss.SymbolSoupSource(
+        seq_len=hi, min_tokens=lo, max_tokens=hi, seed=0, split=split, num_records=scale.soup_sizes[split]
+    )
     return _stack([src[i] for i in range(len(src))])
 
 
@@ -169,9 +212,11 @@ def reference_lines(scale: Scale, task: str, data: dict) -> dict[str, float]:
         from sessa_jax.data.mqar import frequency_baseline, no_association_accuracy
 
         num_values = scale.mqar_vocab - scale.mqar_vocab // 2
-        lines = dict(chance=1.0 / num_values,
-                     no_association=no_association_accuracy(scale.mqar_kv_pairs, num_values),
-                     no_association_measured=frequency_baseline(data[SPLIT_TEST], scale.mqar_kv_pairs))
+        lines = dict(
+            chance=1.0 / num_values,
+            no_association=no_association_accuracy(scale.mqar_kv_pairs, num_values),
+            no_association_measured=frequency_baseline(data[SPLIT_TEST], scale.mqar_kv_pairs),
+        )
     lines["test_n"] = int(np.sum(data[SPLIT_TEST]["weights"] > 0))
     return {k: float(v) if k != "test_n" else v for k, v in lines.items()}
 
@@ -187,16 +232,24 @@ def model_configs(scale: Scale, task: str, length) -> dict:
     from sessa_jax.config import SessaConfig
 
     t = seq_len_of(task, length)
-    base = SessaConfig(d_model=scale.d_model, n_heads=scale.n_heads, n_layers=scale.n_layers,
-                       vocab_size=vocab_of(scale, task), max_len=t, chunk_size=min(scale.chunk_size, t),
-                       dtype=jnp.dtype(scale.dtype))
+    base = SessaConfig(
+        d_model=scale.d_model,
+        n_heads=scale.n_heads,
+        n_layers=scale.n_layers,
+        vocab_size=vocab_of(scale, task),
+        max_len=t,
+        chunk_size=min(scale.chunk_size, t),
+        dtype=jnp.dtype(scale.dtype),
+    )
     configs = {k: match_width(base, k) for k in KINDS}
     target = count_params(base, "sessa")
     for kind, c in configs.items():
         n = count_params(c, kind)
         if abs(n - target) > 0.05 * target:
-            raise RuntimeError(f"{kind} at d_model={c.d_model} has {n:,} parameters, more than 5% from Sessa's "
-                               f"{target:,}: the comparison would not be matched; change the scale's d_model/n_heads")
+            raise RuntimeError(
+                f"{kind} at d_model={c.d_model} has {n:,} parameters, more than 5% from Sessa's "
+                f"{target:,}: the comparison would not be matched; change the scale's d_model/n_heads"
+            )
     return configs
 
 
@@ -251,7 +304,7 @@ class Trainer:
         b, n = self.scale.batch_size, len(data["inputs"])
         correct = weight = 0.0
         for start in range(0, n, b):
-            batch = {k: v[start:start + b] for k, v in data.items()}
+            batch = {k: v[start : start + b] for k, v in data.items()}
             if len(batch["inputs"]) < b:  # pad the last batch with unscored rows (one compiled shape)
                 pad = b - len(batch["inputs"])
                 batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
@@ -266,8 +319,7 @@ class Trainer:
 
         padded = np.zeros(self.scale.steps, np.float32)
         padded[:step] = np.asarray([float(x) for x in losses[:step]], np.float32)
-        tree = dict(params=params, opt_state=opt_state, step=np.int32(step), losses=padded,
-                    seconds=np.float32(seconds))
+        tree = dict(params=params, opt_state=opt_state, step=np.int32(step), losses=padded, seconds=np.float32(seconds))
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.abspath(path), tree, force=True)
 
@@ -276,17 +328,28 @@ class Trainer:
         import jax
         import orbax.checkpoint as ocp
 
-        like = dict(params=params, opt_state=opt_state, step=np.int32(0),
-                    losses=np.zeros(self.scale.steps, np.float32), seconds=np.float32(0))
+        like = dict(
+            params=params,
+            opt_state=opt_state,
+            step=np.int32(0),
+            losses=np.zeros(self.scale.steps, np.float32),
+            seconds=np.float32(0),
+        )
         abstract = jax.eval_shape(lambda tree: tree, like)
         with ocp.StandardCheckpointer() as ckptr:
             got = ckptr.restore(os.path.abspath(path), abstract)
         step = int(got["step"])
-        return got["params"], got["opt_state"], step, [float(x) for x in np.asarray(got["losses"])[:step]], \
-            float(got["seconds"])
+        return (
+            got["params"],
+            got["opt_state"],
+            step,
+            [float(x) for x in np.asarray(got["losses"])[:step]],
+            float(got["seconds"]),
+        )
 
-    def run(self, lr: float, seed: int, data: dict, checkpoint: str | None = None,
-            deadline: float | None = None) -> dict | None:
+    def run(
+        self, lr: float, seed: int, data: dict, checkpoint: str | None = None, deadline: float | None = None
+    ) -> dict | None:
         """Trains one model (init and data order from ``seed``); accuracies on valid and test.
 
         With ``checkpoint`` (a directory path) the run continues from the state saved there,
@@ -303,13 +366,15 @@ class Trainer:
             params, opt_state, first, losses, before = self._restore(checkpoint, params, opt_state)
         train, b, steps = data[SPLIT_TRAIN], self.scale.batch_size, self.scale.steps
         n = len(train["inputs"])
-        order = np.concatenate([np.random.default_rng([seed, epoch]).permutation(n)
-                                for epoch in range(math.ceil(steps * b / n))])
+        order = np.concatenate(
+            [np.random.default_rng([seed, epoch]).permutation(n) for epoch in range(math.ceil(steps * b / n))]
+        )
         every = self.scale.checkpoint_every
         for step in range(first, steps):
-            idx = order[step * b:(step + 1) * b]
-            params, opt_state, loss = self.train_step(params, opt_state, {k: v[idx] for k, v in train.items()},
-                                                      jnp.float32(lr))
+            idx = order[step * b : (step + 1) * b]
+            params, opt_state, loss = self.train_step(
+                params, opt_state, {k: v[idx] for k, v in train.items()}, jnp.float32(lr)
+            )
             losses.append(loss)
             taken = step + 1
             out_of_time = deadline is not None and time.monotonic() >= deadline
@@ -323,9 +388,13 @@ class Trainer:
         else:
             valid, test = self.accuracy(params, data[SPLIT_VALID]), self.accuracy(params, data[SPLIT_TEST])
         self.last_params = params  # the trained parameters, for --save of influence checkpoints
-        return dict(final_loss=float(np.mean(losses[-max(1, len(losses) // 10):])), valid_accuracy=valid,
-                    test_accuracy=test, seconds=before + time.perf_counter() - start,
-                    cpu_seconds=time.process_time() - cpu_start)  # this process's CPU time (all threads)
+        return dict(
+            final_loss=float(np.mean(losses[-max(1, len(losses) // 10) :])),
+            valid_accuracy=valid,
+            test_accuracy=test,
+            seconds=before + time.perf_counter() - start,
+            cpu_seconds=time.process_time() - cpu_start,
+        )  # this process's CPU time (all threads)
 
 
 # --------------------------------------------------------------------------------------
@@ -386,8 +455,11 @@ def _end_with_newline(path: str) -> None:
 def plan(scale: Scale, tasks) -> list[tuple[str, object]]:
     """(task, length) pairs, shortest lengths of every task first."""
     per_task = [[(t, n) for n in (scale.soup_lengths if t == "symbol_soup" else scale.mqar_lengths)] for t in tasks]
-    return [pair for rank in range(max(map(len, per_task))) for pair in
-            (lengths[rank] for lengths in per_task if rank < len(lengths))]
+    return [
+        pair
+        for rank in range(max(map(len, per_task)))
+        for pair in (lengths[rank] for lengths in per_task if rank < len(lengths))
+    ]
 
 
 def checkpoint_path(checkpoint_dir: str, task: str, name: str, kind: str, lr: float, seed: int) -> str:
@@ -408,15 +480,25 @@ def parse_overrides(items) -> dict:
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError) as err:
-            raise ValueError(f"--set {item!r}: the value must be a Python literal, e.g. steps=2000 or "
-                             f"\"soup_lengths=((100, 150),)\" ({err})") from None
+            raise ValueError(
+                f"--set {item!r}: the value must be a Python literal, e.g. steps=2000 or "
+                f'"soup_lengths=((100, 150),)" ({err})'
+            ) from None
         out[key] = tuple(value) if isinstance(value, list) else value
     return out
 
 
-def compare(scale_name: str, out: str, tasks=("mqar", "symbol_soup"), kinds=KINDS, log=print,
-            time_limit: float | None = None, checkpoint_dir: str | None = None,
-            redo_lines: bool = False, overrides: dict | None = None) -> list[dict] | None:
+def compare(
+    scale_name: str,
+    out: str,
+    tasks=("mqar", "symbol_soup"),
+    kinds=KINDS,
+    log=print,
+    time_limit: float | None = None,
+    checkpoint_dir: str | None = None,
+    redo_lines: bool = False,
+    overrides: dict | None = None,
+) -> list[dict] | None:
     """Runs every missing (task, length, kind, lr, seed) of ``scale_name``; returns all its rows.
 
     With ``time_limit`` (seconds) it stops once that much time has passed, saving the run in
@@ -442,13 +524,21 @@ def compare(scale_name: str, out: str, tasks=("mqar", "symbol_soup"), kinds=KIND
     progressed = False
     rows_so_far = read_results(out)
     done = {run_key(r) for r in rows_so_far if "kind" in r}
-    have_lines = set() if redo_lines else {(r["task"], r["length"]) for r in rows_so_far
-                                           if "reference" in r and r["scale"] == scale_name}
+    have_lines = (
+        set()
+        if redo_lines
+        else {(r["task"], r["length"]) for r in rows_so_far if "reference" in r and r["scale"] == scale_name}
+    )
     _end_with_newline(out)
     for task, length in plan(scale, tasks):
         name = length_name(task, length)
-        todo = [(s, lr, k) for s in scale.seeds for lr in scale.lrs for k in kinds
-                if (scale_name, task, name, k, float(lr), int(s)) not in done]
+        todo = [
+            (s, lr, k)
+            for s in scale.seeds
+            for lr in scale.lrs
+            for k in kinds
+            if (scale_name, task, name, k, float(lr), int(s)) not in done
+        ]
         if not todo and (task, name) in have_lines:
             continue
         t0 = time.perf_counter()
@@ -460,16 +550,20 @@ def compare(scale_name: str, out: str, tasks=("mqar", "symbol_soup"), kinds=KIND
             lines = reference_lines(tscale, task, data)
             with open(out, "a") as f:
                 f.write(json.dumps(dict(scale=scale_name, task=task, length=name, reference=lines)) + "\n")
-            log(f"{task} {name} reference lines (test accuracy): "
+            log(
+                f"{task} {name} reference lines (test accuracy): "
                 + ", ".join(f"{k} {v:.3f}" for k, v in lines.items() if k != "test_n")
-                + f" ({time.perf_counter() - t0:.0f}s)")
+                + f" ({time.perf_counter() - t0:.0f}s)"
+            )
         configs = model_configs(tscale, task, length)
         trainers = {}  # one compiled step per kind, reused by every lr and seed
         # seed-major order: an interrupted sweep has every kind and lr for the seeds it finished
         for seed, lr, kind in todo:
             if progressed and deadline is not None and time.monotonic() >= deadline:
-                log(f"--time-limit {time_limit:g} s reached before {task} {name} {kind} lr {lr:g} seed {seed}; "
-                    "rerun the same command to continue")
+                log(
+                    f"--time-limit {time_limit:g} s reached before {task} {name} {kind} lr {lr:g} seed {seed}; "
+                    "rerun the same command to continue"
+                )
                 return None
             if kind not in trainers:
                 trainers[kind] = Trainer(configs[kind], kind, tscale)
@@ -477,20 +571,34 @@ def compare(scale_name: str, out: str, tasks=("mqar", "symbol_soup"), kinds=KIND
             result = trainers[kind].run(lr, seed, data, checkpoint=ckpt, deadline=deadline)
             progressed = True
             if result is None:
-                log(f"--time-limit {time_limit:g} s reached in {task} {name} {kind} lr {lr:g} seed {seed}: "
-                    f"saved to {ckpt}; rerun the same command to continue")
+                log(
+                    f"--time-limit {time_limit:g} s reached in {task} {name} {kind} lr {lr:g} seed {seed}: "
+                    f"saved to {ckpt}; rerun the same command to continue"
+                )
                 return None
-            row = dict(scale=scale_name, task=task, length=name, seq_len=seq_len_of(task, length),
-                       kind=kind, lr=float(lr), seed=int(seed), d_model=configs[kind].d_model,
-                       params=count_params(configs[kind], kind), steps=tscale.steps,
-                       tokens=tscale.steps * tscale.batch_size * seq_len_of(task, length), **result)
+            row = dict(
+                scale=scale_name,
+                task=task,
+                length=name,
+                seq_len=seq_len_of(task, length),
+                kind=kind,
+                lr=float(lr),
+                seed=int(seed),
+                d_model=configs[kind].d_model,
+                params=count_params(configs[kind], kind),
+                steps=tscale.steps,
+                tokens=tscale.steps * tscale.batch_size * seq_len_of(task, length),
+                **result,
+            )
             if seed in scale.save_params_seeds:
                 save_params(params_path(out, task, name, kind, lr, seed), trainers[kind].last_params)
             with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")
             shutil.rmtree(ckpt, ignore_errors=True)  # after the row is written: a crash between keeps both
-            log(f"{task} {name} {kind:>11} lr {lr:g} seed {seed}: valid {row['valid_accuracy']:.3f} "
-                f"test {row['test_accuracy']:.3f} loss {row['final_loss']:.3f} ({row['seconds']:.0f}s)")
+            log(
+                f"{task} {name} {kind:>11} lr {lr:g} seed {seed}: valid {row['valid_accuracy']:.3f} "
+                f"test {row['test_accuracy']:.3f} loss {row['final_loss']:.3f} ({row['seconds']:.0f}s)"
+            )
     return scale_rows(out, scale_name)
 
 
@@ -501,8 +609,11 @@ def scale_rows(out: str, scale_name: str) -> list[dict]:
 
 def scale_lines(out: str, scale_name: str) -> dict[tuple[str, str], dict]:
     """Reference lines of ``scale_name`` in ``out`` per (task, length name)."""
-    return {(r["task"], r["length"]): r["reference"] for r in read_results(out)
-            if r["scale"] == scale_name and "reference" in r}
+    return {
+        (r["task"], r["length"]): r["reference"]
+        for r in read_results(out)
+        if r["scale"] == scale_name and "reference" in r
+    }
 
 
 KEY_LINE = {"symbol_soup": "unigram", "mqar": "no_association"}  # the line a kind must beat to show learning
@@ -523,8 +634,10 @@ def summarize(rows: list[dict], lines: dict | None = None) -> list[dict]:
     for r in rows:
         groups.setdefault((r["task"], r["length"], r["kind"]), {}).setdefault(r["lr"], []).append(r)
     out = []
-    for (task, length, kind), by_lr in sorted(groups.items(), key=lambda kv: (kv[0][0], _length_key(kv[0][1]),
-                                                                              KINDS.index(kv[0][2]))):
+    for (task, length, kind), by_lr in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], _length_key(kv[0][1]), KINDS.index(kv[0][2]))
+    ):
+
         def mean(lr, key):
             vals = [x[key] for x in by_lr[lr]]
             return float(np.mean(vals)) if all(np.isfinite(vals)) else -1.0
@@ -536,12 +649,24 @@ def summarize(rows: list[dict], lines: dict | None = None) -> list[dict]:
         sd = float(np.std(test, ddof=1)) if n > 1 else 0.0
         se = sd / math.sqrt(n) if n > 1 else float("nan")
         half = float(student_t.ppf(0.975, n - 1)) * se if n > 1 else float("nan")
-        row = dict(task=task, length=length, kind=kind, params=first["params"], d_model=first["d_model"],
-                   tokens=first["tokens"], best_lr=best, seeds=n, test_mean=float(np.mean(test)), test_sd=sd,
-                   test_se=se, ci95=(max(0.0, float(np.mean(test)) - half), min(1.0, float(np.mean(test)) + half)),
-                   test_min=float(test.min()), test_max=float(test.max()),
-                   per_lr={f"{lr:g}": round(mean(lr, "test_accuracy"), 4) for lr in sorted(by_lr)},
-                   complete=min(len(v) for v in by_lr.values()))
+        row = dict(
+            task=task,
+            length=length,
+            kind=kind,
+            params=first["params"],
+            d_model=first["d_model"],
+            tokens=first["tokens"],
+            best_lr=best,
+            seeds=n,
+            test_mean=float(np.mean(test)),
+            test_sd=sd,
+            test_se=se,
+            ci95=(max(0.0, float(np.mean(test)) - half), min(1.0, float(np.mean(test)) + half)),
+            test_min=float(test.min()),
+            test_max=float(test.max()),
+            per_lr={f"{lr:g}": round(mean(lr, "test_accuracy"), 4) for lr in sorted(by_lr)},
+            complete=min(len(v) for v in by_lr.values()),
+        )
         ref = (lines or {}).get((task, length))
         if ref is not None:
             line = ref[KEY_LINE[task]]
@@ -564,17 +689,21 @@ def table(summary: list[dict], lines: dict | None = None) -> str:
             vals = ", ".join(f"{k} {v:.3f}" for k, v in ref.items() if k != "test_n")
             out.append(f"| {task} | {length} | {vals} (n = {ref['test_n']} test answers) |")
         out.append("")
-    out += ["| task | length | kind | params | d_model | tokens/run | lr | seeds | test acc mean ± sd "
-            "| 95% CI | min-max | key line | (mean - line) / SE |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out += [
+        "| task | length | kind | params | d_model | tokens/run | lr | seeds | test acc mean ± sd "
+        "| 95% CI | min-max | key line | (mean - line) / SE |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for s in summary:
         sd = f"{s['test_sd']:.3f}" if s["seeds"] > 1 else "n/a (1 seed)"
         ci = f"[{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]" if s["seeds"] > 1 else "n/a"
         line = f"{s['line_name']} {s['line']:.3f}" if "line" in s else "n/a"
         margin = f"{s['margin_se']:+.1f}" if "line" in s else "n/a"
-        out.append(f"| {s['task']} | {s['length']} | {s['kind']} | {s['params']:,} | {s['d_model']} | "
-                   f"{s['tokens']:,} | {s['best_lr']:g} | {s['seeds']} | {s['test_mean']:.3f} ± {sd} | {ci} "
-                   f"| {s['test_min']:.3f}-{s['test_max']:.3f} | {line} | {margin} |")
+        out.append(
+            f"| {s['task']} | {s['length']} | {s['kind']} | {s['params']:,} | {s['d_model']} | "
+            f"{s['tokens']:,} | {s['best_lr']:g} | {s['seeds']} | {s['test_mean']:.3f} ± {sd} | {ci} "
+            f"| {s['test_min']:.3f}-{s['test_max']:.3f} | {line} | {margin} |"
+        )
     return "\n".join(out)
 
 
@@ -585,18 +714,37 @@ def main(argv=None) -> None:
     p.add_argument("--tasks", default="mqar,symbol_soup", help="in this order (the cheaper MQAR first)")
     p.add_argument("--kinds", default=",".join(KINDS))
     p.add_argument("--table", action="store_true", help="print the table of --out without running anything")
-    p.add_argument("--time-limit", type=float, default=None,
-                   help="seconds; then save the run in progress and exit with status 3 (rerun to continue)")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="seconds; then save the run in progress and exit with status 3 (rerun to continue)",
+    )
     p.add_argument("--checkpoint-dir", help="checkpoints of runs in progress (default: OUT.runs)")
     p.add_argument("--redo-lines", action="store_true", help="compute the reference lines again (the last ones count)")
-    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                   help="change a field of the scale for a pilot (e.g. steps=2000, seeds=(0,), lrs=(0.01,), "
-                        "\"soup_lengths=((100, 150),)\"); use its own --out")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="change a field of the scale for a pilot (e.g. steps=2000, seeds=(0,), lrs=(0.01,), "
+        '"soup_lengths=((100, 150),)"); use its own --out',
+    )
     a = p.parse_args(argv)
     out = a.out or os.path.join("results", f"compare_{a.scale}.jsonl")
-    rows = None if a.table else compare(a.scale, out, tuple(a.tasks.split(",")), tuple(a.kinds.split(",")),
-                                        time_limit=a.time_limit, checkpoint_dir=a.checkpoint_dir, redo_lines=a.redo_lines,
-                                        overrides=parse_overrides(a.set))
+    rows = (
+        None
+        if a.table
+        else compare(
+            a.scale,
+            out,
+            tuple(a.tasks.split(",")),
+            tuple(a.kinds.split(",")),
+            time_limit=a.time_limit,
+            checkpoint_dir=a.checkpoint_dir,
+            redo_lines=a.redo_lines,
+            overrides=parse_overrides(a.set),
+        )
+    )
     unfinished = rows is None and not a.table
     lines = scale_lines(out, a.scale)
     print(table(summarize(scale_rows(out, a.scale) if rows is None else rows, lines), lines))

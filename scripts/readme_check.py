@@ -106,7 +106,7 @@ def fenced_blocks(lines: list[str]):
         if lines[i].startswith("```"):
             lang = lines[i][3:].strip()
             end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("```")), len(lines))
-            yield i + 1, lang, lines[i + 1:end]
+            yield i + 1, lang, lines[i + 1 : end]
             i = end
         i += 1
 
@@ -142,8 +142,10 @@ def references(path: str, root: str = REPO) -> list[str]:
                 if not os.path.isfile(os.path.join(configs, cfg + ".py")):
                     problems.append(f"{where}: --config={cfg}: no such run config in sessa_jax/configs")
             if os.path.basename(path) == "README.md" and _BARE.match(line.strip()):
-                problems.append(f"{where}: `{_BARE.match(line.strip()).group(1)}` called bare: after `make install` "
-                                f"it is .venv/bin/{_BARE.match(line.strip()).group(1)} (or activate the venv first)")
+                problems.append(
+                    f"{where}: `{_BARE.match(line.strip()).group(1)}` called bare: after `make install` "
+                    f"it is .venv/bin/{_BARE.match(line.strip()).group(1)} (or activate the venv first)"
+                )
     fenced = False
     for i, line in enumerate(lines):
         if line.startswith("```"):
@@ -174,8 +176,9 @@ def run(cmd: str, env: dict) -> str:
     out = subprocess.run(["bash", "-c", cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
     text = out.stdout + out.stderr
     if out.returncode:
-        raise SystemExit(f"readme_check: `{cmd}` exited {out.returncode}; a README command must run as written:\n"
-                         f"{text[-3000:]}")
+        raise SystemExit(
+            f"readme_check: `{cmd}` exited {out.returncode}; a README command must run as written:\n{text[-3000:]}"
+        )
     return text
 
 
@@ -188,8 +191,11 @@ def check_console(body: list[str], env: dict) -> tuple[list[str], list[str], lis
             got.append(line)
             raw.append(line)
             print(f"  {line}", flush=True)
-            out = [x for x in run(line[2:], env).replace(REPO + "/", "").replace(REPO, ".").splitlines()
-                   if x.strip() and not _noise(x)]
+            out = [
+                x
+                for x in run(line[2:], env).replace(REPO + "/", "").replace(REPO, ".").splitlines()
+                if x.strip() and not _noise(x)
+            ]
             raw.extend(x.rstrip() for x in out)
             got.extend(normalize("\n".join(out)) if out else [])
         elif line.strip():
@@ -200,9 +206,14 @@ def check_console(body: list[str], env: dict) -> tuple[list[str], list[str], lis
 def _noise(line: str) -> bool:
     """Chatter that is not the program's output: absl/orbax/XLA warnings, and make's (re)install
     of .venv when pyproject.toml changed (pip and setuptools banners)."""
-    return bool(re.match(r"^(WARNING|I\d{4}|W\d{4}|E\d{4}|  warnings\.warn|.*Warning: |\s*!!|\s*\*{20,}|"
-                         r"\s*(Please be careful|name as your package|with strategy|corresp)|"
-                         r"\.venv/bin/python -m pip |touch \.venv/|python3 -m venv )", line))
+    return bool(
+        re.match(
+            r"^(WARNING|I\d{4}|W\d{4}|E\d{4}|  warnings\.warn|.*Warning: |\s*!!|\s*\*{20,}|"
+            r"\s*(Please be careful|name as your package|with strategy|corresp)|"
+            r"\.venv/bin/python -m pip |touch \.venv/|python3 -m venv )",
+            line,
+        )
+    )
 
 
 def check_file(path: str, env: dict, slow: bool, update: bool) -> int:
@@ -214,11 +225,12 @@ def check_file(path: str, env: dict, slow: bool, update: bool) -> int:
         if is_slow and not slow:
             print(f"{name} line {start + 1}: slow block skipped (--slow runs it)")
             continue
-        body = lines[start + 1:end]
+        body = lines[start + 1 : end]
         print(f"{name} line {start + 1}: {lang} block", flush=True)
         if lang == "python":
-            out = subprocess.run([sys.executable, "-c", "\n".join(body)], cwd=REPO, env=env, capture_output=True,
-                                 text=True, timeout=1200)
+            out = subprocess.run(
+                [sys.executable, "-c", "\n".join(body)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200
+            )
             if out.returncode:
                 failures += 1
                 print(f"FAILED (exit {out.returncode}):\n{out.stderr[-3000:]}")
@@ -231,7 +243,7 @@ def check_file(path: str, env: dict, slow: bool, update: bool) -> int:
             print("DRIFT:\n" + "\n".join(difflib.unified_diff(expected, got, name, "run", lineterm="")))
     if update and replaced:
         for (start, end), got in sorted(replaced.items(), reverse=True):
-            lines[start + 1:end] = got
+            lines[start + 1 : end] = got
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
         print(f"updated {len(replaced)} transcript(s) in {name}")
@@ -243,8 +255,9 @@ def main(argv=None) -> int:
     parser.add_argument("--update", action="store_true", help="rewrite transcripts instead of checking")
     parser.add_argument("--slow", action="store_true", help="also run blocks marked slow")
     parser.add_argument("--refs", action="store_true", help="only check what the files name; run nothing")
-    parser.add_argument("--readme", nargs="+", default=None,
-                        help="Markdown files to check (default: README.md and docs/*.md)")
+    parser.add_argument(
+        "--readme", nargs="+", default=None, help="Markdown files to check (default: README.md and docs/*.md)"
+    )
     args = parser.parse_args(argv)
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
     paths = args.readme or documents()

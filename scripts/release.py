@@ -66,8 +66,11 @@ def main(argv=None) -> int:
     existing = git("rev-parse", "-q", "--verify", f"refs/tags/{tag}^{{commit}}").stdout.strip()
     head = git("rev-parse", "HEAD").stdout.strip()
     if existing and existing != head:
-        print(f"error: tag {tag} already exists at {existing[:12]}, not HEAD ({head[:12]}); bump __version__ in "
-              f"sessa_jax/__init__.py for a new release", file=sys.stderr)
+        print(
+            f"error: tag {tag} already exists at {existing[:12]}, not HEAD ({head[:12]}); bump __version__ in "
+            f"sessa_jax/__init__.py for a new release",
+            file=sys.stderr,
+        )
         return 1
     if args.check:
         print(f"ok: {tag} can be tagged at HEAD ({head[:12]})" if not existing else f"ok: {tag} is HEAD already")

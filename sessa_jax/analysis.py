@@ -82,11 +82,13 @@ _COMPILED: dict = {}  # (apply, target_chunk, batched) -> jitted rows; jit cache
 def _compiled(apply, target_chunk: int, batched: bool):
     key = (apply, target_chunk, batched)
     if key not in _COMPILED:
+
         def rows(args, x, tgt):
             TRACES["influence"] += 1  # runs only while tracing
             return _influence_rows(apply, args, x, tgt, target_chunk)
 
         if batched:  # args: (shared, per-example); x (B, T, D); targets (B, N)
+
             def rows_b(args, x, tgt):
                 shared, each = args
                 return jax.vmap(lambda e, xb, tb: rows((shared, e), xb, tb))(each, x, tgt)
@@ -160,8 +162,10 @@ def lag_profile(fn, x_TxD, lags, source: int = 0, **kw) -> np.ndarray:
     """Influence of x[source] on y[source + lag] for each lag: (L,) float64."""
     lags = np.asarray(lags, np.int64)
     if lags.min() < 0 or source + lags.max() >= x_TxD.shape[0]:
-        raise ValueError(f"lag_profile: source + lag must lie in [source, T={x_TxD.shape[0]}); "
-                         f"got source={source}, lags in [{lags.min()}, {lags.max()}]")
+        raise ValueError(
+            f"lag_profile: source + lag must lie in [source, T={x_TxD.shape[0]}); "
+            f"got source={source}, lags in [{lags.min()}, {lags.max()}]"
+        )
     return influence(fn, x_TxD, source + lags, **kw)[:, source]
 
 
@@ -187,7 +191,7 @@ def _line(x, y) -> Fit:
     slope, intercept = np.polyfit(x, y, 1)
     resid = y - (intercept + slope * x)
     ss_tot = np.sum((y - y.mean()) ** 2)
-    r2 = 1.0 - np.sum(resid ** 2) / ss_tot if ss_tot > 0 else 1.0
+    r2 = 1.0 - np.sum(resid**2) / ss_tot if ss_tot > 0 else 1.0
     return Fit(float(slope), float(intercept), float(r2))
 
 
@@ -214,10 +218,17 @@ def fit_power_law_bootstrap(lags, profiles_BxL, num_boot: int = 200, seed: int =
     median = np.median(prof, axis=0)
     fit = fit_power_law(lags, median)
     rng = np.random.default_rng(seed)
-    boots = [fit_power_law(lags, np.median(prof[rng.integers(0, len(prof), len(prof))], axis=0)).slope
-             for _ in range(num_boot)]
-    return dict(slope=fit.slope, r2=fit.r2, slope_se=float(np.std(boots, ddof=1)),
-                slope_ci95=(float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))), median=median)
+    boots = [
+        fit_power_law(lags, np.median(prof[rng.integers(0, len(prof), len(prof))], axis=0)).slope
+        for _ in range(num_boot)
+    ]
+    return dict(
+        slope=fit.slope,
+        r2=fit.r2,
+        slope_se=float(np.std(boots, ddof=1)),
+        slope_ci95=(float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))),
+        median=median,
+    )
 
 
 def trained_memory_tail(model: nn.Module, variables, tokens_BxT, target_B, lags, *, target_chunk: int = 8) -> dict:
@@ -234,8 +245,10 @@ def trained_memory_tail(model: nn.Module, variables, tokens_BxT, target_B, lags,
     target = np.asarray(target_B, np.int64)
     lags = np.asarray([lag for lag in np.asarray(lags) if lag >= 1 and np.all(target - lag >= 1)], np.int64)
     if lags.size < 2:
-        raise ValueError(f"trained_memory_tail: fewer than 2 lags fit before every target (targets {target.min()}.."
-                         f"{target.max()}); pass smaller lags")
+        raise ValueError(
+            f"trained_memory_tail: fewer than 2 lags fit before every target (targets {target.min()}.."
+            f"{target.max()}); pass smaller lags"
+        )
     rows = lm_influence(model, variables, tokens, target[:, None], target_chunk=target_chunk)[:, 0]  # (B, T)
     profiles = rows[np.arange(len(target))[:, None], target[:, None] - lags[None, :]]
     out = fit_power_law_bootstrap(lags, np.maximum(profiles, np.finfo(np.float64).tiny))
@@ -262,6 +275,7 @@ def layer_fn(module: nn.Module, variables, **kwargs) -> BoundFn:
     variables = nn.meta.unbox(variables)
     key = (module, _kwargs_key(kwargs))
     if key not in _LAYER_APPLY:
+
         def apply(args, x_TxD):
             return module.apply(args, x_TxD[None], **kwargs)[0]
 
@@ -272,6 +286,7 @@ def layer_fn(module: nn.Module, variables, **kwargs) -> BoundFn:
 def _lm_apply(model: nn.Module):
     """apply((variables, tokens (T,)), embeddings (T, D)) = logits (T, V) of ``model``."""
     if model not in _LM_APPLY:
+
         def apply(args, x_TxD):
             variables, tokens_T = args
 
@@ -340,8 +355,9 @@ def gamma_bias_for(gamma: float, gamma_max: float) -> float:
     return math.atanh(gamma / gamma_max)
 
 
-def uniform_mixer(kind: str, d_model: int = 8, *, gamma: float = 0.5, decay: float = 0.95,
-                  dtype=jnp.float32, seed: int = 0):
+def uniform_mixer(
+    kind: str, d_model: int = 8, *, gamma: float = 0.5, decay: float = 0.95, dtype=jnp.float32, seed: int = 0
+):
     """(module, variables) of a single-head mixer with diffuse, input-independent routing.
 
     "sessa": forward attention uniform over 0..t (q = k = 0, v = identity), feedback
@@ -359,18 +375,35 @@ def uniform_mixer(kind: str, d_model: int = 8, *, gamma: float = 0.5, decay: flo
     params = _init(module, d_model, 4, seed)
     eye = jnp.eye(d_model, dtype=dtype)
     if kind in ("sessa", "transformer"):
-        upd = {"q_proj/kernel": 0.0, "q_proj/bias": 0.0, "k_proj/kernel": 0.0, "k_proj/bias": 0.0,
-               "v_proj/kernel": eye, "v_proj/bias": 0.0}
+        upd = {
+            "q_proj/kernel": 0.0,
+            "q_proj/bias": 0.0,
+            "k_proj/kernel": 0.0,
+            "k_proj/bias": 0.0,
+            "v_proj/kernel": eye,
+            "v_proj/bias": 0.0,
+        }
         if kind == "sessa":
-            upd.update({"proj_fb/kernel": 0.0, "proj_fb/bias": 0.0, "gamma_ctx/kernel": 0.0,
-                        "gamma_bias": gamma_bias_for(gamma, cfg.gamma_max)})
+            upd.update(
+                {
+                    "proj_fb/kernel": 0.0,
+                    "proj_fb/bias": 0.0,
+                    "gamma_ctx/kernel": 0.0,
+                    "gamma_bias": gamma_bias_for(gamma, cfg.gamma_max),
+                }
+            )
     elif kind == "mamba":
         if not 0 < decay < 1:
             raise ValueError(f"decay must lie in (0, 1); got {decay}")
         dt = -math.log(decay)  # exp(dt * A) with A = -1
         conv = jnp.zeros(params["conv_kernel"].shape, dtype).at[-1].set(1.0)  # current step only
-        upd = {"conv_kernel": conv, "conv_bias": 0.0, "dt_proj/kernel": 0.0,
-               "dt_proj/bias": dt + math.log(-math.expm1(-dt)), "A_log": 0.0}
+        upd = {
+            "conv_kernel": conv,
+            "conv_bias": 0.0,
+            "dt_proj/kernel": 0.0,
+            "dt_proj/bias": dt + math.log(-math.expm1(-dt)),
+            "A_log": 0.0,
+        }
     else:
         raise ValueError(f"unknown kind {kind!r}; choose 'sessa', 'transformer' or 'mamba'")
     return module, {"params": _with(params, upd)}
@@ -395,14 +428,22 @@ def sessa_uniform_closed_form(gamma: float, t_len: int, source: int = 0) -> np.n
     return g
 
 
-def selective_mixer(d_model: int = 16, *, gamma: float = 0.999, route_logit: float = 40.0,
-                    local_gain: float = 20.0, dtype=jnp.float32, seed: int = 0):
+def selective_mixer(
+    d_model: int = 16,
+    *,
+    gamma: float = 0.999,
+    route_logit: float = 40.0,
+    local_gain: float = 20.0,
+    dtype=jnp.float32,
+    seed: int = 0,
+):
     """(module, variables): a Sessa mixer whose feedback carries a marked token's state forward.
 
     The anchor is any token whose input has x[0] = 1 (all others x[0] = 0; see
     ``marker_input``). Feedback keys read that feature, k_b[tau] = x_tau[0] * e_0, and the
     query is a constant, so every later row's logits are ``route_logit`` at the anchor and
-    0 elsewhere: A[t, anchor] = 1 - O(t e^-route_logit). gamma is constant (gamma_max 0.9999). The forward branch is near-local: RoPE with constant
+    0 elsewhere: A[t, anchor] = 1 - O(t e^-route_logit). gamma is constant (gamma_max 0.9999). The forward
+    branch is near-local: RoPE with constant
     q = k = ``local_gain`` makes each token attend to itself, so f_t ~ x_t. Hence for
     t > anchor, s_t ~ x_t + gamma * s_anchor and d s_t / d x_anchor ~ gamma * I at every
     distance: the influence does not decay.
@@ -415,12 +456,21 @@ def selective_mixer(d_model: int = 16, *, gamma: float = 0.999, route_logit: flo
     params = _init(module, d_model, 4, seed)
     fb_kernel = jnp.zeros((d_model, 2 * d_model), dtype).at[0, d_model].set(1.0)  # k_b[0] = x[0]
     fb_bias = jnp.zeros((2 * d_model,), dtype).at[0].set(route_logit * math.sqrt(d_model))  # q_b
-    params = _with(params, {
-        "q_proj/kernel": 0.0, "q_proj/bias": local_gain, "k_proj/kernel": 0.0, "k_proj/bias": local_gain,
-        "v_proj/kernel": jnp.eye(d_model, dtype=dtype), "v_proj/bias": 0.0,
-        "proj_fb/kernel": fb_kernel, "proj_fb/bias": fb_bias,
-        "gamma_ctx/kernel": 0.0, "gamma_bias": gamma_bias_for(gamma, gamma_max),
-    })
+    params = _with(
+        params,
+        {
+            "q_proj/kernel": 0.0,
+            "q_proj/bias": local_gain,
+            "k_proj/kernel": 0.0,
+            "k_proj/bias": local_gain,
+            "v_proj/kernel": jnp.eye(d_model, dtype=dtype),
+            "v_proj/bias": 0.0,
+            "proj_fb/kernel": fb_kernel,
+            "proj_fb/bias": fb_bias,
+            "gamma_ctx/kernel": 0.0,
+            "gamma_bias": gamma_bias_for(gamma, gamma_max),
+        },
+    )
     return module, {"params": params}
 
 
@@ -438,8 +488,15 @@ def constant_input(t_len: int, d_model: int, seed: int = 0, dtype=jnp.float32):
 # --------------------------------------------------------------------------------------
 # The measured memory tails (figure of docs/influence.png, notebook 02)
 # --------------------------------------------------------------------------------------
-def memory_tails(max_lag: int = 2048, d_model: int = 8, num_lags: int = 20, gamma: float = 0.5,
-                 decay: float = 0.98, anchor: int = 16, fit_from: int = 32) -> dict:
+def memory_tails(
+    max_lag: int = 2048,
+    d_model: int = 8,
+    num_lags: int = 20,
+    gamma: float = 0.5,
+    decay: float = 0.98,
+    anchor: int = 16,
+    fit_from: int = 32,
+) -> dict:
     """Influence vs lag for the four constructions, with their fits.
 
     Returns {name: dict(lags, influence, fit, label)}: "sessa" (uniform routing, constant
@@ -465,8 +522,9 @@ def memory_tails(max_lag: int = 2048, d_model: int = 8, num_lags: int = 20, gamm
     x = marker_input(anchor + max_lag + 1, d_model, anchor=anchor)
     prof = lag_profile(layer_fn(module, variables), x, lags, source=anchor)
     fit = fit_power_law(lags[tail], prof[tail])
-    out["selective"] = dict(lags=lags, influence=prof, fit=fit,
-                            label=f"Sessa, selective feedback to one token: slope {fit.slope:.3f}")
+    out["selective"] = dict(
+        lags=lags, influence=prof, fit=fit, label=f"Sessa, selective feedback to one token: slope {fit.slope:.3f}"
+    )
     return out
 
 
@@ -480,8 +538,11 @@ def plot_memory_tails(tails: dict, path: str | None = None):
         ax.loglog(c["lags"], c["influence"], styles.get(name, "o-"), ms=4, label=c["label"])
     ax.set_xlabel("lag l = t - $\\tau$")
     ax.set_ylabel("$\\|\\partial y_t / \\partial x_\\tau\\|_F$")
-    ax.set_title("Hand-set weights, one layer, source at position 0 (lag = target position):\n"
-                 "the shapes these mixers can produce, not what trained models do", fontsize=9)
+    ax.set_title(
+        "Hand-set weights, one layer, source at position 0 (lag = target position):\n"
+        "the shapes these mixers can produce, not what trained models do",
+        fontsize=9,
+    )
     lows = [c["influence"].min() for c in tails.values()]
     ax.set_ylim(max(min(lows), 1e-12) / 2, None)
     ax.legend(fontsize=8, loc="lower left")
@@ -495,15 +556,34 @@ def plot_memory_tails(tails: dict, path: str | None = None):
 # --------------------------------------------------------------------------------------
 # Small long-context comparison with the package's training loop (notebook 03)
 # --------------------------------------------------------------------------------------
-def mqar_run_config(kind: str, seq_len: int, steps: int, *, d_model: int = 32, n_heads: int = 2,
-                    n_layers: int = 2, batch_size: int = 16, vocab_size: int = 32, num_kv_pairs: int = 4,
-                    lr: float = 3e-3, eval_batches: int = 4, seed: int = 0):
+def mqar_run_config(
+    kind: str,
+    seq_len: int,
+    steps: int,
+    *,
+    d_model: int = 32,
+    n_heads: int = 2,
+    n_layers: int = 2,
+    batch_size: int = 16,
+    vocab_size: int = 32,
+    num_kv_pairs: int = 4,
+    lr: float = 3e-3,
+    eval_batches: int = 4,
+    seed: int = 0,
+):
     """A run config: ``kind`` on MQAR at ``seq_len``; baselines width-matched to Sessa's parameters."""
     from sessa_jax.train.config import base_config, validate
 
     c = base_config()
-    c.model.update(kind=kind, match_params=kind != "sessa", d_model=d_model, n_heads=n_heads, n_layers=n_layers,
-                   chunk_size=min(64, seq_len), max_len=seq_len)
+    c.model.update(
+        kind=kind,
+        match_params=kind != "sessa",
+        d_model=d_model,
+        n_heads=n_heads,
+        n_layers=n_layers,
+        chunk_size=min(64, seq_len),
+        max_len=seq_len,
+    )
     c.data.update(task="mqar", seq_len=seq_len, batch_size=batch_size, seed=seed)
     c.data.mqar.update(vocab_size=vocab_size, num_kv_pairs=num_kv_pairs)
     c.optim.update(lr=lr, warmup_steps=max(1, steps // 10))
@@ -534,20 +614,34 @@ def compare_on_lengths(kinds, seq_lens, steps: int, workdir: str, log=print, **c
             result = loop.train(cfg, run_dir, log=lambda s: None)
             model_cfg = model_config(cfg)
             losses = [r["loss"] for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "loss" in r]
-            rows.append(dict(kind=kind, seq_len=seq_len, d_model=model_cfg.d_model,
-                             params=count_params(model_cfg, kind), losses=losses,
-                             eval_accuracy=result.eval.get("eval_accuracy", float("nan")),
-                             eval_loss=result.eval.get("eval_loss", float("nan")), seconds=result.seconds))
-            log(f"{kind:>11} T={seq_len:<4} params {rows[-1]['params']:>7,} | final loss {losses[-1]:.3f} | "
-                f"eval acc {rows[-1]['eval_accuracy']:.3f} | {result.seconds:.0f}s")
+            rows.append(
+                dict(
+                    kind=kind,
+                    seq_len=seq_len,
+                    d_model=model_cfg.d_model,
+                    params=count_params(model_cfg, kind),
+                    losses=losses,
+                    eval_accuracy=result.eval.get("eval_accuracy", float("nan")),
+                    eval_loss=result.eval.get("eval_loss", float("nan")),
+                    seconds=result.seconds,
+                )
+            )
+            log(
+                f"{kind:>11} T={seq_len:<4} params {rows[-1]['params']:>7,} | final loss {losses[-1]:.3f} | "
+                f"eval acc {rows[-1]['eval_accuracy']:.3f} | {result.seconds:.0f}s"
+            )
     return rows
 
 
 def comparison_table(rows: list[dict]) -> str:
     """Markdown table of ``compare_on_lengths`` rows."""
-    lines = ["| kind | seq_len | d_model | params | final train loss | eval acc (answers) | wall s |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| kind | seq_len | d_model | params | final train loss | eval acc (answers) | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r['kind']} | {r['seq_len']} | {r['d_model']} | {r['params']:,} | {r['losses'][-1]:.3f} "
-                     f"| {r['eval_accuracy']:.3f} | {r['seconds']:.0f} |")
+        lines.append(
+            f"| {r['kind']} | {r['seq_len']} | {r['d_model']} | {r['params']:,} | {r['losses'][-1]:.3f} "
+            f"| {r['eval_accuracy']:.3f} | {r['seconds']:.0f} |"
+        )
     return "\n".join(lines)

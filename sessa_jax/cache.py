@@ -42,9 +42,11 @@ def _first_layer(cache) -> dict:
     """The (first) layer dict of a cache built by ``init_cache`` or ``init_layer_cache``."""
     first = cache if isinstance(cache, dict) else cache[0] if isinstance(cache, (list, tuple)) and cache else None
     if not isinstance(first, dict) or "index" not in first or "k_f" not in first:
-        raise ValueError(f"expected a decode cache built by sessa_jax.decoding.init_cache (a list of layer dicts, "
-                         f"or one stacked dict) or init_layer_cache; got {type(cache).__name__}"
-                         f"{' of ' + str(len(cache)) + ' entries' if isinstance(cache, (list, tuple)) else ''}")
+        raise ValueError(
+            f"expected a decode cache built by sessa_jax.decoding.init_cache (a list of layer dicts, "
+            f"or one stacked dict) or init_layer_cache; got {type(cache).__name__}"
+            f"{' of ' + str(len(cache)) + ' entries' if isinstance(cache, (list, tuple)) else ''}"
+        )
     return first
 
 
@@ -91,8 +93,10 @@ def check_empty(cache, what: str) -> None:
     """ValueError from ``what`` unless the cache holds no token yet (concrete index only)."""
     idx = cache_index(cache)
     if not isinstance(idx, jax.core.Tracer) and int(idx) != 0:
-        raise ValueError(f"{what} writes from position 0 but the cache already holds {int(idx)} tokens; "
-                         f"start from decoding.init_cache(...) or continue with decode_step")
+        raise ValueError(
+            f"{what} writes from position 0 but the cache already holds {int(idx)} tokens; "
+            f"start from decoding.init_cache(...) or continue with decode_step"
+        )
 
 
 def check_call(cache, decode: bool, length: int, who: str, builder: str) -> None:
@@ -144,16 +148,23 @@ def check_model_cache(cache, cfg: SessaConfig) -> None:
     a list of n_layers layer dicts, or (scan_layers) one dict stacked on a leading axis of
     n_layers. Each layer checks its entries' shapes (``check_layer_cache``)."""
     n = cfg.n_layers
-    fix = (f"build it with sessa_jax.decoding.init_cache(config, batch_size) for this config (n_layers={n}, "
-           f"scan_layers={cfg.scan_layers})")
+    fix = (
+        f"build it with sessa_jax.decoding.init_cache(config, batch_size) for this config (n_layers={n}, "
+        f"scan_layers={cfg.scan_layers})"
+    )
     if cfg.scan_layers:
         lead = {k: getattr(v, "shape", ())[:1] for k, v in cache.items()} if isinstance(cache, dict) else None
         if lead is None or not lead or any(shape != (n,) for shape in lead.values()):
-            got = (f"a {type(cache).__name__}" if lead is None else
-                   "leading axes " + ", ".join(f"{k}: {v[0] if v else 'none'}" for k, v in lead.items()))
-            raise ValueError(f"SessaLM (scan_layers=True) takes a cache stacked over its {n} layers: one dict "
-                             f"whose entries have a leading axis of {n}; got {got}; {fix}")
+            got = (
+                f"a {type(cache).__name__}"
+                if lead is None
+                else "leading axes " + ", ".join(f"{k}: {v[0] if v else 'none'}" for k, v in lead.items())
+            )
+            raise ValueError(
+                f"SessaLM (scan_layers=True) takes a cache stacked over its {n} layers: one dict "
+                f"whose entries have a leading axis of {n}; got {got}; {fix}"
+            )
         return
     if not isinstance(cache, (list, tuple)) or len(cache) != n or not all(isinstance(c, dict) for c in cache):
-        got = (f"{len(cache)} entries" if isinstance(cache, (list, tuple)) else f"a {type(cache).__name__}")
+        got = f"{len(cache)} entries" if isinstance(cache, (list, tuple)) else f"a {type(cache).__name__}"
         raise ValueError(f"SessaLM takes a cache with one dict per layer, a list of {n}; got {got}; {fix}")

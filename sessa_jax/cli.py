@@ -65,8 +65,10 @@ def parse_train_args(argv: list[str]) -> tuple[str, str | None, list[str]]:
         elif name == "--workdir":
             workdir = value if sep else value_of(name)
         else:
-            raise ValueError(f"unknown argument {arg!r}; expected --config=NAME, --config.KEY=VALUE, --workdir=DIR "
-                             f"(or the same with a space before the value) or `tokenizer train ...` (see --help)")
+            raise ValueError(
+                f"unknown argument {arg!r}; expected --config=NAME, --config.KEY=VALUE, --workdir=DIR "
+                f"(or the same with a space before the value) or `tokenizer train ...` (see --help)"
+            )
         i += 1
     if config == "":
         raise ValueError("--config is empty; pass a shipped config name (e.g. tiny) or a .py path")

@@ -14,8 +14,15 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from sessa_jax.options import (FEEDBACK_PRECISIONS, KERNELS, SOLVE_METHODS, FeedbackPrecision, Kernels, SolveMethod,
-                               is_chunk_size)
+from sessa_jax.options import (
+    FEEDBACK_PRECISIONS,
+    KERNELS,
+    SOLVE_METHODS,
+    FeedbackPrecision,
+    Kernels,
+    SolveMethod,
+    is_chunk_size,
+)
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -89,8 +96,7 @@ class SessaConfig:
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
             raise ValueError(
-                f"SessaConfig has no field(s) {unknown}; known fields: "
-                f"{[f.name for f in dataclasses.fields(self)]}"
+                f"SessaConfig has no field(s) {unknown}; known fields: {[f.name for f in dataclasses.fields(self)]}"
             )
         return dataclasses.replace(self, **changes)
 
@@ -120,6 +126,7 @@ class SessaConfig:
     # Validation ----------------------------------------------------------------------
     def validate(self) -> None:
         """Raises ValueError naming the field and the rule it breaks."""
+
         def positive_int(name):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -128,8 +135,9 @@ class SessaConfig:
         for name in ("d_model", "n_heads", "vocab_size", "n_layers", "max_len"):
             positive_int(name)
         if not is_chunk_size(self.chunk_size):
-            raise ValueError(f"SessaConfig.chunk_size must be 'auto' or an integer >= 1 (e.g. 128); "
-                             f"got {self.chunk_size!r}")
+            raise ValueError(
+                f"SessaConfig.chunk_size must be 'auto' or an integer >= 1 (e.g. 128); got {self.chunk_size!r}"
+            )
         if isinstance(self.leaf_size, bool) or not isinstance(self.leaf_size, int) or self.leaf_size < 1:
             raise ValueError(
                 f"SessaConfig.leaf_size must be an integer >= 1 (the recursive solve's leaf, e.g. 512); "
@@ -149,7 +157,8 @@ class SessaConfig:
             )
         if self.feedback_kernels != "xla" and self.leaf_size % 128:
             raise ValueError(
-                f"SessaConfig.feedback_kernels={self.feedback_kernels!r} needs leaf_size a multiple of 128; got leaf_size="
+                f"SessaConfig.feedback_kernels={self.feedback_kernels!r} needs leaf_size a multiple of 128; "
+                f"got leaf_size="
                 f"{self.leaf_size} (use 512, or feedback_kernels='xla')"
             )
         if self.d_model % self.n_heads:
@@ -159,9 +168,7 @@ class SessaConfig:
             )
         if self.n_kv_heads is not None:
             if isinstance(self.n_kv_heads, bool) or not isinstance(self.n_kv_heads, int) or self.n_kv_heads < 1:
-                raise ValueError(
-                    f"SessaConfig.n_kv_heads must be None or a positive integer; got {self.n_kv_heads!r}"
-                )
+                raise ValueError(f"SessaConfig.n_kv_heads must be None or a positive integer; got {self.n_kv_heads!r}")
             if self.n_heads % self.n_kv_heads:
                 raise ValueError(
                     f"SessaConfig.n_heads={self.n_heads} must be divisible by n_kv_heads="

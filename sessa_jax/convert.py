@@ -69,8 +69,9 @@ def _torch():
 def rope_inv_freq(cfg: SessaConfig) -> np.ndarray:
     """The published layer's ``mixer.rope_inv_freq`` buffer: base^(-2i/head_dim), i < head_dim/2 (float32)."""
     half = cfg.head_dim // 2
-    return (np.float32(cfg.rope_base) ** (-2 * np.arange(half, dtype=np.float32) / np.float32(cfg.head_dim))
-            ).astype(np.float32)
+    return (np.float32(cfg.rope_base) ** (-2 * np.arange(half, dtype=np.float32) / np.float32(cfg.head_dim))).astype(
+        np.float32
+    )
 
 
 def _buffers(cfg: SessaConfig, max_len: int | None) -> dict:
@@ -95,11 +96,18 @@ def _check_buffers(state_dict: Mapping, cfg: SessaConfig, prefix: str, complete:
         saved = _to_numpy(state_dict[name])
         inv = saved.astype(np.float64)
         # the buffer is rounded to the dtype it was saved in (e.g. a bfloat16 .pt): compare to that precision
-        tol = 2.0 ** -7 if saved.dtype.name == "bfloat16" else 2 * float(np.finfo(np.float16).eps) \
-            if saved.dtype == np.float16 else 1e-4
+        tol = (
+            2.0**-7
+            if saved.dtype.name == "bfloat16"
+            else 2 * float(np.finfo(np.float16).eps)
+            if saved.dtype == np.float16
+            else 1e-4
+        )
         if not cfg.rope:
-            raise ValueError(f"{name} is present: the state dict comes from a layer with RoPE, but the config has "
-                             f"rope=False; set rope=True")
+            raise ValueError(
+                f"{name} is present: the state dict comes from a layer with RoPE, but the config has "
+                f"rope=False; set rope=True"
+            )
         if inv.shape != (cfg.head_dim // 2,):
             width = 2 * inv.shape[0] if inv.ndim == 1 else None
             heads = f"n_heads={cfg.d_model // width}" if width and cfg.d_model % width == 0 else "another n_heads"
@@ -109,39 +117,55 @@ def _check_buffers(state_dict: Mapping, cfg: SessaConfig, prefix: str, complete:
             )
         want = rope_inv_freq(cfg).astype(np.float64)
         if not np.allclose(inv, want, rtol=tol, atol=0):
-            raise ValueError(f"{name} does not match rope_base={cfg.rope_base} for head width {cfg.head_dim} "
-                             f"(saved {inv[:3]}..., expected {want[:3]}...); set rope_base to the saved layer's")
+            raise ValueError(
+                f"{name} does not match rope_base={cfg.rope_base} for head width {cfg.head_dim} "
+                f"(saved {inv[:3]}..., expected {want[:3]}...); set rope_base to the saved layer's"
+            )
     elif cfg.rope and (complete or any(prefix + b in state_dict for b in _BUFFERS)):
-        raise ValueError(f"the state dict has no {name}: it comes from a layer without RoPE, but the config has "
-                         f"rope=True; set rope=False")
+        raise ValueError(
+            f"the state dict has no {name}: it comes from a layer without RoPE, but the config has "
+            f"rope=True; set rope=False"
+        )
     masks = [prefix + b for b in _BUFFERS[1:]]
     present = [m for m in masks if m in state_dict]
     if present and len(present) != 2:
-        raise ValueError(f"the state dict holds {present} but not {sorted(set(masks) - set(present))}; the published "
-                         f"layer registers both causal masks (or neither)")
+        raise ValueError(
+            f"the state dict holds {present} but not {sorted(set(masks) - set(present))}; the published "
+            f"layer registers both causal masks (or neither)"
+        )
     if present:
         f_mask, fb_mask = (_to_numpy(state_dict[m]) for m in masks)
         n = f_mask.shape[0] if f_mask.ndim == 2 else -1
         expected = _buffers(cfg, n) if n > 0 else {}
         for m, got in zip(masks, (f_mask, fb_mask)):
-            want = expected.get(m[len(prefix):])
+            want = expected.get(m[len(prefix) :])
             if want is None or got.shape != want.shape or not np.array_equal(got.astype(bool), want):
-                raise ValueError(f"{m} (shape {got.shape}) is not the published layer's causal mask of a square "
-                                 f"max_len; the state dict is damaged or from another model")
+                raise ValueError(
+                    f"{m} (shape {got.shape}) is not the published layer's causal mask of a square "
+                    f"max_len; the state dict is damaged or from another model"
+                )
 
 
 def _expected_shape(cfg: SessaConfig, name: str) -> tuple:
     d, hd, kvd = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     shapes = {
-        "ln.weight": (d,), "ln.bias": (d,),
-        "W_in.weight": (2 * d, d), "W_in.bias": (2 * d,),
-        "W_out.weight": (d, d), "W_out.bias": (d,),
-        "mixer.q_proj.weight": (hd, d), "mixer.q_proj.bias": (hd,),
-        "mixer.k_proj.weight": (kvd, d), "mixer.k_proj.bias": (kvd,),
-        "mixer.v_proj.weight": (kvd, d), "mixer.v_proj.bias": (kvd,),
-        "mixer.proj_fb.weight": (2 * d, d), "mixer.proj_fb.bias": (2 * d,),
+        "ln.weight": (d,),
+        "ln.bias": (d,),
+        "W_in.weight": (2 * d, d),
+        "W_in.bias": (2 * d,),
+        "W_out.weight": (d, d),
+        "W_out.bias": (d,),
+        "mixer.q_proj.weight": (hd, d),
+        "mixer.q_proj.bias": (hd,),
+        "mixer.k_proj.weight": (kvd, d),
+        "mixer.k_proj.bias": (kvd,),
+        "mixer.v_proj.weight": (kvd, d),
+        "mixer.v_proj.bias": (kvd,),
+        "mixer.proj_fb.weight": (2 * d, d),
+        "mixer.proj_fb.bias": (2 * d,),
         "mixer.out_proj.weight": (d, d),
-        "mixer.gamma_bias": (), "mixer.gamma_ctx.weight": (1, d),
+        "mixer.gamma_bias": (),
+        "mixer.gamma_ctx.weight": (1, d),
     }
     return shapes[name]
 
@@ -179,7 +203,7 @@ def _check_layout(state_dict: Mapping, anchor: str, what: str) -> None:
         return
     for k in keys:  # every key under one prefix that ends in the anchor: a wrapper's or a parent module's
         if k.endswith("." + anchor):
-            pre = k[:-len(anchor)]
+            pre = k[: -len(anchor)]
             if all(key.startswith(pre) for key in keys):
                 source = next((f" (added by {who})" for w, who in _WRAPPERS.items() if pre.startswith(w)), "")
                 raise KeyError(
@@ -193,36 +217,46 @@ def _check_layout(state_dict: Mapping, anchor: str, what: str) -> None:
             "{k.removeprefix('layers.0.'): v for k, v in state_dict.items() if k.startswith('layers.0.')}"
         )
     if what == "lm" and ("ln.weight" in state_dict or "W_in.weight" in state_dict):
-        raise KeyError("this is one SessaLayer's state dict (ln.weight, W_in.weight, ... at the top level), not an "
-                       "LM's: load it with layer_params_from_torch")
+        raise KeyError(
+            "this is one SessaLayer's state dict (ln.weight, W_in.weight, ... at the top level), not an "
+            "LM's: load it with layer_params_from_torch"
+        )
 
 
 def _check_layer(state_dict: Mapping, cfg: SessaConfig, prefix: str) -> None:
     """KeyError/ValueError naming the first problem with a layer's keys, shapes or dtypes."""
     table = _layer_table(cfg)
     expected = {name for name, _, _ in table}
-    present = {k[len(prefix):] for k in state_dict if k.startswith(prefix)}
+    present = {k[len(prefix) :] for k in state_dict if k.startswith(prefix)}
     missing = sorted(expected - present)
     if missing:
         raise KeyError(f"state dict lacks {[prefix + m for m in missing]} for {cfg}")
     extra = sorted(n for n in present - expected if n not in _BUFFERS)
     if extra:
-        raise KeyError(f"state dict has unexpected entries {[prefix + e for e in extra]} "
-                       f"(n_heads={cfg.n_heads}: out_proj exists only when n_heads > 1)")
+        raise KeyError(
+            f"state dict has unexpected entries {[prefix + e for e in extra]} "
+            f"(n_heads={cfg.n_heads}: out_proj exists only when n_heads > 1)"
+        )
     ln = np.shape(state_dict[prefix + "ln.weight"])
     if len(ln) == 1 and ln[0] != cfg.d_model:
-        raise ValueError(f"{prefix}ln.weight has shape {ln}: the saved layer has d_model={ln[0]}, the config "
-                         f"d_model={cfg.d_model}; set d_model={ln[0]}")
+        raise ValueError(
+            f"{prefix}ln.weight has shape {ln}: the saved layer has d_model={ln[0]}, the config "
+            f"d_model={cfg.d_model}; set d_model={ln[0]}"
+        )
     for name, _, _ in table:
         shape, want = np.shape(state_dict[prefix + name]), _expected_shape(cfg, name)
         if shape != want:
-            raise ValueError(f"{prefix + name} has shape {shape}; expected {want} for d_model={cfg.d_model}, "
-                             f"n_heads={cfg.n_heads}, n_kv_heads={cfg.kv_heads}")
+            raise ValueError(
+                f"{prefix + name} has shape {shape}; expected {want} for d_model={cfg.d_model}, "
+                f"n_heads={cfg.n_heads}, n_kv_heads={cfg.kv_heads}"
+            )
         dtype = _dtype(state_dict[prefix + name])
         if not _is_float(dtype):
-            raise ValueError(f"{prefix + name} has dtype {dtype}; weights must be floating point (float32, "
-                             f"bfloat16, float16, float64): this is not a model's weights, or they were quantized "
-                             f"(dequantize them first)")
+            raise ValueError(
+                f"{prefix + name} has dtype {dtype}; weights must be floating point (float32, "
+                f"bfloat16, float16, float64): this is not a model's weights, or they were quantized "
+                f"(dequantize them first)"
+            )
 
 
 def _dtype(value):
@@ -238,8 +272,9 @@ def _dtype(value):
 
 
 def _complete(state_dict: Mapping) -> bool:
-    return isinstance(state_dict, PublishedStateDict) or any(type(v).__module__.startswith("torch")
-                                                              for v in state_dict.values())
+    return isinstance(state_dict, PublishedStateDict) or any(
+        type(v).__module__.startswith("torch") for v in state_dict.values()
+    )
 
 
 def _layer_params(state_dict: Mapping, cfg: SessaConfig, prefix: str, dtype, check_buffers: bool = True) -> dict:
@@ -272,8 +307,9 @@ def layer_params_from_torch(state_dict: Mapping, cfg: SessaConfig, dtype=None) -
     return {"params": _layer_params(state_dict, cfg, "", dtype)}
 
 
-def _layer_to_torch(params: Mapping, cfg: SessaConfig, prefix: str, include_buffers: bool = False,
-                    max_len: int | None = None) -> dict:
+def _layer_to_torch(
+    params: Mapping, cfg: SessaConfig, prefix: str, include_buffers: bool = False, max_len: int | None = None
+) -> dict:
     out = {}
     for name, path, transpose in _layer_table(cfg):
         value = np.asarray(_get(params, path))
@@ -335,12 +371,20 @@ def _check_target(out: dict, target, max_len: int | None, fn: str) -> None:
         hints.append("the target has no causal masks: pass max_len=None")
     if any(k.startswith(tuple(_WRAPPERS)) for k in missing):
         hints.append("the target's keys carry a wrapper's prefix (DDP 'module.'): pass the unwrapped module")
-    raise ValueError(f"{fn}: the result would not load strictly into the target: missing {missing[:6]}, unexpected "
-                     f"{unexpected[:6]}" + (f" ({'; '.join(hints)})" if hints else ""))
+    raise ValueError(
+        f"{fn}: the result would not load strictly into the target: missing {missing[:6]}, unexpected "
+        f"{unexpected[:6]}" + (f" ({'; '.join(hints)})" if hints else "")
+    )
 
 
-def layer_params_to_torch(variables: Mapping, cfg: SessaConfig, include_buffers: bool = True,
-                          max_len: int | None = None, as_torch: bool | None = None, target=None) -> dict:
+def layer_params_to_torch(
+    variables: Mapping,
+    cfg: SessaConfig,
+    include_buffers: bool = True,
+    max_len: int | None = None,
+    as_torch: bool | None = None,
+    target=None,
+) -> dict:
     """Inverse of ``layer_params_from_torch``: the published layer's ``state_dict()``.
 
     ``include_buffers`` adds ``mixer.rope_inv_freq`` (when ``cfg.rope``) and, for a
@@ -353,8 +397,10 @@ def layer_params_to_torch(variables: Mapping, cfg: SessaConfig, include_buffers:
     fix (e.g. the ``max_len`` its mask buffers need).
     """
     if max_len is not None and not include_buffers:
-        raise ValueError("layer_params_to_torch: max_len sizes the causal-mask buffers, which only "
-                         "include_buffers=True produces; pass include_buffers=True or drop max_len")
+        raise ValueError(
+            "layer_params_to_torch: max_len sizes the causal-mask buffers, which only "
+            "include_buffers=True produces; pass include_buffers=True or drop max_len"
+        )
     out = _layer_to_torch(variables["params"], cfg, "", include_buffers, max_len)
     _check_target(out, target, max_len, "layer_params_to_torch")
     return _finish(out, as_torch)
@@ -368,39 +414,57 @@ def lm_params_from_torch(state_dict: Mapping, cfg: SessaConfig, dtype=None) -> d
     """
     cast = (lambda a: _to_numpy(a).astype(dtype)) if dtype is not None else _to_numpy
     _check_layout(state_dict, "embed.weight", "lm")
-    extra = sorted(k for k in state_dict if k.startswith("layers.") and k.split(".")[1].isdigit()
-                   and int(k.split(".")[1]) >= cfg.n_layers)
+    extra = sorted(
+        k
+        for k in state_dict
+        if k.startswith("layers.") and k.split(".")[1].isdigit() and int(k.split(".")[1]) >= cfg.n_layers
+    )
     if extra:
         raise KeyError(f"state dict has layers beyond n_layers={cfg.n_layers}: {extra[:3]}...")
-    shapes = {"embed.weight": (cfg.vocab_size, cfg.d_model), "norm_f.weight": (cfg.d_model,),
-              "norm_f.bias": (cfg.d_model,)}
+    shapes = {
+        "embed.weight": (cfg.vocab_size, cfg.d_model),
+        "norm_f.weight": (cfg.d_model,),
+        "norm_f.bias": (cfg.d_model,),
+    }
     if not cfg.tie_embeddings:
         shapes["head.weight"] = (cfg.vocab_size, cfg.d_model)
     missing = sorted(set(shapes) - set(state_dict))
     if missing:
-        raise KeyError(f"state dict lacks {missing} (vocab_size={cfg.vocab_size}, d_model={cfg.d_model}, "
-                       f"tie_embeddings={cfg.tie_embeddings})")
+        raise KeyError(
+            f"state dict lacks {missing} (vocab_size={cfg.vocab_size}, d_model={cfg.d_model}, "
+            f"tie_embeddings={cfg.tie_embeddings})"
+        )
     layer_key = lambda k: k.startswith("layers.") and k.split(".")[1].isdigit()  # noqa: E731
     unknown = sorted(k for k in state_dict if k not in shapes and k != "head.weight" and not layer_key(k))
     if unknown:
-        raise KeyError(f"state dict has unexpected entries {unknown}; an LM state dict holds embed.weight, "
-                       f"norm_f.weight, norm_f.bias, head.weight and layers.<i>.<layer name>")
+        raise KeyError(
+            f"state dict has unexpected entries {unknown}; an LM state dict holds embed.weight, "
+            f"norm_f.weight, norm_f.bias, head.weight and layers.<i>.<layer name>"
+        )
     embed = np.shape(state_dict["embed.weight"])
     if len(embed) == 2 and embed[1] != cfg.d_model:
-        raise ValueError(f"embed.weight has shape {embed}: the saved model has d_model={embed[1]}, the config "
-                         f"d_model={cfg.d_model}; set d_model={embed[1]}")
+        raise ValueError(
+            f"embed.weight has shape {embed}: the saved model has d_model={embed[1]}, the config "
+            f"d_model={cfg.d_model}; set d_model={embed[1]}"
+        )
     for name, shape in shapes.items():
         if np.shape(state_dict[name]) != shape:
-            raise ValueError(f"{name} has shape {np.shape(state_dict[name])}; expected {shape} for "
-                             f"vocab_size={cfg.vocab_size}, d_model={cfg.d_model}")
+            raise ValueError(
+                f"{name} has shape {np.shape(state_dict[name])}; expected {shape} for "
+                f"vocab_size={cfg.vocab_size}, d_model={cfg.d_model}"
+            )
         if not _is_float(_dtype(state_dict[name])):
-            raise ValueError(f"{name} has dtype {_dtype(state_dict[name])}; weights must be floating point: this "
-                             f"is not a model's weights, or they were quantized (dequantize them first)")
+            raise ValueError(
+                f"{name} has dtype {_dtype(state_dict[name])}; weights must be floating point: this "
+                f"is not a model's weights, or they were quantized (dequantize them first)"
+            )
     if cfg.tie_embeddings and "head.weight" in state_dict:
         # A tied PyTorch model lists the shared matrix under both names; anything else is an untied head.
         if not np.array_equal(_to_numpy(state_dict["head.weight"]), _to_numpy(state_dict["embed.weight"])):
-            raise KeyError("state dict has a head.weight that differs from embed.weight, but the config has "
-                           "tie_embeddings=True and would drop it; load it with tie_embeddings=False")
+            raise KeyError(
+                "state dict has a head.weight that differs from embed.weight, but the config has "
+                "tie_embeddings=True and would drop it; load it with tie_embeddings=False"
+            )
     for i in range(cfg.n_layers):  # every layer's keys and shapes before any buffer
         _check_layer(state_dict, cfg, f"layers.{i}.")
     layers = [_layer_params(state_dict, cfg, f"layers.{i}.", dtype) for i in range(cfg.n_layers)]
@@ -420,8 +484,14 @@ def lm_params_from_torch(state_dict: Mapping, cfg: SessaConfig, dtype=None) -> d
     return {"params": params}
 
 
-def lm_params_to_torch(variables: Mapping, cfg: SessaConfig, include_buffers: bool = True,
-                       max_len: int | None = None, as_torch: bool | None = None, target=None) -> dict:
+def lm_params_to_torch(
+    variables: Mapping,
+    cfg: SessaConfig,
+    include_buffers: bool = True,
+    max_len: int | None = None,
+    as_torch: bool | None = None,
+    target=None,
+) -> dict:
     """Inverse of ``lm_params_from_torch``. A tied model (``cfg.tie_embeddings``) lists the shared
     matrix as both ``embed.weight`` and ``head.weight``, as a PyTorch LM whose head weight is its
     embedding's does, so strict loading works either way. Per-layer buffers, ``max_len``,

@@ -18,8 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sessa_jax.cache import (cache_full_error, cache_index, cache_length, check_empty, check_room,  # noqa: F401
-                             init_cache, init_layer_cache)
+from sessa_jax.cache import (
+    check_empty,
+    check_room,  # noqa: F401
+    init_cache,
+)
 from sessa_jax.config import SessaConfig
 from sessa_jax.model import check_token_ids  # noqa: F401  (part of this module's interface)
 
@@ -50,8 +53,7 @@ class DecodableModel(Protocol):
 
     config: Any
 
-    def apply(self, variables, tokens, *, cache, decode: bool = False) -> tuple:
-        ...
+    def apply(self, variables, tokens, *, cache, decode: bool = False) -> tuple: ...
 
 
 def prefill(model, params, tokens, cache):
@@ -141,11 +143,14 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p, vocab_size: int) -
     if not (_is_real(temperature) and 0 <= temperature < float("inf")):
         raise ValueError(f"generate: temperature must be a finite number >= 0 (0 = greedy); got {temperature!r}")
     if top_k is not None and not (_is_int(top_k) and 1 <= top_k <= vocab_size):
-        raise ValueError(f"generate: top_k must be in [1, vocab_size={vocab_size}]; got {top_k!r}"
-                         + ("" if _is_int(top_k) else ", not an integer"))
+        raise ValueError(
+            f"generate: top_k must be in [1, vocab_size={vocab_size}]; got {top_k!r}"
+            + ("" if _is_int(top_k) else ", not an integer")
+        )
     if top_p is not None and not (_is_real(top_p) and 0.0 < top_p <= 1.0):
-        raise ValueError(f"generate: top_p must be in (0, 1]; got {top_p!r}"
-                         + ("" if _is_real(top_p) else ", not a number"))
+        raise ValueError(
+            f"generate: top_p must be in (0, 1]; got {top_p!r}" + ("" if _is_real(top_p) else ", not a number")
+        )
 
 
 def check_rng(rng, what: str = "generate"):
@@ -153,8 +158,9 @@ def check_rng(rng, what: str = "generate"):
     key (``jax.random.PRNGKey(0)``); anything else is a ValueError naming it and the fix."""
     fix = "pass a key such as jax.random.key(0) or jax.random.PRNGKey(0)"
     if _is_int(rng):
-        raise ValueError(f"{what}: rng must be a JAX PRNG key, not the integer {int(rng)}; {fix} "
-                         f"(the integer is its seed)")
+        raise ValueError(
+            f"{what}: rng must be a JAX PRNG key, not the integer {int(rng)}; {fix} (the integer is its seed)"
+        )
     try:
         key = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
     except TypeError as e:
@@ -164,13 +170,23 @@ def check_rng(rng, what: str = "generate"):
             raise ValueError(f"{what}: rng must be a single PRNG key; got keys of shape {key.shape}; {fix}")
         return key
     if key.dtype != jnp.uint32 or key.shape != (2,):
-        raise ValueError(f"{what}: rng must be a JAX PRNG key (a typed key, or uint32 of shape (2,)); got "
-                         f"{key.dtype} of shape {tuple(key.shape)}; {fix}")
+        raise ValueError(
+            f"{what}: rng must be a JAX PRNG key (a typed key, or uint32 of shape (2,)); got "
+            f"{key.dtype} of shape {tuple(key.shape)}; {fix}"
+        )
     return key
 
 
-def generate(model, params, prompt, max_new_tokens: int, rng, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None):
+def generate(
+    model,
+    params,
+    prompt,
+    max_new_tokens: int,
+    rng,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+):
     """Samples ``max_new_tokens`` tokens after each prompt row: (B, P) -> (B, P + new) int32.
 
     ``model``: a ``DecodableModel`` (``SessaLM`` or a user's module with that interface);

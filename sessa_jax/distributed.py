@@ -40,14 +40,21 @@ def maybe_initialize(dist_cfg, log=print, environ=os.environ) -> bool:
         return False
     kw = {}
     if address:
-        kw = dict(coordinator_address=address,
-                  num_processes=dist_cfg.num_processes or int(environ.get("JAX_NUM_PROCESSES", "0")) or None,
-                  process_id=dist_cfg.process_id if dist_cfg.process_id >= 0
-                  else int(environ.get("JAX_PROCESS_ID", "-1")) if environ.get("JAX_PROCESS_ID") else None)
+        kw = dict(
+            coordinator_address=address,
+            num_processes=dist_cfg.num_processes or int(environ.get("JAX_NUM_PROCESSES", "0")) or None,
+            process_id=dist_cfg.process_id
+            if dist_cfg.process_id >= 0
+            else int(environ.get("JAX_PROCESS_ID", "-1"))
+            if environ.get("JAX_PROCESS_ID")
+            else None,
+        )
     if jax.config.jax_platforms in ("cpu",) or environ.get("JAX_PLATFORMS") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kw)
     if jax.process_index() == 0:
-        log(f"distributed: {jax.process_count()} processes ({cluster or 'explicit coordinator'}), "
-            f"{jax.device_count()} devices")
+        log(
+            f"distributed: {jax.process_count()} processes ({cluster or 'explicit coordinator'}), "
+            f"{jax.device_count()} devices"
+        )
     return True

@@ -60,8 +60,12 @@ class SessaLayer(nn.Module):
         cfg = self.config
         dense = functools.partial(nn.Dense, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         # LayerNorm statistics in float32 (or wider), whatever the compute dtype.
-        self.ln = LayerNorm(epsilon=cfg.ln_eps, dtype=jnp.promote_types(cfg.dtype, jnp.float32),
-                               param_dtype=cfg.param_dtype, **norm_init())
+        self.ln = LayerNorm(
+            epsilon=cfg.ln_eps,
+            dtype=jnp.promote_types(cfg.dtype, jnp.float32),
+            param_dtype=cfg.param_dtype,
+            **norm_init(),
+        )
         self.W_in = dense(2 * cfg.d_model, **dense_init("embed", "mlp"))  # column-parallel
         self.mixer = mixer_class(self.kind)(cfg, axes=self.axes)
         self.W_out = dense(cfg.d_model, **dense_init("mlp", "embed"))  # row-parallel
@@ -75,8 +79,10 @@ class SessaLayer(nn.Module):
                 f"SessaLayer expects x of shape (batch, time, d_model={cfg.d_model}); got {tuple(x.shape)}"
             )
         if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"SessaLayer expects floating-point x (float32/bfloat16); got {x.dtype}: cast it, e.g. "
-                             f"x.astype(jnp.float32) (integer or bool input would truncate the output)")
+            raise ValueError(
+                f"SessaLayer expects floating-point x (float32/bfloat16); got {x.dtype}: cast it, e.g. "
+                f"x.astype(jnp.float32) (integer or bool input would truncate the output)"
+            )
         b, t, _ = x.shape
         if t == 0:
             raise ValueError(f"SessaLayer got x of shape {tuple(x.shape)}: no positions (T=0); pass at least one token")

@@ -12,7 +12,8 @@ E = EXPAND * D inner width, N state size, R dt rank, C chunk, W conv width.
 
 The recurrence runs in float32 whatever the compute dtype, in one of two ways
 (``MambaMixer.scan``): "chunked" (a ``lax.scan`` over chunks of ``config.chunk_size`` steps
-carries h and an associative scan solves each chunk (CHUNK steps when chunk_size is "auto"): few sequential steps, for GPU/TPU) or
+carries h and an associative scan solves each chunk (CHUNK steps when chunk_size is "auto"): few sequential
+steps, for GPU/TPU) or
 "stepwise" (one rematerialised ``lax.scan`` step per time step that forms the decay and drive
 of that step only: no (B, T, E, N) inputs are built; the whole mixer's forward + backward is
 about 3x faster on CPU at B=16, T=300, D=28, measured with benchmarks/mamba_scan.py). "auto" picks stepwise on CPU and
@@ -130,8 +131,10 @@ def selective_scan_stepwise(dt_BxTxE, x_BxTxE, B_BxTxN, C_BxTxN, A_ExN, starts_B
         h = decay * h_BxExN + (dt * x)[..., None] * bb[:, None, :]
         return h, jnp.einsum("ben,bn->be", h, cc)
 
-    time_major = [jnp.moveaxis(z.astype(jnp.float32) if z.dtype != bool else z, 1, 0)
-                  for z in (dt_BxTxE, x_BxTxE, B_BxTxN, C_BxTxN, starts)]
+    time_major = [
+        jnp.moveaxis(z.astype(jnp.float32) if z.dtype != bool else z, 1, 0)
+        for z in (dt_BxTxE, x_BxTxE, B_BxTxN, C_BxTxN, starts)
+    ]
     h0 = jnp.zeros((b, e, A_ExN.shape[-1]), jnp.float32)
     _, y_TxBxE = jax.lax.scan(step, h0, tuple(time_major))
     return jnp.moveaxis(y_TxBxE, 0, 1)
@@ -178,8 +181,9 @@ class MambaMixer(nn.Module):
         x_BxTxE = constrain(dense(e, "in_proj", ("embed", "mlp"))(a_bar), self.axes.btw)
 
         # Causal depthwise conv; taps reaching into another segment are dropped.
-        conv_w = self.param("conv_kernel", logical(nn.initializers.lecun_normal(), (None, "mlp")),
-                            (CONV_WIDTH, e), cfg.param_dtype)
+        conv_w = self.param(
+            "conv_kernel", logical(nn.initializers.lecun_normal(), (None, "mlp")), (CONV_WIDTH, e), cfg.param_dtype
+        )
         conv_b = self.param("conv_bias", logical(nn.initializers.zeros, ("mlp",)), (e,), cfg.param_dtype)
         seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
         x_pad = jnp.pad(x_BxTxE, ((0, 0), (CONV_WIDTH - 1, 0), (0, 0)))
@@ -187,8 +191,8 @@ class MambaMixer(nn.Module):
         conv = conv_b.astype(cfg.dtype)
         for k in range(CONV_WIDTH):  # tap k looks k steps back
             start = CONV_WIDTH - 1 - k
-            same = (seg_pad[:, start:start + t] == seg)[..., None]
-            conv = conv + jnp.where(same, x_pad[:, start:start + t], 0) * conv_w[CONV_WIDTH - 1 - k].astype(cfg.dtype)
+            same = (seg_pad[:, start : start + t] == seg)[..., None]
+            conv = conv + jnp.where(same, x_pad[:, start : start + t], 0) * conv_w[CONV_WIDTH - 1 - k].astype(cfg.dtype)
         x_BxTxE = nn.silu(conv)
 
         dbc = dense(r + 2 * n, "x_proj", ("mlp", None), bias=False)(x_BxTxE)

@@ -79,7 +79,8 @@ class AttentionMixer(nn.Module):
         positions = resolve_positions(segment_ids, positions, *a_bar.shape[:2])
         q, k, v = self.project_qkv(a_bar, positions)
         attend = lambda q, k, v, seg: causal_attention(  # noqa: E731
-            q, k, v, segment_ids=seg, method=ATTENTION_OF_SOLVE[cfg.solver], chunk_size=cfg.chunk_size)
+            q, k, v, segment_ids=seg, method=ATTENTION_OF_SOLVE[cfg.solver], chunk_size=cfg.chunk_size
+        )
         o = sharding_agnostic(attend, q)(q, k, v, segment_ids)
         return constrain(self.merge_heads(constrain(o, self.axes.bthk)), self.axes.btw), k, v
 
@@ -100,12 +101,16 @@ class SessaMixer(AttentionMixer):
     def setup(self):
         super().setup()
         cfg = self.config
-        self.proj_fb = nn.Dense(2 * cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                                **dense_init("embed", "mlp"))
+        self.proj_fb = nn.Dense(
+            2 * cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, **dense_init("embed", "mlp")
+        )
         # gamma is computed in float32 (or wider): it sets the memory decay of the solve.
         self.gamma_ctx = nn.Dense(
-            1, use_bias=False, dtype=_wide(cfg.dtype), param_dtype=cfg.param_dtype,
-            kernel_init=logical(nn.initializers.normal(stddev=cfg.d_model ** -0.5), ("embed", None)),
+            1,
+            use_bias=False,
+            dtype=_wide(cfg.dtype),
+            param_dtype=cfg.param_dtype,
+            kernel_init=logical(nn.initializers.normal(stddev=cfg.d_model**-0.5), ("embed", None)),
         )
         self.gamma_bias = self.param("gamma_bias", logical(nn.initializers.constant(1.0), ()), (), cfg.param_dtype)
 
@@ -128,8 +133,16 @@ class SessaMixer(AttentionMixer):
         f, k, v = self.forward_branch(a_bar, segment_ids, positions)
         q_b, k_b, gamma = self.feedback_inputs(a_bar)
         solve = lambda q_b, k_b, gamma, f, seg: feedback_solve(  # noqa: E731
-            q_b, k_b, gamma, f, segment_ids=seg, method=cfg.solver, chunk_size=cfg.chunk_size,
-            leaf_size=cfg.leaf_size, precision=cfg.feedback_precision, kernels=cfg.feedback_kernels,
+            q_b,
+            k_b,
+            gamma,
+            f,
+            segment_ids=seg,
+            method=cfg.solver,
+            chunk_size=cfg.chunk_size,
+            leaf_size=cfg.leaf_size,
+            precision=cfg.feedback_precision,
+            kernels=cfg.feedback_kernels,
         )
         s = sharding_agnostic(solve, f)(q_b, k_b, gamma, f, segment_ids)
         s = constrain(s, self.axes.btw)  # the solve is independent per width column: s stays split over D

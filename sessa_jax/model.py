@@ -30,9 +30,16 @@ from sessa_jax.config import SessaConfig
 from sessa_jax.layer import SessaLayer
 from sessa_jax.layer_norm import LayerNorm
 from sessa_jax.ops.rope import resolve_positions
-from sessa_jax.sharding import (DEFAULT_AXES, ActivationAxes, check_explicit_params, constrain, dense_init,
-                                explicit_mesh, logical, norm_init)
-
+from sessa_jax.sharding import (
+    DEFAULT_AXES,
+    ActivationAxes,
+    check_explicit_params,
+    constrain,
+    dense_init,
+    explicit_mesh,
+    logical,
+    norm_init,
+)
 
 _CHECKIFY_TOKENS = contextvars.ContextVar("sessa_checkify_tokens", default=False)
 
@@ -48,8 +55,12 @@ def check_token_ids(tokens, vocab_size: int) -> None:
         if _CHECKIFY_TOKENS.get():
             ok = (tokens >= 0) & (tokens < vocab_size)
             first = jnp.reshape(tokens, -1)[jnp.argmin(jnp.reshape(ok, -1))]
-            checkify.check(jnp.all(ok), "token id {id} is outside the vocabulary [0, {v}) of this model",
-                           id=first, v=jnp.int32(vocab_size))
+            checkify.check(
+                jnp.all(ok),
+                "token id {id} is outside the vocabulary [0, {v}) of this model",
+                id=first,
+                v=jnp.int32(vocab_size),
+            )
         return
     t = np.asarray(tokens)
     bad = (t < 0) | (t >= vocab_size)
@@ -105,14 +116,27 @@ class SessaLM(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                              embedding_init=logical(
-                                  nn.initializers.normal(stddev=cfg.d_model ** -0.5), ("vocab", "embed")))
-        self.norm_f = LayerNorm(epsilon=cfg.ln_eps, dtype=jnp.promote_types(cfg.dtype, jnp.float32),
-                                   param_dtype=cfg.param_dtype, **norm_init())
+        self.embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            embedding_init=logical(nn.initializers.normal(stddev=cfg.d_model**-0.5), ("vocab", "embed")),
+        )
+        self.norm_f = LayerNorm(
+            epsilon=cfg.ln_eps,
+            dtype=jnp.promote_types(cfg.dtype, jnp.float32),
+            param_dtype=cfg.param_dtype,
+            **norm_init(),
+        )
         if not cfg.tie_embeddings:
-            self.head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                                 **dense_init("embed", "vocab"))
+            self.head = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                **dense_init("embed", "vocab"),
+            )
 
     def _blocks(self, decode: bool):
         cfg = self.config
@@ -120,9 +144,14 @@ class SessaLM(nn.Module):
         if cfg.remat:
             block = nn.remat(block, prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
-            scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.n_layers,
-                              metadata_params={nn.PARTITION_NAME: "layers"})
+            scanned = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast),
+                length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
             return scanned(cfg, self.kind, self.axes, decode=decode, name="layers")
         return [block(cfg, self.kind, self.axes, decode=decode, name=f"layers_{i}") for i in range(cfg.n_layers)]
 
@@ -130,11 +159,14 @@ class SessaLM(nn.Module):
         """ValueError naming what is wrong with the inputs of ``__call__`` and how to fix it."""
         cfg = self.config
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"SessaLM expects integer tokens of shape (batch, time); got {tokens.dtype} "
-                             f"{tuple(tokens.shape)}")
+            raise ValueError(
+                f"SessaLM expects integer tokens of shape (batch, time); got {tokens.dtype} {tuple(tokens.shape)}"
+            )
         b, t = tokens.shape
         if t == 0:
-            raise ValueError(f"SessaLM got tokens of shape {(b, t)}: no positions (T=0); pass at least one token per row")
+            raise ValueError(
+                f"SessaLM got tokens of shape {(b, t)}: no positions (T=0); pass at least one token per row"
+            )
         check_token_ids(tokens, cfg.vocab_size)
         if cache is not None:
             check_model_cache(cache, cfg)
@@ -172,8 +204,9 @@ class SessaLM(nn.Module):
         # On an Explicit mesh the gather must say how its result is split: as the token rows are.
         spec = tuple(jax.typeof(tokens).sharding.spec) + (None,) * (tokens.ndim + 1)
         table = jnp.asarray(self.embed.embedding, self.config.dtype)
-        return table.at[tokens].get(mode="fill", fill_value=jnp.nan,
-                                    out_sharding=jax.sharding.PartitionSpec(*spec[:tokens.ndim + 1]))
+        return table.at[tokens].get(
+            mode="fill", fill_value=jnp.nan, out_sharding=jax.sharding.PartitionSpec(*spec[: tokens.ndim + 1])
+        )
 
     def logits(self, x):
         """Final hidden states (B, T, D) -> float32 logits (B, T, V): the (tied) output head."""

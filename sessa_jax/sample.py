@@ -45,19 +45,23 @@ def load_run_step(run_dir: str, step: int | None = None, log=None):
         raise ValueError(f"--run: {e}") from None
     ckpt_dir = wd.join(run_dir, "checkpoints")
     if not wd.isdir(ckpt_dir):
-        raise FileNotFoundError(f"--run {run_dir!r} has no checkpoints/ directory; pass the --workdir of a train.py run")
+        raise FileNotFoundError(
+            f"--run {run_dir!r} has no checkpoints/ directory; pass the --workdir of a train.py run"
+        )
     manager = ckpt.make_manager(ckpt_dir, async_save=False)
     try:
         steps = sorted(manager.all_steps(), reverse=True)
     finally:
         manager.close()
     if not steps:
-        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir!r}; train with checkpoint.every > 0 (or let the "
-                                f"run finish) and point --run at its workdir")
+        raise FileNotFoundError(
+            f"no complete checkpoint in {ckpt_dir!r}; train with checkpoint.every > 0 (or let the "
+            f"run finish) and point --run at its workdir"
+        )
     if step is not None and step not in steps:
         raise ValueError(f"--step {step}: {ckpt_dir!r} has no checkpoint of that step; its steps are {sorted(steps)}")
     failed = []
-    for s in ([step] if step is not None else steps):
+    for s in [step] if step is not None else steps:
         try:
             cfg = config_from_json(ckpt.restore_config(ckpt_dir, s, log=_quiet))
             model = build_model(cfg)
@@ -69,8 +73,11 @@ def load_run_step(run_dir: str, step: int | None = None, log=None):
             if log is not None and step is None:
                 log(f"warning: checkpoint {failed[-1]} (damaged); trying the one before it")
     others = sorted(set(steps) - {step}) if step is not None else []
-    fix = (f"pass another --step (the others: {others}) or leave --step out for the newest that restores"
-           if others else "restore the checkpoints from a backup, or train again")
+    fix = (
+        f"pass another --step (the others: {others}) or leave --step out for the newest that restores"
+        if others
+        else "restore the checkpoints from a backup, or train again"
+    )
     raise ckpt.CheckpointError(f"no checkpoint of {ckpt_dir!r} restores: " + "; ".join(failed) + f". Fix: {fix}")
 
 
@@ -87,7 +94,9 @@ def encode_prompt(prompt: str, task: str, tokenizer=None) -> np.ndarray:
     try:
         return np.array([int(t) for t in prompt.split()], np.int32)
     except ValueError as e:
-        raise ValueError(f"a {task!r} run takes the prompt as space-separated token ids, e.g. '3 41 7'; got {prompt!r}") from e
+        raise ValueError(
+            f"a {task!r} run takes the prompt as space-separated token ids, e.g. '3 41 7'; got {prompt!r}"
+        ) from e
 
 
 def decode_tokens(tokens: np.ndarray, task: str, tokenizer=None) -> str:
@@ -124,8 +133,17 @@ def generate_by_recompute(model, params, prompt, max_new_tokens: int, rng, tempe
     return jax.jit(lambda buf, rng: jax.lax.fori_loop(p, p + max_new_tokens, body, (buf, rng))[0])(buf, rng)
 
 
-def sample(run_dir: str, prompt: str, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None, seed: int = 0, step: int | None = None, log=None) -> str:
+def sample(
+    run_dir: str,
+    prompt: str,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    step: int | None = None,
+    log=None,
+) -> str:
     """Continuation of ``prompt`` sampled from the run's parameters (``load_run_step``)."""
     return _sample(run_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, step, log)[0]
 
@@ -136,7 +154,9 @@ def _sample(run_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, st
     tok = tokenizer_of(cfg.data) if cfg.data.task == "text" else None
     tokens = jnp.asarray(encode_prompt(prompt, cfg.data.task, tok))[None]
     if tokens.shape[1] == 0:
-        raise ValueError(f"a {cfg.data.task!r} run needs a non-empty --prompt of space-separated token ids, e.g. '3 41 7'")
+        raise ValueError(
+            f"a {cfg.data.task!r} run needs a non-empty --prompt of space-separated token ids, e.g. '3 41 7'"
+        )
     rng = jax.random.PRNGKey(seed)
     if cfg.model.kind == "sessa":
         out = generate(model, params, tokens, max_new_tokens, rng, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -144,7 +164,7 @@ def _sample(run_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, st
         if top_p is not None:
             raise ValueError(f"--top_p is supported for kind='sessa' runs only; this run is {cfg.model.kind!r}")
         out = generate_by_recompute(model, params, tokens, max_new_tokens, rng, temperature, top_k)
-    return decode_tokens(np.asarray(out[0, tokens.shape[1]:]), cfg.data.task, tok), step
+    return decode_tokens(np.asarray(out[0, tokens.shape[1] :]), cfg.data.task, tok), step
 
 
 def main(argv=None) -> int:
@@ -159,8 +179,17 @@ def main(argv=None) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     args = parser.parse_args(argv)
     try:
-        out, step = _sample(args.run, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                            args.seed, args.step, log=lambda line: print(line, file=sys.stderr))
+        out, step = _sample(
+            args.run,
+            args.prompt,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k,
+            args.top_p,
+            args.seed,
+            args.step,
+            log=lambda line: print(line, file=sys.stderr),
+        )
     except (FileNotFoundError, ValueError, ckpt.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

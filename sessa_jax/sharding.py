@@ -32,7 +32,8 @@ import math
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -88,8 +89,7 @@ class ActivationAxes:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if value is not None and not isinstance(value, str):
-                raise TypeError(f"ActivationAxes.{field.name} must be a logical axis name (str) or None; "
-                                f"got {value!r}")
+                raise TypeError(f"ActivationAxes.{field.name} must be a logical axis name (str) or None; got {value!r}")
 
     @property
     def btd(self) -> tuple:
@@ -118,9 +118,16 @@ class ActivationAxes:
 
 
 DEFAULT_AXES = ActivationAxes()
-MAXTEXT_AXES = ActivationAxes(batch="activation_batch", length="activation_length", embed="activation_embed",
-                              mlp="activation_mlp", heads="activation_heads", kv_heads="activation_kv_heads",
-                              head_dim="activation_kv", vocab="activation_vocab")
+MAXTEXT_AXES = ActivationAxes(
+    batch="activation_batch",
+    length="activation_length",
+    embed="activation_embed",
+    mlp="activation_mlp",
+    heads="activation_heads",
+    kv_heads="activation_kv_heads",
+    head_dim="activation_kv",
+    vocab="activation_vocab",
+)
 
 # The default names of the main activations (kept for code that imports them).
 BTD = DEFAULT_AXES.btd  # residual stream x, y
@@ -174,8 +181,10 @@ def dense_init(in_name, out_name, kernel_init=None, bias_init=None) -> dict:
 
 def norm_init() -> dict:
     """``scale_init``/``bias_init`` kwargs of ``nn.LayerNorm`` (replicated, 'norm')."""
-    return dict(scale_init=logical(nn.initializers.ones_init(), ("norm",)),
-                bias_init=logical(nn.initializers.zeros_init(), ("norm",)))
+    return dict(
+        scale_init=logical(nn.initializers.ones_init(), ("norm",)),
+        bias_init=logical(nn.initializers.zeros_init(), ("norm",)),
+    )
 
 
 def constrain(x, names):
@@ -286,12 +295,15 @@ def mesh_shape(axes: dict, device_count: int) -> tuple[int, int, int]:
     fixed = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if device_count % fixed:
-            raise MeshError(f"mesh {desc}: the fixed axes need a multiple of {fixed} devices, "
-                            f"but there are {device_count} devices")
+            raise MeshError(
+                f"mesh {desc}: the fixed axes need a multiple of {fixed} devices, but there are {device_count} devices"
+            )
         sizes[sizes.index(-1)] = device_count // fixed
     if math.prod(sizes) != device_count:
-        raise MeshError(f"mesh {desc} has {math.prod(sizes)} devices but there are {device_count} devices; "
-                        f"make data x fsdp x tensor = {device_count} (or set one axis to -1)")
+        raise MeshError(
+            f"mesh {desc} has {math.prod(sizes)} devices but there are {device_count} devices; "
+            f"make data x fsdp x tensor = {device_count} (or set one axis to -1)"
+        )
     return tuple(sizes)
 
 
@@ -310,29 +322,44 @@ def make_mesh(axes: dict, devices=None) -> Mesh:
         return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=types)
 
 
-def validate_mesh(mesh: Mesh, model_config, global_batch: int, grad_accum: int = 1,
-                  process_count: int | None = None, kind: str = "sessa") -> None:
+def validate_mesh(
+    mesh: Mesh,
+    model_config,
+    global_batch: int,
+    grad_accum: int = 1,
+    process_count: int | None = None,
+    kind: str = "sessa",
+) -> None:
     """Raises MeshError, naming the values, for any batch/head/width the mesh cannot split."""
     pc = jax.process_count() if process_count is None else process_count
     dp, fsdp, tp = mesh.shape["data"], mesh.shape["fsdp"], mesh.shape["tensor"]
     split = grad_accum * dp * fsdp
     if global_batch % split:
-        raise MeshError(f"global batch {global_batch} is not divisible by grad_accum x data x fsdp = "
-                        f"{grad_accum} x {dp} x {fsdp} = {split}")
+        raise MeshError(
+            f"global batch {global_batch} is not divisible by grad_accum x data x fsdp = "
+            f"{grad_accum} x {dp} x {fsdp} = {split}"
+        )
     if global_batch % pc:
         raise MeshError(f"global batch {global_batch} is not divisible by the {pc} processes")
     c = model_config
-    checks = [("d_model", c.d_model, tp, "tensor"), ("vocab_size", c.vocab_size, tp, "tensor"),
-              ("d_model", c.d_model, fsdp, "fsdp")]
+    checks = [
+        ("d_model", c.d_model, tp, "tensor"),
+        ("vocab_size", c.vocab_size, tp, "tensor"),
+        ("d_model", c.d_model, fsdp, "fsdp"),
+    ]
     if kind != "mamba":  # attention heads are split over 'tensor'
         checks[:0] = [("n_heads", c.n_heads, tp, "tensor"), ("kv_heads", c.kv_heads, tp, "tensor")]
     for name, value, size, axis in checks:
         if value % size:
-            raise MeshError(f"model {name}={value} is not divisible by the {axis} axis ({axis}={size}); "
-                            f"choose {axis} among the divisors of {value}")
+            raise MeshError(
+                f"model {name}={value} is not divisible by the {axis} axis ({axis}={size}); "
+                f"choose {axis} among the divisors of {value}"
+            )
     if pc > 1 and tp * fsdp > 1 and jax.local_device_count() % tp:
-        raise MeshError(f"tensor={tp} must divide the {jax.local_device_count()} devices of each process "
-                        f"(the tensor axis stays within a host)")
+        raise MeshError(
+            f"tensor={tp} must divide the {jax.local_device_count()} devices of each process "
+            f"(the tensor axis stays within a host)"
+        )
 
 
 @contextlib.contextmanager

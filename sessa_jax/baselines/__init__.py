@@ -4,7 +4,7 @@ The Transformer baseline is ``SessaLM(config, kind="transformer")`` (the forward
 of Sessa's mixer without feedback); the Mamba baseline is ``kind="mamba"`` (``MambaMixer``).
 """
 
-from sessa_jax.mamba_mixer import MambaMixer
 from sessa_jax.baselines.params import KINDS, count_params, match_width
+from sessa_jax.mamba_mixer import MambaMixer
 
 __all__ = ["KINDS", "MambaMixer", "count_params", "match_width"]

@@ -41,8 +41,11 @@ def match_width(config: SessaConfig, kind: str, reference_kind: str = "sessa") -
     step = width_step(config)
     # The count is a quadratic in d_model (up to rounding of the Mamba dt rank): fit it
     # on three widths, solve, then check the neighbouring valid widths exactly.
-    ds = [config.d_model - step if config.d_model > step else config.d_model + 2 * step,
-          config.d_model, config.d_model + step]
+    ds = [
+        config.d_model - step if config.d_model > step else config.d_model + 2 * step,
+        config.d_model,
+        config.d_model + step,
+    ]
     coef = np.polyfit(ds, [count_params(config.replace(d_model=d), kind) for d in ds], 2)
     roots = [r.real for r in np.roots(coef - np.array([0, 0, target])) if r.real > 0 and abs(r.imag) < 1e-6]
     guess = roots[0] if roots else config.d_model

@@ -56,11 +56,11 @@ def unigram_features(inputs: np.ndarray) -> np.ndarray:
 
 def bigram_features(inputs: np.ndarray) -> np.ndarray:
     """(N, 256) float64: counts of symbol pairs (a, b) adjacent inside a block, over all such pairs."""
-    out = np.zeros((len(inputs), ss.NUM_SYMBOLS ** 2))
+    out = np.zeros((len(inputs), ss.NUM_SYMBOLS**2))
     for i, row in enumerate(np.asarray(inputs)):
         for b in text_blocks(row):
             if len(b) > 1:
-                out[i] += np.bincount(b[:-1] * ss.NUM_SYMBOLS + b[1:], minlength=ss.NUM_SYMBOLS ** 2)
+                out[i] += np.bincount(b[:-1] * ss.NUM_SYMBOLS + b[1:], minlength=ss.NUM_SYMBOLS**2)
     return out / np.maximum(out.sum(1, keepdims=True), 1.0)
 
 
@@ -79,7 +79,7 @@ def fit_softmax_regression(x: np.ndarray, y: np.ndarray, l2: float, num_classes:
     onehot = np.eye(num_classes)[np.asarray(y)]
 
     def loss_grad(theta):
-        w, b = theta[:f * num_classes].reshape(f, num_classes), theta[f * num_classes:]
+        w, b = theta[: f * num_classes].reshape(f, num_classes), theta[f * num_classes :]
         logits = z @ w + b
         logits -= logits.max(1, keepdims=True)
         p = np.exp(logits)
@@ -88,9 +88,10 @@ def fit_softmax_regression(x: np.ndarray, y: np.ndarray, l2: float, num_classes:
         g = (p - onehot) / n
         return loss, np.concatenate([(z.T @ g + 2 * l2 * w).ravel(), g.sum(0)])
 
-    theta = minimize(loss_grad, np.zeros(f * num_classes + num_classes), jac=True, method="L-BFGS-B",
-                     options=dict(maxiter=500)).x
-    w, b = theta[:f * num_classes].reshape(f, num_classes), theta[f * num_classes:]
+    theta = minimize(
+        loss_grad, np.zeros(f * num_classes + num_classes), jac=True, method="L-BFGS-B", options=dict(maxiter=500)
+    ).x
+    w, b = theta[: f * num_classes].reshape(f, num_classes), theta[f * num_classes :]
     return lambda xs: np.argmax(((np.asarray(xs, np.float64) - mu) / sd) @ w + b, axis=1)
 
 
@@ -119,7 +120,9 @@ def markov_oracle_accuracy(batch: dict[str, np.ndarray]) -> float:
 
 def soup_reference_lines(train, valid, test) -> dict[str, float]:
     """Test accuracies of the reference lines (see the module docstring) on ``test``."""
-    return dict(chance=1.0 / ss.NUM_CLASSES,
-                unigram=regression_accuracy(unigram_features, train, valid, test)["test"],
-                bigram=regression_accuracy(bigram_features, train, valid, test)["test"],
-                markov_oracle=markov_oracle_accuracy(test))
+    return dict(
+        chance=1.0 / ss.NUM_CLASSES,
+        unigram=regression_accuracy(unigram_features, train, valid, test)["test"],
+        bigram=regression_accuracy(bigram_features, train, valid, test)["test"],
+        markov_oracle=markov_oracle_accuracy(test),
+    )

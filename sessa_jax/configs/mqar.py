@@ -1,6 +1,6 @@
 """MQAR (Zoology-style associative recall) at a CPU-feasible size; the matched-comparison task.
 
-    python train.py --config=configs/mqar.py --config.model.kind=transformer --config.model.match_params=True
+python train.py --config=configs/mqar.py --config.model.kind=transformer --config.model.match_params=True
 """
 
 from sessa_jax.train.config import base_config

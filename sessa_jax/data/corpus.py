@@ -66,7 +66,7 @@ def iter_documents(path: str, max_bytes: int):
         if builtin and max_bytes and total >= max_bytes:
             break
         if max_bytes and total > max_bytes:
-            rest = sum(os.path.getsize(f) for f in files[i + 1:])
+            rest = sum(os.path.getsize(f) for f in files[i + 1 :])
             raise ValueError(
                 f"data.text.path={path!r} holds more than data.text.max_bytes={max_bytes} bytes of text ({total} "
                 f"in its first {i + 1} of {len(files)} files, up to {total + rest} in all); reading part of it "

@@ -64,15 +64,16 @@ def check_mqar(seq_len: int, vocab_size: int, num_kv_pairs: int, prefix: str = "
         )
 
 
-def mqar_example(rng: np.random.Generator, seq_len: int, vocab_size: int, num_kv_pairs: int,
-                 distinct_values: bool = True) -> dict:
+def mqar_example(
+    rng: np.random.Generator, seq_len: int, vocab_size: int, num_kv_pairs: int, distinct_values: bool = True
+) -> dict:
     """One example: inputs/targets/weights (seq_len,) plus segment ids and positions."""
     k = num_kv_pairs
     keys = rng.choice(np.arange(1, vocab_size // 2), size=k, replace=False)
     value_ids = np.arange(vocab_size // 2, vocab_size)
     values = rng.choice(value_ids, size=k, replace=False) if distinct_values else rng.choice(value_ids, size=k)
     inputs = np.zeros(seq_len, np.int32)
-    inputs[0:2 * k:2], inputs[1:2 * k:2] = keys, values
+    inputs[0 : 2 * k : 2], inputs[1 : 2 * k : 2] = keys, values
     # Query slots at even offsets of the query region (Zoology's layout).
     slots = rng.choice((seq_len - 2 * k) // 2, size=k, replace=False)
     order = rng.permutation(k)
@@ -97,8 +98,10 @@ def no_association_accuracy(num_kv_pairs: int, num_values: int, distinct_values:
     """
     k, v = num_kv_pairs, num_values
     if k < 1 or v < 1 or (distinct_values and v < k):
-        raise ValueError(f"no_association_accuracy needs 1 <= num_kv_pairs <= num_values (distinct) or both >= 1; "
-                         f"got num_kv_pairs={k}, num_values={v}")
+        raise ValueError(
+            f"no_association_accuracy needs 1 <= num_kv_pairs <= num_values (distinct) or both >= 1; "
+            f"got num_kv_pairs={k}, num_values={v}"
+        )
     if distinct_values:
         return 1.0 / k
 
@@ -106,8 +109,10 @@ def no_association_accuracy(num_kv_pairs: int, num_values: int, distinct_values:
         poly = [Fraction(1)]  # coefficients of (sum_{j<=m} x^j / j!)^V, truncated at x^K
         base = [Fraction(1, math.factorial(j)) for j in range(min(m, k) + 1)]
         for _ in range(v):
-            poly = [sum(poly[i] * base[n - i] for i in range(max(0, n - len(base) + 1), min(n, len(poly) - 1) + 1))
-                    for n in range(min(k, len(poly) + len(base) - 2) + 1)]
+            poly = [
+                sum(poly[i] * base[n - i] for i in range(max(0, n - len(base) + 1), min(n, len(poly) - 1) + 1))
+                for n in range(min(k, len(poly) + len(base) - 2) + 1)
+            ]
         coef = poly[k] if k < len(poly) else Fraction(0)
         return coef * math.factorial(k) / Fraction(v) ** k
 
@@ -126,7 +131,7 @@ def frequency_baseline(batch: dict[str, np.ndarray], num_kv_pairs: int) -> float
     inputs, targets, weights = (np.asarray(batch[k]) for k in ("inputs", "targets", "weights"))
     right = total = 0.0
     for row_in, row_t, row_w in zip(inputs, targets, weights):
-        vals, counts = np.unique(row_in[1:2 * num_kv_pairs:2], return_counts=True)
+        vals, counts = np.unique(row_in[1 : 2 * num_kv_pairs : 2], return_counts=True)
         top = set(vals[counts == counts.max()].tolist())
         asked = row_t[row_w > 0]
         right += sum(1.0 / len(top) for a in asked if int(a) in top)

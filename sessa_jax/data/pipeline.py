@@ -65,15 +65,27 @@ def make_source(data_cfg, split: int):
         s = data_cfg.symbol_soup
         if s.tsv_dir:
             return symbol_soup_tsv.TsvSource(symbol_soup_tsv.split_file(s.tsv_dir, split), data_cfg.seq_len)
-        return symbol_soup.SymbolSoupSource(data_cfg.seq_len, s.min_tokens, s.max_tokens, data_cfg.seed, split,
-                                            s.num_train if split == TRAIN else s.num_eval)
+        return symbol_soup.SymbolSoupSource(
+            data_cfg.seq_len,
+            s.min_tokens,
+            s.max_tokens,
+            data_cfg.seed,
+            split,
+            s.num_train if split == TRAIN else s.num_eval,
+        )
     if task == "text":
         t = data_cfg.text
         if t.arrayrecord_dir:  # verified against its manifest and this run's tokenizer before any read
-            return text.open_shards(t.arrayrecord_dir, split, data_cfg.seq_len, _text_tokenizer(data_cfg),
-                                    verify_checksums=t.get("verify_checksums", True))
-        return text.load_text_source(t.path, data_cfg.seq_len, t.max_bytes, t.eval_fraction, split,
-                                     _text_tokenizer(data_cfg))
+            return text.open_shards(
+                t.arrayrecord_dir,
+                split,
+                data_cfg.seq_len,
+                _text_tokenizer(data_cfg),
+                verify_checksums=t.get("verify_checksums", True),
+            )
+        return text.load_text_source(
+            t.path, data_cfg.seq_len, t.max_bytes, t.eval_fraction, split, _text_tokenizer(data_cfg)
+        )
     raise ValueError(f"data.task={task!r} is unknown; choose one of {TASKS}")
 
 
@@ -98,12 +110,21 @@ def source_fingerprint(data_cfg) -> dict | None:
     else:
         return None
     digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()
-    return dict(digest=digest, files=len(entries), bytes=sum(e[1] for e in entries),
-                entries=entries if len(entries) <= 64 else None)
+    return dict(
+        digest=digest,
+        files=len(entries),
+        bytes=sum(e[1] for e in entries),
+        entries=entries if len(entries) <= 64 else None,
+    )
 
 
-def make_dataset(data_cfg, split: int = TRAIN, process_index: int | None = None,
-                 process_count: int | None = None, start_example: int = 0) -> grain.IterDataset:
+def make_dataset(
+    data_cfg,
+    split: int = TRAIN,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    start_example: int = 0,
+) -> grain.IterDataset:
     """Batched, per-process dataset. Train repeats forever; eval is one finite pass.
 
     ``start_example``: global examples of the (shuffled, repeated) train stream to skip;
@@ -124,14 +145,17 @@ def make_dataset(data_cfg, split: int = TRAIN, process_index: int | None = None,
     elif finite:  # finite eval split
         rows = len(ds)
         if rows < data_cfg.batch_size:
-            fix = (f"raise data.text.eval_fraction (now {data_cfg.text.eval_fraction}), use more text, or lower "
-                   f"data.batch_size or data.seq_len" if data_cfg.task == "text" else
-                   "raise data.symbol_soup.num_eval or lower data.batch_size")
+            fix = (
+                f"raise data.text.eval_fraction (now {data_cfg.text.eval_fraction}), use more text, or lower "
+                f"data.batch_size or data.seq_len"
+                if data_cfg.task == "text"
+                else "raise data.symbol_soup.num_eval or lower data.batch_size"
+            )
             raise ValueError(
                 f"the {data_cfg.task} eval split has {rows} rows of data.seq_len={data_cfg.seq_len}, fewer than one "
                 f"batch of data.batch_size={data_cfg.batch_size}, so eval would read nothing; {fix}"
             )
-        ds = ds[:rows - rows % pc]  # every process gets as many rows, so as many batches (no collective hang)
+        ds = ds[: rows - rows % pc]  # every process gets as many rows, so as many batches (no collective hang)
     ds = ds[pi::pc]
     # A text eval pass keeps its last partial batch (evaluate pads it) so every held-out row counts.
     ds = ds.batch(local_batch, drop_remainder=split == TRAIN or data_cfg.task != "text", batch_fn=_stack)
@@ -168,8 +192,9 @@ class PositionedIterator:
     (``resume_guard.DataChangedError``) unless ``data.allow_changed_sources`` is set.
     """
 
-    def __init__(self, data_cfg, process_index: int | None = None, process_count: int | None = None,
-                 start_example: int = 0):
+    def __init__(
+        self, data_cfg, process_index: int | None = None, process_count: int | None = None, start_example: int = 0
+    ):
         self._cfg, self._pi = data_cfg, process_index
         self._pc = jax.process_count() if process_count is None else process_count
         self.seek(start_example)  # builds (and verifies) the sources first, so errors about them come first
@@ -215,8 +240,9 @@ class PositionedIterator:
         if state.get("sources") is not None:  # states written before fingerprints existed carry none
             from sessa_jax.train import resume_guard  # here: sessa_jax.train imports this module
 
-            resume_guard.check_sources(state["sources"], self.sources,
-                                       bool(self._cfg.get("allow_changed_sources", False)))
+            resume_guard.check_sources(
+                state["sources"], self.sources, bool(self._cfg.get("allow_changed_sources", False))
+            )
         if "examples" in state:
             self.seek(int(state["examples"]))
         elif "next_index" in state:  # grain's iterator state: batches of (presumably) this batch size

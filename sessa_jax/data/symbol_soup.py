@@ -161,8 +161,9 @@ def _draw(cum: list, u: float) -> int:
     return min(bisect.bisect_left(cum, u * cum[-1]), len(cum) - 1)
 
 
-def styled_block(rng: np.random.Generator, family: int, style: int, length: int,
-                 process: Process = PUBLISHED) -> np.ndarray:
+def styled_block(
+    rng: np.random.Generator, family: int, style: int, length: int, process: Process = PUBLISHED
+) -> np.ndarray:
     """``length`` symbol indices of a styled block (Markov steps + motifs, then flips)."""
     s = _sampler(family, style, process)
     shortest, longest = min(process.motif_lens), max(process.motif_lens)
@@ -216,8 +217,9 @@ class Example:
         return np.concatenate(parts).astype(np.int32)
 
 
-def sample_example(rng: np.random.Generator, label: int, min_tokens: int, max_tokens: int,
-                   process: Process = PUBLISHED) -> Example:
+def sample_example(
+    rng: np.random.Generator, label: int, min_tokens: int, max_tokens: int, process: Process = PUBLISHED
+) -> Example:
     """One example of class ``label`` with text length in [min_tokens, max_tokens]."""
     if not 0 <= label < NUM_CLASSES:
         raise ValueError(f"SymbolSoup label={label} must lie in [0, {NUM_CLASSES})")
@@ -240,17 +242,29 @@ def sample_example(rng: np.random.Generator, label: int, min_tokens: int, max_to
 def balanced_labels(seed: int, split: int, size: int) -> np.ndarray:
     """The shuffled, exactly balanced labels of a split of ``size`` examples."""
     if size < 1 or size % NUM_CLASSES:
-        raise ValueError(f"SymbolSoup {SPLITS[split] if 0 <= split < 3 else split} split size={size} must be a "
-                         f"positive multiple of {NUM_CLASSES} (every split is exactly class-balanced)")
-    return np.random.default_rng([seed, split, 0x1AB]).permutation(np.repeat(np.arange(NUM_CLASSES), size // NUM_CLASSES))
+        raise ValueError(
+            f"SymbolSoup {SPLITS[split] if 0 <= split < 3 else split} split size={size} must be a "
+            f"positive multiple of {NUM_CLASSES} (every split is exactly class-balanced)"
+        )
+    return np.random.default_rng([seed, split, 0x1AB]).permutation(
+        np.repeat(np.arange(NUM_CLASSES), size // NUM_CLASSES)
+    )
 
 
-def generate(seed: int = 0, split: int = 0, size: int = PUBLISHED_SPLIT_SIZES[0], min_tokens: int = 400,
-             max_tokens: int = 600, process: Process = PUBLISHED) -> list[Example]:
+def generate(
+    seed: int = 0,
+    split: int = 0,
+    size: int = PUBLISHED_SPLIT_SIZES[0],
+    min_tokens: int = 400,
+    max_tokens: int = 600,
+    process: Process = PUBLISHED,
+) -> list[Example]:
     """All examples of one split (``split`` 0/1/2 = train/valid/test), in order."""
     labels = balanced_labels(seed, split, size)
-    return [sample_example(np.random.default_rng([seed, split, i]), int(y), min_tokens, max_tokens, process)
-            for i, y in enumerate(labels)]
+    return [
+        sample_example(np.random.default_rng([seed, split, i]), int(y), min_tokens, max_tokens, process)
+        for i, y in enumerate(labels)
+    ]
 
 
 def to_training_example(text_ids: np.ndarray, label: int, seq_len: int) -> dict[str, np.ndarray]:
@@ -262,12 +276,14 @@ def to_training_example(text_ids: np.ndarray, label: int, seq_len: int) -> dict[
     """
     n = len(text_ids)
     if n > seq_len:
-        raise ValueError(f"a SymbolSoup text of {n} tokens does not fit data.seq_len={seq_len}; raise data.seq_len "
-                         f"to at least the max_tokens of the data ({n} or more)")
+        raise ValueError(
+            f"a SymbolSoup text of {n} tokens does not fit data.seq_len={seq_len}; raise data.seq_len "
+            f"to at least the max_tokens of the data ({n} or more)"
+        )
     inputs = np.zeros(seq_len, np.int32)
     inputs[:n] = text_ids
     targets = np.zeros(seq_len, np.int32)
-    targets[:n - 1] = text_ids[1:]
+    targets[: n - 1] = text_ids[1:]
     targets[n - 1] = CLASS0 + label
     weights = np.zeros(seq_len, np.float32)
     weights[n - 1] = 1.0
@@ -283,12 +299,16 @@ def check_symbol_soup(seq_len: int, min_tokens: int, max_tokens: int, split_size
     except ValueError as e:
         raise ValueError(f"{prefix}.symbol_soup.min_tokens/max_tokens: {e}") from None
     if seq_len < max_tokens:
-        raise ValueError(f"{prefix}.seq_len={seq_len} is shorter than {prefix}.symbol_soup.max_tokens={max_tokens}: "
-                         f"texts of up to max_tokens tokens must fit; set seq_len >= {max_tokens}")
+        raise ValueError(
+            f"{prefix}.seq_len={seq_len} is shorter than {prefix}.symbol_soup.max_tokens={max_tokens}: "
+            f"texts of up to max_tokens tokens must fit; set seq_len >= {max_tokens}"
+        )
     for key, size in split_sizes:
         if size < 1 or size % NUM_CLASSES:
-            raise ValueError(f"{prefix}.symbol_soup.{key}={size} must be a positive multiple of {NUM_CLASSES} "
-                             f"(splits are exactly class-balanced)")
+            raise ValueError(
+                f"{prefix}.symbol_soup.{key}={size} must be a positive multiple of {NUM_CLASSES} "
+                f"(splits are exactly class-balanced)"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,8 +338,9 @@ class SymbolSoupSource:
         if not 0 <= index < self.num_records:
             raise IndexError(f"SymbolSoup index {index} is outside the split's {self.num_records} records")
         label = int(self._labels[index])
-        ex = sample_example(np.random.default_rng([self.seed, self.split, index]), label,
-                            self.min_tokens, self.max_tokens)
+        ex = sample_example(
+            np.random.default_rng([self.seed, self.split, index]), label, self.min_tokens, self.max_tokens
+        )
         return to_training_example(ex.tokens(), label, self.seq_len)
 
 

@@ -56,8 +56,10 @@ def tokenize(text: str) -> np.ndarray:
     try:
         return np.asarray([ss.TOKEN_ID[t] for t in pieces], np.int32)
     except KeyError as e:
-        raise ValueError(f"SymbolSoup text has {e.args[0]!r}, which is none of the 23 text tokens "
-                         f"{list(ss.TEXT_TOKENS)}; is this a SymbolSoup file?") from None
+        raise ValueError(
+            f"SymbolSoup text has {e.args[0]!r}, which is none of the 23 text tokens "
+            f"{list(ss.TEXT_TOKENS)}; is this a SymbolSoup file?"
+        ) from None
 
 
 def blocks_of(tokens: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -68,7 +70,7 @@ def blocks_of(tokens: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         raise ValueError("SymbolSoup text must read <bos> .. <sep1> .. <sep2> .. <sep1> .. <sep2> .. <sep> <label>")
     pieces = []
     for a, b in zip(marks[:-1], marks[1:]):
-        seg = tokens[a + 1:b]
+        seg = tokens[a + 1 : b]
         pieces.append((seg[(seg >= ss.SYMBOL0)] - ss.SYMBOL0).astype(np.int32))
     return [pieces[0], pieces[2], pieces[4]], [pieces[1], pieces[3]]
 
@@ -91,8 +93,14 @@ def write_label_vocab(path: str) -> None:
         writer.writerows((class_name(k), k) for k in range(ss.NUM_CLASSES))
 
 
-def export(output_dir: str, seed: int = 0, sizes=ss.PUBLISHED_SPLIT_SIZES, min_tokens: int = 400,
-           max_tokens: int = 600, task: str = "symbol_soup") -> list[str]:
+def export(
+    output_dir: str,
+    seed: int = 0,
+    sizes=ss.PUBLISHED_SPLIT_SIZES,
+    min_tokens: int = 400,
+    max_tokens: int = 600,
+    task: str = "symbol_soup",
+) -> list[str]:
     """Writes train/val/test TSVs and the label file like the published script; returns the paths."""
     paths = []
     for split, (suffix, size) in enumerate(zip(FILE_SPLITS, sizes)):
@@ -130,9 +138,11 @@ def split_file(tsv_dir: str, split: int) -> str:
     pattern = os.path.join(tsv_dir, f"*_{FILE_SPLITS[split]}.tsv")
     found = sorted(glob.glob(pattern))
     if len(found) != 1:
-        raise ValueError(f"data.symbol_soup.tsv_dir={tsv_dir!r} must hold exactly one file matching "
-                         f"{os.path.basename(pattern)!r}; found {found or 'none'} (files as the published script "
-                         f"or `python -m sessa_jax.data.symbol_soup_tsv` write them)")
+        raise ValueError(
+            f"data.symbol_soup.tsv_dir={tsv_dir!r} must hold exactly one file matching "
+            f"{os.path.basename(pattern)!r}; found {found or 'none'} (files as the published script "
+            f"or `python -m sessa_jax.data.symbol_soup_tsv` write them)"
+        )
     return found[0]
 
 
@@ -147,8 +157,10 @@ class TsvSource:
         texts, labels = read_tsv(self.path)
         longest = max((len(t) for t in texts), default=0)
         if longest > self.seq_len:
-            raise ValueError(f"{self.path} holds texts of up to {longest} tokens, more than data.seq_len="
-                             f"{self.seq_len}; set data.seq_len >= {longest}")
+            raise ValueError(
+                f"{self.path} holds texts of up to {longest} tokens, more than data.seq_len="
+                f"{self.seq_len}; set data.seq_len >= {longest}"
+            )
         object.__setattr__(self, "_texts", texts)
         object.__setattr__(self, "_labels", labels)
 

@@ -36,8 +36,12 @@ import zlib
 
 import numpy as np
 
-from sessa_jax.data.corpus import (UnreadableFileError, builtin_corpus_dir, iter_documents,  # noqa: F401
-                                   list_files, read_documents)
+from sessa_jax.data.corpus import (
+    builtin_corpus_dir,
+    iter_documents,  # noqa: F401
+    list_files,
+    read_documents,
+)
 from sessa_jax.data.packing import num_rows, pack_documents, row_to_example
 from sessa_jax.data.tokenizers import make_tokenizer
 
@@ -70,7 +74,7 @@ class PackedTextSource:
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         i = (self.row_start + int(index)) * self.seq_len
-        return row_to_example(self.tokens[i:i + self.seq_len + 1], self.doc_ids[i:i + self.seq_len + 1])
+        return row_to_example(self.tokens[i : i + self.seq_len + 1], self.doc_ids[i : i + self.seq_len + 1])
 
 
 def load_text_source(path: str, seq_len: int, max_bytes: int, eval_fraction: float, split: int, tokenizer=None):
@@ -141,8 +145,11 @@ def shard_files(directory: str, split: int) -> list[str]:
             f"data.text.arrayrecord_dir={directory!r} does not exist; write shards with "
             f"`python -m sessa_jax.data.text prepare --input PATH --output {directory} --seq_len T`"
         )
-    files = sorted(os.path.join(directory, f) for f in os.listdir(directory)
-                   if f.startswith(prefix + "-") and f.endswith(".array_record"))
+    files = sorted(
+        os.path.join(directory, f)
+        for f in os.listdir(directory)
+        if f.startswith(prefix + "-") and f.endswith(".array_record")
+    )
     if not files:
         raise FileNotFoundError(f"data.text.arrayrecord_dir={directory!r} has no {prefix}-*.array_record shards")
     return files
@@ -188,26 +195,36 @@ def tokenizer_identity(tokenizer) -> dict:
     if tokenizer is None or tokenizer.kind == "bytes":
         return dict(kind="bytes", vocab_size=VOCAB_SIZE, bos_id=BOS, file="", sha256="")
     st = os.stat(tokenizer.path)
-    return dict(kind=tokenizer.kind, vocab_size=int(tokenizer.vocab_size), bos_id=int(tokenizer.bos_id),
-                file=os.path.basename(tokenizer.path), sha256=_file_sha256(os.path.abspath(tokenizer.path),
-                                                                        st.st_size, st.st_mtime_ns))
+    return dict(
+        kind=tokenizer.kind,
+        vocab_size=int(tokenizer.vocab_size),
+        bos_id=int(tokenizer.bos_id),
+        file=os.path.basename(tokenizer.path),
+        sha256=_file_sha256(os.path.abspath(tokenizer.path), st.st_size, st.st_mtime_ns),
+    )
 
 
 def _describe_tokenizer(t: dict) -> str:
     if t.get("kind") == "bytes":
         return f"bytes (vocab {t.get('vocab_size')})"
-    return (f"{t.get('kind')} {t.get('file')!r} (vocab {t.get('vocab_size')}, bos {t.get('bos_id')}, "
-            f"sha256 {str(t.get('sha256'))[:12]}...)")
+    return (
+        f"{t.get('kind')} {t.get('file')!r} (vocab {t.get('vocab_size')}, bos {t.get('bos_id')}, "
+        f"sha256 {str(t.get('sha256'))[:12]}...)"
+    )
 
 
 def read_manifest(directory: str) -> dict:
     """The ``manifest.json`` of a shard directory; ShardError when it is missing or unreadable."""
     path = os.path.join(directory, MANIFEST)
-    fix = (f"write the shards again with `python -m sessa_jax.data.text prepare --input CORPUS --output "
-           f"{directory} --seq_len T --overwrite` (with the run's --tokenizer)")
+    fix = (
+        f"write the shards again with `python -m sessa_jax.data.text prepare --input CORPUS --output "
+        f"{directory} --seq_len T --overwrite` (with the run's --tokenizer)"
+    )
     if not os.path.isfile(path):
-        raise ShardError(f"data.text.arrayrecord_dir={directory!r} has no {MANIFEST} (shards written by an older "
-                         f"version, or not by prepare), so they cannot be checked; {fix}")
+        raise ShardError(
+            f"data.text.arrayrecord_dir={directory!r} has no {MANIFEST} (shards written by an older "
+            f"version, or not by prepare), so they cannot be checked; {fix}"
+        )
     try:
         with open(path) as f:
             manifest = json.load(f)
@@ -234,8 +251,10 @@ def verify_shards(directory: str, seq_len: int, tokenizer=None, verify_checksums
     manifest = read_manifest(directory)
 
     def prepare_again(extra: str = "") -> str:
-        return (f"write the shards again with `python -m sessa_jax.data.text prepare --input CORPUS --output "
-                f"{directory} --seq_len {seq_len}{extra} --overwrite`")
+        return (
+            f"write the shards again with `python -m sessa_jax.data.text prepare --input CORPUS --output "
+            f"{directory} --seq_len {seq_len}{extra} --overwrite`"
+        )
 
     fix = prepare_again()
     if manifest.get("seq_len") != seq_len:
@@ -250,13 +269,17 @@ def verify_shards(directory: str, seq_len: int, tokenizer=None, verify_checksums
             f"data.text.arrayrecord_dir={directory!r} was prepared with the tokenizer {_describe_tokenizer(saved)}, "
             f"but this run uses {_describe_tokenizer(run)}: its token ids would mean other text (or lie outside "
             f"the vocabulary); set data.tokenizer.kind and data.tokenizer.path to the tokenizer the shards were "
-            f"prepared with, or " + prepare_again(f" --tokenizer {run['kind']}" + (
-                f" --tokenizer_path {tokenizer.path}" if run["kind"] != "bytes" else ""))
+            f"prepared with, or "
+            + prepare_again(
+                f" --tokenizer {run['kind']}"
+                + (f" --tokenizer_path {tokenizer.path}" if run["kind"] != "bytes" else "")
+            )
         )
     listed = {e["name"]: e for e in manifest["shards"]}
     on_disk = sorted(n for n in os.listdir(directory) if _is_shard(n))
-    problems = [f"  {n}: not in {MANIFEST} (a stale shard or one from another prepare)"
-                for n in on_disk if n not in listed]
+    problems = [
+        f"  {n}: not in {MANIFEST} (a stale shard or one from another prepare)" for n in on_disk if n not in listed
+    ]
     for name, entry in sorted(listed.items()):
         path = os.path.join(directory, name)
         try:
@@ -287,12 +310,14 @@ def verify_shards(directory: str, seq_len: int, tokenizer=None, verify_checksums
                 problems.append(f"  {name}: cannot be read ({e.strerror or e})")
                 continue
             if crc != entry["crc32"]:
-                problems.append(f"  {name}: CRC-32 {crc:08x}, {MANIFEST} records {entry['crc32']:08x} "
-                                f"(bytes changed since prepare)")
+                problems.append(
+                    f"  {name}: CRC-32 {crc:08x}, {MANIFEST} records {entry['crc32']:08x} (bytes changed since prepare)"
+                )
     if problems:
         raise ShardError(
             f"data.text.arrayrecord_dir={directory!r}: {len(problems)} shard file(s) do not match {MANIFEST}:\n"
-            + "\n".join(problems) + f"\nFix: restore them from the original copy, or {fix}"
+            + "\n".join(problems)
+            + f"\nFix: restore them from the original copy, or {fix}"
         )
     return manifest
 
@@ -319,8 +344,10 @@ class ShardSource:
                     grain.sources.ArrayRecordDataSource([path])
                 except Exception:  # noqa: BLE001
                     bad.append(path)
-            raise ShardError(f"{', '.join(repr(b) for b in bad) or directory!r} cannot be opened ({type(e).__name__}: "
-                             f"{e}); the shard is damaged: restore it or prepare the shards again") from e
+            raise ShardError(
+                f"{', '.join(repr(b) for b in bad) or directory!r} cannot be opened ({type(e).__name__}: "
+                f"{e}); the shard is damaged: restore it or prepare the shards again"
+            ) from e
         self._starts = np.cumsum([0] + [e["records"] for e in entries])
 
     def __len__(self) -> int:
@@ -336,14 +363,18 @@ class ShardSource:
             record = self._records[index]
         except Exception as e:  # noqa: BLE001 - a damaged record: name the file it is in
             name, j = self._where(index)
-            raise ShardError(f"{os.path.join(self.directory, name)!r}: record {j} cannot be read ({type(e).__name__}: "
-                             f"{e}); the shard is damaged: restore it or prepare the shards again") from e
+            raise ShardError(
+                f"{os.path.join(self.directory, name)!r}: record {j} cannot be read ({type(e).__name__}: "
+                f"{e}); the shard is damaged: restore it or prepare the shards again"
+            ) from e
         row = np.frombuffer(record, ROW_DTYPE)
         half = self.seq_len + 1
         if row.shape[0] != 2 * half:
             name, j = self._where(index)
-            raise ShardError(f"{os.path.join(self.directory, name)!r}: record {j} holds {row.shape[0]} int32 values, "
-                             f"expected {2 * half} for seq_len={self.seq_len}; the shard is damaged")
+            raise ShardError(
+                f"{os.path.join(self.directory, name)!r}: record {j} holds {row.shape[0]} int32 values, "
+                f"expected {2 * half} for seq_len={self.seq_len}; the shard is damaged"
+            )
         tokens = row[:half]
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= self.vocab_size:
@@ -358,8 +389,7 @@ class ShardSource:
         return row_to_example(tokens, row[half:])
 
 
-def open_shards(directory: str, split: int, seq_len: int, tokenizer=None, verify_checksums: bool = True
-                ) -> ShardSource:
+def open_shards(directory: str, split: int, seq_len: int, tokenizer=None, verify_checksums: bool = True) -> ShardSource:
     """The rows of ``split`` (0 train, 1 eval) of the shards in ``directory``, after
     ``verify_shards`` (which checks both splits, so one error names every bad file)."""
     shard_files(directory, split)  # a missing directory or split: the FileNotFoundError with the fix
@@ -369,9 +399,16 @@ def open_shards(directory: str, split: int, seq_len: int, tokenizer=None, verify
     return ShardSource(directory, entries, seq_len, ident["vocab_size"], ident)
 
 
-def prepare(input_path: str, output_dir: str, seq_len: int, rows_per_shard: int = 4096,
-            max_bytes: int = 0, eval_fraction: float = 0.01, overwrite: bool = False,
-            tokenizer=None) -> dict[str, int]:
+def prepare(
+    input_path: str,
+    output_dir: str,
+    seq_len: int,
+    rows_per_shard: int = 4096,
+    max_bytes: int = 0,
+    eval_fraction: float = 0.01,
+    overwrite: bool = False,
+    tokenizer=None,
+) -> dict[str, int]:
     """Packs the corpus at ``input_path`` (tokenized by ``tokenizer``, None = bytes) and writes
     ArrayRecord shards and their ``manifest.json``; returns row counts.
 
@@ -393,23 +430,37 @@ def prepare(input_path: str, output_dir: str, seq_len: int, rows_per_shard: int 
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ValueError(f"prepare: --output {output_dir!r} is a file; pass a directory")
     if existing and not overwrite:
-        raise ValueError(f"prepare: --output {output_dir!r} is not empty ({len(existing)} entries, e.g. "
-                         f"{existing[0]!r}); pass --overwrite to replace its shards, or choose a new directory")
+        raise ValueError(
+            f"prepare: --output {output_dir!r} is not empty ({len(existing)} entries, e.g. "
+            f"{existing[0]!r}); pass --overwrite to replace its shards, or choose a new directory"
+        )
     foreign = [n for n in existing if not _is_shard(n) and n != MANIFEST]
     if foreign:
-        raise ValueError(f"prepare: --output {output_dir!r} holds files that are not shards ({foreign[:3]}); "
-                         f"--overwrite replaces shard directories only: choose a new directory")
+        raise ValueError(
+            f"prepare: --output {output_dir!r} holds files that are not shards ({foreign[:3]}); "
+            f"--overwrite replaces shard directories only: choose a new directory"
+        )
     tmp = f"{output_dir}.tmp-{os.getpid()}"
     os.makedirs(tmp)
     try:
-        counts, shards = _write_shards(input_path, tmp, seq_len, rows_per_shard, max_bytes, eval_fraction,
-                                       tokenizer)
-        manifest = dict(format=MANIFEST_FORMAT, seq_len=seq_len, row_dtype=np.dtype(ROW_DTYPE).name,
-                        tokenizer=tokenizer_identity(tokenizer), rows=counts, shards=[
-                            dict(name=name, split=split, records=records,
-                                 bytes=os.path.getsize(os.path.join(tmp, name)),
-                                 crc32=file_crc32(os.path.join(tmp, name)))
-                            for name, split, records in shards])
+        counts, shards = _write_shards(input_path, tmp, seq_len, rows_per_shard, max_bytes, eval_fraction, tokenizer)
+        manifest = dict(
+            format=MANIFEST_FORMAT,
+            seq_len=seq_len,
+            row_dtype=np.dtype(ROW_DTYPE).name,
+            tokenizer=tokenizer_identity(tokenizer),
+            rows=counts,
+            shards=[
+                dict(
+                    name=name,
+                    split=split,
+                    records=records,
+                    bytes=os.path.getsize(os.path.join(tmp, name)),
+                    crc32=file_crc32(os.path.join(tmp, name)),
+                )
+                for name, split, records in shards
+            ],
+        )
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
         if os.path.isdir(output_dir):
@@ -429,8 +480,10 @@ def _write_shards(input_path, output_dir, seq_len, rows_per_shard, max_bytes, ev
     rows = num_rows(total, seq_len)
     n_eval = max(1, int(round(rows * eval_fraction))) if rows > 1 else 0
     if rows - n_eval < 1:
-        raise ValueError(f"the text corpus ({total} tokens) is too small for one row of seq_len={seq_len} in each "
-                         f"split (train and eval); use more text or a shorter --seq_len")
+        raise ValueError(
+            f"the text corpus ({total} tokens) is too small for one row of seq_len={seq_len} in each "
+            f"split (train and eval); use more text or a shorter --seq_len"
+        )
     counts, writer, name, shards = {"train": 0, "eval": 0}, None, None, []
     for r, row in enumerate(_packed_rows(_token_docs(input_path, max_bytes, tokenizer), seq_len)):
         split = "train" if r < rows - n_eval else "eval"
@@ -451,7 +504,9 @@ def _write_shards(input_path, output_dir, seq_len, rows_per_shard, max_bytes, ev
 def _token_docs(path: str, max_bytes: int, tokenizer):
     """BOS-prefixed int32 ids of each document, one file at a time."""
     for doc in iter_documents(path, max_bytes):
-        ids = doc.astype(np.int32) if tokenizer is None or tokenizer.kind == "bytes" else tokenizer.encode(doc.tobytes())
+        ids = (
+            doc.astype(np.int32) if tokenizer is None or tokenizer.kind == "bytes" else tokenizer.encode(doc.tobytes())
+        )
         if len(ids):
             yield np.concatenate([[BOS if tokenizer is None else tokenizer.bos_id], ids]).astype(np.int32)
 
@@ -463,7 +518,7 @@ def _packed_rows(docs, seq_len: int):
     for d, doc in enumerate(docs):
         tok, ids = np.concatenate([tok, doc]), np.concatenate([ids, np.full(len(doc), d, np.int64)])
         while len(tok) >= seq_len + 1:
-            yield np.concatenate([tok[:seq_len + 1], ids[:seq_len + 1]])
+            yield np.concatenate([tok[: seq_len + 1], ids[: seq_len + 1]])
             tok, ids = tok[seq_len:], ids[seq_len:]
 
 
@@ -490,8 +545,16 @@ def main(argv=None):
     try:
         if args.command == "verify":
             return _verify_command(args, make_tokenizer)
-        counts = prepare(args.input, args.output, args.seq_len, args.rows_per_shard, args.max_bytes,
-                         args.eval_fraction, args.overwrite, make_tokenizer(args.tokenizer, args.tokenizer_path))
+        counts = prepare(
+            args.input,
+            args.output,
+            args.seq_len,
+            args.rows_per_shard,
+            args.max_bytes,
+            args.eval_fraction,
+            args.overwrite,
+            make_tokenizer(args.tokenizer, args.tokenizer_path),
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -509,9 +572,11 @@ def _verify_command(args, make_tokenizer) -> int:
     verify_shards(args.dir, seq_len, tokenizer, verify_checksums=not args.no_checksums)
     seconds = time.perf_counter() - start
     size = sum(e["bytes"] for e in manifest["shards"])
-    print(f"{len(manifest['shards'])} shards ({size / 1e6:.1f} MB, {sum(manifest['rows'].values())} rows of "
-          f"seq_len={seq_len}, tokenizer {_describe_tokenizer(manifest['tokenizer'])}) match {MANIFEST}"
-          f"{'' if args.no_checksums else ', CRC-32 included'}; checked in {seconds:.3f} s")
+    print(
+        f"{len(manifest['shards'])} shards ({size / 1e6:.1f} MB, {sum(manifest['rows'].values())} rows of "
+        f"seq_len={seq_len}, tokenizer {_describe_tokenizer(manifest['tokenizer'])}) match {MANIFEST}"
+        f"{'' if args.no_checksums else ', CRC-32 included'}; checked in {seconds:.3f} s"
+    )
     return 0
 
 

@@ -64,8 +64,9 @@ class SentencePieceTokenizer:
     def __init__(self, path: str):
         import sentencepiece as spm
 
-        _require_file(path, "sentencepiece .model",
-                      "fit one with `sessa-train tokenizer train --input CORPUS --output spm.model`")
+        _require_file(
+            path, "sentencepiece .model", "fit one with `sessa-train tokenizer train --input CORPUS --output spm.model`"
+        )
         self.path = path
         self.sp = spm.SentencePieceProcessor(model_file=path)
         n = self.sp.get_piece_size()
@@ -119,7 +120,7 @@ class HFTokenizer:
         # up to the bytes of a multi-byte character split across tokens.
         pieces = self.tok.decode_batch([[i] for i in range(self._n)], skip_special_tokens=True)
         out = np.zeros(self.vocab_size, np.int32)
-        out[:self._n] = [len(p.encode("utf-8")) for p in pieces]
+        out[: self._n] = [len(p.encode("utf-8")) for p in pieces]
         return out
 
 
@@ -183,19 +184,29 @@ def _fit_error(e: Exception, vocab_size: int, input_path: str) -> str:
     where = repr(input_path or "the built-in corpus")
     need = re.search(r"required_chars\. \d+ vs (\d+)", msg)
     if need:
-        return (f"the corpus {where} has more distinct characters than vocab_size={vocab_size} can hold "
-                f"(sentencepiece needs {need.group(1)} pieces for them); raise --vocab_size to at least "
-                f"{need.group(1)}")
+        return (
+            f"the corpus {where} has more distinct characters than vocab_size={vocab_size} can hold "
+            f"(sentencepiece needs {need.group(1)} pieces for them); raise --vocab_size to at least "
+            f"{need.group(1)}"
+        )
     if "sentences_.empty()" in msg:
         return f"sentencepiece found no usable lines in {where}; pass a corpus with text in it"
     if "Vocabulary size too high" in msg:
-        return (f"the corpus {where} is too small to merge up to vocab_size={vocab_size}; lower --vocab_size "
-                f"or use more text")
+        return (
+            f"the corpus {where} is too small to merge up to vocab_size={vocab_size}; lower --vocab_size "
+            f"or use more text"
+        )
     return f"sentencepiece could not fit vocab_size={vocab_size} on {where}"
 
 
-def train_sentencepiece(input_path: str, output: str, vocab_size: int = 4096, model_type: str = "bpe",
-                        max_bytes: int = 20_000_000, num_threads: int = 2) -> SentencePieceTokenizer:
+def train_sentencepiece(
+    input_path: str,
+    output: str,
+    vocab_size: int = 4096,
+    model_type: str = "bpe",
+    max_bytes: int = 20_000_000,
+    num_threads: int = 2,
+) -> SentencePieceTokenizer:
     """Fits a sentencepiece model on the corpus at ``input_path`` offline; writes ``output``.
 
     Byte fallback, identity normalisation and no dummy prefix make every text round-trip exactly
@@ -205,8 +216,10 @@ def train_sentencepiece(input_path: str, output: str, vocab_size: int = 4096, mo
     import sentencepiece as spm
 
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 260:
-        raise ValueError(f"tokenizer vocab_size={vocab_size!r} must be an integer >= 260 "
-                         f"(256 byte-fallback pieces + unk/bos/eos + at least one merge)")
+        raise ValueError(
+            f"tokenizer vocab_size={vocab_size!r} must be an integer >= 260 "
+            f"(256 byte-fallback pieces + unk/bos/eos + at least one merge)"
+        )
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"tokenizer model_type={model_type!r} must be 'bpe' or 'unigram'")
     if not output.endswith(".model"):
@@ -214,11 +227,24 @@ def train_sentencepiece(input_path: str, output: str, vocab_size: int = 4096, mo
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter_lines(input_path, max_bytes), model_prefix=output[:-len(".model")],
-            vocab_size=vocab_size, model_type=model_type, byte_fallback=True, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
-            hard_vocab_limit=False, max_sentence_length=MAX_LINE_BYTES, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            num_threads=num_threads, minloglevel=2,
+            sentence_iterator=iter_lines(input_path, max_bytes),
+            model_prefix=output[: -len(".model")],
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            hard_vocab_limit=False,
+            max_sentence_length=MAX_LINE_BYTES,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            num_threads=num_threads,
+            minloglevel=2,
         )
     except RuntimeError as e:
         raise ValueError(f"{_fit_error(e, vocab_size, input_path)} (sentencepiece: {e})") from e
@@ -241,8 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.output}: {tok.vocab_size} ids (bos {tok.bos_id}); use it with "
-          f"--config.data.tokenizer.kind=sentencepiece --config.data.tokenizer.path={args.output}")
+    print(
+        f"wrote {args.output}: {tok.vocab_size} ids (bos {tok.bos_id}); use it with "
+        f"--config.data.tokenizer.kind=sentencepiece --config.data.tokenizer.path={args.output}"
+    )
     return 0
 
 
@@ -265,8 +293,10 @@ def ensure_tokenizer(cfg, workdir: str, log=print):
     saved = wd.join(workdir, "tokenizer.model")
     path = os.path.join(wd.local_dir(workdir), "tokenizer.model")  # == saved, unless the workdir is a bucket
     if jax.process_index() == 0 and not wd.exists(saved):
-        log(f"fitting a sentencepiece tokenizer (vocab {tok.vocab_size}) on "
-            f"{cfg.data.text.path or 'the built-in corpus'} -> {saved}")
+        log(
+            f"fitting a sentencepiece tokenizer (vocab {tok.vocab_size}) on "
+            f"{cfg.data.text.path or 'the built-in corpus'} -> {saved}"
+        )
         train_sentencepiece(cfg.data.text.path, path, tok.vocab_size, max_bytes=cfg.data.text.max_bytes)
         if saved != path:
             wd.write_bytes(saved, wd.read_bytes(path))

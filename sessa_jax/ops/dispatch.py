@@ -21,8 +21,17 @@ from sessa_jax.ops.solve.precision import resolve_precision
 from sessa_jax.ops.solve.recursive import recursive_feedback_solve
 from sessa_jax.ops.solve.row_stats_gpu import MAX_D
 from sessa_jax.ops.solve.row_stats_gpu import TIERS as GPU_TIERS
-from sessa_jax.options import (ATTENTION_METHODS, AUTO, KERNELS, SOLVE_METHODS, AttentionMethod,  # noqa: F401
-                               FeedbackPrecision, Kernels, SolveMethod, is_chunk_size)
+from sessa_jax.options import (
+    ATTENTION_METHODS,
+    AUTO,
+    KERNELS,
+    SOLVE_METHODS,
+    AttentionMethod,  # noqa: F401
+    FeedbackPrecision,
+    Kernels,
+    SolveMethod,
+    is_chunk_size,
+)
 
 METHODS = SOLVE_METHODS  # the public name (``sessa_jax.ops.METHODS``)
 KERNEL_KEY_BLOCK = 128  # the key block of the Pallas kernels: the leaf must be a multiple of it
@@ -110,8 +119,7 @@ def _check_segments(segment_ids, batch: int, length: int, op: str):
         return default_segment_ids(batch, length)
     if tuple(segment_ids.shape) != (batch, length):
         raise ValueError(
-            f"{op}: segment_ids must have shape (batch, time) = {(batch, length)}; "
-            f"got {tuple(segment_ids.shape)}"
+            f"{op}: segment_ids must have shape (batch, time) = {(batch, length)}; got {tuple(segment_ids.shape)}"
         )
     if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
         raise ValueError(f"{op}: segment_ids must be integers; got dtype {segment_ids.dtype}")
@@ -121,12 +129,16 @@ def _check_segments(segment_ids, batch: int, length: int, op: str):
 def check_gpu_kernels(width: int, tier: str, input_dtypes) -> None:
     """The Mosaic GPU stats kernel's limits (``row_stats_gpu``): D and the logits tier."""
     if width % 64 or width > MAX_D:
-        raise ValueError(f"feedback kernels 'pallas' on GPU need the head width D a multiple of 64 and at most "
-                         f"{MAX_D} (the Mosaic GPU stats kernel); got D={width}: use kernels='xla'")
+        raise ValueError(
+            f"feedback kernels 'pallas' on GPU need the head width D a multiple of 64 and at most "
+            f"{MAX_D} (the Mosaic GPU stats kernel); got D={width}: use kernels='xla'"
+        )
     if tier not in GPU_TIERS and any(jnp.dtype(d) != jnp.bfloat16 for d in input_dtypes):
-        raise ValueError(f"feedback kernels 'pallas' on GPU compute float32 logits at tier {GPU_TIERS}; got precision "
-                         f"{tier!r} with float32 q_b/k_b: use precision='bf16x3' (or 'auto'), bf16 q_b/k_b, "
-                         "or kernels='xla'")
+        raise ValueError(
+            f"feedback kernels 'pallas' on GPU compute float32 logits at tier {GPU_TIERS}; got precision "
+            f"{tier!r} with float32 q_b/k_b: use precision='bf16x3' (or 'auto'), bf16 q_b/k_b, "
+            "or kernels='xla'"
+        )
 
 
 def _check_kernels(kernels: str, leaf: int, dtype, platform: str) -> None:
@@ -137,15 +149,30 @@ def _check_kernels(kernels: str, leaf: int, dtype, platform: str) -> None:
     if platform == "tpu" and kernels == "gpu_gemm":
         raise ValueError("feedback kernels 'gpu_gemm' are Mosaic GPU kernels; on TPU use kernels='pallas' or 'xla'")
     if leaf % KERNEL_KEY_BLOCK:
-        raise ValueError(f"feedback kernels {kernels!r} need leaf_size a multiple of {KERNEL_KEY_BLOCK} "
-                         f"(their key block); got leaf {leaf}: use e.g. leaf_size=512 or kernels='xla'")
+        raise ValueError(
+            f"feedback kernels {kernels!r} need leaf_size a multiple of {KERNEL_KEY_BLOCK} "
+            f"(their key block); got leaf {leaf}: use e.g. leaf_size=512 or kernels='xla'"
+        )
     if jnp.dtype(dtype) != jnp.float32:
-        raise ValueError(f"feedback kernels {kernels!r} accumulate in float32; got {jnp.dtype(dtype)} inputs "
-                         "(float64 runs only with kernels='xla')")
+        raise ValueError(
+            f"feedback kernels {kernels!r} accumulate in float32; got {jnp.dtype(dtype)} inputs "
+            "(float64 runs only with kernels='xla')"
+        )
 
 
-def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: SolveMethod = "auto", chunk_size="auto",
-                   leaf_size: int = 512, precision: FeedbackPrecision = "auto", kernels: Kernels = "xla"):
+def feedback_solve(
+    q_b,
+    k_b,
+    gamma,
+    f,
+    *,
+    segment_ids=None,
+    method: SolveMethod = "auto",
+    chunk_size="auto",
+    leaf_size: int = 512,
+    precision: FeedbackPrecision = "auto",
+    kernels: Kernels = "xla",
+):
     """Solves the Sessa feedback system s = (I - diag(gamma) A)^-1 f.
 
     q_b, k_b, f: (B, T, D); gamma: (B, T); segment_ids: optional (B, T) integers.
@@ -170,21 +197,23 @@ def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: SolveMethod 
         raise ValueError(f"feedback_solve: f must be (batch, time, width); got shape {tuple(f.shape)}")
     for name, x in (("q_b", q_b), ("k_b", k_b)):
         if tuple(x.shape) != tuple(f.shape):
-            raise ValueError(
-                f"feedback_solve: {name} must have the shape of f {tuple(f.shape)}; got {tuple(x.shape)}"
-            )
+            raise ValueError(f"feedback_solve: {name} must have the shape of f {tuple(f.shape)}; got {tuple(x.shape)}")
     b, t, _ = f.shape
     if tuple(gamma.shape) != (b, t):
         raise ValueError(f"feedback_solve: gamma must have shape (batch, time) = {(b, t)}; got {tuple(gamma.shape)}")
     if 0 in f.shape:
         empty = [name for name, n in zip(("batch", "time", "width"), f.shape) if n == 0]
-        raise ValueError(f"feedback_solve: q_b, k_b, f have shape {tuple(f.shape)}, an empty {' and '.join(empty)} "
-                         f"axis; pass at least one row, one position and one width column")
+        raise ValueError(
+            f"feedback_solve: q_b, k_b, f have shape {tuple(f.shape)}, an empty {' and '.join(empty)} "
+            f"axis; pass at least one row, one position and one width column"
+        )
     for name, x in (("q_b", q_b), ("k_b", k_b), ("gamma", gamma), ("f", f)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"feedback_solve: {name} has dtype {x.dtype}; the solve takes floating-point inputs "
-                             f"(float32/bfloat16): cast it, e.g. {name}.astype(jnp.float32) (s comes back in f's "
-                             f"dtype, so integer inputs would truncate it)")
+            raise ValueError(
+                f"feedback_solve: {name} has dtype {x.dtype}; the solve takes floating-point inputs "
+                f"(float32/bfloat16): cast it, e.g. {name}.astype(jnp.float32) (s comes back in f's "
+                f"dtype, so integer inputs would truncate it)"
+            )
     packed = _check_segments(segment_ids, b, t, "feedback_solve")
     method = resolve_method(method, platform)
     if method == "dense":
@@ -196,8 +225,19 @@ def feedback_solve(q_b, k_b, gamma, f, *, segment_ids=None, method: SolveMethod 
             check_gpu_kernels(f.shape[-1], tier, (q_b.dtype, k_b.dtype))
         # Without segment ids the solve masks nothing but causality (no select in its tiles).
         segments = None if segment_ids is None else packed
-        s = recursive_feedback_solve(q_b, k_b, gamma, f, segments, leaf_size=leaf_size, tile=recursive_tile(t, leaf_size),
-                                     tier=tier, platform=platform, dtype=dtype, kernels=kernels)
+        s = recursive_feedback_solve(
+            q_b,
+            k_b,
+            gamma,
+            f,
+            segments,
+            leaf_size=leaf_size,
+            tile=recursive_tile(t, leaf_size),
+            tier=tier,
+            platform=platform,
+            dtype=dtype,
+            kernels=kernels,
+        )
         return s.astype(f.dtype)
     segments = None if segment_ids is None else packed  # causality alone masks one sequence per row
     schedule, chunk = solve_schedule(chunk_size, b, t)

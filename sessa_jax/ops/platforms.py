@@ -32,17 +32,35 @@ class PlatformPaths:
 
 PLATFORM_PATHS: dict[str, PlatformPaths] = {
     # Every CPU dot runs at full precision anyway, so the leaner tiers would buy nothing there.
-    "cpu": PlatformPaths(solve="blocked", attention="blocked", float32_tier="float32", bfloat16_tier="float32",
-                         pallas="tpu", interpret=True),
-    "gpu": PlatformPaths(solve="recursive", attention="vendor", float32_tier="bf16x3", bfloat16_tier="bfloat16",
-                         pallas="gpu", interpret=False),
-    "tpu": PlatformPaths(solve="recursive", attention="vendor", float32_tier="bf16x3", bfloat16_tier="bfloat16",
-                         pallas="tpu", interpret=False),
+    "cpu": PlatformPaths(
+        solve="blocked",
+        attention="blocked",
+        float32_tier="float32",
+        bfloat16_tier="float32",
+        pallas="tpu",
+        interpret=True,
+    ),
+    "gpu": PlatformPaths(
+        solve="recursive",
+        attention="vendor",
+        float32_tier="bf16x3",
+        bfloat16_tier="bfloat16",
+        pallas="gpu",
+        interpret=False,
+    ),
+    "tpu": PlatformPaths(
+        solve="recursive",
+        attention="vendor",
+        float32_tier="bf16x3",
+        bfloat16_tier="bfloat16",
+        pallas="tpu",
+        interpret=False,
+    ),
 }
 
 
 def platform_kind(platform: str | None = None) -> str:
-    """"gpu", "tpu" or "cpu" for a JAX platform name (None: the default backend, at trace time)."""
+    """ "gpu", "tpu" or "cpu" for a JAX platform name (None: the default backend, at trace time)."""
     platform = jax.default_backend() if platform is None else platform
     if platform in ("gpu", "cuda", "rocm"):
         return "gpu"

@@ -46,9 +46,7 @@ def segment_positions(segment_ids):
     """
     b, t = segment_ids.shape
     idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    starts = jnp.concatenate(
-        [jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
-    )
+    starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
     start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
     return idx - start_idx
 
@@ -60,7 +58,9 @@ def resolve_positions(segment_ids, positions, batch: int, length: int):
         if positions.ndim == 1:
             positions = jnp.broadcast_to(positions, (batch, length))
         if tuple(positions.shape) != (batch, length):
-            raise ValueError(f"positions must have shape (batch, time) = {(batch, length)}; got {tuple(positions.shape)}")
+            raise ValueError(
+                f"positions must have shape (batch, time) = {(batch, length)}; got {tuple(positions.shape)}"
+            )
         return positions
     if segment_ids is not None:
         return segment_positions(segment_ids)

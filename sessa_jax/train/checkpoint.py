@@ -70,8 +70,10 @@ def _verify(name: str, tree, saved: dict) -> None:
         raise IntegrityError(f"{name}: the saved fingerprints cover other arrays ({sorted(set(saved) ^ set(got))[:3]})")
     bad = [k for k in got if got[k] != saved[k]]
     if bad:
-        raise IntegrityError(f"{name}: {len(bad)} array(s) differ from what was saved, e.g. {bad[0]} "
-                             f"(fingerprint {got[bad[0]]} != saved {saved[bad[0]]}): damaged file")
+        raise IntegrityError(
+            f"{name}: {len(bad)} array(s) differ from what was saved, e.g. {bad[0]} "
+            f"(fingerprint {got[bad[0]]} != saved {saved[bad[0]]}): damaged file"
+        )
 
 
 class _IteratorSnapshot:
@@ -89,7 +91,10 @@ class _IteratorSnapshot:
 def make_manager(directory: str, every: int = 0, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
     """CheckpointManager over ``directory`` (a local path or ``gs://`` URL) keeping the last ``keep`` steps."""
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(every, 1), max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        save_interval_steps=max(every, 1),
+        max_to_keep=keep,
+        create=True,
+        enable_async_checkpointing=async_save,
     )
     return ocp.CheckpointManager(wd.normalize(directory), options=options, item_names=ITEMS)
 
@@ -164,8 +169,14 @@ def _first_good(manager, steps, attempt, log, set_aside: bool):
     )
 
 
-def restore(manager: ocp.CheckpointManager, abstract: TrainState, iterator, step: int | None = None,
-            config: dict | None = None, log=print) -> TrainState:
+def restore(
+    manager: ocp.CheckpointManager,
+    abstract: TrainState,
+    iterator,
+    step: int | None = None,
+    config: dict | None = None,
+    log=print,
+) -> TrainState:
     """Restores state (structure of ``abstract``) and rewinds ``iterator`` in place.
 
     Without ``step``: the newest step that restores and verifies; damaged newer steps are
@@ -180,20 +191,22 @@ def restore(manager: ocp.CheckpointManager, abstract: TrainState, iterator, step
         if config is not None:
             saved = manager.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
             check_resume(saved, config, s, workdir, log)
-        out = manager.restore(s, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract.params),
-            opt_state=ocp.args.StandardRestore(abstract.opt_state),
-            meta=ocp.args.StandardRestore(dict(step=abstract.step, rng=abstract.rng)),
-            data=grain.checkpoint.CheckpointRestore(iterator),
-        ))
+        out = manager.restore(
+            s,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract.params),
+                opt_state=ocp.args.StandardRestore(abstract.opt_state),
+                meta=ocp.args.StandardRestore(dict(step=abstract.step, rng=abstract.rng)),
+                data=grain.checkpoint.CheckpointRestore(iterator),
+            ),
+        )
         saved_fps = _integrity(manager, s)
         if saved_fps is None:
             log(f"checkpoint step {s} has no fingerprints (written by an older version): not verified")
         else:
             _verify("params", out.params, saved_fps["params"])
             _verify("opt_state", out.opt_state, saved_fps["opt_state"])
-        return abstract.replace(params=out.params, opt_state=out.opt_state, step=out.meta["step"],
-                                rng=out.meta["rng"])
+        return abstract.replace(params=out.params, opt_state=out.opt_state, step=out.meta["step"], rng=out.meta["rng"])
 
     return _first_good(manager, steps, attempt, log, set_aside=step is None)
 
@@ -204,8 +217,13 @@ def restore_config(directory: str, step: int | None = None, log=print) -> dict:
     try:
         _require_step(manager, directory, step)
         steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
-        return _first_good(manager, steps, lambda s: manager.restore(
-            s, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config, log, set_aside=False)
+        return _first_good(
+            manager,
+            steps,
+            lambda s: manager.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config,
+            log,
+            set_aside=False,
+        )
     finally:
         manager.close()
 

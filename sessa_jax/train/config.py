@@ -2,7 +2,8 @@
 
 A run config has eight sections: ``model`` (``kind`` plus every ``SessaConfig`` field),
 ``data``, ``optim``, ``train``, ``checkpoint``, ``mesh`` (device mesh axes, -1 = the
-remaining devices), ``distributed`` (multi-host start-up) and ``metrics`` (MFU peak, W&B). Config files define ``get_config()``
+remaining devices), ``distributed`` (multi-host start-up) and ``metrics`` (MFU peak, W&B). Config files define
+``get_config()``
 returning ``base_config()`` with changes. ``load_config("tiny", ["train.steps=30"])``
 loads ``sessa_jax/configs/tiny.py`` (or a path), applies ``key=value`` overrides and validates:
 unknown keys, wrong types and impossible combinations raise ``ConfigError`` naming the
@@ -41,54 +42,95 @@ class ConfigError(ValueError):
 
 def base_config() -> mc.ConfigDict:
     """Every key a run config may set, with defaults."""
-    model_defaults = {f.name: f.default for f in dataclasses.fields(SessaConfig)
-                      if f.default is not dataclasses.MISSING}
-    model_defaults.update(dtype="float32", param_dtype="float32", vocab_size=0, d_model=64, n_heads=4,
-                          n_kv_heads=mc.config_dict.placeholder(int),
-                          chunk_size=mc.FieldReference("auto", field_type=object))  # "auto" or an int
+    model_defaults = {
+        f.name: f.default for f in dataclasses.fields(SessaConfig) if f.default is not dataclasses.MISSING
+    }
+    model_defaults.update(
+        dtype="float32",
+        param_dtype="float32",
+        vocab_size=0,
+        d_model=64,
+        n_heads=4,
+        n_kv_heads=mc.config_dict.placeholder(int),
+        chunk_size=mc.FieldReference("auto", field_type=object),
+    )  # "auto" or an int
     c = mc.ConfigDict()
-    c.model = mc.ConfigDict(dict(
-        kind="sessa",
-        match_params=False,  # non-sessa kinds: pick d_model so the parameter count matches sessa's
-        **model_defaults,  # vocab_size 0 = the task's vocabulary rounded up to a multiple of 8
-    ))
-    c.data = mc.ConfigDict(dict(
-        task="mqar", seq_len=64, batch_size=16, seed=0, num_threads=0, prefetch=2,
-        allow_changed_sources=False,  # resume even when the data files differ from the checkpoint's (resume_guard)
-        mqar=dict(vocab_size=64, num_kv_pairs=8),
-        # the published SymbolSoup (400-600 tokens, splits 20000/2000); tsv_dir: read files made by the
-        # published script (or sessa_jax.data.symbol_soup_tsv) instead of generating
-        symbol_soup=dict(min_tokens=400, max_tokens=600, num_train=20000, num_eval=2000, tsv_dir=""),
-        # verify_checksums: read every shard byte once at open to check its CRC-32 (data.text.open_shards)
-        text=dict(path="", arrayrecord_dir="", max_bytes=8_000_000, eval_fraction=0.01, verify_checksums=True),
-        # bytes | sentencepiece | tokenizers; path: the .model / tokenizer.json. sentencepiece with
-        # path '' fits a model of vocab_size on the corpus into WORKDIR/tokenizer.model at the first start.
-        tokenizer=dict(kind="bytes", path="", vocab_size=4096),
-    ))
-    c.optim = mc.ConfigDict(dict(
-        lr=3e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
-        clip_norm=1.0, grad_accum=1,
-        # cosine | linear | constant | wsd (warmup-stable-decay: the last decay_fraction of train.steps decays)
-        schedule="cosine", decay_fraction=0.2,
-        decay_embeddings=False,  # weight decay on embedding tables (biases and norms are never decayed)
-    ))
-    c.train = mc.ConfigDict(dict(
-        steps=100, seed=0, log_every=10, eval_every=0, eval_batches=4, progress=True,
-        allow_config_change="",  # comma-separated keys that may differ from the checkpoint's (resume_guard)
-        loss_chunk=0,  # > 0: the loss projects this many positions at a time (no full (B, T, V) logits)
-        profile_steps="",  # "a:b": a jax.profiler trace of steps a..b-1 in WORKDIR/profile
-        compilation_cache="auto",  # persistent XLA cache: auto = WORKDIR/compilation_cache, a path, or "" (off)
-    ))
-    c.metrics = mc.ConfigDict(dict(
-        peak_tflops=0.0,  # per-device peak for MFU; 0 = from sessa_jax.train.report's device table
-        wandb=False, wandb_project="sessa-jax", wandb_entity="",  # W&B resumes the run id kept in WORKDIR
-    ))
+    c.model = mc.ConfigDict(
+        dict(
+            kind="sessa",
+            match_params=False,  # non-sessa kinds: pick d_model so the parameter count matches sessa's
+            **model_defaults,  # vocab_size 0 = the task's vocabulary rounded up to a multiple of 8
+        )
+    )
+    c.data = mc.ConfigDict(
+        dict(
+            task="mqar",
+            seq_len=64,
+            batch_size=16,
+            seed=0,
+            num_threads=0,
+            prefetch=2,
+            allow_changed_sources=False,  # resume even when the data files differ from the checkpoint's (resume_guard)
+            mqar=dict(vocab_size=64, num_kv_pairs=8),
+            # the published SymbolSoup (400-600 tokens, splits 20000/2000); tsv_dir: read files made by the
+            # published script (or sessa_jax.data.symbol_soup_tsv) instead of generating
+            symbol_soup=dict(min_tokens=400, max_tokens=600, num_train=20000, num_eval=2000, tsv_dir=""),
+            # verify_checksums: read every shard byte once at open to check its CRC-32 (data.text.open_shards)
+            text=dict(path="", arrayrecord_dir="", max_bytes=8_000_000, eval_fraction=0.01, verify_checksums=True),
+            # bytes | sentencepiece | tokenizers; path: the .model / tokenizer.json. sentencepiece with
+            # path '' fits a model of vocab_size on the corpus into WORKDIR/tokenizer.model at the first start.
+            tokenizer=dict(kind="bytes", path="", vocab_size=4096),
+        )
+    )
+    c.optim = mc.ConfigDict(
+        dict(
+            lr=3e-3,
+            warmup_steps=20,
+            min_lr_ratio=0.1,
+            weight_decay=0.1,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            clip_norm=1.0,
+            grad_accum=1,
+            # cosine | linear | constant | wsd (warmup-stable-decay: the last decay_fraction of train.steps decays)
+            schedule="cosine",
+            decay_fraction=0.2,
+            decay_embeddings=False,  # weight decay on embedding tables (biases and norms are never decayed)
+        )
+    )
+    c.train = mc.ConfigDict(
+        dict(
+            steps=100,
+            seed=0,
+            log_every=10,
+            eval_every=0,
+            eval_batches=4,
+            progress=True,
+            allow_config_change="",  # comma-separated keys that may differ from the checkpoint's (resume_guard)
+            loss_chunk=0,  # > 0: the loss projects this many positions at a time (no full (B, T, V) logits)
+            profile_steps="",  # "a:b": a jax.profiler trace of steps a..b-1 in WORKDIR/profile
+            compilation_cache="auto",  # persistent XLA cache: auto = WORKDIR/compilation_cache, a path, or "" (off)
+        )
+    )
+    c.metrics = mc.ConfigDict(
+        dict(
+            peak_tflops=0.0,  # per-device peak for MFU; 0 = from sessa_jax.train.report's device table
+            wandb=False,
+            wandb_project="sessa-jax",
+            wandb_entity="",  # W&B resumes the run id kept in WORKDIR
+        )
+    )
     c.checkpoint = mc.ConfigDict(dict(every=0, keep=3, async_save=True))
     c.mesh = mc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # data x fsdp x tensor = all devices
-    c.distributed = mc.ConfigDict(dict(
-        initialize="auto",  # auto: when a cluster is detected (TPU pod, SLURM, JAX_COORDINATOR_ADDRESS); yes; no
-        coordinator_address="", num_processes=0, process_id=-1,  # explicit multi-process start (0/-1: detect)
-    ))
+    c.distributed = mc.ConfigDict(
+        dict(
+            initialize="auto",  # auto: when a cluster is detected (TPU pod, SLURM, JAX_COORDINATOR_ADDRESS); yes; no
+            coordinator_address="",
+            num_processes=0,
+            process_id=-1,  # explicit multi-process start (0/-1: detect)
+        )
+    )
     return c
 
 
@@ -134,7 +176,7 @@ def _set(cfg: mc.ConfigDict, key: str, raw: str) -> None:
             value = float(value)
         if want is float and isinstance(value, str) and value.strip().lower().lstrip("+-") in ("inf", "nan"):
             value = float(value)  # parsed so that validation can name it (it is never a usable setting)
-    if want not in (None, object) and value is not None and not (type(value) is want):
+    if want not in (None, object) and value is not None and type(value) is not want:
         raise ConfigError(f"config key {key!r} expects {want.__name__}, got {raw!r} ({type(value).__name__})")
     node[leaf] = value
 
@@ -176,8 +218,10 @@ def _check_known_keys(cfg: mc.ConfigDict) -> None:
     if err is not None:
         raise err
     if unknown:  # several, or a section of base_config replaced by a plain value
-        raise ConfigError(f"unknown config key(s) {unknown}: nothing reads them; fix the spelling or remove them "
-                          f"(every known key is in sessa_jax.train.config.base_config)")
+        raise ConfigError(
+            f"unknown config key(s) {unknown}: nothing reads them; fix the spelling or remove them "
+            f"(every known key is in sessa_jax.train.config.base_config)"
+        )
 
 
 def validate(cfg: mc.ConfigDict, process_count: int = 1, device_count: int | None = None) -> None:
@@ -197,22 +241,36 @@ def validate(cfg: mc.ConfigDict, process_count: int = 1, device_count: int | Non
     _positive(cfg, "data.seq_len", "data.batch_size", "train.steps", "optim.grad_accum", "train.log_every")
     # checkpoint.keep=0 would make orbax delete every checkpoint it writes (nothing to resume from).
     _positive(cfg, "checkpoint.keep")
-    _positive(cfg, "train.eval_every", "checkpoint.every", "optim.warmup_steps", "data.num_threads",
-              "data.prefetch", "data.seed", "data.text.max_bytes", "train.eval_batches",
-              "train.loss_chunk", allow_zero=True)
+    _positive(
+        cfg,
+        "train.eval_every",
+        "checkpoint.every",
+        "optim.warmup_steps",
+        "data.num_threads",
+        "data.prefetch",
+        "data.seed",
+        "data.text.max_bytes",
+        "train.eval_batches",
+        "train.loss_chunk",
+        allow_zero=True,
+    )
     _validate_reporting(cfg)
     for key in ("dtype", "param_dtype"):
         if m[key] not in ("float32", "bfloat16", "float16", "float64"):
             raise ConfigError(f"model.{key}={m[key]!r} is not a float dtype name; use 'float32' or 'bfloat16'")
     for key in ("lr", "min_lr_ratio", "weight_decay", "clip_norm", "eps", "b1", "b2", "decay_fraction"):
         if not math.isfinite(o[key]):
-            raise ConfigError(f"optim.{key} must be a finite number; got {o[key]!r} (inf or nan makes every update "
-                              f"non-finite); e.g. optim.lr=3e-4")
+            raise ConfigError(
+                f"optim.{key} must be a finite number; got {o[key]!r} (inf or nan makes every update "
+                f"non-finite); e.g. optim.lr=3e-4"
+            )
     if o.schedule not in SCHEDULES:
         raise ConfigError(f"optim.schedule={o.schedule!r} is unknown; choose one of {SCHEDULES}")
     if not 0 < o.decay_fraction <= 1:
-        raise ConfigError(f"optim.decay_fraction must lie in (0, 1] (the share of train.steps the 'wsd' schedule "
-                          f"decays over); got {o.decay_fraction}")
+        raise ConfigError(
+            f"optim.decay_fraction must lie in (0, 1] (the share of train.steps the 'wsd' schedule "
+            f"decays over); got {o.decay_fraction}"
+        )
     if o.lr <= 0 or not 0 <= o.min_lr_ratio <= 1 or o.weight_decay < 0 or o.clip_norm < 0:
         raise ConfigError(
             f"optim: need lr > 0 (got {o.lr}), 0 <= min_lr_ratio <= 1 (got {o.min_lr_ratio}), "
@@ -246,13 +304,16 @@ def validate(cfg: mc.ConfigDict, process_count: int = 1, device_count: int | Non
             check_mqar(d.seq_len, d.mqar.vocab_size, d.mqar.num_kv_pairs)
         elif d.task == "symbol_soup" and not d.symbol_soup.tsv_dir:
             s = d.symbol_soup
-            check_symbol_soup(d.seq_len, s.min_tokens, s.max_tokens, [("num_train", s.num_train),
-                                                                       ("num_eval", s.num_eval)])
+            check_symbol_soup(
+                d.seq_len, s.min_tokens, s.max_tokens, [("num_train", s.num_train), ("num_eval", s.num_eval)]
+            )
     except ValueError as e:
         raise ConfigError(str(e)) from e
     if d.task == "symbol_soup" and d.symbol_soup.tsv_dir and not os.path.isdir(d.symbol_soup.tsv_dir):
-        raise ConfigError(f"data.symbol_soup.tsv_dir={d.symbol_soup.tsv_dir!r} is not a directory; pass the "
-                          f"output_dir of the published script, or '' to generate the data")
+        raise ConfigError(
+            f"data.symbol_soup.tsv_dir={d.symbol_soup.tsv_dir!r} is not a directory; pass the "
+            f"output_dir of the published script, or '' to generate the data"
+        )
     elif d.task == "text" and d.text.path and not os.path.exists(d.text.path):
         raise ConfigError(
             f"data.text.path={d.text.path!r} does not exist; pass an existing text file or directory, "
@@ -262,8 +323,10 @@ def validate(cfg: mc.ConfigDict, process_count: int = 1, device_count: int | Non
         raise ConfigError(f"data.text.eval_fraction must lie in (0, 1); got {d.text.eval_fraction}")
     _validate_tokenizer(cfg)
     if d.task != "text" and not t.eval_batches:
-        raise ConfigError(f"train.eval_batches=0 evaluates the whole held-out split, but data.task={d.task!r} "
-                          f"generates an unbounded one; set train.eval_batches to a number of batches, e.g. 8")
+        raise ConfigError(
+            f"train.eval_batches=0 evaluates the whole held-out split, but data.task={d.task!r} "
+            f"generates an unbounded one; set train.eval_batches to a number of batches, e.g. 8"
+        )
     need = task_vocab_size(d)
     if m.vocab_size and m.vocab_size < need:
         raise ConfigError(
@@ -278,16 +341,21 @@ def _validate_tokenizer(cfg: mc.ConfigDict) -> None:
     if tok.kind not in TOKENIZERS:
         raise ConfigError(f"data.tokenizer.kind={tok.kind!r} is unknown; choose one of {TOKENIZERS}")
     if tok.kind != "bytes" and task != "text":
-        raise ConfigError(f"data.tokenizer.kind={tok.kind!r} applies to data.task='text' only (this run is "
-                          f"{task!r}); remove the override")
+        raise ConfigError(
+            f"data.tokenizer.kind={tok.kind!r} applies to data.task='text' only (this run is "
+            f"{task!r}); remove the override"
+        )
     if tok.path and not os.path.isfile(tok.path):
-        raise ConfigError(f"data.tokenizer.path={tok.path!r} is not a file; pass a sentencepiece .model or a HF "
-                          f"tokenizer.json")
+        raise ConfigError(
+            f"data.tokenizer.path={tok.path!r} is not a file; pass a sentencepiece .model or a HF tokenizer.json"
+        )
     if tok.kind == "tokenizers" and not tok.path:
         raise ConfigError("data.tokenizer.kind='tokenizers' needs data.tokenizer.path=PATH/tokenizer.json")
     if tok.kind == "sentencepiece" and not tok.path and tok.vocab_size < 260:
-        raise ConfigError(f"data.tokenizer.vocab_size={tok.vocab_size} is too small to fit a sentencepiece model "
-                          f"(256 byte pieces + specials); use >= 260, e.g. 4096")
+        raise ConfigError(
+            f"data.tokenizer.vocab_size={tok.vocab_size} is too small to fit a sentencepiece model "
+            f"(256 byte pieces + specials); use >= 260, e.g. 4096"
+        )
 
 
 def parse_profile_steps(value: str, steps: int) -> tuple[int, int] | None:
@@ -306,10 +374,13 @@ def parse_profile_steps(value: str, steps: int) -> tuple[int, int] | None:
 def _validate_reporting(cfg: mc.ConfigDict) -> None:
     parse_profile_steps(cfg.train.profile_steps, cfg.train.steps)
     if cfg.metrics.wandb and importlib.util.find_spec("wandb") is None:
-        raise ConfigError("metrics.wandb=True needs the wandb package: pip install 'sessa-jax[wandb]' "
-                          "(or set metrics.wandb=False)")
+        raise ConfigError(
+            "metrics.wandb=True needs the wandb package: pip install 'sessa-jax[wandb]' (or set metrics.wandb=False)"
+        )
     if not cfg.metrics.peak_tflops >= 0:
-        raise ConfigError(f"metrics.peak_tflops must be >= 0 (0 = from the device table); got {cfg.metrics.peak_tflops}")
+        raise ConfigError(
+            f"metrics.peak_tflops must be >= 0 (0 = from the device table); got {cfg.metrics.peak_tflops}"
+        )
 
 
 def model_config(cfg: mc.ConfigDict, match: bool = True) -> SessaConfig:
@@ -343,5 +414,3 @@ def config_from_json(d: dict) -> mc.ConfigDict:
     cfg = base_config()
     cfg.update_from_flattened_dict({k: v for k, v in flatten(d).items()})
     return cfg
-
-

@@ -55,8 +55,13 @@ def summarize(sums: dict, per_byte: bool) -> dict:
     """Eval metrics from summed loss/correct/weight/bytes (see the module docstring)."""
     n = max(sums["weight_sum"], 1.0)
     loss = sums["loss_sum"] / n
-    out = dict(eval_loss=loss, eval_accuracy=sums["correct_sum"] / n, eval_perplexity=math.exp(min(loss, 700.0)),
-               eval_bits_per_token=loss / math.log(2), eval_tokens=sums["weight_sum"])
+    out = dict(
+        eval_loss=loss,
+        eval_accuracy=sums["correct_sum"] / n,
+        eval_perplexity=math.exp(min(loss, 700.0)),
+        eval_bits_per_token=loss / math.log(2),
+        eval_tokens=sums["weight_sum"],
+    )
     if per_byte:
         out["eval_bits_per_byte"] = sums["loss_sum"] / math.log(2) / max(sums["bytes_sum"], 1.0)
     return out
@@ -72,8 +77,9 @@ def _pad_rows(batch: dict, rows: int) -> dict:
     return out
 
 
-def evaluate(params, eval_step, eval_data, local_batch_size: int, token_bytes=None, num_batches: int = 0,
-             sharding=None) -> dict:
+def evaluate(
+    params, eval_step, eval_data, local_batch_size: int, token_bytes=None, num_batches: int = 0, sharding=None
+) -> dict:
     """Eval metrics of ``params`` over ``eval_data`` (an iterable of per-process numpy batches).
 
     ``eval_step``: from ``make_eval_step``; ``token_bytes``: (V,) bytes per id, or None
@@ -100,7 +106,7 @@ def token_bytes_for(data_cfg, vocab_size: int):
         return None
     table = tokenizer_of(data_cfg).token_bytes()
     out = np.zeros(vocab_size, np.int32)
-    out[:len(table)] = table[:vocab_size]
+    out[: len(table)] = table[:vocab_size]
     return out
 
 
@@ -109,8 +115,9 @@ def evaluate_run(run_dir: str, step: int | None = None, num_batches: int = 0, ba
     return evaluate_run_step(run_dir, step, num_batches, batch_size)[1]
 
 
-def evaluate_run_step(run_dir: str, step: int | None = None, num_batches: int = 0, batch_size: int = 0,
-                      log=None) -> tuple[int, dict]:
+def evaluate_run_step(
+    run_dir: str, step: int | None = None, num_batches: int = 0, batch_size: int = 0, log=None
+) -> tuple[int, dict]:
     """(checkpoint step evaluated, eval metrics): ``evaluate_run`` saying which step it read
     (without ``step``: the newest that restores; ``sample.load_run_step``)."""
     model, params, cfg, step = load_run_step(run_dir, step, log)
@@ -120,8 +127,9 @@ def evaluate_run_step(run_dir: str, step: int | None = None, num_batches: int = 
         num_batches = cfg.train.eval_batches or 8  # synthetic eval splits are unbounded
     eval_step = make_eval_step(model.apply, cfg.train.loss_chunk)
     data = make_dataset(cfg.data, EVAL, process_index=0, process_count=1)
-    metrics = evaluate(params, eval_step, data, cfg.data.batch_size, token_bytes_for(cfg.data, model.config.vocab_size),
-                       num_batches)
+    metrics = evaluate(
+        params, eval_step, data, cfg.data.batch_size, token_bytes_for(cfg.data, model.config.vocab_size), num_batches
+    )
     return step, metrics
 
 
@@ -134,12 +142,15 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.num_batches < 0 or args.batch_size < 0:
-        print(f"error: --num_batches ({args.num_batches}) and --batch_size ({args.batch_size}) must be >= 0",
-              file=sys.stderr)
+        print(
+            f"error: --num_batches ({args.num_batches}) and --batch_size ({args.batch_size}) must be >= 0",
+            file=sys.stderr,
+        )
         return 2
     try:
-        step, metrics = evaluate_run_step(args.run, args.step, args.num_batches, args.batch_size,
-                                          log=lambda line: print(line, file=sys.stderr))
+        step, metrics = evaluate_run_step(
+            args.run, args.step, args.num_batches, args.batch_size, log=lambda line: print(line, file=sys.stderr)
+        )
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

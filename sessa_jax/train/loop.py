@@ -18,11 +18,11 @@ from sessa_jax.train import checkpoint as ckpt
 from sessa_jax.train import report
 from sessa_jax.train import workdir as wd
 from sessa_jax.train.config import model_config, parse_profile_steps, resolve, validate
-from sessa_jax.train.evaluate import make_eval_step, token_bytes_for
 from sessa_jax.train.evaluate import evaluate as evaluate_params
+from sessa_jax.train.evaluate import make_eval_step, token_bytes_for
 from sessa_jax.train.metrics import MetricsWriter, Progress, format_duration
 from sessa_jax.train.optimizer import learning_rate_schedule, make_optimizer, schedule_inputs
-from sessa_jax.train.state import TrainState, abstract_state, build_model, create_state, state_shardings
+from sessa_jax.train.state import abstract_state, build_model, create_state, state_shardings
 from sessa_jax.train.step import make_train_step
 
 
@@ -97,10 +97,15 @@ def _close_all(closers, failure: BaseException | None, log) -> None:
 
 
 def _eval_line(step: int, e: dict) -> str:
-    per = (f"bits/byte {e['eval_bits_per_byte']:.4f}" if "eval_bits_per_byte" in e
-           else f"bits/token {e['eval_bits_per_token']:.4f}")
-    return (f"eval @ {step}: loss {e['eval_loss']:.4f} | ppl {e['eval_perplexity']:.3f} | {per} | "
-            f"acc {e['eval_accuracy']:.3f} | {int(e['eval_tokens']):,} tokens")
+    per = (
+        f"bits/byte {e['eval_bits_per_byte']:.4f}"
+        if "eval_bits_per_byte" in e
+        else f"bits/token {e['eval_bits_per_token']:.4f}"
+    )
+    return (
+        f"eval @ {step}: loss {e['eval_loss']:.4f} | ppl {e['eval_perplexity']:.3f} | {per} | "
+        f"acc {e['eval_accuracy']:.3f} | {int(e['eval_tokens']):,} tokens"
+    )
 
 
 def train(cfg, workdir: str, log=print) -> RunResult:
@@ -140,12 +145,20 @@ def _train(cfg, workdir: str, log=print) -> RunResult:
     token_bytes = token_bytes_for(cfg.data, model_cfg.vocab_size)  # None: no bits per byte
 
     def evaluate(state, eval_data, num_batches, sharding):
-        return evaluate_params(state.params, eval_fn, eval_data, cfg.data.batch_size // jax.process_count(),
-                               token_bytes, num_batches, sharding)
+        return evaluate_params(
+            state.params,
+            eval_fn,
+            eval_data,
+            cfg.data.batch_size // jax.process_count(),
+            token_bytes,
+            num_batches,
+            sharding,
+        )
 
     train_iter = make_iterator(cfg.data, TRAIN)
-    manager = ckpt.make_manager(wd.join(workdir, "checkpoints"), cfg.checkpoint.every, cfg.checkpoint.keep,
-                                cfg.checkpoint.async_save)
+    manager = ckpt.make_manager(
+        wd.join(workdir, "checkpoints"), cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.async_save
+    )
     if manager.latest_step() is not None:
         abstract = abstract_state(model, tx, cfg.train.seed, cfg.data.seq_len, shardings)
         state = ckpt.restore(manager, abstract, train_iter, config=resolved.to_dict(), log=log)
@@ -156,22 +169,35 @@ def _train(cfg, workdir: str, log=print) -> RunResult:
     config_dict = resolved.to_dict()
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-    for line in report.startup_summary(workdir=workdir, mesh=mesh, n_params=n_params, tokens_per_step=tokens_per_step,
-                                       steps=steps, start_step=start, tokenizer=cfg.data.tokenizer.kind
-                                       if cfg.data.task == "text" else "", compile_cache=cache_dir):
+    for line in report.startup_summary(
+        workdir=workdir,
+        mesh=mesh,
+        n_params=n_params,
+        tokens_per_step=tokens_per_step,
+        steps=steps,
+        start_step=start,
+        tokenizer=cfg.data.tokenizer.kind if cfg.data.task == "text" else "",
+        compile_cache=cache_dir,
+    ):
         log(line)
     if start >= steps:  # a resume past train.steps was refused by the resume guard: start == steps
-        log(f"already finished: {workdir} holds step {start} of train.steps={steps}, so there is nothing to train "
-            f"(pass a larger --config.train.steps to train on); evaluating the final step")
-    wandb = (report.WandbLogger(workdir, cfg.metrics.wandb_project, cfg.metrics.wandb_entity, config_dict)
-             if cfg.metrics.wandb and jax.process_index() == 0 else None)
+        log(
+            f"already finished: {workdir} holds step {start} of train.steps={steps}, so there is nothing to train "
+            f"(pass a larger --config.train.steps to train on); evaluating the final step"
+        )
+    wandb = (
+        report.WandbLogger(workdir, cfg.metrics.wandb_project, cfg.metrics.wandb_entity, config_dict)
+        if cfg.metrics.wandb and jax.process_index() == 0
+        else None
+    )
     writer = MetricsWriter(workdir, start_step=start, mirror=wandb)
     progress = Progress(steps, tokens_per_step, start, cfg.train.progress)
     clock = report.StepClock(start)
     flops_token = report.flops_per_token(n_params, model_cfg.n_layers, model_cfg.d_model, cfg.data.seq_len)
     peak = report.peak_tflops(jax.devices()[0].device_kind, cfg.metrics.peak_tflops)
-    profiler = report.Profiler(parse_profile_steps(cfg.train.profile_steps, steps),
-                               os.path.join(wd.local_dir(workdir), "profile"), log)
+    profiler = report.Profiler(
+        parse_profile_steps(cfg.train.profile_steps, steps), os.path.join(wd.local_dir(workdir), "profile"), log
+    )
     lr_of = learning_rate_schedule(cfg.optim, steps)
     # The schedule's numbers enter the step as inputs: the compiled step does not depend on them.
     schedule = jax.tree_util.tree_map(np.float32, schedule_inputs(cfg.optim, steps))
@@ -187,10 +213,12 @@ def _train(cfg, workdir: str, log=print) -> RunResult:
                 f"{float(m['grad_norm'])}); stopped without saving it. Lower optim.lr, keep "
                 f"optim.clip_norm > 0 or use model.dtype='float32'"
             )
-        last = dict(loss=float(m["loss"]), accuracy=float(m["accuracy"]), grad_norm=float(m["grad_norm"]),
-                    lr=lr_of(s - 1))
-        last.update(report.step_scalars(clock.tick(s), tokens_per_step, flops_token, jax.device_count(), peak,
-                                        log=mfu_warning))
+        last = dict(
+            loss=float(m["loss"]), accuracy=float(m["accuracy"]), grad_norm=float(m["grad_norm"]), lr=lr_of(s - 1)
+        )
+        last.update(
+            report.step_scalars(clock.tick(s), tokens_per_step, flops_token, jax.device_count(), peak, log=mfu_warning)
+        )
         writer.write(s, last, tensorboard=s % cfg.train.log_every == 0 or s == steps)
         if s % cfg.train.log_every == 0 or s == steps or s == start + 1:
             progress.print(s, last, clock.mean_s())
@@ -231,13 +259,23 @@ def _train(cfg, workdir: str, log=print) -> RunResult:
         failure = e
         raise
     finally:
-        _close_all([("profiler", profiler.stop), ("checkpoint manager", manager.wait_until_finished),
-                    ("checkpoint manager", manager.close), ("metrics writer", writer.close)], failure, log)
+        _close_all(
+            [
+                ("profiler", profiler.stop),
+                ("checkpoint manager", manager.wait_until_finished),
+                ("checkpoint manager", manager.close),
+                ("metrics writer", writer.close),
+            ],
+            failure,
+            log,
+        )
     seconds = time.perf_counter() - t_start
     if not interrupted:
         if step > start:
-            log(f"done: {step - start} steps in {format_duration(seconds)}"
-                + (f" (resumed at step {start})" if start else ""))
+            log(
+                f"done: {step - start} steps in {format_duration(seconds)}"
+                + (f" (resumed at step {start})" if start else "")
+            )
         if eval_metrics:
             log(_eval_line(step, eval_metrics))
         for line in report.closing_lines(cfg, workdir, step, model_cfg.vocab_size):

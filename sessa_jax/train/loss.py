@@ -31,8 +31,9 @@ def _weighted_sums(ce_BxT, correct_BxT, w_BxT) -> dict:
     return dict(loss_sum=(ce_BxT * w_BxT).sum(), correct_sum=(correct_BxT * w_BxT).sum(), weight_sum=w_BxT.sum())
 
 
-def chunked_sums(logits_fn, hidden_BxTxD: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array,
-                 chunk: int) -> dict:
+def chunked_sums(
+    logits_fn, hidden_BxTxD: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array, chunk: int
+) -> dict:
     """Weighted loss/correct/weight sums, projecting ``chunk`` positions at a time.
 
     ``logits_fn``: (B, C, D) hidden -> (B, C, V) logits. T need not divide by ``chunk``:
@@ -82,5 +83,6 @@ def loss_sums(params, apply_fn, batch: dict, chunk: int = 0, rng=None) -> dict:
         ce, correct = token_cross_entropy(apply_fn(*args, **kw), batch["targets"])
         return _weighted_sums(ce, correct, batch["weights"].astype(jnp.float32))
     hidden = apply_fn(*args, return_hidden=True, **kw)
-    return chunked_sums(lambda h: apply_fn(params, h, method="logits"), hidden, batch["targets"],
-                        batch["weights"], chunk)
+    return chunked_sums(
+        lambda h: apply_fn(params, h, method="logits"), hidden, batch["targets"], batch["weights"], chunk
+    )

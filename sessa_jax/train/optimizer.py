@@ -64,6 +64,7 @@ def decay_mask(params, decay_embeddings: bool = False):
     Weights (kernels) are decayed; biases, norm scales/biases and ``gamma_bias`` never;
     embedding tables when ``decay_embeddings`` (``optim.decay_embeddings``).
     """
+
     def keep(path, _):
         role = decay_role(path)
         return role == "weight" or (role == "embedding" and decay_embeddings)
@@ -73,6 +74,7 @@ def decay_mask(params, decay_embeddings: bool = False):
 
 class ScheduleInputs(NamedTuple):
     """The schedule's numbers, as float32 scalars when passed to the jitted step."""
+
     lr: float  # peak
     warmup: float  # warmup updates
     total: float  # train.steps (> warmup)
@@ -85,9 +87,13 @@ def schedule_inputs(optim_cfg, total_steps: int) -> ScheduleInputs:
     warmup = float(optim_cfg.warmup_steps)
     total = float(max(total_steps, optim_cfg.warmup_steps + 1))
     decay = math.ceil(float(optim_cfg.get("decay_fraction", 0.2)) * total)
-    return ScheduleInputs(lr=float(optim_cfg.lr), warmup=warmup, total=total,
-                          end=float(optim_cfg.lr) * float(optim_cfg.min_lr_ratio),
-                          decay_start=float(max(warmup, total - decay)))
+    return ScheduleInputs(
+        lr=float(optim_cfg.lr),
+        warmup=warmup,
+        total=total,
+        end=float(optim_cfg.lr) * float(optim_cfg.min_lr_ratio),
+        decay_start=float(max(warmup, total - decay)),
+    )
 
 
 def learning_rate(kind: str, count, s: ScheduleInputs, xp=jnp):

@@ -27,9 +27,21 @@ from sessa_jax.train import workdir as wd
 
 # Dense bf16 peak TFLOP/s per device (vendor data sheets), matched by substring of device_kind.
 PEAK_TFLOPS = (
-    ("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
-    ("L4", 121.0), ("A10G", 70.0), ("V100", 125.0), ("TPU v6", 918.0), ("TPU v5p", 459.0),
-    ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v4", 275.0), ("TPU v3", 123.0),
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("H800", 989.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("V100", 125.0),
+    ("TPU v6", 918.0),
+    ("TPU v5p", 459.0),
+    ("TPU v5 lite", 197.0),
+    ("TPU v5e", 197.0),
+    ("TPU v4", 275.0),
+    ("TPU v3", 123.0),
 )
 
 
@@ -61,8 +73,18 @@ def peak_memory_gib() -> float | None:
     return max(peaks) / 2**30 if peaks else None
 
 
-def startup_summary(*, workdir: str, mesh, n_params: int, tokens_per_step: int, steps: int, start_step: int,
-                    config_name: str = "", tokenizer: str = "", compile_cache: str = "") -> list[str]:
+def startup_summary(
+    *,
+    workdir: str,
+    mesh,
+    n_params: int,
+    tokens_per_step: int,
+    steps: int,
+    start_step: int,
+    config_name: str = "",
+    tokenizer: str = "",
+    compile_cache: str = "",
+) -> list[str]:
     """Lines printed once before training: where, on what, how big, resumed or fresh."""
     devices = jax.devices()
     kind = devices[0].device_kind if devices else "?"
@@ -123,8 +145,9 @@ class StepClock:
         return self._sum / self._n if self._n else None
 
 
-def step_scalars(step_time_s: float, tokens_per_step: int, flops_token: float, n_devices: int,
-                 peak: float | None, log=None) -> dict:
+def step_scalars(
+    step_time_s: float, tokens_per_step: int, flops_token: float, n_devices: int, peak: float | None, log=None
+) -> dict:
     """step_time_s, tokens_per_s, (mfu) and (peak_memory_gib) for metrics.jsonl/TensorBoard.
 
     An MFU above 1 is impossible: the device peak must be too low (``metrics.peak_tflops``
@@ -137,8 +160,10 @@ def step_scalars(step_time_s: float, tokens_per_step: int, flops_token: float, n
         if 0 < mfu <= 1:
             out["mfu"] = mfu
         elif log is not None:
-            log(f"warning: MFU {mfu:.3g} > 1 at {step_time_s:.4g} s/step, so the device peak of {peak:g} TFLOP/s "
-                f"is too low; not logging mfu. Set --config.metrics.peak_tflops to the device's dense bf16 peak")
+            log(
+                f"warning: MFU {mfu:.3g} > 1 at {step_time_s:.4g} s/step, so the device peak of {peak:g} TFLOP/s "
+                f"is too low; not logging mfu. Set --config.metrics.peak_tflops to the device's dense bf16 peak"
+            )
     mem = peak_memory_gib()
     if mem is not None:
         out["peak_memory_gib"] = mem
@@ -170,8 +195,10 @@ class Profiler:
             jax.block_until_ready(block_on)
         jax.profiler.stop_trace()
         self.active = False
-        self.log(f"profile of steps {self.window[0]}..{self.window[1] - 1} written to {self.directory} "
-                 f"(open with TensorBoard's profile plugin or xprof)")
+        self.log(
+            f"profile of steps {self.window[0]}..{self.window[1] - 1} written to {self.directory} "
+            f"(open with TensorBoard's profile plugin or xprof)"
+        )
 
 
 def enable_compilation_cache(setting: str, workdir: str) -> str:
@@ -221,8 +248,9 @@ class WandbLogger:
             run_id = new_run_id()
             wd.write_bytes(id_file, run_id.encode())
         self.run_id = run_id
-        self.run = wandb.init(project=project, entity=entity or None, id=run_id, resume="allow", config=config,
-                              dir=wd.local_dir(workdir))
+        self.run = wandb.init(
+            project=project, entity=entity or None, id=run_id, resume="allow", config=config, dir=wd.local_dir(workdir)
+        )
 
     def log(self, step: int, scalars: dict) -> None:
         self.run.log({k: float(v) for k, v in scalars.items()}, step=int(step))
@@ -245,13 +273,17 @@ def accuracy_baselines(data_cfg, vocab_size: int) -> str:
         m = data_cfg.mqar
         values = m.vocab_size - m.vocab_size // 2
         blind = no_association_accuracy(m.num_kv_pairs, values)
-        return (f"acc counts the answers to the queries: chance {1 / values:.3f} (1 of {values} values); "
-                f"{blind:.3f} for a model that knows the context's values but not which key each belongs to")
+        return (
+            f"acc counts the answers to the queries: chance {1 / values:.3f} (1 of {values} values); "
+            f"{blind:.3f} for a model that knows the context's values but not which key each belongs to"
+        )
     if data_cfg.task == "symbol_soup":
         from sessa_jax.data.symbol_soup import NUM_CLASSES
 
         return f"acc counts the class predicted for each text: chance {1 / NUM_CLASSES:.3f} (1 of {NUM_CLASSES})"
-    return f"acc counts next tokens predicted right: chance {1 / vocab_size:.4f} (a uniform guess over {vocab_size} ids)"
+    return (
+        f"acc counts next tokens predicted right: chance {1 / vocab_size:.4f} (a uniform guess over {vocab_size} ids)"
+    )
 
 
 def _script(name: str, module: str) -> str:
@@ -274,7 +306,7 @@ def mqar_query(data_cfg) -> tuple[str, int, int]:
     from sessa_jax.data.pipeline import make_source
 
     k = data_cfg.mqar.num_kv_pairs
-    context = [int(t) for t in make_source(data_cfg, EVAL)[0]["inputs"][:2 * k]]
+    context = [int(t) for t in make_source(data_cfg, EVAL)[0]["inputs"][: 2 * k]]
     j = min(2, k - 1)
     key, value = context[2 * j], context[2 * j + 1]
     return " ".join(map(str, [*context, 0, 0, key])), key, value
@@ -283,14 +315,18 @@ def mqar_query(data_cfg) -> tuple[str, int, int]:
 def closing_lines(cfg, workdir: str, step: int, vocab_size: int) -> list[str]:
     """Lines printed after a finished run: what its accuracy means, where its files are, what to run next."""
     run = workdir
-    lines = [accuracy_baselines(cfg.data, vocab_size),
-             f"run: {run} (checkpoints/ up to step {step}, metrics.jsonl, train.log, TensorBoard in tb/)",
-             f"next: {_script('sessa-eval', 'sessa_jax.train.evaluate')} --run {run}"]
+    lines = [
+        accuracy_baselines(cfg.data, vocab_size),
+        f"run: {run} (checkpoints/ up to step {step}, metrics.jsonl, train.log, TensorBoard in tb/)",
+        f"next: {_script('sessa-eval', 'sessa_jax.train.evaluate')} --run {run}",
+    ]
     sample = _script("sessa-sample", "sessa_jax.sample")
     if cfg.data.task == "mqar":
         prompt, key, value = mqar_query(cfg.data)
-        lines.append(f"      {sample} --run {run} --prompt \"{prompt}\" --max_new_tokens 1 --temperature 0"
-                     f"   # key {key} -> its value {value}")
+        lines.append(
+            f'      {sample} --run {run} --prompt "{prompt}" --max_new_tokens 1 --temperature 0'
+            f"   # key {key} -> its value {value}"
+        )
     elif cfg.data.task == "text":
-        lines.append(f"      {sample} --run {run} --prompt \"def \" --max_new_tokens 200")
+        lines.append(f'      {sample} --run {run} --prompt "def " --max_new_tokens 200')
     return lines

@@ -25,22 +25,50 @@ import json
 import logging
 
 FREE_PREFIXES = ("mesh.", "distributed.", "metrics.")
-FREE = frozenset({
-    "train.log_every", "train.progress", "train.eval_every", "train.eval_batches",
-    "train.allow_config_change", "train.profile_steps", "train.compilation_cache",
-    "checkpoint.every", "checkpoint.keep", "checkpoint.async_save",
-    "data.num_threads", "data.prefetch", "data.allow_changed_sources", "data.text.verify_checksums",
-})
-ALLOWABLE = frozenset({
-    "train.steps",
-    "train.loss_chunk",  # the same loss up to float32 summation order
-    "data.batch_size",  # the data position is saved in examples: a new batch size neither skips nor repeats
-    "optim.lr", "optim.warmup_steps", "optim.min_lr_ratio", "optim.weight_decay", "optim.b1", "optim.b2",
-    "optim.eps", "optim.clip_norm", "optim.grad_accum", "optim.schedule", "optim.decay_fraction",
-    "optim.decay_embeddings",
-    "model.dtype", "model.remat", "model.solver", "model.chunk_size", "model.leaf_size",
-    "model.feedback_precision", "model.max_len",
-})
+FREE = frozenset(
+    {
+        "train.log_every",
+        "train.progress",
+        "train.eval_every",
+        "train.eval_batches",
+        "train.allow_config_change",
+        "train.profile_steps",
+        "train.compilation_cache",
+        "checkpoint.every",
+        "checkpoint.keep",
+        "checkpoint.async_save",
+        "data.num_threads",
+        "data.prefetch",
+        "data.allow_changed_sources",
+        "data.text.verify_checksums",
+    }
+)
+ALLOWABLE = frozenset(
+    {
+        "train.steps",
+        "train.loss_chunk",  # the same loss up to float32 summation order
+        "data.batch_size",  # the data position is saved in examples: a new batch size neither skips nor repeats
+        "optim.lr",
+        "optim.warmup_steps",
+        "optim.min_lr_ratio",
+        "optim.weight_decay",
+        "optim.b1",
+        "optim.b2",
+        "optim.eps",
+        "optim.clip_norm",
+        "optim.grad_accum",
+        "optim.schedule",
+        "optim.decay_fraction",
+        "optim.decay_embeddings",
+        "model.dtype",
+        "model.remat",
+        "model.solver",
+        "model.chunk_size",
+        "model.leaf_size",
+        "model.feedback_precision",
+        "model.max_len",
+    }
+)
 
 
 class ResumeError(ValueError):
@@ -56,15 +84,20 @@ def _describe_sources(saved: dict, now: dict) -> str:
         a = {e[0]: e[1:] for e in saved["entries"]}
         b = {e[0]: e[1:] for e in now["entries"]}
         parts = []
-        for label, names in (("removed", sorted(set(a) - set(b))), ("added", sorted(set(b) - set(a))),
-                             ("changed", sorted(k for k in set(a) & set(b) if a[k] != b[k]))):
+        for label, names in (
+            ("removed", sorted(set(a) - set(b))),
+            ("added", sorted(set(b) - set(a))),
+            ("changed", sorted(k for k in set(a) & set(b) if a[k] != b[k])),
+        ):
             if names:
                 shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
                 parts.append(f"{label}: {shown}")
         if parts:
             return "; ".join(parts)
-    return (f"saved {saved.get('files')} files, {saved.get('bytes')} bytes (digest {str(saved.get('digest'))[:12]}); "
-            f"now {now.get('files')} files, {now.get('bytes')} bytes (digest {str(now.get('digest'))[:12]})")
+    return (
+        f"saved {saved.get('files')} files, {saved.get('bytes')} bytes (digest {str(saved.get('digest'))[:12]}); "
+        f"now {now.get('files')} files, {now.get('bytes')} bytes (digest {str(now.get('digest'))[:12]})"
+    )
 
 
 def check_sources(saved: dict | None, now: dict | None, allowed: bool, log=None) -> None:
@@ -81,7 +114,8 @@ def check_sources(saved: dict | None, now: dict | None, allowed: bool, log=None)
     if allowed:
         (log or logging.getLogger(__name__).warning)(
             f"resume: the data sources changed since the checkpoint ({change}); data.allow_changed_sources=True, "
-            f"so training goes on from the saved position over the new data")
+            f"so training goes on from the saved position over the new data"
+        )
         return
     raise DataChangedError(
         f"the data sources differ from those the checkpoint was trained on ({change}), so resuming would read "
@@ -142,17 +176,19 @@ def check_resume(saved: dict, new: dict, saved_step: int, workdir: str, log=prin
     opted = {k: v for k, v in changes.items() if k in ALLOWABLE and k in allowed}
     refused = {k: v for k, v in changes.items() if k not in free and k not in opted}
     if refused:
-        lines = [f"  {k}: saved {a!r}, now {b!r}" + ("" if k in ALLOWABLE else "  (alters the data or the model)")
-                 for k, (a, b) in refused.items()]
+        lines = [
+            f"  {k}: saved {a!r}, now {b!r}" + ("" if k in ALLOWABLE else "  (alters the data or the model)")
+            for k, (a, b) in refused.items()
+        ]
         can = sorted(k for k in refused if k in ALLOWABLE)
         fix = f"start a new --workdir (the checkpoint in {workdir!r} was trained with the saved values)"
         if can and len(can) == len(refused):
-            fix = (f"to resume with the new values pass --config.train.allow_config_change={','.join(can)}, "
-                   f"or {fix}")
+            fix = f"to resume with the new values pass --config.train.allow_config_change={','.join(can)}, or {fix}"
         elif can:
             fix += f"; of these, only {can} could change on resume (via --config.train.allow_config_change)"
         raise ResumeError(
-            f"the config differs from the one saved with step {saved_step} in {workdir!r}:\n" + "\n".join(lines)
+            f"the config differs from the one saved with step {saved_step} in {workdir!r}:\n"
+            + "\n".join(lines)
             + f"\nFix: {fix}; or run again with the saved values"
         )
     for k, (a, b) in {**free, **opted}.items():

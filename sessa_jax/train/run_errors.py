@@ -23,8 +23,17 @@ from sessa_jax.train.workdir import WorkdirError
 
 # ValueError: data errors (an eval split smaller than a batch, shard seq_len mismatch);
 # FileNotFoundError/PermissionError: missing corpus or ArrayRecord directory, unreadable files.
-USER_ERRORS = (ConfigError, MeshError, ResumeError, CheckpointError, WorkdirError, NonFiniteError,
-               FileNotFoundError, PermissionError, ValueError)
+USER_ERRORS = (
+    ConfigError,
+    MeshError,
+    ResumeError,
+    CheckpointError,
+    WorkdirError,
+    NonFiniteError,
+    FileNotFoundError,
+    PermissionError,
+    ValueError,
+)
 
 LOG_NAME = "train.log"
 
@@ -58,8 +67,10 @@ def describe(e: BaseException) -> str:
     os_err = os_error_of(e)
     text = " ".join(str(e).split())
     if os_err is None and any("No space left on device" in str(x) for x in _chain(e)):
-        return (f"no space left on device ({text[:300]}); free space on the disk holding the workdir or pass "
-                f"a --workdir on another disk, then run again (it resumes from the last checkpoint)")
+        return (
+            f"no space left on device ({text[:300]}); free space on the disk holding the workdir or pass "
+            f"a --workdir on another disk, then run again (it resumes from the last checkpoint)"
+        )
     if os_err is None:
         if isinstance(e, USER_ERRORS):
             return text
@@ -69,13 +80,17 @@ def describe(e: BaseException) -> str:
     where = f" {path!r}" if path else ""
     reason = os_err.strerror or str(os_err)
     if os_err.errno in _FULL:
-        return (f"no space left to write{where} ({reason}); free space on that disk or pass a --workdir on "
-                f"another disk, then run again (it resumes from the last complete checkpoint)")
+        return (
+            f"no space left to write{where} ({reason}); free space on that disk or pass a --workdir on "
+            f"another disk, then run again (it resumes from the last complete checkpoint)"
+        )
     if os_err.errno == errno.EROFS:
         return f"cannot write{where}: read-only file system; pass a --workdir on a writable disk"
     if os_err.errno in (errno.EACCES, errno.EPERM):
-        return (f"permission denied for{where} ({reason}); make it writable for this user (the run creates "
-                f"files there) or pass another --workdir")
+        return (
+            f"permission denied for{where} ({reason}); make it writable for this user (the run creates "
+            f"files there) or pass another --workdir"
+        )
     if os_err is e and os_err.strerror is None:  # raised by this package with its own message
         return text
     if path and isinstance(os_err, FileNotFoundError):
@@ -85,8 +100,11 @@ def describe(e: BaseException) -> str:
 
 def is_user_error(e: BaseException) -> bool:
     """A problem of the run's inputs or environment (no traceback on the console), not a bug."""
-    return isinstance(e, USER_ERRORS) or os_error_of(e) is not None or \
-        any("No space left on device" in str(x) for x in _chain(e))
+    return (
+        isinstance(e, USER_ERRORS)
+        or os_error_of(e) is not None
+        or any("No space left on device" in str(x) for x in _chain(e))
+    )
 
 
 def log_name(process_index: int = 0) -> str:

@@ -34,8 +34,9 @@ def init_params(model, rng: jax.Array, seq_len: int):
 def _fresh_state(model, tx: optax.GradientTransformation, seed: int, seq_len: int) -> TrainState:
     rng = jax.random.PRNGKey(seed)
     params = init_params(model, jax.random.fold_in(rng, 2**31 - 1), seq_len)  # init key != any step key
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
-                      tx=tx, apply_fn=model.apply)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng, tx=tx, apply_fn=model.apply
+    )
 
 
 def create_state(model, tx: optax.GradientTransformation, seed: int, seq_len: int, sharding=None) -> TrainState:

@@ -60,8 +60,12 @@ def _train_step(state: TrainState, batch, schedule=None, grad_accum: int = 1, lo
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
     denom = jnp.maximum(sums["weight_sum"], 1.0)
-    metrics = dict(loss=sums["loss_sum"] / denom, accuracy=sums["correct_sum"] / denom, grad_norm=grad_norm,
-                   finite=jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm))
+    metrics = dict(
+        loss=sums["loss_sum"] / denom,
+        accuracy=sums["correct_sum"] / denom,
+        grad_norm=grad_norm,
+        finite=jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm),
+    )
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     # Never hand back non-finite parameters: the caller stops on metrics["finite"] == False.
     new = jax.tree_util.tree_map(lambda n, o: jnp.where(metrics["finite"], n, o), new, state)
@@ -72,8 +76,13 @@ train_step = jax.jit(_train_step, static_argnames=("grad_accum", "loss_chunk"), 
 train_step.__doc__ = _train_step.__doc__
 
 
-def make_train_step(state_sharding, batch_sharding: NamedSharding, grad_accum: int = 1, loss_chunk: int = 0,
-                    schedule_input: bool = False):
+def make_train_step(
+    state_sharding,
+    batch_sharding: NamedSharding,
+    grad_accum: int = 1,
+    loss_chunk: int = 0,
+    schedule_input: bool = False,
+):
     """``train_step`` jitted with explicit shardings and the state donated.
 
     ``state_sharding``: a TrainState of NamedShardings (``state.state_shardings``);
@@ -86,10 +95,18 @@ def make_train_step(state_sharding, batch_sharding: NamedSharding, grad_accum: i
     replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
     fn = functools.partial(_train_step, grad_accum=grad_accum, loss_chunk=loss_chunk)
     if not schedule_input:
-        return jax.jit(lambda state, batch: fn(state, batch), in_shardings=(state_sharding, batch_sharding),
-                       out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-    return jax.jit(fn, in_shardings=(state_sharding, batch_sharding, replicated),
-                   out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+        return jax.jit(
+            lambda state, batch: fn(state, batch),
+            in_shardings=(state_sharding, batch_sharding),
+            out_shardings=(state_sharding, replicated),
+            donate_argnums=(0,),
+        )
+    return jax.jit(
+        fn,
+        in_shardings=(state_sharding, batch_sharding, replicated),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=(0,),
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("loss_chunk",))

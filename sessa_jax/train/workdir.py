@@ -68,9 +68,11 @@ def normalize(workdir: str) -> str:
     m = _URL.match(workdir)
     if m is None:
         if _ONE_SLASH.match(workdir):
-            raise WorkdirError(f"workdir {workdir!r} looks like a URL with a single slash after the scheme (it would "
-                               f"create a local directory {workdir.split('/')[0]!r}); write it with two, e.g. "
-                               f"gs://BUCKET/PATH")
+            raise WorkdirError(
+                f"workdir {workdir!r} looks like a URL with a single slash after the scheme (it would "
+                f"create a local directory {workdir.split('/')[0]!r}); write it with two, e.g. "
+                f"gs://BUCKET/PATH"
+            )
         return os.path.abspath(os.path.expanduser(workdir))
     scheme, rest = m.group(1).lower(), m.group(2)
     if scheme == "file":
@@ -83,12 +85,16 @@ def normalize(workdir: str) -> str:
         )
     bucket, _, path = rest.partition("/")
     if not _BUCKET.match(bucket):
-        raise WorkdirError(f"workdir {workdir!r}: {bucket!r} is not a GCS bucket name (lowercase letters, digits, "
-                           f"'-', '_' and '.'); write gs://BUCKET/PATH")
+        raise WorkdirError(
+            f"workdir {workdir!r}: {bucket!r} is not a GCS bucket name (lowercase letters, digits, "
+            f"'-', '_' and '.'); write gs://BUCKET/PATH"
+        )
     missing = [p for p in ("gcsfs", "google.cloud.storage") if not _importable(p)]
     if missing:
-        raise WorkdirError(f"workdir {workdir!r} is on Google Cloud Storage, which needs {' and '.join(missing)}: "
-                           f"pip install 'sessa-jax[gcs]'")
+        raise WorkdirError(
+            f"workdir {workdir!r} is on Google Cloud Storage, which needs {' and '.join(missing)}: "
+            f"pip install 'sessa-jax[gcs]'"
+        )
     path = posixpath.normpath("/" + path).strip("/")
     return f"gs://{bucket}/{path}" if path else f"gs://{bucket}"
 
@@ -215,8 +221,10 @@ class WorkdirLock:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise WorkdirError(f"cannot create {self.path!r} ({e.strerror or e}); the workdir must be writable: "
-                               f"fix its permissions or pass another --workdir") from None
+            raise WorkdirError(
+                f"cannot create {self.path!r} ({e.strerror or e}); the workdir must be writable: "
+                f"fix its permissions or pass another --workdir"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -270,7 +278,7 @@ class BucketLock:
 
     def __init__(self, workdir: str, log=print, lease_s: float = LEASE_S, clock=time.time):
         self.url = join(workdir, LOCK_NAME)
-        self.bucket, _, self.name = self.url[len("gs://"):].partition("/")
+        self.bucket, _, self.name = self.url[len("gs://") :].partition("/")
         self.log, self.lease_s, self.clock = log, lease_s, clock
         self.lost: str | None = None
         self._generation: int | None = None
@@ -317,17 +325,25 @@ class BucketLock:
                         continue
             else:
                 self._stale_generation()  # raises WorkdirError naming the holder
-                raise WorkdirError(f"could not take the lock {self.url}: it keeps changing; "
-                                   f"another run is starting in this workdir: pass another --workdir")
+                raise WorkdirError(
+                    f"could not take the lock {self.url}: it keeps changing; "
+                    f"another run is starting in this workdir: pass another --workdir"
+                )
         except gexc.NotFound as e:
-            raise WorkdirError(f"cannot create {self.url}: the bucket gs://{self.bucket} does not exist or is not "
-                               f"visible ({_first_line(e)}); create it or pass another --workdir") from None
+            raise WorkdirError(
+                f"cannot create {self.url}: the bucket gs://{self.bucket} does not exist or is not "
+                f"visible ({_first_line(e)}); create it or pass another --workdir"
+            ) from None
         except (gexc.Forbidden, gexc.Unauthorized) as e:
-            raise WorkdirError(f"cannot create {self.url}: no permission ({_first_line(e)}); grant this account "
-                               f"storage.objects.create on gs://{self.bucket} or pass another --workdir") from None
+            raise WorkdirError(
+                f"cannot create {self.url}: no permission ({_first_line(e)}); grant this account "
+                f"storage.objects.create on gs://{self.bucket} or pass another --workdir"
+            ) from None
         except auth_exc.DefaultCredentialsError as e:
-            raise WorkdirError(f"cannot reach {self.url}: no Google Cloud credentials ({_first_line(e)}); run `gcloud "
-                               f"auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS") from None
+            raise WorkdirError(
+                f"cannot reach {self.url}: no Google Cloud credentials ({_first_line(e)}); run `gcloud "
+                f"auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS"
+            ) from None
         self._stop.clear()
         self._thread = threading.Thread(target=self._refresh_loop, name="sessa_jax workdir lock", daemon=True)
         self._thread.start()
@@ -393,8 +409,10 @@ class BucketLock:
     def check(self) -> None:
         """WorkdirError if the lock was lost (another run took over the workdir)."""
         if self.lost:
-            raise WorkdirError(f"lost the lock of this workdir ({self.lost}): another run took it over; stopped "
-                               f"without saving so as not to overwrite its checkpoints")
+            raise WorkdirError(
+                f"lost the lock of this workdir ({self.lost}): another run took it over; stopped "
+                f"without saving so as not to overwrite its checkpoints"
+            )
 
     def release(self) -> None:
         from google.api_core import exceptions as gexc

@@ -27,8 +27,11 @@ def _corpus(tmp_path, sizes):
 
 def test_a_corpus_larger_than_max_bytes_is_refused_with_its_size_and_the_key(tmp_path):
     d = _corpus(tmp_path, [4000, 4000, 4000])
-    with pytest.raises(ValueError, match=r"more than data.text.max_bytes=10000 .*up to 12000 in all.*"
-                                         r"data.text.max_bytes=0 \(no cap\) or >= 12000"):
+    with pytest.raises(
+        ValueError,
+        match=r"more than data.text.max_bytes=10000 .*up to 12000 in all.*"
+        r"data.text.max_bytes=0 \(no cap\) or >= 12000",
+    ):
         text.read_documents(str(d), 10_000)
     with pytest.raises(ValueError, match=r"max_bytes=1000 .*up to 4000"):
         text.read_documents(str(d / "doc0.txt"), 1000)  # one file larger than the cap: not cut either
@@ -54,8 +57,11 @@ def test_prepare_refuses_a_non_empty_output_unless_told_to_overwrite(tmp_path):
         text.prepare(str(d), str(out), seq_len=32, eval_fraction=0.2)
     assert sorted(os.listdir(out)) == before  # untouched
     counts = text.prepare(str(d), str(out), seq_len=32, rows_per_shard=1000, eval_fraction=0.2, overwrite=True)
-    assert sorted(os.listdir(out)) == ["eval-00000.array_record", "manifest.json",
-                                       "train-00000.array_record"]  # no stale shards
+    assert sorted(os.listdir(out)) == [
+        "eval-00000.array_record",
+        "manifest.json",
+        "train-00000.array_record",
+    ]  # no stale shards
     assert len(make_source(_cfg(out, 32), 0)) == counts["train"]
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "README").write_text("mine")
@@ -91,6 +97,7 @@ def test_every_shard_seq_len_is_checked_not_only_the_first(tmp_path):
 
 # ---- unreadable files, the text CLI ----
 
+
 def test_an_unreadable_corpus_file_is_named_not_skipped(tmp_path):
     d = _corpus(tmp_path, [300, 500])
     os.symlink(tmp_path / "gone.txt", d / "doc2.txt")  # listed, but opening it fails
@@ -101,13 +108,19 @@ def test_an_unreadable_corpus_file_is_named_not_skipped(tmp_path):
 def test_python_m_text_runs_without_a_runpy_warning():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "sessa_jax.data.text", "--help"],
-                         env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    out = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", "sessa_jax.data.text", "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert out.returncode == 0, out.stderr
     assert "RuntimeWarning" not in out.stderr and "prepare" in out.stdout
 
 
 # ---- shards: manifest, tokenizer, verification at open, ids in range ----
+
 
 def _shards(tmp_path, rows_per_shard=20, seq_len=16):
     d = _corpus(tmp_path, [2000, 3000, 2500])
@@ -117,10 +130,18 @@ def _shards(tmp_path, rows_per_shard=20, seq_len=16):
 
 
 def _text_cfg(shards, seq_len=16, **tokenizer):
-    return mc.ConfigDict(dict(task="text", seq_len=seq_len, seed=0, batch_size=4, num_threads=0, prefetch=2,
-                              text=dict(path="", arrayrecord_dir=str(shards), max_bytes=0, eval_fraction=0.2,
-                                        verify_checksums=True),
-                              tokenizer=dict(dict(kind="bytes", path="", vocab_size=4096), **tokenizer)))
+    return mc.ConfigDict(
+        dict(
+            task="text",
+            seq_len=seq_len,
+            seed=0,
+            batch_size=4,
+            num_threads=0,
+            prefetch=2,
+            text=dict(path="", arrayrecord_dir=str(shards), max_bytes=0, eval_fraction=0.2, verify_checksums=True),
+            tokenizer=dict(dict(kind="bytes", path="", vocab_size=4096), **tokenizer),
+        )
+    )
 
 
 def test_the_manifest_records_the_tokenizer_rows_and_each_shard(tmp_path):
@@ -149,23 +170,34 @@ def spm_path(tmp_path_factory):
 
 def test_shards_from_another_tokenizer_are_refused_naming_both(tmp_path, spm_path):
     out, _ = _shards(tmp_path)  # bytes
-    with pytest.raises(text.ShardError, match=r"prepared with the tokenizer bytes \(vocab 257\), but this run uses "
-                                              r"sentencepiece 'spm.model' \(vocab 300.*data.tokenizer.kind"):
+    with pytest.raises(
+        text.ShardError,
+        match=r"prepared with the tokenizer bytes \(vocab 257\), but this run uses "
+        r"sentencepiece 'spm.model' \(vocab 300.*data.tokenizer.kind",
+    ):
         make_source(_text_cfg(out, kind="sentencepiece", path=spm_path), 0)
     # the same kind and vocabulary but another model file: ids would mean other text
     from sessa_jax.data.tokenizers import make_tokenizer
 
     sp_out = tmp_path / "sp_shards"
-    text.prepare(str(tmp_path / "corpus"), str(sp_out), seq_len=16, eval_fraction=0.2,
-                 tokenizer=make_tokenizer("sentencepiece", spm_path))
+    text.prepare(
+        str(tmp_path / "corpus"),
+        str(sp_out),
+        seq_len=16,
+        eval_fraction=0.2,
+        tokenizer=make_tokenizer("sentencepiece", spm_path),
+    )
     assert len(make_source(_text_cfg(sp_out, kind="sentencepiece", path=spm_path), 0)) > 0
     from sessa_jax.data.tokenizers import train_sentencepiece
 
     (tmp_path / "other.txt").write_text("pack my box with five dozen liquor jugs\n" * 200)
     other = train_sentencepiece(str(tmp_path / "other.txt"), str(tmp_path / "other.model"), vocab_size=300).path
     assert make_tokenizer("sentencepiece", other).vocab_size == make_tokenizer("sentencepiece", spm_path).vocab_size
-    with pytest.raises(text.ShardError, match=r"prepared with the tokenizer sentencepiece 'spm.model'.* but this run "
-                                              r"uses sentencepiece 'other.model'"):
+    with pytest.raises(
+        text.ShardError,
+        match=r"prepared with the tokenizer sentencepiece 'spm.model'.* but this run "
+        r"uses sentencepiece 'other.model'",
+    ):
         make_source(_text_cfg(sp_out, kind="sentencepiece", path=str(other)), 0)
 
 
@@ -175,7 +207,7 @@ def test_damaged_shards_fail_at_open_and_every_bad_file_is_named(tmp_path):
     assert len(names) >= 3
     (out / names[0]).write_bytes(b"")  # zero bytes
     full = (out / names[1]).read_bytes()
-    (out / names[1]).write_bytes(full[:len(full) // 2])  # truncated
+    (out / names[1]).write_bytes(full[: len(full) // 2])  # truncated
     flipped = bytearray((out / names[2]).read_bytes())
     flipped[len(flipped) // 3] ^= 0xFF  # same size, same index: only the checksum sees it
     (out / names[2]).write_bytes(bytes(flipped))
@@ -229,8 +261,11 @@ def test_token_ids_outside_the_vocabulary_are_refused_naming_the_shard(tmp_path,
     _rewrite_record(out, "train-00001.array_record", 3, lambda row: row.__setitem__(5, bad))
     source = make_source(_text_cfg(out), 0)
     assert source[0]["inputs"].shape == (16,)  # other records read as before
-    with pytest.raises(text.ShardError, match=rf"train-00001.array_record': record 3 holds token id {bad}, "
-                                              r"outside \[0, 257\)"):
+    with pytest.raises(
+        text.ShardError,
+        match=rf"train-00001.array_record': record 3 holds token id {bad}, "
+        r"outside \[0, 257\)",
+    ):
         source[20 + 3]  # rows_per_shard=20: record 3 of the second shard
     # through the training pipeline: the error reaches the caller, shard named
     from sessa_jax.data import TRAIN, make_iterator

@@ -65,8 +65,15 @@ def test_the_unigram_line_learns_a_label_written_in_the_symbol_counts():
         rows = []
         for c in y:
             syms = np.concatenate([rng.integers(0, 16, 10), np.full(10, c)])
-            text = np.concatenate([[ss.BOS], ss.SYMBOL0 + rng.permutation(syms[:10]), [ss.SEP1],
-                                   ss.SYMBOL0 + syms[10:], [ss.SEP, ss.LABEL]])
+            text = np.concatenate(
+                [
+                    [ss.BOS],
+                    ss.SYMBOL0 + rng.permutation(syms[:10]),
+                    [ss.SEP1],
+                    ss.SYMBOL0 + syms[10:],
+                    [ss.SEP, ss.LABEL],
+                ]
+            )
             rows.append(ss.to_training_example(text.astype(np.int32), int(c), 32))
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 

@@ -92,11 +92,27 @@ def reference_script() -> str | None:
 def published_dir(tmp_path_factory):
     script = reference_script()
     if script is None:
-        pytest.skip("the published generator shared/reference/datasets/SymbolSoup.py was not found in a parent "
-                    "directory; set SESSA_REFERENCE_DIR to the reference checkout to run this comparison")
+        pytest.skip(
+            "the published generator shared/reference/datasets/SymbolSoup.py was not found in a parent "
+            "directory; set SESSA_REFERENCE_DIR to the reference checkout to run this comparison"
+        )
     out = tmp_path_factory.mktemp("published")
-    cmd = [sys.executable, "-c", _RUNNER, script, "--num_train_samples", str(N_REF), "--num_valid_samples", "20",
-           "--num_test_samples", "20", "--seed", str(SEED), "--output_dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-c",
+        _RUNNER,
+        script,
+        "--num_train_samples",
+        str(N_REF),
+        "--num_valid_samples",
+        "20",
+        "--num_test_samples",
+        "20",
+        "--seed",
+        str(SEED),
+        "--output_dir",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, timeout=TIMEOUT_S)
     return str(out)
 
@@ -151,8 +167,10 @@ def permutation_p(x_a, y_a, x_b, y_b, n_perm: int = N_PERM, seed: int = 0) -> fl
     per-class totals; null: whole examples permuted between sources within each class.
     """
     rng = np.random.default_rng(seed)
-    observed = _chi2_sum(np.stack([x_a[y_a == c].sum(0) for c in range(ss.NUM_CLASSES)]),
-                         np.stack([x_b[y_b == c].sum(0) for c in range(ss.NUM_CLASSES)]))
+    observed = _chi2_sum(
+        np.stack([x_a[y_a == c].sum(0) for c in range(ss.NUM_CLASSES)]),
+        np.stack([x_b[y_b == c].sum(0) for c in range(ss.NUM_CLASSES)]),
+    )
     null_a = np.zeros((n_perm, ss.NUM_CLASSES, x_a.shape[1]))
     null_b = np.zeros_like(null_a)
     for c in range(ss.NUM_CLASSES):
@@ -196,8 +214,13 @@ def test_style_tables_and_constants_are_the_published_ones(published_dir):
     script builds them (imported in a subprocess), against the tables our sampler uses."""
     import json
 
-    out = subprocess.run([sys.executable, "-c", _RUNNER, reference_script(), "--dump-styles"], check=True,
-                         capture_output=True, text=True, timeout=TIMEOUT_S).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", _RUNNER, reference_script(), "--dump-styles"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    ).stdout
     published = json.loads(out)
     p = ss.PUBLISHED
     assert published["constants"] == [p.bigram_strength, p.motif_prob, p.flip_prob]
@@ -246,10 +269,13 @@ def test_our_generator_matches_the_published_one(published, ours):
     assert 0.44 < ours["pair_share"].mean() < 0.50 and 0.70 < ours["oracle"].mean() < 0.77
 
 
-@pytest.mark.parametrize("changed, rejected_by", [
-    (ss.Process(motif_prob=0.25), "pair_share"),
-    (ss.Process(bigram_strength=2.0), "bigram"),
-])
+@pytest.mark.parametrize(
+    "changed, rejected_by",
+    [
+        (ss.Process(motif_prob=0.25), "pair_share"),
+        (ss.Process(bigram_strength=2.0), "bigram"),
+    ],
+)
 def test_the_comparison_has_power_against_small_changes_of_the_process(published, changed, rejected_by):
     variant = summarize(*_ours(N_OURS, changed))
     result = compare(published, variant)

@@ -11,10 +11,13 @@ def _same(a, b):
     return all(np.array_equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("make", [
-    lambda seed, split: MQARSource(seq_len=64, vocab_size=64, num_kv_pairs=8, seed=seed, split=split),
-    lambda seed, split: ss.SymbolSoupSource(seq_len=96, min_tokens=60, max_tokens=96, seed=seed, split=split),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda seed, split: MQARSource(seq_len=64, vocab_size=64, num_kv_pairs=8, seed=seed, split=split),
+        lambda seed, split: ss.SymbolSoupSource(seq_len=96, min_tokens=60, max_tokens=96, seed=seed, split=split),
+    ],
+)
 def test_deterministic_per_seed_and_split(make):
     a, b = make(0, 0), make(0, 0)
     assert all(_same(a[i], b[i]) for i in (0, 7, 12345 % len(a)))
@@ -29,7 +32,7 @@ def test_mqar_answers_are_the_values_of_the_queried_keys():
     for i in range(50):
         ex = src[i]
         x, y, w = ex["inputs"], ex["targets"], ex["weights"]
-        keys, values = x[0:2 * k:2], x[1:2 * k:2]
+        keys, values = x[0 : 2 * k : 2], x[1 : 2 * k : 2]
         assert len(set(keys.tolist())) == k and keys.min() >= 1 and keys.max() < 32
         assert values.min() >= 32 and values.max() < 64
         table = dict(zip(keys.tolist(), values.tolist()))
@@ -53,7 +56,7 @@ def test_symbol_soup_rows_score_only_the_class_at_the_label_position():
         x, y = ex["inputs"], ex["targets"]
         assert 100 <= n <= 150 and x[0] == ss.BOS and x[n - 1] == ss.LABEL and x[n - 3] == ss.SEP
         assert np.all(x[n:] == ss.PAD) and np.all(ex["segment_ids"][:n] == 1)
-        assert np.array_equal(y[:n - 1], x[1:n])  # next-token targets inside the text
+        assert np.array_equal(y[: n - 1], x[1:n])  # next-token targets inside the text
         assert np.array_equal(ex["weights"], np.eye(t, dtype=np.float32)[n - 1])  # only <label> is scored
         classes.append(int(y[n - 1]) - ss.CLASS0)
         lengths.add(int(n))
@@ -105,10 +108,10 @@ def test_generator_errors_name_the_key():
 def test_mqar_values_are_distinct_within_a_sequence_unless_asked_otherwise():
     k = 8
     distinct = MQARSource(seq_len=64, vocab_size=40, num_kv_pairs=k, seed=5)
-    assert all(len(set(distinct[i]["inputs"][1:2 * k:2].tolist())) == k for i in range(200))
+    assert all(len(set(distinct[i]["inputs"][1 : 2 * k : 2].tolist())) == k for i in range(200))
     # 8 values from 20 with replacement repeat one in most sequences (P(no repeat) ~ 0.18).
     shared = MQARSource(seq_len=64, vocab_size=40, num_kv_pairs=k, seed=5, distinct_values=False)
-    repeats = [len(set(shared[i]["inputs"][1:2 * k:2].tolist())) < k for i in range(200)]
+    repeats = [len(set(shared[i]["inputs"][1 : 2 * k : 2].tolist())) < k for i in range(200)]
     assert 0.5 < np.mean(repeats) < 1.0
 
 

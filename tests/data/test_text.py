@@ -1,9 +1,6 @@
 """Byte-level text: packing with segment ids, corpus errors, ArrayRecord shards, isolation in the model."""
 
-import os
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -63,11 +60,13 @@ def test_prepare_writes_shards_that_read_back_identically(tmp_path):
     counts = text.prepare(str(corpus), str(tmp_path / "shards"), seq_len=16, rows_per_shard=7, eval_fraction=0.2)
     files = text.shard_files(str(tmp_path / "shards"), 0)
     assert len(files) == -(-counts["train"] // 7)
-    from sessa_jax.data.pipeline import make_source
     import ml_collections as mc
 
-    cfg = mc.ConfigDict(dict(task="text", seq_len=16, seed=0,
-                             text=dict(path="", arrayrecord_dir=str(tmp_path / "shards"))))
+    from sessa_jax.data.pipeline import make_source
+
+    cfg = mc.ConfigDict(
+        dict(task="text", seq_len=16, seed=0, text=dict(path="", arrayrecord_dir=str(tmp_path / "shards")))
+    )
     shards = make_source(cfg, 0)
     mem = text.load_text_source(str(corpus), 16, 0, 0.2, split=0)
     assert len(shards) == len(mem) == counts["train"]
@@ -125,19 +124,23 @@ def test_arrayrecord_rows_must_match_data_seq_len(tmp_path):
     corpus = tmp_path / "doc.txt"
     corpus.write_text("some words of text " * 40)
     text.prepare(str(corpus), str(tmp_path / "shards"), seq_len=16, eval_fraction=0.2)
-    cfg = mc.ConfigDict(dict(task="text", seq_len=32, seed=0,
-                             text=dict(path="", arrayrecord_dir=str(tmp_path / "shards"))))
+    cfg = mc.ConfigDict(
+        dict(task="text", seq_len=32, seed=0, text=dict(path="", arrayrecord_dir=str(tmp_path / "shards")))
+    )
     with pytest.raises(ValueError, match=r"holds rows of seq_len=16.*data.seq_len=32.*--seq_len 32"):
         make_source(cfg, 0)
     cfg.seq_len = 16
     assert make_source(cfg, 1)[0]["inputs"].shape == (16,)
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(seq_len=0), r"--seq_len must be >= 1; got 0"),
-    (dict(seq_len=16, rows_per_shard=0), r"--rows_per_shard must be >= 1; got 0"),
-    (dict(seq_len=16, eval_fraction=1.5), r"--eval_fraction must lie in \(0, 1\); got 1.5"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(seq_len=0), r"--seq_len must be >= 1; got 0"),
+        (dict(seq_len=16, rows_per_shard=0), r"--rows_per_shard must be >= 1; got 0"),
+        (dict(seq_len=16, eval_fraction=1.5), r"--eval_fraction must lie in \(0, 1\); got 1.5"),
+    ],
+)
 def test_prepare_rejects_bad_arguments_by_name(tmp_path, kw, message):
     (tmp_path / "doc.txt").write_text("text " * 100)
     with pytest.raises(ValueError, match=message):

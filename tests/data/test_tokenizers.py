@@ -60,8 +60,12 @@ def test_hf_tokenizer_json_round_trips(corpus, tmp_path):
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    hf.train_from_iterator(iter_lines(corpus), trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.train_from_iterator(
+        iter_lines(corpus),
+        trainers.BpeTrainer(
+            vocab_size=500, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     path = str(tmp_path / "tokenizer.json")
     hf.save(path)
     tok = make_tokenizer("tokenizers", path)
@@ -74,8 +78,10 @@ def test_hf_tokenizer_json_round_trips(corpus, tmp_path):
 
 
 def test_vocabulary_follows_the_tokenizer_and_text_packs_with_its_bos(spm_model, corpus):
-    cfg = load_config("text_bytes", [f"data.text.path={corpus}", "data.tokenizer.kind=sentencepiece",
-                                     f"data.tokenizer.path={spm_model}"])
+    cfg = load_config(
+        "text_bytes",
+        [f"data.text.path={corpus}", "data.tokenizer.kind=sentencepiece", f"data.tokenizer.path={spm_model}"],
+    )
     tok = make_tokenizer("sentencepiece", spm_model)
     assert model_config(cfg).vocab_size == -(-tok.vocab_size // 8) * 8
     src = text.load_text_source(corpus, 64, 0, 0.1, 0, tok)
@@ -103,22 +109,35 @@ def test_tokenizer_train_command(corpus, tmp_path, capsys):
     from sessa_jax.cli import train_main
 
     out = str(tmp_path / "cli.model")
-    assert train_main(["tokenizer", "train", "--input", corpus, "--output", out, "--vocab_size", "400",
-                       "--max_bytes", "100000"]) == 0
+    assert (
+        train_main(
+            ["tokenizer", "train", "--input", corpus, "--output", out, "--vocab_size", "400", "--max_bytes", "100000"]
+        )
+        == 0
+    )
     assert os.path.isfile(out) and "use it with --config.data.tokenizer.kind=sentencepiece" in capsys.readouterr().out
     assert train_main(["tokenizer", "train", "--input", corpus, "--output", out, "--vocab_size", "270"]) == 2
-    assert re.search(r"more distinct characters than vocab_size=270 .*raise --vocab_size to at least \d+",
-                     capsys.readouterr().err)
+    assert re.search(
+        r"more distinct characters than vocab_size=270 .*raise --vocab_size to at least \d+", capsys.readouterr().err
+    )
 
 
 def test_prepare_streams_tokenized_shards_equal_to_the_in_memory_rows(spm_model, corpus, tmp_path):
     from sessa_jax.data.pipeline import make_source
 
     tok = make_tokenizer("sentencepiece", spm_model)
-    counts = text.prepare(corpus, str(tmp_path / "shards"), seq_len=64, rows_per_shard=50, eval_fraction=0.1,
-                          tokenizer=tok)
-    cfg = load_config("text_bytes", ["data.seq_len=64", f"data.text.arrayrecord_dir={tmp_path / 'shards'}",
-                                     "data.tokenizer.kind=sentencepiece", f"data.tokenizer.path={spm_model}"])
+    counts = text.prepare(
+        corpus, str(tmp_path / "shards"), seq_len=64, rows_per_shard=50, eval_fraction=0.1, tokenizer=tok
+    )
+    cfg = load_config(
+        "text_bytes",
+        [
+            "data.seq_len=64",
+            f"data.text.arrayrecord_dir={tmp_path / 'shards'}",
+            "data.tokenizer.kind=sentencepiece",
+            f"data.tokenizer.path={spm_model}",
+        ],
+    )
     for split, name in ((0, "train"), (1, "eval")):
         shards, mem = make_source(cfg.data, split), text.load_text_source(corpus, 64, 0, 0.1, split, tok)
         assert len(shards) == len(mem) == counts[name]
@@ -131,11 +150,26 @@ def test_text_bpe_fits_its_tokenizer_then_trains_evaluates_and_samples(tmp_path)
     from sessa_jax.train import checkpoint as ckpt
     from sessa_jax.train import loop
 
-    cfg = load_config("text_bpe", [
-        "data.text.max_bytes=300000", "data.tokenizer.vocab_size=400", "data.seq_len=32", "data.batch_size=4",
-        "model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.chunk_size=16", "model.max_len=64",
-        "optim.warmup_steps=1", "train.steps=3", "train.eval_every=0", "train.progress=False", "train.loss_chunk=8",
-        "checkpoint.every=0"])
+    cfg = load_config(
+        "text_bpe",
+        [
+            "data.text.max_bytes=300000",
+            "data.tokenizer.vocab_size=400",
+            "data.seq_len=32",
+            "data.batch_size=4",
+            "model.d_model=32",
+            "model.n_heads=2",
+            "model.n_layers=1",
+            "model.chunk_size=16",
+            "model.max_len=64",
+            "optim.warmup_steps=1",
+            "train.steps=3",
+            "train.eval_every=0",
+            "train.progress=False",
+            "train.loss_chunk=8",
+            "checkpoint.every=0",
+        ],
+    )
     workdir = str(tmp_path / "run")
     lines = []
     result = loop.train(cfg, workdir, log=lines.append)

@@ -145,8 +145,8 @@ def test_selective_retrieval_does_not_decay():
 
 def test_fits_recover_known_exponents():
     lags = np.arange(1, 200)
-    assert an.fit_power_law(lags, 3.0 * lags ** -0.7).slope == pytest.approx(-0.7, abs=1e-10)
-    fit = an.fit_exponential(lags, 2.0 * 0.9 ** lags)
+    assert an.fit_power_law(lags, 3.0 * lags**-0.7).slope == pytest.approx(-0.7, abs=1e-10)
+    fit = an.fit_exponential(lags, 2.0 * 0.9**lags)
     assert fit.slope == pytest.approx(np.log(0.9), abs=1e-10) and fit.r2 == pytest.approx(1.0)
 
 

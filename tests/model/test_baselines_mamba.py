@@ -5,14 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sessa_jax.mamba_mixer import MambaMixer, resolve_scan, selective_scan, selective_scan_stepwise
 from sessa_jax.config import SessaConfig
+from sessa_jax.mamba_mixer import MambaMixer, resolve_scan, selective_scan, selective_scan_stepwise
 
 F32_TOL = dict(rtol=1e-5, atol=1e-5)  # a few float32 ulps of O(1) values, accumulated over T
 
 
 def sequential_scan(decay, drive, C):
     """Oracle: h_t = decay_t * h_{t-1} + drive_t; y_t = C_t . h_t, one step at a time."""
+
     def step(h, xs):
         a, b, c = xs
         h = a * h + b
@@ -62,7 +63,7 @@ def test_mixer_is_causal():
     m, p, x = _mixer()
     t = 5
     grad = jax.jit(jax.grad(lambda x: m.apply(p, x)[:, t].sum()))(x)
-    assert float(jnp.abs(grad[:, t + 1:]).max()) == 0.0
+    assert float(jnp.abs(grad[:, t + 1 :]).max()) == 0.0
     assert float(jnp.abs(grad[:, : t + 1]).min(axis=-1).max()) > 0.0  # the past does matter
 
 
@@ -79,8 +80,9 @@ def test_stepwise_and_chunked_mixers_agree_with_gradients(segmented):
     seg = jnp.array([[1] * 5 + [2] * 7, [3] * 12], jnp.int32) if segmented else None
 
     def loss(mixer):
-        return jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(mixer.apply(p, x, segment_ids=seg))),
-                                          argnums=(0, 1)))
+        return jax.jit(
+            jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(mixer.apply(p, x, segment_ids=seg))), argnums=(0, 1))
+        )
 
     (l_c, (gp_c, gx_c)), (l_s, (gp_s, gx_s)) = loss(m)(p, x), loss(stepwise)(p, x)
     np.testing.assert_allclose(l_s, l_c, rtol=1e-5)
@@ -131,8 +133,13 @@ def _majority_batch(rng, n, t_len, classes=4, boost=0.3):
     y[:, -1] = 17 + c
     w = np.zeros((n, t_len), np.float32)
     w[:, -1] = 1.0
-    return dict(inputs=x, targets=y, weights=w, segment_ids=np.ones_like(x),
-                positions=np.broadcast_to(np.arange(t_len, dtype=np.int32), x.shape))
+    return dict(
+        inputs=x,
+        targets=y,
+        weights=w,
+        segment_ids=np.ones_like(x),
+        positions=np.broadcast_to(np.arange(t_len, dtype=np.int32), x.shape),
+    )
 
 
 def test_the_mamba_baseline_learns_a_whole_sequence_count_in_a_few_hundred_steps():
@@ -178,9 +185,13 @@ def _far_evidence_batch(rng, n, evidence=16, noise=150, classes=4, boost=0.5):
     y[:, -1] = 17 + c
     w = np.zeros(x.shape, np.float32)
     w[:, -1] = 1.0
-    return dict(inputs=x.astype(np.int32), targets=y.astype(np.int32), weights=w,
-                segment_ids=np.ones(x.shape, np.int32),
-                positions=np.broadcast_to(np.arange(t_len, dtype=np.int32), x.shape))
+    return dict(
+        inputs=x.astype(np.int32),
+        targets=y.astype(np.int32),
+        weights=w,
+        segment_ids=np.ones(x.shape, np.int32),
+        positions=np.broadcast_to(np.arange(t_len, dtype=np.int32), x.shape),
+    )
 
 
 def test_the_mamba_baseline_learns_from_evidence_far_back_behind_noise():

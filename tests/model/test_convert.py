@@ -29,8 +29,11 @@ def test_lm_round_trip_and_scan_layout(tie):
     scanned = lm_params_from_torch(sd, scan_cfg)
     assert scanned["params"]["layers"]["W_in"]["kernel"].shape == (2, 16, 32)
     np.testing.assert_allclose(
-        np.asarray(SessaLM(scan_cfg).apply(scanned, TOKENS)), np.asarray(SessaLM(cfg).apply(params, TOKENS)),
-        rtol=1e-5, atol=1e-5)
+        np.asarray(SessaLM(scan_cfg).apply(scanned, TOKENS)),
+        np.asarray(SessaLM(cfg).apply(params, TOKENS)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     for k, v in lm_params_to_torch(scanned, scan_cfg).items():
         np.testing.assert_array_equal(v, sd[k])
 

@@ -14,8 +14,9 @@ T = 24
 
 @functools.lru_cache(maxsize=None)
 def _model(scan_layers: bool):
-    cfg = SessaConfig(d_model=32, n_heads=4, n_kv_heads=2, vocab_size=61, n_layers=2, max_len=T,
-                      chunk_size=8, scan_layers=scan_layers)
+    cfg = SessaConfig(
+        d_model=32, n_heads=4, n_kv_heads=2, vocab_size=61, n_layers=2, max_len=T, chunk_size=8, scan_layers=scan_layers
+    )
     model = SessaLM(cfg)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, T), 0, cfg.vocab_size)
     params = model.init(jax.random.PRNGKey(0), tokens)
@@ -144,8 +145,9 @@ def test_top_p_one_keeps_every_token(monkeypatch):
     """top_p=1 is no filtering: float32 rounding of the cumulative mass must not drop tokens."""
     seen = []
     real = jax.random.categorical
-    monkeypatch.setattr(jax.random, "categorical",
-                        lambda key, logits, axis=-1: seen.append(logits) or real(key, logits, axis))
+    monkeypatch.setattr(
+        jax.random, "categorical", lambda key, logits, axis=-1: seen.append(logits) or real(key, logits, axis)
+    )
     logits = 3.0 * jax.random.normal(jax.random.PRNGKey(0), (4, 1000))
     decoding.sample_logits(logits, jax.random.PRNGKey(1), 1.0, None, 1.0)
     assert bool(jnp.all(jnp.isfinite(seen[-1])))

@@ -86,8 +86,11 @@ def test_generate_names_the_missing_interface(user_model):
     class NoCache(UserDecoder):  # the cache layout is unknown without init_cache or a SessaConfig
         init_cache = None
 
-    with pytest.raises(TypeError, match=r"NoCache has no init_cache\(batch_size, max_len\) method and its config is a "
-                                        r"UserConfig, not a SessaConfig"):
+    with pytest.raises(
+        TypeError,
+        match=r"NoCache has no init_cache\(batch_size, max_len\) method and its config is a "
+        r"UserConfig, not a SessaConfig",
+    ):
         decoding.generate(NoCache(model.config), params, PROMPT, 2, jax.random.PRNGKey(0))
 
     class Bare:
@@ -101,18 +104,22 @@ def test_generate_takes_numpy_scalars(lm):
     model, params = lm
     rng = jax.random.PRNGKey(1)
     ref = decoding.generate(model, params, PROMPT, 3, rng, temperature=0.7, top_k=4, top_p=0.9)
-    got = decoding.generate(model, params, PROMPT, np.int64(3), rng, temperature=np.float32(0.7), top_k=np.int32(4),
-                            top_p=np.float64(0.9))
+    got = decoding.generate(
+        model, params, PROMPT, np.int64(3), rng, temperature=np.float32(0.7), top_k=np.int32(4), top_p=np.float64(0.9)
+    )
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
 
 
-@pytest.mark.parametrize("bad,msg", [
-    (0, r"rng must be a JAX PRNG key, not the integer 0; pass a key such as jax\.random\.key\(0\)"),
-    (np.int64(7), r"not the integer 7"),
-    (jnp.zeros((2,), jnp.float32), r"got float32 of shape \(2,\)"),
-    (jax.random.split(jax.random.key(0), 2), r"a single PRNG key; got keys of shape \(2,\)"),
-    ("seed", r"rng must be a JAX PRNG key"),
-])
+@pytest.mark.parametrize(
+    "bad,msg",
+    [
+        (0, r"rng must be a JAX PRNG key, not the integer 0; pass a key such as jax\.random\.key\(0\)"),
+        (np.int64(7), r"not the integer 7"),
+        (jnp.zeros((2,), jnp.float32), r"got float32 of shape \(2,\)"),
+        (jax.random.split(jax.random.key(0), 2), r"a single PRNG key; got keys of shape \(2,\)"),
+        ("seed", r"rng must be a JAX PRNG key"),
+    ],
+)
 def test_generate_rng_errors(lm, bad, msg):
     model, params = lm
     with pytest.raises(ValueError, match=msg):
@@ -151,8 +158,11 @@ def test_lm_cache_of_the_other_layout(scan):
 
 
 def test_cache_helpers_name_a_non_cache():
-    with pytest.raises(ValueError, match=r"expected a decode cache built by sessa_jax\.decoding\.init_cache .* "
-                                         r"got list of 0 entries"):
+    with pytest.raises(
+        ValueError,
+        match=r"expected a decode cache built by sessa_jax\.decoding\.init_cache .* "
+        r"got list of 0 entries",
+    ):
         decoding.cache_index([])
 
 
@@ -160,8 +170,11 @@ def test_cache_helpers_name_a_non_cache():
 @pytest.mark.parametrize("method", ["dense", "blocked", "auto"])
 def test_feedback_solve_empty_axis(shape, axis, method):
     z = jnp.zeros(shape)
-    with pytest.raises(ValueError, match=r"feedback_solve: q_b, k_b, f have shape %s, an empty %s axis"
-                       % (str(shape).replace("(", r"\(").replace(")", r"\)"), axis)):
+    with pytest.raises(
+        ValueError,
+        match=r"feedback_solve: q_b, k_b, f have shape %s, an empty %s axis"
+        % (str(shape).replace("(", r"\(").replace(")", r"\)"), axis),
+    ):
         ops.feedback_solve(z, z, jnp.zeros(shape[:2]), z, method=method)
 
 
@@ -170,6 +183,7 @@ def test_feedback_solve_empty_axis(shape, axis, method):
 def test_feedback_solve_integer_inputs(name, method):
     args = dict(q_b=jnp.ones((1, 3, 4)), k_b=jnp.ones((1, 3, 4)), gamma=jnp.full((1, 3), 0.5), f=jnp.ones((1, 3, 4)))
     args[name] = args[name].astype(jnp.int32)
-    with pytest.raises(ValueError, match=r"feedback_solve: %s has dtype int32; .* %s\.astype\(jnp\.float32\)"
-                       % (name, name)):
+    with pytest.raises(
+        ValueError, match=r"feedback_solve: %s has dtype int32; .* %s\.astype\(jnp\.float32\)" % (name, name)
+    ):
         ops.feedback_solve(args["q_b"], args["k_b"], args["gamma"], args["f"], method=method)

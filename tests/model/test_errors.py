@@ -8,22 +8,28 @@ from sessa_jax import SessaConfig, SessaLayer, SessaLM
 from sessa_jax.ops import causal_attention, feedback_solve
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(d_model=30, n_heads=4), r"d_model=30 must be divisible by n_heads=4"),
-    (dict(d_model=32, n_heads=4, n_kv_heads=3), r"n_heads=4 must be divisible by n_kv_heads=3"),
-    (dict(d_model=12, n_heads=4), r"RoPE needs an even head width.*= 3 is odd"),
-    (dict(d_model=16, n_heads=2, gamma_max=1.0), r"0 < gamma_max < 1.*got 1.0"),
-    (dict(d_model=16, n_heads=2, gamma_max=0.0), r"0 < gamma_max < 1.*got 0.0"),
-    (dict(d_model=16, n_heads=2, chunk_size=0), r"chunk_size must be 'auto' or an integer >= 1 \(e.g. 128\); got 0"),
-    (dict(d_model=16, n_heads=2, chunk_size="fast"), r"chunk_size must be 'auto' or an integer >= 1.*got 'fast'"),
-    (dict(d_model=16, n_heads=2, chunk_size=True), r"chunk_size must be 'auto' or an integer >= 1.*got True"),
-    (dict(d_model=16, n_heads=2, solver="fast"), r"solver='fast' is unknown"),
-    (dict(d_model=16, n_heads=2, solver="pallas"), r"solver='pallas' is unknown; choose one of"),
-    (dict(d_model=16, n_heads=2, leaf_size=0), r"leaf_size must be an integer >= 1"),
-    (dict(d_model=16, n_heads=2, feedback_precision="tf32"), r"feedback_precision='tf32' is unknown"),
-    (dict(d_model=0, n_heads=2), r"d_model must be a positive integer; got 0"),
-    (dict(d_model=16, n_heads=2, dtype=jnp.int32), r"dtype must be a floating dtype"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(d_model=30, n_heads=4), r"d_model=30 must be divisible by n_heads=4"),
+        (dict(d_model=32, n_heads=4, n_kv_heads=3), r"n_heads=4 must be divisible by n_kv_heads=3"),
+        (dict(d_model=12, n_heads=4), r"RoPE needs an even head width.*= 3 is odd"),
+        (dict(d_model=16, n_heads=2, gamma_max=1.0), r"0 < gamma_max < 1.*got 1.0"),
+        (dict(d_model=16, n_heads=2, gamma_max=0.0), r"0 < gamma_max < 1.*got 0.0"),
+        (
+            dict(d_model=16, n_heads=2, chunk_size=0),
+            r"chunk_size must be 'auto' or an integer >= 1 \(e.g. 128\); got 0",
+        ),
+        (dict(d_model=16, n_heads=2, chunk_size="fast"), r"chunk_size must be 'auto' or an integer >= 1.*got 'fast'"),
+        (dict(d_model=16, n_heads=2, chunk_size=True), r"chunk_size must be 'auto' or an integer >= 1.*got True"),
+        (dict(d_model=16, n_heads=2, solver="fast"), r"solver='fast' is unknown"),
+        (dict(d_model=16, n_heads=2, solver="pallas"), r"solver='pallas' is unknown; choose one of"),
+        (dict(d_model=16, n_heads=2, leaf_size=0), r"leaf_size must be an integer >= 1"),
+        (dict(d_model=16, n_heads=2, feedback_precision="tf32"), r"feedback_precision='tf32' is unknown"),
+        (dict(d_model=0, n_heads=2), r"d_model must be a positive integer; got 0"),
+        (dict(d_model=16, n_heads=2, dtype=jnp.int32), r"dtype must be a floating dtype"),
+    ],
+)
 def test_config_rules(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SessaConfig(**kwargs)
@@ -90,16 +96,19 @@ def test_retired_and_unknown_methods_name_the_choices():
     assert jnp.allclose(auto, blocked)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(rope="false"), r"SessaConfig.rope must be a bool; got 'false'"),
-    (dict(tie_embeddings="no"), r"SessaConfig.tie_embeddings must be a bool; got 'no'"),
-    (dict(scan_layers=1), r"SessaConfig.scan_layers must be a bool; got 1"),
-    (dict(remat=None), r"SessaConfig.remat must be a bool; got None"),
-    (dict(ln_eps="1e-5"), r"SessaConfig.ln_eps must be a finite number > 0; got '1e-5'"),
-    (dict(ln_eps=float("inf")), r"SessaConfig.ln_eps must be a finite number > 0; got inf"),
-    (dict(rope_base=float("inf")), r"SessaConfig.rope_base must be a finite number > 0; got inf"),
-    (dict(rope_base=None), r"SessaConfig.rope_base must be a finite number > 0; got None"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(rope="false"), r"SessaConfig.rope must be a bool; got 'false'"),
+        (dict(tie_embeddings="no"), r"SessaConfig.tie_embeddings must be a bool; got 'no'"),
+        (dict(scan_layers=1), r"SessaConfig.scan_layers must be a bool; got 1"),
+        (dict(remat=None), r"SessaConfig.remat must be a bool; got None"),
+        (dict(ln_eps="1e-5"), r"SessaConfig.ln_eps must be a finite number > 0; got '1e-5'"),
+        (dict(ln_eps=float("inf")), r"SessaConfig.ln_eps must be a finite number > 0; got inf"),
+        (dict(rope_base=float("inf")), r"SessaConfig.rope_base must be a finite number > 0; got inf"),
+        (dict(rope_base=None), r"SessaConfig.rope_base must be a finite number > 0; got None"),
+    ],
+)
 def test_config_field_types(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SessaConfig(d_model=16, n_heads=2, **kwargs)

@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests.support.parity import FIXTURES, fixture_config, fixture_variables, load_fixture, rel_err, torch_state_dict
 
 from sessa_jax import SessaLayer, SessaMixer
 from sessa_jax.convert import layer_params_from_torch, layer_params_to_torch
 from sessa_jax.decoding import init_layer_cache
+from tests.support.parity import FIXTURES, fixture_config, fixture_variables, load_fixture, rel_err, torch_state_dict
 
 # (output tolerance, gradient tolerance) per precision: the parity bounds of docs/design.md.
 TOLERANCES = {"float32": (1e-4, 1e-3), "float64": (1e-9, 1e-9)}
@@ -28,14 +28,14 @@ def _results(name: str, solver: str, precision: str):
         x = jnp.asarray(arrays["x"], dtype)
         r = jnp.asarray(arrays["r"], dtype)
         s = jax.jit(SessaMixer(cfg).apply)(
-            {"params": variables["params"]["mixer"]}, jnp.asarray(arrays["bar_a"], dtype))
+            {"params": variables["params"]["mixer"]}, jnp.asarray(arrays["bar_a"], dtype)
+        )
 
         def loss(v, x):
             y = layer.apply(v, x)
             return jnp.sum(y * r), y
 
-        (loss_value, y), (g_vars, g_x) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
-            variables, x)
+        (loss_value, y), (g_vars, g_x) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(variables, x)
         g_torch = layer_params_to_torch(g_vars, cfg, include_buffers=False, as_torch=False)
 
         prefill_len = meta["prefill"]
@@ -47,11 +47,14 @@ def _results(name: str, solver: str, precision: str):
             y_t, cache = step(variables, x[:, t : t + 1], cache)
             outs.append(y_t)
         y_decode = jnp.concatenate(outs, axis=1)
-        return jax.tree_util.tree_map(np.asarray, dict(
-            y=y, s=s, loss=loss_value, grad_x=g_x, grad_w=g_torch, y_decode=y_decode))
+        return jax.tree_util.tree_map(
+            np.asarray, dict(y=y, s=s, loss=loss_value, grad_x=g_x, grad_w=g_torch, y_decode=y_decode)
+        )
 
 
-CASES = [(n, solver, p) for n in FIXTURES for solver in ("dense", "blocked", "recursive") for p in ("float32", "float64")]
+CASES = [
+    (n, solver, p) for n in FIXTURES for solver in ("dense", "blocked", "recursive") for p in ("float32", "float64")
+]
 
 
 @pytest.mark.parametrize("name,solver,precision", CASES)
@@ -74,7 +77,7 @@ def test_gradients_match_reference(name, solver, precision):
     # shifts every logit of a row equally and softmax ignores it), so each tensor's error
     # is measured against max(its own scale, 1e-3 x the largest weight gradient).
     largest = max(float(np.max(np.abs(arrays[f"grad/w/{k}"]))) for k in res["grad_w"])
-    assert set(res["grad_w"]) == {k[len("grad/w/"):] for k in arrays if k.startswith("grad/w/")}
+    assert set(res["grad_w"]) == {k[len("grad/w/") :] for k in arrays if k.startswith("grad/w/")}
     for key, value in res["grad_w"].items():
         err = rel_err(value, arrays[f"grad/w/{key}"], floor=1e-3 * largest)
         assert err <= grad_tol, (key, err)

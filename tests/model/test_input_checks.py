@@ -9,7 +9,8 @@ import pytest
 from sessa_jax import SessaConfig, SessaLM, decoding
 from sessa_jax.layer import SessaLayer
 from sessa_jax.model import with_token_checks
-from sessa_jax.sample import generate_by_recompute, main as sample_main
+from sessa_jax.sample import generate_by_recompute
+from sessa_jax.sample import main as sample_main
 
 CFG = SessaConfig(d_model=16, n_heads=2, vocab_size=23, n_layers=2, chunk_size=4, max_len=12)
 TOKENS = jnp.arange(14, dtype=jnp.int32).reshape(2, 7) % 23
@@ -39,8 +40,9 @@ def test_out_of_range_token_ids_are_checkifiable_under_jit(lm):
     checked = jax.jit(with_token_checks(model.apply))
     err, logits = checked(params, TOKENS)
     err.throw()  # in range: no error, and the logits are the plain ones (float32 sums may reorder under jit)
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(jax.jit(model.apply)(params, TOKENS)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(logits), np.asarray(jax.jit(model.apply)(params, TOKENS)), rtol=1e-5, atol=1e-5
+    )
     err, _ = checked(params, TOKENS.at[0, 2].set(-1))
     with pytest.raises(Exception, match=r"token id -1 is outside the vocabulary \[0, 23\)"):
         err.throw()
@@ -69,15 +71,15 @@ def test_sample_cli_reports_an_out_of_range_prompt(tmp_path, capsys):
     manager = ckpt.make_manager(str(tmp_path / "run" / "checkpoints"), async_save=False)
     from sessa_jax.data import TRAIN, make_iterator
 
-    ckpt.save(manager, create_state(model, tx, 0, cfg.data.seq_len), make_iterator(cfg.data, TRAIN), cfg.to_dict(),
-              force=True)
+    ckpt.save(
+        manager, create_state(model, tx, 0, cfg.data.seq_len), make_iterator(cfg.data, TRAIN), cfg.to_dict(), force=True
+    )
     manager.close()
     workdir = str(tmp_path / "run")
     assert sample_main(["--run", workdir, "--prompt", "3 999 4", "--max_new_tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert "token id 999" in err and "[0, 32)" in err
-    assert sample_main(["--run", workdir, "--prompt", "3 9 4", "--max_new_tokens", "2",
-                        "--temperature", "nan"]) == 2
+    assert sample_main(["--run", workdir, "--prompt", "3 9 4", "--max_new_tokens", "2", "--temperature", "nan"]) == 2
     assert "temperature" in capsys.readouterr().err
 
 

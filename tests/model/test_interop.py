@@ -17,8 +17,15 @@ import numpy as np
 import pytest
 
 from sessa_jax import SessaConfig, SessaLayer, SessaLM
-from sessa_jax.convert import (PublishedStateDict, layer_params_from_torch, layer_params_to_torch,
-                               lm_params_from_torch, lm_params_to_torch, load_torch_state_dict, rope_inv_freq)
+from sessa_jax.convert import (
+    PublishedStateDict,
+    layer_params_from_torch,
+    layer_params_to_torch,
+    lm_params_from_torch,
+    lm_params_to_torch,
+    load_torch_state_dict,
+    rope_inv_freq,
+)
 
 X = jax.random.normal(jax.random.PRNGKey(3), (2, 6, 16))
 BASE = SessaConfig(d_model=16, n_heads=2, chunk_size=4)
@@ -31,8 +38,7 @@ def _variables(cfg):  # read-only use: cached, as initialising eagerly is slow o
 
 def _reference_dir():
     here = pathlib.Path(__file__).resolve().parents[2]
-    candidates = [os.environ.get("SESSA_REFERENCE_DIR", "")] + [str(p / "shared" / "reference")
-                                                                 for p in here.parents]
+    candidates = [os.environ.get("SESSA_REFERENCE_DIR", "")] + [str(p / "shared" / "reference") for p in here.parents]
     for c in candidates:
         if c and (pathlib.Path(c) / "sessa" / "layer.py").is_file():
             return c
@@ -46,8 +52,9 @@ def _published():
     if ref is None:
         pytest.skip("the published PyTorch code is not available (set SESSA_REFERENCE_DIR)")
     if "sessa" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("sessa", os.path.join(ref, "sessa", "__init__.py"),
-                                                      submodule_search_locations=[os.path.join(ref, "sessa")])
+        spec = importlib.util.spec_from_file_location(
+            "sessa", os.path.join(ref, "sessa", "__init__.py"), submodule_search_locations=[os.path.join(ref, "sessa")]
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules["sessa"] = module
         spec.loader.exec_module(module)
@@ -55,6 +62,7 @@ def _published():
 
 
 # ---- numpy side (no torch needed) ----
+
 
 @pytest.mark.parametrize("rope, max_len", [(True, None), (False, None), (True, 8)])
 def test_layer_state_dict_has_the_published_keys_as_writable_arrays(rope, max_len):
@@ -120,8 +128,9 @@ def _lm_state_dict(cfg=LM, **kw):
 @pytest.mark.parametrize("wrapper, who", [("module.", "DistributedDataParallel"), ("_orig_mod.", "torch.compile")])
 def test_a_wrapper_prefix_is_named_not_taken_for_a_missing_buffer(wrapper, who):
     # PublishedStateDict: as read from a .pt file, so its buffers count as complete
-    layer = PublishedStateDict({wrapper + k: v for k, v in layer_params_to_torch(
-        _variables(BASE), BASE, as_torch=False).items()})
+    layer = PublishedStateDict(
+        {wrapper + k: v for k, v in layer_params_to_torch(_variables(BASE), BASE, as_torch=False).items()}
+    )
     with pytest.raises(KeyError, match=rf"starts with '{wrapper}' \(added by [^)]*{who}[^)]*\).*removeprefix"):
         layer_params_from_torch(layer, BASE)
     lm = PublishedStateDict({wrapper + k: v for k, v in _lm_state_dict().items()})
@@ -140,8 +149,11 @@ def test_an_lm_state_dict_given_as_a_layer_is_named_and_the_reverse():
 
 def test_a_d_model_mismatch_is_named_as_d_model():
     sd = PublishedStateDict(layer_params_to_torch(_variables(BASE), BASE, as_torch=False))  # d_model 16
-    with pytest.raises(ValueError, match=r"ln.weight has shape \(16,\): the saved layer has d_model=16, the config "
-                                         r"d_model=32; set d_model=16") as e:
+    with pytest.raises(
+        ValueError,
+        match=r"ln.weight has shape \(16,\): the saved layer has d_model=16, the config "
+        r"d_model=32; set d_model=16",
+    ) as e:
         layer_params_from_torch(sd, BASE.replace(d_model=32))  # head width 16: rope_inv_freq would say n_heads
     assert "n_heads" not in str(e.value)
     with pytest.raises(ValueError, match=r"embed.weight has shape \(23, 16\): .*set d_model=16"):
@@ -166,8 +178,9 @@ def _published_lm_keys(layer_keys, cfg):
     """The state-dict keys of a PyTorch LM built the usual way around the published layer: an
     nn.Embedding ``embed``, an nn.ModuleList ``layers``, a LayerNorm ``norm_f`` and a bias-free
     Linear ``head`` (whose weight is the embedding's when tied: state_dict lists it under both names)."""
-    return ({"embed.weight", "norm_f.weight", "norm_f.bias", "head.weight"}
-            | {f"layers.{i}.{k}" for i in range(cfg.n_layers) for k in layer_keys})
+    return {"embed.weight", "norm_f.weight", "norm_f.bias", "head.weight"} | {
+        f"layers.{i}.{k}" for i in range(cfg.n_layers) for k in layer_keys
+    }
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -183,8 +196,11 @@ def test_lm_state_dict_keys_are_a_torch_lm_s_tied_or_not(tie):
 
 def test_to_torch_names_max_len_when_the_target_has_mask_buffers():
     built_with_masks = layer_params_to_torch(_variables(BASE), BASE, max_len=8, as_torch=False)
-    with pytest.raises(ValueError, match=r"built with max_len=8\); layer_params_to_torch needs max_len to produce "
-                                         r"them: pass max_len=8"):
+    with pytest.raises(
+        ValueError,
+        match=r"built with max_len=8\); layer_params_to_torch needs max_len to produce "
+        r"them: pass max_len=8",
+    ):
         layer_params_to_torch(_variables(BASE), BASE, as_torch=False, target=built_with_masks)
     with pytest.raises(ValueError, match=r"needs max_len to produce them: pass max_len=<the max_len"):
         layer_params_to_torch(_variables(BASE), BASE, as_torch=False, target=list(built_with_masks))
@@ -199,10 +215,18 @@ def test_to_torch_names_max_len_when_the_target_has_mask_buffers():
 
 # ---- torch side ----
 
+
 def _published_layer(torch, sessa, cfg, max_len=None):
     torch.manual_seed(0)
-    return sessa.SessaLayer(cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, max_len=max_len,
-                            use_forward_rope=cfg.rope, gamma_max=cfg.gamma_max, ln_eps=cfg.ln_eps).double()
+    return sessa.SessaLayer(
+        cfg.d_model,
+        n_heads=cfg.n_heads,
+        n_kv_heads=cfg.n_kv_heads,
+        max_len=max_len,
+        use_forward_rope=cfg.rope,
+        gamma_max=cfg.gamma_max,
+        ln_eps=cfg.ln_eps,
+    ).double()
 
 
 @pytest.mark.parametrize("rope, max_len", [(True, None), (False, None), (True, 8), (False, 8)])
@@ -258,8 +282,9 @@ def test_strict_load_into_a_tied_torch_lm_around_the_published_layer():
         def __init__(self):
             super().__init__()
             self.embed = torch.nn.Embedding(cfg.vocab_size, cfg.d_model)
-            self.layers = torch.nn.ModuleList(_published_layer(torch, sessa, cfg, max_len=8)
-                                              for _ in range(cfg.n_layers))
+            self.layers = torch.nn.ModuleList(
+                _published_layer(torch, sessa, cfg, max_len=8) for _ in range(cfg.n_layers)
+            )
             self.norm_f = torch.nn.LayerNorm(cfg.d_model)
             self.head = torch.nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
             self.head.weight = self.embed.weight  # tied
@@ -269,6 +294,7 @@ def test_strict_load_into_a_tied_torch_lm_around_the_published_layer():
     with pytest.raises(ValueError, match=r"pass max_len=8"):
         _lm_state_dict(target=lm)
     sd = _lm_state_dict(max_len=8, target=lm)
-    lm.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float64) if v.dtype != bool else v)
-                        for k, v in sd.items()}, strict=True)
+    lm.load_state_dict(
+        {k: torch.from_numpy(np.asarray(v, np.float64) if v.dtype != bool else v) for k, v in sd.items()}, strict=True
+    )
     np.testing.assert_array_equal(lm.head.weight.detach().numpy(), sd["embed.weight"].astype(np.float64))

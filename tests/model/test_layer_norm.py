@@ -15,8 +15,12 @@ def test_layer_norm_matches_flax_x64():
         cot = jax.random.normal(jax.random.PRNGKey(27), (2, 7, 16), jnp.float64)
         ours, theirs = LayerNorm(epsilon=1e-5, dtype=jnp.float64), nn.LayerNorm(epsilon=1e-5, dtype=jnp.float64)
         params = theirs.init(jax.random.PRNGKey(0), x)
-        params = jax.tree_util.tree_map(lambda p: p + jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype), params)
-        chex.assert_trees_all_equal_shapes_and_dtypes(ours.init(jax.random.PRNGKey(0), x), theirs.init(jax.random.PRNGKey(0), x))
+        params = jax.tree_util.tree_map(
+            lambda p: p + jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype), params
+        )
+        chex.assert_trees_all_equal_shapes_and_dtypes(
+            ours.init(jax.random.PRNGKey(0), x), theirs.init(jax.random.PRNGKey(0), x)
+        )
 
         def run(module):
             return jax.value_and_grad(lambda p, x: jnp.sum(module.apply(p, x) * cot), argnums=(0, 1))(params, x)

@@ -65,11 +65,17 @@ def test_positions_restart_per_segment_and_can_be_overridden():
     a, b = DOCS
     pos = jnp.concatenate([jnp.arange(a), jnp.arange(b), jnp.arange(PAD)])[None]
     np.testing.assert_allclose(
-        np.asarray(layer.apply(variables, x, seg)), np.asarray(layer.apply(variables, x, seg, pos)), rtol=1e-6, atol=1e-6
+        np.asarray(layer.apply(variables, x, seg)),
+        np.asarray(layer.apply(variables, x, seg, pos)),
+        rtol=1e-6,
+        atol=1e-6,
     )
     # RoPE is relative: a constant shift changes nothing, stretched distances do.
     np.testing.assert_allclose(
-        np.asarray(layer.apply(variables, x, seg, pos + 3)), np.asarray(layer.apply(variables, x, seg)),
-        rtol=1e-5, atol=1e-5)
+        np.asarray(layer.apply(variables, x, seg, pos + 3)),
+        np.asarray(layer.apply(variables, x, seg)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     stretched = layer.apply(variables, x, seg, 2 * pos)
     assert float(jnp.max(jnp.abs(stretched - layer.apply(variables, x, seg)))) > 1e-4

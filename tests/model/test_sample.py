@@ -12,12 +12,15 @@ PROMPT = jnp.zeros((1, 3), jnp.int32)
 PARAMS = MODEL.init(jax.random.PRNGKey(0), PROMPT)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(temperature=-1.0), r"temperature must be a finite number >= 0 \(0 = greedy\); got -1.0"),
-    (dict(top_k=0), r"top_k must be in \[1, vocab_size=11\]; got 0"),
-    (dict(top_k=12), r"top_k must be in \[1, vocab_size=11\]; got 12"),
-    (dict(max_new_tokens=0), r"max_new_tokens must be an integer >= 1; got 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(temperature=-1.0), r"temperature must be a finite number >= 0 \(0 = greedy\); got -1.0"),
+        (dict(top_k=0), r"top_k must be in \[1, vocab_size=11\]; got 0"),
+        (dict(top_k=12), r"top_k must be in \[1, vocab_size=11\]; got 12"),
+        (dict(max_new_tokens=0), r"max_new_tokens must be an integer >= 1; got 0"),
+    ],
+)
 def test_recompute_sampler_rejects_bad_settings(kwargs, message):
     kwargs = {"max_new_tokens": 2, **kwargs}
     n = kwargs.pop("max_new_tokens")

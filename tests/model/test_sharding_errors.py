@@ -20,22 +20,28 @@ def test_mesh_shape_fills_minus_one():
     assert mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 16) == (2, 4, 2)
 
 
-@pytest.mark.parametrize("axes,n,msg", [
-    ({"data": 2, "fsdp": 1, "tensor": 2}, 8, r"data=2, fsdp=1, tensor=2 has 4 devices but there are 8 devices"),
-    ({"data": -1, "tensor": 3}, 8, r"need a multiple of 3 devices, but there are 8 devices"),
-    ({"data": -1, "fsdp": -1}, 8, r"at most one mesh axis may be -1"),
-])
+@pytest.mark.parametrize(
+    "axes,n,msg",
+    [
+        ({"data": 2, "fsdp": 1, "tensor": 2}, 8, r"data=2, fsdp=1, tensor=2 has 4 devices but there are 8 devices"),
+        ({"data": -1, "tensor": 3}, 8, r"need a multiple of 3 devices, but there are 8 devices"),
+        ({"data": -1, "fsdp": -1}, 8, r"at most one mesh axis may be -1"),
+    ],
+)
 def test_mesh_vs_device_count(axes, n, msg):
     with pytest.raises(MeshError, match=msg):
         mesh_shape(axes, n)
 
 
-@pytest.mark.parametrize("m,batch,msg", [
-    (mesh(data=4, fsdp=2), 12, r"global batch 12 is not divisible by grad_accum x data x fsdp = 1 x 4 x 2 = 8"),
-    (mesh(tensor=4), 8, r"model n_heads=6 is not divisible by the tensor axis \(tensor=4\)"),
-    (mesh(tensor=2), 8, r"model kv_heads=3 is not divisible by the tensor axis \(tensor=2\)"),
-    (mesh(fsdp=32), 32, r"model d_model=48 is not divisible by the fsdp axis \(fsdp=32\)"),
-])
+@pytest.mark.parametrize(
+    "m,batch,msg",
+    [
+        (mesh(data=4, fsdp=2), 12, r"global batch 12 is not divisible by grad_accum x data x fsdp = 1 x 4 x 2 = 8"),
+        (mesh(tensor=4), 8, r"model n_heads=6 is not divisible by the tensor axis \(tensor=4\)"),
+        (mesh(tensor=2), 8, r"model kv_heads=3 is not divisible by the tensor axis \(tensor=2\)"),
+        (mesh(fsdp=32), 32, r"model d_model=48 is not divisible by the fsdp axis \(fsdp=32\)"),
+    ],
+)
 def test_validate_mesh_names_values(m, batch, msg):
     with pytest.raises(MeshError, match=msg):
         validate_mesh(m, CFG, batch, process_count=1)
@@ -46,8 +52,9 @@ def test_width_and_vocab_vs_tensor():
     with pytest.raises(MeshError, match=r"model d_model=48 is not divisible by the tensor axis \(tensor=32\)"):
         validate_mesh(mesh(tensor=32), CFG, 32, process_count=1, kind="mamba")
     with pytest.raises(MeshError, match=r"model vocab_size=60 is not divisible by the tensor axis \(tensor=8\)"):
-        validate_mesh(mesh(tensor=8), CFG.replace(d_model=64, n_heads=8, n_kv_heads=None, vocab_size=60), 8,
-                      process_count=1)
+        validate_mesh(
+            mesh(tensor=8), CFG.replace(d_model=64, n_heads=8, n_kv_heads=None, vocab_size=60), 8, process_count=1
+        )
 
 
 def test_run_config_checks_mesh_and_batch():

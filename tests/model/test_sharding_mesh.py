@@ -25,8 +25,10 @@ def test_loss_matches_one_device(result, mesh):
     np.testing.assert_allclose(got, ref, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mesh,fsdp,tp", [("1", 1, 1), ("data=8", 1, 1), ("data=4,tensor=2", 1, 2),
-                                          ("fsdp=8", 8, 1), ("data=2,fsdp=2,tensor=2", 2, 2)])
+@pytest.mark.parametrize(
+    "mesh,fsdp,tp",
+    [("1", 1, 1), ("data=8", 1, 1), ("data=4,tensor=2", 1, 2), ("fsdp=8", 8, 1), ("data=2,fsdp=2,tensor=2", 2, 2)],
+)
 def test_weights_are_sharded(result, mesh, fsdp, tp):
     s = {k.split("/", 1)[1]: tuple(v) for k, v in result["shards"][mesh].items()}
     assert s["embed/embedding"] == (V // tp, D // fsdp)  # (vocab, embed)

@@ -21,18 +21,22 @@ from tests.support.workers import worker_env
 
 WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "support", "user_model_worker.py")
 TOL = 64 * float(np.finfo(np.float32).eps)  # float32 sums in another order, relative to the output's scale
-REPLICATED = [f"{t} {m} {model} axes={axes}"
-              for t in ("explicit", "auto")
-              for m, models in (("data=8", ("layer", "lm")), ("data=4,fsdp=2", ("layer",)))
-              for model in models for axes in ("maxtext", "default")]
+REPLICATED = [
+    f"{t} {m} {model} axes={axes}"
+    for t in ("explicit", "auto")
+    for m, models in (("data=8", ("layer", "lm")), ("data=4,fsdp=2", ("layer",)))
+    for model in models
+    for axes in ("maxtext", "default")
+]
 BATCH_AXES = {"data=8": {"data"}, "data=4,fsdp=2": {"data", "fsdp"}}
 
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory):
     out = tmp_path_factory.mktemp("user_model") / "out.json"
-    proc = subprocess.run([sys.executable, WORKER, str(out)], env=worker_env(8), capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
+    proc = subprocess.run(
+        [sys.executable, WORKER, str(out)], env=worker_env(8), capture_output=True, text=True, timeout=TIMEOUT_S
+    )
     assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}"
     return json.loads(out.read_text())["cases"]
 
@@ -85,8 +89,12 @@ def test_activation_axes_names():
     assert axes.btd == ("b", None, "act_embed") and axes.btw == ("b", None, "w")
     assert axes.bthk == ("b", None, "act_heads", None) and axes.btkv == ("b", None, "act_heads", None)
     assert sharding.MAXTEXT_AXES.btd == ("activation_batch", "activation_length", "activation_embed")
-    assert sharding.MAXTEXT_AXES.btkv == ("activation_batch", "activation_length", "activation_kv_heads",
-                                          "activation_kv")
+    assert sharding.MAXTEXT_AXES.btkv == (
+        "activation_batch",
+        "activation_length",
+        "activation_kv_heads",
+        "activation_kv",
+    )
     # a module attribute of models passed to jax.jit as static arguments: hashable, compared by value
     assert hash(SessaLayer(CFG, axes=sharding.ActivationAxes())) == hash(SessaLayer(CFG))
     with pytest.raises(TypeError, match=r"ActivationAxes.batch must be a logical axis name \(str\) or None; got 3"):

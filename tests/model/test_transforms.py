@@ -67,18 +67,25 @@ def test_parameter_names_are_pinned():
     params = SessaLM(CFG.replace(n_layers=1)).init(jax.random.PRNGKey(0), _tokens())
     flat = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(params["params"]).items()}
     layer = {
-        "ln/scale": (16,), "ln/bias": (16,),
-        "W_in/kernel": (16, 32), "W_in/bias": (32,),
-        "mixer/q_proj/kernel": (16, 16), "mixer/q_proj/bias": (16,),
-        "mixer/k_proj/kernel": (16, 16), "mixer/k_proj/bias": (16,),
-        "mixer/v_proj/kernel": (16, 16), "mixer/v_proj/bias": (16,),
+        "ln/scale": (16,),
+        "ln/bias": (16,),
+        "W_in/kernel": (16, 32),
+        "W_in/bias": (32,),
+        "mixer/q_proj/kernel": (16, 16),
+        "mixer/q_proj/bias": (16,),
+        "mixer/k_proj/kernel": (16, 16),
+        "mixer/k_proj/bias": (16,),
+        "mixer/v_proj/kernel": (16, 16),
+        "mixer/v_proj/bias": (16,),
         "mixer/out_proj/kernel": (16, 16),
-        "mixer/proj_fb/kernel": (16, 32), "mixer/proj_fb/bias": (32,),
-        "mixer/gamma_ctx/kernel": (16, 1), "mixer/gamma_bias": (),
-        "W_out/kernel": (16, 16), "W_out/bias": (16,),
+        "mixer/proj_fb/kernel": (16, 32),
+        "mixer/proj_fb/bias": (32,),
+        "mixer/gamma_ctx/kernel": (16, 1),
+        "mixer/gamma_bias": (),
+        "W_out/kernel": (16, 16),
+        "W_out/bias": (16,),
     }
     expected = {f"layers_0/{k}": v for k, v in layer.items()}
-    expected.update({"embed/embedding": (37, 16), "norm_f/scale": (16,), "norm_f/bias": (16,),
-                     "head/kernel": (16, 37)})
+    expected.update({"embed/embedding": (37, 16), "norm_f/scale": (16,), "norm_f/bias": (16,), "head/kernel": (16, 37)})
     assert flat == expected
     assert all(v.dtype == jnp.float32 for v in jax.tree_util.tree_leaves(params))

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests.support.parity import rel_err
 
 from sessa_jax import SessaConfig, SessaLayer
 from sessa_jax.ops import causal_attention, feedback_solve
+from tests.support.parity import rel_err
 
 T = 150  # not a multiple of 7, 64 or 128
 
@@ -114,10 +114,13 @@ def test_tiled_paths_compile_without_t_by_t_memory_at_32k():
     sd = jax.ShapeDtypeStruct
     wide, heads, gamma = sd((1, t, d), jnp.float32), sd((1, t, 2, d // 2), jnp.float32), sd((1, t), jnp.float32)
     attend = jax.grad(lambda q, k, v: jnp.sum(causal_attention(q, k, v, method="blocked") ** 2), argnums=(0, 1, 2))
-    solve = jax.grad(lambda q, k, g, f: jnp.sum(feedback_solve(q, k, g, f, method="blocked") ** 2),
-                     argnums=(0, 1, 2, 3))
-    for compiled in (jax.jit(attend).lower(heads, heads, heads).compile(),
-                     jax.jit(solve).lower(wide, wide, gamma, wide).compile()):
+    solve = jax.grad(
+        lambda q, k, g, f: jnp.sum(feedback_solve(q, k, g, f, method="blocked") ** 2), argnums=(0, 1, 2, 3)
+    )
+    for compiled in (
+        jax.jit(attend).lower(heads, heads, heads).compile(),
+        jax.jit(solve).lower(wide, wide, gamma, wide).compile(),
+    ):
         shapes = [[int(x) for x in m.group(1).split(",") if x] for m in _SHAPE.finditer(compiled.as_text())]
         assert not [s for s in shapes if sum(x >= t for x in s) >= 2]
         assert compiled.memory_analysis().temp_size_in_bytes < 0.01 * t * t * 4

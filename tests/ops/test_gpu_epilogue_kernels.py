@@ -13,17 +13,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests.support.kernel_inputs import kernel_segments, normal
 
 from sessa_jax.ops.solve import block_product as bp
 from sessa_jax.ops.solve import block_product_gpu as bg
 from sessa_jax.ops.solve.precision import bf16_round_bits, split_bf16
+from tests.support.kernel_inputs import kernel_segments, normal
 
 B, D = 2, 128
 SD = jax.ShapeDtypeStruct
 BF16 = jnp.bfloat16
-EPS_BF16 = 2.0 ** -8  # bf16's relative spacing: one rounding of a value differs by at most half of it
-EPS_F32 = 2.0 ** -23
+EPS_BF16 = 2.0**-8  # bf16's relative spacing: one rounding of a value differs by at most half of it
+EPS_F32 = 2.0**-23
 
 
 def _interpret_or_skip():
@@ -48,13 +48,12 @@ def _panel(p: int, kk: int, mask: str, seed: int = 0):
     logl = 2.0 + 0.3 * normal(seed + 3, (B, p))
     if mask == "segments":
         seg = kernel_segments(B, max(p, kk))
-        return q, k, m, logl, seg[:, :p], seg[:, max(p, kk) - kk:]
+        return q, k, m, logl, seg[:, :p], seg[:, max(p, kk) - kk :]
     return q, k, m, logl, None, None
 
 
 def _twin_probs(q, k, m, logl, seg_q, seg_k, causal=False):
-    return bp.block_probs(q, seg_q, m, logl, k, seg_k, scale=D ** -0.5, tier="bfloat16", platform="gpu",
-                          causal=causal)
+    return bp.block_probs(q, seg_q, m, logl, k, seg_k, scale=D**-0.5, tier="bfloat16", platform="gpu", causal=causal)
 
 
 def _allowed(seg_q, seg_k, p: int, kk: int, causal: bool):
@@ -78,26 +77,28 @@ def _assert_probs(parts, want, allowed):
         total = hi + np.asarray(parts[1].astype(jnp.float32))
         # 2^-16: the lo part's own bf16 rounding; 64 fp32 ulps: the logits' fp32 accumulation order
         # and exp, which the kernel does not share with the twin
-        np.testing.assert_allclose(total, want, rtol=2.0 ** -16 + 64 * EPS_F32, atol=0)
+        np.testing.assert_allclose(total, want, rtol=2.0**-16 + 64 * EPS_F32, atol=0)
         assert np.abs(np.asarray(parts[1].astype(jnp.float32))).max() > 0  # the low part is really there
     for part in parts:
         assert np.all(np.asarray(part)[~allowed] == 0)
     assert hi[allowed].min() > 0  # every allowed entry is a positive P
 
 
-@pytest.mark.parametrize("mask,causal,split", [("none", False, True), ("segments", False, True),
-                                               ("none", True, False), ("segments", True, True)])
+@pytest.mark.parametrize(
+    "mask,causal,split",
+    [("none", False, True), ("segments", False, True), ("none", True, False), ("segments", True, True)],
+)
 def test_block_probs_kernel_matches_xla_twin(mask, causal, split):
     p, kk = (256, 256) if causal else (128, 384)
     q, k, m, logl, seg_q, seg_k = _panel(p, kk, mask)
-    parts = bg.gpu_block_probs(q, seg_q, m, logl, k, seg_k, scale=D ** -0.5, split=split, causal=causal,
-                               interpret=_interpret_or_skip())
+    parts = bg.gpu_block_probs(
+        q, seg_q, m, logl, k, seg_k, scale=D**-0.5, split=split, causal=causal, interpret=_interpret_or_skip()
+    )
     assert len(parts) == (2 if split else 1)
     _assert_probs(parts, _twin_probs(q, k, m, logl, seg_q, seg_k, causal), _allowed(seg_q, seg_k, p, kk, causal))
 
 
-@pytest.mark.parametrize("mask,causal,split", [("none", False, False), ("segments", False, True),
-                                               ("none", True, True)])
+@pytest.mark.parametrize("mask,causal,split", [("none", False, False), ("segments", False, True), ("none", True, True)])
 def test_block_probs_and_grad_kernel_matches_xla_twin(mask, causal, split):
     """The backward's dual GEMM against ``block_probs_and_grad`` at the bfloat16 plain tier."""
     p, kk = (256, 256) if causal else (128, 256)
@@ -111,14 +112,28 @@ def test_block_probs_and_grad_kernel_matches_xla_twin(mask, causal, split):
     g = normal(10, (B, p, D))
     g_used = bf16_round_bits(g)
     s_hi, s_lo = split_bf16(s)
-    parts, dl = bg.gpu_block_probs_and_grad(q, seg_q, m, logl, k, seg_k, g_used.astype(BF16), s_hi, s_lo,
-                                            jnp.sum(g_used * r, axis=-1), scale=D ** -0.5, split=split,
-                                            causal=causal, interpret=_interpret_or_skip())
+    parts, dl = bg.gpu_block_probs_and_grad(
+        q,
+        seg_q,
+        m,
+        logl,
+        k,
+        seg_k,
+        g_used.astype(BF16),
+        s_hi,
+        s_lo,
+        jnp.sum(g_used * r, axis=-1),
+        scale=D**-0.5,
+        split=split,
+        causal=causal,
+        interpret=_interpret_or_skip(),
+    )
     probs = _twin_probs(q, k, m, logl, seg_q, seg_k, causal)
     want = bp.probs_grad("bpd,bkd->bpk", probs, g, r, s, "bfloat16", "gpu")
     if not causal:  # the twin the solve runs on its pushed blocks
-        p_twin, dl_twin = bp.block_probs_and_grad(q, seg_q, m, logl, k, seg_k, g, r, s, scale=D ** -0.5,
-                                                  tier="bfloat16", plain_tier="bfloat16", platform="gpu")
+        p_twin, dl_twin = bp.block_probs_and_grad(
+            q, seg_q, m, logl, k, seg_k, g, r, s, scale=D**-0.5, tier="bfloat16", plain_tier="bfloat16", platform="gpu"
+        )
         np.testing.assert_array_equal(p_twin, probs)
         np.testing.assert_array_equal(dl_twin, want)
     _assert_probs(parts, probs, _allowed(seg_q, seg_k, p, kk, causal))
@@ -138,8 +153,9 @@ def _solve_grad(kernels, precision, segment_ids):
     from sessa_jax.ops import feedback_solve
 
     def loss(q, k, g, f):
-        s = feedback_solve(q, k, g, f, segment_ids=segment_ids, method="recursive", leaf_size=128,
-                           precision=precision, kernels=kernels)
+        s = feedback_solve(
+            q, k, g, f, segment_ids=segment_ids, method="recursive", leaf_size=128, precision=precision, kernels=kernels
+        )
         return jnp.sum(s.astype(jnp.float32) * jnp.cos(f.astype(jnp.float32))), s
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
@@ -154,8 +170,12 @@ def test_feedback_solve_with_gemm_kernels_matches_xla(precision, packed):
         _interpret_or_skip()
     t, d = 512, 64
     seg = kernel_segments(B, t) if packed else None
-    args = (normal(20, (B, t, d), BF16), normal(21, (B, t, d), BF16), 0.95 * jnp.tanh(normal(22, (B, t))),
-            normal(23, (B, t, d), BF16))
+    args = (
+        normal(20, (B, t, d), BF16),
+        normal(21, (B, t, d), BF16),
+        0.95 * jnp.tanh(normal(22, (B, t))),
+        normal(23, (B, t, d), BF16),
+    )
     (_, s_k), g_k = _solve_grad("gpu_gemm", precision, seg)(*args)
     (_, s_x), g_x = _solve_grad("xla", precision, seg)(*args)
     assert s_k.dtype == BF16 and float(jnp.abs(s_x.astype(jnp.float32)).max()) > 1.0
@@ -165,7 +185,7 @@ def test_feedback_solve_with_gemm_kernels_matches_xla(precision, packed):
         np.testing.assert_allclose(a, w, rtol=eps, atol=eps * np.abs(w).max(), err_msg=name)
         # fp32 summation order moves few bf16 roundings: 2^-12 relative, while one bf16 pass of
         # g s^T (s's low part dropped) puts dq, dk ~1e-3 away here
-        assert np.linalg.norm(a - w) <= 2.0 ** -12 * np.linalg.norm(w), name
+        assert np.linalg.norm(a - w) <= 2.0**-12 * np.linalg.norm(w), name
 
 
 def test_feedback_solve_gemm_kernel_errors():
@@ -185,13 +205,16 @@ def test_feedback_solve_gemm_kernel_errors():
     bg.check_solve_support(128, "bfloat16", jnp.float32, "gpu")  # bfloat16 logits: one pass of bf16(q), bf16(k)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(dtype=jnp.float32), "q must be bfloat16"),
-    (dict(d=96), "D=96 must be a multiple of 64"),
-    (dict(block_k=96), "block_k=96 must be a multiple of 64"),
-    (dict(p=192), "P=192 must be a multiple of block_q=128"),
-    (dict(one_seg=True), "give both seg_q and seg_k, or neither"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(dtype=jnp.float32), "q must be bfloat16"),
+        (dict(d=96), "D=96 must be a multiple of 64"),
+        (dict(block_k=96), "block_k=96 must be a multiple of 64"),
+        (dict(p=192), "P=192 must be a multiple of block_q=128"),
+        (dict(one_seg=True), "give both seg_q and seg_k, or neither"),
+    ],
+)
 def test_gemm_kernel_errors(kwargs, match):
     d, p = kwargs.get("d", 64), kwargs.get("p", 128)
     q, k = jnp.zeros((1, p, d), kwargs.get("dtype", BF16)), jnp.zeros((1, 256, d), kwargs.get("dtype", BF16))
@@ -230,8 +253,19 @@ def test_recursive_solve_with_gemm_kernels_lowers_for_cuda(kernels):
     t, d = 1024, 128
 
     def loss(q, k, g, f):
-        s = recursive_feedback_solve(q, k, g, f, None, leaf_size=128, tile=256, tier="bfloat16", platform="gpu",
-                                     dtype=jnp.float32, kernels=kernels)
+        s = recursive_feedback_solve(
+            q,
+            k,
+            g,
+            f,
+            None,
+            leaf_size=128,
+            tile=256,
+            tier="bfloat16",
+            platform="gpu",
+            dtype=jnp.float32,
+            kernels=kernels,
+        )
         return jnp.sum(s * jnp.cos(f.astype(jnp.float32)))
 
     x = SD((B, t, d), BF16)

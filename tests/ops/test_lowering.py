@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from sessa_jax.ops.solve.recursive import recursive_feedback_solve
 from sessa_jax.ops.attention.backends import accelerated_causal_attention
+from sessa_jax.ops.solve.recursive import recursive_feedback_solve
 
 SD = jax.ShapeDtypeStruct
 T = 1024
@@ -40,17 +40,21 @@ def _long_shapes(text: str, length: int):
     return out
 
 
-@pytest.mark.parametrize("platform,kind,marker", [
-    ("cuda", "gpu", "stablehlo.shift_right_logical"),  # the bit-rounded hi/lo split
-    ("tpu", "tpu", "HIGH"),
-])
+@pytest.mark.parametrize(
+    "platform,kind,marker",
+    [
+        ("cuda", "gpu", "stablehlo.shift_right_logical"),  # the bit-rounded hi/lo split
+        ("tpu", "tpu", "HIGH"),
+    ],
+)
 def test_recursive_solve_lowers(platform, kind, marker):
     b, d = 2, 128
     seg = jnp.ones((b, T), jnp.int32)
 
     def loss(q, k, g, f):
-        s = recursive_feedback_solve(q, k, g, f, seg, leaf_size=128, tile=256, tier="bf16x3", platform=kind,
-                                     dtype=jnp.float32)
+        s = recursive_feedback_solve(
+            q, k, g, f, seg, leaf_size=128, tile=256, tier="bf16x3", platform=kind, dtype=jnp.float32
+        )
         return jnp.sum(s)
 
     fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
@@ -64,10 +68,18 @@ def test_recursive_solve_lowers(platform, kind, marker):
 
 def test_splash_attention_lowers_for_tpu():
     b, t, h, hkv, kd = 2, 256, 4, 2, 128
-    fn = jax.jit(jax.grad(lambda q, k, v, s: jnp.sum(accelerated_causal_attention(q, k, v, s, backend="tpu")
-                                                      .astype(jnp.float32)), argnums=(0, 1, 2)))
-    args = (SD((b, t, h, kd), jnp.bfloat16), SD((b, t, hkv, kd), jnp.bfloat16), SD((b, t, hkv, kd), jnp.bfloat16),
-            SD((b, t), jnp.int32))
+    fn = jax.jit(
+        jax.grad(
+            lambda q, k, v, s: jnp.sum(accelerated_causal_attention(q, k, v, s, backend="tpu").astype(jnp.float32)),
+            argnums=(0, 1, 2),
+        )
+    )
+    args = (
+        SD((b, t, h, kd), jnp.bfloat16),
+        SD((b, t, hkv, kd), jnp.bfloat16),
+        SD((b, t, hkv, kd), jnp.bfloat16),
+        SD((b, t), jnp.int32),
+    )
     assert "tpu_custom_call" in lower_or_skip(fn, args, "tpu").as_text()
 
 

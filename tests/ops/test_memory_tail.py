@@ -1,6 +1,5 @@
 """Memory tail of the feedback solve: uniform feedback routing gives a t^-(1 - gamma) influence."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

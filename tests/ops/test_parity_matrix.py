@@ -50,20 +50,34 @@ def tolerance(dtype) -> float:
 
 def _recursive(leaf: int, tile: int, static_span):
     def solve(q, k, g, f, seg):
-        return recursive_feedback_solve(q, k, g, f, seg, leaf_size=leaf, tile=tile, tier="float32", platform="cpu",
-                                        dtype=compute_dtype(q, k, g, f), static_span=static_span).astype(f.dtype)
+        return recursive_feedback_solve(
+            q,
+            k,
+            g,
+            f,
+            seg,
+            leaf_size=leaf,
+            tile=tile,
+            tier="float32",
+            platform="cpu",
+            dtype=compute_dtype(q, k, g, f),
+            static_span=static_span,
+        ).astype(f.dtype)
+
     return solve
 
 
 def _blocked_solve(chunk: int, schedule: str):
     def solve(q, k, g, f, seg):
         return blocked_feedback_solve(q, k, g, f, seg, chunk, compute_dtype(q, k, g, f), schedule).astype(f.dtype)
+
     return solve
 
 
 def _blocked_attention(chunk: int, schedule: str):
     def attend(q, k, v, seg):
         return blocked_causal_attention(q, k, v, seg, chunk, compute_dtype(q, k, v), schedule).astype(v.dtype)
+
     return attend
 
 
@@ -95,13 +109,19 @@ def _inputs(op: str, dtype):
     """(arguments, cotangent) in ``dtype``, drawn in float64 from a seeded generator."""
     rng = np.random.default_rng(37)
     if op == "solve":  # q_b, k_b, f (B, T, 8); gamma (B, T)
-        args = (4.0 * rng.standard_normal((B, T, 8)), rng.standard_normal((B, T, 8)),  # sharp rows
-                0.999 * np.tanh(3.0 * rng.standard_normal((B, T))),  # gamma near +-1: the hardest solve
-                rng.standard_normal((B, T, 8)))
+        args = (
+            4.0 * rng.standard_normal((B, T, 8)),
+            rng.standard_normal((B, T, 8)),  # sharp rows
+            0.999 * np.tanh(3.0 * rng.standard_normal((B, T))),  # gamma near +-1: the hardest solve
+            rng.standard_normal((B, T, 8)),
+        )
         cot = rng.standard_normal((B, T, 8))
     else:  # GQA: q (B, T, 4, 6), k and v (B, T, 2, 6)
-        args = (3.0 * rng.standard_normal((B, T, 4, 6)), rng.standard_normal((B, T, 2, 6)),
-                rng.standard_normal((B, T, 2, 6)))
+        args = (
+            3.0 * rng.standard_normal((B, T, 4, 6)),
+            rng.standard_normal((B, T, 2, 6)),
+            rng.standard_normal((B, T, 2, 6)),
+        )
         cot = rng.standard_normal((B, T, 4, 6))
     with jax.enable_x64(dtype == "float64"):
         return tuple(jnp.asarray(a, DTYPES[dtype]) for a in args), jnp.asarray(cot, DTYPES[dtype])

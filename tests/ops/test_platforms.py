@@ -17,10 +17,15 @@ from sessa_jax.ops.solve.recursive import RecursivePlan
 
 
 def test_each_tuple_is_its_literal():
-    for alias, values in [(options.SolveMethod, options.SOLVE_METHODS), (options.AttentionMethod, options.ATTENTION_METHODS),
-                          (options.FeedbackPrecision, options.FEEDBACK_PRECISIONS), (options.Kernels, options.KERNELS),
-                          (options.LayerKind, options.LAYER_KINDS), (options.LrSchedule, options.LR_SCHEDULES),
-                          (options.TokenizerKind, options.TOKENIZER_KINDS)]:
+    for alias, values in [
+        (options.SolveMethod, options.SOLVE_METHODS),
+        (options.AttentionMethod, options.ATTENTION_METHODS),
+        (options.FeedbackPrecision, options.FEEDBACK_PRECISIONS),
+        (options.Kernels, options.KERNELS),
+        (options.LayerKind, options.LAYER_KINDS),
+        (options.LrSchedule, options.LR_SCHEDULES),
+        (options.TokenizerKind, options.TOKENIZER_KINDS),
+    ]:
         assert typing.get_args(alias) == values
     assert set(options.ATTENTION_OF_SOLVE) == set(options.SOLVE_METHODS)
     assert set(options.ATTENTION_OF_SOLVE.values()) <= set(options.ATTENTION_METHODS)
@@ -56,15 +61,24 @@ def test_defaults_read_the_table(platform, monkeypatch):
     assert dispatch.resolve_attention("auto", platform) == paths.attention
     assert precision.auto_precision(platform, jnp.float32) == paths.float32_tier
     assert precision.auto_precision(platform, jnp.bfloat16) == paths.bfloat16_tier
-    swapped = dataclasses.replace(paths, solve="dense", attention="dense", float32_tier="bfloat16",
-                                  bfloat16_tier="float32", pallas="gpu" if paths.pallas == "tpu" else "tpu",
-                                  interpret=not paths.interpret)
+    swapped = dataclasses.replace(
+        paths,
+        solve="dense",
+        attention="dense",
+        float32_tier="bfloat16",
+        bfloat16_tier="float32",
+        pallas="gpu" if paths.pallas == "tpu" else "tpu",
+        interpret=not paths.interpret,
+    )
     monkeypatch.setitem(platforms.PLATFORM_PATHS, platform, swapped)
     assert dispatch.resolve_method("auto", platform) == "dense"
     assert dispatch.resolve_attention("auto", platform) == "dense"
     assert precision.resolve_precision("auto", platform, jnp.float32) == "bfloat16"
     assert precision.resolve_precision("auto", platform, jnp.bfloat16) == "float32"
     plan = RecursivePlan.make(256, 128, 128, "float32", platform, 1.0, kernels="pallas")
-    assert (plan.tpu_kernels, plan.gpu_kernels, plan.interpret) == (swapped.pallas == "tpu", swapped.pallas == "gpu",
-                                                                     swapped.interpret)
+    assert (plan.tpu_kernels, plan.gpu_kernels, plan.interpret) == (
+        swapped.pallas == "tpu",
+        swapped.pallas == "gpu",
+        swapped.interpret,
+    )
     assert not RecursivePlan.make(256, 128, 128, "float32", platform, 1.0).tpu_kernels  # "xla": no kernels

@@ -32,7 +32,9 @@ def _edge_values():
     x = bits.view(np.float32)
     x = x[np.isfinite(x)]
     extra = np.array([0.0, -0.0, np.inf, -np.inf, 1e-45, -1e-45, 3.4028235e38, -3.4028235e38], np.float32)
-    return np.concatenate([x, extra, rng.standard_normal(2000).astype(np.float32) * 10.0 ** rng.integers(-30, 30, 2000)])
+    return np.concatenate(
+        [x, extra, rng.standard_normal(2000).astype(np.float32) * 10.0 ** rng.integers(-30, 30, 2000)]
+    )
 
 
 def test_bit_rounding_equals_the_bf16_conversion():
@@ -48,7 +50,7 @@ def test_split_parts_add_up_and_bf16_passes_through():
     chex.assert_trees_all_equal_dtypes((hi, lo), (jnp.zeros((), BF16),) * 2)
     np.testing.assert_array_equal(np.asarray(hi), np.asarray(x.astype(BF16)))
     err = jnp.abs(hi.astype(jnp.float32) + lo.astype(jnp.float32) - x) / jnp.abs(x)
-    assert float(jnp.max(err)) <= 2.0 ** -16
+    assert float(jnp.max(err)) <= 2.0**-16
     same, none = split_bf16(x.astype(BF16))
     assert none is None and same.dtype == BF16
 

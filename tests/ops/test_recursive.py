@@ -12,15 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests.support.parity import rel_err
 
 from sessa_jax import SessaConfig, SessaLayer, SessaLM
 from sessa_jax.ops import feedback_solve
+from sessa_jax.ops.masks import PAD_SEGMENT, compute_dtype, pad_time
 from sessa_jax.ops.solve.blocked import BlockedPlan, blocked_backward
 from sessa_jax.ops.solve.recursive import RecursivePlan, recursive_feedback_solve, recursive_solve_fwd
-from sessa_jax.ops.solve.schedule import PushSchedule, padded_leaves
-from sessa_jax.ops.masks import PAD_SEGMENT, compute_dtype, pad_time
 from sessa_jax.ops.solve.row_stats import EMPTY_LOGL, row_statistics
+from sessa_jax.ops.solve.schedule import PushSchedule, padded_leaves
+from tests.support.parity import rel_err
 
 
 # 1. Schedule -------------------------------------------------------------------------------
@@ -34,7 +34,7 @@ def test_schedule_covers_each_leaf_pair_once_in_dependency_order(n, tile_leaves)
         # Block j is pushed after leaf j - 1 (forward) or leaf j (backward) is solved: all its
         # keys come before j and all its rows at or after j.
         assert k0 >= 0 and k0 + keys <= j <= r0 and rows >= 1 and r0 + rows <= n_pad
-        seen[r0:r0 + rows, k0:k0 + keys] += 1
+        seen[r0 : r0 + rows, k0 : k0 + keys] += 1
     assert np.array_equal(seen, np.tril(np.ones((n_pad, n_pad), np.int32), -1))
     if tile_leaves is None:
         assert len(sched.shapes) <= 2 * max(1, n.bit_length())
@@ -71,7 +71,7 @@ def _packed(b, t, seed=0):
         pos, seg = 0, 1
         while pos < t:
             n = int(rng.choice([1, 1, 2, 5, 9]))
-            out[row, pos:pos + n] = seg
+            out[row, pos : pos + n] = seg
             pos, seg = pos + n, seg + 1
     return jnp.asarray(out)
 
@@ -82,11 +82,13 @@ def _run(method, args, *, leaf=16, segment_ids=None, precision="float32", grads=
 
     def solve(q, k, g, f):
         if tile is None:
-            return feedback_solve(q, k, g, f, segment_ids=segment_ids, method=method, chunk_size=16,
-                                  leaf_size=leaf, precision=precision)
+            return feedback_solve(
+                q, k, g, f, segment_ids=segment_ids, method=method, chunk_size=16, leaf_size=leaf, precision=precision
+            )
         seg = jnp.ones(g.shape, jnp.int32) if segment_ids is None else segment_ids
-        return recursive_feedback_solve(q, k, g, f, seg, leaf_size=leaf, tile=tile, tier=precision,
-                                        platform="cpu", dtype=compute_dtype(q, k, g, f)).astype(f.dtype)
+        return recursive_feedback_solve(
+            q, k, g, f, seg, leaf_size=leaf, tile=tile, tier=precision, platform="cpu", dtype=compute_dtype(q, k, g, f)
+        ).astype(f.dtype)
 
     def loss(q, k, g, f):
         s = solve(q, k, g, f)
@@ -104,15 +106,17 @@ def test_row_statistics_match_float64(t, leaf, tile):
     with jax.enable_x64(True):
         q, k, _, _, _ = _inputs(jnp.float64, t, case="sharp")
         seg = _packed(2, t, seed=t)
-        plan = RecursivePlan.make(t, leaf, tile, "float32", "cpu", 8 ** -0.5)
+        plan = RecursivePlan.make(t, leaf, tile, "float32", "cpu", 8**-0.5)
         tp = plan.padded_len
         qp, kp = pad_time(q, tp), pad_time(k, tp)
         segp = pad_time(seg, tp, PAD_SEGMENT)
-        m, logl = jax.jit(lambda q, k, s: row_statistics(q, k, s, leaf=leaf, scale=8 ** -0.5, tier="float32",
-                                                         schedule=plan.schedule))(qp, kp, segp)
-        logits = np.einsum("btd,bsd->bts", np.asarray(qp), np.asarray(kp)) * 8 ** -0.5
+        m, logl = jax.jit(
+            lambda q, k, s: row_statistics(q, k, s, leaf=leaf, scale=8**-0.5, tier="float32", schedule=plan.schedule)
+        )(qp, kp, segp)
+        logits = np.einsum("btd,bsd->bts", np.asarray(qp), np.asarray(kp)) * 8**-0.5
         allowed = (np.arange(tp)[None, :] < np.arange(tp)[:, None])[None] & (
-            np.asarray(segp)[:, :, None] == np.asarray(segp)[:, None, :])
+            np.asarray(segp)[:, :, None] == np.asarray(segp)[:, None, :]
+        )
         masked = np.where(allowed, logits, -np.inf)
         has = allowed.any(-1)
         m_ref = np.where(has, masked.max(-1), 0.0)
@@ -157,16 +161,18 @@ def test_recursive_matches_dense_x64(t, leaf, tile, d, case, gamma, packed):
         s_ref, g_ref = _run("dense", args, segment_ids=seg)
         s, gr = _run("recursive", args, leaf=leaf, segment_ids=seg, tile=tile)
         assert rel_err(s, s_ref) <= 1e-12
-        # Saturated softmax rows shrink dq, dk to ~1e-3 of the other gradients while their rounding scales with the logits (~400), so
+        # Saturated softmax rows shrink dq, dk to ~1e-3 of the other gradients while their rounding scales with
+        # the logits (~400), so
         # each gradient is measured against max(its own scale, 1e-2 x the largest gradient).
         largest = max(float(jnp.max(jnp.abs(b))) for b in g_ref)
         for a, b in zip(gr, g_ref):
             assert rel_err(a, b, floor=1e-2 * largest) <= 1e-12
 
 
-@pytest.mark.parametrize("t,leaf,tile,d,case,gamma", [
-    (257, 16, None, 128, "sharp", "pm"), (2048, 128, 256, 8, "diffuse", "random"),
-    (1000, 7, None, 8, "prev", -0.999)])
+@pytest.mark.parametrize(
+    "t,leaf,tile,d,case,gamma",
+    [(257, 16, None, 128, "sharp", "pm"), (2048, 128, 256, 8, "diffuse", "random"), (1000, 7, None, 8, "prev", -0.999)],
+)
 def test_recursive_matches_dense_float32(t, leaf, tile, d, case, gamma):
     args = _inputs(jnp.float32, t, d=d, case=case, gamma=gamma, seed=3)
     seg = _packed(2, t, seed=1)
@@ -196,6 +202,7 @@ def test_backward_reuses_the_forward_diagonal_inverses(monkeypatch):
         def wrapped(*a, **kw):
             calls[name] += 1
             return fn(*a, **kw)
+
         return wrapped
 
     monkeypatch.setattr(recursive, "diag_blocks", count("blocks", blocks))
@@ -215,12 +222,12 @@ def test_recursive_residuals_feed_the_blocked_backward():
         t, d, leaf = 96, 8, 16
         q, k, g, f, ds = _inputs(jnp.float64, t, d=d, case="sharp", gamma="pm")
         seg = _packed(2, t, seed=2)
-        plan = RecursivePlan.make(t, leaf, 32, "float32", "cpu", d ** -0.5)
+        plan = RecursivePlan.make(t, leaf, 32, "float32", "cpu", d**-0.5)
         _, (qr, kr, gr, segr, s, r, m, logl, _, _) = recursive_solve_fwd(plan, q, k, g, f, seg)
-        res = (qr * d ** -0.5, kr, gr, segr, s, m + logl, r)
+        res = (qr * d**-0.5, kr, gr, segr, s, m + logl, r)
         dq, dk, dgamma, df = blocked_backward(BlockedPlan.make(t, 32), res, ds)
         _, g_ref = _run("dense", (q, k, g, f, ds), segment_ids=seg)
-        for a, b in zip((dq * d ** -0.5, dk, dgamma, df), g_ref):
+        for a, b in zip((dq * d**-0.5, dk, dgamma, df), g_ref):
             assert rel_err(a, b) <= 1e-12
 
 
@@ -288,8 +295,9 @@ def _solve_grad(t: int, leaf: int = 512, d: int = 16, tile: int | None = None):
     def solve(q, k, g, f):
         if tile is None:
             return feedback_solve(q, k, g, f, method="recursive", leaf_size=leaf)
-        return recursive_feedback_solve(q, k, g, f, seg, leaf_size=leaf, tile=tile, tier="float32",
-                                        platform="cpu", dtype=jnp.float32)
+        return recursive_feedback_solve(
+            q, k, g, f, seg, leaf_size=leaf, tile=tile, tier="float32", platform="cpu", dtype=jnp.float32
+        )
 
     def loss(q, k, g, f):
         return jnp.sum(solve(q, k, g, f) ** 2)
@@ -333,8 +341,9 @@ def test_layer_with_recursive_solver_matches_dense():
         cfg = SessaConfig(d_model=32, n_heads=4, solver=solver, leaf_size=8, chunk_size=8)
         layer = SessaLayer(cfg)
         v = layer.init(jax.random.PRNGKey(1), x)
-        outs[solver] = jax.jit(jax.value_and_grad(lambda v, x: jnp.sum(layer.apply(v, x, segment_ids=seg) ** 2),
-                                                  argnums=(0, 1)))(v, x)
+        outs[solver] = jax.jit(
+            jax.value_and_grad(lambda v, x: jnp.sum(layer.apply(v, x, segment_ids=seg) ** 2), argnums=(0, 1))
+        )(v, x)
     _assert_trees_close(outs["recursive"], outs["dense"], 1e-4)
 
 

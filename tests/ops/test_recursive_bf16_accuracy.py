@@ -66,8 +66,10 @@ def test_auto_picks_the_leanest_tier_for_bf16():
     t, leaf = 512, 32
     x = jax.ShapeDtypeStruct((1, t, 64), jnp.bfloat16)
     g = jax.ShapeDtypeStruct((1, t), jnp.float32)
-    work = {tier: jaxpr_work.count_work(solve_accuracy.solve_fn(tier, leaf, t), x, x, g, x, x).pass_flops
-            for tier in precision.TIERS}
+    work = {
+        tier: jaxpr_work.count_work(solve_accuracy.solve_fn(tier, leaf, t), x, x, g, x, x).pass_flops
+        for tier in precision.TIERS
+    }
     assert work["bfloat16"] < work["bf16x3"] < work["float32"], work
     assert precision.BF16_AUTO_TIER == min(work, key=work.get) and precision.BF16_AUTO_TIER in ACCELERATOR_TIERS
     for platform in ("gpu", "cuda", "tpu"):
@@ -84,11 +86,14 @@ def test_auto_rule_by_platform_and_compute_dtype():
         assert precision.auto_precision("cpu", dtype) == "float32"
 
 
-@pytest.mark.parametrize("dtypes,expected", [
-    ((jnp.bfloat16, jnp.bfloat16, jnp.bfloat16), precision.BF16_AUTO_TIER),
-    ((jnp.float32, jnp.float32, jnp.float32), "bf16x3"),
-    ((jnp.bfloat16, jnp.bfloat16, jnp.float32), "bf16x3"),  # float32 f: float32 compute
-])
+@pytest.mark.parametrize(
+    "dtypes,expected",
+    [
+        ((jnp.bfloat16, jnp.bfloat16, jnp.bfloat16), precision.BF16_AUTO_TIER),
+        ((jnp.float32, jnp.float32, jnp.float32), "bf16x3"),
+        ((jnp.bfloat16, jnp.bfloat16, jnp.float32), "bf16x3"),  # float32 f: float32 compute
+    ],
+)
 def test_feedback_solve_resolves_auto_by_input_dtypes(monkeypatch, dtypes, expected):
     """On a GPU (platform passed through ``dispatch.platform_kind``), feedback_solve hands the
     recursive solve the tier of the inputs' compute dtype."""

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests.support.parity import rel_err
 
 from sessa_jax.ops import feedback_solve
 from sessa_jax.ops.solve.recursive import recursive_feedback_solve
+from tests.support.parity import rel_err
 
 
 def _inputs(dtype, t, *, d=8, b=2, seed=0, sharp=False):
@@ -43,8 +43,10 @@ def _value_and_grads(solve, args):
 def _recursive(segment_ids, *, leaf, tile, tier="float32", platform="cpu", **kw):
     def solve(q, k, g, f):
         seg = None if segment_ids is None else segment_ids(g.shape)
-        return recursive_feedback_solve(q, k, g, f, seg, leaf_size=leaf, tile=tile, tier=tier, platform=platform,
-                                        dtype=f.dtype, **kw)
+        return recursive_feedback_solve(
+            q, k, g, f, seg, leaf_size=leaf, tile=tile, tier=tier, platform=platform, dtype=f.dtype, **kw
+        )
+
     return solve
 
 
@@ -73,13 +75,16 @@ def _primitives(jaxpr, found=None):
 
 
 # Unpacked fast path ---------------------------------------------------------------------------
-@pytest.mark.parametrize("t,leaf,tile,sharp", [
-    (1, 16, 16, False),     # one row, no past
-    (64, 64, 64, False),    # one leaf
-    (130, 16, 32, True),    # padded to whole tiles, wide blocks walked in tiles
-    (257, 7, 28, False),    # odd leaf, padding
-    (300, 8, 16, True),
-])
+@pytest.mark.parametrize(
+    "t,leaf,tile,sharp",
+    [
+        (1, 16, 16, False),  # one row, no past
+        (64, 64, 64, False),  # one leaf
+        (130, 16, 32, True),  # padded to whole tiles, wide blocks walked in tiles
+        (257, 7, 28, False),  # odd leaf, padding
+        (300, 8, 16, True),
+    ],
+)
 def test_unpacked_solve_equals_the_masked_one_x64(t, leaf, tile, sharp):
     with jax.enable_x64(True):
         args = _inputs(jnp.float64, t, seed=t, sharp=sharp)
@@ -99,8 +104,9 @@ def test_unpacked_solve_traced_for_gpu_equals_the_masked_one_x64():
         args = _inputs(jnp.float64, 130, seed=5, sharp=True)
         ones = lambda shape: jnp.ones(shape, jnp.int32)
         kw = dict(leaf=16, tile=32, tier="bf16x3", platform="gpu")
-        _assert_close(_value_and_grads(_recursive(None, **kw), args), _value_and_grads(_recursive(ones, **kw), args),
-                      1e-12)
+        _assert_close(
+            _value_and_grads(_recursive(None, **kw), args), _value_and_grads(_recursive(ones, **kw), args), 1e-12
+        )
 
 
 def test_public_solve_without_segments_applies_no_segment_mask():
@@ -134,8 +140,9 @@ def test_unpacked_solve_with_the_kernels_still_masks_padding():
 
 
 # Static schedule --------------------------------------------------------------------------------
-@pytest.mark.parametrize("n,tile_leaves,span", [(16, 4, 8), (16, 4, 4), (16, 4, 1), (40, 4, 16), (13, 16, 4),
-                                                (7, 2, 2), (24, 8, 8)])
+@pytest.mark.parametrize(
+    "n,tile_leaves,span", [(16, 4, 8), (16, 4, 4), (16, 4, 1), (40, 4, 16), (13, 16, 4), (7, 2, 2), (24, 8, 8)]
+)
 def test_static_blocks_and_loop_segments_cover_the_schedule(n, tile_leaves, span):
     """The loop segments plus the static blocks push every block of the loop schedule once:
     loop blocks stay inside their segment, static blocks are exactly the multiples of the span."""
@@ -156,13 +163,16 @@ def test_static_blocks_and_loop_segments_cover_the_schedule(n, tile_leaves, span
         assert static.branch[j] == 0 and loop.branch[j] != 0
 
 
-@pytest.mark.parametrize("t,leaf,tile,span", [
-    (300, 8, 32, 1),     # the whole schedule static
-    (300, 8, 32, 8),     # the wide blocks static, narrow ones in the loops
-    (300, 8, 32, 16),
-    (257, 7, 28, 2),     # odd leaf, padding
-    (130, 16, 32, 4),
-])
+@pytest.mark.parametrize(
+    "t,leaf,tile,span",
+    [
+        (300, 8, 32, 1),  # the whole schedule static
+        (300, 8, 32, 8),  # the wide blocks static, narrow ones in the loops
+        (300, 8, 32, 16),
+        (257, 7, 28, 2),  # odd leaf, padding
+        (130, 16, 32, 4),
+    ],
+)
 @pytest.mark.parametrize("packed", [False, True])
 def test_static_schedule_equals_the_loop_x64(t, leaf, tile, span, packed):
     with jax.enable_x64(True):
@@ -179,26 +189,30 @@ def test_static_schedule_equals_the_loop_x64(t, leaf, tile, span, packed):
 def test_row_statistics_take_the_static_blocks_too(span):
     """A static schedule handed to the statistics pass: its static blocks are visited after the
     loop, with the same (m, logl) as the all-loop schedule (x64)."""
-    from sessa_jax.ops.solve.schedule import PushSchedule
     from sessa_jax.ops.solve.row_stats import row_statistics
+    from sessa_jax.ops.solve.schedule import PushSchedule
 
     with jax.enable_x64(True):
         q, k, _, _, _ = _inputs(jnp.float64, 128, sharp=True)
-        stats = lambda sched: jax.jit(lambda q, k: row_statistics(q, k, None, leaf=8, scale=8 ** -0.5, tier="float32",
-                                                                  schedule=sched))(q, k)
+        stats = lambda sched: jax.jit(
+            lambda q, k: row_statistics(q, k, None, leaf=8, scale=8**-0.5, tier="float32", schedule=sched)
+        )(q, k)
         m_loop, logl_loop = stats(PushSchedule.make(16, 2))
         m_static, logl_static = stats(PushSchedule.make(16, 2, span))
         np.testing.assert_allclose(np.asarray(m_static), np.asarray(m_loop), rtol=0, atol=1e-12)
         np.testing.assert_allclose(np.asarray(logl_static), np.asarray(logl_loop), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("n,tile_leaves,expected", [
-    (16, 4, 4),      # T=8192 at leaf 512: the three wide blocks (6 tiles) static
-    (12, 3, 4),      # a tile of 3 leaves: wide blocks have lowbit >= 4
-    (4, 4, None),    # one tile: no wide blocks
-    (64, 8, None),   # 28 static tiles: over the bound, all in the loop
-    (128, 8, None),
-])
+@pytest.mark.parametrize(
+    "n,tile_leaves,expected",
+    [
+        (16, 4, 4),  # T=8192 at leaf 512: the three wide blocks (6 tiles) static
+        (12, 3, 4),  # a tile of 3 leaves: wide blocks have lowbit >= 4
+        (4, 4, None),  # one tile: no wide blocks
+        (64, 8, None),  # 28 static tiles: over the bound, all in the loop
+        (128, 8, None),
+    ],
+)
 def test_default_static_span_makes_exactly_the_wide_blocks_static(n, tile_leaves, expected):
     from sessa_jax.ops.solve.schedule import STATIC_TILES, PushSchedule, auto_static_span
 

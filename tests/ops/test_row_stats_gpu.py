@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests.support.kernel_inputs import kernel_segments, normal
 
 from sessa_jax.ops.solve import row_stats_gpu as gk
-from sessa_jax.ops.solve.schedule import PushSchedule
 from sessa_jax.ops.solve.row_stats import EMPTY_LOGL, row_statistics
+from sessa_jax.ops.solve.schedule import PushSchedule
+from tests.support.kernel_inputs import kernel_segments, normal
 
 B, D = 2, 128
 SD = jax.ShapeDtypeStruct
@@ -33,14 +33,16 @@ def _lower_or_skip(fn, args):
         pytest.skip(f"lowering Mosaic GPU for cuda not supported here: {type(err).__name__}: {err}"[:500])
 
 
-@pytest.mark.parametrize("dtype,tier,rel", [(jnp.float32, "bf16x3", 1e-5), (jnp.bfloat16, "bf16x3", 1e-6),
-                                            (jnp.bfloat16, "bfloat16", 1e-6)])
+@pytest.mark.parametrize(
+    "dtype,tier,rel", [(jnp.float32, "bf16x3", 1e-5), (jnp.bfloat16, "bf16x3", 1e-6), (jnp.bfloat16, "bfloat16", 1e-6)]
+)
 def test_stats_kernel_matches_xla_twin(dtype, tier, rel):
     t = 256
     q, k, seg = normal(0, (B, t, D), dtype), normal(1, (B, t, D), dtype) * 2, kernel_segments(B, t)
-    m, logl = gk.gpu_row_statistics(q, k, seg, scale=D ** -0.5, tier=tier, interpret=_interpret_or_skip())
-    m_x, logl_x = row_statistics(q, k, seg, leaf=64, scale=D ** -0.5, tier=tier, schedule=PushSchedule.make(4, None),
-                                 platform="gpu")
+    m, logl = gk.gpu_row_statistics(q, k, seg, scale=D**-0.5, tier=tier, interpret=_interpret_or_skip())
+    m_x, logl_x = row_statistics(
+        q, k, seg, leaf=64, scale=D**-0.5, tier=tier, schedule=PushSchedule.make(4, None), platform="gpu"
+    )
     for name, a, w in (("m", m, m_x), ("logl", logl, logl_x)):
         assert a.shape == (B, t) and a.dtype == jnp.float32
         err = float(jnp.linalg.norm(a - w) / jnp.linalg.norm(w))
@@ -53,19 +55,29 @@ def test_stats_kernel_matches_xla_twin(dtype, tier, rel):
     np.testing.assert_array_equal(np.asarray(logl)[empty], np.float32(EMPTY_LOGL))
     assert np.all(np.asarray(logl)[~empty] < 10.0)
 
+
 def test_stats_kernel_float32_split_beats_one_pass():
     """float32 inputs: bf16x3 (hi/lo split) is ~100x closer to exact fp32 logits than one bf16 pass."""
     t = 128
     q, k, seg = normal(2, (1, t, 64)), normal(3, (1, t, 64)), jnp.zeros((1, t), jnp.int32)
     params = _interpret_or_skip()
     m_x, _ = row_statistics(q, k, seg, leaf=64, scale=0.125, tier="float32", schedule=PushSchedule.make(2, None))
-    err = {tier: float(jnp.abs(gk.gpu_row_statistics(q, k, seg, scale=0.125, tier=tier, interpret=params)[0]
-                               - m_x).max()) for tier in gk.TIERS}
+    err = {
+        tier: float(jnp.abs(gk.gpu_row_statistics(q, k, seg, scale=0.125, tier=tier, interpret=params)[0] - m_x).max())
+        for tier in gk.TIERS
+    }
     assert err["bf16x3"] < 5e-5 and 100 * err["bf16x3"] < err["bfloat16"], err
 
 
-@pytest.mark.parametrize("d,dtype,tier", [(128, jnp.float32, "bf16x3"), (64, jnp.bfloat16, "bf16x3"),
-                                          (256, jnp.float32, "bfloat16"), (256, jnp.float32, "bf16x3")])
+@pytest.mark.parametrize(
+    "d,dtype,tier",
+    [
+        (128, jnp.float32, "bf16x3"),
+        (64, jnp.bfloat16, "bf16x3"),
+        (256, jnp.float32, "bfloat16"),
+        (256, jnp.float32, "bf16x3"),
+    ],
+)
 def test_stats_kernel_lowers_for_cuda(d, dtype, tier):
     t = 256
     fn = jax.jit(lambda q, k, s: gk.gpu_row_statistics(q, k, s, scale=0.1, tier=tier))
@@ -73,14 +85,17 @@ def test_stats_kernel_lowers_for_cuda(d, dtype, tier):
     assert gk.KERNEL_NAME in text and "mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("shape,kwargs,match", [
-    ((1, 100, 64), {}, "T=100 must be a multiple of block_q=64"),
-    ((1, 128, 96), {}, "D=96 is not supported"),
-    ((1, 128, 512), {}, "D=512 is not supported"),
-    ((1, 128, 64), dict(tier="float32"), "tier 'float32' is not supported"),
-    ((1, 128, 64), dict(block_k=32), "block_k=32 must be a positive multiple of 64"),
-    ((1, 192, 64), dict(block_q=128), "T=192 must be a multiple of block_q=128"),
-])
+@pytest.mark.parametrize(
+    "shape,kwargs,match",
+    [
+        ((1, 100, 64), {}, "T=100 must be a multiple of block_q=64"),
+        ((1, 128, 96), {}, "D=96 is not supported"),
+        ((1, 128, 512), {}, "D=512 is not supported"),
+        ((1, 128, 64), dict(tier="float32"), "tier 'float32' is not supported"),
+        ((1, 128, 64), dict(block_k=32), "block_k=32 must be a positive multiple of 64"),
+        ((1, 192, 64), dict(block_q=128), "T=192 must be a multiple of block_q=128"),
+    ],
+)
 def test_stats_kernel_errors(shape, kwargs, match):
     x = jnp.zeros(shape)
     with pytest.raises(ValueError, match=match):
@@ -92,8 +107,9 @@ def _solve_grad(kernels, t, d, seg):
     from sessa_jax.ops.solve.recursive import recursive_feedback_solve
 
     def loss(q, k, g, f):
-        s = recursive_feedback_solve(q, k, g, f, seg, leaf_size=128, tile=128, tier="bf16x3", platform="gpu",
-                                     dtype=jnp.float32, kernels=kernels)
+        s = recursive_feedback_solve(
+            q, k, g, f, seg, leaf_size=128, tile=128, tier="bf16x3", platform="gpu", dtype=jnp.float32, kernels=kernels
+        )
         return jnp.sum(s * jnp.cos(f)), s
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
@@ -125,11 +141,14 @@ def test_recursive_solve_with_gpu_kernel_matches_xla():
         np.testing.assert_allclose(a, w, rtol=1e-3, atol=1e-3, err_msg=name)
 
 
-@pytest.mark.parametrize("width,tier,dtypes,match", [
-    (96, "bf16x3", (jnp.float32,) * 2, "D a multiple of 64 and at most 256"),
-    (512, "bf16x3", (jnp.float32,) * 2, "got D=512"),
-    (128, "float32", (jnp.float32,) * 2, "precision 'float32' with float32 q_b/k_b"),
-])
+@pytest.mark.parametrize(
+    "width,tier,dtypes,match",
+    [
+        (96, "bf16x3", (jnp.float32,) * 2, "D a multiple of 64 and at most 256"),
+        (512, "bf16x3", (jnp.float32,) * 2, "got D=512"),
+        (128, "float32", (jnp.float32,) * 2, "precision 'float32' with float32 q_b/k_b"),
+    ],
+)
 def test_gpu_kernel_option_errors(width, tier, dtypes, match):
     from sessa_jax.ops.dispatch import check_gpu_kernels
 

@@ -38,35 +38,41 @@ def test_unknown_schedule_is_rejected():
         blocked_causal_attention(q, k, v, None, 8, jnp.float32, schedule="tiles")
 
 
-@pytest.mark.parametrize("batch,heads,length,expected", [
-    (1, 4, 256, ("panels", 64)),      # 1*4*64*256 = 65536 <= 2**19
-    (1, 4, 512, ("panels", 64)),
-    (8, 4, 256, ("panels", 64)),      # 8*4*64*256 = 2**19, at the budget
-    (8, 4, 512, ("loop", 128)),       # panels over budget; 8*4*128**2 = 2**19
-    (1, 4, 1024, ("loop", 256)),      # longer than PANEL_MAX_LEN; 4*256**2 <= 2**19
-    (1, 16, 1024, ("loop", 128)),     # 16*256**2 > 2**19 >= 16*128**2
-    (32, 4, 2048, ("loop", 64)),
-    (64, 16, 2048, ("loop", 64)),     # over budget even at 64: the smallest chunk
-])
+@pytest.mark.parametrize(
+    "batch,heads,length,expected",
+    [
+        (1, 4, 256, ("panels", 64)),  # 1*4*64*256 = 65536 <= 2**19
+        (1, 4, 512, ("panels", 64)),
+        (8, 4, 256, ("panels", 64)),  # 8*4*64*256 = 2**19, at the budget
+        (8, 4, 512, ("loop", 128)),  # panels over budget; 8*4*128**2 = 2**19
+        (1, 4, 1024, ("loop", 256)),  # longer than PANEL_MAX_LEN; 4*256**2 <= 2**19
+        (1, 16, 1024, ("loop", 128)),  # 16*256**2 > 2**19 >= 16*128**2
+        (32, 4, 2048, ("loop", 64)),
+        (64, 16, 2048, ("loop", 64)),  # over budget even at 64: the smallest chunk
+    ],
+)
 def test_auto_attention_schedule_rule(batch, heads, length, expected):
     assert dispatch.attention_schedule("auto", batch, heads, length) == expected
     assert dispatch.attention_schedule(96, batch, heads, length) == ("loop", 96)  # an explicit C is kept
 
 
-@pytest.mark.parametrize("batch,length,expected", [
-    (1, 128, ("loop", 256)),       # one chunk of SOLVE_PANEL_CHUNK: nothing to unroll
-    (1, 129, ("panels", 128)),
-    (8, 512, ("panels", 128)),     # SOLVE_PANEL_MAX_LEN; 8*128*512 = 2**19, at the budget
-    (16, 256, ("panels", 128)),
-    (9, 512, ("loop", 128)),       # panels over budget: loops, the largest C with B*C*C <= 2**19
-    (32, 512, ("loop", 128)),
-    (1, 513, ("loop", 256)),       # longer than SOLVE_PANEL_MAX_LEN
-    (8, 2048, ("loop", 256)),
-    (9, 2048, ("loop", 128)),
-    (32, 2048, ("loop", 128)),
-    (33, 2048, ("loop", 64)),
-    (4096, 4096, ("loop", 64)),
-])
+@pytest.mark.parametrize(
+    "batch,length,expected",
+    [
+        (1, 128, ("loop", 256)),  # one chunk of SOLVE_PANEL_CHUNK: nothing to unroll
+        (1, 129, ("panels", 128)),
+        (8, 512, ("panels", 128)),  # SOLVE_PANEL_MAX_LEN; 8*128*512 = 2**19, at the budget
+        (16, 256, ("panels", 128)),
+        (9, 512, ("loop", 128)),  # panels over budget: loops, the largest C with B*C*C <= 2**19
+        (32, 512, ("loop", 128)),
+        (1, 513, ("loop", 256)),  # longer than SOLVE_PANEL_MAX_LEN
+        (8, 2048, ("loop", 256)),
+        (9, 2048, ("loop", 128)),
+        (32, 2048, ("loop", 128)),
+        (33, 2048, ("loop", 64)),
+        (4096, 4096, ("loop", 64)),
+    ],
+)
 def test_auto_solve_schedule_rule(batch, length, expected):
     assert dispatch.solve_schedule("auto", batch, length) == expected
     assert dispatch.solve_schedule(40, batch, length) == ("loop", 40)  # an explicit C is kept
@@ -83,10 +89,10 @@ def test_auto_reaches_the_schedules(monkeypatch):
     schedule and chunk of the rules above (recorded by wrapping the implementations)."""
     seen = []
     attend, solve = dispatch.blocked_causal_attention, dispatch.blocked_feedback_solve
-    monkeypatch.setattr(dispatch, "blocked_causal_attention",
-                        lambda *a: seen.append(("attention", a[4], a[6])) or attend(*a))
-    monkeypatch.setattr(dispatch, "blocked_feedback_solve",
-                        lambda *a: seen.append(("solve", a[5], a[7])) or solve(*a))
+    monkeypatch.setattr(
+        dispatch, "blocked_causal_attention", lambda *a: seen.append(("attention", a[4], a[6])) or attend(*a)
+    )
+    monkeypatch.setattr(dispatch, "blocked_feedback_solve", lambda *a: seen.append(("solve", a[5], a[7])) or solve(*a))
     x = jnp.ones((1, 600, 4, 2))
     causal_attention(x[:, :300], x[:, :300], x[:, :300], method="blocked")
     causal_attention(x, x, x, method="blocked")
@@ -94,8 +100,13 @@ def test_auto_reaches_the_schedules(monkeypatch):
     feedback_solve(w[:, :40], w[:, :40], jnp.zeros((9, 40)), w[:, :40], method="blocked")
     feedback_solve(w[:, :200], w[:, :200], jnp.zeros((9, 200)), w[:, :200], method="blocked")  # 9*128*200 <= 2**19
     feedback_solve(w, w, jnp.zeros((9, 600)), w, method="blocked")
-    assert seen == [("attention", 64, "panels"), ("attention", 256, "loop"), ("solve", 128, "loop"),
-                    ("solve", 128, "panels"), ("solve", 128, "loop")]
+    assert seen == [
+        ("attention", 64, "panels"),
+        ("attention", 256, "loop"),
+        ("solve", 128, "loop"),
+        ("solve", 128, "panels"),
+        ("solve", 128, "loop"),
+    ]
 
 
 def test_default_layer_matches_dense_layer_float32():

@@ -7,14 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests.support.kernel_inputs import kernel_segments, normal
 
 from sessa_jax.ops import feedback_solve
 from sessa_jax.ops.solve import block_product_tpu, row_stats_tpu
 from sessa_jax.ops.solve.block_product import block_probs, block_product
 from sessa_jax.ops.solve.recursive import recursive_feedback_solve
-from sessa_jax.ops.solve.schedule import PushSchedule
 from sessa_jax.ops.solve.row_stats import EMPTY_LOGL, row_statistics
+from sessa_jax.ops.solve.schedule import PushSchedule
+from tests.support.kernel_inputs import kernel_segments, normal
 
 B, D = 2, 128
 
@@ -51,10 +51,11 @@ def interpret(request):
 def test_stats_kernel_matches_xla_twin(dtype, interpret):
     t = 256
     q, k, seg = normal(0, (B, t, D), dtype), normal(1, (B, t, D), dtype) * 2, kernel_segments(B, t)
-    m, logl = row_stats_tpu.tpu_row_statistics(q, k, seg, scale=D ** -0.5, block=128, interpret=interpret[0])
+    m, logl = row_stats_tpu.tpu_row_statistics(q, k, seg, scale=D**-0.5, block=128, interpret=interpret[0])
     interpret[1]()
-    m_x, logl_x = row_statistics(q, k, seg, leaf=128, scale=D ** -0.5, tier="float32",
-                                 schedule=PushSchedule.make(2, None))
+    m_x, logl_x = row_statistics(
+        q, k, seg, leaf=128, scale=D**-0.5, tier="float32", schedule=PushSchedule.make(2, None)
+    )
     np.testing.assert_allclose(m, m_x, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(logl, logl_x, rtol=1e-6, atol=1e-6)
     assert logl[0, 0] == np.float32(EMPTY_LOGL) and logl[0, 150] == np.float32(EMPTY_LOGL)
@@ -69,16 +70,19 @@ def test_block_product_matches_xla_twin(tier, tol, interpret):
     logl = jax.random.uniform(jax.random.PRNGKey(6), (B, rows)) + 2.0
     seg_r = jnp.ones((B, rows), jnp.int32)
     seg_k = jnp.asarray(np.arange(keys) >= 100, jnp.int32)[None].repeat(B, 0)
-    out = block_product_tpu.tpu_block_product(q, seg_r, m, logl, k, seg_k, s, scale=D ** -0.5, tier=tier, interpret=interpret[0])
+    out = block_product_tpu.tpu_block_product(
+        q, seg_r, m, logl, k, seg_k, s, scale=D**-0.5, tier=tier, interpret=interpret[0]
+    )
     interpret[1]()
-    want = block_product(q, seg_r, m, logl, k, seg_k, s, scale=D ** -0.5, tier="float32", platform="cpu")
+    want = block_product(q, seg_r, m, logl, k, seg_k, s, scale=D**-0.5, tier="float32", platform="cpu")
     err = float(jnp.linalg.norm(out - want) / jnp.linalg.norm(want))
     assert err <= tol, (tier, err)
     assert float(jnp.abs(out[:, :, :1]).sum()) > 0
 
 
-@pytest.mark.parametrize("tier,plain,dtype,tol", [("float32", "float32", jnp.float32, 1e-6),
-                                                   ("bf16x3", "bfloat16", jnp.bfloat16, 5e-3)])
+@pytest.mark.parametrize(
+    "tier,plain,dtype,tol", [("float32", "float32", jnp.float32, 1e-6), ("bf16x3", "bfloat16", jnp.bfloat16, 5e-3)]
+)
 def test_block_product_backward_matches_xla_twin(tier, plain, dtype, tol, interpret):
     rows, keys = 256, 128
     q, k = normal(11, (B, rows, D), dtype), normal(12, (B, keys, D), dtype)
@@ -87,14 +91,17 @@ def test_block_product_backward_matches_xla_twin(tier, plain, dtype, tol, interp
     logl = jax.random.uniform(jax.random.PRNGKey(17), (B, rows)) + 2.0
     seg_r = jnp.asarray(np.arange(rows) < 200, jnp.int32)[None].repeat(B, 0)
     seg_k = jnp.ones((B, keys), jnp.int32)
-    got = block_product_tpu.tpu_block_product_bwd(q, seg_r, m, logl, g, r, k, seg_k, s, scale=D ** -0.5, tier=tier,
-                                   plain_tier=plain, interpret=interpret[0])
+    got = block_product_tpu.tpu_block_product_bwd(
+        q, seg_r, m, logl, g, r, k, seg_k, s, scale=D**-0.5, tier=tier, plain_tier=plain, interpret=interpret[0]
+    )
     interpret[1]()
-    probs = block_probs(q, seg_r, m, logl, k, seg_k, scale=D ** -0.5, tier="float32", platform="cpu")
+    probs = block_probs(q, seg_r, m, logl, k, seg_k, scale=D**-0.5, tier="float32", platform="cpu")
     dl = probs * (jnp.einsum("bpd,bkd->bpk", g, s, precision="highest") - jnp.sum(g * r, -1, keepdims=True))
-    want = (jnp.einsum("bpk,bpd->bkd", probs, g, precision="highest"),
-            jnp.einsum("bpk,bkd->bpd", dl, k.astype(jnp.float32), precision="highest") * D ** -0.5,
-            jnp.einsum("bpk,bpd->bkd", dl, q.astype(jnp.float32), precision="highest") * D ** -0.5)
+    want = (
+        jnp.einsum("bpk,bpd->bkd", probs, g, precision="highest"),
+        jnp.einsum("bpk,bkd->bpd", dl, k.astype(jnp.float32), precision="highest") * D**-0.5,
+        jnp.einsum("bpk,bpd->bkd", dl, q.astype(jnp.float32), precision="highest") * D**-0.5,
+    )
     for name, a, w in zip(("A^T g", "dq", "dk"), got, want):
         err = float(jnp.linalg.norm(a - w) / jnp.linalg.norm(w))
         assert err <= tol, (name, tier, err)
@@ -111,8 +118,19 @@ def _solve(kernels, t=384, leaf=128):
     gamma = 0.9 * jnp.tanh(normal(7, (B, t)))
 
     def loss(q, k, g, f):
-        s = recursive_feedback_solve(q, k, g, f, seg, leaf_size=leaf, tile=128, tier="float32", platform="cpu",
-                                     dtype=jnp.float32, kernels=kernels)
+        s = recursive_feedback_solve(
+            q,
+            k,
+            g,
+            f,
+            seg,
+            leaf_size=leaf,
+            tile=128,
+            tier="float32",
+            platform="cpu",
+            dtype=jnp.float32,
+            kernels=kernels,
+        )
         return jnp.sum(s * jnp.cos(f)), s
 
     args = (normal(8, (B, t, D)), normal(9, (B, t, D)), gamma, normal(10, (B, t, D)))
@@ -132,38 +150,59 @@ def test_recursive_solve_with_kernels_lowers_for_tpu():
     seg = jnp.ones((B, t), jnp.int32)
 
     def loss(q, k, g, f):
-        return jnp.sum(recursive_feedback_solve(q, k, g, f, seg, leaf_size=128, tile=256, tier="bf16x3",
-                                                platform="tpu", dtype=jnp.float32, kernels="pallas"))
+        return jnp.sum(
+            recursive_feedback_solve(
+                q,
+                k,
+                g,
+                f,
+                seg,
+                leaf_size=128,
+                tile=256,
+                tier="bf16x3",
+                platform="tpu",
+                dtype=jnp.float32,
+                kernels="pallas",
+            )
+        )
 
     x = jax.ShapeDtypeStruct((B, t, D), jnp.bfloat16)
     fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
     try:
-        text = fn.trace(x, x, jax.ShapeDtypeStruct((B, t), jnp.float32), x).lower(
-            lowering_platforms=("tpu",)).as_text()
+        text = fn.trace(x, x, jax.ShapeDtypeStruct((B, t), jnp.float32), x).lower(lowering_platforms=("tpu",)).as_text()
     except Exception as err:  # noqa: BLE001 - report why the installed JAX cannot
         pytest.skip(f"lowering for tpu not supported here: {type(err).__name__}: {err}"[:500])
-    for name in ("sessa_row_stats_tpu", "sessa_block_product_tpu", "sessa_block_product_bwd_keys_tpu",
-                 "sessa_block_product_bwd_rows_tpu"):
+    for name in (
+        "sessa_row_stats_tpu",
+        "sessa_block_product_tpu",
+        "sessa_block_product_bwd_keys_tpu",
+        "sessa_block_product_bwd_rows_tpu",
+    ):
         assert name in text
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(kernels="cuda"), "unknown feedback kernels"),
-    (dict(kernels="pallas", leaf_size=96), "multiple of 128"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(kernels="cuda"), "unknown feedback kernels"),
+        (dict(kernels="pallas", leaf_size=96), "multiple of 128"),
+    ],
+)
 def test_kernel_option_errors(kwargs, match):
     x = jnp.zeros((1, 256, 16))
     with pytest.raises(ValueError, match=match):
         feedback_solve(x, x, jnp.zeros((1, 256)), x, method="recursive", **kwargs)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(feedback_kernels="mosaic"), "feedback_kernels='mosaic' is unknown"),
-    (dict(feedback_kernels="pallas", leaf_size=96), "multiple of 128"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(feedback_kernels="mosaic"), "feedback_kernels='mosaic' is unknown"),
+        (dict(feedback_kernels="pallas", leaf_size=96), "multiple of 128"),
+    ],
+)
 def test_config_rejects_bad_kernels(kwargs, match):
     from sessa_jax.config import SessaConfig
 
     with pytest.raises(ValueError, match=match):
         SessaConfig(d_model=64, n_heads=2, **kwargs).validate()
-

@@ -3,10 +3,10 @@
 import jax
 import jax.numpy as jnp
 import pytest
-from tests.support.parity import rel_err
 from jax import lax
 
 from sessa_jax.ops.solve.trsolve import unit_lower_inverse, unit_lower_solve
+from tests.support.parity import rel_err
 
 
 def _feedback_matrix(c: int, dtype):
@@ -25,8 +25,9 @@ def test_matches_triangular_solve_x64(c, transpose):
     with jax.enable_x64(True):
         n = _feedback_matrix(c, jnp.float64)
         b = jax.random.normal(jax.random.PRNGKey(c + 1), (2, c, 5), jnp.float64)
-        ref = lax.linalg.triangular_solve(jnp.eye(c) - n, b, left_side=True, lower=True,
-                                          transpose_a=transpose, unit_diagonal=True)
+        ref = lax.linalg.triangular_solve(
+            jnp.eye(c) - n, b, left_side=True, lower=True, transpose_a=transpose, unit_diagonal=True
+        )
         solve = jax.jit(unit_lower_solve, static_argnames="transpose")
         assert rel_err(solve(n, b, transpose=transpose), ref) <= 1e-12
 
@@ -55,8 +56,8 @@ def test_inverse_float32_is_faithful():
 def test_inverse_merges_use_the_given_dot():
     """``dot`` runs the pairwise merges: a one-pass bf16 dot shows up as bf16-sized error, the
     solve's fp32-faithful dot (``RecursivePlan.faithful``) stays at the exact inverse's."""
-    from sessa_jax.ops.solve.recursive import RecursivePlan
     from sessa_jax.ops.solve.precision import chained_dot
+    from sessa_jax.ops.solve.recursive import RecursivePlan
 
     n = _feedback_matrix(256, jnp.float32)
     with jax.enable_x64(True):

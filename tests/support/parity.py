@@ -24,10 +24,17 @@ def load_fixture(name: str):
 
 def fixture_config(meta: dict, *, solver: str, dtype, chunk_size: int = 8) -> SessaConfig:
     return SessaConfig(
-        d_model=meta["D"], n_heads=meta["n_heads"], n_kv_heads=meta["n_kv_heads"], rope=meta["rope"],
-        gamma_max=meta["gamma_max"], ln_eps=meta["ln_eps"], solver=solver, chunk_size=chunk_size,
+        d_model=meta["D"],
+        n_heads=meta["n_heads"],
+        n_kv_heads=meta["n_kv_heads"],
+        rope=meta["rope"],
+        gamma_max=meta["gamma_max"],
+        ln_eps=meta["ln_eps"],
+        solver=solver,
+        chunk_size=chunk_size,
         leaf_size=chunk_size,
-        dtype=dtype, param_dtype=dtype,
+        dtype=dtype,
+        param_dtype=dtype,
     )
 
 
@@ -49,12 +56,12 @@ def rel_err(actual, expected, floor: float = 0.0) -> float:
 
 # Segments that start inside tiles, a one-token segment, padding (id 0) in the middle and at
 # the end (T = 37): with small chunks some off-diagonal tiles are fully masked for some rows.
-SEGMENTS_37 = jnp.array([[1] * 6 + [2] + [0] * 3 + [3] * 20 + [4] * 5 + [0] * 2,
-                         [5] * 4 + [6] * 9 + [7] * 24])
+SEGMENTS_37 = jnp.array([[1] * 6 + [2] + [0] * 3 + [3] * 20 + [4] * 5 + [0] * 2, [5] * 4 + [6] * 9 + [7] * 24])
 
 
 def output_and_grads(fn, args, cot):
     """(fn(*args), gradients of sum(fn(*args) * cot) for every arg), jitted."""
+
     def loss(*a):
         out = fn(*a)
         return jnp.sum(out * cot), out

@@ -24,7 +24,11 @@ def wait_for(proc: subprocess.Popen, predicate, timeout: float = TIMEOUT_S, poll
 
 def build_wheel(repo: str, out_dir) -> str:
     """Builds ``repo``'s wheel offline (no dependencies, no build isolation) into ``out_dir``; returns its path."""
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(out_dir), repo], check=True, capture_output=True, timeout=TIMEOUT_S)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out_dir), repo],
+        check=True,
+        capture_output=True,
+        timeout=TIMEOUT_S,
+    )
     (whl,) = glob.glob(str(out_dir) + "/*.whl")
     return whl

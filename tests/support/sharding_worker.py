@@ -21,12 +21,20 @@ from sessa_jax.train.state import abstract_state, build_model, create_state, sta
 from sessa_jax.train.step import make_train_step
 
 MESHES = {
-    "1": ({}, 1), "data=8": ({"data": 8}, 8), "data=4,tensor=2": ({"data": 4, "tensor": 2}, 8),
-    "fsdp=8": ({"data": 1, "fsdp": 8}, 8), "data=2,fsdp=2,tensor=2": ({"data": 2, "fsdp": 2, "tensor": 2}, 8),
+    "1": ({}, 1),
+    "data=8": ({"data": 8}, 8),
+    "data=4,tensor=2": ({"data": 4, "tensor": 2}, 8),
+    "fsdp=8": ({"data": 1, "fsdp": 8}, 8),
+    "data=2,fsdp=2,tensor=2": ({"data": 2, "fsdp": 2, "tensor": 2}, 8),
 }
-WATCH = ("params/embed/embedding", "params/layers_0/W_in/kernel", "params/layers_0/W_out/kernel",
-         "params/layers_0/mixer/q_proj/kernel", "params/layers_0/mixer/proj_fb/kernel",
-         "params/layers_0/mixer/out_proj/kernel")
+WATCH = (
+    "params/embed/embedding",
+    "params/layers_0/W_in/kernel",
+    "params/layers_0/W_out/kernel",
+    "params/layers_0/mixer/q_proj/kernel",
+    "params/layers_0/mixer/proj_fb/kernel",
+    "params/layers_0/mixer/out_proj/kernel",
+)
 STEPS = 5
 
 
@@ -71,8 +79,10 @@ def meshes(out_path):
         mesh, model, tx, shardings = setup(cfg, axes, n)
         it = make_iterator(cfg.data, TRAIN)
         state = ckpt.restore(manager, abstract_state(model, tx, cfg.train.seed, cfg.data.seq_len, shardings), it)
-        same = all(np.array_equal(a, np.asarray(b)) for a, b in
-                   zip(jax.tree_util.tree_leaves(saved), jax.tree_util.tree_leaves(state.params)))
+        same = all(
+            np.array_equal(a, np.asarray(b))
+            for a, b in zip(jax.tree_util.tree_leaves(saved), jax.tree_util.tree_leaves(state.params))
+        )
         devices = len(state.params["params"]["embed"]["embedding"].sharding.device_set)
         state, losses = run_steps(cfg, mesh, state, shardings, 2)
         out["restore"][name] = dict(identical=same, devices=devices, step=int(state.step), losses=losses)
@@ -86,14 +96,25 @@ def train_run(out_path, workdir, process_id=None, port=None):
 
     overrides = ["train.steps=4", "optim.warmup_steps=1", "train.eval_batches=1", "train.progress=False"]
     if process_id is not None:
-        overrides += [f"distributed.coordinator_address=localhost:{port}", "distributed.num_processes=2",
-                      f"distributed.process_id={process_id}"]
+        overrides += [
+            f"distributed.coordinator_address=localhost:{port}",
+            "distributed.num_processes=2",
+            f"distributed.process_id={process_id}",
+        ]
     cfg = load_config("tiny", overrides)
     logs = []
     result = train(cfg, workdir, log=logs.append)
     with open(out_path, "w") as f:
-        json.dump(dict(loss=result.train["loss"], step=result.step, processes=jax.process_count(),
-                       devices=jax.device_count(), logs=logs), f)
+        json.dump(
+            dict(
+                loss=result.train["loss"],
+                step=result.step,
+                processes=jax.process_count(),
+                devices=jax.device_count(),
+                logs=logs,
+            ),
+            f,
+        )
 
 
 if __name__ == "__main__":

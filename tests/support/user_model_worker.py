@@ -14,20 +14,30 @@ import sys
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sessa_jax import SessaConfig, SessaLayer, SessaLM, sharding
 
 NAMES = ("data", "fsdp", "tensor")
 # MaxText's activation names; its parameter names are the ones SessaLayer uses.
 USER_RULES = (
-    ("activation_batch", ("data", "fsdp")), ("activation_length", None), ("activation_embed", None),
-    ("activation_mlp", "tensor"), ("activation_heads", "tensor"), ("activation_kv_heads", "tensor"),
-    ("activation_kv", None), ("activation_vocab", "tensor"),
-    ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor"),
-    ("norm", None), ("layers", None),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_mlp", "tensor"),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_kv", None),
+    ("activation_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("norm", None),
+    ("layers", None),
 )
 AXES = {"maxtext": sharding.MAXTEXT_AXES, "default": sharding.DEFAULT_AXES}
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
@@ -64,9 +74,12 @@ def run(model, inputs, axis_type, shape, rules, shard_params):
         out = apply(params, inputs)
         text = apply.lower(params, inputs).compile().as_text()
         w_in = params["params"]["block_0"]["W_in"]["kernel"] if "block_0" in params["params"] else None
-        return dict(spec=[list(e) if isinstance(e, tuple) else e for e in out.sharding.spec],
-                    shard=list(out.sharding.shard_shape(out.shape)), collectives=collectives(text),
-                    w_in_shard=None if w_in is None else list(w_in.sharding.shard_shape(w_in.shape))), np.asarray(out)
+        return dict(
+            spec=[list(e) if isinstance(e, tuple) else e for e in out.sharding.spec],
+            shard=list(out.sharding.shard_shape(out.shape)),
+            collectives=collectives(text),
+            w_in_shard=None if w_in is None else list(w_in.sharding.shard_shape(w_in.shape)),
+        ), np.asarray(out)
 
 
 def main(out_path):
@@ -95,13 +108,27 @@ def main(out_path):
         for mesh_name, shape in (("data=8", (8, 1, 1)), ("data=4,fsdp=2", (4, 2, 1))):
             for model_name in ("layer", "lm") if mesh_name == "data=8" else ("layer",):
                 for axes_name in ("maxtext", "default"):
-                    case(f"{type_name} {mesh_name} {model_name} axes={axes_name}", model_name, axes_name,
-                         USER_RULES, axis_type, shape, False)
+                    case(
+                        f"{type_name} {mesh_name} {model_name} axes={axes_name}",
+                        model_name,
+                        axes_name,
+                        USER_RULES,
+                        axis_type,
+                        shape,
+                        False,
+                    )
     # Parameters split over fsdp and tensor (Auto axes): the user's names against this package's own.
     shape = (2, 2, 2)
     case("auto sharded layer axes=maxtext", "layer", "maxtext", USER_RULES, AxisType.Auto, shape, True)
-    case("auto sharded layer axes=default rules=ours", "layer", "default", sharding.RULES + USER_RULES,
-         AxisType.Auto, shape, True)
+    case(
+        "auto sharded layer axes=default rules=ours",
+        "layer",
+        "default",
+        sharding.RULES + USER_RULES,
+        AxisType.Auto,
+        shape,
+        True,
+    )
     case("auto sharded lm axes=maxtext", "lm", "maxtext", USER_RULES, AxisType.Auto, shape, True)
     case("auto sharded lm axes=default rules=ours", "lm", "default", sharding.RULES, AxisType.Auto, shape, True)
     # An Explicit mesh with split parameters is refused with a message naming the parameter.

@@ -20,8 +20,13 @@ def worker_env(devices: int) -> dict:
 
 
 def start(args, devices: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, WORKER, *map(str, args)], env=worker_env(devices),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, WORKER, *map(str, args)],
+        env=worker_env(devices),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen, out_path, timeout: float = TIMEOUT_S) -> dict:

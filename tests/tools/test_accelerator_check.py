@@ -21,8 +21,9 @@ STEPS = ["report", "tests", "solve", "paths", "kernels", "layer", "quick", "comp
 
 def _dry_run(step: str, out: pathlib.Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, DRY_RUN="1", PYTHON=sys.executable, JAX_PLATFORMS="cpu")
-    return subprocess.run(["bash", str(SCRIPT), step, str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
+    return subprocess.run(
+        ["bash", str(SCRIPT), step, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
 
 
 FLAG = r'add_argument\(\s*"(--[A-Za-z0-9-]+)"'

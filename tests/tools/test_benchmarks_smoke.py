@@ -13,10 +13,36 @@ from benchmarks import blocked_chunks, harness, jaxpr_work, layer, solve_vs_atte
 
 def test_layer_benchmark_runs(tmp_path):
     out = tmp_path / "layer.json"
-    results = layer.main(["--T", "24", "--B", "1", "--D", "32", "--H", "2", "--dtype", "float32", "--solvers",
-                          "dense", "blocked", "--iters", "1", "--warmup", "0", "--peak-n", "64", "--json", str(out)])
-    assert [(r["kind"], r["solver"]) for r in results] == [("sessa", "dense"), ("sessa", "blocked"),
-                                                           ("transformer", "-")]
+    results = layer.main(
+        [
+            "--T",
+            "24",
+            "--B",
+            "1",
+            "--D",
+            "32",
+            "--H",
+            "2",
+            "--dtype",
+            "float32",
+            "--solvers",
+            "dense",
+            "blocked",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--peak-n",
+            "64",
+            "--json",
+            str(out),
+        ]
+    )
+    assert [(r["kind"], r["solver"]) for r in results] == [
+        ("sessa", "dense"),
+        ("sessa", "blocked"),
+        ("transformer", "-"),
+    ]
     for r in results:
         assert "error" not in r and r["fwd_s"] > 0 and r["fwd_bwd_s"] > 0 and r["fwd_bwd_bytes"] > 0
     # The Sessa layer counts the feedback solve on top of the Transformer layer's work.
@@ -36,8 +62,10 @@ def test_jaxpr_work_counts_loops_and_taken_branches():
     def fn(a, b):
         def step(c, i):
             # branch 1 (two dots) on i = 1, 3; branch 0 (one dot) on i = 0, 2, 4
-            return c + lax.switch(i % 2, [lambda: a @ b.astype(a.dtype),
-                                          lambda: a @ b.astype(a.dtype) + a @ b.astype(a.dtype)]), None
+            return c + lax.switch(
+                i % 2, [lambda: a @ b.astype(a.dtype), lambda: a @ b.astype(a.dtype) + a @ b.astype(a.dtype)]
+            ), None
+
         out, _ = lax.scan(step, jnp.zeros((300, 500)), jnp.arange(5))
         out = out + lax.fori_loop(0, 3, lambda i, c: c + a.astype(jnp.bfloat16) @ b, jnp.zeros((300, 500)))
         return jnp.tanh(out) + lax.fori_loop(0, 2, lambda i, c: c + jnp.exp(a), a).sum()
@@ -61,8 +89,9 @@ def test_solve_work_table_runs(capsys):
 
 
 def test_train_throughput_tables_and_bound_run(capsys):
-    train_throughput.main(["--seq-len", "32", "--batch-size", "2", "--steps", "1", "--repeats", "1", "--warmup", "0",
-                           "--work"])
+    train_throughput.main(
+        ["--seq-len", "32", "--batch-size", "2", "--steps", "1", "--repeats", "1", "--warmup", "0", "--work"]
+    )
     out = capsys.readouterr().out
     rows = [[c.strip() for c in line.strip(" |").split("|")] for line in out.splitlines() if line.startswith("| 32 |")]
     assert [r[1] for r in rows] == ["sessa", "transformer", "sessa", "transformer"]
@@ -76,8 +105,14 @@ def test_blocked_chunks_table_runs(capsys):
     blocked_chunks.main(["--cases", "2x8x2x96", "--repeats", "1", "--sample-s", "0.001"])
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| 2x8x2x96")]
     names = [r[1].strip() for r in rows]
-    assert names == ["attention C=64", "attention panels", "attention auto", "solve C=64", "solve panels C=64",
-                     "solve auto"]
+    assert names == [
+        "attention C=64",
+        "attention panels",
+        "attention auto",
+        "solve C=64",
+        "solve panels C=64",
+        "solve auto",
+    ]
     assert all(float(r[2]) > 0 for r in rows)
     picks = {r[1].strip(): r[3].strip() for r in rows}
     assert picks["attention auto"] == "panels C=64" and picks["solve auto"] == "loop C=256"  # T=96: one chunk
@@ -90,8 +125,25 @@ def test_blocked_chunks_table_runs(capsys):
 
 
 def test_solve_vs_attention_runs_tiers_attention_and_the_accuracy_check(capsys):
-    solve_vs_attention.main(["--B", "1", "--T", "64", "--D", "16", "--H", "2", "--tiers", "float32",
-                             "--attention", "xla", "--accuracy", "--calls", "1"])
+    solve_vs_attention.main(
+        [
+            "--B",
+            "1",
+            "--T",
+            "64",
+            "--D",
+            "16",
+            "--H",
+            "2",
+            "--tiers",
+            "float32",
+            "--attention",
+            "xla",
+            "--accuracy",
+            "--calls",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert "FAILED" not in out, out
     for name in ("recursive fwd float32", "recursive f+b float32", "attention fwd xla", "attention f+b xla"):
@@ -103,12 +155,16 @@ def test_solve_vs_attention_runs_tiers_attention_and_the_accuracy_check(capsys):
 
 def test_harness_times_sizes_and_prints():
     calls = []
-    timed = harness.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2,
-                                number=3, warmup=1)
+    timed = harness.interleaved(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2, number=3, warmup=1
+    )
     assert calls == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3  # warm-ups, then turns
     assert all(len(v["wall"]) == len(v["cpu"]) == 2 and min(v["wall"]) >= 0 for v in timed.values())
     assert harness.calls_for(0.01, 0.3) == 30 and harness.calls_for(1.0, 0.3) == 1
     assert harness.calls_for(1e-9, 1.0, most=50) == 50
-    assert harness.nbytes("(bf16[4,4]{1,0}, s32[], pred[3])") == 32 + 4 + 3 and harness.dims("f32[8,16]{1,0}") == [8, 16]
+    assert harness.nbytes("(bf16[4,4]{1,0}, s32[], pred[3])") == 32 + 4 + 3 and harness.dims("f32[8,16]{1,0}") == [
+        8,
+        16,
+    ]
     assert harness.largest_array("f32[2,2] bf16[4,4] s32[]") == (32, "bf16[4,4]")
     assert harness.markdown_table(("x", "y"), [(1, 2)]).splitlines() == ["| x | y |", "|---|---|", "| 1 | 2 |"]

@@ -152,7 +152,9 @@ def test_unknown_scale_task_or_kind_is_named():
         cm.compare("toy", "unused.jsonl", time_limit=-5)
 
 
-@pytest.mark.parametrize("name", ["toy", pytest.param("cpu", marks=pytest.mark.slow), pytest.param("paper", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "name", ["toy", pytest.param("cpu", marks=pytest.mark.slow), pytest.param("paper", marks=pytest.mark.slow)]
+)
 def test_every_scale_matches_parameters_within_five_percent(name):
     scale = cm.SCALES[name]
     for task, length in cm.plan(scale, ("symbol_soup", "mqar")):
@@ -166,7 +168,7 @@ def test_accuracy_counts_every_example_when_the_last_batch_is_partial():
     params, _ = trainer.init(0)
     first6 = {k: v[:6] for k, v in data.items()}  # one full batch + 2 rows padded to 4
     masked = dict(data, weights=np.where(np.arange(8)[:, None] < 6, data["weights"], 0.0).astype(np.float32))
-    sums = [trainer.eval_sums(params, {k: v[s:s + 4] for k, v in masked.items()}) for s in (0, 4)]
+    sums = [trainer.eval_sums(params, {k: v[s : s + 4] for k, v in masked.items()}) for s in (0, 4)]
     expect = sum(float(x["correct_sum"]) for x in sums) / sum(float(x["weight_sum"]) for x in sums)
     assert trainer.accuracy(params, first6) == pytest.approx(expect, rel=1e-6)
 
@@ -213,8 +215,9 @@ def test_the_first_seed_saves_its_trained_parameters(soup_run):
     scale = cm.SCALES["toy"]
     config = cm.model_configs(scale, "symbol_soup", scale.soup_lengths[0])["sessa"]
     path = cm.params_path(soup_run, "symbol_soup", "40-60", "sessa", 0.001, 0)
-    assert os.path.exists(path) and not os.path.exists(cm.params_path(soup_run, "symbol_soup", "40-60", "sessa",
-                                                                      0.001, 1))
+    assert os.path.exists(path) and not os.path.exists(
+        cm.params_path(soup_run, "symbol_soup", "40-60", "sessa", 0.001, 1)
+    )
     model = SessaLM(config, kind="sessa")
     like = model.init(jax.random.PRNGKey(0), jnp.zeros((1, config.max_len), jnp.int32))
     params = cm.load_params(path, like)
@@ -226,14 +229,31 @@ def test_the_first_seed_saves_its_trained_parameters(soup_run):
 
 def test_set_changes_fields_of_the_scale_for_a_pilot(tmp_path):
     assert cm.parse_overrides(["steps=2", "seeds=(0,)", "lrs=[0.003]", "soup_lengths=((100, 150),)"]) == dict(
-        steps=2, seeds=(0,), lrs=(0.003,), soup_lengths=((100, 150),))
+        steps=2, seeds=(0,), lrs=(0.003,), soup_lengths=((100, 150),)
+    )
     with pytest.raises(ValueError, match="FIELD one of"):
         cm.parse_overrides(["stepz=2"])
     with pytest.raises(ValueError, match="must be a Python literal"):
         cm.parse_overrides(["steps=two"])
     out = str(tmp_path / "pilot.jsonl")
-    cm.main(["--scale", "toy", "--out", out, "--tasks", "mqar", "--kinds", "transformer",
-             "--set", "steps=2", "--set", "seeds=(1,)", "--set", "lrs=(0.01,)"])
+    cm.main(
+        [
+            "--scale",
+            "toy",
+            "--out",
+            out,
+            "--tasks",
+            "mqar",
+            "--kinds",
+            "transformer",
+            "--set",
+            "steps=2",
+            "--set",
+            "seeds=(1,)",
+            "--set",
+            "lrs=(0.01,)",
+        ]
+    )
     rows = _lines(out)
     assert [(r["steps"], r["seed"], r["lr"], r["kind"]) for r in rows] == [(2, 1, 0.01, "transformer")]
     assert rows[0]["tokens"] == 2 * cm.SCALES["toy"].batch_size * 16

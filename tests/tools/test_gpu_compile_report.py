@@ -61,7 +61,7 @@ def test_loop_body_counts_its_trips_and_flops_count_each_executed_dot(walk):
     body = loop.attr("body")
     assert sum(t for (c, _), t in walk.kernels.items() if c == body) == len(TABLE) * _kernels_in(walk, body)
     table = walk.table(launch_us=0.0)
-    assert table["gemm_flops"] == 2.0 * N ** 3 * TABLE.count(2)  # c @ c.T runs once
+    assert table["gemm_flops"] == 2.0 * N**3 * TABLE.count(2)  # c @ c.T runs once
     assert table["launches"] == sum(walk.kernels.values()) and table["roofline_s"] > 0
 
 
@@ -83,29 +83,39 @@ def test_sizes_of_hlo_types():
     assert gpu_compile.nbytes("f32[8,16]{1,0}") == 512
     assert gpu_compile.nbytes("(bf16[4,4]{1,0}, s32[], pred[3])") == 32 + 4 + 3
     assert gpu_compile._tuple_elements("((s32[16]{0}, s32[]), f32[2,2]{1,0}, u32[])") == [
-        "(s32[16]{0}, s32[])", "f32[2,2]{1,0}", "u32[]"]
+        "(s32[16]{0}, s32[])",
+        "f32[2,2]{1,0}",
+        "u32[]",
+    ]
 
 
 def _mosaic_module(kernel: str, fused: bool) -> str:
     """HLO text of one Mosaic GPU custom call (B=2, P=128, K=256, D=64), as the solve's
     GEMM-with-epilogue kernels compile: alone, or inside XLA's dynamic-slice fusion."""
-    call = ('custom-call(%p0, %p1), custom_call_target="mosaic_gpu_v2", '
-            f'metadata={{op_name="jit(f)/while/body/{kernel}/mpmd_map"}}')
+    call = (
+        'custom-call(%p0, %p1), custom_call_target="mosaic_gpu_v2", '
+        f'metadata={{op_name="jit(f)/while/body/{kernel}/mpmd_map"}}'
+    )
     out = "(bf16[2,128,256]{2,1,0}, bf16[2,128,256]{2,1,0})"
     params = "  %p0 = bf16[2,128,64]{2,1,0} parameter(0)\n  %p1 = bf16[2,256,64]{2,1,0} parameter(1)\n"
     if not fused:
-        return (f"HloModule m\n\nENTRY %main (p0: bf16[2,128,64], p1: bf16[2,256,64]) -> {out} {{\n{params}"
-                f"  ROOT %k = {out} {call}\n}}\n")
-    return (f"HloModule m\n\n%fused (p0: bf16[2,128,64], p1: bf16[2,256,64]) -> {out} {{\n{params}"
-            f"  ROOT %k = {out} {call}\n}}\n\n"
-            f"ENTRY %main (a: bf16[2,128,64], b: bf16[2,256,64]) -> {out} {{\n"
-            "  %a = bf16[2,128,64]{2,1,0} parameter(0)\n  %b = bf16[2,256,64]{2,1,0} parameter(1)\n"
-            f"  ROOT %f = {out} fusion(%a, %b), kind=kCustom, calls=%fused\n}}\n")
+        return (
+            f"HloModule m\n\nENTRY %main (p0: bf16[2,128,64], p1: bf16[2,256,64]) -> {out} {{\n{params}"
+            f"  ROOT %k = {out} {call}\n}}\n"
+        )
+    return (
+        f"HloModule m\n\n%fused (p0: bf16[2,128,64], p1: bf16[2,256,64]) -> {out} {{\n{params}"
+        f"  ROOT %k = {out} {call}\n}}\n\n"
+        f"ENTRY %main (a: bf16[2,128,64], b: bf16[2,256,64]) -> {out} {{\n"
+        "  %a = bf16[2,128,64]{2,1,0} parameter(0)\n  %b = bf16[2,256,64]{2,1,0} parameter(1)\n"
+        f"  ROOT %f = {out} fusion(%a, %b), kind=kCustom, calls=%fused\n}}\n"
+    )
 
 
 @pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("kernel,passes", [("sessa_block_probs_gpu", 1), ("sessa_block_probs_grad_gpu", 3),
-                                           ("sessa_row_stats_gpu", 0)])
+@pytest.mark.parametrize(
+    "kernel,passes", [("sessa_block_probs_gpu", 1), ("sessa_block_probs_grad_gpu", 3), ("sessa_row_stats_gpu", 0)]
+)
 def test_mosaic_gemm_kernels_count_their_flops_and_exp(kernel, passes, fused):
     """The GEMM-with-epilogue kernels are opaque custom calls to XLA: their FLOPs come from the
     kernel name and shapes (2 B P K D per bf16 pass), and they count as GEMMs with an exp."""
@@ -124,20 +134,21 @@ def _has_cuda_plugin() -> bool:
 
 
 def _run_script(name: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args],
-                          capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{name}", *args], capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT
+    )
 
 
-@pytest.mark.skipif(_has_cuda_plugin(),
-                    reason="a CUDA plugin is installed here: the script would compile instead")
+@pytest.mark.skipif(_has_cuda_plugin(), reason="a CUDA plugin is installed here: the script would compile instead")
 def test_without_the_cuda_plugin_the_script_says_what_to_install():
     proc = _run_script("gpu_compile", "--T", "1024")
     assert proc.returncode != 0
     assert "pip install 'jax[cuda13]'" in proc.stderr, proc.stderr[-2000:]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None,
-                    reason="libtpu is installed here: the script would compile instead")
+@pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is not None, reason="libtpu is installed here: the script would compile instead"
+)
 def test_without_libtpu_the_tpu_script_says_what_to_install():
     proc = _run_script("tpu_compile", "--shapes", "1,1024,128")
     assert proc.returncode != 0

@@ -21,8 +21,13 @@ LAYERS = (
     ("sessa_jax.config",),
     # Kernels, their dispatch, and helpers that import nothing of the package. The training
     # work directory and resume guard are file-system helpers that data/ uses as well.
-    ("sessa_jax.ops", "sessa_jax.sharding", "sessa_jax.distributed", "sessa_jax.train.workdir",
-     "sessa_jax.train.resume_guard"),
+    (
+        "sessa_jax.ops",
+        "sessa_jax.sharding",
+        "sessa_jax.distributed",
+        "sessa_jax.train.workdir",
+        "sessa_jax.train.resume_guard",
+    ),
     ("sessa_jax.layer_norm", "sessa_jax.mixer", "sessa_jax.mamba_mixer", "sessa_jax.cache"),
     ("sessa_jax.layer",),
     ("sessa_jax.model",),
@@ -30,8 +35,14 @@ LAYERS = (
     ("sessa_jax.data",),
     ("sessa_jax.baselines",),
     # The package's public face and the tools built on training.
-    ("sessa_jax.train", "sessa_jax.sample", "sessa_jax.analysis", "sessa_jax.cli", "sessa_jax.configs",
-     "sessa_jax.__init__"),
+    (
+        "sessa_jax.train",
+        "sessa_jax.sample",
+        "sessa_jax.analysis",
+        "sessa_jax.cli",
+        "sessa_jax.configs",
+        "sessa_jax.__init__",
+    ),
 )
 
 
@@ -58,7 +69,7 @@ def _edges(modules: dict[str, pathlib.Path]) -> dict[str, set[str]]:
                 base = node.module or ""
                 if node.level:
                     anchor = name.split(".") if is_package else name.split(".")[:-1]
-                    anchor = anchor[:len(anchor) - node.level + 1]
+                    anchor = anchor[: len(anchor) - node.level + 1]
                     base = ".".join(anchor + ([base] if base else []))
                 for alias in node.names:
                     sub = f"{base}.{alias.name}"
@@ -140,6 +151,9 @@ def test_imports_only_run_downward():
     upward = []
     for name, targets in _edges(modules).items():
         level = _layer(name, modules[name])
-        upward += [f"{name} (layer {level}) imports {t} (layer {_layer(t, modules[t])})"
-                   for t in sorted(targets) if _layer(t, modules[t]) > level]
+        upward += [
+            f"{name} (layer {level}) imports {t} (layer {_layer(t, modules[t])})"
+            for t in sorted(targets)
+            if _layer(t, modules[t]) > level
+        ]
     assert not upward, "imports running up the layers of tests/tools/test_import_graph.py:\n" + "\n".join(upward)

@@ -17,7 +17,6 @@ import pytest
 
 import sessa_jax
 from sessa_jax.ops.dispatch import resolve_method
-
 from tests.support.processes import TIMEOUT_S, build_wheel
 
 nbclient = pytest.importorskip("nbclient", reason="running the notebooks needs nbclient (the test extra)")
@@ -38,8 +37,11 @@ def kernel_name(tmp_path_factory):
     root = tmp_path_factory.mktemp("jupyter")
     spec_dir = root / "kernels" / "sessa-ci"
     spec_dir.mkdir(parents=True)
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "sessa-ci", "language": "python"}
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "sessa-ci",
+        "language": "python",
+    }
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
     return str(root), "sessa-ci"
 
@@ -71,8 +73,13 @@ def release_repo(tmp_path_factory):
     `git clone --branch vX.Y.Z` of the published repository gives (a file:// URL)."""
     repo = tmp_path_factory.mktemp("release") / "sessa-jax"
     shutil.copytree(os.path.join(ROOT, "scripts"), repo / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
-    env = dict(os.environ, GIT_AUTHOR_NAME="ci", GIT_AUTHOR_EMAIL="ci@localhost", GIT_COMMITTER_NAME="ci",
-               GIT_COMMITTER_EMAIL="ci@localhost")
+    env = dict(
+        os.environ,
+        GIT_AUTHOR_NAME="ci",
+        GIT_AUTHOR_EMAIL="ci@localhost",
+        GIT_COMMITTER_NAME="ci",
+        GIT_COMMITTER_EMAIL="ci@localhost",
+    )
     for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "release"], ["tag", TAG]):
         subprocess.run(["git", *cmd], cwd=repo, env=env, check=True, capture_output=True, timeout=TIMEOUT_S)
     return "file://" + str(repo)
@@ -91,10 +98,14 @@ def test_notebook_runs_as_colab_does(name, kernel_name, installed, release_repo,
     monkeypatch.setenv("SESSA_JAX_REPO", release_repo)
     monkeypatch.setenv("TMPDIR", str(tmp))
     nb = nbformat.read(str(work / name), as_version=4)
-    probe = ("import sys, sessa_jax\nprint('sessa_jax', sessa_jax.__file__)\n"
-             "print('compare_models', getattr(sys.modules.get('compare_models'), '__file__', None))")
+    probe = (
+        "import sys, sessa_jax\nprint('sessa_jax', sessa_jax.__file__)\n"
+        "print('compare_models', getattr(sys.modules.get('compare_models'), '__file__', None))"
+    )
     nb.cells.append(nbformat.v4.new_code_cell(probe))
-    client = nbclient.NotebookClient(nb, kernel_name=kernel, timeout=int(TIMEOUT_S), resources={"metadata": {"path": str(work)}})
+    client = nbclient.NotebookClient(
+        nb, kernel_name=kernel, timeout=int(TIMEOUT_S), resources={"metadata": {"path": str(work)}}
+    )
     client.execute()  # raises CellExecutionError on the first failing cell
     printed = dict(line.split(" ", 1) for line in nb.cells[-1].outputs[0]["text"].splitlines())
     assert printed["sessa_jax"].startswith(installed), printed  # imported from the install, not the checkout
@@ -106,7 +117,7 @@ def test_quickstart_says_what_auto_picks():
     """Notebook 01's sentence on solver='auto' names what the dispatcher resolves it to."""
     nb = nbformat.read(os.path.join(NB_DIR, "01_quickstart.ipynb"), as_version=4)
     (text,) = [c.source for c in nb.cells if c.cell_type == "markdown" and "solver='auto'" in c.source]
-    sentence = text[text.index("solver='auto'"):]
+    sentence = text[text.index("solver='auto'") :]
     for platform, on in (("gpu", "GPU/TPU"), ("tpu", "GPU/TPU"), ("cpu", "CPU")):
         method = resolve_method("auto", platform)
         assert re.search(rf"the {method} (solve|scan)[^.;]* on {re.escape(on)}", sentence), (platform, method)

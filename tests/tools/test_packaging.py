@@ -14,15 +14,19 @@ import zipfile
 import pytest
 
 import sessa_jax
-
 from tests.support.processes import TIMEOUT_S, build_wheel
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PYPROJECT = tomllib.load(open(os.path.join(REPO, "pyproject.toml"), "rb"))
 # import name -> distribution name, where they differ
-DIST = {"orbax": "orbax-checkpoint", "ml_collections": "ml-collections", "array_record": "array-record",
-        "tensorboardX": "tensorboardX", "ml_dtypes": "ml-dtypes",
-        "google": "google-cloud-storage"}
+DIST = {
+    "orbax": "orbax-checkpoint",
+    "ml_collections": "ml-collections",
+    "array_record": "array-record",
+    "tensorboardX": "tensorboardX",
+    "ml_dtypes": "ml-dtypes",
+    "google": "google-cloud-storage",
+}
 
 
 def _dist_names(reqs) -> set:
@@ -60,12 +64,15 @@ def test_wheel_ships_configs_scripts_license_and_version(wheel, tmp_path):
     # Import from the unpacked wheel alone (no checkout on the path) and load shipped configs.
     site = tmp_path / "site"
     z.extractall(site)
-    code = ("import sessa_jax, sessa_jax.train.config as c; print(sessa_jax.__file__); "
-            "print(c.load_config('tiny').train.steps, c.load_config('paper_125m').train.loss_chunk); "
-            "from sessa_jax.cli import train_main; print(train_main(['--config=nope']))")
+    code = (
+        "import sessa_jax, sessa_jax.train.config as c; print(sessa_jax.__file__); "
+        "print(c.load_config('tiny').train.steps, c.load_config('paper_125m').train.loss_chunk); "
+        "from sessa_jax.cli import train_main; print(train_main(['--config=nope']))"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(site)}
-    out = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env, capture_output=True, text=True,
-                         timeout=TIMEOUT_S)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
     assert out.returncode == 0, out.stderr
     where, values, rc = out.stdout.strip().splitlines()
     assert where.startswith(str(site)) and values == "30 256" and rc == "2"
@@ -95,12 +102,21 @@ def test_one_version_and_notebooks_install_its_tag():
 def test_release_script_tags_the_version(tmp_path):
     """scripts/release.py creates the tag the notebooks pin, and refuses what would make it lie."""
     repo = tmp_path / "repo"
-    for rel in ("sessa_jax/__init__.py", "CHANGELOG.md", "scripts/release.py", *(
-            os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "notebooks", "*.ipynb")))):
+    for rel in (
+        "sessa_jax/__init__.py",
+        "CHANGELOG.md",
+        "scripts/release.py",
+        *(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "notebooks", "*.ipynb"))),
+    ):
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         (repo / rel).write_bytes(open(os.path.join(REPO, rel), "rb").read())
-    env = dict(os.environ, GIT_AUTHOR_NAME="ci", GIT_AUTHOR_EMAIL="ci@localhost", GIT_COMMITTER_NAME="ci",
-               GIT_COMMITTER_EMAIL="ci@localhost")
+    env = dict(
+        os.environ,
+        GIT_AUTHOR_NAME="ci",
+        GIT_AUTHOR_EMAIL="ci@localhost",
+        GIT_COMMITTER_NAME="ci",
+        GIT_COMMITTER_EMAIL="ci@localhost",
+    )
 
     def run(*cmd):
         return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
@@ -113,8 +129,9 @@ def test_release_script_tags_the_version(tmp_path):
     assert run("git", "tag").stdout.split() == [tag]
     assert run(sys.executable, "scripts/release.py", "--check").stdout.startswith(f"ok: {tag} is HEAD already")
     # a new commit without a version bump: the tag would name two different trees
-    (repo / "CHANGELOG.md").write_text((repo / "CHANGELOG.md").read_text().replace(
-        f"## {sessa_jax.__version__}", "## next"))
+    (repo / "CHANGELOG.md").write_text(
+        (repo / "CHANGELOG.md").read_text().replace(f"## {sessa_jax.__version__}", "## next")
+    )
     out = run(sys.executable, "scripts/release.py")
     assert out.returncode == 1 and "uncommitted changes" in out.stderr
     assert f"no '## {sessa_jax.__version__}'" in out.stderr

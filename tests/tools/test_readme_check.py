@@ -18,7 +18,9 @@ def _readme(tmp_path, body: str) -> str:
 
 
 def test_match_drift_update_and_failure(tmp_path):
-    ok = _readme(tmp_path, "$ printf 'step 1 | 12.5k tok/s | eta 1m02s\\nloss 0.5\\n'\nstep 1 | 3.1k tok/s | eta 0m09s\nloss 0.5")
+    ok = _readme(
+        tmp_path, "$ printf 'step 1 | 12.5k tok/s | eta 1m02s\\nloss 0.5\\n'\nstep 1 | 3.1k tok/s | eta 0m09s\nloss 0.5"
+    )
     assert readme_check.main(["--readme", ok]) == 0  # rates and ETAs are masked; the unmarked block is not run
     drift = _readme(tmp_path, "$ echo 'loss 0.5'\nloss 0.6")
     assert readme_check.main(["--readme", drift]) == 1
@@ -40,23 +42,43 @@ def test_references_name_what_exists(tmp_path):
         "python -m sessa_jax.data.text prepare --output /tmp/new_shards\n"
         "python scripts/aot_memory.py --config=paper_125m   # a comment naming scripts/missing.py\n"
         "# python -m benchmarks.not_a_module  (a comment line)\n"
-        "python scripts/compare_models.py --out results/new.jsonl\n```\n")
+        "python scripts/compare_models.py --out results/new.jsonl\n```\n"
+    )
     assert readme_check.references(str(good)) == []
     bad = tmp_path / "README.md"
     bad.write_text(
         "# t\n\n[gone](missing.md) [wrong anchor](other.md#no-such-heading)\n\n"
         "```console\n$ python -m benchmarks.not_a_module\n$ python scripts/not_a_script.py\n"
-        "$ sessa-train --config=not_a_config\n```\n")
+        "$ sessa-train --config=not_a_config\n```\n"
+    )
     problems = "\n".join(readme_check.references(str(bad)))
-    for expected in ("benchmarks.not_a_module`: no such module", "scripts/not_a_script.py: no such file",
-                     "--config=not_a_config: no such run config", "`sessa-train` called bare",
-                     "link to missing.md: no such file", "link to other.md#no-such-heading: no heading"):
+    for expected in (
+        "benchmarks.not_a_module`: no such module",
+        "scripts/not_a_script.py: no such file",
+        "--config=not_a_config: no such run config",
+        "`sessa-train` called bare",
+        "link to missing.md: no such file",
+        "link to other.md#no-such-heading: no heading",
+    ):
         assert expected in problems, (expected, problems)
     assert readme_check.main(["--readme", str(bad), "--refs"]) == 1
 
 
 def test_anchors_follow_github():
-    lines = ["# Results: memory tails", "```", "# not a heading", "```", "## Measured: `--scale cpu`",
-             "## The Mamba-style baseline's scan", "## Notes", "## Notes"]
-    assert readme_check.anchors(lines) == {"results-memory-tails", "measured---scale-cpu",
-                                           "the-mamba-style-baselines-scan", "notes", "notes-1"}
+    lines = [
+        "# Results: memory tails",
+        "```",
+        "# not a heading",
+        "```",
+        "## Measured: `--scale cpu`",
+        "## The Mamba-style baseline's scan",
+        "## Notes",
+        "## Notes",
+    ]
+    assert readme_check.anchors(lines) == {
+        "results-memory-tails",
+        "measured---scale-cpu",
+        "the-mamba-style-baselines-scan",
+        "notes",
+        "notes-1",
+    }

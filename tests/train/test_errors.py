@@ -13,8 +13,12 @@ from sessa_jax.cli import eval_main, sample_main, train_main
 from sessa_jax.train import metrics as metrics_mod
 from sessa_jax.train import run_errors
 
-TINY = ["--config=tiny", "--config.train.progress=False", "--config.train.eval_batches=1",
-        "--config.train.compilation_cache="]
+TINY = [
+    "--config=tiny",
+    "--config.train.progress=False",
+    "--config.train.eval_batches=1",
+    "--config.train.compilation_cache=",
+]
 
 
 def _error_lines(err: str) -> list[str]:
@@ -53,9 +57,14 @@ def test_a_full_disk_mid_run_is_reported_not_hidden_by_the_closing_flushes(tmp_p
     assert "start step 0 (fresh" in log  # the run's own log lines are there too
 
 
-@pytest.mark.parametrize("code, says", [(errno.EROFS, "read-only file system; pass a --workdir on a writable disk"),
-                                        (errno.ENOSPC, "no space left to write"),
-                                        (errno.EACCES, "permission denied for")])
+@pytest.mark.parametrize(
+    "code, says",
+    [
+        (errno.EROFS, "read-only file system; pass a --workdir on a writable disk"),
+        (errno.ENOSPC, "no space left to write"),
+        (errno.EACCES, "permission denied for"),
+    ],
+)
 def test_a_fresh_workdir_that_cannot_be_created_names_the_path_and_the_fix(tmp_path, monkeypatch, capsys, code, says):
     parent = tmp_path / "parent"
     parent.mkdir()
@@ -106,12 +115,23 @@ def test_an_os_error_wrapped_by_a_library_is_still_named():
 
 # ---- sessa-eval / sessa-sample on damaged checkpoints ----
 
+
 @pytest.fixture(scope="module")
 def two_steps(tmp_path_factory):
     """A finished tiny run with checkpoints at steps 3 and 6; step 6's params are damaged."""
     workdir = tmp_path_factory.mktemp("evalrun") / "run"
-    assert train_main(TINY + [f"--workdir={workdir}", "--config.train.steps=6", "--config.optim.warmup_steps=1",
-                              "--config.checkpoint.every=3"]) == 0
+    assert (
+        train_main(
+            TINY
+            + [
+                f"--workdir={workdir}",
+                "--config.train.steps=6",
+                "--config.optim.warmup_steps=1",
+                "--config.checkpoint.every=3",
+            ]
+        )
+        == 0
+    )
     params = workdir / "checkpoints" / "6" / "params"
     files = [os.path.join(r, f) for r, _, fs in os.walk(params) for f in fs]
     largest = max(files, key=os.path.getsize)

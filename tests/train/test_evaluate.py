@@ -25,8 +25,17 @@ def text_cfg(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(3):  # printable bytes (no NUL, so not "binary"); lengths leave a partial last batch
         (tmp_path / f"doc{i}.txt").write_bytes(bytes(rng.integers(32, 127, 700 + 131 * i).tolist()))
-    return load_config("text_bytes", [f"data.text.path={tmp_path}", "data.seq_len=32", "data.batch_size=4",
-                                      "data.text.eval_fraction=0.3", "model.max_len=32", "model.chunk_size=32"])
+    return load_config(
+        "text_bytes",
+        [
+            f"data.text.path={tmp_path}",
+            "data.seq_len=32",
+            "data.batch_size=4",
+            "data.text.eval_fraction=0.3",
+            "model.max_len=32",
+            "model.chunk_size=32",
+        ],
+    )
 
 
 def test_uniform_bytes_give_8_bits_per_byte_over_the_whole_split(text_cfg):
@@ -35,16 +44,23 @@ def test_uniform_bytes_give_8_bits_per_byte_over_the_whole_split(text_cfg):
     assert rows % text_cfg.data.batch_size, "the fixture must leave a partial last batch"
     want_tokens = sum(float(src[i]["weights"].sum()) for i in range(rows))  # every held-out target
     data = make_dataset(text_cfg.data, EVAL, process_index=0, process_count=1)
-    m = evaluate(None, make_eval_step(uniform_bytes_apply), data, text_cfg.data.batch_size,
-                 token_bytes_for(text_cfg.data, V))
+    m = evaluate(
+        None, make_eval_step(uniform_bytes_apply), data, text_cfg.data.batch_size, token_bytes_for(text_cfg.data, V)
+    )
     assert m["eval_tokens"] == want_tokens
     np.testing.assert_allclose(m["eval_bits_per_byte"], 8.0, rtol=1e-6)  # log2(256), closed form
     np.testing.assert_allclose(m["eval_bits_per_token"], 8.0, rtol=1e-6)
     np.testing.assert_allclose(m["eval_loss"], math.log(256), rtol=1e-6)
     np.testing.assert_allclose(m["eval_perplexity"], 256.0, rtol=1e-5)
     # num_batches caps the pass: one batch reads batch_size rows' worth of targets
-    one = evaluate(None, make_eval_step(uniform_bytes_apply), data, text_cfg.data.batch_size,
-                   token_bytes_for(text_cfg.data, V), num_batches=1)
+    one = evaluate(
+        None,
+        make_eval_step(uniform_bytes_apply),
+        data,
+        text_cfg.data.batch_size,
+        token_bytes_for(text_cfg.data, V),
+        num_batches=1,
+    )
     assert one["eval_tokens"] == sum(float(src[i]["weights"].sum()) for i in range(text_cfg.data.batch_size))
 
 
@@ -54,8 +70,9 @@ def test_summarize_bits_per_byte_counts_bytes_not_tokens():
     np.testing.assert_allclose(m["eval_bits_per_token"], 6 / math.log(2))
     np.testing.assert_allclose(m["eval_bits_per_byte"], 2 / math.log(2))
     assert m["eval_accuracy"] == 0.4
-    assert "eval_bits_per_byte" not in summarize(dict(loss_sum=1.0, correct_sum=0.0, weight_sum=1.0, bytes_sum=0.0),
-                                                 per_byte=False)
+    assert "eval_bits_per_byte" not in summarize(
+        dict(loss_sum=1.0, correct_sum=0.0, weight_sum=1.0, bytes_sum=0.0), per_byte=False
+    )
 
 
 def test_synthetic_tasks_need_a_batch_count():

@@ -110,18 +110,41 @@ def test_gradient_accumulation_matches_one_big_batch():
 
 
 def test_weight_decay_mask():
-    params = {"params": {"embed": {"embedding": jnp.ones((4, 2))}, "layers_0": {"W_in": {"kernel": jnp.ones((2, 4)),
-              "bias": jnp.ones(4)}, "ln": {"scale": jnp.ones(2)}, "gamma_bias": jnp.ones(())}}}
+    params = {
+        "params": {
+            "embed": {"embedding": jnp.ones((4, 2))},
+            "layers_0": {
+                "W_in": {"kernel": jnp.ones((2, 4)), "bias": jnp.ones(4)},
+                "ln": {"scale": jnp.ones(2)},
+                "gamma_bias": jnp.ones(()),
+            },
+        }
+    }
     mask = decay_mask(params)["params"]
     assert mask["layers_0"]["W_in"]["kernel"] is True
-    assert not any([mask["embed"]["embedding"], mask["layers_0"]["W_in"]["bias"], mask["layers_0"]["ln"]["scale"],
-                    mask["layers_0"]["gamma_bias"]])
+    assert not any(
+        [
+            mask["embed"]["embedding"],
+            mask["layers_0"]["W_in"]["bias"],
+            mask["layers_0"]["ln"]["scale"],
+            mask["layers_0"]["gamma_bias"],
+        ]
+    )
 
 
 def test_an_eval_split_too_small_for_one_batch_fails_before_training(tmp_path):
     """Before, eval read zero batches and reported loss 0 / accuracy 0; now the run stops up front."""
     (tmp_path / "doc.txt").write_bytes(b"abcdefgh" * 100)  # 801 tokens: 25 rows of 32, 1 for eval
     with pytest.raises(ValueError, match=r"eval split has 1 rows.*data.batch_size=8"):
-        _run(tmp_path, "small_eval", ["data.task=text", f"data.text.path={tmp_path / 'doc.txt'}",
-                                      "data.text.max_bytes=0", "train.steps=6", "optim.warmup_steps=1"])
+        _run(
+            tmp_path,
+            "small_eval",
+            [
+                "data.task=text",
+                f"data.text.path={tmp_path / 'doc.txt'}",
+                "data.text.max_bytes=0",
+                "train.steps=6",
+                "optim.warmup_steps=1",
+            ],
+        )
     assert not os.path.exists(tmp_path / "small_eval" / "checkpoints")  # nothing was trained

@@ -19,9 +19,13 @@ def _setup(tie: bool):
     model = SessaLM(cfg)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, V, (B, T + 1)).astype(np.int32)
-    batch = dict(inputs=jnp.asarray(tokens[:, :-1]), targets=jnp.asarray(tokens[:, 1:]),
-                 weights=jnp.asarray((rng.random((B, T)) > 0.2).astype(np.float32)),
-                 segment_ids=jnp.ones((B, T), jnp.int32), positions=jnp.broadcast_to(jnp.arange(T), (B, T)))
+    batch = dict(
+        inputs=jnp.asarray(tokens[:, :-1]),
+        targets=jnp.asarray(tokens[:, 1:]),
+        weights=jnp.asarray((rng.random((B, T)) > 0.2).astype(np.float32)),
+        segment_ids=jnp.ones((B, T), jnp.int32),
+        positions=jnp.broadcast_to(jnp.arange(T), (B, T)),
+    )
     params = model.init(jax.random.PRNGKey(0), batch["inputs"])
     return model, params, batch
 
@@ -56,7 +60,7 @@ def _all_shapes(jaxpr) -> set:
     for eqn in jaxpr.eqns:
         shapes.update(tuple(v.aval.shape) for v in eqn.outvars)
         for p in eqn.params.values():
-            for j in (p if isinstance(p, (list, tuple)) else [p]):
+            for j in p if isinstance(p, (list, tuple)) else [p]:
                 inner = getattr(j, "jaxpr", None)
                 if inner is not None and hasattr(inner, "eqns"):
                     shapes |= _all_shapes(inner)

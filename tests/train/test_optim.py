@@ -30,8 +30,10 @@ def _decayed(params, decay_embeddings=False) -> set:
 
 
 def _leaf_names(params) -> set:
-    return {re.sub(r"layers_\d+", "layers", jax.tree_util.keystr(p))
-            for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    return {
+        re.sub(r"layers_\d+", "layers", jax.tree_util.keystr(p))
+        for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
 
 
 @pytest.mark.parametrize("kind", ["sessa", "transformer", "mamba"])
@@ -61,8 +63,11 @@ def test_embeddings_are_decayed_when_the_config_says_so():
     state = tx.init(p)
     for _ in range(cfg.optim.warmup_steps + 1):  # past the warmup, where the lr is not 0
         updates, state = tx.update(zeros, state, p)
-    moved = {re.sub(r"layers_\d+", "layers", jax.tree_util.keystr(k))
-             for k, u in jax.tree_util.tree_flatten_with_path(updates)[0] if bool(jnp.any(u != 0))}
+    moved = {
+        re.sub(r"layers_\d+", "layers", jax.tree_util.keystr(k))
+        for k, u in jax.tree_util.tree_flatten_with_path(updates)[0]
+        if bool(jnp.any(u != 0))
+    }
     assert moved == _decayed(params, decay_embeddings=True)
 
 
@@ -75,22 +80,35 @@ def _optax_reference(kind: str, lr: float, warmup: int, steps: int, end: float, 
         return optax.join_schedules([warm, optax.linear_schedule(lr, end, steps - warmup)], [warmup])
     if kind == "constant":
         return optax.join_schedules([warm, optax.constant_schedule(lr)], [warmup])
-    return optax.join_schedules([warm, optax.constant_schedule(lr), optax.linear_schedule(lr, end, steps - decay_start)],
-                                [warmup, decay_start])
+    return optax.join_schedules(
+        [warm, optax.constant_schedule(lr), optax.linear_schedule(lr, end, steps - decay_start)], [warmup, decay_start]
+    )
 
 
 @pytest.mark.parametrize("kind", ["cosine", "linear", "constant", "wsd"])
 def test_schedules_match_optax_built_references(kind):
     steps, warmup, lr, ratio, frac = 40, 6, 2e-3, 0.1, 0.25
-    cfg = load_config("tiny", [f"optim.schedule={kind}", f"train.steps={steps}", f"optim.warmup_steps={warmup}",
-                               f"optim.lr={lr}", f"optim.min_lr_ratio={ratio}", f"optim.decay_fraction={frac}"])
+    cfg = load_config(
+        "tiny",
+        [
+            f"optim.schedule={kind}",
+            f"train.steps={steps}",
+            f"optim.warmup_steps={warmup}",
+            f"optim.lr={lr}",
+            f"optim.min_lr_ratio={ratio}",
+            f"optim.decay_fraction={frac}",
+        ],
+    )
     ours = learning_rate_schedule(cfg.optim, steps)
     ref = _optax_reference(kind, lr, warmup, steps, lr * ratio, steps - math.ceil(frac * steps))
     got = np.array([ours(c) for c in range(steps + 3)])
     want = np.array([float(ref(c)) for c in range(steps + 3)])
     np.testing.assert_allclose(got, want, rtol=4 * np.finfo(np.float32).eps, atol=lr * np.finfo(np.float32).eps)
-    assert got[0] == 0 and got[warmup] == pytest.approx(lr) and got[-1] == pytest.approx(lr if kind == "constant"
-                                                                                           else lr * ratio)
+    assert (
+        got[0] == 0
+        and got[warmup] == pytest.approx(lr)
+        and got[-1] == pytest.approx(lr if kind == "constant" else lr * ratio)
+    )
 
 
 def test_bad_schedule_settings_name_the_key():
@@ -119,10 +137,16 @@ def test_the_loops_train_step_does_not_depend_on_the_schedules_numbers(tmp_path,
 
     monkeypatch.setattr(loop, "make_train_step", capture)
     base = ["train.progress=False", "train.eval_batches=1", "checkpoint.every=0", "train.compilation_cache="]
-    loop.train(load_config("tiny", base + ["train.steps=3", "optim.warmup_steps=1"]), str(tmp_path / "a"),
-               log=lambda s: None)
-    loop.train(load_config("tiny", base + ["train.steps=5", "optim.warmup_steps=2", "optim.lr=0.01",
-                                           "optim.min_lr_ratio=0.5"]), str(tmp_path / "b"), log=lambda s: None)
+    loop.train(
+        load_config("tiny", base + ["train.steps=3", "optim.warmup_steps=1"]), str(tmp_path / "a"), log=lambda s: None
+    )
+    loop.train(
+        load_config(
+            "tiny", base + ["train.steps=5", "optim.warmup_steps=2", "optim.lr=0.01", "optim.min_lr_ratio=0.5"]
+        ),
+        str(tmp_path / "b"),
+        log=lambda s: None,
+    )
     (fn_a, hlo_a, sched_a, tx_a), (_, hlo_b, sched_b, _) = made
     assert hlo_a == hlo_b
     assert sched_a and sched_a != sched_b  # the numbers differ, as inputs

@@ -23,9 +23,8 @@ from sessa_jax.train import loop
 from sessa_jax.train import workdir as wd
 from sessa_jax.train.config import load_config
 from sessa_jax.train.metrics import read_jsonl
-
-from tests.support.processes import TIMEOUT_S, wait_for
 from tests.support.gcs_emulator import UNSET, Emulator, EmulatorUnavailable, client_env
+from tests.support.processes import TIMEOUT_S, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUCKET = "bucket"
@@ -82,14 +81,20 @@ def _committed_steps(run: str) -> list[int]:
 def _start(gcs, cwd, workdir, step_delay_s=None):
     env = {k: v for k, v in os.environ.items() if k not in UNSET}
     # Every program goes to the compilation cache, however fast it compiled: the test sees it in the bucket.
-    env.update(gcs["env"], JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    env.update(
+        gcs["env"],
+        JAX_PLATFORMS="cpu",
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
+    )
     # tests/support/slow_train.py is train.py sleeping step_delay_s after each step.
-    script = ([os.path.join(REPO, "train.py")] if step_delay_s is None
-              else [os.path.join(REPO, "tests", "support", "slow_train.py"), str(step_delay_s)])
+    script = (
+        [os.path.join(REPO, "train.py")]
+        if step_delay_s is None
+        else [os.path.join(REPO, "tests", "support", "slow_train.py"), str(step_delay_s)]
+    )
     cmd = [sys.executable, *script, "--config=tiny", f"--workdir={workdir}", *[f"--config.{a}" for a in ARGS]]
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
 
 
 def _losses(path):
@@ -192,12 +197,15 @@ def test_bucket_lock_of_a_dead_pid_on_this_host_is_taken_at_once(gcs):
         assert holder["pid"] == os.getpid()
 
 
-@pytest.mark.parametrize("workdir, match", [
-    ("s3://bucket/run", r"s3:// is not supported"),
-    ("az://container/run", r"az:// is not supported"),
-    ("gs:/bucket/run", r"single slash"),
-    ("gs://Bucket/run", r"not a GCS bucket name"),
-])
+@pytest.mark.parametrize(
+    "workdir, match",
+    [
+        ("s3://bucket/run", r"s3:// is not supported"),
+        ("az://container/run", r"az:// is not supported"),
+        ("gs:/bucket/run", r"single slash"),
+        ("gs://Bucket/run", r"not a GCS bucket name"),
+    ],
+)
 def test_an_unsupported_workdir_url_is_refused_before_anything_is_written(tmp_path, monkeypatch, workdir, match):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(wd.WorkdirError, match=match):
@@ -229,8 +237,9 @@ def test_renaming_a_step_in_a_bucket_moves_every_object_under_it(gcs):
     for name in ("5/params/a", "5/params/d/b", "5/meta/c", "6/params/a"):
         wd.write_bytes(f"{root}/{name}", name.encode())
     wd.rename(f"{root}/5", f"{root}/5.damaged")
-    assert sorted(_objects("mv/")) == [f"mv/checkpoints/5.damaged/{n}" for n in ("meta/c", "params/a", "params/d/b")] \
-        + ["mv/checkpoints/6/params/a"]
+    assert sorted(_objects("mv/")) == [
+        f"mv/checkpoints/5.damaged/{n}" for n in ("meta/c", "params/a", "params/d/b")
+    ] + ["mv/checkpoints/6/params/a"]
     assert wd.read_bytes(f"{root}/5.damaged/params/d/b") == b"5/params/d/b"
     assert not wd.exists(f"{root}/5") and wd.isdir(f"{root}/5.damaged")
 

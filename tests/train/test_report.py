@@ -19,8 +19,14 @@ from sessa_jax.train.config import load_config
 from sessa_jax.train.metrics import read_jsonl
 
 STEP_KEYS = {"loss", "accuracy", "grad_norm", "lr", "step_time_s", "tokens_per_s", "mfu"}
-EVAL_KEYS = {"eval_loss", "eval_accuracy", "eval_perplexity", "eval_bits_per_token", "eval_bits_per_byte",
-             "eval_tokens"}
+EVAL_KEYS = {
+    "eval_loss",
+    "eval_accuracy",
+    "eval_perplexity",
+    "eval_bits_per_token",
+    "eval_bits_per_byte",
+    "eval_tokens",
+}
 
 
 def _tensorboard_tags(tb_dir: str) -> set:
@@ -46,11 +52,29 @@ def text_run(tmp_path_factory):
     for i in range(4):
         (corpus / f"d{i}.txt").write_bytes(b" ".join(words[j] for j in rng.integers(0, 5, 300)))
     workdir = str(tmp_path_factory.mktemp("run"))
-    cfg = load_config("text_bytes", [
-        f"data.text.path={corpus}", "data.seq_len=32", "data.batch_size=4", "data.text.eval_fraction=0.2",
-        "model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.chunk_size=16", "model.max_len=32",
-        "optim.warmup_steps=1", "train.steps=4", "train.log_every=2", "train.eval_every=0", "train.progress=False",
-        "train.loss_chunk=8", "train.profile_steps=2:4", "metrics.peak_tflops=1.0", "checkpoint.every=0"])
+    cfg = load_config(
+        "text_bytes",
+        [
+            f"data.text.path={corpus}",
+            "data.seq_len=32",
+            "data.batch_size=4",
+            "data.text.eval_fraction=0.2",
+            "model.d_model=32",
+            "model.n_heads=2",
+            "model.n_layers=1",
+            "model.chunk_size=16",
+            "model.max_len=32",
+            "optim.warmup_steps=1",
+            "train.steps=4",
+            "train.log_every=2",
+            "train.eval_every=0",
+            "train.progress=False",
+            "train.loss_chunk=8",
+            "train.profile_steps=2:4",
+            "metrics.peak_tflops=1.0",
+            "checkpoint.every=0",
+        ],
+    )
     lines = []
     result = loop.train(cfg, workdir, log=lines.append)
     return cfg, workdir, result, lines
@@ -83,8 +107,8 @@ def test_a_finished_run_says_what_acc_means_where_it_is_and_what_to_run_next(tmp
     assert ids[-3:] == [0, 0, key] and len(context) == 2 * m.num_kv_pairs
     assert context[0::2].index(key) == context[1::2].index(value)  # the value the comment names is the key's
     command = shlex.split(sample.split("#")[0])
-    assert sample_main(command[command.index("--run"):]) == 0  # runs as printed against this run
-    assert capsys.readouterr().out.split()[:len(ids)] == [str(t) for t in ids]
+    assert sample_main(command[command.index("--run") :]) == 0  # runs as printed against this run
+    assert capsys.readouterr().out.split()[: len(ids)] == [str(t) for t in ids]
 
     again = []  # the same command on the finished workdir trains nothing and says so
     assert loop.train(cfg, workdir, log=again.append).step == 3
@@ -137,7 +161,8 @@ def test_wandb_resumes_the_same_run_id(tmp_path, monkeypatch):
     here, kept in the workdir and handed back on resume (the real package: tests/train/test_wandb.py)."""
     calls = []
     fake = types.SimpleNamespace(
-        init=lambda **kw: calls.append(kw) or types.SimpleNamespace(log=lambda *a, **k: None, finish=lambda: None))
+        init=lambda **kw: calls.append(kw) or types.SimpleNamespace(log=lambda *a, **k: None, finish=lambda: None)
+    )
     monkeypatch.setitem(sys.modules, "wandb", fake)
     first = report.WandbLogger(str(tmp_path), "proj", "", {"a": 1})
     second = report.WandbLogger(str(tmp_path), "proj", "", {"a": 1})
@@ -197,6 +222,7 @@ def test_step_times_cover_each_step_only_and_every_mfu_is_at_most_one(tmp_path, 
             out = fn(*args, **kwargs)
             fake.now += seconds
             return out
+
         return wrapped
 
     real_make = loop.make_train_step
@@ -204,8 +230,18 @@ def test_step_times_cover_each_step_only_and_every_mfu_is_at_most_one(tmp_path, 
     monkeypatch.setattr(loop, "global_batch", costs(loop.global_batch, 0.25))
     monkeypatch.setattr(loop, "evaluate_params", costs(loop.evaluate_params, 100.0))
     monkeypatch.setattr(ckpt, "save", costs(ckpt.save, 50.0))
-    cfg = load_config("tiny", ["train.steps=6", "optim.warmup_steps=1", "train.log_every=2", "train.eval_every=2",
-                               "checkpoint.every=3", "train.eval_batches=1", "metrics.peak_tflops=1e-4"])
+    cfg = load_config(
+        "tiny",
+        [
+            "train.steps=6",
+            "optim.warmup_steps=1",
+            "train.log_every=2",
+            "train.eval_every=2",
+            "checkpoint.every=3",
+            "train.eval_batches=1",
+            "metrics.peak_tflops=1e-4",
+        ],
+    )
     workdir = str(tmp_path / "run")
     lines = []
     loop.train(cfg, workdir, log=lines.append)

@@ -12,7 +12,6 @@ from sessa_jax.train import checkpoint as ckpt
 from sessa_jax.train import loop
 from sessa_jax.train.config import load_config
 from sessa_jax.train.metrics import read_jsonl
-
 from tests.support.processes import TIMEOUT_S, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -21,15 +20,20 @@ ARGS = ["train.steps=40", "checkpoint.every=10", "train.progress=False", "checkp
 
 
 def _start(workdir, extra=(), step_delay_s=0.1):
-    cmd = [sys.executable, SLOW_TRAIN, str(step_delay_s), "--config=tiny", f"--workdir={workdir}",
-           *[f"--config.{a}" for a in (*ARGS, *extra)]]
+    cmd = [
+        sys.executable,
+        SLOW_TRAIN,
+        str(step_delay_s),
+        "--config=tiny",
+        f"--workdir={workdir}",
+        *[f"--config.{a}" for a in (*ARGS, *extra)],
+    ]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _complete_steps(workdir):
     d = os.path.join(workdir, "checkpoints")
     return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if os.path.isdir(d) else []
-
 
 
 def _losses_by_step(workdir):

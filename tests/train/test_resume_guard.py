@@ -18,8 +18,15 @@ from sessa_jax.train.resume_guard import ResumeError
 from sessa_jax.train.state import abstract_state, build_model
 
 # A transformer block keeps the compile short; the guards do not depend on the mixer.
-ARGS = ["train.steps=8", "checkpoint.every=4", "optim.warmup_steps=2", "train.progress=False", "model.kind=transformer",
-        "train.eval_batches=1", "checkpoint.async_save=False"]
+ARGS = [
+    "train.steps=8",
+    "checkpoint.every=4",
+    "optim.warmup_steps=2",
+    "train.progress=False",
+    "model.kind=transformer",
+    "train.eval_batches=1",
+    "checkpoint.async_save=False",
+]
 
 
 def _cfg(*extra):
@@ -46,12 +53,15 @@ def _data_state(workdir, step):
         return json.load(f)
 
 
-@pytest.mark.parametrize("override, key, saved, now", [
-    ("data.batch_size=16", "data.batch_size", "8", "16"),
-    ("data.seed=3", "data.seed", "0", "3"),
-    ("model.d_model=64", "model.d_model", "32", "64"),
-    ("model.kind=sessa", "model.kind", "'transformer'", "'sessa'"),
-])
+@pytest.mark.parametrize(
+    "override, key, saved, now",
+    [
+        ("data.batch_size=16", "data.batch_size", "8", "16"),
+        ("data.seed=3", "data.seed", "0", "3"),
+        ("model.d_model=64", "model.d_model", "32", "64"),
+        ("model.kind=sessa", "model.kind", "'transformer'", "'sessa'"),
+    ],
+)
 def test_a_changed_config_is_refused_naming_the_key(finished, tmp_path, override, key, saved, now):
     workdir = _copy(finished, tmp_path)
     with pytest.raises(ResumeError, match=rf"{key}: saved {saved}, now {now}") as e:
@@ -103,8 +113,11 @@ def test_an_allowed_batch_size_change_resumes_at_the_same_example(finished, tmp_
     workdir = _copy(finished, tmp_path)
     shutil.rmtree(os.path.join(workdir, "checkpoints", "8"))  # resume from step 4: 32 examples read
     logs = []
-    result = loop.train(_cfg("data.batch_size=4", "train.steps=6",
-                             "train.allow_config_change=data.batch_size,train.steps"), workdir, log=logs.append)
+    result = loop.train(
+        _cfg("data.batch_size=4", "train.steps=6", "train.allow_config_change=data.batch_size,train.steps"),
+        workdir,
+        log=logs.append,
+    )
     assert result.step == 6
     assert any("data.batch_size changed from 8 to 4" in s for s in logs)
     assert _data_state(workdir, 6) == {"examples": 32 + 2 * 4, "batch_size": 4}
@@ -113,6 +126,7 @@ def test_an_allowed_batch_size_change_resumes_at_the_same_example(finished, tmp_
 
 
 # ---- damaged checkpoints ----
+
 
 def _largest(directory):
     files = [os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs]
@@ -142,7 +156,7 @@ def _flip_bytes(step_dir):
     with open(path, "r+b") as f:
         data = bytearray(f.read())
         mid = len(data) // 2
-        data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+        data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])
         f.seek(0)
         f.write(data)
 
@@ -152,8 +166,9 @@ def _restore_target(cfg):
     return abstract_state(model, tx, cfg.train.seed, cfg.data.seq_len)
 
 
-@pytest.mark.parametrize("damage", [_delete_array_file, _truncate_array_file, _empty_metadata, _missing_item,
-                                    _flip_bytes])
+@pytest.mark.parametrize(
+    "damage", [_delete_array_file, _truncate_array_file, _empty_metadata, _missing_item, _flip_bytes]
+)
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(finished, tmp_path, damage):
     workdir = _copy(finished, tmp_path)
     directory = os.path.join(workdir, "checkpoints")
@@ -222,6 +237,7 @@ def test_training_resumes_past_a_damaged_step_and_redoes_it_identically(finished
 
 
 # ---- changed data sources ----
+
 
 def _text_corpus(tmp_path, n=3, size=1500):
     d = tmp_path / "corpus"
@@ -292,8 +308,14 @@ def test_training_refuses_to_resume_on_changed_data_until_allowed(tmp_path):
     for damage: no step is moved aside), and the flag lets the run go on."""
     d = _text_corpus(tmp_path)
     workdir = str(tmp_path / "run")
-    text_args = ["data.task=text", f"data.text.path={d}", "data.seq_len=32", "data.text.eval_fraction=0.2",
-                 "train.steps=4", "checkpoint.every=2"]
+    text_args = [
+        "data.task=text",
+        f"data.text.path={d}",
+        "data.seq_len=32",
+        "data.text.eval_fraction=0.2",
+        "train.steps=4",
+        "checkpoint.every=2",
+    ]
     loop.train(_cfg(*text_args), workdir, log=lambda s: None)
     with open(d / "doc0.txt", "ab") as f:
         f.write(b"appended after the run\n")

@@ -17,19 +17,36 @@ from sessa_jax.train.config import load_config  # noqa: E402
 
 @pytest.fixture
 def offline(tmp_path, monkeypatch):
-    for key, value in dict(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp_path / "wandb_dir"),
-                           WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"), WANDB_CACHE_DIR=str(tmp_path / "wandb_cache"),
-                           WANDB_DATA_DIR=str(tmp_path / "wandb_data"), WANDB_DISABLE_GIT="true",
-                           WANDB_DISABLE_CODE="true").items():
+    for key, value in dict(
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        WANDB_DIR=str(tmp_path / "wandb_dir"),
+        WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"),
+        WANDB_CACHE_DIR=str(tmp_path / "wandb_cache"),
+        WANDB_DATA_DIR=str(tmp_path / "wandb_data"),
+        WANDB_DISABLE_GIT="true",
+        WANDB_DISABLE_CODE="true",
+    ).items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     return tmp_path
 
 
 def _run(workdir, steps, extra=()):
-    cfg = load_config("tiny", ["metrics.wandb=True", "metrics.wandb_project=sessa-test", f"train.steps={steps}",
-                               "optim.warmup_steps=1", "train.log_every=2", "train.progress=False",
-                               "train.eval_batches=1", "train.compilation_cache=", *extra])
+    cfg = load_config(
+        "tiny",
+        [
+            "metrics.wandb=True",
+            "metrics.wandb_project=sessa-test",
+            f"train.steps={steps}",
+            "optim.warmup_steps=1",
+            "train.log_every=2",
+            "train.progress=False",
+            "train.eval_batches=1",
+            "train.compilation_cache=",
+            *extra,
+        ],
+    )
     return loop.train(cfg, workdir, log=lambda s: None)
 
 

@@ -15,8 +15,15 @@ from sessa_jax.train.metrics import read_jsonl
 from sessa_jax.train.workdir import WorkdirError, repair_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ARGS = ["train.steps=10", "checkpoint.every=10", "train.progress=False", "model.kind=transformer",
-        "train.eval_batches=1", "checkpoint.async_save=False", "optim.warmup_steps=2"]
+ARGS = [
+    "train.steps=10",
+    "checkpoint.every=10",
+    "train.progress=False",
+    "model.kind=transformer",
+    "train.eval_batches=1",
+    "checkpoint.async_save=False",
+    "optim.warmup_steps=2",
+]
 
 
 def _cfg(*extra):
@@ -46,11 +53,20 @@ def _train_py():
 def test_a_second_run_on_a_locked_workdir_fails_at_once_naming_the_holder(tmp_path):
     workdir = tmp_path / "busy"
     workdir.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, sys, time\n"
-        f"fd = os.open({str(workdir / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, f'{os.getpid()}\\n'.encode())\n"
-        "print('locked', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import fcntl, os, sys, time\n"
+                f"fd = os.open({str(workdir / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+                "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, f'{os.getpid()}\\n'.encode())\n"
+                "print('locked', flush=True); time.sleep(60)\n"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(WorkdirError, match=rf"in use by another run \(pid {holder.pid},"):
@@ -103,11 +119,16 @@ def test_a_damaged_metrics_line_that_is_not_the_last_is_named(tmp_path):
         repair_metrics(str(tmp_path), log=lambda s: None)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["--config.mesh.data=2"], r"mesh"),
-    (["--config.data.task=text", "--config.data.text.arrayrecord_dir=/nonexistent/shards"],
-     r"arrayrecord_dir='/nonexistent/shards' does not exist"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--config.mesh.data=2"], r"mesh"),
+        (
+            ["--config.data.task=text", "--config.data.text.arrayrecord_dir=/nonexistent/shards"],
+            r"arrayrecord_dir='/nonexistent/shards' does not exist",
+        ),
+    ],
+)
 def test_train_py_reports_errors_after_start_up_without_a_traceback(tmp_path, capsys, overrides, message):
     code = _train_py().main(["--config=tiny", f"--workdir={tmp_path / 'w'}", *overrides])
     err = capsys.readouterr().err
@@ -118,9 +139,16 @@ def test_train_py_reports_errors_after_start_up_without_a_traceback(tmp_path, ca
 
 def test_train_py_reports_a_too_small_eval_split(tmp_path, capsys):
     (tmp_path / "doc.txt").write_bytes(b"abcdefgh" * 100)
-    code = _train_py().main(["--config=tiny", f"--workdir={tmp_path / 'w'}", "--config.data.task=text",
-                             f"--config.data.text.path={tmp_path / 'doc.txt'}", "--config.train.steps=6",
-                             "--config.optim.warmup_steps=1"])
+    code = _train_py().main(
+        [
+            "--config=tiny",
+            f"--workdir={tmp_path / 'w'}",
+            "--config.data.task=text",
+            f"--config.data.text.path={tmp_path / 'doc.txt'}",
+            "--config.train.steps=6",
+            "--config.optim.warmup_steps=1",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "eval split has 1 rows" in err and "Traceback" not in err
 

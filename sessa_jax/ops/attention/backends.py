@@ -51,14 +51,17 @@ def _constant_segments(segment_ids) -> bool:
 
 def _cudnn_attention(q, k, v, segment_ids):
     if jnp.dtype(q.dtype).name not in ("bfloat16", "float16") or not (q.dtype == k.dtype == v.dtype):
-        raise NotImplementedError(f"cuDNN attention needs bfloat16/float16 q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise NotImplementedError(
+            f"cuDNN attention needs bfloat16/float16 q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if q.shape[-1] > 128 or q.shape[-1] % 8:
         raise NotImplementedError(f"cuDNN attention needs head_dim <= 128, multiple of 8; got {q.shape[-1]}")
     if not _constant_segments(segment_ids):
         raise NotImplementedError("cuDNN path has no packed segment_ids; pass None when not packing")
     try:
-        return jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), is_causal=True,
-                                            implementation="cudnn")
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), is_causal=True, implementation="cudnn"
+        )
     except RuntimeError as err:  # e.g. "cuDNN is not detected"
         raise NotImplementedError(f"cuDNN attention unavailable: {err}") from err
 
@@ -80,8 +83,16 @@ def _splash_attention(q, k, v, segment_ids, interpret):
     t_pad = -(-t // 128) * 128
     pad = lambda x: jnp.pad(x, [(0, 0), (0, t_pad - t)] + [(0, 0)] * (x.ndim - 2))
     blk = _block(t_pad)
-    sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
-                          block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
+    sizes = sk.BlockSizes(
+        block_q=blk,
+        block_kv=blk,
+        block_kv_compute=blk,
+        block_q_dkv=blk,
+        block_kv_dkv=blk,
+        block_kv_dkv_compute=blk,
+        block_q_dq=blk,
+        block_kv_dq=blk,
+    )
     mask = sm.MultiHeadMask([sm.CausalMask((t_pad, t_pad)) for _ in range(grp)])
     kernel = sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
     # (B, T, Hkv, G, K) -> (B, Hkv, G, T, K); k, v -> (B, Hkv, T, K)
@@ -92,8 +103,9 @@ def _splash_attention(q, k, v, segment_ids, interpret):
         out = jax.vmap(per_kv)(qg, kk, vv)
     else:
         seg = pad(segment_ids.astype(jnp.int32))
-        per_kv = jax.vmap(lambda qh, kh, vh, s: kernel(qh, kh, vh, segment_ids=sk.SegmentIds(q=s, kv=s)),
-                          in_axes=(0, 0, 0, None))
+        per_kv = jax.vmap(
+            lambda qh, kh, vh, s: kernel(qh, kh, vh, segment_ids=sk.SegmentIds(q=s, kv=s)), in_axes=(0, 0, 0, None)
+        )
         out = jax.vmap(per_kv)(qg, kk, vv, seg)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t_pad, h, kd)[:, :t].astype(v.dtype)
 

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sessa_jax.ops.solve.blocked import BlockedPlan
 from sessa_jax.ops.masks import PAD_SEGMENT, pad_time, prefix_mask, row_dot
+from sessa_jax.ops.solve.blocked import BlockedPlan
 
 _HI = lax.Precision.HIGHEST
 
@@ -116,8 +116,11 @@ def _backward(plan: BlockedPlan, res, d_out):
             dq_i = dq_i + jnp.einsum("bhgcs,bhsk->bhgck", dlogits, k_j, precision=_HI)
             dk_j = _chunk(dk, k0, c, 2) + jnp.einsum("bhgcs,bhgck->bhsk", dlogits, q_i, precision=_HI)
             dv_j = _chunk(dv, k0, c, 2) + jnp.einsum("bhgcs,bhgck->bhsk", p, do_i, precision=_HI)
-            return (dq_i, lax.dynamic_update_slice_in_dim(dk, dk_j, k0, axis=2),
-                    lax.dynamic_update_slice_in_dim(dv, dv_j, k0, axis=2))
+            return (
+                dq_i,
+                lax.dynamic_update_slice_in_dim(dk, dk_j, k0, axis=2),
+                lax.dynamic_update_slice_in_dim(dv, dv_j, k0, axis=2),
+            )
 
         dk, dv = carry
         state = tile(i, (jnp.zeros_like(q_i), dk, dv), diagonal=True)
@@ -131,13 +134,14 @@ def _backward(plan: BlockedPlan, res, d_out):
 # Panel schedule: query chunk i attends to its whole causal prefix, keys [0, (i + 1) C), in
 # one (C, (i + 1) C) product per head, with an exact (not online) softmax. The chunks are
 # unrolled in Python (static shapes), so each panel is one large op instead of a loop of
-# i + 1 small tiles, for small problems where per-tile overheads dominate. Panels hold (B, Hkv, G, C, <=T) logits, so callers keep it to short sequences.
+# i + 1 small tiles, for small problems where per-tile overheads dominate. Panels hold (B, Hkv, G, C, <=T)
+# logits, so callers keep it to short sequences.
 
 
 def _panel(q, k, i: int, c: int, seg):
     """Logits of query chunk i against keys [0, (i + 1) C): (B, Hkv, G, C, (i + 1) C), -inf masked."""
     end = (i + 1) * c
-    logits = jnp.einsum("bhgck,bhsk->bhgcs", q[:, :, :, i * c:end], k[:, :, :end], precision=_HI)
+    logits = jnp.einsum("bhgck,bhsk->bhgcs", q[:, :, :, i * c : end], k[:, :, :end], precision=_HI)
     return jnp.where(prefix_mask(i * c, c, seg, strict=False)[:, None, None], logits, -jnp.inf)
 
 
@@ -149,7 +153,7 @@ def _panels_forward(plan: BlockedPlan, q, k, v, seg):
         m = jnp.max(logits, axis=-1, keepdims=True)  # finite: every row sees its own key
         p = jnp.exp(logits - m)
         l = jnp.sum(p, axis=-1, keepdims=True)
-        outs.append(jnp.einsum("bhgcs,bhsk->bhgck", p, v[:, :, :(i + 1) * c], precision=_HI) / l)
+        outs.append(jnp.einsum("bhgcs,bhsk->bhgck", p, v[:, :, : (i + 1) * c], precision=_HI) / l)
         lses.append((m + jnp.log(l))[..., 0])
     return jnp.concatenate(outs, axis=3), jnp.stack(lses)
 

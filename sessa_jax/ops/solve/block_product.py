@@ -21,8 +21,20 @@ from jax import lax
 from sessa_jax.ops.solve.precision import chained_dot, difference_dot, logits_dot, split_bf16
 
 
-def block_probs(q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, *, scale: float, tier: str,
-                platform: str | None = None, fuse_exp: bool = True, causal: bool = False):
+def block_probs(
+    q_rows,
+    seg_rows,
+    m_rows,
+    logl_rows,
+    k_keys,
+    seg_keys,
+    *,
+    scale: float,
+    tier: str,
+    platform: str | None = None,
+    fuse_exp: bool = True,
+    causal: bool = False,
+):
     """A[R, K] = exp((q k^T * scale - m) - logl) where the segments match, else 0; (B, R, K) float32.
 
     q_rows (B, R, D), seg/m/logl_rows (B, R); k_keys (B, K, D), seg_keys (B, K); every key precedes
@@ -42,22 +54,45 @@ def block_probs(q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, *, scale:
     allowed = None if seg_rows is None else seg_rows[:, :, None] == seg_keys[:, None, :]
     if causal:
         rows, keys = logits.shape[1:]
-        below = (lax.broadcasted_iota(jnp.int32, (rows, keys), 1) < lax.broadcasted_iota(jnp.int32, (rows, keys), 0))
+        below = lax.broadcasted_iota(jnp.int32, (rows, keys), 1) < lax.broadcasted_iota(jnp.int32, (rows, keys), 0)
         allowed = below[None] if allowed is None else allowed & below[None]
     if allowed is None:
         return jnp.exp(z)
     return jnp.where(allowed, jnp.exp(z), 0.0)
 
 
-def block_product(q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, s_keys, *, scale: float, tier: str,
-                  logits_tier: str | None = None, platform: str | None = None, fuse_exp: bool = True):
+def block_product(
+    q_rows,
+    seg_rows,
+    m_rows,
+    logl_rows,
+    k_keys,
+    seg_keys,
+    s_keys,
+    *,
+    scale: float,
+    tier: str,
+    logits_tier: str | None = None,
+    platform: str | None = None,
+    fuse_exp: bool = True,
+):
     """A[R, K] @ s[K] (``block_probs``), (B, R, D) in s_keys' dtype; s_keys (B, K, D).
 
     ``tier``: the chained product's precision tier (``precision.chained_dot``); ``logits_tier``: the
     logits product's (default ``tier``). Same arguments and result as ``tpu_block_product``.
     """
-    probs = block_probs(q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, scale=scale,
-                        tier=tier if logits_tier is None else logits_tier, platform=platform, fuse_exp=fuse_exp)
+    probs = block_probs(
+        q_rows,
+        seg_rows,
+        m_rows,
+        logl_rows,
+        k_keys,
+        seg_keys,
+        scale=scale,
+        tier=tier if logits_tier is None else logits_tier,
+        platform=platform,
+        fuse_exp=fuse_exp,
+    )
     return chained_dot("bpk,bkd->bpd", probs, s_keys, tier, platform)
 
 
@@ -73,13 +108,28 @@ def probs_grad(spec: str, probs, g, r, s, tier: str, platform: str | None = None
     return probs * (g_dot_s - jnp.sum(g_used * r, axis=-1, keepdims=True))
 
 
-def block_probs_and_grad(q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, g_rows, r_rows, s_keys, *,
-                         scale: float, tier: str, plain_tier: str, platform: str | None = None):
+def block_probs_and_grad(
+    q_rows,
+    seg_rows,
+    m_rows,
+    logl_rows,
+    k_keys,
+    seg_keys,
+    g_rows,
+    r_rows,
+    s_keys,
+    *,
+    scale: float,
+    tier: str,
+    plain_tier: str,
+    platform: str | None = None,
+):
     """(P, dL) of one pushed block of the backward, (B, R, K) each: ``block_probs`` at ``tier`` and
     ``probs_grad`` of it at ``plain_tier``. g_rows, r_rows (B, R, D): the rows' g and r; s_keys
     (B, K, D): the keys' s (float32); the other arguments as in ``block_probs``."""
-    probs = block_probs(q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, scale=scale, tier=tier,
-                        platform=platform)
+    probs = block_probs(
+        q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, scale=scale, tier=tier, platform=platform
+    )
     return probs, probs_grad("bpd,bkd->bpk", probs, g_rows, r_rows, s_keys, plain_tier, platform)
 
 

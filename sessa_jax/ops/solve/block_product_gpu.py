@@ -58,8 +58,15 @@ FWD_KERNEL_NAME = "sessa_block_probs_gpu"
 BWD_KERNEL_NAME = "sessa_block_probs_grad_gpu"
 _SWIZZLE = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
-__all__ = ["BLOCK_D", "BLOCK_Q", "BLOCK_K", "check_solve_support", "gpu_block_probs", "gpu_block_probs_and_grad",
-           "interpret_params"]
+__all__ = [
+    "BLOCK_D",
+    "BLOCK_Q",
+    "BLOCK_K",
+    "check_solve_support",
+    "gpu_block_probs",
+    "gpu_block_probs_and_grad",
+    "interpret_params",
+]
 
 
 def check_solve_support(width: int, tier: str, input_dtype, platform: str) -> None:
@@ -69,18 +76,26 @@ def check_solve_support(width: int, tier: str, input_dtype, platform: str) -> No
     "bfloat16"), since the kernels multiply bf16 operands; off the GPU, a JAX with the Mosaic GPU
     interpret mode."""
     if width % BLOCK_D:
-        raise ValueError(f"feedback kernels 'gpu_gemm' need the head width D a multiple of {BLOCK_D}; got D={width}: "
-                         "use kernels='xla'")
+        raise ValueError(
+            f"feedback kernels 'gpu_gemm' need the head width D a multiple of {BLOCK_D}; got D={width}: "
+            "use kernels='xla'"
+        )
     if tier not in ("bf16x3", "bfloat16"):
-        raise ValueError(f"feedback kernels 'gpu_gemm' run the tiers 'bf16x3' and 'bfloat16' (bf16 P tiles); got "
-                         f"precision {tier!r}: pass precision='bfloat16' or 'bf16x3', or use kernels='xla'")
+        raise ValueError(
+            f"feedback kernels 'gpu_gemm' run the tiers 'bf16x3' and 'bfloat16' (bf16 P tiles); got "
+            f"precision {tier!r}: pass precision='bfloat16' or 'bf16x3', or use kernels='xla'"
+        )
     if tier == "bf16x3" and jnp.dtype(input_dtype) != BF16:
-        raise ValueError("feedback kernels 'gpu_gemm' at precision 'bf16x3' need bf16 q_b and k_b (their logits are "
-                         f"one exact bf16 pass; float32 ones take six); got {jnp.dtype(input_dtype)}: cast them to "
-                         "bf16, use precision='bfloat16', or kernels='xla'")
+        raise ValueError(
+            "feedback kernels 'gpu_gemm' at precision 'bf16x3' need bf16 q_b and k_b (their logits are "
+            f"one exact bf16 pass; float32 ones take six); got {jnp.dtype(input_dtype)}: cast them to "
+            "bf16, use precision='bfloat16', or kernels='xla'"
+        )
     if platform != "gpu" and interpret_params() is None:
-        raise ValueError(f"feedback kernels 'gpu_gemm' off the GPU run in Mosaic GPU interpret mode, which jax "
-                         f"{jax.__version__} lacks (jax >= 0.11): upgrade jax, or use kernels='xla'")
+        raise ValueError(
+            f"feedback kernels 'gpu_gemm' off the GPU run in Mosaic GPU interpret mode, which jax "
+            f"{jax.__version__} lacks (jax >= 0.11): upgrade jax, or use kernels='xla'"
+        )
 
 
 def _check(op: str, q, seg_q, k, seg_k, block_q: int, block_k: int, rows_extra=(), keys_extra=()):
@@ -91,9 +106,11 @@ def _check(op: str, q, seg_q, k, seg_k, block_q: int, block_k: int, rows_extra=(
     kk = k.shape[1]
     for name, x in (("q", q), ("k", k), *rows_extra, *keys_extra):
         if x.dtype != BF16:
-            raise ValueError(f"{op}: {name} must be bfloat16 (the kernels multiply bf16 operands with fp32 "
-                             f"accumulation); got {x.dtype}: cast it, or split float32 values with "
-                             "precision.split_bf16")
+            raise ValueError(
+                f"{op}: {name} must be bfloat16 (the kernels multiply bf16 operands with fp32 "
+                f"accumulation); got {x.dtype}: cast it, or split float32 values with "
+                "precision.split_bf16"
+            )
     for name, x in rows_extra:
         if x.shape != (b, p, d):
             raise ValueError(f"{op}: {name} must have q's shape {(b, p, d)}; got {x.shape}")
@@ -103,17 +120,22 @@ def _check(op: str, q, seg_q, k, seg_k, block_q: int, block_k: int, rows_extra=(
     if (seg_q is None) != (seg_k is None):
         raise ValueError(f"{op}: give both seg_q and seg_k, or neither (no segment mask)")
     if seg_q is not None and (seg_q.shape != (b, p) or seg_k.shape != (b, kk)):
-        raise ValueError(f"{op}: want seg_q (B, P) = {(b, p)} and seg_k (B, K) = {(b, kk)}; got "
-                         f"{seg_q.shape}, {seg_k.shape}")
+        raise ValueError(
+            f"{op}: want seg_q (B, P) = {(b, p)} and seg_k (B, K) = {(b, kk)}; got {seg_q.shape}, {seg_k.shape}"
+        )
     for name, blk, n in (("block_q", block_q, p), ("block_k", block_k, kk)):
         if blk <= 0 or blk % 64 or blk > 256:
             raise ValueError(f"{op}: {name}={blk} must be a multiple of 64 up to 256 (wgmma tiles)")
         if n % blk:
-            raise ValueError(f"{op}: {'P' if name == 'block_q' else 'K'}={n} must be a multiple of {name}={blk}; "
-                             f"pick a smaller block or pad to a multiple of it")
+            raise ValueError(
+                f"{op}: {'P' if name == 'block_q' else 'K'}={n} must be a multiple of {name}={blk}; "
+                f"pick a smaller block or pad to a multiple of it"
+            )
     if d % BLOCK_D:
-        raise ValueError(f"{op}: D={d} must be a multiple of {BLOCK_D} (the kernels contract D in chunks of "
-                         f"{BLOCK_D}); use kernels='xla' for this D")
+        raise ValueError(
+            f"{op}: D={d} must be a multiple of {BLOCK_D} (the kernels contract D in chunks of "
+            f"{BLOCK_D}); use kernels='xla' for this D"
+        )
 
 
 def _copy(src, dst, barrier):
@@ -161,8 +183,7 @@ def _split(probs, split: bool):
     return (hi, (probs - hi.astype(F32)).astype(BF16)) if split else (hi,)
 
 
-def _fwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, block_k: int, chunks: int,
-              scale: float):
+def _fwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, block_k: int, chunks: int, scale: float):
     """Forward kernel body (one (Bq, Bk) tile of one batch row); see the module docstring."""
     q_ref, k_ref, m_ref, l_ref, *refs = refs
     seg_refs, refs = (refs[:2], refs[2:]) if masked else (None, refs)
@@ -199,8 +220,7 @@ def _fwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, bloc
     _write(_split(probs, split), out_smem, out_refs, (b, rows, keys))
 
 
-def _bwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, block_k: int, chunks: int,
-              scale: float):
+def _bwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, block_k: int, chunks: int, scale: float):
     """Backward kernel body (one (Bq, Bk) tile of one batch row): the dual GEMM and dL's epilogue."""
     q_ref, k_ref, g_ref, s_hi_ref, s_lo_ref, m_ref, l_ref, delta_ref, *refs = refs
     seg_refs, refs = (refs[:2], refs[2:]) if masked else (None, refs)
@@ -249,8 +269,14 @@ def _call(body, name: str, inputs, outputs: int, out_shape, scratch, grid, inter
     """``outputs`` bf16 arrays of ``out_shape`` from the kernel ``body`` on ``grid`` (rows, keys, batch)."""
     body.__name__ = name  # plgpu.kernel names the kernel after its body
     kwargs = dict(interpret=interpret) if interpret else {}
-    call = plgpu.kernel(body, out_type=[jax.ShapeDtypeStruct(out_shape, BF16)] * outputs, scratch_types=scratch,
-                        grid=grid, grid_names=("rows", "keys", "batch"), **kwargs)
+    call = plgpu.kernel(
+        body,
+        out_type=[jax.ShapeDtypeStruct(out_shape, BF16)] * outputs,
+        scratch_types=scratch,
+        grid=grid,
+        grid_names=("rows", "keys", "batch"),
+        **kwargs,
+    )
     return tuple(call(*inputs))
 
 
@@ -260,8 +286,21 @@ def _row_scratch(masked: bool, block_q: int, block_k: int, vectors: int):
     return rows + segs
 
 
-def gpu_block_probs(q, seg_q, m, logl, k, seg_k, *, scale: float, split: bool = True, causal: bool = False,
-                    block_q: int = BLOCK_Q, block_k: int = BLOCK_K, interpret=False):
+def gpu_block_probs(
+    q,
+    seg_q,
+    m,
+    logl,
+    k,
+    seg_k,
+    *,
+    scale: float,
+    split: bool = True,
+    causal: bool = False,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+    interpret=False,
+):
     """P tiles of a (rows, keys) panel of A in bf16 (Mosaic GPU): (hi,) or, ``split``, (hi, lo).
 
     q (B, P, D), k (B, K, D): bf16, D a multiple of 64; m, logl (B, P) float32: the rows' known
@@ -278,20 +317,47 @@ def gpu_block_probs(q, seg_q, m, logl, k, seg_k, *, scale: float, split: bool = 
     kk = k.shape[1]
     masked = seg_q is not None
     nout = 2 if split else 1
-    scratch = [plgpu.SMEM((1, block_q, BLOCK_D), BF16, **_SWIZZLE), plgpu.SMEM((1, block_k, BLOCK_D), BF16, **_SWIZZLE),
-               *_row_scratch(masked, block_q, block_k, 2),
-               plgpu.SMEM((nout, block_q, block_k), BF16, **_SWIZZLE), plgpu.Barrier(num_barriers=1)]
-    body = functools.partial(_fwd_body, masked=masked, split=split, causal=causal, block_q=block_q, block_k=block_k,
-                             chunks=d // BLOCK_D, scale=float(scale))
+    scratch = [
+        plgpu.SMEM((1, block_q, BLOCK_D), BF16, **_SWIZZLE),
+        plgpu.SMEM((1, block_k, BLOCK_D), BF16, **_SWIZZLE),
+        *_row_scratch(masked, block_q, block_k, 2),
+        plgpu.SMEM((nout, block_q, block_k), BF16, **_SWIZZLE),
+        plgpu.Barrier(num_barriers=1),
+    ]
+    body = functools.partial(
+        _fwd_body,
+        masked=masked,
+        split=split,
+        causal=causal,
+        block_q=block_q,
+        block_k=block_k,
+        chunks=d // BLOCK_D,
+        scale=float(scale),
+    )
     segs = (seg_q.astype(jnp.int32), seg_k.astype(jnp.int32)) if masked else ()
     inputs = (q, k, m.astype(F32), logl.astype(F32), *segs)
-    return _call(body, FWD_KERNEL_NAME, inputs, nout, (b, p, kk), scratch, (p // block_q, kk // block_k, b),
-                 interpret)
+    return _call(body, FWD_KERNEL_NAME, inputs, nout, (b, p, kk), scratch, (p // block_q, kk // block_k, b), interpret)
 
 
-def gpu_block_probs_and_grad(q, seg_q, m, logl, k, seg_k, g, s_hi, s_lo, delta, *, scale: float,
-                             split: bool = False, causal: bool = False, block_q: int = BLOCK_Q,
-                             block_k: int = BLOCK_K, interpret=False):
+def gpu_block_probs_and_grad(
+    q,
+    seg_q,
+    m,
+    logl,
+    k,
+    seg_k,
+    g,
+    s_hi,
+    s_lo,
+    delta,
+    *,
+    scale: float,
+    split: bool = False,
+    causal: bool = False,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+    interpret=False,
+):
     """(P parts, dL) of a (rows, keys) panel in bf16 (Mosaic GPU): the backward's dual GEMM.
 
     q, m, logl, seg_q, seg_k, ``causal``, blocks and ``interpret`` as in ``gpu_block_probs``;
@@ -300,19 +366,41 @@ def gpu_block_probs_and_grad(q, seg_q, m, logl, k, seg_k, g, s_hi, s_lo, delta, 
     rowsum(g * r) of the same g. Returns ((hi,) or, ``split``, (hi, lo), dL): bf16 (B, P, K)
     tiles of P and of dL = P * (g s_hi^T + g s_lo^T - delta), all in fp32 before the cast.
     """
-    _check("gpu_block_probs_and_grad", q, seg_q, k, seg_k, block_q, block_k, rows_extra=(("g", g),),
-           keys_extra=(("s_hi", s_hi), ("s_lo", s_lo)))
+    _check(
+        "gpu_block_probs_and_grad",
+        q,
+        seg_q,
+        k,
+        seg_k,
+        block_q,
+        block_k,
+        rows_extra=(("g", g),),
+        keys_extra=(("s_hi", s_hi), ("s_lo", s_lo)),
+    )
     b, p, d = q.shape
     kk = k.shape[1]
     masked = seg_q is not None
     nout = 3 if split else 2
-    scratch = [plgpu.SMEM((2, block_q, BLOCK_D), BF16, **_SWIZZLE), plgpu.SMEM((3, block_k, BLOCK_D), BF16, **_SWIZZLE),
-               *_row_scratch(masked, block_q, block_k, 3),
-               plgpu.SMEM((nout, block_q, block_k), BF16, **_SWIZZLE), plgpu.Barrier(num_barriers=1)]
-    body = functools.partial(_bwd_body, masked=masked, split=split, causal=causal, block_q=block_q, block_k=block_k,
-                             chunks=d // BLOCK_D, scale=float(scale))
+    scratch = [
+        plgpu.SMEM((2, block_q, BLOCK_D), BF16, **_SWIZZLE),
+        plgpu.SMEM((3, block_k, BLOCK_D), BF16, **_SWIZZLE),
+        *_row_scratch(masked, block_q, block_k, 3),
+        plgpu.SMEM((nout, block_q, block_k), BF16, **_SWIZZLE),
+        plgpu.Barrier(num_barriers=1),
+    ]
+    body = functools.partial(
+        _bwd_body,
+        masked=masked,
+        split=split,
+        causal=causal,
+        block_q=block_q,
+        block_k=block_k,
+        chunks=d // BLOCK_D,
+        scale=float(scale),
+    )
     segs = (seg_q.astype(jnp.int32), seg_k.astype(jnp.int32)) if masked else ()
     inputs = (q, k, g, s_hi, s_lo, m.astype(F32), logl.astype(F32), delta.astype(F32), *segs)
-    *parts, dlogits = _call(body, BWD_KERNEL_NAME, inputs, nout, (b, p, kk), scratch,
-                            (p // block_q, kk // block_k, b), interpret)
+    *parts, dlogits = _call(
+        body, BWD_KERNEL_NAME, inputs, nout, (b, p, kk), scratch, (p // block_q, kk // block_k, b), interpret
+    )
     return tuple(parts), dlogits

@@ -29,8 +29,9 @@ def _chained(p, s, tier: str, dims=_NN):
     """dot_general(p, s, dims) in the solve's tier; fp32 out. bf16x3 = hi.hi + hi.lo + lo.hi;
     a bf16 operand has no lo part, so its pass is skipped."""
     if tier == "float32":
-        return lax.dot_general(p.astype(F32), s.astype(F32), dims, precision=lax.Precision.HIGHEST,
-                               preferred_element_type=F32)
+        return lax.dot_general(
+            p.astype(F32), s.astype(F32), dims, precision=lax.Precision.HIGHEST, preferred_element_type=F32
+        )
     p_hi, s_hi = p.astype(BF16), s.astype(BF16)
     out = lax.dot_general(p_hi, s_hi, dims, preferred_element_type=F32)
     if tier == "bfloat16":
@@ -42,8 +43,9 @@ def _chained(p, s, tier: str, dims=_NN):
     return out
 
 
-def _product_kernel(q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, s_ref, out_ref, acc_scr, *,
-                    scale: float, tier: str):
+def _product_kernel(
+    q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, s_ref, out_ref, acc_scr, *, scale: float, tier: str
+):
     j = pl.program_id(2)
 
     @pl.when(j == 0)
@@ -59,8 +61,9 @@ def _product_kernel(q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, s_ref, ou
         out_ref[...] = acc_scr[...]
 
 
-def tpu_block_product(q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, s_keys, *, scale: float, tier: str,
-                      interpret=False):
+def tpu_block_product(
+    q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, s_keys, *, scale: float, tier: str, interpret=False
+):
     """A[R, K] @ s[K] for one block whose keys all precede its rows; (B, |R|, D) float32.
 
     q_rows (B, R, D), seg/m/logl_rows (B, R); k_keys (B, K, D), seg_keys (B, K), s_keys (B, K, D)
@@ -76,18 +79,30 @@ def tpu_block_product(q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, s_k
     return pl.pallas_call(
         functools.partial(_product_kernel, scale=scale, tier=tier),
         grid=(b, r // bq, kk // bk),
-        in_specs=[pl.BlockSpec((None, bq, d), row), pl.BlockSpec((None, bk, d), key),
-                  pl.BlockSpec((None, bq, 1), row), pl.BlockSpec((None, 1, bk), lambda bi, i, j: (bi, 0, j)),
-                  pl.BlockSpec((None, bq, 1), row), pl.BlockSpec((None, bq, 1), row),
-                  pl.BlockSpec((None, bk, d), key)],
+        in_specs=[
+            pl.BlockSpec((None, bq, d), row),
+            pl.BlockSpec((None, bk, d), key),
+            pl.BlockSpec((None, bq, 1), row),
+            pl.BlockSpec((None, 1, bk), lambda bi, i, j: (bi, 0, j)),
+            pl.BlockSpec((None, bq, 1), row),
+            pl.BlockSpec((None, bq, 1), row),
+            pl.BlockSpec((None, bk, d), key),
+        ],
         out_specs=pl.BlockSpec((None, bq, d), row),
         out_shape=jax.ShapeDtypeStruct((b, r, d), F32),
         scratch_shapes=[pltpu.VMEM((bq, d), F32)],
         compiler_params=compiler_params(),
         interpret=interpret_arg(interpret),
         name="sessa_block_product_tpu",
-    )(q_rows, k_keys, seg_rows.astype(jnp.int32)[:, :, None], seg_keys.astype(jnp.int32)[:, None, :],
-      col(m_rows), col(logl_rows), s_keys.astype(F32))
+    )(
+        q_rows,
+        k_keys,
+        seg_rows.astype(jnp.int32)[:, :, None],
+        seg_keys.astype(jnp.int32)[:, None, :],
+        col(m_rows),
+        col(logl_rows),
+        s_keys.astype(F32),
+    )
 
 
 # --------------------------------------------------------------------------- block product, backward
@@ -99,8 +114,25 @@ def _probs_and_dlogits(q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, delta_
     return probs, probs * (g_dot_s - delta_ref[...])
 
 
-def _bwd_keys_kernel(q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, delta_ref, g_ref, s_ref,
-                     bacc_ref, dk_ref, bacc_scr, dk_scr, *, scale: float, tier: str, plain: str):
+def _bwd_keys_kernel(
+    q_ref,
+    k_ref,
+    qseg_ref,
+    kseg_ref,
+    m_ref,
+    logl_ref,
+    delta_ref,
+    g_ref,
+    s_ref,
+    bacc_ref,
+    dk_ref,
+    bacc_scr,
+    dk_scr,
+    *,
+    scale: float,
+    tier: str,
+    plain: str,
+):
     i = pl.program_id(2)
 
     @pl.when(i == 0)
@@ -108,8 +140,9 @@ def _bwd_keys_kernel(q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, delta_re
         bacc_scr[...] = jnp.zeros(bacc_scr.shape, F32)
         dk_scr[...] = jnp.zeros(dk_scr.shape, F32)
 
-    probs, dlogits = _probs_and_dlogits(q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, delta_ref, g_ref, s_ref,
-                                        scale, plain)
+    probs, dlogits = _probs_and_dlogits(
+        q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, delta_ref, g_ref, s_ref, scale, plain
+    )
     bacc_scr[...] += _chained(probs.T, g_ref[...], tier)
     dk_scr[...] += _chained(dlogits.T, q_ref[...], plain) * scale
 
@@ -119,16 +152,31 @@ def _bwd_keys_kernel(q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, delta_re
         dk_ref[...] = dk_scr[...]
 
 
-def _bwd_rows_kernel(q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, delta_ref, g_ref, s_ref, dq_ref, dq_scr, *,
-                     scale: float, plain: str):
+def _bwd_rows_kernel(
+    q_ref,
+    k_ref,
+    qseg_ref,
+    kseg_ref,
+    m_ref,
+    logl_ref,
+    delta_ref,
+    g_ref,
+    s_ref,
+    dq_ref,
+    dq_scr,
+    *,
+    scale: float,
+    plain: str,
+):
     j = pl.program_id(2)
 
     @pl.when(j == 0)
     def _init():
         dq_scr[...] = jnp.zeros(dq_scr.shape, F32)
 
-    _, dlogits = _probs_and_dlogits(q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, delta_ref, g_ref, s_ref,
-                                    scale, plain)
+    _, dlogits = _probs_and_dlogits(
+        q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, delta_ref, g_ref, s_ref, scale, plain
+    )
     dq_scr[...] += _chained(dlogits, k_ref[...], plain) * scale
 
     @pl.when(j == pl.num_programs(2) - 1)
@@ -136,8 +184,22 @@ def _bwd_rows_kernel(q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, delta_re
         dq_ref[...] = dq_scr[...]
 
 
-def tpu_block_product_bwd(q_rows, seg_rows, m_rows, logl_rows, g_rows, r_rows, k_keys, seg_keys, s_keys, *,
-                          scale: float, tier: str, plain_tier: str, interpret=False):
+def tpu_block_product_bwd(
+    q_rows,
+    seg_rows,
+    m_rows,
+    logl_rows,
+    g_rows,
+    r_rows,
+    k_keys,
+    seg_keys,
+    s_keys,
+    *,
+    scale: float,
+    tier: str,
+    plain_tier: str,
+    interpret=False,
+):
     """Backward of one pushed block: (A^T g (B,K,D), dq (B,R,D), dk (B,K,D)), all float32.
 
     Rows R carry q, seg, (m, logl), g = gamma * lam and r = A s (for delta = rowsum(g * r));
@@ -150,13 +212,29 @@ def tpu_block_product_bwd(q_rows, seg_rows, m_rows, logl_rows, g_rows, r_rows, k
     bq, bk = row_block(r), key_block(kk)
     col = lambda x: x.astype(F32)[:, :, None]  # noqa: E731
     delta = jnp.sum(g_rows.astype(F32) * r_rows.astype(F32), axis=-1)
-    args = (q_rows, k_keys, seg_rows.astype(jnp.int32)[:, :, None], seg_keys.astype(jnp.int32)[:, None, :],
-            col(m_rows), col(logl_rows), col(delta), g_rows.astype(F32), s_keys.astype(F32))
+    args = (
+        q_rows,
+        k_keys,
+        seg_rows.astype(jnp.int32)[:, :, None],
+        seg_keys.astype(jnp.int32)[:, None, :],
+        col(m_rows),
+        col(logl_rows),
+        col(delta),
+        g_rows.astype(F32),
+        s_keys.astype(F32),
+    )
 
     def specs(row, key, kseg):
-        return [pl.BlockSpec((None, bq, d), row), pl.BlockSpec((None, bk, d), key), pl.BlockSpec((None, bq, 1), row),
-                pl.BlockSpec((None, 1, bk), kseg)] + [pl.BlockSpec((None, bq, 1), row)] * 3 + [
-                pl.BlockSpec((None, bq, d), row), pl.BlockSpec((None, bk, d), key)]
+        return (
+            [
+                pl.BlockSpec((None, bq, d), row),
+                pl.BlockSpec((None, bk, d), key),
+                pl.BlockSpec((None, bq, 1), row),
+                pl.BlockSpec((None, 1, bk), kseg),
+            ]
+            + [pl.BlockSpec((None, bq, 1), row)] * 3
+            + [pl.BlockSpec((None, bq, d), row), pl.BlockSpec((None, bk, d), key)]
+        )
 
     # keys outer: grid (B, K/Bk, R/Bq)
     key_spec = pl.BlockSpec((None, bk, d), lambda bi, j, i: (bi, j, 0))

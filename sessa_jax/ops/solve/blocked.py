@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sessa_jax.ops.solve.trsolve import unit_lower_solve
 from sessa_jax.ops.masks import PAD_SEGMENT, masked_softmax, merge_chunks, pad_time, prefix_mask, row_dot, take_chunk
+from sessa_jax.ops.solve.trsolve import unit_lower_solve
 
 _HI = lax.Precision.HIGHEST
 
@@ -178,7 +178,7 @@ def blocked_backward(plan: BlockedPlan, res, ds):
 def _panel(q, k, i: int, c: int, seg):
     """Logits (B, C, (i + 1) C) of chunk i's rows against all keys up to its end, and their
     mask: keys strictly before each row, in its segment (``seg`` None: causality alone)."""
-    logits = jnp.einsum("bcd,bkd->bck", q[:, i * c:(i + 1) * c], k[:, :(i + 1) * c], precision=_HI)
+    logits = jnp.einsum("bcd,bkd->bck", q[:, i * c : (i + 1) * c], k[:, : (i + 1) * c], precision=_HI)
     return logits, prefix_mask(i * c, c, seg, strict=True)
 
 

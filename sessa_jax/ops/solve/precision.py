@@ -29,8 +29,20 @@ from sessa_jax.ops.platforms import PLATFORM_PATHS, platform_kind, platform_path
 from sessa_jax.options import FEEDBACK_PRECISIONS as PRECISIONS
 from sessa_jax.options import PRECISION_TIERS as TIERS
 
-__all__ = ["PRECISIONS", "TIERS", "auto_precision", "bf16_round_bits", "chained_dot", "difference_dot",
-           "logits_dot", "nonchained_tier", "platform_kind", "resolve_precision", "solution_tier", "split_bf16"]
+__all__ = [
+    "PRECISIONS",
+    "TIERS",
+    "auto_precision",
+    "bf16_round_bits",
+    "chained_dot",
+    "difference_dot",
+    "logits_dot",
+    "nonchained_tier",
+    "platform_kind",
+    "resolve_precision",
+    "solution_tier",
+    "split_bf16",
+]
 
 _BF16 = jnp.bfloat16
 
@@ -115,8 +127,9 @@ def chained_dot(spec: str, a, b, tier: str, platform: str | None = None):
     """
     acc = _wide(a, b)
     if tier == "float32" or acc == jnp.float64:
-        return jnp.einsum(spec, a.astype(acc), b.astype(acc), precision=lax.Precision.HIGHEST,
-                          preferred_element_type=acc)
+        return jnp.einsum(
+            spec, a.astype(acc), b.astype(acc), precision=lax.Precision.HIGHEST, preferred_element_type=acc
+        )
     if tier == "bfloat16":
         return jnp.einsum(spec, a.astype(_BF16), b.astype(_BF16), preferred_element_type=acc)
     if tier != "bf16x3":
@@ -132,10 +145,8 @@ def logits_dot(spec: str, q, k, tier: str, platform: str | None = None):
     if acc == jnp.float64 or (q.dtype == k.dtype == _BF16) or tier == "bfloat16":
         return chained_dot(spec, q, k, "bfloat16" if tier != "float32" else tier, platform)
     if platform_kind(platform) == "gpu":
-        return jnp.einsum(spec, q, k, precision=lax.DotAlgorithmPreset.BF16_BF16_F32_X6,
-                          preferred_element_type=acc)
-    return jnp.einsum(spec, q.astype(acc), k.astype(acc), precision=lax.Precision.HIGHEST,
-                      preferred_element_type=acc)
+        return jnp.einsum(spec, q, k, precision=lax.DotAlgorithmPreset.BF16_BF16_F32_X6, preferred_element_type=acc)
+    return jnp.einsum(spec, q.astype(acc), k.astype(acc), precision=lax.Precision.HIGHEST, preferred_element_type=acc)
 
 
 def difference_dot(spec: str, g, s, tier: str, platform: str | None = None):

@@ -34,11 +34,21 @@ from jax import lax
 from sessa_jax.ops.masks import PAD_SEGMENT, default_segment_ids, merge_chunks, pad_time, take_chunk
 from sessa_jax.ops.platforms import platform_kind, platform_paths
 from sessa_jax.ops.solve.block_product import block_probs_and_grad, block_product, probs_grad, split_dot
-from sessa_jax.ops.solve.block_product_gpu import (check_solve_support, gpu_block_probs, gpu_block_probs_and_grad,
-                                                   interpret_params)
+from sessa_jax.ops.solve.block_product_gpu import (
+    check_solve_support,
+    gpu_block_probs,
+    gpu_block_probs_and_grad,
+    interpret_params,
+)
 from sessa_jax.ops.solve.block_product_tpu import tpu_block_product, tpu_block_product_bwd
-from sessa_jax.ops.solve.precision import (bf16_round_bits, chained_dot, logits_dot, nonchained_tier, solution_tier,
-                                           split_bf16)
+from sessa_jax.ops.solve.precision import (
+    bf16_round_bits,
+    chained_dot,
+    logits_dot,
+    nonchained_tier,
+    solution_tier,
+    split_bf16,
+)
 from sessa_jax.ops.solve.row_stats import leaf_logits, leaf_mask, row_statistics
 from sessa_jax.ops.solve.row_stats_gpu import TIERS as GPU_TIERS
 from sessa_jax.ops.solve.row_stats_gpu import gpu_row_statistics
@@ -64,8 +74,18 @@ class RecursivePlan:
     static_span: int | None = None  # the pushes' ``PushSchedule.static_span``; None: all in the loop
 
     @classmethod
-    def make(cls, length: int, leaf_size: int, tile: int, tier: str, platform: str, scale: float,
-             input_dtype=None, kernels: str = "xla", static_span: int | None = None):
+    def make(
+        cls,
+        length: int,
+        leaf_size: int,
+        tile: int,
+        tier: str,
+        platform: str,
+        scale: float,
+        input_dtype=None,
+        kernels: str = "xla",
+        static_span: int | None = None,
+    ):
         """Plan for T = ``length``: leaf min(leaf_size, T); wide blocks in tiles of ~``tile`` rows;
         ``static_span``: see ``schedule.PushSchedule`` (None: every push in the leaf loop;
         "auto": ``schedule.auto_static_span``)."""
@@ -182,8 +202,17 @@ def diag_inverse(plan: RecursivePlan, a_ii, gamma):
 def _gemm_block_update(plan: RecursivePlan, q_p, seg_p, m_p, logl_p, k_keys, seg_keys, s_keys):
     """A[rows, keys] s[keys] with the P tile from the Mosaic GPU kernel as bf16 hi + lo parts and the
     product in XLA: the same bf16x3 product as ``plan.chained`` on a float32 P (``split_dot``)."""
-    hi, lo = gpu_block_probs(q_p.astype(jnp.bfloat16), seg_p, m_p, logl_p, k_keys.astype(jnp.bfloat16), seg_keys,
-                             scale=plan.scale, split=True, interpret=plan.gpu_interpret)
+    hi, lo = gpu_block_probs(
+        q_p.astype(jnp.bfloat16),
+        seg_p,
+        m_p,
+        logl_p,
+        k_keys.astype(jnp.bfloat16),
+        seg_keys,
+        scale=plan.scale,
+        split=True,
+        interpret=plan.gpu_interpret,
+    )
     return split_dot("bpk,bkd->bpd", hi, lo, s_keys)
 
 
@@ -195,8 +224,20 @@ def _gemm_block_grads(plan: RecursivePlan, q_p, seg_p, m_p, logl_p, k_keys, seg_
     g_used = bf16_round_bits(g_p)  # ``precision.difference_dot``'s g at the "bfloat16" plain tier
     s_hi, s_lo = split_bf16(s_keys)
     parts, dlogits = gpu_block_probs_and_grad(
-        q_p.astype(bf16), seg_p, m_p, logl_p, k_keys.astype(bf16), seg_keys, g_used.astype(bf16), s_hi, s_lo,
-        jnp.sum(g_used * r_p, axis=-1), scale=plan.scale, split=plan.tier == "bf16x3", interpret=plan.gpu_interpret)
+        q_p.astype(bf16),
+        seg_p,
+        m_p,
+        logl_p,
+        k_keys.astype(bf16),
+        seg_keys,
+        g_used.astype(bf16),
+        s_hi,
+        s_lo,
+        jnp.sum(g_used * r_p, axis=-1),
+        scale=plan.scale,
+        split=plan.tier == "bf16x3",
+        interpret=plan.gpu_interpret,
+    )
     if plan.tier == "bf16x3":
         b_keys = split_dot("bpk,bpd->bkd", parts[0], parts[1], g_p)
     else:  # one bf16 pass, as ``plan.transposed_push`` in the bfloat16 tier
@@ -222,21 +263,42 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
     elif plan.tpu_kernels:
         m, logl = tpu_row_statistics(q, k, seg, scale=plan.scale, interpret=plan.interpret)
     else:
-        m, logl = row_statistics(q, k, seg, leaf=c, scale=plan.scale, tier=plan.tier, schedule=plan.stats_schedule,
-                                 platform=plan.platform, diag_logits=diag_logits)
+        m, logl = row_statistics(
+            q,
+            k,
+            seg,
+            leaf=c,
+            scale=plan.scale,
+            tier=plan.tier,
+            schedule=plan.stats_schedule,
+            platform=plan.platform,
+            diag_logits=diag_logits,
+        )
     a_ii = diag_blocks(plan, diag_logits, seg, m, logl)
     x_inv = diag_inverse(plan, a_ii, gamma)
 
     def block_update(r0, rows, k0, keys, s_keys):
-        args = (take_chunk(q, r0, rows), _take_segments(seg, r0, rows), take_chunk(m, r0, rows),
-                take_chunk(logl, r0, rows), take_chunk(k, k0, keys), _take_segments(seg, k0, keys))
+        args = (
+            take_chunk(q, r0, rows),
+            _take_segments(seg, r0, rows),
+            take_chunk(m, r0, rows),
+            take_chunk(logl, r0, rows),
+            take_chunk(k, k0, keys),
+            _take_segments(seg, k0, keys),
+        )
         if plan.tpu_kernels:
-            return tpu_block_product(*args, s_keys, scale=plan.scale, tier=plan.solution_tier,
-                                     interpret=plan.interpret)
+            return tpu_block_product(*args, s_keys, scale=plan.scale, tier=plan.solution_tier, interpret=plan.interpret)
         if plan.gemm_kernels:
             return _gemm_block_update(plan, *args, s_keys)
-        return block_product(*args, s_keys, scale=plan.scale, tier=plan.solution_tier, logits_tier=plan.tier,
-                             platform=plan.platform, fuse_exp=not plan.splits_pushed_probs)
+        return block_product(
+            *args,
+            s_keys,
+            scale=plan.scale,
+            tier=plan.solution_tier,
+            logits_tier=plan.tier,
+            platform=plan.platform,
+            fuse_exp=not plan.splits_pushed_probs,
+        )
 
     def tile(carry, r0, rows, k0, keys):
         s_buf, racc = carry
@@ -266,8 +328,11 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
         if count == 1:
             carry = solve_leaf(carry, first)  # its block, first + 1, is static (or absent)
         else:
-            carry, _ = lax.scan(step, carry, (jnp.arange(first, first + count),
-                                              jnp.asarray(sched.branch[first + 1:first + count + 1])))
+            carry, _ = lax.scan(
+                step,
+                carry,
+                (jnp.arange(first, first + count), jnp.asarray(sched.branch[first + 1 : first + count + 1])),
+            )
         if first + count < n:
             carry = sched.visit_static(first + count, carry, c, tile, barrier)
     s, racc = carry
@@ -285,22 +350,54 @@ def _backward(plan: RecursivePlan, res, ds):
 
     def block_grads(r0, rows, k0, keys, g_p):
         """(A^T g on the keys, dq on the rows, dk on the keys) of one pushed block."""
-        q_p, k_keys, r_p, s_keys = (take_chunk(q, r0, rows), take_chunk(k, k0, keys), take_chunk(r, r0, rows),
-                                    take_chunk(s, k0, keys))
-        seg_p, m_p, logl_p, seg_keys = (_take_segments(seg, r0, rows), take_chunk(m, r0, rows),
-                                        take_chunk(logl, r0, rows), _take_segments(seg, k0, keys))
+        q_p, k_keys, r_p, s_keys = (
+            take_chunk(q, r0, rows),
+            take_chunk(k, k0, keys),
+            take_chunk(r, r0, rows),
+            take_chunk(s, k0, keys),
+        )
+        seg_p, m_p, logl_p, seg_keys = (
+            _take_segments(seg, r0, rows),
+            take_chunk(m, r0, rows),
+            take_chunk(logl, r0, rows),
+            _take_segments(seg, k0, keys),
+        )
         if plan.tpu_kernels:
             plain = plan.plain_tier
             if plain == "bfloat16":  # g rounded once and s split (``difference_dot``): bf16x3 of bf16-valued g
                 g_p, plain = bf16_round_bits(g_p), "bf16x3"
-            return tpu_block_product_bwd(q_p, seg_p, m_p, logl_p, g_p, r_p, k_keys, seg_keys, s_keys,
-                                         scale=plan.scale, tier=plan.tier, plain_tier=plain,
-                                         interpret=plan.interpret)
+            return tpu_block_product_bwd(
+                q_p,
+                seg_p,
+                m_p,
+                logl_p,
+                g_p,
+                r_p,
+                k_keys,
+                seg_keys,
+                s_keys,
+                scale=plan.scale,
+                tier=plan.tier,
+                plain_tier=plain,
+                interpret=plan.interpret,
+            )
         if plan.gemm_kernels:
             return _gemm_block_grads(plan, q_p, seg_p, m_p, logl_p, k_keys, seg_keys, g_p, r_p, s_keys)
-        probs, dlogits = block_probs_and_grad(q_p, seg_p, m_p, logl_p, k_keys, seg_keys, g_p, r_p, s_keys,
-                                              scale=plan.scale, tier=plan.tier, plain_tier=plan.plain_tier,
-                                              platform=plan.platform)
+        probs, dlogits = block_probs_and_grad(
+            q_p,
+            seg_p,
+            m_p,
+            logl_p,
+            k_keys,
+            seg_keys,
+            g_p,
+            r_p,
+            s_keys,
+            scale=plan.scale,
+            tier=plan.tier,
+            plain_tier=plan.plain_tier,
+            platform=plan.platform,
+        )
         b_keys = plan.transposed_push("bpk,bpd->bkd", probs, g_p)
         dq_p = plan.plain("bpk,bkd->bpd", dlogits, k_keys) * plan.scale
         dk_keys = plan.plain("bpk,bpd->bkd", dlogits, q_p) * plan.scale
@@ -341,8 +438,12 @@ def _backward(plan: RecursivePlan, res, ds):
             carry, lam_i = solve_leaf(carry, first)  # its block, first, is static (or absent)
             lams.append(lam_i)
         else:
-            carry, lam_seg = lax.scan(step, carry, (jnp.arange(first, first + count),
-                                                    jnp.asarray(sched.branch[first:first + count])), reverse=True)
+            carry, lam_seg = lax.scan(
+                step,
+                carry,
+                (jnp.arange(first, first + count), jnp.asarray(sched.branch[first : first + count])),
+                reverse=True,
+            )
             lams.append(merge_chunks(lam_seg))
         if first > 0:
             carry = sched.visit_static(first, carry, c, tile, barrier)
@@ -378,8 +479,21 @@ def _solve_bwd(plan, res, ds):
 _solve.defvjp(recursive_solve_fwd, _solve_bwd)
 
 
-def recursive_feedback_solve(q_b, k_b, gamma, f, segment_ids, *, leaf_size: int, tile: int, tier: str,
-                             platform: str, dtype, kernels: str = "xla", static_span="auto"):
+def recursive_feedback_solve(
+    q_b,
+    k_b,
+    gamma,
+    f,
+    segment_ids,
+    *,
+    leaf_size: int,
+    tile: int,
+    tier: str,
+    platform: str,
+    dtype,
+    kernels: str = "xla",
+    static_span="auto",
+):
     """Recursive solve on validated inputs; q_b/k_b/f (B,T,D), gamma (B,T), segment_ids (B,T)
     integers or None (one sequence per row: no segment mask anywhere, only causality).
 
@@ -404,14 +518,29 @@ def recursive_feedback_solve(q_b, k_b, gamma, f, segment_ids, *, leaf_size: int,
     kdtype = q_b.dtype if q_b.dtype == k_b.dtype == jnp.bfloat16 else dtype
     if kernels == "gpu_gemm":
         check_solve_support(d, tier, kdtype, platform)
-    plan = RecursivePlan.make(t, leaf_size, tile, tier, platform, float(d) ** -0.5, input_dtype=kdtype,
-                              kernels=kernels, static_span=static_span)
+    plan = RecursivePlan.make(
+        t,
+        leaf_size,
+        tile,
+        tier,
+        platform,
+        float(d) ** -0.5,
+        input_dtype=kdtype,
+        kernels=kernels,
+        static_span=static_span,
+    )
     tp = plan.padded_len
     if segment_ids is None and kernels == "pallas":  # the kernels always compare segment ids
         segment_ids = default_segment_ids(b, t)
     # Without segment ids the padding needs no mask either: padded rows come after every real
     # row and keys are strictly causal, so no real row sees a padded key.
     seg = None if segment_ids is None else pad_time(segment_ids.astype(jnp.int32), tp, PAD_SEGMENT)
-    s = _solve(plan, pad_time(q_b.astype(kdtype), tp), pad_time(k_b.astype(kdtype), tp),
-               pad_time(gamma.astype(dtype), tp), pad_time(f.astype(dtype), tp), seg)
+    s = _solve(
+        plan,
+        pad_time(q_b.astype(kdtype), tp),
+        pad_time(k_b.astype(kdtype), tp),
+        pad_time(gamma.astype(dtype), tp),
+        pad_time(f.astype(dtype), tp),
+        seg,
+    )
     return s[:, :t]

@@ -17,9 +17,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from sessa_jax.ops.solve.schedule import PushSchedule
 from sessa_jax.ops.masks import take_chunk
 from sessa_jax.ops.solve.precision import logits_dot
+from sessa_jax.ops.solve.schedule import PushSchedule
 
 EMPTY_LOGL = 1e30
 
@@ -73,25 +73,39 @@ def finish_stats(m, l):
 
 def _tile_stats(q, k, seg, scale, tier, platform):
     """tile_fn for ``PushSchedule.visit``: merges one block's (max, sum) into its rows."""
+
     def tile(carry, r0, rows, k0, keys):
         m, l = carry
         logits = logits_dot("brd,bkd->brk", take_chunk(q, r0, rows), take_chunk(k, k0, keys), tier, platform) * scale
         mask = None if seg is None else take_chunk(seg, r0, rows)[:, :, None] == take_chunk(seg, k0, keys)[:, None, :]
         m_b, l_b = _masked_max_sum(logits, mask)
         m_r, l_r = _merge(take_chunk(m, r0, rows), take_chunk(l, r0, rows), m_b, l_b)
-        return (lax.dynamic_update_slice_in_dim(m, m_r, r0, axis=1),
-                lax.dynamic_update_slice_in_dim(l, l_r, r0, axis=1))
+        return (
+            lax.dynamic_update_slice_in_dim(m, m_r, r0, axis=1),
+            lax.dynamic_update_slice_in_dim(l, l_r, r0, axis=1),
+        )
 
     return tile
 
 
-def row_statistics(q, k, seg, *, leaf: int, scale: float, tier: str, schedule: PushSchedule,
-                   platform: str | None = None, diag_logits=None):
+def row_statistics(
+    q,
+    k,
+    seg,
+    *,
+    leaf: int,
+    scale: float,
+    tier: str,
+    schedule: PushSchedule,
+    platform: str | None = None,
+    diag_logits=None,
+):
     """Softmax row statistics (m, logl), each (B, Tp) float32 (float64 under x64).
 
     q, k: (B, Tp, D) with Tp = schedule.num_leaves * leaf; seg: (B, Tp) int segment ids, or
     None for one sequence per row. Row t's allowed keys are tau < t with seg[tau] == seg[t]
-    (any tau < t without ``seg``). ``tier``/``platform`` pick the logits precision (``sessa_jax.ops.solve.precision``). ``diag_logits`` may pass
+    (any tau < t without ``seg``). ``tier``/``platform`` pick the logits precision
+    (``sessa_jax.ops.solve.precision``). ``diag_logits`` may pass
     ``leaf_logits(q, k, leaf, scale, tier, platform)`` when the caller already has them.
     The blocks are independent; they are walked in the solve's own order and tiles (the
     schedule's static blocks, if any, after the loop).

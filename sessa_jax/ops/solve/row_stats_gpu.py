@@ -61,21 +61,28 @@ def interpret_params():
 
 def _check(q, k, seg, tier, block_q, block_k):
     if q.ndim != 3 or k.shape != q.shape or seg.shape != q.shape[:2]:
-        raise ValueError(f"gpu_row_statistics: want q, k (B, T, D) and seg (B, T); got q {q.shape}, "
-                         f"k {k.shape}, seg {seg.shape}")
+        raise ValueError(
+            f"gpu_row_statistics: want q, k (B, T, D) and seg (B, T); got q {q.shape}, k {k.shape}, seg {seg.shape}"
+        )
     if tier not in TIERS:
-        raise ValueError(f"gpu_row_statistics: tier {tier!r} is not supported; use one of {TIERS} "
-                         "(float32 logits are not done on the GPU kernel: use kernels='xla')")
+        raise ValueError(
+            f"gpu_row_statistics: tier {tier!r} is not supported; use one of {TIERS} "
+            "(float32 logits are not done on the GPU kernel: use kernels='xla')"
+        )
     _, t, d = q.shape
     for name, blk in (("block_q", block_q), ("block_k", block_k)):
         if blk % 64 or blk <= 0:
             raise ValueError(f"gpu_row_statistics: {name}={blk} must be a positive multiple of 64 (wgmma tiles)")
         if t % blk:
-            raise ValueError(f"gpu_row_statistics: T={t} must be a multiple of {name}={blk}; pad T "
-                             f"(e.g. a leaf size that is a multiple of {blk}) or pick a smaller block")
+            raise ValueError(
+                f"gpu_row_statistics: T={t} must be a multiple of {name}={blk}; pad T "
+                f"(e.g. a leaf size that is a multiple of {blk}) or pick a smaller block"
+            )
     if d % 64 or d > MAX_D:
-        raise ValueError(f"gpu_row_statistics: D={d} is not supported; D must be a multiple of 64 and at "
-                         f"most {MAX_D} (the D contraction is not streamed); use kernels='xla' for this D")
+        raise ValueError(
+            f"gpu_row_statistics: D={d} is not supported; D must be a multiple of 64 and at "
+            f"most {MAX_D} (the D contraction is not streamed); use kernels='xla' for this D"
+        )
 
 
 def _parts(x, split: bool):
@@ -91,9 +98,9 @@ def _parts(x, split: bool):
 
 def _stats_body(*refs, parts: int, block_q: int, block_k: int, scale: float):
     """Kernel body (one row block of one batch row); see the module docstring."""
-    q_refs, k_refs = refs[:parts], refs[parts:2 * parts]
-    seg_ref, m_ref, logl_ref = refs[2 * parts:2 * parts + 3]
-    q_smem, k_smem, qseg_smem, kseg_smem, m_smem, l_smem, q_bar, k_bar = refs[2 * parts + 3:]
+    q_refs, k_refs = refs[:parts], refs[parts : 2 * parts]
+    seg_ref, m_ref, logl_ref = refs[2 * parts : 2 * parts + 3]
+    q_smem, k_smem, qseg_smem, kseg_smem, m_smem, l_smem, q_bar, k_bar = refs[2 * parts + 3 :]
     i, b = lax.axis_index("rows"), lax.axis_index("batch")
     r0 = i * block_q
     rows = pl.ds(r0, block_q)
@@ -153,8 +160,9 @@ def _stats_body(*refs, parts: int, block_q: int, block_k: int, scale: float):
     plgpu.wait_smem_to_gmem(0)
 
 
-def gpu_row_statistics(q, k, seg, *, scale: float, tier: str = "bf16x3", block_q: int = 64, block_k: int = 64,
-                       interpret=False):
+def gpu_row_statistics(
+    q, k, seg, *, scale: float, tier: str = "bf16x3", block_q: int = 64, block_k: int = 64, interpret=False
+):
     """Row statistics (m, logl), each (B, T) float32, of the strict-past softmax (Mosaic GPU).
 
     q, k: (B, T, D) float32 or bf16, D a multiple of 64 and <= 256; seg: (B, T) int segment ids;
@@ -170,14 +178,26 @@ def gpu_row_statistics(q, k, seg, *, scale: float, tier: str = "bf16x3", block_q
     q_parts, k_parts = _parts(q, split), _parts(k, split)
     parts = len(q_parts)
     swizzle = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
-    scratch = [plgpu.SMEM((parts, block_q, d), BF16, **swizzle), plgpu.SMEM((parts, block_k, d), BF16, **swizzle),
-               plgpu.SMEM((block_q,), jnp.int32), plgpu.SMEM((block_k,), jnp.int32),
-               plgpu.SMEM((block_q,), F32), plgpu.SMEM((block_q,), F32),
-               plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=1)]
+    scratch = [
+        plgpu.SMEM((parts, block_q, d), BF16, **swizzle),
+        plgpu.SMEM((parts, block_k, d), BF16, **swizzle),
+        plgpu.SMEM((block_q,), jnp.int32),
+        plgpu.SMEM((block_k,), jnp.int32),
+        plgpu.SMEM((block_q,), F32),
+        plgpu.SMEM((block_q,), F32),
+        plgpu.Barrier(num_barriers=1),
+        plgpu.Barrier(num_barriers=1),
+    ]
     body = functools.partial(_stats_body, parts=parts, block_q=block_q, block_k=block_k, scale=scale)
     body.__name__ = KERNEL_NAME  # plgpu.kernel names the kernel after its body
     kwargs = dict(interpret=interpret) if interpret else {}
-    call = plgpu.kernel(body, out_type=[jax.ShapeDtypeStruct((b, t), F32)] * 2, scratch_types=scratch,
-                        grid=(t // block_q, b), grid_names=("rows", "batch"), **kwargs)
+    call = plgpu.kernel(
+        body,
+        out_type=[jax.ShapeDtypeStruct((b, t), F32)] * 2,
+        scratch_types=scratch,
+        grid=(t // block_q, b),
+        grid_names=("rows", "batch"),
+        **kwargs,
+    )
     m, logl = call(*q_parts, *k_parts, seg.astype(jnp.int32))
     return m, logl

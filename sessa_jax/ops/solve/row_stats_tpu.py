@@ -53,8 +53,7 @@ def interpret_arg(interpret):
 
 def compiler_params(vmem_limit: int = VMEM_LIMIT_BYTES):
     """Mosaic parameters of the kernels: grid axes (parallel, parallel, arbitrary), VMEM limit."""
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
-                                vmem_limit_bytes=vmem_limit)
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"), vmem_limit_bytes=vmem_limit)
 
 
 def tile_logits(q, k, scale):
@@ -111,9 +110,12 @@ def tpu_row_statistics(q, k, seg, *, scale: float, block: int | None = None, int
     m, logl = pl.pallas_call(
         functools.partial(_stats_kernel, block=blk, scale=scale),
         grid=(b, n, n),
-        in_specs=[pl.BlockSpec((None, blk, d), row), pl.BlockSpec((None, blk, d), key),
-                  pl.BlockSpec((None, blk, 1), row),
-                  pl.BlockSpec((None, 1, blk), lambda bi, i, j: (bi, 0, jnp.minimum(i, j)))],
+        in_specs=[
+            pl.BlockSpec((None, blk, d), row),
+            pl.BlockSpec((None, blk, d), key),
+            pl.BlockSpec((None, blk, 1), row),
+            pl.BlockSpec((None, 1, blk), lambda bi, i, j: (bi, 0, jnp.minimum(i, j))),
+        ],
         out_specs=[pl.BlockSpec((None, blk, 1), row)] * 2,
         out_shape=out_shape,
         scratch_shapes=[pltpu.VMEM((blk, 1), F32), pltpu.VMEM((blk, 1), F32)],

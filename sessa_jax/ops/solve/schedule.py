@@ -58,8 +58,10 @@ def auto_static_span(num_leaves: int, tile_leaves: int) -> int | None:
     if num_leaves <= tile_leaves:
         return None
     span = 1 << (tile_leaves - 1).bit_length()  # wide blocks: lowbit(j) >= tile_leaves, a power of two
-    static_tiles = sum((min(lowbit(j), num_leaves - j) // tile_leaves) * (lowbit(j) // tile_leaves)
-                       for j in range(span, num_leaves, span))
+    static_tiles = sum(
+        (min(lowbit(j), num_leaves - j) // tile_leaves) * (lowbit(j) // tile_leaves)
+        for j in range(span, num_leaves, span)
+    )
     if static_tiles > STATIC_TILES or -(-num_leaves // span) > STATIC_SEGMENTS:
         return None
     return span
@@ -174,6 +176,7 @@ class PushSchedule:
         ``tile_fn(carry, row0, rows, key0, keys)`` gets token offsets (traced) and static
         sizes; every key of a tile precedes every row.
         """
+
         def narrow(shape):
             rows_l, keys_l = shape
             return lambda j, c: tile_fn(c, j * leaf, rows_l * leaf, (j - keys_l) * leaf, keys_l * leaf)
@@ -184,8 +187,12 @@ class PushSchedule:
             row_tiles = lax.min(span, self.num_leaves - j) // t
 
             def row_step(a, c):
-                return lax.fori_loop(0, span // t, lambda b, c: tile_fn(
-                    c, (j + a * t) * leaf, t * leaf, (j - span + b * t) * leaf, t * leaf), c)
+                return lax.fori_loop(
+                    0,
+                    span // t,
+                    lambda b, c: tile_fn(c, (j + a * t) * leaf, t * leaf, (j - span + b * t) * leaf, t * leaf),
+                    c,
+                )
 
             return lax.fori_loop(0, row_tiles, row_step, c)
 

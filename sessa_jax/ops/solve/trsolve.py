@@ -64,8 +64,10 @@ def _diagonal_blocks(n, size: int, offset: int = 0):
     """(B, c // size, size - offset, size - offset): block p has the rows
     [p size + offset, (p + 1) size) and the columns [p size, p size + size - offset) of n."""
     c = n.shape[-1]
-    return jnp.stack([n[:, p * size + offset:(p + 1) * size, p * size:p * size + size - offset]
-                      for p in range(c // size)], axis=1)
+    return jnp.stack(
+        [n[:, p * size + offset : (p + 1) * size, p * size : p * size + size - offset] for p in range(c // size)],
+        axis=1,
+    )
 
 
 def unit_lower_inverse(n, dot=None):
