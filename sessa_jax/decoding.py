@@ -18,10 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sessa_jax.cache import (
+from sessa_jax.cache import (  # noqa: F401  (interface)
+    cache_full_error,
+    cache_index,
+    cache_length,
     check_empty,
-    check_room,  # noqa: F401
+    check_room,
     init_cache,
+    init_layer_cache,
 )
 from sessa_jax.config import SessaConfig
 from sessa_jax.model import check_token_ids  # noqa: F401  (part of this module's interface)

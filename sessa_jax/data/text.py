@@ -36,12 +36,7 @@ import zlib
 
 import numpy as np
 
-from sessa_jax.data.corpus import (
-    builtin_corpus_dir,
-    iter_documents,  # noqa: F401
-    list_files,
-    read_documents,
-)
+from sessa_jax.data.corpus import UnreadableFileError, builtin_corpus_dir, iter_documents, list_files, read_documents  # noqa: F401  (this module's interface)
 from sessa_jax.data.packing import num_rows, pack_documents, row_to_example
 from sessa_jax.data.tokenizers import make_tokenizer
 
