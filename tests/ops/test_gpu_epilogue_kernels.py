@@ -17,6 +17,7 @@ import pytest
 from sessa_jax.ops.solve import block_product as bp
 from sessa_jax.ops.solve import block_product_gpu as bg
 from sessa_jax.ops.solve.precision import bf16_round_bits, split_bf16
+from tests.support.gpu_kernels import interpret_or_skip, lower_or_skip
 from tests.support.kernel_inputs import kernel_segments, normal
 
 B, D = 2, 128
@@ -24,20 +25,6 @@ SD = jax.ShapeDtypeStruct
 BF16 = jnp.bfloat16
 EPS_BF16 = 2.0**-8  # bf16's relative spacing: one rounding of a value differs by at most half of it
 EPS_F32 = 2.0**-23
-
-
-def _interpret_or_skip():
-    params = bg.interpret_params()
-    if params is None:
-        pytest.skip(f"jax {jax.__version__} has no Mosaic GPU interpret mode (plgpu.InterpretGPUParams, jax >= 0.11)")
-    return params
-
-
-def _lower_or_skip(fn, args):
-    try:
-        return fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    except Exception as err:  # noqa: BLE001 - report why the installed JAX cannot
-        pytest.skip(f"lowering Mosaic GPU for cuda not supported here: {type(err).__name__}: {err}"[:500])
 
 
 def _panel(p: int, kk: int, mask: str, seed: int = 0):
@@ -92,7 +79,7 @@ def test_block_probs_kernel_matches_xla_twin(mask, causal, split):
     p, kk = (256, 256) if causal else (128, 384)
     q, k, m, logl, seg_q, seg_k = _panel(p, kk, mask)
     parts = bg.gpu_block_probs(
-        q, seg_q, m, logl, k, seg_k, scale=D**-0.5, split=split, causal=causal, interpret=_interpret_or_skip()
+        q, seg_q, m, logl, k, seg_k, scale=D**-0.5, split=split, causal=causal, interpret=interpret_or_skip()
     )
     assert len(parts) == (2 if split else 1)
     _assert_probs(parts, _twin_probs(q, k, m, logl, seg_q, seg_k, causal), _allowed(seg_q, seg_k, p, kk, causal))
@@ -126,7 +113,7 @@ def test_block_probs_and_grad_kernel_matches_xla_twin(mask, causal, split):
         scale=D**-0.5,
         split=split,
         causal=causal,
-        interpret=_interpret_or_skip(),
+        interpret=interpret_or_skip(),
     )
     probs = _twin_probs(q, k, m, logl, seg_q, seg_k, causal)
     want = bp.probs_grad("bpd,bkd->bpk", probs, g, r, s, "bfloat16", "gpu")
@@ -167,7 +154,7 @@ def test_feedback_solve_with_gemm_kernels_matches_xla(precision, packed):
     kernels="xla", bf16 inputs: s and every gradient agree to bf16 (the paths differ only by fp32
     accumulation order)."""
     if jax.default_backend() != "gpu":
-        _interpret_or_skip()
+        interpret_or_skip()
     t, d = 512, 64
     seg = kernel_segments(B, t) if packed else None
     args = (
@@ -239,9 +226,9 @@ def test_gemm_kernels_lower_for_cuda(d, masked, split):
         seg_q, seg_k = seg or (None, None)
         return bg.gpu_block_probs_and_grad(q, seg_q, m, logl, k, seg_k, g, s_hi, s_lo, delta, scale=0.1, split=split)
 
-    text = _lower_or_skip(jax.jit(fwd), (rows, keys, vec, vec, *segs))
+    text = lower_or_skip(jax.jit(fwd), (rows, keys, vec, vec, *segs))
     assert bg.FWD_KERNEL_NAME in text and "mosaic_gpu" in text
-    text = _lower_or_skip(jax.jit(bwd), (rows, keys, vec, vec, rows, keys, keys, vec, *segs))
+    text = lower_or_skip(jax.jit(bwd), (rows, keys, vec, vec, rows, keys, keys, vec, *segs))
     assert bg.BWD_KERNEL_NAME in text and "mosaic_gpu" in text
 
 
@@ -269,7 +256,7 @@ def test_recursive_solve_with_gemm_kernels_lowers_for_cuda(kernels):
         return jnp.sum(s * jnp.cos(f.astype(jnp.float32)))
 
     x = SD((B, t, d), BF16)
-    text = _lower_or_skip(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), (x, x, SD((B, t), jnp.float32), x))
+    text = lower_or_skip(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), (x, x, SD((B, t), jnp.float32), x))
     opted_in = kernels == "gpu_gemm"
     assert (bg.FWD_KERNEL_NAME in text) == opted_in and (bg.BWD_KERNEL_NAME in text) == opted_in
     assert "sessa_row_stats_gpu" not in text  # the statistics pass stays XLA

@@ -13,24 +13,11 @@ import pytest
 from sessa_jax.ops.solve import row_stats_gpu as gk
 from sessa_jax.ops.solve.row_stats import EMPTY_LOGL, row_statistics
 from sessa_jax.ops.solve.schedule import PushSchedule
+from tests.support.gpu_kernels import interpret_or_skip, lower_or_skip
 from tests.support.kernel_inputs import kernel_segments, normal
 
 B, D = 2, 128
 SD = jax.ShapeDtypeStruct
-
-
-def _interpret_or_skip():
-    params = gk.interpret_params()
-    if params is None:
-        pytest.skip(f"jax {jax.__version__} has no Mosaic GPU interpret mode (plgpu.InterpretGPUParams, jax >= 0.11)")
-    return params
-
-
-def _lower_or_skip(fn, args):
-    try:
-        return fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    except Exception as err:  # noqa: BLE001 - report why the installed JAX cannot
-        pytest.skip(f"lowering Mosaic GPU for cuda not supported here: {type(err).__name__}: {err}"[:500])
 
 
 @pytest.mark.parametrize(
@@ -39,7 +26,7 @@ def _lower_or_skip(fn, args):
 def test_stats_kernel_matches_xla_twin(dtype, tier, rel):
     t = 256
     q, k, seg = normal(0, (B, t, D), dtype), normal(1, (B, t, D), dtype) * 2, kernel_segments(B, t)
-    m, logl = gk.gpu_row_statistics(q, k, seg, scale=D**-0.5, tier=tier, interpret=_interpret_or_skip())
+    m, logl = gk.gpu_row_statistics(q, k, seg, scale=D**-0.5, tier=tier, interpret=interpret_or_skip())
     m_x, logl_x = row_statistics(
         q, k, seg, leaf=64, scale=D**-0.5, tier=tier, schedule=PushSchedule.make(4, None), platform="gpu"
     )
@@ -60,7 +47,7 @@ def test_stats_kernel_float32_split_beats_one_pass():
     """float32 inputs: bf16x3 (hi/lo split) is ~100x closer to exact fp32 logits than one bf16 pass."""
     t = 128
     q, k, seg = normal(2, (1, t, 64)), normal(3, (1, t, 64)), jnp.zeros((1, t), jnp.int32)
-    params = _interpret_or_skip()
+    params = interpret_or_skip()
     m_x, _ = row_statistics(q, k, seg, leaf=64, scale=0.125, tier="float32", schedule=PushSchedule.make(2, None))
     err = {
         tier: float(jnp.abs(gk.gpu_row_statistics(q, k, seg, scale=0.125, tier=tier, interpret=params)[0] - m_x).max())
@@ -81,7 +68,7 @@ def test_stats_kernel_float32_split_beats_one_pass():
 def test_stats_kernel_lowers_for_cuda(d, dtype, tier):
     t = 256
     fn = jax.jit(lambda q, k, s: gk.gpu_row_statistics(q, k, s, scale=0.1, tier=tier))
-    text = _lower_or_skip(fn, (SD((B, t, d), dtype), SD((B, t, d), dtype), SD((B, t), jnp.int32)))
+    text = lower_or_skip(fn, (SD((B, t, d), dtype), SD((B, t, d), dtype), SD((B, t), jnp.int32)))
     assert gk.KERNEL_NAME in text and "mosaic_gpu" in text
 
 
@@ -119,14 +106,14 @@ def test_recursive_solve_with_gpu_kernel_lowers_for_cuda():
     t, d = 512, 128
     fn = _solve_grad("pallas", t, d, jnp.ones((B, t), jnp.int32))
     x = SD((B, t, d), jnp.bfloat16)
-    text = _lower_or_skip(fn, (x, x, SD((B, t), jnp.float32), x))
+    text = lower_or_skip(fn, (x, x, SD((B, t), jnp.float32), x))
     assert text.count(gk.KERNEL_NAME) >= 1 and "mosaic_gpu" in text
     assert "sessa_block_product" not in text and "sessa_row_stats_tpu" not in text  # pushes stay XLA on GPU
 
 
 def test_recursive_solve_with_gpu_kernel_matches_xla():
     """Forward and gradients with the stats kernel (Mosaic GPU interpret mode) against kernels='xla'."""
-    _interpret_or_skip()
+    interpret_or_skip()
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     t, d = 384, 64
