@@ -123,53 +123,30 @@ def test_bfloat16_compute_keeps_dtype_and_float32_params():
     np.testing.assert_allclose(np.asarray(y, np.float32), y32, rtol=0.1, atol=0.1)  # bf16 has 8 mantissa bits
 
 
-def _majority_batch(rng, n, t_len, classes=4, boost=0.3):
-    """Tokens 1..16 with class symbol c (1..classes) boosted to ~boost + 1/16 of the positions; the
-    class is predicted at the last position (token 17), so it needs the whole sequence, not a window."""
-    c = rng.integers(1, classes + 1, size=n)
-    x = np.where(rng.random((n, t_len)) < boost, c[:, None], rng.integers(1, 17, size=(n, t_len))).astype(np.int32)
+def _answer_at_the_end(x, c):
+    """Batch dict for ``x`` (n, T) whose last token becomes the query 17, scored on class c (n,)
+    as token 17 + c; no other position is scored."""
+    x = x.astype(np.int32)
     x[:, -1] = 17
-    y = np.zeros((n, t_len), np.int32)
+    y = np.zeros_like(x)
     y[:, -1] = 17 + c
-    w = np.zeros((n, t_len), np.float32)
+    w = np.zeros(x.shape, np.float32)
     w[:, -1] = 1.0
     return dict(
         inputs=x,
         targets=y,
         weights=w,
         segment_ids=np.ones_like(x),
-        positions=np.broadcast_to(np.arange(t_len, dtype=np.int32), x.shape),
+        positions=np.broadcast_to(np.arange(x.shape[1], dtype=np.int32), x.shape),
     )
 
 
-def test_the_mamba_baseline_learns_a_whole_sequence_count_in_a_few_hundred_steps():
-    import optax
-
-    from sessa_jax.model import SessaLM
-    from sessa_jax.train.step import loss_and_metrics
-
-    t_len, steps = 24, 300
-    cfg = SessaConfig(d_model=16, n_heads=1, n_layers=2, vocab_size=24, max_len=t_len)
-    model = SessaLM(cfg, kind="mamba")
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, t_len), jnp.int32))
-    tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 1e-2, 30, steps))
-    opt = tx.init(params)
-
-    @jax.jit
-    def step(params, opt, batch):
-        (loss, _), g = jax.value_and_grad(lambda p: loss_and_metrics(p, model.apply, batch), has_aux=True)(params)
-        upd, opt = tx.update(g, opt, params)
-        return optax.apply_updates(params, upd), opt, loss
-
-    rng = np.random.default_rng(0)
-    for _ in range(steps):
-        params, opt, _ = step(params, opt, _majority_batch(rng, 32, t_len))
-    test = _majority_batch(np.random.default_rng(1), 512, t_len)
-    _, sums = loss_and_metrics(params, model.apply, test)
-    acc = float(sums["correct_sum"] / sums["weight_sum"])
-    # chance is 1/4; the class needs counts over the whole sequence (each token is the class symbol
-    # w.p. ~0.36 and any other given symbol w.p. ~0.04), so the state must carry them to the end.
-    assert acc > 0.9, acc
+def _majority_batch(rng, n, t_len, classes=4, boost=0.3):
+    """Tokens 1..16 with class symbol c (1..classes) boosted to ~boost + 1/16 of the positions; the
+    class is predicted at the last position (token 17), so it needs the whole sequence, not a window."""
+    c = rng.integers(1, classes + 1, size=n)
+    x = np.where(rng.random((n, t_len)) < boost, c[:, None], rng.integers(1, 17, size=(n, t_len)))
+    return _answer_at_the_end(x, c)
 
 
 def _far_evidence_batch(rng, n, evidence=16, noise=150, classes=4, boost=0.5):
@@ -180,31 +157,18 @@ def _far_evidence_batch(rng, n, evidence=16, noise=150, classes=4, boost=0.5):
     c = rng.integers(1, classes + 1, size=n)
     x = rng.integers(1, 17, size=(n, t_len))
     x[:, :evidence] = np.where(rng.random((n, evidence)) < boost, c[:, None], x[:, :evidence])
-    x[:, -1] = 17
-    y = np.zeros_like(x)
-    y[:, -1] = 17 + c
-    w = np.zeros(x.shape, np.float32)
-    w[:, -1] = 1.0
-    return dict(
-        inputs=x.astype(np.int32),
-        targets=y.astype(np.int32),
-        weights=w,
-        segment_ids=np.ones(x.shape, np.int32),
-        positions=np.broadcast_to(np.arange(t_len, dtype=np.int32), x.shape),
-    )
+    return _answer_at_the_end(x, c)
 
 
-def test_the_mamba_baseline_learns_from_evidence_far_back_behind_noise():
-    """With Mamba's language-model dt range (REFERENCE_DT_RANGE) this stays at chance (1/4): the
-    state forgets the evidence, and the gradient sees only the last tokens (as on SymbolSoup)."""
+def _train_mamba_lm_and_score(make_batch, *, t_len: int, n_layers: int, steps: int = 300) -> float:
+    """Test accuracy of a width-16 Mamba-style LM after ``steps`` Adam steps (lr 1e-2, 30 warm-up)
+    on batches ``make_batch(rng, 32)`` from seed 0, scored on ``make_batch(rng, 512)`` from seed 1."""
     import optax
 
     from sessa_jax.model import SessaLM
     from sessa_jax.train.step import loss_and_metrics
 
-    steps, noise = 300, 150
-    t_len = 16 + noise + 1
-    cfg = SessaConfig(d_model=16, n_heads=1, n_layers=1, vocab_size=24, max_len=t_len)
+    cfg = SessaConfig(d_model=16, n_heads=1, n_layers=n_layers, vocab_size=24, max_len=t_len)
     model = SessaLM(cfg, kind="mamba")
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, t_len), jnp.int32))
     tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 1e-2, 30, steps))
@@ -218,10 +182,27 @@ def test_the_mamba_baseline_learns_from_evidence_far_back_behind_noise():
 
     rng = np.random.default_rng(0)
     for _ in range(steps):
-        params, opt, _ = step(params, opt, _far_evidence_batch(rng, 32, noise=noise))
-    test = _far_evidence_batch(np.random.default_rng(1), 512, noise=noise)
+        params, opt, _ = step(params, opt, make_batch(rng, 32))
+    test = make_batch(np.random.default_rng(1), 512)
     _, sums = jax.jit(lambda p, b: loss_and_metrics(p, model.apply, b))(params, test)
-    acc = float(sums["correct_sum"] / sums["weight_sum"])
+    return float(sums["correct_sum"] / sums["weight_sum"])
+
+
+def test_the_mamba_baseline_learns_a_whole_sequence_count_in_a_few_hundred_steps():
+    t_len = 24
+    acc = _train_mamba_lm_and_score(lambda rng, n: _majority_batch(rng, n, t_len), t_len=t_len, n_layers=2)
+    # chance is 1/4; the class needs counts over the whole sequence (each token is the class symbol
+    # w.p. ~0.36 and any other given symbol w.p. ~0.04), so the state must carry them to the end.
+    assert acc > 0.9, acc
+
+
+def test_the_mamba_baseline_learns_from_evidence_far_back_behind_noise():
+    """With Mamba's language-model dt range (REFERENCE_DT_RANGE) this stays at chance (1/4): the
+    state forgets the evidence, and the gradient sees only the last tokens (as on SymbolSoup)."""
+    noise = 150
+    acc = _train_mamba_lm_and_score(
+        lambda rng, n: _far_evidence_batch(rng, n, noise=noise), t_len=16 + noise + 1, n_layers=1
+    )
     # chance 0.25 (512 answers: sd 0.019); the reference dt range gives 0.26 here
     assert acc > 0.38, acc
 
