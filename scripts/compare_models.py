@@ -97,8 +97,6 @@ SCALES = {
     ),
     # cpu: one learning rate (the sweep would triple the cost; 3e-3 is where the 2-layer models learn
     # SymbolSoup, 1e-2 diverges there), 3 seeds, the longest SymbolSoup window that fits the budget.
-    # cpu: one learning rate (the sweep would triple the cost; 3e-3 is where the 2-layer models learn
-    # SymbolSoup, 1e-2 diverges there), 3 seeds, the longest SymbolSoup window that fits the budget.
     # MQAR gets width 64 / 2 heads and 1500 steps: at width 32 / 1 head no kind learned the key-value
     # association within 3000 steps (all at 1 / pairs), at 64 / 2 heads Sessa does.
     "cpu": Scale(

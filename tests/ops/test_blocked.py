@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from sessa_jax import SessaConfig, SessaLayer
+from sessa_jax.golden import relative_error
 from sessa_jax.ops import causal_attention, feedback_solve
-from tests.support.parity import rel_err
 
 T = 150  # not a multiple of 7, 64 or 128
 
@@ -50,9 +50,9 @@ def test_blocked_solve_equals_dense_x64_on_near_one_hot_rows(chunk):
         args = _inputs(jnp.float64, peaked=True)
         s_ref, g_ref = _value_and_grads("dense", 1, args)
         s, g = _value_and_grads("blocked", chunk, args)
-        assert rel_err(s, s_ref) <= 1e-10
+        assert relative_error(s, s_ref) <= 1e-10
         for a, b in zip(g, g_ref):
-            assert rel_err(a, b) <= 1e-9
+            assert relative_error(a, b) <= 1e-9
 
 
 def test_solve_first_row_is_f_and_residual_identity():

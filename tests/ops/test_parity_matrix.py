@@ -24,12 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sessa_jax.golden import relative_error
 from sessa_jax.ops import causal_attention, feedback_solve
 from sessa_jax.ops.attention.blocked import blocked_causal_attention
 from sessa_jax.ops.masks import compute_dtype
 from sessa_jax.ops.solve.blocked import blocked_feedback_solve
 from sessa_jax.ops.solve.recursive import recursive_feedback_solve
-from tests.support.parity import SEGMENTS_37, output_and_grads, rel_err
+from tests.support.parity import SEGMENTS_37, output_and_grads
 
 B, T = 2, 37  # SEGMENTS_37's shape
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -152,9 +153,9 @@ def _check(op: str, path, dtype: str, segmented: bool):
     out_ref, grads_ref = _oracle(op, dtype, segmented)
     tol = tolerance(DTYPES[dtype])
     assert out.dtype == DTYPES[dtype] and all(g.dtype == DTYPES[dtype] for g in grads)
-    assert rel_err(out, out_ref) <= tol, ("output", rel_err(out, out_ref), tol)
+    assert relative_error(out, out_ref) <= tol, ("output", relative_error(out, out_ref), tol)
     for i, (g, g_ref) in enumerate(zip(grads, grads_ref)):
-        assert rel_err(g, g_ref) <= tol, (f"gradient of argument {i}", rel_err(g, g_ref), tol)
+        assert relative_error(g, g_ref) <= tol, (f"gradient of argument {i}", relative_error(g, g_ref), tol)
 
 
 @pytest.mark.parametrize("segmented", [False, True], ids=["causal", "segments"])
@@ -178,8 +179,8 @@ def test_the_matrix_can_fail():
     out_ref, _ = _oracle("solve", "float32", False)
     q, k, g, f = args
     wrong = feedback_solve(q, k, jnp.zeros_like(g), f, method="dense")
-    assert rel_err(wrong, out_ref) > 100 * tolerance(jnp.float32)
+    assert relative_error(wrong, out_ref) > 100 * tolerance(jnp.float32)
     (q, k, v), _ = _inputs("attention", "float32")
     out_ref, _ = _oracle("attention", "float32", False)
     wrong = causal_attention(q, k[:, :, ::-1], v[:, :, ::-1], method="dense")  # heads paired with the other group
-    assert rel_err(wrong, out_ref) > 100 * tolerance(jnp.float32)
+    assert relative_error(wrong, out_ref) > 100 * tolerance(jnp.float32)

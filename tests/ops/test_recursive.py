@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from sessa_jax import SessaConfig, SessaLayer, SessaLM
+from sessa_jax.golden import relative_error
 from sessa_jax.ops import feedback_solve
 from sessa_jax.ops.masks import PAD_SEGMENT, compute_dtype, pad_time
 from sessa_jax.ops.solve.blocked import BlockedPlan, blocked_backward
 from sessa_jax.ops.solve.recursive import RecursivePlan, recursive_feedback_solve, recursive_solve_fwd
 from sessa_jax.ops.solve.row_stats import EMPTY_LOGL, row_statistics
 from sessa_jax.ops.solve.schedule import PushSchedule, padded_leaves
-from tests.support.parity import rel_err
 
 
 # 1. Schedule -------------------------------------------------------------------------------
@@ -160,13 +160,13 @@ def test_recursive_matches_dense_x64(t, leaf, tile, d, case, gamma, packed):
         seg = _packed(2, t, seed=t) if packed else None
         s_ref, g_ref = _run("dense", args, segment_ids=seg)
         s, gr = _run("recursive", args, leaf=leaf, segment_ids=seg, tile=tile)
-        assert rel_err(s, s_ref) <= 1e-12
+        assert relative_error(s, s_ref) <= 1e-12
         # Saturated softmax rows shrink dq, dk to ~1e-3 of the other gradients while their rounding scales with
         # the logits (~400), so
         # each gradient is measured against max(its own scale, 1e-2 x the largest gradient).
         largest = max(float(jnp.max(jnp.abs(b))) for b in g_ref)
         for a, b in zip(gr, g_ref):
-            assert rel_err(a, b, floor=1e-2 * largest) <= 1e-12
+            assert relative_error(a, b, floor=1e-2 * largest) <= 1e-12
 
 
 @pytest.mark.parametrize(
@@ -178,9 +178,9 @@ def test_recursive_matches_dense_float32(t, leaf, tile, d, case, gamma):
     seg = _packed(2, t, seed=1)
     s_ref, g_ref = _run("dense", args, segment_ids=seg)
     s, gr = _run("recursive", args, leaf=leaf, segment_ids=seg, tile=tile)
-    assert rel_err(s, s_ref) <= 1e-5
+    assert relative_error(s, s_ref) <= 1e-5
     for a, b in zip(gr, g_ref):
-        assert rel_err(a, b) <= 1e-4
+        assert relative_error(a, b) <= 1e-4
 
 
 def test_recursive_check_grads_x64():
@@ -228,7 +228,7 @@ def test_recursive_residuals_feed_the_blocked_backward():
         dq, dk, dgamma, df = blocked_backward(BlockedPlan.make(t, 32), res, ds)
         _, g_ref = _run("dense", (q, k, g, f, ds), segment_ids=seg)
         for a, b in zip((dq * d**-0.5, dk, dgamma, df), g_ref):
-            assert rel_err(a, b) <= 1e-12
+            assert relative_error(a, b) <= 1e-12
 
 
 # 5. Precision tiers ------------------------------------------------------------------------
@@ -327,7 +327,7 @@ def test_program_size_is_flat_in_length():
 def _assert_trees_close(actual, expected, tol):
     """Each leaf within ``tol`` of the other, relative to the leaf's largest entry."""
     chex.assert_trees_all_equal_shapes(actual, expected)
-    errs = jax.tree_util.tree_map(rel_err, actual, expected)
+    errs = jax.tree_util.tree_map(relative_error, actual, expected)
     worst = max(jax.tree_util.tree_leaves(errs))
     assert worst <= tol, errs
 

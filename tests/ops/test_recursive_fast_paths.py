@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sessa_jax.golden import relative_error
 from sessa_jax.ops import feedback_solve
 from sessa_jax.ops.solve.recursive import recursive_feedback_solve
-from tests.support.parity import rel_err
 
 
 def _inputs(dtype, t, *, d=8, b=2, seed=0, sharp=False):
@@ -55,10 +55,10 @@ def _assert_close(actual, expected, tol):
     saturated softmax rows shrink dq, dk far below the other gradients (and T=1 makes them 0)."""
     s, grads = actual
     s_ref, grads_ref = expected
-    assert rel_err(s, s_ref) <= tol
+    assert relative_error(s, s_ref) <= tol
     largest = max(float(jnp.max(jnp.abs(b))) for b in grads_ref)
     for name, a, b in zip(("dq", "dk", "dgamma", "df"), grads, grads_ref):
-        assert rel_err(a, b, floor=1e-2 * largest) <= tol, name
+        assert relative_error(a, b, floor=1e-2 * largest) <= tol, name
 
 
 def _primitives(jaxpr, found=None):

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import pytest
 from jax import lax
 
+from sessa_jax.golden import relative_error
 from sessa_jax.ops.solve.trsolve import unit_lower_inverse, unit_lower_solve
-from tests.support.parity import rel_err
 
 
 def _feedback_matrix(c: int, dtype):
@@ -29,7 +29,7 @@ def test_matches_triangular_solve_x64(c, transpose):
             jnp.eye(c) - n, b, left_side=True, lower=True, transpose_a=transpose, unit_diagonal=True
         )
         solve = jax.jit(unit_lower_solve, static_argnames="transpose")
-        assert rel_err(solve(n, b, transpose=transpose), ref) <= 1e-12
+        assert relative_error(solve(n, b, transpose=transpose), ref) <= 1e-12
 
 
 @pytest.mark.parametrize("c", [1, 5, 16, 17, 32, 100, 512])
@@ -40,7 +40,7 @@ def test_inverse_matches_triangular_solve_x64(c):
         ref = lax.linalg.triangular_solve(eye - n, eye, left_side=True, lower=True, unit_diagonal=True)
         x = jax.jit(unit_lower_inverse)(n)
         assert x.shape == n.shape
-        assert rel_err(x, ref) <= 1e-12
+        assert relative_error(x, ref) <= 1e-12
         assert bool(jnp.all(jnp.triu(x, 1) == 0))  # exactly lower triangular
 
 
@@ -50,7 +50,7 @@ def test_inverse_float32_is_faithful():
         n64 = n.astype(jnp.float64)
         eye = jnp.broadcast_to(jnp.eye(256), n.shape)
         ref = lax.linalg.triangular_solve(eye - n64, eye, left_side=True, lower=True, unit_diagonal=True)
-    assert rel_err(jax.jit(unit_lower_inverse)(n), ref) <= 1e-6
+    assert relative_error(jax.jit(unit_lower_inverse)(n), ref) <= 1e-6
 
 
 def test_inverse_merges_use_the_given_dot():
@@ -66,5 +66,5 @@ def test_inverse_merges_use_the_given_dot():
         ref = lax.linalg.triangular_solve(eye - n64, eye, left_side=True, lower=True, unit_diagonal=True)
     one_pass = lambda spec, a, b: chained_dot(spec, a, b, "bfloat16")  # noqa: E731
     faithful = RecursivePlan.make(256, 256, 256, "bf16x3", "cpu", 1.0).faithful
-    assert rel_err(jax.jit(lambda n: unit_lower_inverse(n, one_pass))(n), ref) >= 1e-4
-    assert rel_err(jax.jit(lambda n: unit_lower_inverse(n, faithful))(n), ref) <= 1e-6
+    assert relative_error(jax.jit(lambda n: unit_lower_inverse(n, one_pass))(n), ref) >= 1e-4
+    assert relative_error(jax.jit(lambda n: unit_lower_inverse(n, faithful))(n), ref) <= 1e-6

@@ -1,57 +1,19 @@
-"""Shared helpers for the core tests: golden fixtures, configs and error measures."""
+"""Shared helpers for the core tests: where the golden fixtures lie, segment ids, outputs with gradients."""
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-from sessa_jax import SessaConfig
-from sessa_jax.convert import layer_params_from_torch
 
 FIXTURE_DIR = pathlib.Path(__file__).resolve().parents[1] / "fixtures"
 FIXTURES = sorted(p.stem for p in FIXTURE_DIR.glob("reference_layer_*.npz"))
 
 
-def load_fixture(name: str):
-    """(npz arrays, parsed config_json) of a golden fixture."""
-    z = np.load(FIXTURE_DIR / f"{name}.npz")
-    return {k: z[k] for k in z.files}, json.loads(str(z["config_json"]))
-
-
-def fixture_config(meta: dict, *, solver: str, dtype, chunk_size: int = 8) -> SessaConfig:
-    return SessaConfig(
-        d_model=meta["D"],
-        n_heads=meta["n_heads"],
-        n_kv_heads=meta["n_kv_heads"],
-        rope=meta["rope"],
-        gamma_max=meta["gamma_max"],
-        ln_eps=meta["ln_eps"],
-        solver=solver,
-        chunk_size=chunk_size,
-        leaf_size=chunk_size,
-        dtype=dtype,
-        param_dtype=dtype,
-    )
-
-
-def torch_state_dict(arrays: dict) -> dict:
-    return {k[2:]: v for k, v in arrays.items() if k.startswith("w/")}
-
-
-def fixture_variables(arrays: dict, cfg: SessaConfig):
-    return layer_params_from_torch(torch_state_dict(arrays), cfg, dtype=jnp.dtype(cfg.param_dtype))
-
-
-def rel_err(actual, expected, floor: float = 0.0) -> float:
-    """max |actual - expected| / max(max |expected|, floor)."""
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    scale = max(float(np.max(np.abs(expected))), floor)
-    return float(np.max(np.abs(actual - expected)) / scale)
+def fixture_path(name: str) -> pathlib.Path:
+    """The golden file of fixture ``name`` (a stem of ``FIXTURES``)."""
+    return FIXTURE_DIR / f"{name}.npz"
 
 
 # Segments that start inside tiles, a one-token segment, padding (id 0) in the middle and at

@@ -31,7 +31,7 @@ LAYERS = (
     ("sessa_jax.layer_norm", "sessa_jax.mixer", "sessa_jax.mamba_mixer", "sessa_jax.cache"),
     ("sessa_jax.layer",),
     ("sessa_jax.model",),
-    ("sessa_jax.decoding", "sessa_jax.convert"),
+    ("sessa_jax.decoding", "sessa_jax.convert", "sessa_jax.golden"),
     ("sessa_jax.data",),
     ("sessa_jax.baselines",),
     # The package's public face and the tools built on training.
