@@ -496,6 +496,7 @@ def compare(
     checkpoint_dir: str | None = None,
     redo_lines: bool = False,
     overrides: dict | None = None,
+    claims: str | None = None,
 ) -> list[dict] | None:
     """Runs every missing (task, length, kind, lr, seed) of ``scale_name``; returns all its rows.
 
@@ -505,6 +506,8 @@ def compare(
     ``redo_lines`` computes every cell's reference lines again (appended; the last ones count).
     ``overrides`` ({Scale field: value}) change the scale for pilot runs: write them to their own
     ``out``, since rows are keyed by the scale's name and not by its fields.
+    ``claims`` (a directory shared by the workers of one ``--workers`` call): a run is taken only
+    by the process that creates its entry there first, so workers split the runs between them.
     """
     from sessa_jax.baselines import count_params
 
@@ -543,7 +546,7 @@ def compare(
         tscale = task_scale(scale, task)
         data = task_data(tscale, task, length)
         log(f"{task} {name}: data made ({time.perf_counter() - t0:.0f}s)")
-        if (task, name) not in have_lines:
+        if (task, name) not in have_lines and _claim(claims, f"lines-{task}-{name}"):
             t0 = time.perf_counter()
             lines = reference_lines(tscale, task, data)
             with open(out, "a") as f:
@@ -563,6 +566,8 @@ def compare(
                     "rerun the same command to continue"
                 )
                 return None
+            if not _claim(claims, f"{task}-{name}-{kind}-lr{lr:g}-seed{seed}"):
+                continue  # another worker of this call has it
             if kind not in trainers:
                 trainers[kind] = Trainer(configs[kind], kind, tscale)
             ckpt = checkpoint_path(checkpoint_dir, task, name, kind, lr, seed)
@@ -598,6 +603,47 @@ def compare(
                 f"test {row['test_accuracy']:.3f} loss {row['final_loss']:.3f} ({row['seconds']:.0f}s)"
             )
     return scale_rows(out, scale_name)
+
+
+def _claim(claims: str | None, name: str) -> bool:
+    """True when this process may do ``name``: always without ``claims``; with it, only the first
+    process to create ``claims/name`` (``os.mkdir`` is atomic)."""
+    if claims is None:
+        return True
+    try:
+        os.mkdir(os.path.join(claims, name))
+        return True
+    except FileExistsError:
+        return False
+
+
+def run_workers(argv: list[str], workers: int, out: str, log=print) -> int:
+    """Runs this script's ``argv`` (without ``--workers``) in ``workers`` processes that share
+    the runs through one claims directory; returns ``EXIT_UNFINISHED`` if any worker stopped at
+    its time limit, 0 when all finished, and raises if one failed."""
+    import subprocess
+    import tempfile
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    claims = tempfile.mkdtemp(prefix=os.path.basename(out) + ".claims-", dir=os.path.dirname(os.path.abspath(out)))
+    try:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), *argv, "--claims", claims, "--worker-id", str(i)]
+            )
+            for i in range(workers)
+        ]
+        codes = [proc.wait() for proc in procs]
+    finally:
+        shutil.rmtree(claims, ignore_errors=True)
+    failed = [(i, c) for i, c in enumerate(codes) if c not in (0, EXIT_UNFINISHED)]
+    if failed:
+        raise RuntimeError(
+            f"compare_models: worker(s) {', '.join(f'{i} (exit {c})' for i, c in failed)} failed; their "
+            f"finished runs are in {out} and a rerun of the same command continues from there"
+        )
+    log(f"{workers} workers done")
+    return EXIT_UNFINISHED if EXIT_UNFINISHED in codes else 0
 
 
 def scale_rows(out: str, scale_name: str) -> list[dict]:
@@ -727,8 +773,31 @@ def main(argv=None) -> None:
         help="change a field of the scale for a pilot (e.g. steps=2000, seeds=(0,), lrs=(0.01,), "
         '"soup_lengths=((100, 150),)"); use its own --out',
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="train this many runs at a time, each in its own process (a run uses about one core)",
+    )
+    p.add_argument("--claims", help=argparse.SUPPRESS)  # set by --workers for its worker processes
+    p.add_argument("--worker-id", type=int, default=None, help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
     out = a.out or os.path.join("results", f"compare_{a.scale}.jsonl")
+    if a.workers < 1:
+        p.error(f"--workers must be >= 1; got {a.workers}")
+    if a.workers > 1 and not a.table:
+        code = run_workers(_without_workers(argv), a.workers, out)
+        lines = scale_lines(out, a.scale)
+        print(table(summarize(scale_rows(out, a.scale), lines), lines))
+        if code:
+            sys.exit(code)
+        return
+    if a.claims is not None:
+        prefix = f"[worker {a.worker_id}] "
+        print_log = lambda message: print(prefix + message, flush=True)  # noqa: E731
+    else:
+        print_log = print
     rows = (
         None
         if a.table
@@ -741,13 +810,32 @@ def main(argv=None) -> None:
             checkpoint_dir=a.checkpoint_dir,
             redo_lines=a.redo_lines,
             overrides=parse_overrides(a.set),
+            claims=a.claims,
+            log=print_log,
         )
     )
     unfinished = rows is None and not a.table
+    if a.claims is not None:  # a worker: the parent prints the table
+        if unfinished:
+            sys.exit(EXIT_UNFINISHED)
+        return
     lines = scale_lines(out, a.scale)
     print(table(summarize(scale_rows(out, a.scale) if rows is None else rows, lines), lines))
     if unfinished:
         sys.exit(EXIT_UNFINISHED)
+
+
+def _without_workers(argv: list[str]) -> list[str]:
+    """``argv`` without its ``--workers N`` / ``--workers=N``."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--workers":
+            skip = True
+        elif not item.startswith("--workers="):
+            out.append(item)
+    return out
 
 
 if __name__ == "__main__":

@@ -257,3 +257,25 @@ def test_set_changes_fields_of_the_scale_for_a_pilot(tmp_path):
     rows = _lines(out)
     assert [(r["steps"], r["seed"], r["lr"], r["kind"]) for r in rows] == [(2, 1, 0.01, "transformer")]
     assert rows[0]["tokens"] == 2 * cm.SCALES["toy"].batch_size * 16
+
+
+def test_workers_split_the_runs_and_each_is_done_once_as_alone(soup_run, tmp_path, capsys):
+    """--workers 2: every run is done by exactly one worker process, the lines once, and each
+    result is the one the single-process sweep got for the same run."""
+    out = str(tmp_path / "workers.jsonl")
+    argv = ["--scale", "toy", "--out", out, "--tasks", "symbol_soup", "--kinds", "transformer", "--set", "lrs=(0.001,)"]
+    cm.main(argv + ["--workers", "2"])
+    rows = _lines(out)
+    keys = [cm.run_key(r) for r in rows]
+    assert sorted(keys) == sorted(("toy", "symbol_soup", "40-60", "transformer", 0.001, s) for s in (0, 1, 2))
+    with open(out) as f:
+        assert sum('"reference"' in x for x in f) == 1
+    alone = {cm.run_key(r): r for r in _lines(soup_run)}
+    for r in rows:
+        for key in ("final_loss", "valid_accuracy", "test_accuracy"):
+            assert r[key] == alone[cm.run_key(r)][key], (cm.run_key(r), key)
+    assert [p for p in os.listdir(tmp_path) if ".claims-" in p] == []  # the claims are cleaned up
+    assert "| symbol_soup | 40-60 | transformer |" in capsys.readouterr().out  # the parent prints the table
+    assert cm._without_workers(["--workers", "2", "--scale", "toy", "--workers=3"]) == ["--scale", "toy"]
+    with pytest.raises(SystemExit):
+        cm.main(["--scale", "toy", "--out", out, "--workers", "0"])
