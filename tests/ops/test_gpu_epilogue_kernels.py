@@ -180,15 +180,15 @@ def _solve_grad(kernels, precision, segment_ids):
 def test_feedback_solve_with_gemm_kernels_matches_xla(precision, packed, fused, monkeypatch):
     """kernels="gpu_gemm" (Mosaic GPU interpret mode on CPU, the compiled kernels on a GPU) against
     kernels="xla", bf16 inputs: s and every gradient agree to bf16 (the paths differ only by fp32
-    accumulation order). ``fused``: the forward pushes in ``gpu_block_product`` (D=64 is in its
-    range); else in ``gpu_block_probs`` and ``split_dot``, the path of a Dv outside that range."""
+    accumulation order). ``fused``: the forward pushes in ``gpu_block_product`` (the solve's choice
+    at D=64); else in ``gpu_block_probs`` and ``split_dot``, its choice at Dv > 512."""
     from sessa_jax.ops.solve import recursive
 
     if jax.default_backend() != "gpu":
         interpret_or_skip()
     calls = []
-    covers = recursive.product_covers
-    monkeypatch.setattr(recursive, "product_covers", lambda dv: calls.append(dv) or (fused and covers(dv)))
+    covers = recursive.product_fused
+    monkeypatch.setattr(recursive, "product_fused", lambda dv: calls.append(dv) or (fused and covers(dv)))
     t, d = 512, 64
     seg = kernel_segments(B, t) if packed else None
     args = (
@@ -300,12 +300,13 @@ def test_block_product_kernel_errors(kwargs, match):
         bg.gpu_block_product(q, None, v, v, k, None, s, s, scale=1.0, block_k=kwargs.get("block_k", 64))
 
 
-@pytest.mark.parametrize("kernels", ["gpu_gemm", "xla"])
-def test_recursive_solve_with_gemm_kernels_lowers_for_cuda(kernels):
-    """Forward + backward of the solve for "cuda": the kernels are in the program exactly when opted in."""
+@pytest.mark.parametrize("kernels,d", [("gpu_gemm", 128), ("xla", 128), ("gpu_gemm", 1024)])
+def test_recursive_solve_with_gemm_kernels_lowers_for_cuda(kernels, d):
+    """Forward + backward of the solve for "cuda": the kernels are in the program exactly when
+    opted in; the forward pushes take the fused product up to D=512, the P tiles above."""
     from sessa_jax.ops.solve.recursive import recursive_feedback_solve
 
-    t, d = 1024, 128
+    t = 1024
 
     def loss(q, k, g, f):
         s = recursive_feedback_solve(
@@ -325,8 +326,8 @@ def test_recursive_solve_with_gemm_kernels_lowers_for_cuda(kernels):
 
     x = SD((B, t, d), BF16)
     text = lower_or_skip(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), (x, x, SD((B, t), jnp.float32), x))
-    opted_in = kernels == "gpu_gemm"
-    # D=128: the forward pushes take the fused product kernel, not the P tiles
-    assert (bg.PRODUCT_KERNEL_NAME in text) == opted_in and (bg.BWD_KERNEL_NAME in text) == opted_in
-    assert bg.FWD_KERNEL_NAME not in text
+    opted_in, fused = kernels == "gpu_gemm", d <= bg.FUSED_MAX_DV
+    assert (bg.PRODUCT_KERNEL_NAME in text) == (opted_in and fused)
+    assert (bg.FWD_KERNEL_NAME in text) == (opted_in and not fused)
+    assert (bg.BWD_KERNEL_NAME in text) == opted_in
     assert "sessa_row_stats_gpu" not in text  # the statistics pass stays XLA

@@ -11,6 +11,7 @@ recursive solve's XLA path runs these functions; the kernels are tested against 
   once, s split hi + lo, for bf16 inputs).
 * ``split_dot``: a bf16x3 product whose left operand comes already split into bf16 hi + lo parts
   (what a kernel that writes P as two bf16 tiles hands to XLA).
+* ``split_block_product``: ``split_dot`` on ``block_probs``, the twin of the fused forward push.
 """
 
 from __future__ import annotations

@@ -1,24 +1,33 @@
 """Pallas Mosaic GPU (Hopper, ``plgpu``) GEMM-with-epilogue kernels of the recursive solve's
 pushed blocks: the P tiles of A, made from their logits with the known row statistics and
-written in bf16, so that no float32 P tile and no separate elementwise pass over it reach HBM.
-The products that use them (P s, P^T g, dL k, dL^T q) stay in XLA (cuBLAS).
+written in bf16, so that no float32 P tile and no separate elementwise pass over it reach HBM,
+and the forward push fused whole, so that no P tile reaches HBM at all. The products that use
+the written tiles (P s at wide Dv, P^T g, dL k, dL^T q) stay in XLA (cuBLAS).
 
 * ``gpu_block_probs`` (twin: ``block_product.block_probs``): forward. P = exp((scale q k^T - m)
   - logl), masked where segment ids differ (and, ``causal``, where key >= row), written as
   bf16 hi (and, ``split``, lo = bf16(P - hi)) tiles: the forward's pushes take P s in bf16x3
   at every accelerator tier (``precision.solution_tier``), so one bf16 P would lose the tier's
   low part.
+* ``gpu_block_product`` (twin: ``block_product.split_block_product``): the forward push
+  A[rows, keys] s[keys] fused, like a flash-attention forward with known statistics: grid (P/Bq,
+  Dv/Bv, B), the key blocks looped inside; per key block the logits (wgmma over D chunks), P in
+  fp32 registers, its bf16 hi + lo parts through shared memory, and P_hi s_hi + P_hi s_lo +
+  P_lo s_hi (s given split) into one fp32 (Bq, Bv) accumulator; the float32 (B, P, Dv) result
+  is written once. Bv = Dv up to ``BLOCK_V`` = 256, else 256-column tiles that each recompute
+  the logits; the solve takes it up to ``FUSED_MAX_DV`` = 512 (``product_fused``).
 * ``gpu_block_probs_and_grad`` (twin: ``block_product.block_probs_and_grad``): backward, a dual
   GEMM on the same tile: q k^T (P recomputed with the known statistics) and g s^T, whose
   epilogue forms dL = P * (g s^T - delta) with delta = rowsum(g * r) given per row; writes P
   (hi, and lo with ``split``: the bf16x3 tier's P^T g needs it) and dL in bf16 (the dq, dk
   products take dL in one bf16 pass at the tiers these kernels serve).
 
-Layout: ``plgpu.kernel`` with grid (P/Bq, K/Bk, B), one warpgroup per (Bq, Bk) tile. The D
-contraction runs in chunks of ``BLOCK_D`` = 64 columns (one 128-byte swizzled row of bf16):
-each chunk of every operand is copied into shared memory by TMA (single buffered, no warp
-specialisation), then ``plgpu.wgmma`` accumulates into fp32 (Bq, Bk) accumulators (two in the
-backward, issued on the same chunk). The epilogue runs in fp32 registers (WGMMA layout); row
+Layout of the P-tile kernels: ``plgpu.kernel`` with grid (P/Bq, K/Bk, B), one warpgroup per
+(Bq, Bk) tile. The D contraction runs in chunks of ``BLOCK_D`` = 64 columns (one 128-byte
+swizzled row of bf16): each chunk of every operand is copied into shared memory by TMA (single
+buffered, no warp specialisation), then ``plgpu.wgmma`` accumulates into fp32 (Bq, Bk)
+accumulators (two in the backward, issued on the same chunk; the fused product does the same
+per key block). The epilogue runs in fp32 registers (WGMMA layout); row
 vectors (m, logl, delta, segment ids) come through shared memory; the bf16 tiles go back
 through swizzled shared memory by TMA.
 
@@ -28,7 +37,8 @@ once (``precision.difference_dot``) and s comes split hi + lo (two wgmmas). Accu
 fp32, as in the twins. D must be a multiple of 64 (any size: the contraction is streamed);
 P and K multiples of the blocks (multiples of 64). Shared memory, forward: (Bq + Bk) * 64 * 2
 bytes of operands plus (1 or 2) * Bq * Bk * 2 of output; backward: (2 Bq + 3 Bk) * 64 * 2 plus
-(2 or 3) * Bq * Bk * 2; at the default Bq = 64, Bk = 128: 24 + 32 KiB and 64 + 48 KiB.
+(2 or 3) * Bq * Bk * 2; at the default Bq = 64, Bk = 128: 24 + 32 KiB and 64 + 48 KiB. The
+fused product: 160 KiB at its default Bq = Bk = 64 and Bv = 256 (``gpu_block_product``).
 
 Needs a Hopper GPU (sm_90a: wgmma and TMA); ROCm is not supported. Verified on CPU only: in
 Mosaic GPU interpret mode (``plgpu.InterpretGPUParams()``, jax >= 0.11) against the XLA twins,
@@ -60,6 +70,7 @@ BLOCK_V = 256  # most columns of s (Dv) per program: the (BLOCK_Q, BLOCK_V) fp32
 FWD_KERNEL_NAME = "sessa_block_probs_gpu"
 BWD_KERNEL_NAME = "sessa_block_probs_grad_gpu"
 PRODUCT_KERNEL_NAME = "sessa_block_product_gpu"
+FUSED_MAX_DV = 2 * BLOCK_V  # widest s the solve's forward pushes take fused (``product_fused``)
 _SWIZZLE = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
 __all__ = [
@@ -67,12 +78,14 @@ __all__ = [
     "BLOCK_Q",
     "BLOCK_K",
     "BLOCK_V",
+    "FUSED_MAX_DV",
     "check_solve_support",
     "gpu_block_product",
     "gpu_block_probs",
     "gpu_block_probs_and_grad",
     "interpret_params",
     "product_covers",
+    "product_fused",
 ]
 
 
@@ -428,6 +441,15 @@ def product_covers(dv: int) -> bool:
     """Whether ``gpu_block_product`` takes s of width ``dv``: a multiple of 64 up to ``BLOCK_V``, or
     a multiple of ``BLOCK_V``."""
     return dv > 0 and dv % 64 == 0 and dv % value_block(dv) == 0
+
+
+def product_fused(dv: int) -> bool:
+    """Whether the solve's forward pushes (``kernels="gpu_gemm"``) take ``gpu_block_product`` at s
+    width ``dv``: where the kernel covers it with at most ``FUSED_MAX_DV`` / ``BLOCK_V`` = 2 Dv
+    tiles, i.e. computes the logits at most twice. The deviceless H100 compile rates the fused
+    push faster than ``gpu_block_probs`` + cuBLAS at D = Dv = 256 and 512 and slower at 1024
+    (four logits passes; docs/kernels.md), so wider pushes keep the P tiles."""
+    return product_covers(dv) and dv <= FUSED_MAX_DV
 
 
 def value_block(dv: int) -> int:
