@@ -22,7 +22,7 @@ Per program it prints
     (the known-statistics P tile made inside the logits product instead of a separate pass);
     with ``--kernels gpu_gemm`` the Mosaic GPU GEMM-with-epilogue kernels count as GEMM kernels
     with their exp: XLA sees them as opaque custom calls, so their FLOPs are computed from the
-    kernel name and shapes (``MOSAIC_GEMM_PASSES``) and their bytes are their operands and
+    kernel name and shapes (``MOSAIC_GEMM_PASSES``, ``MOSAIC_PRODUCT``) and their bytes are their operands and
     results, each read once (a lower bound: the kernels reload q and k chunks per tile);
   * ``HBM temp``: the compiled program's temporary buffers (``memory_analysis()``);
   * ``x - x``: subtractions of a value from itself, i.e. bf16x3 low parts the compiler zeroed
@@ -67,6 +67,11 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 # bf16 passes of the solve's Mosaic GPU GEMM-with-epilogue kernels (ops/block_product_gpu.py), by
 # kernel name: the forward's q k^T; the backward's q k^T, g s_hi^T and g s_lo^T.
 MOSAIC_GEMM_PASSES = {"sessa_block_probs_gpu": 1, "sessa_block_probs_grad_gpu": 3}
+# The fused forward push (q, k, s_hi, s_lo -> P s, (B, P, Dv) float32): per program (row block,
+# Dv tile of at most MOSAIC_PRODUCT_BLOCK_V columns) one logits pass over D, then three passes
+# P_hi s_hi, P_hi s_lo, P_lo s_hi over its Dv tile; a Dv over the tile recomputes the logits.
+MOSAIC_PRODUCT = "sessa_block_product_gpu"
+MOSAIC_PRODUCT_BLOCK_V = 256  # block_product_gpu.BLOCK_V
 PEAK_FLOPS = 989e12
 PEAK_BYTES = 3.35e12
 FP32_FLOPS = 67e12  # H100 SXM without tensor cores: where a float32 dot at HIGHEST runs
@@ -312,11 +317,20 @@ class Walk:
     def _mosaic_flops(self, inst: Inst, kernel: Inst) -> float:
         """The GEMM FLOPs of the solve's Mosaic GPU GEMM-with-epilogue kernels, which XLA sees as
         opaque custom calls: 2 B P K D per bf16 pass, read off the kernel name in the op metadata,
-        the first output (B, P, K) and q's (B, P, D); 0 for other Mosaic kernels (the statistics
-        kernel, whose causal skipping the shapes do not tell)."""
-        passes = next((n for name, n in MOSAIC_GEMM_PASSES.items() if f"/{name}/" in inst.attrs), 0)
+        the first output (B, P, K) and q's (B, P, D); for the fused push (``MOSAIC_PRODUCT``,
+        output (B, P, Dv), k (B, K, D) its second operand) 2 B P K (ceil(Dv / 256) D + 3 Dv);
+        0 for other Mosaic kernels (the statistics kernel, whose causal skipping the shapes do
+        not tell)."""
         out = dims(_tuple_elements(inst.type)[0] if inst.type.startswith("(") else inst.type)
         d = dims(self._type_of(inst.operands[0], kernel))
+        if f"/{MOSAIC_PRODUCT}/" in inst.attrs:
+            keys = dims(self._type_of(inst.operands[1], kernel))
+            if len(out) != 3 or len(d) != 3 or len(keys) != 3:
+                return 0.0
+            b, p, dv = out
+            logits_passes = -(-dv // MOSAIC_PRODUCT_BLOCK_V)
+            return 2.0 * b * p * keys[1] * (logits_passes * d[2] + 3 * dv)
+        passes = next((n for name, n in MOSAIC_GEMM_PASSES.items() if f"/{name}/" in inst.attrs), 0)
         if not passes or len(out) != 3 or len(d) != 3:
             return 0.0
         return 2.0 * passes * out[0] * out[1] * out[2] * d[2]

@@ -135,6 +135,32 @@ def test_block_probs_and_grad_kernel_matches_xla_twin(mask, causal, split):
     assert np.abs(want).max() > 0.01
 
 
+@pytest.mark.parametrize("mask,p,kk,dv", [("none", 64, 128, 64), ("segments", 128, 256, 512)])
+def test_block_product_kernel_matches_xla_twin(mask, p, kk, dv):
+    """The fused push P s (P and s split hi + lo, three products) against its twin
+    ``split_block_product``; Dv=512 runs two Dv tiles (each recomputing the logits), P=128 two
+    row blocks, K=128 and 256 two and four key blocks of the kernel's loop."""
+    q, k, m, logl, seg_q, seg_k = _panel(p, kk, mask, seed=30)
+    s = 2.0 * normal(34, (B, 1, dv)) + jnp.cumsum(normal(35, (B, kk, dv)), axis=1) / kk
+    s_hi, s_lo = split_bf16(s)
+    out = bg.gpu_block_product(q, seg_q, m, logl, k, seg_k, s_hi, s_lo, scale=D**-0.5, interpret=interpret_or_skip())
+    want = bp.split_block_product(q, seg_q, m, logl, k, seg_k, s, scale=D**-0.5)
+    assert out.dtype == jnp.float32 and out.shape == (B, p, dv)
+    probs = np.asarray(_twin_probs(q, k, m, logl, seg_q, seg_k), np.float64)
+    s64 = np.asarray(s, np.float64)
+    scale_ = np.einsum("bpk,bkd->bpd", np.abs(probs), np.abs(s64))  # sum_k |P| |s| per entry
+    out, want = np.asarray(out, np.float64), np.asarray(want, np.float64)
+    # hi + lo is P to ~2^-16 in either (a hi that rounds the other way is made up by lo); the
+    # logits' and the K sum's fp32 accumulation orders differ by ~(64 + K) fp32 ulps
+    bound = (2.0**-15 + (64 + 2 * kk) * EPS_F32) * scale_
+    assert np.all(np.abs(out - want) <= bound)
+    # against the float64 product: the low parts are really used (one bf16 pass is ~2^-9 off)
+    exact = np.einsum("bpk,bkd->bpd", probs, s64)
+    assert np.linalg.norm(out - exact) <= 2.0**-14 * np.linalg.norm(exact)
+    one_pass = np.einsum("bpk,bkd->bpd", probs.astype(BF16).astype(np.float64), s64.astype(BF16).astype(np.float64))
+    assert np.linalg.norm(one_pass - exact) > 4 * np.linalg.norm(out - exact)
+
+
 # --------------------------------------------------------------------------- the solve with them
 def _solve_grad(kernels, precision, segment_ids):
     from sessa_jax.ops import feedback_solve
@@ -148,13 +174,21 @@ def _solve_grad(kernels, precision, segment_ids):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
 
 
-@pytest.mark.parametrize("precision,packed", [("bfloat16", False), ("bf16x3", True)])
-def test_feedback_solve_with_gemm_kernels_matches_xla(precision, packed):
+@pytest.mark.parametrize(
+    "precision,packed,fused", [("bfloat16", False, True), ("bf16x3", True, True), ("bf16x3", False, False)]
+)
+def test_feedback_solve_with_gemm_kernels_matches_xla(precision, packed, fused, monkeypatch):
     """kernels="gpu_gemm" (Mosaic GPU interpret mode on CPU, the compiled kernels on a GPU) against
     kernels="xla", bf16 inputs: s and every gradient agree to bf16 (the paths differ only by fp32
-    accumulation order)."""
+    accumulation order). ``fused``: the forward pushes in ``gpu_block_product`` (the solve's choice
+    at D=64); else in ``gpu_block_probs`` and ``split_dot``, its choice at Dv > 512."""
+    from sessa_jax.ops.solve import recursive
+
     if jax.default_backend() != "gpu":
         interpret_or_skip()
+    calls = []
+    covers = recursive.product_fused
+    monkeypatch.setattr(recursive, "product_fused", lambda dv: calls.append(dv) or (fused and covers(dv)))
     t, d = 512, 64
     seg = kernel_segments(B, t) if packed else None
     args = (
@@ -164,6 +198,7 @@ def test_feedback_solve_with_gemm_kernels_matches_xla(precision, packed):
         normal(23, (B, t, d), BF16),
     )
     (_, s_k), g_k = _solve_grad("gpu_gemm", precision, seg)(*args)
+    assert calls and set(calls) == {d}  # the forward pushes asked which kernel takes them
     (_, s_x), g_x = _solve_grad("xla", precision, seg)(*args)
     assert s_k.dtype == BF16 and float(jnp.abs(s_x.astype(jnp.float32)).max()) > 1.0
     for name, a, w in zip(("s", "dq", "dk", "dgamma", "df"), (s_k, *g_k), (s_x, *g_x)):
@@ -232,12 +267,46 @@ def test_gemm_kernels_lower_for_cuda(d, masked, split):
     assert bg.BWD_KERNEL_NAME in text and "mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("kernels", ["gpu_gemm", "xla"])
-def test_recursive_solve_with_gemm_kernels_lowers_for_cuda(kernels):
-    """Forward + backward of the solve for "cuda": the kernels are in the program exactly when opted in."""
+@pytest.mark.parametrize("d,dv,masked", [(64, 64, True), (128, 512, False), (1024, 1024, True)])
+def test_block_product_kernel_lowers_for_cuda(d, dv, masked):
+    p, kk = 128, 256
+    rows, keys, vec = SD((B, p, d), BF16), SD((B, kk, d), BF16), SD((B, p), jnp.float32)
+    values = SD((B, kk, dv), BF16)
+    segs = (SD((B, p), jnp.int32), SD((B, kk), jnp.int32)) if masked else ()
+
+    def fwd(q, k, m, logl, s_hi, s_lo, *seg):
+        seg_q, seg_k = seg or (None, None)
+        return bg.gpu_block_product(q, seg_q, m, logl, k, seg_k, s_hi, s_lo, scale=0.1)
+
+    text = lower_or_skip(jax.jit(fwd), (rows, keys, vec, vec, values, values, *segs))
+    assert bg.PRODUCT_KERNEL_NAME in text and "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(dv=320), "Dv=320 must be a multiple of 64 up to 256, or a multiple of 256"),
+        (dict(dv=32), "Dv=32 must be a multiple of 64"),
+        (dict(s_dtype=jnp.float32), "s_hi must be bfloat16"),
+        (dict(block_k=256), "need 4.. KiB of shared memory, over the H100's 227 KiB"),
+    ],
+)
+def test_block_product_kernel_errors(kwargs, match):
+    dv = kwargs.get("dv", 256)
+    q, k = jnp.zeros((1, 64, 64), BF16), jnp.zeros((1, 256, 64), BF16)
+    s = jnp.zeros((1, 256, dv), kwargs.get("s_dtype", BF16))
+    v = jnp.zeros((1, 64))
+    with pytest.raises(ValueError, match=match):
+        bg.gpu_block_product(q, None, v, v, k, None, s, s, scale=1.0, block_k=kwargs.get("block_k", 64))
+
+
+@pytest.mark.parametrize("kernels,d", [("gpu_gemm", 128), ("xla", 128), ("gpu_gemm", 1024)])
+def test_recursive_solve_with_gemm_kernels_lowers_for_cuda(kernels, d):
+    """Forward + backward of the solve for "cuda": the kernels are in the program exactly when
+    opted in; the forward pushes take the fused product up to D=512, the P tiles above."""
     from sessa_jax.ops.solve.recursive import recursive_feedback_solve
 
-    t, d = 1024, 128
+    t = 1024
 
     def loss(q, k, g, f):
         s = recursive_feedback_solve(
@@ -257,6 +326,8 @@ def test_recursive_solve_with_gemm_kernels_lowers_for_cuda(kernels):
 
     x = SD((B, t, d), BF16)
     text = lower_or_skip(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), (x, x, SD((B, t), jnp.float32), x))
-    opted_in = kernels == "gpu_gemm"
-    assert (bg.FWD_KERNEL_NAME in text) == opted_in and (bg.BWD_KERNEL_NAME in text) == opted_in
+    opted_in, fused = kernels == "gpu_gemm", d <= bg.FUSED_MAX_DV
+    assert (bg.PRODUCT_KERNEL_NAME in text) == (opted_in and fused)
+    assert (bg.FWD_KERNEL_NAME in text) == (opted_in and not fused)
+    assert (bg.BWD_KERNEL_NAME in text) == opted_in
     assert "sessa_row_stats_gpu" not in text  # the statistics pass stays XLA

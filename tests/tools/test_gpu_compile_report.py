@@ -126,6 +126,27 @@ def test_mosaic_gemm_kernels_count_their_flops_and_exp(kernel, passes, fused):
     assert table["gemm_bytes" if passes else "other_bytes"] == 2 * (2 * 128 * 64 + 2 * 256 * 64 + 2 * 2 * 128 * 256)
 
 
+@pytest.mark.parametrize("dv", [128, 512])
+def test_fused_product_kernel_counts_its_flops(dv):
+    """The fused push (q, k, s_hi, s_lo -> P s float32): per Dv tile of at most 256 columns one
+    logits pass over D (B=2, P=128, K=256, D=64), then three passes over Dv (P_hi s_hi, P_hi s_lo,
+    P_lo s_hi); its bytes are its operands and result."""
+    q, k, s = "bf16[2,128,64]{2,1,0}", "bf16[2,256,64]{2,1,0}", f"bf16[2,256,{dv}]{{2,1,0}}"
+    out = f"f32[2,128,{dv}]{{2,1,0}}"
+    text = (
+        f"HloModule m\n\nENTRY %main (p0: {q}, p1: {k}, p2: {s}, p3: {s}) -> {out} {{\n"
+        f"  %p0 = {q} parameter(0)\n  %p1 = {k} parameter(1)\n  %p2 = {s} parameter(2)\n  %p3 = {s} parameter(3)\n"
+        f'  ROOT %k = {out} custom-call(%p0, %p1, %p2, %p3), custom_call_target="mosaic_gpu_v2", '
+        'metadata={op_name="jit(f)/while/body/sessa_block_product_gpu/mpmd_map"}\n}\n'
+    )
+    table = gpu_compile.Walk(text).run().table(launch_us=0.0)
+    logits_passes = len(range(0, dv, 256))  # one per Dv tile: each tile recomputes the logits
+    gemm = 2 * 128 * 256  # B P K
+    assert table["launches"] == 1 and table["gemm_exp"] == 1
+    assert table["gemm_flops"] == 2.0 * gemm * (logits_passes * 64 + 3 * dv)
+    assert table["gemm_bytes"] == 2 * (2 * 128 * 64 + 2 * 256 * 64 + 2 * 2 * 256 * dv) + 4 * 2 * 128 * dv
+
+
 def _has_cuda_plugin() -> bool:
     try:
         return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13))

@@ -11,6 +11,7 @@ recursive solve's XLA path runs these functions; the kernels are tested against 
   once, s split hi + lo, for bf16 inputs).
 * ``split_dot``: a bf16x3 product whose left operand comes already split into bf16 hi + lo parts
   (what a kernel that writes P as two bf16 tiles hands to XLA).
+* ``split_block_product``: ``split_dot`` on ``block_probs``, the twin of the fused forward push.
 """
 
 from __future__ import annotations
@@ -145,3 +146,15 @@ def split_dot(spec: str, a_hi, a_lo, b):
     if a_lo is not None:
         out = out + jnp.einsum(spec, a_lo, b_hi, preferred_element_type=jnp.float32)
     return out
+
+
+def split_block_product(q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, s_keys, *, scale: float):
+    """A[R, K] s[K] with A's P tile split into bf16 hi + lo and s into bf16 hi + lo, (B, R, Dv)
+    float32: ``split_dot`` on ``block_probs`` (logits in one bf16 pass, exact for bf16 q and k).
+    The XLA twin of the fused Mosaic GPU kernel ``block_product_gpu.gpu_block_product`` and the
+    same products as its unfused pair (``gpu_block_probs`` and ``split_dot``)."""
+    probs = block_probs(
+        q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, scale=scale, tier="bfloat16", platform="gpu"
+    )
+    hi, lo = split_bf16(probs)
+    return split_dot("bpk,bkd->bpd", hi, lo, s_keys)

@@ -1,24 +1,33 @@
 """Pallas Mosaic GPU (Hopper, ``plgpu``) GEMM-with-epilogue kernels of the recursive solve's
 pushed blocks: the P tiles of A, made from their logits with the known row statistics and
-written in bf16, so that no float32 P tile and no separate elementwise pass over it reach HBM.
-The products that use them (P s, P^T g, dL k, dL^T q) stay in XLA (cuBLAS).
+written in bf16, so that no float32 P tile and no separate elementwise pass over it reach HBM,
+and the forward push fused whole, so that no P tile reaches HBM at all. The products that use
+the written tiles (P s at wide Dv, P^T g, dL k, dL^T q) stay in XLA (cuBLAS).
 
 * ``gpu_block_probs`` (twin: ``block_product.block_probs``): forward. P = exp((scale q k^T - m)
   - logl), masked where segment ids differ (and, ``causal``, where key >= row), written as
   bf16 hi (and, ``split``, lo = bf16(P - hi)) tiles: the forward's pushes take P s in bf16x3
   at every accelerator tier (``precision.solution_tier``), so one bf16 P would lose the tier's
   low part.
+* ``gpu_block_product`` (twin: ``block_product.split_block_product``): the forward push
+  A[rows, keys] s[keys] fused, like a flash-attention forward with known statistics: grid (P/Bq,
+  Dv/Bv, B), the key blocks looped inside; per key block the logits (wgmma over D chunks), P in
+  fp32 registers, its bf16 hi + lo parts through shared memory, and P_hi s_hi + P_hi s_lo +
+  P_lo s_hi (s given split) into one fp32 (Bq, Bv) accumulator; the float32 (B, P, Dv) result
+  is written once. Bv = Dv up to ``BLOCK_V`` = 256, else 256-column tiles that each recompute
+  the logits; the solve takes it up to ``FUSED_MAX_DV`` = 512 (``product_fused``).
 * ``gpu_block_probs_and_grad`` (twin: ``block_product.block_probs_and_grad``): backward, a dual
   GEMM on the same tile: q k^T (P recomputed with the known statistics) and g s^T, whose
   epilogue forms dL = P * (g s^T - delta) with delta = rowsum(g * r) given per row; writes P
   (hi, and lo with ``split``: the bf16x3 tier's P^T g needs it) and dL in bf16 (the dq, dk
   products take dL in one bf16 pass at the tiers these kernels serve).
 
-Layout: ``plgpu.kernel`` with grid (P/Bq, K/Bk, B), one warpgroup per (Bq, Bk) tile. The D
-contraction runs in chunks of ``BLOCK_D`` = 64 columns (one 128-byte swizzled row of bf16):
-each chunk of every operand is copied into shared memory by TMA (single buffered, no warp
-specialisation), then ``plgpu.wgmma`` accumulates into fp32 (Bq, Bk) accumulators (two in the
-backward, issued on the same chunk). The epilogue runs in fp32 registers (WGMMA layout); row
+Layout of the P-tile kernels: ``plgpu.kernel`` with grid (P/Bq, K/Bk, B), one warpgroup per
+(Bq, Bk) tile. The D contraction runs in chunks of ``BLOCK_D`` = 64 columns (one 128-byte
+swizzled row of bf16): each chunk of every operand is copied into shared memory by TMA (single
+buffered, no warp specialisation), then ``plgpu.wgmma`` accumulates into fp32 (Bq, Bk)
+accumulators (two in the backward, issued on the same chunk; the fused product does the same
+per key block). The epilogue runs in fp32 registers (WGMMA layout); row
 vectors (m, logl, delta, segment ids) come through shared memory; the bf16 tiles go back
 through swizzled shared memory by TMA.
 
@@ -28,7 +37,8 @@ once (``precision.difference_dot``) and s comes split hi + lo (two wgmmas). Accu
 fp32, as in the twins. D must be a multiple of 64 (any size: the contraction is streamed);
 P and K multiples of the blocks (multiples of 64). Shared memory, forward: (Bq + Bk) * 64 * 2
 bytes of operands plus (1 or 2) * Bq * Bk * 2 of output; backward: (2 Bq + 3 Bk) * 64 * 2 plus
-(2 or 3) * Bq * Bk * 2; at the default Bq = 64, Bk = 128: 24 + 32 KiB and 64 + 48 KiB.
+(2 or 3) * Bq * Bk * 2; at the default Bq = 64, Bk = 128: 24 + 32 KiB and 64 + 48 KiB. The
+fused product: 160 KiB at its default Bq = Bk = 64 and Bv = 256 (``gpu_block_product``).
 
 Needs a Hopper GPU (sm_90a: wgmma and TMA); ROCm is not supported. Verified on CPU only: in
 Mosaic GPU interpret mode (``plgpu.InterpretGPUParams()``, jax >= 0.11) against the XLA twins,
@@ -54,18 +64,28 @@ F32 = jnp.float32
 BF16 = jnp.bfloat16
 BLOCK_D = 64  # columns of D per TMA copy and wgmma: one 128-byte swizzled row of bf16
 BLOCK_Q, BLOCK_K = 64, 128  # default tile: rows per warpgroup (wgmma M granule) x keys
+PRODUCT_BLOCK_K = 64  # keys per step of the fused product: its P and s tiles share the shared memory
+SMEM_BYTES = 227 * 1024  # an H100 block's shared memory (opt-in maximum)
+BLOCK_V = 256  # most columns of s (Dv) per program: the (BLOCK_Q, BLOCK_V) fp32 accumulator is 128 registers a thread
 FWD_KERNEL_NAME = "sessa_block_probs_gpu"
 BWD_KERNEL_NAME = "sessa_block_probs_grad_gpu"
+PRODUCT_KERNEL_NAME = "sessa_block_product_gpu"
+FUSED_MAX_DV = 2 * BLOCK_V  # widest s the solve's forward pushes take fused (``product_fused``)
 _SWIZZLE = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
 __all__ = [
     "BLOCK_D",
     "BLOCK_Q",
     "BLOCK_K",
+    "BLOCK_V",
+    "FUSED_MAX_DV",
     "check_solve_support",
+    "gpu_block_product",
     "gpu_block_probs",
     "gpu_block_probs_and_grad",
     "interpret_params",
+    "product_covers",
+    "product_fused",
 ]
 
 
@@ -265,16 +285,27 @@ def _bwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, bloc
     _write((*_split(probs, split), dlogits.astype(BF16)), out_smem, out_refs, (b, rows, keys))
 
 
-def _call(body, name: str, inputs, outputs: int, out_shape, scratch, grid, interpret):
-    """``outputs`` bf16 arrays of ``out_shape`` from the kernel ``body`` on ``grid`` (rows, keys, batch)."""
+def _call(
+    body,
+    name: str,
+    inputs,
+    outputs: int,
+    out_shape,
+    scratch,
+    grid,
+    interpret,
+    dtype=BF16,
+    grid_names=("rows", "keys", "batch"),
+):
+    """``outputs`` arrays of ``out_shape`` and ``dtype`` from the kernel ``body`` on ``grid`` (``grid_names``)."""
     body.__name__ = name  # plgpu.kernel names the kernel after its body
     kwargs = dict(interpret=interpret) if interpret else {}
     call = plgpu.kernel(
         body,
-        out_type=[jax.ShapeDtypeStruct(out_shape, BF16)] * outputs,
+        out_type=[jax.ShapeDtypeStruct(out_shape, dtype)] * outputs,
         scratch_types=scratch,
         grid=grid,
-        grid_names=("rows", "keys", "batch"),
+        grid_names=grid_names,
         **kwargs,
     )
     return tuple(call(*inputs))
@@ -404,3 +435,178 @@ def gpu_block_probs_and_grad(
         body, BWD_KERNEL_NAME, inputs, nout, (b, p, kk), scratch, (p // block_q, kk // block_k, b), interpret
     )
     return tuple(parts), dlogits
+
+
+def product_covers(dv: int) -> bool:
+    """Whether ``gpu_block_product`` takes s of width ``dv``: a multiple of 64 up to ``BLOCK_V``, or
+    a multiple of ``BLOCK_V``."""
+    return dv > 0 and dv % 64 == 0 and dv % value_block(dv) == 0
+
+
+def product_fused(dv: int) -> bool:
+    """Whether the solve's forward pushes (``kernels="gpu_gemm"``) take ``gpu_block_product`` at s
+    width ``dv``: where the kernel covers it with at most ``FUSED_MAX_DV`` / ``BLOCK_V`` = 2 Dv
+    tiles, i.e. computes the logits at most twice. The deviceless H100 compile rates the fused
+    push faster than ``gpu_block_probs`` + cuBLAS at D = Dv = 256 and 512 and slower at 1024
+    (four logits passes; docs/kernels.md), so wider pushes keep the P tiles."""
+    return product_covers(dv) and dv <= FUSED_MAX_DV
+
+
+def value_block(dv: int) -> int:
+    """Columns of s (Dv) per program of ``gpu_block_product``: all of them up to ``BLOCK_V``, else
+    ``BLOCK_V`` (each program then recomputes its row block's logits: Dv / BLOCK_V logits passes)."""
+    return dv if dv <= BLOCK_V else BLOCK_V
+
+
+def _product_body(
+    *refs, masked: bool, block_q: int, block_k: int, block_v: int, chunks: int, key_blocks: int, scale: float
+):
+    """Fused forward push (one (Bq, Bv) output tile of one batch row): the loop over key blocks,
+    each a logits GEMM over D chunks, the P epilogue and hi + lo split in fp32 registers, the
+    parts stored to shared memory, and three wgmmas into the fp32 (Bq, Bv) accumulator (a
+    zero-initialised ``plgpu.ACC`` that lives across the loop); see ``gpu_block_product``."""
+    q_ref, k_ref, s_hi_ref, s_lo_ref, m_ref, l_ref, *refs = refs
+    seg_refs, refs = (refs[:2], refs[2:]) if masked else (None, refs)
+    out_ref, a_smem, b_smem, p_smem, v_smem, m_smem, l_smem, *refs = refs
+    seg_smem, refs = (refs[:2], refs[2:]) if masked else (None, refs)
+    out_smem, bar = refs
+    i, j, b = lax.axis_index("rows"), lax.axis_index("values"), lax.axis_index("batch")
+    r0 = i * block_q
+    rows, values = pl.ds(r0, block_q), pl.ds(j * block_v, block_v)
+    shape = (block_q, block_k)
+
+    _copy(m_ref.at[b, rows], m_smem, bar.at[0])
+    _copy(l_ref.at[b, rows], l_smem, bar.at[0])
+    if masked:
+        _copy(seg_refs[0].at[b, rows], seg_smem[0], bar.at[0])
+
+    def key_blocks_into(acc):
+        def key_block(kb, carry):
+            k0 = kb * block_k
+            keys = pl.ds(k0, block_k)
+            if masked:
+                _copy(seg_refs[1].at[b, keys], seg_smem[1], bar.at[0])
+
+            def logits(acc_l):
+                def chunk(c, carry):
+                    cols = pl.ds(c * BLOCK_D, BLOCK_D)
+                    _copy(q_ref.at[b, rows, cols], a_smem.at[0], bar.at[0])
+                    _copy(k_ref.at[b, keys, cols], b_smem.at[0], bar.at[0])
+                    plgpu.wgmma(acc_l, a_smem.at[0], b_smem.at[0].transpose((1, 0)))
+                    plgpu.wgmma_wait(0)  # the next chunk's copies overwrite the operands
+                    return carry
+
+                lax.fori_loop(0, chunks, chunk, 0)
+                return acc_l[...]
+
+            scores = pl.run_scoped(logits, plgpu.ACC(shape, F32))
+            probs = _probs(scores, m_smem, l_smem, seg_smem, scale=scale, causal=False, shape=shape, r0=r0, k0=k0)
+            # P's parts go through shared memory: a wgmma with its left operand in registers
+            # has no Mosaic GPU interpret mode, so the CPU tests could not check that variant
+            for part, tile in enumerate(_split(probs, True)):
+                p_smem[part] = tile
+            plgpu.commit_smem()
+            _copy(s_hi_ref.at[b, keys, values], v_smem.at[0], bar.at[0])
+            _copy(s_lo_ref.at[b, keys, values], v_smem.at[1], bar.at[0])
+            plgpu.wgmma(acc, p_smem.at[0], v_smem.at[0])  # P_hi s_hi
+            plgpu.wgmma(acc, p_smem.at[0], v_smem.at[1])  # + P_hi s_lo
+            plgpu.wgmma(acc, p_smem.at[1], v_smem.at[0])  # + P_lo s_hi
+            plgpu.wgmma_wait(0)  # the next key block's copies overwrite s
+            return carry
+
+        lax.fori_loop(0, key_blocks, key_block, 0)
+        return acc[...]
+
+    acc = pl.run_scoped(key_blocks_into, plgpu.ACC((block_q, block_v), F32))  # zero-initialised
+    out_smem[...] = acc
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_smem, out_ref.at[b, rows, values])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def gpu_block_product(
+    q,
+    seg_q,
+    m,
+    logl,
+    k,
+    seg_k,
+    s_hi,
+    s_lo,
+    *,
+    scale: float,
+    block_q: int = BLOCK_Q,
+    block_k: int = PRODUCT_BLOCK_K,
+    interpret=False,
+):
+    """A[rows, keys] s[keys] of one pushed block, fused (Mosaic GPU): (B, P, Dv) float32.
+
+    q, m, logl, seg_q, seg_k, blocks and ``interpret`` as in ``gpu_block_probs`` (no causal
+    option: the solve's pushed blocks need none); s_hi, s_lo (B, K, Dv) bf16: the keys' s split
+    hi + lo (``precision.split_bf16``). Per (row block, Dv tile, batch row) the kernel loops over
+    the key blocks: logits by wgmma over D chunks, P = exp((scale q k^T - m) - logl) (zero where
+    the segment ids differ) in fp32 registers, split into bf16 hi = bf16(P) and lo = bf16(P - hi),
+    and P_hi s_hi + P_hi s_lo + P_lo s_hi accumulated in fp32: the twin is
+    ``block_product.split_block_product`` (``split_dot`` on ``block_probs``). No P tile reaches
+    HBM. Dv: a multiple of 64, at most ``BLOCK_V`` = 256 (one accumulator) or a multiple of it
+    (Dv / 256 tiles, each recomputing the logits). Shared memory: (Bq + Bk) * 64 * 2 bytes of
+    q, k chunks, 2 * Bq * Bk * 2 of P's parts, 2 * Bk * Bv * 2 of s, Bq * Bv * 4 of output:
+    160 KiB at the default Bq = Bk = 64, Bv = 256 (more than ``SMEM_BYTES`` is refused).
+    """
+    _check("gpu_block_product", q, seg_q, k, seg_k, block_q, block_k)
+    b, p, d = q.shape
+    kk = k.shape[1]
+    for name, x in (("s_hi", s_hi), ("s_lo", s_lo)):
+        if x.dtype != BF16 or x.ndim != 3 or x.shape[:2] != (b, kk):
+            raise ValueError(
+                f"gpu_block_product: {name} must be bfloat16 (B, K, Dv) with (B, K) = {(b, kk)} (s split by "
+                f"precision.split_bf16); got {x.dtype} {x.shape}"
+            )
+    if s_hi.shape != s_lo.shape:
+        raise ValueError(f"gpu_block_product: s_hi {s_hi.shape} and s_lo {s_lo.shape} must have one shape")
+    dv = s_hi.shape[2]
+    block_v = value_block(dv)
+    if not product_covers(dv):
+        raise ValueError(
+            f"gpu_block_product: Dv={dv} must be a multiple of 64 up to {BLOCK_V}, or a multiple of {BLOCK_V} "
+            f"(the fp32 accumulator holds at most {BLOCK_V} columns of s); pad s to such a width, or use "
+            "gpu_block_probs and split_dot"
+        )
+    smem = (
+        (block_q + block_k) * BLOCK_D * 2
+        + 2 * block_q * block_k * 2
+        + 2 * block_k * block_v * 2
+        + block_q * block_v * 4
+    )
+    if smem > SMEM_BYTES:
+        raise ValueError(
+            f"gpu_block_product: block_q={block_q}, block_k={block_k} at Dv tile {block_v} need {smem // 1024} KiB of "
+            f"shared memory, over the H100's {SMEM_BYTES // 1024} KiB: use smaller blocks (default 64 x 64)"
+        )
+    masked = seg_q is not None
+    scratch = [
+        plgpu.SMEM((1, block_q, BLOCK_D), BF16, **_SWIZZLE),
+        plgpu.SMEM((1, block_k, BLOCK_D), BF16, **_SWIZZLE),
+        plgpu.SMEM((2, block_q, block_k), BF16, **_SWIZZLE),
+        plgpu.SMEM((2, block_k, block_v), BF16, **_SWIZZLE),
+        *_row_scratch(masked, block_q, block_k, 2),
+        plgpu.SMEM((block_q, block_v), F32, transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))),
+        plgpu.Barrier(num_barriers=1),
+    ]
+    body = functools.partial(
+        _product_body,
+        masked=masked,
+        block_q=block_q,
+        block_k=block_k,
+        block_v=block_v,
+        chunks=d // BLOCK_D,
+        key_blocks=kk // block_k,
+        scale=float(scale),
+    )
+    segs = (seg_q.astype(jnp.int32), seg_k.astype(jnp.int32)) if masked else ()
+    inputs = (q, k, s_hi, s_lo, m.astype(F32), logl.astype(F32), *segs)
+    grid = (p // block_q, dv // block_v, b)
+    (out,) = _call(
+        body, PRODUCT_KERNEL_NAME, inputs, 1, (b, p, dv), scratch, grid, interpret, F32, ("rows", "values", "batch")
+    )
+    return out

@@ -38,7 +38,9 @@ from sessa_jax.ops.solve.block_product_gpu import (
     check_solve_support,
     gpu_block_probs,
     gpu_block_probs_and_grad,
+    gpu_block_product,
     interpret_params,
+    product_fused,
 )
 from sessa_jax.ops.solve.block_product_tpu import tpu_block_product, tpu_block_product_bwd
 from sessa_jax.ops.solve.precision import (
@@ -200,18 +202,18 @@ def diag_inverse(plan: RecursivePlan, a_ii, gamma):
 
 
 def _gemm_block_update(plan: RecursivePlan, q_p, seg_p, m_p, logl_p, k_keys, seg_keys, s_keys):
-    """A[rows, keys] s[keys] with the P tile from the Mosaic GPU kernel as bf16 hi + lo parts and the
-    product in XLA: the same bf16x3 product as ``plan.chained`` on a float32 P (``split_dot``)."""
+    """A[rows, keys] s[keys] in bf16x3 (P and s split hi + lo), float32 (B, rows, Dv): the fused
+    Mosaic GPU kernel ``gpu_block_product`` (no P tile in HBM) at Dv <= 512 (``product_fused``),
+    else the P tile from ``gpu_block_probs`` as bf16 hi + lo parts and the product in XLA
+    (``split_dot``). Both are the same bf16x3 product as ``plan.chained`` on a float32 P."""
+    q_b, k_b = q_p.astype(jnp.bfloat16), k_keys.astype(jnp.bfloat16)
+    if product_fused(s_keys.shape[-1]):
+        s_hi, s_lo = split_bf16(s_keys.astype(jnp.float32))
+        return gpu_block_product(
+            q_b, seg_p, m_p, logl_p, k_b, seg_keys, s_hi, s_lo, scale=plan.scale, interpret=plan.gpu_interpret
+        )
     hi, lo = gpu_block_probs(
-        q_p.astype(jnp.bfloat16),
-        seg_p,
-        m_p,
-        logl_p,
-        k_keys.astype(jnp.bfloat16),
-        seg_keys,
-        scale=plan.scale,
-        split=True,
-        interpret=plan.gpu_interpret,
+        q_b, seg_p, m_p, logl_p, k_b, seg_keys, scale=plan.scale, split=True, interpret=plan.gpu_interpret
     )
     return split_dot("bpk,bkd->bpd", hi, lo, s_keys)
 
@@ -508,10 +510,11 @@ def recursive_feedback_solve(
     forward and the backward (interpret mode off the TPU; leaves and diagonal inversion stay
     XLA). "pallas" needs float32 accumulation and a leaf that is a multiple of 128 (the key
     block of the kernels), on GPU also D a multiple of 64 up to 256 and tier bf16x3 or bfloat16
-    for float32 q/k, checked by ``ops.dispatch``. "gpu_gemm": the P tiles (forward) and the P and
-    dL tiles (backward) of the pushed blocks in the Mosaic GPU GEMM-with-epilogue kernels of
-    ``block_product_gpu``, their products and everything else in XLA (Mosaic GPU interpret mode
-    off the GPU); D a multiple of 64, tier bf16x3 (bf16 q/k) or bfloat16, float32 accumulation
+    for float32 q/k, checked by ``ops.dispatch``. "gpu_gemm": the forward pushes fused in one
+    Mosaic GPU kernel (``gpu_block_product``, D <= 512) or their P tiles in one (wider D), and the
+    P and dL tiles (backward) of the pushed blocks in the GEMM-with-epilogue kernels of
+    ``block_product_gpu``, the other products and everything else in XLA (Mosaic GPU interpret
+    mode off the GPU); D a multiple of 64, tier bf16x3 (bf16 q/k) or bfloat16, float32 accumulation
     and a leaf that is a multiple of 128 (``block_product_gpu.check_solve_support``, ``ops.dispatch``).
     """
     b, t, d = f.shape
