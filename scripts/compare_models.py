@@ -24,13 +24,14 @@ One compiled train step serves every lr and seed of a (task, length, kind): the 
 optimizer runs at peak lr 1 and the update is scaled by lr, which is exactly AdamW at that lr
 (its decoupled weight decay is also scaled by lr).
 
-    python scripts/compare_models.py --scale cpu --out results/compare_cpu.jsonl
+    python scripts/compare_models.py --scale cpu --out results/compare_cpu.jsonl --workers 2
     python scripts/compare_models.py --scale cpu --out results/compare_cpu.jsonl --table   # table only
     python scripts/compare_models.py --scale paper --out results/compare_paper.jsonl --time-limit 540  # accelerator
 
-Scales: ``toy`` (the test, seconds), ``cpu`` (sized for about 40 minutes on a quiet 2-core machine; the budget
-is an hour),
-``paper`` (T = 2048 SymbolSoup and MQAR, the paper's 125M width: for an accelerator).
+``--workers N`` trains N runs at a time, each in its own process (a run uses about one core).
+
+Scales: ``toy`` (the test, seconds), ``cpu`` (sized for about 50 minutes on a quiet 2-core machine
+with ``--workers 2``; the budget is an hour), ``paper`` (T = 2048 SymbolSoup and MQAR, the paper's 125M width: for an accelerator).
 """
 
 from __future__ import annotations
