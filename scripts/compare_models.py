@@ -31,7 +31,8 @@ optimizer runs at peak lr 1 and the update is scaled by lr, which is exactly Ada
 ``--workers N`` trains N runs at a time, each in its own process (a run uses about one core).
 
 Scales: ``toy`` (the test, seconds), ``cpu`` (sized for about 50 minutes on a quiet 2-core machine
-with ``--workers 2``; the budget is an hour), ``paper`` (T = 2048 SymbolSoup and MQAR, the paper's 125M width: for an accelerator).
+with ``--workers 2``; the budget is an hour), ``paper`` (T = 2048 SymbolSoup and MQAR, the paper's
+125M width: for an accelerator).
 """
 
 from __future__ import annotations
