@@ -7,8 +7,6 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-test
 # pytest-xdist workers: most tests are compile-bound on one core, so two workers halve the wall
 # time on the 2-core CI machine (measured: 9m37s with 2 workers, ~16 min with one).
-# --dist loadgroup: tests marked with one xdist_group (those sharing a costly module fixture or
-# cached result) run on one worker, so that result is computed once instead of once per worker.
 PYTEST_WORKERS ?= 2
 # Newest releases need Python >= 3.12: the first of these that runs (pyenv shims may exist but not run).
 PYTHON_LATEST ?= $(firstword $(foreach p,python3.12 python3.13 $(wildcard $(HOME)/.pyenv/versions/3.12.*/bin/python3),$(shell $(p) -c 'import sys; print(sys.executable)' 2>/dev/null)))
@@ -47,7 +45,7 @@ install: $(STAMP)
 # TIMEOUT_S, 3600 s, or SESSA_TEST_TIMEOUT_S; add -x through PYTEST_ARGS to stop at the first.)
 PYTEST_ARGS ?=
 test: install
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # The formatter and linter (ruff, configured in pyproject.toml); `ruff format .` fixes the format.
 lint: install
@@ -63,7 +61,7 @@ $(STAMP_LATEST): pyproject.toml
 
 test-latest: $(STAMP_LATEST)
 	$(PY_LATEST) -c "import sys, jax, jaxlib, flax, orbax.checkpoint as o; print('python', sys.version.split()[0], '| jax', jax.__version__, '| jaxlib', jaxlib.__version__, '| flax', flax.__version__, '| orbax', o.__version__)"
-	$(PY_LATEST) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS) $(LATEST_TESTS)
+	$(PY_LATEST) -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS) $(LATEST_TESTS)
 
 # What .ci/run checks of the newest releases (the whole LATEST_TESTS would push CI past 45 minutes).
 test-latest-ci:

@@ -25,13 +25,8 @@ def _results(name: str, solver: str, precision: str):
     return run_golden(arrays, meta, solver, precision)
 
 
-# The three checks of a case share one computed result (``_results``); one xdist group per case
-# keeps them on one worker (`make test` runs ``--dist loadgroup``), so it is computed once.
 CASES = [
-    pytest.param(n, solver, p, marks=pytest.mark.xdist_group(f"fixture-{n}-{solver}-{p}"))
-    for n in FIXTURES
-    for solver in ("dense", "blocked", "recursive")
-    for p in ("float32", "float64")
+    (n, solver, p) for n in FIXTURES for solver in ("dense", "blocked", "recursive") for p in ("float32", "float64")
 ]
 
 

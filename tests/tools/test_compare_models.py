@@ -8,10 +8,6 @@ import sys
 import numpy as np
 import pytest
 
-# Most tests share the module-scoped toy sweep (``soup_run``): one xdist group runs them on one
-# worker (`make test` runs ``--dist loadgroup``), so the sweep is trained once.
-pytestmark = pytest.mark.xdist_group("compare_models")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
