@@ -203,6 +203,25 @@ def _split(probs, split: bool):
     return (hi, (probs - hi.astype(F32)).astype(BF16)) if split else (hi,)
 
 
+def _tile_logits(q_rows, k_keys, a_smem, b_smem, bar, chunks: int, shape):
+    """q_rows k_keys^T as a float32 ``shape`` (rows, keys) value: ``chunks`` wgmmas over the D
+    chunks of ``BLOCK_D`` columns, each chunk of q and k copied into ``a_smem`` / ``b_smem``."""
+
+    def logits(acc):
+        def chunk(c, carry):
+            cols = pl.ds(c * BLOCK_D, BLOCK_D)
+            _copy(q_rows.at[:, cols], a_smem.at[0], bar.at[0])
+            _copy(k_keys.at[:, cols], b_smem.at[0], bar.at[0])
+            plgpu.wgmma(acc, a_smem.at[0], b_smem.at[0].transpose((1, 0)))
+            plgpu.wgmma_wait(0)  # the next chunk's copies overwrite the operands
+            return carry
+
+        lax.fori_loop(0, chunks, chunk, 0)
+        return acc[...]
+
+    return pl.run_scoped(logits, plgpu.ACC(shape, F32))
+
+
 def _fwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, block_k: int, chunks: int, scale: float):
     """Forward kernel body (one (Bq, Bk) tile of one batch row); see the module docstring."""
     q_ref, k_ref, m_ref, l_ref, *refs = refs
@@ -223,19 +242,7 @@ def _fwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, bloc
         _copy(seg_refs[0].at[b, rows], seg_smem[0], bar.at[0])
         _copy(seg_refs[1].at[b, keys], seg_smem[1], bar.at[0])
 
-    def logits(acc):
-        def chunk(c, carry):
-            cols = pl.ds(c * BLOCK_D, BLOCK_D)
-            _copy(q_ref.at[b, rows, cols], a_smem.at[0], bar.at[0])
-            _copy(k_ref.at[b, keys, cols], b_smem.at[0], bar.at[0])
-            plgpu.wgmma(acc, a_smem.at[0], b_smem.at[0].transpose((1, 0)))
-            plgpu.wgmma_wait(0)  # the next chunk's copies overwrite the operands
-            return carry
-
-        lax.fori_loop(0, chunks, chunk, 0)
-        return acc[...]
-
-    acc = pl.run_scoped(logits, plgpu.ACC(shape, F32))
+    acc = _tile_logits(q_ref.at[b, rows], k_ref.at[b, keys], a_smem, b_smem, bar, chunks, shape)
     probs = _probs(acc, m_smem, l_smem, seg_smem, scale=scale, causal=causal, shape=shape, r0=r0, k0=k0)
     _write(_split(probs, split), out_smem, out_refs, (b, rows, keys))
 
@@ -487,19 +494,7 @@ def _product_body(
             if masked:
                 _copy(seg_refs[1].at[b, keys], seg_smem[1], bar.at[0])
 
-            def logits(acc_l):
-                def chunk(c, carry):
-                    cols = pl.ds(c * BLOCK_D, BLOCK_D)
-                    _copy(q_ref.at[b, rows, cols], a_smem.at[0], bar.at[0])
-                    _copy(k_ref.at[b, keys, cols], b_smem.at[0], bar.at[0])
-                    plgpu.wgmma(acc_l, a_smem.at[0], b_smem.at[0].transpose((1, 0)))
-                    plgpu.wgmma_wait(0)  # the next chunk's copies overwrite the operands
-                    return carry
-
-                lax.fori_loop(0, chunks, chunk, 0)
-                return acc_l[...]
-
-            scores = pl.run_scoped(logits, plgpu.ACC(shape, F32))
+            scores = _tile_logits(q_ref.at[b, rows], k_ref.at[b, keys], a_smem, b_smem, bar, chunks, shape)
             probs = _probs(scores, m_smem, l_smem, seg_smem, scale=scale, causal=False, shape=shape, r0=r0, k0=k0)
             # P's parts go through shared memory: a wgmma with its left operand in registers
             # has no Mosaic GPU interpret mode, so the CPU tests could not check that variant
