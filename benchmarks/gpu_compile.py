@@ -22,7 +22,7 @@ Per program it prints
     (the known-statistics P tile made inside the logits product instead of a separate pass);
     with ``--kernels gpu_gemm`` the Mosaic GPU GEMM-with-epilogue kernels count as GEMM kernels
     with their exp: XLA sees them as opaque custom calls, so their FLOPs are computed from the
-    kernel name and shapes (``MOSAIC_GEMM_PASSES``, ``MOSAIC_PRODUCT``) and their bytes are their operands and
+    kernel name and shapes (``MOSAIC_GEMM_PASSES``, ``MOSAIC_PRODUCT_PASSES``) and their bytes are their operands and
     results, each read once (a lower bound: the kernels reload q and k chunks per tile);
   * ``HBM temp``: the compiled program's temporary buffers (``memory_analysis()``);
   * ``x - x``: subtractions of a value from itself, i.e. bf16x3 low parts the compiler zeroed
@@ -67,10 +67,11 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 # bf16 passes of the solve's Mosaic GPU GEMM-with-epilogue kernels (ops/block_product_gpu.py), by
 # kernel name: the forward's q k^T; the backward's q k^T, g s_hi^T and g s_lo^T.
 MOSAIC_GEMM_PASSES = {"sessa_block_probs_gpu": 1, "sessa_block_probs_grad_gpu": 3}
-# The fused forward push (q, k, s_hi, s_lo -> P s, (B, P, Dv) float32): per program (row block,
-# Dv tile of at most MOSAIC_PRODUCT_BLOCK_V columns) one logits pass over D, then three passes
-# P_hi s_hi, P_hi s_lo, P_lo s_hi over its Dv tile; a Dv over the tile recomputes the logits.
-MOSAIC_PRODUCT = "sessa_block_product_gpu"
+# The fused forward push (q, k, s parts -> P s, (B, P, Dv) float32), by kernel name the bf16
+# passes of its product: per program (row block, Dv tile of at most MOSAIC_PRODUCT_BLOCK_V
+# columns) one logits pass over D, then P_hi s_hi, P_hi s_lo, P_lo s_hi (bf16x3) or one pass
+# (bfloat16) over its Dv tile; a Dv over the tile recomputes the logits.
+MOSAIC_PRODUCT_PASSES = {"sessa_block_product_gpu": 3, "sessa_block_product_bf16_gpu": 1}
 MOSAIC_PRODUCT_BLOCK_V = 256  # block_product_gpu.BLOCK_V
 PEAK_FLOPS = 989e12
 PEAK_BYTES = 3.35e12
@@ -317,19 +318,21 @@ class Walk:
     def _mosaic_flops(self, inst: Inst, kernel: Inst) -> float:
         """The GEMM FLOPs of the solve's Mosaic GPU GEMM-with-epilogue kernels, which XLA sees as
         opaque custom calls: 2 B P K D per bf16 pass, read off the kernel name in the op metadata,
-        the first output (B, P, K) and q's (B, P, D); for the fused push (``MOSAIC_PRODUCT``,
-        output (B, P, Dv), k (B, K, D) its second operand) 2 B P K (ceil(Dv / 256) D + 3 Dv);
+        the first output (B, P, K) and q's (B, P, D); for the fused push (``MOSAIC_PRODUCT_PASSES``,
+        output (B, P, Dv), k (B, K, D) its second operand) 2 B P K (ceil(Dv / 256) D + n Dv) with
+        n = 3 (bf16x3) or 1 (bfloat16);
         0 for other Mosaic kernels (the statistics kernel, whose causal skipping the shapes do
         not tell)."""
         out = dims(_tuple_elements(inst.type)[0] if inst.type.startswith("(") else inst.type)
         d = dims(self._type_of(inst.operands[0], kernel))
-        if f"/{MOSAIC_PRODUCT}/" in inst.attrs:
+        product_passes = next((n for name, n in MOSAIC_PRODUCT_PASSES.items() if f"/{name}/" in inst.attrs), 0)
+        if product_passes:
             keys = dims(self._type_of(inst.operands[1], kernel))
             if len(out) != 3 or len(d) != 3 or len(keys) != 3:
                 return 0.0
             b, p, dv = out
             logits_passes = -(-dv // MOSAIC_PRODUCT_BLOCK_V)
-            return 2.0 * b * p * keys[1] * (logits_passes * d[2] + 3 * dv)
+            return 2.0 * b * p * keys[1] * (logits_passes * d[2] + product_passes * dv)
         passes = next((n for name, n in MOSAIC_GEMM_PASSES.items() if f"/{name}/" in inst.attrs), 0)
         if not passes or len(out) != 3 or len(d) != 3:
             return 0.0
@@ -383,19 +386,31 @@ def _wide_trips(sched) -> tuple[float, float]:
 
 
 def static_span_rule(static_span: int | None):
-    """Context in which the solve's default static span (``schedule.auto_static_span``, as the
+    """Context in which the solve's default static span (``recursive.default_static_span``, as the
     solve and the layers resolve it) is ``static_span`` (0: none, every push in the loop);
     None: the library's own rule."""
     import contextlib
 
+    from sessa_jax.ops.solve import recursive
+
     if static_span is None:
         return contextlib.nullcontext()
-    return unittest.mock.patch(
-        "sessa_jax.ops.solve.recursive.auto_static_span", lambda n, tile_leaves: static_span or None
-    )
+    if hasattr(recursive, "default_static_span"):
+        rule = lambda n, tile_leaves, tier, kernels, platform: static_span or None  # noqa: E731
+        return unittest.mock.patch.object(recursive, "default_static_span", rule)
+    return unittest.mock.patch.object(recursive, "auto_static_span", lambda n, tile_leaves: static_span or None)
 
 
-def wide_tile_trips(t: int, leaf: int, tile: int | None, static_span=None, b: int = 0, d: int = 0):
+def wide_tile_trips(
+    t: int,
+    leaf: int,
+    tile: int | None,
+    static_span=None,
+    b: int = 0,
+    d: int = 0,
+    tier: str = "bf16x3",
+    kernels: str = "xla",
+):
     """Trips charged to the solve's dynamic tile loops (rows, then keys; key tiles as total
     tiles / row tiles), averaged over the wide blocks the loops push. The statistics pass's loop
     pushes every wide block, the forward's and backward's only those ``static_span`` leaves
@@ -405,8 +420,9 @@ def wide_tile_trips(t: int, leaf: int, tile: int | None, static_span=None, b: in
     from sessa_jax.ops.solve.recursive import RecursivePlan
 
     with static_span_rule(static_span):
-        extra = {"static_span": "auto"} if hasattr(RecursivePlan, "stats_schedule") else {}  # older: no argument
-        plan = RecursivePlan.make(t, leaf, tile or recursive_tile(t, leaf), "bf16x3", "gpu", 1.0, **extra)
+        # older checkouts: no static span, no kernels argument
+        extra = {"static_span": "auto", "kernels": kernels} if hasattr(RecursivePlan, "stats_schedule") else {}
+        plan = RecursivePlan.make(t, leaf, tile or recursive_tile(t, leaf), tier, "gpu", 1.0, **extra)
     pushes = _wide_trips(plan.schedule)
     stats = _wide_trips(getattr(plan, "stats_schedule", plan.schedule))
     if stats == pushes or not (b and d):
@@ -472,7 +488,7 @@ def add_solve_options(p: argparse.ArgumentParser, static_span_scope: str) -> Non
         type=int,
         default=None,
         help=f"the static span of {static_span_scope} (schedule.PushSchedule; 0: every push in the loop); "
-        "default: the library's rule (schedule.auto_static_span)",
+        "default: the library's rule (recursive.default_static_span)",
     )
 
 
@@ -653,7 +669,10 @@ def main(argv=None) -> None:
         if args.dump:
             args.dump.mkdir(parents=True, exist_ok=True)
             (args.dump / f"{name}.hlo.txt").write_text(text)
-        walk = Walk(text, wide_tile_trips(args.T, args.leaf, args.tile, args.static_span, args.B, args.D)).run()
+        trips = wide_tile_trips(
+            args.T, args.leaf, args.tile, args.static_span, args.B, args.D, solve_tier(args.precision), args.kernels
+        )
+        walk = Walk(text, trips).run()
         r = walk.table(args.launch_us)
         note = f" ({walk.unresolved} switches guessed)" if walk.unresolved else ""
         print(

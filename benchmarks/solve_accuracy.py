@@ -42,8 +42,9 @@ from sessa_jax.ops.solve.recursive import recursive_feedback_solve
 
 REGIMES = ("sharp_pm", "sharp", "diffuse", "prev", "hub")
 TIERS = ("float32", "bf16x3", "bfloat16")
-# Not a tier: the bfloat16 tier with its forward (pushes, leaf solves, r = A s) in one bf16 pass
-# too, to show why the tier keeps the forward at bf16x3 (``--tiers bfloat16-fwd1``).
+# Not a tier: the bfloat16 tier with its leaf products (leaf solves, r's diagonal blocks, the
+# backward's X_i^T) in one bf16 pass too, to show why the tier keeps them at bf16x3
+# (``--tiers bfloat16-fwd1``).
 ONE_PASS_FORWARD = "bfloat16-fwd1"
 GRADS = ("dq", "dk", "dgamma", "df")
 BF16 = jnp.bfloat16
@@ -139,16 +140,16 @@ def oracle(q, k, gamma, f, ds, f_full):
 
 @contextlib.contextmanager
 def _one_pass_forward(active: bool):
-    """While tracing: the recursive solve's forward at its own tier (no bf16x3 for "bfloat16")."""
+    """While tracing: the recursive solve's leaf products at its own tier (no bf16x3 for "bfloat16")."""
     if not active:
         yield
         return
-    saved = recursive.solution_tier
-    recursive.solution_tier = lambda tier: tier
+    saved = recursive.leaf_tier
+    recursive.leaf_tier = lambda tier: tier
     try:
         yield
     finally:
-        recursive.solution_tier = saved
+        recursive.leaf_tier = saved
 
 
 @functools.lru_cache(maxsize=None)

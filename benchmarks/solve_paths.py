@@ -3,14 +3,15 @@
     python -m benchmarks.solve_paths                                  # B=8, T=8192, D=1024, leaf 512
     python -m benchmarks.solve_paths --B 1 --T 256 --D 32 --leaf 32  # a toy size (CPU)
 
-Four paths: segment ids None (no segment mask, only causality) or one segment (the masked
-path), each with the loop schedule and with the static schedule of the default rule
-(``static_span``). bf16 q, k, f, float32 gamma, at the library's tier for bf16 compute on this
-platform (or --tier). Each path is timed (mean of --calls calls after a warm-up), and its s and
-gradients are compared with the first path's (relative Frobenius error, the largest over the
-four gradients). With ``--kernels xla gpu_gemm`` each listed kernel set other than "xla" is
-then timed at the default schedule, segment ids None (and one segment with --kernel-segments),
-and compared with the first path in the same way.
+Four paths: segment ids None (no segment mask, only causality) or one segment (the masked path),
+each with the loop schedule and with the wide blocks static (``schedule.auto_static_span``; the
+default for the bf16x3 tier and the Mosaic GPU kernels, ``recursive.default_static_span``). bf16
+q, k, f, float32 gamma, at the library's tier for bf16 compute on this platform (or --tier). Each
+path is timed (mean of --calls calls after a warm-up), and its s and gradients are compared with
+the first path's (relative Frobenius error, the largest over the four gradients). With ``--kernels
+xla gpu_gemm`` each listed kernel set other than "xla" is then timed at the default schedule,
+segment ids None (and one segment with --kernel-segments), and compared with the first path in the
+same way.
 """
 
 from __future__ import annotations
@@ -54,10 +55,12 @@ def main(argv=None) -> list[dict]:
     from sessa_jax.ops.dispatch import recursive_tile
     from sessa_jax.ops.solve.precision import platform_kind, resolve_precision
     from sessa_jax.ops.solve.recursive import RecursivePlan, recursive_feedback_solve
+    from sessa_jax.ops.solve.schedule import auto_static_span
 
     b, t, d, leaf = args.B, args.T, args.D, args.leaf
     tile = recursive_tile(t, leaf)
-    static = RecursivePlan.make(t, leaf, tile, "bf16x3", "cpu", 1.0, static_span="auto").static_span
+    plan = RecursivePlan.make(t, leaf, tile, "bf16x3", "cpu", 1.0)
+    static = auto_static_span(plan.num_leaves, plan.tile_leaves)
     platform = platform_kind()
     tier = args.tier or resolve_precision("auto", platform, jnp.bfloat16)
     ks = jax.random.split(jax.random.PRNGKey(0), 5)
@@ -66,7 +69,7 @@ def main(argv=None) -> list[dict]:
     ds = jax.random.normal(ks[4], (b, t, d), jnp.float32)
     print(
         f"# solve paths on {harness.machine_line()}: B={b} T={t} D={d} leaf {leaf}, tile {tile}, tier {tier}, "
-        f"static span of the default rule: {static}"
+        f"static span of the wide blocks: {static}"
     )
     print(harness.markdown_table(("segment ids", "schedule", "kernels", "f+b ms", "s vs first", "grads vs first")))
     cases = [(packed, span, "xla") for packed in (False, True) for span in (None, static)]

@@ -161,6 +161,30 @@ def test_block_product_kernel_matches_xla_twin(mask, p, kk, dv):
     assert np.linalg.norm(one_pass - exact) > 4 * np.linalg.norm(out - exact)
 
 
+@pytest.mark.parametrize("mask,p,kk,dv", [("none", 64, 128, 64), ("segments", 128, 256, 512)])
+def test_one_pass_block_product_kernel_matches_xla_twin(mask, p, kk, dv):
+    """The bfloat16 tier's fused push (s_lo None: bf16(P) bf16(s), one product) against its twin
+    ``split_block_product(split=False)``: equal up to the few P entries whose bf16 rounding the
+    logits' fp32 accumulation order flips, and one bf16 pass (not three) from the float64 product."""
+    q, k, m, logl, seg_q, seg_k = _panel(p, kk, mask, seed=31)
+    s = 2.0 * normal(36, (B, 1, dv)) + jnp.cumsum(normal(37, (B, kk, dv)), axis=1) / kk
+    s_b = s.astype(BF16)
+    out = bg.gpu_block_product(q, seg_q, m, logl, k, seg_k, s_b, None, scale=D**-0.5, interpret=interpret_or_skip())
+    want = bp.split_block_product(q, seg_q, m, logl, k, seg_k, s, scale=D**-0.5, split=False)
+    assert out.dtype == jnp.float32 and out.shape == (B, p, dv)
+    probs = np.asarray(_twin_probs(q, k, m, logl, seg_q, seg_k), np.float64)
+    s64 = np.asarray(s, np.float64)
+    scale_ = np.einsum("bpk,bkd->bpd", np.abs(probs), np.abs(s64))
+    out, want = np.asarray(out, np.float64), np.asarray(want, np.float64)
+    # a flipped rounding moves one term by a bf16 ulp of P (2^-8 relative); the rest is fp32 order
+    assert np.all(np.abs(out - want) <= (2.0**-8 + (64 + 2 * kk) * EPS_F32) * scale_)
+    assert np.linalg.norm(out - want) <= 2.0**-12 * np.linalg.norm(want)
+    exact = np.einsum("bpk,bkd->bpd", probs, s64)
+    one_pass = np.einsum("bpk,bkd->bpd", probs.astype(BF16).astype(np.float64), s64.astype(BF16).astype(np.float64))
+    # one bf16 pass (three would be within 2^-14): as far from the float64 product as the twin's
+    assert 2.0**-13 * np.linalg.norm(exact) < np.linalg.norm(out - exact) <= 2 * np.linalg.norm(one_pass - exact)
+
+
 # --------------------------------------------------------------------------- the solve with them
 def _solve_grad(kernels, precision, segment_ids):
     from sessa_jax.ops import feedback_solve
@@ -175,7 +199,8 @@ def _solve_grad(kernels, precision, segment_ids):
 
 
 @pytest.mark.parametrize(
-    "precision,packed,fused", [("bfloat16", False, True), ("bf16x3", True, True), ("bf16x3", False, False)]
+    "precision,packed,fused",
+    [("bfloat16", False, True), ("bfloat16", True, False), ("bf16x3", True, True), ("bf16x3", False, False)],
 )
 def test_feedback_solve_with_gemm_kernels_matches_xla(precision, packed, fused, monkeypatch):
     """kernels="gpu_gemm" (Mosaic GPU interpret mode on CPU, the compiled kernels on a GPU) against
@@ -267,8 +292,11 @@ def test_gemm_kernels_lower_for_cuda(d, masked, split):
     assert bg.BWD_KERNEL_NAME in text and "mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("d,dv,masked", [(64, 64, True), (128, 512, False), (1024, 1024, True)])
-def test_block_product_kernel_lowers_for_cuda(d, dv, masked):
+@pytest.mark.parametrize(
+    "d,dv,masked,split",
+    [(64, 64, True, True), (128, 512, False, True), (1024, 1024, True, True), (128, 256, True, False)],
+)
+def test_block_product_kernel_lowers_for_cuda(d, dv, masked, split):
     p, kk = 128, 256
     rows, keys, vec = SD((B, p, d), BF16), SD((B, kk, d), BF16), SD((B, p), jnp.float32)
     values = SD((B, kk, dv), BF16)
@@ -276,10 +304,11 @@ def test_block_product_kernel_lowers_for_cuda(d, dv, masked):
 
     def fwd(q, k, m, logl, s_hi, s_lo, *seg):
         seg_q, seg_k = seg or (None, None)
-        return bg.gpu_block_product(q, seg_q, m, logl, k, seg_k, s_hi, s_lo, scale=0.1)
+        return bg.gpu_block_product(q, seg_q, m, logl, k, seg_k, s_hi, s_lo if split else None, scale=0.1)
 
     text = lower_or_skip(jax.jit(fwd), (rows, keys, vec, vec, values, values, *segs))
-    assert bg.PRODUCT_KERNEL_NAME in text and "mosaic_gpu" in text
+    name = bg.PRODUCT_KERNEL_NAME if split else bg.PRODUCT_ONE_PASS_KERNEL_NAME
+    assert name in text and "mosaic_gpu" in text
 
 
 @pytest.mark.parametrize(
@@ -327,7 +356,8 @@ def test_recursive_solve_with_gemm_kernels_lowers_for_cuda(kernels, d):
     x = SD((B, t, d), BF16)
     text = lower_or_skip(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), (x, x, SD((B, t), jnp.float32), x))
     opted_in, fused = kernels == "gpu_gemm", d <= bg.FUSED_MAX_DV
-    assert (bg.PRODUCT_KERNEL_NAME in text) == (opted_in and fused)
+    assert (bg.PRODUCT_ONE_PASS_KERNEL_NAME in text) == (opted_in and fused)  # the bfloat16 tier: one pass
+    assert bg.PRODUCT_KERNEL_NAME not in text
     assert (bg.FWD_KERNEL_NAME in text) == (opted_in and not fused)
     assert (bg.BWD_KERNEL_NAME in text) == opted_in
     assert "sessa_row_stats_gpu" not in text  # the statistics pass stays XLA

@@ -243,8 +243,8 @@ def test_precision_tiers_on_the_sharp_stress_case(qk_dtype):
     """bf16x3 within 1e-5 and the bfloat16 tier within 5e-3 of fp32 (docs/design.md, "Precision tiers").
 
     Sharp rows (logits ~ N(0, 16^2)), gamma pinned at +-0.999. The bfloat16 tier is for bf16
-    training, so it is held to its bound with bf16 q, k only; its forward is bf16x3's
-    (``precision.solution_tier``), its backward's transposed pushes take one bf16 pass.
+    training, so it is held to its bound with bf16 q, k only; its pushes take one bf16 pass both
+    ways, its leaf products bf16x3's three (``precision.leaf_tier``).
     """
     q, k, g, f, ds = _inputs(jnp.float32, 512, d=64, case="sharp", gamma="pm", seed=7)
     args = (q.astype(qk_dtype), k.astype(qk_dtype), g, f, ds)
@@ -259,10 +259,9 @@ def test_precision_tiers_on_the_sharp_stress_case(qk_dtype):
     assert ex3 <= 1e-5 and dx3 <= 1e-5, (ex3, dx3)
     if qk_dtype == jnp.bfloat16:
         assert e16 <= 5e-3 and d16 <= 5e-3, (e16, d16)
-        np.testing.assert_array_equal(np.asarray(s16), np.asarray(sx3))
-    # The tiers really differ: one bf16 pass in the transposed pushes leaves lambda measurably
-    # coarser than three.
-    assert d16 > 10 * dx3, (dx3, d16)
+    # The tiers really differ: one bf16 pass in the pushes leaves s and lambda measurably coarser
+    # than three.
+    assert e16 > 10 * ex3 and d16 > 10 * dx3, (ex3, e16, dx3, d16)
 
 
 def test_bfloat16_inputs_train_through_every_tier():

@@ -111,8 +111,9 @@ def test_feedback_solve_resolves_auto_by_input_dtypes(monkeypatch, dtypes, expec
 
 
 def test_one_pass_forward_breaks_the_gradient(measured):
-    """Why the bfloat16 tier keeps its forward at bf16x3: with one-pass pushes r = A s carries
-    bf16 error, and dq in the previous-token regime leaves the bound (while s stays within its own)."""
+    """Why the bfloat16 tier keeps its leaf products at bf16x3: with them in one pass too, the
+    within-leaf part of s and r = A s carries bf16 error, and dq in the previous-token regime (a
+    chain that runs inside the leaves) leaves the bound while s stays within its own."""
     row = measured(512, "prev")
     lim = solve_accuracy.bounds(row)
     one_pass = row[solve_accuracy.ONE_PASS_FORWARD]

@@ -163,17 +163,24 @@ def test_static_blocks_and_loop_segments_cover_the_schedule(n, tile_leaves, span
         assert static.branch[j] == 0 and loop.branch[j] != 0
 
 
+_SLOW = pytest.mark.slow  # same schedule as a cell in make test, other packing (or a wider span)
+
+
 @pytest.mark.parametrize(
-    "t,leaf,tile,span",
+    "t,leaf,tile,span,packed",
     [
-        (300, 8, 32, 1),  # the whole schedule static
-        (300, 8, 32, 8),  # the wide blocks static, narrow ones in the loops
-        (300, 8, 32, 16),
-        (257, 7, 28, 2),  # odd leaf, padding
-        (130, 16, 32, 4),
+        (300, 8, 32, 1, True),  # the whole schedule static
+        pytest.param(300, 8, 32, 1, False, marks=_SLOW),
+        (300, 8, 32, 8, False),  # the wide blocks static, narrow ones in the loops
+        pytest.param(300, 8, 32, 8, True, marks=_SLOW),
+        pytest.param(300, 8, 32, 16, False, marks=_SLOW),
+        pytest.param(300, 8, 32, 16, True, marks=_SLOW),
+        (257, 7, 28, 2, True),  # odd leaf, padding
+        pytest.param(257, 7, 28, 2, False, marks=_SLOW),
+        (130, 16, 32, 4, False),
+        pytest.param(130, 16, 32, 4, True, marks=_SLOW),
     ],
 )
-@pytest.mark.parametrize("packed", [False, True])
 def test_static_schedule_equals_the_loop_x64(t, leaf, tile, span, packed):
     with jax.enable_x64(True):
         args = _inputs(jnp.float64, t, seed=t, sharp=True)
@@ -201,6 +208,27 @@ def test_row_statistics_take_the_static_blocks_too(span):
         m_static, logl_static = stats(PushSchedule.make(16, 2, span))
         np.testing.assert_allclose(np.asarray(m_static), np.asarray(m_loop), rtol=0, atol=1e-12)
         np.testing.assert_allclose(np.asarray(logl_static), np.asarray(logl_loop), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "tier,kernels,platform,static",
+    [
+        ("bfloat16", "xla", "gpu", False),
+        ("bf16x3", "xla", "gpu", True),
+        ("bfloat16", "gpu_gemm", "gpu", True),
+        ("bfloat16", "xla", "tpu", True),
+        ("float32", "xla", "cpu", True),
+    ],
+)
+def test_the_default_static_span_follows_the_push_kind(tier, kernels, platform, static):
+    """ "auto": the wide blocks static where a push is three bf16 passes or a kernel, every push in
+    the loop where it is the GPU's bfloat16-tier one XLA GEMM (the compile reports' choice)."""
+    from sessa_jax.ops.solve.recursive import RecursivePlan, default_static_span
+    from sessa_jax.ops.solve.schedule import auto_static_span
+
+    assert default_static_span(16, 4, tier, kernels, platform) == (4 if static else None)
+    plan = RecursivePlan.make(8192, 512, 2048, tier, platform, 1.0, kernels=kernels, static_span="auto")
+    assert plan.static_span == (auto_static_span(16, 4) if static else None)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,8 @@ recursive solve's XLA path runs these functions; the kernels are tested against 
   once, s split hi + lo, for bf16 inputs).
 * ``split_dot``: a bf16x3 product whose left operand comes already split into bf16 hi + lo parts
   (what a kernel that writes P as two bf16 tiles hands to XLA).
-* ``split_block_product``: ``split_dot`` on ``block_probs``, the twin of the fused forward push.
+* ``split_block_product``: ``split_dot`` on ``block_probs`` (or, not ``split``, one bf16 pass),
+  the twin of the fused forward push.
 """
 
 from __future__ import annotations
@@ -73,14 +74,13 @@ def block_product(
     *,
     scale: float,
     tier: str,
-    logits_tier: str | None = None,
     platform: str | None = None,
     fuse_exp: bool = True,
 ):
     """A[R, K] @ s[K] (``block_probs``), (B, R, D) in s_keys' dtype; s_keys (B, K, D).
 
-    ``tier``: the chained product's precision tier (``precision.chained_dot``); ``logits_tier``: the
-    logits product's (default ``tier``). Same arguments and result as ``tpu_block_product``.
+    ``tier``: the precision tier of the product (``precision.chained_dot``) and of the logits
+    (``precision.logits_dot``). Same arguments and result as ``tpu_block_product``.
     """
     probs = block_probs(
         q_rows,
@@ -90,7 +90,7 @@ def block_product(
         k_keys,
         seg_keys,
         scale=scale,
-        tier=tier if logits_tier is None else logits_tier,
+        tier=tier,
         platform=platform,
         fuse_exp=fuse_exp,
     )
@@ -148,13 +148,18 @@ def split_dot(spec: str, a_hi, a_lo, b):
     return out
 
 
-def split_block_product(q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, s_keys, *, scale: float):
-    """A[R, K] s[K] with A's P tile split into bf16 hi + lo and s into bf16 hi + lo, (B, R, Dv)
-    float32: ``split_dot`` on ``block_probs`` (logits in one bf16 pass, exact for bf16 q and k).
-    The XLA twin of the fused Mosaic GPU kernel ``block_product_gpu.gpu_block_product`` and the
-    same products as its unfused pair (``gpu_block_probs`` and ``split_dot``)."""
+def split_block_product(
+    q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, s_keys, *, scale: float, split: bool = True
+):
+    """A[R, K] s[K] from A's P tile, (B, R, Dv) float32: with ``split``, P and s split into bf16
+    hi + lo (``split_dot`` on ``block_probs``: the bf16x3 tier's push); else P and s each rounded
+    to bf16 once and one bf16 pass (the bfloat16 tier's). Logits in one bf16 pass, exact for bf16
+    q and k. The XLA twin of the fused Mosaic GPU kernel ``block_product_gpu.gpu_block_product``
+    and the same products as its unfused pair (``gpu_block_probs`` and the product)."""
     probs = block_probs(
         q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, scale=scale, tier="bfloat16", platform="gpu"
     )
+    if not split:
+        return chained_dot("bpk,bkd->bpd", probs, s_keys, "bfloat16", "gpu")
     hi, lo = split_bf16(probs)
     return split_dot("bpk,bkd->bpd", hi, lo, s_keys)

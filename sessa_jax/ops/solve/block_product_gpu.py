@@ -6,16 +6,16 @@ the written tiles (P s at wide Dv, P^T g, dL k, dL^T q) stay in XLA (cuBLAS).
 
 * ``gpu_block_probs`` (twin: ``block_product.block_probs``): forward. P = exp((scale q k^T - m)
   - logl), masked where segment ids differ (and, ``causal``, where key >= row), written as
-  bf16 hi (and, ``split``, lo = bf16(P - hi)) tiles: the forward's pushes take P s in bf16x3
-  at every accelerator tier (``precision.solution_tier``), so one bf16 P would lose the tier's
-  low part.
+  bf16 hi (and, ``split``, lo = bf16(P - hi)) tiles: the bf16x3 tier's pushes take P s in
+  three passes, which need P's low part; the bfloat16 tier's take one pass of P rounded once.
 * ``gpu_block_product`` (twin: ``block_product.split_block_product``): the forward push
   A[rows, keys] s[keys] fused, like a flash-attention forward with known statistics: grid (P/Bq,
   Dv/Bv, B), the key blocks looped inside; per key block the logits (wgmma over D chunks), P in
   fp32 registers, its bf16 hi + lo parts through shared memory, and P_hi s_hi + P_hi s_lo +
-  P_lo s_hi (s given split) into one fp32 (Bq, Bv) accumulator; the float32 (B, P, Dv) result
-  is written once. Bv = Dv up to ``BLOCK_V`` = 256, else 256-column tiles that each recompute
-  the logits; the solve takes it up to ``FUSED_MAX_DV`` = 512 (``product_fused``).
+  P_lo s_hi (s given split) into one fp32 (Bq, Bv) accumulator, or, s given as one bf16 part
+  (the bfloat16 tier), bf16(P) s in one wgmma; the float32 (B, P, Dv) result is written once.
+  Bv = Dv up to ``BLOCK_V`` = 256, else 256-column tiles that each recompute the logits; the
+  solve takes it up to ``FUSED_MAX_DV`` = 512 (``product_fused``).
 * ``gpu_block_probs_and_grad`` (twin: ``block_product.block_probs_and_grad``): backward, a dual
   GEMM on the same tile: q k^T (P recomputed with the known statistics) and g s^T, whose
   epilogue forms dL = P * (g s^T - delta) with delta = rowsum(g * r) given per row; writes P
@@ -70,6 +70,7 @@ BLOCK_V = 256  # most columns of s (Dv) per program: the (BLOCK_Q, BLOCK_V) fp32
 FWD_KERNEL_NAME = "sessa_block_probs_gpu"
 BWD_KERNEL_NAME = "sessa_block_probs_grad_gpu"
 PRODUCT_KERNEL_NAME = "sessa_block_product_gpu"
+PRODUCT_ONE_PASS_KERNEL_NAME = "sessa_block_product_bf16_gpu"
 FUSED_MAX_DV = 2 * BLOCK_V  # widest s the solve's forward pushes take fused (``product_fused``)
 _SWIZZLE = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
@@ -466,13 +467,23 @@ def value_block(dv: int) -> int:
 
 
 def _product_body(
-    *refs, masked: bool, block_q: int, block_k: int, block_v: int, chunks: int, key_blocks: int, scale: float
+    *refs,
+    masked: bool,
+    split: bool,
+    block_q: int,
+    block_k: int,
+    block_v: int,
+    chunks: int,
+    key_blocks: int,
+    scale: float,
 ):
     """Fused forward push (one (Bq, Bv) output tile of one batch row): the loop over key blocks,
-    each a logits GEMM over D chunks, the P epilogue and hi + lo split in fp32 registers, the
-    parts stored to shared memory, and three wgmmas into the fp32 (Bq, Bv) accumulator (a
-    zero-initialised ``plgpu.ACC`` that lives across the loop); see ``gpu_block_product``."""
-    q_ref, k_ref, s_hi_ref, s_lo_ref, m_ref, l_ref, *refs = refs
+    each a logits GEMM over D chunks, the P epilogue (and, ``split``, the hi + lo split) in fp32
+    registers, the parts stored to shared memory, and three wgmmas (one without ``split``) into
+    the fp32 (Bq, Bv) accumulator (a zero-initialised ``plgpu.ACC`` that lives across the loop);
+    see ``gpu_block_product``."""
+    q_ref, k_ref, *s_refs = refs[:4] if split else refs[:3]
+    m_ref, l_ref, *refs = refs[len(s_refs) + 2 :]
     seg_refs, refs = (refs[:2], refs[2:]) if masked else (None, refs)
     out_ref, a_smem, b_smem, p_smem, v_smem, m_smem, l_smem, *refs = refs
     seg_smem, refs = (refs[:2], refs[2:]) if masked else (None, refs)
@@ -498,14 +509,15 @@ def _product_body(
             probs = _probs(scores, m_smem, l_smem, seg_smem, scale=scale, causal=False, shape=shape, r0=r0, k0=k0)
             # P's parts go through shared memory: a wgmma with its left operand in registers
             # has no Mosaic GPU interpret mode, so the CPU tests could not check that variant
-            for part, tile in enumerate(_split(probs, True)):
+            for part, tile in enumerate(_split(probs, split)):
                 p_smem[part] = tile
             plgpu.commit_smem()
-            _copy(s_hi_ref.at[b, keys, values], v_smem.at[0], bar.at[0])
-            _copy(s_lo_ref.at[b, keys, values], v_smem.at[1], bar.at[0])
+            for part, s_ref in enumerate(s_refs):
+                _copy(s_ref.at[b, keys, values], v_smem.at[part], bar.at[0])
             plgpu.wgmma(acc, p_smem.at[0], v_smem.at[0])  # P_hi s_hi
-            plgpu.wgmma(acc, p_smem.at[0], v_smem.at[1])  # + P_hi s_lo
-            plgpu.wgmma(acc, p_smem.at[1], v_smem.at[0])  # + P_lo s_hi
+            if split:
+                plgpu.wgmma(acc, p_smem.at[0], v_smem.at[1])  # + P_hi s_lo
+                plgpu.wgmma(acc, p_smem.at[1], v_smem.at[0])  # + P_lo s_hi
             plgpu.wgmma_wait(0)  # the next key block's copies overwrite s
             return carry
 
@@ -538,26 +550,29 @@ def gpu_block_product(
 
     q, m, logl, seg_q, seg_k, blocks and ``interpret`` as in ``gpu_block_probs`` (no causal
     option: the solve's pushed blocks need none); s_hi, s_lo (B, K, Dv) bf16: the keys' s split
-    hi + lo (``precision.split_bf16``). Per (row block, Dv tile, batch row) the kernel loops over
-    the key blocks: logits by wgmma over D chunks, P = exp((scale q k^T - m) - logl) (zero where
-    the segment ids differ) in fp32 registers, split into bf16 hi = bf16(P) and lo = bf16(P - hi),
-    and P_hi s_hi + P_hi s_lo + P_lo s_hi accumulated in fp32: the twin is
-    ``block_product.split_block_product`` (``split_dot`` on ``block_probs``). No P tile reaches
-    HBM. Dv: a multiple of 64, at most ``BLOCK_V`` = 256 (one accumulator) or a multiple of it
-    (Dv / 256 tiles, each recomputing the logits). Shared memory: (Bq + Bk) * 64 * 2 bytes of
-    q, k chunks, 2 * Bq * Bk * 2 of P's parts, 2 * Bk * Bv * 2 of s, Bq * Bv * 4 of output:
-    160 KiB at the default Bq = Bk = 64, Bv = 256 (more than ``SMEM_BYTES`` is refused).
+    hi + lo (``precision.split_bf16``), or s_lo None: s rounded to bf16 once (s_hi). Per (row
+    block, Dv tile, batch row) the kernel loops over the key blocks: logits by wgmma over D
+    chunks, P = exp((scale q k^T - m) - logl) (zero where the segment ids differ) in fp32
+    registers, split into bf16 hi = bf16(P) and lo = bf16(P - hi), and P_hi s_hi + P_hi s_lo +
+    P_lo s_hi accumulated in fp32; with s_lo None, bf16(P) s_hi in one pass. The twin is
+    ``block_product.split_block_product`` (``split=s_lo is not None``). No P tile reaches HBM.
+    Dv: a multiple of 64, at most ``BLOCK_V`` = 256 (one accumulator) or a multiple of it (Dv /
+    256 tiles, each recomputing the logits). Shared memory: (Bq + Bk) * 64 * 2 bytes of q, k
+    chunks, n * Bq * Bk * 2 of P's parts, n * Bk * Bv * 2 of s (n = 2 parts, 1 with s_lo None),
+    Bq * Bv * 4 of output: 160 KiB (120 KiB) at the default Bq = Bk = 64, Bv = 256 (more than
+    ``SMEM_BYTES`` is refused).
     """
     _check("gpu_block_product", q, seg_q, k, seg_k, block_q, block_k)
     b, p, d = q.shape
     kk = k.shape[1]
-    for name, x in (("s_hi", s_hi), ("s_lo", s_lo)):
+    s_parts = (s_hi,) if s_lo is None else (s_hi, s_lo)
+    for name, x in zip(("s_hi", "s_lo"), s_parts):
         if x.dtype != BF16 or x.ndim != 3 or x.shape[:2] != (b, kk):
             raise ValueError(
                 f"gpu_block_product: {name} must be bfloat16 (B, K, Dv) with (B, K) = {(b, kk)} (s split by "
-                f"precision.split_bf16); got {x.dtype} {x.shape}"
+                f"precision.split_bf16, or s_hi = bf16(s) and s_lo None); got {x.dtype} {x.shape}"
             )
-    if s_hi.shape != s_lo.shape:
+    if s_lo is not None and s_hi.shape != s_lo.shape:
         raise ValueError(f"gpu_block_product: s_hi {s_hi.shape} and s_lo {s_lo.shape} must have one shape")
     dv = s_hi.shape[2]
     block_v = value_block(dv)
@@ -567,10 +582,11 @@ def gpu_block_product(
             f"(the fp32 accumulator holds at most {BLOCK_V} columns of s); pad s to such a width, or use "
             "gpu_block_probs and split_dot"
         )
+    split, parts = s_lo is not None, len(s_parts)
     smem = (
         (block_q + block_k) * BLOCK_D * 2
-        + 2 * block_q * block_k * 2
-        + 2 * block_k * block_v * 2
+        + parts * block_q * block_k * 2
+        + parts * block_k * block_v * 2
         + block_q * block_v * 4
     )
     if smem > SMEM_BYTES:
@@ -582,8 +598,8 @@ def gpu_block_product(
     scratch = [
         plgpu.SMEM((1, block_q, BLOCK_D), BF16, **_SWIZZLE),
         plgpu.SMEM((1, block_k, BLOCK_D), BF16, **_SWIZZLE),
-        plgpu.SMEM((2, block_q, block_k), BF16, **_SWIZZLE),
-        plgpu.SMEM((2, block_k, block_v), BF16, **_SWIZZLE),
+        plgpu.SMEM((parts, block_q, block_k), BF16, **_SWIZZLE),
+        plgpu.SMEM((parts, block_k, block_v), BF16, **_SWIZZLE),
         *_row_scratch(masked, block_q, block_k, 2),
         plgpu.SMEM((block_q, block_v), F32, transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))),
         plgpu.Barrier(num_barriers=1),
@@ -591,6 +607,7 @@ def gpu_block_product(
     body = functools.partial(
         _product_body,
         masked=masked,
+        split=split,
         block_q=block_q,
         block_k=block_k,
         block_v=block_v,
@@ -599,9 +616,8 @@ def gpu_block_product(
         scale=float(scale),
     )
     segs = (seg_q.astype(jnp.int32), seg_k.astype(jnp.int32)) if masked else ()
-    inputs = (q, k, s_hi, s_lo, m.astype(F32), logl.astype(F32), *segs)
+    inputs = (q, k, *s_parts, m.astype(F32), logl.astype(F32), *segs)
     grid = (p // block_q, dv // block_v, b)
-    (out,) = _call(
-        body, PRODUCT_KERNEL_NAME, inputs, 1, (b, p, dv), scratch, grid, interpret, F32, ("rows", "values", "batch")
-    )
+    name = PRODUCT_KERNEL_NAME if split else PRODUCT_ONE_PASS_KERNEL_NAME
+    (out,) = _call(body, name, inputs, 1, (b, p, dv), scratch, grid, interpret, F32, ("rows", "values", "batch"))
     return out

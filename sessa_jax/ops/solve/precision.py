@@ -8,9 +8,12 @@ push, the leaf solves multiply by the inverted diagonal blocks) take the solve's
   lo.hi) with fp32 accumulation; an explicit split on GPU and CPU (rounded on the bits,
   ``bf16_round_bits``, so that no compiler rewrite can drop the low parts), ``Precision.HIGH``
   on TPU.
-* ``"bfloat16"``: one bf16 pass for the backward's transposed pushes A^T g; every other chained
-  product as in bf16x3 (``solution_tier``), because the logits gradient
-  dL = A * (g s^T - rowsum(g * r)) needs r = A s to better than bf16.
+* ``"bfloat16"``: one bf16 pass for the pushes, forward (P s, P and s each rounded to bf16 once,
+  as a flash-attention forward rounds P) and backward (A^T g); the leaf products (the forward's
+  leaf solves X_i rhs, r's diagonal blocks A_ii s_i and the backward's X_i^T products) as in
+  bf16x3 (``leaf_tier``), because the logits gradient dL = A * (g s^T - rowsum(g * r)) needs the
+  within-leaf part of s and r = A s to better than bf16: in one pass dq leaves its bound where
+  every row attends to the previous token, a chain that runs inside the leaves.
 
 The logits enter an exponential: bf16 q, k take one bf16 pass (exact with fp32 accumulation);
 float32 q, k take fp32-faithful products in the float32 and bf16x3 tiers and one bf16 pass in the
@@ -36,11 +39,11 @@ __all__ = [
     "bf16_round_bits",
     "chained_dot",
     "difference_dot",
+    "leaf_tier",
     "logits_dot",
     "nonchained_tier",
     "platform_kind",
     "resolve_precision",
-    "solution_tier",
     "split_bf16",
 ]
 
@@ -73,10 +76,10 @@ def resolve_precision(precision: str, platform: str | None = None, compute_dtype
     return auto_precision(platform, compute_dtype)
 
 
-def solution_tier(tier: str) -> str:
-    """Tier of the products that form s and r = A s (the forward's pushes and leaf solves) and of
-    the backward's leaf products X_i^T: bf16x3 in the bfloat16 tier too, which only runs the
-    backward's transposed pushes A^T g in one pass (see the module docstring)."""
+def leaf_tier(tier: str) -> str:
+    """Tier of the leaf products (the forward's leaf solves X_i rhs, r's diagonal blocks A_ii s_i,
+    the backward's X_i^T products): bf16x3 in the bfloat16 tier too, which runs only the pushes
+    (P s forward, A^T g backward) in one bf16 pass (see the module docstring)."""
     return "bf16x3" if tier == "bfloat16" else tier
 
 

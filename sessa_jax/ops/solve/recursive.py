@@ -46,9 +46,9 @@ from sessa_jax.ops.solve.block_product_tpu import tpu_block_product, tpu_block_p
 from sessa_jax.ops.solve.precision import (
     bf16_round_bits,
     chained_dot,
+    leaf_tier,
     logits_dot,
     nonchained_tier,
-    solution_tier,
     split_bf16,
 )
 from sessa_jax.ops.solve.row_stats import leaf_logits, leaf_mask, row_statistics
@@ -90,13 +90,13 @@ class RecursivePlan:
     ):
         """Plan for T = ``length``: leaf min(leaf_size, T); wide blocks in tiles of ~``tile`` rows;
         ``static_span``: see ``schedule.PushSchedule`` (None: every push in the leaf loop;
-        "auto": ``schedule.auto_static_span``)."""
+        "auto": ``default_static_span``)."""
         leaf = max(1, min(leaf_size, length))
         tile_leaves = max(1, tile // leaf)
         n = padded_leaves(-(-length // leaf), tile_leaves)
         plain = tier if input_dtype is None else nonchained_tier(tier, input_dtype)
         if static_span == "auto":
-            static_span = auto_static_span(n, tile_leaves)
+            static_span = default_static_span(n, tile_leaves, tier, kernels, platform)
         return cls(leaf, n, tile_leaves, tier, platform, scale, plain, kernels, static_span)
 
     @property
@@ -127,14 +127,14 @@ class RecursivePlan:
         return False if platform_kind(self.platform) == "gpu" else interpret_params()
 
     @property
-    def solution_tier(self) -> str:
-        """Tier of the forward's pushes and leaf solves (they form s and r = A s) and of the
-        backward's leaf products (``precision.solution_tier``)."""
-        return solution_tier(self.tier)
+    def leaf_tier(self) -> str:
+        """Tier of the leaf products: the forward's leaf solves, r's diagonal blocks and the
+        backward's X_i^T products (``precision.leaf_tier``)."""
+        return leaf_tier(self.tier)
 
     def chained(self, spec: str, a, b):
-        """einsum for the chained products at ``solution_tier`` (``precision.chained_dot``)."""
-        return chained_dot(spec, a, b, self.solution_tier, self.platform)
+        """einsum for the leaf products at ``leaf_tier`` (``precision.chained_dot``)."""
+        return chained_dot(spec, a, b, self.leaf_tier, self.platform)
 
     def transposed_push(self, spec: str, a, b):
         """einsum for the backward's pushes A^T g, at ``tier`` (one bf16 pass in "bfloat16")."""
@@ -153,7 +153,7 @@ class RecursivePlan:
     def splits_pushed_probs(self) -> bool:
         """Whether the forward's pushes split each P tile into bf16 hi + lo parts in separate
         passes: the explicit bf16x3 split on GPU (``precision.chained_dot``)."""
-        return platform_kind(self.platform) == "gpu" and self.solution_tier == "bf16x3"
+        return platform_kind(self.platform) == "gpu" and self.tier == "bf16x3"
 
     @property
     def padded_len(self) -> int:
@@ -169,6 +169,18 @@ class RecursivePlan:
         """The statistics pass's schedule: every block in one loop (its blocks are independent,
         so a static program would only let the compiler hold many logits tiles at once)."""
         return _schedule(self.num_leaves, self.tile_leaves, None)
+
+
+def default_static_span(num_leaves: int, tile_leaves: int, tier: str, kernels: str, platform: str) -> int | None:
+    """``static_span="auto"``: the pushes' wide blocks static (``schedule.auto_static_span``),
+    except on GPU in the "bfloat16" tier with XLA's pushes, where every push stays in the leaf
+    loop. The deviceless H100 compile rates the static blocks faster where a push is three bf16
+    passes or a Mosaic GPU kernel, and slower where it is one XLA GEMM, whose static tiles' q and
+    k slices XLA copies out before the product; on a TPU v5e the static blocks keep the
+    temporaries lower (docs/performance.md)."""
+    if platform_kind(platform) == "gpu" and tier == "bfloat16" and kernels == "xla":
+        return None
+    return auto_static_span(num_leaves, tile_leaves)
 
 
 @functools.lru_cache(maxsize=256)
@@ -202,20 +214,24 @@ def diag_inverse(plan: RecursivePlan, a_ii, gamma):
 
 
 def _gemm_block_update(plan: RecursivePlan, q_p, seg_p, m_p, logl_p, k_keys, seg_keys, s_keys):
-    """A[rows, keys] s[keys] in bf16x3 (P and s split hi + lo), float32 (B, rows, Dv): the fused
-    Mosaic GPU kernel ``gpu_block_product`` (no P tile in HBM) at Dv <= 512 (``product_fused``),
-    else the P tile from ``gpu_block_probs`` as bf16 hi + lo parts and the product in XLA
-    (``split_dot``). Both are the same bf16x3 product as ``plan.chained`` on a float32 P."""
+    """A[rows, keys] s[keys] at the push tier, float32 (B, rows, Dv): bf16x3 (P and s split hi + lo)
+    or, in the "bfloat16" tier, one bf16 pass (P and s rounded once). The fused Mosaic GPU kernel
+    ``gpu_block_product`` (no P tile in HBM) at Dv <= 512 (``product_fused``), else the P tile
+    from ``gpu_block_probs`` (bf16 hi + lo parts in bf16x3) and the product in XLA. Either is the
+    same product as the XLA path's ``block_product`` at ``plan.tier``."""
     q_b, k_b = q_p.astype(jnp.bfloat16), k_keys.astype(jnp.bfloat16)
+    split = plan.tier == "bf16x3"
     if product_fused(s_keys.shape[-1]):
-        s_hi, s_lo = split_bf16(s_keys.astype(jnp.float32))
+        s_hi, s_lo = split_bf16(s_keys.astype(jnp.float32)) if split else (s_keys.astype(jnp.bfloat16), None)
         return gpu_block_product(
             q_b, seg_p, m_p, logl_p, k_b, seg_keys, s_hi, s_lo, scale=plan.scale, interpret=plan.gpu_interpret
         )
-    hi, lo = gpu_block_probs(
-        q_b, seg_p, m_p, logl_p, k_b, seg_keys, scale=plan.scale, split=True, interpret=plan.gpu_interpret
+    parts = gpu_block_probs(
+        q_b, seg_p, m_p, logl_p, k_b, seg_keys, scale=plan.scale, split=split, interpret=plan.gpu_interpret
     )
-    return split_dot("bpk,bkd->bpd", hi, lo, s_keys)
+    if split:
+        return split_dot("bpk,bkd->bpd", *parts, s_keys)
+    return jnp.einsum("bpk,bkd->bpd", parts[0], s_keys.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
 
 
 def _gemm_block_grads(plan: RecursivePlan, q_p, seg_p, m_p, logl_p, k_keys, seg_keys, g_p, r_p, s_keys):
@@ -289,15 +305,14 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
             _take_segments(seg, k0, keys),
         )
         if plan.tpu_kernels:
-            return tpu_block_product(*args, s_keys, scale=plan.scale, tier=plan.solution_tier, interpret=plan.interpret)
+            return tpu_block_product(*args, s_keys, scale=plan.scale, tier=plan.tier, interpret=plan.interpret)
         if plan.gemm_kernels:
             return _gemm_block_update(plan, *args, s_keys)
         return block_product(
             *args,
             s_keys,
             scale=plan.scale,
-            tier=plan.solution_tier,
-            logits_tier=plan.tier,
+            tier=plan.tier,
             platform=plan.platform,
             fuse_exp=not plan.splits_pushed_probs,
         )
