@@ -4,8 +4,8 @@
 # accelerator plugin, flax and chex (no install: the package is used from the checkout):
 #
 #   bash scripts/accelerator_check.sh STEP [OUTDIR]
-#   DRY_RUN=1 bash scripts/accelerator_check.sh STEP   # print the commands; run the solve-paths
-#                                                       # benchmark at toy size on CPU
+#   DRY_RUN=1 bash scripts/accelerator_check.sh STEP   # print the commands; the paths step runs the
+#                                                       # solve-paths benchmark at toy size on CPU
 #
 # STEP:
 #   report the whole check in one call (at most 9.7 minutes: each part has its timeout): device
@@ -71,7 +71,7 @@ device_info() {
 # then the kernel sets in KERNELS other than "xla" (e.g. KERNELS="xla gpu_gemm"), unpacked (and
 # packed with KERNEL_SEGMENTS=1).
 run_paths() {
-  if [ -n "$dry" ]; then  # the benchmark itself, at toy size on CPU (XLA only: the kernels need leaves of 128)
+  if [ -n "$dry" ] && [ "$step" = paths ]; then  # the benchmark itself, at toy size on CPU (XLA only: the kernels need leaves of 128)
     echo "+ KERNELS=${KERNELS:-xla}: at toy size only xla"
     "$py" -m benchmarks.solve_paths --B 1 --T 256 --D 32 --leaf 32 2>&1 | tee "$out/paths.txt"
     return

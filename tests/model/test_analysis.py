@@ -15,7 +15,7 @@ FIT_FROM = 32  # fit the tail, past the small-t transient of the discrete recurr
 
 
 def _full_jacobian_norms(fn, x):
-    jac = jax.jacrev(fn)(x)  # (T, O, T, D): fine at test size only
+    jac = jax.jit(jax.jacrev(fn))(x)  # (T, O, T, D): fine at test size only
     return np.sqrt(np.sum(np.asarray(jac, np.float64) ** 2, axis=(1, 3)))
 
 

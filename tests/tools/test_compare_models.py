@@ -8,6 +8,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.support.shared import built_once
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -31,16 +33,22 @@ def _lines(path):
 STOPPED = {}
 
 
+def _stopped_then_finished(folder) -> dict:
+    out = str(folder / "toy.jsonl")
+    with pytest.raises(SystemExit) as stop:
+        cm.main(["--scale", "toy", "--out", out, "--tasks", "symbol_soup", "--time-limit", "0"])
+    stopped = dict(code=stop.value.code, rows=len(_lines(out)), saved=sorted(os.listdir(out + ".runs")))
+    cm.main(["--scale", "toy", "--out", out, "--tasks", "symbol_soup"])
+    return stopped
+
+
 @pytest.fixture(scope="module")
 def soup_run(tmp_path_factory):
     """The toy SymbolSoup sweep, first stopped by --time-limit 0 (one step of its first run),
-    then finished by a rerun of the same command."""
-    out = str(tmp_path_factory.mktemp("compare") / "toy.jsonl")
-    with pytest.raises(SystemExit) as stop:
-        cm.main(["--scale", "toy", "--out", out, "--tasks", "symbol_soup", "--time-limit", "0"])
-    STOPPED.update(code=stop.value.code, rows=len(_lines(out)), saved=sorted(os.listdir(out + ".runs")))
-    cm.main(["--scale", "toy", "--out", out, "--tasks", "symbol_soup"])
-    return out
+    then finished by a rerun of the same command; built once per session (the tests only read it)."""
+    folder, stopped = built_once(tmp_path_factory, "compare-models-soup", _stopped_then_finished)
+    STOPPED.update(stopped)
+    return str(folder / "toy.jsonl")
 
 
 def test_the_time_limit_saves_the_run_in_progress_and_the_rerun_finishes_it_unchanged(soup_run):
