@@ -67,6 +67,11 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 # bf16 passes of the solve's Mosaic GPU GEMM-with-epilogue kernels (ops/block_product_gpu.py), by
 # kernel name: the forward's q k^T; the backward's q k^T, g s_hi^T and g s_lo^T.
 MOSAIC_GEMM_PASSES = {"sessa_block_probs_gpu": 1, "sessa_block_probs_grad_gpu": 3}
+# The statistics kernel (ops/row_stats_gpu.py; q, k parts, [seg] -> m, logl (B, T)): row blocks of
+# MOSAIC_STATS_BLOCK rows each read the key blocks up to the diagonal one, T (T + block) / 2 logits
+# per batch row, contracted over D once per bf16 pass (one, or three with q and k split hi + lo).
+MOSAIC_STATS = "sessa_row_stats_gpu"
+MOSAIC_STATS_BLOCK = 64  # row_stats_gpu's default block_q = block_k
 # The fused forward push (q, k, s parts -> P s, (B, P, Dv) float32), by kernel name the bf16
 # passes of its product: per program (row block, Dv tile of at most MOSAIC_PRODUCT_BLOCK_V
 # columns) one logits pass over D, then P_hi s_hi, P_hi s_lo, P_lo s_hi (bf16x3) or one pass
@@ -320,11 +325,17 @@ class Walk:
         opaque custom calls: 2 B P K D per bf16 pass, read off the kernel name in the op metadata,
         the first output (B, P, K) and q's (B, P, D); for the fused push (``MOSAIC_PRODUCT_PASSES``,
         output (B, P, Dv), k (B, K, D) its second operand) 2 B P K (ceil(Dv / 256) D + n Dv) with
-        n = 3 (bf16x3) or 1 (bfloat16);
-        0 for other Mosaic kernels (the statistics kernel, whose causal skipping the shapes do
-        not tell)."""
+        n = 3 (bf16x3) or 1 (bfloat16); for the statistics kernel (``MOSAIC_STATS``, q (B, T, D)
+        its first operand, q and k one or two bf16 parts each) B T (T + 64) D per bf16 pass; 0
+        for other Mosaic kernels."""
         out = dims(_tuple_elements(inst.type)[0] if inst.type.startswith("(") else inst.type)
         d = dims(self._type_of(inst.operands[0], kernel))
+        if f"/{MOSAIC_STATS}/" in inst.attrs:
+            if len(d) != 3:
+                return 0.0
+            parts = sum(dims(self._type_of(op, kernel)) == d for op in inst.operands) // 2
+            b, t, width = d
+            return float(b * t * (t + MOSAIC_STATS_BLOCK) * width * (3 if parts == 2 else 1))
         product_passes = next((n for name, n in MOSAIC_PRODUCT_PASSES.items() if f"/{name}/" in inst.attrs), 0)
         if product_passes:
             keys = dims(self._type_of(inst.operands[1], kernel))

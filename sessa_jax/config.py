@@ -47,8 +47,8 @@ class SessaConfig:
     s within 2x of what f's bf16 rounding does to it) and "bf16x3" for float32 ``dtype``),
     ``feedback_kernels`` ("xla", the portable default, or "pallas": the TPU Mosaic kernels for
     the recursive solve's statistics pass and pushes; on GPU a Mosaic GPU kernel for its
-    statistics pass only, head width a multiple of 64 up to 256; or "gpu_gemm": the solve's P and
-    dL tiles in Mosaic GPU GEMM-with-epilogue kernels, docs/kernels.md; opt-in until
+    statistics pass only, head width a multiple of 64; or "gpu_gemm": that statistics kernel and
+    the solve's P and dL tiles in Mosaic GPU GEMM-with-epilogue kernels, docs/kernels.md; opt-in until
     measured on a device; needs leaf_size a multiple of 128),
     ``dtype`` (compute) and ``param_dtype`` (parameters, float32 by default).
 

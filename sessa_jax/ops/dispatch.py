@@ -19,7 +19,7 @@ from sessa_jax.ops.reference import dense_causal_attention, dense_feedback_solve
 from sessa_jax.ops.solve.blocked import blocked_feedback_solve
 from sessa_jax.ops.solve.precision import resolve_precision
 from sessa_jax.ops.solve.recursive import recursive_feedback_solve
-from sessa_jax.ops.solve.row_stats_gpu import MAX_D
+from sessa_jax.ops.solve.row_stats_gpu import BLOCK_D
 from sessa_jax.ops.solve.row_stats_gpu import TIERS as GPU_TIERS
 from sessa_jax.options import (
     ATTENTION_METHODS,
@@ -128,10 +128,10 @@ def _check_segments(segment_ids, batch: int, length: int, op: str):
 
 def check_gpu_kernels(width: int, tier: str, input_dtypes) -> None:
     """The Mosaic GPU stats kernel's limits (``row_stats_gpu``): D and the logits tier."""
-    if width % 64 or width > MAX_D:
+    if width % BLOCK_D:
         raise ValueError(
-            f"feedback kernels 'pallas' on GPU need the head width D a multiple of 64 and at most "
-            f"{MAX_D} (the Mosaic GPU stats kernel); got D={width}: use kernels='xla'"
+            f"feedback kernels 'pallas' on GPU need the head width D a multiple of {BLOCK_D} (the Mosaic GPU "
+            f"stats kernel's wgmma tile); got D={width}: use kernels='xla'"
         )
     if tier not in GPU_TIERS and any(jnp.dtype(d) != jnp.bfloat16 for d in input_dtypes):
         raise ValueError(
@@ -185,8 +185,8 @@ def feedback_solve(
     CPU; on GPU/TPU "bfloat16" when q_b, k_b and f are all bf16 (bf16 compute) and "bf16x3"
     otherwise (``precision.auto_precision``); ``kernels``: "xla",
     "pallas" (the recursive solve's statistics and pushes in TPU kernels; on GPU its
-    statistics in a Mosaic GPU kernel, D a multiple of 64 up to 256) or "gpu_gemm" (the pushes'
-    P and dL tiles in Mosaic GPU GEMM-with-epilogue kernels; D a multiple of 64, precision
+    statistics in a Mosaic GPU kernel, D a multiple of 64) or "gpu_gemm" (the statistics in that
+    kernel, the pushes' P and dL tiles in Mosaic GPU GEMM-with-epilogue kernels; D a multiple of 64, precision
     "bfloat16", or "bf16x3" with bf16 q_b/k_b; docs/kernels.md).
     """
     _check_method(method, chunk_size)

@@ -114,7 +114,7 @@ def _mosaic_module(kernel: str, fused: bool) -> str:
 
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize(
-    "kernel,passes", [("sessa_block_probs_gpu", 1), ("sessa_block_probs_grad_gpu", 3), ("sessa_row_stats_gpu", 0)]
+    "kernel,passes", [("sessa_block_probs_gpu", 1), ("sessa_block_probs_grad_gpu", 3), ("another_mosaic_kernel", 0)]
 )
 def test_mosaic_gemm_kernels_count_their_flops_and_exp(kernel, passes, fused):
     """The GEMM-with-epilogue kernels are opaque custom calls to XLA: their FLOPs come from the
@@ -126,25 +126,51 @@ def test_mosaic_gemm_kernels_count_their_flops_and_exp(kernel, passes, fused):
     assert table["gemm_bytes" if passes else "other_bytes"] == 2 * (2 * 128 * 64 + 2 * 256 * 64 + 2 * 2 * 128 * 256)
 
 
-@pytest.mark.parametrize("dv", [128, 512])
-def test_fused_product_kernel_counts_its_flops(dv):
-    """The fused push (q, k, s_hi, s_lo -> P s float32): per Dv tile of at most 256 columns one
+@pytest.mark.parametrize("dv,one_pass", [(128, False), (512, False), (512, True)])
+def test_fused_product_kernel_counts_its_flops(dv, one_pass):
+    """The fused push (q, k, s parts -> P s float32): per Dv tile of at most 256 columns one
     logits pass over D (B=2, P=128, K=256, D=64), then three passes over Dv (P_hi s_hi, P_hi s_lo,
-    P_lo s_hi); its bytes are its operands and result."""
+    P_lo s_hi), or one for the bfloat16 tier's kernel (s in one part); its bytes are its operands
+    and result."""
     q, k, s = "bf16[2,128,64]{2,1,0}", "bf16[2,256,64]{2,1,0}", f"bf16[2,256,{dv}]{{2,1,0}}"
     out = f"f32[2,128,{dv}]{{2,1,0}}"
+    parts = 1 if one_pass else 2
+    name = "sessa_block_product_bf16_gpu" if one_pass else "sessa_block_product_gpu"
+    params = ", ".join([f"p0: {q}", f"p1: {k}"] + [f"p{2 + i}: {s}" for i in range(parts)])
+    lines = [f"  %p0 = {q} parameter(0)", f"  %p1 = {k} parameter(1)"]
+    lines += [f"  %p{2 + i} = {s} parameter({2 + i})" for i in range(parts)]
+    operands = ", ".join(f"%p{i}" for i in range(2 + parts))
     text = (
-        f"HloModule m\n\nENTRY %main (p0: {q}, p1: {k}, p2: {s}, p3: {s}) -> {out} {{\n"
-        f"  %p0 = {q} parameter(0)\n  %p1 = {k} parameter(1)\n  %p2 = {s} parameter(2)\n  %p3 = {s} parameter(3)\n"
-        f'  ROOT %k = {out} custom-call(%p0, %p1, %p2, %p3), custom_call_target="mosaic_gpu_v2", '
-        'metadata={op_name="jit(f)/while/body/sessa_block_product_gpu/mpmd_map"}\n}\n'
+        f"HloModule m\n\nENTRY %main ({params}) -> {out} {{\n" + "\n".join(lines) + "\n"
+        f'  ROOT %k = {out} custom-call({operands}), custom_call_target="mosaic_gpu_v2", '
+        f'metadata={{op_name="jit(f)/while/body/{name}/mpmd_map"}}\n}}\n'
     )
     table = gpu_compile.Walk(text).run().table(launch_us=0.0)
     logits_passes = len(range(0, dv, 256))  # one per Dv tile: each tile recomputes the logits
     gemm = 2 * 128 * 256  # B P K
     assert table["launches"] == 1 and table["gemm_exp"] == 1
-    assert table["gemm_flops"] == 2.0 * gemm * (logits_passes * 64 + 3 * dv)
-    assert table["gemm_bytes"] == 2 * (2 * 128 * 64 + 2 * 256 * 64 + 2 * 2 * 256 * dv) + 4 * 2 * 128 * dv
+    assert table["gemm_flops"] == 2.0 * gemm * (logits_passes * 64 + (1 if one_pass else 3) * dv)
+    assert table["gemm_bytes"] == 2 * (2 * 128 * 64 + 2 * 256 * 64 + parts * 2 * 256 * dv) + 4 * 2 * 128 * dv
+
+
+@pytest.mark.parametrize("parts,segments", [(1, True), (2, False)])
+def test_statistics_kernel_counts_its_causal_flops(parts, segments):
+    """The statistics kernel (q, k parts [, seg] -> m, logl): B T (T + 64) D FLOPs per bf16 pass
+    (row blocks of 64 read the key blocks through the diagonal one), three passes for hi + lo
+    parts; B=2, T=256, D=128."""
+    x, seg, vec = "bf16[2,256,128]{2,1,0}", "s32[2,256]{1,0}", "f32[2,256]{1,0}"
+    types = [x] * (2 * parts) + ([seg] if segments else [])
+    params = ", ".join(f"p{i}: {t}" for i, t in enumerate(types))
+    lines = "\n".join(f"  %p{i} = {t} parameter({i})" for i, t in enumerate(types))
+    operands = ", ".join(f"%p{i}" for i in range(len(types)))
+    text = (
+        f"HloModule m\n\nENTRY %main ({params}) -> ({vec}, {vec}) {{\n{lines}\n"
+        f'  ROOT %k = ({vec}, {vec}) custom-call({operands}), custom_call_target="mosaic_gpu_v2", '
+        'metadata={op_name="jit(f)/sessa_row_stats_gpu/mpmd_map"}\n}\n'
+    )
+    table = gpu_compile.Walk(text).run().table(launch_us=0.0)
+    assert table["launches"] == 1
+    assert table["gemm_flops"] == 2 * 256 * (256 + 64) * 128 * (3 if parts == 2 else 1)
 
 
 def _has_cuda_plugin() -> bool:

@@ -58,11 +58,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from sessa_jax.ops.solve.row_stats_gpu import _load, interpret_params
+from sessa_jax.ops.solve.row_stats_gpu import (
+    BLOCK_D,
+    SWIZZLE,
+    _load,
+    chunked_logits,
+    copy_waited,
+    interpret_params,
+)
 
 F32 = jnp.float32
 BF16 = jnp.bfloat16
-BLOCK_D = 64  # columns of D per TMA copy and wgmma: one 128-byte swizzled row of bf16
 BLOCK_Q, BLOCK_K = 64, 128  # default tile: rows per warpgroup (wgmma M granule) x keys
 PRODUCT_BLOCK_K = 64  # keys per step of the fused product: its P and s tiles share the shared memory
 SMEM_BYTES = 227 * 1024  # an H100 block's shared memory (opt-in maximum)
@@ -72,7 +78,6 @@ BWD_KERNEL_NAME = "sessa_block_probs_grad_gpu"
 PRODUCT_KERNEL_NAME = "sessa_block_product_gpu"
 PRODUCT_ONE_PASS_KERNEL_NAME = "sessa_block_product_bf16_gpu"
 FUSED_MAX_DV = 2 * BLOCK_V  # widest s the solve's forward pushes take fused (``product_fused``)
-_SWIZZLE = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
 __all__ = [
     "BLOCK_D",
@@ -159,12 +164,6 @@ def _check(op: str, q, seg_q, k, seg_k, block_q: int, block_k: int, rows_extra=(
         )
 
 
-def _copy(src, dst, barrier):
-    """One TMA copy global -> shared memory, waited for (single buffered)."""
-    plgpu.copy_gmem_to_smem(src, dst, barrier)
-    plgpu.barrier_wait(barrier)
-
-
 def _row_vector(smem):
     """A (Bq,) shared-memory row vector in the WGMMA row layout."""
     return _load(smem, plgpu.Layout.WGMMA.reduce(1))
@@ -204,25 +203,6 @@ def _split(probs, split: bool):
     return (hi, (probs - hi.astype(F32)).astype(BF16)) if split else (hi,)
 
 
-def _tile_logits(q_rows, k_keys, a_smem, b_smem, bar, chunks: int, shape):
-    """q_rows k_keys^T as a float32 ``shape`` (rows, keys) value: ``chunks`` wgmmas over the D
-    chunks of ``BLOCK_D`` columns, each chunk of q and k copied into ``a_smem`` / ``b_smem``."""
-
-    def logits(acc):
-        def chunk(c, carry):
-            cols = pl.ds(c * BLOCK_D, BLOCK_D)
-            _copy(q_rows.at[:, cols], a_smem.at[0], bar.at[0])
-            _copy(k_keys.at[:, cols], b_smem.at[0], bar.at[0])
-            plgpu.wgmma(acc, a_smem.at[0], b_smem.at[0].transpose((1, 0)))
-            plgpu.wgmma_wait(0)  # the next chunk's copies overwrite the operands
-            return carry
-
-        lax.fori_loop(0, chunks, chunk, 0)
-        return acc[...]
-
-    return pl.run_scoped(logits, plgpu.ACC(shape, F32))
-
-
 def _fwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, block_k: int, chunks: int, scale: float):
     """Forward kernel body (one (Bq, Bk) tile of one batch row); see the module docstring."""
     q_ref, k_ref, m_ref, l_ref, *refs = refs
@@ -237,13 +217,13 @@ def _fwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, bloc
     rows, keys = pl.ds(r0, block_q), pl.ds(k0, block_k)
     shape = (block_q, block_k)
 
-    _copy(m_ref.at[b, rows], m_smem, bar.at[0])
-    _copy(l_ref.at[b, rows], l_smem, bar.at[0])
+    copy_waited(m_ref.at[b, rows], m_smem, bar.at[0])
+    copy_waited(l_ref.at[b, rows], l_smem, bar.at[0])
     if masked:
-        _copy(seg_refs[0].at[b, rows], seg_smem[0], bar.at[0])
-        _copy(seg_refs[1].at[b, keys], seg_smem[1], bar.at[0])
+        copy_waited(seg_refs[0].at[b, rows], seg_smem[0], bar.at[0])
+        copy_waited(seg_refs[1].at[b, keys], seg_smem[1], bar.at[0])
 
-    acc = _tile_logits(q_ref.at[b, rows], k_ref.at[b, keys], a_smem, b_smem, bar, chunks, shape)
+    acc = chunked_logits([q_ref.at[b, rows]], [k_ref.at[b, keys]], a_smem, b_smem, bar, chunks, shape)
     probs = _probs(acc, m_smem, l_smem, seg_smem, scale=scale, causal=causal, shape=shape, r0=r0, k0=k0)
     _write(_split(probs, split), out_smem, out_refs, (b, rows, keys))
 
@@ -262,20 +242,20 @@ def _bwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, bloc
     rows, keys = pl.ds(r0, block_q), pl.ds(k0, block_k)
     shape = (block_q, block_k)
 
-    _copy(m_ref.at[b, rows], m_smem, bar.at[0])
-    _copy(l_ref.at[b, rows], l_smem, bar.at[0])
-    _copy(delta_ref.at[b, rows], delta_smem, bar.at[0])
+    copy_waited(m_ref.at[b, rows], m_smem, bar.at[0])
+    copy_waited(l_ref.at[b, rows], l_smem, bar.at[0])
+    copy_waited(delta_ref.at[b, rows], delta_smem, bar.at[0])
     if masked:
-        _copy(seg_refs[0].at[b, rows], seg_smem[0], bar.at[0])
-        _copy(seg_refs[1].at[b, keys], seg_smem[1], bar.at[0])
+        copy_waited(seg_refs[0].at[b, rows], seg_smem[0], bar.at[0])
+        copy_waited(seg_refs[1].at[b, keys], seg_smem[1], bar.at[0])
 
     def products(acc_l, acc_g):
         def chunk(c, carry):
             cols = pl.ds(c * BLOCK_D, BLOCK_D)
             for p, ref in enumerate((q_ref, g_ref)):
-                _copy(ref.at[b, rows, cols], a_smem.at[p], bar.at[0])
+                copy_waited(ref.at[b, rows, cols], a_smem.at[p], bar.at[0])
             for p, ref in enumerate((k_ref, s_hi_ref, s_lo_ref)):
-                _copy(ref.at[b, keys, cols], b_smem.at[p], bar.at[0])
+                copy_waited(ref.at[b, keys, cols], b_smem.at[p], bar.at[0])
             kt = lambda p: b_smem.at[p].transpose((1, 0))  # noqa: E731
             plgpu.wgmma(acc_l, a_smem.at[0], kt(0))  # q k^T
             plgpu.wgmma(acc_g, a_smem.at[1], kt(1))  # g s_hi^T
@@ -357,10 +337,10 @@ def gpu_block_probs(
     masked = seg_q is not None
     nout = 2 if split else 1
     scratch = [
-        plgpu.SMEM((1, block_q, BLOCK_D), BF16, **_SWIZZLE),
-        plgpu.SMEM((1, block_k, BLOCK_D), BF16, **_SWIZZLE),
+        plgpu.SMEM((1, block_q, BLOCK_D), BF16, **SWIZZLE),
+        plgpu.SMEM((1, block_k, BLOCK_D), BF16, **SWIZZLE),
         *_row_scratch(masked, block_q, block_k, 2),
-        plgpu.SMEM((nout, block_q, block_k), BF16, **_SWIZZLE),
+        plgpu.SMEM((nout, block_q, block_k), BF16, **SWIZZLE),
         plgpu.Barrier(num_barriers=1),
     ]
     body = functools.partial(
@@ -421,10 +401,10 @@ def gpu_block_probs_and_grad(
     masked = seg_q is not None
     nout = 3 if split else 2
     scratch = [
-        plgpu.SMEM((2, block_q, BLOCK_D), BF16, **_SWIZZLE),
-        plgpu.SMEM((3, block_k, BLOCK_D), BF16, **_SWIZZLE),
+        plgpu.SMEM((2, block_q, BLOCK_D), BF16, **SWIZZLE),
+        plgpu.SMEM((3, block_k, BLOCK_D), BF16, **SWIZZLE),
         *_row_scratch(masked, block_q, block_k, 3),
-        plgpu.SMEM((nout, block_q, block_k), BF16, **_SWIZZLE),
+        plgpu.SMEM((nout, block_q, block_k), BF16, **SWIZZLE),
         plgpu.Barrier(num_barriers=1),
     ]
     body = functools.partial(
@@ -493,19 +473,19 @@ def _product_body(
     rows, values = pl.ds(r0, block_q), pl.ds(j * block_v, block_v)
     shape = (block_q, block_k)
 
-    _copy(m_ref.at[b, rows], m_smem, bar.at[0])
-    _copy(l_ref.at[b, rows], l_smem, bar.at[0])
+    copy_waited(m_ref.at[b, rows], m_smem, bar.at[0])
+    copy_waited(l_ref.at[b, rows], l_smem, bar.at[0])
     if masked:
-        _copy(seg_refs[0].at[b, rows], seg_smem[0], bar.at[0])
+        copy_waited(seg_refs[0].at[b, rows], seg_smem[0], bar.at[0])
 
     def key_blocks_into(acc):
         def key_block(kb, carry):
             k0 = kb * block_k
             keys = pl.ds(k0, block_k)
             if masked:
-                _copy(seg_refs[1].at[b, keys], seg_smem[1], bar.at[0])
+                copy_waited(seg_refs[1].at[b, keys], seg_smem[1], bar.at[0])
 
-            scores = _tile_logits(q_ref.at[b, rows], k_ref.at[b, keys], a_smem, b_smem, bar, chunks, shape)
+            scores = chunked_logits([q_ref.at[b, rows]], [k_ref.at[b, keys]], a_smem, b_smem, bar, chunks, shape)
             probs = _probs(scores, m_smem, l_smem, seg_smem, scale=scale, causal=False, shape=shape, r0=r0, k0=k0)
             # P's parts go through shared memory: a wgmma with its left operand in registers
             # has no Mosaic GPU interpret mode, so the CPU tests could not check that variant
@@ -513,7 +493,7 @@ def _product_body(
                 p_smem[part] = tile
             plgpu.commit_smem()
             for part, s_ref in enumerate(s_refs):
-                _copy(s_ref.at[b, keys, values], v_smem.at[part], bar.at[0])
+                copy_waited(s_ref.at[b, keys, values], v_smem.at[part], bar.at[0])
             plgpu.wgmma(acc, p_smem.at[0], v_smem.at[0])  # P_hi s_hi
             if split:
                 plgpu.wgmma(acc, p_smem.at[0], v_smem.at[1])  # + P_hi s_lo
@@ -596,10 +576,10 @@ def gpu_block_product(
         )
     masked = seg_q is not None
     scratch = [
-        plgpu.SMEM((1, block_q, BLOCK_D), BF16, **_SWIZZLE),
-        plgpu.SMEM((1, block_k, BLOCK_D), BF16, **_SWIZZLE),
-        plgpu.SMEM((parts, block_q, block_k), BF16, **_SWIZZLE),
-        plgpu.SMEM((parts, block_k, block_v), BF16, **_SWIZZLE),
+        plgpu.SMEM((1, block_q, BLOCK_D), BF16, **SWIZZLE),
+        plgpu.SMEM((1, block_k, BLOCK_D), BF16, **SWIZZLE),
+        plgpu.SMEM((parts, block_q, block_k), BF16, **SWIZZLE),
+        plgpu.SMEM((parts, block_k, block_v), BF16, **SWIZZLE),
         *_row_scratch(masked, block_q, block_k, 2),
         plgpu.SMEM((block_q, block_v), F32, transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))),
         plgpu.Barrier(num_barriers=1),

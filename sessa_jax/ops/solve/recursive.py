@@ -117,8 +117,9 @@ class RecursivePlan:
 
     @property
     def gemm_kernels(self) -> bool:
-        """The pushes' P (and dL) tiles in the Mosaic GPU kernels of ``block_product_gpu``, their
-        products in XLA: kernels "gpu_gemm" (off the GPU in Mosaic GPU interpret mode)."""
+        """The statistics pass in the Mosaic GPU kernel of ``row_stats_gpu`` and the pushes' P (and
+        dL) tiles in those of ``block_product_gpu``, their products in XLA: kernels "gpu_gemm"
+        (off the GPU in Mosaic GPU interpret mode)."""
         return self.kernels == "gpu_gemm"
 
     @property
@@ -274,10 +275,11 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
     c, n = plan.leaf, plan.num_leaves
     sched = plan.schedule
     diag_logits = leaf_logits(q, k, c, plan.scale, plan.tier, plan.platform)
-    if plan.gpu_kernels:
+    if plan.gpu_kernels or plan.gemm_kernels:
         # bf16 q and k: one exact pass at any tier; float32 ones need a tier of the kernel (ops.dispatch)
         stats_tier = plan.tier if plan.tier in GPU_TIERS or q.dtype != jnp.bfloat16 else "bfloat16"
-        m, logl = gpu_row_statistics(q, k, seg, scale=plan.scale, tier=stats_tier)
+        interpret = plan.gpu_interpret if plan.gemm_kernels else False
+        m, logl = gpu_row_statistics(q, k, seg, scale=plan.scale, tier=stats_tier, interpret=interpret)
     elif plan.tpu_kernels:
         m, logl = tpu_row_statistics(q, k, seg, scale=plan.scale, interpret=plan.interpret)
     else:
@@ -520,17 +522,18 @@ def recursive_feedback_solve(
     cast to ``dtype``. T is padded to a multiple of the leaf with q = k = f = gamma = 0 and a
     padding segment (padded rows come last, so they never reach real rows). Returns s (B, T, D)
     in ``dtype``. ``kernels``: "xla" (portable), or "pallas": with platform "gpu" the Mosaic GPU
-    kernel ``row_stats_gpu.gpu_row_statistics`` for the statistics pass only (pushes stay XLA);
-    otherwise the TPU kernels (``row_stats_tpu``, ``block_product_tpu``) in the statistics pass and the pushes of the
-    forward and the backward (interpret mode off the TPU; leaves and diagonal inversion stay
-    XLA). "pallas" needs float32 accumulation and a leaf that is a multiple of 128 (the key
-    block of the kernels), on GPU also D a multiple of 64 up to 256 and tier bf16x3 or bfloat16
-    for float32 q/k, checked by ``ops.dispatch``. "gpu_gemm": the forward pushes fused in one
-    Mosaic GPU kernel (``gpu_block_product``, D <= 512) or their P tiles in one (wider D), and the
-    P and dL tiles (backward) of the pushed blocks in the GEMM-with-epilogue kernels of
-    ``block_product_gpu``, the other products and everything else in XLA (Mosaic GPU interpret
-    mode off the GPU); D a multiple of 64, tier bf16x3 (bf16 q/k) or bfloat16, float32 accumulation
-    and a leaf that is a multiple of 128 (``block_product_gpu.check_solve_support``, ``ops.dispatch``).
+    kernel ``row_stats_gpu.gpu_row_statistics`` for the statistics pass only (pushes stay XLA; any D
+    that is a multiple of 64, streamed above 256); otherwise the TPU kernels (``row_stats_tpu``,
+    ``block_product_tpu``) in the statistics pass and the pushes of the forward and the backward
+    (interpret mode off the TPU; leaves and diagonal inversion stay XLA). "pallas" needs float32
+    accumulation and a leaf that is a multiple of 128 (the key block of the kernels), on GPU also D
+    a multiple of 64 and tier bf16x3 or bfloat16 for float32 q/k, checked by ``ops.dispatch``.
+    "gpu_gemm": the statistics pass in ``gpu_row_statistics``, the forward pushes fused in one
+    Mosaic GPU kernel (``gpu_block_product``, D <= 512) or their P tiles in one (wider D), and the P
+    and dL tiles (backward) of the pushed blocks in the GEMM-with-epilogue kernels of
+    ``block_product_gpu``, the other products and everything else in XLA (Mosaic GPU interpret mode
+    off the GPU); D a multiple of 64, tier bf16x3 (bf16 q/k) or bfloat16, float32 accumulation and a
+    leaf that is a multiple of 128 (``block_product_gpu.check_solve_support``, ``ops.dispatch``).
     """
     b, t, d = f.shape
     kdtype = q_b.dtype if q_b.dtype == k_b.dtype == jnp.bfloat16 else dtype

@@ -4,21 +4,25 @@
   ``row_stats_tpu.tpu_row_statistics``): the softmax max m and log-normaliser logl of every row
   over its allowed keys (tau < t, same segment).
 
-Layout: ``plgpu.kernel`` with grid (T/Bq row blocks, B) and one warpgroup per block. The row
-block of q is copied once into shared memory by TMA; the key blocks 0 .. the diagonal one are
-then copied one at a time (single buffered, no warp specialisation) and multiplied with
-``plgpu.wgmma`` into an fp32 (Bq, Bk) accumulator. Key blocks above the diagonal are never
-read. Operands are bf16: float32 inputs at tier "bf16x3" are split outside the kernel into
-hi = bf16(x) and lo = bf16(x - hi), and the logits are q_hi k_hi + q_hi k_lo + q_lo k_hi (three
-wgmmas into the same accumulator); tier "bfloat16", or bf16 inputs, use one pass. The online
-(max, sum) merge per row runs in fp32 registers (WGMMA row layout), with the strict-causal and
-segment mask in the diagonal key block(s) and the segment mask only elsewhere. The finite
--1e30 stands in for -inf, so exp(-inf - -inf) = NaN cannot occur. (m, logl) go back through
-shared memory to (B, T) float32 outputs; rows without keys get (0, EMPTY_LOGL).
+Layout: ``plgpu.kernel`` with grid (T/Bq row blocks, B) and one warpgroup per block. The key
+blocks 0 .. the diagonal one are read one at a time (single buffered, no warp specialisation)
+and multiplied with ``plgpu.wgmma`` into an fp32 (Bq, Bk) accumulator; key blocks above the
+diagonal are never read. Up to D = ``MAX_D`` the row block of q is copied once into shared
+memory by TMA and each key block whole; above it the D contraction is streamed
+(``chunked_logits``): each key block's logits are a loop over D chunks of ``BLOCK_D`` = 64
+columns, each chunk of q and k copied by TMA and contracted by one wgmma per operand part, so D
+may be any multiple of 64. Operands are bf16: float32 inputs at tier "bf16x3" are split outside
+the kernel into hi = bf16(x) and lo = bf16(x - hi), and the logits are q_hi k_hi + q_hi k_lo +
+q_lo k_hi (three wgmmas into the same accumulator); tier "bfloat16", or bf16 inputs, use one
+pass. The online (max, sum) merge per row runs in fp32 registers (WGMMA row layout), with the
+strict-causal mask (and, given segment ids, the segment mask) in the diagonal key block(s) and
+the segment mask only elsewhere. The finite -1e30 stands in for -inf, so exp(-inf - -inf) = NaN
+cannot occur. (m, logl) go back through shared memory to (B, T) float32 outputs; rows without
+keys get (0, EMPTY_LOGL).
 
-Shared memory: (Bq + Bk) * D * 2 bytes per operand part (x2 for bf16x3), at most 128 KiB at
-D = 256, Bq = Bk = 64. The D contraction is one wgmma per part, not streamed, so D must be a
-multiple of 64 and at most 256 (``MAX_D``); T must be a multiple of both blocks.
+Shared memory: (Bq + Bk) * D * 2 bytes per operand part (x2 for bf16x3) up to D = 256, at most
+128 KiB at Bq = Bk = 64; streamed, (Bq + Bk) * 64 * 2 per part whatever D is. T must be a
+multiple of both blocks.
 
 Needs a Hopper GPU (sm_90a: wgmma and TMA); ROCm is not supported. Off the GPU it runs in
 Mosaic GPU interpret mode (``interpret=plgpu.InterpretGPUParams()``, jax >= 0.11). Opt-in via
@@ -43,7 +47,9 @@ F32 = jnp.float32
 BF16 = jnp.bfloat16
 _NEG = -1e30  # finite "minus infinity": exp(-inf - -inf) would be NaN
 TIERS = ("bf16x3", "bfloat16")
-MAX_D = 256  # one wgmma contracts the whole D; q and k (hi and lo) must fit in shared memory
+MAX_D = 256  # widest D contracted whole (q and k, hi and lo, in shared memory); wider D is streamed
+BLOCK_D = 64  # columns of D per TMA copy and wgmma when streamed: one 128-byte swizzled row of bf16
+SWIZZLE = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 KERNEL_NAME = "sessa_row_stats_gpu"
 _LOAD_TAKES_IDX = "idx" in inspect.signature(plgpu.load).parameters  # jax 0.10: load(ref, idx, layout=)
 
@@ -60,9 +66,10 @@ def interpret_params():
 
 
 def _check(q, k, seg, tier, block_q, block_k):
-    if q.ndim != 3 or k.shape != q.shape or seg.shape != q.shape[:2]:
+    if q.ndim != 3 or k.shape != q.shape or (seg is not None and seg.shape != q.shape[:2]):
         raise ValueError(
-            f"gpu_row_statistics: want q, k (B, T, D) and seg (B, T); got q {q.shape}, k {k.shape}, seg {seg.shape}"
+            "gpu_row_statistics: want q, k (B, T, D) and seg (B, T) or None; got q "
+            f"{q.shape}, k {k.shape}, seg {None if seg is None else seg.shape}"
         )
     if tier not in TIERS:
         raise ValueError(
@@ -78,11 +85,45 @@ def _check(q, k, seg, tier, block_q, block_k):
                 f"gpu_row_statistics: T={t} must be a multiple of {name}={blk}; pad T "
                 f"(e.g. a leaf size that is a multiple of {blk}) or pick a smaller block"
             )
-    if d % 64 or d > MAX_D:
+    if d % BLOCK_D or d <= 0:
         raise ValueError(
-            f"gpu_row_statistics: D={d} is not supported; D must be a multiple of 64 and at "
-            f"most {MAX_D} (the D contraction is not streamed); use kernels='xla' for this D"
+            f"gpu_row_statistics: D={d} is not supported; D must be a positive multiple of {BLOCK_D} "
+            f"(the wgmma tile; above {MAX_D} the contraction is streamed in chunks of {BLOCK_D}); "
+            "use kernels='xla' for this D"
         )
+
+
+def copy_waited(src, dst, barrier):
+    """One TMA copy global -> shared memory, waited for (single buffered)."""
+    plgpu.copy_gmem_to_smem(src, dst, barrier)
+    plgpu.barrier_wait(barrier)
+
+
+def chunked_logits(q_rows, k_keys, a_smem, b_smem, bar, chunks: int, shape):
+    """q_rows k_keys^T as a float32 ``shape`` (rows, keys) value, the D contraction streamed:
+    ``chunks`` steps over D chunks of ``BLOCK_D`` columns, each copying every part's chunk into
+    ``a_smem`` / ``b_smem`` (parts, rows or keys, BLOCK_D) and issuing one wgmma per product.
+
+    q_rows, k_keys: sequences of one ref (one bf16 pass) or of the hi and lo refs of a bf16x3
+    split (q_hi k_hi + q_hi k_lo + q_lo k_hi), each a (rows or keys, D) view."""
+    pairs = ((0, 0),) if len(q_rows) == 1 else ((0, 0), (0, 1), (1, 0))
+
+    def logits(acc):
+        def chunk(c, carry):
+            cols = pl.ds(c * BLOCK_D, BLOCK_D)
+            for p, ref in enumerate(q_rows):
+                copy_waited(ref.at[:, cols], a_smem.at[p], bar.at[0])
+            for p, ref in enumerate(k_keys):
+                copy_waited(ref.at[:, cols], b_smem.at[p], bar.at[0])
+            for pq, pk in pairs:
+                plgpu.wgmma(acc, a_smem.at[pq], b_smem.at[pk].transpose((1, 0)))
+            plgpu.wgmma_wait(0)  # the next chunk's copies overwrite the operands
+            return carry
+
+        lax.fori_loop(0, chunks, chunk, 0)
+        return acc[...]
+
+    return pl.run_scoped(logits, plgpu.ACC(shape, F32))
 
 
 def _parts(x, split: bool):
@@ -96,32 +137,29 @@ def _parts(x, split: bool):
     return hi, jnp.zeros_like(hi) if lo is None else lo
 
 
-def _stats_body(*refs, parts: int, block_q: int, block_k: int, scale: float):
-    """Kernel body (one row block of one batch row); see the module docstring."""
-    q_refs, k_refs = refs[:parts], refs[parts : 2 * parts]
-    seg_ref, m_ref, logl_ref = refs[2 * parts : 2 * parts + 3]
-    q_smem, k_smem, qseg_smem, kseg_smem, m_smem, l_smem, q_bar, k_bar = refs[2 * parts + 3 :]
+def _stats_body(*refs, parts: int, masked: bool, chunks: int, block_q: int, block_k: int, scale: float):
+    """Kernel body (one row block of one batch row); see the module docstring. ``chunks``: 0
+    contracts D whole (q copied once), else the number of streamed D chunks."""
+    q_refs, k_refs, refs = refs[:parts], refs[parts : 2 * parts], refs[2 * parts :]
+    seg_ref, refs = (refs[0], refs[1:]) if masked else (None, refs)
+    m_ref, logl_ref, q_smem, k_smem, *refs = refs
+    (qseg_smem, kseg_smem, *refs) = refs if masked else (None, None, *refs)
+    m_smem, l_smem, q_bar, k_bar = refs
     i, b = lax.axis_index("rows"), lax.axis_index("batch")
     r0 = i * block_q
     rows = pl.ds(r0, block_q)
-
-    for p in range(parts):
-        plgpu.copy_gmem_to_smem(q_refs[p].at[b, rows], q_smem.at[p], q_bar.at[0])
-        plgpu.barrier_wait(q_bar.at[0])
-    plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], qseg_smem, q_bar.at[0])
-    plgpu.barrier_wait(q_bar.at[0])
-    qseg = _load(qseg_smem, plgpu.Layout.WGMMA.reduce(1))
     shape = (block_q, block_k)
-    qseg2 = lax.broadcast_in_dim(qseg, shape, [0])
 
-    def step(j, carry, diagonal: bool):
-        m_old, l_old = carry
-        keys = pl.ds(j * block_k, block_k)
+    if not chunks:
         for p in range(parts):
-            plgpu.copy_gmem_to_smem(k_refs[p].at[b, keys], k_smem.at[p], k_bar.at[0])
-            plgpu.barrier_wait(k_bar.at[0])
-        plgpu.copy_gmem_to_smem(seg_ref.at[b, keys], kseg_smem, k_bar.at[0])
-        plgpu.barrier_wait(k_bar.at[0])
+            copy_waited(q_refs[p].at[b, rows], q_smem.at[p], q_bar.at[0])
+    if masked:
+        copy_waited(seg_ref.at[b, rows], qseg_smem, q_bar.at[0])
+        qseg2 = lax.broadcast_in_dim(_load(qseg_smem, plgpu.Layout.WGMMA.reduce(1)), shape, [0])
+
+    def whole_logits(keys):
+        for p in range(parts):
+            copy_waited(k_refs[p].at[b, keys], k_smem.at[p], k_bar.at[0])
 
         def logits(acc):
             kt = lambda p: k_smem.at[p].transpose((1, 0))  # noqa: E731
@@ -131,16 +169,33 @@ def _stats_body(*refs, parts: int, block_q: int, block_k: int, scale: float):
                 plgpu.wgmma(acc, q_smem.at[1], kt(0))
             return acc[...]
 
-        z = pl.run_scoped(logits, plgpu.ACC(shape, F32)) * scale
-        kseg = _load(kseg_smem, plgpu.Layout.WGMMA.reduce(0))
-        allowed = qseg2 == lax.broadcast_in_dim(kseg, shape, [1])
+        return pl.run_scoped(logits, plgpu.ACC(shape, F32))
+
+    def step(j, carry, diagonal: bool):
+        m_old, l_old = carry
+        keys = pl.ds(j * block_k, block_k)
+        if chunks:
+            q_rows = [ref.at[b, rows] for ref in q_refs]
+            k_keys = [ref.at[b, keys] for ref in k_refs]
+            z = chunked_logits(q_rows, k_keys, q_smem, k_smem, k_bar, chunks, shape) * scale
+        else:
+            z = whole_logits(keys) * scale
+        allowed = None
+        if masked:
+            copy_waited(seg_ref.at[b, keys], kseg_smem, k_bar.at[0])
+            kseg = _load(kseg_smem, plgpu.Layout.WGMMA.reduce(0))
+            allowed = qseg2 == lax.broadcast_in_dim(kseg, shape, [1])
         if diagonal:
             row_ids = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + r0
             key_ids = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA) + j * block_k
-            allowed = allowed & (key_ids < row_ids)
-        z = jnp.where(allowed, z, _NEG)
+            below = key_ids < row_ids
+            allowed = below if allowed is None else allowed & below
+        if allowed is not None:
+            z = jnp.where(allowed, z, _NEG)
         m_new = jnp.maximum(m_old, z.max(axis=1))
-        p = jnp.where(allowed, jnp.exp(z - lax.broadcast_in_dim(m_new, shape, [0])), 0.0)
+        p = jnp.exp(z - lax.broadcast_in_dim(m_new, shape, [0]))
+        if allowed is not None:
+            p = jnp.where(allowed, p, 0.0)
         l_new = l_old * jnp.exp(m_old - m_new) + p.sum(axis=1)
         return m_new, l_new
 
@@ -165,30 +220,34 @@ def gpu_row_statistics(
 ):
     """Row statistics (m, logl), each (B, T) float32, of the strict-past softmax (Mosaic GPU).
 
-    q, k: (B, T, D) float32 or bf16, D a multiple of 64 and <= 256; seg: (B, T) int segment ids;
-    row t's keys are tau < t with seg[tau] == seg[t]; rows without keys get (0, EMPTY_LOGL).
-    ``tier``: "bf16x3" (hi/lo split of float32 inputs, three bf16 wgmmas) or "bfloat16" (one
-    pass); bf16 inputs take one pass at either tier. T must be a multiple of block_q and
-    block_k (multiples of 64). ``interpret``: False (compile for the GPU) or
-    ``plgpu.InterpretGPUParams()`` (Mosaic GPU interpret mode on CPU, jax >= 0.11).
+    q, k: (B, T, D) float32 or bf16, D a multiple of 64 (contracted whole up to ``MAX_D``,
+    streamed in chunks of ``BLOCK_D`` above); seg: (B, T) int segment ids, or None (one
+    sequence per row: no segment mask); row t's keys are tau < t with seg[tau] == seg[t]; rows
+    without keys get (0, EMPTY_LOGL). ``tier``: "bf16x3" (hi/lo split of float32 inputs, three
+    bf16 wgmmas) or "bfloat16" (one pass); bf16 inputs take one pass at either tier. T must be
+    a multiple of block_q and block_k (multiples of 64). ``interpret``: False (compile for the
+    GPU) or ``plgpu.InterpretGPUParams()`` (Mosaic GPU interpret mode on CPU, jax >= 0.11).
     """
     _check(q, k, seg, tier, block_q, block_k)
     b, t, d = q.shape
     split = tier == "bf16x3" and (q.dtype != BF16 or k.dtype != BF16)  # bf16 x bf16 is exact in one pass
     q_parts, k_parts = _parts(q, split), _parts(k, split)
     parts = len(q_parts)
-    swizzle = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+    chunks = 0 if d <= MAX_D else d // BLOCK_D
+    width = d if not chunks else BLOCK_D
+    masked = seg is not None
     scratch = [
-        plgpu.SMEM((parts, block_q, d), BF16, **swizzle),
-        plgpu.SMEM((parts, block_k, d), BF16, **swizzle),
-        plgpu.SMEM((block_q,), jnp.int32),
-        plgpu.SMEM((block_k,), jnp.int32),
+        plgpu.SMEM((parts, block_q, width), BF16, **SWIZZLE),
+        plgpu.SMEM((parts, block_k, width), BF16, **SWIZZLE),
+        *([plgpu.SMEM((block_q,), jnp.int32), plgpu.SMEM((block_k,), jnp.int32)] if masked else []),
         plgpu.SMEM((block_q,), F32),
         plgpu.SMEM((block_q,), F32),
         plgpu.Barrier(num_barriers=1),
         plgpu.Barrier(num_barriers=1),
     ]
-    body = functools.partial(_stats_body, parts=parts, block_q=block_q, block_k=block_k, scale=scale)
+    body = functools.partial(
+        _stats_body, parts=parts, masked=masked, chunks=chunks, block_q=block_q, block_k=block_k, scale=scale
+    )
     body.__name__ = KERNEL_NAME  # plgpu.kernel names the kernel after its body
     kwargs = dict(interpret=interpret) if interpret else {}
     call = plgpu.kernel(
@@ -199,5 +258,6 @@ def gpu_row_statistics(
         grid_names=("rows", "batch"),
         **kwargs,
     )
-    m, logl = call(*q_parts, *k_parts, seg.astype(jnp.int32))
+    segs = (seg.astype(jnp.int32),) if masked else ()
+    m, logl = call(*q_parts, *k_parts, *segs)
     return m, logl
