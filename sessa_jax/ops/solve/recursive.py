@@ -150,6 +150,13 @@ class RecursivePlan:
         """einsum for dq and dk, at ``plain_tier``."""
         return chained_dot(spec, a, b, self.plain_tier, self.platform)
 
+    def g_dtype(self, dtype):
+        """dtype in which the backward keeps g = gamma * lambda: bf16 where every product that
+        reads g rounds it to bf16 first (tier and plain tier "bfloat16": the transposed pushes'
+        one pass, ``precision.difference_dot``'s rounded g), so g moves as half the bytes and is
+        rounded once; else ``dtype``."""
+        return jnp.bfloat16 if self.tier == self.plain_tier == "bfloat16" else dtype
+
     @property
     def splits_pushed_probs(self) -> bool:
         """Whether the forward's pushes split each P tile into bf16 hi + lo parts in separate
@@ -436,7 +443,8 @@ def _backward(plan: RecursivePlan, res, ds):
         start = i * c
         x_i = lax.dynamic_index_in_dim(x_inv, i, axis=1, keepdims=False)
         lam_i = plan.chained("bji,bjd->bid", x_i, take_chunk(ds, start, c) + take_chunk(bacc, start, c))
-        g_buf = lax.dynamic_update_slice_in_dim(g_buf, take_chunk(gamma, start, c)[..., None] * lam_i, start, axis=1)
+        g_i = (take_chunk(gamma, start, c)[..., None] * lam_i).astype(g_buf.dtype)
+        g_buf = lax.dynamic_update_slice_in_dim(g_buf, g_i, start, axis=1)
         return (bacc, g_buf, dq, dk), lam_i
 
     def step(carry, xs):
@@ -451,7 +459,7 @@ def _backward(plan: RecursivePlan, res, ds):
 
     # Leaves in reverse: each segment's leaves in a loop, then the static block of its first leaf.
     zeros = jnp.zeros((b, tp, d), s.dtype)
-    carry, lams = (zeros, zeros, zeros, zeros), []
+    carry, lams = (zeros, jnp.zeros((b, tp, d), plan.g_dtype(s.dtype)), zeros, zeros), []
     for first, count in reversed(sched.segments()):
         if count == 1:
             carry, lam_i = solve_leaf(carry, first)  # its block, first, is static (or absent)
