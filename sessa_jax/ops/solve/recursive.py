@@ -239,7 +239,7 @@ def _gemm_block_update(plan: RecursivePlan, q_p, seg_p, m_p, logl_p, k_keys, seg
     )
     if split:
         return split_dot("bpk,bkd->bpd", *parts, s_keys)
-    return jnp.einsum("bpk,bkd->bpd", parts[0], s_keys.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    return chained_dot("bpk,bkd->bpd", parts[0], s_keys, plan.tier, plan.platform)  # one bf16 pass
 
 
 def _gemm_block_grads(plan: RecursivePlan, q_p, seg_p, m_p, logl_p, k_keys, seg_keys, g_p, r_p, s_keys):
@@ -266,8 +266,8 @@ def _gemm_block_grads(plan: RecursivePlan, q_p, seg_p, m_p, logl_p, k_keys, seg_
     )
     if plan.tier == "bf16x3":
         b_keys = split_dot("bpk,bpd->bkd", parts[0], parts[1], g_p)
-    else:  # one bf16 pass, as ``plan.transposed_push`` in the bfloat16 tier
-        b_keys = jnp.einsum("bpk,bpd->bkd", parts[0], g_p.astype(bf16), preferred_element_type=jnp.float32)
+    else:  # one bf16 pass
+        b_keys = plan.transposed_push("bpk,bpd->bkd", parts[0], g_p)
     dq_p = plan.plain("bpk,bkd->bpd", dlogits, k_keys) * plan.scale
     dk_keys = plan.plain("bpk,bpd->bkd", dlogits, q_p) * plan.scale
     return b_keys, dq_p, dk_keys
@@ -285,8 +285,7 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
     if plan.gpu_kernels or plan.gemm_kernels:
         # bf16 q and k: one exact pass at any tier; float32 ones need a tier of the kernel (ops.dispatch)
         stats_tier = plan.tier if plan.tier in GPU_TIERS or q.dtype != jnp.bfloat16 else "bfloat16"
-        interpret = plan.gpu_interpret if plan.gemm_kernels else False
-        m, logl = gpu_row_statistics(q, k, seg, scale=plan.scale, tier=stats_tier, interpret=interpret)
+        m, logl = gpu_row_statistics(q, k, seg, scale=plan.scale, tier=stats_tier, interpret=plan.gpu_interpret)
     elif plan.tpu_kernels:
         m, logl = tpu_row_statistics(q, k, seg, scale=plan.scale, interpret=plan.interpret)
     else:

@@ -51,6 +51,9 @@ MAX_D = 256  # widest D contracted whole (q and k, hi and lo, in shared memory);
 BLOCK_D = 64  # columns of D per TMA copy and wgmma when streamed: one 128-byte swizzled row of bf16
 SWIZZLE = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 KERNEL_NAME = "sessa_row_stats_gpu"
+# (q part, k part) of each wgmma of the logits, by operand parts: one bf16 pass, or the bf16x3
+# split's q_hi k_hi + q_hi k_lo + q_lo k_hi
+PART_PRODUCTS = {1: ((0, 0),), 2: ((0, 0), (0, 1), (1, 0))}
 _LOAD_TAKES_IDX = "idx" in inspect.signature(plgpu.load).parameters  # jax 0.10: load(ref, idx, layout=)
 
 
@@ -106,7 +109,6 @@ def chunked_logits(q_rows, k_keys, a_smem, b_smem, bar, chunks: int, shape):
 
     q_rows, k_keys: sequences of one ref (one bf16 pass) or of the hi and lo refs of a bf16x3
     split (q_hi k_hi + q_hi k_lo + q_lo k_hi), each a (rows or keys, D) view."""
-    pairs = ((0, 0),) if len(q_rows) == 1 else ((0, 0), (0, 1), (1, 0))
 
     def logits(acc):
         def chunk(c, carry):
@@ -115,7 +117,7 @@ def chunked_logits(q_rows, k_keys, a_smem, b_smem, bar, chunks: int, shape):
                 copy_waited(ref.at[:, cols], a_smem.at[p], bar.at[0])
             for p, ref in enumerate(k_keys):
                 copy_waited(ref.at[:, cols], b_smem.at[p], bar.at[0])
-            for pq, pk in pairs:
+            for pq, pk in PART_PRODUCTS[len(q_rows)]:
                 plgpu.wgmma(acc, a_smem.at[pq], b_smem.at[pk].transpose((1, 0)))
             plgpu.wgmma_wait(0)  # the next chunk's copies overwrite the operands
             return carry
@@ -162,11 +164,8 @@ def _stats_body(*refs, parts: int, masked: bool, chunks: int, block_q: int, bloc
             copy_waited(k_refs[p].at[b, keys], k_smem.at[p], k_bar.at[0])
 
         def logits(acc):
-            kt = lambda p: k_smem.at[p].transpose((1, 0))  # noqa: E731
-            plgpu.wgmma(acc, q_smem.at[0], kt(0))
-            if parts == 2:  # hi.lo + lo.hi, the bf16x3 split
-                plgpu.wgmma(acc, q_smem.at[0], kt(1))
-                plgpu.wgmma(acc, q_smem.at[1], kt(0))
+            for pq, pk in PART_PRODUCTS[parts]:
+                plgpu.wgmma(acc, q_smem.at[pq], k_smem.at[pk].transpose((1, 0)))
             return acc[...]
 
         return pl.run_scoped(logits, plgpu.ACC(shape, F32))
