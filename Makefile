@@ -45,7 +45,7 @@ install: $(STAMP)
 # TIMEOUT_S, 3600 s, or SESSA_TEST_TIMEOUT_S; add -x through PYTEST_ARGS to stop at the first.)
 PYTEST_ARGS ?=
 # XLA's CPU backend at optimization level 0: the suite's programs are tiny, so its time is mostly
-# compiling them (2026-12-06, 2-core CPU: 16m48s -> 13m45s). The level changes how fast the code
+# compiling them (measured in docs/performance.md, "The test suite"). The level changes how fast the code
 # runs and, within float32 rounding, the order in which some sums are added (XLA's CPU backend
 # uses no fast-math at any level); tests bound such sums by their rounding, not by one order.
 # Processes the tests start inherit it. `make test-latest` keeps XLA's default level.
