@@ -106,6 +106,15 @@ def _has_control_flow(jaxpr) -> bool:
     return False
 
 
+def _scan_counts(params) -> tuple[int, int]:
+    """(consts, carries) of a scan equation: its params num_consts / num_carry (jax < 0.12) or the
+    flat tree of its inputs, (consts, carry, xs) (jax >= 0.12)."""
+    if "num_consts" in params:
+        return params["num_consts"], params["num_carry"]
+    consts, carry, _ = params["ft_in"].unpack()
+    return len(list(consts)), len(list(carry))
+
+
 class _Walker:
     def __init__(self):
         self.unknown_branches = 0
@@ -164,7 +173,7 @@ class _Walker:
     def _scan(self, eqn, vals, work, depth):
         p = eqn.params
         body, length = p["jaxpr"], p["length"]
-        nc, ncarry = p["num_consts"], p["num_carry"]
+        nc, ncarry = _scan_counts(p)
         consts, carry, xs = vals[:nc], vals[nc : nc + ncarry], vals[nc + ncarry :]
         if not _has_control_flow(body.jaxpr):
             w, _ = self.run(body.jaxpr, body.consts, consts + [None] * (len(vals) - nc), depth + 1)
