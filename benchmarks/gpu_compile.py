@@ -23,7 +23,8 @@ Per program it prints
     with ``--kernels gpu_gemm`` the Mosaic GPU GEMM-with-epilogue kernels count as GEMM kernels
     with their exp: XLA sees them as opaque custom calls, so their FLOPs are computed from the
     kernel name and shapes (``MOSAIC_GEMM_PASSES``, ``MOSAIC_PRODUCT_PASSES``) and their bytes are their operands and
-    results, each read once (a lower bound: the kernels reload q and k chunks per tile);
+    results, each read once (a lower bound: the kernels reload q and k chunks per tile), of a
+    full-length operand only the window a P-tile kernel reads (``MOSAIC_GEMM_ROLES``);
   * ``HBM temp``: the compiled program's temporary buffers (``memory_analysis()``);
   * ``x - x``: subtractions of a value from itself, i.e. bf16x3 low parts the compiler zeroed
     (``precision.bf16_round_bits`` keeps this at 0; a split through float32(bfloat16(x)) did not);
@@ -67,6 +68,10 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 # bf16 passes of the solve's Mosaic GPU GEMM-with-epilogue kernels (ops/block_product_gpu.py), by
 # kernel name: the forward's q k^T; the backward's q k^T, g s_hi^T and g s_lo^T.
 MOSAIC_GEMM_PASSES = {"sessa_block_probs_gpu": 1, "sessa_block_probs_grad_gpu": 3}
+# Their operands by role: the panel's starts (int32 (2,)), then each a row ("r": q, g, m, logl,
+# delta, the rows' segment ids) or key ("k": k, s_hi, s_lo, the keys' segment ids) operand. Where
+# the kernel reads a window of full-length operands it reads the panel's P rows or K keys of them.
+MOSAIC_GEMM_ROLES = {"sessa_block_probs_gpu": "srkrrrk", "sessa_block_probs_grad_gpu": "srkrkkrrrrk"}
 # The statistics kernel (ops/row_stats_gpu.py; q, k parts, [seg] -> m, logl (B, T)): row blocks of
 # MOSAIC_STATS_BLOCK rows each read the key blocks up to the diagonal one, T (T + block) / 2 logits
 # per batch row, contracted over D once per bf16 pass (one, or three with q and k split hi + lo).
@@ -247,13 +252,25 @@ class Walk:
         callee = inst.attr("calls")
         return self.comps.get(callee, []) if callee else []
 
+    def _window_share(self, inst: Inst, pos: int, operand: Inst) -> float:
+        """Share of operand ``pos`` a P-tile kernel reads: its panel's rows or keys of a full-length
+        operand (``MOSAIC_GEMM_ROLES``; the panel is the first output's (B, P, K)); 1 elsewhere."""
+        roles = next((r for name, r in MOSAIC_GEMM_ROLES.items() if f"/{name}/" in inst.attrs), None)
+        if inst.op != "custom-call" or roles is None or pos >= len(roles) or roles[pos] == "s":
+            return 1.0
+        out, shape = dims(_tuple_elements(inst.type)[0] if inst.type.startswith("(") else inst.type), dims(operand.type)
+        if len(out) != 3 or len(shape) < 2 or not shape[1]:
+            return 1.0
+        return min(1.0, out[1 if roles[pos] == "r" else 2] / shape[1])
+
     def _read_bytes(self, comp: str, inst: Inst) -> int:
-        """Bytes read: each operand in full, or only what the fusion slices out of it."""
+        """Bytes read: each operand in full, or only what the fusion slices out of it, or the
+        window of it that a P-tile kernel reads (``_window_share``)."""
         fused = self._fused(inst)
         total = 0
         for pos, name in enumerate(inst.operands):
             operand = self.by_name[comp].get(name)
-            size = nbytes(operand.type) if operand is not None else 0
+            size = nbytes(operand.type) * self._window_share(inst, pos, operand) if operand is not None else 0
             param = next((i for i in fused if i.op == "parameter" and i.args.strip() == str(pos)), None)
             users = [i for i in fused if param is not None and param.name in i.operands]
             if users and all(
@@ -296,17 +313,23 @@ class Walk:
         mosaic = self._mosaic_calls(inst)  # e.g. in XLA's dynamic-slice fusion around a custom call
         if mosaic:
             return sum(self._mosaic_flops(call, inst) for call in mosaic)
-        if inst.op == "custom-call" and "gemm" in target:
+        if inst.op == "custom-call" and ("gemm" in target or "matmul" in target):  # cuBLAS, cuBLASLt
             dots = [inst]
         flops = 0.0
         for d in dots:
             lhs = self._type_of(d.operands[0], inst)
-            m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", d.attrs)
+            contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", d.attrs)
+            if contracting:
+                axes = contracting.group(1).split(",")
+            else:  # a cuBLAS call's backend config: "lhs_contracting_dimensions":["2"]
+                contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', d.attrs)
+                axes = contracting.group(1).replace('"', "").split(",") if contracting else []
             k = 1
-            for axis in (int(a) for a in m.group(1).split(",") if a) if m else ():
+            for axis in (int(a) for a in axes if a):
                 k *= dims(lhs)[axis]
             out = 1
-            for x in dims(d.type):
+            # a cuBLAS call returns (result, workspace)
+            for x in dims(_tuple_elements(d.type)[0] if d.type.startswith("(") else d.type):
                 out *= x
             flops += 2.0 * out * k * dot_passes(d.attrs, lhs)
         return flops
@@ -345,6 +368,8 @@ class Walk:
             logits_passes = -(-dv // MOSAIC_PRODUCT_BLOCK_V)
             return 2.0 * b * p * keys[1] * (logits_passes * d[2] + product_passes * dv)
         passes = next((n for name, n in MOSAIC_GEMM_PASSES.items() if f"/{name}/" in inst.attrs), 0)
+        if len(d) == 1 and len(inst.operands) > 1:  # the panel's starts come first: q is next
+            d = dims(self._type_of(inst.operands[1], kernel))
         if not passes or len(out) != 3 or len(d) != 3:
             return 0.0
         return 2.0 * passes * out[0] * out[1] * out[2] * d[2]

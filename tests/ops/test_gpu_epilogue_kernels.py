@@ -98,6 +98,8 @@ def test_block_probs_and_grad_kernel_matches_xla_twin(mask, causal, split):
     r = common + normal(11, (B, p, D)) / 16.0
     g = normal(10, (B, p, D))
     g_used = bf16_round_bits(g)
+    delta = bp.row_delta(g, r, "bfloat16")
+    np.testing.assert_array_equal(delta, jnp.sum(g_used * r, axis=-1))
     s_hi, s_lo = split_bf16(s)
     parts, dl = bg.gpu_block_probs_and_grad(
         q,
@@ -109,17 +111,29 @@ def test_block_probs_and_grad_kernel_matches_xla_twin(mask, causal, split):
         g_used.astype(BF16),
         s_hi,
         s_lo,
-        jnp.sum(g_used * r, axis=-1),
+        delta,
         scale=D**-0.5,
         split=split,
         causal=causal,
         interpret=interpret_or_skip(),
     )
     probs = _twin_probs(q, k, m, logl, seg_q, seg_k, causal)
-    want = bp.probs_grad("bpd,bkd->bpk", probs, g, r, s, "bfloat16", "gpu")
+    want = bp.probs_grad("bpd,bkd->bpk", probs, g, delta, s, "bfloat16", "gpu")
     if not causal:  # the twin the solve runs on its pushed blocks
         p_twin, dl_twin = bp.block_probs_and_grad(
-            q, seg_q, m, logl, k, seg_k, g, r, s, scale=D**-0.5, tier="bfloat16", plain_tier="bfloat16", platform="gpu"
+            q,
+            seg_q,
+            m,
+            logl,
+            k,
+            seg_k,
+            g,
+            delta,
+            s,
+            scale=D**-0.5,
+            tier="bfloat16",
+            plain_tier="bfloat16",
+            platform="gpu",
         )
         np.testing.assert_array_equal(p_twin, probs)
         np.testing.assert_array_equal(dl_twin, want)
@@ -269,6 +283,72 @@ def test_gemm_kernel_errors(kwargs, match):
     seg = (jnp.zeros((1, p), jnp.int32), None) if kwargs.get("one_seg") else (None, None)
     with pytest.raises(ValueError, match=match):
         bg.gpu_block_probs(q, seg[0], v, v, k, seg[1], scale=1.0, block_q=128, block_k=kwargs.get("block_k", 128))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_kernels_read_a_window_of_longer_inputs_in_place(masked):
+    """A panel given as a window of full-length inputs (rows, keys and their traced starts, as the
+    solve's loop passes them) gives the same tiles bit for bit as the kernels on the sliced arrays."""
+    t, p, kk, r0, k0 = 512, 128, 256, 320, 64
+    q, k, m, logl, seg, _ = _panel(t, t, "segments" if masked else "none", seed=7)
+    seg = (seg, seg) if masked else (None, None)
+    g = normal(20, (B, t, D), BF16)
+    s_hi, s_lo = split_bf16(normal(21, (B, t, D)))
+    delta = normal(22, (B, t))
+    rows, keys = slice(r0, r0 + p), slice(k0, k0 + kk)
+    cut = lambda x, s: None if x is None else x[:, s]  # noqa: E731
+    interp = interpret_or_skip()
+
+    @jax.jit
+    def windowed(r0, k0):
+        window = dict(rows=p, keys=kk, row_start=r0, key_start=k0, interpret=interp)
+        fwd = bg.gpu_block_probs(q, seg[0], m, logl, k, seg[1], scale=D**-0.5, split=True, **window)
+        bwd = bg.gpu_block_probs_and_grad(
+            q, seg[0], m, logl, k, seg[1], g, s_hi, s_lo, delta, scale=D**-0.5, split=True, **window
+        )
+        return fwd, bwd
+
+    got = windowed(jnp.int32(r0), jnp.int32(k0))
+    want = (
+        bg.gpu_block_probs(
+            q[:, rows],
+            cut(seg[0], rows),
+            m[:, rows],
+            logl[:, rows],
+            k[:, keys],
+            cut(seg[1], keys),
+            scale=D**-0.5,
+            split=True,
+            interpret=interp,
+        ),
+        bg.gpu_block_probs_and_grad(
+            q[:, rows],
+            cut(seg[0], rows),
+            m[:, rows],
+            logl[:, rows],
+            k[:, keys],
+            cut(seg[1], keys),
+            g[:, rows],
+            s_hi[:, keys],
+            s_lo[:, keys],
+            delta[:, rows],
+            scale=D**-0.5,
+            split=True,
+            interpret=interp,
+        ),
+    )
+    for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert a.shape == w.shape == (B, p, kk)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(w))
+    assert np.abs(np.asarray(jax.tree.leaves(got)[-1].astype(jnp.float32))).max() > 0
+
+
+@pytest.mark.parametrize("start,match", [(32, "multiple of 64"), (448, r"must lie inside the inputs' 512 rows")])
+def test_kernel_window_errors(start, match):
+    q = jnp.zeros((1, 512, 64), BF16)
+    v = jnp.zeros((1, 512))
+    with pytest.raises(ValueError, match=match):
+        bg.gpu_block_probs(q, None, v, v, q, None, scale=1.0, rows=128, keys=128, row_start=start)
 
 
 # --------------------------------------------------------------------------- lowering for CUDA

@@ -92,7 +92,19 @@ def test_block_product_backward_matches_xla_twin(tier, plain, dtype, tol, interp
     seg_r = jnp.asarray(np.arange(rows) < 200, jnp.int32)[None].repeat(B, 0)
     seg_k = jnp.ones((B, keys), jnp.int32)
     got = block_product_tpu.tpu_block_product_bwd(
-        q, seg_r, m, logl, g, r, k, seg_k, s, scale=D**-0.5, tier=tier, plain_tier=plain, interpret=interpret[0]
+        q,
+        seg_r,
+        m,
+        logl,
+        g,
+        jnp.sum(g * r, -1),
+        k,
+        seg_k,
+        s,
+        scale=D**-0.5,
+        tier=tier,
+        plain_tier=plain,
+        interpret=interpret[0],
     )
     interpret[1]()
     probs = block_probs(q, seg_r, m, logl, k, seg_k, scale=D**-0.5, tier="float32", platform="cpu")

@@ -6,9 +6,9 @@ recursive solve's XLA path runs these functions; the kernels are tested against 
 * ``block_probs``: P = exp((scale q k^T - m) - logl) on a (rows, keys) panel, masked where the
   rows' and keys' segment ids differ (and, ``causal``, where key >= row).
 * ``block_product``: P s in the chained tier.
-* ``probs_grad`` / ``block_probs_and_grad``: dL = P * (g s^T - rowsum(g * r)), the logits gradient
-  of the solve, with g s^T at the non-chained tier (``precision.difference_dot``: g rounded
-  once, s split hi + lo, for bf16 inputs).
+* ``row_delta``, ``probs_grad`` / ``block_probs_and_grad``: dL = P * (g s^T - rowsum(g * r)), the
+  logits gradient of the solve, with g s^T at the non-chained tier (``precision.difference_dot``:
+  g rounded once, s split hi + lo, for bf16 inputs) and rowsum(g * r) given per row.
 * ``split_dot``: a bf16x3 product whose left operand comes already split into bf16 hi + lo parts
   (what a kernel that writes P as two bf16 tiles hands to XLA).
 * ``split_block_product``: ``split_dot`` on ``block_probs`` (or, not ``split``, one bf16 pass),
@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from sessa_jax.ops.solve.precision import chained_dot, difference_dot, logits_dot, split_bf16
+from sessa_jax.ops.solve.precision import chained_dot, difference_dot, difference_g, logits_dot, split_bf16
 
 
 def block_probs(
@@ -97,16 +97,23 @@ def block_product(
     return chained_dot("bpk,bkd->bpd", probs, s_keys, tier, platform)
 
 
-def probs_grad(spec: str, probs, g, r, s, tier: str, platform: str | None = None):
-    """dL = P * (g s^T - rowsum(g_used * r)): the logits gradient of the solve on one tile.
+def row_delta(g, r, tier: str):
+    """rowsum(g * r) of the logits gradient, (..., R) from g, r (..., R, D), with g as the g s^T
+    product at the non-chained ``tier`` uses it (``precision.difference_g``); float32 (float64
+    under x64). It depends on the row alone, so the solve forms it once per row."""
+    acc = jnp.promote_types(jnp.promote_types(g.dtype, r.dtype), jnp.float32)
+    return jnp.sum(difference_g(g, tier, acc) * r.astype(acc), axis=-1)
 
-    ``spec``: the einsum of g s^T (e.g. "bpd,bkd->bpk"); probs: that tile of A (float32); g, r:
-    the rows' (..., R, D) gradient and r = A s; s: the keys' (..., K, D) solution. g s^T runs at
-    the non-chained ``tier`` (``precision.difference_dot``), and rowsum(g * r) takes g as that
-    product used it. Returns dL, float32 (float64 under x64).
+
+def probs_grad(spec: str, probs, g, delta, s, tier: str, platform: str | None = None):
+    """dL = P * (g s^T - delta): the logits gradient of the solve on one tile.
+
+    ``spec``: the einsum of g s^T (e.g. "bpd,bkd->bpk"); probs: that tile of A (float32); g: the
+    rows' (..., R, D) gradient; delta (..., R): ``row_delta`` of g and the rows' r = A s at
+    ``tier``; s: the keys' (..., K, D) solution. g s^T runs at the non-chained ``tier``
+    (``precision.difference_dot``). Returns dL, float32 (float64 under x64).
     """
-    g_used, g_dot_s = difference_dot(spec, g, s, tier, platform)
-    return probs * (g_dot_s - jnp.sum(g_used * r, axis=-1, keepdims=True))
+    return probs * (difference_dot(spec, g, s, tier, platform) - delta[..., None])
 
 
 def block_probs_and_grad(
@@ -117,7 +124,7 @@ def block_probs_and_grad(
     k_keys,
     seg_keys,
     g_rows,
-    r_rows,
+    delta_rows,
     s_keys,
     *,
     scale: float,
@@ -126,12 +133,12 @@ def block_probs_and_grad(
     platform: str | None = None,
 ):
     """(P, dL) of one pushed block of the backward, (B, R, K) each: ``block_probs`` at ``tier`` and
-    ``probs_grad`` of it at ``plain_tier``. g_rows, r_rows (B, R, D): the rows' g and r; s_keys
-    (B, K, D): the keys' s (float32); the other arguments as in ``block_probs``."""
+    ``probs_grad`` of it at ``plain_tier``. g_rows (B, R, D): the rows' g; delta_rows (B, R): their
+    ``row_delta``; s_keys (B, K, D): the keys' s (float32); the other arguments as in ``block_probs``."""
     probs = block_probs(
         q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, scale=scale, tier=tier, platform=platform
     )
-    return probs, probs_grad("bpd,bkd->bpk", probs, g_rows, r_rows, s_keys, plain_tier, platform)
+    return probs, probs_grad("bpd,bkd->bpk", probs, g_rows, delta_rows, s_keys, plain_tier, platform)
 
 
 def split_dot(spec: str, a_hi, a_lo, b):

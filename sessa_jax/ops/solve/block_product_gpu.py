@@ -78,6 +78,7 @@ BWD_KERNEL_NAME = "sessa_block_probs_grad_gpu"
 PRODUCT_KERNEL_NAME = "sessa_block_product_gpu"
 PRODUCT_ONE_PASS_KERNEL_NAME = "sessa_block_product_bf16_gpu"
 FUSED_MAX_DV = 2 * BLOCK_V  # widest s the solve's forward pushes take fused (``product_fused``)
+PANEL_ALIGN = 64  # the P-tile kernels' panels start at multiples of this (a wgmma M granule)
 
 __all__ = [
     "BLOCK_D",
@@ -124,8 +125,9 @@ def check_solve_support(width: int, tier: str, input_dtype, platform: str) -> No
         )
 
 
-def _check(op: str, q, seg_q, k, seg_k, block_q: int, block_k: int, rows_extra=(), keys_extra=()):
-    """Shapes, dtypes and block sizes of either kernel (readable errors: value, cause, fix)."""
+def _check(op: str, q, seg_q, k, seg_k, block_q: int, block_k: int, rows_extra=(), keys_extra=(), panel=None):
+    """Shapes, dtypes and block sizes of either kernel (readable errors: value, cause, fix);
+    ``panel``: the (rows, keys) sizes the blocks tile (default: all of q's rows and k's keys)."""
     if q.ndim != 3 or k.ndim != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"{op}: want q (B, P, D) and k (B, K, D); got q {q.shape}, k {k.shape}")
     b, p, d = q.shape
@@ -149,7 +151,10 @@ def _check(op: str, q, seg_q, k, seg_k, block_q: int, block_k: int, rows_extra=(
         raise ValueError(
             f"{op}: want seg_q (B, P) = {(b, p)} and seg_k (B, K) = {(b, kk)}; got {seg_q.shape}, {seg_k.shape}"
         )
-    for name, blk, n in (("block_q", block_q, p), ("block_k", block_k, kk)):
+    for name, blk, n in (
+        ("block_q", block_q, p if panel is None else panel[0]),
+        ("block_k", block_k, kk if panel is None else panel[1]),
+    ):
         if blk <= 0 or blk % 64 or blk > 256:
             raise ValueError(f"{op}: {name}={blk} must be a multiple of 64 up to 256 (wgmma tiles)")
         if n % blk:
@@ -187,6 +192,36 @@ def _probs(logits, m_smem, l_smem, seg_smem, *, scale: float, causal: bool, shap
     return probs if allowed is None else jnp.where(allowed, probs, 0.0)
 
 
+def _panel_blocks(starts_ref, r0, block_q: int, k0, block_k: int):
+    """(rows, keys) index slices of this program's block in the full-length inputs: the panel's
+    first row and key, read from ``starts_ref`` (int32 (2,) in global memory), plus the block's
+    offsets r0, k0 within the panel. The starts are multiples of ``PANEL_ALIGN``, which the TMA
+    copies into tiled shared memory need proven (``pl.multiple_of``)."""
+    row0, key0 = (pl.multiple_of(starts_ref[i], PANEL_ALIGN) for i in (0, 1))
+    return pl.ds(row0 + r0, block_q), pl.ds(key0 + k0, block_k)
+
+
+def _panel_starts(row_start, key_start):
+    """The kernels' ``starts`` input: int32 (2,) = (row_start, key_start), either of which may be
+    traced (a loop's block offsets)."""
+    return jnp.stack([jnp.asarray(row_start, jnp.int32), jnp.asarray(key_start, jnp.int32)])
+
+
+def _panel(op: str, full_rows: int, full_keys: int, rows, keys, row_start, key_start) -> tuple[int, int]:
+    """The panel's (rows, keys) sizes, None meaning all of them; statically known starts are
+    checked against the inputs' lengths (traced ones are the caller's to keep in range)."""
+    rows = full_rows if rows is None else rows
+    keys = full_keys if keys is None else keys
+    for name, start, size, full in (("row", row_start, rows, full_rows), ("key", key_start, keys, full_keys)):
+        if isinstance(start, int) and not (0 <= start <= full - size and start % PANEL_ALIGN == 0):
+            raise ValueError(
+                f"{op}: the panel's {name}s [{start}, {start + size}) must lie inside the inputs' {full} {name}s "
+                f"and start at a multiple of {PANEL_ALIGN}: pass {name}_start in [0, {full - size}], a multiple of "
+                f"{PANEL_ALIGN}"
+            )
+    return rows, keys
+
+
 def _write(tiles, out_smem, out_refs, dst):
     """bf16 tiles out through shared memory, TMA to ``dst`` (an index into each output)."""
     for i, tile in enumerate(tiles):
@@ -205,7 +240,7 @@ def _split(probs, split: bool):
 
 def _fwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, block_k: int, chunks: int, scale: float):
     """Forward kernel body (one (Bq, Bk) tile of one batch row); see the module docstring."""
-    q_ref, k_ref, m_ref, l_ref, *refs = refs
+    starts_ref, q_ref, k_ref, m_ref, l_ref, *refs = refs
     seg_refs, refs = (refs[:2], refs[2:]) if masked else (None, refs)
     nout = 2 if split else 1
     out_refs, refs = refs[:nout], refs[nout:]
@@ -214,7 +249,7 @@ def _fwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, bloc
     out_smem, bar = refs
     i, j, b = lax.axis_index("rows"), lax.axis_index("keys"), lax.axis_index("batch")
     r0, k0 = i * block_q, j * block_k
-    rows, keys = pl.ds(r0, block_q), pl.ds(k0, block_k)
+    rows, keys = _panel_blocks(starts_ref, r0, block_q, k0, block_k)
     shape = (block_q, block_k)
 
     copy_waited(m_ref.at[b, rows], m_smem, bar.at[0])
@@ -225,12 +260,12 @@ def _fwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, bloc
 
     acc = chunked_logits([q_ref.at[b, rows]], [k_ref.at[b, keys]], a_smem, b_smem, bar, chunks, shape)
     probs = _probs(acc, m_smem, l_smem, seg_smem, scale=scale, causal=causal, shape=shape, r0=r0, k0=k0)
-    _write(_split(probs, split), out_smem, out_refs, (b, rows, keys))
+    _write(_split(probs, split), out_smem, out_refs, (b, pl.ds(r0, block_q), pl.ds(k0, block_k)))
 
 
 def _bwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, block_k: int, chunks: int, scale: float):
     """Backward kernel body (one (Bq, Bk) tile of one batch row): the dual GEMM and dL's epilogue."""
-    q_ref, k_ref, g_ref, s_hi_ref, s_lo_ref, m_ref, l_ref, delta_ref, *refs = refs
+    starts_ref, q_ref, k_ref, g_ref, s_hi_ref, s_lo_ref, m_ref, l_ref, delta_ref, *refs = refs
     seg_refs, refs = (refs[:2], refs[2:]) if masked else (None, refs)
     nout = 3 if split else 2
     out_refs, refs = refs[:nout], refs[nout:]
@@ -239,7 +274,7 @@ def _bwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, bloc
     out_smem, bar = refs
     i, j, b = lax.axis_index("rows"), lax.axis_index("keys"), lax.axis_index("batch")
     r0, k0 = i * block_q, j * block_k
-    rows, keys = pl.ds(r0, block_q), pl.ds(k0, block_k)
+    rows, keys = _panel_blocks(starts_ref, r0, block_q, k0, block_k)
     shape = (block_q, block_k)
 
     copy_waited(m_ref.at[b, rows], m_smem, bar.at[0])
@@ -270,7 +305,9 @@ def _bwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, bloc
     probs = _probs(logits, m_smem, l_smem, seg_smem, scale=scale, causal=causal, shape=shape, r0=r0, k0=k0)
     delta = lax.broadcast_in_dim(_row_vector(delta_smem), shape, [0])
     dlogits = probs * (g_dot_s - delta)
-    _write((*_split(probs, split), dlogits.astype(BF16)), out_smem, out_refs, (b, rows, keys))
+    _write(
+        (*_split(probs, split), dlogits.astype(BF16)), out_smem, out_refs, (b, pl.ds(r0, block_q), pl.ds(k0, block_k))
+    )
 
 
 def _call(
@@ -319,6 +356,10 @@ def gpu_block_probs(
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
     interpret=False,
+    rows: int | None = None,
+    keys: int | None = None,
+    row_start=0,
+    key_start=0,
 ):
     """P tiles of a (rows, keys) panel of A in bf16 (Mosaic GPU): (hi,) or, ``split``, (hi, lo).
 
@@ -330,10 +371,17 @@ def gpu_block_probs(
     and, with ``split``, lo = bf16(P - hi), so hi + lo is P to ~2^-16. P, K multiples of
     ``block_q``, ``block_k`` (multiples of 64 up to 256). ``interpret``: False (compile for the
     GPU) or ``plgpu.InterpretGPUParams()`` (Mosaic GPU interpret mode, jax >= 0.11).
+
+    ``rows``, ``keys``, ``row_start``, ``key_start``: the panel as a window of longer inputs, read
+    in place (no slice is copied out): rows [row_start, row_start + rows) of q, m, logl and seg_q,
+    keys [key_start, key_start + keys) of k and seg_k; then P = rows, K = keys in the above and
+    ``causal`` compares indices within the panel. The starts are multiples of ``PANEL_ALIGN`` = 64
+    and may be traced int32 scalars (a loop's offsets), which must keep the window inside the
+    inputs (checked where they are Python ints); sizes None: all rows / keys (start 0).
     """
-    _check("gpu_block_probs", q, seg_q, k, seg_k, block_q, block_k)
-    b, p, d = q.shape
-    kk = k.shape[1]
+    p, kk = _panel("gpu_block_probs", q.shape[1], k.shape[1], rows, keys, row_start, key_start)
+    _check("gpu_block_probs", q, seg_q, k, seg_k, block_q, block_k, panel=(p, kk))
+    b, _, d = q.shape
     masked = seg_q is not None
     nout = 2 if split else 1
     scratch = [
@@ -354,7 +402,7 @@ def gpu_block_probs(
         scale=float(scale),
     )
     segs = (seg_q.astype(jnp.int32), seg_k.astype(jnp.int32)) if masked else ()
-    inputs = (q, k, m.astype(F32), logl.astype(F32), *segs)
+    inputs = (_panel_starts(row_start, key_start), q, k, m.astype(F32), logl.astype(F32), *segs)
     return _call(body, FWD_KERNEL_NAME, inputs, nout, (b, p, kk), scratch, (p // block_q, kk // block_k, b), interpret)
 
 
@@ -376,6 +424,10 @@ def gpu_block_probs_and_grad(
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
     interpret=False,
+    rows: int | None = None,
+    keys: int | None = None,
+    row_start=0,
+    key_start=0,
 ):
     """(P parts, dL) of a (rows, keys) panel in bf16 (Mosaic GPU): the backward's dual GEMM.
 
@@ -384,7 +436,10 @@ def gpu_block_probs_and_grad(
     bf16: the keys' s split hi + lo (``precision.split_bf16``); delta (B, P) float32:
     rowsum(g * r) of the same g. Returns ((hi,) or, ``split``, (hi, lo), dL): bf16 (B, P, K)
     tiles of P and of dL = P * (g s_hi^T + g s_lo^T - delta), all in fp32 before the cast.
+    ``rows``, ``keys``, ``row_start``, ``key_start``: a window of longer inputs, as in
+    ``gpu_block_probs`` (g and delta are rows, s_hi and s_lo keys).
     """
+    p, kk = _panel("gpu_block_probs_and_grad", q.shape[1], k.shape[1], rows, keys, row_start, key_start)
     _check(
         "gpu_block_probs_and_grad",
         q,
@@ -395,9 +450,9 @@ def gpu_block_probs_and_grad(
         block_k,
         rows_extra=(("g", g),),
         keys_extra=(("s_hi", s_hi), ("s_lo", s_lo)),
+        panel=(p, kk),
     )
-    b, p, d = q.shape
-    kk = k.shape[1]
+    b, _, d = q.shape
     masked = seg_q is not None
     nout = 3 if split else 2
     scratch = [
@@ -418,7 +473,10 @@ def gpu_block_probs_and_grad(
         scale=float(scale),
     )
     segs = (seg_q.astype(jnp.int32), seg_k.astype(jnp.int32)) if masked else ()
-    inputs = (q, k, g, s_hi, s_lo, m.astype(F32), logl.astype(F32), delta.astype(F32), *segs)
+    inputs = (
+        _panel_starts(row_start, key_start),
+        *(q, k, g, s_hi, s_lo, m.astype(F32), logl.astype(F32), delta.astype(F32), *segs),
+    )
     *parts, dlogits = _call(
         body, BWD_KERNEL_NAME, inputs, nout, (b, p, kk), scratch, (p // block_q, kk // block_k, b), interpret
     )

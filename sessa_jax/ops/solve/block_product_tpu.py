@@ -190,7 +190,7 @@ def tpu_block_product_bwd(
     m_rows,
     logl_rows,
     g_rows,
-    r_rows,
+    delta_rows,
     k_keys,
     seg_keys,
     s_keys,
@@ -202,8 +202,9 @@ def tpu_block_product_bwd(
 ):
     """Backward of one pushed block: (A^T g (B,K,D), dq (B,R,D), dk (B,K,D)), all float32.
 
-    Rows R carry q, seg, (m, logl), g = gamma * lam and r = A s (for delta = rowsum(g * r));
-    keys K carry k, seg and s. dL = A * (g s^T - delta); dq = dL k * scale, dk = dL^T q * scale.
+    Rows R carry q, seg, (m, logl), g = gamma * lam and delta = rowsum(g * r) (B, R), with r = A s
+    (``block_product.row_delta``); keys K carry k, seg and s. dL = A * (g s^T - delta);
+    dq = dL k * scale, dk = dL^T q * scale.
     ``tier`` for the chained A^T g, ``plain_tier`` for g s^T, dq and dk (``precision.nonchained_tier``).
     Two grids, each recomputing A once: keys outer for A^T g and dk, rows outer for dq.
     """
@@ -211,7 +212,6 @@ def tpu_block_product_bwd(
     kk = k_keys.shape[1]
     bq, bk = row_block(r), key_block(kk)
     col = lambda x: x.astype(F32)[:, :, None]  # noqa: E731
-    delta = jnp.sum(g_rows.astype(F32) * r_rows.astype(F32), axis=-1)
     args = (
         q_rows,
         k_keys,
@@ -219,7 +219,7 @@ def tpu_block_product_bwd(
         seg_keys.astype(jnp.int32)[:, None, :],
         col(m_rows),
         col(logl_rows),
-        col(delta),
+        col(delta_rows),
         g_rows.astype(F32),
         s_keys.astype(F32),
     )

@@ -39,6 +39,7 @@ __all__ = [
     "bf16_round_bits",
     "chained_dot",
     "difference_dot",
+    "difference_g",
     "leaf_tier",
     "logits_dot",
     "nonchained_tier",
@@ -152,25 +153,33 @@ def logits_dot(spec: str, q, k, tier: str, platform: str | None = None):
     return jnp.einsum(spec, q.astype(acc), k.astype(acc), precision=lax.Precision.HIGHEST, preferred_element_type=acc)
 
 
+def difference_g(g, tier: str, acc):
+    """g as ``difference_dot`` multiplies it, in ``acc`` (the product's accumulation dtype): at the
+    ``"bfloat16"`` tier with float32 accumulation g rounded to bf16 once, else g unchanged. The
+    logits gradient's rowsum(g * r) must take this g, so that it cancels against g s^T."""
+    if tier != "bfloat16" or acc == jnp.float64:
+        return g.astype(acc)
+    return (g.astype(jnp.float32) if g.dtype == _BF16 else bf16_round_bits(g)).astype(acc)
+
+
 def difference_dot(spec: str, g, s, tier: str, platform: str | None = None):
-    """(g as used, einsum(spec, g, s)) for g s^T in the logits gradient A * (g s^T - rowsum(g * r)),
-    whose caller must form rowsum(g * r) from the returned g; fp32 (or f64) out.
+    """einsum(spec, g, s) for g s^T in the logits gradient A * (g s^T - rowsum(g * r)), whose
+    rowsum must take g as ``difference_g`` gives it; fp32 (or f64) out.
 
     ``tier``: the non-chained tier (``nonchained_tier``). At ``"bfloat16"`` (bf16 inputs), g is
-    rounded to bf16 once and returned, and s is split into bf16 hi + lo: two bf16 passes, s to
-    ~2^-16, so the small difference g_i . (s_j - r_i) keeps the accuracy of g's own rounding (a
-    relative error of the row, as harmless as bf16 rounding of a flash-attention dO). Other tiers:
-    g unchanged and ``chained_dot``.
+    rounded to bf16 once and s is split into bf16 hi + lo: two bf16 passes, s to ~2^-16, so the
+    small difference g_i . (s_j - r_i) keeps the accuracy of g's own rounding (a relative error of
+    the row, as harmless as bf16 rounding of a flash-attention dO). Other tiers: ``chained_dot``.
     """
     acc = _wide(g, s)
     if tier != "bfloat16" or acc == jnp.float64:
-        return g, chained_dot(spec, g, s, tier, platform)
-    g_hi = g.astype(jnp.float32) if g.dtype == _BF16 else bf16_round_bits(g)
+        return chained_dot(spec, g, s, tier, platform)
+    g_b = difference_g(g, tier, acc).astype(_BF16)
     s_hi, s_lo = split_bf16(s)
-    out = jnp.einsum(spec, g_hi.astype(_BF16), s_hi, preferred_element_type=acc)
+    out = jnp.einsum(spec, g_b, s_hi, preferred_element_type=acc)
     if s_lo is not None:
-        out = out + jnp.einsum(spec, g_hi.astype(_BF16), s_lo, preferred_element_type=acc)
-    return g_hi.astype(acc), out
+        out = out + jnp.einsum(spec, g_b, s_lo, preferred_element_type=acc)
+    return out
 
 
 def nonchained_tier(tier: str, input_dtype) -> str:

@@ -14,11 +14,12 @@ Residuals: q, k, gamma, seg, s, r (float32), (m, logl) and the diagonal leaves A
 rebuilding them only added work); never the off-diagonal blocks of A.
 
 Backward: lam = (I - Gamma A)^-T ds by the mirror scan i = n-1 .. 0,
-         lam_i = X_i^T (ds_i + bacc_i),  g_i = gamma_i lam_i,
+         lam_i = X_i^T (ds_i + bacc_i),  g_i = gamma_i lam_i,  delta_i = rowsum(g_i * r_i),
+         dgamma_i = rowsum(lam_i * r_i)  (r is read once, per leaf),
          push block j = i:  bacc[K_j] += A^T g[R_j],  and, since everything the logits
          gradient dL = A * (g s^T - rowsum(g * r)) needs is known there, dq[R_j] += dL k,
-         dk[K_j] += dL^T q, on exact extents.
-Then the diagonal leaves' dL at once; df = lam, dgamma = rowsum(lam * r) (never (s - f) / gamma).
+         dk[K_j] += dL^T q, on exact extents, with dL = A * (g s^T - delta).
+Then the diagonal leaves' dL at once; df = lam (dgamma from r, never (s - f) / gamma).
 No buffer has two T-sized axes: the largest logits buffer is one tile, (B, tile, tile).
 """
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +35,7 @@ from jax import lax
 
 from sessa_jax.ops.masks import PAD_SEGMENT, default_segment_ids, merge_chunks, pad_time, take_chunk
 from sessa_jax.ops.platforms import platform_kind, platform_paths
-from sessa_jax.ops.solve.block_product import block_probs_and_grad, block_product, probs_grad, split_dot
+from sessa_jax.ops.solve.block_product import block_probs_and_grad, block_product, probs_grad, row_delta, split_dot
 from sessa_jax.ops.solve.block_product_gpu import (
     check_solve_support,
     gpu_block_probs,
@@ -46,6 +48,7 @@ from sessa_jax.ops.solve.block_product_tpu import tpu_block_product, tpu_block_p
 from sessa_jax.ops.solve.precision import (
     bf16_round_bits,
     chained_dot,
+    difference_g,
     leaf_tier,
     logits_dot,
     nonchained_tier,
@@ -221,55 +224,90 @@ def diag_inverse(plan: RecursivePlan, a_ii, gamma):
     return unit_lower_inverse(nil.reshape(b * n, c, c), plan.faithful).reshape(b, n, c, c)
 
 
-def _gemm_block_update(plan: RecursivePlan, q_p, seg_p, m_p, logl_p, k_keys, seg_keys, s_keys):
+def _gemm_block_update(plan: RecursivePlan, q_b, seg, m, logl, k_b, r0, rows: int, k0, keys: int, s_keys):
     """A[rows, keys] s[keys] at the push tier, float32 (B, rows, Dv): bf16x3 (P and s split hi + lo)
     or, in the "bfloat16" tier, one bf16 pass (P and s rounded once). The fused Mosaic GPU kernel
     ``gpu_block_product`` (no P tile in HBM) at Dv <= 512 (``product_fused``), else the P tile
-    from ``gpu_block_probs`` (bf16 hi + lo parts in bf16x3) and the product in XLA. Either is the
-    same product as the XLA path's ``block_product`` at ``plan.tier``."""
-    q_b, k_b = q_p.astype(jnp.bfloat16), k_keys.astype(jnp.bfloat16)
+    from ``gpu_block_probs`` (bf16 hi + lo parts in bf16x3), which reads its rows and keys in place
+    from the full-length q_b, k_b (bf16), m, logl and seg (rows from r0, keys from k0), and the
+    product in XLA. Either is the same product as the XLA path's ``block_product`` at ``plan.tier``."""
     split = plan.tier == "bf16x3"
     if product_fused(s_keys.shape[-1]):
         s_hi, s_lo = split_bf16(s_keys.astype(jnp.float32)) if split else (s_keys.astype(jnp.bfloat16), None)
         return gpu_block_product(
-            q_b, seg_p, m_p, logl_p, k_b, seg_keys, s_hi, s_lo, scale=plan.scale, interpret=plan.gpu_interpret
+            take_chunk(q_b, r0, rows),
+            _take_segments(seg, r0, rows),
+            take_chunk(m, r0, rows),
+            take_chunk(logl, r0, rows),
+            take_chunk(k_b, k0, keys),
+            _take_segments(seg, k0, keys),
+            s_hi,
+            s_lo,
+            scale=plan.scale,
+            interpret=plan.gpu_interpret,
         )
+    window = dict(rows=rows, keys=keys, row_start=r0, key_start=k0)
     parts = gpu_block_probs(
-        q_b, seg_p, m_p, logl_p, k_b, seg_keys, scale=plan.scale, split=split, interpret=plan.gpu_interpret
+        q_b, seg, m, logl, k_b, seg, scale=plan.scale, split=split, interpret=plan.gpu_interpret, **window
     )
     if split:
         return split_dot("bpk,bkd->bpd", *parts, s_keys)
     return chained_dot("bpk,bkd->bpd", parts[0], s_keys, plan.tier, plan.platform)  # one bf16 pass
 
 
-def _gemm_block_grads(plan: RecursivePlan, q_p, seg_p, m_p, logl_p, k_keys, seg_keys, g_p, r_p, s_keys):
-    """``_backward``'s (A^T g, dq, dk) of one pushed block with P and dL from the Mosaic GPU dual-GEMM
-    kernel, the products in XLA; the same products as the XLA path at the tiers the kernels serve
-    (plain tier "bfloat16": g rounded once, s split, dL in one bf16 pass)."""
+class _GemmBackwardInputs(NamedTuple):
+    """The backward's full-length operands of the Mosaic GPU dual-GEMM kernel: q, k as given and in
+    bf16, segment ids (or None), the row statistics m, logl, and s split into bf16 hi + lo once
+    (``precision.split_bf16``; s is fixed in the backward)."""
+
+    q: jax.Array
+    k: jax.Array
+    q_b: jax.Array
+    k_b: jax.Array
+    seg: jax.Array | None
+    m: jax.Array
+    logl: jax.Array
+    s_hi: jax.Array
+    s_lo: jax.Array
+
+
+def _gemm_block_grads(plan: RecursivePlan, x: _GemmBackwardInputs, r0, rows: int, k0, keys: int, g_buf, delta):
+    """``_backward``'s (A^T g, dq, dk) of one pushed block (rows from r0, keys from k0) with P and dL
+    from the Mosaic GPU dual-GEMM kernel, the products in XLA; the same products as the XLA path at
+    the tiers the kernels serve (plain tier "bfloat16": g rounded once, s split, dL in one bf16
+    pass). Where g_buf is bf16 (``RecursivePlan.g_dtype``: the "bfloat16" tier) the kernel reads
+    its rows and keys in place from the full-length operands; in bf16x3 (float32 g, rounded here)
+    from slices."""
     bf16 = jnp.bfloat16
-    g_used = bf16_round_bits(g_p)  # ``precision.difference_dot``'s g at the "bfloat16" plain tier
-    s_hi, s_lo = split_bf16(s_keys)
-    parts, dlogits = gpu_block_probs_and_grad(
-        q_p.astype(bf16),
-        seg_p,
-        m_p,
-        logl_p,
-        k_keys.astype(bf16),
-        seg_keys,
-        g_used.astype(bf16),
-        s_hi,
-        s_lo,
-        jnp.sum(g_used * r_p, axis=-1),
-        scale=plan.scale,
-        split=plan.tier == "bf16x3",
-        interpret=plan.gpu_interpret,
-    )
+    g_p = take_chunk(g_buf, r0, rows)
+    common = dict(scale=plan.scale, split=plan.tier == "bf16x3", interpret=plan.gpu_interpret)
+    if g_buf.dtype == bf16:  # ``precision.difference_dot``'s g at the "bfloat16" plain tier already
+        window = dict(rows=rows, keys=keys, row_start=r0, key_start=k0)
+        parts, dlogits = gpu_block_probs_and_grad(
+            *(x.q_b, x.seg, x.m, x.logl, x.k_b, x.seg, g_buf, x.s_hi, x.s_lo, delta), **common, **window
+        )
+    else:
+        rows_of = functools.partial(take_chunk, start=r0, size=rows)
+        keys_of = functools.partial(take_chunk, start=k0, size=keys)
+        parts, dlogits = gpu_block_probs_and_grad(
+            rows_of(x.q_b),
+            _take_segments(x.seg, r0, rows),
+            rows_of(x.m),
+            rows_of(x.logl),
+            keys_of(x.k_b),
+            _take_segments(x.seg, k0, keys),
+            bf16_round_bits(g_p).astype(bf16),
+            keys_of(x.s_hi),
+            keys_of(x.s_lo),
+            rows_of(delta),
+            **common,
+        )
     if plan.tier == "bf16x3":
         b_keys = split_dot("bpk,bpd->bkd", parts[0], parts[1], g_p)
     else:  # one bf16 pass
         b_keys = plan.transposed_push("bpk,bpd->bkd", parts[0], g_p)
-    dq_p = plan.plain("bpk,bkd->bpd", dlogits, k_keys) * plan.scale
-    dk_keys = plan.plain("bpk,bpd->bkd", dlogits, q_p) * plan.scale
+    dq_p = plan.plain("bpk,bkd->bpd", dlogits, take_chunk(x.k, k0, keys)) * plan.scale
+    dk_keys = plan.plain("bpk,bpd->bkd", dlogits, take_chunk(x.q, r0, rows)) * plan.scale
     return b_keys, dq_p, dk_keys
 
 
@@ -303,7 +341,12 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
     a_ii = diag_blocks(plan, diag_logits, seg, m, logl)
     x_inv = diag_inverse(plan, a_ii, gamma)
 
+    if plan.gemm_kernels:  # the kernels multiply bf16 q and k: one conversion, outside the loop
+        q_b, k_b = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+
     def block_update(r0, rows, k0, keys, s_keys):
+        if plan.gemm_kernels:
+            return _gemm_block_update(plan, q_b, seg, m, logl, k_b, r0, rows, k0, keys, s_keys)
         args = (
             take_chunk(q, r0, rows),
             _take_segments(seg, r0, rows),
@@ -314,8 +357,6 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
         )
         if plan.tpu_kernels:
             return tpu_block_product(*args, s_keys, scale=plan.scale, tier=plan.tier, interpret=plan.interpret)
-        if plan.gemm_kernels:
-            return _gemm_block_update(plan, *args, s_keys)
         return block_product(
             *args,
             s_keys,
@@ -373,14 +414,18 @@ def _backward(plan: RecursivePlan, res, ds):
     sched = plan.schedule
     b, tp, d = s.shape
 
-    def block_grads(r0, rows, k0, keys, g_p):
-        """(A^T g on the keys, dq on the rows, dk on the keys) of one pushed block."""
-        q_p, k_keys, r_p, s_keys = (
-            take_chunk(q, r0, rows),
-            take_chunk(k, k0, keys),
-            take_chunk(r, r0, rows),
-            take_chunk(s, k0, keys),
+    if plan.gemm_kernels:  # conversions and s's split once, outside the loop
+        s_hi, s_lo = split_bf16(s)
+        gemm_inputs = _GemmBackwardInputs(
+            q, k, q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), seg, m, logl, s_hi, s_lo
         )
+
+    def block_grads(r0, rows, k0, keys, g_buf, delta):
+        """(A^T g on the keys, dq on the rows, dk on the keys) of one pushed block."""
+        if plan.gemm_kernels:
+            return _gemm_block_grads(plan, gemm_inputs, r0, rows, k0, keys, g_buf, delta)
+        g_p, delta_p = take_chunk(g_buf, r0, rows), take_chunk(delta, r0, rows)
+        q_p, k_keys, s_keys = take_chunk(q, r0, rows), take_chunk(k, k0, keys), take_chunk(s, k0, keys)
         seg_p, m_p, logl_p, seg_keys = (
             _take_segments(seg, r0, rows),
             take_chunk(m, r0, rows),
@@ -390,14 +435,14 @@ def _backward(plan: RecursivePlan, res, ds):
         if plan.tpu_kernels:
             plain = plan.plain_tier
             if plain == "bfloat16":  # g rounded once and s split (``difference_dot``): bf16x3 of bf16-valued g
-                g_p, plain = bf16_round_bits(g_p), "bf16x3"
+                g_p, plain = difference_g(g_p, plain, jnp.float32), "bf16x3"
             return tpu_block_product_bwd(
                 q_p,
                 seg_p,
                 m_p,
                 logl_p,
                 g_p,
-                r_p,
+                delta_p,
                 k_keys,
                 seg_keys,
                 s_keys,
@@ -406,8 +451,6 @@ def _backward(plan: RecursivePlan, res, ds):
                 plain_tier=plain,
                 interpret=plan.interpret,
             )
-        if plan.gemm_kernels:
-            return _gemm_block_grads(plan, q_p, seg_p, m_p, logl_p, k_keys, seg_keys, g_p, r_p, s_keys)
         probs, dlogits = block_probs_and_grad(
             q_p,
             seg_p,
@@ -416,7 +459,7 @@ def _backward(plan: RecursivePlan, res, ds):
             k_keys,
             seg_keys,
             g_p,
-            r_p,
+            delta_p,
             s_keys,
             scale=plan.scale,
             tier=plan.tier,
@@ -429,27 +472,31 @@ def _backward(plan: RecursivePlan, res, ds):
         return b_keys, dq_p, dk_keys
 
     def tile(carry, r0, rows, k0, keys):
-        bacc, g_buf, dq, dk = carry
-        b_keys, dq_p, dk_keys = block_grads(r0, rows, k0, keys, take_chunk(g_buf, r0, rows))
+        bacc, g_buf, delta, dq, dk = carry
+        b_keys, dq_p, dk_keys = block_grads(r0, rows, k0, keys, g_buf, delta)
 
         def add(buf, value, start):
             return lax.dynamic_update_slice_in_dim(buf, take_chunk(buf, start, value.shape[1]) + value, start, axis=1)
 
-        return add(bacc, b_keys, k0), g_buf, add(dq, dq_p, r0), add(dk, dk_keys, k0)
+        return add(bacc, b_keys, k0), g_buf, delta, add(dq, dq_p, r0), add(dk, dk_keys, k0)
 
     def solve_leaf(carry, i):
-        bacc, g_buf, dq, dk = carry
+        """lam_i, and the leaf's rows of g, of delta = rowsum(g * r) (every block that pushes from
+        these rows takes it) and of dgamma = rowsum(lam * r): r_i is read once, here."""
+        bacc, g_buf, delta, dq, dk = carry
         start = i * c
         x_i = lax.dynamic_index_in_dim(x_inv, i, axis=1, keepdims=False)
         lam_i = plan.chained("bji,bjd->bid", x_i, take_chunk(ds, start, c) + take_chunk(bacc, start, c))
         g_i = (take_chunk(gamma, start, c)[..., None] * lam_i).astype(g_buf.dtype)
+        r_i = take_chunk(r, start, c)
         g_buf = lax.dynamic_update_slice_in_dim(g_buf, g_i, start, axis=1)
-        return (bacc, g_buf, dq, dk), lam_i
+        delta = lax.dynamic_update_slice_in_dim(delta, row_delta(g_i, r_i, plan.plain_tier), start, axis=1)
+        return (bacc, g_buf, delta, dq, dk), (lam_i, jnp.sum(lam_i * r_i, axis=-1))
 
     def step(carry, xs):
         i, branch = xs
-        carry, lam_i = solve_leaf(carry, i)
-        return sched.visit(branch, i, carry, c, tile), lam_i
+        carry, out_i = solve_leaf(carry, i)
+        return sched.visit(branch, i, carry, c, tile), out_i
 
     def barrier(carry):
         nonlocal q, k  # the next tile reads q and k as they leave the barrier
@@ -458,31 +505,31 @@ def _backward(plan: RecursivePlan, res, ds):
 
     # Leaves in reverse: each segment's leaves in a loop, then the static block of its first leaf.
     zeros = jnp.zeros((b, tp, d), s.dtype)
-    carry, lams = (zeros, jnp.zeros((b, tp, d), plan.g_dtype(s.dtype)), zeros, zeros), []
+    g_buf, delta = jnp.zeros((b, tp, d), plan.g_dtype(s.dtype)), jnp.zeros((b, tp), s.dtype)
+    carry, outs = (zeros, g_buf, delta, zeros, zeros), []
     for first, count in reversed(sched.segments()):
         if count == 1:
-            carry, lam_i = solve_leaf(carry, first)  # its block, first, is static (or absent)
-            lams.append(lam_i)
+            carry, out_i = solve_leaf(carry, first)  # its block, first, is static (or absent)
+            outs.append(out_i)
         else:
-            carry, lam_seg = lax.scan(
+            carry, out_seg = lax.scan(
                 step,
                 carry,
                 (jnp.arange(first, first + count), jnp.asarray(sched.branch[first : first + count])),
                 reverse=True,
             )
-            lams.append(merge_chunks(lam_seg))
+            outs.append(tuple(merge_chunks(x) for x in out_seg))
         if first > 0:
             carry = sched.visit_static(first, carry, c, tile, barrier)
-    _, g_buf, dq, dk = carry
-    lam = lams[0] if len(lams) == 1 else jnp.concatenate(lams[::-1], axis=1)
+    _, g_buf, delta, dq, dk = carry
+    lam, dgamma = (x[0] if len(outs) == 1 else jnp.concatenate(x[::-1], axis=1) for x in zip(*outs))
 
     # The diagonal leaves' share of the logits gradient, all leaves at once.
-    g4, s4, r4 = (x.reshape(b, n, c, d) for x in (g_buf, s, r))
-    dlogits = probs_grad("bnid,bnjd->bnij", a_ii, g4, r4, s4, plan.plain_tier, plan.platform)
+    g4, s4 = (x.reshape(b, n, c, d) for x in (g_buf, s))
+    dlogits = probs_grad("bnid,bnjd->bnij", a_ii, g4, delta.reshape(b, n, c), s4, plan.plain_tier, plan.platform)
     q4, k4 = q.reshape(b, n, c, d), k.reshape(b, n, c, d)
     dq = dq + (plan.plain("bnij,bnjd->bnid", dlogits, k4) * plan.scale).reshape(b, tp, d)
     dk = dk + (plan.plain("bnij,bnid->bnjd", dlogits, q4) * plan.scale).reshape(b, tp, d)
-    dgamma = jnp.sum(lam * r, axis=-1)
     return dq, dk, dgamma, lam
 
 
