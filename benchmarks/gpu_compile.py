@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import math
 import os
 import pathlib
 import re
@@ -83,6 +84,11 @@ MOSAIC_STATS_BLOCK = 64  # row_stats_gpu's default block_q = block_k
 # (bfloat16) over its Dv tile; a Dv over the tile recomputes the logits.
 MOSAIC_PRODUCT_PASSES = {"sessa_block_product_gpu": 3, "sessa_block_product_bf16_gpu": 1}
 MOSAIC_PRODUCT_BLOCK_V = 256  # block_product_gpu.BLOCK_V
+# The in-place accumulating product (ops/accumulate_gpu.py; starts, a, b, acc -> acc aliased):
+# acc[window of M rows] += op(a) b[window of C rows], one bf16 pass, by kernel name whether op(a)
+# is a^T (a (B, C, M)) or a (a (B, M, C)). It reads a, C rows of b and M rows of acc, and writes
+# those M rows back.
+MOSAIC_ACCUMULATE = {"sessa_accumulate_product_gpu": False, "sessa_accumulate_product_t_gpu": True}
 PEAK_FLOPS = 989e12
 PEAK_BYTES = 3.35e12
 FP32_FLOPS = 67e12  # H100 SXM without tensor cores: where a float32 dot at HIGHEST runs
@@ -263,9 +269,26 @@ class Walk:
             return 1.0
         return min(1.0, out[1 if roles[pos] == "r" else 2] / shape[1])
 
+    def _accumulation(self, inst: Inst):
+        """(B, M, C, N, element bytes of acc) of an in-place accumulating product kernel
+        (``MOSAIC_ACCUMULATE``), else None."""
+        transposed = next((t for name, t in MOSAIC_ACCUMULATE.items() if f"/{name}/" in inst.attrs), None)
+        if inst.op != "custom-call" or transposed is None or len(inst.operands) != 4:
+            return None
+        a = dims(self._type_of(inst.operands[1], inst))
+        if len(a) != 3 or len(dims(inst.type)) != 3:
+            return None
+        b, m, c = (a[0], a[2], a[1]) if transposed else a
+        return b, m, c, dims(inst.type)[2], nbytes(inst.type) // max(1, math.prod(dims(inst.type)))
+
     def _read_bytes(self, comp: str, inst: Inst) -> int:
         """Bytes read: each operand in full, or only what the fusion slices out of it, or the
-        window of it that a P-tile kernel reads (``_window_share``)."""
+        window of it that a P-tile kernel reads (``_window_share``); an accumulating product
+        reads its tile, the b window and the acc window (``_accumulation``)."""
+        acc = self._accumulation(inst)
+        if acc is not None:
+            b, m, c, n, width = acc
+            return nbytes(self._type_of(inst.operands[1], inst)) + b * c * n * 2 + b * m * n * width
         fused = self._fused(inst)
         total = 0
         for pos, name in enumerate(inst.operands):
@@ -283,7 +306,12 @@ class Walk:
         return total
 
     def _written_bytes(self, inst: Inst) -> int:
-        """Bytes written: the result, or only the update where the fusion updates a buffer in place."""
+        """Bytes written: the result, or only the update where the fusion (or an accumulating
+        product's kernel) updates a buffer in place."""
+        acc = self._accumulation(inst)
+        if acc is not None:
+            b, m, _, n, width = acc
+            return b * m * n * width
         fused = {i.name: i for i in self._fused(inst)}
         root = self._fused(inst)[-1] if fused else None
         roots = (
@@ -359,6 +387,10 @@ class Walk:
             parts = sum(dims(self._type_of(op, kernel)) == d for op in inst.operands) // 2
             b, t, width = d
             return float(b * t * (t + MOSAIC_STATS_BLOCK) * width * (3 if parts == 2 else 1))
+        accumulation = self._accumulation(inst)
+        if accumulation is not None:
+            b, m, c, n, _ = accumulation
+            return 2.0 * b * m * c * n
         product_passes = next((n for name, n in MOSAIC_PRODUCT_PASSES.items() if f"/{name}/" in inst.attrs), 0)
         if product_passes:
             keys = dims(self._type_of(inst.operands[1], kernel))

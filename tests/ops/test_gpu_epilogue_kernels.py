@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sessa_jax.ops.solve import accumulate_gpu as ag
 from sessa_jax.ops.solve import block_product as bp
 from sessa_jax.ops.solve import block_product_gpu as bg
 from sessa_jax.ops.solve.precision import bf16_round_bits, split_bf16
@@ -441,4 +442,6 @@ def test_recursive_solve_with_gemm_kernels_lowers_for_cuda(kernels, d):
     assert bg.PRODUCT_KERNEL_NAME not in text
     assert (bg.FWD_KERNEL_NAME in text) == (opted_in and not fused)
     assert (bg.BWD_KERNEL_NAME in text) == opted_in
+    # the bfloat16 tier's pushed products add into racc, bacc, dq and dk in place
+    assert (ag.KERNEL_NAME in text) == (ag.TRANSPOSED_KERNEL_NAME in text) == opted_in
     assert ("sessa_row_stats_gpu" in text) == opted_in  # the statistics pass: the (streamed) stats kernel

@@ -134,3 +134,33 @@ def test_bf16x3_products_keep_their_accuracy_under_the_rewrite(platform, monkeyp
     monkeypatch.setattr(precision, "split_bf16", _convert_split)  # the split the H100 ran
     (lost,) = _excess_precision_eval(lambda a, b: x3(a, b), a, b)  # a new function: traced afresh
     assert rel(lost) > 1e-4, rel(lost)  # its low parts vanish: one bf16 pass's error
+
+
+@pytest.mark.parametrize("tier", ["bfloat16", "bf16x3"])
+def test_leaf_products_on_gpu_take_the_compilers_three_pass_algorithm(tier):
+    """The leaf products at bf16x3 (the leaf tier of both accelerator tiers) lower for a GPU as one dot with XLA's
+    BF16_BF16_F32_X3 algorithm (the split inside the GEMM), and on the CPU as the explicit split's
+    three bf16 dots; float32 stays one HIGHEST dot."""
+    sd = jax.ShapeDtypeStruct((2, 128, 128), jnp.float32)
+
+    def lowered(tier, platform):
+        fn = jax.jit(lambda a, b: precision.leaf_dot("bij,bjd->bid", a, b, precision.leaf_tier(tier), platform))
+        return fn.trace(sd, sd).lower(lowering_platforms=("cuda" if platform == "gpu" else "cpu",)).as_text()
+
+    gpu = lowered(tier, "gpu")
+    assert gpu.count("dot_general") == 1 and "num_primitive_operations = 3" in gpu
+    assert "bf16" in gpu.split("algorithm")[1].split(">")[0]  # lhs and rhs precision bf16, accumulation f32
+    cpu = lowered(tier, "cpu")
+    assert cpu.count("dot_general") == 3 and "algorithm" not in cpu
+    assert "algorithm" not in lowered("float32", "gpu")
+
+
+def test_leaf_dot_is_the_bf16x3_product():
+    """The product the leaf products take on each platform, where it runs here, is within bf16x3's
+    error of the exact one (the same einsum, operands in the same order)."""
+    a, b = (jax.random.normal(jax.random.PRNGKey(i), (2, 128, 128)) for i in (0, 1))
+    exact = np.einsum("bij,bjd->bid", np.asarray(a, np.float64), np.asarray(b, np.float64))
+    err = lambda x: np.linalg.norm(np.asarray(x, np.float64) - exact) / np.linalg.norm(exact)  # noqa: E731
+    split = precision.leaf_dot("bij,bjd->bid", a, b, "bf16x3", "cpu")
+    assert err(split) < 2e-5  # bf16x3: ~2^-16 relative per product
+    assert err(precision.leaf_dot("bij,bjd->bid", a, b, "bf16x3", "gpu")) < 2e-5

@@ -11,9 +11,10 @@ push, the leaf solves multiply by the inverted diagonal blocks) take the solve's
 * ``"bfloat16"``: one bf16 pass for the pushes, forward (P s, P and s each rounded to bf16 once,
   as a flash-attention forward rounds P) and backward (A^T g); the leaf products (the forward's
   leaf solves X_i rhs, r's diagonal blocks A_ii s_i and the backward's X_i^T products) as in
-  bf16x3 (``leaf_tier``), because the logits gradient dL = A * (g s^T - rowsum(g * r)) needs the
-  within-leaf part of s and r = A s to better than bf16: in one pass dq leaves its bound where
-  every row attends to the previous token, a chain that runs inside the leaves.
+  bf16x3 (``leaf_tier``; on a GPU the compiler's three-pass algorithm, ``leaf_dot``), because the
+  logits gradient dL = A * (g s^T - rowsum(g * r)) needs the within-leaf part of s and r = A s to
+  better than bf16: in one pass dq leaves its bound where every row attends to the previous
+  token, a chain that runs inside the leaves.
 
 The logits enter an exponential: bf16 q, k take one bf16 pass (exact with fp32 accumulation);
 float32 q, k take fp32-faithful products in the float32 and bf16x3 tiers and one bf16 pass in the
@@ -40,6 +41,7 @@ __all__ = [
     "chained_dot",
     "difference_dot",
     "difference_g",
+    "leaf_dot",
     "leaf_tier",
     "logits_dot",
     "nonchained_tier",
@@ -141,6 +143,22 @@ def chained_dot(spec: str, a, b, tier: str, platform: str | None = None):
     if platform_kind(platform) == "tpu":
         return jnp.einsum(spec, a, b, precision=lax.Precision.HIGH, preferred_element_type=acc)
     return _bf16x3(spec, a, b, acc)
+
+
+def leaf_dot(spec: str, a, b, tier: str, platform: str | None = None):
+    """einsum(spec, a, b) for the leaf products at their tier ``tier`` (``leaf_tier`` of the solve's
+    tier); fp32 (or f64) out.
+
+    ``chained_dot``, except that bf16x3 on a GPU runs as the compiler's own three-pass algorithm
+    (``lax.DotAlgorithmPreset.BF16_BF16_F32_X3``: the same products hi.hi + hi.lo + lo.hi, split
+    inside the GEMM kernel), as bf16x3 on a TPU runs as ``Precision.HIGH``: the explicit split
+    costs a conversion pass over each operand per product, and the leaf products run once per
+    leaf. Off the accelerators (CPU) the explicit split, which the accuracy tables measure."""
+    acc = _wide(a, b)
+    if tier == "bf16x3" and acc == jnp.float32 and platform_kind(platform) == "gpu":
+        preset = lax.DotAlgorithmPreset.BF16_BF16_F32_X3
+        return jnp.einsum(spec, a.astype(acc), b.astype(acc), precision=preset, preferred_element_type=acc)
+    return chained_dot(spec, a, b, tier, platform)
 
 
 def logits_dot(spec: str, q, k, tier: str, platform: str | None = None):

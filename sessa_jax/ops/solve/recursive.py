@@ -35,6 +35,7 @@ from jax import lax
 
 from sessa_jax.ops.masks import PAD_SEGMENT, default_segment_ids, merge_chunks, pad_time, take_chunk
 from sessa_jax.ops.platforms import platform_kind, platform_paths
+from sessa_jax.ops.solve.accumulate_gpu import accumulate_covers, gpu_accumulate_product
 from sessa_jax.ops.solve.block_product import block_probs_and_grad, block_product, probs_grad, row_delta, split_dot
 from sessa_jax.ops.solve.block_product_gpu import (
     check_solve_support,
@@ -49,6 +50,7 @@ from sessa_jax.ops.solve.precision import (
     bf16_round_bits,
     chained_dot,
     difference_g,
+    leaf_dot,
     leaf_tier,
     logits_dot,
     nonchained_tier,
@@ -137,8 +139,8 @@ class RecursivePlan:
         return leaf_tier(self.tier)
 
     def chained(self, spec: str, a, b):
-        """einsum for the leaf products at ``leaf_tier`` (``precision.chained_dot``)."""
-        return chained_dot(spec, a, b, self.leaf_tier, self.platform)
+        """einsum for the leaf products at ``leaf_tier`` (``precision.leaf_dot``)."""
+        return leaf_dot(spec, a, b, self.leaf_tier, self.platform)
 
     def transposed_push(self, spec: str, a, b):
         """einsum for the backward's pushes A^T g, at ``tier`` (one bf16 pass in "bfloat16")."""
@@ -159,6 +161,18 @@ class RecursivePlan:
         one pass, ``precision.difference_dot``'s rounded g), so g moves as half the bytes and is
         rounded once; else ``dtype``."""
         return jnp.bfloat16 if self.tier == self.plain_tier == "bfloat16" else dtype
+
+    def accumulates_in_kernel(self, width: int) -> bool:
+        """Whether the backward's pushed products (P^T g, dL k, dL^T q) add into bacc, dq and dk in
+        place in ``accumulate_gpu.gpu_accumulate_product``: kernels "gpu_gemm" in the "bfloat16"
+        tier (one bf16 pass each, g kept in bf16), at a width D the kernel covers."""
+        return self.gemm_kernels and self.tier == "bfloat16" and accumulate_covers(width)
+
+    def pushes_in_kernel(self, width: int) -> bool:
+        """Whether the forward's pushes add P s into racc in place the same way (with s kept in a
+        bf16 copy for them): where ``accumulates_in_kernel`` and the push is not the fused
+        ``gpu_block_product`` (Dv > ``FUSED_MAX_DV``)."""
+        return self.accumulates_in_kernel(width) and not product_fused(width)
 
     @property
     def splits_pushed_probs(self) -> bool:
@@ -311,6 +325,29 @@ def _gemm_block_grads(plan: RecursivePlan, x: _GemmBackwardInputs, r0, rows: int
     return b_keys, dq_p, dk_keys
 
 
+def _gemm_block_accumulate(
+    plan: RecursivePlan, x: _GemmBackwardInputs, r0, rows: int, k0, keys: int, g_buf, delta, bacc, dq, dk
+):
+    """``_backward``'s tile in the "bfloat16" tier with the Mosaic GPU kernels throughout: P and dL of
+    the block (rows from r0, keys from k0) from the dual-GEMM kernel, read in place; then bacc[keys]
+    += P^T g[rows], dq[rows] += scale dL k[keys], dk[keys] += scale dL^T q[rows], each one bf16
+    pass added in place (``accumulate_gpu``): the same products as the XLA path's at this tier.
+    Returns (bacc, dq, dk)."""
+    window = dict(rows=rows, keys=keys, row_start=r0, key_start=k0)
+    (probs,), dlogits = gpu_block_probs_and_grad(
+        *(x.q_b, x.seg, x.m, x.logl, x.k_b, x.seg, g_buf, x.s_hi, x.s_lo, delta),
+        scale=plan.scale,
+        split=False,
+        interpret=plan.gpu_interpret,
+        **window,
+    )
+    add = functools.partial(gpu_accumulate_product, interpret=plan.gpu_interpret)
+    bacc = add(bacc, probs, g_buf, acc_start=k0, b_start=r0, transpose_a=True)
+    dq = add(dq, dlogits, x.k_b, acc_start=r0, b_start=k0, scale=plan.scale)
+    dk = add(dk, dlogits, x.q_b, acc_start=k0, b_start=r0, transpose_a=True, scale=plan.scale)
+    return bacc, dq, dk
+
+
 def _take_segments(seg, start, size: int):
     """``take_chunk`` of the segment ids, or None when there are none (one sequence per row)."""
     return None if seg is None else take_chunk(seg, start, size)
@@ -366,18 +403,29 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
             fuse_exp=not plan.splits_pushed_probs,
         )
 
+    in_place = plan.pushes_in_kernel(f.shape[-1])
+
     def tile(carry, r0, rows, k0, keys):
-        s_buf, racc = carry
+        s_buf, racc, s_b = carry
+        if in_place:  # racc[rows] += P bf16(s)[keys] in the kernel, s read from its bf16 copy
+            window = dict(rows=rows, keys=keys, row_start=r0, key_start=k0)
+            (probs,) = gpu_block_probs(
+                q_b, seg, m, logl, k_b, seg, scale=plan.scale, split=False, interpret=plan.gpu_interpret, **window
+            )
+            racc = gpu_accumulate_product(racc, probs, s_b, acc_start=r0, b_start=k0, interpret=plan.gpu_interpret)
+            return s_buf, racc, s_b
         update = block_update(r0, rows, k0, keys, take_chunk(s_buf, k0, keys))
-        return s_buf, lax.dynamic_update_slice_in_dim(racc, take_chunk(racc, r0, rows) + update, r0, axis=1)
+        return s_buf, lax.dynamic_update_slice_in_dim(racc, take_chunk(racc, r0, rows) + update, r0, axis=1), s_b
 
     def solve_leaf(carry, i):
-        s_buf, racc = carry
+        s_buf, racc, s_b = carry
         start = i * c
         rhs = take_chunk(f, start, c) + take_chunk(gamma, start, c)[..., None] * take_chunk(racc, start, c)
         x_i = lax.dynamic_index_in_dim(x_inv, i, axis=1, keepdims=False)
         s_i = plan.chained("bij,bjd->bid", x_i, rhs)
-        return lax.dynamic_update_slice_in_dim(s_buf, s_i, start, axis=1), racc
+        if in_place:  # the pushes' one bf16 pass rounds s once, here
+            s_b = lax.dynamic_update_slice_in_dim(s_b, s_i.astype(jnp.bfloat16), start, axis=1)
+        return lax.dynamic_update_slice_in_dim(s_buf, s_i, start, axis=1), racc, s_b
 
     def step(carry, xs):
         i, branch = xs
@@ -389,7 +437,7 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
         return carry
 
     # Leaves in order: each segment's leaves in a loop, then the static block that follows it.
-    carry = (jnp.zeros_like(f), jnp.zeros_like(f))
+    carry = (jnp.zeros_like(f), jnp.zeros_like(f), jnp.zeros(f.shape, jnp.bfloat16) if in_place else None)
     for first, count in sched.segments():
         if count == 1:
             carry = solve_leaf(carry, first)  # its block, first + 1, is static (or absent)
@@ -401,7 +449,7 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
             )
         if first + count < n:
             carry = sched.visit_static(first + count, carry, c, tile, barrier)
-    s, racc = carry
+    s, racc, _ = carry
     b, tp, d = f.shape
     s_leaves = s.reshape(b, n, c, d)
     r = racc + plan.chained("bnij,bnjd->bnid", a_ii, s_leaves).reshape(b, tp, d)
@@ -473,6 +521,9 @@ def _backward(plan: RecursivePlan, res, ds):
 
     def tile(carry, r0, rows, k0, keys):
         bacc, g_buf, delta, dq, dk = carry
+        if plan.accumulates_in_kernel(d):
+            bacc, dq, dk = _gemm_block_accumulate(plan, gemm_inputs, r0, rows, k0, keys, g_buf, delta, bacc, dq, dk)
+            return bacc, g_buf, delta, dq, dk
         b_keys, dq_p, dk_keys = block_grads(r0, rows, k0, keys, g_buf, delta)
 
         def add(buf, value, start):
