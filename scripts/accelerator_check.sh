@@ -16,7 +16,8 @@
 #          layer at B=1, T=65536 (it must run). On a GPU the paths also time the solve with the
 #          opt-in Mosaic GPU GEMM-with-epilogue kernels (kernels="gpu_gemm") next to XLA
 #   kernels  the GEMM-with-epilogue kernels on a GPU: their tests against XLA run on the device
-#          (tests/ops/test_gpu_epilogue_kernels.py, feedback_solve with kernels="gpu_gemm" vs "xla"),
+#          (tests/ops/test_gpu_epilogue_kernels.py, feedback_solve with kernels="gpu_gemm" vs "xla";
+#          tests/ops/test_accumulate_kernel.py, the in-place accumulating product vs XLA),
 #          the solve's forward + backward with kernels "xla" vs "gpu_gemm" (segment ids None
 #          and one segment), and the layer with them at B=8, T=8192
 #   tests  device info; the recursive solve's tests (tests/ops/test_recursive.py, without the
@@ -87,7 +88,8 @@ run_paths() {
 run_kernels() {
   device_info
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
-  run 120 kernels_pytest.txt "$py" -m pytest -q -p no:cacheprovider tests/ops/test_gpu_epilogue_kernels.py -k feedback_solve
+  run 120 kernels_pytest.txt "$py" -m pytest -q -p no:cacheprovider tests/ops/test_gpu_epilogue_kernels.py \
+    tests/ops/test_accumulate_kernel.py -k "feedback_solve or in_place"
   KERNELS="xla gpu_gemm" KERNEL_SEGMENTS=1 PATHS_LIMIT=240 run_paths
   run 200 kernels_layer.txt "$py" "${layer[@]}" --T 8192 --solvers recursive --kernels gpu_gemm --no-transformer \
     --iters 5 --warmup 2 --json "$out/kernels_layer.json"
