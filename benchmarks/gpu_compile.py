@@ -264,6 +264,9 @@ class Walk:
         roles = next((r for name, r in MOSAIC_GEMM_ROLES.items() if f"/{name}/" in inst.attrs), None)
         if inst.op != "custom-call" or roles is None or pos >= len(roles) or roles[pos] == "s":
             return 1.0
+        starts = self._type_of(inst.operands[0], inst)
+        if len(dims(starts)) != 1 or not starts.startswith("s32"):  # a kernel without windows
+            return 1.0
         out, shape = dims(_tuple_elements(inst.type)[0] if inst.type.startswith("(") else inst.type), dims(operand.type)
         if len(out) != 3 or len(shape) < 2 or not shape[1]:
             return 1.0

@@ -17,6 +17,9 @@ from tests.support.kernel_inputs import normal
 
 B = 2
 BF16 = jnp.bfloat16
+needs_in_place = pytest.mark.skipif(
+    not ag.in_place_supported(), reason=f"jax {jax.__version__} cannot lower a jax.new_ref kernel operand (jax >= 0.12)"
+)
 SD = jax.ShapeDtypeStruct
 
 
@@ -31,6 +34,7 @@ def _xla(acc, a, b, acc_start, b_start, transpose_a, scale):
 @pytest.mark.parametrize(
     "transpose_a,n,traced", [(False, 128, True), (True, 128, True), (False, 512, False), (True, 512, False)]
 )
+@needs_in_place
 def test_accumulates_the_window_in_place_like_xla(transpose_a, n, traced):
     """Rows [acc_start, acc_start + M) of acc gain scale * op(a) b[b_start : b_start + C]; every other
     row is untouched; equal to XLA's one bf16 pass to fp32 accumulation order."""
@@ -60,6 +64,7 @@ def test_accumulates_the_window_in_place_like_xla(transpose_a, n, traced):
     assert np.abs(got[:, window] - acc[:, window]).max() > 1.0  # the product really landed
 
 
+@needs_in_place
 def test_accumulated_buffer_is_an_aliased_operand_when_lowered_for_cuda():
     acc, a, b = SD((B, 512, 256), jnp.float32), SD((B, 128, 64), BF16), SD((B, 512, 256), BF16)
 
@@ -71,6 +76,7 @@ def test_accumulated_buffer_is_an_aliased_operand_when_lowered_for_cuda():
     assert "output_operand_alias" in text  # the kernel writes acc's buffer, no copy of the result
 
 
+@needs_in_place
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -88,3 +94,10 @@ def test_accumulate_errors(kwargs, match):
     a, b = jnp.zeros((1, m, 128), BF16), jnp.zeros((1, 512, n), BF16)
     with pytest.raises(ValueError, match=match):
         ag.gpu_accumulate_product(acc, a, b, acc_start=kwargs.get("acc_start", 0), b_start=kwargs.get("b_start", 0))
+
+
+@pytest.mark.skipif(ag.in_place_supported(), reason="this jax lowers the kernel")
+def test_accumulate_refuses_an_old_jax_by_name():
+    acc, a = jnp.zeros((1, 128, 64)), jnp.zeros((1, 64, 64), BF16)
+    with pytest.raises(ValueError, match="needs jax >= 0.12"):
+        ag.gpu_accumulate_product(acc, a, a)

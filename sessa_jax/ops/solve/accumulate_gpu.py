@@ -16,8 +16,9 @@ registers and writes it back. The buffer is updated in place: the kernel takes i
 caller's is dead afterwards (a loop carry) and copies it otherwise. Shared memory: 64 * 64 * 2
 + 64 * Bn * 2 + 64 * Bn * 4 bytes, 104 KiB at Bn = 256.
 
-Needs a Hopper GPU (sm_90a); verified on CPU only, in Mosaic GPU interpret mode (jax >= 0.11)
-against the XLA product, and lowered for "cuda". Never run on a GPU; its speed is unknown.
+Needs a Hopper GPU (sm_90a) and jax >= 0.12 (``in_place_supported``); verified on CPU only, in
+Mosaic GPU interpret mode against the XLA product, and lowered for "cuda". Never run on a GPU;
+its speed is unknown.
 Used by ``kernels="gpu_gemm"`` in the "bfloat16" tier (``recursive``).
 """
 
@@ -31,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from sessa_jax.ops.solve.row_stats_gpu import BLOCK_D, SWIZZLE, copy_waited
+from sessa_jax.ops.solve.row_stats_gpu import BLOCK_D, SWIZZLE, _load, copy_waited
 
 F32 = jnp.float32
 BF16 = jnp.bfloat16
@@ -41,8 +42,24 @@ BLOCK_C = BLOCK_D  # contraction chunk: one 128-byte swizzled row of bf16
 KERNEL_NAME = "sessa_accumulate_product_gpu"
 TRANSPOSED_KERNEL_NAME = "sessa_accumulate_product_t_gpu"  # op(a) = a^T
 _OUT_SWIZZLE = dict(transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
+# plgpu.kernel lowers a jax.new_ref operand (read and written in place) from jax 0.12 on; jax 0.10
+# fails to lower it ("JaxprInputEffect ... does not have a corresponding jaxpr input").
+_MIN_JAX = (0, 12)
 
-__all__ = ["BLOCK_C", "KERNEL_NAME", "TRANSPOSED_KERNEL_NAME", "accumulate_covers", "gpu_accumulate_product"]
+
+def in_place_supported() -> bool:
+    """Whether this JAX lowers the kernel (a ``jax.new_ref`` operand of ``plgpu.kernel``: jax >= 0.12)."""
+    return tuple(int(x) for x in jax.__version__.split(".")[:2]) >= _MIN_JAX
+
+
+__all__ = [
+    "BLOCK_C",
+    "KERNEL_NAME",
+    "TRANSPOSED_KERNEL_NAME",
+    "accumulate_covers",
+    "gpu_accumulate_product",
+    "in_place_supported",
+]
 
 
 def column_block(n: int) -> int:
@@ -114,7 +131,7 @@ def _body(starts_ref, a_ref, b_ref, acc_ref, a_smem, b_smem, out_smem, bar, *, t
     prod = pl.run_scoped(product, plgpu.ACC((BLOCK_M, block_n), F32))
     rows = pl.ds(acc0 + i * BLOCK_M, BLOCK_M)
     copy_waited(acc_ref.at[b, rows, cols], out_smem, bar.at[0])
-    out_smem[...] = plgpu.load(out_smem, layout=plgpu.Layout.WGMMA) + prod * scale  # the XLA path's order
+    out_smem[...] = _load(out_smem, plgpu.Layout.WGMMA) + prod * scale  # the XLA path's order
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(out_smem, acc_ref.at[b, rows, cols])
     plgpu.wait_smem_to_gmem(0)
@@ -132,6 +149,11 @@ def gpu_accumulate_product(acc, a, b, *, acc_start=0, b_start=0, transpose_a: bo
     written in place where the caller's acc is not used afterwards. ``interpret``: False (compile
     for the GPU) or ``plgpu.InterpretGPUParams()`` (Mosaic GPU interpret mode, jax >= 0.11).
     """
+    if not in_place_supported():
+        raise ValueError(
+            f"gpu_accumulate_product needs jax >= {'.'.join(map(str, _MIN_JAX))} (a jax.new_ref operand of a "
+            f"Mosaic GPU kernel); jax {jax.__version__} cannot lower it: upgrade jax, or add the product in XLA"
+        )
     m, c = _check(acc, a, b, transpose_a, acc_start, b_start)
     bsz, _, n = acc.shape
     block_n = column_block(n)

@@ -35,7 +35,7 @@ from jax import lax
 
 from sessa_jax.ops.masks import PAD_SEGMENT, default_segment_ids, merge_chunks, pad_time, take_chunk
 from sessa_jax.ops.platforms import platform_kind, platform_paths
-from sessa_jax.ops.solve.accumulate_gpu import accumulate_covers, gpu_accumulate_product
+from sessa_jax.ops.solve.accumulate_gpu import accumulate_covers, gpu_accumulate_product, in_place_supported
 from sessa_jax.ops.solve.block_product import block_probs_and_grad, block_product, probs_grad, row_delta, split_dot
 from sessa_jax.ops.solve.block_product_gpu import (
     check_solve_support,
@@ -165,8 +165,9 @@ class RecursivePlan:
     def accumulates_in_kernel(self, width: int) -> bool:
         """Whether the backward's pushed products (P^T g, dL k, dL^T q) add into bacc, dq and dk in
         place in ``accumulate_gpu.gpu_accumulate_product``: kernels "gpu_gemm" in the "bfloat16"
-        tier (one bf16 pass each, g kept in bf16), at a width D the kernel covers."""
-        return self.gemm_kernels and self.tier == "bfloat16" and accumulate_covers(width)
+        tier (one bf16 pass each, g kept in bf16), at a width D the kernel covers, where this JAX
+        lowers it (``accumulate_gpu.in_place_supported``; else those products stay XLA)."""
+        return self.gemm_kernels and self.tier == "bfloat16" and accumulate_covers(width) and in_place_supported()
 
     def pushes_in_kernel(self, width: int) -> bool:
         """Whether the forward's pushes add P s into racc in place the same way (with s kept in a
