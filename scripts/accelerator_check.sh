@@ -89,7 +89,7 @@ run_kernels() {
   device_info
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
   run 120 kernels_pytest.txt "$py" -m pytest -q -p no:cacheprovider tests/ops/test_gpu_epilogue_kernels.py \
-    tests/ops/test_accumulate_kernel.py -k "feedback_solve or in_place"
+    tests/ops/test_accumulate_kernel.py -k "feedback_solve or leaf_loops or in_place"
   KERNELS="xla gpu_gemm" KERNEL_SEGMENTS=1 PATHS_LIMIT=240 run_paths
   run 200 kernels_layer.txt "$py" "${layer[@]}" --T 8192 --solvers recursive --kernels gpu_gemm --no-transformer \
     --iters 5 --warmup 2 --json "$out/kernels_layer.json"
