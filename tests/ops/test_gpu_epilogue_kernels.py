@@ -359,25 +359,11 @@ def test_kernels_read_a_window_of_longer_inputs_in_place(masked):
         return fwd, bwd
 
     got = windowed(jnp.int32(r0), jnp.int32(k0))
+    panel = (q[:, rows], cut(seg[0], rows), m[:, rows], logl[:, rows], k[:, keys], cut(seg[1], keys))
     want = (
-        bg.gpu_block_probs(
-            q[:, rows],
-            cut(seg[0], rows),
-            m[:, rows],
-            logl[:, rows],
-            k[:, keys],
-            cut(seg[1], keys),
-            scale=D**-0.5,
-            split=True,
-            interpret=interp,
-        ),
+        bg.gpu_block_probs(*panel, scale=D**-0.5, split=True, interpret=interp),
         bg.gpu_block_probs_and_grad(
-            q[:, rows],
-            cut(seg[0], rows),
-            m[:, rows],
-            logl[:, rows],
-            k[:, keys],
-            cut(seg[1], keys),
+            *panel,
             g[:, rows],
             s_hi[:, keys],
             s_lo[:, keys],

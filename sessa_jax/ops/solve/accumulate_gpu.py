@@ -32,7 +32,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from sessa_jax.ops.solve.row_stats_gpu import BLOCK_D, SWIZZLE, _load, copy_waited
+from sessa_jax.ops.solve.row_stats_gpu import (
+    BLOCK_D,
+    SWIZZLE,
+    _load,
+    copy_waited,
+    read_window_starts,
+    window_starts,
+)
 
 F32 = jnp.float32
 BF16 = jnp.bfloat16
@@ -110,8 +117,7 @@ def _body(starts_ref, a_ref, b_ref, acc_ref, a_smem, b_smem, out_smem, bar, *, t
     """One (BLOCK_M, block_n) tile of acc's window: the product over ``chunks`` contraction chunks,
     then acc += scale * product through shared memory."""
     i, j, b = lax.axis_index("rows"), lax.axis_index("cols"), lax.axis_index("batch")
-    # the windows' starts, multiples of BLOCK_C, which the TMA copies into tiled memory need proven
-    acc0, b0 = (pl.multiple_of(starts_ref[x], BLOCK_C) for x in (0, 1))
+    acc0, b0 = read_window_starts(starts_ref, BLOCK_C)
     cols = pl.ds(j * block_n, block_n)
 
     def product(acc):
@@ -157,7 +163,6 @@ def gpu_accumulate_product(acc, a, b, *, acc_start=0, b_start=0, transpose_a: bo
     m, c = _check(acc, a, b, transpose_a, acc_start, b_start)
     bsz, _, n = acc.shape
     block_n = column_block(n)
-    starts = jnp.stack([jnp.asarray(acc_start, jnp.int32), jnp.asarray(b_start, jnp.int32)])
     body = functools.partial(_body, transpose_a=transpose_a, chunks=c // BLOCK_C, block_n=block_n, scale=float(scale))
     body.__name__ = TRANSPOSED_KERNEL_NAME if transpose_a else KERNEL_NAME  # plgpu.kernel names it after its body
     scratch = [
@@ -175,5 +180,5 @@ def gpu_accumulate_product(acc, a, b, *, acc_start=0, b_start=0, transpose_a: bo
         grid=(m // BLOCK_M, n // block_n, bsz),
         grid_names=("rows", "cols", "batch"),
         **kwargs,
-    )(starts, a, b, acc_ref)
+    )(window_starts(acc_start, b_start), a, b, acc_ref)
     return jax.freeze(acc_ref)

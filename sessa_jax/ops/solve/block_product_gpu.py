@@ -65,6 +65,8 @@ from sessa_jax.ops.solve.row_stats_gpu import (
     chunked_logits,
     copy_waited,
     interpret_params,
+    read_window_starts,
+    window_starts,
 )
 
 F32 = jnp.float32
@@ -194,17 +196,10 @@ def _probs(logits, m_smem, l_smem, seg_smem, *, scale: float, causal: bool, shap
 
 def _panel_blocks(starts_ref, r0, block_q: int, k0, block_k: int):
     """(rows, keys) index slices of this program's block in the full-length inputs: the panel's
-    first row and key, read from ``starts_ref`` (int32 (2,) in global memory), plus the block's
-    offsets r0, k0 within the panel. The starts are multiples of ``PANEL_ALIGN``, which the TMA
-    copies into tiled shared memory need proven (``pl.multiple_of``)."""
-    row0, key0 = (pl.multiple_of(starts_ref[i], PANEL_ALIGN) for i in (0, 1))
+    first row and key, read from ``starts_ref`` (``window_starts(row_start, key_start)``, multiples
+    of ``PANEL_ALIGN``), plus the block's offsets r0, k0 within the panel."""
+    row0, key0 = read_window_starts(starts_ref, PANEL_ALIGN)
     return pl.ds(row0 + r0, block_q), pl.ds(key0 + k0, block_k)
-
-
-def _panel_starts(row_start, key_start):
-    """The kernels' ``starts`` input: int32 (2,) = (row_start, key_start), either of which may be
-    traced (a loop's block offsets)."""
-    return jnp.stack([jnp.asarray(row_start, jnp.int32), jnp.asarray(key_start, jnp.int32)])
 
 
 def _panel(op: str, full_rows: int, full_keys: int, rows, keys, row_start, key_start) -> tuple[int, int]:
@@ -402,7 +397,7 @@ def gpu_block_probs(
         scale=float(scale),
     )
     segs = (seg_q.astype(jnp.int32), seg_k.astype(jnp.int32)) if masked else ()
-    inputs = (_panel_starts(row_start, key_start), q, k, m.astype(F32), logl.astype(F32), *segs)
+    inputs = (window_starts(row_start, key_start), q, k, m.astype(F32), logl.astype(F32), *segs)
     return _call(body, FWD_KERNEL_NAME, inputs, nout, (b, p, kk), scratch, (p // block_q, kk // block_k, b), interpret)
 
 
@@ -474,7 +469,7 @@ def gpu_block_probs_and_grad(
     )
     segs = (seg_q.astype(jnp.int32), seg_k.astype(jnp.int32)) if masked else ()
     inputs = (
-        _panel_starts(row_start, key_start),
+        window_starts(row_start, key_start),
         *(q, k, g, s_hi, s_lo, m.astype(F32), logl.astype(F32), delta.astype(F32), *segs),
     )
     *parts, dlogits = _call(

@@ -250,12 +250,7 @@ def _gemm_block_update(plan: RecursivePlan, q_b, seg, m, logl, k_b, r0, rows: in
     if product_fused(s_keys.shape[-1]):
         s_hi, s_lo = split_bf16(s_keys.astype(jnp.float32)) if split else (s_keys.astype(jnp.bfloat16), None)
         return gpu_block_product(
-            take_chunk(q_b, r0, rows),
-            _take_segments(seg, r0, rows),
-            take_chunk(m, r0, rows),
-            take_chunk(logl, r0, rows),
-            take_chunk(k_b, k0, keys),
-            _take_segments(seg, k0, keys),
+            *_panel_operands(q_b, seg, m, logl, k_b, r0, rows, k0, keys),
             s_hi,
             s_lo,
             scale=plan.scale,
@@ -302,19 +297,12 @@ def _gemm_block_grads(plan: RecursivePlan, x: _GemmBackwardInputs, r0, rows: int
             *(x.q_b, x.seg, x.m, x.logl, x.k_b, x.seg, g_buf, x.s_hi, x.s_lo, delta), **common, **window
         )
     else:
-        rows_of = functools.partial(take_chunk, start=r0, size=rows)
-        keys_of = functools.partial(take_chunk, start=k0, size=keys)
         parts, dlogits = gpu_block_probs_and_grad(
-            rows_of(x.q_b),
-            _take_segments(x.seg, r0, rows),
-            rows_of(x.m),
-            rows_of(x.logl),
-            keys_of(x.k_b),
-            _take_segments(x.seg, k0, keys),
+            *_panel_operands(x.q_b, x.seg, x.m, x.logl, x.k_b, r0, rows, k0, keys),
             bf16_round_bits(g_p).astype(bf16),
-            keys_of(x.s_hi),
-            keys_of(x.s_lo),
-            rows_of(delta),
+            take_chunk(x.s_hi, k0, keys),
+            take_chunk(x.s_lo, k0, keys),
+            take_chunk(delta, r0, rows),
             **common,
         )
     if plan.tier == "bf16x3":
@@ -354,6 +342,19 @@ def _take_segments(seg, start, size: int):
     return None if seg is None else take_chunk(seg, start, size)
 
 
+def _panel_operands(q, seg, m, logl, k, r0, rows: int, k0, keys: int):
+    """A pushed block's sliced operands in the order the block functions and kernels take them:
+    (q, seg, m, logl) of rows [r0, r0 + rows), (k, seg) of keys [k0, k0 + keys)."""
+    return (
+        take_chunk(q, r0, rows),
+        _take_segments(seg, r0, rows),
+        take_chunk(m, r0, rows),
+        take_chunk(logl, r0, rows),
+        take_chunk(k, k0, keys),
+        _take_segments(seg, k0, keys),
+    )
+
+
 def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
     c, n = plan.leaf, plan.num_leaves
     sched = plan.schedule
@@ -385,14 +386,7 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
     def block_update(r0, rows, k0, keys, s_keys):
         if plan.gemm_kernels:
             return _gemm_block_update(plan, q_b, seg, m, logl, k_b, r0, rows, k0, keys, s_keys)
-        args = (
-            take_chunk(q, r0, rows),
-            _take_segments(seg, r0, rows),
-            take_chunk(m, r0, rows),
-            take_chunk(logl, r0, rows),
-            take_chunk(k, k0, keys),
-            _take_segments(seg, k0, keys),
-        )
+        args = _panel_operands(q, seg, m, logl, k, r0, rows, k0, keys)
         if plan.tpu_kernels:
             return tpu_block_product(*args, s_keys, scale=plan.scale, tier=plan.tier, interpret=plan.interpret)
         return block_product(
@@ -474,13 +468,8 @@ def _backward(plan: RecursivePlan, res, ds):
         if plan.gemm_kernels:
             return _gemm_block_grads(plan, gemm_inputs, r0, rows, k0, keys, g_buf, delta)
         g_p, delta_p = take_chunk(g_buf, r0, rows), take_chunk(delta, r0, rows)
-        q_p, k_keys, s_keys = take_chunk(q, r0, rows), take_chunk(k, k0, keys), take_chunk(s, k0, keys)
-        seg_p, m_p, logl_p, seg_keys = (
-            _take_segments(seg, r0, rows),
-            take_chunk(m, r0, rows),
-            take_chunk(logl, r0, rows),
-            _take_segments(seg, k0, keys),
-        )
+        q_p, seg_p, m_p, logl_p, k_keys, seg_keys = _panel_operands(q, seg, m, logl, k, r0, rows, k0, keys)
+        s_keys = take_chunk(s, k0, keys)
         if plan.tpu_kernels:
             plain = plan.plain_tier
             if plain == "bfloat16":  # g rounded once and s split (``difference_dot``): bf16x3 of bf16-valued g

@@ -96,6 +96,18 @@ def _check(q, k, seg, tier, block_q, block_k):
         )
 
 
+def window_starts(*starts):
+    """A kernel's window starts as its int32 (len(starts),) operand; each start a Python int or a
+    traced int32 scalar (a loop's block offset)."""
+    return jnp.stack([jnp.asarray(x, jnp.int32) for x in starts])
+
+
+def read_window_starts(starts_ref, align: int):
+    """Inside a kernel: the starts of ``window_starts`` as scalars, each declared a multiple of
+    ``align``, which the TMA copies into tiled shared memory need proven (``pl.multiple_of``)."""
+    return tuple(pl.multiple_of(starts_ref[i], align) for i in range(starts_ref.shape[0]))
+
+
 def copy_waited(src, dst, barrier):
     """One TMA copy global -> shared memory, waited for (single buffered)."""
     plgpu.copy_gmem_to_smem(src, dst, barrier)
