@@ -164,3 +164,20 @@ def test_leaf_dot_is_the_bf16x3_product():
     split = precision.leaf_dot("bij,bjd->bid", a, b, "bf16x3", "cpu")
     assert err(split) < 2e-5  # bf16x3: ~2^-16 relative per product
     assert err(precision.leaf_dot("bij,bjd->bid", a, b, "bf16x3", "gpu")) < 2e-5
+
+
+def test_difference_dot_takes_s_split_once_as_it_splits_it():
+    """g s^T at the "bfloat16" tier with s given as its ``split_bf16`` parts (how the solve hands
+    over an s it split once) is the product that splits s itself, bit for bit; the parts are
+    refused at another tier or with float64 g, where the product would not split s."""
+    g, s = (jax.random.normal(jax.random.PRNGKey(i), (2, 64, 32)) for i in (2, 3))
+    whole = precision.difference_dot("bpd,bkd->bpk", g, s, "bfloat16", "cpu")
+    parts = precision.difference_dot("bpd,bkd->bpk", g, split_bf16(s), "bfloat16", "cpu")
+    np.testing.assert_array_equal(np.asarray(parts), np.asarray(whole))
+    assert parts.dtype == jnp.float32
+    with pytest.raises(ValueError, match="bfloat16 tier"):
+        precision.difference_dot("bpd,bkd->bpk", g, split_bf16(s), "bf16x3", "cpu")
+    with jax.enable_x64(True):
+        g64 = jnp.asarray(np.asarray(g), jnp.float64)
+        with pytest.raises(ValueError, match="float64"):
+            precision.difference_dot("bpd,bkd->bpk", g64, split_bf16(s), "bfloat16", "cpu")

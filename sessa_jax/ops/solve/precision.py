@@ -188,12 +188,22 @@ def difference_dot(spec: str, g, s, tier: str, platform: str | None = None):
     rounded to bf16 once and s is split into bf16 hi + lo: two bf16 passes, s to ~2^-16, so the
     small difference g_i . (s_j - r_i) keeps the accuracy of g's own rounding (a relative error of
     the row, as harmless as bf16 rounding of a flash-attention dO). Other tiers: ``chained_dot``.
+    At that tier s may also come split already, as the pair ``split_bf16(s)`` (a caller that
+    multiplies many tiles of one s splits it once).
     """
-    acc = _wide(g, s)
-    if tier != "bfloat16" or acc == jnp.float64:
-        return chained_dot(spec, g, s, tier, platform)
+    if isinstance(s, tuple):
+        if tier != "bfloat16" or g.dtype == jnp.float64:
+            raise ValueError(
+                f"s given as split_bf16 parts needs the bfloat16 tier and float32 g, got {tier!r}, {g.dtype}"
+            )
+        s_hi, s_lo = s
+        acc = jnp.promote_types(g.dtype, jnp.float32)
+    else:
+        acc = _wide(g, s)
+        if tier != "bfloat16" or acc == jnp.float64:
+            return chained_dot(spec, g, s, tier, platform)
+        s_hi, s_lo = split_bf16(s)
     g_b = difference_g(g, tier, acc).astype(_BF16)
-    s_hi, s_lo = split_bf16(s)
     out = jnp.einsum(spec, g_b, s_hi, preferred_element_type=acc)
     if s_lo is not None:
         out = out + jnp.einsum(spec, g_b, s_lo, preferred_element_type=acc)

@@ -20,7 +20,8 @@ Backward: lam = (I - Gamma A)^-T ds by the mirror scan i = n-1 .. 0,
          gradient dL = A * (g s^T - rowsum(g * r)) needs is known there, dq[R_j] += dL k,
          dk[K_j] += dL^T q, on exact extents, with dL = A * (g s^T - delta).
 Then the diagonal leaves' dL at once; df = lam (dgamma from r, never (s - f) / gamma).
-No buffer has two T-sized axes: the largest logits buffer is one tile, (B, tile, tile).
+No buffer has two T-sized axes: the largest logits buffer is one tile, (B, tile, tile). Each
+loop writes its result over its input (s over f; lam over bacc, which starts as ds).
 """
 
 from __future__ import annotations
@@ -174,6 +175,14 @@ class RecursivePlan:
         bf16 copy for them): where ``accumulates_in_kernel`` and the push is not the fused
         ``gpu_block_product`` (Dv > ``FUSED_MAX_DV``)."""
         return self.accumulates_in_kernel(width) and not product_fused(width)
+
+    def splits_s_once(self, dtype) -> bool:
+        """Whether the backward's g s^T products all take s split into bf16 hi + lo once, outside
+        the loop (``precision.difference_dot``'s split): with the Mosaic GPU kernels, whose dual
+        GEMM reads the parts, at plain tier "bfloat16" with float32 accumulation (``dtype``). XLA's
+        pushes split their s tile inside the loop instead: in the deviceless H100 compile the
+        hoisted split costs more launches than it saves bytes (docs/performance.md)."""
+        return self.gemm_kernels and self.plain_tier == "bfloat16" and jnp.dtype(dtype) == jnp.float32
 
     @property
     def splits_pushed_probs(self) -> bool:
@@ -415,7 +424,8 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
     def solve_leaf(carry, i):
         s_buf, racc, s_b = carry
         start = i * c
-        rhs = take_chunk(f, start, c) + take_chunk(gamma, start, c)[..., None] * take_chunk(racc, start, c)
+        # s_buf starts as f and leaf i overwrites its own rows only, after reading f_i there
+        rhs = take_chunk(s_buf, start, c) + take_chunk(gamma, start, c)[..., None] * take_chunk(racc, start, c)
         x_i = lax.dynamic_index_in_dim(x_inv, i, axis=1, keepdims=False)
         s_i = plan.chained("bij,bjd->bid", x_i, rhs)
         if in_place:  # the pushes' one bf16 pass rounds s once, here
@@ -432,7 +442,9 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
         return carry
 
     # Leaves in order: each segment's leaves in a loop, then the static block that follows it.
-    carry = (jnp.zeros_like(f), jnp.zeros_like(f), jnp.zeros(f.shape, jnp.bfloat16) if in_place else None)
+    # s is written over f (no zero-filled s buffer, no f read from a second buffer); pushes read
+    # only rows already solved.
+    carry = (f, jnp.zeros_like(f), jnp.zeros(f.shape, jnp.bfloat16) if in_place else None)
     for first, count in sched.segments():
         if count == 1:
             carry = solve_leaf(carry, first)  # its block, first + 1, is static (or absent)
@@ -462,6 +474,8 @@ def _backward(plan: RecursivePlan, res, ds):
         gemm_inputs = _GemmBackwardInputs(
             q, k, q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), seg, m, logl, s_hi, s_lo
         )
+    # the diagonal leaves' g s^T takes the same split (``precision.difference_dot``)
+    s_parts = (s_hi, s_lo) if plan.splits_s_once(s.dtype) else None
 
     def block_grads(r0, rows, k0, keys, g_buf, delta):
         """(A^T g on the keys, dq on the rows, dk on the keys) of one pushed block."""
@@ -527,12 +541,13 @@ def _backward(plan: RecursivePlan, res, ds):
         bacc, g_buf, delta, dq, dk = carry
         start = i * c
         x_i = lax.dynamic_index_in_dim(x_inv, i, axis=1, keepdims=False)
-        lam_i = plan.chained("bji,bjd->bid", x_i, take_chunk(ds, start, c) + take_chunk(bacc, start, c))
+        lam_i = plan.chained("bji,bjd->bid", x_i, take_chunk(bacc, start, c))
         g_i = (take_chunk(gamma, start, c)[..., None] * lam_i).astype(g_buf.dtype)
         r_i = take_chunk(r, start, c)
+        bacc = lax.dynamic_update_slice_in_dim(bacc, lam_i, start, axis=1)
         g_buf = lax.dynamic_update_slice_in_dim(g_buf, g_i, start, axis=1)
         delta = lax.dynamic_update_slice_in_dim(delta, row_delta(g_i, r_i, plan.plain_tier), start, axis=1)
-        return (bacc, g_buf, delta, dq, dk), (lam_i, jnp.sum(lam_i * r_i, axis=-1))
+        return (bacc, g_buf, delta, dq, dk), jnp.sum(lam_i * r_i, axis=-1)
 
     def step(carry, xs):
         i, branch = xs
@@ -545,9 +560,11 @@ def _backward(plan: RecursivePlan, res, ds):
         return carry
 
     # Leaves in reverse: each segment's leaves in a loop, then the static block of its first leaf.
-    zeros = jnp.zeros((b, tp, d), s.dtype)
+    # bacc starts as ds, and lam_i replaces leaf i's rows once solved (pushes from leaf i reach
+    # only earlier rows), so at the end bacc is lam: no zero-filled bacc, no lam gathered.
     g_buf, delta = jnp.zeros((b, tp, d), plan.g_dtype(s.dtype)), jnp.zeros((b, tp), s.dtype)
-    carry, outs = (zeros, g_buf, delta, zeros, zeros), []
+    zeros = jnp.zeros((b, tp, d), s.dtype)
+    carry, outs = (ds, g_buf, delta, zeros, zeros), []
     for first, count in reversed(sched.segments()):
         if count == 1:
             carry, out_i = solve_leaf(carry, first)  # its block, first, is static (or absent)
@@ -559,14 +576,15 @@ def _backward(plan: RecursivePlan, res, ds):
                 (jnp.arange(first, first + count), jnp.asarray(sched.branch[first : first + count])),
                 reverse=True,
             )
-            outs.append(tuple(merge_chunks(x) for x in out_seg))
+            outs.append(merge_chunks(out_seg))
         if first > 0:
             carry = sched.visit_static(first, carry, c, tile, barrier)
-    _, g_buf, delta, dq, dk = carry
-    lam, dgamma = (x[0] if len(outs) == 1 else jnp.concatenate(x[::-1], axis=1) for x in zip(*outs))
+    lam, g_buf, delta, dq, dk = carry
+    dgamma = outs[0] if len(outs) == 1 else jnp.concatenate(outs[::-1], axis=1)
 
     # The diagonal leaves' share of the logits gradient, all leaves at once.
-    g4, s4 = (x.reshape(b, n, c, d) for x in (g_buf, s))
+    g4 = g_buf.reshape(b, n, c, d)
+    s4 = s.reshape(b, n, c, d) if s_parts is None else tuple(x.reshape(b, n, c, d) for x in s_parts)
     dlogits = probs_grad("bnid,bnjd->bnij", a_ii, g4, delta.reshape(b, n, c), s4, plan.plain_tier, plan.platform)
     q4, k4 = q.reshape(b, n, c, d), k.reshape(b, n, c, d)
     dq = dq + (plan.plain("bnij,bnjd->bnid", dlogits, k4) * plan.scale).reshape(b, tp, d)
