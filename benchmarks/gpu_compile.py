@@ -24,7 +24,9 @@ Per program it prints
     with their exp: XLA sees them as opaque custom calls, so their FLOPs are computed from the
     kernel name and shapes (``MOSAIC_GEMM_PASSES``, ``MOSAIC_PRODUCT_PASSES``) and their bytes are their operands and
     results, each read once (a lower bound: the kernels reload q and k chunks per tile), of a
-    full-length operand only the window a P-tile kernel reads (``MOSAIC_GEMM_ROLES``);
+    full-length operand only the window a P-tile kernel reads (``MOSAIC_GEMM_ROLES``); a kernel
+    that declares its cost (``pl.CostEstimate``, as the windowed fused push does) counts what it
+    declares (``DECLARED_COST``);
   * ``HBM temp``: the compiled program's temporary buffers (``memory_analysis()``);
   * ``x - x``: subtractions of a value from itself, i.e. bf16x3 low parts the compiler zeroed
     (``precision.bf16_round_bits`` keeps this at 0; a split through float32(bfloat16(x)) did not);
@@ -78,6 +80,10 @@ MOSAIC_GEMM_ROLES = {"sessa_block_probs_gpu": "srkrrrk", "sessa_block_probs_grad
 # per batch row, contracted over D once per bf16 pass (one, or three with q and k split hi + lo).
 MOSAIC_STATS = "sessa_row_stats_gpu"
 MOSAIC_STATS_BLOCK = 64  # row_stats_gpu's default block_q = block_k
+# A kernel's own cost declaration (``pl.CostEstimate``; the fused push declares its block's matrix
+# FLOPs and bytes, which its windowed operands' shapes do not tell), as the optimized HLO prints it.
+DECLARED_COST = r'cost_estimate_json = "\{\\22flops\\22: ([0-9.e+]+), .*?\\22bytes_accessed\\22: ([0-9]+)'
+
 # The fused forward push (q, k, s parts -> P s, (B, P, Dv) float32), by kernel name the bf16
 # passes of its product: per program (row block, Dv tile of at most MOSAIC_PRODUCT_BLOCK_V
 # columns) one logits pass over D, then P_hi s_hi, P_hi s_lo, P_lo s_hi (bf16x3) or one pass
@@ -395,8 +401,9 @@ class Walk:
             b, m, c, n, _ = accumulation
             return 2.0 * b * m * c * n
         product_passes = next((n for name, n in MOSAIC_PRODUCT_PASSES.items() if f"/{name}/" in inst.attrs), 0)
-        if product_passes:
-            keys = dims(self._type_of(inst.operands[1], kernel))
+        if product_passes:  # (a kernel that declares its cost does not get here: ``_declared``)
+            first = 1 if len(d) == 1 and len(inst.operands) > 2 else 0  # the window's starts come first
+            d, keys = (dims(self._type_of(inst.operands[first + i], kernel)) for i in (0, 1))
             if len(out) != 3 or len(d) != 3 or len(keys) != 3:
                 return 0.0
             b, p, dv = out
@@ -416,9 +423,23 @@ class Walk:
         causal = 0.5 if "CAUSAL" in inst.attrs else 1.0
         return (10.0 if "Backward" in target else 4.0) * b * h * t * t * d * causal
 
+    def _declared(self, inst: Inst):
+        """(FLOPs, bytes) a Mosaic GPU kernel declares in its ``pl.CostEstimate`` (the custom call's
+        ``cost_estimate_json``), summed over the calls of a fusion around such calls; None where
+        a kernel declares none."""
+        calls = [inst] if inst.op == "custom-call" else self._mosaic_calls(inst)
+        found = [re.search(DECLARED_COST, call.attrs) for call in calls]
+        if not calls or not all(found):
+            return None
+        return sum(float(m.group(1)) for m in found), sum(int(m.group(2)) for m in found)
+
     def _cost(self, comp: str, name: str) -> tuple[Inst, float, int]:
-        """(instruction, GEMM FLOPs, bytes moved) of one launch of kernel ``name``."""
+        """(instruction, GEMM FLOPs, bytes moved) of one launch of kernel ``name``: what a kernel
+        declares (``_declared``), else what the walk counts."""
         inst = self.by_name[comp][name]
+        declared = self._declared(inst)
+        if declared is not None:
+            return inst, *declared
         return inst, self._gemm_flops(inst), self._read_bytes(comp, inst) + self._written_bytes(inst)
 
     def top(self, count: int):

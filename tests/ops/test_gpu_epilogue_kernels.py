@@ -379,12 +379,64 @@ def test_kernels_read_a_window_of_longer_inputs_in_place(masked):
     assert np.abs(np.asarray(jax.tree.leaves(got)[-1].astype(jnp.float32))).max() > 0
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_fused_product_reads_a_window_of_longer_inputs_in_place(split):
+    """The fused push given its block as a window of full-length q, k, m, logl, segment ids and s
+    parts (traced starts, as the solve's loop passes them) equals the kernel on the sliced arrays
+    bit for bit, and declares its block's work (not the full inputs') to the compiler."""
+    t, p, kk, r0, k0, dv = 512, 128, 192, 320, 64, 128
+    q, k, m, logl, seg, _ = _panel(t, t, "segments", seed=8)
+    s = normal(23, (B, t, dv))
+    s_parts = split_bf16(s) if split else (s.astype(BF16), None)
+    rows, keys = slice(r0, r0 + p), slice(k0, k0 + kk)
+    interp = interpret_or_skip()
+
+    @jax.jit
+    def windowed(r0, k0):
+        return bg.gpu_block_product(
+            q,
+            seg,
+            m,
+            logl,
+            k,
+            seg,
+            *s_parts,
+            scale=D**-0.5,
+            rows=p,
+            keys=kk,
+            row_start=r0,
+            key_start=k0,
+            interpret=interp,
+        )
+
+    got = windowed(jnp.int32(r0), jnp.int32(k0))
+    cut = tuple(None if x is None else x[:, keys] for x in s_parts)
+    want = bg.gpu_block_product(
+        q[:, rows],
+        seg[:, rows],
+        m[:, rows],
+        logl[:, rows],
+        k[:, keys],
+        seg[:, keys],
+        *cut,
+        scale=D**-0.5,
+        interpret=interp,
+    )
+    assert got.shape == want.shape == (B, p, dv)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert np.abs(np.asarray(got)).max() > 0
+    cost = bg.product_cost(B, p, kk, D, dv, 2 if split else 1, True)
+    assert cost.flops == 2 * B * p * kk * (D + (3 if split else 1) * dv)  # one Dv tile: the logits once
+
+
 @pytest.mark.parametrize("start,match", [(32, "multiple of 64"), (448, r"must lie inside the inputs' 512 rows")])
 def test_kernel_window_errors(start, match):
     q = jnp.zeros((1, 512, 64), BF16)
     v = jnp.zeros((1, 512))
     with pytest.raises(ValueError, match=match):
         bg.gpu_block_probs(q, None, v, v, q, None, scale=1.0, rows=128, keys=128, row_start=start)
+    with pytest.raises(ValueError, match=match):
+        bg.gpu_block_product(q, None, v, v, q, None, q, None, scale=1.0, rows=128, keys=128, row_start=start)
 
 
 # --------------------------------------------------------------------------- lowering for CUDA

@@ -153,6 +153,25 @@ def test_fused_product_kernel_counts_its_flops(dv, one_pass):
     assert table["gemm_bytes"] == 2 * (2 * 128 * 64 + 2 * 256 * 64 + parts * 2 * 256 * dv) + 4 * 2 * 128 * dv
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_kernel_that_declares_its_cost_is_taken_at_its_word(fused):
+    """A Mosaic GPU kernel with a ``pl.CostEstimate`` (the fused push reading its block as a window
+    of full-length operands, whose shapes do not tell the block) counts the FLOPs and bytes it
+    declares, as the optimized HLO prints them in its backend config, not its operands' sizes."""
+    flops, moved = 6442450944, 21004288
+    declared = (
+        'backend_config={cost_estimate_json = "{\\22flops\\22: %d, \\22transcendentals\\22: 4194304, '
+        '\\22bytes_accessed\\22: %d, \\22remote_bytes_transferred\\22: 0}", kernel_hash = "~\\04"}' % (flops, moved)
+    )
+    text = _mosaic_module("sessa_block_product_bf16_gpu", fused).replace(
+        'custom_call_target="mosaic_gpu_v2", ', f'custom_call_target="mosaic_gpu_v2", {declared}, '
+    )
+    assert "cost_estimate_json" in text
+    table = gpu_compile.Walk(text).run().table(launch_us=0.0)
+    assert table["launches"] == 1 and table["gemm_exp"] == 1
+    assert table["gemm_flops"] == flops and table["gemm_bytes"] == moved
+
+
 @pytest.mark.parametrize("parts,segments", [(1, True), (2, False)])
 def test_statistics_kernel_counts_its_causal_flops(parts, segments):
     """The statistics kernel (q, k parts [, seg] -> m, logl): B T (T + 64) D FLOPs per bf16 pass

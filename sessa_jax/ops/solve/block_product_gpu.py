@@ -51,6 +51,7 @@ Opt-in via ``kernels="gpu_gemm"`` of the recursive solve.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +82,9 @@ PRODUCT_KERNEL_NAME = "sessa_block_product_gpu"
 PRODUCT_ONE_PASS_KERNEL_NAME = "sessa_block_product_bf16_gpu"
 FUSED_MAX_DV = 2 * BLOCK_V  # widest s the solve's forward pushes take fused (``product_fused``)
 PANEL_ALIGN = 64  # the P-tile kernels' panels start at multiples of this (a wgmma M granule)
+
+# plgpu.kernel takes a cost_estimate on newer JAX only (not on jax 0.10)
+_KERNEL_TAKES_COST = "cost_estimate" in inspect.signature(plgpu.kernel).parameters
 
 __all__ = [
     "BLOCK_D",
@@ -316,10 +320,14 @@ def _call(
     interpret,
     dtype=BF16,
     grid_names=("rows", "keys", "batch"),
+    cost=None,
 ):
-    """``outputs`` arrays of ``out_shape`` and ``dtype`` from the kernel ``body`` on ``grid`` (``grid_names``)."""
+    """``outputs`` arrays of ``out_shape`` and ``dtype`` from the kernel ``body`` on ``grid`` (``grid_names``);
+    ``cost``: a ``pl.CostEstimate`` for the compiler, where this JAX takes one (jax >= 0.12)."""
     body.__name__ = name  # plgpu.kernel names the kernel after its body
     kwargs = dict(interpret=interpret) if interpret else {}
+    if cost is not None and _KERNEL_TAKES_COST:
+        kwargs["cost_estimate"] = cost
     call = plgpu.kernel(
         body,
         out_type=[jax.ShapeDtypeStruct(out_shape, dtype)] * outputs,
@@ -515,6 +523,7 @@ def _product_body(
     registers, the parts stored to shared memory, and three wgmmas (one without ``split``) into
     the fp32 (Bq, Bv) accumulator (a zero-initialised ``plgpu.ACC`` that lives across the loop);
     see ``gpu_block_product``."""
+    starts_ref, *refs = refs
     q_ref, k_ref, *s_refs = refs[:4] if split else refs[:3]
     m_ref, l_ref, *refs = refs[len(s_refs) + 2 :]
     seg_refs, refs = (refs[:2], refs[2:]) if masked else (None, refs)
@@ -523,7 +532,8 @@ def _product_body(
     out_smem, bar = refs
     i, j, b = lax.axis_index("rows"), lax.axis_index("values"), lax.axis_index("batch")
     r0 = i * block_q
-    rows, values = pl.ds(r0, block_q), pl.ds(j * block_v, block_v)
+    rows, _ = _panel_blocks(starts_ref, r0, block_q, 0, block_k)  # of the inputs; the output is the panel's
+    values = pl.ds(j * block_v, block_v)
     shape = (block_q, block_k)
 
     copy_waited(m_ref.at[b, rows], m_smem, bar.at[0])
@@ -534,7 +544,7 @@ def _product_body(
     def key_blocks_into(acc):
         def key_block(kb, carry):
             k0 = kb * block_k
-            keys = pl.ds(k0, block_k)
+            _, keys = _panel_blocks(starts_ref, r0, block_q, k0, block_k)
             if masked:
                 copy_waited(seg_refs[1].at[b, keys], seg_smem[1], bar.at[0])
 
@@ -560,7 +570,7 @@ def _product_body(
     acc = pl.run_scoped(key_blocks_into, plgpu.ACC((block_q, block_v), F32))  # zero-initialised
     out_smem[...] = acc
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem, out_ref.at[b, rows, values])
+    plgpu.copy_smem_to_gmem(out_smem, out_ref.at[b, pl.ds(r0, block_q), values])
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -578,6 +588,10 @@ def gpu_block_product(
     block_q: int = BLOCK_Q,
     block_k: int = PRODUCT_BLOCK_K,
     interpret=False,
+    rows: int | None = None,
+    keys: int | None = None,
+    row_start=0,
+    key_start=0,
 ):
     """A[rows, keys] s[keys] of one pushed block, fused (Mosaic GPU): (B, P, Dv) float32.
 
@@ -594,15 +608,19 @@ def gpu_block_product(
     chunks, n * Bq * Bk * 2 of P's parts, n * Bk * Bv * 2 of s (n = 2 parts, 1 with s_lo None),
     Bq * Bv * 4 of output: 160 KiB (120 KiB) at the default Bq = Bk = 64, Bv = 256 (more than
     ``SMEM_BYTES`` is refused).
+
+    ``rows``, ``keys``, ``row_start``, ``key_start``: the block as a window of longer inputs, read
+    in place, as in ``gpu_block_probs``: rows of q, m, logl and seg_q; keys of k, seg_k and the s
+    parts (which then have k's length). The result is the window's (B, rows, Dv).
     """
-    _check("gpu_block_product", q, seg_q, k, seg_k, block_q, block_k)
-    b, p, d = q.shape
-    kk = k.shape[1]
+    p, kk = _panel("gpu_block_product", q.shape[1], k.shape[1], rows, keys, row_start, key_start)
+    _check("gpu_block_product", q, seg_q, k, seg_k, block_q, block_k, panel=(p, kk))
+    b, _, d = q.shape
     s_parts = (s_hi,) if s_lo is None else (s_hi, s_lo)
     for name, x in zip(("s_hi", "s_lo"), s_parts):
-        if x.dtype != BF16 or x.ndim != 3 or x.shape[:2] != (b, kk):
+        if x.dtype != BF16 or x.ndim != 3 or x.shape[:2] != k.shape[:2]:
             raise ValueError(
-                f"gpu_block_product: {name} must be bfloat16 (B, K, Dv) with (B, K) = {(b, kk)} (s split by "
+                f"gpu_block_product: {name} must be bfloat16 (B, K, Dv) with (B, K) = {k.shape[:2]} (s split by "
                 f"precision.split_bf16, or s_hi = bf16(s) and s_lo None); got {x.dtype} {x.shape}"
             )
     if s_lo is not None and s_hi.shape != s_lo.shape:
@@ -649,8 +667,24 @@ def gpu_block_product(
         scale=float(scale),
     )
     segs = (seg_q.astype(jnp.int32), seg_k.astype(jnp.int32)) if masked else ()
-    inputs = (q, k, *s_parts, m.astype(F32), logl.astype(F32), *segs)
+    inputs = (window_starts(row_start, key_start), q, k, *s_parts, m.astype(F32), logl.astype(F32), *segs)
     grid = (p // block_q, dv // block_v, b)
     name = PRODUCT_KERNEL_NAME if split else PRODUCT_ONE_PASS_KERNEL_NAME
-    (out,) = _call(body, name, inputs, 1, (b, p, dv), scratch, grid, interpret, F32, ("rows", "values", "batch"))
+    cost = product_cost(b, p, kk, d, dv, parts, masked)
+    (out,) = _call(
+        body, name, inputs, 1, (b, p, dv), scratch, grid, interpret, F32, ("rows", "values", "batch"), cost=cost
+    )
     return out
+
+
+def product_cost(b: int, p: int, kk: int, d: int, dv: int, parts: int, masked: bool) -> pl.CostEstimate:
+    """``gpu_block_product``'s work on a (P, K) block, declared to the compiler (and read back by
+    ``benchmarks/gpu_compile.py``, which cannot see into the kernel or its windows): the logits'
+    2 B P K D FLOPs once per Dv tile and P s's 2 B P K Dv per bf16 pass (3 with s split, else 1);
+    bytes: the window's operands read once and the float32 result written once (a lower bound:
+    each row block rereads its keys); one exponential per P entry per Dv tile."""
+    tiles = -(-dv // value_block(dv))
+    passes = 3 if parts == 2 else 1
+    flops = 2 * b * p * kk * (tiles * d + passes * dv)
+    read = b * ((p + kk) * d * 2 + parts * kk * dv * 2 + 2 * p * 4 + ((p + kk) * 4 if masked else 0))
+    return pl.CostEstimate(flops=flops, transcendentals=b * p * kk * tiles, bytes_accessed=read + b * p * dv * 4)

@@ -176,6 +176,13 @@ class RecursivePlan:
         ``gpu_block_product`` (Dv > ``FUSED_MAX_DV``)."""
         return self.accumulates_in_kernel(width) and not product_fused(width)
 
+    def fused_push_in_place(self, width: int) -> bool:
+        """Whether the forward's fused pushes (``gpu_block_product``, Dv <= ``FUSED_MAX_DV``) read
+        their block in place from the full-length q, k, m, logl, segment ids and a bf16 copy of s
+        (each solved leaf rounded once): kernels "gpu_gemm" in the "bfloat16" tier, whose one bf16
+        pass rounds s anyway. In bf16x3 they take s split per block from sliced operands."""
+        return self.gemm_kernels and self.tier == "bfloat16" and product_fused(width)
+
     def splits_s_once(self, dtype) -> bool:
         """Whether the backward's g s^T products all take s split into bf16 hi + lo once, outside
         the loop (``precision.difference_dot``'s split): with the Mosaic GPU kernels, whose dual
@@ -408,6 +415,8 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
         )
 
     in_place = plan.pushes_in_kernel(f.shape[-1])
+    fused_window = plan.fused_push_in_place(f.shape[-1])
+    keeps_bf16_s = in_place or fused_window
 
     def tile(carry, r0, rows, k0, keys):
         s_buf, racc, s_b = carry
@@ -418,7 +427,15 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
             )
             racc = gpu_accumulate_product(racc, probs, s_b, acc_start=r0, b_start=k0, interpret=plan.gpu_interpret)
             return s_buf, racc, s_b
-        update = block_update(r0, rows, k0, keys, take_chunk(s_buf, k0, keys))
+        if fused_window:  # the fused push reads q, k, m, logl and bf16 s in place
+            update = gpu_block_product(
+                *(q_b, seg, m, logl, k_b, seg, s_b, None),
+                scale=plan.scale,
+                interpret=plan.gpu_interpret,
+                **dict(rows=rows, keys=keys, row_start=r0, key_start=k0),
+            )
+        else:
+            update = block_update(r0, rows, k0, keys, take_chunk(s_buf, k0, keys))
         return s_buf, lax.dynamic_update_slice_in_dim(racc, take_chunk(racc, r0, rows) + update, r0, axis=1), s_b
 
     def solve_leaf(carry, i):
@@ -428,7 +445,7 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
         rhs = take_chunk(s_buf, start, c) + take_chunk(gamma, start, c)[..., None] * take_chunk(racc, start, c)
         x_i = lax.dynamic_index_in_dim(x_inv, i, axis=1, keepdims=False)
         s_i = plan.chained("bij,bjd->bid", x_i, rhs)
-        if in_place:  # the pushes' one bf16 pass rounds s once, here
+        if keeps_bf16_s:  # the pushes' one bf16 pass rounds s once, here
             s_b = lax.dynamic_update_slice_in_dim(s_b, s_i.astype(jnp.bfloat16), start, axis=1)
         return lax.dynamic_update_slice_in_dim(s_buf, s_i, start, axis=1), racc, s_b
 
@@ -444,7 +461,7 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
     # Leaves in order: each segment's leaves in a loop, then the static block that follows it.
     # s is written over f (no zero-filled s buffer, no f read from a second buffer); pushes read
     # only rows already solved.
-    carry = (f, jnp.zeros_like(f), jnp.zeros(f.shape, jnp.bfloat16) if in_place else None)
+    carry = (f, jnp.zeros_like(f), jnp.zeros(f.shape, jnp.bfloat16) if keeps_bf16_s else None)
     for first, count in sched.segments():
         if count == 1:
             carry = solve_leaf(carry, first)  # its block, first + 1, is static (or absent)
