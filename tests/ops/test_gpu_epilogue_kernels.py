@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from sessa_jax.ops.solve import accumulate_gpu as ag
 from sessa_jax.ops.solve import block_product as bp
@@ -427,6 +428,46 @@ def test_fused_product_reads_a_window_of_longer_inputs_in_place(split):
     assert np.abs(np.asarray(got)).max() > 0
     cost = bg.product_cost(B, p, kk, D, dv, 2 if split else 1, True)
     assert cost.flops == 2 * B * p * kk * (D + (3 if split else 1) * dv)  # one Dv tile: the logits once
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_fused_product_adds_into_a_buffer_in_place(split):
+    """Given acc, the fused push adds its window's product into acc's rows [row_start, row_start +
+    rows) in place (traced starts, segment ids): equal bit for bit to XLA adding the kernel's
+    returned product (acc + product, the solve's order); the other rows untouched."""
+    if not ag.in_place_supported():
+        pytest.skip(f"jax {jax.__version__} cannot lower a jax.new_ref kernel operand")
+    t, p, kk, r0, k0, dv = 512, 128, 192, 320, 64, 128
+    q, k, m, logl, seg, _ = _panel(t, t, "segments", seed=9)
+    s = normal(24, (B, t, dv))
+    s_parts = split_bf16(s) if split else (s.astype(BF16), None)
+    acc = normal(25, (B, t, dv))
+    interp = interpret_or_skip()
+    common = dict(scale=D**-0.5, rows=p, keys=kk, interpret=interp)
+
+    @jax.jit
+    def both(acc, r0, k0):
+        product = bg.gpu_block_product(q, seg, m, logl, k, seg, *s_parts, row_start=r0, key_start=k0, **common)
+        added = bg.gpu_block_product(q, seg, m, logl, k, seg, *s_parts, row_start=r0, key_start=k0, acc=acc, **common)
+        return added, lax.dynamic_update_slice_in_dim(acc, lax.dynamic_slice_in_dim(acc, r0, p, 1) + product, r0, 1)
+
+    got, want = both(acc, jnp.int32(r0), jnp.int32(k0))
+    assert got.shape == acc.shape and got.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    outside = np.r_[0:r0, r0 + p : t]
+    np.testing.assert_array_equal(np.asarray(got)[:, outside], np.asarray(acc)[:, outside])
+    assert not np.array_equal(np.asarray(got)[:, r0 : r0 + p], np.asarray(acc)[:, r0 : r0 + p])
+
+
+def test_fused_product_refuses_a_buffer_of_another_shape():
+    if not ag.in_place_supported():
+        pytest.skip(f"jax {jax.__version__} cannot lower a jax.new_ref kernel operand")
+    q = jnp.zeros((1, 512, 64), BF16)
+    v = jnp.zeros((1, 512))
+    with pytest.raises(ValueError, match=r"acc must be float32 \(B, T, Dv\) = \(1, 512, 64\)"):
+        bg.gpu_block_product(
+            q, None, v, v, q, None, q, None, scale=1.0, rows=128, keys=128, acc=jnp.zeros((1, 128, 64))
+        )
 
 
 @pytest.mark.parametrize("start,match", [(32, "multiple of 64"), (448, r"must lie inside the inputs' 512 rows")])

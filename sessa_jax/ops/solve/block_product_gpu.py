@@ -59,6 +59,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from sessa_jax.ops.solve.accumulate_gpu import in_place_supported
 from sessa_jax.ops.solve.row_stats_gpu import (
     BLOCK_D,
     SWIZZLE,
@@ -511,6 +512,7 @@ def _product_body(
     *refs,
     masked: bool,
     split: bool,
+    accumulate: bool,
     block_q: int,
     block_k: int,
     block_v: int,
@@ -521,8 +523,9 @@ def _product_body(
     """Fused forward push (one (Bq, Bv) output tile of one batch row): the loop over key blocks,
     each a logits GEMM over D chunks, the P epilogue (and, ``split``, the hi + lo split) in fp32
     registers, the parts stored to shared memory, and three wgmmas (one without ``split``) into
-    the fp32 (Bq, Bv) accumulator (a zero-initialised ``plgpu.ACC`` that lives across the loop);
-    see ``gpu_block_product``."""
+    the fp32 (Bq, Bv) accumulator (a zero-initialised ``plgpu.ACC`` that lives across the loop),
+    written out, or, ``accumulate``, added to the output buffer's tile in place; see
+    ``gpu_block_product``."""
     starts_ref, *refs = refs
     q_ref, k_ref, *s_refs = refs[:4] if split else refs[:3]
     m_ref, l_ref, *refs = refs[len(s_refs) + 2 :]
@@ -568,9 +571,13 @@ def _product_body(
         return acc[...]
 
     acc = pl.run_scoped(key_blocks_into, plgpu.ACC((block_q, block_v), F32))  # zero-initialised
-    out_smem[...] = acc
+    if accumulate:  # out_ref is the full-length buffer: its tile at the window's rows, plus the product
+        copy_waited(out_ref.at[b, rows, values], out_smem, bar.at[0])
+        out_smem[...] = _load(out_smem, plgpu.Layout.WGMMA) + acc  # the XLA path's order: acc + product
+    else:
+        out_smem[...] = acc
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem, out_ref.at[b, pl.ds(r0, block_q), values])
+    plgpu.copy_smem_to_gmem(out_smem, out_ref.at[b, rows if accumulate else pl.ds(r0, block_q), values])
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -592,8 +599,10 @@ def gpu_block_product(
     keys: int | None = None,
     row_start=0,
     key_start=0,
+    acc=None,
 ):
-    """A[rows, keys] s[keys] of one pushed block, fused (Mosaic GPU): (B, P, Dv) float32.
+    """A[rows, keys] s[keys] of one pushed block, fused (Mosaic GPU): (B, P, Dv) float32, or, given
+    ``acc``, acc with the product added into the window's rows in place.
 
     q, m, logl, seg_q, seg_k, blocks and ``interpret`` as in ``gpu_block_probs`` (no causal
     option: the solve's pushed blocks need none); s_hi, s_lo (B, K, Dv) bf16: the keys' s split
@@ -612,6 +621,11 @@ def gpu_block_product(
     ``rows``, ``keys``, ``row_start``, ``key_start``: the block as a window of longer inputs, read
     in place, as in ``gpu_block_probs``: rows of q, m, logl and seg_q; keys of k, seg_k and the s
     parts (which then have k's length). The result is the window's (B, rows, Dv).
+
+    ``acc``: a float32 (B, T, Dv) buffer on q's time axis (T = q's length): the kernel adds the
+    product into rows [row_start, row_start + rows) of it, as ``acc + product`` in XLA, through an
+    aliased operand (``jax.new_ref``, as ``accumulate_gpu.gpu_accumulate_product``; jax >= 0.12),
+    and returns the updated buffer, written in place where the caller's acc is not used afterwards.
     """
     p, kk = _panel("gpu_block_product", q.shape[1], k.shape[1], rows, keys, row_start, key_start)
     _check("gpu_block_product", q, seg_q, k, seg_k, block_q, block_k, panel=(p, kk))
@@ -645,6 +659,17 @@ def gpu_block_product(
             f"gpu_block_product: block_q={block_q}, block_k={block_k} at Dv tile {block_v} need {smem // 1024} KiB of "
             f"shared memory, over the H100's {SMEM_BYTES // 1024} KiB: use smaller blocks (default 64 x 64)"
         )
+    if acc is not None:
+        if not in_place_supported():
+            raise ValueError(
+                f"gpu_block_product with acc needs a JAX that lowers a jax.new_ref kernel operand (jax >= 0.12); "
+                f"jax {jax.__version__} cannot: upgrade jax, or add the returned product in XLA"
+            )
+        if acc.dtype != F32 or acc.shape != (b, q.shape[1], dv):
+            raise ValueError(
+                f"gpu_block_product: acc must be float32 (B, T, Dv) = {(b, q.shape[1], dv)} (q's time axis, s's "
+                f"width); got {acc.dtype} {acc.shape}"
+            )
     masked = seg_q is not None
     scratch = [
         plgpu.SMEM((1, block_q, BLOCK_D), BF16, **SWIZZLE),
@@ -659,6 +684,7 @@ def gpu_block_product(
         _product_body,
         masked=masked,
         split=split,
+        accumulate=acc is not None,
         block_q=block_q,
         block_k=block_k,
         block_v=block_v,
@@ -670,21 +696,29 @@ def gpu_block_product(
     inputs = (window_starts(row_start, key_start), q, k, *s_parts, m.astype(F32), logl.astype(F32), *segs)
     grid = (p // block_q, dv // block_v, b)
     name = PRODUCT_KERNEL_NAME if split else PRODUCT_ONE_PASS_KERNEL_NAME
-    cost = product_cost(b, p, kk, d, dv, parts, masked)
-    (out,) = _call(
-        body, name, inputs, 1, (b, p, dv), scratch, grid, interpret, F32, ("rows", "values", "batch"), cost=cost
-    )
-    return out
+    cost = product_cost(b, p, kk, d, dv, parts, masked, accumulate=acc is not None)
+    names = ("rows", "values", "batch")
+    if acc is None:
+        (out,) = _call(body, name, inputs, 1, (b, p, dv), scratch, grid, interpret, F32, names, cost=cost)
+        return out
+    acc_ref = jax.new_ref(acc)
+    _call(body, name, (*inputs, acc_ref), 0, (), scratch, grid, interpret, F32, names, cost=cost)
+    return jax.freeze(acc_ref)
 
 
-def product_cost(b: int, p: int, kk: int, d: int, dv: int, parts: int, masked: bool) -> pl.CostEstimate:
+def product_cost(
+    b: int, p: int, kk: int, d: int, dv: int, parts: int, masked: bool, accumulate: bool = False
+) -> pl.CostEstimate:
     """``gpu_block_product``'s work on a (P, K) block, declared to the compiler (and read back by
     ``benchmarks/gpu_compile.py``, which cannot see into the kernel or its windows): the logits'
     2 B P K D FLOPs once per Dv tile and P s's 2 B P K Dv per bf16 pass (3 with s split, else 1);
     bytes: the window's operands read once and the float32 result written once (a lower bound:
-    each row block rereads its keys); one exponential per P entry per Dv tile."""
+    each row block rereads its keys), with ``accumulate`` also the buffer's tile read; one
+    exponential per P entry per Dv tile."""
     tiles = -(-dv // value_block(dv))
     passes = 3 if parts == 2 else 1
     flops = 2 * b * p * kk * (tiles * d + passes * dv)
     read = b * ((p + kk) * d * 2 + parts * kk * dv * 2 + 2 * p * 4 + ((p + kk) * 4 if masked else 0))
-    return pl.CostEstimate(flops=flops, transcendentals=b * p * kk * tiles, bytes_accessed=read + b * p * dv * 4)
+    written = b * p * dv * 4
+    moved = read + written * (2 if accumulate else 1)
+    return pl.CostEstimate(flops=flops, transcendentals=b * p * kk * tiles, bytes_accessed=moved)

@@ -180,7 +180,9 @@ class RecursivePlan:
         """Whether the forward's fused pushes (``gpu_block_product``, Dv <= ``FUSED_MAX_DV``) read
         their block in place from the full-length q, k, m, logl, segment ids and a bf16 copy of s
         (each solved leaf rounded once): kernels "gpu_gemm" in the "bfloat16" tier, whose one bf16
-        pass rounds s anyway. In bf16x3 they take s split per block from sliced operands."""
+        pass rounds s anyway; where this JAX lowers an aliased kernel operand
+        (``accumulate_gpu.in_place_supported``) they also add into racc in place. In bf16x3 they
+        take s split per block from sliced operands."""
         return self.gemm_kernels and self.tier == "bfloat16" and product_fused(width)
 
     def splits_s_once(self, dtype) -> bool:
@@ -428,12 +430,16 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
             racc = gpu_accumulate_product(racc, probs, s_b, acc_start=r0, b_start=k0, interpret=plan.gpu_interpret)
             return s_buf, racc, s_b
         if fused_window:  # the fused push reads q, k, m, logl and bf16 s in place
-            update = gpu_block_product(
+            push = functools.partial(
+                gpu_block_product,
                 *(q_b, seg, m, logl, k_b, seg, s_b, None),
                 scale=plan.scale,
                 interpret=plan.gpu_interpret,
                 **dict(rows=rows, keys=keys, row_start=r0, key_start=k0),
             )
+            if in_place_supported():  # and adds into racc in place
+                return s_buf, push(acc=racc), s_b
+            update = push()
         else:
             update = block_update(r0, rows, k0, keys, take_chunk(s_buf, k0, keys))
         return s_buf, lax.dynamic_update_slice_in_dim(racc, take_chunk(racc, r0, rows) + update, r0, axis=1), s_b
