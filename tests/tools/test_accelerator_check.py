@@ -75,7 +75,11 @@ def test_dry_run_names_existing_scripts_and_flags(step, tmp_path):
 
 def test_paths_step_runs_the_solve_paths_benchmark_on_cpu(tmp_path):
     """benchmarks.solve_paths at toy size: four paths (segment ids None / one segment, loop / the
-    static schedule), each with s and gradients equal to the first path's to float32 rounding."""
+    static schedule), each with s (float32) equal to the first path's to float32 rounding and the
+    gradients to their output rounding: dq, dk and df come back in the inputs' bf16, where a
+    float32 rounding difference can round an entry to the neighbouring bf16 value, one spacing
+    (at most 2^-7 of the entry) away. (The paths' float32 gradients agree to 1e-12 under x64 in
+    tests/ops/test_recursive_fast_paths.py.)"""
     result = _dry_run("paths", tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| None") or line.startswith("| one")]
@@ -84,7 +88,7 @@ def test_paths_step_runs_the_solve_paths_benchmark_on_cpu(tmp_path):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[2] == "xla"
         assert float(cells[3]) > 0
-        assert float(cells[4]) <= 1e-5 and float(cells[5]) <= 1e-5, row
+        assert float(cells[4]) <= 1e-5 and float(cells[5]) <= 2.0**-7, row
     assert (tmp_path / "paths.txt").read_text().count("| None") == 2
 
 

@@ -324,7 +324,7 @@ def _call(
     cost=None,
 ):
     """``outputs`` arrays of ``out_shape`` and ``dtype`` from the kernel ``body`` on ``grid`` (``grid_names``);
-    ``cost``: a ``pl.CostEstimate`` for the compiler, where this JAX takes one (jax >= 0.12)."""
+    ``cost``: a ``pl.CostEstimate`` for the compiler, where this JAX's ``plgpu.kernel`` takes one."""
     body.__name__ = name  # plgpu.kernel names the kernel after its body
     kwargs = dict(interpret=interpret) if interpret else {}
     if cost is not None and _KERNEL_TAKES_COST:

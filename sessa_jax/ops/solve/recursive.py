@@ -189,9 +189,9 @@ class RecursivePlan:
         """A pushed product (XLA's) before it is added into its accumulator's rows: on GPU through an
         optimization barrier, so that the add runs in place in the update of the accumulator (its
         rows read once, where they are written) instead of in the product's epilogue, for which
-        XLA's GPU compiler first copies those rows out (the deviceless H100 compile: solve f+b
-        21.69 -> 20.27 ms; docs/performance.md). Elsewhere unchanged (a TPU fuses the sum into
-        the product and reads the slice in place)."""
+        XLA's GPU compiler first copies those rows out (docs/performance.md, "XLA's pushes add in
+        place"). Elsewhere unchanged (a TPU fuses the sum into the product and reads the slice in
+        place)."""
         return lax.optimization_barrier(product) if platform_kind(self.platform) == "gpu" else product
 
     def splits_s_once(self, dtype) -> bool:
@@ -441,10 +441,20 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
         if fused_window:  # the fused push reads q, k, m, logl and bf16 s in place
             push = functools.partial(
                 gpu_block_product,
-                *(q_b, seg, m, logl, k_b, seg, s_b, None),
+                q_b,
+                seg,
+                m,
+                logl,
+                k_b,
+                seg,
+                s_b,
+                None,
                 scale=plan.scale,
                 interpret=plan.gpu_interpret,
-                **dict(rows=rows, keys=keys, row_start=r0, key_start=k0),
+                rows=rows,
+                keys=keys,
+                row_start=r0,
+                key_start=k0,
             )
             if in_place_supported():  # and adds into racc in place
                 return s_buf, push(acc=racc), s_b
