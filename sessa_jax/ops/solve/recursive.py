@@ -178,12 +178,12 @@ class RecursivePlan:
 
     def fused_push_in_place(self, width: int) -> bool:
         """Whether the forward's fused pushes (``gpu_block_product``, Dv <= ``FUSED_MAX_DV``) read
-        their block in place from the full-length q, k, m, logl, segment ids and a bf16 copy of s
-        (each solved leaf rounded once): kernels "gpu_gemm" in the "bfloat16" tier, whose one bf16
-        pass rounds s anyway; where this JAX lowers an aliased kernel operand
-        (``accumulate_gpu.in_place_supported``) they also add into racc in place. In bf16x3 they
-        take s split per block from sliced operands."""
-        return self.gemm_kernels and self.tier == "bfloat16" and product_fused(width)
+        their block in place from the full-length q, k, m, logl, segment ids and bf16 copies of s
+        kept by the leaf loop (each solved leaf rounded once in the "bfloat16" tier, whose one bf16
+        pass rounds s anyway; split into hi + lo once in bf16x3): kernels "gpu_gemm"; where this JAX
+        lowers an aliased kernel operand (``accumulate_gpu.in_place_supported``) they also add into
+        racc in place."""
+        return self.gemm_kernels and product_fused(width)
 
     def unfused_sum(self, product):
         """A pushed product (XLA's) before it is added into its accumulator's rows: on GPU through an
@@ -267,22 +267,13 @@ def diag_inverse(plan: RecursivePlan, a_ii, gamma):
 
 
 def _gemm_block_update(plan: RecursivePlan, q_b, seg, m, logl, k_b, r0, rows: int, k0, keys: int, s_keys):
-    """A[rows, keys] s[keys] at the push tier, float32 (B, rows, Dv): bf16x3 (P and s split hi + lo)
-    or, in the "bfloat16" tier, one bf16 pass (P and s rounded once). The fused Mosaic GPU kernel
-    ``gpu_block_product`` (no P tile in HBM) at Dv <= 512 (``product_fused``), else the P tile
-    from ``gpu_block_probs`` (bf16 hi + lo parts in bf16x3), which reads its rows and keys in place
-    from the full-length q_b, k_b (bf16), m, logl and seg (rows from r0, keys from k0), and the
-    product in XLA. Either is the same product as the XLA path's ``block_product`` at ``plan.tier``."""
+    """A[rows, keys] s[keys] at the push tier, float32 (B, rows, Dv), where the push is not fused
+    (Dv > 512, ``product_fused``; ``_forward`` runs the fused ones): the P tile from
+    ``gpu_block_probs`` (bf16 hi + lo parts in bf16x3, P rounded once in the "bfloat16" tier),
+    which reads its rows and keys in place from the full-length q_b, k_b (bf16), m, logl and seg
+    (rows from r0, keys from k0), and the product in XLA: the same product as the XLA path's
+    ``block_product`` at ``plan.tier``."""
     split = plan.tier == "bf16x3"
-    if product_fused(s_keys.shape[-1]):
-        s_hi, s_lo = split_bf16(s_keys.astype(jnp.float32)) if split else (s_keys.astype(jnp.bfloat16), None)
-        return gpu_block_product(
-            *_panel_operands(q_b, seg, m, logl, k_b, r0, rows, k0, keys),
-            s_hi,
-            s_lo,
-            scale=plan.scale,
-            interpret=plan.gpu_interpret,
-        )
     window = dict(rows=rows, keys=keys, row_start=r0, key_start=k0)
     parts = gpu_block_probs(
         q_b, seg, m, logl, k_b, seg, scale=plan.scale, split=split, interpret=plan.gpu_interpret, **window
@@ -427,7 +418,9 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
 
     in_place = plan.pushes_in_kernel(f.shape[-1])
     fused_window = plan.fused_push_in_place(f.shape[-1])
-    keeps_bf16_s = in_place or fused_window
+    # s as the pushes multiply it, kept beside s for them: rounded to bf16 once (one bf16 pass), or
+    # its bf16 hi + lo parts (the fused push's three passes at bf16x3); a tuple of full-length buffers
+    s_parts = 2 if fused_window and plan.tier == "bf16x3" else 1 if in_place or fused_window else 0
 
     def tile(carry, r0, rows, k0, keys):
         s_buf, racc, s_b = carry
@@ -436,9 +429,9 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
             (probs,) = gpu_block_probs(
                 q_b, seg, m, logl, k_b, seg, scale=plan.scale, split=False, interpret=plan.gpu_interpret, **window
             )
-            racc = gpu_accumulate_product(racc, probs, s_b, acc_start=r0, b_start=k0, interpret=plan.gpu_interpret)
+            racc = gpu_accumulate_product(racc, probs, s_b[0], acc_start=r0, b_start=k0, interpret=plan.gpu_interpret)
             return s_buf, racc, s_b
-        if fused_window:  # the fused push reads q, k, m, logl and bf16 s in place
+        if fused_window:  # the fused push reads q, k, m, logl and s's bf16 part(s) in place
             push = functools.partial(
                 gpu_block_product,
                 q_b,
@@ -447,8 +440,7 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
                 logl,
                 k_b,
                 seg,
-                s_b,
-                None,
+                *(s_b if len(s_b) == 2 else (s_b[0], None)),
                 scale=plan.scale,
                 interpret=plan.gpu_interpret,
                 rows=rows,
@@ -471,8 +463,9 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
         rhs = take_chunk(s_buf, start, c) + take_chunk(gamma, start, c)[..., None] * take_chunk(racc, start, c)
         x_i = lax.dynamic_index_in_dim(x_inv, i, axis=1, keepdims=False)
         s_i = plan.chained("bij,bjd->bid", x_i, rhs)
-        if keeps_bf16_s:  # the pushes' one bf16 pass rounds s once, here
-            s_b = lax.dynamic_update_slice_in_dim(s_b, s_i.astype(jnp.bfloat16), start, axis=1)
+        if s_parts:  # s rounded (or split) for the pushes once, here
+            parts = split_bf16(s_i) if s_parts == 2 else (s_i.astype(jnp.bfloat16),)
+            s_b = tuple(lax.dynamic_update_slice_in_dim(buf, x, start, axis=1) for buf, x in zip(s_b, parts))
         return lax.dynamic_update_slice_in_dim(s_buf, s_i, start, axis=1), racc, s_b
 
     def step(carry, xs):
@@ -487,7 +480,7 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
     # Leaves in order: each segment's leaves in a loop, then the static block that follows it.
     # s is written over f (no zero-filled s buffer, no f read from a second buffer); pushes read
     # only rows already solved.
-    carry = (f, jnp.zeros_like(f), jnp.zeros(f.shape, jnp.bfloat16) if keeps_bf16_s else None)
+    carry = (f, jnp.zeros_like(f), tuple(jnp.zeros(f.shape, jnp.bfloat16) for _ in range(s_parts)))
     for first, count in sched.segments():
         if count == 1:
             carry = solve_leaf(carry, first)  # its block, first + 1, is static (or absent)
