@@ -380,35 +380,32 @@ def test_kernels_read_a_window_of_longer_inputs_in_place(masked):
     assert np.abs(np.asarray(jax.tree.leaves(got)[-1].astype(jnp.float32))).max() > 0
 
 
+# the fused push's window tests: T = 512 full-length inputs, a (P, K) = (128, 192) block at rows
+# [320, 448) and keys [64, 256), Dv = 128
+_T, _P, _K, _R0, _K0, _DV = 512, 128, 192, 320, 64, 128
+
+
+def _fused_window_inputs(split: bool, seed: int):
+    """Full-length (q, k, m, logl, segment ids) and s's bf16 parts ((hi, lo), or (bf16(s), None))."""
+    q, k, m, logl, seg, _ = _panel(_T, _T, "segments", seed=seed)
+    s = normal(seed + 15, (B, _T, _DV))
+    return (q, k, m, logl, seg), split_bf16(s) if split else (s.astype(BF16), None)
+
+
 @pytest.mark.parametrize("split", [False, True])
 def test_fused_product_reads_a_window_of_longer_inputs_in_place(split):
     """The fused push given its block as a window of full-length q, k, m, logl, segment ids and s
     parts (traced starts, as the solve's loop passes them) equals the kernel on the sliced arrays
     bit for bit, and declares its block's work (not the full inputs') to the compiler."""
-    t, p, kk, r0, k0, dv = 512, 128, 192, 320, 64, 128
-    q, k, m, logl, seg, _ = _panel(t, t, "segments", seed=8)
-    s = normal(23, (B, t, dv))
-    s_parts = split_bf16(s) if split else (s.astype(BF16), None)
+    p, kk, r0, k0, dv = _P, _K, _R0, _K0, _DV
+    (q, k, m, logl, seg), s_parts = _fused_window_inputs(split, seed=8)
     rows, keys = slice(r0, r0 + p), slice(k0, k0 + kk)
     interp = interpret_or_skip()
+    window = dict(scale=D**-0.5, rows=p, keys=kk, interpret=interp)
 
     @jax.jit
     def windowed(r0, k0):
-        return bg.gpu_block_product(
-            q,
-            seg,
-            m,
-            logl,
-            k,
-            seg,
-            *s_parts,
-            scale=D**-0.5,
-            rows=p,
-            keys=kk,
-            row_start=r0,
-            key_start=k0,
-            interpret=interp,
-        )
+        return bg.gpu_block_product(q, seg, m, logl, k, seg, *s_parts, row_start=r0, key_start=k0, **window)
 
     got = windowed(jnp.int32(r0), jnp.int32(k0))
     cut = tuple(None if x is None else x[:, keys] for x in s_parts)
@@ -437,10 +434,8 @@ def test_fused_product_adds_into_a_buffer_in_place(split):
     returned product (acc + product, the solve's order); the other rows untouched."""
     if not ag.in_place_supported():
         pytest.skip(f"jax {jax.__version__} cannot lower a jax.new_ref kernel operand")
-    t, p, kk, r0, k0, dv = 512, 128, 192, 320, 64, 128
-    q, k, m, logl, seg, _ = _panel(t, t, "segments", seed=9)
-    s = normal(24, (B, t, dv))
-    s_parts = split_bf16(s) if split else (s.astype(BF16), None)
+    t, p, kk, r0, k0, dv = _T, _P, _K, _R0, _K0, _DV
+    (q, k, m, logl, seg), s_parts = _fused_window_inputs(split, seed=9)
     acc = normal(25, (B, t, dv))
     interp = interpret_or_skip()
     common = dict(scale=D**-0.5, rows=p, keys=kk, interpret=interp)

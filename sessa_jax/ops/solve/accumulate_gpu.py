@@ -59,11 +59,34 @@ def in_place_supported() -> bool:
     return tuple(int(x) for x in jax.__version__.split(".")[:2]) >= _MIN_JAX
 
 
+def check_in_place(op: str, fallback: str) -> None:
+    """Raises ValueError naming ``op``, this JAX and the way out (``fallback``) unless this JAX lowers
+    a kernel that updates a buffer in place (``in_place_supported``)."""
+    if not in_place_supported():
+        raise ValueError(
+            f"{op} needs jax >= {'.'.join(map(str, _MIN_JAX))} (a jax.new_ref operand of a Mosaic GPU kernel); "
+            f"jax {jax.__version__} cannot lower it: upgrade jax, or {fallback}"
+        )
+
+
+def add_into_tile(ref_tile, tile_smem, barrier, value) -> None:
+    """Inside a kernel: ref_tile += value in place, the tile brought in by TMA through ``tile_smem``
+    (float32, WGMMA layout), added in fp32 registers as ``tile + value`` (the XLA path's order) and
+    written back."""
+    copy_waited(ref_tile, tile_smem, barrier)
+    tile_smem[...] = _load(tile_smem, plgpu.Layout.WGMMA) + value
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(tile_smem, ref_tile)
+    plgpu.wait_smem_to_gmem(0)
+
+
 __all__ = [
     "BLOCK_C",
     "KERNEL_NAME",
     "TRANSPOSED_KERNEL_NAME",
     "accumulate_covers",
+    "add_into_tile",
+    "check_in_place",
     "gpu_accumulate_product",
     "in_place_supported",
 ]
@@ -136,11 +159,7 @@ def _body(starts_ref, a_ref, b_ref, acc_ref, a_smem, b_smem, out_smem, bar, *, t
 
     prod = pl.run_scoped(product, plgpu.ACC((BLOCK_M, block_n), F32))
     rows = pl.ds(acc0 + i * BLOCK_M, BLOCK_M)
-    copy_waited(acc_ref.at[b, rows, cols], out_smem, bar.at[0])
-    out_smem[...] = _load(out_smem, plgpu.Layout.WGMMA) + prod * scale  # the XLA path's order
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem, acc_ref.at[b, rows, cols])
-    plgpu.wait_smem_to_gmem(0)
+    add_into_tile(acc_ref.at[b, rows, cols], out_smem, bar.at[0], prod * scale)  # acc + product * scale
 
 
 def gpu_accumulate_product(acc, a, b, *, acc_start=0, b_start=0, transpose_a: bool = False, scale=1.0, interpret=False):
@@ -155,11 +174,7 @@ def gpu_accumulate_product(acc, a, b, *, acc_start=0, b_start=0, transpose_a: bo
     written in place where the caller's acc is not used afterwards. ``interpret``: False (compile
     for the GPU) or ``plgpu.InterpretGPUParams()`` (Mosaic GPU interpret mode, jax >= 0.11).
     """
-    if not in_place_supported():
-        raise ValueError(
-            f"gpu_accumulate_product needs jax >= {'.'.join(map(str, _MIN_JAX))} (a jax.new_ref operand of a "
-            f"Mosaic GPU kernel); jax {jax.__version__} cannot lower it: upgrade jax, or add the product in XLA"
-        )
+    check_in_place("gpu_accumulate_product", "add the product in XLA")
     m, c = _check(acc, a, b, transpose_a, acc_start, b_start)
     bsz, _, n = acc.shape
     block_n = column_block(n)

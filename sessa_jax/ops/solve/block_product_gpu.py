@@ -59,7 +59,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from sessa_jax.ops.solve.accumulate_gpu import in_place_supported
+from sessa_jax.ops.solve.accumulate_gpu import add_into_tile, check_in_place
 from sessa_jax.ops.solve.row_stats_gpu import (
     BLOCK_D,
     SWIZZLE,
@@ -572,12 +572,11 @@ def _product_body(
 
     acc = pl.run_scoped(key_blocks_into, plgpu.ACC((block_q, block_v), F32))  # zero-initialised
     if accumulate:  # out_ref is the full-length buffer: its tile at the window's rows, plus the product
-        copy_waited(out_ref.at[b, rows, values], out_smem, bar.at[0])
-        out_smem[...] = _load(out_smem, plgpu.Layout.WGMMA) + acc  # the XLA path's order: acc + product
-    else:
-        out_smem[...] = acc
+        add_into_tile(out_ref.at[b, rows, values], out_smem, bar.at[0], acc)
+        return
+    out_smem[...] = acc
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem, out_ref.at[b, rows if accumulate else pl.ds(r0, block_q), values])
+    plgpu.copy_smem_to_gmem(out_smem, out_ref.at[b, pl.ds(r0, block_q), values])
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -660,11 +659,7 @@ def gpu_block_product(
             f"shared memory, over the H100's {SMEM_BYTES // 1024} KiB: use smaller blocks (default 64 x 64)"
         )
     if acc is not None:
-        if not in_place_supported():
-            raise ValueError(
-                f"gpu_block_product with acc needs a JAX that lowers a jax.new_ref kernel operand (jax >= 0.12); "
-                f"jax {jax.__version__} cannot: upgrade jax, or add the returned product in XLA"
-            )
+        check_in_place("gpu_block_product with acc", "add the returned product in XLA")
         if acc.dtype != F32 or acc.shape != (b, q.shape[1], dv):
             raise ValueError(
                 f"gpu_block_product: acc must be float32 (B, T, Dv) = {(b, q.shape[1], dv)} (q's time axis, s's "

@@ -418,9 +418,9 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
 
     in_place = plan.pushes_in_kernel(f.shape[-1])
     fused_window = plan.fused_push_in_place(f.shape[-1])
-    # s as the pushes multiply it, kept beside s for them: rounded to bf16 once (one bf16 pass), or
-    # its bf16 hi + lo parts (the fused push's three passes at bf16x3); a tuple of full-length buffers
-    s_parts = 2 if fused_window and plan.tier == "bf16x3" else 1 if in_place or fused_window else 0
+    # how many bf16 copies of s the leaf loop keeps for the kernels' pushes (full-length buffers):
+    # s rounded once (one bf16 pass), or its hi + lo parts (the fused push's three passes at bf16x3)
+    s_copies = 2 if fused_window and plan.tier == "bf16x3" else 1 if in_place or fused_window else 0
 
     def tile(carry, r0, rows, k0, keys):
         s_buf, racc, s_b = carry
@@ -463,8 +463,8 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
         rhs = take_chunk(s_buf, start, c) + take_chunk(gamma, start, c)[..., None] * take_chunk(racc, start, c)
         x_i = lax.dynamic_index_in_dim(x_inv, i, axis=1, keepdims=False)
         s_i = plan.chained("bij,bjd->bid", x_i, rhs)
-        if s_parts:  # s rounded (or split) for the pushes once, here
-            parts = split_bf16(s_i) if s_parts == 2 else (s_i.astype(jnp.bfloat16),)
+        if s_copies:  # s rounded (or split) for the pushes once, here
+            parts = split_bf16(s_i) if s_copies == 2 else (s_i.astype(jnp.bfloat16),)
             s_b = tuple(lax.dynamic_update_slice_in_dim(buf, x, start, axis=1) for buf, x in zip(s_b, parts))
         return lax.dynamic_update_slice_in_dim(s_buf, s_i, start, axis=1), racc, s_b
 
@@ -480,7 +480,7 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
     # Leaves in order: each segment's leaves in a loop, then the static block that follows it.
     # s is written over f (no zero-filled s buffer, no f read from a second buffer); pushes read
     # only rows already solved.
-    carry = (f, jnp.zeros_like(f), tuple(jnp.zeros(f.shape, jnp.bfloat16) for _ in range(s_parts)))
+    carry = (f, jnp.zeros_like(f), tuple(jnp.zeros(f.shape, jnp.bfloat16) for _ in range(s_copies)))
     for first, count in sched.segments():
         if count == 1:
             carry = solve_leaf(carry, first)  # its block, first + 1, is static (or absent)
