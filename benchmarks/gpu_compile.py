@@ -33,6 +33,8 @@ Per program it prints
   * ``roofline ms``: the sum over kernels of max(FLOPs / 989 TFLOP/s, bytes / 3.35 TB/s), the
     H100 SXM's dense bf16 and HBM peaks, plus ``--launch-us`` per launch. It is a lower bound
     that ranks variants; only a device measures time.
+``--top N`` lists the N kernels moving the most bytes; ``--overhead N`` the N JAX ops (inside
+loops or not) whose kernels spend the most roofline time above their FLOPs (``Walk.overhead``).
 Nothing here runs on a GPU. Without the CUDA plugin the script says so and exits.
 """
 
@@ -200,6 +202,7 @@ class Walk:
         self.by_name = {c: {i.name: i for i in insts} for c, insts in self.comps.items()}
         self.kernels = collections.Counter()  # (comp, inst name) -> launches
         self.loop_launches = 0
+        self.looped = set()  # (comp, inst name) of the kernels launched inside a while loop
         self.unresolved = 0  # switches whose branch-index table was not found (branches then equally likely)
         self.dynamic_loops = 0  # while loops without a known trip count (charged ``dynamic_trips``)
 
@@ -258,6 +261,8 @@ class Walk:
             elif inst.op not in _FREE:
                 self.kernels[(comp, inst.name)] += times
                 self.loop_launches += times if in_loop else 0
+                if in_loop:
+                    self.looped.add((comp, inst.name))
 
     # --- costs of one kernel ---------------------------------------------------------------
     def _fused(self, inst: Inst):
@@ -451,6 +456,21 @@ class Walk:
             source = source.group(1).split("/")[-1] if source else ""
             rows.append((times * moved / 1e9, times * flops / 1e12, times, inst.type[:40], f"{name} <- {source}"))
         return sorted(rows, reverse=True)[:count]
+
+    def overhead(self, launch_us: float):
+        """Where the roofline spends time above its FLOP floor: per (JAX op, in a loop) that the
+        kernels come from (the last part of their ``op_name``), the launches and the seconds of
+        max(FLOPs / PEAK_FLOPS, bytes / PEAK_BYTES) + launch beyond FLOPs / PEAK_FLOPS; largest first."""
+        groups = collections.defaultdict(lambda: [0.0, 0.0])
+        for (comp, name), times in self.kernels.items():
+            inst, flops, moved = self._cost(comp, name)
+            source = re.search(r'op_name="([^"]*)"', inst.attrs)
+            op = source.group(1).rsplit("/", 1)[-1] if source else f"({inst.op})"
+            seconds = max(flops / PEAK_FLOPS, moved / PEAK_BYTES) + launch_us * 1e-6 - flops / PEAK_FLOPS
+            group = groups[(op, (comp, name) in self.looped)]
+            group[0] += times
+            group[1] += times * seconds
+        return sorted(((op, loop, n, s) for (op, loop), (n, s) in groups.items()), key=lambda r: -r[3])
 
     def table(self, launch_us: float):
         """Totals over all launches: see the module docstring."""
@@ -704,6 +724,12 @@ def main(argv=None) -> None:
     )
     p.add_argument("--launch-us", type=float, default=4.0)
     p.add_argument("--top", type=int, default=0, help="also list the kernels moving the most bytes")
+    p.add_argument(
+        "--overhead",
+        type=int,
+        default=0,
+        help="also list the JAX ops whose kernels spend the most roofline time above their FLOPs (launches, bytes)",
+    )
     p.add_argument("--dump", type=pathlib.Path, default=None, help="write each optimized HLO here")
     args = p.parse_args(argv)
 
@@ -777,6 +803,9 @@ def main(argv=None) -> None:
         )
         for gb, tf, times, shape, what in walk.top(args.top):
             print(f"    {gb:7.2f} GB {tf:6.2f} TF x{times:6.1f}  {shape:40s} {what}")
+        for op, looped, launches, seconds in walk.overhead(args.launch_us)[: args.overhead]:
+            where = " (in loops)" if looped else ""
+            print(f"    {seconds * 1e3:7.3f} ms over FLOPs  {launches:6.0f} launches  {op}{where}")
 
 
 if __name__ == "__main__":

@@ -219,3 +219,15 @@ def test_without_libtpu_the_tpu_script_says_what_to_install():
     proc = _run_script("tpu_compile", "--shapes", "1,1024,128")
     assert proc.returncode != 0
     assert "pip install 'jax[tpu]'" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_overhead_by_op_accounts_for_every_launch_and_the_time_above_the_flops(walk):
+    launch_us = 4.0
+    rows = walk.overhead(launch_us)
+    table = walk.table(launch_us)
+    assert sum(r[2] for r in rows) == pytest.approx(table["launches"])
+    floor = table["gemm_flops"] / gpu_compile.PEAK_FLOPS
+    assert sum(r[3] for r in rows) == pytest.approx(table["roofline_s"] - floor)
+    assert [r[3] for r in rows] == sorted((r[3] for r in rows), reverse=True)
+    looped = sum(r[2] for r in rows if r[1])
+    assert looped == pytest.approx(walk.loop_launches) and 0 < looped < table["launches"]
