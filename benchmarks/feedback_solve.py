@@ -39,7 +39,7 @@ def run_cell(
     chunk: int,
     reps: int,
     mem_limit: float,
-    leaf: int = 512,
+    leaf: int | str = "auto",
     b: int = 1,
     dtype: str = "float32",
 ) -> dict:
@@ -102,7 +102,12 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     harness.add_shape_args(p, T=[512, 1024, 2048, 4096, 8192, 16384, 32768], D=256, B=1, H=4)
     p.add_argument("--chunk", type=int, default=128)
-    p.add_argument("--leaf", type=int, default=512, help="leaf of the recursive solve")
+    p.add_argument(
+        "--leaf",
+        type=lambda s: s if s == "auto" else int(s),
+        default="auto",
+        help="leaf_size of the recursive solve: auto (the library's rule) or an integer",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--methods", nargs="+", default=["dense", "blocked"])
     p.add_argument("--ops", nargs="+", default=["feedback", "attention"])

@@ -695,7 +695,13 @@ def main(argv=None) -> None:
     p.add_argument("--T", type=int, default=8192)
     p.add_argument("--D", type=int, default=1024)
     p.add_argument("--H", type=int, default=8, help="heads of the attention compared with")
-    p.add_argument("--leaf", type=int, default=512)
+    p.add_argument(
+        "--leaf",
+        type=int,
+        default=None,
+        help="leaf of the solve and the layers (default: the library's rule for leaf_size='auto' on a GPU, "
+        "ops.dispatch.recursive_leaf)",
+    )
     p.add_argument(
         "--tile",
         type=int,
@@ -750,6 +756,9 @@ def main(argv=None) -> None:
     from sessa_jax.ops import dispatch
 
     tile_rule = dispatch.recursive_tile if args.tile is None else (lambda length, leaf: args.tile)
+    if args.leaf is None:  # older checkouts: leaf 512, their default
+        rule = getattr(dispatch, "recursive_leaf", lambda length, platform, kernels: 512)
+        args.leaf = rule(args.T, "gpu", args.kernels)
     sharding = NamedSharding(topologies.make_mesh(topo, (1,), ("x",)), PartitionSpec())
     table = programs(args.B, args.T, args.D, args.H, args.leaf, args.tile, args.kernels, args.packed, args.precision)
     print(

@@ -83,7 +83,12 @@ def main(argv=None):
     p.add_argument(
         "--chunk", type=lambda s: s if s == "auto" else int(s), default="auto", help="chunk_size: auto or an integer"
     )
-    p.add_argument("--leaf", type=int, default=512, help="leaf of the recursive solve")
+    p.add_argument(
+        "--leaf",
+        type=lambda s: s if s == "auto" else int(s),
+        default="auto",
+        help="leaf_size of the recursive solve: auto (the library's rule) or an integer",
+    )
     p.add_argument("--precision", default="auto", help="feedback_precision of the recursive solve")
     p.add_argument("--kernels", default="xla", help="feedback_kernels of the recursive solve (xla, pallas, gpu_gemm)")
     p.add_argument("--iters", type=int, default=5)

@@ -29,7 +29,8 @@
 #          segment (the masked path), and the loop schedule vs the static one
 #          (python -m benchmarks.solve_paths)
 #   layer  the whole layer (recursive) next to the Transformer layer at B=8, T=4096 and 8192,
-#          D=1024, H=8, bf16; and B=1, T=65536 (leaf 512, the default, and leaf 1024)
+#          D=1024, H=8, bf16, at leaf_size "auto" (the default: 1024 on a GPU from T=4096) and
+#          at T=8192 with leaf 512; and B=1, T=65536 (leaf auto and leaf 512)
 #   quick  what fits one short slot (about 8 minutes on an H100): device info, the solve at the
 #          bfloat16 tier with the bf16x3 tier's accuracy on the device, the whole layer vs the Transformer
 #          layer at B=8, T=8192, D=1024, H=8, bf16
@@ -126,9 +127,12 @@ run_layer() {
     --json "$out/layer.json"
   run 250 layer_fit.txt "$py" "${layer[@]}" --B 1 --T 65536 --solvers recursive --iters 2 --warmup 1 \
     --json "$out/layer_fit.json"
-  # leaf 1024 at this length: ~30% fewer kernel launches in the H100 compile (benchmarks.gpu_compile)
-  run 200 layer_fit_leaf1024.txt "$py" "${layer[@]}" --B 1 --T 65536 --solvers recursive --leaf 1024 \
-    --no-transformer --iters 2 --warmup 1 --json "$out/layer_fit_leaf1024.json"
+  # leaf 512 next to the default (1024 on a GPU at these lengths, ops.dispatch.recursive_leaf):
+  # the rule rests on the deviceless H100 compile (fewer launches for more leaf FLOPs)
+  run 200 layer_leaf512.txt "$py" "${layer[@]}" --T 8192 --solvers recursive --leaf 512 \
+    --no-transformer --iters 5 --warmup 2 --json "$out/layer_leaf512.json"
+  run 200 layer_fit_leaf512.txt "$py" "${layer[@]}" --B 1 --T 65536 --solvers recursive --leaf 512 \
+    --no-transformer --iters 2 --warmup 1 --json "$out/layer_fit_leaf512.json"
 }
 
 run_report() {

@@ -22,6 +22,7 @@ from sessa_jax.options import (
     Kernels,
     SolveMethod,
     is_chunk_size,
+    is_leaf_size,
 )
 
 
@@ -41,7 +42,9 @@ class SessaConfig:
     blocked on CPU), ``chunk_size`` (C of the blocked paths: an integer, or "auto", the
     default, which picks C per call from the batch, heads and length, and for short
     sequences attention's panel schedule: ``sessa_jax.ops.dispatch``), ``leaf_size`` (Cs, the leaf of
-    the recursive solve), ``feedback_precision`` (tier of the recursive solve's products,
+    the recursive solve: an integer, or "auto", the default: 1024 on a GPU with feedback_kernels
+    "xla" from T = 4096 on, else 512, ``sessa_jax.ops.dispatch.recursive_leaf``),
+    ``feedback_precision`` (tier of the recursive solve's products,
     ``sessa_jax.ops.solve.precision``: "float32", "bf16x3", "bfloat16", or "auto": float32 on CPU; on
     GPU/TPU "bfloat16" for bf16 ``dtype`` (its gradients within 2x of bf16 attention's own error,
     s within 2x of what f's bf16 rounding does to it) and "bf16x3" for float32 ``dtype``),
@@ -65,7 +68,7 @@ class SessaConfig:
     ln_eps: float = 1e-5
     solver: SolveMethod = "auto"
     chunk_size: int | str = "auto"
-    leaf_size: int = 512
+    leaf_size: int | str = "auto"
     feedback_precision: FeedbackPrecision = "auto"
     feedback_kernels: Kernels = "xla"
     dtype: Any = jnp.float32
@@ -138,9 +141,9 @@ class SessaConfig:
             raise ValueError(
                 f"SessaConfig.chunk_size must be 'auto' or an integer >= 1 (e.g. 128); got {self.chunk_size!r}"
             )
-        if isinstance(self.leaf_size, bool) or not isinstance(self.leaf_size, int) or self.leaf_size < 1:
+        if not is_leaf_size(self.leaf_size):
             raise ValueError(
-                f"SessaConfig.leaf_size must be an integer >= 1 (the recursive solve's leaf, e.g. 512); "
+                f"SessaConfig.leaf_size must be 'auto' or an integer >= 1 (the recursive solve's leaf, e.g. 512); "
                 f"got {self.leaf_size!r}"
             )
         if self.feedback_precision not in FEEDBACK_PRECISIONS:
@@ -155,11 +158,11 @@ class SessaConfig:
                 f"{KERNELS} ('xla' everywhere, 'pallas' = TPU kernels, on GPU the stats kernel, "
                 "'gpu_gemm' = GPU GEMM-with-epilogue kernels)"
             )
-        if self.feedback_kernels != "xla" and self.leaf_size % 128:
+        if self.feedback_kernels != "xla" and self.leaf_size != "auto" and self.leaf_size % 128:
             raise ValueError(
                 f"SessaConfig.feedback_kernels={self.feedback_kernels!r} needs leaf_size a multiple of 128; "
                 f"got leaf_size="
-                f"{self.leaf_size} (use 512, or feedback_kernels='xla')"
+                f"{self.leaf_size} (use 512 or 'auto', or feedback_kernels='xla')"
             )
         if self.d_model % self.n_heads:
             raise ValueError(

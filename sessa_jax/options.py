@@ -53,6 +53,11 @@ TOKENIZER_KINDS: tuple[str, ...] = get_args(TokenizerKind)
 ATTENTION_OF_SOLVE: dict[str, str] = {"dense": "dense", "blocked": "blocked", "recursive": "vendor", "auto": "auto"}
 
 
+def is_leaf_size(value) -> bool:
+    """Whether ``value`` is a valid leaf_size of the recursive solve: "auto" or an integer >= 1."""
+    return is_chunk_size(value)
+
+
 def is_chunk_size(value) -> bool:
     """Whether ``value`` is a valid chunk_size of the blocked paths: "auto" or an integer >= 1."""
     return value == AUTO or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)

@@ -31,6 +31,7 @@ from sessa_jax.options import (
     Kernels,
     SolveMethod,
     is_chunk_size,
+    is_leaf_size,
 )
 
 METHODS = SOLVE_METHODS  # the public name (``sessa_jax.ops.METHODS``)
@@ -40,6 +41,13 @@ KERNEL_KEY_BLOCK = 128  # the key block of the Pallas kernels: the leaf must be 
 # and at most TILE_LEAVES leaves, which bounds the switch branches (program size) whatever T is.
 RECURSIVE_TILE = 4096
 TILE_LEAVES = 8
+# leaf_size="auto" for the recursive solve: LEAF_LONG on a GPU with XLA's products from
+# LEAF_LONG_MIN_LENGTH tokens on (half the leaf steps, pushes and kernel launches for more leaf
+# FLOPs: docs/performance.md, "Leaves of 1024 on GPU"), else LEAF. With the Mosaic GPU kernels
+# the larger leaf does not pay, and on a TPU nothing has measured it.
+LEAF = 512
+LEAF_LONG = 1024
+LEAF_LONG_MIN_LENGTH = 4096
 # chunk_size="auto" for the blocked paths: the largest C of AUTO_CHUNKS whose logits tile
 # (B*H, C, C) for attention, (B, C, C) for the solve, holds at most TILE_BUDGET floats (the size
 # that stays in cache for a tile's elementwise passes). Attention on at most PANEL_MAX_LEN
@@ -57,6 +65,25 @@ SOLVE_PANEL_MAX_LEN = 512
 def recursive_tile(length: int, leaf: int) -> int:
     """Tile of the recursive solve's wide blocks: min(RECURSIVE_TILE, T/4, TILE_LEAVES leaves)."""
     return max(1, min(RECURSIVE_TILE, length // 4, TILE_LEAVES * leaf))
+
+
+def recursive_leaf(length: int, platform: str, kernels: str = "xla") -> int:
+    """The recursive solve's leaf (Cs) for leaf_size="auto" at sequence length ``length`` on
+    ``platform`` ("cpu", "gpu", "tpu") with feedback ``kernels``: ``LEAF_LONG`` on a GPU with
+    kernels "xla" where length >= ``LEAF_LONG_MIN_LENGTH``, else ``LEAF``."""
+    if platform == "gpu" and kernels == "xla" and length >= LEAF_LONG_MIN_LENGTH:
+        return LEAF_LONG
+    return LEAF
+
+
+def resolve_leaf(leaf_size, length: int, platform: str, kernels: str = "xla") -> int:
+    """``leaf_size`` as an integer: itself, or for "auto" ``recursive_leaf``."""
+    return recursive_leaf(length, platform, kernels) if leaf_size == AUTO else leaf_size
+
+
+def _check_leaf(leaf_size) -> None:
+    if not is_leaf_size(leaf_size):
+        raise ValueError(f"leaf_size must be 'auto' or an integer >= 1 (e.g. 512); got {leaf_size!r}")
 
 
 def _check_size(name: str, value) -> None:
@@ -169,7 +196,7 @@ def feedback_solve(
     segment_ids=None,
     method: SolveMethod = "auto",
     chunk_size="auto",
-    leaf_size: int = 512,
+    leaf_size: int | str = AUTO,
     precision: FeedbackPrecision = "auto",
     kernels: Kernels = "xla",
 ):
@@ -180,7 +207,8 @@ def feedback_solve(
     all-zero row where t has no past. Accumulates in float32 (float64 for float64 inputs)
     and returns s (B, T, D) in f.dtype. Differentiable in q_b, k_b, gamma and f.
     ``chunk_size``: C of the blocked scan (an integer, or "auto": ``solve_schedule``);
-    ``leaf_size``: Cs of the recursive solve;
+    ``leaf_size``: Cs of the recursive solve, an integer or "auto" (``recursive_leaf``: 1024 on a
+    GPU with kernels "xla" from T = 4096 on, else 512);
     ``precision``: the recursive solve's tier (``sessa_jax.ops.solve.precision``): "auto" runs float32 on
     CPU; on GPU/TPU "bfloat16" when q_b, k_b and f are all bf16 (bf16 compute) and "bf16x3"
     otherwise (``precision.auto_precision``); ``kernels``: "xla",
@@ -190,7 +218,7 @@ def feedback_solve(
     "bfloat16", or "bf16x3" with bf16 q_b/k_b; docs/kernels.md).
     """
     _check_method(method, chunk_size)
-    _check_size("leaf_size", leaf_size)
+    _check_leaf(leaf_size)
     platform = platform_kind()  # the one platform decision of this call
     tier = resolve_precision(precision, platform, compute_dtype=jnp.result_type(q_b, k_b, f))
     if f.ndim != 3:
@@ -220,6 +248,7 @@ def feedback_solve(
         return dense_feedback_solve(q_b, k_b, gamma, f, packed)
     dtype = compute_dtype(q_b, k_b, gamma, f)
     if method == "recursive":
+        leaf_size = resolve_leaf(leaf_size, t, platform, kernels)
         _check_kernels(kernels, min(leaf_size, t), dtype, platform)
         if kernels == "pallas" and platform == "gpu":
             check_gpu_kernels(f.shape[-1], tier, (q_b.dtype, k_b.dtype))

@@ -53,6 +53,7 @@ def base_config() -> mc.ConfigDict:
         n_heads=4,
         n_kv_heads=mc.config_dict.placeholder(int),
         chunk_size=mc.FieldReference("auto", field_type=object),
+        leaf_size=mc.FieldReference("auto", field_type=object),
     )  # "auto" or an int
     c = mc.ConfigDict()
     c.model = mc.ConfigDict(

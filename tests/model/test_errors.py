@@ -24,7 +24,8 @@ from sessa_jax.ops import causal_attention, feedback_solve
         (dict(d_model=16, n_heads=2, chunk_size=True), r"chunk_size must be 'auto' or an integer >= 1.*got True"),
         (dict(d_model=16, n_heads=2, solver="fast"), r"solver='fast' is unknown"),
         (dict(d_model=16, n_heads=2, solver="pallas"), r"solver='pallas' is unknown; choose one of"),
-        (dict(d_model=16, n_heads=2, leaf_size=0), r"leaf_size must be an integer >= 1"),
+        (dict(d_model=16, n_heads=2, leaf_size=0), r"leaf_size must be 'auto' or an integer >= 1.*got 0"),
+        (dict(d_model=16, n_heads=2, leaf_size="big"), r"leaf_size must be 'auto' or an integer >= 1.*got 'big'"),
         (dict(d_model=16, n_heads=2, feedback_precision="tf32"), r"feedback_precision='tf32' is unknown"),
         (dict(d_model=0, n_heads=2), r"d_model must be a positive integer; got 0"),
         (dict(d_model=16, n_heads=2, dtype=jnp.int32), r"dtype must be a floating dtype"),
@@ -86,7 +87,7 @@ def test_retired_and_unknown_methods_name_the_choices():
     x = jnp.ones((1, 4, 8))
     with pytest.raises(ValueError, match=r"unknown method 'pallas'; choose one of \('dense', 'blocked', 'recursive'"):
         feedback_solve(x, x, jnp.zeros((1, 4)), x, method="pallas")
-    with pytest.raises(ValueError, match=r"leaf_size must be an integer >= 1; got 0"):
+    with pytest.raises(ValueError, match=r"leaf_size must be 'auto' or an integer >= 1 \(e.g. 512\); got 0"):
         feedback_solve(x, x, jnp.zeros((1, 4)), x, leaf_size=0)
     with pytest.raises(ValueError, match=r"feedback precision 'fp16' is not one of"):
         feedback_solve(x, x, jnp.zeros((1, 4)), x, precision="fp16")

@@ -109,6 +109,49 @@ def test_auto_reaches_the_schedules(monkeypatch):
     ]
 
 
+@pytest.mark.parametrize(
+    "length, platform, kernels, expected",
+    [
+        (8192, "gpu", "xla", 1024),
+        (4096, "gpu", "xla", 1024),
+        (4095, "gpu", "xla", 512),
+        (8192, "gpu", "gpu_gemm", 512),
+        (8192, "gpu", "pallas", 512),
+        (8192, "tpu", "xla", 512),
+        (65536, "cpu", "xla", 512),
+    ],
+)
+def test_auto_leaf_rule(length, platform, kernels, expected):
+    assert dispatch.recursive_leaf(length, platform, kernels) == expected
+    assert dispatch.resolve_leaf("auto", length, platform, kernels) == expected
+    assert dispatch.resolve_leaf(256, length, platform, kernels) == 256  # an explicit leaf is kept
+
+
+def test_auto_leaf_reaches_the_recursive_solve(monkeypatch):
+    """feedback_solve with leaf_size="auto" (the default) hands the recursive solve the rule's leaf
+    and the tile of that leaf, on the platform it runs on (a GPU here by patching the platform
+    decision; the solve itself is recorded, not run)."""
+    seen = []
+
+    def record(q, k, g, f, seg, *, leaf_size, tile, **kwargs):
+        seen.append((f.shape[1], leaf_size, tile))
+        return f
+
+    monkeypatch.setattr(dispatch, "recursive_feedback_solve", record)
+    for platform in ("gpu", "cpu"):
+        monkeypatch.setattr(dispatch, "platform_kind", lambda platform=platform: platform)
+        for t in (2048, 4096):
+            w = jnp.ones((1, t, 8), jnp.bfloat16)
+            feedback_solve(w, w, jnp.zeros((1, t)), w, method="recursive")
+        feedback_solve(w, w, jnp.zeros((1, 4096)), w, method="recursive", leaf_size=256)
+    assert seen == [(2048, 512, 512), (4096, 1024, 1024), (4096, 256, 1024)] + [
+        (2048, 512, 512),
+        (4096, 512, 1024),
+        (4096, 256, 1024),
+    ]
+    assert SessaConfig(d_model=8, n_heads=1).leaf_size == "auto"
+
+
 def test_default_layer_matches_dense_layer_float32():
     """The whole layer with the defaults (solver and chunk "auto": panels at this length)
     against the dense oracle, outputs and every gradient."""

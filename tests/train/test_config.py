@@ -37,6 +37,9 @@ def test_overrides_are_typed():
     # chunk_size takes "auto" (the default) or an integer
     assert load_config("tiny", ["model.chunk_size=auto"]).model.chunk_size == "auto"
     assert load_config("tiny", ["model.chunk_size=48"]).model.chunk_size == 48
+    # so does leaf_size
+    assert load_config("tiny", []).model.leaf_size == "auto"
+    assert load_config("tiny", ["model.leaf_size=1024"]).model.leaf_size == 1024
 
 
 @pytest.mark.parametrize(
@@ -67,6 +70,7 @@ def test_overrides_are_typed():
         (["train.steps=0"], r"'train.steps' must be an integer >= 1; got 0"),
         (["model.chunk_size=0"], r"model.chunk_size must be 'auto' or an integer >= 1 \(e.g. 128\); got 0"),
         (["model.chunk_size=big"], r"model.chunk_size must be 'auto' or an integer >= 1 \(e.g. 128\); got 'big'"),
+        (["model.leaf_size=0"], r"model.leaf_size must be 'auto' or an integer >= 1 .*; got 0"),
     ],
 )
 def test_bad_configs_name_the_key(overrides, message):
