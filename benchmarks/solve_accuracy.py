@@ -54,8 +54,9 @@ def regime_inputs(regime: str, t: int, d: int = 64, b: int = 1, seed: int = 0):
     """float32 (q, k, gamma, f, ds) of ``regime`` (see the module notes); q (B, T, D), gamma (B, T)."""
     ks = jax.random.split(jax.random.PRNGKey(seed), 6)
     scale = 4.0 if regime.startswith("sharp") else 1.0
-    q = scale * jax.random.normal(ks[0], (b, t, d))
-    k = scale * jax.random.normal(ks[1], (b, t, d))
+    f32 = jnp.float32  # explicit: under global x64 the defaults would be float64 (and so the whole solve)
+    q = scale * jax.random.normal(ks[0], (b, t, d), f32)
+    k = scale * jax.random.normal(ks[1], (b, t, d), f32)
     if regime == "prev":
         e = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
         k, q = 40.0 * e, jnp.roll(e, 1, axis=1)
@@ -63,17 +64,17 @@ def regime_inputs(regime: str, t: int, d: int = 64, b: int = 1, seed: int = 0):
         # Key 0 points along u, every other key is orthogonal to u, and row t's query has a
         # component along u sized so that key 0's logit is log((t - 1) / 2) above the others'
         # (about 1/3 of the row's weight whatever t is).
-        u = jnp.zeros((d,)).at[0].set(1.0)
+        u = jnp.zeros((d,), f32).at[0].set(1.0)
         k = k.at[:, :, 0].set(0.0).at[:, 0].set(float(d) ** 0.5 * u)
         pos = jnp.arange(t, dtype=jnp.float32)
         lift = jnp.log(jnp.maximum(pos - 1.0, 1.0) / 2.0) + 0.5  # + mean log-weight of N(0, 1) logits
         q = q.at[:, :, 0].set(lift[None, :])
     if regime == "sharp_pm":
-        gamma = 0.999 * jnp.where(jax.random.bernoulli(ks[2], 0.5, (b, t)), 1.0, -1.0)
+        gamma = jnp.where(jax.random.bernoulli(ks[2], f32(0.5), (b, t)), f32(0.999), f32(-0.999))
     else:
-        gamma = jnp.full((b, t), 0.999)
-    f = jax.random.normal(ks[4], (b, t, d))
-    ds = jax.random.normal(ks[5], (b, t, d))
+        gamma = jnp.full((b, t), 0.999, f32)
+    f = jax.random.normal(ks[4], (b, t, d), f32)
+    ds = jax.random.normal(ks[5], (b, t, d), f32)
     return q, k, gamma, f, ds
 
 

@@ -48,6 +48,18 @@ def _misses(row, tier):
     return {name: (row[tier][name], lim[name]) for name in lim if not row[tier][name] <= lim[name]}
 
 
+@pytest.mark.parametrize("regime", solve_accuracy.REGIMES)
+def test_the_inputs_are_float32_whatever_the_x64_setting(regime):
+    """Under global x64 JAX's defaults would make the inputs, and so the solve, float64, which the
+    accuracy tables would then silently measure: the inputs are the same float32 arrays either way."""
+    plain = solve_accuracy.regime_inputs(regime, 32, d=8)
+    with jax.enable_x64(True):
+        wide = solve_accuracy.regime_inputs(regime, 32, d=8)
+    for a, b in zip(plain, wide):
+        assert a.dtype == b.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.slow  # a float64 oracle at T = 8192: about a minute
 def test_long_hub_keeps_the_bounds_at_bf16x3_and_misses_only_the_logit_gradients_at_bfloat16():
     """At T = 8192 (16 leaves of 512) in the hub regime the bfloat16 tier's one-pass forward pushes
