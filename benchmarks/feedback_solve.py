@@ -104,7 +104,7 @@ def main(argv=None) -> None:
     p.add_argument("--chunk", type=int, default=128)
     p.add_argument(
         "--leaf",
-        type=lambda s: s if s == "auto" else int(s),
+        type=harness.auto_or_int,
         default="auto",
         help="leaf_size of the recursive solve: auto (the library's rule) or an integer",
     )

@@ -447,13 +447,18 @@ class Walk:
             return inst, *declared
         return inst, self._gemm_flops(inst), self._read_bytes(comp, inst) + self._written_bytes(inst)
 
+    @staticmethod
+    def _source_op(inst: Inst) -> str | None:
+        """The JAX op a kernel comes from: the last part of its ``op_name``, or None without one."""
+        source = re.search(r'op_name="([^"]*)"', inst.attrs)
+        return source.group(1).rsplit("/", 1)[-1] if source else None
+
     def top(self, count: int):
         """The ``count`` kernels moving the most bytes per call: (GB, TF, launches, shape, source op)."""
         rows = []
         for (comp, name), times in self.kernels.items():
             inst, flops, moved = self._cost(comp, name)
-            source = re.search(r'op_name="([^"]*)"', inst.attrs)
-            source = source.group(1).split("/")[-1] if source else ""
+            source = self._source_op(inst) or ""
             rows.append((times * moved / 1e9, times * flops / 1e12, times, inst.type[:40], f"{name} <- {source}"))
         return sorted(rows, reverse=True)[:count]
 
@@ -464,8 +469,7 @@ class Walk:
         groups = collections.defaultdict(lambda: [0.0, 0.0])
         for (comp, name), times in self.kernels.items():
             inst, flops, moved = self._cost(comp, name)
-            source = re.search(r'op_name="([^"]*)"', inst.attrs)
-            op = source.group(1).rsplit("/", 1)[-1] if source else f"({inst.op})"
+            op = self._source_op(inst) or f"({inst.op})"
             seconds = max(flops / PEAK_FLOPS, moved / PEAK_BYTES) + launch_us * 1e-6 - flops / PEAK_FLOPS
             group = groups[(op, (comp, name) in self.looped)]
             group[0] += times

@@ -172,6 +172,11 @@ def write_json(path, obj) -> None:
 
 
 # ----------------------------------------------------------------------------- arguments
+def auto_or_int(text: str):
+    """argparse ``type`` of an option that takes "auto" or an integer (chunk_size, leaf_size)."""
+    return text if text == "auto" else int(text)
+
+
 def add_shape_args(
     p: argparse.ArgumentParser, *, T: Sequence[int], D: int, B: Sequence[int] | int | None = None, H: int | None = None
 ) -> None:

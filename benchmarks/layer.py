@@ -80,12 +80,10 @@ def main(argv=None):
         default=["blocked", "recursive", "auto"],
         choices=["dense", "blocked", "recursive", "auto"],
     )
-    p.add_argument(
-        "--chunk", type=lambda s: s if s == "auto" else int(s), default="auto", help="chunk_size: auto or an integer"
-    )
+    p.add_argument("--chunk", type=harness.auto_or_int, default="auto", help="chunk_size: auto or an integer")
     p.add_argument(
         "--leaf",
-        type=lambda s: s if s == "auto" else int(s),
+        type=harness.auto_or_int,
         default="auto",
         help="leaf_size of the recursive solve: auto (the library's rule) or an integer",
     )

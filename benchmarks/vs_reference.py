@@ -197,7 +197,7 @@ def main(argv=None):
     p.add_argument("--solver", default="auto", help="sessa-jax solver (auto = blocked on CPU)")
     p.add_argument(
         "--chunk",
-        type=lambda s: s if s == "auto" else int(s),
+        type=harness.auto_or_int,
         default="auto",
         help="sessa-jax chunk_size: 'auto' (the default config) or an integer",
     )

@@ -86,11 +86,6 @@ def _check_leaf(leaf_size) -> None:
         raise ValueError(f"leaf_size must be 'auto' or an integer >= 1 (e.g. 512); got {leaf_size!r}")
 
 
-def _check_size(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-
-
 def _check_method(method: str, chunk_size, methods=SOLVE_METHODS) -> None:
     if method not in methods:
         raise ValueError(f"unknown method {method!r}; choose one of {methods}")
