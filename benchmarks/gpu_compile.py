@@ -88,9 +88,9 @@ DECLARED_COST = r'cost_estimate_json = "\{\\22flops\\22: ([0-9.e+]+), .*?\\22byt
 
 # The fused forward push (q, k, s parts -> P s, (B, P, Dv) float32), by kernel name the bf16
 # passes of its product: per program (row block, Dv tile of at most MOSAIC_PRODUCT_BLOCK_V
-# columns) one logits pass over D, then P_hi s_hi, P_hi s_lo, P_lo s_hi (bf16x3) or one pass
-# (bfloat16) over its Dv tile; a Dv over the tile recomputes the logits.
-MOSAIC_PRODUCT_PASSES = {"sessa_block_product_gpu": 3, "sessa_block_product_bf16_gpu": 1}
+# columns) one logits pass over D, then P_hi s_hi, P_hi s_lo, P_lo s_hi (bf16x3) or P_hi s, P_lo s
+# (bfloat16: s rounded once) over its Dv tile; a Dv over the tile recomputes the logits.
+MOSAIC_PRODUCT_PASSES = {"sessa_block_product_gpu": 3, "sessa_block_product_bf16_gpu": 2}
 MOSAIC_PRODUCT_BLOCK_V = 256  # block_product_gpu.BLOCK_V
 # The in-place accumulating product (ops/accumulate_gpu.py; starts, a, b, acc -> acc aliased):
 # acc[window of M rows] += op(a) b[window of C rows], one bf16 pass, by kernel name whether op(a)

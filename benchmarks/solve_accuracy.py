@@ -37,7 +37,8 @@ import numpy as np
 from benchmarks import harness
 from sessa_jax.ops.dispatch import recursive_tile
 from sessa_jax.ops.reference import dense_feedback_solve
-from sessa_jax.ops.solve import recursive
+from sessa_jax.ops.solve import block_product, recursive
+from sessa_jax.ops.solve.precision import chained_dot
 from sessa_jax.ops.solve.recursive import recursive_feedback_solve
 
 REGIMES = ("sharp_pm", "sharp", "diffuse", "prev", "hub")
@@ -46,6 +47,11 @@ TIERS = ("float32", "bf16x3", "bfloat16")
 # backward's X_i^T) in one bf16 pass too, to show why the tier keeps them at bf16x3
 # (``--tiers bfloat16-fwd1``).
 ONE_PASS_FORWARD = "bfloat16-fwd1"
+# Not a tier: the bfloat16 tier with its forward pushes in one bf16 pass of bf16(P) bf16(s) instead
+# of P split hi + lo (``precision.push_dot``), to show why the pushes take two passes
+# (``--tiers bfloat16-push1``; the XLA path's pushes).
+ONE_PASS_PUSHES = "bfloat16-push1"
+DIAGNOSTICS = (ONE_PASS_FORWARD, ONE_PASS_PUSHES)
 GRADS = ("dq", "dk", "dgamma", "df")
 BF16 = jnp.bfloat16
 
@@ -140,17 +146,28 @@ def oracle(q, k, gamma, f, ds, f_full):
 
 
 @contextlib.contextmanager
-def _one_pass_forward(active: bool):
-    """While tracing: the recursive solve's leaf products at its own tier (no bf16x3 for "bfloat16")."""
+def _patched(module, name: str, value, active: bool):
+    """While tracing (``active``): ``module.name`` replaced by ``value``."""
     if not active:
         yield
         return
-    saved = recursive.leaf_tier
-    recursive.leaf_tier = lambda tier: tier
+    saved = getattr(module, name)
+    setattr(module, name, value)
     try:
         yield
     finally:
-        recursive.leaf_tier = saved
+        setattr(module, name, saved)
+
+
+def _one_pass_forward(active: bool):
+    """While tracing: the recursive solve's leaf products at its own tier (no bf16x3 for "bfloat16")."""
+    return _patched(recursive, "leaf_tier", lambda tier: tier, active)
+
+
+def _one_pass_pushes(active: bool):
+    """While tracing: the XLA path's forward pushes as ``chained_dot`` (one bf16 pass of bf16(P)
+    bf16(s) in the "bfloat16" tier) instead of ``push_dot``."""
+    return _patched(block_product, "push_dot", chained_dot, active)
 
 
 @functools.lru_cache(maxsize=None)
@@ -162,7 +179,7 @@ def solve_fn(tier: str, leaf: int, t: int, kernels: str = "xla"):
     tile = recursive_tile(t, leaf)
 
     def loss(q, k, g, f, ds):
-        with _one_pass_forward(tier == ONE_PASS_FORWARD):
+        with _one_pass_forward(tier == ONE_PASS_FORWARD), _one_pass_pushes(tier == ONE_PASS_PUSHES):
             s = recursive_feedback_solve(
                 q,
                 k,
@@ -171,7 +188,7 @@ def solve_fn(tier: str, leaf: int, t: int, kernels: str = "xla"):
                 jnp.ones(g.shape, jnp.int32),
                 leaf_size=leaf,
                 tile=tile,
-                tier="bfloat16" if tier == ONE_PASS_FORWARD else tier,
+                tier="bfloat16" if tier in DIAGNOSTICS else tier,
                 platform="cpu",
                 dtype=jnp.float32,
                 kernels=kernels,
@@ -243,7 +260,7 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     harness.add_shape_args(ap, T=[512, 2048], D=64)
     ap.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES)
-    harness.add_tier_args(ap, default=TIERS, extra=(ONE_PASS_FORWARD,))
+    harness.add_tier_args(ap, default=TIERS, extra=DIAGNOSTICS)
     ap.add_argument("--seed", type=int, default=0)
     harness.add_output_args(ap)
     ap.add_argument(

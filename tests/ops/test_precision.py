@@ -136,6 +136,30 @@ def test_bf16x3_products_keep_their_accuracy_under_the_rewrite(platform, monkeyp
     assert rel(lost) > 1e-4, rel(lost)  # its low parts vanish: one bf16 pass's error
 
 
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_bfloat16_push_keeps_a_sinks_weight_unrounded(platform):
+    """The bfloat16 tier's forward push (``push_dot``) on a P tile whose rows all give 1/3 to one
+    key (an attention sink; bf16(1/3) is 2^-9 too large): P split into hi + lo, so only s's own
+    rounding remains, also with the GPU's rewrite replayed; one pass of bf16(P) would add the
+    same 2^-9 bias to every row, which the recurrence sums along the sequence."""
+    rng = np.random.default_rng(4)
+    rest = rng.random((128, 255))
+    p = np.concatenate([np.full((128, 1), 1 / 3), (2 / 3) * rest / rest.sum(1, keepdims=True)], axis=1)
+    a = jnp.asarray(p, jnp.float32)
+    b = jnp.asarray(1.0 + 0.1 * rng.standard_normal((256, 64)), jnp.float32)
+    exact = np.asarray(a, np.float64) @ np.asarray(b.astype(BF16), np.float64)  # s as rounded
+
+    def rel(out):
+        return float(np.linalg.norm(np.asarray(out, np.float64) - exact) / np.linalg.norm(exact))
+
+    (pushed,) = _excess_precision_eval(lambda a, b: precision.push_dot("ij,jk->ik", a, b, "bfloat16", platform), a, b)
+    one_pass = precision.chained_dot("ij,jk->ik", a, b, "bfloat16", platform)
+    assert rel(pushed) <= 2.0**-14, rel(pushed)
+    assert rel(one_pass) > max(2.0**-11, 8 * rel(pushed)), (rel(one_pass), rel(pushed))
+    sink = np.asarray(a.astype(BF16), np.float64)[:, 0] - p[:, 0]
+    assert np.all(sink > 0)  # every row's rounding goes the same way
+
+
 @pytest.mark.parametrize("tier", ["bfloat16", "bf16x3"])
 def test_leaf_products_on_gpu_take_the_compilers_three_pass_algorithm(tier):
     """The leaf products at bf16x3 (the leaf tier of both accelerator tiers) lower for a GPU as one dot with XLA's

@@ -60,14 +60,16 @@ def test_the_inputs_are_float32_whatever_the_x64_setting(regime):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.slow  # a float64 oracle at T = 8192: about a minute
-def test_long_hub_keeps_the_bounds_at_bf16x3_and_misses_only_the_logit_gradients_at_bfloat16():
-    """At T = 8192 (16 leaves of 512) in the hub regime the bfloat16 tier's one-pass forward pushes
-    put its dq and dk over the 2x bound, and nothing else (docs/design.md, "Accuracy"); bf16x3
-    keeps every bound."""
-    row = solve_accuracy.measure("hub", 8192, ACCELERATOR_TIERS, leaf=512)
-    assert _misses(row, "bf16x3") == {}, row
-    assert set(_misses(row, "bfloat16")) <= {"dq", "dk"}, row
+@pytest.mark.slow  # a float64 oracle at T = 8192: about two minutes
+def test_long_hub_keeps_the_bounds_and_needs_the_two_pass_pushes():
+    """At T = 8192 (16 leaves of 512) in the hub regime both accelerator tiers keep every bound;
+    with the bfloat16 tier's forward pushes in one pass of bf16(P) instead of P split hi + lo,
+    dq leaves its bound (docs/design.md, "Accuracy"): the rounding of the hub's weight, the same
+    in every row, accumulates along the sequence."""
+    row = solve_accuracy.measure("hub", 8192, ACCELERATOR_TIERS + (solve_accuracy.ONE_PASS_PUSHES,), leaf=512)
+    for tier in ACCELERATOR_TIERS:
+        assert _misses(row, tier) == {}, (tier, row)
+    assert "dq" in _misses(row, solve_accuracy.ONE_PASS_PUSHES), row
 
 
 @pytest.mark.parametrize("t,regime", CASES)

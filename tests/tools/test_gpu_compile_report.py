@@ -126,16 +126,16 @@ def test_mosaic_gemm_kernels_count_their_flops_and_exp(kernel, passes, fused):
     assert table["gemm_bytes" if passes else "other_bytes"] == 2 * (2 * 128 * 64 + 2 * 256 * 64 + 2 * 2 * 128 * 256)
 
 
-@pytest.mark.parametrize("dv,one_pass", [(128, False), (512, False), (512, True)])
-def test_fused_product_kernel_counts_its_flops(dv, one_pass):
+@pytest.mark.parametrize("dv,rounded_s", [(128, False), (512, False), (512, True)])
+def test_fused_product_kernel_counts_its_flops(dv, rounded_s):
     """The fused push (q, k, s parts -> P s float32): per Dv tile of at most 256 columns one
     logits pass over D (B=2, P=128, K=256, D=64), then three passes over Dv (P_hi s_hi, P_hi s_lo,
-    P_lo s_hi), or one for the bfloat16 tier's kernel (s in one part); its bytes are its operands
+    P_lo s_hi), or two for the bfloat16 tier's kernel (s in one part: P_hi s, P_lo s); its bytes are its operands
     and result."""
     q, k, s = "bf16[2,128,64]{2,1,0}", "bf16[2,256,64]{2,1,0}", f"bf16[2,256,{dv}]{{2,1,0}}"
     out = f"f32[2,128,{dv}]{{2,1,0}}"
-    parts = 1 if one_pass else 2
-    name = "sessa_block_product_bf16_gpu" if one_pass else "sessa_block_product_gpu"
+    parts = 1 if rounded_s else 2
+    name = "sessa_block_product_bf16_gpu" if rounded_s else "sessa_block_product_gpu"
     params = ", ".join([f"p0: {q}", f"p1: {k}"] + [f"p{2 + i}: {s}" for i in range(parts)])
     lines = [f"  %p0 = {q} parameter(0)", f"  %p1 = {k} parameter(1)"]
     lines += [f"  %p{2 + i} = {s} parameter({2 + i})" for i in range(parts)]
@@ -149,7 +149,7 @@ def test_fused_product_kernel_counts_its_flops(dv, one_pass):
     logits_passes = len(range(0, dv, 256))  # one per Dv tile: each tile recomputes the logits
     gemm = 2 * 128 * 256  # B P K
     assert table["launches"] == 1 and table["gemm_exp"] == 1
-    assert table["gemm_flops"] == 2.0 * gemm * (logits_passes * 64 + (1 if one_pass else 3) * dv)
+    assert table["gemm_flops"] == 2.0 * gemm * (logits_passes * 64 + (2 if rounded_s else 3) * dv)
     assert table["gemm_bytes"] == 2 * (2 * 128 * 64 + 2 * 256 * 64 + parts * 2 * 256 * dv) + 4 * 2 * 128 * dv
 
 

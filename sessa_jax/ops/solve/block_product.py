@@ -5,14 +5,14 @@ recursive solve's XLA path runs these functions; the kernels are tested against 
 
 * ``block_probs``: P = exp((scale q k^T - m) - logl) on a (rows, keys) panel, masked where the
   rows' and keys' segment ids differ (and, ``causal``, where key >= row).
-* ``block_product``: P s in the chained tier.
+* ``block_product``: P s in the push tier (``precision.push_dot``).
 * ``row_delta``, ``probs_grad`` / ``block_probs_and_grad``: dL = P * (g s^T - rowsum(g * r)), the
   logits gradient of the solve, with g s^T at the non-chained tier (``precision.difference_dot``:
   g rounded once, s split hi + lo, for bf16 inputs) and rowsum(g * r) given per row.
 * ``split_dot``: a bf16x3 product whose left operand comes already split into bf16 hi + lo parts
-  (what a kernel that writes P as two bf16 tiles hands to XLA).
-* ``split_block_product``: ``split_dot`` on ``block_probs`` (or, not ``split``, one bf16 pass),
-  the twin of the fused forward push.
+  (what a kernel that writes P as two bf16 tiles hands to XLA), or, ``round_b``, the bfloat16
+  tier's two passes of those parts with the right operand rounded once.
+* ``split_block_product``: ``split_dot`` on ``block_probs``, the twin of the fused forward push.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from sessa_jax.ops.solve.precision import chained_dot, difference_dot, difference_g, logits_dot, split_bf16
+from sessa_jax.ops.solve.precision import difference_dot, difference_g, logits_dot, push_dot, split_bf16
 
 
 def block_probs(
@@ -94,7 +94,7 @@ def block_product(
         platform=platform,
         fuse_exp=fuse_exp,
     )
-    return chained_dot("bpk,bkd->bpd", probs, s_keys, tier, platform)
+    return push_dot("bpk,bkd->bpd", probs, s_keys, tier, platform)
 
 
 def row_delta(g, r, tier: str):
@@ -141,12 +141,13 @@ def block_probs_and_grad(
     return probs, probs_grad("bpd,bkd->bpk", probs, g_rows, delta_rows, s_keys, plain_tier, platform)
 
 
-def split_dot(spec: str, a_hi, a_lo, b):
+def split_dot(spec: str, a_hi, a_lo, b, *, round_b: bool = False):
     """einsum(spec, a, b) in bf16x3 for a = a_hi + a_lo given as bf16 parts (a_lo None: a is bf16)
     and float32 (or bf16) b: a_hi b_hi + a_hi b_lo + a_lo b_hi with float32 accumulation. Equals
     ``precision.chained_dot(spec, a, b, "bf16x3", "gpu")`` (the explicit split) when the parts
-    are ``precision.split_bf16(a)``."""
-    b_hi, b_lo = split_bf16(b)
+    are ``precision.split_bf16(a)``. ``round_b``: b rounded to bf16 once instead of split, a_hi b +
+    a_lo b (the bfloat16 tier's push, ``precision.push_dot``)."""
+    b_hi, b_lo = (b.astype(jnp.bfloat16), None) if round_b else split_bf16(b)
     out = jnp.einsum(spec, a_hi, b_hi, preferred_element_type=jnp.float32)
     if b_lo is not None:
         out = out + jnp.einsum(spec, a_hi, b_lo, preferred_element_type=jnp.float32)
@@ -158,15 +159,14 @@ def split_dot(spec: str, a_hi, a_lo, b):
 def split_block_product(
     q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, s_keys, *, scale: float, split: bool = True
 ):
-    """A[R, K] s[K] from A's P tile, (B, R, Dv) float32: with ``split``, P and s split into bf16
-    hi + lo (``split_dot`` on ``block_probs``: the bf16x3 tier's push); else P and s each rounded
-    to bf16 once and one bf16 pass (the bfloat16 tier's). Logits in one bf16 pass, exact for bf16
-    q and k. The XLA twin of the fused Mosaic GPU kernel ``block_product_gpu.gpu_block_product``
-    and the same products as its unfused pair (``gpu_block_probs`` and the product)."""
+    """A[R, K] s[K] from A's P tile, (B, R, Dv) float32: P split into bf16 hi + lo and, with
+    ``split``, s too (``split_dot`` on ``block_probs``: the bf16x3 tier's push, three passes); else
+    s rounded to bf16 once and two passes (the bfloat16 tier's, ``precision.push_dot``). Logits in
+    one bf16 pass, exact for bf16 q and k. The XLA twin of the fused Mosaic GPU kernel
+    ``block_product_gpu.gpu_block_product`` and the same products as its unfused pair
+    (``gpu_block_probs`` and the product)."""
     probs = block_probs(
         q_rows, seg_rows, m_rows, logl_rows, k_keys, seg_keys, scale=scale, tier="bfloat16", platform="gpu"
     )
-    if not split:
-        return chained_dot("bpk,bkd->bpd", probs, s_keys, "bfloat16", "gpu")
     hi, lo = split_bf16(probs)
-    return split_dot("bpk,bkd->bpd", hi, lo, s_keys)
+    return split_dot("bpk,bkd->bpd", hi, lo, s_keys, round_b=not split)

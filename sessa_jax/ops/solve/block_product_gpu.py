@@ -6,14 +6,14 @@ the written tiles (P s at wide Dv, P^T g, dL k, dL^T q) stay in XLA (cuBLAS).
 
 * ``gpu_block_probs`` (twin: ``block_product.block_probs``): forward. P = exp((scale q k^T - m)
   - logl), masked where segment ids differ (and, ``causal``, where key >= row), written as
-  bf16 hi (and, ``split``, lo = bf16(P - hi)) tiles: the bf16x3 tier's pushes take P s in
-  three passes, which need P's low part; the bfloat16 tier's take one pass of P rounded once.
+  bf16 hi (and, ``split``, lo = bf16(P - hi)) tiles: the pushes take P s with P's low part
+  (three passes in the bf16x3 tier, two in the bfloat16 tier, whose s is rounded once).
 * ``gpu_block_product`` (twin: ``block_product.split_block_product``): the forward push
   A[rows, keys] s[keys] fused, like a flash-attention forward with known statistics: grid (P/Bq,
   Dv/Bv, B), the key blocks looped inside; per key block the logits (wgmma over D chunks), P in
   fp32 registers, its bf16 hi + lo parts through shared memory, and P_hi s_hi + P_hi s_lo +
   P_lo s_hi (s given split) into one fp32 (Bq, Bv) accumulator, or, s given as one bf16 part
-  (the bfloat16 tier), bf16(P) s in one wgmma; the float32 (B, P, Dv) result is written once.
+  (the bfloat16 tier), P_hi s + P_lo s in two wgmmas; the float32 (B, P, Dv) result is written once.
   Bv = Dv up to ``BLOCK_V`` = 256, else 256-column tiles that each recompute the logits; the
   solve takes it up to ``FUSED_MAX_DV`` = 512 (``product_fused``).
 * ``gpu_block_probs_and_grad`` (twin: ``block_product.block_probs_and_grad``): backward, a dual
@@ -80,7 +80,7 @@ BLOCK_V = 256  # most columns of s (Dv) per program: the (BLOCK_Q, BLOCK_V) fp32
 FWD_KERNEL_NAME = "sessa_block_probs_gpu"
 BWD_KERNEL_NAME = "sessa_block_probs_grad_gpu"
 PRODUCT_KERNEL_NAME = "sessa_block_product_gpu"
-PRODUCT_ONE_PASS_KERNEL_NAME = "sessa_block_product_bf16_gpu"
+PRODUCT_BF16_KERNEL_NAME = "sessa_block_product_bf16_gpu"  # s given rounded once: two passes
 FUSED_MAX_DV = 2 * BLOCK_V  # widest s the solve's forward pushes take fused (``product_fused``)
 PANEL_ALIGN = 64  # the P-tile kernels' panels start at multiples of this (a wgmma M granule)
 
@@ -521,8 +521,8 @@ def _product_body(
     scale: float,
 ):
     """Fused forward push (one (Bq, Bv) output tile of one batch row): the loop over key blocks,
-    each a logits GEMM over D chunks, the P epilogue (and, ``split``, the hi + lo split) in fp32
-    registers, the parts stored to shared memory, and three wgmmas (one without ``split``) into
+    each a logits GEMM over D chunks, the P epilogue and its hi + lo split in fp32 registers, the
+    parts stored to shared memory, and three wgmmas (two without ``split``: s given as one part) into
     the fp32 (Bq, Bv) accumulator (a zero-initialised ``plgpu.ACC`` that lives across the loop),
     written out, or, ``accumulate``, added to the output buffer's tile in place; see
     ``gpu_block_product``."""
@@ -555,7 +555,7 @@ def _product_body(
             probs = _probs(scores, m_smem, l_smem, seg_smem, scale=scale, causal=False, shape=shape, r0=r0, k0=k0)
             # P's parts go through shared memory: a wgmma with its left operand in registers
             # has no Mosaic GPU interpret mode, so the CPU tests could not check that variant
-            for part, tile in enumerate(_split(probs, split)):
+            for part, tile in enumerate(_split(probs, True)):
                 p_smem[part] = tile
             plgpu.commit_smem()
             for part, s_ref in enumerate(s_refs):
@@ -563,7 +563,7 @@ def _product_body(
             plgpu.wgmma(acc, p_smem.at[0], v_smem.at[0])  # P_hi s_hi
             if split:
                 plgpu.wgmma(acc, p_smem.at[0], v_smem.at[1])  # + P_hi s_lo
-                plgpu.wgmma(acc, p_smem.at[1], v_smem.at[0])  # + P_lo s_hi
+            plgpu.wgmma(acc, p_smem.at[1], v_smem.at[0])  # + P_lo s_hi
             plgpu.wgmma_wait(0)  # the next key block's copies overwrite s
             return carry
 
@@ -609,12 +609,12 @@ def gpu_block_product(
     block, Dv tile, batch row) the kernel loops over the key blocks: logits by wgmma over D
     chunks, P = exp((scale q k^T - m) - logl) (zero where the segment ids differ) in fp32
     registers, split into bf16 hi = bf16(P) and lo = bf16(P - hi), and P_hi s_hi + P_hi s_lo +
-    P_lo s_hi accumulated in fp32; with s_lo None, bf16(P) s_hi in one pass. The twin is
+    P_lo s_hi accumulated in fp32; with s_lo None, P_hi s_hi + P_lo s_hi (two passes). The twin is
     ``block_product.split_block_product`` (``split=s_lo is not None``). No P tile reaches HBM.
     Dv: a multiple of 64, at most ``BLOCK_V`` = 256 (one accumulator) or a multiple of it (Dv /
     256 tiles, each recomputing the logits). Shared memory: (Bq + Bk) * 64 * 2 bytes of q, k
-    chunks, n * Bq * Bk * 2 of P's parts, n * Bk * Bv * 2 of s (n = 2 parts, 1 with s_lo None),
-    Bq * Bv * 4 of output: 160 KiB (120 KiB) at the default Bq = Bk = 64, Bv = 256 (more than
+    chunks, 2 * Bq * Bk * 2 of P's parts, n * Bk * Bv * 2 of s (n = 2 parts, 1 with s_lo None),
+    Bq * Bv * 4 of output: 160 KiB (128 KiB) at the default Bq = Bk = 64, Bv = 256 (more than
     ``SMEM_BYTES`` is refused).
 
     ``rows``, ``keys``, ``row_start``, ``key_start``: the block as a window of longer inputs, read
@@ -649,7 +649,7 @@ def gpu_block_product(
     split, parts = s_lo is not None, len(s_parts)
     smem = (
         (block_q + block_k) * BLOCK_D * 2
-        + parts * block_q * block_k * 2
+        + 2 * block_q * block_k * 2
         + parts * block_k * block_v * 2
         + block_q * block_v * 4
     )
@@ -669,7 +669,7 @@ def gpu_block_product(
     scratch = [
         plgpu.SMEM((1, block_q, BLOCK_D), BF16, **SWIZZLE),
         plgpu.SMEM((1, block_k, BLOCK_D), BF16, **SWIZZLE),
-        plgpu.SMEM((parts, block_q, block_k), BF16, **SWIZZLE),
+        plgpu.SMEM((2, block_q, block_k), BF16, **SWIZZLE),
         plgpu.SMEM((parts, block_k, block_v), BF16, **SWIZZLE),
         *_row_scratch(masked, block_q, block_k, 2),
         plgpu.SMEM((block_q, block_v), F32, transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))),
@@ -690,7 +690,7 @@ def gpu_block_product(
     segs = (seg_q.astype(jnp.int32), seg_k.astype(jnp.int32)) if masked else ()
     inputs = (window_starts(row_start, key_start), q, k, *s_parts, m.astype(F32), logl.astype(F32), *segs)
     grid = (p // block_q, dv // block_v, b)
-    name = PRODUCT_KERNEL_NAME if split else PRODUCT_ONE_PASS_KERNEL_NAME
+    name = PRODUCT_KERNEL_NAME if split else PRODUCT_BF16_KERNEL_NAME
     cost = product_cost(b, p, kk, d, dv, parts, masked, accumulate=acc is not None)
     names = ("rows", "values", "batch")
     if acc is None:
@@ -706,12 +706,12 @@ def product_cost(
 ) -> pl.CostEstimate:
     """``gpu_block_product``'s work on a (P, K) block, declared to the compiler (and read back by
     ``benchmarks/gpu_compile.py``, which cannot see into the kernel or its windows): the logits'
-    2 B P K D FLOPs once per Dv tile and P s's 2 B P K Dv per bf16 pass (3 with s split, else 1);
+    2 B P K D FLOPs once per Dv tile and P s's 2 B P K Dv per bf16 pass (3 with s split, else 2);
     bytes: the window's operands read once and the float32 result written once (a lower bound:
     each row block rereads its keys), with ``accumulate`` also the buffer's tile read; one
     exponential per P entry per Dv tile."""
     tiles = -(-dv // value_block(dv))
-    passes = 3 if parts == 2 else 1
+    passes = 3 if parts == 2 else 2
     flops = 2 * b * p * kk * (tiles * d + passes * dv)
     read = b * ((p + kk) * d * 2 + parts * kk * dv * 2 + 2 * p * 4 + ((p + kk) * 4 if masked else 0))
     written = b * p * dv * 4

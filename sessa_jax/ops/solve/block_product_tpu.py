@@ -2,8 +2,9 @@
 
 ``tpu_block_product`` (XLA twin: ``block_product.block_product``): the update A[R, K] s[K] of one
 off-diagonal block whose keys all precede its rows, with A = exp((q k^T * scale - m) - logl) on
-allowed pairs; grid (B, |R|/Bq, |K|/Bk), an fp32 (Bq, D) accumulator in VMEM, the chained product in
-the solve's tier (bf16x3 as an explicit hi/lo split: three bf16 MXU passes, fp32 accumulation).
+allowed pairs; grid (B, |R|/Bq, |K|/Bk), an fp32 (Bq, D) accumulator in VMEM, the product in
+the solve's push tier (bf16x3 as an explicit hi/lo split: three bf16 MXU passes, fp32 accumulation;
+bfloat16 as P split, s rounded once: two passes, ``precision.push_dot``).
 ``tpu_block_product_bwd``: (A^T g, dq, dk) of one block. ``interpret`` as in ``row_stats_tpu``.
 """
 
@@ -43,6 +44,15 @@ def _chained(p, s, tier: str, dims=_NN):
     return out
 
 
+def _push(p, s):
+    """The bfloat16 tier's forward push p @ s: fp32 p split into bf16 hi + lo, s rounded to bf16
+    once, two bf16 MXU passes (``precision.push_dot``); fp32 out."""
+    s_b = s.astype(BF16)
+    p_hi = p.astype(BF16)
+    out = lax.dot_general(p_hi, s_b, _NN, preferred_element_type=F32)
+    return out + lax.dot_general((p - p_hi.astype(F32)).astype(BF16), s_b, _NN, preferred_element_type=F32)
+
+
 def _product_kernel(
     q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, s_ref, out_ref, acc_scr, *, scale: float, tier: str
 ):
@@ -54,7 +64,8 @@ def _product_kernel(
 
     z = (tile_logits(q_ref[...], k_ref[...], scale) - m_ref[...]) - logl_ref[...]
     probs = jnp.where(qseg_ref[...] == kseg_ref[...], jnp.exp(z), 0.0)
-    acc_scr[...] += _chained(probs, s_ref[...].astype(F32), tier)
+    s = s_ref[...].astype(F32)
+    acc_scr[...] += _push(probs, s) if tier == "bfloat16" else _chained(probs, s, tier)
 
     @pl.when(j == pl.num_programs(2) - 1)
     def _store():

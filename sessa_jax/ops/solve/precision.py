@@ -8,13 +8,15 @@ push, the leaf solves multiply by the inverted diagonal blocks) take the solve's
   lo.hi) with fp32 accumulation; an explicit split on GPU and CPU (rounded on the bits,
   ``bf16_round_bits``, so that no compiler rewrite can drop the low parts), ``Precision.HIGH``
   on TPU.
-* ``"bfloat16"``: one bf16 pass for the pushes, forward (P s, P and s each rounded to bf16 once,
-  as a flash-attention forward rounds P) and backward (A^T g); the leaf products (the forward's
-  leaf solves X_i rhs, r's diagonal blocks A_ii s_i and the backward's X_i^T products) as in
-  bf16x3 (``leaf_tier``; on a GPU the compiler's three-pass algorithm, ``leaf_dot``), because the
-  logits gradient dL = A * (g s^T - rowsum(g * r)) needs the within-leaf part of s and r = A s to
-  better than bf16: in one pass dq leaves its bound where every row attends to the previous
-  token, a chain that runs inside the leaves.
+* ``"bfloat16"``: the forward's pushes P s in two bf16 passes, P split into hi + lo and s
+  rounded to bf16 once (``push_dot``), the backward's pushes A^T g in one; the leaf products (the
+  forward's leaf solves X_i rhs, r's diagonal blocks A_ii s_i and the backward's X_i^T products)
+  as in bf16x3 (``leaf_tier``; on a GPU the compiler's three-pass algorithm, ``leaf_dot``). The
+  logits gradient dL = A * (g s^T - rowsum(g * r)) needs s and r = A s to better than bf16: with
+  the leaf products in one pass dq leaves its bound where every row attends to the previous
+  token (a chain inside the leaves), and with P rounded once in the pushes where one key takes a
+  large share of every row (its weight rounds the same way in every row, and the recurrence
+  sums that error along the sequence: over the bound from T = 8192).
 
 The logits enter an exponential: bf16 q, k take one bf16 pass (exact with fp32 accumulation);
 float32 q, k take fp32-faithful products in the float32 and bf16x3 tiers and one bf16 pass in the
@@ -46,6 +48,7 @@ __all__ = [
     "logits_dot",
     "nonchained_tier",
     "platform_kind",
+    "push_dot",
     "resolve_precision",
     "split_bf16",
 ]
@@ -82,7 +85,7 @@ def resolve_precision(precision: str, platform: str | None = None, compute_dtype
 def leaf_tier(tier: str) -> str:
     """Tier of the leaf products (the forward's leaf solves X_i rhs, r's diagonal blocks A_ii s_i,
     the backward's X_i^T products): bf16x3 in the bfloat16 tier too, which runs only the pushes
-    (P s forward, A^T g backward) in one bf16 pass (see the module docstring)."""
+    in fewer passes (P s forward in two, A^T g backward in one; see the module docstring)."""
     return "bf16x3" if tier == "bfloat16" else tier
 
 
@@ -143,6 +146,27 @@ def chained_dot(spec: str, a, b, tier: str, platform: str | None = None):
     if platform_kind(platform) == "tpu":
         return jnp.einsum(spec, a, b, precision=lax.Precision.HIGH, preferred_element_type=acc)
     return _bf16x3(spec, a, b, acc)
+
+
+def push_dot(spec: str, p, s, tier: str, platform: str | None = None):
+    """einsum(spec, p, s) for the forward's pushes P s (p: a float32 P tile, s: the keys' solution);
+    fp32 (or f64) out.
+
+    At ``"bfloat16"`` with float32 accumulation: P split into bf16 hi + lo (``split_bf16``), s
+    rounded to bf16 once, two bf16 passes P_hi bf16(s) + P_lo bf16(s). One pass of bf16(P) would
+    round every row's weight on a key that takes a large share of the rows (an attention sink) in
+    the same direction, an error the recurrence accumulates along the sequence and the backward's
+    logits gradient then meets (see the module docstring). Other tiers: ``chained_dot``.
+    """
+    acc = _wide(p, s)
+    if tier != "bfloat16" or acc == jnp.float64:
+        return chained_dot(spec, p, s, tier, platform)
+    p_hi, p_lo = split_bf16(p)
+    s_b = s.astype(_BF16)
+    out = jnp.einsum(spec, p_hi, s_b, preferred_element_type=acc)
+    if p_lo is not None:
+        out = out + jnp.einsum(spec, p_lo, s_b, preferred_element_type=acc)
+    return out
 
 
 def leaf_dot(spec: str, a, b, tier: str, platform: str | None = None):

@@ -166,7 +166,8 @@ class RecursivePlan:
     def accumulates_in_kernel(self, width: int) -> bool:
         """Whether the backward's pushed products (P^T g, dL k, dL^T q) add into bacc, dq and dk in
         place in ``accumulate_gpu.gpu_accumulate_product``: kernels "gpu_gemm" in the "bfloat16"
-        tier (one bf16 pass each, g kept in bf16), at a width D the kernel covers, where this JAX
+        tier (one bf16 pass each, g kept in bf16; the forward's P s, where ``pushes_in_kernel``, one
+        pass per part of P), at a width D the kernel covers, where this JAX
         lowers it (``accumulate_gpu.in_place_supported``; else those products stay XLA)."""
         return self.gemm_kernels and self.tier == "bfloat16" and accumulate_covers(width) and in_place_supported()
 
@@ -179,8 +180,8 @@ class RecursivePlan:
     def fused_push_in_place(self, width: int) -> bool:
         """Whether the forward's fused pushes (``gpu_block_product``, Dv <= ``FUSED_MAX_DV``) read
         their block in place from the full-length q, k, m, logl, segment ids and bf16 copies of s
-        kept by the leaf loop (each solved leaf rounded once in the "bfloat16" tier, whose one bf16
-        pass rounds s anyway; split into hi + lo once in bf16x3): kernels "gpu_gemm"; where this JAX
+        kept by the leaf loop (each solved leaf rounded once in the "bfloat16" tier, whose pushes
+        round s anyway; split into hi + lo once in bf16x3): kernels "gpu_gemm"; where this JAX
         lowers an aliased kernel operand (``accumulate_gpu.in_place_supported``) they also add into
         racc in place."""
         return self.gemm_kernels and product_fused(width)
@@ -205,8 +206,9 @@ class RecursivePlan:
     @property
     def splits_pushed_probs(self) -> bool:
         """Whether the forward's pushes split each P tile into bf16 hi + lo parts in separate
-        passes: the explicit bf16x3 split on GPU (``precision.chained_dot``)."""
-        return platform_kind(self.platform) == "gpu" and self.tier == "bf16x3"
+        passes on a GPU: the explicit bf16x3 split (``precision.chained_dot``) and the bfloat16
+        tier's two passes (``precision.push_dot``)."""
+        return platform_kind(self.platform) == "gpu" and self.tier in ("bf16x3", "bfloat16")
 
     @property
     def padded_len(self) -> int:
@@ -228,9 +230,9 @@ def default_static_span(num_leaves: int, tile_leaves: int, tier: str, kernels: s
     """``static_span="auto"``: the pushes' wide blocks static (``schedule.auto_static_span``),
     except on GPU in the "bfloat16" tier with XLA's pushes, where every push stays in the leaf
     loop. The deviceless H100 compile rates the static blocks faster where a push is three bf16
-    passes or a Mosaic GPU kernel, and slower where it is one XLA GEMM, whose static tiles' q and
-    k slices XLA copies out before the product; on a TPU v5e the static blocks keep the
-    temporaries lower (docs/performance.md)."""
+    passes or a Mosaic GPU kernel, and slower at the bfloat16 tier's XLA pushes (one GEMM, and
+    since P is split two), whose static tiles' q and k slices XLA copies out before the product;
+    on a TPU v5e the static blocks keep the temporaries lower (docs/performance.md)."""
     if platform_kind(platform) == "gpu" and tier == "bfloat16" and kernels == "xla":
         return None
     return auto_static_span(num_leaves, tile_leaves)
@@ -269,18 +271,15 @@ def diag_inverse(plan: RecursivePlan, a_ii, gamma):
 def _gemm_block_update(plan: RecursivePlan, q_b, seg, m, logl, k_b, r0, rows: int, k0, keys: int, s_keys):
     """A[rows, keys] s[keys] at the push tier, float32 (B, rows, Dv), where the push is not fused
     (Dv > 512, ``product_fused``; ``_forward`` runs the fused ones): the P tile from
-    ``gpu_block_probs`` (bf16 hi + lo parts in bf16x3, P rounded once in the "bfloat16" tier),
-    which reads its rows and keys in place from the full-length q_b, k_b (bf16), m, logl and seg
-    (rows from r0, keys from k0), and the product in XLA: the same product as the XLA path's
-    ``block_product`` at ``plan.tier``."""
-    split = plan.tier == "bf16x3"
+    ``gpu_block_probs`` (bf16 hi + lo parts), which reads its rows and keys in place from the
+    full-length q_b, k_b (bf16), m, logl and seg (rows from r0, keys from k0), and the product in
+    XLA (s split in bf16x3, rounded once in the "bfloat16" tier): the same product as the XLA
+    path's ``block_product`` at ``plan.tier``."""
     window = dict(rows=rows, keys=keys, row_start=r0, key_start=k0)
     parts = gpu_block_probs(
-        q_b, seg, m, logl, k_b, seg, scale=plan.scale, split=split, interpret=plan.gpu_interpret, **window
+        q_b, seg, m, logl, k_b, seg, scale=plan.scale, split=True, interpret=plan.gpu_interpret, **window
     )
-    if split:
-        return split_dot("bpk,bkd->bpd", *parts, s_keys)
-    return chained_dot("bpk,bkd->bpd", parts[0], s_keys, plan.tier, plan.platform)  # one bf16 pass
+    return split_dot("bpk,bkd->bpd", *parts, s_keys, round_b=plan.tier == "bfloat16")
 
 
 class _GemmBackwardInputs(NamedTuple):
@@ -424,12 +423,15 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
 
     def tile(carry, r0, rows, k0, keys):
         s_buf, racc, s_b = carry
-        if in_place:  # racc[rows] += P bf16(s)[keys] in the kernel, s read from its bf16 copy
+        if in_place:  # racc[rows] += P_hi bf16(s)[keys], then P_lo's, in the kernel, s read from its bf16 copy
             window = dict(rows=rows, keys=keys, row_start=r0, key_start=k0)
-            (probs,) = gpu_block_probs(
-                q_b, seg, m, logl, k_b, seg, scale=plan.scale, split=False, interpret=plan.gpu_interpret, **window
+            parts = gpu_block_probs(
+                q_b, seg, m, logl, k_b, seg, scale=plan.scale, split=True, interpret=plan.gpu_interpret, **window
             )
-            racc = gpu_accumulate_product(racc, probs, s_b[0], acc_start=r0, b_start=k0, interpret=plan.gpu_interpret)
+            for part in parts:
+                racc = gpu_accumulate_product(
+                    racc, part, s_b[0], acc_start=r0, b_start=k0, interpret=plan.gpu_interpret
+                )
             return s_buf, racc, s_b
         if fused_window:  # the fused push reads q, k, m, logl and s's bf16 part(s) in place
             push = functools.partial(
