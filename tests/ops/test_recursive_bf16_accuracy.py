@@ -72,6 +72,15 @@ def test_long_hub_keeps_the_bounds_and_needs_the_two_pass_pushes():
     assert "dq" in _misses(row, solve_accuracy.ONE_PASS_PUSHES), row
 
 
+@pytest.mark.slow  # a dense float64 oracle at T = 16384: about a minute and several GiB
+def test_hub_at_16384_keeps_the_bounds():
+    """At T = 16384 (16 leaves of 1024, the GPU's leaf) in the hub regime both accelerator tiers
+    keep every bound; the bfloat16 tier's dk is the closest (docs/design.md, "Longer sequences")."""
+    row = solve_accuracy.measure("hub", 16384, ACCELERATOR_TIERS, leaf=1024)
+    for tier in ACCELERATOR_TIERS:
+        assert _misses(row, tier) == {}, (tier, row)
+
+
 @pytest.mark.parametrize("t,regime", CASES)
 def test_gradients_within_twice_bf16_attention(measured, t, regime):
     row = measured(t, regime)
