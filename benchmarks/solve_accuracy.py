@@ -2,6 +2,7 @@
 
     python -m benchmarks.solve_accuracy                    # T = 512 and 2048, every regime and tier
     python -m benchmarks.solve_accuracy --T 512 --tiers bfloat16 --json out.json
+    python -m benchmarks.solve_accuracy --T 8192 --regimes hub --tiers bfloat16 bfloat16-push1 --leaf 512
 
 A bf16 model feeds the solve bf16 q_b, k_b and f, float32 gamma, and a bf16 cotangent ds; it
 gets s back in bf16 (``feedback_solve`` casts s to f's dtype) and dq, dk, df in bf16. For each
@@ -262,6 +263,12 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES)
     harness.add_tier_args(ap, default=TIERS, extra=DIAGNOSTICS)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--leaf",
+        type=int,
+        default=None,
+        help="the solve's leaf at every T (default: T/16 rounded down to a power of two, 8-16 leaves: leaf_for)",
+    )
     harness.add_output_args(ap)
     ap.add_argument(
         "--kernels",
@@ -277,7 +284,7 @@ def main(argv=None) -> list[dict]:
     rows = []
     for t in args.T:
         for regime in args.regimes:
-            rows.append(measure(regime, t, args.tiers, d=args.D, seed=args.seed, kernels=args.kernels))
+            rows.append(measure(regime, t, args.tiers, d=args.D, seed=args.seed, leaf=args.leaf, kernels=args.kernels))
             print(json.dumps(rows[-1]), flush=True)
     print()
     print_table(rows, args.tiers)

@@ -153,6 +153,16 @@ def test_solve_vs_attention_runs_tiers_attention_and_the_accuracy_check(capsys):
     assert 0 < float(line.split(": ")[1].split()[0]) <= 1e-5, line
 
 
+def test_solve_accuracy_takes_the_leaf_and_prints_the_table(capsys):
+    from benchmarks import solve_accuracy
+
+    rows = solve_accuracy.main(["--T", "64", "--D", "8", "--regimes", "hub", "--tiers", "bfloat16", "--leaf", "16"])
+    assert [(r["T"], r["leaf"], r["regime"]) for r in rows] == [(64, 16, "hub")]
+    assert set(rows[0]["bfloat16"]) == {"s", "dq", "dk", "dgamma", "df"}
+    out = capsys.readouterr().out
+    assert "| hub | 64 | 16 | bf16 attention / s floor |" in out and "| | | | bfloat16 |" in out
+
+
 def test_harness_times_sizes_and_prints():
     calls = []
     timed = harness.interleaved(
