@@ -81,6 +81,20 @@ def test_hub_at_16384_keeps_the_bounds():
         assert _misses(row, tier) == {}, (tier, row)
 
 
+@pytest.mark.slow  # a float64 oracle at T = 8192: about two minutes
+def test_sink_keeps_the_bounds_at_bf16x3_and_misses_only_df_at_bfloat16():
+    """An attention sink (key 0 takes about 0.9 of every row) at T = 8192, the GPU's leaf of 1024:
+    bf16x3 keeps every bound; the bfloat16 tier misses only df's, because its transposed pushes
+    round g to bf16 once (docs/design.md, "Longer sequences"); its one-pass forward pushes of
+    before would miss dq and dk as well."""
+    row = solve_accuracy.measure(
+        solve_accuracy.SINK, 8192, ACCELERATOR_TIERS + (solve_accuracy.ONE_PASS_PUSHES,), leaf=1024
+    )
+    assert _misses(row, "bf16x3") == {}, row
+    assert set(_misses(row, "bfloat16")) == {"df"}, row
+    assert {"dq", "dk"} <= set(_misses(row, solve_accuracy.ONE_PASS_PUSHES)), row
+
+
 @pytest.mark.parametrize("t,regime", CASES)
 def test_gradients_within_twice_bf16_attention(measured, t, regime):
     row = measured(t, regime)
