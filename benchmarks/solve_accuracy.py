@@ -56,7 +56,11 @@ ONE_PASS_FORWARD = "bfloat16-fwd1"
 # of P split hi + lo (``precision.push_dot``), to show why the pushes take two passes
 # (``--tiers bfloat16-push1``; the XLA path's pushes).
 ONE_PASS_PUSHES = "bfloat16-push1"
-DIAGNOSTICS = (ONE_PASS_FORWARD, ONE_PASS_PUSHES)
+# Not a tier: the bfloat16 tier with its backward's transposed pushes A^T g in one bf16 pass of
+# bf16(P) bf16(g) instead of g split hi + lo (``precision.transposed_push_dot``), to show why they
+# take two (``--tiers bfloat16-pull1``; the XLA path's).
+ONE_PASS_PULLS = "bfloat16-pull1"
+DIAGNOSTICS = (ONE_PASS_FORWARD, ONE_PASS_PUSHES, ONE_PASS_PULLS)
 GRADS = ("dq", "dk", "dgamma", "df")
 BF16 = jnp.bfloat16
 
@@ -177,6 +181,12 @@ def _one_pass_pushes(active: bool):
     return _patched(block_product, "push_dot", chained_dot, active)
 
 
+def _one_pass_pulls(active: bool):
+    """While tracing: the XLA path's transposed pushes as ``chained_dot`` (one bf16 pass of bf16(P)
+    bf16(g) in the "bfloat16" tier) instead of ``transposed_push_dot``."""
+    return _patched(recursive, "transposed_push_dot", chained_dot, active)
+
+
 @functools.lru_cache(maxsize=None)
 def solve_fn(tier: str, leaf: int, t: int, kernels: str = "xla"):
     """Jitted (s float32, (dq, dk, dgamma, df)) of the recursive solve at ``tier`` on bf16 inputs,
@@ -202,7 +212,16 @@ def solve_fn(tier: str, leaf: int, t: int, kernels: str = "xla"):
             )
         return jnp.sum(s.astype(f.dtype).astype(jnp.float32) * ds.astype(jnp.float32)), s
 
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+    if tier != ONE_PASS_PULLS:
+        return fn
+
+    def with_pulls_patched(*args):
+        # the backward is traced after loss returns (custom_vjp), so the patch spans the whole trace
+        with _one_pass_pulls(True):
+            return fn(*args)
+
+    return with_pulls_patched
 
 
 def leaf_for(t: int) -> int:

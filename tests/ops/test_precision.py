@@ -160,6 +160,29 @@ def test_bfloat16_push_keeps_a_sinks_weight_unrounded(platform):
     assert np.all(sink > 0)  # every row's rounding goes the same way
 
 
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_bfloat16_transposed_push_keeps_a_slowly_varying_g_unrounded(platform):
+    """The bfloat16 tier's backward push (``transposed_push_dot``) on a column that every row
+    weights alike (an attention sink's) and a g that varies slowly along the rows, as g = gamma
+    lambda does: g split into hi + lo, so only P's own rounding remains, also with the GPU's rewrite
+    replayed; one pass of bf16(g) rounds neighbouring rows alike and the column sums those errors."""
+    rng = np.random.default_rng(5)
+    p = jnp.asarray(0.3 + 0.05 * rng.random((512, 8)), jnp.float32)  # (rows, keys): P^T g sums rows
+    g = jnp.asarray(1.0 + 0.01 * np.cumsum(rng.standard_normal((512, 64)), axis=0) / 23.0, jnp.float32)
+    exact = np.asarray(p.astype(BF16), np.float64).T @ np.asarray(g, np.float64)  # P as rounded
+
+    def rel(out):
+        return float(np.linalg.norm(np.asarray(out, np.float64) - exact) / np.linalg.norm(exact))
+
+    def pulled(p, g):
+        return precision.transposed_push_dot("pk,pd->kd", p, g, "bfloat16", platform)
+
+    (out,) = _excess_precision_eval(pulled, p, g)
+    one_pass = precision.chained_dot("pk,pd->kd", p, g, "bfloat16", platform)
+    assert rel(out) <= 2.0**-14, rel(out)
+    assert rel(one_pass) > max(2.0**-13, 100 * rel(out)), (rel(one_pass), rel(out))
+
+
 @pytest.mark.parametrize("tier", ["bfloat16", "bf16x3"])
 def test_leaf_products_on_gpu_take_the_compilers_three_pass_algorithm(tier):
     """The leaf products at bf16x3 (the leaf tier of both accelerator tiers) lower for a GPU as one dot with XLA's

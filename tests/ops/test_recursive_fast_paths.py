@@ -252,38 +252,3 @@ def test_default_static_span_makes_exactly_the_wide_blocks_static(n, tile_leaves
     assert not static.has_wide  # every wide block left the loops
     tiles = [t for j in static.static_blocks for t in static.block_tiles(j)]
     assert all(rows == keys == tile_leaves for *_, rows, _, keys in tiles) and len(tiles) <= STATIC_TILES
-
-
-@pytest.mark.parametrize("kernels", ["xla", "pallas"])
-def test_bf16_g_buffer_gives_the_same_gradients_bit_for_bit(kernels, monkeypatch):
-    """The bfloat16 tier keeps the backward's g in bf16 (``RecursivePlan.g_dtype``): every product
-    reading g rounds it to bf16 first, so the gradients equal those of a float32 g buffer exactly
-    (the XLA path traced as on a GPU, and the TPU kernels in interpret mode)."""
-    from sessa_jax.ops.solve import recursive
-
-    b, t, d = 2, 256, 64
-    ks = jax.random.split(jax.random.PRNGKey(11), 5)
-    q, k, f = (jax.random.normal(ks[i], (b, t, d), jnp.bfloat16) for i in range(3))
-    gamma = 0.95 * jnp.tanh(jax.random.normal(ks[3], (b, t)))
-    ds = jax.random.normal(ks[4], (b, t, d))
-    platform = "gpu" if kernels == "xla" else "cpu"  # "cpu": the TPU kernels in interpret mode
-
-    def grads():
-        def loss(q, k, g, f):
-            s = recursive.recursive_feedback_solve(
-                q, k, g, f, None, leaf_size=128, tile=128, tier="bfloat16", platform=platform,
-                dtype=jnp.float32, kernels=kernels,
-            )  # fmt: skip
-            return jnp.sum(s * ds)
-
-        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, gamma, f)
-
-    assert (
-        recursive.RecursivePlan.make(t, 128, 128, "bfloat16", platform, 1.0, jnp.bfloat16).g_dtype(jnp.float32)
-        == jnp.bfloat16
-    )
-    with_bf16 = grads()
-    monkeypatch.setattr(recursive.RecursivePlan, "g_dtype", lambda self, dtype: dtype)
-    with_f32 = grads()
-    for a, w in zip(with_bf16, with_f32):
-        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(w.astype(jnp.float32)))

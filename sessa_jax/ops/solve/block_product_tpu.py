@@ -53,6 +53,15 @@ def _push(p, s):
     return out + lax.dot_general((p - p_hi.astype(F32)).astype(BF16), s_b, _NN, preferred_element_type=F32)
 
 
+def _pull(p_t, g):
+    """The bfloat16 tier's transposed push p_t @ g: p_t rounded to bf16 once, fp32 g split into bf16
+    hi + lo, two bf16 MXU passes (``precision.transposed_push_dot``); fp32 out."""
+    p_b = p_t.astype(BF16)
+    g_hi = g.astype(BF16)
+    out = lax.dot_general(p_b, g_hi, _NN, preferred_element_type=F32)
+    return out + lax.dot_general(p_b, (g - g_hi.astype(F32)).astype(BF16), _NN, preferred_element_type=F32)
+
+
 def _product_kernel(
     q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, s_ref, out_ref, acc_scr, *, scale: float, tier: str
 ):
@@ -117,11 +126,15 @@ def tpu_block_product(
 
 
 # --------------------------------------------------------------------------- block product, backward
-def _probs_and_dlogits(q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, delta_ref, g_ref, s_ref, scale, plain):
-    """P (Bq, Bk) and dL = P * (g s^T - delta) of one tile; everything fp32."""
+def _probs_and_dlogits(
+    q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, delta_ref, g_ref, s_ref, scale, plain, round_g
+):
+    """P (Bq, Bk) and dL = P * (g s^T - delta) of one tile, with g rounded to bf16 first where
+    ``round_g``; everything fp32."""
     z = (tile_logits(q_ref[...], k_ref[...], scale) - m_ref[...]) - logl_ref[...]
     probs = jnp.where(qseg_ref[...] == kseg_ref[...], jnp.exp(z), 0.0)
-    g_dot_s = _chained(g_ref[...], s_ref[...], plain, _NT)
+    g = g_ref[...]
+    g_dot_s = _chained(g.astype(BF16).astype(F32) if round_g else g, s_ref[...], plain, _NT)
     return probs, probs * (g_dot_s - delta_ref[...])
 
 
@@ -143,6 +156,7 @@ def _bwd_keys_kernel(
     scale: float,
     tier: str,
     plain: str,
+    round_g: bool,
 ):
     i = pl.program_id(2)
 
@@ -152,9 +166,10 @@ def _bwd_keys_kernel(
         dk_scr[...] = jnp.zeros(dk_scr.shape, F32)
 
     probs, dlogits = _probs_and_dlogits(
-        q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, delta_ref, g_ref, s_ref, scale, plain
+        q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, delta_ref, g_ref, s_ref, scale, plain, round_g
     )
-    bacc_scr[...] += _chained(probs.T, g_ref[...], tier)
+    g = g_ref[...].astype(F32)
+    bacc_scr[...] += _pull(probs.T, g) if tier == "bfloat16" else _chained(probs.T, g, tier)
     dk_scr[...] += _chained(dlogits.T, q_ref[...], plain) * scale
 
     @pl.when(i == pl.num_programs(2) - 1)
@@ -178,6 +193,7 @@ def _bwd_rows_kernel(
     *,
     scale: float,
     plain: str,
+    round_g: bool,
 ):
     j = pl.program_id(2)
 
@@ -186,7 +202,7 @@ def _bwd_rows_kernel(
         dq_scr[...] = jnp.zeros(dq_scr.shape, F32)
 
     _, dlogits = _probs_and_dlogits(
-        q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, delta_ref, g_ref, s_ref, scale, plain
+        q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, delta_ref, g_ref, s_ref, scale, plain, round_g
     )
     dq_scr[...] += _chained(dlogits, k_ref[...], plain) * scale
 
@@ -209,6 +225,7 @@ def tpu_block_product_bwd(
     scale: float,
     tier: str,
     plain_tier: str,
+    round_g: bool = False,
     interpret=False,
 ):
     """Backward of one pushed block: (A^T g (B,K,D), dq (B,R,D), dk (B,K,D)), all float32.
@@ -216,7 +233,9 @@ def tpu_block_product_bwd(
     Rows R carry q, seg, (m, logl), g = gamma * lam and delta = rowsum(g * r) (B, R), with r = A s
     (``block_product.row_delta``); keys K carry k, seg and s. dL = A * (g s^T - delta);
     dq = dL k * scale, dk = dL^T q * scale.
-    ``tier`` for the chained A^T g, ``plain_tier`` for g s^T, dq and dk (``precision.nonchained_tier``).
+    ``tier`` for the chained A^T g (the "bfloat16" tier's: P rounded once, g split hi + lo),
+    ``plain_tier`` for g s^T, dq and dk (``precision.nonchained_tier``); ``round_g``: g rounded
+    to bf16 for g s^T (``precision.difference_g``), A^T g taking it whole.
     Two grids, each recomputing A once: keys outer for A^T g and dk, rows outer for dq.
     """
     b, r, d = q_rows.shape
@@ -250,7 +269,7 @@ def tpu_block_product_bwd(
     # keys outer: grid (B, K/Bk, R/Bq)
     key_spec = pl.BlockSpec((None, bk, d), lambda bi, j, i: (bi, j, 0))
     bacc, dk = pl.pallas_call(
-        functools.partial(_bwd_keys_kernel, scale=scale, tier=tier, plain=plain_tier),
+        functools.partial(_bwd_keys_kernel, scale=scale, tier=tier, plain=plain_tier, round_g=round_g),
         grid=(b, kk // bk, r // bq),
         in_specs=specs(lambda bi, j, i: (bi, i, 0), lambda bi, j, i: (bi, j, 0), lambda bi, j, i: (bi, 0, j)),
         out_specs=[key_spec, key_spec],
@@ -262,7 +281,7 @@ def tpu_block_product_bwd(
     )(*args)
     # rows outer: grid (B, R/Bq, K/Bk)
     dq = pl.pallas_call(
-        functools.partial(_bwd_rows_kernel, scale=scale, plain=plain_tier),
+        functools.partial(_bwd_rows_kernel, scale=scale, plain=plain_tier, round_g=round_g),
         grid=(b, r // bq, kk // bk),
         in_specs=specs(lambda bi, i, j: (bi, i, 0), lambda bi, i, j: (bi, j, 0), lambda bi, i, j: (bi, 0, j)),
         out_specs=pl.BlockSpec((None, bq, d), lambda bi, i, j: (bi, i, 0)),

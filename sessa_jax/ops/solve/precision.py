@@ -8,15 +8,18 @@ push, the leaf solves multiply by the inverted diagonal blocks) take the solve's
   lo.hi) with fp32 accumulation; an explicit split on GPU and CPU (rounded on the bits,
   ``bf16_round_bits``, so that no compiler rewrite can drop the low parts), ``Precision.HIGH``
   on TPU.
-* ``"bfloat16"``: the forward's pushes P s in two bf16 passes, P split into hi + lo and s
-  rounded to bf16 once (``push_dot``), the backward's pushes A^T g in one; the leaf products (the
+* ``"bfloat16"``: the pushes in two bf16 passes, forward P s with P split into hi + lo and s
+  rounded to bf16 once (``push_dot``), backward A^T g with P rounded once and g split
+  (``transposed_push_dot``), where bf16x3 takes three; the leaf products (the
   forward's leaf solves X_i rhs, r's diagonal blocks A_ii s_i and the backward's X_i^T products)
   as in bf16x3 (``leaf_tier``; on a GPU the compiler's three-pass algorithm, ``leaf_dot``). The
   logits gradient dL = A * (g s^T - rowsum(g * r)) needs s and r = A s to better than bf16: with
   the leaf products in one pass dq leaves its bound where every row attends to the previous
   token (a chain inside the leaves), and with P rounded once in the pushes where one key takes a
   large share of every row (its weight rounds the same way in every row, and the recurrence
-  sums that error along the sequence: over the bound from T = 8192).
+  sums that error along the sequence: over the bound from T = 8192), and with g rounded once in
+  the transposed pushes where such a key takes most of every row (g varies slowly along time,
+  so neighbouring rows round it alike, and the key's column sums them all).
 
 The logits enter an exponential: bf16 q, k take one bf16 pass (exact with fp32 accumulation);
 float32 q, k take fp32-faithful products in the float32 and bf16x3 tiers and one bf16 pass in the
@@ -51,6 +54,7 @@ __all__ = [
     "push_dot",
     "resolve_precision",
     "split_bf16",
+    "transposed_push_dot",
 ]
 
 _BF16 = jnp.bfloat16
@@ -85,7 +89,7 @@ def resolve_precision(precision: str, platform: str | None = None, compute_dtype
 def leaf_tier(tier: str) -> str:
     """Tier of the leaf products (the forward's leaf solves X_i rhs, r's diagonal blocks A_ii s_i,
     the backward's X_i^T products): bf16x3 in the bfloat16 tier too, which runs only the pushes
-    in fewer passes (P s forward in two, A^T g backward in one; see the module docstring)."""
+    in fewer passes (two each, P s forward and A^T g backward; see the module docstring)."""
     return "bf16x3" if tier == "bfloat16" else tier
 
 
@@ -166,6 +170,27 @@ def push_dot(spec: str, p, s, tier: str, platform: str | None = None):
     out = jnp.einsum(spec, p_hi, s_b, preferred_element_type=acc)
     if p_lo is not None:
         out = out + jnp.einsum(spec, p_lo, s_b, preferred_element_type=acc)
+    return out
+
+
+def transposed_push_dot(spec: str, p, g, tier: str, platform: str | None = None):
+    """einsum(spec, p, g) for the backward's pushes A^T g (p: a P tile, g = gamma * lambda of its
+    rows); fp32 (or f64) out.
+
+    At ``"bfloat16"`` with float32 accumulation: P rounded to bf16 once, g split into bf16 hi + lo
+    (``split_bf16``), two bf16 passes bf16(P)^T g_hi + bf16(P)^T g_lo. One pass of bf16(g) would
+    round g, which varies slowly along time, the same way in neighbouring rows, and a key that
+    takes a large share of every row sums those roundings over all of them (see the module
+    docstring). Other tiers: ``chained_dot``.
+    """
+    acc = _wide(p, g)
+    if tier != "bfloat16" or acc == jnp.float64:
+        return chained_dot(spec, p, g, tier, platform)
+    g_hi, g_lo = split_bf16(g)
+    p_b = p.astype(_BF16)
+    out = jnp.einsum(spec, p_b, g_hi, preferred_element_type=acc)
+    if g_lo is not None:
+        out = out + jnp.einsum(spec, p_b, g_lo, preferred_element_type=acc)
     return out
 
 

@@ -50,12 +50,12 @@ from sessa_jax.ops.solve.block_product_tpu import tpu_block_product, tpu_block_p
 from sessa_jax.ops.solve.precision import (
     bf16_round_bits,
     chained_dot,
-    difference_g,
     leaf_dot,
     leaf_tier,
     logits_dot,
     nonchained_tier,
     split_bf16,
+    transposed_push_dot,
 )
 from sessa_jax.ops.solve.row_stats import leaf_logits, leaf_mask, row_statistics
 from sessa_jax.ops.solve.row_stats_gpu import TIERS as GPU_TIERS
@@ -144,8 +144,9 @@ class RecursivePlan:
         return leaf_dot(spec, a, b, self.leaf_tier, self.platform)
 
     def transposed_push(self, spec: str, a, b):
-        """einsum for the backward's pushes A^T g, at ``tier`` (one bf16 pass in "bfloat16")."""
-        return chained_dot(spec, a, b, self.tier, self.platform)
+        """einsum for the backward's pushes A^T g, at ``tier`` (``precision.transposed_push_dot``:
+        two bf16 passes in "bfloat16", g split)."""
+        return transposed_push_dot(spec, a, b, self.tier, self.platform)
 
     def faithful(self, spec: str, a, b):
         """fp32-faithful einsum at every tier (the diagonal inversion: its error would reach every
@@ -156,18 +157,19 @@ class RecursivePlan:
         """einsum for dq and dk, at ``plain_tier``."""
         return chained_dot(spec, a, b, self.plain_tier, self.platform)
 
-    def g_dtype(self, dtype):
-        """dtype in which the backward keeps g = gamma * lambda: bf16 where every product that
-        reads g rounds it to bf16 first (tier and plain tier "bfloat16": the transposed pushes'
-        one pass, ``precision.difference_dot``'s rounded g), so g moves as half the bytes and is
-        rounded once; else ``dtype``."""
-        return jnp.bfloat16 if self.tier == self.plain_tier == "bfloat16" else dtype
+    def g_dtypes(self, width: int, dtype) -> tuple:
+        """dtypes of the parts in which the backward keeps g = gamma * lambda (full-length
+        buffers): g whole, (``dtype``,), since the transposed pushes of the "bfloat16" tier read
+        its low part too; where those pushes add in place in the Mosaic GPU kernel
+        (``accumulates_in_kernel``), its bf16 hi + lo parts (``precision.split_bf16``), which the
+        kernels read in place: hi is also the g that ``precision.difference_dot`` rounds."""
+        return (jnp.bfloat16, jnp.bfloat16) if self.accumulates_in_kernel(width) else (dtype,)
 
     def accumulates_in_kernel(self, width: int) -> bool:
         """Whether the backward's pushed products (P^T g, dL k, dL^T q) add into bacc, dq and dk in
         place in ``accumulate_gpu.gpu_accumulate_product``: kernels "gpu_gemm" in the "bfloat16"
-        tier (one bf16 pass each, g kept in bf16; the forward's P s, where ``pushes_in_kernel``, one
-        pass per part of P), at a width D the kernel covers, where this JAX
+        tier (one bf16 pass each, P^T g one per part of g, kept as bf16 hi + lo; the forward's P s,
+        where ``pushes_in_kernel``, one pass per part of P), at a width D the kernel covers, where this JAX
         lowers it (``accumulate_gpu.in_place_supported``; else those products stay XLA)."""
         return self.gemm_kernels and self.tier == "bfloat16" and accumulate_covers(width) and in_place_supported()
 
@@ -302,29 +304,23 @@ def _gemm_block_grads(plan: RecursivePlan, x: _GemmBackwardInputs, r0, rows: int
     """``_backward``'s (A^T g, dq, dk) of one pushed block (rows from r0, keys from k0) with P and dL
     from the Mosaic GPU dual-GEMM kernel, the products in XLA; the same products as the XLA path at
     the tiers the kernels serve (plain tier "bfloat16": g rounded once, s split, dL in one bf16
-    pass). Where g_buf is bf16 (``RecursivePlan.g_dtype``: the "bfloat16" tier) the kernel reads
-    its rows and keys in place from the full-length operands; in bf16x3 (float32 g, rounded here)
-    from slices."""
+    pass; A^T g as ``RecursivePlan.transposed_push``). g_buf: float32 g, whose rows the kernel
+    takes rounded, from slices."""
     bf16 = jnp.bfloat16
     g_p = take_chunk(g_buf, r0, rows)
-    common = dict(scale=plan.scale, split=plan.tier == "bf16x3", interpret=plan.gpu_interpret)
-    if g_buf.dtype == bf16:  # ``precision.difference_dot``'s g at the "bfloat16" plain tier already
-        window = dict(rows=rows, keys=keys, row_start=r0, key_start=k0)
-        parts, dlogits = gpu_block_probs_and_grad(
-            *(x.q_b, x.seg, x.m, x.logl, x.k_b, x.seg, g_buf, x.s_hi, x.s_lo, delta), **common, **window
-        )
-    else:
-        parts, dlogits = gpu_block_probs_and_grad(
-            *_panel_operands(x.q_b, x.seg, x.m, x.logl, x.k_b, r0, rows, k0, keys),
-            bf16_round_bits(g_p).astype(bf16),
-            take_chunk(x.s_hi, k0, keys),
-            take_chunk(x.s_lo, k0, keys),
-            take_chunk(delta, r0, rows),
-            **common,
-        )
+    parts, dlogits = gpu_block_probs_and_grad(
+        *_panel_operands(x.q_b, x.seg, x.m, x.logl, x.k_b, r0, rows, k0, keys),
+        bf16_round_bits(g_p).astype(bf16),
+        take_chunk(x.s_hi, k0, keys),
+        take_chunk(x.s_lo, k0, keys),
+        take_chunk(delta, r0, rows),
+        scale=plan.scale,
+        split=plan.tier == "bf16x3",
+        interpret=plan.gpu_interpret,
+    )
     if plan.tier == "bf16x3":
         b_keys = split_dot("bpk,bpd->bkd", parts[0], parts[1], g_p)
-    else:  # one bf16 pass
+    else:  # P rounded once, g split
         b_keys = plan.transposed_push("bpk,bpd->bkd", parts[0], g_p)
     dq_p = plan.plain("bpk,bkd->bpd", dlogits, take_chunk(x.k, k0, keys)) * plan.scale
     dk_keys = plan.plain("bpk,bpd->bkd", dlogits, take_chunk(x.q, r0, rows)) * plan.scale
@@ -332,23 +328,26 @@ def _gemm_block_grads(plan: RecursivePlan, x: _GemmBackwardInputs, r0, rows: int
 
 
 def _gemm_block_accumulate(
-    plan: RecursivePlan, x: _GemmBackwardInputs, r0, rows: int, k0, keys: int, g_buf, delta, bacc, dq, dk
+    plan: RecursivePlan, x: _GemmBackwardInputs, r0, rows: int, k0, keys: int, g_parts, delta, bacc, dq, dk
 ):
     """``_backward``'s tile in the "bfloat16" tier with the Mosaic GPU kernels throughout: P and dL of
     the block (rows from r0, keys from k0) from the dual-GEMM kernel, read in place; then bacc[keys]
-    += P^T g[rows], dq[rows] += scale dL k[keys], dk[keys] += scale dL^T q[rows], each one bf16
-    pass added in place (``accumulate_gpu``): the same products as the XLA path's at this tier.
-    Returns (bacc, dq, dk)."""
+    += P^T g_hi[rows] + P^T g_lo[rows], dq[rows] += scale dL k[keys], dk[keys] += scale dL^T q[rows],
+    each one bf16 pass added in place (``accumulate_gpu``): the same products as the XLA path's at
+    this tier. g_parts: g's full-length bf16 hi + lo parts (``RecursivePlan.g_dtypes``). Returns
+    (bacc, dq, dk)."""
+    g_hi, g_lo = g_parts
     window = dict(rows=rows, keys=keys, row_start=r0, key_start=k0)
     (probs,), dlogits = gpu_block_probs_and_grad(
-        *(x.q_b, x.seg, x.m, x.logl, x.k_b, x.seg, g_buf, x.s_hi, x.s_lo, delta),
+        *(x.q_b, x.seg, x.m, x.logl, x.k_b, x.seg, g_hi, x.s_hi, x.s_lo, delta),
         scale=plan.scale,
         split=False,
         interpret=plan.gpu_interpret,
         **window,
     )
     add = functools.partial(gpu_accumulate_product, interpret=plan.gpu_interpret)
-    bacc = add(bacc, probs, g_buf, acc_start=k0, b_start=r0, transpose_a=True)
+    for g_part in (g_hi, g_lo):
+        bacc = add(bacc, probs, g_part, acc_start=k0, b_start=r0, transpose_a=True)
     dq = add(dq, dlogits, x.k_b, acc_start=r0, b_start=k0, scale=plan.scale)
     dk = add(dk, dlogits, x.q_b, acc_start=k0, b_start=r0, transpose_a=True, scale=plan.scale)
     return bacc, dq, dk
@@ -524,8 +523,8 @@ def _backward(plan: RecursivePlan, res, ds):
         s_keys = take_chunk(s, k0, keys)
         if plan.tpu_kernels:
             plain = plan.plain_tier
-            if plain == "bfloat16":  # g rounded once and s split (``difference_dot``): bf16x3 of bf16-valued g
-                g_p, plain = difference_g(g_p, plain, jnp.float32), "bf16x3"
+            # g rounded once and s split (``difference_dot``): bf16x3 of bf16-valued g; A^T g takes g whole
+            round_g = plain == "bfloat16"
             return tpu_block_product_bwd(
                 q_p,
                 seg_p,
@@ -538,7 +537,8 @@ def _backward(plan: RecursivePlan, res, ds):
                 s_keys,
                 scale=plan.scale,
                 tier=plan.tier,
-                plain_tier=plain,
+                plain_tier="bf16x3" if round_g else plain,
+                round_g=round_g,
                 interpret=plan.interpret,
             )
         probs, dlogits = block_probs_and_grad(
@@ -566,7 +566,7 @@ def _backward(plan: RecursivePlan, res, ds):
         if plan.accumulates_in_kernel(d):
             bacc, dq, dk = _gemm_block_accumulate(plan, gemm_inputs, r0, rows, k0, keys, g_buf, delta, bacc, dq, dk)
             return bacc, g_buf, delta, dq, dk
-        b_keys, dq_p, dk_keys = block_grads(r0, rows, k0, keys, g_buf, delta)
+        b_keys, dq_p, dk_keys = block_grads(r0, rows, k0, keys, g_buf[0], delta)
 
         def add(buf, value, start):
             value = plan.unfused_sum(value)
@@ -581,10 +581,11 @@ def _backward(plan: RecursivePlan, res, ds):
         start = i * c
         x_i = lax.dynamic_index_in_dim(x_inv, i, axis=1, keepdims=False)
         lam_i = plan.chained("bji,bjd->bid", x_i, take_chunk(bacc, start, c))
-        g_i = (take_chunk(gamma, start, c)[..., None] * lam_i).astype(g_buf.dtype)
+        g_i = take_chunk(gamma, start, c)[..., None] * lam_i
+        parts = split_bf16(g_i) if len(g_buf) == 2 else (g_i.astype(g_buf[0].dtype),)
         r_i = take_chunk(r, start, c)
         bacc = lax.dynamic_update_slice_in_dim(bacc, lam_i, start, axis=1)
-        g_buf = lax.dynamic_update_slice_in_dim(g_buf, g_i, start, axis=1)
+        g_buf = tuple(lax.dynamic_update_slice_in_dim(buf, x, start, axis=1) for buf, x in zip(g_buf, parts))
         delta = lax.dynamic_update_slice_in_dim(delta, row_delta(g_i, r_i, plan.plain_tier), start, axis=1)
         return (bacc, g_buf, delta, dq, dk), jnp.sum(lam_i * r_i, axis=-1)
 
@@ -601,7 +602,8 @@ def _backward(plan: RecursivePlan, res, ds):
     # Leaves in reverse: each segment's leaves in a loop, then the static block of its first leaf.
     # bacc starts as ds, and lam_i replaces leaf i's rows once solved (pushes from leaf i reach
     # only earlier rows), so at the end bacc is lam: no zero-filled bacc, no lam gathered.
-    g_buf, delta = jnp.zeros((b, tp, d), plan.g_dtype(s.dtype)), jnp.zeros((b, tp), s.dtype)
+    g_buf = tuple(jnp.zeros((b, tp, d), dtype) for dtype in plan.g_dtypes(d, s.dtype))
+    delta = jnp.zeros((b, tp), s.dtype)
     zeros = jnp.zeros((b, tp, d), s.dtype)
     carry, outs = (ds, g_buf, delta, zeros, zeros), []
     for first, count in reversed(sched.segments()):
@@ -622,7 +624,7 @@ def _backward(plan: RecursivePlan, res, ds):
     dgamma = outs[0] if len(outs) == 1 else jnp.concatenate(outs[::-1], axis=1)
 
     # The diagonal leaves' share of the logits gradient, all leaves at once.
-    g4 = g_buf.reshape(b, n, c, d)
+    g4 = g_buf[0].reshape(b, n, c, d)  # g, or its hi part, which difference_dot's rounding gives
     s4 = s.reshape(b, n, c, d) if s_parts is None else tuple(x.reshape(b, n, c, d) for x in s_parts)
     dlogits = probs_grad("bnid,bnjd->bnij", a_ii, g4, delta.reshape(b, n, c), s4, plan.plain_tier, plan.platform)
     q4, k4 = q.reshape(b, n, c, d), k.reshape(b, n, c, d)
