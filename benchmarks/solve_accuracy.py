@@ -48,9 +48,9 @@ REGIMES = ("sharp_pm", "sharp", "diffuse", "prev", "hub")
 # (``--regimes sink``), for the long-sequence measurements.
 SINK = "sink"
 TIERS = ("float32", "bf16x3", "bfloat16")
-# Not a tier: the bfloat16 tier with its leaf products (leaf solves, r's diagonal blocks, the
-# backward's X_i^T) in one bf16 pass too, to show why the tier keeps them at bf16x3
-# (``--tiers bfloat16-fwd1``).
+# Not a tier: the bfloat16 tier with its forward's leaf products (leaf solves, r's diagonal
+# blocks) in one bf16 pass too, to show why the tier keeps them at bf16x3 (``--tiers
+# bfloat16-fwd1``; the backward's X_i^T products, traced after the patch ends, keep bf16x3).
 ONE_PASS_FORWARD = "bfloat16-fwd1"
 # Not a tier: the bfloat16 tier with its forward pushes in one bf16 pass of bf16(P) bf16(s) instead
 # of P split hi + lo (``precision.push_dot``), to show why the pushes take two passes
@@ -171,7 +171,8 @@ def _patched(module, name: str, value, active: bool):
 
 
 def _one_pass_forward(active: bool):
-    """While tracing: the recursive solve's leaf products at its own tier (no bf16x3 for "bfloat16")."""
+    """While tracing the forward: the recursive solve's leaf products at its own tier (no bf16x3 for
+    "bfloat16"); the backward (a custom VJP) is traced after ``loss`` returns, outside the patch."""
     return _patched(recursive, "leaf_tier", lambda tier: tier, active)
 
 
