@@ -10,6 +10,8 @@ float32 -> bfloat16 -> float32 round trip replaced by its input, as the GPU comp
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,11 @@ from sessa_jax.ops.solve import precision
 from sessa_jax.ops.solve.precision import bf16_round_bits, split_bf16
 
 BF16 = jnp.bfloat16
+
+
+def _relative_error(out, exact):
+    """||out - exact|| / ||exact|| in float64."""
+    return float(np.linalg.norm(np.asarray(out, np.float64) - exact) / np.linalg.norm(exact))
 
 
 def _edge_values():
@@ -121,8 +128,7 @@ def test_bf16x3_products_keep_their_accuracy_under_the_rewrite(platform, monkeyp
     b = jnp.asarray(rng.standard_normal((256, 64)), jnp.float32)
     exact = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
 
-    def rel(out):
-        return float(np.linalg.norm(np.asarray(out, np.float64) - exact) / np.linalg.norm(exact))
+    rel = functools.partial(_relative_error, exact=exact)
 
     def x3(a, b):
         return precision.chained_dot("ij,jk->ik", a, b, "bf16x3", platform)
@@ -149,8 +155,7 @@ def test_bfloat16_push_keeps_a_sinks_weight_unrounded(platform):
     b = jnp.asarray(1.0 + 0.1 * rng.standard_normal((256, 64)), jnp.float32)
     exact = np.asarray(a, np.float64) @ np.asarray(b.astype(BF16), np.float64)  # s as rounded
 
-    def rel(out):
-        return float(np.linalg.norm(np.asarray(out, np.float64) - exact) / np.linalg.norm(exact))
+    rel = functools.partial(_relative_error, exact=exact)
 
     (pushed,) = _excess_precision_eval(lambda a, b: precision.push_dot("ij,jk->ik", a, b, "bfloat16", platform), a, b)
     one_pass = precision.chained_dot("ij,jk->ik", a, b, "bfloat16", platform)
@@ -171,8 +176,7 @@ def test_bfloat16_transposed_push_keeps_a_slowly_varying_g_unrounded(platform):
     g = jnp.asarray(1.0 + 0.01 * np.cumsum(rng.standard_normal((512, 64)), axis=0) / 23.0, jnp.float32)
     exact = np.asarray(p.astype(BF16), np.float64).T @ np.asarray(g, np.float64)  # P as rounded
 
-    def rel(out):
-        return float(np.linalg.norm(np.asarray(out, np.float64) - exact) / np.linalg.norm(exact))
+    rel = functools.partial(_relative_error, exact=exact)
 
     def pulled(p, g):
         return precision.transposed_push_dot("pk,pd->kd", p, g, "bfloat16", platform)

@@ -44,22 +44,20 @@ def _chained(p, s, tier: str, dims=_NN):
     return out
 
 
-def _push(p, s):
-    """The bfloat16 tier's forward push p @ s: fp32 p split into bf16 hi + lo, s rounded to bf16
-    once, two bf16 MXU passes (``precision.push_dot``); fp32 out."""
-    s_b = s.astype(BF16)
-    p_hi = p.astype(BF16)
-    out = lax.dot_general(p_hi, s_b, _NN, preferred_element_type=F32)
-    return out + lax.dot_general((p - p_hi.astype(F32)).astype(BF16), s_b, _NN, preferred_element_type=F32)
+def _two_pass(a, b, *, split_a: bool):
+    """The bfloat16 tier's pushes a @ b (``precision.push_dot``, ``transposed_push_dot``): one fp32
+    operand split into bf16 hi + lo (a with ``split_a``, else b), the other rounded to bf16 once,
+    two bf16 MXU passes; fp32 out."""
+    whole = a if split_a else b
+    hi = whole.astype(BF16)
+    lo = (whole - hi.astype(F32)).astype(BF16)
+    rounded = (b if split_a else a).astype(BF16)
 
+    def dot(part):
+        pair = (part, rounded) if split_a else (rounded, part)
+        return lax.dot_general(*pair, _NN, preferred_element_type=F32)
 
-def _pull(p_t, g):
-    """The bfloat16 tier's transposed push p_t @ g: p_t rounded to bf16 once, fp32 g split into bf16
-    hi + lo, two bf16 MXU passes (``precision.transposed_push_dot``); fp32 out."""
-    p_b = p_t.astype(BF16)
-    g_hi = g.astype(BF16)
-    out = lax.dot_general(p_b, g_hi, _NN, preferred_element_type=F32)
-    return out + lax.dot_general(p_b, (g - g_hi.astype(F32)).astype(BF16), _NN, preferred_element_type=F32)
+    return dot(hi) + dot(lo)
 
 
 def _product_kernel(
@@ -74,7 +72,7 @@ def _product_kernel(
     z = (tile_logits(q_ref[...], k_ref[...], scale) - m_ref[...]) - logl_ref[...]
     probs = jnp.where(qseg_ref[...] == kseg_ref[...], jnp.exp(z), 0.0)
     s = s_ref[...].astype(F32)
-    acc_scr[...] += _push(probs, s) if tier == "bfloat16" else _chained(probs, s, tier)
+    acc_scr[...] += _two_pass(probs, s, split_a=True) if tier == "bfloat16" else _chained(probs, s, tier)
 
     @pl.when(j == pl.num_programs(2) - 1)
     def _store():
@@ -169,7 +167,7 @@ def _bwd_keys_kernel(
         q_ref, k_ref, qseg_ref, kseg_ref, m_ref, logl_ref, delta_ref, g_ref, s_ref, scale, plain, round_g
     )
     g = g_ref[...].astype(F32)
-    bacc_scr[...] += _pull(probs.T, g) if tier == "bfloat16" else _chained(probs.T, g, tier)
+    bacc_scr[...] += _two_pass(probs.T, g, split_a=False) if tier == "bfloat16" else _chained(probs.T, g, tier)
     dk_scr[...] += _chained(dlogits.T, q_ref[...], plain) * scale
 
     @pl.when(i == pl.num_programs(2) - 1)

@@ -17,7 +17,7 @@ push, the leaf solves multiply by the inverted diagonal blocks) take the solve's
   the leaf products in one pass dq leaves its bound where every row attends to the previous
   token (a chain inside the leaves), and with P rounded once in the pushes where one key takes a
   large share of every row (its weight rounds the same way in every row, and the recurrence
-  sums that error along the sequence: over the bound from T = 8192), and with g rounded once in
+  sums that error along the sequence), and with g rounded once in
   the transposed pushes where such a key takes most of every row (g varies slowly along time,
   so neighbouring rows round it alike, and the key's column sums them all).
 
@@ -162,15 +162,7 @@ def push_dot(spec: str, p, s, tier: str, platform: str | None = None):
     the same direction, an error the recurrence accumulates along the sequence and the backward's
     logits gradient then meets (see the module docstring). Other tiers: ``chained_dot``.
     """
-    acc = _wide(p, s)
-    if tier != "bfloat16" or acc == jnp.float64:
-        return chained_dot(spec, p, s, tier, platform)
-    p_hi, p_lo = split_bf16(p)
-    s_b = s.astype(_BF16)
-    out = jnp.einsum(spec, p_hi, s_b, preferred_element_type=acc)
-    if p_lo is not None:
-        out = out + jnp.einsum(spec, p_lo, s_b, preferred_element_type=acc)
-    return out
+    return _two_pass_dot(spec, p, s, tier, platform, split_left=True)
 
 
 def transposed_push_dot(spec: str, p, g, tier: str, platform: str | None = None):
@@ -183,15 +175,26 @@ def transposed_push_dot(spec: str, p, g, tier: str, platform: str | None = None)
     takes a large share of every row sums those roundings over all of them (see the module
     docstring). Other tiers: ``chained_dot``.
     """
-    acc = _wide(p, g)
+    return _two_pass_dot(spec, p, g, tier, platform, split_left=False)
+
+
+def _two_pass_dot(spec: str, a, b, tier: str, platform: str | None, *, split_left: bool):
+    """einsum(spec, a, b) with one operand split into bf16 hi + lo (``split_bf16``; a with
+    ``split_left``, else b) and the other rounded to bf16 once: two bf16 passes, at ``"bfloat16"``
+    with float32 accumulation; ``chained_dot`` otherwise. The pushes' product (``push_dot``,
+    ``transposed_push_dot``)."""
+    acc = _wide(a, b)
     if tier != "bfloat16" or acc == jnp.float64:
-        return chained_dot(spec, p, g, tier, platform)
-    g_hi, g_lo = split_bf16(g)
-    p_b = p.astype(_BF16)
-    out = jnp.einsum(spec, p_b, g_hi, preferred_element_type=acc)
-    if g_lo is not None:
-        out = out + jnp.einsum(spec, p_b, g_lo, preferred_element_type=acc)
-    return out
+        return chained_dot(spec, a, b, tier, platform)
+    hi, lo = split_bf16(a if split_left else b)
+    rounded = (b if split_left else a).astype(_BF16)
+
+    def dot(part):
+        pair = (part, rounded) if split_left else (rounded, part)
+        return jnp.einsum(spec, *pair, preferred_element_type=acc)
+
+    out = dot(hi)
+    return out if lo is None else out + dot(lo)
 
 
 def leaf_dot(spec: str, a, b, tier: str, platform: str | None = None):
