@@ -95,7 +95,8 @@ MOSAIC_PRODUCT_BLOCK_V = 256  # block_product_gpu.BLOCK_V
 # The in-place accumulating product (ops/accumulate_gpu.py; starts, a, b, acc -> acc aliased):
 # acc[window of M rows] += op(a) b[window of C rows], one bf16 pass, by kernel name whether op(a)
 # is a^T (a (B, C, M)) or a (a (B, M, C)). It reads a, C rows of b and M rows of acc, and writes
-# those M rows back.
+# those M rows back. Where the kernel declares its cost (operands in parts, the add-and-cast
+# variant) the walk takes the declaration; this reading serves checkouts whose kernel declared none.
 MOSAIC_ACCUMULATE = {"sessa_accumulate_product_gpu": False, "sessa_accumulate_product_t_gpu": True}
 PEAK_FLOPS = 989e12
 PEAK_BYTES = 3.35e12

@@ -1,8 +1,9 @@
-"""The Mosaic GPU in-place accumulating product (``accumulate_gpu.gpu_accumulate_product``)
-against the same product in XLA, in Mosaic GPU interpret mode (jax >= 0.11, skipped before; on a
-GPU compiled, ``scripts/accelerator_check.sh kernels``):
-both orientations, windows at traced and static starts, one and several column tiles; its
-lowering for "cuda" (the buffer an aliased operand of the kernel) and its errors."""
+"""The Mosaic GPU in-place accumulating product (``accumulate_gpu.gpu_accumulate_product``) and
+its add-and-cast twin (``gpu_add_product``) against the same products in XLA, in Mosaic GPU
+interpret mode (jax >= 0.11, skipped before; on a GPU compiled, ``scripts/accelerator_check.sh
+kernels``): both orientations, windows at traced and static starts, one and several column
+tiles, operands in two parts; their lowering for "cuda" (the buffer an aliased operand of the
+in-place kernel) and their errors."""
 
 from __future__ import annotations
 
@@ -64,6 +65,65 @@ def test_accumulates_the_window_in_place_like_xla(transpose_a, n, traced):
     assert np.abs(got[:, window] - acc[:, window]).max() > 1.0  # the product really landed
 
 
+def _interpret():
+    return False if jax.default_backend() == "gpu" else interpret_or_skip()  # compiled on a GPU
+
+
+@pytest.mark.parametrize("split", ["a", "b"])
+@needs_in_place
+def test_operand_parts_add_as_one_product(split):
+    """With a (or b) in two parts, the window gains scale * (op(a_hi) b + op(a_lo) b) (or op(a)
+    (b_hi + b_lo)), as the two products in XLA, summed before they are added; the rows outside
+    the window untouched."""
+    t, n, m, c, acc_start, b_start = 384, 128, 128, 128, 192, 64
+    acc = normal(1, (B, t, n))
+    a = normal(2, (B, c, m), BF16)  # transposed, as the backward's P^T g
+    b = normal(3, (B, t, n), BF16)
+    other = normal(4, (B, c, m) if split == "a" else (B, t, n), BF16) * 2.0**-8
+    a_arg, b_arg = ((a, other), b) if split == "a" else (a, (b, other))
+    got = jax.jit(
+        lambda acc, a, b, start: ag.gpu_accumulate_product(
+            acc, a, b, acc_start=start, b_start=b_start, transpose_a=True, scale=0.5, interpret=_interpret()
+        )
+    )(acc, a_arg, b_arg, jnp.int32(acc_start))
+
+    def product(a, b):
+        return jnp.einsum("bcm,bcn->bmn", a, b[:, b_start : b_start + c], preferred_element_type=jnp.float32)
+
+    prod = product(a, b) + (product(other, b) if split == "a" else product(a, other))
+    window = slice(acc_start, acc_start + m)
+    want = np.asarray(acc).copy()
+    want[:, window] = np.asarray(acc[:, window] + prod * 0.5)
+    got = np.asarray(got)
+    np.testing.assert_array_equal(np.delete(got, np.s_[window], axis=1), np.delete(want, np.s_[window], axis=1))
+    np.testing.assert_allclose(got[:, window], want[:, window], rtol=0, atol=2 * c * 2.0**-23 * 0.5 * 16.0)
+    # the small part really landed: the one-part result misses it by far more than the tolerance
+    one_part = np.asarray(acc[:, window] + product(a, b) * 0.5)
+    assert np.abs(got[:, window] - one_part).max() > 100 * 2 * c * 2.0**-23 * 0.5 * 16.0
+
+
+@pytest.mark.parametrize("transpose_a,out_dtype", [(False, BF16), (True, BF16), (True, jnp.float32)])
+def test_add_product_adds_and_casts_like_xla(transpose_a, out_dtype):
+    """gpu_add_product: (acc + scale * op(a) b) in out_dtype, as XLA's add then cast: equal up to
+    the fp32 summation order, which can move a bf16 result by at most one bf16 ulp."""
+    m, c, n = 128, 192, 256
+    acc = normal(5, (B, m, n)) * 4.0
+    a = normal(6, (B, c, m) if transpose_a else (B, m, c), BF16)
+    b = normal(7, (B, c, n), BF16)
+    got = jax.jit(
+        lambda acc, a, b: ag.gpu_add_product(
+            acc, a, b, transpose_a=transpose_a, scale=0.125, out_dtype=out_dtype, interpret=_interpret()
+        )
+    )(acc, a, b)
+    op_a = jnp.swapaxes(a, 1, 2) if transpose_a else a
+    exact = acc + jnp.einsum("bmc,bcn->bmn", op_a, b, preferred_element_type=jnp.float32) * 0.125
+    assert got.dtype == out_dtype and got.shape == acc.shape
+    got, exact = np.asarray(got, np.float32), np.asarray(exact)
+    ulp = 2.0**-8 if out_dtype == BF16 else 2.0**-23
+    np.testing.assert_allclose(got, exact, rtol=ulp, atol=c * 2.0**-23 * 0.125 * 16.0)
+    assert np.abs(got - np.asarray(acc)).max() > 1.0  # the product really landed
+
+
 @needs_in_place
 def test_accumulated_buffer_is_an_aliased_operand_when_lowered_for_cuda():
     acc, a, b = SD((B, 512, 256), jnp.float32), SD((B, 128, 64), BF16), SD((B, 512, 256), BF16)
@@ -94,6 +154,31 @@ def test_accumulate_errors(kwargs, match):
     a, b = jnp.zeros((1, m, 128), BF16), jnp.zeros((1, 512, n), BF16)
     with pytest.raises(ValueError, match=match):
         ag.gpu_accumulate_product(acc, a, b, acc_start=kwargs.get("acc_start", 0), b_start=kwargs.get("b_start", 0))
+
+
+def test_add_product_lowers_for_cuda_with_a_narrow_output():
+    acc, a, b = SD((B, 256, 256), jnp.float32), SD((B, 256, 256), BF16), SD((B, 256, 256), BF16)
+    text = lower_or_skip(jax.jit(lambda acc, a, b: ag.gpu_add_product(acc, a, b, transpose_a=True)), (acc, a, b))
+    assert ag.ADD_TRANSPOSED_KERNEL_NAME in text and "mosaic_gpu" in text
+    assert "output_operand_alias" not in text  # a new bf16 array, the buffer only read
+
+
+@needs_in_place
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda z, t: ag.gpu_accumulate_product(z, (t, t), (z16(), z16())), "at most one of them in parts"),
+        (lambda z, t: ag.gpu_accumulate_product(z, (t, t[:, :64]), z16()), "parts of a must share one shape"),
+        (lambda z, t: ag.gpu_add_product(z, t, z16()), "want acc \\(B, M, N\\) and b \\(B, C, N\\)"),
+    ],
+)
+def test_part_and_add_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(jnp.zeros((1, 512, 128)), jnp.zeros((1, 128, 128), BF16))
+
+
+def z16():
+    return jnp.zeros((1, 512, 128), BF16)
 
 
 @pytest.mark.skipif(ag.in_place_supported(), reason="this jax lowers the kernel")

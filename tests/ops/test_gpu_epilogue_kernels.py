@@ -567,4 +567,6 @@ def test_recursive_solve_with_gemm_kernels_lowers_for_cuda(kernels, d):
     # the bfloat16 tier's pushed products add into racc, bacc, dq and dk in place (where this jax lowers it)
     in_place = opted_in and ag.in_place_supported()
     assert (ag.KERNEL_NAME in text) == (ag.TRANSPOSED_KERNEL_NAME in text) == in_place
+    # and the diagonal leaves' last products of dq and dk are added and cast in one pass each
+    assert (ag.ADD_KERNEL_NAME in text) == (ag.ADD_TRANSPOSED_KERNEL_NAME in text) == in_place
     assert ("sessa_row_stats_gpu" in text) == opted_in  # the statistics pass: the (streamed) stats kernel

@@ -6,15 +6,19 @@ same products in XLA need.
 
 ``gpu_accumulate_product(acc, a, b, ...)``: acc[:, o : o + M] += scale * op(a) @ b[:, t : t + C],
 op(a) = a or its transpose; a is a whole (bf16) tile, b and acc are full-length buffers read
-and written at the windows' starts o, t (static or traced, multiples of ``BLOCK_C``). Grid (M /
-``BLOCK_M``, N / Bn, B), one warpgroup per (``BLOCK_M``, Bn) output tile with Bn = N up to
-``BLOCK_N`` = 256, else 256; the contraction runs in chunks of ``BLOCK_C`` = 64 (a's and b's
-chunks copied to shared memory by TMA, single buffered, one wgmma each into an fp32
-accumulator); the epilogue reads the accumulator's tile, adds scale times the product in fp32
-registers and writes it back. The buffer is updated in place: the kernel takes it as a
-``jax.new_ref`` (an aliased operand of the custom call), so XLA keeps one buffer where the
-caller's is dead afterwards (a loop carry) and copies it otherwise. Shared memory: 64 * 64 * 2
-+ 64 * Bn * 2 + 64 * Bn * 4 bytes, 104 KiB at Bn = 256.
+and written at the windows' starts o, t (static or traced, multiples of ``BLOCK_C``). Either
+operand may come in bf16 parts (a tuple, e.g. the hi and lo parts of a two-pass product), whose
+products the kernel sums in the same fp32 accumulator: the buffer's window is read and written
+once, and the unsplit operand read once, however many parts. Grid (M / ``BLOCK_M``, N / Bn, B),
+one warpgroup per (``BLOCK_M``, Bn) output tile with Bn = N up to ``BLOCK_N`` = 256, else 256;
+the contraction runs in chunks of ``BLOCK_C`` = 64 (every part's chunk of a and b copied to
+shared memory by TMA, single buffered, one wgmma per part into the fp32 accumulator); the
+epilogue reads the accumulator's tile, adds scale times the product in fp32 registers and
+writes it back. The buffer is updated in place: the kernel takes it as a ``jax.new_ref`` (an
+aliased operand of the custom call), so XLA keeps one buffer where the caller's is dead
+afterwards (a loop carry) and copies it otherwise. Shared memory: 64 * 64 * 2 per part of a,
+64 * Bn * 2 per part of b and 64 * Bn * 4 bytes, 104 KiB at Bn = 256 and one part each, 136
+KiB with b in two parts.
 
 Needs a Hopper GPU (sm_90a) and jax >= 0.12 (``in_place_supported``); verified on CPU only, in
 Mosaic GPU interpret mode against the XLA product, and lowered for "cuda". Never run on a GPU;
@@ -25,6 +29,7 @@ Used by ``kernels="gpu_gemm"`` in the "bfloat16" tier (``recursive``).
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -48,10 +53,14 @@ BLOCK_N = 256  # most output columns per program: a (64, 256) fp32 accumulator i
 BLOCK_C = BLOCK_D  # contraction chunk: one 128-byte swizzled row of bf16
 KERNEL_NAME = "sessa_accumulate_product_gpu"
 TRANSPOSED_KERNEL_NAME = "sessa_accumulate_product_t_gpu"  # op(a) = a^T
+ADD_KERNEL_NAME = "sessa_add_product_gpu"  # gpu_add_product: a new, cast output
+ADD_TRANSPOSED_KERNEL_NAME = "sessa_add_product_t_gpu"
 _OUT_SWIZZLE = dict(transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
 # plgpu.kernel lowers a jax.new_ref operand (read and written in place) from jax 0.12 on; jax 0.10
 # fails to lower it ("JaxprInputEffect ... does not have a corresponding jaxpr input").
 _MIN_JAX = (0, 12)
+# plgpu.kernel takes a cost_estimate on newer JAX only (not on jax 0.10)
+KERNEL_TAKES_COST = "cost_estimate" in inspect.signature(plgpu.kernel).parameters
 
 
 def in_place_supported() -> bool:
@@ -81,13 +90,18 @@ def add_into_tile(ref_tile, tile_smem, barrier, value) -> None:
 
 
 __all__ = [
+    "ADD_KERNEL_NAME",
+    "ADD_TRANSPOSED_KERNEL_NAME",
     "BLOCK_C",
     "KERNEL_NAME",
+    "KERNEL_TAKES_COST",
     "TRANSPOSED_KERNEL_NAME",
+    "accumulate_cost",
     "accumulate_covers",
     "add_into_tile",
     "check_in_place",
     "gpu_accumulate_product",
+    "gpu_add_product",
     "in_place_supported",
 ]
 
@@ -103,9 +117,23 @@ def accumulate_covers(n: int) -> bool:
     return n > 0 and n % 64 == 0 and n % column_block(n) == 0
 
 
-def _check(acc, a, b, transpose_a: bool, acc_start, b_start):
-    """(M, C) of the product; readable errors naming the value and the fix."""
-    op = "gpu_accumulate_product"
+def _as_parts(x) -> tuple:
+    """An operand as a tuple of its parts: a tuple or list as given, one array as a 1-tuple."""
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _check(op: str, acc, a_parts: tuple, b_parts: tuple, transpose_a: bool, acc_start, b_start):
+    """(M, C) of the product; readable errors naming the function ``op``, the value and the fix."""
+    if not a_parts or not b_parts or (len(a_parts) > 1 and len(b_parts) > 1):
+        raise ValueError(
+            f"{op}: a and b are each one array or a tuple of parts, at most one of them in parts; got "
+            f"{len(a_parts)} part(s) of a and {len(b_parts)} of b: add the other products in a second call"
+        )
+    a, b = a_parts[0], b_parts[0]
+    for name, parts in (("a", a_parts), ("b", b_parts)):
+        if any(part.shape != parts[0].shape or part.dtype != parts[0].dtype for part in parts):
+            shapes = [f"{part.dtype}{list(part.shape)}" for part in parts]
+            raise ValueError(f"{op}: the parts of {name} must share one shape and dtype; got {shapes}")
     if acc.ndim != 3 or a.ndim != 3 or b.ndim != 3 or not acc.shape[0] == a.shape[0] == b.shape[0]:
         raise ValueError(
             f"{op}: want acc (B, T, N), a (B, M, C) or (B, C, M), b (B, S, N); got {acc.shape}, {a.shape}, {b.shape}"
@@ -136,21 +164,34 @@ def _check(acc, a, b, transpose_a: bool, acc_start, b_start):
     return m, c
 
 
-def _body(starts_ref, a_ref, b_ref, acc_ref, a_smem, b_smem, out_smem, bar, *, transpose_a, chunks, block_n, scale):
-    """One (BLOCK_M, block_n) tile of acc's window: the product over ``chunks`` contraction chunks,
-    then acc += scale * product through shared memory."""
+def _body(starts_ref, *refs, a_parts, b_parts, transpose_a, chunks, block_n, scale, out_dtype):
+    """One (BLOCK_M, block_n) tile of acc's window: the products of every part over ``chunks``
+    contraction chunks in one fp32 accumulator, then acc + scale * their sum through shared
+    memory, written back into acc (``out_dtype`` None) or cast to ``out_dtype`` into the output.
+    refs: a's ``a_parts`` parts, b's ``b_parts`` parts, acc, the output (with ``out_dtype``), then
+    the scratch."""
+    a_refs, b_refs = refs[:a_parts], refs[a_parts : a_parts + b_parts]
+    refs = refs[a_parts + b_parts :]
+    if out_dtype is None:
+        acc_ref, a_smem, b_smem, acc_smem, bar = refs
+    else:
+        acc_ref, out_ref, a_smem, b_smem, acc_smem, out_smem, bar = refs
     i, j, b = lax.axis_index("rows"), lax.axis_index("cols"), lax.axis_index("batch")
     acc0, b0 = read_window_starts(starts_ref, BLOCK_C)
     cols = pl.ds(j * block_n, block_n)
+    pairs = [(p, 0) for p in range(a_parts)] if a_parts > 1 else [(0, p) for p in range(b_parts)]
 
     def product(acc):
         def chunk(c, carry):
-            if transpose_a:  # a (C, M): its chunk of C rows, the program's M columns
-                copy_waited(a_ref.at[b, pl.ds(c * BLOCK_C, BLOCK_C), pl.ds(i * BLOCK_M, BLOCK_M)], a_smem, bar.at[0])
-            else:
-                copy_waited(a_ref.at[b, pl.ds(i * BLOCK_M, BLOCK_M), pl.ds(c * BLOCK_C, BLOCK_C)], a_smem, bar.at[0])
-            copy_waited(b_ref.at[b, pl.ds(b0 + c * BLOCK_C, BLOCK_C), cols], b_smem, bar.at[0])
-            plgpu.wgmma(acc, a_smem.transpose((1, 0)) if transpose_a else a_smem, b_smem)
+            contracted, own = pl.ds(c * BLOCK_C, BLOCK_C), pl.ds(i * BLOCK_M, BLOCK_M)
+            for p, ref in enumerate(a_refs):  # a (C, M) with transpose_a: its chunk of C rows, the program's M columns
+                copy_waited(
+                    ref.at[b, contracted, own] if transpose_a else ref.at[b, own, contracted], a_smem.at[p], bar.at[0]
+                )
+            for p, ref in enumerate(b_refs):
+                copy_waited(ref.at[b, pl.ds(b0 + c * BLOCK_C, BLOCK_C), cols], b_smem.at[p], bar.at[0])
+            for pa, pb in pairs:
+                plgpu.wgmma(acc, a_smem.at[pa].transpose((1, 0)) if transpose_a else a_smem.at[pa], b_smem.at[pb])
             plgpu.wgmma_wait(0)  # the next chunk's copies overwrite the operands
             return carry
 
@@ -159,7 +200,70 @@ def _body(starts_ref, a_ref, b_ref, acc_ref, a_smem, b_smem, out_smem, bar, *, t
 
     prod = pl.run_scoped(product, plgpu.ACC((BLOCK_M, block_n), F32))
     rows = pl.ds(acc0 + i * BLOCK_M, BLOCK_M)
-    add_into_tile(acc_ref.at[b, rows, cols], out_smem, bar.at[0], prod * scale)  # acc + product * scale
+    if out_dtype is None:
+        add_into_tile(acc_ref.at[b, rows, cols], acc_smem, bar.at[0], prod * scale)  # acc + product * scale
+        return
+    copy_waited(acc_ref.at[b, rows, cols], acc_smem, bar.at[0])
+    out_smem[...] = (_load(acc_smem, plgpu.Layout.WGMMA) + prod * scale).astype(out_dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_smem, out_ref.at[b, rows, cols])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def accumulate_cost(b: int, m: int, c: int, n: int, a_parts: int, b_parts: int, out_bytes: int = 4) -> pl.CostEstimate:
+    """The kernel's work, declared to the compiler (and read back by ``benchmarks/gpu_compile.py``,
+    which cannot see the windows): 2 B M C N FLOPs per part; bytes: every part of the a tile and
+    of b's C-row window read once, acc's M-row window read once and written once in place, or
+    written to a new output of ``out_bytes`` per element (a lower bound: each column tile rereads
+    a)."""
+    parts = max(a_parts, b_parts)
+    moved = b * (a_parts * m * c * 2 + b_parts * c * n * 2 + m * n * (4 + out_bytes))
+    return pl.CostEstimate(flops=2 * b * m * c * n * parts, transcendentals=0, bytes_accessed=moved)
+
+
+def _launch(acc, a_parts, b_parts, starts, m: int, c: int, *, transpose_a, scale, out_dtype, name, interpret):
+    """The kernel on acc's window of M rows, contracted over C; see ``gpu_accumulate_product`` and
+    ``gpu_add_product``. Returns acc updated in place (``out_dtype`` None) or the new output."""
+    bsz, _, n = acc.shape
+    block_n = column_block(n)
+    body = functools.partial(
+        _body,
+        a_parts=len(a_parts),
+        b_parts=len(b_parts),
+        transpose_a=transpose_a,
+        chunks=c // BLOCK_C,
+        block_n=block_n,
+        scale=float(scale),
+        out_dtype=out_dtype,
+    )
+    body.__name__ = name  # plgpu.kernel names the kernel after its body
+    a_tile = (BLOCK_C, BLOCK_M) if transpose_a else (BLOCK_M, BLOCK_C)
+    out_swizzle = _OUT_SWIZZLE if out_dtype is not None and jnp.dtype(out_dtype).itemsize == 4 else SWIZZLE
+    out_smem = [] if out_dtype is None else [plgpu.SMEM((BLOCK_M, block_n), out_dtype, **out_swizzle)]
+    scratch = [
+        plgpu.SMEM((len(a_parts), *a_tile), BF16, **SWIZZLE),
+        plgpu.SMEM((len(b_parts), BLOCK_C, block_n), BF16, **SWIZZLE),
+        plgpu.SMEM((BLOCK_M, block_n), F32, **_OUT_SWIZZLE),
+        *out_smem,
+        plgpu.Barrier(num_barriers=1),
+    ]
+    kwargs = dict(interpret=interpret) if interpret else {}
+    if KERNEL_TAKES_COST:
+        out_bytes = 4 if out_dtype is None else jnp.dtype(out_dtype).itemsize
+        kwargs["cost_estimate"] = accumulate_cost(bsz, m, c, n, len(a_parts), len(b_parts), out_bytes)
+    call = functools.partial(
+        plgpu.kernel,
+        body,
+        scratch_types=scratch,
+        grid=(m // BLOCK_M, n // block_n, bsz),
+        grid_names=("rows", "cols", "batch"),
+        **kwargs,
+    )
+    if out_dtype is not None:
+        return call(out_type=jax.ShapeDtypeStruct(acc.shape, out_dtype))(starts, *a_parts, *b_parts, acc)
+    acc_ref = jax.new_ref(acc)
+    call(out_type=())(starts, *a_parts, *b_parts, acc_ref)
+    return jax.freeze(acc_ref)
 
 
 def gpu_accumulate_product(acc, a, b, *, acc_start=0, b_start=0, transpose_a: bool = False, scale=1.0, interpret=False):
@@ -167,33 +271,65 @@ def gpu_accumulate_product(acc, a, b, *, acc_start=0, b_start=0, transpose_a: bo
 
     acc (B, T, N) float32; a (B, M, C) bf16, or (B, C, M) with ``transpose_a`` (op(a) = a^T); b
     (B, S, N) bf16; M, C multiples of ``BLOCK_C`` = 64; N a multiple of 64 up to 256 or of 256
-    (``accumulate_covers``). ``acc_start``, ``b_start``: Python ints or traced int32 scalars,
-    multiples of 64 with the windows inside acc and b (checked where static). The product takes
-    one bf16 pass with fp32 accumulation, and is multiplied by ``scale`` (a Python float) before
-    it is added, as ``acc + (a @ b) * scale`` in XLA. Returns the updated acc (B, T, N) float32,
-    written in place where the caller's acc is not used afterwards. ``interpret``: False (compile
-    for the GPU) or ``plgpu.InterpretGPUParams()`` (Mosaic GPU interpret mode, jax >= 0.11).
+    (``accumulate_covers``). Either a or b (not both) may be a tuple of parts of that shape
+    and dtype: the product is then the sum of one bf16 pass per part, op(a_p) @ b or op(a) @ b_p,
+    accumulated in one fp32 accumulator. ``acc_start``, ``b_start``: Python ints or traced int32
+    scalars, multiples of 64 with the windows inside acc and b (checked where static). The
+    product takes one bf16 pass per part with fp32 accumulation, and is multiplied by ``scale``
+    (a Python float) before it is added, as ``acc + (a @ b) * scale`` in XLA. Returns the updated
+    acc (B, T, N) float32, written in place where the caller's acc is not used afterwards.
+    ``interpret``: False (compile for the GPU) or ``plgpu.InterpretGPUParams()`` (Mosaic GPU
+    interpret mode, jax >= 0.11).
     """
     check_in_place("gpu_accumulate_product", "add the product in XLA")
-    m, c = _check(acc, a, b, transpose_a, acc_start, b_start)
-    bsz, _, n = acc.shape
-    block_n = column_block(n)
-    body = functools.partial(_body, transpose_a=transpose_a, chunks=c // BLOCK_C, block_n=block_n, scale=float(scale))
-    body.__name__ = TRANSPOSED_KERNEL_NAME if transpose_a else KERNEL_NAME  # plgpu.kernel names it after its body
-    scratch = [
-        plgpu.SMEM((BLOCK_C, BLOCK_M) if transpose_a else (BLOCK_M, BLOCK_C), BF16, **SWIZZLE),
-        plgpu.SMEM((BLOCK_C, block_n), BF16, **SWIZZLE),
-        plgpu.SMEM((BLOCK_M, block_n), F32, **_OUT_SWIZZLE),
-        plgpu.Barrier(num_barriers=1),
-    ]
-    kwargs = dict(interpret=interpret) if interpret else {}
-    acc_ref = jax.new_ref(acc)
-    plgpu.kernel(
-        body,
-        out_type=(),
-        scratch_types=scratch,
-        grid=(m // BLOCK_M, n // block_n, bsz),
-        grid_names=("rows", "cols", "batch"),
-        **kwargs,
-    )(window_starts(acc_start, b_start), a, b, acc_ref)
-    return jax.freeze(acc_ref)
+    a_parts, b_parts = _as_parts(a), _as_parts(b)
+    m, c = _check("gpu_accumulate_product", acc, a_parts, b_parts, transpose_a, acc_start, b_start)
+    name = TRANSPOSED_KERNEL_NAME if transpose_a else KERNEL_NAME
+    starts = window_starts(acc_start, b_start)
+    return _launch(
+        acc,
+        a_parts,
+        b_parts,
+        starts,
+        m,
+        c,
+        transpose_a=transpose_a,
+        scale=scale,
+        out_dtype=None,
+        name=name,
+        interpret=interpret,
+    )
+
+
+def gpu_add_product(acc, a, b, *, transpose_a: bool = False, scale=1.0, out_dtype=BF16, interpret=False):
+    """(acc + scale * op(a) @ b) cast to ``out_dtype``, a new array: the last product of a
+    float32 accumulation and its cast in one pass (the buffer read once, the narrow result
+    written once).
+
+    acc (B, M, N) float32; a (B, M, C) bf16, or (B, C, M) with ``transpose_a``; b (B, C, N) bf16,
+    or a tuple of parts as in ``gpu_accumulate_product``; M, C multiples of ``BLOCK_C`` = 64; N
+    as there. One bf16 pass per part, fp32 accumulation, the sum added as
+    ``(acc + (a @ b) * scale).astype(out_dtype)`` in XLA. Returns (B, M, N) ``out_dtype``.
+    ``interpret`` as in ``gpu_accumulate_product``.
+    """
+    a_parts, b_parts = _as_parts(a), _as_parts(b)
+    m, c = _check("gpu_add_product", acc, a_parts, b_parts, transpose_a, 0, 0)
+    if acc.shape[1] != m or b_parts[0].shape[1] != c:
+        raise ValueError(
+            f"gpu_add_product: want acc (B, M, N) and b (B, C, N) for op(a) (B, M, C) = (B, {m}, {c}); got acc "
+            f"{acc.shape}, b {b_parts[0].shape}: use gpu_accumulate_product to add into a window of a longer buffer"
+        )
+    name = ADD_TRANSPOSED_KERNEL_NAME if transpose_a else ADD_KERNEL_NAME
+    return _launch(
+        acc,
+        a_parts,
+        b_parts,
+        window_starts(0, 0),
+        m,
+        c,
+        transpose_a=transpose_a,
+        scale=scale,
+        out_dtype=jnp.dtype(out_dtype),
+        name=name,
+        interpret=interpret,
+    )

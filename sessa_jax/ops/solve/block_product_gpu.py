@@ -51,7 +51,6 @@ Opt-in via ``kernels="gpu_gemm"`` of the recursive solve.
 from __future__ import annotations
 
 import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +58,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from sessa_jax.ops.solve.accumulate_gpu import add_into_tile, check_in_place
+from sessa_jax.ops.solve.accumulate_gpu import KERNEL_TAKES_COST, add_into_tile, check_in_place
 from sessa_jax.ops.solve.row_stats_gpu import (
     BLOCK_D,
     SWIZZLE,
@@ -84,8 +83,6 @@ PRODUCT_BF16_KERNEL_NAME = "sessa_block_product_bf16_gpu"  # s given rounded onc
 FUSED_MAX_DV = 2 * BLOCK_V  # widest s the solve's forward pushes take fused (``product_fused``)
 PANEL_ALIGN = 64  # the P-tile kernels' panels start at multiples of this (a wgmma M granule)
 
-# plgpu.kernel takes a cost_estimate on newer JAX only (not on jax 0.10)
-_KERNEL_TAKES_COST = "cost_estimate" in inspect.signature(plgpu.kernel).parameters
 
 __all__ = [
     "BLOCK_D",
@@ -327,7 +324,7 @@ def _call(
     ``cost``: a ``pl.CostEstimate`` for the compiler, where this JAX's ``plgpu.kernel`` takes one."""
     body.__name__ = name  # plgpu.kernel names the kernel after its body
     kwargs = dict(interpret=interpret) if interpret else {}
-    if cost is not None and _KERNEL_TAKES_COST:
+    if cost is not None and KERNEL_TAKES_COST:
         kwargs["cost_estimate"] = cost
     call = plgpu.kernel(
         body,

@@ -36,7 +36,12 @@ from jax import lax
 
 from sessa_jax.ops.masks import PAD_SEGMENT, default_segment_ids, merge_chunks, pad_time, take_chunk
 from sessa_jax.ops.platforms import platform_kind, platform_paths
-from sessa_jax.ops.solve.accumulate_gpu import accumulate_covers, gpu_accumulate_product, in_place_supported
+from sessa_jax.ops.solve.accumulate_gpu import (
+    accumulate_covers,
+    gpu_accumulate_product,
+    gpu_add_product,
+    in_place_supported,
+)
 from sessa_jax.ops.solve.block_product import block_probs_and_grad, block_product, probs_grad, row_delta, split_dot
 from sessa_jax.ops.solve.block_product_gpu import (
     check_solve_support,
@@ -168,9 +173,10 @@ class RecursivePlan:
     def accumulates_in_kernel(self, width: int) -> bool:
         """Whether the backward's pushed products (P^T g, dL k, dL^T q) add into bacc, dq and dk in
         place in ``accumulate_gpu.gpu_accumulate_product``: kernels "gpu_gemm" in the "bfloat16"
-        tier (one bf16 pass each, P^T g one per part of g, kept as bf16 hi + lo; the forward's P s,
-        where ``pushes_in_kernel``, one pass per part of P), at a width D the kernel covers, where this JAX
-        lowers it (``accumulate_gpu.in_place_supported``; else those products stay XLA)."""
+        tier (one bf16 pass each; P^T g one per part of g, kept as bf16 hi + lo, in one kernel; the
+        forward's P s, where ``pushes_in_kernel``, one per part of P, in one kernel), at a width D
+        the kernel covers, where this JAX lowers it (``accumulate_gpu.in_place_supported``; else
+        those products stay XLA)."""
         return self.gemm_kernels and self.tier == "bfloat16" and accumulate_covers(width) and in_place_supported()
 
     def pushes_in_kernel(self, width: int) -> bool:
@@ -332,10 +338,10 @@ def _gemm_block_accumulate(
 ):
     """``_backward``'s tile in the "bfloat16" tier with the Mosaic GPU kernels throughout: P and dL of
     the block (rows from r0, keys from k0) from the dual-GEMM kernel, read in place; then bacc[keys]
-    += P^T g_hi[rows] + P^T g_lo[rows], dq[rows] += scale dL k[keys], dk[keys] += scale dL^T q[rows],
-    each one bf16 pass added in place (``accumulate_gpu``): the same products as the XLA path's at
-    this tier. g_parts: g's full-length bf16 hi + lo parts (``RecursivePlan.g_dtypes``). Returns
-    (bacc, dq, dk)."""
+    += P^T g_hi[rows] + P^T g_lo[rows] (two bf16 passes in one kernel), dq[rows] += scale dL
+    k[keys], dk[keys] += scale dL^T q[rows] (one each), added in place (``accumulate_gpu``): the
+    same products as the XLA path's at this tier. g_parts: g's full-length bf16 hi + lo parts
+    (``RecursivePlan.g_dtypes``). Returns (bacc, dq, dk)."""
     g_hi, g_lo = g_parts
     window = dict(rows=rows, keys=keys, row_start=r0, key_start=k0)
     (probs,), dlogits = gpu_block_probs_and_grad(
@@ -346,11 +352,30 @@ def _gemm_block_accumulate(
         **window,
     )
     add = functools.partial(gpu_accumulate_product, interpret=plan.gpu_interpret)
-    for g_part in (g_hi, g_lo):
-        bacc = add(bacc, probs, g_part, acc_start=k0, b_start=r0, transpose_a=True)
+    bacc = add(bacc, probs, (g_hi, g_lo), acc_start=k0, b_start=r0, transpose_a=True)
     dq = add(dq, dlogits, x.k_b, acc_start=r0, b_start=k0, scale=plan.scale)
     dk = add(dk, dlogits, x.q_b, acc_start=k0, b_start=r0, transpose_a=True, scale=plan.scale)
     return bacc, dq, dk
+
+
+def _gemm_diagonal_grads(plan: RecursivePlan, x: _GemmBackwardInputs, dlogits, dq, dk):
+    """dq + scale dL_ii k_i and dk + scale dL_ii^T q_i over all leaves i, cast to q's and k's
+    dtypes, where the backward's products add in place (``RecursivePlan.accumulates_in_kernel``):
+    one ``accumulate_gpu.gpu_add_product`` each, the leaves as its batch, so the float32
+    accumulators are read once and the results written once in their own dtype. The same one
+    bf16 pass (dL rounded once) as the XLA path's ``RecursivePlan.plain``. dlogits (B, n, Cs, Cs)
+    float32; dq, dk (B, Tp, D) float32. Returns (dq, dk) (B, Tp, D)."""
+    b, tp, d = dq.shape
+    c = plan.leaf
+
+    def leaves(a):
+        return a.reshape(b * plan.num_leaves, c, a.shape[-1])
+
+    dl = leaves(dlogits).astype(jnp.bfloat16)
+    add = functools.partial(gpu_add_product, scale=plan.scale, interpret=plan.gpu_interpret)
+    dq = add(leaves(dq), dl, leaves(x.k_b), out_dtype=x.q.dtype).reshape(b, tp, d)
+    dk = add(leaves(dk), dl, leaves(x.q_b), transpose_a=True, out_dtype=x.k.dtype).reshape(b, tp, d)
+    return dq, dk
 
 
 def _take_segments(seg, start, size: int):
@@ -422,15 +447,12 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
 
     def tile(carry, r0, rows, k0, keys):
         s_buf, racc, s_b = carry
-        if in_place:  # racc[rows] += P_hi bf16(s)[keys], then P_lo's, in the kernel, s read from its bf16 copy
+        if in_place:  # racc[rows] += (P_hi + P_lo) bf16(s)[keys] in one kernel, s read from its bf16 copy
             window = dict(rows=rows, keys=keys, row_start=r0, key_start=k0)
             parts = gpu_block_probs(
                 q_b, seg, m, logl, k_b, seg, scale=plan.scale, split=True, interpret=plan.gpu_interpret, **window
             )
-            for part in parts:
-                racc = gpu_accumulate_product(
-                    racc, part, s_b[0], acc_start=r0, b_start=k0, interpret=plan.gpu_interpret
-                )
+            racc = gpu_accumulate_product(racc, parts, s_b[0], acc_start=r0, b_start=k0, interpret=plan.gpu_interpret)
             return s_buf, racc, s_b
         if fused_window:  # the fused push reads q, k, m, logl and s's bf16 part(s) in place
             push = functools.partial(
@@ -627,6 +649,9 @@ def _backward(plan: RecursivePlan, res, ds):
     g4 = g_buf[0].reshape(b, n, c, d)  # g, or its hi part, which difference_dot's rounding gives
     s4 = s.reshape(b, n, c, d) if s_parts is None else tuple(x.reshape(b, n, c, d) for x in s_parts)
     dlogits = probs_grad("bnid,bnjd->bnij", a_ii, g4, delta.reshape(b, n, c), s4, plan.plain_tier, plan.platform)
+    if plan.accumulates_in_kernel(d):  # the last products of dq and dk added and cast in one pass each
+        dq, dk = _gemm_diagonal_grads(plan, gemm_inputs, dlogits, dq, dk)
+        return dq, dk, dgamma, lam
     q4, k4 = q.reshape(b, n, c, d), k.reshape(b, n, c, d)
     dq = dq + (plan.plain("bnij,bnjd->bnid", dlogits, k4) * plan.scale).reshape(b, tp, d)
     dk = dk + (plan.plain("bnij,bnid->bnjd", dlogits, q4) * plan.scale).reshape(b, tp, d)
