@@ -358,20 +358,30 @@ def _gemm_block_accumulate(
     return bacc, dq, dk
 
 
-def _gemm_diagonal_grads(plan: RecursivePlan, x: _GemmBackwardInputs, dlogits, dq, dk):
-    """dq + scale dL_ii k_i and dk + scale dL_ii^T q_i over all leaves i, cast to q's and k's
-    dtypes, where the backward's products add in place (``RecursivePlan.accumulates_in_kernel``):
-    one ``accumulate_gpu.gpu_add_product`` each, the leaves as its batch, so the float32
-    accumulators are read once and the results written once in their own dtype. The same one
-    bf16 pass (dL rounded once) as the XLA path's ``RecursivePlan.plain``. dlogits (B, n, Cs, Cs)
-    float32; dq, dk (B, Tp, D) float32. Returns (dq, dk) (B, Tp, D)."""
+def _gemm_diagonal_grads(plan: RecursivePlan, x: _GemmBackwardInputs, g_hi, delta, dq, dk):
+    """The diagonal leaves' share of the backward where its products add in place
+    (``RecursivePlan.accumulates_in_kernel``), every leaf i at once as the kernels' batch: dL_ii
+    from the dual-GEMM kernel (``gpu_block_probs_and_grad``, causal: P_ii recomputed from q_i,
+    k_i and the row statistics, g_i s_i^T with s split), then dq + scale dL_ii k_i and dk + scale
+    dL_ii^T q_i added and cast to q's and k's dtypes in one ``accumulate_gpu.gpu_add_product``
+    each, so the float32 accumulators are read once and the results written once in their own
+    dtype. The same products as the XLA path's ``probs_grad`` and ``RecursivePlan.plain``, up to
+    fp32 summation order. g_hi (B, Tp, D) bf16, delta (B, Tp) float32, dq and dk (B, Tp, D)
+    float32. Returns (dq, dk) (B, Tp, D)."""
     b, tp, d = dq.shape
     c = plan.leaf
 
     def leaves(a):
-        return a.reshape(b * plan.num_leaves, c, a.shape[-1])
+        return None if a is None else a.reshape(b * plan.num_leaves, c, *a.shape[2:])
 
-    dl = leaves(dlogits).astype(jnp.bfloat16)
+    seg = leaves(x.seg)
+    _, dl = gpu_block_probs_and_grad(
+        *(leaves(x.q_b), seg, leaves(x.m), leaves(x.logl), leaves(x.k_b), seg),
+        *(leaves(g_hi), leaves(x.s_hi), leaves(x.s_lo), leaves(delta)),
+        scale=plan.scale,
+        causal=True,
+        interpret=plan.gpu_interpret,
+    )
     add = functools.partial(gpu_add_product, scale=plan.scale, interpret=plan.gpu_interpret)
     dq = add(leaves(dq), dl, leaves(x.k_b), out_dtype=x.q.dtype).reshape(b, tp, d)
     dk = add(leaves(dk), dl, leaves(x.q_b), transpose_a=True, out_dtype=x.k.dtype).reshape(b, tp, d)
@@ -645,13 +655,13 @@ def _backward(plan: RecursivePlan, res, ds):
     lam, g_buf, delta, dq, dk = carry
     dgamma = outs[0] if len(outs) == 1 else jnp.concatenate(outs[::-1], axis=1)
 
+    if plan.accumulates_in_kernel(d):  # the diagonal leaves' dL, dq and dk in the kernels, cast in place
+        dq, dk = _gemm_diagonal_grads(plan, gemm_inputs, g_buf[0], delta, dq, dk)
+        return dq, dk, dgamma, lam
     # The diagonal leaves' share of the logits gradient, all leaves at once.
     g4 = g_buf[0].reshape(b, n, c, d)  # g, or its hi part, which difference_dot's rounding gives
     s4 = s.reshape(b, n, c, d) if s_parts is None else tuple(x.reshape(b, n, c, d) for x in s_parts)
     dlogits = probs_grad("bnid,bnjd->bnij", a_ii, g4, delta.reshape(b, n, c), s4, plan.plain_tier, plan.platform)
-    if plan.accumulates_in_kernel(d):  # the last products of dq and dk added and cast in one pass each
-        dq, dk = _gemm_diagonal_grads(plan, gemm_inputs, dlogits, dq, dk)
-        return dq, dk, dgamma, lam
     q4, k4 = q.reshape(b, n, c, d), k.reshape(b, n, c, d)
     dq = dq + (plan.plain("bnij,bnjd->bnid", dlogits, k4) * plan.scale).reshape(b, tp, d)
     dk = dk + (plan.plain("bnij,bnid->bnjd", dlogits, q4) * plan.scale).reshape(b, tp, d)
