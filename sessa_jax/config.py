@@ -43,7 +43,7 @@ class SessaConfig:
     default, which picks C per call from the batch, heads and length, and for short
     sequences attention's panel schedule: ``sessa_jax.ops.dispatch``), ``leaf_size`` (Cs, the leaf of
     the recursive solve: an integer, or "auto", the default: 1024 on a GPU with feedback_kernels
-    "xla" from T = 4096 on, else 512, ``sessa_jax.ops.dispatch.recursive_leaf``),
+    "xla" or "gpu_gemm" from T = 4096 on, else 512, ``sessa_jax.ops.dispatch.recursive_leaf``),
     ``feedback_precision`` (tier of the recursive solve's products,
     ``sessa_jax.ops.solve.precision``: "float32", "bf16x3", "bfloat16", or "auto": float32 on CPU; on
     GPU/TPU "bfloat16" for bf16 ``dtype`` (its gradients within 2x of bf16 attention's own error,

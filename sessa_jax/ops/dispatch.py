@@ -41,10 +41,10 @@ KERNEL_KEY_BLOCK = 128  # the key block of the Pallas kernels: the leaf must be 
 # and at most TILE_LEAVES leaves, which bounds the switch branches (program size) whatever T is.
 RECURSIVE_TILE = 4096
 TILE_LEAVES = 8
-# leaf_size="auto" for the recursive solve: LEAF_LONG on a GPU with XLA's products from
-# LEAF_LONG_MIN_LENGTH tokens on (half the leaf steps, pushes and kernel launches for more leaf
-# FLOPs: docs/performance.md, "Leaves of 1024 on GPU"), else LEAF. With the Mosaic GPU kernels
-# the larger leaf does not pay, and on a TPU nothing has measured it.
+# leaf_size="auto" for the recursive solve: LEAF_LONG on a GPU with XLA's products or the Mosaic
+# GPU GEMM kernels from LEAF_LONG_MIN_LENGTH tokens on (half the leaf steps, pushes and kernel
+# launches for more leaf FLOPs: docs/performance.md, "Leaves of 1024 on GPU"), else LEAF. With
+# kernels "pallas" on a GPU (the statistics kernel alone) and on a TPU nothing has measured it.
 LEAF = 512
 LEAF_LONG = 1024
 LEAF_LONG_MIN_LENGTH = 4096
@@ -70,8 +70,8 @@ def recursive_tile(length: int, leaf: int) -> int:
 def recursive_leaf(length: int, platform: str, kernels: str = "xla") -> int:
     """The recursive solve's leaf (Cs) for leaf_size="auto" at sequence length ``length`` on
     ``platform`` ("cpu", "gpu", "tpu") with feedback ``kernels``: ``LEAF_LONG`` on a GPU with
-    kernels "xla" where length >= ``LEAF_LONG_MIN_LENGTH``, else ``LEAF``."""
-    if platform == "gpu" and kernels == "xla" and length >= LEAF_LONG_MIN_LENGTH:
+    kernels "xla" or "gpu_gemm" where length >= ``LEAF_LONG_MIN_LENGTH``, else ``LEAF``."""
+    if platform == "gpu" and kernels in ("xla", "gpu_gemm") and length >= LEAF_LONG_MIN_LENGTH:
         return LEAF_LONG
     return LEAF
 
