@@ -69,13 +69,13 @@ def _interpret():
     return False if jax.default_backend() == "gpu" else interpret_or_skip()  # compiled on a GPU
 
 
-@pytest.mark.parametrize("split", ["a", "b"])
+@pytest.mark.parametrize("split,n", [("a", 128), ("b", 128), ("b", 512)])
 @needs_in_place
-def test_operand_parts_add_as_one_product(split):
+def test_operand_parts_add_as_one_product(split, n):
     """With a (or b) in two parts, the window gains scale * (op(a_hi) b + op(a_lo) b) (or op(a)
     (b_hi + b_lo)), as the two products in XLA, summed before they are added; the rows outside
-    the window untouched."""
-    t, n, m, c, acc_start, b_start = 384, 128, 128, 128, 192, 64
+    the window untouched; one and two column tiles."""
+    t, m, c, acc_start, b_start = 384, 128, 128, 192, 64
     acc = normal(1, (B, t, n))
     a = normal(2, (B, c, m), BF16)  # transposed, as the backward's P^T g
     b = normal(3, (B, t, n), BF16)
