@@ -20,9 +20,13 @@ afterwards (a loop carry) and copies it otherwise. Shared memory: 64 * 64 * 2 pe
 64 * Bn * 2 per part of b and 64 * Bn * 4 bytes, 104 KiB at Bn = 256 and one part each, 136
 KiB with b in two parts.
 
-Needs a Hopper GPU (sm_90a) and jax >= 0.12 (``in_place_supported``); verified on CPU only, in
-Mosaic GPU interpret mode against the XLA product, and lowered for "cuda". Never run on a GPU;
-its speed is unknown.
+``gpu_add_product(acc, a, b, ...)`` is the same kernel with a new output instead of the update
+in place: (acc + scale * op(a) @ b) cast to ``out_dtype``, acc read once and the narrow result
+written once (the backward's last products of dq and dk with their cast to the inputs' dtype).
+
+Needs a Hopper GPU (sm_90a); the update in place needs jax >= 0.12 (``in_place_supported``).
+Verified on CPU only, in Mosaic GPU interpret mode against the XLA products, and lowered for
+"cuda". Never run on a GPU; its speed is unknown.
 Used by ``kernels="gpu_gemm"`` in the "bfloat16" tier (``recursive``).
 """
 
