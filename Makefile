@@ -23,10 +23,12 @@ LATEST_TESTS ?= tests/model/test_fixtures.py tests/ops/test_blocked.py tests/ops
 	tests/tools/test_packaging.py tests/ops/test_row_stats_gpu.py tests/train/test_wandb.py \
 	tests/ops/test_recursive_bf16_accuracy.py tests/data/test_data_integrity.py tests/model/test_sharding_user_model.py \
 	tests/model/test_decoding_interface.py tests/ops/test_recursive_fast_paths.py tests/tools/test_accelerator_check.py \
-	tests/ops/test_gpu_epilogue_kernels.py tests/ops/test_accumulate_kernel.py tests/tools/test_import_graph.py
+	tests/ops/test_gpu_epilogue_kernels.py tests/ops/test_accumulate_kernel.py tests/ops/test_leaf_kernel.py \
+	tests/tools/test_import_graph.py
 CI_LATEST_TESTS := tests/model/test_fixtures.py tests/ops/test_lowering.py tests/train/test_loop.py \
 	tests/tools/test_packaging.py tests/ops/test_row_stats_gpu.py tests/ops/test_gpu_epilogue_kernels.py \
-	tests/ops/test_accumulate_kernel.py tests/train/test_wandb.py tests/model/test_sharding_user_model.py
+	tests/ops/test_accumulate_kernel.py tests/ops/test_leaf_kernel.py tests/train/test_wandb.py \
+	tests/model/test_sharding_user_model.py
 
 .PHONY: install test lint test-latest test-latest-ci test-interop train bench clean
 

@@ -52,6 +52,7 @@ from sessa_jax.ops.solve.block_product_gpu import (
     product_fused,
 )
 from sessa_jax.ops.solve.block_product_tpu import tpu_block_product, tpu_block_product_bwd
+from sessa_jax.ops.solve.leaf_gpu import gpu_leaf_solve, leaf_solve_covers
 from sessa_jax.ops.solve.precision import (
     bf16_round_bits,
     chained_dot,
@@ -178,6 +179,18 @@ class RecursivePlan:
         the kernel covers, where this JAX lowers it (``accumulate_gpu.in_place_supported``; else
         those products stay XLA)."""
         return self.gemm_kernels and self.tier == "bfloat16" and accumulate_covers(width) and in_place_supported()
+
+    def leaf_solves_in_kernel(self, width: int) -> bool:
+        """Whether the forward's leaf steps run in ``leaf_gpu.gpu_leaf_solve`` (X_i, f_i, racc_i read
+        in place, s's bf16 copy written in place): kernels "gpu_gemm" in the "bfloat16" tier
+        (whose leaf products are bf16x3, as the kernel's), at a leaf and width the kernel covers,
+        where this JAX lowers an aliased operand (``accumulate_gpu.in_place_supported``)."""
+        return (
+            self.gemm_kernels
+            and self.tier == "bfloat16"
+            and leaf_solve_covers(self.leaf, width)
+            and in_place_supported()
+        )
 
     def pushes_in_kernel(self, width: int) -> bool:
         """Whether the forward's pushes add P s into racc in place the same way (with s kept in a
@@ -489,9 +502,15 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
         update = plan.unfused_sum(update)
         return s_buf, lax.dynamic_update_slice_in_dim(racc, take_chunk(racc, r0, rows) + update, r0, axis=1), s_b
 
+    leaf_in_kernel = s_copies == 1 and plan.leaf_solves_in_kernel(f.shape[-1])
+    x_rows = x_inv.reshape(x_inv.shape[0], n * c, c)  # X_i one under another, for the leaf kernel
+
     def solve_leaf(carry, i):
         s_buf, racc, s_b = carry
         start = i * c
+        if leaf_in_kernel:  # X_i, f_i, racc_i read in place, bf16(s_i) written in place
+            s_i, s_b0 = gpu_leaf_solve(x_rows, s_buf, racc, gamma, s_b[0], start, interpret=plan.gpu_interpret)
+            return lax.dynamic_update_slice_in_dim(s_buf, s_i, start, axis=1), racc, (s_b0,)
         # s_buf starts as f and leaf i overwrites its own rows only, after reading f_i there
         rhs = take_chunk(s_buf, start, c) + take_chunk(gamma, start, c)[..., None] * take_chunk(racc, start, c)
         x_i = lax.dynamic_index_in_dim(x_inv, i, axis=1, keepdims=False)

@@ -1,0 +1,94 @@
+"""The Mosaic GPU forward leaf step (``leaf_gpu.gpu_leaf_solve``) against the XLA leaf step it
+replaces (the right-hand side f_i + gamma_i racc_i, X_i times it at bf16x3 by the explicit
+split, bf16(s_i) written into the leaf's rows), in Mosaic GPU interpret mode (jax >= 0.12,
+skipped before; on a GPU compiled, ``scripts/accelerator_check.sh kernels``); its lowering for
+"cuda" and its errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sessa_jax.ops.solve import accumulate_gpu as ag
+from sessa_jax.ops.solve import leaf_gpu as lg
+from sessa_jax.ops.solve.precision import chained_dot
+from tests.support.gpu_kernels import interpret_or_skip, lower_or_skip
+from tests.support.kernel_inputs import normal
+
+B, LEAF, LEAVES = 2, 128, 3
+BF16 = jnp.bfloat16
+SD = jax.ShapeDtypeStruct
+needs_in_place = pytest.mark.skipif(
+    not ag.in_place_supported(), reason=f"jax {jax.__version__} cannot lower a jax.new_ref kernel operand (jax >= 0.12)"
+)
+
+
+def _inputs(d: int):
+    tp = LEAF * LEAVES
+    x_inv = normal(40, (B, tp, LEAF)) * 0.1
+    f, racc = normal(41, (B, tp, d)), normal(42, (B, tp, d))
+    gamma = 0.999 * jnp.tanh(normal(43, (B, tp)))
+    s_b = normal(44, (B, tp, d), BF16)  # earlier leaves' copies: must survive
+    return x_inv, f, racc, gamma, s_b
+
+
+@pytest.mark.parametrize("d,traced", [(64, True), (256, False)])
+@needs_in_place
+def test_leaf_solve_matches_the_xla_leaf_step(d, traced):
+    """s_i equals X_i (f_i + gamma_i racc_i) at the explicit bf16x3 split to fp32 summation order
+    (and is as close to the float32-exact product); s_b gains bf16(s_i) in the leaf's rows and
+    keeps every other row; one and two column tiles, traced and static starts."""
+    x_inv, f, racc, gamma, s_b = _inputs(d)
+    start = LEAF  # the middle leaf
+    interp = False if jax.default_backend() == "gpu" else interpret_or_skip()
+
+    def run(*args):
+        return lg.gpu_leaf_solve(*args, interpret=interp)
+
+    if traced:
+        s_i, s_b_new = jax.jit(run)(x_inv, f, racc, gamma, s_b, jnp.int32(start))
+    else:
+        s_i, s_b_new = jax.jit(run, static_argnums=5)(x_inv, f, racc, gamma, s_b, start)
+    rows = slice(start, start + LEAF)
+    x_i, rhs = x_inv[:, rows], f[:, rows] + gamma[:, rows, None] * racc[:, rows]
+    twin = chained_dot("bij,bjd->bid", x_i, rhs, "bf16x3", "cpu")
+    exact = jnp.einsum("bij,bjd->bid", x_i, rhs, precision=jax.lax.Precision.HIGHEST)
+    scale = float(jnp.abs(exact).max())
+    assert s_i.shape == (B, LEAF, d) and s_i.dtype == jnp.float32
+    # bf16x3 drops lo.lo (~2^-16 relative per term); the rest is fp32 summation order
+    np.testing.assert_allclose(s_i, twin, rtol=0, atol=LEAF * 2.0**-22 * scale)
+    assert float(jnp.abs(s_i - exact).max()) <= 2 * float(jnp.abs(twin - exact).max()) + 2.0**-20 * scale
+    got, old = np.asarray(s_b_new.astype(jnp.float32)), np.asarray(s_b.astype(jnp.float32))
+    np.testing.assert_array_equal(got[:, rows], np.asarray(s_i.astype(BF16).astype(jnp.float32)))
+    np.testing.assert_array_equal(np.delete(got, np.s_[rows], axis=1), np.delete(old, np.s_[rows], axis=1))
+
+
+@needs_in_place
+def test_leaf_solve_lowers_for_cuda_with_the_copy_in_place():
+    tp, d = LEAF * LEAVES, 256
+    args = (SD((B, tp, LEAF), jnp.float32), *[SD((B, tp, d), jnp.float32)] * 2, SD((B, tp), jnp.float32))
+    args = (*args, SD((B, tp, d), BF16), SD((), jnp.int32))
+    text = lower_or_skip(jax.jit(lambda *a: lg.gpu_leaf_solve(*a)), args)
+    assert lg.KERNEL_NAME in text and "mosaic_gpu" in text
+    assert "output_operand_alias" in text  # s_b's rows are written where they are
+
+
+@needs_in_place
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(d=96), "leaf 128 and width 96 must be multiples of 64"),
+        (dict(s_b_dtype=jnp.float32), "s_b bfloat16"),
+        (dict(gamma_len=100), "gamma must have shape"),
+        (dict(start=64), "row_start 64 must be a leaf's first row"),
+    ],
+)
+def test_leaf_solve_errors(change, match):
+    d, tp = change.get("d", 128), LEAF * LEAVES
+    x_inv, f = jnp.zeros((1, tp, LEAF)), jnp.zeros((1, tp, d))
+    gamma = jnp.zeros((1, change.get("gamma_len", tp)))
+    s_b = jnp.zeros((1, tp, d), change.get("s_b_dtype", BF16))
+    with pytest.raises(ValueError, match=match):
+        lg.gpu_leaf_solve(x_inv, f, f, gamma, s_b, change.get("start", 0))
