@@ -16,9 +16,9 @@ import pytest
 from jax import lax
 
 from sessa_jax.ops.solve import accumulate_gpu as ag
-from sessa_jax.ops.solve import leaf_gpu as lg
 from sessa_jax.ops.solve import block_product as bp
 from sessa_jax.ops.solve import block_product_gpu as bg
+from sessa_jax.ops.solve import leaf_gpu as lg
 from sessa_jax.ops.solve.precision import bf16_round_bits, split_bf16
 from tests.support.gpu_kernels import interpret_or_skip, lower_or_skip
 from tests.support.kernel_inputs import kernel_segments, normal
@@ -570,6 +570,6 @@ def test_recursive_solve_with_gemm_kernels_lowers_for_cuda(kernels, d):
     assert (ag.KERNEL_NAME in text) == (ag.TRANSPOSED_KERNEL_NAME in text) == in_place
     # and the diagonal leaves' last products of dq and dk are added and cast in one pass each
     assert (ag.ADD_KERNEL_NAME in text) == (ag.ADD_TRANSPOSED_KERNEL_NAME in text) == in_place
-    # and the forward's leaf steps read X_i, f_i, racc_i in place (leaf 128 and D covered)
-    assert (lg.KERNEL_NAME in text) == in_place
+    # and the leaf steps read X_i and their right-hand sides in place (leaf 128 and D covered)
+    assert (lg.KERNEL_NAME in text) == (lg.TRANSPOSED_KERNEL_NAME in text) == in_place
     assert ("sessa_row_stats_gpu" in text) == opted_in  # the statistics pass: the (streamed) stats kernel

@@ -65,6 +65,45 @@ def test_leaf_solve_matches_the_xla_leaf_step(d, traced):
     np.testing.assert_array_equal(np.delete(got, np.s_[rows], axis=1), np.delete(old, np.s_[rows], axis=1))
 
 
+@pytest.mark.parametrize("d,traced", [(128, True), (256, False)])
+@needs_in_place
+def test_transposed_leaf_solve_matches_the_xla_leaf_step(d, traced):
+    """lambda_i equals X_i^T bacc_i at the explicit bf16x3 split to fp32 summation order; g_hi and
+    g_lo gain the bf16 hi + lo parts of gamma_i lambda_i in the leaf's rows and keep every other
+    row."""
+    from sessa_jax.ops.solve.precision import split_bf16
+
+    x_inv, bacc, _, gamma, g_hi = _inputs(d)
+    g_lo = normal(45, g_hi.shape, BF16)
+    start = 2 * LEAF  # the last leaf
+    interp = False if jax.default_backend() == "gpu" else interpret_or_skip()
+
+    def run(*args):
+        return lg.gpu_leaf_solve_transposed(*args, interpret=interp)
+
+    args = (x_inv, bacc, gamma, g_hi, g_lo)
+    if traced:
+        lam, hi, lo = jax.jit(run)(*args, jnp.int32(start))
+    else:
+        lam, hi, lo = jax.jit(run, static_argnums=5)(*args, start)
+    rows = slice(start, start + LEAF)
+    twin = chained_dot("bji,bjd->bid", x_inv[:, rows], bacc[:, rows], "bf16x3", "cpu")
+    scale = float(jnp.abs(twin).max())
+    np.testing.assert_allclose(lam, twin, rtol=0, atol=LEAF * 2.0**-22 * scale)
+    g = gamma[:, rows, None] * lam
+    want_hi, _ = split_bf16(g)
+    f32 = lambda x: np.asarray(x.astype(jnp.float32))  # noqa: E731
+    # hi is g rounded once, as the backward's delta rounds it; lo = bf16(g - hi) may round a tie
+    # the other way where the compiler fuses g's product into the subtraction (one fma)
+    np.testing.assert_array_equal(f32(hi[:, rows]), f32(want_hi))
+    np.testing.assert_allclose(f32(hi[:, rows]) + f32(lo[:, rows]), np.asarray(g), rtol=2.0**-16, atol=0)
+    assert np.abs(f32(lo[:, rows])).max() > 0  # the low part really landed
+    for new, old in ((hi, g_hi), (lo, g_lo)):
+        np.testing.assert_array_equal(
+            np.delete(f32(new), np.s_[rows], axis=1), np.delete(f32(old), np.s_[rows], axis=1)
+        )
+
+
 @needs_in_place
 def test_leaf_solve_lowers_for_cuda_with_the_copy_in_place():
     tp, d = LEAF * LEAVES, 256
@@ -73,6 +112,9 @@ def test_leaf_solve_lowers_for_cuda_with_the_copy_in_place():
     text = lower_or_skip(jax.jit(lambda *a: lg.gpu_leaf_solve(*a)), args)
     assert lg.KERNEL_NAME in text and "mosaic_gpu" in text
     assert "output_operand_alias" in text  # s_b's rows are written where they are
+    args = (args[0], args[1], args[3], args[4], args[4], args[5])
+    text = lower_or_skip(jax.jit(lambda *a: lg.gpu_leaf_solve_transposed(*a)), args)
+    assert lg.TRANSPOSED_KERNEL_NAME in text and "output_operand_alias" in text
 
 
 @needs_in_place

@@ -41,8 +41,9 @@ BLOCK_M = 64  # rows of s_i per warpgroup
 BLOCK_N = 128  # most columns per program (the float32 staging tiles bound it)
 BLOCK_C = 64  # contraction chunk (rows of the leaf)
 KERNEL_NAME = "sessa_leaf_solve_gpu"
+TRANSPOSED_KERNEL_NAME = "sessa_leaf_solve_t_gpu"  # the backward's X_i^T
 
-__all__ = ["KERNEL_NAME", "gpu_leaf_solve", "leaf_solve_covers"]
+__all__ = ["KERNEL_NAME", "TRANSPOSED_KERNEL_NAME", "gpu_leaf_solve", "gpu_leaf_solve_transposed", "leaf_solve_covers"]
 
 
 def _block_n(d: int) -> int:
@@ -61,72 +62,142 @@ def _split(x):
     return hi, (x - hi.astype(F32)).astype(BF16)
 
 
-def _body(starts_ref, x_ref, f_ref, r_ref, g_ref, sb_ref, out_ref, *scratch, chunks: int, block_n: int):
-    """One (BLOCK_M, block_n) tile of s_i; see the module docstring."""
-    x_stage, f_stage, r_stage, g_stage, x_parts, rhs_parts, out_smem, sb_smem, bar = scratch
+def _body(starts_ref, *refs, transposed: bool, chunks: int, block_n: int):
+    """One (BLOCK_M, block_n) tile of s_i (forward) or of lambda_i (``transposed``); see the module
+    docstring. refs: x_rows, then f, racc, gamma and s_b (forward) or bacc, gamma, g_hi and g_lo
+    (transposed), the output, then the scratch."""
+    if transposed:
+        x_ref, b_ref, g_ref, hi_ref, lo_ref, out_ref, *scratch = refs
+        x_stage, b_stage, g_stage, x_parts, rhs_parts, out_smem, hi_smem, lo_smem, bar = scratch
+    else:
+        x_ref, f_ref, r_ref, g_ref, sb_ref, out_ref, *scratch = refs
+        x_stage, f_stage, r_stage, g_stage, x_parts, rhs_parts, out_smem, sb_smem, bar = scratch
     i, j, b = lax.axis_index("rows"), lax.axis_index("cols"), lax.axis_index("batch")
     (row0,) = read_window_starts(starts_ref, BLOCK_C)
     cols = pl.ds(j * block_n, block_n)
-    own = pl.ds(row0 + i * BLOCK_M, BLOCK_M)  # the program's rows of X_i (x_inv's rows) and of s_i
-    shape = (BLOCK_C, block_n)
+    own = pl.ds(row0 + i * BLOCK_M, BLOCK_M)  # the program's rows of the leaf in the full-length buffers
+
+    def gamma_rows():  # gamma of the 64 rows staged in g_stage, along the tile's columns
+        return lax.broadcast_in_dim(_load(g_stage, plgpu.Layout.WGMMA.reduce(1)), (BLOCK_C, block_n), [0])
 
     def product(acc):
         def chunk(c, carry):
-            contracted = pl.ds(row0 + c * BLOCK_C, BLOCK_C)  # the leaf's rows of f, racc, gamma
-            copy_waited(x_ref.at[b, own, pl.ds(c * BLOCK_C, BLOCK_C)], x_stage, bar.at[0])
-            copy_waited(f_ref.at[b, contracted, cols], f_stage, bar.at[0])
-            copy_waited(r_ref.at[b, contracted, cols], r_stage, bar.at[0])
-            copy_waited(g_ref.at[b, contracted], g_stage, bar.at[0])
-            gamma = lax.broadcast_in_dim(_load(g_stage, plgpu.Layout.WGMMA.reduce(1)), shape, [0])
-            rhs = _load(f_stage, plgpu.Layout.WGMMA) + gamma * _load(r_stage, plgpu.Layout.WGMMA)
+            contracted = pl.ds(row0 + c * BLOCK_C, BLOCK_C)  # the leaf's rows being contracted
+            if transposed:  # X_i^T: a (contracted, own) block of X_i, transposed in the smem view
+                x_block = x_ref.at[b, contracted, pl.ds(i * BLOCK_M, BLOCK_M)]
+            else:
+                x_block = x_ref.at[b, own, pl.ds(c * BLOCK_C, BLOCK_C)]
+            copy_waited(x_block, x_stage, bar.at[0])
+            if transposed:
+                copy_waited(b_ref.at[b, contracted, cols], b_stage, bar.at[0])
+                rhs = _load(b_stage, plgpu.Layout.WGMMA)
+            else:
+                copy_waited(f_ref.at[b, contracted, cols], f_stage, bar.at[0])
+                copy_waited(r_ref.at[b, contracted, cols], r_stage, bar.at[0])
+                copy_waited(g_ref.at[b, contracted], g_stage, bar.at[0])
+                rhs = _load(f_stage, plgpu.Layout.WGMMA) + gamma_rows() * _load(r_stage, plgpu.Layout.WGMMA)
             for p, part in enumerate(_split(_load(x_stage, plgpu.Layout.WGMMA))):
                 x_parts[p] = part
             for p, part in enumerate(_split(rhs)):
                 rhs_parts[p] = part
             plgpu.commit_smem()
             for px, pr in ((0, 0), (0, 1), (1, 0)):  # hi hi + hi lo + lo hi
-                plgpu.wgmma(acc, x_parts.at[px], rhs_parts.at[pr])
+                x_op = x_parts.at[px].transpose((1, 0)) if transposed else x_parts.at[px]
+                plgpu.wgmma(acc, x_op, rhs_parts.at[pr])
             plgpu.wgmma_wait(0)  # the next chunk overwrites the operands
             return carry
 
         lax.fori_loop(0, chunks, chunk, 0)
         return acc[...]
 
-    s = pl.run_scoped(product, plgpu.ACC((BLOCK_M, block_n), F32))
-    out_smem[...] = s
-    sb_smem[...] = s.astype(BF16)
+    y = pl.run_scoped(product, plgpu.ACC((BLOCK_M, block_n), F32))
+    out_smem[...] = y
+    if transposed:  # g = gamma * lambda of the program's rows, split into g's two bf16 buffers
+        copy_waited(g_ref.at[b, own], g_stage, bar.at[0])
+        hi, lo = _split(gamma_rows() * y)
+        hi_smem[...], lo_smem[...] = hi, lo
+        copies = ((hi_smem, hi_ref), (lo_smem, lo_ref))
+    else:
+        sb_smem[...] = y.astype(BF16)
+        copies = ((sb_smem, sb_ref),)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(out_smem, out_ref.at[b, pl.ds(i * BLOCK_M, BLOCK_M), cols])
-    plgpu.copy_smem_to_gmem(sb_smem, sb_ref.at[b, own, cols])
+    for smem, ref in copies:
+        plgpu.copy_smem_to_gmem(smem, ref.at[b, own, cols])
     plgpu.wait_smem_to_gmem(0)
 
 
-def _check(x_inv, f, racc, gamma, s_b, leaf: int, row_start):
-    op = "gpu_leaf_solve"
-    b, tp, d = f.shape
-    want = {"x_inv": (b, None, leaf), "racc": (b, tp, d), "s_b": (b, tp, d), "gamma": (b, tp)}
-    got = {"x_inv": x_inv.shape, "racc": racc.shape, "s_b": s_b.shape, "gamma": gamma.shape}
-    for name, shape in want.items():
-        if len(got[name]) != len(shape) or any(w is not None and w != g for w, g in zip(shape, got[name])):
-            raise ValueError(f"{op}: {name} must have shape {shape} (None: any) for f {f.shape}; got {got[name]}")
-    if x_inv.shape[1] % leaf:
-        raise ValueError(f"{op}: x_inv's rows {x_inv.shape[1]} must be whole leaves of {leaf}")
-    dtypes = (x_inv.dtype, f.dtype, racc.dtype, gamma.dtype, s_b.dtype)
-    if dtypes != (F32, F32, F32, F32, BF16):
-        raise ValueError(f"{op}: want x_inv, f, racc, gamma float32 and s_b bfloat16; got {dtypes}")
+def _check(op: str, x_rows, wide: dict, gamma, narrow: dict, row_start):
+    """Readable errors naming ``op``, the value and the fix; ``wide``: the float32 (B, Tp, D)
+    buffers by name, ``narrow``: the bf16 ones."""
+    leaf = x_rows.shape[-1]
+    first = next(iter(wide.values()))
+    b, tp, d = first.shape
+    shapes = {"x_rows": (x_rows.shape, (b, None, leaf)), "gamma": (gamma.shape, (b, tp))}
+    shapes.update({name: (x.shape, (b, tp, d)) for name, x in (*wide.items(), *narrow.items())})
+    for name, (got, want) in shapes.items():
+        if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got)):
+            raise ValueError(f"{op}: {name} must have shape {want} (None: any) for {first.shape}; got {got}")
+    if x_rows.shape[1] % leaf:
+        raise ValueError(f"{op}: x_rows' {x_rows.shape[1]} rows must be whole leaves of {leaf}")
+    f32 = [x_rows, gamma, *wide.values()]
+    if any(x.dtype != F32 for x in f32) or any(x.dtype != BF16 for x in narrow.values()):
+        names = ", ".join(["x_rows", "gamma", *wide])
+        raise ValueError(
+            f"{op}: want {names} float32 and {', '.join(narrow)} bfloat16; got "
+            f"{[str(x.dtype) for x in f32]}, {[str(x.dtype) for x in narrow.values()]}"
+        )
     if not leaf_solve_covers(leaf, d):
         raise ValueError(
-            f"{op}: leaf {leaf} and width {d} must be multiples of 64, the width up to {BLOCK_N} or a multiple of it: "
-            "use the XLA leaf step"
+            f"{op}: leaf {leaf} and width {d} must be multiples of 64, the width up to {BLOCK_N} or a multiple "
+            "of it: use the XLA leaf step"
         )
     if isinstance(row_start, int) and not (0 <= row_start <= tp - leaf and row_start % leaf == 0):
         raise ValueError(f"{op}: row_start {row_start} must be a leaf's first row in [0, {tp - leaf}]")
+    return leaf, d
 
 
-def gpu_leaf_solve(x_inv, f, racc, gamma, s_b, row_start, *, interpret=False):
+def _launch(inputs, in_place, leaf: int, d: int, row_start, *, transposed: bool, interpret):
+    """The kernel on one leaf; ``inputs``: the operands read, ``in_place``: the bf16 buffers written
+    in place. Returns (the leaf's (B, Cs, D) float32 result, *the updated buffers)."""
+    bsz = inputs[1].shape[0]
+    block_n = _block_n(d)
+    body = functools.partial(_body, transposed=transposed, chunks=leaf // BLOCK_C, block_n=block_n)
+    body.__name__ = TRANSPOSED_KERNEL_NAME if transposed else KERNEL_NAME  # plgpu.kernel names it after its body
+    wide_tile = plgpu.SMEM((BLOCK_C, block_n), F32, **_OUT_SWIZZLE)
+    bf16_tile = plgpu.SMEM((BLOCK_M, block_n), BF16, **SWIZZLE)
+    scratch = [
+        plgpu.SMEM((BLOCK_C, BLOCK_M) if transposed else (BLOCK_M, BLOCK_C), F32, **_OUT_SWIZZLE),
+        *([wide_tile] if transposed else [wide_tile, wide_tile]),
+        plgpu.SMEM((BLOCK_C,), F32),
+        plgpu.SMEM((2, BLOCK_C, BLOCK_M) if transposed else (2, BLOCK_M, BLOCK_C), BF16, **SWIZZLE),
+        plgpu.SMEM((2, BLOCK_C, block_n), BF16, **SWIZZLE),
+        plgpu.SMEM((BLOCK_M, block_n), F32, **_OUT_SWIZZLE),
+        *[bf16_tile] * len(in_place),
+        plgpu.Barrier(num_barriers=1),
+    ]
+    kwargs = dict(interpret=interpret) if interpret else {}
+    if KERNEL_TAKES_COST:
+        wide_reads = 1 if transposed else 2
+        moved = bsz * (leaf * leaf * 4 + (wide_reads + 1) * leaf * d * 4 + len(in_place) * leaf * d * 2 + leaf * 4)
+        flops = 3 * 2 * bsz * leaf * leaf * d
+        kwargs["cost_estimate"] = pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=moved)
+    refs = [jax.new_ref(x) for x in in_place]
+    out = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((bsz, leaf, d), F32),
+        scratch_types=scratch,
+        grid=(leaf // BLOCK_M, d // block_n, bsz),
+        grid_names=("rows", "cols", "batch"),
+        **kwargs,
+    )(window_starts(row_start), *inputs, *refs)
+    return (out, *(jax.freeze(r) for r in refs))
+
+
+def gpu_leaf_solve(x_rows, f, racc, gamma, s_b, row_start, *, interpret=False):
     """(s_i, s_b): the forward leaf step of leaf i = row_start / Cs.
 
-    x_inv (B, n Cs, Cs) float32: X_i = (I - diag(gamma_i) A_ii)^-1 of every leaf, one under
+    x_rows (B, n Cs, Cs) float32: X_i = (I - diag(gamma_i) A_ii)^-1 of every leaf, one under
     another; f, racc (B, Tp, D) float32: the right-hand side's f and pushed sums; gamma (B, Tp)
     float32; s_b (B, Tp, D) bfloat16: the leaf loop's bf16 copy of s. ``row_start``: a Python int
     or traced int32, a multiple of Cs. Returns s_i = X_i (f_i + gamma_i racc_i) (B, Cs, D) float32
@@ -135,36 +206,21 @@ def gpu_leaf_solve(x_inv, f, racc, gamma, s_b, row_start, *, interpret=False):
     is not used afterwards. ``interpret``: False or ``plgpu.InterpretGPUParams()``.
     """
     check_in_place("gpu_leaf_solve", "run the leaf step in XLA")
-    leaf = x_inv.shape[-1]
-    _check(x_inv, f, racc, gamma, s_b, leaf, row_start)
-    bsz, _, d = f.shape
-    block_n = _block_n(d)
-    body = functools.partial(_body, chunks=leaf // BLOCK_C, block_n=block_n)
-    body.__name__ = KERNEL_NAME  # plgpu.kernel names the kernel after its body
-    scratch = [
-        plgpu.SMEM((BLOCK_M, BLOCK_C), F32, **_OUT_SWIZZLE),
-        plgpu.SMEM((BLOCK_C, block_n), F32, **_OUT_SWIZZLE),
-        plgpu.SMEM((BLOCK_C, block_n), F32, **_OUT_SWIZZLE),
-        plgpu.SMEM((BLOCK_C,), F32),
-        plgpu.SMEM((2, BLOCK_M, BLOCK_C), BF16, **SWIZZLE),
-        plgpu.SMEM((2, BLOCK_C, block_n), BF16, **SWIZZLE),
-        plgpu.SMEM((BLOCK_M, block_n), F32, **_OUT_SWIZZLE),
-        plgpu.SMEM((BLOCK_M, block_n), BF16, **SWIZZLE),
-        plgpu.Barrier(num_barriers=1),
-    ]
-    kwargs = dict(interpret=interpret) if interpret else {}
-    if KERNEL_TAKES_COST:
-        moved = bsz * (leaf * leaf * 4 + 3 * leaf * d * 4 + leaf * d * 2 + leaf * 4)
-        kwargs["cost_estimate"] = pl.CostEstimate(
-            flops=3 * 2 * bsz * leaf * leaf * d, transcendentals=0, bytes_accessed=moved
-        )
-    sb_ref = jax.new_ref(s_b)
-    s_i = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((bsz, leaf, d), F32),
-        scratch_types=scratch,
-        grid=(leaf // BLOCK_M, d // block_n, bsz),
-        grid_names=("rows", "cols", "batch"),
-        **kwargs,
-    )(window_starts(row_start), x_inv, f, racc, gamma, sb_ref)
-    return s_i, jax.freeze(sb_ref)
+    leaf, d = _check("gpu_leaf_solve", x_rows, {"f": f, "racc": racc}, gamma, {"s_b": s_b}, row_start)
+    return _launch((x_rows, f, racc, gamma), (s_b,), leaf, d, row_start, transposed=False, interpret=interpret)
+
+
+def gpu_leaf_solve_transposed(x_rows, bacc, gamma, g_hi, g_lo, row_start, *, interpret=False):
+    """(lambda_i, g_hi, g_lo): the backward leaf step of leaf i = row_start / Cs.
+
+    x_rows, gamma, ``row_start`` and ``interpret`` as in ``gpu_leaf_solve``; bacc (B, Tp, D)
+    float32: the backward's right-hand sides (ds plus the transposed pushes); g_hi, g_lo (B, Tp,
+    D) bfloat16: the backward's g = gamma * lambda as bf16 hi + lo parts. Returns lambda_i =
+    X_i^T bacc_i (B, Cs, D) float32 at bf16x3, and g_hi, g_lo with the leaf's rows set to the
+    parts of gamma_i lambda_i (``precision.split_bf16``'s hi and lo), in place where the
+    caller's buffers are not used afterwards.
+    """
+    check_in_place("gpu_leaf_solve_transposed", "run the leaf step in XLA")
+    narrow = {"g_hi": g_hi, "g_lo": g_lo}
+    leaf, d = _check("gpu_leaf_solve_transposed", x_rows, {"bacc": bacc}, gamma, narrow, row_start)
+    return _launch((x_rows, bacc, gamma), (g_hi, g_lo), leaf, d, row_start, transposed=True, interpret=interpret)

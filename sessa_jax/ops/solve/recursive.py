@@ -52,7 +52,7 @@ from sessa_jax.ops.solve.block_product_gpu import (
     product_fused,
 )
 from sessa_jax.ops.solve.block_product_tpu import tpu_block_product, tpu_block_product_bwd
-from sessa_jax.ops.solve.leaf_gpu import gpu_leaf_solve, leaf_solve_covers
+from sessa_jax.ops.solve.leaf_gpu import gpu_leaf_solve, gpu_leaf_solve_transposed, leaf_solve_covers
 from sessa_jax.ops.solve.precision import (
     bf16_round_bits,
     chained_dot,
@@ -625,18 +625,26 @@ def _backward(plan: RecursivePlan, res, ds):
 
         return add(bacc, b_keys, k0), g_buf, delta, add(dq, dq_p, r0), add(dk, dk_keys, k0)
 
+    leaf_in_kernel = len(plan.g_dtypes(d, s.dtype)) == 2 and plan.leaf_solves_in_kernel(d)
+    x_rows = x_inv.reshape(b, n * c, c)  # X_i one under another, for the leaf kernel
+
     def solve_leaf(carry, i):
         """lam_i, and the leaf's rows of g, of delta = rowsum(g * r) (every block that pushes from
         these rows takes it) and of dgamma = rowsum(lam * r): r_i is read once, here."""
         bacc, g_buf, delta, dq, dk = carry
         start = i * c
-        x_i = lax.dynamic_index_in_dim(x_inv, i, axis=1, keepdims=False)
-        lam_i = plan.chained("bji,bjd->bid", x_i, take_chunk(bacc, start, c))
-        g_i = take_chunk(gamma, start, c)[..., None] * lam_i
-        parts = split_bf16(g_i) if len(g_buf) == 2 else (g_i.astype(g_buf[0].dtype),)
+        if leaf_in_kernel:  # X_i and bacc_i read in place, g's two bf16 parts written in place
+            lam_i, *g_buf = gpu_leaf_solve_transposed(x_rows, bacc, gamma, *g_buf, start, interpret=plan.gpu_interpret)
+            g_buf = tuple(g_buf)
+            g_i = take_chunk(gamma, start, c)[..., None] * lam_i
+        else:
+            x_i = lax.dynamic_index_in_dim(x_inv, i, axis=1, keepdims=False)
+            lam_i = plan.chained("bji,bjd->bid", x_i, take_chunk(bacc, start, c))
+            g_i = take_chunk(gamma, start, c)[..., None] * lam_i
+            parts = split_bf16(g_i) if len(g_buf) == 2 else (g_i.astype(g_buf[0].dtype),)
+            g_buf = tuple(lax.dynamic_update_slice_in_dim(buf, x, start, axis=1) for buf, x in zip(g_buf, parts))
         r_i = take_chunk(r, start, c)
         bacc = lax.dynamic_update_slice_in_dim(bacc, lam_i, start, axis=1)
-        g_buf = tuple(lax.dynamic_update_slice_in_dim(buf, x, start, axis=1) for buf, x in zip(g_buf, parts))
         delta = lax.dynamic_update_slice_in_dim(delta, row_delta(g_i, r_i, plan.plain_tier), start, axis=1)
         return (bacc, g_buf, delta, dq, dk), jnp.sum(lam_i * r_i, axis=-1)
 
