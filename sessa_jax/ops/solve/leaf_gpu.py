@@ -1,25 +1,28 @@
-"""Pallas Mosaic GPU (Hopper, ``plgpu``) kernel for the recursive solve's forward leaf step: the
-leaf solve s_i = X_i (f_i + gamma_i * racc_i) at bf16x3, reading X_i, f_i, racc_i and gamma_i in
-place from the full-length buffers and writing s_i's bf16 copy in place, where XLA copies X_i
-and the right-hand side out of their buffers, runs the product, and writes the copy in a pass
-of its own.
+"""Pallas Mosaic GPU (Hopper, ``plgpu``) kernels for the recursive solve's leaf steps at bf16x3:
+the forward's s_i = X_i (f_i + gamma_i * racc_i) and the backward's lambda_i = X_i^T bacc_i, each
+reading X_i and its right-hand side in place from the full-length buffers and writing the bf16
+copies the pushes read (s's, or g = gamma lambda's two parts) in place, where XLA copies X_i and
+the right-hand side out of their buffers, runs the product, and writes each copy in a pass of
+its own.
 
-``gpu_leaf_solve(x_inv, f, racc, gamma, s_b, row_start)``: x_inv (B, n Cs, Cs) float32 holds the
-leaves' X_i one under another (rows [i Cs, (i + 1) Cs) are X_i), f, racc (B, Tp, D) float32 and
-gamma (B, Tp) float32 are read at rows [o, o + Cs) with o = ``row_start`` = i Cs (traced); the
-kernel returns s_i (B, Cs, D) float32 and writes bf16(s_i) into rows [o, o + Cs) of s_b (B, Tp,
-D) bf16 in place (a ``jax.new_ref``). s_i is a new array, not written over f: other programs of
-the same step still read f_i. Grid (Cs / 64, D / Bn, B), one warpgroup per (64, Bn) tile of
-s_i, Bn = min(D, 128); the contraction over the leaf's Cs rows runs in chunks of 64: X_i's
-(64, 64) chunk and the right-hand side's (64, Bn) chunk (f and racc, combined with gamma in fp32
-registers) come in float32 by TMA, are split into bf16 hi + lo in registers and stored to
-shared memory, and three wgmmas (hi hi + hi lo + lo hi) accumulate in fp32: the bf16x3 products
-of ``precision.leaf_dot``'s explicit split. Shared memory about 176 KiB at Bn = 128.
+``gpu_leaf_solve(x_rows, f, racc, gamma, s_b, row_start)`` and
+``gpu_leaf_solve_transposed(x_rows, bacc, gamma, g_hi, g_lo, row_start)``: x_rows (B, n Cs, Cs)
+float32 holds the leaves' X_i one under another (rows [i Cs, (i + 1) Cs) are X_i); the other
+buffers are (B, Tp, D) (gamma (B, Tp)), read and written at rows [o, o + Cs) with o =
+``row_start`` = i Cs (traced). Each returns the leaf's result (B, Cs, D) float32 as a new array,
+not written over its right-hand side (other programs of the same step still read it), and the
+bf16 buffers updated in place (``jax.new_ref``). Grid (Cs / 64, D / Bn, B), one warpgroup per
+(64, Bn) tile of the result, Bn = min(D, 128); the contraction over the leaf's Cs rows runs in
+chunks of 64: X_i's (64, 64) chunk and the right-hand side's (64, Bn) chunk come in float32 by
+TMA (forward: f and racc, combined with gamma in fp32 registers), are split into bf16 hi + lo
+in registers and stored to shared memory, and three wgmmas (hi hi + hi lo + lo hi; X_i
+transposed through the shared-memory view in the backward) accumulate in fp32: the bf16x3
+products of ``precision.leaf_dot``'s explicit split. Shared memory at most about 176 KiB.
 
-Needs a Hopper GPU (sm_90a) and jax >= 0.12 (the in-place copy, ``accumulate_gpu.in_place_supported``);
-verified on CPU only, in Mosaic GPU interpret mode against the XLA leaf step, and lowered for
-"cuda". Never run on a GPU; its speed is unknown. Used by ``kernels="gpu_gemm"`` in the
-"bfloat16" tier (``recursive``).
+Needs a Hopper GPU (sm_90a) and jax >= 0.12 (the in-place writes,
+``accumulate_gpu.in_place_supported``); verified on CPU only, in Mosaic GPU interpret mode
+against the XLA leaf steps, and lowered for "cuda". Never run on a GPU; its speed is unknown.
+Used by ``kernels="gpu_gemm"`` in the "bfloat16" tier (``recursive``).
 """
 
 from __future__ import annotations

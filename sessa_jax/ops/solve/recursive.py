@@ -181,10 +181,12 @@ class RecursivePlan:
         return self.gemm_kernels and self.tier == "bfloat16" and accumulate_covers(width) and in_place_supported()
 
     def leaf_solves_in_kernel(self, width: int) -> bool:
-        """Whether the forward's leaf steps run in ``leaf_gpu.gpu_leaf_solve`` (X_i, f_i, racc_i read
-        in place, s's bf16 copy written in place): kernels "gpu_gemm" in the "bfloat16" tier
-        (whose leaf products are bf16x3, as the kernel's), at a leaf and width the kernel covers,
-        where this JAX lowers an aliased operand (``accumulate_gpu.in_place_supported``)."""
+        """Whether the leaf steps run in ``leaf_gpu``'s kernels (forward ``gpu_leaf_solve``: X_i,
+        f_i, racc_i read in place, s's bf16 copy written in place; backward, where g is kept as
+        two bf16 buffers, ``gpu_leaf_solve_transposed``: X_i and bacc_i read in place, g's parts
+        written in place): kernels "gpu_gemm" in the "bfloat16" tier (whose leaf products are
+        bf16x3, as the kernels'), at a leaf and width they cover, where this JAX lowers an
+        aliased operand (``accumulate_gpu.in_place_supported``)."""
         return (
             self.gemm_kernels
             and self.tier == "bfloat16"
