@@ -36,6 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from sessa_jax.ops.solve.accumulate_gpu import _OUT_SWIZZLE, KERNEL_TAKES_COST, check_in_place
+from sessa_jax.ops.solve.block_product_gpu import _split
 from sessa_jax.ops.solve.row_stats_gpu import SWIZZLE, _load, copy_waited, read_window_starts, window_starts
 
 F32 = jnp.float32
@@ -57,12 +58,6 @@ def leaf_solve_covers(leaf: int, d: int) -> bool:
     """Whether the kernel takes a leaf of ``leaf`` rows and width ``d``: both multiples of 64, and d
     up to ``BLOCK_N`` or a multiple of it."""
     return leaf > 0 and leaf % BLOCK_C == 0 and d > 0 and d % 64 == 0 and d % _block_n(d) == 0
-
-
-def _split(x):
-    """bf16 hi + lo parts of a float32 register value: hi = bf16(x), lo = bf16(x - hi)."""
-    hi = x.astype(BF16)
-    return hi, (x - hi.astype(F32)).astype(BF16)
 
 
 def _body(starts_ref, *refs, transposed: bool, chunks: int, block_n: int):
@@ -99,9 +94,9 @@ def _body(starts_ref, *refs, transposed: bool, chunks: int, block_n: int):
                 copy_waited(r_ref.at[b, contracted, cols], r_stage, bar.at[0])
                 copy_waited(g_ref.at[b, contracted], g_stage, bar.at[0])
                 rhs = _load(f_stage, plgpu.Layout.WGMMA) + gamma_rows() * _load(r_stage, plgpu.Layout.WGMMA)
-            for p, part in enumerate(_split(_load(x_stage, plgpu.Layout.WGMMA))):
+            for p, part in enumerate(_split(_load(x_stage, plgpu.Layout.WGMMA), True)):
                 x_parts[p] = part
-            for p, part in enumerate(_split(rhs)):
+            for p, part in enumerate(_split(rhs, True)):
                 rhs_parts[p] = part
             plgpu.commit_smem()
             for px, pr in ((0, 0), (0, 1), (1, 0)):  # hi hi + hi lo + lo hi
@@ -117,7 +112,7 @@ def _body(starts_ref, *refs, transposed: bool, chunks: int, block_n: int):
     out_smem[...] = y
     if transposed:  # g = gamma * lambda of the program's rows, split into g's two bf16 buffers
         copy_waited(g_ref.at[b, own], g_stage, bar.at[0])
-        hi, lo = _split(gamma_rows() * y)
+        hi, lo = _split(gamma_rows() * y, True)
         hi_smem[...], lo_smem[...] = hi, lo
         copies = ((hi_smem, hi_ref), (lo_smem, lo_ref))
     else:

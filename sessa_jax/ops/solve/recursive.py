@@ -627,7 +627,7 @@ def _backward(plan: RecursivePlan, res, ds):
 
         return add(bacc, b_keys, k0), g_buf, delta, add(dq, dq_p, r0), add(dk, dk_keys, k0)
 
-    leaf_in_kernel = len(plan.g_dtypes(d, s.dtype)) == 2 and plan.leaf_solves_in_kernel(d)
+    leaf_in_kernel = plan.accumulates_in_kernel(d) and plan.leaf_solves_in_kernel(d)  # g in two bf16 parts
     x_rows = x_inv.reshape(b, n * c, c)  # X_i one under another, for the leaf kernel
 
     def solve_leaf(carry, i):
