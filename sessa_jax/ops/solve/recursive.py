@@ -266,6 +266,16 @@ def _schedule(num_leaves: int, tile_leaves: int, static_span: int | None) -> Pus
     return PushSchedule.make(num_leaves, tile_leaves, static_span)
 
 
+def _accumulator(shape, dtype):
+    """An empty sum: -0.0 everywhere, the exact additive identity (x + -0.0 == x for every x).
+
+    Not 0.0: the compiler merges equal constant arrays, and a model's own f32 zeros of this
+    shape (erf's expansion in an exact GELU has them) would become one buffer with the loops'
+    accumulators, which XLA's GPU compiler then copies once per loop that adds into it in place
+    (docs/performance.md)."""
+    return jnp.full(shape, -0.0, dtype)
+
+
 def _barrier(carry, q, k):
     """(carry, q, k) through one optimization barrier: the next static tile's logits then wait
     for the previous tile's result. Without it the compiler may compute the independent
@@ -534,7 +544,7 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
     # Leaves in order: each segment's leaves in a loop, then the static block that follows it.
     # s is written over f (no zero-filled s buffer, no f read from a second buffer); pushes read
     # only rows already solved.
-    carry = (f, jnp.zeros_like(f), tuple(jnp.zeros(f.shape, jnp.bfloat16) for _ in range(s_copies)))
+    carry = (f, _accumulator(f.shape, f.dtype), tuple(jnp.zeros(f.shape, jnp.bfloat16) for _ in range(s_copies)))
     for first, count in sched.segments():
         if count == 1:
             carry = solve_leaf(carry, first)  # its block, first + 1, is static (or absent)
@@ -665,7 +675,7 @@ def _backward(plan: RecursivePlan, res, ds):
     # only earlier rows), so at the end bacc is lam: no zero-filled bacc, no lam gathered.
     g_buf = tuple(jnp.zeros((b, tp, d), dtype) for dtype in plan.g_dtypes(d, s.dtype))
     delta = jnp.zeros((b, tp), s.dtype)
-    zeros = jnp.zeros((b, tp, d), s.dtype)
+    zeros = _accumulator((b, tp, d), s.dtype)
     carry, outs = (ds, g_buf, delta, zeros, zeros), []
     for first, count in reversed(sched.segments()):
         if count == 1:
