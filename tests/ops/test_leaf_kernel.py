@@ -25,9 +25,21 @@ needs_in_place = pytest.mark.skipif(
 )
 
 
+def _lower(x_rows):
+    """x_rows with each leaf's X_i lower triangular, as the solve's inverses are."""
+    return x_rows * jnp.tile(jnp.tri(LEAF, dtype=x_rows.dtype), (x_rows.shape[1] // LEAF, 1))
+
+
+def _upper_blocks(x_rows):
+    """Where x_rows holds an X_i's (64, 64) blocks above its diagonal: what the kernels never read."""
+    block = jnp.arange(LEAF) // 64
+    above = block[None, :] > block[:, None]
+    return jnp.tile(above, (x_rows.shape[1] // LEAF, 1))
+
+
 def _inputs(d: int):
     tp = LEAF * LEAVES
-    x_inv = normal(40, (B, tp, LEAF)) * 0.1
+    x_inv = _lower(normal(40, (B, tp, LEAF)) * 0.1)
     f, racc = normal(41, (B, tp, d)), normal(42, (B, tp, d))
     gamma = 0.999 * jnp.tanh(normal(43, (B, tp)))
     s_b = normal(44, (B, tp, d), BF16)  # earlier leaves' copies: must survive
@@ -102,6 +114,23 @@ def test_transposed_leaf_solve_matches_the_xla_leaf_step(d, traced):
         np.testing.assert_array_equal(
             np.delete(f32(new), np.s_[rows], axis=1), np.delete(f32(old), np.s_[rows], axis=1)
         )
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@needs_in_place
+def test_leaf_kernels_never_read_the_blocks_above_the_diagonal(transposed):
+    """X_i is lower triangular, so its (64, 64) blocks above the diagonal hold zeros the kernels
+    skip: NaN there leaves both steps' results and bf16 copies as they are with zeros."""
+    d = 128
+    x_inv, rhs, racc, gamma, s_b = _inputs(d)
+    poisoned = jnp.where(_upper_blocks(x_inv), jnp.nan, x_inv)
+    interp = False if jax.default_backend() == "gpu" else interpret_or_skip()
+    if transposed:
+        step = lambda x: lg.gpu_leaf_solve_transposed(x, rhs, gamma, s_b, s_b, LEAF, interpret=interp)  # noqa: E731
+    else:
+        step = lambda x: lg.gpu_leaf_solve(x, rhs, racc, gamma, s_b, LEAF, interpret=interp)  # noqa: E731
+    for want, got in zip(jax.jit(step)(x_inv), jax.jit(step)(poisoned)):
+        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
 
 
 @needs_in_place

@@ -7,17 +7,20 @@ its own.
 
 ``gpu_leaf_solve(x_rows, f, racc, gamma, s_b, row_start)`` and
 ``gpu_leaf_solve_transposed(x_rows, bacc, gamma, g_hi, g_lo, row_start)``: x_rows (B, n Cs, Cs)
-float32 holds the leaves' X_i one under another (rows [i Cs, (i + 1) Cs) are X_i); the other
+float32 holds the leaves' X_i one under another (rows [i Cs, (i + 1) Cs) are X_i), each lower
+triangular (X_i = (I - diag(gamma_i) A_ii)^-1 with A_ii strictly lower): the kernels read only
+its (64, 64) blocks on and below the diagonal, and take the products over them alone; the other
 buffers are (B, Tp, D) (gamma (B, Tp)), read and written at rows [o, o + Cs) with o =
 ``row_start`` = i Cs (traced). Each returns the leaf's result (B, Cs, D) float32 as a new array,
 not written over its right-hand side (other programs of the same step still read it), and the
 bf16 buffers updated in place (``jax.new_ref``). Grid (Cs / 64, D / Bn, B), one warpgroup per
-(64, Bn) tile of the result, Bn = min(D, 128); the contraction over the leaf's Cs rows runs in
-chunks of 64: X_i's (64, 64) chunk and the right-hand side's (64, Bn) chunk come in float32 by
-TMA (forward: f and racc, combined with gamma in fp32 registers), are split into bf16 hi + lo
-in registers and stored to shared memory, and three wgmmas (hi hi + hi lo + lo hi; X_i
-transposed through the shared-memory view in the backward) accumulate in fp32: the bf16x3
-products of ``precision.leaf_dot``'s explicit split. Shared memory at most about 176 KiB.
+(64, Bn) tile of the result, Bn = min(D, 128); the contraction over the leaf's rows runs in
+chunks of 64 (the tile's own chunk and those before it; transposed, its own and those after):
+X_i's (64, 64) chunk and the right-hand side's (64, Bn) chunk come in float32 by TMA (forward: f
+and racc, combined with gamma in fp32 registers), are split into bf16 hi + lo in registers and
+stored to shared memory, and three wgmmas (hi hi + hi lo + lo hi; X_i transposed through the
+shared-memory view in the backward) accumulate in fp32: the bf16x3 products of
+``precision.leaf_dot``'s explicit split. Shared memory at most about 176 KiB.
 
 Needs a Hopper GPU (sm_90a) and jax >= 0.12 (the in-place writes,
 ``accumulate_gpu.in_place_supported``); verified on CPU only, in Mosaic GPU interpret mode
@@ -52,6 +55,12 @@ __all__ = ["KERNEL_NAME", "TRANSPOSED_KERNEL_NAME", "gpu_leaf_solve", "gpu_leaf_
 
 def _block_n(d: int) -> int:
     return d if d <= BLOCK_N else BLOCK_N
+
+
+def _x_blocks(leaf: int) -> int:
+    """(BLOCK_M, BLOCK_C) blocks of X_i on or below its diagonal: the ones the kernels read."""
+    m = leaf // BLOCK_C
+    return m * (m + 1) // 2
 
 
 def leaf_solve_covers(leaf: int, d: int) -> bool:
@@ -105,7 +114,9 @@ def _body(starts_ref, *refs, transposed: bool, chunks: int, block_n: int):
             plgpu.wgmma_wait(0)  # the next chunk overwrites the operands
             return carry
 
-        lax.fori_loop(0, chunks, chunk, 0)
+        # X_i is lower triangular: the forward's rows take the chunks up to their own, the
+        # transposed step's columns the chunks from theirs on (BLOCK_M == BLOCK_C)
+        lax.fori_loop(i if transposed else 0, chunks if transposed else i + 1, chunk, 0)
         return acc[...]
 
     y = pl.run_scoped(product, plgpu.ACC((BLOCK_M, block_n), F32))
@@ -177,8 +188,11 @@ def _launch(inputs, in_place, leaf: int, d: int, row_start, *, transposed: bool,
     kwargs = dict(interpret=interpret) if interpret else {}
     if KERNEL_TAKES_COST:
         wide_reads = 1 if transposed else 2
-        moved = bsz * (leaf * leaf * 4 + (wide_reads + 1) * leaf * d * 4 + len(in_place) * leaf * d * 2 + leaf * 4)
-        flops = 3 * 2 * bsz * leaf * leaf * d
+        blocks = _x_blocks(leaf)
+        moved = bsz * (
+            blocks * BLOCK_M * BLOCK_C * 4 + (wide_reads + 1) * leaf * d * 4 + len(in_place) * leaf * d * 2 + leaf * 4
+        )
+        flops = 3 * 2 * bsz * blocks * BLOCK_M * BLOCK_C * d
         kwargs["cost_estimate"] = pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=moved)
     refs = [jax.new_ref(x) for x in in_place]
     out = plgpu.kernel(
@@ -196,12 +210,13 @@ def gpu_leaf_solve(x_rows, f, racc, gamma, s_b, row_start, *, interpret=False):
     """(s_i, s_b): the forward leaf step of leaf i = row_start / Cs.
 
     x_rows (B, n Cs, Cs) float32: X_i = (I - diag(gamma_i) A_ii)^-1 of every leaf, one under
-    another; f, racc (B, Tp, D) float32: the right-hand side's f and pushed sums; gamma (B, Tp)
-    float32; s_b (B, Tp, D) bfloat16: the leaf loop's bf16 copy of s. ``row_start``: a Python int
-    or traced int32, a multiple of Cs. Returns s_i = X_i (f_i + gamma_i racc_i) (B, Cs, D) float32
-    at bf16x3 (both operands split hi + lo, hi hi + hi lo + lo hi with fp32 accumulation), and
-    s_b with rows [row_start, row_start + Cs) set to bf16(s_i), in place where the caller's s_b
-    is not used afterwards. ``interpret``: False or ``plgpu.InterpretGPUParams()``.
+    another, lower triangular (its (64, 64) blocks above the diagonal are not read); f, racc (B, Tp,
+    D) float32: the right-hand side's f and pushed sums; gamma (B, Tp) float32; s_b (B, Tp, D)
+    bfloat16: the leaf loop's bf16 copy of s. ``row_start``: a Python int or traced int32, a
+    multiple of Cs. Returns s_i = X_i (f_i + gamma_i racc_i) (B, Cs, D) float32 at bf16x3 (both
+    operands split hi + lo, hi hi + hi lo + lo hi with fp32 accumulation), and s_b with rows
+    [row_start, row_start + Cs) set to bf16(s_i), in place where the caller's s_b is not used
+    afterwards. ``interpret``: False or ``plgpu.InterpretGPUParams()``.
     """
     check_in_place("gpu_leaf_solve", "run the leaf step in XLA")
     leaf, d = _check("gpu_leaf_solve", x_rows, {"f": f, "racc": racc}, gamma, {"s_b": s_b}, row_start)
