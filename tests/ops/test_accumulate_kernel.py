@@ -124,6 +124,33 @@ def test_add_product_adds_and_casts_like_xla(transpose_a, out_dtype):
     assert np.abs(got - np.asarray(acc)).max() > 1.0  # the product really landed
 
 
+@pytest.mark.parametrize("transpose_a", [False, True])
+def test_add_product_of_a_lower_triangular_a_reads_only_its_lower_blocks(transpose_a):
+    """With ``a_lower`` (a square, lower triangular in (64, 64) blocks: the diagonal leaves' dL) the
+    result equals the full product's, and NaN in a's blocks above the diagonal changes nothing:
+    they are never read."""
+    m, n = 192, 128
+    acc = normal(8, (B, m, n))
+    block = np.arange(m) // 64
+    below = jnp.asarray(block[None, :] <= block[:, None])  # blocks on and below the diagonal
+    a = jnp.where(below, normal(9, (B, m, m)), 0.0).astype(BF16)
+    b = normal(10, (B, m, n), BF16)
+
+    def run(a, lower):
+        return ag.gpu_add_product(
+            acc, a, b, transpose_a=transpose_a, a_lower=lower, scale=0.5, out_dtype=jnp.float32, interpret=_interpret()
+        )
+
+    full = jax.jit(lambda a: run(a, False))(a)
+    lower = jax.jit(lambda a: run(a, True))
+    np.testing.assert_array_equal(np.asarray(lower(a)), np.asarray(full))
+    np.testing.assert_array_equal(np.asarray(lower(jnp.where(below, a, jnp.nan))), np.asarray(full))
+    cost = ag.accumulate_cost(B, m, m, n, 1, 1, 4, a_lower=True)
+    assert cost.flops == 2 * B * int(below.sum()) * n  # the blocks it multiplies
+    with pytest.raises(ValueError, match="a_lower needs a square a"):
+        ag.gpu_add_product(acc, a[:, :, :128], b[:, :128], a_lower=True)
+
+
 @needs_in_place
 def test_accumulated_buffer_is_an_aliased_operand_when_lowered_for_cuda():
     acc, a, b = SD((B, 512, 256), jnp.float32), SD((B, 128, 64), BF16), SD((B, 512, 256), BF16)

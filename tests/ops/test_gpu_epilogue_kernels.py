@@ -427,6 +427,17 @@ def test_fused_product_reads_a_window_of_longer_inputs_in_place(split):
     assert cost.flops == 2 * B * p * kk * (D + (3 if split else 2) * dv)  # one Dv tile: the logits once
 
 
+@pytest.mark.parametrize("p,kk,bq,bk", [(256, 256, 64, 128), (1024, 1024, 64, 128), (128, 384, 64, 64)])
+def test_causal_dual_gemm_declares_only_the_tiles_it_computes(p, kk, bq, bk):
+    """The causal dual GEMM skips every tile with no key before any of its rows; its declared FLOPs
+    count the others, found here by brute force over the (row, key) grid."""
+    below = np.arange(kk)[None, :] < np.arange(p)[:, None]
+    tiles = below.reshape(p // bq, bq, kk // bk, bk).any(axis=(1, 3)).sum()
+    assert bg.causal_tiles(p, kk, bq, bk) == tiles < (p // bq) * (kk // bk)
+    cost = bg.causal_grad_cost(B, p, kk, D, 3, False, bq, bk)
+    assert cost.flops == 3 * 2 * B * int(tiles) * bq * bk * D
+
+
 @pytest.mark.parametrize("split", [False, True])
 def test_fused_product_adds_into_a_buffer_in_place(split):
     """Given acc, the fused push adds its window's product into acc's rows [row_start, row_start +

@@ -168,9 +168,10 @@ def _check(op: str, acc, a_parts: tuple, b_parts: tuple, transpose_a: bool, acc_
     return m, c
 
 
-def _body(starts_ref, *refs, a_parts, b_parts, transpose_a, chunks, block_n, scale, out_dtype):
+def _body(starts_ref, *refs, a_parts, b_parts, transpose_a, a_lower, chunks, block_n, scale, out_dtype):
     """One (BLOCK_M, block_n) tile of acc's window: the products of every part over ``chunks``
-    contraction chunks in one fp32 accumulator, then acc + scale * their sum through shared
+    contraction chunks (with ``a_lower`` only those where a's block is on or below its
+    diagonal) in one fp32 accumulator, then acc + scale * their sum through shared
     memory, written back into acc (``out_dtype`` None) or cast to ``out_dtype`` into the output.
     refs: a's ``a_parts`` parts, b's ``b_parts`` parts, acc, the output (with ``out_dtype``), then
     the scratch."""
@@ -199,7 +200,10 @@ def _body(starts_ref, *refs, a_parts, b_parts, transpose_a, chunks, block_n, sca
             plgpu.wgmma_wait(0)  # the next chunk's copies overwrite the operands
             return carry
 
-        lax.fori_loop(0, chunks, chunk, 0)
+        if a_lower:  # rows of a take the chunks up to their own; columns of a (a^T's rows) from theirs on
+            lax.fori_loop(i if transpose_a else 0, chunks if transpose_a else i + 1, chunk, 0)
+        else:
+            lax.fori_loop(0, chunks, chunk, 0)
         return acc[...]
 
     prod = pl.run_scoped(product, plgpu.ACC((BLOCK_M, block_n), F32))
@@ -214,18 +218,30 @@ def _body(starts_ref, *refs, a_parts, b_parts, transpose_a, chunks, block_n, sca
     plgpu.wait_smem_to_gmem(0)
 
 
-def accumulate_cost(b: int, m: int, c: int, n: int, a_parts: int, b_parts: int, out_bytes: int = 4) -> pl.CostEstimate:
+def accumulate_cost(
+    b: int, m: int, c: int, n: int, a_parts: int, b_parts: int, out_bytes: int = 4, a_lower: bool = False
+) -> pl.CostEstimate:
     """The kernel's work, declared to the compiler (and read back by ``benchmarks/gpu_compile.py``,
     which cannot see the windows): 2 B M C N FLOPs per part; bytes: every part of the a tile and
     of b's C-row window read once, acc's M-row window read once and written once in place, or
     written to a new output of ``out_bytes`` per element (a lower bound: each column tile rereads
-    a)."""
+    a). ``a_lower`` (M = C): only a's (64, 64) blocks on and below the diagonal, m (m + 1) / 2 of
+    m^2 with m = M / 64, are read and multiplied."""
     parts = max(a_parts, b_parts)
-    moved = b * (a_parts * m * c * 2 + b_parts * c * n * 2 + m * n * (4 + out_bytes))
-    return pl.CostEstimate(flops=2 * b * m * c * n * parts, transcendentals=0, bytes_accessed=moved)
+    a_area = lower_blocks(m) * BLOCK_M * BLOCK_C if a_lower else m * c
+    moved = b * (a_parts * a_area * 2 + b_parts * c * n * 2 + m * n * (4 + out_bytes))
+    return pl.CostEstimate(flops=2 * b * a_area * n * parts, transcendentals=0, bytes_accessed=moved)
 
 
-def _launch(acc, a_parts, b_parts, starts, m: int, c: int, *, transpose_a, scale, out_dtype, name, interpret):
+def lower_blocks(m: int) -> int:
+    """(64, 64) blocks on and below the diagonal of an (m, m) matrix, m a multiple of 64."""
+    k = m // BLOCK_C
+    return k * (k + 1) // 2
+
+
+def _launch(
+    acc, a_parts, b_parts, starts, m: int, c: int, *, transpose_a, scale, out_dtype, name, interpret, a_lower=False
+):
     """The kernel on acc's window of M rows, contracted over C; see ``gpu_accumulate_product`` and
     ``gpu_add_product``. Returns acc updated in place (``out_dtype`` None) or the new output."""
     bsz, _, n = acc.shape
@@ -235,6 +251,7 @@ def _launch(acc, a_parts, b_parts, starts, m: int, c: int, *, transpose_a, scale
         a_parts=len(a_parts),
         b_parts=len(b_parts),
         transpose_a=transpose_a,
+        a_lower=a_lower,
         chunks=c // BLOCK_C,
         block_n=block_n,
         scale=float(scale),
@@ -254,7 +271,7 @@ def _launch(acc, a_parts, b_parts, starts, m: int, c: int, *, transpose_a, scale
     kwargs = dict(interpret=interpret) if interpret else {}
     if KERNEL_TAKES_COST:
         out_bytes = 4 if out_dtype is None else jnp.dtype(out_dtype).itemsize
-        kwargs["cost_estimate"] = accumulate_cost(bsz, m, c, n, len(a_parts), len(b_parts), out_bytes)
+        kwargs["cost_estimate"] = accumulate_cost(bsz, m, c, n, len(a_parts), len(b_parts), out_bytes, a_lower)
     call = functools.partial(
         plgpu.kernel,
         body,
@@ -305,7 +322,9 @@ def gpu_accumulate_product(acc, a, b, *, acc_start=0, b_start=0, transpose_a: bo
     )
 
 
-def gpu_add_product(acc, a, b, *, transpose_a: bool = False, scale=1.0, out_dtype=BF16, interpret=False):
+def gpu_add_product(
+    acc, a, b, *, transpose_a: bool = False, a_lower: bool = False, scale=1.0, out_dtype=BF16, interpret=False
+):
     """(acc + scale * op(a) @ b) cast to ``out_dtype``, a new array: the last product of a
     float32 accumulation and its cast in one pass (the buffer read once, the narrow result
     written once).
@@ -313,8 +332,10 @@ def gpu_add_product(acc, a, b, *, transpose_a: bool = False, scale=1.0, out_dtyp
     acc (B, M, N) float32; a (B, M, C) bf16, or (B, C, M) with ``transpose_a``; b (B, C, N) bf16,
     or a tuple of parts as in ``gpu_accumulate_product``; M, C multiples of ``BLOCK_C`` = 64; N
     as there. One bf16 pass per part, fp32 accumulation, the sum added as
-    ``(acc + (a @ b) * scale).astype(out_dtype)`` in XLA. Returns (B, M, N) ``out_dtype``.
-    ``interpret`` as in ``gpu_accumulate_product``.
+    ``(acc + (a @ b) * scale).astype(out_dtype)`` in XLA. ``a_lower``: a is square (M = C) and
+    lower triangular in (64, 64) blocks, as a causal tile is: its blocks above the diagonal are
+    taken as zeros, not read. Returns (B, M, N) ``out_dtype``. ``interpret`` as in
+    ``gpu_accumulate_product``.
     """
     a_parts, b_parts = _as_parts(a), _as_parts(b)
     m, c = _check("gpu_add_product", acc, a_parts, b_parts, transpose_a, 0, 0)
@@ -323,6 +344,8 @@ def gpu_add_product(acc, a, b, *, transpose_a: bool = False, scale=1.0, out_dtyp
             f"gpu_add_product: want acc (B, M, N) and b (B, C, N) for op(a) (B, M, C) = (B, {m}, {c}); got acc "
             f"{acc.shape}, b {b_parts[0].shape}: use gpu_accumulate_product to add into a window of a longer buffer"
         )
+    if a_lower and m != c:
+        raise ValueError(f"gpu_add_product: a_lower needs a square a; got op(a) of (M, C) = ({m}, {c})")
     name = ADD_TRANSPOSED_KERNEL_NAME if transpose_a else ADD_KERNEL_NAME
     return _launch(
         acc,
@@ -336,4 +359,5 @@ def gpu_add_product(acc, a, b, *, transpose_a: bool = False, scale=1.0, out_dtyp
         out_dtype=jnp.dtype(out_dtype),
         name=name,
         interpret=interpret,
+        a_lower=a_lower,
     )

@@ -295,7 +295,9 @@ def _bwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, bloc
             plgpu.wgmma_wait(0)
             return carry
 
-        lax.fori_loop(0, chunks, chunk, 0)
+        # causal: a tile wholly on or above the diagonal (no key before any of its rows) is zeros
+        trips = jnp.where(k0 < r0 + block_q - 1, chunks, 0) if causal else chunks
+        lax.fori_loop(0, trips, chunk, 0)
         return acc_l[...], acc_g[...]
 
     logits, g_dot_s = pl.run_scoped(products, plgpu.ACC(shape, F32), plgpu.ACC(shape, F32))
@@ -436,7 +438,9 @@ def gpu_block_probs_and_grad(
     g (B, P, D) bf16: the rows' g as the solve uses it (rounded once); s_hi, s_lo (B, K, D)
     bf16: the keys' s split hi + lo (``precision.split_bf16``); delta (B, P) float32:
     rowsum(g * r) of the same g. Returns ((hi,) or, ``split``, (hi, lo), dL): bf16 (B, P, K)
-    tiles of P and of dL = P * (g s_hi^T + g s_lo^T - delta), all in fp32 before the cast.
+    tiles of P and of dL = P * (g s_hi^T + g s_lo^T - delta), all in fp32 before the cast; with
+    ``causal``, tiles with no key before any of their rows skip the products (their P and dL
+    are zeros either way).
     ``rows``, ``keys``, ``row_start``, ``key_start``: a window of longer inputs, as in
     ``gpu_block_probs`` (g and delta are rows, s_hi and s_lo keys).
     """
@@ -478,10 +482,40 @@ def gpu_block_probs_and_grad(
         window_starts(row_start, key_start),
         *(q, k, g, s_hi, s_lo, m.astype(F32), logl.astype(F32), delta.astype(F32), *segs),
     )
+    # the skipped tiles' products are not done: say so to the compiler (and the compile report)
+    cost = causal_grad_cost(b, p, kk, d, nout, masked, block_q, block_k) if causal else None
     *parts, dlogits = _call(
-        body, BWD_KERNEL_NAME, inputs, nout, (b, p, kk), scratch, (p // block_q, kk // block_k, b), interpret
+        body,
+        BWD_KERNEL_NAME,
+        inputs,
+        nout,
+        (b, p, kk),
+        scratch,
+        (p // block_q, kk // block_k, b),
+        interpret,
+        cost=cost,
     )
     return tuple(parts), dlogits
+
+
+def causal_grad_cost(
+    b: int, p: int, kk: int, d: int, nout: int, masked: bool, block_q: int = BLOCK_Q, block_k: int = BLOCK_K
+) -> pl.CostEstimate:
+    """What ``gpu_block_probs_and_grad`` with ``causal`` does on a (B, P, K) panel of width D with
+    ``nout`` bf16 outputs: three bf16 passes (q k^T, g s_hi^T, g s_lo^T) on the ``causal_tiles``
+    only; it reads q and g (P rows), k, s_hi, s_lo (K keys), m, logl, delta (and the segment ids)
+    once each and writes the outputs."""
+    moved = b * ((2 * p + 3 * kk) * d * 2 + (3 * p + masked * (p + kk)) * 4 + nout * p * kk * 2)
+    flops = 3 * 2 * b * causal_tiles(p, kk, block_q, block_k) * block_q * block_k * d
+    return pl.CostEstimate(flops=flops, transcendentals=b * p * kk, bytes_accessed=moved)
+
+
+def causal_tiles(rows: int, keys: int, block_q: int, block_k: int) -> int:
+    """(block_q, block_k) tiles of a (rows, keys) causal panel with a key before one of its rows
+    (key < row, both counted from the panel's start): the tiles the causal kernels compute."""
+    return sum(
+        sum(1 for j in range(keys // block_k) if j * block_k < (i + 1) * block_q - 1) for i in range(rows // block_q)
+    )
 
 
 def product_covers(dv: int) -> bool:

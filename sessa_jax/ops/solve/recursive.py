@@ -390,7 +390,8 @@ def _gemm_diagonal_grads(plan: RecursivePlan, x: _GemmBackwardInputs, g_hi, delt
     k_i and the row statistics, g_i s_i^T with s split), then dq + scale dL_ii k_i and dk + scale
     dL_ii^T q_i added and cast to q's and k's dtypes in one ``accumulate_gpu.gpu_add_product``
     each, so the float32 accumulators are read once and the results written once in their own
-    dtype. The same products as the XLA path's ``probs_grad`` and ``RecursivePlan.plain``, up to
+    dtype. dL_ii is strictly lower triangular: the dual GEMM skips its tiles above the diagonal
+    and the products read only its (64, 64) blocks on and below it (``a_lower``). The same products as the XLA path's ``probs_grad`` and ``RecursivePlan.plain``, up to
     fp32 summation order. g_hi (B, Tp, D) bf16, delta (B, Tp) float32, dq and dk (B, Tp, D)
     float32. Returns (dq, dk) (B, Tp, D)."""
     b, tp, d = dq.shape
@@ -408,8 +409,8 @@ def _gemm_diagonal_grads(plan: RecursivePlan, x: _GemmBackwardInputs, g_hi, delt
         interpret=plan.gpu_interpret,
     )
     add = functools.partial(gpu_add_product, scale=plan.scale, interpret=plan.gpu_interpret)
-    dq = add(leaves(dq), dl, leaves(x.k_b), out_dtype=x.q.dtype).reshape(b, tp, d)
-    dk = add(leaves(dk), dl, leaves(x.q_b), transpose_a=True, out_dtype=x.k.dtype).reshape(b, tp, d)
+    dq = add(leaves(dq), dl, leaves(x.k_b), a_lower=True, out_dtype=x.q.dtype).reshape(b, tp, d)
+    dk = add(leaves(dk), dl, leaves(x.q_b), transpose_a=True, a_lower=True, out_dtype=x.k.dtype).reshape(b, tp, d)
     return dq, dk
 
 
