@@ -583,4 +583,6 @@ def test_recursive_solve_with_gemm_kernels_lowers_for_cuda(kernels, d):
     assert (ag.ADD_KERNEL_NAME in text) == (ag.ADD_TRANSPOSED_KERNEL_NAME in text) == in_place
     # and the leaf steps read X_i and their right-hand sides in place (leaf 128 and D covered)
     assert (lg.KERNEL_NAME in text) == (lg.TRANSPOSED_KERNEL_NAME in text) == in_place
+    # and so does the forward's residual r = racc + A_ii s, over A_ii's lower blocks
+    assert (lg.RESIDUAL_KERNEL_NAME in text) == in_place
     assert ("sessa_row_stats_gpu" in text) == opted_in  # the statistics pass: the (streamed) stats kernel

@@ -134,6 +134,28 @@ def test_leaf_kernels_never_read_the_blocks_above_the_diagonal(transposed):
 
 
 @needs_in_place
+def test_leaf_residual_matches_the_xla_product_and_never_reads_above_the_diagonal():
+    """r = racc + A_ii s_i for every leaf at once equals XLA's bf16x3 product by the explicit split
+    to fp32 summation order, and NaN in A_ii's (64, 64) blocks above the diagonal changes nothing."""
+    n, c, d = 3, LEAF, 128
+    a = jnp.tril(normal(50, (n, c, c)), -1) * 0.05  # strictly lower, as A_ii
+    s, racc = normal(51, (n, c, d)), normal(52, (n, c, d))
+    interp = False if jax.default_backend() == "gpu" else interpret_or_skip()
+    run = jax.jit(lambda a: lg.gpu_leaf_residual(a, s, racc, interpret=interp))
+    got = run(a)
+    twin = racc + chained_dot("nij,njd->nid", a, s, "bf16x3", "cpu")
+    scale = float(jnp.abs(twin - racc).max())
+    assert got.shape == (n, c, d) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, twin, rtol=0, atol=c * 2.0**-22 * scale + 2.0**-22 * float(jnp.abs(racc).max()))
+    upper = jnp.tile(_upper_blocks(a[0][None]), (n, 1, 1)).reshape(n, c, c)
+    np.testing.assert_array_equal(np.asarray(run(jnp.where(upper, jnp.nan, a))), np.asarray(got))
+    with pytest.raises(ValueError, match="s_leaves must have shape"):
+        lg.gpu_leaf_residual(a, s[:, :64], racc)
+    with pytest.raises(ValueError, match="want float32"):
+        lg.gpu_leaf_residual(a, s.astype(BF16), racc)
+
+
+@needs_in_place
 def test_leaf_solve_lowers_for_cuda_with_the_copy_in_place():
     tp, d = LEAF * LEAVES, 256
     args = (SD((B, tp, LEAF), jnp.float32), *[SD((B, tp, d), jnp.float32)] * 2, SD((B, tp), jnp.float32))
@@ -144,6 +166,9 @@ def test_leaf_solve_lowers_for_cuda_with_the_copy_in_place():
     args = (args[0], args[1], args[3], args[4], args[4], args[5])
     text = lower_or_skip(jax.jit(lambda *a: lg.gpu_leaf_solve_transposed(*a)), args)
     assert lg.TRANSPOSED_KERNEL_NAME in text and "output_operand_alias" in text
+    leaves = (SD((3, LEAF, LEAF), jnp.float32), *[SD((3, LEAF, d), jnp.float32)] * 2)
+    text = lower_or_skip(jax.jit(lg.gpu_leaf_residual), leaves)
+    assert lg.RESIDUAL_KERNEL_NAME in text and "output_operand_alias" in text  # r written over racc
 
 
 @needs_in_place

@@ -38,7 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from sessa_jax.ops.solve.accumulate_gpu import _OUT_SWIZZLE, KERNEL_TAKES_COST, check_in_place
+from sessa_jax.ops.solve.accumulate_gpu import _OUT_SWIZZLE, KERNEL_TAKES_COST, add_into_tile, check_in_place
 from sessa_jax.ops.solve.block_product_gpu import _split
 from sessa_jax.ops.solve.row_stats_gpu import SWIZZLE, _load, copy_waited, read_window_starts, window_starts
 
@@ -49,8 +49,17 @@ BLOCK_N = 128  # most columns per program (the float32 staging tiles bound it)
 BLOCK_C = 64  # contraction chunk (rows of the leaf)
 KERNEL_NAME = "sessa_leaf_solve_gpu"
 TRANSPOSED_KERNEL_NAME = "sessa_leaf_solve_t_gpu"  # the backward's X_i^T
+RESIDUAL_KERNEL_NAME = "sessa_leaf_residual_gpu"  # the forward's r = racc + A_ii s
 
-__all__ = ["KERNEL_NAME", "TRANSPOSED_KERNEL_NAME", "gpu_leaf_solve", "gpu_leaf_solve_transposed", "leaf_solve_covers"]
+__all__ = [
+    "KERNEL_NAME",
+    "RESIDUAL_KERNEL_NAME",
+    "TRANSPOSED_KERNEL_NAME",
+    "gpu_leaf_residual",
+    "gpu_leaf_solve",
+    "gpu_leaf_solve_transposed",
+    "leaf_solve_covers",
+]
 
 
 def _block_n(d: int) -> int:
@@ -67,6 +76,21 @@ def leaf_solve_covers(leaf: int, d: int) -> bool:
     """Whether the kernel takes a leaf of ``leaf`` rows and width ``d``: both multiples of 64, and d
     up to ``BLOCK_N`` or a multiple of it."""
     return leaf > 0 and leaf % BLOCK_C == 0 and d > 0 and d % 64 == 0 and d % _block_n(d) == 0
+
+
+def _bf16x3_chunk(acc, x_stage, rhs, x_parts, rhs_parts, transposed: bool) -> None:
+    """acc += X's staged float32 chunk (transposed through the shared-memory view) times ``rhs``
+    (fp32 registers), both split into bf16 hi + lo in registers and stored to shared memory: hi hi
+    + hi lo + lo hi in three wgmmas, waited for (the next chunk overwrites the operands)."""
+    for p, part in enumerate(_split(_load(x_stage, plgpu.Layout.WGMMA), True)):
+        x_parts[p] = part
+    for p, part in enumerate(_split(rhs, True)):
+        rhs_parts[p] = part
+    plgpu.commit_smem()
+    for px, pr in ((0, 0), (0, 1), (1, 0)):
+        x_op = x_parts.at[px].transpose((1, 0)) if transposed else x_parts.at[px]
+        plgpu.wgmma(acc, x_op, rhs_parts.at[pr])
+    plgpu.wgmma_wait(0)
 
 
 def _body(starts_ref, *refs, transposed: bool, chunks: int, block_n: int):
@@ -103,15 +127,7 @@ def _body(starts_ref, *refs, transposed: bool, chunks: int, block_n: int):
                 copy_waited(r_ref.at[b, contracted, cols], r_stage, bar.at[0])
                 copy_waited(g_ref.at[b, contracted], g_stage, bar.at[0])
                 rhs = _load(f_stage, plgpu.Layout.WGMMA) + gamma_rows() * _load(r_stage, plgpu.Layout.WGMMA)
-            for p, part in enumerate(_split(_load(x_stage, plgpu.Layout.WGMMA), True)):
-                x_parts[p] = part
-            for p, part in enumerate(_split(rhs, True)):
-                rhs_parts[p] = part
-            plgpu.commit_smem()
-            for px, pr in ((0, 0), (0, 1), (1, 0)):  # hi hi + hi lo + lo hi
-                x_op = x_parts.at[px].transpose((1, 0)) if transposed else x_parts.at[px]
-                plgpu.wgmma(acc, x_op, rhs_parts.at[pr])
-            plgpu.wgmma_wait(0)  # the next chunk overwrites the operands
+            _bf16x3_chunk(acc, x_stage, rhs, x_parts, rhs_parts, transposed)
             return carry
 
         # X_i is lower triangular: the forward's rows take the chunks up to their own, the
@@ -134,6 +150,29 @@ def _body(starts_ref, *refs, transposed: bool, chunks: int, block_n: int):
     for smem, ref in copies:
         plgpu.copy_smem_to_gmem(smem, ref.at[b, own, cols])
     plgpu.wait_smem_to_gmem(0)
+
+
+def _residual_body(x_ref, s_ref, racc_ref, x_stage, s_stage, x_parts, rhs_parts, acc_smem, bar, *, block_n: int):
+    """One (BLOCK_M, block_n) tile of r = racc + A s for one leaf (the grid's batch): the tile's
+    rows of A (strictly lower triangular) over the chunks up to their own, then added into racc's
+    tile in place."""
+    i, j, b = lax.axis_index("rows"), lax.axis_index("cols"), lax.axis_index("batch")
+    cols, own = pl.ds(j * block_n, block_n), pl.ds(i * BLOCK_M, BLOCK_M)
+
+    def product(acc):
+        def chunk(c, carry):
+            contracted = pl.ds(c * BLOCK_C, BLOCK_C)
+            copy_waited(x_ref.at[b, own, contracted], x_stage, bar.at[0])
+            copy_waited(s_ref.at[b, contracted, cols], s_stage, bar.at[0])
+            _bf16x3_chunk(acc, x_stage, _load(s_stage, plgpu.Layout.WGMMA), x_parts, rhs_parts, False)
+            return carry
+
+        lax.fori_loop(0, i + 1, chunk, 0)
+        return acc[...]
+
+    add_into_tile(
+        racc_ref.at[b, own, cols], acc_smem, bar.at[0], pl.run_scoped(product, plgpu.ACC((BLOCK_M, block_n), F32))
+    )
 
 
 def _check(op: str, x_rows, wide: dict, gamma, narrow: dict, row_start):
@@ -237,3 +276,61 @@ def gpu_leaf_solve_transposed(x_rows, bacc, gamma, g_hi, g_lo, row_start, *, int
     narrow = {"g_hi": g_hi, "g_lo": g_lo}
     leaf, d = _check("gpu_leaf_solve_transposed", x_rows, {"bacc": bacc}, gamma, narrow, row_start)
     return _launch((x_rows, bacc, gamma), (g_hi, g_lo), leaf, d, row_start, transposed=True, interpret=interpret)
+
+
+def gpu_leaf_residual(a_leaves, s_leaves, racc_leaves, *, interpret=False):
+    """r = racc + A_ii s_i of every leaf at once (the forward's residual for the backward), written
+    over racc.
+
+    a_leaves (N, Cs, Cs) float32: the leaves' A_ii (N = B n), strictly lower triangular (its (64,
+    64) blocks above the diagonal are not read); s_leaves, racc_leaves (N, Cs, D) float32: the
+    leaves' s and pushed sums. A_ii s_i at bf16x3 (both split hi + lo in registers, hi hi + hi lo
+    + lo hi with fp32 accumulation, as ``precision.leaf_dot``), added as racc + product. Returns r
+    (N, Cs, D) float32, in place of racc where the caller's racc is not used afterwards.
+    ``interpret`` as in ``gpu_leaf_solve``.
+    """
+    op = "gpu_leaf_residual"
+    check_in_place(op, "take the leaves' residual product in XLA")
+    n, c, d = racc_leaves.shape
+    for name, x, want in (("a_leaves", a_leaves, (n, c, c)), ("s_leaves", s_leaves, (n, c, d))):
+        if x.shape != want:
+            raise ValueError(f"{op}: {name} must have shape {want} for racc_leaves {racc_leaves.shape}; got {x.shape}")
+    if any(x.dtype != F32 for x in (a_leaves, s_leaves, racc_leaves)):
+        raise ValueError(
+            f"{op}: want float32 a_leaves, s_leaves, racc_leaves; got {a_leaves.dtype}, {s_leaves.dtype}, "
+            f"{racc_leaves.dtype}"
+        )
+    if not leaf_solve_covers(c, d):
+        raise ValueError(
+            f"{op}: leaf {c} and width {d} must be multiples of 64, the width up to {BLOCK_N} or a multiple "
+            "of it: use the XLA product"
+        )
+    block_n = _block_n(d)
+    body = functools.partial(_residual_body, block_n=block_n)
+    body.__name__ = RESIDUAL_KERNEL_NAME
+    wide_tile = plgpu.SMEM((BLOCK_C, block_n), F32, **_OUT_SWIZZLE)
+    scratch = [
+        plgpu.SMEM((BLOCK_M, BLOCK_C), F32, **_OUT_SWIZZLE),
+        wide_tile,
+        plgpu.SMEM((2, BLOCK_M, BLOCK_C), BF16, **SWIZZLE),
+        plgpu.SMEM((2, BLOCK_C, block_n), BF16, **SWIZZLE),
+        plgpu.SMEM((BLOCK_M, block_n), F32, **_OUT_SWIZZLE),
+        plgpu.Barrier(num_barriers=1),
+    ]
+    kwargs = dict(interpret=interpret) if interpret else {}
+    if KERNEL_TAKES_COST:
+        blocks = _x_blocks(c)
+        moved = n * (blocks * BLOCK_M * BLOCK_C * 4 + 3 * c * d * 4)
+        kwargs["cost_estimate"] = pl.CostEstimate(
+            flops=3 * 2 * n * blocks * BLOCK_M * BLOCK_C * d, transcendentals=0, bytes_accessed=moved
+        )
+    racc_ref = jax.new_ref(racc_leaves)
+    plgpu.kernel(
+        body,
+        out_type=(),
+        scratch_types=scratch,
+        grid=(c // BLOCK_M, d // block_n, n),
+        grid_names=("rows", "cols", "batch"),
+        **kwargs,
+    )(a_leaves, s_leaves, racc_ref)
+    return jax.freeze(racc_ref)

@@ -52,7 +52,7 @@ from sessa_jax.ops.solve.block_product_gpu import (
     product_fused,
 )
 from sessa_jax.ops.solve.block_product_tpu import tpu_block_product, tpu_block_product_bwd
-from sessa_jax.ops.solve.leaf_gpu import gpu_leaf_solve, gpu_leaf_solve_transposed, leaf_solve_covers
+from sessa_jax.ops.solve.leaf_gpu import gpu_leaf_residual, gpu_leaf_solve, gpu_leaf_solve_transposed, leaf_solve_covers
 from sessa_jax.ops.solve.precision import (
     bf16_round_bits,
     chained_dot,
@@ -386,14 +386,14 @@ def _gemm_block_accumulate(
 def _gemm_diagonal_grads(plan: RecursivePlan, x: _GemmBackwardInputs, g_hi, delta, dq, dk):
     """The diagonal leaves' share of the backward where its products add in place
     (``RecursivePlan.accumulates_in_kernel``), every leaf i at once as the kernels' batch: dL_ii
-    from the dual-GEMM kernel (``gpu_block_probs_and_grad``, causal: P_ii recomputed from q_i,
-    k_i and the row statistics, g_i s_i^T with s split), then dq + scale dL_ii k_i and dk + scale
-    dL_ii^T q_i added and cast to q's and k's dtypes in one ``accumulate_gpu.gpu_add_product``
-    each, so the float32 accumulators are read once and the results written once in their own
-    dtype. dL_ii is strictly lower triangular: the dual GEMM skips its tiles above the diagonal
-    and the products read only its (64, 64) blocks on and below it (``a_lower``). The same products as the XLA path's ``probs_grad`` and ``RecursivePlan.plain``, up to
-    fp32 summation order. g_hi (B, Tp, D) bf16, delta (B, Tp) float32, dq and dk (B, Tp, D)
-    float32. Returns (dq, dk) (B, Tp, D)."""
+    from the dual-GEMM kernel (``gpu_block_probs_and_grad``, causal: P_ii recomputed from q_i, k_i
+    and the row statistics, g_i s_i^T with s split), then dq + scale dL_ii k_i and dk + scale
+    dL_ii^T q_i added and cast to q's and k's dtypes in one ``accumulate_gpu.gpu_add_product`` each,
+    so the float32 accumulators are read once and the results written once in their own dtype. dL_ii
+    is strictly lower triangular: the dual GEMM skips its tiles above the diagonal and the products
+    read only its (64, 64) blocks on and below it (``a_lower``). The same products as the XLA path's
+    ``probs_grad`` and ``RecursivePlan.plain``, up to fp32 summation order. g_hi (B, Tp, D) bf16,
+    delta (B, Tp) float32, dq and dk (B, Tp, D) float32. Returns (dq, dk) (B, Tp, D)."""
     b, tp, d = dq.shape
     c = plan.leaf
 
@@ -559,8 +559,11 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
             carry = sched.visit_static(first + count, carry, c, tile, barrier)
     s, racc, _ = carry
     b, tp, d = f.shape
-    s_leaves = s.reshape(b, n, c, d)
-    r = racc + plan.chained("bnij,bnjd->bnid", a_ii, s_leaves).reshape(b, tp, d)
+    if leaf_in_kernel:  # A_ii s_i over A_ii's lower blocks only, added into racc in place
+        leaves = lambda x: x.reshape(b * n, c, x.shape[-1])  # noqa: E731
+        r = gpu_leaf_residual(leaves(a_ii), leaves(s), leaves(racc), interpret=plan.gpu_interpret)
+        return s, r.reshape(b, tp, d), m, logl, a_ii, x_inv
+    r = racc + plan.chained("bnij,bnjd->bnid", a_ii, s.reshape(b, n, c, d)).reshape(b, tp, d)
     return s, r, m, logl, a_ii, x_inv
 
 
