@@ -88,6 +88,34 @@ def test_block_probs_kernel_matches_xla_twin(mask, causal, split):
     _assert_probs(parts, _twin_probs(q, k, m, logl, seg_q, seg_k, causal), _allowed(seg_q, seg_k, p, kk, causal))
 
 
+@pytest.mark.parametrize("mask", ["none", "segments"])
+def test_block_probs_kernel_writes_a_diagonal_panel_in_float32(mask):
+    """out_dtype float32: P itself (the diagonal leaves' A_ii), equal to the twin to the logits' fp32
+    accumulation order and exp; zeros outside the causal mask, where the tiles with no key before
+    any row skip their logits; the declared FLOPs count the tiles computed."""
+    p = kk = 256
+    q, k, m, logl, seg_q, seg_k = _panel(p, kk, mask, seed=7)
+    (probs,) = bg.gpu_block_probs(
+        q,
+        seg_q,
+        m,
+        logl,
+        k,
+        seg_k,
+        scale=D**-0.5,
+        split=False,
+        causal=True,
+        out_dtype=jnp.float32,
+        interpret=interpret_or_skip(),
+    )
+    want, allowed = np.asarray(_twin_probs(q, k, m, logl, seg_q, seg_k, True)), _allowed(seg_q, seg_k, p, kk, True)
+    assert probs.dtype == jnp.float32 and probs.shape == (B, p, kk)
+    np.testing.assert_allclose(np.asarray(probs), want, rtol=64 * EPS_F32, atol=0)
+    assert np.all(np.asarray(probs)[~allowed] == 0) and np.asarray(probs)[allowed].min() > 0
+    with pytest.raises(ValueError, match="want bfloat16 parts, or float32 with split=False"):
+        bg.gpu_block_probs(q, seg_q, m, logl, k, seg_k, scale=1.0, split=True, out_dtype=jnp.float32)
+
+
 @pytest.mark.parametrize("mask,causal,split", [("none", False, False), ("segments", False, True), ("none", True, True)])
 def test_block_probs_and_grad_kernel_matches_xla_twin(mask, causal, split):
     """The backward's dual GEMM against ``block_probs_and_grad`` at the bfloat16 plain tier."""
@@ -548,7 +576,7 @@ def test_block_product_kernel_errors(kwargs, match):
 def test_recursive_solve_with_gemm_kernels_lowers_for_cuda(kernels, d):
     """Forward + backward of the solve for "cuda": the kernels are in the program exactly when
     opted in (the statistics kernel too, streamed at D=1024); the forward pushes take the fused
-    product up to D=512, the P tiles above."""
+    product up to D=512, the P tiles above (the P-tile kernel also gives A_ii at every width)."""
     from sessa_jax.ops.solve.recursive import recursive_feedback_solve
 
     t = 1024
@@ -574,7 +602,9 @@ def test_recursive_solve_with_gemm_kernels_lowers_for_cuda(kernels, d):
     opted_in, fused = kernels == "gpu_gemm", d <= bg.FUSED_MAX_DV
     assert (bg.PRODUCT_BF16_KERNEL_NAME in text) == (opted_in and fused)  # the bfloat16 tier's two passes
     assert bg.PRODUCT_KERNEL_NAME not in text
-    assert (bg.FWD_KERNEL_NAME in text) == (opted_in and not fused)
+    # the P-tile kernel: the pushes' P tiles where they are not fused, and the diagonal leaves' A_ii
+    # in float32 (causal) at any width
+    assert (bg.FWD_KERNEL_NAME in text) == opted_in
     assert (bg.BWD_KERNEL_NAME in text) == opted_in
     # the bfloat16 tier's pushed products add into racc, bacc, dq and dk in place (where this jax lowers it)
     in_place = opted_in and ag.in_place_supported()

@@ -58,7 +58,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from sessa_jax.ops.solve.accumulate_gpu import KERNEL_TAKES_COST, add_into_tile, check_in_place
+from sessa_jax.ops.solve.accumulate_gpu import _OUT_SWIZZLE, KERNEL_TAKES_COST, add_into_tile, check_in_place
 from sessa_jax.ops.solve.row_stats_gpu import (
     BLOCK_D,
     SWIZZLE,
@@ -235,8 +235,11 @@ def _split(probs, split: bool):
     return (hi, (probs - hi.astype(F32)).astype(BF16)) if split else (hi,)
 
 
-def _fwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, block_k: int, chunks: int, scale: float):
-    """Forward kernel body (one (Bq, Bk) tile of one batch row); see the module docstring."""
+def _fwd_body(
+    *refs, masked: bool, split: bool, wide: bool, causal: bool, block_q: int, block_k: int, chunks: int, scale: float
+):
+    """Forward kernel body (one (Bq, Bk) tile of one batch row); see the module docstring.
+    ``wide``: P written in float32 (one output) instead of bf16 parts."""
     starts_ref, q_ref, k_ref, m_ref, l_ref, *refs = refs
     seg_refs, refs = (refs[:2], refs[2:]) if masked else (None, refs)
     nout = 2 if split else 1
@@ -255,9 +258,17 @@ def _fwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, bloc
         copy_waited(seg_refs[0].at[b, rows], seg_smem[0], bar.at[0])
         copy_waited(seg_refs[1].at[b, keys], seg_smem[1], bar.at[0])
 
-    acc = chunked_logits([q_ref.at[b, rows]], [k_ref.at[b, keys]], a_smem, b_smem, bar, chunks, shape)
+    trips = _causal_trips(causal, chunks, r0, k0, block_q)
+    acc = chunked_logits([q_ref.at[b, rows]], [k_ref.at[b, keys]], a_smem, b_smem, bar, trips, shape)
     probs = _probs(acc, m_smem, l_smem, seg_smem, scale=scale, causal=causal, shape=shape, r0=r0, k0=k0)
-    _write(_split(probs, split), out_smem, out_refs, (b, pl.ds(r0, block_q), pl.ds(k0, block_k)))
+    tiles = (probs,) if wide else _split(probs, split)
+    _write(tiles, out_smem, out_refs, (b, pl.ds(r0, block_q), pl.ds(k0, block_k)))
+
+
+def _causal_trips(causal: bool, chunks: int, r0, k0, block_q: int):
+    """The D chunks a tile's logits take: all of them, or with ``causal`` none where no key of the
+    tile comes before any of its rows (the mask zeroes that whole tile)."""
+    return jnp.where(k0 < r0 + block_q - 1, chunks, 0) if causal else chunks
 
 
 def _bwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, block_k: int, chunks: int, scale: float):
@@ -295,9 +306,7 @@ def _bwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, bloc
             plgpu.wgmma_wait(0)
             return carry
 
-        # causal: a tile wholly on or above the diagonal (no key before any of its rows) is zeros
-        trips = jnp.where(k0 < r0 + block_q - 1, chunks, 0) if causal else chunks
-        lax.fori_loop(0, trips, chunk, 0)
+        lax.fori_loop(0, _causal_trips(causal, chunks, r0, k0, block_q), chunk, 0)
         return acc_l[...], acc_g[...]
 
     logits, g_dot_s = pl.run_scoped(products, plgpu.ACC(shape, F32), plgpu.ACC(shape, F32))
@@ -363,6 +372,7 @@ def gpu_block_probs(
     keys: int | None = None,
     row_start=0,
     key_start=0,
+    out_dtype=BF16,
 ):
     """P tiles of a (rows, keys) panel of A in bf16 (Mosaic GPU): (hi,) or, ``split``, (hi, lo).
 
@@ -381,23 +391,35 @@ def gpu_block_probs(
     ``causal`` compares indices within the panel. The starts are multiples of ``PANEL_ALIGN`` = 64
     and may be traced int32 scalars (a loop's offsets), which must keep the window inside the
     inputs (checked where they are Python ints); sizes None: all rows / keys (start 0).
+
+    ``out_dtype`` float32 (``split`` False): P itself, (P,) in float32 (the diagonal leaves' A_ii,
+    which the leaves take at bf16x3). With ``causal`` a tile with no key before any of its rows
+    skips its logits (it is zeros either way), and the kernel declares the work it does.
     """
     p, kk = _panel("gpu_block_probs", q.shape[1], k.shape[1], rows, keys, row_start, key_start)
     _check("gpu_block_probs", q, seg_q, k, seg_k, block_q, block_k, panel=(p, kk))
+    wide = jnp.dtype(out_dtype) == F32
+    if wide and split or jnp.dtype(out_dtype) not in (F32, BF16):
+        raise ValueError(
+            f"gpu_block_probs: out_dtype {jnp.dtype(out_dtype)} with split={split}: want bfloat16 parts, or float32 "
+            "with split=False"
+        )
     b, _, d = q.shape
     masked = seg_q is not None
     nout = 2 if split else 1
+    dtype = F32 if wide else BF16
     scratch = [
         plgpu.SMEM((1, block_q, BLOCK_D), BF16, **SWIZZLE),
         plgpu.SMEM((1, block_k, BLOCK_D), BF16, **SWIZZLE),
         *_row_scratch(masked, block_q, block_k, 2),
-        plgpu.SMEM((nout, block_q, block_k), BF16, **SWIZZLE),
+        plgpu.SMEM((nout, block_q, block_k), dtype, **(_OUT_SWIZZLE if wide else SWIZZLE)),
         plgpu.Barrier(num_barriers=1),
     ]
     body = functools.partial(
         _fwd_body,
         masked=masked,
         split=split,
+        wide=wide,
         causal=causal,
         block_q=block_q,
         block_k=block_k,
@@ -406,7 +428,13 @@ def gpu_block_probs(
     )
     segs = (seg_q.astype(jnp.int32), seg_k.astype(jnp.int32)) if masked else ()
     inputs = (window_starts(row_start, key_start), q, k, m.astype(F32), logl.astype(F32), *segs)
-    return _call(body, FWD_KERNEL_NAME, inputs, nout, (b, p, kk), scratch, (p // block_q, kk // block_k, b), interpret)
+    cost = None
+    if causal:  # the skipped tiles' logits are not computed: say so to the compiler (and the report)
+        moved = b * ((p + kk) * d * 2 + (2 * p + masked * (p + kk)) * 4 + nout * p * kk * jnp.dtype(dtype).itemsize)
+        flops = 2 * b * causal_tiles(p, kk, block_q, block_k) * block_q * block_k * d
+        cost = pl.CostEstimate(flops=flops, transcendentals=b * p * kk, bytes_accessed=moved)
+    grid = (p // block_q, kk // block_k, b)
+    return _call(body, FWD_KERNEL_NAME, inputs, nout, (b, p, kk), scratch, grid, interpret, dtype, cost=cost)
 
 
 def gpu_block_probs_and_grad(

@@ -293,6 +293,35 @@ def diag_blocks(plan: RecursivePlan, diag_logits, seg, m, logl):
     return jnp.where(leaf_mask(seg, plan.leaf), jnp.exp(z), 0.0)
 
 
+def _gemm_diagonal_blocks(plan: RecursivePlan, q_b, k_b, seg, m, logl):
+    """``diag_blocks`` from the P-tile kernel (``gpu_block_probs``, causal, float32 out, every leaf
+    at once as its batch): the logits q_i k_i^T of bf16 q and k in one pass, masked and
+    exponentiated in registers, the tiles with no key before any row skipped. (B, n, Cs, Cs)
+    float32, equal to ``diag_blocks`` of the bfloat16 tier's ``leaf_logits`` up to fp32 summation
+    order."""
+    b, tp, _ = q_b.shape
+    c, n = plan.leaf, plan.num_leaves
+
+    def leaves(a):
+        return None if a is None else a.reshape(b * n, c, *a.shape[2:])
+
+    seg = leaves(seg)
+    (a_ii,) = gpu_block_probs(
+        leaves(q_b),
+        seg,
+        leaves(m),
+        leaves(logl),
+        leaves(k_b),
+        seg,
+        scale=plan.scale,
+        split=False,
+        causal=True,
+        out_dtype=jnp.float32,
+        interpret=plan.gpu_interpret,
+    )
+    return a_ii.reshape(b, n, c, c)
+
+
 def diag_inverse(plan: RecursivePlan, a_ii, gamma):
     """X_i = (I - diag(gamma_i) A_ii)^-1 for all leaves at once, (B, n, Cs, Cs), fp32-faithful
     (``RecursivePlan.faithful``) at every tier: the inverse reaches every s_i."""
@@ -454,11 +483,13 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
             platform=plan.platform,
             diag_logits=diag_logits,
         )
-    a_ii = diag_blocks(plan, diag_logits, seg, m, logl)
-    x_inv = diag_inverse(plan, a_ii, gamma)
-
     if plan.gemm_kernels:  # the kernels multiply bf16 q and k: one conversion, outside the loop
         q_b, k_b = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+    if plan.gemm_kernels and plan.tier == "bfloat16":  # the tier's one-pass logits, as leaf_logits takes them
+        a_ii = _gemm_diagonal_blocks(plan, q_b, k_b, seg, m, logl)
+    else:
+        a_ii = diag_blocks(plan, diag_logits, seg, m, logl)
+    x_inv = diag_inverse(plan, a_ii, gamma)
 
     def block_update(r0, rows, k0, keys, s_keys):
         if plan.gemm_kernels:
