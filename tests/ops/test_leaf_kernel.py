@@ -50,9 +50,11 @@ def _inputs(d: int):
 @needs_in_place
 def test_leaf_solve_matches_the_xla_leaf_step(d, traced):
     """s_i equals X_i (f_i + gamma_i racc_i) at the explicit bf16x3 split to fp32 summation order
-    (and is as close to the float32-exact product); s_b gains bf16(s_i) in the leaf's rows and
-    keeps every other row; one and two column tiles, traced and static starts."""
+    (and is as close to the float32-exact product), written into s's leaf rows; s_b gains
+    bf16(s_i) there; both keep every other row; one and two column tiles, traced and static
+    starts."""
     x_inv, f, racc, gamma, s_b = _inputs(d)
+    s_old = normal(46, f.shape)  # earlier leaves' s: must survive
     start = LEAF  # the middle leaf
     interp = False if jax.default_backend() == "gpu" else interpret_or_skip()
 
@@ -60,15 +62,17 @@ def test_leaf_solve_matches_the_xla_leaf_step(d, traced):
         return lg.gpu_leaf_solve(*args, interpret=interp)
 
     if traced:
-        s_i, s_b_new = jax.jit(run)(x_inv, f, racc, gamma, s_b, jnp.int32(start))
+        s_new, s_b_new = jax.jit(run)(x_inv, f, racc, gamma, s_b, s_old, jnp.int32(start))
     else:
-        s_i, s_b_new = jax.jit(run, static_argnums=5)(x_inv, f, racc, gamma, s_b, start)
+        s_new, s_b_new = jax.jit(run, static_argnums=6)(x_inv, f, racc, gamma, s_b, s_old, start)
     rows = slice(start, start + LEAF)
+    assert s_new.shape == f.shape and s_new.dtype == jnp.float32
+    np.testing.assert_array_equal(np.delete(s_new, np.s_[rows], axis=1), np.delete(s_old, np.s_[rows], axis=1))
+    s_i = s_new[:, rows]
     x_i, rhs = x_inv[:, rows], f[:, rows] + gamma[:, rows, None] * racc[:, rows]
     twin = chained_dot("bij,bjd->bid", x_i, rhs, "bf16x3", "cpu")
     exact = jnp.einsum("bij,bjd->bid", x_i, rhs, precision=jax.lax.Precision.HIGHEST)
     scale = float(jnp.abs(exact).max())
-    assert s_i.shape == (B, LEAF, d) and s_i.dtype == jnp.float32
     # bf16x3 drops lo.lo (~2^-16 relative per term); the rest is fp32 summation order
     np.testing.assert_allclose(s_i, twin, rtol=0, atol=LEAF * 2.0**-22 * scale)
     assert float(jnp.abs(s_i - exact).max()) <= 2 * float(jnp.abs(twin - exact).max()) + 2.0**-20 * scale
@@ -80,9 +84,9 @@ def test_leaf_solve_matches_the_xla_leaf_step(d, traced):
 @pytest.mark.parametrize("d,traced", [(128, True), (256, False)])
 @needs_in_place
 def test_transposed_leaf_solve_matches_the_xla_leaf_step(d, traced):
-    """lambda_i equals X_i^T bacc_i at the explicit bf16x3 split to fp32 summation order; g_hi and
-    g_lo gain the bf16 hi + lo parts of gamma_i lambda_i in the leaf's rows and keep every other
-    row."""
+    """lambda_i equals X_i^T bacc_i at the explicit bf16x3 split to fp32 summation order, written
+    into lam's leaf rows; g_hi and g_lo gain the bf16 hi + lo parts of gamma_i lambda_i there; all
+    keep every other row."""
     from sessa_jax.ops.solve.precision import split_bf16
 
     x_inv, bacc, _, gamma, g_hi = _inputs(d)
@@ -93,12 +97,15 @@ def test_transposed_leaf_solve_matches_the_xla_leaf_step(d, traced):
     def run(*args):
         return lg.gpu_leaf_solve_transposed(*args, interpret=interp)
 
-    args = (x_inv, bacc, gamma, g_hi, g_lo)
+    lam_old = normal(47, bacc.shape)
+    args = (x_inv, bacc, gamma, g_hi, g_lo, lam_old)
     if traced:
-        lam, hi, lo = jax.jit(run)(*args, jnp.int32(start))
+        lam_new, hi, lo = jax.jit(run)(*args, jnp.int32(start))
     else:
-        lam, hi, lo = jax.jit(run, static_argnums=5)(*args, start)
+        lam_new, hi, lo = jax.jit(run, static_argnums=6)(*args, start)
     rows = slice(start, start + LEAF)
+    np.testing.assert_array_equal(np.delete(lam_new, np.s_[rows], axis=1), np.delete(lam_old, np.s_[rows], axis=1))
+    lam = lam_new[:, rows]
     twin = chained_dot("bji,bjd->bid", x_inv[:, rows], bacc[:, rows], "bf16x3", "cpu")
     scale = float(jnp.abs(twin).max())
     np.testing.assert_allclose(lam, twin, rtol=0, atol=LEAF * 2.0**-22 * scale)
@@ -126,9 +133,9 @@ def test_leaf_kernels_never_read_the_blocks_above_the_diagonal(transposed):
     poisoned = jnp.where(_upper_blocks(x_inv), jnp.nan, x_inv)
     interp = False if jax.default_backend() == "gpu" else interpret_or_skip()
     if transposed:
-        step = lambda x: lg.gpu_leaf_solve_transposed(x, rhs, gamma, s_b, s_b, LEAF, interpret=interp)  # noqa: E731
+        step = lambda x: lg.gpu_leaf_solve_transposed(x, rhs, gamma, s_b, s_b, racc, LEAF, interpret=interp)  # noqa: E731
     else:
-        step = lambda x: lg.gpu_leaf_solve(x, rhs, racc, gamma, s_b, LEAF, interpret=interp)  # noqa: E731
+        step = lambda x: lg.gpu_leaf_solve(x, rhs, racc, gamma, s_b, racc, LEAF, interpret=interp)  # noqa: E731
     for want, got in zip(jax.jit(step)(x_inv), jax.jit(step)(poisoned)):
         np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
 
@@ -158,12 +165,13 @@ def test_leaf_residual_matches_the_xla_product_and_never_reads_above_the_diagona
 @needs_in_place
 def test_leaf_solve_lowers_for_cuda_with_the_copy_in_place():
     tp, d = LEAF * LEAVES, 256
-    args = (SD((B, tp, LEAF), jnp.float32), *[SD((B, tp, d), jnp.float32)] * 2, SD((B, tp), jnp.float32))
-    args = (*args, SD((B, tp, d), BF16), SD((), jnp.int32))
+    wide = SD((B, tp, d), jnp.float32)
+    args = (SD((B, tp, LEAF), jnp.float32), wide, wide, SD((B, tp), jnp.float32))
+    args = (*args, SD((B, tp, d), BF16), wide, SD((), jnp.int32))
     text = lower_or_skip(jax.jit(lambda *a: lg.gpu_leaf_solve(*a)), args)
     assert lg.KERNEL_NAME in text and "mosaic_gpu" in text
-    assert "output_operand_alias" in text  # s_b's rows are written where they are
-    args = (args[0], args[1], args[3], args[4], args[4], args[5])
+    assert "output_operand_alias" in text  # s's and s_b's rows are written where they are
+    args = (args[0], args[1], args[3], args[4], args[4], wide, args[6])
     text = lower_or_skip(jax.jit(lambda *a: lg.gpu_leaf_solve_transposed(*a)), args)
     assert lg.TRANSPOSED_KERNEL_NAME in text and "output_operand_alias" in text
     leaves = (SD((3, LEAF, LEAF), jnp.float32), *[SD((3, LEAF, d), jnp.float32)] * 2)
@@ -187,4 +195,4 @@ def test_leaf_solve_errors(change, match):
     gamma = jnp.zeros((1, change.get("gamma_len", tp)))
     s_b = jnp.zeros((1, tp, d), change.get("s_b_dtype", BF16))
     with pytest.raises(ValueError, match=match):
-        lg.gpu_leaf_solve(x_inv, f, f, gamma, s_b, change.get("start", 0))
+        lg.gpu_leaf_solve(x_inv, f, f, gamma, s_b, f, change.get("start", 0))

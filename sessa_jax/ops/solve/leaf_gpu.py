@@ -5,22 +5,25 @@ copies the pushes read (s's, or g = gamma lambda's two parts) in place, where XL
 the right-hand side out of their buffers, runs the product, and writes each copy in a pass of
 its own.
 
-``gpu_leaf_solve(x_rows, f, racc, gamma, s_b, row_start)`` and
-``gpu_leaf_solve_transposed(x_rows, bacc, gamma, g_hi, g_lo, row_start)``: x_rows (B, n Cs, Cs)
-float32 holds the leaves' X_i one under another (rows [i Cs, (i + 1) Cs) are X_i), each lower
-triangular (X_i = (I - diag(gamma_i) A_ii)^-1 with A_ii strictly lower): the kernels read only
-its (64, 64) blocks on and below the diagonal, and take the products over them alone; the other
-buffers are (B, Tp, D) (gamma (B, Tp)), read and written at rows [o, o + Cs) with o =
-``row_start`` = i Cs (traced). Each returns the leaf's result (B, Cs, D) float32 as a new array,
-not written over its right-hand side (other programs of the same step still read it), and the
-bf16 buffers updated in place (``jax.new_ref``). Grid (Cs / 64, D / Bn, B), one warpgroup per
-(64, Bn) tile of the result, Bn = min(D, 128); the contraction over the leaf's rows runs in
-chunks of 64 (the tile's own chunk and those before it; transposed, its own and those after):
-X_i's (64, 64) chunk and the right-hand side's (64, Bn) chunk come in float32 by TMA (forward: f
-and racc, combined with gamma in fp32 registers), are split into bf16 hi + lo in registers and
-stored to shared memory, and three wgmmas (hi hi + hi lo + lo hi; X_i transposed through the
-shared-memory view in the backward) accumulate in fp32: the bf16x3 products of
+``gpu_leaf_solve(x_rows, f, racc, gamma, s_b, s, row_start)`` and
+``gpu_leaf_solve_transposed(x_rows, bacc, gamma, g_hi, g_lo, lam, row_start)``: x_rows (B, n Cs,
+Cs) float32 holds the leaves' X_i one under another (rows [i Cs, (i + 1) Cs) are X_i), each
+lower triangular (X_i = (I - diag(gamma_i) A_ii)^-1 with A_ii strictly lower): the kernels read
+only its (64, 64) blocks on and below the diagonal, and take the products over them alone; the
+other buffers are (B, Tp, D) (gamma (B, Tp)), read and written at rows [o, o + Cs) with o =
+``row_start`` = i Cs (traced). Each writes the leaf's result into the leaf's rows of a float32
+buffer of its own (s, or lam: not over its right-hand side, which other programs of the same
+step still read) and the bf16 copies, all in place (``jax.new_ref``). Grid (Cs / 64, D / Bn, B),
+one warpgroup per (64, Bn) tile of the result, Bn = min(D, 128); the contraction over the leaf's
+rows runs in chunks of 64 (the tile's own chunk and those before it; transposed, its own and
+those after): X_i's (64, 64) chunk and the right-hand side's (64, Bn) chunk come in float32 by
+TMA (forward: f and racc, combined with gamma in fp32 registers), are split into bf16 hi + lo in
+registers and stored to shared memory, and three wgmmas (hi hi + hi lo + lo hi; X_i transposed
+through the shared-memory view in the backward) accumulate in fp32: the bf16x3 products of
 ``precision.leaf_dot``'s explicit split. Shared memory at most about 176 KiB.
+``gpu_leaf_residual(a_leaves, s_leaves, racc_leaves)``: the forward's r = racc + A_ii s of every
+leaf at once (the leaves as the grid's batch), the same chunked bf16x3 product over A_ii's lower
+blocks, added into racc in place.
 
 Needs a Hopper GPU (sm_90a) and jax >= 0.12 (the in-place writes,
 ``accumulate_gpu.in_place_supported``); verified on CPU only, in Mosaic GPU interpret mode
@@ -146,7 +149,7 @@ def _body(starts_ref, *refs, transposed: bool, chunks: int, block_n: int):
         sb_smem[...] = y.astype(BF16)
         copies = ((sb_smem, sb_ref),)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem, out_ref.at[b, pl.ds(i * BLOCK_M, BLOCK_M), cols])
+    plgpu.copy_smem_to_gmem(out_smem, out_ref.at[b, own, cols])
     for smem, ref in copies:
         plgpu.copy_smem_to_gmem(smem, ref.at[b, own, cols])
     plgpu.wait_smem_to_gmem(0)
@@ -205,9 +208,10 @@ def _check(op: str, x_rows, wide: dict, gamma, narrow: dict, row_start):
     return leaf, d
 
 
-def _launch(inputs, in_place, leaf: int, d: int, row_start, *, transposed: bool, interpret):
+def _launch(inputs, in_place, result, leaf: int, d: int, row_start, *, transposed: bool, interpret):
     """The kernel on one leaf; ``inputs``: the operands read, ``in_place``: the bf16 buffers written
-    in place. Returns (the leaf's (B, Cs, D) float32 result, *the updated buffers)."""
+    in place, ``result``: the float32 buffer whose leaf rows take the result, in place. Returns
+    (result, *in_place) updated."""
     bsz = inputs[1].shape[0]
     block_n = _block_n(d)
     body = functools.partial(_body, transposed=transposed, chunks=leaf // BLOCK_C, block_n=block_n)
@@ -233,49 +237,53 @@ def _launch(inputs, in_place, leaf: int, d: int, row_start, *, transposed: bool,
         )
         flops = 3 * 2 * bsz * blocks * BLOCK_M * BLOCK_C * d
         kwargs["cost_estimate"] = pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=moved)
-    refs = [jax.new_ref(x) for x in in_place]
-    out = plgpu.kernel(
+    refs = [jax.new_ref(x) for x in (*in_place, result)]
+    plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((bsz, leaf, d), F32),
+        out_type=(),
         scratch_types=scratch,
         grid=(leaf // BLOCK_M, d // block_n, bsz),
         grid_names=("rows", "cols", "batch"),
         **kwargs,
     )(window_starts(row_start), *inputs, *refs)
-    return (out, *(jax.freeze(r) for r in refs))
+    *narrow, wide = (jax.freeze(r) for r in refs)
+    return (wide, *narrow)
 
 
-def gpu_leaf_solve(x_rows, f, racc, gamma, s_b, row_start, *, interpret=False):
-    """(s_i, s_b): the forward leaf step of leaf i = row_start / Cs.
+def gpu_leaf_solve(x_rows, f, racc, gamma, s_b, s, row_start, *, interpret=False):
+    """(s, s_b): the forward leaf step of leaf i = row_start / Cs.
 
     x_rows (B, n Cs, Cs) float32: X_i = (I - diag(gamma_i) A_ii)^-1 of every leaf, one under
     another, lower triangular (its (64, 64) blocks above the diagonal are not read); f, racc (B, Tp,
     D) float32: the right-hand side's f and pushed sums; gamma (B, Tp) float32; s_b (B, Tp, D)
-    bfloat16: the leaf loop's bf16 copy of s. ``row_start``: a Python int or traced int32, a
-    multiple of Cs. Returns s_i = X_i (f_i + gamma_i racc_i) (B, Cs, D) float32 at bf16x3 (both
-    operands split hi + lo, hi hi + hi lo + lo hi with fp32 accumulation), and s_b with rows
-    [row_start, row_start + Cs) set to bf16(s_i), in place where the caller's s_b is not used
-    afterwards. ``interpret``: False or ``plgpu.InterpretGPUParams()``.
+    bfloat16: the leaf loop's bf16 copy of s; s (B, Tp, D) float32: the solution's buffer (a
+    buffer of its own: the step reads f_i while it writes). ``row_start``: a Python int or traced
+    int32, a multiple of Cs. Returns s with rows [row_start, row_start + Cs) set to s_i = X_i
+    (f_i + gamma_i racc_i) at bf16x3 (both operands split hi + lo, hi hi + hi lo + lo hi with
+    fp32 accumulation), and s_b with those rows set to bf16(s_i), both in place where the
+    caller's buffers are not used afterwards. ``interpret``: False or
+    ``plgpu.InterpretGPUParams()``.
     """
     check_in_place("gpu_leaf_solve", "run the leaf step in XLA")
-    leaf, d = _check("gpu_leaf_solve", x_rows, {"f": f, "racc": racc}, gamma, {"s_b": s_b}, row_start)
-    return _launch((x_rows, f, racc, gamma), (s_b,), leaf, d, row_start, transposed=False, interpret=interpret)
+    leaf, d = _check("gpu_leaf_solve", x_rows, {"f": f, "racc": racc, "s": s}, gamma, {"s_b": s_b}, row_start)
+    return _launch((x_rows, f, racc, gamma), (s_b,), s, leaf, d, row_start, transposed=False, interpret=interpret)
 
 
-def gpu_leaf_solve_transposed(x_rows, bacc, gamma, g_hi, g_lo, row_start, *, interpret=False):
-    """(lambda_i, g_hi, g_lo): the backward leaf step of leaf i = row_start / Cs.
+def gpu_leaf_solve_transposed(x_rows, bacc, gamma, g_hi, g_lo, lam, row_start, *, interpret=False):
+    """(lam, g_hi, g_lo): the backward leaf step of leaf i = row_start / Cs.
 
     x_rows, gamma, ``row_start`` and ``interpret`` as in ``gpu_leaf_solve``; bacc (B, Tp, D)
     float32: the backward's right-hand sides (ds plus the transposed pushes); g_hi, g_lo (B, Tp,
-    D) bfloat16: the backward's g = gamma * lambda as bf16 hi + lo parts. Returns lambda_i =
-    X_i^T bacc_i (B, Cs, D) float32 at bf16x3, and g_hi, g_lo with the leaf's rows set to the
-    parts of gamma_i lambda_i (``precision.split_bf16``'s hi and lo), in place where the
-    caller's buffers are not used afterwards.
+    D) bfloat16: the backward's g = gamma * lambda as bf16 hi + lo parts; lam (B, Tp, D) float32:
+    the solution's buffer. Returns lam with the leaf's rows set to lambda_i = X_i^T bacc_i at
+    bf16x3, and g_hi, g_lo with those rows set to the parts of gamma_i lambda_i
+    (``precision.split_bf16``'s hi and lo), all in place where the caller's buffers are not used
+    afterwards.
     """
     check_in_place("gpu_leaf_solve_transposed", "run the leaf step in XLA")
     narrow = {"g_hi": g_hi, "g_lo": g_lo}
-    leaf, d = _check("gpu_leaf_solve_transposed", x_rows, {"bacc": bacc}, gamma, narrow, row_start)
-    return _launch((x_rows, bacc, gamma), (g_hi, g_lo), leaf, d, row_start, transposed=True, interpret=interpret)
+    leaf, d = _check("gpu_leaf_solve_transposed", x_rows, {"bacc": bacc, "lam": lam}, gamma, narrow, row_start)
+    return _launch((x_rows, bacc, gamma), (g_hi, g_lo), lam, leaf, d, row_start, transposed=True, interpret=interpret)
 
 
 def gpu_leaf_residual(a_leaves, s_leaves, racc_leaves, *, interpret=False):

@@ -552,9 +552,9 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
     def solve_leaf(carry, i):
         s_buf, racc, s_b = carry
         start = i * c
-        if leaf_in_kernel:  # X_i, f_i, racc_i read in place, bf16(s_i) written in place
-            s_i, s_b0 = gpu_leaf_solve(x_rows, s_buf, racc, gamma, s_b[0], start, interpret=plan.gpu_interpret)
-            return lax.dynamic_update_slice_in_dim(s_buf, s_i, start, axis=1), racc, (s_b0,)
+        if leaf_in_kernel:  # X_i, f_i, racc_i read in place, s_i and bf16(s_i) written in place
+            s_buf, s_b0 = gpu_leaf_solve(x_rows, f, racc, gamma, s_b[0], s_buf, start, interpret=plan.gpu_interpret)
+            return s_buf, racc, (s_b0,)
         # s_buf starts as f and leaf i overwrites its own rows only, after reading f_i there
         rhs = take_chunk(s_buf, start, c) + take_chunk(gamma, start, c)[..., None] * take_chunk(racc, start, c)
         x_i = lax.dynamic_index_in_dim(x_inv, i, axis=1, keepdims=False)
@@ -574,9 +574,11 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
         return carry
 
     # Leaves in order: each segment's leaves in a loop, then the static block that follows it.
-    # s is written over f (no zero-filled s buffer, no f read from a second buffer); pushes read
-    # only rows already solved.
-    carry = (f, _accumulator(f.shape, f.dtype), tuple(jnp.zeros(f.shape, jnp.bfloat16) for _ in range(s_copies)))
+    # s is written over f (no zero-filled s buffer, no f read from a second buffer), but by the
+    # leaf kernel into a buffer of its own (its programs read f_i while others write s_i; each
+    # row is written before it is read); pushes read only rows already solved.
+    s0 = _accumulator(f.shape, f.dtype) if leaf_in_kernel else f
+    carry = (s0, _accumulator(f.shape, f.dtype), tuple(jnp.zeros(f.shape, jnp.bfloat16) for _ in range(s_copies)))
     for first, count in sched.segments():
         if count == 1:
             carry = solve_leaf(carry, first)  # its block, first + 1, is static (or absent)
@@ -660,17 +662,17 @@ def _backward(plan: RecursivePlan, res, ds):
         return b_keys, dq_p, dk_keys
 
     def tile(carry, r0, rows, k0, keys):
-        bacc, g_buf, delta, dq, dk = carry
+        bacc, g_buf, delta, dq, dk, lam = carry
         if plan.accumulates_in_kernel(d):
             bacc, dq, dk = _gemm_block_accumulate(plan, gemm_inputs, r0, rows, k0, keys, g_buf, delta, bacc, dq, dk)
-            return bacc, g_buf, delta, dq, dk
+            return bacc, g_buf, delta, dq, dk, lam
         b_keys, dq_p, dk_keys = block_grads(r0, rows, k0, keys, g_buf[0], delta)
 
         def add(buf, value, start):
             value = plan.unfused_sum(value)
             return lax.dynamic_update_slice_in_dim(buf, take_chunk(buf, start, value.shape[1]) + value, start, axis=1)
 
-        return add(bacc, b_keys, k0), g_buf, delta, add(dq, dq_p, r0), add(dk, dk_keys, k0)
+        return add(bacc, b_keys, k0), g_buf, delta, add(dq, dq_p, r0), add(dk, dk_keys, k0), lam
 
     leaf_in_kernel = plan.accumulates_in_kernel(d) and plan.leaf_solves_in_kernel(d)  # g in two bf16 parts
     x_rows = x_inv.reshape(b, n * c, c)  # X_i one under another, for the leaf kernel
@@ -678,22 +680,26 @@ def _backward(plan: RecursivePlan, res, ds):
     def solve_leaf(carry, i):
         """lam_i, and the leaf's rows of g, of delta = rowsum(g * r) (every block that pushes from
         these rows takes it) and of dgamma = rowsum(lam * r): r_i is read once, here."""
-        bacc, g_buf, delta, dq, dk = carry
+        bacc, g_buf, delta, dq, dk, lam = carry
         start = i * c
-        if leaf_in_kernel:  # X_i and bacc_i read in place, g's two bf16 parts written in place
-            lam_i, *g_buf = gpu_leaf_solve_transposed(x_rows, bacc, gamma, *g_buf, start, interpret=plan.gpu_interpret)
-            g_buf = tuple(g_buf)
+        if leaf_in_kernel:  # X_i and bacc_i read in place; lam_i and g's two bf16 parts written in place
+            lam, *g_buf = gpu_leaf_solve_transposed(
+                x_rows, bacc, gamma, *g_buf, lam, start, interpret=plan.gpu_interpret
+            )
+            g_buf, lam_i = tuple(g_buf), take_chunk(lam, start, c)
             g_i = take_chunk(gamma, start, c)[..., None] * lam_i
-        else:
-            x_i = lax.dynamic_index_in_dim(x_inv, i, axis=1, keepdims=False)
-            lam_i = plan.chained("bji,bjd->bid", x_i, take_chunk(bacc, start, c))
-            g_i = take_chunk(gamma, start, c)[..., None] * lam_i
-            parts = split_bf16(g_i) if len(g_buf) == 2 else (g_i.astype(g_buf[0].dtype),)
-            g_buf = tuple(lax.dynamic_update_slice_in_dim(buf, x, start, axis=1) for buf, x in zip(g_buf, parts))
+            r_i = take_chunk(r, start, c)
+            delta = lax.dynamic_update_slice_in_dim(delta, row_delta(g_i, r_i, plan.plain_tier), start, axis=1)
+            return (bacc, g_buf, delta, dq, dk, lam), jnp.sum(lam_i * r_i, axis=-1)
+        x_i = lax.dynamic_index_in_dim(x_inv, i, axis=1, keepdims=False)
+        lam_i = plan.chained("bji,bjd->bid", x_i, take_chunk(bacc, start, c))
+        g_i = take_chunk(gamma, start, c)[..., None] * lam_i
+        parts = split_bf16(g_i) if len(g_buf) == 2 else (g_i.astype(g_buf[0].dtype),)
+        g_buf = tuple(lax.dynamic_update_slice_in_dim(buf, x, start, axis=1) for buf, x in zip(g_buf, parts))
         r_i = take_chunk(r, start, c)
         bacc = lax.dynamic_update_slice_in_dim(bacc, lam_i, start, axis=1)
         delta = lax.dynamic_update_slice_in_dim(delta, row_delta(g_i, r_i, plan.plain_tier), start, axis=1)
-        return (bacc, g_buf, delta, dq, dk), jnp.sum(lam_i * r_i, axis=-1)
+        return (bacc, g_buf, delta, dq, dk, lam), jnp.sum(lam_i * r_i, axis=-1)
 
     def step(carry, xs):
         i, branch = xs
@@ -711,7 +717,10 @@ def _backward(plan: RecursivePlan, res, ds):
     g_buf = tuple(jnp.zeros((b, tp, d), dtype) for dtype in plan.g_dtypes(d, s.dtype))
     delta = jnp.zeros((b, tp), s.dtype)
     zeros = _accumulator((b, tp, d), s.dtype)
-    carry, outs = (ds, g_buf, delta, zeros, zeros), []
+    # the leaf kernel writes lam into a buffer of its own (its programs read bacc_i while others
+    # write lam_i; each row is written before it is read); elsewhere lam replaces bacc's rows
+    lam = _accumulator((b, tp, d), s.dtype) if leaf_in_kernel else None
+    carry, outs = (ds, g_buf, delta, zeros, zeros, lam), []
     for first, count in reversed(sched.segments()):
         if count == 1:
             carry, out_i = solve_leaf(carry, first)  # its block, first, is static (or absent)
@@ -726,7 +735,8 @@ def _backward(plan: RecursivePlan, res, ds):
             outs.append(merge_chunks(out_seg))
         if first > 0:
             carry = sched.visit_static(first, carry, c, tile, barrier)
-    lam, g_buf, delta, dq, dk = carry
+    bacc, g_buf, delta, dq, dk, lam = carry
+    lam = bacc if lam is None else lam
     dgamma = outs[0] if len(outs) == 1 else jnp.concatenate(outs[::-1], axis=1)
 
     if plan.accumulates_in_kernel(d):  # the diagonal leaves' dL, dq and dk in the kernels, cast in place
