@@ -103,6 +103,15 @@ PEAK_BYTES = 3.35e12
 FP32_FLOPS = 67e12  # H100 SXM without tensor cores: where a float32 dot at HIGHEST runs
 
 _HEAD = re.compile(r"^(?:ENTRY )?%(\S+) \(.*\{\s*$")
+
+
+def _allocates_only(inst) -> bool:
+    """An uninitialized buffer (``lax.empty``: XLA's "AllocateBuffer" custom call, which buffer
+    assignment serves without a kernel, as XLA's own pass that replaces zero-filled loop inputs
+    with it relies on): no launch, no bytes."""
+    return inst.op == "custom-call" and inst.attr("custom_call_target") == '"AllocateBuffer"'
+
+
 _FREE = {
     "fusion-done",
     "parameter",
@@ -259,7 +268,7 @@ class Walk:
                         self._visit(name, times * share, None, in_loop, dynamic=dynamic)
             elif inst.op == "call":
                 self._visit(inst.attr("to_apply"), times, loop, in_loop, trips, dynamic)
-            elif inst.op not in _FREE:
+            elif inst.op not in _FREE and not _allocates_only(inst):
                 self.kernels[(comp, inst.name)] += times
                 self.loop_launches += times if in_loop else 0
                 if in_loop:

@@ -252,3 +252,20 @@ def test_default_static_span_makes_exactly_the_wide_blocks_static(n, tile_leaves
     assert not static.has_wide  # every wide block left the loops
     tiles = [t for j in static.static_blocks for t in static.block_tiles(j)]
     assert all(rows == keys == tile_leaves for *_, rows, _, keys in tiles) and len(tiles) <= STATIC_TILES
+
+
+@pytest.mark.parametrize("packed,kernels", [(False, "xla"), (True, "xla"), (True, "pallas")])
+def test_unwritten_buffers_are_written_before_they_are_read(packed, kernels, monkeypatch):
+    """The buffers the solve leaves unfilled (``lax.empty``: g's, uninitialized on a GPU or TPU)
+    are read only where written: NaN in them leaves s and every gradient bit for bit the same,
+    with XLA's pushes and with the TPU kernels' (interpret mode here)."""
+    from sessa_jax.ops.solve import recursive
+
+    args = _inputs(jnp.float32, 512, d=16)
+    segs = (lambda shape: jnp.zeros(shape, jnp.int32)) if packed else None
+    solve = _recursive(segs, leaf=128, tile=256, static_span=2, kernels=kernels)
+    clean = _value_and_grads(solve, args)
+    monkeypatch.setattr(recursive, "_unwritten", lambda shape, dtype: jnp.full(shape, jnp.nan, dtype))
+    poisoned = _value_and_grads(solve, args)
+    for got, want in zip(jax.tree.leaves(poisoned), jax.tree.leaves(clean)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

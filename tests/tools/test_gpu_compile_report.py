@@ -172,6 +172,19 @@ def test_a_kernel_that_declares_its_cost_is_taken_at_its_word(fused):
     assert table["gemm_flops"] == flops and table["gemm_bytes"] == moved
 
 
+def test_an_uninitialized_buffer_is_no_kernel():
+    """``lax.empty`` compiles for a GPU to XLA's "AllocateBuffer" custom call, which buffer
+    assignment serves: no launch and no bytes; the kernel that then writes the buffer counts."""
+    text = (
+        "HloModule m\n\nENTRY %main (p: f32[4]) -> f32[1024,1024] {\n"
+        '  %e = f32[1024,1024]{1,0} custom-call(), custom_call_target="AllocateBuffer"\n'
+        "  ROOT %n = f32[1024,1024]{1,0} negate(%e)\n}\n"
+    )
+    table = gpu_compile.Walk(text).run().table(launch_us=0.0)
+    assert table["launches"] == 1  # the negate
+    assert table["other_bytes"] == 2 * 4 * 1024 * 1024  # its read and its write, nothing for the allocation
+
+
 @pytest.mark.parametrize("parts,segments", [(1, True), (2, False)])
 def test_statistics_kernel_counts_its_causal_flops(parts, segments):
     """The statistics kernel (q, k parts [, seg] -> m, logl): B T (T + 64) D FLOPs per bf16 pass

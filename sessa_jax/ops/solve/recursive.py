@@ -276,6 +276,12 @@ def _accumulator(shape, dtype):
     return jnp.full(shape, -0.0, dtype)
 
 
+def _unwritten(shape, dtype):
+    """A buffer whose every row the solve writes before it reads it (s, lambda, their bf16 copies):
+    no fill pass (``lax.empty``: uninitialized on GPU and TPU, zeros elsewhere)."""
+    return lax.empty(shape, dtype)
+
+
 def _barrier(carry, q, k):
     """(carry, q, k) through one optimization barrier: the next static tile's logits then wait
     for the previous tile's result. Without it the compiler may compute the independent
@@ -577,8 +583,8 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
     # s is written over f (no zero-filled s buffer, no f read from a second buffer), but by the
     # leaf kernel into a buffer of its own (its programs read f_i while others write s_i; each
     # row is written before it is read); pushes read only rows already solved.
-    s0 = _accumulator(f.shape, f.dtype) if leaf_in_kernel else f
-    carry = (s0, _accumulator(f.shape, f.dtype), tuple(jnp.zeros(f.shape, jnp.bfloat16) for _ in range(s_copies)))
+    s0 = _unwritten(f.shape, f.dtype) if leaf_in_kernel else f
+    carry = (s0, _accumulator(f.shape, f.dtype), tuple(_unwritten(f.shape, jnp.bfloat16) for _ in range(s_copies)))
     for first, count in sched.segments():
         if count == 1:
             carry = solve_leaf(carry, first)  # its block, first + 1, is static (or absent)
@@ -714,12 +720,12 @@ def _backward(plan: RecursivePlan, res, ds):
     # Leaves in reverse: each segment's leaves in a loop, then the static block of its first leaf.
     # bacc starts as ds, and lam_i replaces leaf i's rows once solved (pushes from leaf i reach
     # only earlier rows), so at the end bacc is lam: no zero-filled bacc, no lam gathered.
-    g_buf = tuple(jnp.zeros((b, tp, d), dtype) for dtype in plan.g_dtypes(d, s.dtype))
+    g_buf = tuple(_unwritten((b, tp, d), dtype) for dtype in plan.g_dtypes(d, s.dtype))
     delta = jnp.zeros((b, tp), s.dtype)
     zeros = _accumulator((b, tp, d), s.dtype)
     # the leaf kernel writes lam into a buffer of its own (its programs read bacc_i while others
     # write lam_i; each row is written before it is read); elsewhere lam replaces bacc's rows
-    lam = _accumulator((b, tp, d), s.dtype) if leaf_in_kernel else None
+    lam = _unwritten((b, tp, d), s.dtype) if leaf_in_kernel else None
     carry, outs = (ds, g_buf, delta, zeros, zeros, lam), []
     for first, count in reversed(sched.segments()):
         if count == 1:
