@@ -19,7 +19,9 @@
 #          (tests/ops/test_gpu_epilogue_kernels.py, feedback_solve with kernels="gpu_gemm" vs "xla";
 #          tests/ops/test_accumulate_kernel.py, the in-place accumulating product, its operands
 #          in parts, and the add-and-cast product vs XLA; tests/ops/test_leaf_kernel.py, the
-#          forward leaf step vs XLA's),
+#          leaf steps and the residual vs XLA's; the triangles the kernels skip, with NaN where
+#          they must not read; the solve's unfilled buffers (uninitialized on the device) read
+#          only where written),
 #          the solve's forward + backward with kernels "xla" vs "gpu_gemm" (segment ids None
 #          and one segment), and the layer with them at B=8, T=8192
 #   tests  device info; the recursive solve's tests (tests/ops/test_recursive.py, without the
@@ -91,11 +93,11 @@ run_paths() {
 run_kernels() {
   device_info
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
-  run 120 kernels_pytest.txt "$py" -m pytest -q -p no:cacheprovider tests/ops/test_gpu_epilogue_kernels.py \
+  run 150 kernels_pytest.txt "$py" -m pytest -q -p no:cacheprovider tests/ops/test_gpu_epilogue_kernels.py \
     tests/ops/test_accumulate_kernel.py tests/ops/test_leaf_kernel.py \
-    -k "feedback_solve or leaf_loops or in_place or parts or add_product or leaf_solve_matches"
+    -k "feedback_solve or leaf_loops or in_place or parts or add_product or leaf_solve_matches or residual or never_read or unwritten or lower_triangular or diagonal_panel"
   KERNELS="xla gpu_gemm" KERNEL_SEGMENTS=1 PATHS_LIMIT=240 run_paths
-  run 200 kernels_layer.txt "$py" "${layer[@]}" --T 8192 --solvers recursive --kernels gpu_gemm --no-transformer \
+  run 190 kernels_layer.txt "$py" "${layer[@]}" --T 8192 --solvers recursive --kernels gpu_gemm --no-transformer \
     --iters 5 --warmup 2 --json "$out/kernels_layer.json"
 }
 
