@@ -277,8 +277,9 @@ def _accumulator(shape, dtype):
 
 
 def _unwritten(shape, dtype):
-    """A buffer whose every row the solve writes before it reads it (s, lambda, their bf16 copies):
-    no fill pass (``lax.empty``: uninitialized on GPU and TPU, zeros elsewhere)."""
+    """A buffer whose every row the solve writes before it reads it (s and lambda where the leaf
+    kernels write them, s's bf16 copy, g's parts): no fill pass (``lax.empty``: uninitialized on
+    GPU and TPU, zeros elsewhere)."""
     return lax.empty(shape, dtype)
 
 
