@@ -279,11 +279,11 @@ def test_feedback_solve_with_gemm_kernels_matches_xla(precision, packed, fused, 
         assert np.linalg.norm(a - w) <= 2.0**-12 * np.linalg.norm(w), name
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_gemm_solve_reads_its_unwritten_buffers_only_where_written(packed, monkeypatch):
-    """With the kernels the solve leaves s, lambda, s's bf16 copy and g's parts unfilled
-    (``lax.empty``, uninitialized on a GPU): NaN in them leaves s and every gradient bit for bit
-    the same, so no kernel reads a row before the leaf loop writes it."""
+@pytest.mark.parametrize("precision,packed", [("bfloat16", False), ("bfloat16", True), ("bf16x3", True)])
+def test_gemm_solve_reads_its_unwritten_buffers_only_where_written(precision, packed, monkeypatch):
+    """With the kernels the solve leaves s, lambda, s's bf16 copy (its hi and lo parts at bf16x3)
+    and g's parts unfilled (``lax.empty``, uninitialized on a GPU): NaN in them leaves s and every
+    gradient bit for bit the same, so no kernel reads a row before the leaf loop writes it."""
     from sessa_jax.ops.solve import recursive
 
     if jax.default_backend() != "gpu":
@@ -296,9 +296,9 @@ def test_gemm_solve_reads_its_unwritten_buffers_only_where_written(packed, monke
         0.95 * jnp.tanh(normal(72, (B, t))),
         normal(73, (B, t, d), BF16),
     )
-    clean = _solve_grad("gpu_gemm", "bfloat16", seg)(*args)
+    clean = _solve_grad("gpu_gemm", precision, seg)(*args)
     monkeypatch.setattr(recursive, "_unwritten", lambda shape, dtype: jnp.full(shape, jnp.nan, dtype))
-    poisoned = _solve_grad("gpu_gemm", "bfloat16", seg)(*args)
+    poisoned = _solve_grad("gpu_gemm", precision, seg)(*args)
     for got, want in zip(jax.tree.leaves(poisoned), jax.tree.leaves(clean)):
         np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
 
