@@ -230,6 +230,16 @@ def test_bfloat16_tier_block_product_kernel_matches_xla_twin(mask, p, kk, dv):
 
 
 # --------------------------------------------------------------------------- the solve with them
+def _solve_inputs(seed: int, t: int, d: int):
+    """(q, k, gamma, f) for the solve: bf16 q, k, f (B, t, d) and gamma 0.95 tanh(N(0, 1)) (B, t)."""
+    return (
+        normal(seed, (B, t, d), BF16),
+        normal(seed + 1, (B, t, d), BF16),
+        0.95 * jnp.tanh(normal(seed + 2, (B, t))),
+        normal(seed + 3, (B, t, d), BF16),
+    )
+
+
 def _solve_grad(kernels, precision, segment_ids):
     from sessa_jax.ops import feedback_solve
 
@@ -260,12 +270,7 @@ def test_feedback_solve_with_gemm_kernels_matches_xla(precision, packed, fused, 
     monkeypatch.setattr(recursive, "product_fused", lambda dv: calls.append(dv) or (fused and covers(dv)))
     t, d = 512, 64
     seg = kernel_segments(B, t) if packed else None
-    args = (
-        normal(20, (B, t, d), BF16),
-        normal(21, (B, t, d), BF16),
-        0.95 * jnp.tanh(normal(22, (B, t))),
-        normal(23, (B, t, d), BF16),
-    )
+    args = _solve_inputs(20, t, d)
     (_, s_k), g_k = _solve_grad("gpu_gemm", precision, seg)(*args)
     assert calls and set(calls) == {d}  # the forward pushes asked which kernel takes them
     (_, s_x), g_x = _solve_grad("xla", precision, seg)(*args)
@@ -290,12 +295,7 @@ def test_gemm_solve_reads_its_unwritten_buffers_only_where_written(precision, pa
         interpret_or_skip()
     t, d = 512, 64
     seg = kernel_segments(B, t) if packed else None
-    args = (
-        normal(70, (B, t, d), BF16),
-        normal(71, (B, t, d), BF16),
-        0.95 * jnp.tanh(normal(72, (B, t))),
-        normal(73, (B, t, d), BF16),
-    )
+    args = _solve_inputs(70, t, d)
     clean = _solve_grad("gpu_gemm", precision, seg)(*args)
     monkeypatch.setattr(recursive, "_unwritten", lambda shape, dtype: jnp.full(shape, jnp.nan, dtype))
     poisoned = _solve_grad("gpu_gemm", precision, seg)(*args)
@@ -338,12 +338,7 @@ def test_gemm_kernels_in_the_leaf_loops_match_xla(fused, monkeypatch):
 
     plan = recursive.RecursivePlan.make(t, 128, 256, "bfloat16", "gpu", 0.1, kernels="gpu_gemm", static_span=None)
     assert plan.schedule.segments() == [(0, plan.num_leaves)]  # one loop, no static block
-    args = (
-        normal(30, (B, t, d), BF16),
-        normal(31, (B, t, d), BF16),
-        0.95 * jnp.tanh(normal(32, (B, t))),
-        normal(33, (B, t, d), BF16),
-    )
+    args = _solve_inputs(30, t, d)
     (_, s_k), g_k = grads("gpu_gemm")(*args)
     (_, s_x), g_x = grads("xla")(*args)
     for name, a, w in zip(("s", "dq", "dk", "dgamma", "df"), (s_k, *g_k), (s_x, *g_x)):

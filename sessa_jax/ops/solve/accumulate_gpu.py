@@ -107,6 +107,7 @@ __all__ = [
     "gpu_accumulate_product",
     "gpu_add_product",
     "in_place_supported",
+    "lower_blocks",
 ]
 
 

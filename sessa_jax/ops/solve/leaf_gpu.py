@@ -41,7 +41,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from sessa_jax.ops.solve.accumulate_gpu import _OUT_SWIZZLE, KERNEL_TAKES_COST, add_into_tile, check_in_place
+from sessa_jax.ops.solve.accumulate_gpu import (
+    _OUT_SWIZZLE,
+    KERNEL_TAKES_COST,
+    add_into_tile,
+    check_in_place,
+    lower_blocks,
+)
 from sessa_jax.ops.solve.block_product_gpu import _split
 from sessa_jax.ops.solve.row_stats_gpu import SWIZZLE, _load, copy_waited, read_window_starts, window_starts
 
@@ -67,12 +73,6 @@ __all__ = [
 
 def _block_n(d: int) -> int:
     return d if d <= BLOCK_N else BLOCK_N
-
-
-def _x_blocks(leaf: int) -> int:
-    """(BLOCK_M, BLOCK_C) blocks of X_i on or below its diagonal: the ones the kernels read."""
-    m = leaf // BLOCK_C
-    return m * (m + 1) // 2
 
 
 def leaf_solve_covers(leaf: int, d: int) -> bool:
@@ -231,7 +231,7 @@ def _launch(inputs, in_place, result, leaf: int, d: int, row_start, *, transpose
     kwargs = dict(interpret=interpret) if interpret else {}
     if KERNEL_TAKES_COST:
         wide_reads = 1 if transposed else 2
-        blocks = _x_blocks(leaf)
+        blocks = lower_blocks(leaf)
         moved = bsz * (
             blocks * BLOCK_M * BLOCK_C * 4 + (wide_reads + 1) * leaf * d * 4 + len(in_place) * leaf * d * 2 + leaf * 4
         )
@@ -327,7 +327,7 @@ def gpu_leaf_residual(a_leaves, s_leaves, racc_leaves, *, interpret=False):
     ]
     kwargs = dict(interpret=interpret) if interpret else {}
     if KERNEL_TAKES_COST:
-        blocks = _x_blocks(c)
+        blocks = lower_blocks(c)
         moved = n * (blocks * BLOCK_M * BLOCK_C * 4 + 3 * c * d * 4)
         kwargs["cost_estimate"] = pl.CostEstimate(
             flops=3 * 2 * n * blocks * BLOCK_M * BLOCK_C * d, transcendentals=0, bytes_accessed=moved

@@ -300,18 +300,19 @@ def diag_blocks(plan: RecursivePlan, diag_logits, seg, m, logl):
     return jnp.where(leaf_mask(seg, plan.leaf), jnp.exp(z), 0.0)
 
 
+def _by_leaf(plan: RecursivePlan, a):
+    """(B, Tp, ...) -> (B n, Cs, ...): each leaf's rows as one batch row (the kernels that take every
+    leaf at once); None stays None."""
+    return None if a is None else a.reshape(a.shape[0] * plan.num_leaves, plan.leaf, *a.shape[2:])
+
+
 def _gemm_diagonal_blocks(plan: RecursivePlan, q_b, k_b, seg, m, logl):
     """``diag_blocks`` from the P-tile kernel (``gpu_block_probs``, causal, float32 out, every leaf
     at once as its batch): the logits q_i k_i^T of bf16 q and k in one pass, masked and
     exponentiated in registers, the tiles with no key before any row skipped. (B, n, Cs, Cs)
     float32, equal to ``diag_blocks`` of the bfloat16 tier's ``leaf_logits`` up to fp32 summation
     order."""
-    b, tp, _ = q_b.shape
-    c, n = plan.leaf, plan.num_leaves
-
-    def leaves(a):
-        return None if a is None else a.reshape(b * n, c, *a.shape[2:])
-
+    leaves = functools.partial(_by_leaf, plan)
     seg = leaves(seg)
     (a_ii,) = gpu_block_probs(
         leaves(q_b),
@@ -326,7 +327,7 @@ def _gemm_diagonal_blocks(plan: RecursivePlan, q_b, k_b, seg, m, logl):
         out_dtype=jnp.float32,
         interpret=plan.gpu_interpret,
     )
-    return a_ii.reshape(b, n, c, c)
+    return a_ii.reshape(q_b.shape[0], plan.num_leaves, plan.leaf, plan.leaf)
 
 
 def diag_inverse(plan: RecursivePlan, a_ii, gamma):
@@ -431,11 +432,7 @@ def _gemm_diagonal_grads(plan: RecursivePlan, x: _GemmBackwardInputs, g_hi, delt
     ``probs_grad`` and ``RecursivePlan.plain``, up to fp32 summation order. g_hi (B, Tp, D) bf16,
     delta (B, Tp) float32, dq and dk (B, Tp, D) float32. Returns (dq, dk) (B, Tp, D)."""
     b, tp, d = dq.shape
-    c = plan.leaf
-
-    def leaves(a):
-        return None if a is None else a.reshape(b * plan.num_leaves, c, *a.shape[2:])
-
+    leaves = functools.partial(_by_leaf, plan)
     seg = leaves(x.seg)
     _, dl = gpu_block_probs_and_grad(
         *(leaves(x.q_b), seg, leaves(x.m), leaves(x.logl), leaves(x.k_b), seg),
@@ -600,8 +597,8 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
     s, racc, _ = carry
     b, tp, d = f.shape
     if leaf_in_kernel:  # A_ii s_i over A_ii's lower blocks only, added into racc in place
-        leaves = lambda x: x.reshape(b * n, c, x.shape[-1])  # noqa: E731
-        r = gpu_leaf_residual(leaves(a_ii), leaves(s), leaves(racc), interpret=plan.gpu_interpret)
+        a_leaves = a_ii.reshape(b * n, c, c)
+        r = gpu_leaf_residual(a_leaves, _by_leaf(plan, s), _by_leaf(plan, racc), interpret=plan.gpu_interpret)
         return s, r.reshape(b, tp, d), m, logl, a_ii, x_inv
     r = racc + plan.chained("bnij,bnjd->bnid", a_ii, s.reshape(b, n, c, d)).reshape(b, tp, d)
     return s, r, m, logl, a_ii, x_inv
