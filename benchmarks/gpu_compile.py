@@ -17,7 +17,8 @@ Per program it prints
     XLA's bf16x3 / bf16x6 algorithm counts 3 / 6 times; a float32 dot at HIGHEST, which runs
     on the CUDA cores, counts PEAK_FLOPS / FP32_FLOPS = 14.8 times: ``dot_passes``);
   * ``GEMM GB`` / ``other GB``: bytes the GEMM kernels and all other kernels read and write
-    (operands read in full unless the fusion only slices them; in-place updates count the update);
+    (operands read in full unless the fusion only slices them, directly or after element-for-element
+    operations; in-place updates count the update);
   * ``exp in GEMM``: launches of GEMM kernels that compute an exponential in their epilogue
     (the known-statistics P tile made inside the logits product instead of a separate pass);
     with ``--kernels gpu_gemm`` the Mosaic GPU GEMM-with-epilogue kernels count as GEMM kernels
@@ -139,6 +140,14 @@ def dot_passes(attrs: str, lhs_type: str) -> float:
     if lhs_type.startswith("f32") and "operand_precision={highest,highest}" in attrs:
         return PEAK_FLOPS / FP32_FLOPS
     return 1.0
+
+
+# Ops that make each element from the same element of their operands (with bitcast, which only
+# renames the shape): a fusion that slices their result reads only the sliced part of the operand.
+_ELEMENTWISE = frozenset(
+    "bitcast convert copy multiply add subtract divide maximum minimum negate abs exponential log "
+    "select compare and or not tanh sqrt rsqrt power".split()
+)
 
 
 def _tuple_elements(type_text: str) -> list[str]:
@@ -319,15 +328,36 @@ class Walk:
             operand = self.by_name[comp].get(name)
             size = nbytes(operand.type) * self._window_share(inst, pos, operand) if operand is not None else 0
             param = next((i for i in fused if i.op == "parameter" and i.args.strip() == str(pos)), None)
-            users = [i for i in fused if param is not None and param.name in i.operands]
-            if users and all(
-                u.op in ("dynamic-slice", "slice", "dynamic-update-slice") and u.operands[0] == param.name
-                for u in users
-            ):
+            sliced = self._sliced_elements(fused, param) if param is not None else None
+            if sliced is not None:
                 # slices read only what they take; an in-place update reads nothing of its buffer
-                size = sum(nbytes(u.type) for u in users if u.op != "dynamic-update-slice")
+                size = min(size, sliced * nbytes(param.type) // max(1, math.prod(dims(param.type))))
             total += size
         return total
+
+    @staticmethod
+    def _sliced_elements(fused: list[Inst], param: Inst) -> int | None:
+        """Elements of ``param`` a fusion reads where it reaches its every use only through slices
+        (of it, or of arrays made from it element for element: bitcasts, conversions, elementwise
+        arithmetic of its shape) and in-place updates of it (which read none); None otherwise."""
+        count = math.prod(dims(param.type))
+        chain, frontier, sliced = {param.name}, [param.name], 0
+        while frontier:
+            name = frontier.pop()
+            users = [i for i in fused if name in i.operands]
+            if not users:
+                return None  # the fusion's result itself
+            for u in users:
+                if u.op in ("dynamic-slice", "slice") and u.operands[0] == name:
+                    sliced += math.prod(dims(u.type))
+                elif u.op == "dynamic-update-slice" and u.operands[0] == name and name == param.name:
+                    continue
+                elif u.op in _ELEMENTWISE and math.prod(dims(u.type)) == count and u.name not in chain:
+                    chain.add(u.name)
+                    frontier.append(u.name)
+                elif u.name not in chain:
+                    return None
+        return sliced
 
     def _written_bytes(self, inst: Inst) -> int:
         """Bytes written: the result, or only the update where the fusion (or an accumulating

@@ -185,6 +185,51 @@ def test_an_uninitialized_buffer_is_no_kernel():
     assert table["other_bytes"] == 2 * 4 * 1024 * 1024  # its read and its write, nothing for the allocation
 
 
+def _slicing_fusion(between: str) -> str:
+    """A fusion that scales a (64, 1024) f32 operand by a broadcast (64,) vector ("scaled") or takes
+    it as it is ("direct"), or adds it to itself ("twice"), and keeps a (64, 256) slice of the result."""
+    ops = {
+        "direct": ("", "%a"),
+        "scaled": (
+            "  %rb = f32[64,1024]{1,0} broadcast(%r), dimensions={0}\n"
+            "  %ab = f32[64,1024]{1,0} bitcast(%a)\n"
+            "  %m = f32[64,1024]{1,0} multiply(%rb, %ab)\n",
+            "%m",
+        ),
+        "escapes": ("  %m = f32[64,1024]{1,0} negate(%a)\n", "%m"),
+    }[between]
+    root = (
+        "  ROOT %t = (f32[64,256]{1,0}, f32[64,1024]{1,0}) tuple(%sl, %m)\n"
+        if between == "escapes"
+        else "  ROOT %sl2 = f32[64,256]{1,0} copy(%sl)\n"
+    )
+    out = "(f32[64,256], f32[64,1024])" if between == "escapes" else "f32[64,256]"
+    return (
+        "HloModule m\n\n"
+        f"%fused (a: f32[64,1024], r: f32[64]) -> {out} {{\n"
+        "  %a = f32[64,1024]{1,0} parameter(0)\n  %r = f32[64]{0} parameter(1)\n"
+        + ops[0]
+        + f"  %sl = f32[64,256]{{1,0}} slice({ops[1]}), slice={{[0:64], [256:512]}}\n"
+        + root
+        + "}\n\n"
+        f"ENTRY %main (p: f32[64,1024], q: f32[64]) -> {out} {{\n"
+        "  %p = f32[64,1024]{1,0} parameter(0)\n  %q = f32[64]{0} parameter(1)\n"
+        f"  ROOT %f = {out} fusion(%p, %q), kind=kLoop, calls=%fused\n}}\n"
+    )
+
+
+@pytest.mark.parametrize("between", ["direct", "scaled", "escapes"])
+def test_a_fusion_reads_only_the_slices_it_takes(between):
+    """An operand that reaches its only use through a slice, directly or after element-for-element
+    operations (the diagonal inversion's blocks of gamma A_ii; the layer's half of W_in's output),
+    is read only where sliced; one whose whole elementwise result is also an output is read whole."""
+    table = gpu_compile.Walk(_slicing_fusion(between)).run().table(launch_us=0.0)
+    written = 4 * 64 * (256 + (1024 if between == "escapes" else 0))
+    read_a = 4 * 64 * (1024 if between == "escapes" else 256)
+    assert table["launches"] == 1
+    assert table["other_bytes"] == read_a + 4 * 64 + written
+
+
 @pytest.mark.parametrize("parts,segments", [(1, True), (2, False)])
 def test_statistics_kernel_counts_its_causal_flops(parts, segments):
     """The statistics kernel (q, k parts [, seg] -> m, logl): B T (T + 64) D FLOPs per bf16 pass
