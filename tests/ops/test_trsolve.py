@@ -68,3 +68,21 @@ def test_inverse_merges_use_the_given_dot():
     faithful = RecursivePlan.make(256, 256, 256, "bf16x3", "cpu", 1.0).faithful
     assert relative_error(jax.jit(lambda n: unit_lower_inverse(n, one_pass))(n), ref) >= 1e-4
     assert relative_error(jax.jit(lambda n: unit_lower_inverse(n, faithful))(n), ref) <= 1e-6
+
+
+@pytest.mark.parametrize("c", [5, 16, 17, 100, 256])
+def test_inverse_row_scale_is_the_scaled_matrix(c):
+    """``row_scale`` r gives (I - diag(r) a)^-1 with the same numbers as passing diag(r) a (each
+    block scaled as it is sliced multiplies the same two floats), and against LAPACK in x64."""
+    ka, kr = jax.random.split(jax.random.PRNGKey(c + 7))
+    a = jnp.tril(jax.random.uniform(ka, (2, c, c)) / c, -1)
+    r = 0.999 * jnp.sign(jax.random.normal(kr, (2, c)))
+    scaled = jax.jit(lambda a, r: unit_lower_inverse(a, row_scale=r))(a, r)
+    assert bool(jnp.all(scaled == jax.jit(unit_lower_inverse)(r[..., None] * a)))
+    with jax.enable_x64(True):
+        a64, r64 = a.astype(jnp.float64), r.astype(jnp.float64)
+        eye = jnp.broadcast_to(jnp.eye(c), a.shape)
+        ref = lax.linalg.triangular_solve(
+            eye - r64[..., None] * a64, eye, left_side=True, lower=True, unit_diagonal=True
+        )
+        assert relative_error(jax.jit(lambda a, r: unit_lower_inverse(a, row_scale=r))(a64, r64), ref) <= 1e-12

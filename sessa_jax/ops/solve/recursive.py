@@ -334,8 +334,8 @@ def diag_inverse(plan: RecursivePlan, a_ii, gamma):
     """X_i = (I - diag(gamma_i) A_ii)^-1 for all leaves at once, (B, n, Cs, Cs), fp32-faithful
     (``RecursivePlan.faithful``) at every tier: the inverse reaches every s_i."""
     b, n, c, _ = a_ii.shape
-    nil = gamma.reshape(b, n, c, 1).astype(a_ii.dtype) * a_ii
-    return unit_lower_inverse(nil.reshape(b * n, c, c), plan.faithful).reshape(b, n, c, c)
+    scale = gamma.reshape(b * n, c).astype(a_ii.dtype)  # applied per sliced block: no gamma A_ii copy
+    return unit_lower_inverse(a_ii.reshape(b * n, c, c), plan.faithful, row_scale=scale).reshape(b, n, c, c)
 
 
 def _gemm_block_update(plan: RecursivePlan, q_b, seg, m, logl, k_b, r0, rows: int, k0, keys: int, s_keys):
