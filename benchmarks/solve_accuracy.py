@@ -8,7 +8,9 @@ A bf16 model feeds the solve bf16 q_b, k_b and f, float32 gamma, and a bf16 cota
 gets s back in bf16 (``feedback_solve`` casts s to f's dtype) and dq, dk, df in bf16. For each
 regime, length and tier this prints the relative Frobenius error ||x - x64|| / ||x64|| of
 
-  * ``s`` (the solve's float32 output, before the cast) and ``s floor``: what rounding f to bf16
+  * ``s`` (the solve's output before the cast: float32, or with ``--kernels gpu_gemm`` where the
+    Mosaic GPU leaf kernels run, s already rounded to bf16, as they return it and the cast would
+    round it) and ``s floor``: what rounding f to bf16
     alone does to s, ||S(bf16(f)) - S(f)|| / ||S(f)|| in float64 (the tier rule asks s <= 2x this);
   * ``dq``, ``dk``, ``dgamma``, ``df`` (as the solve returns them: dq, dk, df in bf16);
   * bf16 causal attention's own errors on the same inputs (q_b, k_b, v = f, cotangent ds, one head
@@ -190,10 +192,10 @@ def _one_pass_pulls(active: bool):
 
 @functools.lru_cache(maxsize=None)
 def solve_fn(tier: str, leaf: int, t: int, kernels: str = "xla"):
-    """Jitted (s float32, (dq, dk, dgamma, df)) of the recursive solve at ``tier`` on bf16 inputs,
-    run as on a GPU or TPU (tier rules of the products; platform "cpu" only picks the split form;
-    ``kernels="pallas"`` runs the TPU kernels, ``"gpu_gemm"`` the Mosaic GPU GEMM-with-epilogue kernels,
-    in interpret mode)."""
+    """Jitted (s float32 (bf16 from the Mosaic GPU leaf kernels), (dq, dk, dgamma, df)) of the
+    recursive solve at ``tier`` on bf16 inputs, run as on a GPU or TPU (tier rules of the products;
+    platform "cpu" only picks the split form; ``kernels="pallas"`` runs the TPU kernels,
+    ``"gpu_gemm"`` the Mosaic GPU GEMM-with-epilogue kernels, in interpret mode)."""
     tile = recursive_tile(t, leaf)
 
     def loss(q, k, g, f, ds):

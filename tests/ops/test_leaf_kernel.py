@@ -13,7 +13,7 @@ import pytest
 
 from sessa_jax.ops.solve import accumulate_gpu as ag
 from sessa_jax.ops.solve import leaf_gpu as lg
-from sessa_jax.ops.solve.precision import chained_dot
+from sessa_jax.ops.solve.precision import chained_dot, split_bf16
 from tests.support.gpu_kernels import interpret_or_skip, lower_or_skip
 from tests.support.kernel_inputs import normal
 
@@ -46,14 +46,15 @@ def _inputs(d: int):
     return x_inv, f, racc, gamma, s_b
 
 
-@pytest.mark.parametrize("d,traced", [(64, True), (256, False)])
+@pytest.mark.parametrize("d,traced,f_dtype", [(64, True, jnp.float32), (256, False, jnp.float32), (128, True, BF16)])
 @needs_in_place
-def test_leaf_solve_matches_the_xla_leaf_step(d, traced):
+def test_leaf_solve_matches_the_xla_leaf_step(d, traced, f_dtype):
     """s_i equals X_i (f_i + gamma_i racc_i) at the explicit bf16x3 split to fp32 summation order
     (and is as close to the float32-exact product), written into s's leaf rows; s_b gains
     bf16(s_i) there; both keep every other row; one and two column tiles, traced and static
-    starts."""
+    starts; f in float32 or read as bf16 (the same numbers as its float32 widening)."""
     x_inv, f, racc, gamma, s_b = _inputs(d)
+    f = f.astype(f_dtype)
     s_old = normal(46, f.shape)  # earlier leaves' s: must survive
     start = LEAF  # the middle leaf
     interp = False if jax.default_backend() == "gpu" else interpret_or_skip()
@@ -69,7 +70,7 @@ def test_leaf_solve_matches_the_xla_leaf_step(d, traced):
     assert s_new.shape == f.shape and s_new.dtype == jnp.float32
     np.testing.assert_array_equal(np.delete(s_new, np.s_[rows], axis=1), np.delete(s_old, np.s_[rows], axis=1))
     s_i = s_new[:, rows]
-    x_i, rhs = x_inv[:, rows], f[:, rows] + gamma[:, rows, None] * racc[:, rows]
+    x_i, rhs = x_inv[:, rows], f[:, rows].astype(jnp.float32) + gamma[:, rows, None] * racc[:, rows]
     twin = chained_dot("bij,bjd->bid", x_i, rhs, "bf16x3", "cpu")
     exact = jnp.einsum("bij,bjd->bid", x_i, rhs, precision=jax.lax.Precision.HIGHEST)
     scale = float(jnp.abs(exact).max())
@@ -156,10 +157,51 @@ def test_leaf_residual_matches_the_xla_product_and_never_reads_above_the_diagona
     np.testing.assert_allclose(got, twin, rtol=0, atol=c * 2.0**-22 * scale + 2.0**-22 * float(jnp.abs(racc).max()))
     upper = jnp.tile(_upper_blocks(a[0][None]), (n, 1, 1)).reshape(n, c, c)
     np.testing.assert_array_equal(np.asarray(run(jnp.where(upper, jnp.nan, a))), np.asarray(got))
+    # s given as its split_bf16 parts: the very parts the product splits a float32 s into
+    parts = split_bf16(s)
+    by_parts = jax.jit(lambda a, p: lg.gpu_leaf_residual(a, p, racc, interpret=interp))(a, parts)
+    np.testing.assert_array_equal(np.asarray(by_parts), np.asarray(got))
     with pytest.raises(ValueError, match="s_leaves must have shape"):
         lg.gpu_leaf_residual(a, s[:, :64], racc)
     with pytest.raises(ValueError, match="want float32"):
         lg.gpu_leaf_residual(a, s.astype(BF16), racc)
+    with pytest.raises(ValueError, match="or bf16 parts"):
+        lg.gpu_leaf_residual(a, (s, s), racc)
+    with pytest.raises(ValueError, match="a pair"):
+        lg.gpu_leaf_residual(a, parts[:1], racc)
+
+
+@needs_in_place
+def test_leaf_solve_writes_s_parts_with_or_without_a_float32_s():
+    """With ``s_lo`` the step also writes bf16(s_i - bf16(s_i)): with s_b, split_bf16 of the s_i it
+    writes; with s=None no float32 s is written and the bf16 parts are the same; other rows of
+    every buffer stay."""
+    d = 128
+    x_inv, f, racc, gamma, s_b = _inputs(d)
+    s_lo = normal(47, f.shape, BF16)
+    s_old = normal(46, f.shape)
+    interp = False if jax.default_backend() == "gpu" else interpret_or_skip()
+    full = jax.jit(lambda *a: lg.gpu_leaf_solve(*a, s_lo=s_lo, interpret=interp))(
+        x_inv, f, racc, gamma, s_b, s_old, jnp.int32(LEAF)
+    )
+    s_new, hi, lo = full
+    want_hi, want_lo = split_bf16(s_new[:, LEAF : 2 * LEAF])
+    rows = np.s_[:, LEAF : 2 * LEAF]
+    for got, want, old in ((hi, want_hi, s_b), (lo, want_lo, s_lo)):
+        np.testing.assert_array_equal(np.asarray(got[rows].astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+        outside = np.delete(np.asarray(got.astype(jnp.float32)), np.s_[LEAF : 2 * LEAF], axis=1)
+        np.testing.assert_array_equal(
+            outside, np.delete(np.asarray(old.astype(jnp.float32)), np.s_[LEAF : 2 * LEAF], axis=1)
+        )
+    bare = jax.jit(lambda *a: lg.gpu_leaf_solve(*a, s_lo=s_lo, interpret=interp), static_argnums=5)(
+        x_inv, f.astype(BF16), racc, gamma, s_b, None, LEAF
+    )
+    assert bare[0] is None and len(bare) == 3
+    want = jax.jit(lambda *a: lg.gpu_leaf_solve(*a, s_lo=s_lo, interpret=interp))(
+        x_inv, f.astype(BF16), racc, gamma, s_b, s_old, jnp.int32(LEAF)
+    )
+    for got, ref in zip(bare[1:], want[1:]):
+        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(ref.astype(jnp.float32)))
 
 
 @needs_in_place
@@ -171,6 +213,8 @@ def test_leaf_solve_lowers_for_cuda_with_the_copy_in_place():
     text = lower_or_skip(jax.jit(lambda *a: lg.gpu_leaf_solve(*a)), args)
     assert lg.KERNEL_NAME in text and "mosaic_gpu" in text
     assert "output_operand_alias" in text  # s's and s_b's rows are written where they are
+    text = lower_or_skip(jax.jit(lambda *a: lg.gpu_leaf_solve(*a)), (args[0], args[4], *args[2:]))
+    assert lg.KERNEL_NAME in text  # f read as bf16
     args = (args[0], args[1], args[3], args[4], args[4], wide, args[6])
     text = lower_or_skip(jax.jit(lambda *a: lg.gpu_leaf_solve_transposed(*a)), args)
     assert lg.TRANSPOSED_KERNEL_NAME in text and "output_operand_alias" in text
@@ -185,6 +229,7 @@ def test_leaf_solve_lowers_for_cuda_with_the_copy_in_place():
     [
         (dict(d=96), "leaf 128 and width 96 must be multiples of 64"),
         (dict(s_b_dtype=jnp.float32), "s_b bfloat16"),
+        (dict(f_dtype=jnp.float16), "want f float32 or bfloat16; got float16"),
         (dict(gamma_len=100), "gamma must have shape"),
         (dict(start=64), "row_start 64 must be a leaf's first row"),
     ],
@@ -195,4 +240,4 @@ def test_leaf_solve_errors(change, match):
     gamma = jnp.zeros((1, change.get("gamma_len", tp)))
     s_b = jnp.zeros((1, tp, d), change.get("s_b_dtype", BF16))
     with pytest.raises(ValueError, match=match):
-        lg.gpu_leaf_solve(x_inv, f, f, gamma, s_b, f, change.get("start", 0))
+        lg.gpu_leaf_solve(x_inv, f.astype(change.get("f_dtype", jnp.float32)), f, gamma, s_b, f, change.get("start", 0))

@@ -223,7 +223,7 @@ def test_recursive_residuals_feed_the_blocked_backward():
         q, k, g, f, ds = _inputs(jnp.float64, t, d=d, case="sharp", gamma="pm")
         seg = _packed(2, t, seed=2)
         plan = RecursivePlan.make(t, leaf, 32, "float32", "cpu", d**-0.5)
-        _, (qr, kr, gr, segr, s, r, m, logl, _, _) = recursive_solve_fwd(plan, q, k, g, f, seg)
+        _, (qr, kr, gr, segr, s, r, m, logl, *_) = recursive_solve_fwd(plan, q, k, g, f, seg)
         res = (qr * d**-0.5, kr, gr, segr, s, m + logl, r)
         dq, dk, dgamma, df = blocked_backward(BlockedPlan.make(t, 32), res, ds)
         _, g_ref = _run("dense", (q, k, g, f, ds), segment_ids=seg)

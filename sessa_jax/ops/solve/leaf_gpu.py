@@ -16,8 +16,8 @@ buffer of its own (s, or lam: not over its right-hand side, which other programs
 step still read) and the bf16 copies, all in place (``jax.new_ref``). Grid (Cs / 64, D / Bn, B),
 one warpgroup per (64, Bn) tile of the result, Bn = min(D, 128); the contraction over the leaf's
 rows runs in chunks of 64 (the tile's own chunk and those before it; transposed, its own and
-those after): X_i's (64, 64) chunk and the right-hand side's (64, Bn) chunk come in float32 by
-TMA (forward: f and racc, combined with gamma in fp32 registers), are split into bf16 hi + lo in
+those after): X_i's (64, 64) chunk and the right-hand side's (64, Bn) chunk come by TMA (float32;
+the forward's f also bf16: f and racc, combined with gamma in fp32 registers), are split into bf16 hi + lo in
 registers and stored to shared memory, and three wgmmas (hi hi + hi lo + lo hi; X_i transposed
 through the shared-memory view in the backward) accumulate in fp32: the bf16x3 products of
 ``precision.leaf_dot``'s explicit split. Shared memory at most about 176 KiB.
@@ -84,10 +84,11 @@ def leaf_solve_covers(leaf: int, d: int) -> bool:
 def _bf16x3_chunk(acc, x_stage, rhs, x_parts, rhs_parts, transposed: bool) -> None:
     """acc += X's staged float32 chunk (transposed through the shared-memory view) times ``rhs``
     (fp32 registers), both split into bf16 hi + lo in registers and stored to shared memory: hi hi
-    + hi lo + lo hi in three wgmmas, waited for (the next chunk overwrites the operands)."""
+    + hi lo + lo hi in three wgmmas, waited for (the next chunk overwrites the operands). ``rhs``
+    None: its parts are in ``rhs_parts`` already."""
     for p, part in enumerate(_split(_load(x_stage, plgpu.Layout.WGMMA), True)):
         x_parts[p] = part
-    for p, part in enumerate(_split(rhs, True)):
+    for p, part in enumerate(_split(rhs, True) if rhs is not None else ()):
         rhs_parts[p] = part
     plgpu.commit_smem()
     for px, pr in ((0, 0), (0, 1), (1, 0)):
@@ -96,16 +97,18 @@ def _bf16x3_chunk(acc, x_stage, rhs, x_parts, rhs_parts, transposed: bool) -> No
     plgpu.wgmma_wait(0)
 
 
-def _body(starts_ref, *refs, transposed: bool, chunks: int, block_n: int):
+def _body(starts_ref, *refs, transposed: bool, chunks: int, block_n: int, copies: int, has_result: bool):
     """One (BLOCK_M, block_n) tile of s_i (forward) or of lambda_i (``transposed``); see the module
-    docstring. refs: x_rows, then f, racc, gamma and s_b (forward) or bacc, gamma, g_hi and g_lo
-    (transposed), the output, then the scratch."""
+    docstring. refs: x_rows, then f, racc, gamma and the ``copies`` s_b [, s_lo] (forward) or bacc,
+    gamma, g_hi and g_lo (transposed), the float32 output where ``has_result``, then the scratch."""
     if transposed:
         x_ref, b_ref, g_ref, hi_ref, lo_ref, out_ref, *scratch = refs
         x_stage, b_stage, g_stage, x_parts, rhs_parts, out_smem, hi_smem, lo_smem, bar = scratch
-    else:
-        x_ref, f_ref, r_ref, g_ref, sb_ref, out_ref, *scratch = refs
-        x_stage, f_stage, r_stage, g_stage, x_parts, rhs_parts, out_smem, sb_smem, bar = scratch
+    else:  # s_b, and s_lo where the caller keeps s's low part too
+        x_ref, f_ref, r_ref, g_ref, *refs = refs
+        sb_refs, refs = refs[:copies], refs[copies:]
+        out_ref, scratch = (refs[0], refs[1:]) if has_result else (None, refs)
+        x_stage, f_stage, r_stage, g_stage, x_parts, rhs_parts, out_smem, *copy_smem, bar = scratch
     i, j, b = lax.axis_index("rows"), lax.axis_index("cols"), lax.axis_index("batch")
     (row0,) = read_window_starts(starts_ref, BLOCK_C)
     cols = pl.ds(j * block_n, block_n)
@@ -129,7 +132,8 @@ def _body(starts_ref, *refs, transposed: bool, chunks: int, block_n: int):
                 copy_waited(f_ref.at[b, contracted, cols], f_stage, bar.at[0])
                 copy_waited(r_ref.at[b, contracted, cols], r_stage, bar.at[0])
                 copy_waited(g_ref.at[b, contracted], g_stage, bar.at[0])
-                rhs = _load(f_stage, plgpu.Layout.WGMMA) + gamma_rows() * _load(r_stage, plgpu.Layout.WGMMA)
+                f_rows = _load(f_stage, plgpu.Layout.WGMMA).astype(F32)  # f may come in bf16
+                rhs = f_rows + gamma_rows() * _load(r_stage, plgpu.Layout.WGMMA)
             _bf16x3_chunk(acc, x_stage, rhs, x_parts, rhs_parts, transposed)
             return carry
 
@@ -139,26 +143,33 @@ def _body(starts_ref, *refs, transposed: bool, chunks: int, block_n: int):
         return acc[...]
 
     y = pl.run_scoped(product, plgpu.ACC((BLOCK_M, block_n), F32))
-    out_smem[...] = y
+    if transposed or has_result:
+        out_smem[...] = y
     if transposed:  # g = gamma * lambda of the program's rows, split into g's two bf16 buffers
         copy_waited(g_ref.at[b, own], g_stage, bar.at[0])
         hi, lo = _split(gamma_rows() * y, True)
         hi_smem[...], lo_smem[...] = hi, lo
         copies = ((hi_smem, hi_ref), (lo_smem, lo_ref))
-    else:
-        sb_smem[...] = y.astype(BF16)
-        copies = ((sb_smem, sb_ref),)
+    else:  # bf16(s_i), and bf16(s_i - bf16(s_i)) where asked
+        for smem, part in zip(copy_smem, _split(y, len(sb_refs) == 2)):
+            smem[...] = part
+        copies = tuple(zip(copy_smem, sb_refs))
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem, out_ref.at[b, own, cols])
+    if out_ref is not None:
+        plgpu.copy_smem_to_gmem(out_smem, out_ref.at[b, own, cols])
     for smem, ref in copies:
         plgpu.copy_smem_to_gmem(smem, ref.at[b, own, cols])
     plgpu.wait_smem_to_gmem(0)
 
 
-def _residual_body(x_ref, s_ref, racc_ref, x_stage, s_stage, x_parts, rhs_parts, acc_smem, bar, *, block_n: int):
+def _residual_body(*refs, block_n: int, s_parts: bool):
     """One (BLOCK_M, block_n) tile of r = racc + A s for one leaf (the grid's batch): the tile's
     rows of A (strictly lower triangular) over the chunks up to their own, then added into racc's
-    tile in place."""
+    tile in place. refs: A, s (float32; or with ``s_parts`` its bf16 hi and lo), racc, the scratch."""
+    if s_parts:
+        x_ref, hi_ref, lo_ref, racc_ref, x_stage, x_parts, rhs_parts, acc_smem, bar = refs
+    else:
+        x_ref, s_ref, racc_ref, x_stage, s_stage, x_parts, rhs_parts, acc_smem, bar = refs
     i, j, b = lax.axis_index("rows"), lax.axis_index("cols"), lax.axis_index("batch")
     cols, own = pl.ds(j * block_n, block_n), pl.ds(i * BLOCK_M, BLOCK_M)
 
@@ -166,8 +177,14 @@ def _residual_body(x_ref, s_ref, racc_ref, x_stage, s_stage, x_parts, rhs_parts,
         def chunk(c, carry):
             contracted = pl.ds(c * BLOCK_C, BLOCK_C)
             copy_waited(x_ref.at[b, own, contracted], x_stage, bar.at[0])
-            copy_waited(s_ref.at[b, contracted, cols], s_stage, bar.at[0])
-            _bf16x3_chunk(acc, x_stage, _load(s_stage, plgpu.Layout.WGMMA), x_parts, rhs_parts, False)
+            if s_parts:  # s's parts go straight to the product's operands
+                copy_waited(hi_ref.at[b, contracted, cols], rhs_parts.at[0], bar.at[0])
+                copy_waited(lo_ref.at[b, contracted, cols], rhs_parts.at[1], bar.at[0])
+                rhs = None
+            else:
+                copy_waited(s_ref.at[b, contracted, cols], s_stage, bar.at[0])
+                rhs = _load(s_stage, plgpu.Layout.WGMMA)
+            _bf16x3_chunk(acc, x_stage, rhs, x_parts, rhs_parts, False)
             return carry
 
         lax.fori_loop(0, i + 1, chunk, 0)
@@ -209,18 +226,27 @@ def _check(op: str, x_rows, wide: dict, gamma, narrow: dict, row_start):
 
 
 def _launch(inputs, in_place, result, leaf: int, d: int, row_start, *, transposed: bool, interpret):
-    """The kernel on one leaf; ``inputs``: the operands read, ``in_place``: the bf16 buffers written
-    in place, ``result``: the float32 buffer whose leaf rows take the result, in place. Returns
-    (result, *in_place) updated."""
+    """The kernel on one leaf; ``inputs``: the operands read (the forward's f in float32 or
+    bfloat16), ``in_place``: the bf16 buffers written in place, ``result``: the float32 buffer whose
+    leaf rows take the result, in place (the forward: or None, no float32 result). Returns (result,
+    *in_place) updated."""
     bsz = inputs[1].shape[0]
     block_n = _block_n(d)
-    body = functools.partial(_body, transposed=transposed, chunks=leaf // BLOCK_C, block_n=block_n)
+    body = functools.partial(
+        _body,
+        transposed=transposed,
+        chunks=leaf // BLOCK_C,
+        block_n=block_n,
+        copies=len(in_place),
+        has_result=result is not None,
+    )
     body.__name__ = TRANSPOSED_KERNEL_NAME if transposed else KERNEL_NAME  # plgpu.kernel names it after its body
     wide_tile = plgpu.SMEM((BLOCK_C, block_n), F32, **_OUT_SWIZZLE)
     bf16_tile = plgpu.SMEM((BLOCK_M, block_n), BF16, **SWIZZLE)
+    f_tile = bf16_tile if inputs[1].dtype == BF16 else wide_tile
     scratch = [
         plgpu.SMEM((BLOCK_C, BLOCK_M) if transposed else (BLOCK_M, BLOCK_C), F32, **_OUT_SWIZZLE),
-        *([wide_tile] if transposed else [wide_tile, wide_tile]),
+        *([wide_tile] if transposed else [f_tile, wide_tile]),
         plgpu.SMEM((BLOCK_C,), F32),
         plgpu.SMEM((2, BLOCK_C, BLOCK_M) if transposed else (2, BLOCK_M, BLOCK_C), BF16, **SWIZZLE),
         plgpu.SMEM((2, BLOCK_C, block_n), BF16, **SWIZZLE),
@@ -230,14 +256,13 @@ def _launch(inputs, in_place, result, leaf: int, d: int, row_start, *, transpose
     ]
     kwargs = dict(interpret=interpret) if interpret else {}
     if KERNEL_TAKES_COST:
-        wide_reads = 1 if transposed else 2
+        # the right-hand side's buffers (bacc; or f and racc) and the result, by element size
+        row_bytes = 4 + 4 if transposed else inputs[1].dtype.itemsize + 4 + (4 if result is not None else 0)
         blocks = lower_blocks(leaf)
-        moved = bsz * (
-            blocks * BLOCK_M * BLOCK_C * 4 + (wide_reads + 1) * leaf * d * 4 + len(in_place) * leaf * d * 2 + leaf * 4
-        )
+        moved = bsz * (blocks * BLOCK_M * BLOCK_C * 4 + row_bytes * leaf * d + len(in_place) * leaf * d * 2 + leaf * 4)
         flops = 3 * 2 * bsz * blocks * BLOCK_M * BLOCK_C * d
         kwargs["cost_estimate"] = pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=moved)
-    refs = [jax.new_ref(x) for x in (*in_place, result)]
+    refs = [jax.new_ref(x) for x in (*in_place, *([] if result is None else [result]))]
     plgpu.kernel(
         body,
         out_type=(),
@@ -246,27 +271,38 @@ def _launch(inputs, in_place, result, leaf: int, d: int, row_start, *, transpose
         grid_names=("rows", "cols", "batch"),
         **kwargs,
     )(window_starts(row_start), *inputs, *refs)
-    *narrow, wide = (jax.freeze(r) for r in refs)
-    return (wide, *narrow)
+    out = [jax.freeze(r) for r in refs]
+    return (None, *out) if result is None else (out[-1], *out[:-1])
 
 
-def gpu_leaf_solve(x_rows, f, racc, gamma, s_b, s, row_start, *, interpret=False):
-    """(s, s_b): the forward leaf step of leaf i = row_start / Cs.
+def gpu_leaf_solve(x_rows, f, racc, gamma, s_b, s, row_start, *, s_lo=None, interpret=False):
+    """(s, s_b), or (s, s_b, s_lo) with ``s_lo``: the forward leaf step of leaf i = row_start / Cs.
 
     x_rows (B, n Cs, Cs) float32: X_i = (I - diag(gamma_i) A_ii)^-1 of every leaf, one under
-    another, lower triangular (its (64, 64) blocks above the diagonal are not read); f, racc (B, Tp,
-    D) float32: the right-hand side's f and pushed sums; gamma (B, Tp) float32; s_b (B, Tp, D)
+    another, lower triangular (its (64, 64) blocks above the diagonal are not read); f (B, Tp, D)
+    float32 or bfloat16 (read as it is and widened in registers: no float32 copy of a bf16 f), racc
+    (B, Tp, D) float32: the right-hand side's f and pushed sums; gamma (B, Tp) float32; s_b (B, Tp, D)
     bfloat16: the leaf loop's bf16 copy of s; s (B, Tp, D) float32: the solution's buffer (a
-    buffer of its own: the step reads f_i while it writes). ``row_start``: a Python int or traced
+    buffer of its own: the step reads f_i while it writes), or None: s_i is written only as its
+    bf16 copies (s returned as None). ``row_start``: a Python int or traced
     int32, a multiple of Cs. Returns s with rows [row_start, row_start + Cs) set to s_i = X_i
     (f_i + gamma_i racc_i) at bf16x3 (both operands split hi + lo, hi hi + hi lo + lo hi with
     fp32 accumulation), and s_b with those rows set to bf16(s_i), both in place where the
-    caller's buffers are not used afterwards. ``interpret``: False or
+    caller's buffers are not used afterwards. ``s_lo`` (B, Tp, D) bfloat16, optional: also set to
+    bf16(s_i - bf16(s_i)) there (with s_b, ``precision.split_bf16`` of s_i: the backward's parts of
+    s, written here instead of split from s in a pass of their own). ``interpret``: False or
     ``plgpu.InterpretGPUParams()``.
     """
     check_in_place("gpu_leaf_solve", "run the leaf step in XLA")
-    leaf, d = _check("gpu_leaf_solve", x_rows, {"f": f, "racc": racc, "s": s}, gamma, {"s_b": s_b}, row_start)
-    return _launch((x_rows, f, racc, gamma), (s_b,), s, leaf, d, row_start, transposed=False, interpret=interpret)
+    if f.dtype not in (F32, BF16):
+        raise ValueError(f"gpu_leaf_solve: want f float32 or bfloat16; got {f.dtype}")
+    copies = (s_b,) if s_lo is None else (s_b, s_lo)
+    wide, narrow = {"racc": racc}, {"s_b": s_b} if s_lo is None else {"s_b": s_b, "s_lo": s_lo}
+    if s is not None:
+        wide["s"] = s
+    (wide if f.dtype == F32 else narrow)["f"] = f
+    leaf, d = _check("gpu_leaf_solve", x_rows, wide, gamma, narrow, row_start)
+    return _launch((x_rows, f, racc, gamma), copies, s, leaf, d, row_start, transposed=False, interpret=interpret)
 
 
 def gpu_leaf_solve_transposed(x_rows, bacc, gamma, g_hi, g_lo, lam, row_start, *, interpret=False):
@@ -291,22 +327,29 @@ def gpu_leaf_residual(a_leaves, s_leaves, racc_leaves, *, interpret=False):
     over racc.
 
     a_leaves (N, Cs, Cs) float32: the leaves' A_ii (N = B n), strictly lower triangular (its (64,
-    64) blocks above the diagonal are not read); s_leaves, racc_leaves (N, Cs, D) float32: the
-    leaves' s and pushed sums. A_ii s_i at bf16x3 (both split hi + lo in registers, hi hi + hi lo
-    + lo hi with fp32 accumulation, as ``precision.leaf_dot``), added as racc + product. Returns r
-    (N, Cs, D) float32, in place of racc where the caller's racc is not used afterwards.
-    ``interpret`` as in ``gpu_leaf_solve``.
+    64) blocks above the diagonal are not read); s_leaves (N, Cs, D) float32, or a pair (hi, lo) of
+    bfloat16 (N, Cs, D) arrays, s's ``precision.split_bf16`` parts (what the product splits a
+    float32 s into: the same result); racc_leaves (N, Cs, D) float32: the leaves' pushed sums.
+    A_ii s_i at bf16x3 (both split hi + lo, hi hi + hi lo + lo hi with fp32 accumulation, as
+    ``precision.leaf_dot``), added as racc + product. Returns r (N, Cs, D) float32, in place of
+    racc where the caller's racc is not used afterwards. ``interpret`` as in ``gpu_leaf_solve``.
     """
     op = "gpu_leaf_residual"
     check_in_place(op, "take the leaves' residual product in XLA")
     n, c, d = racc_leaves.shape
-    for name, x, want in (("a_leaves", a_leaves, (n, c, c)), ("s_leaves", s_leaves, (n, c, d))):
+    parts = isinstance(s_leaves, (tuple, list))
+    s_arrays = tuple(s_leaves) if parts else (s_leaves,)
+    if parts and len(s_arrays) != 2:
+        raise ValueError(f"{op}: s_leaves must be float32 or a pair (hi, lo) of bf16 parts; got {len(s_arrays)} arrays")
+    named = (("a_leaves", a_leaves, (n, c, c)), *(("s_leaves", x, (n, c, d)) for x in s_arrays))
+    for name, x, want in named:
         if x.shape != want:
             raise ValueError(f"{op}: {name} must have shape {want} for racc_leaves {racc_leaves.shape}; got {x.shape}")
-    if any(x.dtype != F32 for x in (a_leaves, s_leaves, racc_leaves)):
+    s_dtype = BF16 if parts else F32
+    if any(x.dtype != F32 for x in (a_leaves, racc_leaves)) or any(x.dtype != s_dtype for x in s_arrays):
         raise ValueError(
-            f"{op}: want float32 a_leaves, s_leaves, racc_leaves; got {a_leaves.dtype}, {s_leaves.dtype}, "
-            f"{racc_leaves.dtype}"
+            f"{op}: want float32 a_leaves, racc_leaves and float32 s_leaves (or bf16 parts); got "
+            f"{a_leaves.dtype}, {racc_leaves.dtype}, {[str(x.dtype) for x in s_arrays]}"
         )
     if not leaf_solve_covers(c, d):
         raise ValueError(
@@ -314,12 +357,12 @@ def gpu_leaf_residual(a_leaves, s_leaves, racc_leaves, *, interpret=False):
             "of it: use the XLA product"
         )
     block_n = _block_n(d)
-    body = functools.partial(_residual_body, block_n=block_n)
+    body = functools.partial(_residual_body, block_n=block_n, s_parts=parts)
     body.__name__ = RESIDUAL_KERNEL_NAME
     wide_tile = plgpu.SMEM((BLOCK_C, block_n), F32, **_OUT_SWIZZLE)
     scratch = [
         plgpu.SMEM((BLOCK_M, BLOCK_C), F32, **_OUT_SWIZZLE),
-        wide_tile,
+        *([] if parts else [wide_tile]),
         plgpu.SMEM((2, BLOCK_M, BLOCK_C), BF16, **SWIZZLE),
         plgpu.SMEM((2, BLOCK_C, block_n), BF16, **SWIZZLE),
         plgpu.SMEM((BLOCK_M, block_n), F32, **_OUT_SWIZZLE),
@@ -328,7 +371,7 @@ def gpu_leaf_residual(a_leaves, s_leaves, racc_leaves, *, interpret=False):
     kwargs = dict(interpret=interpret) if interpret else {}
     if KERNEL_TAKES_COST:
         blocks = lower_blocks(c)
-        moved = n * (blocks * BLOCK_M * BLOCK_C * 4 + 3 * c * d * 4)
+        moved = n * (blocks * BLOCK_M * BLOCK_C * 4 + 2 * c * d * 4 + c * d * 4)  # A's blocks, racc in + out, s
         kwargs["cost_estimate"] = pl.CostEstimate(
             flops=3 * 2 * n * blocks * BLOCK_M * BLOCK_C * d, transcendentals=0, bytes_accessed=moved
         )
@@ -340,5 +383,5 @@ def gpu_leaf_residual(a_leaves, s_leaves, racc_leaves, *, interpret=False):
         grid=(c // BLOCK_M, d // block_n, n),
         grid_names=("rows", "cols", "batch"),
         **kwargs,
-    )(a_leaves, s_leaves, racc_ref)
+    )(a_leaves, *s_arrays, racc_ref)
     return jax.freeze(racc_ref)

@@ -465,7 +465,9 @@ def _panel_operands(q, seg, m, logl, k, r0, rows: int, k0, keys: int):
     )
 
 
-def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
+def _forward(plan: RecursivePlan, q, k, gamma, f, seg, keep_s_parts: bool = False):
+    """(s, r, m, logl, a_ii, x_inv, s_parts): s_parts the (hi, lo) bf16 parts of s where
+    ``keep_s_parts`` and the leaf kernel writes them (for the kernels' backward), else None."""
     c, n = plan.leaf, plan.num_leaves
     sched = plan.schedule
     diag_logits = leaf_logits(q, k, c, plan.scale, plan.tier, plan.platform)
@@ -534,7 +536,7 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
                 logl,
                 k_b,
                 seg,
-                *(s_b if len(s_b) == 2 else (s_b[0], None)),
+                *(s_b if s_copies == 2 else (s_b[0], None)),
                 scale=plan.scale,
                 interpret=plan.gpu_interpret,
                 rows=rows,
@@ -551,14 +553,19 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
         return s_buf, lax.dynamic_update_slice_in_dim(racc, take_chunk(racc, r0, rows) + update, r0, axis=1), s_b
 
     leaf_in_kernel = s_copies == 1 and plan.leaf_solves_in_kernel(f.shape[-1])
+    # the backward's kernels take s as bf16 hi + lo: the leaf kernel writes lo beside s's bf16 copy (hi)
+    keeps_lo = keep_s_parts and leaf_in_kernel and plan.gemm_kernels
     x_rows = x_inv.reshape(x_inv.shape[0], n * c, c)  # X_i one under another, for the leaf kernel
 
     def solve_leaf(carry, i):
         s_buf, racc, s_b = carry
         start = i * c
-        if leaf_in_kernel:  # X_i, f_i, racc_i read in place, s_i and bf16(s_i) written in place
-            s_buf, s_b0 = gpu_leaf_solve(x_rows, f, racc, gamma, s_b[0], s_buf, start, interpret=plan.gpu_interpret)
-            return s_buf, racc, (s_b0,)
+        if leaf_in_kernel:  # X_i, f_i, racc_i read in place, s_i and bf16(s_i) (and lo) written in place
+            s_lo = s_b[1] if keeps_lo else None
+            s_buf, *s_b = gpu_leaf_solve(
+                x_rows, f, racc, gamma, s_b[0], s_buf, start, s_lo=s_lo, interpret=plan.gpu_interpret
+            )
+            return s_buf, racc, tuple(s_b)
         # s_buf starts as f and leaf i overwrites its own rows only, after reading f_i there
         rhs = take_chunk(s_buf, start, c) + take_chunk(gamma, start, c)[..., None] * take_chunk(racc, start, c)
         x_i = lax.dynamic_index_in_dim(x_inv, i, axis=1, keepdims=False)
@@ -581,8 +588,14 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
     # s is written over f (no zero-filled s buffer, no f read from a second buffer), but by the
     # leaf kernel into a buffer of its own (its programs read f_i while others write s_i; each
     # row is written before it is read); pushes read only rows already solved.
-    s0 = _unwritten(f.shape, f.dtype) if leaf_in_kernel else f
-    carry = (s0, _accumulator(f.shape, f.dtype), tuple(_unwritten(f.shape, jnp.bfloat16) for _ in range(s_copies)))
+    acc = gamma.dtype  # the accumulation dtype; f may come in bf16, which only the leaf kernel reads as it is
+    f = f if leaf_in_kernel else f.astype(acc)
+    # a bf16 f gets its s back in bf16: the leaf kernel's bf16 copy (the pushes') is that s, and
+    # no float32 s is written at all (the residual product takes s's two bf16 parts)
+    bf16_out = leaf_in_kernel and f.dtype == jnp.bfloat16
+    s0 = None if bf16_out else _unwritten(f.shape, acc) if leaf_in_kernel else f
+    copies = tuple(_unwritten(f.shape, jnp.bfloat16) for _ in range(s_copies + keeps_lo))
+    carry = (s0, _accumulator(f.shape, acc), copies)
     for first, count in sched.segments():
         if count == 1:
             carry = solve_leaf(carry, first)  # its block, first + 1, is static (or absent)
@@ -594,29 +607,36 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg):
             )
         if first + count < n:
             carry = sched.visit_static(first + count, carry, c, tile, barrier)
-    s, racc, _ = carry
+    s, racc, copies = carry
+    s_parts = copies if keeps_lo else None
     b, tp, d = f.shape
+    if bf16_out:
+        s = copies[0]
+        if s_parts is None:  # no backward to feed (the solve's primal): no residual either
+            return s, None, m, logl, a_ii, x_inv, None
     if leaf_in_kernel:  # A_ii s_i over A_ii's lower blocks only, added into racc in place
         a_leaves = a_ii.reshape(b * n, c, c)
-        r = gpu_leaf_residual(a_leaves, _by_leaf(plan, s), _by_leaf(plan, racc), interpret=plan.gpu_interpret)
-        return s, r.reshape(b, tp, d), m, logl, a_ii, x_inv
+        s_in = tuple(_by_leaf(plan, x) for x in s_parts) if bf16_out else _by_leaf(plan, s)
+        r = gpu_leaf_residual(a_leaves, s_in, _by_leaf(plan, racc), interpret=plan.gpu_interpret)
+        return s, r.reshape(b, tp, d), m, logl, a_ii, x_inv, s_parts
     r = racc + plan.chained("bnij,bnjd->bnid", a_ii, s.reshape(b, n, c, d)).reshape(b, tp, d)
-    return s, r, m, logl, a_ii, x_inv
+    return s, r, m, logl, a_ii, x_inv, s_parts
 
 
 def _backward(plan: RecursivePlan, res, ds):
-    q, k, gamma, seg, s, r, m, logl, a_ii, x_inv = res
+    q, k, gamma, seg, s, r, m, logl, a_ii, x_inv, s_parts_kept = res
     c, n = plan.leaf, plan.num_leaves
     sched = plan.schedule
     b, tp, d = s.shape
+    acc = gamma.dtype  # the accumulation dtype (s may be bf16: see _forward)
 
-    if plan.gemm_kernels:  # conversions and s's split once, outside the loop
-        s_hi, s_lo = split_bf16(s)
+    if plan.gemm_kernels:  # conversions and s's split once, outside the loop (or by the forward's leaf kernel)
+        s_hi, s_lo = split_bf16(s) if s_parts_kept is None else s_parts_kept
         gemm_inputs = _GemmBackwardInputs(
             q, k, q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), seg, m, logl, s_hi, s_lo
         )
     # the diagonal leaves' g s^T takes the same split (``precision.difference_dot``)
-    s_parts = (s_hi, s_lo) if plan.splits_s_once(s.dtype) else None
+    s_parts = (s_hi, s_lo) if plan.splits_s_once(acc) else None
 
     def block_grads(r0, rows, k0, keys, g_buf, delta):
         """(A^T g on the keys, dq on the rows, dk on the keys) of one pushed block."""
@@ -718,12 +738,12 @@ def _backward(plan: RecursivePlan, res, ds):
     # Leaves in reverse: each segment's leaves in a loop, then the static block of its first leaf.
     # bacc starts as ds, and lam_i replaces leaf i's rows once solved (pushes from leaf i reach
     # only earlier rows), so at the end bacc is lam: no zero-filled bacc, no lam gathered.
-    g_buf = tuple(_unwritten((b, tp, d), dtype) for dtype in plan.g_dtypes(d, s.dtype))
-    delta = jnp.zeros((b, tp), s.dtype)
-    zeros = _accumulator((b, tp, d), s.dtype)
+    g_buf = tuple(_unwritten((b, tp, d), dtype) for dtype in plan.g_dtypes(d, acc))
+    delta = jnp.zeros((b, tp), acc)
+    zeros = _accumulator((b, tp, d), acc)
     # the leaf kernel writes lam into a buffer of its own (its programs read bacc_i while others
     # write lam_i; each row is written before it is read); elsewhere lam replaces bacc's rows
-    lam = _unwritten((b, tp, d), s.dtype) if leaf_in_kernel else None
+    lam = _unwritten((b, tp, d), acc) if leaf_in_kernel else None
     carry, outs = (ds, g_buf, delta, zeros, zeros, lam), []
     for first, count in reversed(sched.segments()):
         if count == 1:
@@ -762,14 +782,14 @@ def _solve(plan, q, k, gamma, f, seg):
 
 
 def recursive_solve_fwd(plan, q, k, gamma, f, seg):
-    s, r, m, logl, a_ii, x_inv = _forward(plan, q, k, gamma, f, seg)
-    return s, (q, k, gamma, seg, s, r, m, logl, a_ii, x_inv)
+    s, r, m, logl, a_ii, x_inv, s_parts = _forward(plan, q, k, gamma, f, seg, keep_s_parts=True)
+    return s, (q, k, gamma, seg, s, r, m, logl, a_ii, x_inv, s_parts, jnp.zeros((), f.dtype))  # the last: f's dtype
 
 
 def _solve_bwd(plan, res, ds):
-    q, k = res[0], res[1]
-    dq, dk, dgamma, df = _backward(plan, res, ds.astype(res[4].dtype))
-    return dq.astype(q.dtype), dk.astype(k.dtype), dgamma, df, None
+    q, k, f_dtype = res[0], res[1], res[-1].dtype
+    dq, dk, dgamma, df = _backward(plan, res[:-1], ds.astype(res[2].dtype))  # gamma's: the accumulation dtype
+    return dq.astype(q.dtype), dk.astype(k.dtype), dgamma, df.astype(f_dtype), None
 
 
 _solve.defvjp(recursive_solve_fwd, _solve_bwd)
@@ -796,11 +816,14 @@ def recursive_feedback_solve(
     ``leaf_size``: Cs; ``tile``: rows and keys of one tile of the wide blocks (rounded down to
     whole leaves). ``dtype``: accumulation dtype (float32, or float64 under x64). q_b and k_b keep their
     dtype for the logits (bf16 products are exact with fp32 accumulation); f and gamma are
-    cast to ``dtype``. T is padded to a multiple of the leaf with q = k = f = gamma = 0 and a
-    padding segment (padded rows come last, so they never reach real rows). Returns s (B, T, D)
-    in ``dtype``. ``kernels``: "xla" (portable), or "pallas": with platform "gpu" the Mosaic GPU
-    kernel ``row_stats_gpu.gpu_row_statistics`` for the statistics pass only (pushes stay XLA; any D
-    that is a multiple of 64, streamed above 256); otherwise the TPU kernels (``row_stats_tpu``,
+    cast to ``dtype`` (a bf16 f where the leaf kernel reads it, below, stays bf16). T is padded to
+    a multiple of the leaf with q = k = f = gamma = 0 and a padding segment (padded rows come
+    last, so they never reach real rows). Returns s (B, T, D) in ``dtype``, or in bf16 for a bf16
+    f where the Mosaic GPU leaf kernels run (``RecursivePlan.leaf_solves_in_kernel``): s rounded
+    to bf16 once, as the caller's cast to f's dtype would. ``kernels``: "xla" (portable), or
+    "pallas": with platform "gpu" the Mosaic GPU kernel ``row_stats_gpu.gpu_row_statistics`` for
+    the statistics pass only (pushes stay XLA; any D that is a multiple of 64, streamed above
+    256); otherwise the TPU kernels (``row_stats_tpu``,
     ``block_product_tpu``) in the statistics pass and the pushes of the forward and the backward
     (interpret mode off the TPU; leaves and diagonal inversion stay XLA). "pallas" needs float32
     accumulation and a leaf that is a multiple of 128 (the key block of the kernels), on GPU also D
@@ -838,7 +861,7 @@ def recursive_feedback_solve(
         pad_time(q_b.astype(kdtype), tp),
         pad_time(k_b.astype(kdtype), tp),
         pad_time(gamma.astype(dtype), tp),
-        pad_time(f.astype(dtype), tp),
+        pad_time(f if f.dtype == jnp.bfloat16 else f.astype(dtype), tp),  # _forward widens it where needed
         seg,
     )
     return s[:, :t]
