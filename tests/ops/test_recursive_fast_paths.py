@@ -215,20 +215,28 @@ def test_row_statistics_take_the_static_blocks_too(span):
     [
         ("bfloat16", "xla", "gpu", False),
         ("bf16x3", "xla", "gpu", True),
-        ("bfloat16", "gpu_gemm", "gpu", True),
+        ("bfloat16", "gpu_gemm", "gpu", "all"),
+        ("bf16x3", "gpu_gemm", "gpu", "all"),
         ("bfloat16", "xla", "tpu", True),
         ("float32", "xla", "cpu", True),
     ],
 )
 def test_the_default_static_span_follows_the_push_kind(tier, kernels, platform, static):
-    """ "auto": the wide blocks static where a push is three bf16 passes or a kernel, every push in
-    the loop where it is the GPU's bfloat16-tier one XLA GEMM (the compile reports' choice)."""
-    from sessa_jax.ops.solve.recursive import RecursivePlan, default_static_span
+    """ "auto": the wide blocks static where a push is three bf16 passes, every push in the loop
+    where it is the GPU's bfloat16-tier one XLA GEMM, and with the Mosaic GPU kernels the whole
+    schedule static up to GEMM_STATIC_LEAVES leaves, the wide blocks beyond (the compile reports'
+    choices)."""
+    from sessa_jax.ops.solve.recursive import GEMM_STATIC_LEAVES, RecursivePlan, default_static_span
     from sessa_jax.ops.solve.schedule import auto_static_span
 
-    assert default_static_span(16, 4, tier, kernels, platform) == (4 if static else None)
+    want = {"all": 1, True: 4, False: None}[static]
+    assert default_static_span(16, 4, tier, kernels, platform) == want
+    beyond = 2 * GEMM_STATIC_LEAVES  # past the bound the kernels take the wide blocks' rule
+    assert default_static_span(beyond, 4, tier, kernels, platform) == (auto_static_span(beyond, 4) if static else None)
     plan = RecursivePlan.make(8192, 512, 2048, tier, platform, 1.0, kernels=kernels, static_span="auto")
-    assert plan.static_span == (auto_static_span(16, 4) if static else None)
+    assert plan.static_span == want
+    if static == "all":  # span 1: every leaf a segment of its own, no loop
+        assert all(count == 1 for _, count in plan.schedule.segments())
 
 
 @pytest.mark.parametrize(

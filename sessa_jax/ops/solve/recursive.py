@@ -249,15 +249,26 @@ class RecursivePlan:
         return _schedule(self.num_leaves, self.tile_leaves, None)
 
 
+# With the Mosaic GPU kernels, up to this many leaves run as one static program (span 1): no leaf
+# loop, none of its per-step launches; beyond it the program's compile time grows past twice the
+# loop's (docs/performance.md, "The whole schedule static with the kernels").
+GEMM_STATIC_LEAVES = 16
+
+
 def default_static_span(num_leaves: int, tile_leaves: int, tier: str, kernels: str, platform: str) -> int | None:
     """``static_span="auto"``: the pushes' wide blocks static (``schedule.auto_static_span``),
     except on GPU in the "bfloat16" tier with XLA's pushes, where every push stays in the leaf
-    loop. The deviceless H100 compile rates the static blocks faster where a push is three bf16
-    passes or a Mosaic GPU kernel, and slower at the bfloat16 tier's XLA pushes (one GEMM, and
-    since P is split two), whose static tiles' q and k slices XLA copies out before the product;
-    on a TPU v5e the static blocks keep the temporaries lower (docs/performance.md)."""
+    loop, and with the Mosaic GPU kernels ("gpu_gemm") at most ``GEMM_STATIC_LEAVES`` leaves,
+    where every push and leaf step is static (span 1). The deviceless H100 compile rates the
+    static blocks faster where a push is three bf16 passes or a Mosaic GPU kernel (and the whole
+    schedule static faster still with the kernels, at the same temporaries), and slower at the
+    bfloat16 tier's XLA pushes (one GEMM, and since P is split two), whose static tiles' q and k
+    slices XLA copies out before the product; on a TPU v5e the static blocks keep the
+    temporaries lower (docs/performance.md)."""
     if platform_kind(platform) == "gpu" and tier == "bfloat16" and kernels == "xla":
         return None
+    if kernels == "gpu_gemm" and num_leaves <= GEMM_STATIC_LEAVES:
+        return 1
     return auto_static_span(num_leaves, tile_leaves)
 
 
