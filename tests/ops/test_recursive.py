@@ -216,6 +216,25 @@ def test_backward_reuses_the_forward_diagonal_inverses(monkeypatch):
     assert calls == {"blocks": 1, "inverse": 1}, calls
 
 
+def test_diagonal_inverses_are_the_same_numbers_on_every_platform():
+    """On GPU the inversion scales A_ii's rows by gamma block by block as it slices them, elsewhere
+    it scales A_ii first: the same products of the same floats, so the same X_i bit for bit."""
+    from sessa_jax.ops.solve.recursive import diag_inverse
+
+    ka, kg = jax.random.split(jax.random.PRNGKey(5))
+    b, n, c = 2, 3, 64
+    a_ii = jnp.tril(jax.random.uniform(ka, (b, n, c, c)) / c, -1)
+    gamma = 0.999 * jnp.tanh(jax.random.normal(kg, (b, n * c)))
+    got = {
+        platform: jax.jit(
+            lambda a, g, p=platform: diag_inverse(RecursivePlan.make(n * c, c, c, "bfloat16", p, 1.0), a, g)
+        )(a_ii, gamma)
+        for platform in ("gpu", "tpu", "cpu")
+    }
+    assert bool(jnp.all(got["gpu"] == got["cpu"])) and bool(jnp.all(got["tpu"] == got["cpu"]))
+    assert float(jnp.abs(got["cpu"] - jnp.eye(c)).max()) > 1e-3  # not the identity: gamma A_ii reached it
+
+
 def test_recursive_residuals_feed_the_blocked_backward():
     """Cross-combination: the recursive forward's s, r and statistics drive the blocked adjoint."""
     with jax.enable_x64(True):

@@ -345,8 +345,13 @@ def diag_inverse(plan: RecursivePlan, a_ii, gamma):
     """X_i = (I - diag(gamma_i) A_ii)^-1 for all leaves at once, (B, n, Cs, Cs), fp32-faithful
     (``RecursivePlan.faithful``) at every tier: the inverse reaches every s_i."""
     b, n, c, _ = a_ii.shape
-    scale = gamma.reshape(b * n, c).astype(a_ii.dtype)  # applied per sliced block: no gamma A_ii copy
-    return unit_lower_inverse(a_ii.reshape(b * n, c, c), plan.faithful, row_scale=scale).reshape(b, n, c, c)
+    if platform_kind(plan.platform) == "gpu":  # scaled per sliced block: XLA's GPU compiler wrote gamma A_ii whole
+        scale = gamma.reshape(b * n, c).astype(a_ii.dtype)
+        return unit_lower_inverse(a_ii.reshape(b * n, c, c), plan.faithful, row_scale=scale).reshape(b, n, c, c)
+    # elsewhere the product first (on a TPU v5e the per-block scaling compiles to more fusions);
+    # the same numbers either way
+    nil = gamma.reshape(b, n, c, 1).astype(a_ii.dtype) * a_ii
+    return unit_lower_inverse(nil.reshape(b * n, c, c), plan.faithful).reshape(b, n, c, c)
 
 
 def _gemm_block_update(plan: RecursivePlan, q_b, seg, m, logl, k_b, r0, rows: int, k0, keys: int, s_keys):
@@ -872,7 +877,8 @@ def recursive_feedback_solve(
         pad_time(q_b.astype(kdtype), tp),
         pad_time(k_b.astype(kdtype), tp),
         pad_time(gamma.astype(dtype), tp),
-        pad_time(f if f.dtype == jnp.bfloat16 else f.astype(dtype), tp),  # _forward widens it where needed
+        # a bf16 f stays bf16 where the leaf kernel may read it as it is (_forward widens it otherwise)
+        pad_time(f if f.dtype == jnp.bfloat16 and plan.leaf_solves_in_kernel(d) else f.astype(dtype), tp),
         seg,
     )
     return s[:, :t]
