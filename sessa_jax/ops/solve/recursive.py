@@ -277,14 +277,15 @@ def _schedule(num_leaves: int, tile_leaves: int, static_span: int | None) -> Pus
     return PushSchedule.make(num_leaves, tile_leaves, static_span)
 
 
-def _accumulator(shape, dtype):
+def _accumulator(shape, dtype, negative: bool = True):
     """An empty sum: -0.0 everywhere, the exact additive identity (x + -0.0 == x for every x).
 
     Not 0.0: the compiler merges equal constant arrays, and a model's own f32 zeros of this
     shape (erf's expansion in an exact GELU has them) would become one buffer with the loops'
     accumulators, which XLA's GPU compiler then copies once per loop that adds into it in place
-    (docs/performance.md)."""
-    return jnp.full(shape, -0.0, dtype)
+    (docs/performance.md). ``negative=False``: +0.0 (an identity but for the sign of an exact
+    zero sum), for a program whose accumulators must not merge with the -0.0 ones."""
+    return jnp.full(shape, -0.0 if negative else 0.0, dtype)
 
 
 def _unwritten(shape, dtype):
@@ -756,7 +757,12 @@ def _backward(plan: RecursivePlan, res, ds):
     # only earlier rows), so at the end bacc is lam: no zero-filled bacc, no lam gathered.
     g_buf = tuple(_unwritten((b, tp, d), dtype) for dtype in plan.g_dtypes(d, acc))
     delta = jnp.zeros((b, tp), acc)
-    zeros = _accumulator((b, tp, d), acc)
+    # Where no leaf loop runs (the whole schedule static) the backward's zeros take the other
+    # sign: equal to the forward's racc fill, they were one buffer, which both directions then
+    # copied before adding in place; in looped programs -0.0 keeps them apart from the model's
+    # zeros instead (docs/performance.md)
+    looped = any(count > 1 for _, count in sched.segments())
+    zeros = _accumulator((b, tp, d), acc, negative=looped)
     # the leaf kernel writes lam into a buffer of its own (its programs read bacc_i while others
     # write lam_i; each row is written before it is read); elsewhere lam replaces bacc's rows
     lam = _unwritten((b, tp, d), acc) if leaf_in_kernel else None
