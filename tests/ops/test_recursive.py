@@ -235,6 +235,18 @@ def test_diagonal_inverses_are_the_same_numbers_on_every_platform():
     assert float(jnp.abs(got["cpu"] - jnp.eye(c)).max()) > 1e-3  # not the identity: gamma A_ii reached it
 
 
+@pytest.mark.parametrize("negative", [True, False])
+@pytest.mark.parametrize("distinct", [0, 1, 3])
+def test_accumulators_are_signed_zeros_however_made(negative, distinct):
+    """Every empty sum is zeros of the asked sign, the constant fill or the iota-made one alike
+    (jit: as the solve's program makes it)."""
+    from sessa_jax.ops.solve.recursive import _accumulator
+
+    z = np.asarray(jax.jit(lambda: _accumulator((2, 3, 4), jnp.float32, negative, distinct))())
+    assert z.shape == (2, 3, 4) and z.dtype == np.float32
+    assert np.all(z == 0.0) and np.all(np.signbit(z) == negative)
+
+
 def test_recursive_residuals_feed_the_blocked_backward():
     """Cross-combination: the recursive forward's s, r and statistics drive the blocked adjoint."""
     with jax.enable_x64(True):

@@ -277,15 +277,22 @@ def _schedule(num_leaves: int, tile_leaves: int, static_span: int | None) -> Pus
     return PushSchedule.make(num_leaves, tile_leaves, static_span)
 
 
-def _accumulator(shape, dtype, negative: bool = True):
+def _accumulator(shape, dtype, negative: bool = True, distinct: int = 0):
     """An empty sum: -0.0 everywhere, the exact additive identity (x + -0.0 == x for every x).
 
     Not 0.0: the compiler merges equal constant arrays, and a model's own f32 zeros of this
     shape (erf's expansion in an exact GELU has them) would become one buffer with the loops'
     accumulators, which XLA's GPU compiler then copies once per loop that adds into it in place
     (docs/performance.md). ``negative=False``: +0.0 (an identity but for the sign of an exact
-    zero sum), for a program whose accumulators must not merge with the -0.0 ones."""
-    return jnp.full(shape, -0.0 if negative else 0.0, dtype)
+    zero sum), for a program whose accumulators must not merge with the -0.0 ones.
+    ``distinct`` k > 0: the same zeros made as an iota along axis k - 1 times the zero, which
+    the compiler neither folds to a constant nor merges with the constant fill (nor with
+    another k's), for a second accumulator of the same program: still one write pass, where a
+    merged buffer is copied (a read and a write) for each accumulator that adds in place."""
+    zero = -0.0 if negative else 0.0
+    if distinct:
+        return lax.broadcasted_iota(dtype, shape, distinct - 1) * jnp.asarray(zero, dtype)
+    return jnp.full(shape, zero, dtype)
 
 
 def _unwritten(shape, dtype):
@@ -758,15 +765,16 @@ def _backward(plan: RecursivePlan, res, ds):
     g_buf = tuple(_unwritten((b, tp, d), dtype) for dtype in plan.g_dtypes(d, acc))
     delta = jnp.zeros((b, tp), acc)
     # Where no leaf loop runs (the whole schedule static) the backward's zeros take the other
-    # sign: equal to the forward's racc fill, they were one buffer, which both directions then
-    # copied before adding in place; in looped programs -0.0 keeps them apart from the model's
-    # zeros instead (docs/performance.md)
+    # sign and dk's its own buffer: equal to the forward's racc fill (and to each other) they
+    # were one buffer, copied for each accumulator that adds into it in place. In looped programs
+    # XLA fills each accumulator anew, and -0.0 keeps them apart from the model's zeros
+    # (docs/performance.md).
     looped = any(count > 1 for _, count in sched.segments())
-    zeros = _accumulator((b, tp, d), acc, negative=looped)
+    dq0, dk0 = (_accumulator((b, tp, d), acc, negative=looped, distinct=0 if looped else k) for k in (0, 1))
     # the leaf kernel writes lam into a buffer of its own (its programs read bacc_i while others
     # write lam_i; each row is written before it is read); elsewhere lam replaces bacc's rows
     lam = _unwritten((b, tp, d), acc) if leaf_in_kernel else None
-    carry, outs = (ds, g_buf, delta, zeros, zeros, lam), []
+    carry, outs = (ds, g_buf, delta, dq0, dk0, lam), []
     for first, count in reversed(sched.segments()):
         if count == 1:
             carry, out_i = solve_leaf(carry, first)  # its block, first, is static (or absent)
