@@ -122,6 +122,18 @@ def test_transposed_leaf_solve_matches_the_xla_leaf_step(d, traced):
         np.testing.assert_array_equal(
             np.delete(f32(new), np.s_[rows], axis=1), np.delete(f32(old), np.s_[rows], axis=1)
         )
+    # with lam_b the step also writes bf16(lambda_i) there, the rest of it kept, the other results the same
+    lam_b_old = normal(48, bacc.shape, BF16)
+    out = jax.jit(lambda *a: lg.gpu_leaf_solve_transposed(*a, lam_b=lam_b_old, interpret=interp))(
+        *args, jnp.int32(start)
+    )
+    assert len(out) == 4
+    for got, want in zip(out[:3], (lam_new, hi, lo)):
+        np.testing.assert_array_equal(f32(got), f32(want))
+    np.testing.assert_array_equal(f32(out[3][:, rows]), f32(lam.astype(BF16)))
+    np.testing.assert_array_equal(
+        np.delete(f32(out[3]), np.s_[rows], axis=1), np.delete(f32(lam_b_old), np.s_[rows], axis=1)
+    )
 
 
 @pytest.mark.parametrize("transposed", [False, True])

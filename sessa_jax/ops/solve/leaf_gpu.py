@@ -101,9 +101,10 @@ def _body(starts_ref, *refs, transposed: bool, chunks: int, block_n: int, copies
     """One (BLOCK_M, block_n) tile of s_i (forward) or of lambda_i (``transposed``); see the module
     docstring. refs: x_rows, then f, racc, gamma and the ``copies`` s_b [, s_lo] (forward) or bacc,
     gamma, g_hi and g_lo (transposed), the float32 output where ``has_result``, then the scratch."""
-    if transposed:
-        x_ref, b_ref, g_ref, hi_ref, lo_ref, out_ref, *scratch = refs
-        x_stage, b_stage, g_stage, x_parts, rhs_parts, out_smem, hi_smem, lo_smem, bar = scratch
+    if transposed:  # g's two parts, and bf16(lambda) where asked
+        x_ref, b_ref, g_ref, *refs = refs
+        copy_refs, (out_ref, *scratch) = refs[:copies], refs[copies:]
+        x_stage, b_stage, g_stage, x_parts, rhs_parts, out_smem, *copy_smem, bar = scratch
     else:  # s_b, and s_lo where the caller keeps s's low part too
         x_ref, f_ref, r_ref, g_ref, *refs = refs
         sb_refs, refs = refs[:copies], refs[copies:]
@@ -147,9 +148,10 @@ def _body(starts_ref, *refs, transposed: bool, chunks: int, block_n: int, copies
         out_smem[...] = y
     if transposed:  # g = gamma * lambda of the program's rows, split into g's two bf16 buffers
         copy_waited(g_ref.at[b, own], g_stage, bar.at[0])
-        hi, lo = _split(gamma_rows() * y, True)
-        hi_smem[...], lo_smem[...] = hi, lo
-        copies = ((hi_smem, hi_ref), (lo_smem, lo_ref))
+        parts = _split(gamma_rows() * y, True) + ((y.astype(BF16),) if len(copy_refs) == 3 else ())
+        for smem, part in zip(copy_smem, parts):
+            smem[...] = part
+        copies = tuple(zip(copy_smem, copy_refs))
     else:  # bf16(s_i), and bf16(s_i - bf16(s_i)) where asked
         for smem, part in zip(copy_smem, _split(y, len(sb_refs) == 2)):
             smem[...] = part
@@ -305,8 +307,9 @@ def gpu_leaf_solve(x_rows, f, racc, gamma, s_b, s, row_start, *, s_lo=None, inte
     return _launch((x_rows, f, racc, gamma), copies, s, leaf, d, row_start, transposed=False, interpret=interpret)
 
 
-def gpu_leaf_solve_transposed(x_rows, bacc, gamma, g_hi, g_lo, lam, row_start, *, interpret=False):
-    """(lam, g_hi, g_lo): the backward leaf step of leaf i = row_start / Cs.
+def gpu_leaf_solve_transposed(x_rows, bacc, gamma, g_hi, g_lo, lam, row_start, *, lam_b=None, interpret=False):
+    """(lam, g_hi, g_lo), or (lam, g_hi, g_lo, lam_b) with ``lam_b``: the backward leaf step of
+    leaf i = row_start / Cs.
 
     x_rows, gamma, ``row_start`` and ``interpret`` as in ``gpu_leaf_solve``; bacc (B, Tp, D)
     float32: the backward's right-hand sides (ds plus the transposed pushes); g_hi, g_lo (B, Tp,
@@ -314,12 +317,14 @@ def gpu_leaf_solve_transposed(x_rows, bacc, gamma, g_hi, g_lo, lam, row_start, *
     the solution's buffer. Returns lam with the leaf's rows set to lambda_i = X_i^T bacc_i at
     bf16x3, and g_hi, g_lo with those rows set to the parts of gamma_i lambda_i
     (``precision.split_bf16``'s hi and lo), all in place where the caller's buffers are not used
-    afterwards.
+    afterwards. ``lam_b`` (B, Tp, D) bfloat16, optional: also set to bf16(lambda_i) there (a bf16
+    f's cotangent, written here instead of cast from lam in a pass of its own).
     """
     check_in_place("gpu_leaf_solve_transposed", "run the leaf step in XLA")
-    narrow = {"g_hi": g_hi, "g_lo": g_lo}
+    narrow = {"g_hi": g_hi, "g_lo": g_lo} if lam_b is None else {"g_hi": g_hi, "g_lo": g_lo, "lam_b": lam_b}
     leaf, d = _check("gpu_leaf_solve_transposed", x_rows, {"bacc": bacc, "lam": lam}, gamma, narrow, row_start)
-    return _launch((x_rows, bacc, gamma), (g_hi, g_lo), lam, leaf, d, row_start, transposed=True, interpret=interpret)
+    copies = tuple(narrow.values())
+    return _launch((x_rows, bacc, gamma), copies, lam, leaf, d, row_start, transposed=True, interpret=interpret)
 
 
 def gpu_leaf_residual(a_leaves, s_leaves, racc_leaves, *, interpret=False):

@@ -647,7 +647,9 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg, keep_s_parts: bool = Fals
     return s, r, m, logl, a_ii, x_inv, s_parts
 
 
-def _backward(plan: RecursivePlan, res, ds):
+def _backward(plan: RecursivePlan, res, ds, df_dtype=None):
+    """(dq, dk, dgamma, df): df in ``df_dtype`` (bf16) straight from the leaf kernel where it runs,
+    else in the accumulation dtype."""
     q, k, gamma, seg, s, r, m, logl, a_ii, x_inv, s_parts_kept = res
     c, n = plan.leaf, plan.num_leaves
     sched = plan.schedule
@@ -730,11 +732,12 @@ def _backward(plan: RecursivePlan, res, ds):
         these rows takes it) and of dgamma = rowsum(lam * r): r_i is read once, here."""
         bacc, g_buf, delta, dq, dk, lam = carry
         start = i * c
-        if leaf_in_kernel:  # X_i and bacc_i read in place; lam_i and g's two bf16 parts written in place
-            lam, *g_buf = gpu_leaf_solve_transposed(
-                x_rows, bacc, gamma, *g_buf, lam, start, interpret=plan.gpu_interpret
+        if leaf_in_kernel:  # X_i and bacc_i read in place; lam_i, g's two bf16 parts (and bf16(lam_i)) written in place
+            lam_b = lam[1] if len(lam) == 2 else None
+            lam_f, *out = gpu_leaf_solve_transposed(
+                x_rows, bacc, gamma, *g_buf, lam[0], start, lam_b=lam_b, interpret=plan.gpu_interpret
             )
-            g_buf, lam_i = tuple(g_buf), take_chunk(lam, start, c)
+            g_buf, lam, lam_i = tuple(out[:2]), (lam_f, *out[2:]), take_chunk(lam_f, start, c)
             g_i = take_chunk(gamma, start, c)[..., None] * lam_i
             r_i = take_chunk(r, start, c)
             delta = lax.dynamic_update_slice_in_dim(delta, row_delta(g_i, r_i, plan.plain_tier), start, axis=1)
@@ -772,8 +775,10 @@ def _backward(plan: RecursivePlan, res, ds):
     looped = any(count > 1 for _, count in sched.segments())
     dq0, dk0 = (_accumulator((b, tp, d), acc, negative=looped, distinct=0 if looped else k) for k in (0, 1))
     # the leaf kernel writes lam into a buffer of its own (its programs read bacc_i while others
-    # write lam_i; each row is written before it is read); elsewhere lam replaces bacc's rows
-    lam = _unwritten((b, tp, d), acc) if leaf_in_kernel else None
+    # write lam_i; each row is written before it is read), and for a bf16 f its bf16 copy beside
+    # it (the cotangent df: no cast pass); elsewhere lam replaces bacc's rows
+    bf16_df = leaf_in_kernel and df_dtype == jnp.bfloat16
+    lam = tuple(_unwritten((b, tp, d), x) for x in (acc, jnp.bfloat16)[: 1 + bf16_df]) if leaf_in_kernel else None
     carry, outs = (ds, g_buf, delta, dq0, dk0, lam), []
     for first, count in reversed(sched.segments()):
         if count == 1:
@@ -790,7 +795,7 @@ def _backward(plan: RecursivePlan, res, ds):
         if first > 0:
             carry = sched.visit_static(first, carry, c, tile, barrier)
     bacc, g_buf, delta, dq, dk, lam = carry
-    lam = bacc if lam is None else lam
+    lam = bacc if lam is None else lam[-1]
     dgamma = outs[0] if len(outs) == 1 else jnp.concatenate(outs[::-1], axis=1)
 
     if plan.accumulates_in_kernel(d):  # the diagonal leaves' dL, dq and dk in the kernels, cast in place
@@ -818,7 +823,8 @@ def recursive_solve_fwd(plan, q, k, gamma, f, seg):
 
 def _solve_bwd(plan, res, ds):
     q, k, f_dtype = res[0], res[1], res[-1].dtype
-    dq, dk, dgamma, df = _backward(plan, res[:-1], ds.astype(res[2].dtype))  # gamma's: the accumulation dtype
+    # gamma's dtype: the accumulation dtype
+    dq, dk, dgamma, df = _backward(plan, res[:-1], ds.astype(res[2].dtype), df_dtype=f_dtype)
     return dq.astype(q.dtype), dk.astype(k.dtype), dgamma, df.astype(f_dtype), None
 
 
