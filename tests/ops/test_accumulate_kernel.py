@@ -69,6 +69,37 @@ def _interpret():
     return False if jax.default_backend() == "gpu" else interpret_or_skip()  # compiled on a GPU
 
 
+@pytest.mark.parametrize("transpose_a", [False, True])
+@needs_in_place
+def test_overwrite_writes_the_window_without_reading_it(transpose_a):
+    """``overwrite``: the window's rows become scale * op(a) b (NaN there before is never read),
+    the same numbers as adding the product to -0.0; every other row untouched."""
+    t, m, c, n, acc_start, b_start = 512, 128, 192, 128, 256, 64
+    acc = normal(1, (B, t, n)).at[:, acc_start : acc_start + m].set(jnp.nan)
+    a = normal(2, (B, c, m) if transpose_a else (B, m, c), BF16)
+    b = normal(3, (B, t, n), BF16)
+    interp = _interpret()
+
+    def run(acc, overwrite):
+        return ag.gpu_accumulate_product(
+            acc,
+            a,
+            b,
+            acc_start=acc_start,
+            b_start=b_start,
+            transpose_a=transpose_a,
+            scale=0.25,
+            overwrite=overwrite,
+            interpret=interp,
+        )
+
+    got = np.asarray(jax.jit(run, static_argnums=1)(acc, True))
+    zeros = acc.at[:, acc_start : acc_start + m].set(-0.0)
+    want = np.asarray(jax.jit(run, static_argnums=1)(zeros, False))
+    np.testing.assert_array_equal(got, want)
+    assert not np.isnan(got).any()
+
+
 @pytest.mark.parametrize("split,n", [("a", 128), ("b", 128), ("b", 512)])
 @needs_in_place
 def test_operand_parts_add_as_one_product(split, n):

@@ -284,15 +284,22 @@ def test_feedback_solve_with_gemm_kernels_matches_xla(precision, packed, fused, 
         assert np.linalg.norm(a - w) <= 2.0**-12 * np.linalg.norm(w), name
 
 
-@pytest.mark.parametrize("precision,packed", [("bfloat16", False), ("bfloat16", True), ("bf16x3", True)])
-def test_gemm_solve_reads_its_unwritten_buffers_only_where_written(precision, packed, monkeypatch):
+@pytest.mark.parametrize(
+    "precision,packed,fused",
+    [("bfloat16", False, True), ("bfloat16", True, True), ("bf16x3", True, True), ("bfloat16", False, False)],
+)
+def test_gemm_solve_reads_its_unwritten_buffers_only_where_written(precision, packed, fused, monkeypatch):
     """With the kernels the solve leaves s, lambda, s's bf16 copy (its hi and lo parts at bf16x3)
-    and g's parts unfilled (``lax.empty``, uninitialized on a GPU): NaN in them leaves s and every
-    gradient bit for bit the same, so no kernel reads a row before the leaf loop writes it."""
+    and g's parts unfilled (``lax.empty``, uninitialized on a GPU), and with the pushes' products
+    in ``gpu_accumulate_product`` (``fused`` False) in a static program racc too, whose rows the
+    first push into them writes: NaN in them leaves s and every gradient bit for bit the same, so
+    no kernel reads a row before it is written."""
     from sessa_jax.ops.solve import recursive
 
     if jax.default_backend() != "gpu":
         interpret_or_skip()
+    covers = recursive.product_fused
+    monkeypatch.setattr(recursive, "product_fused", lambda dv: fused and covers(dv))
     t, d = 512, 64
     seg = kernel_segments(B, t) if packed else None
     args = _solve_inputs(70, t, d)

@@ -169,11 +169,12 @@ def _check(op: str, acc, a_parts: tuple, b_parts: tuple, transpose_a: bool, acc_
     return m, c
 
 
-def _body(starts_ref, *refs, a_parts, b_parts, transpose_a, a_lower, chunks, block_n, scale, out_dtype):
+def _body(starts_ref, *refs, a_parts, b_parts, transpose_a, a_lower, chunks, block_n, scale, out_dtype, overwrite):
     """One (BLOCK_M, block_n) tile of acc's window: the products of every part over ``chunks``
     contraction chunks (with ``a_lower`` only those where a's block is on or below its
     diagonal) in one fp32 accumulator, then acc + scale * their sum through shared
-    memory, written back into acc (``out_dtype`` None) or cast to ``out_dtype`` into the output.
+    memory, written back into acc (``out_dtype`` None) or cast to ``out_dtype`` into the output;
+    with ``overwrite`` scale * the sum written over acc's tile, which is not read.
     refs: a's ``a_parts`` parts, b's ``b_parts`` parts, acc, the output (with ``out_dtype``), then
     the scratch."""
     a_refs, b_refs = refs[:a_parts], refs[a_parts : a_parts + b_parts]
@@ -209,6 +210,12 @@ def _body(starts_ref, *refs, a_parts, b_parts, transpose_a, a_lower, chunks, blo
 
     prod = pl.run_scoped(product, plgpu.ACC((BLOCK_M, block_n), F32))
     rows = pl.ds(acc0 + i * BLOCK_M, BLOCK_M)
+    if overwrite:
+        acc_smem[...] = prod * scale
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(acc_smem, acc_ref.at[b, rows, cols])
+        plgpu.wait_smem_to_gmem(0)
+        return
     if out_dtype is None:
         add_into_tile(acc_ref.at[b, rows, cols], acc_smem, bar.at[0], prod * scale)  # acc + product * scale
         return
@@ -220,17 +227,25 @@ def _body(starts_ref, *refs, a_parts, b_parts, transpose_a, a_lower, chunks, blo
 
 
 def accumulate_cost(
-    b: int, m: int, c: int, n: int, a_parts: int, b_parts: int, out_bytes: int = 4, a_lower: bool = False
+    b: int,
+    m: int,
+    c: int,
+    n: int,
+    a_parts: int,
+    b_parts: int,
+    out_bytes: int = 4,
+    a_lower: bool = False,
+    overwrite: bool = False,
 ) -> pl.CostEstimate:
     """The kernel's work, declared to the compiler (and read back by ``benchmarks/gpu_compile.py``,
     which cannot see the windows): 2 B M C N FLOPs per part; bytes: every part of the a tile and
     of b's C-row window read once, acc's M-row window read once and written once in place, or
     written to a new output of ``out_bytes`` per element (a lower bound: each column tile rereads
     a). ``a_lower`` (M = C): only a's (64, 64) blocks on and below the diagonal, m (m + 1) / 2 of
-    m^2 with m = M / 64, are read and multiplied."""
+    m^2 with m = M / 64, are read and multiplied. ``overwrite``: acc's window written, not read."""
     parts = max(a_parts, b_parts)
     a_area = lower_blocks(m) * BLOCK_M * BLOCK_C if a_lower else m * c
-    moved = b * (a_parts * a_area * 2 + b_parts * c * n * 2 + m * n * (4 + out_bytes))
+    moved = b * (a_parts * a_area * 2 + b_parts * c * n * 2 + m * n * ((0 if overwrite else 4) + out_bytes))
     return pl.CostEstimate(flops=2 * b * a_area * n * parts, transcendentals=0, bytes_accessed=moved)
 
 
@@ -241,7 +256,20 @@ def lower_blocks(m: int) -> int:
 
 
 def _launch(
-    acc, a_parts, b_parts, starts, m: int, c: int, *, transpose_a, scale, out_dtype, name, interpret, a_lower=False
+    acc,
+    a_parts,
+    b_parts,
+    starts,
+    m: int,
+    c: int,
+    *,
+    transpose_a,
+    scale,
+    out_dtype,
+    name,
+    interpret,
+    a_lower=False,
+    overwrite=False,
 ):
     """The kernel on acc's window of M rows, contracted over C; see ``gpu_accumulate_product`` and
     ``gpu_add_product``. Returns acc updated in place (``out_dtype`` None) or the new output."""
@@ -257,6 +285,7 @@ def _launch(
         block_n=block_n,
         scale=float(scale),
         out_dtype=out_dtype,
+        overwrite=overwrite,
     )
     body.__name__ = name  # plgpu.kernel names the kernel after its body
     a_tile = (BLOCK_C, BLOCK_M) if transpose_a else (BLOCK_M, BLOCK_C)
@@ -272,7 +301,9 @@ def _launch(
     kwargs = dict(interpret=interpret) if interpret else {}
     if KERNEL_TAKES_COST:
         out_bytes = 4 if out_dtype is None else jnp.dtype(out_dtype).itemsize
-        kwargs["cost_estimate"] = accumulate_cost(bsz, m, c, n, len(a_parts), len(b_parts), out_bytes, a_lower)
+        kwargs["cost_estimate"] = accumulate_cost(
+            bsz, m, c, n, len(a_parts), len(b_parts), out_bytes, a_lower, overwrite
+        )
     call = functools.partial(
         plgpu.kernel,
         body,
@@ -288,7 +319,9 @@ def _launch(
     return jax.freeze(acc_ref)
 
 
-def gpu_accumulate_product(acc, a, b, *, acc_start=0, b_start=0, transpose_a: bool = False, scale=1.0, interpret=False):
+def gpu_accumulate_product(
+    acc, a, b, *, acc_start=0, b_start=0, transpose_a: bool = False, scale=1.0, overwrite=False, interpret=False
+):
     """acc with rows [acc_start, acc_start + M) increased by scale * op(a) @ b[:, b_start : b_start + C].
 
     acc (B, T, N) float32; a (B, M, C) bf16, or (B, C, M) with ``transpose_a`` (op(a) = a^T); b
@@ -300,8 +333,9 @@ def gpu_accumulate_product(acc, a, b, *, acc_start=0, b_start=0, transpose_a: bo
     product takes one bf16 pass per part with fp32 accumulation, and is multiplied by ``scale``
     (a Python float) before it is added, as ``acc + (a @ b) * scale`` in XLA. Returns the updated
     acc (B, T, N) float32, written in place where the caller's acc is not used afterwards.
-    ``interpret``: False (compile for the GPU) or ``plgpu.InterpretGPUParams()`` (Mosaic GPU
-    interpret mode, jax >= 0.11).
+    ``overwrite``: the window's rows set to scale * op(a) @ b instead, acc's values there not
+    read (the first product into rows of a buffer left unfilled). ``interpret``: False (compile
+    for the GPU) or ``plgpu.InterpretGPUParams()`` (Mosaic GPU interpret mode, jax >= 0.11).
     """
     check_in_place("gpu_accumulate_product", "add the product in XLA")
     a_parts, b_parts = _as_parts(a), _as_parts(b)
@@ -320,6 +354,7 @@ def gpu_accumulate_product(acc, a, b, *, acc_start=0, b_start=0, transpose_a: bo
         out_dtype=None,
         name=name,
         interpret=interpret,
+        overwrite=bool(overwrite),
     )
 
 

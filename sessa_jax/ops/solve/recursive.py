@@ -542,6 +542,23 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg, keep_s_parts: bool = Fals
     # s rounded once (one bf16 pass), or its hi + lo parts (the fused push's three passes at bf16x3)
     s_copies = 2 if fused_window and plan.tier == "bf16x3" else 1 if in_place or fused_window else 0
 
+    # In a program with no leaf loop every push's rows are known while tracing: the first push into
+    # rows of racc writes them (racc then needs no fill; only leaf 0, which no push reaches, is
+    # zeroed), the later ones add.
+    first_writes = in_place and all(count == 1 for _, count in sched.segments())
+    written = set()  # leaves of racc written so far, as the static program is traced
+
+    def first_write(r0, rows) -> bool:
+        if not first_writes:
+            return False
+        leaves = set(range(r0 // c, (r0 + rows) // c))
+        if leaves & written:
+            if not leaves <= written:  # a push over written and unwritten rows: the schedule never makes one
+                raise AssertionError(f"push into rows {r0}:{r0 + rows} meets racc partly written")
+            return False
+        written.update(leaves)
+        return True
+
     def tile(carry, r0, rows, k0, keys):
         s_buf, racc, s_b = carry
         if in_place:  # racc[rows] += (P_hi + P_lo) bf16(s)[keys] in one kernel, s read from its bf16 copy
@@ -549,7 +566,15 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg, keep_s_parts: bool = Fals
             parts = gpu_block_probs(
                 q_b, seg, m, logl, k_b, seg, scale=plan.scale, split=True, interpret=plan.gpu_interpret, **window
             )
-            racc = gpu_accumulate_product(racc, parts, s_b[0], acc_start=r0, b_start=k0, interpret=plan.gpu_interpret)
+            racc = gpu_accumulate_product(
+                racc,
+                parts,
+                s_b[0],
+                acc_start=r0,
+                b_start=k0,
+                overwrite=first_write(r0, rows),
+                interpret=plan.gpu_interpret,
+            )
             return s_buf, racc, s_b
         if fused_window:  # the fused push reads q, k, m, logl and s's bf16 part(s) in place
             push = functools.partial(
@@ -619,7 +644,13 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg, keep_s_parts: bool = Fals
     bf16_out = leaf_in_kernel and f.dtype == jnp.bfloat16
     s0 = None if bf16_out else _unwritten(f.shape, acc) if leaf_in_kernel else f
     copies = tuple(_unwritten(f.shape, jnp.bfloat16) for _ in range(s_copies + keeps_lo))
-    carry = (s0, _accumulator(f.shape, acc), copies)
+    if first_writes:  # leaf 0's rows as an empty sum, the rest written by their first push
+        racc0 = lax.dynamic_update_slice_in_dim(
+            _unwritten(f.shape, acc), _accumulator((f.shape[0], c, f.shape[2]), acc), 0, axis=1
+        )
+    else:
+        racc0 = _accumulator(f.shape, acc)
+    carry = (s0, racc0, copies)
     for first, count in sched.segments():
         if count == 1:
             carry = solve_leaf(carry, first)  # its block, first + 1, is static (or absent)
