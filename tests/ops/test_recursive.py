@@ -247,6 +247,32 @@ def test_accumulators_are_signed_zeros_however_made(negative, distinct):
     assert np.all(z == 0.0) and np.all(np.signbit(z) == negative)
 
 
+def test_first_writes_write_fresh_rows_and_zero_the_fresh_part_of_a_mixed_push():
+    """``_FirstWrites``: a push into rows no push reached writes them; into rows all reached, adds;
+    into rows partly reached, the fresh leaves become the empty sum first, then it adds;
+    disabled, every push adds and the buffer is untouched."""
+    from sessa_jax.ops.solve.recursive import _FirstWrites
+
+    buf = jnp.full((1, 8, 1), jnp.nan)
+    writes = _FirstWrites(2, True)
+    buf, over = writes.take(buf, 4, 4)  # leaves 2, 3: fresh
+    assert over and bool(jnp.all(jnp.isnan(buf)))
+    buf, over = writes.take(buf, 4, 2)  # leaf 2: written
+    assert not over and bool(jnp.all(jnp.isnan(buf)))
+    buf, over = writes.take(buf, 0, 4)  # leaf 0 fresh... and leaf 1 fresh: the whole push writes
+    assert over
+    buf = jnp.full((1, 8, 1), jnp.nan)
+    writes = _FirstWrites(2, True)
+    writes.take(buf, 6, 2)  # leaf 3
+    buf, over = writes.take(buf, 2, 6)  # leaves 1, 2 fresh, 3 written: 1 and 2 zeroed, then added to
+    assert not over
+    got = np.asarray(buf[0, :, 0])
+    assert np.isnan(got[:2]).all() and np.isnan(got[6:]).all()
+    assert (got[2:6] == 0.0).all() and np.signbit(got[2:6]).all()
+    off = _FirstWrites(2, False)
+    assert off.take(buf, 0, 8) == (buf, False)
+
+
 def test_recursive_residuals_feed_the_blocked_backward():
     """Cross-combination: the recursive forward's s, r and statistics drive the blocked adjoint."""
     with jax.enable_x64(True):

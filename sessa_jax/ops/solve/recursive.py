@@ -302,6 +302,31 @@ def _unwritten(shape, dtype):
     return lax.empty(shape, dtype)
 
 
+class _FirstWrites:
+    """Which pushes write rows of a buffer left unfilled, tracked while a static program is traced
+    (every push's rows Python integers). ``self.take(buf, start, rows)`` -> (buf, overwrite):
+    overwrite True for the first push into those rows (it writes them), False after (it adds);
+    where some of the rows are written and some not (the backward meets such pushes), the
+    unwritten leaves among them are first set to the empty sum, then the push adds. Where not
+    ``enabled``: (buf, False) throughout."""
+
+    def __init__(self, leaf: int, enabled: bool):
+        self.leaf, self.enabled, self.written = leaf, enabled, set()
+
+    def take(self, buf, start, rows: int):
+        if not self.enabled:
+            return buf, False
+        leaves = range(start // self.leaf, (start + rows) // self.leaf)
+        fresh = [i for i in leaves if i not in self.written]
+        self.written.update(leaves)
+        if len(fresh) == len(leaves):
+            return buf, True
+        for i in fresh:
+            empty = _accumulator((buf.shape[0], self.leaf, buf.shape[2]), buf.dtype)
+            buf = lax.dynamic_update_slice_in_dim(buf, empty, i * self.leaf, axis=1)
+        return buf, False
+
+
 def _barrier(carry, q, k):
     """(carry, q, k) through one optimization barrier: the next static tile's logits then wait
     for the previous tile's result. Without it the compiler may compute the independent
@@ -420,14 +445,26 @@ def _gemm_block_grads(plan: RecursivePlan, x: _GemmBackwardInputs, r0, rows: int
 
 
 def _gemm_block_accumulate(
-    plan: RecursivePlan, x: _GemmBackwardInputs, r0, rows: int, k0, keys: int, g_parts, delta, bacc, dq, dk
+    plan: RecursivePlan,
+    x: _GemmBackwardInputs,
+    r0,
+    rows: int,
+    k0,
+    keys: int,
+    g_parts,
+    delta,
+    bacc,
+    dq,
+    dk,
+    writes=(False, False),
 ):
     """``_backward``'s tile in the "bfloat16" tier with the Mosaic GPU kernels throughout: P and dL of
     the block (rows from r0, keys from k0) from the dual-GEMM kernel, read in place; then bacc[keys]
     += P^T g_hi[rows] + P^T g_lo[rows] (two bf16 passes in one kernel), dq[rows] += scale dL
     k[keys], dk[keys] += scale dL^T q[rows] (one each), added in place (``accumulate_gpu``): the
     same products as the XLA path's at this tier. g_parts: g's full-length bf16 hi + lo parts
-    (``RecursivePlan.g_dtypes``). Returns (bacc, dq, dk)."""
+    (``RecursivePlan.g_dtypes``). ``writes``: (dq, dk) rows written instead of added to, the first
+    push into them in a static program (``_FirstWrites``). Returns (bacc, dq, dk)."""
     g_hi, g_lo = g_parts
     window = dict(rows=rows, keys=keys, row_start=r0, key_start=k0)
     (probs,), dlogits = gpu_block_probs_and_grad(
@@ -439,8 +476,8 @@ def _gemm_block_accumulate(
     )
     add = functools.partial(gpu_accumulate_product, interpret=plan.gpu_interpret)
     bacc = add(bacc, probs, (g_hi, g_lo), acc_start=k0, b_start=r0, transpose_a=True)
-    dq = add(dq, dlogits, x.k_b, acc_start=r0, b_start=k0, scale=plan.scale)
-    dk = add(dk, dlogits, x.q_b, acc_start=k0, b_start=r0, transpose_a=True, scale=plan.scale)
+    dq = add(dq, dlogits, x.k_b, acc_start=r0, b_start=k0, scale=plan.scale, overwrite=writes[0])
+    dk = add(dk, dlogits, x.q_b, acc_start=k0, b_start=r0, transpose_a=True, scale=plan.scale, overwrite=writes[1])
     return bacc, dq, dk
 
 
@@ -546,18 +583,7 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg, keep_s_parts: bool = Fals
     # rows of racc writes them (racc then needs no fill; only leaf 0, which no push reaches, is
     # zeroed), the later ones add.
     first_writes = in_place and all(count == 1 for _, count in sched.segments())
-    written = set()  # leaves of racc written so far, as the static program is traced
-
-    def first_write(r0, rows) -> bool:
-        if not first_writes:
-            return False
-        leaves = set(range(r0 // c, (r0 + rows) // c))
-        if leaves & written:
-            if not leaves <= written:  # a push over written and unwritten rows: the schedule never makes one
-                raise AssertionError(f"push into rows {r0}:{r0 + rows} meets racc partly written")
-            return False
-        written.update(leaves)
-        return True
+    racc_writes = _FirstWrites(c, first_writes)
 
     def tile(carry, r0, rows, k0, keys):
         s_buf, racc, s_b = carry
@@ -566,14 +592,9 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg, keep_s_parts: bool = Fals
             parts = gpu_block_probs(
                 q_b, seg, m, logl, k_b, seg, scale=plan.scale, split=True, interpret=plan.gpu_interpret, **window
             )
+            racc, overwrite = racc_writes.take(racc, r0, rows)
             racc = gpu_accumulate_product(
-                racc,
-                parts,
-                s_b[0],
-                acc_start=r0,
-                b_start=k0,
-                overwrite=first_write(r0, rows),
-                interpret=plan.gpu_interpret,
+                racc, parts, s_b[0], acc_start=r0, b_start=k0, overwrite=overwrite, interpret=plan.gpu_interpret
             )
             return s_buf, racc, s_b
         if fused_window:  # the fused push reads q, k, m, logl and s's bf16 part(s) in place
@@ -745,7 +766,11 @@ def _backward(plan: RecursivePlan, res, ds, df_dtype=None):
     def tile(carry, r0, rows, k0, keys):
         bacc, g_buf, delta, dq, dk, lam = carry
         if plan.accumulates_in_kernel(d):
-            bacc, dq, dk = _gemm_block_accumulate(plan, gemm_inputs, r0, rows, k0, keys, g_buf, delta, bacc, dq, dk)
+            (dq, dq_over), (dk, dk_over) = dq_writes.take(dq, r0, rows), dk_writes.take(dk, k0, keys)
+            writes = (dq_over, dk_over)
+            bacc, dq, dk = _gemm_block_accumulate(
+                plan, gemm_inputs, r0, rows, k0, keys, g_buf, delta, bacc, dq, dk, writes
+            )
             return bacc, g_buf, delta, dq, dk, lam
         b_keys, dq_p, dk_keys = block_grads(r0, rows, k0, keys, g_buf[0], delta)
 
@@ -805,6 +830,14 @@ def _backward(plan: RecursivePlan, res, ds, df_dtype=None):
     # (docs/performance.md).
     looped = any(count > 1 for _, count in sched.segments())
     dq0, dk0 = (_accumulator((b, tp, d), acc, negative=looped, distinct=0 if looped else k) for k in (0, 1))
+    # In a static program with the kernels' products the first push into rows of dq (of dk) writes
+    # them: no fill, only the rows no push reaches zeroed, leaf 0's of dq and the last leaf's of dk.
+    first_writes = not looped and plan.accumulates_in_kernel(d)
+    dq_writes, dk_writes = _FirstWrites(c, first_writes), _FirstWrites(c, first_writes)
+    if first_writes:
+        edge = _accumulator((b, c, d), acc)
+        dq0 = lax.dynamic_update_slice_in_dim(_unwritten((b, tp, d), acc), edge, 0, axis=1)
+        dk0 = lax.dynamic_update_slice_in_dim(_unwritten((b, tp, d), acc), edge, tp - c, axis=1)
     # the leaf kernel writes lam into a buffer of its own (its programs read bacc_i while others
     # write lam_i; each row is written before it is read), and for a bf16 f its bf16 copy beside
     # it (the cotangent df: no cast pass); elsewhere lam replaces bacc's rows
