@@ -197,6 +197,26 @@ def _residual_body(*refs, block_n: int, s_parts: bool):
     )
 
 
+def _check_covers(op: str, leaf: int, d: int, fix: str) -> None:
+    """ValueError naming ``op``, the leaf and width and ``fix`` where ``leaf_solve_covers`` refuses them."""
+    if not leaf_solve_covers(leaf, d):
+        raise ValueError(
+            f"{op}: leaf {leaf} and width {d} must be multiples of 64, the width up to {BLOCK_N} or a multiple "
+            f"of it: {fix}"
+        )
+
+
+def _cost(batch: int, leaf: int, d: int, other_bytes: int) -> pl.CostEstimate:
+    """A leaf kernel's declared work: three bf16 passes over the (64, 64) blocks on and below the
+    diagonal of each of ``batch`` (leaf, leaf) matrices times (leaf, d), those blocks read once in
+    float32, plus ``other_bytes`` per matrix (its other operands and results)."""
+    blocks = lower_blocks(leaf)
+    moved = batch * (blocks * BLOCK_M * BLOCK_C * 4 + other_bytes)
+    return pl.CostEstimate(
+        flops=3 * 2 * batch * blocks * BLOCK_M * BLOCK_C * d, transcendentals=0, bytes_accessed=moved
+    )
+
+
 def _check(op: str, x_rows, wide: dict, gamma, narrow: dict, row_start):
     """Readable errors naming ``op``, the value and the fix; ``wide``: the float32 (B, Tp, D)
     buffers by name, ``narrow``: the bf16 ones."""
@@ -217,11 +237,7 @@ def _check(op: str, x_rows, wide: dict, gamma, narrow: dict, row_start):
             f"{op}: want {names} float32 and {', '.join(narrow)} bfloat16; got "
             f"{[str(x.dtype) for x in f32]}, {[str(x.dtype) for x in narrow.values()]}"
         )
-    if not leaf_solve_covers(leaf, d):
-        raise ValueError(
-            f"{op}: leaf {leaf} and width {d} must be multiples of 64, the width up to {BLOCK_N} or a multiple "
-            "of it: use the XLA leaf step"
-        )
+    _check_covers(op, leaf, d, "use the XLA leaf step")
     if isinstance(row_start, int) and not (0 <= row_start <= tp - leaf and row_start % leaf == 0):
         raise ValueError(f"{op}: row_start {row_start} must be a leaf's first row in [0, {tp - leaf}]")
     return leaf, d
@@ -260,10 +276,7 @@ def _launch(inputs, in_place, result, leaf: int, d: int, row_start, *, transpose
     if KERNEL_TAKES_COST:
         # the right-hand side's buffers (bacc; or f and racc) and the result, by element size
         row_bytes = 4 + 4 if transposed else inputs[1].dtype.itemsize + 4 + (4 if result is not None else 0)
-        blocks = lower_blocks(leaf)
-        moved = bsz * (blocks * BLOCK_M * BLOCK_C * 4 + row_bytes * leaf * d + len(in_place) * leaf * d * 2 + leaf * 4)
-        flops = 3 * 2 * bsz * blocks * BLOCK_M * BLOCK_C * d
-        kwargs["cost_estimate"] = pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=moved)
+        kwargs["cost_estimate"] = _cost(bsz, leaf, d, row_bytes * leaf * d + len(in_place) * leaf * d * 2 + leaf * 4)
     refs = [jax.new_ref(x) for x in (*in_place, *([] if result is None else [result]))]
     plgpu.kernel(
         body,
@@ -356,11 +369,7 @@ def gpu_leaf_residual(a_leaves, s_leaves, racc_leaves, *, interpret=False):
             f"{op}: want float32 a_leaves, racc_leaves and float32 s_leaves (or bf16 parts); got "
             f"{a_leaves.dtype}, {racc_leaves.dtype}, {[str(x.dtype) for x in s_arrays]}"
         )
-    if not leaf_solve_covers(c, d):
-        raise ValueError(
-            f"{op}: leaf {c} and width {d} must be multiples of 64, the width up to {BLOCK_N} or a multiple "
-            "of it: use the XLA product"
-        )
+    _check_covers(op, c, d, "use the XLA product")
     block_n = _block_n(d)
     body = functools.partial(_residual_body, block_n=block_n, s_parts=parts)
     body.__name__ = RESIDUAL_KERNEL_NAME
@@ -375,11 +384,7 @@ def gpu_leaf_residual(a_leaves, s_leaves, racc_leaves, *, interpret=False):
     ]
     kwargs = dict(interpret=interpret) if interpret else {}
     if KERNEL_TAKES_COST:
-        blocks = lower_blocks(c)
-        moved = n * (blocks * BLOCK_M * BLOCK_C * 4 + 2 * c * d * 4 + c * d * 4)  # A's blocks, racc in + out, s
-        kwargs["cost_estimate"] = pl.CostEstimate(
-            flops=3 * 2 * n * blocks * BLOCK_M * BLOCK_C * d, transcendentals=0, bytes_accessed=moved
-        )
+        kwargs["cost_estimate"] = _cost(n, c, d, 2 * c * d * 4 + c * d * 4)  # racc in + out, s
     racc_ref = jax.new_ref(racc_leaves)
     plgpu.kernel(
         body,

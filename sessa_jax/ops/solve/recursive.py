@@ -303,28 +303,35 @@ def _unwritten(shape, dtype):
 
 
 class _FirstWrites:
-    """Which pushes write rows of a buffer left unfilled, tracked while a static program is traced
-    (every push's rows Python integers). ``self.take(buf, start, rows)`` -> (buf, overwrite):
-    overwrite True for the first push into those rows (it writes them), False after (it adds);
-    where some of the rows are written and some not (the backward meets such pushes), the
-    unwritten leaves among them are first set to the empty sum, then the push adds. Where not
-    ``enabled``: (buf, False) throughout."""
+    """Which rows of a buffer left unfilled hold a value, tracked while a static program is traced
+    (every push's rows Python integers), leaf by leaf. ``self.take(buf, start, rows)`` -> (buf,
+    overwrite): overwrite True for the first push into those rows (it writes them), False after
+    (it adds); where some of the rows hold a value and some not (the backward meets such pushes),
+    the others are first set to the empty sum (``ready``), then the push adds.
+    ``self.ready(buf, start, rows)``, before a read: buf with the rows no push wrote set to the
+    empty sum. Where not ``enabled`` (the buffer is filled): (buf, False) and buf throughout."""
 
     def __init__(self, leaf: int, enabled: bool):
         self.leaf, self.enabled, self.written = leaf, enabled, set()
 
+    def _leaves(self, start, rows: int):
+        return range(start // self.leaf, (start + rows) // self.leaf)
+
     def take(self, buf, start, rows: int):
-        if not self.enabled:
-            return buf, False
-        leaves = range(start // self.leaf, (start + rows) // self.leaf)
-        fresh = [i for i in leaves if i not in self.written]
-        self.written.update(leaves)
-        if len(fresh) == len(leaves):
+        if self.enabled and not self.written.intersection(self._leaves(start, rows)):
+            self.written.update(self._leaves(start, rows))
             return buf, True
-        for i in fresh:
-            empty = _accumulator((buf.shape[0], self.leaf, buf.shape[2]), buf.dtype)
-            buf = lax.dynamic_update_slice_in_dim(buf, empty, i * self.leaf, axis=1)
-        return buf, False
+        return self.ready(buf, start, rows), False
+
+    def ready(self, buf, start, rows: int):
+        if not self.enabled:
+            return buf
+        for i in self._leaves(start, rows):
+            if i not in self.written:
+                empty = _accumulator((buf.shape[0], self.leaf, buf.shape[2]), buf.dtype)
+                buf = lax.dynamic_update_slice_in_dim(buf, empty, i * self.leaf, axis=1)
+                self.written.add(i)
+        return buf
 
 
 def _barrier(carry, q, k):
@@ -580,10 +587,9 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg, keep_s_parts: bool = Fals
     s_copies = 2 if fused_window and plan.tier == "bf16x3" else 1 if in_place or fused_window else 0
 
     # In a program with no leaf loop every push's rows are known while tracing: the first push into
-    # rows of racc writes them (racc then needs no fill; only leaf 0, which no push reaches, is
-    # zeroed), the later ones add.
-    first_writes = in_place and all(count == 1 for _, count in sched.segments())
-    racc_writes = _FirstWrites(c, first_writes)
+    # rows of racc writes them (racc then needs no fill; rows no push reached, leaf 0's, become the
+    # empty sum before the leaf step reads them), the later ones add.
+    racc_writes = _FirstWrites(c, in_place and not sched.looped)
 
     def tile(carry, r0, rows, k0, keys):
         s_buf, racc, s_b = carry
@@ -630,6 +636,7 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg, keep_s_parts: bool = Fals
     def solve_leaf(carry, i):
         s_buf, racc, s_b = carry
         start = i * c
+        racc = racc_writes.ready(racc, start, c)
         if leaf_in_kernel:  # X_i, f_i, racc_i read in place, s_i and bf16(s_i) (and lo) written in place
             s_lo = s_b[1] if keeps_lo else None
             s_buf, *s_b = gpu_leaf_solve(
@@ -665,12 +672,7 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg, keep_s_parts: bool = Fals
     bf16_out = leaf_in_kernel and f.dtype == jnp.bfloat16
     s0 = None if bf16_out else _unwritten(f.shape, acc) if leaf_in_kernel else f
     copies = tuple(_unwritten(f.shape, jnp.bfloat16) for _ in range(s_copies + keeps_lo))
-    if first_writes:  # leaf 0's rows as an empty sum, the rest written by their first push
-        racc0 = lax.dynamic_update_slice_in_dim(
-            _unwritten(f.shape, acc), _accumulator((f.shape[0], c, f.shape[2]), acc), 0, axis=1
-        )
-    else:
-        racc0 = _accumulator(f.shape, acc)
+    racc0 = _unwritten(f.shape, acc) if racc_writes.enabled else _accumulator(f.shape, acc)
     carry = (s0, racc0, copies)
     for first, count in sched.segments():
         if count == 1:
@@ -823,21 +825,20 @@ def _backward(plan: RecursivePlan, res, ds, df_dtype=None):
     # only earlier rows), so at the end bacc is lam: no zero-filled bacc, no lam gathered.
     g_buf = tuple(_unwritten((b, tp, d), dtype) for dtype in plan.g_dtypes(d, acc))
     delta = jnp.zeros((b, tp), acc)
-    # Where no leaf loop runs (the whole schedule static) the backward's zeros take the other
-    # sign and dk's its own buffer: equal to the forward's racc fill (and to each other) they
-    # were one buffer, copied for each accumulator that adds into it in place. In looped programs
-    # XLA fills each accumulator anew, and -0.0 keeps them apart from the model's zeros
-    # (docs/performance.md).
-    looped = any(count > 1 for _, count in sched.segments())
-    dq0, dk0 = (_accumulator((b, tp, d), acc, negative=looped, distinct=0 if looped else k) for k in (0, 1))
-    # In a static program with the kernels' products the first push into rows of dq (of dk) writes
-    # them: no fill, only the rows no push reaches zeroed, leaf 0's of dq and the last leaf's of dk.
-    first_writes = not looped and plan.accumulates_in_kernel(d)
+    # In a static program with the kernels' products the first push into rows of dq (of dk)
+    # writes them: no fill; the rows no push reaches (leaf 0's of dq, the last leaf's of dk)
+    # become the empty sum before the diagonal products read them.
+    first_writes = not sched.looped and plan.accumulates_in_kernel(d)
     dq_writes, dk_writes = _FirstWrites(c, first_writes), _FirstWrites(c, first_writes)
     if first_writes:
-        edge = _accumulator((b, c, d), acc)
-        dq0 = lax.dynamic_update_slice_in_dim(_unwritten((b, tp, d), acc), edge, 0, axis=1)
-        dk0 = lax.dynamic_update_slice_in_dim(_unwritten((b, tp, d), acc), edge, tp - c, axis=1)
+        dq0, dk0 = _unwritten((b, tp, d), acc), _unwritten((b, tp, d), acc)
+    else:
+        # Where no leaf loop runs the backward's zeros take the other sign and dk's its own buffer:
+        # equal to the forward's racc fill (and to each other) they were one buffer, copied for
+        # each accumulator that adds into it in place. In looped programs XLA fills each
+        # accumulator anew, and -0.0 keeps them apart from the model's zeros (docs/performance.md).
+        looped = sched.looped
+        dq0, dk0 = (_accumulator((b, tp, d), acc, negative=looped, distinct=0 if looped else k) for k in (0, 1))
     # the leaf kernel writes lam into a buffer of its own (its programs read bacc_i while others
     # write lam_i; each row is written before it is read), and for a bf16 f its bf16 copy beside
     # it (the cotangent df: no cast pass); elsewhere lam replaces bacc's rows
@@ -863,6 +864,7 @@ def _backward(plan: RecursivePlan, res, ds, df_dtype=None):
     dgamma = outs[0] if len(outs) == 1 else jnp.concatenate(outs[::-1], axis=1)
 
     if plan.accumulates_in_kernel(d):  # the diagonal leaves' dL, dq and dk in the kernels, cast in place
+        dq, dk = dq_writes.ready(dq, 0, tp), dk_writes.ready(dk, 0, tp)
         dq, dk = _gemm_diagonal_grads(plan, gemm_inputs, g_buf[0], delta, dq, dk)
         return dq, dk, dgamma, lam
     # The diagonal leaves' share of the logits gradient, all leaves at once.

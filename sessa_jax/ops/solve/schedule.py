@@ -135,6 +135,12 @@ class PushSchedule:
         """The blocks j pushed with static offsets: 0 < j < n, j a multiple of ``static_span``."""
         return tuple(range(self.static_span, self.num_leaves, self.static_span))
 
+    @property
+    def looped(self) -> bool:
+        """Whether any leaves run in a loop: False for a fully static program (every segment one
+        leaf), where every push's rows and keys are Python integers."""
+        return any(count > 1 for _, count in self.segments())
+
     def segments(self) -> list[tuple[int, int]]:
         """(first leaf, leaf count) of each loop: runs of ``static_span`` leaves, the last one
         shorter where n is not a multiple. Every block of ``branch`` lies inside one segment."""
