@@ -251,7 +251,8 @@ class RecursivePlan:
 
 # With the Mosaic GPU kernels, up to this many leaves run as one static program (span 1): no leaf
 # loop, none of its per-step launches; beyond it the program's compile time grows past twice the
-# loop's (docs/performance.md, "The whole schedule static with the kernels").
+# loop's (docs/performance.md, "Sliced operands counted as sliced, and a bf16 model's leaf
+# steps in bf16", step 5).
 GEMM_STATIC_LEAVES = 16
 
 
