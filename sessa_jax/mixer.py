@@ -19,6 +19,7 @@ from sessa_jax.ops.decode import attend_cached, feedback_read_cached
 from sessa_jax.ops.rope import resolve_positions
 from sessa_jax.options import ATTENTION_OF_SOLVE
 from sessa_jax.sharding import DEFAULT_AXES, ActivationAxes, constrain, dense_init, logical, sharding_agnostic
+from sessa_jax.split_dense import SplitDense
 
 
 def _wide(dtype):
@@ -101,8 +102,10 @@ class SessaMixer(AttentionMixer):
     def setup(self):
         super().setup()
         cfg = self.config
-        self.proj_fb = nn.Dense(
-            2 * cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, **dense_init("embed", "mlp")
+        # q_b and k_b as two products of proj_fb's column halves: no split and concatenation
+        # of a (B, T, 2D) array around them
+        self.proj_fb = SplitDense(
+            2 * cfg.d_model, 2, dtype=cfg.dtype, param_dtype=cfg.param_dtype, **dense_init("embed", "mlp")
         )
         # gamma is computed in float32 (or wider): it sets the memory decay of the solve.
         self.gamma_ctx = nn.Dense(
@@ -117,9 +120,9 @@ class SessaMixer(AttentionMixer):
     def feedback_inputs(self, a_bar):
         """q_b, k_b (B,T,D) in the compute dtype and gamma (B,T) in float32 or wider."""
         cfg = self.config
-        q_b, k_b = (constrain(z, self.axes.btw) for z in jnp.split(self.proj_fb(a_bar), 2, axis=-1))
         wide = _wide(cfg.dtype)
         gamma = cfg.gamma_max * jnp.tanh(self.gamma_bias.astype(wide) + self.gamma_ctx(a_bar.astype(wide))[..., 0])
+        q_b, k_b = (constrain(z, self.axes.btw) for z in self.proj_fb(a_bar))
         return q_b, k_b, gamma
 
     def __call__(self, a_bar, segment_ids=None, positions=None, cache=None, decode=False):
@@ -130,8 +133,11 @@ class SessaMixer(AttentionMixer):
         if decode:
             return self._decode(a_bar, cache, positions)
         cfg = self.config
-        f, k, v = self.forward_branch(a_bar, segment_ids, positions)
+        # The feedback inputs first, gamma first among them: a_bar's cotangents are then summed with
+        # gamma's broadcast term last, and XLA's GPU compiler adds the five projections' products
+        # in one GEMM's epilogue instead of a pass of its own (docs/performance.md)
         q_b, k_b, gamma = self.feedback_inputs(a_bar)
+        f, k, v = self.forward_branch(a_bar, segment_ids, positions)
         solve = lambda q_b, k_b, gamma, f, seg: feedback_solve(  # noqa: E731
             q_b,
             k_b,
