@@ -103,9 +103,17 @@ class SessaMixer(AttentionMixer):
         super().setup()
         cfg = self.config
         # q_b and k_b as two products of proj_fb's column halves: no split and concatenation
-        # of a (B, T, 2D) array around them
+        # of a (B, T, 2D) array around them. k_b's half of the bias is not added: it shifts every
+        # logit of row t by the same q_b[t] . bias_k, which the softmax over tau removes (k_b
+        # enters nothing else), so the layer computes the same function without a pass over k_b
+        # and without a gradient of rounding noise for that half (docs/design.md, "The layer").
         self.proj_fb = SplitDense(
-            2 * cfg.d_model, 2, dtype=cfg.dtype, param_dtype=cfg.param_dtype, **dense_init("embed", "mlp")
+            2 * cfg.d_model,
+            2,
+            unbiased_parts=(1,),
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            **dense_init("embed", "mlp"),
         )
         # gamma is computed in float32 (or wider): it sets the memory decay of the solve.
         self.gamma_ctx = nn.Dense(

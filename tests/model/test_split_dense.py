@@ -93,3 +93,40 @@ def test_sessa_mixer_neither_splits_nor_concatenates_the_feedback_projection():
 
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params, a_bar).jaxpr
     assert _arrays_of_shape(jaxpr, (2, 8, 48), {"concatenate", "split", "slice"}) == []
+
+
+def test_unbiased_parts_skip_their_bias_slice():
+    dense, split = _pair(8, 2)
+    unbiased = SplitDense(8, 2, unbiased_parts=(1,))
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 5))
+    params = dense.init(jax.random.PRNGKey(1), x)
+    params = {"params": {"kernel": params["params"]["kernel"], "bias": jnp.arange(8.0) + 1.0}}
+    first, second = unbiased.apply(params, x)
+    want_first, want_second = split.apply(params, x)
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(want_first))
+    np.testing.assert_allclose(np.asarray(second), np.asarray(want_second - params["params"]["bias"][4:]), atol=1e-6)
+    with pytest.raises(ValueError, match="unbiased_parts=\\(2,\\) must index the 2 parts"):
+        SplitDense(8, 2, unbiased_parts=(2,)).init(jax.random.PRNGKey(0), x)
+
+
+def test_the_key_half_of_the_feedback_bias_changes_nothing_and_gets_no_gradient():
+    # k_b's bias shifts each row's logits by one constant, which the softmax removes: the mixer
+    # does not add it, so the output is the same bit for bit whatever it holds, and its gradient
+    # is exactly zero (not rounding noise, which Adam would scale up to full-size steps)
+    cfg = SessaConfig(d_model=16, n_heads=2, chunk_size=4)
+    mixer = SessaMixer(cfg)
+    a_bar = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 16))
+    params = mixer.init(jax.random.PRNGKey(1), a_bar)
+    bias = params["params"]["proj_fb"]["bias"]
+    noise = jax.random.normal(jax.random.PRNGKey(2), bias.shape)
+    shifted = jax.tree_util.tree_map(lambda p: p, params)
+    shifted["params"]["proj_fb"]["bias"] = bias + jnp.concatenate([jnp.zeros(16), 3.0 * noise[16:]])
+    np.testing.assert_array_equal(np.asarray(mixer.apply(shifted, a_bar)), np.asarray(mixer.apply(params, a_bar)))
+    # ... while q_b's half does change it
+    moved = jax.tree_util.tree_map(lambda p: p, params)
+    moved["params"]["proj_fb"]["bias"] = bias + jnp.concatenate([3.0 * noise[:16], jnp.zeros(16)])
+    assert not np.allclose(np.asarray(mixer.apply(moved, a_bar)), np.asarray(mixer.apply(params, a_bar)))
+    grads = jax.grad(lambda p: jnp.sum(mixer.apply(p, a_bar) ** 2))(shifted)
+    bias_grad = np.asarray(grads["params"]["proj_fb"]["bias"])
+    np.testing.assert_array_equal(bias_grad[16:], 0.0)
+    assert np.abs(bias_grad[:16]).max() > 0
