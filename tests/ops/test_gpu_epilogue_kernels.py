@@ -180,6 +180,33 @@ def test_block_probs_and_grad_kernel_matches_xla_twin(mask, causal, split):
     assert np.abs(want).max() > 0.01
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_probs_and_grad_adds_delta_partial_sums(causal):
+    """delta as n partial sums (B, n, P), as the backward leaf kernel writes them: P and dL the
+    same bit for bit as with delta (B, P) summed from them in the same order; a delta of another
+    shape is refused, naming it."""
+    p, kk = 256, 256
+    q, k, m, logl, seg_q, seg_k = _panel(p, kk, "none", seed=5)
+    g, s = normal(20, (B, p, D), BF16), normal(21, (B, kk, D))
+    s_hi, s_lo = split_bf16(s)
+    parts = normal(22, (B, 3, p)) * 4.0
+    summed = (parts[:, 0] + parts[:, 1]) + parts[:, 2]
+    interp = interpret_or_skip()
+
+    def run(delta):
+        return bg.gpu_block_probs_and_grad(
+            q, seg_q, m, logl, k, seg_k, g, s_hi, s_lo, delta, scale=D**-0.5, causal=causal, interpret=interp
+        )
+
+    (whole_p,), whole_dl = run(summed)
+    (parts_p,), parts_dl = run(parts)
+    for got, want in ((parts_p, whole_p), (parts_dl, whole_dl)):
+        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+    assert float(jnp.abs(whole_dl.astype(jnp.float32)).max()) > 0
+    with pytest.raises(ValueError, match=r"delta must be \(B, P\) = \(2, 256\) or partial sums"):
+        run(parts[:, :, :128])
+
+
 @pytest.mark.parametrize("mask,p,kk,dv", [("none", 64, 128, 64), ("segments", 128, 256, 512)])
 def test_block_product_kernel_matches_xla_twin(mask, p, kk, dv):
     """The fused push P s (P and s split hi + lo, three products) against its twin

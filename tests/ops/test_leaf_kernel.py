@@ -253,3 +253,44 @@ def test_leaf_solve_errors(change, match):
     s_b = jnp.zeros((1, tp, d), change.get("s_b_dtype", BF16))
     with pytest.raises(ValueError, match=match):
         lg.gpu_leaf_solve(x_inv, f.astype(change.get("f_dtype", jnp.float32)), f, gamma, s_b, f, change.get("start", 0))
+
+
+@needs_in_place
+@pytest.mark.parametrize("d", [128, 256])
+def test_transposed_leaf_solve_writes_the_row_sums_partial_sums(d):
+    """``row_sums``: the leaf rows of the two partial-sum buffers take, per block of Bn columns,
+    rowsum(g_hi * r) (g rounded to bf16 once, as the dual GEMM's g s^T takes it) and rowsum(lambda
+    * r), to fp32 summation order; their other rows are kept, and the step's other results are
+    the same bit for bit as without them."""
+    x_inv, bacc, _, gamma, g_hi = _inputs(d)
+    g_lo = normal(45, g_hi.shape, BF16)
+    r, lam_old = normal(46, bacc.shape), normal(47, bacc.shape)
+    bn = lg.leaf_column_block(d)
+    parts_shape = (B, d // bn, bacc.shape[1])
+    delta_old, dgamma_old = normal(48, parts_shape), normal(49, parts_shape)
+    start = LEAF  # a middle leaf
+    interp = False if jax.default_backend() == "gpu" else interpret_or_skip()
+    args = (x_inv, bacc, gamma, g_hi, g_lo, lam_old, jnp.int32(start))
+    plain = jax.jit(lambda *a: lg.gpu_leaf_solve_transposed(*a, interpret=interp))(*args)
+    out = jax.jit(lambda *a: lg.gpu_leaf_solve_transposed(*a, row_sums=(r, delta_old, dgamma_old), interpret=interp))(
+        *args
+    )
+    assert len(out) == 5
+    f32 = lambda x: np.asarray(x.astype(jnp.float32))  # noqa: E731
+    for got, want in zip(out[:3], plain):
+        np.testing.assert_array_equal(f32(got), f32(want))
+    lam_new, hi, _, delta_parts, dgamma_parts = out
+    rows = slice(start, start + LEAF)
+    lam, g_rounded, r_rows = np.asarray(lam_new[:, rows]), f32(hi[:, rows]), np.asarray(r[:, rows])
+    blocks = lambda x: x.reshape(B, LEAF, d // bn, bn).transpose(0, 2, 1, 3)  # noqa: E731
+    want_delta = np.sum(blocks(g_rounded * r_rows), axis=-1, dtype=np.float64)
+    want_dgamma = np.sum(blocks(lam * r_rows), axis=-1, dtype=np.float64)
+    for got, want, old in ((delta_parts, want_delta, delta_old), (dgamma_parts, want_dgamma, dgamma_old)):
+        got = np.asarray(got)
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(got[:, :, rows], want, rtol=0, atol=bn * 2.0**-22 * scale)
+        np.testing.assert_array_equal(
+            np.delete(got, np.s_[rows], axis=2), np.delete(np.asarray(old), np.s_[rows], axis=2)
+        )
+    with pytest.raises(ValueError, match=rf"delta_parts must be float32 \(2, {d // bn}, 384\)"):
+        lg.gpu_leaf_solve_transposed(*args[:6], 0, row_sums=(r, delta_old[:, :, :64], dgamma_old), interpret=interp)

@@ -271,8 +271,20 @@ def _causal_trips(causal: bool, chunks: int, r0, k0, block_q: int):
     return jnp.where(k0 < r0 + block_q - 1, chunks, 0) if causal else chunks
 
 
-def _bwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, block_k: int, chunks: int, scale: float):
-    """Backward kernel body (one (Bq, Bk) tile of one batch row): the dual GEMM and dL's epilogue."""
+def _bwd_body(
+    *refs,
+    masked: bool,
+    split: bool,
+    causal: bool,
+    block_q: int,
+    block_k: int,
+    chunks: int,
+    scale: float,
+    delta_parts: int,
+):
+    """Backward kernel body (one (Bq, Bk) tile of one batch row): the dual GEMM and dL's epilogue.
+    ``delta_parts``: 0 where delta comes whole (B, P), else how many partial sums (B, n, P) add up
+    to it, summed here in order."""
     starts_ref, q_ref, k_ref, g_ref, s_hi_ref, s_lo_ref, m_ref, l_ref, delta_ref, *refs = refs
     seg_refs, refs = (refs[:2], refs[2:]) if masked else (None, refs)
     nout = 3 if split else 2
@@ -287,7 +299,7 @@ def _bwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, bloc
 
     copy_waited(m_ref.at[b, rows], m_smem, bar.at[0])
     copy_waited(l_ref.at[b, rows], l_smem, bar.at[0])
-    copy_waited(delta_ref.at[b, rows], delta_smem, bar.at[0])
+    copy_waited(delta_ref.at[b, :, rows] if delta_parts else delta_ref.at[b, rows], delta_smem, bar.at[0])
     if masked:
         copy_waited(seg_refs[0].at[b, rows], seg_smem[0], bar.at[0])
         copy_waited(seg_refs[1].at[b, keys], seg_smem[1], bar.at[0])
@@ -311,7 +323,13 @@ def _bwd_body(*refs, masked: bool, split: bool, causal: bool, block_q: int, bloc
 
     logits, g_dot_s = pl.run_scoped(products, plgpu.ACC(shape, F32), plgpu.ACC(shape, F32))
     probs = _probs(logits, m_smem, l_smem, seg_smem, scale=scale, causal=causal, shape=shape, r0=r0, k0=k0)
-    delta = lax.broadcast_in_dim(_row_vector(delta_smem), shape, [0])
+    if delta_parts:
+        row_delta = _row_vector(delta_smem.at[0])
+        for part in range(1, delta_parts):
+            row_delta = row_delta + _row_vector(delta_smem.at[part])
+    else:
+        row_delta = _row_vector(delta_smem)
+    delta = lax.broadcast_in_dim(row_delta, shape, [0])
     dlogits = probs * (g_dot_s - delta)
     _write(
         (*_split(probs, split), dlogits.astype(BF16)), out_smem, out_refs, (b, pl.ds(r0, block_q), pl.ds(k0, block_k))
@@ -465,7 +483,8 @@ def gpu_block_probs_and_grad(
     q, m, logl, seg_q, seg_k, ``causal``, blocks and ``interpret`` as in ``gpu_block_probs``;
     g (B, P, D) bf16: the rows' g as the solve uses it (rounded once); s_hi, s_lo (B, K, D)
     bf16: the keys' s split hi + lo (``precision.split_bf16``); delta (B, P) float32:
-    rowsum(g * r) of the same g. Returns ((hi,) or, ``split``, (hi, lo), dL): bf16 (B, P, K)
+    rowsum(g * r) of the same g, or (B, n, P) float32: n partial sums of it (over column blocks
+    of g and r), added in order in the kernel. Returns ((hi,) or, ``split``, (hi, lo), dL): bf16 (B, P, K)
     tiles of P and of dL = P * (g s_hi^T + g s_lo^T - delta), all in fp32 before the cast; with
     ``causal``, tiles with no key before any of their rows skip the products (their P and dL
     are zeros either way).
@@ -488,10 +507,20 @@ def gpu_block_probs_and_grad(
     b, _, d = q.shape
     masked = seg_q is not None
     nout = 3 if split else 2
+    parts = delta.shape[1] if delta.ndim == 3 else 0
+    want = (b, parts, q.shape[1]) if parts else (b, q.shape[1])
+    if delta.shape != want:
+        raise ValueError(
+            f"gpu_block_probs_and_grad: delta must be (B, P) = {(b, q.shape[1])} or partial sums (B, n, P); "
+            f"got {delta.shape}"
+        )
+    row_scratch = _row_scratch(masked, block_q, block_k, 3)
+    if parts:  # delta's partial sums, one row vector each
+        row_scratch[2] = plgpu.SMEM((parts, block_q), F32)
     scratch = [
         plgpu.SMEM((2, block_q, BLOCK_D), BF16, **SWIZZLE),
         plgpu.SMEM((3, block_k, BLOCK_D), BF16, **SWIZZLE),
-        *_row_scratch(masked, block_q, block_k, 3),
+        *row_scratch,
         plgpu.SMEM((nout, block_q, block_k), BF16, **SWIZZLE),
         plgpu.Barrier(num_barriers=1),
     ]
@@ -504,6 +533,7 @@ def gpu_block_probs_and_grad(
         block_k=block_k,
         chunks=d // BLOCK_D,
         scale=float(scale),
+        delta_parts=parts,
     )
     segs = (seg_q.astype(jnp.int32), seg_k.astype(jnp.int32)) if masked else ()
     inputs = (
@@ -511,7 +541,7 @@ def gpu_block_probs_and_grad(
         *(q, k, g, s_hi, s_lo, m.astype(F32), logl.astype(F32), delta.astype(F32), *segs),
     )
     # the skipped tiles' products are not done: say so to the compiler (and the compile report)
-    cost = causal_grad_cost(b, p, kk, d, nout, masked, block_q, block_k) if causal else None
+    cost = causal_grad_cost(b, p, kk, d, nout, masked, block_q, block_k, max(parts, 1)) if causal else None
     *parts, dlogits = _call(
         body,
         BWD_KERNEL_NAME,
@@ -527,13 +557,21 @@ def gpu_block_probs_and_grad(
 
 
 def causal_grad_cost(
-    b: int, p: int, kk: int, d: int, nout: int, masked: bool, block_q: int = BLOCK_Q, block_k: int = BLOCK_K
+    b: int,
+    p: int,
+    kk: int,
+    d: int,
+    nout: int,
+    masked: bool,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+    delta_parts: int = 1,
 ) -> pl.CostEstimate:
     """What ``gpu_block_probs_and_grad`` with ``causal`` does on a (B, P, K) panel of width D with
     ``nout`` bf16 outputs: three bf16 passes (q k^T, g s_hi^T, g s_lo^T) on the ``causal_tiles``
-    only; it reads q and g (P rows), k, s_hi, s_lo (K keys), m, logl, delta (and the segment ids)
-    once each and writes the outputs."""
-    moved = b * ((2 * p + 3 * kk) * d * 2 + (3 * p + masked * (p + kk)) * 4 + nout * p * kk * 2)
+    only; it reads q and g (P rows), k, s_hi, s_lo (K keys), m, logl, delta (``delta_parts``
+    partial sums of it; and the segment ids) once each and writes the outputs."""
+    moved = b * ((2 * p + 3 * kk) * d * 2 + ((2 + delta_parts) * p + masked * (p + kk)) * 4 + nout * p * kk * 2)
     flops = 3 * 2 * b * causal_tiles(p, kk, block_q, block_k) * block_q * block_k * d
     return pl.CostEstimate(flops=flops, transcendentals=b * p * kk, bytes_accessed=moved)
 

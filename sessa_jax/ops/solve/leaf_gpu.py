@@ -67,18 +67,21 @@ __all__ = [
     "gpu_leaf_residual",
     "gpu_leaf_solve",
     "gpu_leaf_solve_transposed",
+    "leaf_column_block",
     "leaf_solve_covers",
 ]
 
 
-def _block_n(d: int) -> int:
+def leaf_column_block(d: int) -> int:
+    """Bn, the columns of the result one program of the leaf kernels computes at width ``d``: d up
+    to ``BLOCK_N``, else ``BLOCK_N``. The transposed step's row sums come as d / Bn partial sums."""
     return d if d <= BLOCK_N else BLOCK_N
 
 
 def leaf_solve_covers(leaf: int, d: int) -> bool:
     """Whether the kernel takes a leaf of ``leaf`` rows and width ``d``: both multiples of 64, and d
     up to ``BLOCK_N`` or a multiple of it."""
-    return leaf > 0 and leaf % BLOCK_C == 0 and d > 0 and d % 64 == 0 and d % _block_n(d) == 0
+    return leaf > 0 and leaf % BLOCK_C == 0 and d > 0 and d % 64 == 0 and d % leaf_column_block(d) == 0
 
 
 def _bf16x3_chunk(acc, x_stage, rhs, x_parts, rhs_parts, transposed: bool) -> None:
@@ -97,14 +100,21 @@ def _bf16x3_chunk(acc, x_stage, rhs, x_parts, rhs_parts, transposed: bool) -> No
     plgpu.wgmma_wait(0)
 
 
-def _body(starts_ref, *refs, transposed: bool, chunks: int, block_n: int, copies: int, has_result: bool):
+def _body(
+    starts_ref, *refs, transposed: bool, chunks: int, block_n: int, copies: int, has_result: bool, row_sums: bool
+):
     """One (BLOCK_M, block_n) tile of s_i (forward) or of lambda_i (``transposed``); see the module
     docstring. refs: x_rows, then f, racc, gamma and the ``copies`` s_b [, s_lo] (forward) or bacc,
-    gamma, g_hi and g_lo (transposed), the float32 output where ``has_result``, then the scratch."""
+    gamma [, r], g_hi and g_lo [, lam_b] (transposed), the float32 output where ``has_result``,
+    [the row sums' partial-sum buffers,] then the scratch. ``row_sums`` (transposed): the tile's
+    partial sums of delta = rowsum(bf16(g) * r) and dgamma = rowsum(lambda * r) over its columns."""
     if transposed:  # g's two parts, and bf16(lambda) where asked
         x_ref, b_ref, g_ref, *refs = refs
-        copy_refs, (out_ref, *scratch) = refs[:copies], refs[copies:]
+        r_ref, refs = (refs[0], refs[1:]) if row_sums else (None, refs)
+        copy_refs, (out_ref, *refs) = refs[:copies], refs[copies:]
+        sum_refs, scratch = (refs[:2], refs[2:]) if row_sums else ((), refs)
         x_stage, b_stage, g_stage, x_parts, rhs_parts, out_smem, *copy_smem, bar = scratch
+        copy_smem, sum_smem = (copy_smem[:-2], copy_smem[-2:]) if row_sums else (copy_smem, ())
     else:  # s_b, and s_lo where the caller keeps s's low part too
         x_ref, f_ref, r_ref, g_ref, *refs = refs
         sb_refs, refs = refs[:copies], refs[copies:]
@@ -151,16 +161,22 @@ def _body(starts_ref, *refs, transposed: bool, chunks: int, block_n: int, copies
         parts = _split(gamma_rows() * y, True) + ((y.astype(BF16),) if len(copy_refs) == 3 else ())
         for smem, part in zip(copy_smem, parts):
             smem[...] = part
-        copies = tuple(zip(copy_smem, copy_refs))
+        copies = tuple((smem, ref.at[b, own, cols]) for smem, ref in zip(copy_smem, copy_refs))
+        if row_sums:  # over the tile's columns, with g as the dual GEMM takes it (its bf16 hi part)
+            copy_waited(r_ref.at[b, own, cols], b_stage, bar.at[0])
+            r_tile = _load(b_stage, plgpu.Layout.WGMMA)
+            sum_smem[0][...] = (parts[0].astype(F32) * r_tile).sum(axis=1)
+            sum_smem[1][...] = (y * r_tile).sum(axis=1)
+            copies += tuple((smem, ref.at[b, j, own]) for smem, ref in zip(sum_smem, sum_refs))
     else:  # bf16(s_i), and bf16(s_i - bf16(s_i)) where asked
         for smem, part in zip(copy_smem, _split(y, len(sb_refs) == 2)):
             smem[...] = part
-        copies = tuple(zip(copy_smem, sb_refs))
+        copies = tuple((smem, ref.at[b, own, cols]) for smem, ref in zip(copy_smem, sb_refs))
     plgpu.commit_smem()
     if out_ref is not None:
         plgpu.copy_smem_to_gmem(out_smem, out_ref.at[b, own, cols])
-    for smem, ref in copies:
-        plgpu.copy_smem_to_gmem(smem, ref.at[b, own, cols])
+    for smem, dst in copies:
+        plgpu.copy_smem_to_gmem(smem, dst)
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -243,13 +259,14 @@ def _check(op: str, x_rows, wide: dict, gamma, narrow: dict, row_start):
     return leaf, d
 
 
-def _launch(inputs, in_place, result, leaf: int, d: int, row_start, *, transposed: bool, interpret):
+def _launch(inputs, in_place, result, leaf: int, d: int, row_start, *, transposed: bool, interpret, row_sums=()):
     """The kernel on one leaf; ``inputs``: the operands read (the forward's f in float32 or
     bfloat16), ``in_place``: the bf16 buffers written in place, ``result``: the float32 buffer whose
-    leaf rows take the result, in place (the forward: or None, no float32 result). Returns (result,
-    *in_place) updated."""
+    leaf rows take the result, in place (the forward: or None, no float32 result); ``row_sums``
+    (transposed): () or the two (B, D / Bn, Tp) float32 buffers of the row sums' partial sums,
+    written in place (``inputs`` then end with r). Returns (result, *in_place, *row_sums) updated."""
     bsz = inputs[1].shape[0]
-    block_n = _block_n(d)
+    block_n = leaf_column_block(d)
     body = functools.partial(
         _body,
         transposed=transposed,
@@ -257,6 +274,7 @@ def _launch(inputs, in_place, result, leaf: int, d: int, row_start, *, transpose
         block_n=block_n,
         copies=len(in_place),
         has_result=result is not None,
+        row_sums=bool(row_sums),
     )
     body.__name__ = TRANSPOSED_KERNEL_NAME if transposed else KERNEL_NAME  # plgpu.kernel names it after its body
     wide_tile = plgpu.SMEM((BLOCK_C, block_n), F32, **_OUT_SWIZZLE)
@@ -270,14 +288,19 @@ def _launch(inputs, in_place, result, leaf: int, d: int, row_start, *, transpose
         plgpu.SMEM((2, BLOCK_C, block_n), BF16, **SWIZZLE),
         plgpu.SMEM((BLOCK_M, block_n), F32, **_OUT_SWIZZLE),
         *[bf16_tile] * len(in_place),
+        *[plgpu.SMEM((BLOCK_M,), F32) for _ in row_sums],
         plgpu.Barrier(num_barriers=1),
     ]
     kwargs = dict(interpret=interpret) if interpret else {}
     if KERNEL_TAKES_COST:
         # the right-hand side's buffers (bacc; or f and racc) and the result, by element size
         row_bytes = 4 + 4 if transposed else inputs[1].dtype.itemsize + 4 + (4 if result is not None else 0)
-        kwargs["cost_estimate"] = _cost(bsz, leaf, d, row_bytes * leaf * d + len(in_place) * leaf * d * 2 + leaf * 4)
-    refs = [jax.new_ref(x) for x in (*in_place, *([] if result is None else [result]))]
+        row_bytes += 4 if row_sums else 0  # r
+        sums = len(row_sums) * (d // block_n) * leaf * 4
+        kwargs["cost_estimate"] = _cost(
+            bsz, leaf, d, row_bytes * leaf * d + len(in_place) * leaf * d * 2 + leaf * 4 + sums
+        )
+    refs = [jax.new_ref(x) for x in (*in_place, *([] if result is None else [result]), *row_sums)]
     plgpu.kernel(
         body,
         out_type=(),
@@ -287,7 +310,8 @@ def _launch(inputs, in_place, result, leaf: int, d: int, row_start, *, transpose
         **kwargs,
     )(window_starts(row_start), *inputs, *refs)
     out = [jax.freeze(r) for r in refs]
-    return (None, *out) if result is None else (out[-1], *out[:-1])
+    out, sums = out[: len(out) - len(row_sums)], out[len(out) - len(row_sums) :]
+    return ((None, *out) if result is None else (out[-1], *out[:-1])) + tuple(sums)
 
 
 def gpu_leaf_solve(x_rows, f, racc, gamma, s_b, s, row_start, *, s_lo=None, interpret=False):
@@ -320,9 +344,11 @@ def gpu_leaf_solve(x_rows, f, racc, gamma, s_b, s, row_start, *, s_lo=None, inte
     return _launch((x_rows, f, racc, gamma), copies, s, leaf, d, row_start, transposed=False, interpret=interpret)
 
 
-def gpu_leaf_solve_transposed(x_rows, bacc, gamma, g_hi, g_lo, lam, row_start, *, lam_b=None, interpret=False):
-    """(lam, g_hi, g_lo), or (lam, g_hi, g_lo, lam_b) with ``lam_b``: the backward leaf step of
-    leaf i = row_start / Cs.
+def gpu_leaf_solve_transposed(
+    x_rows, bacc, gamma, g_hi, g_lo, lam, row_start, *, lam_b=None, row_sums=None, interpret=False
+):
+    """(lam, g_hi, g_lo[, lam_b][, delta_parts, dgamma_parts]): the backward leaf step of leaf i =
+    row_start / Cs.
 
     x_rows, gamma, ``row_start`` and ``interpret`` as in ``gpu_leaf_solve``; bacc (B, Tp, D)
     float32: the backward's right-hand sides (ds plus the transposed pushes); g_hi, g_lo (B, Tp,
@@ -331,13 +357,30 @@ def gpu_leaf_solve_transposed(x_rows, bacc, gamma, g_hi, g_lo, lam, row_start, *
     bf16x3, and g_hi, g_lo with those rows set to the parts of gamma_i lambda_i
     (``precision.split_bf16``'s hi and lo), all in place where the caller's buffers are not used
     afterwards. ``lam_b`` (B, Tp, D) bfloat16, optional: also set to bf16(lambda_i) there (a bf16
-    f's cotangent, written here instead of cast from lam in a pass of its own).
+    f's cotangent, written here instead of cast from lam in a pass of its own). ``row_sums`` (r,
+    delta_parts, dgamma_parts), optional: r (B, Tp, D) float32, the forward's r = A s, and two (B,
+    D / Bn, Tp) float32 buffers (Bn = ``BLOCK_N``, or D where smaller) whose leaf rows are set to
+    the partial sums over each block of Bn columns of delta = rowsum(g_hi * r) (g as the
+    backward's g s^T takes it, rounded to bf16 once) and dgamma = rowsum(lambda * r), in place:
+    summed over their second axis they are delta and dgamma of those rows.
     """
-    check_in_place("gpu_leaf_solve_transposed", "run the leaf step in XLA")
+    op = "gpu_leaf_solve_transposed"
+    check_in_place(op, "run the leaf step in XLA")
     narrow = {"g_hi": g_hi, "g_lo": g_lo} if lam_b is None else {"g_hi": g_hi, "g_lo": g_lo, "lam_b": lam_b}
-    leaf, d = _check("gpu_leaf_solve_transposed", x_rows, {"bacc": bacc, "lam": lam}, gamma, narrow, row_start)
+    wide = {"bacc": bacc, "lam": lam}
+    if row_sums is not None:
+        wide["r"] = row_sums[0]
+    leaf, d = _check(op, x_rows, wide, gamma, narrow, row_start)
     copies = tuple(narrow.values())
-    return _launch((x_rows, bacc, gamma), copies, lam, leaf, d, row_start, transposed=True, interpret=interpret)
+    inputs, sums = (x_rows, bacc, gamma), ()
+    if row_sums is not None:
+        r, *sums = row_sums
+        want = (bacc.shape[0], d // leaf_column_block(d), bacc.shape[1])
+        for name, x in zip(("delta_parts", "dgamma_parts"), sums):
+            if x.shape != want or x.dtype != F32:
+                raise ValueError(f"{op}: {name} must be float32 {want}; got {x.dtype} {x.shape}")
+        inputs += (r,)
+    return _launch(inputs, copies, lam, leaf, d, row_start, transposed=True, interpret=interpret, row_sums=tuple(sums))
 
 
 def gpu_leaf_residual(a_leaves, s_leaves, racc_leaves, *, interpret=False):
@@ -370,7 +413,7 @@ def gpu_leaf_residual(a_leaves, s_leaves, racc_leaves, *, interpret=False):
             f"{a_leaves.dtype}, {racc_leaves.dtype}, {[str(x.dtype) for x in s_arrays]}"
         )
     _check_covers(op, c, d, "use the XLA product")
-    block_n = _block_n(d)
+    block_n = leaf_column_block(d)
     body = functools.partial(_residual_body, block_n=block_n, s_parts=parts)
     body.__name__ = RESIDUAL_KERNEL_NAME
     wide_tile = plgpu.SMEM((BLOCK_C, block_n), F32, **_OUT_SWIZZLE)

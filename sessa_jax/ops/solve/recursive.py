@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from typing import NamedTuple
 
 import jax
@@ -52,7 +53,13 @@ from sessa_jax.ops.solve.block_product_gpu import (
     product_fused,
 )
 from sessa_jax.ops.solve.block_product_tpu import tpu_block_product, tpu_block_product_bwd
-from sessa_jax.ops.solve.leaf_gpu import gpu_leaf_residual, gpu_leaf_solve, gpu_leaf_solve_transposed, leaf_solve_covers
+from sessa_jax.ops.solve.leaf_gpu import (
+    gpu_leaf_residual,
+    gpu_leaf_solve,
+    gpu_leaf_solve_transposed,
+    leaf_column_block,
+    leaf_solve_covers,
+)
 from sessa_jax.ops.solve.precision import (
     bf16_round_bits,
     chained_dot,
@@ -771,8 +778,10 @@ def _backward(plan: RecursivePlan, res, ds, df_dtype=None):
         if plan.accumulates_in_kernel(d):
             (dq, dq_over), (dk, dk_over) = dq_writes.take(dq, r0, rows), dk_writes.take(dk, k0, keys)
             writes = (dq_over, dk_over)
+            # with the leaf kernel's row sums, the dual GEMM adds delta's partial sums itself
+            rows_delta = delta[0] if sums_in_kernel else delta
             bacc, dq, dk = _gemm_block_accumulate(
-                plan, gemm_inputs, r0, rows, k0, keys, g_buf, delta, bacc, dq, dk, writes
+                plan, gemm_inputs, r0, rows, k0, keys, g_buf, rows_delta, bacc, dq, dk, writes
             )
             return bacc, g_buf, delta, dq, dk, lam
         b_keys, dq_p, dk_keys = block_grads(r0, rows, k0, keys, g_buf[0], delta)
@@ -784,6 +793,9 @@ def _backward(plan: RecursivePlan, res, ds, df_dtype=None):
         return add(bacc, b_keys, k0), g_buf, delta, add(dq, dq_p, r0), add(dk, dk_keys, k0), lam
 
     leaf_in_kernel = plan.accumulates_in_kernel(d) and plan.leaf_solves_in_kernel(d)  # g in two bf16 parts
+    # ... which also forms delta's and dgamma's rows, as partial sums over its column blocks, where g
+    # s^T takes g rounded once (the dual GEMM, which reads delta's partial sums, then adds them)
+    sums_in_kernel = leaf_in_kernel and plan.plain_tier == "bfloat16"
     x_rows = x_inv.reshape(b, n * c, c)  # X_i one under another, for the leaf kernel
 
     def solve_leaf(carry, i):
@@ -793,9 +805,13 @@ def _backward(plan: RecursivePlan, res, ds, df_dtype=None):
         start = i * c
         if leaf_in_kernel:  # X_i and bacc_i read in place; lam_i, g's two bf16 parts (and bf16(lam_i)) written in place
             lam_b = lam[1] if len(lam) == 2 else None
+            row_sums = (r, *delta) if sums_in_kernel else None
             lam_f, *out = gpu_leaf_solve_transposed(
-                x_rows, bacc, gamma, *g_buf, lam[0], start, lam_b=lam_b, interpret=plan.gpu_interpret
+                x_rows, bacc, gamma, *g_buf, lam[0], start, lam_b=lam_b, row_sums=row_sums, interpret=plan.gpu_interpret
             )
+            if sums_in_kernel:  # (delta's, dgamma's) partial sums, set on the leaf's rows
+                out, delta = out[:-2], tuple(out[-2:])
+                return (bacc, tuple(out[:2]), delta, dq, dk, (lam_f, *out[2:])), None
             g_buf, lam, lam_i = tuple(out[:2]), (lam_f, *out[2:]), take_chunk(lam_f, start, c)
             g_i = take_chunk(gamma, start, c)[..., None] * lam_i
             r_i = take_chunk(r, start, c)
@@ -825,7 +841,11 @@ def _backward(plan: RecursivePlan, res, ds, df_dtype=None):
     # bacc starts as ds, and lam_i replaces leaf i's rows once solved (pushes from leaf i reach
     # only earlier rows), so at the end bacc is lam: no zero-filled bacc, no lam gathered.
     g_buf = tuple(_unwritten((b, tp, d), dtype) for dtype in plan.g_dtypes(d, acc))
-    delta = jnp.zeros((b, tp), acc)
+    if sums_in_kernel:  # the partial sums' buffers, (B, D / Bn, Tp) each, written leaf by leaf
+        parts = (b, d // leaf_column_block(d), tp)
+        delta = (_unwritten(parts, acc), _unwritten(parts, acc))
+    else:
+        delta = jnp.zeros((b, tp), acc)
     # In a static program with the kernels' products the first push into rows of dq (of dk)
     # writes them: no fill; the rows no push reaches (leaf 0's of dq, the last leaf's of dk)
     # become the empty sum before the diagonal products read them.
@@ -849,7 +869,7 @@ def _backward(plan: RecursivePlan, res, ds, df_dtype=None):
     for first, count in reversed(sched.segments()):
         if count == 1:
             carry, out_i = solve_leaf(carry, first)  # its block, first, is static (or absent)
-            outs.append(out_i)
+            outs.append(out_i)  # None where the leaf kernel forms dgamma's partial sums
         else:
             carry, out_seg = lax.scan(
                 step,
@@ -857,12 +877,15 @@ def _backward(plan: RecursivePlan, res, ds, df_dtype=None):
                 (jnp.arange(first, first + count), jnp.asarray(sched.branch[first : first + count])),
                 reverse=True,
             )
-            outs.append(merge_chunks(out_seg))
+            outs.append(None if out_seg is None else merge_chunks(out_seg))
         if first > 0:
             carry = sched.visit_static(first, carry, c, tile, barrier)
     bacc, g_buf, delta, dq, dk, lam = carry
     lam = bacc if lam is None else lam[-1]
-    dgamma = outs[0] if len(outs) == 1 else jnp.concatenate(outs[::-1], axis=1)
+    if sums_in_kernel:  # the partial sums added in the order the dual GEMM adds delta's
+        delta, dgamma = (functools.reduce(operator.add, list(jnp.moveaxis(x, 1, 0))) for x in delta)
+    else:
+        dgamma = outs[0] if len(outs) == 1 else jnp.concatenate(outs[::-1], axis=1)
 
     if plan.accumulates_in_kernel(d):  # the diagonal leaves' dL, dq and dk in the kernels, cast in place
         dq, dk = dq_writes.ready(dq, 0, tp), dk_writes.ready(dk, 0, tp)
