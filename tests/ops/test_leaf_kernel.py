@@ -294,3 +294,26 @@ def test_transposed_leaf_solve_writes_the_row_sums_partial_sums(d):
         )
     with pytest.raises(ValueError, match=rf"delta_parts must be float32 \(2, {d // bn}, 384\)"):
         lg.gpu_leaf_solve_transposed(*args[:6], 0, row_sums=(r, delta_old[:, :, :64], dgamma_old), interpret=interp)
+
+
+@needs_in_place
+def test_transposed_leaf_solve_without_a_float32_lambda():
+    """lam None: no float32 lambda is written (None returned), and g's parts, bf16(lambda) and the
+    row sums' partial sums are the same bit for bit as with it."""
+    d = 128
+    x_inv, bacc, _, gamma, g_hi = _inputs(d)
+    g_lo, lam_b, r = normal(45, g_hi.shape, BF16), normal(46, g_hi.shape, BF16), normal(47, bacc.shape)
+    parts = (normal(48, (B, 1, bacc.shape[1])), normal(49, (B, 1, bacc.shape[1])))
+    interp = False if jax.default_backend() == "gpu" else interpret_or_skip()
+
+    def run(lam):
+        return jax.jit(
+            lambda *a: lg.gpu_leaf_solve_transposed(
+                *a, lam, jnp.int32(LEAF), lam_b=lam_b, row_sums=(r, *parts), interpret=interp
+            )
+        )(x_inv, bacc, gamma, g_hi, g_lo)
+
+    with_lam, without = run(normal(50, bacc.shape)), run(None)
+    assert without[0] is None and len(without) == len(with_lam) == 6
+    for got, want in zip(without[1:], with_lam[1:]):
+        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))

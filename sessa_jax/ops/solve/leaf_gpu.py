@@ -111,7 +111,8 @@ def _body(
     if transposed:  # g's two parts, and bf16(lambda) where asked
         x_ref, b_ref, g_ref, *refs = refs
         r_ref, refs = (refs[0], refs[1:]) if row_sums else (None, refs)
-        copy_refs, (out_ref, *refs) = refs[:copies], refs[copies:]
+        copy_refs, refs = refs[:copies], refs[copies:]
+        out_ref, refs = (refs[0], refs[1:]) if has_result else (None, refs)
         sum_refs, scratch = (refs[:2], refs[2:]) if row_sums else ((), refs)
         x_stage, b_stage, g_stage, x_parts, rhs_parts, out_smem, *copy_smem, bar = scratch
         copy_smem, sum_smem = (copy_smem[:-2], copy_smem[-2:]) if row_sums else (copy_smem, ())
@@ -154,7 +155,7 @@ def _body(
         return acc[...]
 
     y = pl.run_scoped(product, plgpu.ACC((BLOCK_M, block_n), F32))
-    if transposed or has_result:
+    if has_result:
         out_smem[...] = y
     if transposed:  # g = gamma * lambda of the program's rows, split into g's two bf16 buffers
         copy_waited(g_ref.at[b, own], g_stage, bar.at[0])
@@ -294,7 +295,7 @@ def _launch(inputs, in_place, result, leaf: int, d: int, row_start, *, transpose
     kwargs = dict(interpret=interpret) if interpret else {}
     if KERNEL_TAKES_COST:
         # the right-hand side's buffers (bacc; or f and racc) and the result, by element size
-        row_bytes = 4 + 4 if transposed else inputs[1].dtype.itemsize + 4 + (4 if result is not None else 0)
+        row_bytes = (4 if transposed else inputs[1].dtype.itemsize + 4) + (4 if result is not None else 0)
         row_bytes += 4 if row_sums else 0  # r
         sums = len(row_sums) * (d // block_n) * leaf * 4
         kwargs["cost_estimate"] = _cost(
@@ -353,8 +354,9 @@ def gpu_leaf_solve_transposed(
     x_rows, gamma, ``row_start`` and ``interpret`` as in ``gpu_leaf_solve``; bacc (B, Tp, D)
     float32: the backward's right-hand sides (ds plus the transposed pushes); g_hi, g_lo (B, Tp,
     D) bfloat16: the backward's g = gamma * lambda as bf16 hi + lo parts; lam (B, Tp, D) float32:
-    the solution's buffer. Returns lam with the leaf's rows set to lambda_i = X_i^T bacc_i at
-    bf16x3, and g_hi, g_lo with those rows set to the parts of gamma_i lambda_i
+    the solution's buffer, or None: lambda_i is written only as g's parts (and as ``lam_b`` and
+    the row sums, where asked; lam returned as None). Returns lam with the leaf's rows set to
+    lambda_i = X_i^T bacc_i at bf16x3, and g_hi, g_lo with those rows set to the parts of gamma_i lambda_i
     (``precision.split_bf16``'s hi and lo), all in place where the caller's buffers are not used
     afterwards. ``lam_b`` (B, Tp, D) bfloat16, optional: also set to bf16(lambda_i) there (a bf16
     f's cotangent, written here instead of cast from lam in a pass of its own). ``row_sums`` (r,
@@ -367,7 +369,7 @@ def gpu_leaf_solve_transposed(
     op = "gpu_leaf_solve_transposed"
     check_in_place(op, "run the leaf step in XLA")
     narrow = {"g_hi": g_hi, "g_lo": g_lo} if lam_b is None else {"g_hi": g_hi, "g_lo": g_lo, "lam_b": lam_b}
-    wide = {"bacc": bacc, "lam": lam}
+    wide = {"bacc": bacc} if lam is None else {"bacc": bacc, "lam": lam}
     if row_sums is not None:
         wide["r"] = row_sums[0]
     leaf, d = _check(op, x_rows, wide, gamma, narrow, row_start)

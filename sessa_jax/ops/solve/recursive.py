@@ -865,6 +865,8 @@ def _backward(plan: RecursivePlan, res, ds, df_dtype=None):
     # it (the cotangent df: no cast pass); elsewhere lam replaces bacc's rows
     bf16_df = leaf_in_kernel and df_dtype == jnp.bfloat16
     lam = tuple(_unwritten((b, tp, d), x) for x in (acc, jnp.bfloat16)[: 1 + bf16_df]) if leaf_in_kernel else None
+    if bf16_df and sums_in_kernel:  # then nothing reads a float32 lambda: the kernel writes none
+        lam = (None, lam[1])
     carry, outs = (ds, g_buf, delta, dq0, dk0, lam), []
     for first, count in reversed(sched.segments()):
         if count == 1:
