@@ -95,7 +95,7 @@ run_kernels() {
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
   run 150 kernels_pytest.txt "$py" -m pytest -q -p no:cacheprovider tests/ops/test_gpu_epilogue_kernels.py \
     tests/ops/test_accumulate_kernel.py tests/ops/test_leaf_kernel.py \
-    -k "feedback_solve or leaf_loops or in_place or parts or add_product or leaf_solve_matches or residual or never_read or unwritten or lower_triangular or diagonal_panel or overwrite or s_parts"
+    -k "feedback_solve or leaf_loops or in_place or parts or add_product or leaf_solve_matches or residual or never_read or unwritten or lower_triangular or diagonal_panel or overwrite or s_parts or partial_sums or float32_lambda"
   KERNELS="xla gpu_gemm" KERNEL_SEGMENTS=1 PATHS_LIMIT=240 run_paths
   run 190 kernels_layer.txt "$py" "${layer[@]}" --T 8192 --solvers recursive --kernels gpu_gemm --no-transformer \
     --iters 5 --warmup 2 --json "$out/kernels_layer.json"
