@@ -28,7 +28,7 @@ LAYERS = (
         "sessa_jax.train.workdir",
         "sessa_jax.train.resume_guard",
     ),
-    ("sessa_jax.layer_norm", "sessa_jax.mixer", "sessa_jax.mamba_mixer", "sessa_jax.cache"),
+    ("sessa_jax.layer_norm", "sessa_jax.split_dense", "sessa_jax.mixer", "sessa_jax.mamba_mixer", "sessa_jax.cache"),
     ("sessa_jax.layer",),
     ("sessa_jax.model",),
     ("sessa_jax.decoding", "sessa_jax.convert", "sessa_jax.golden"),
