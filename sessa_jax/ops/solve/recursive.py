@@ -779,7 +779,7 @@ def _backward(plan: RecursivePlan, res, ds, df_dtype=None):
             (dq, dq_over), (dk, dk_over) = dq_writes.take(dq, r0, rows), dk_writes.take(dk, k0, keys)
             writes = (dq_over, dk_over)
             # with the leaf kernel's row sums, the dual GEMM adds delta's partial sums itself
-            rows_delta = delta[0] if sums_in_kernel else delta
+            rows_delta = delta[0] if leaf_in_kernel else delta
             bacc, dq, dk = _gemm_block_accumulate(
                 plan, gemm_inputs, r0, rows, k0, keys, g_buf, rows_delta, bacc, dq, dk, writes
             )
@@ -792,10 +792,10 @@ def _backward(plan: RecursivePlan, res, ds, df_dtype=None):
 
         return add(bacc, b_keys, k0), g_buf, delta, add(dq, dq_p, r0), add(dk, dk_keys, k0), lam
 
-    leaf_in_kernel = plan.accumulates_in_kernel(d) and plan.leaf_solves_in_kernel(d)  # g in two bf16 parts
-    # ... which also forms delta's and dgamma's rows, as partial sums over its column blocks, where g
-    # s^T takes g rounded once (the dual GEMM, which reads delta's partial sums, then adds them)
-    sums_in_kernel = leaf_in_kernel and plan.plain_tier == "bfloat16"
+    # The leaf kernel (g in two bf16 parts) also forms delta's and dgamma's rows, as partial sums
+    # over its column blocks: its tier, "bfloat16", is g s^T's too (g rounded once), and the dual
+    # GEMM reads delta's partial sums and adds them.
+    leaf_in_kernel = plan.accumulates_in_kernel(d) and plan.leaf_solves_in_kernel(d)
     x_rows = x_inv.reshape(b, n * c, c)  # X_i one under another, for the leaf kernel
 
     def solve_leaf(carry, i):
@@ -803,20 +803,22 @@ def _backward(plan: RecursivePlan, res, ds, df_dtype=None):
         these rows takes it) and of dgamma = rowsum(lam * r): r_i is read once, here."""
         bacc, g_buf, delta, dq, dk, lam = carry
         start = i * c
-        if leaf_in_kernel:  # X_i and bacc_i read in place; lam_i, g's two bf16 parts (and bf16(lam_i)) written in place
+        if leaf_in_kernel:  # X_i, bacc_i and r_i read in place; the leaf's rows of lambda (or of its
+            # bf16 copy alone), g's two bf16 parts and delta's and dgamma's partial sums written in place
             lam_b = lam[1] if len(lam) == 2 else None
-            row_sums = (r, *delta) if sums_in_kernel else None
             lam_f, *out = gpu_leaf_solve_transposed(
-                x_rows, bacc, gamma, *g_buf, lam[0], start, lam_b=lam_b, row_sums=row_sums, interpret=plan.gpu_interpret
+                x_rows,
+                bacc,
+                gamma,
+                *g_buf,
+                lam[0],
+                start,
+                lam_b=lam_b,
+                row_sums=(r, *delta),
+                interpret=plan.gpu_interpret,
             )
-            if sums_in_kernel:  # (delta's, dgamma's) partial sums, set on the leaf's rows
-                out, delta = out[:-2], tuple(out[-2:])
-                return (bacc, tuple(out[:2]), delta, dq, dk, (lam_f, *out[2:])), None
-            g_buf, lam, lam_i = tuple(out[:2]), (lam_f, *out[2:]), take_chunk(lam_f, start, c)
-            g_i = take_chunk(gamma, start, c)[..., None] * lam_i
-            r_i = take_chunk(r, start, c)
-            delta = lax.dynamic_update_slice_in_dim(delta, row_delta(g_i, r_i, plan.plain_tier), start, axis=1)
-            return (bacc, g_buf, delta, dq, dk, lam), jnp.sum(lam_i * r_i, axis=-1)
+            *out, delta_parts, dgamma_parts = out
+            return (bacc, tuple(out[:2]), (delta_parts, dgamma_parts), dq, dk, (lam_f, *out[2:])), None
         x_i = lax.dynamic_index_in_dim(x_inv, i, axis=1, keepdims=False)
         lam_i = plan.chained("bji,bjd->bid", x_i, take_chunk(bacc, start, c))
         g_i = take_chunk(gamma, start, c)[..., None] * lam_i
@@ -841,7 +843,7 @@ def _backward(plan: RecursivePlan, res, ds, df_dtype=None):
     # bacc starts as ds, and lam_i replaces leaf i's rows once solved (pushes from leaf i reach
     # only earlier rows), so at the end bacc is lam: no zero-filled bacc, no lam gathered.
     g_buf = tuple(_unwritten((b, tp, d), dtype) for dtype in plan.g_dtypes(d, acc))
-    if sums_in_kernel:  # the partial sums' buffers, (B, D / Bn, Tp) each, written leaf by leaf
+    if leaf_in_kernel:  # the partial sums' buffers, (B, D / Bn, Tp) each, written leaf by leaf
         parts = (b, d // leaf_column_block(d), tp)
         delta = (_unwritten(parts, acc), _unwritten(parts, acc))
     else:
@@ -861,12 +863,15 @@ def _backward(plan: RecursivePlan, res, ds, df_dtype=None):
         looped = sched.looped
         dq0, dk0 = (_accumulator((b, tp, d), acc, negative=looped, distinct=0 if looped else k) for k in (0, 1))
     # the leaf kernel writes lam into a buffer of its own (its programs read bacc_i while others
-    # write lam_i; each row is written before it is read), and for a bf16 f its bf16 copy beside
-    # it (the cotangent df: no cast pass); elsewhere lam replaces bacc's rows
-    bf16_df = leaf_in_kernel and df_dtype == jnp.bfloat16
-    lam = tuple(_unwritten((b, tp, d), x) for x in (acc, jnp.bfloat16)[: 1 + bf16_df]) if leaf_in_kernel else None
-    if bf16_df and sums_in_kernel:  # then nothing reads a float32 lambda: the kernel writes none
-        lam = (None, lam[1])
+    # write lam_i; each row is written before it is read), or for a bf16 f only its bf16 copy (the
+    # cotangent df: no cast pass; nothing else reads a float32 lambda, as the kernel forms the row
+    # sums); elsewhere lam replaces bacc's rows
+    if not leaf_in_kernel:
+        lam = None
+    elif df_dtype == jnp.bfloat16:
+        lam = (None, _unwritten((b, tp, d), jnp.bfloat16))
+    else:
+        lam = (_unwritten((b, tp, d), acc),)
     carry, outs = (ds, g_buf, delta, dq0, dk0, lam), []
     for first, count in reversed(sched.segments()):
         if count == 1:
@@ -884,7 +889,7 @@ def _backward(plan: RecursivePlan, res, ds, df_dtype=None):
             carry = sched.visit_static(first, carry, c, tile, barrier)
     bacc, g_buf, delta, dq, dk, lam = carry
     lam = bacc if lam is None else lam[-1]
-    if sums_in_kernel:  # the partial sums added in the order the dual GEMM adds delta's
+    if leaf_in_kernel:  # the partial sums added in the order the dual GEMM adds delta's
         delta, dgamma = (functools.reduce(operator.add, list(jnp.moveaxis(x, 1, 0))) for x in delta)
     else:
         dgamma = outs[0] if len(outs) == 1 else jnp.concatenate(outs[::-1], axis=1)
