@@ -294,7 +294,7 @@ def _launch(inputs, in_place, result, leaf: int, d: int, row_start, *, transpose
     ]
     kwargs = dict(interpret=interpret) if interpret else {}
     if KERNEL_TAKES_COST:
-        # the right-hand side's buffers (bacc; or f and racc) and the result, by element size
+        # the right-hand side's buffers (bacc; or f and racc), the result and r, by element size
         row_bytes = (4 if transposed else inputs[1].dtype.itemsize + 4) + (4 if result is not None else 0)
         row_bytes += 4 if row_sums else 0  # r
         sums = len(row_sums) * (d // block_n) * leaf * 4
@@ -356,15 +356,16 @@ def gpu_leaf_solve_transposed(
     D) bfloat16: the backward's g = gamma * lambda as bf16 hi + lo parts; lam (B, Tp, D) float32:
     the solution's buffer, or None: lambda_i is written only as g's parts (and as ``lam_b`` and
     the row sums, where asked; lam returned as None). Returns lam with the leaf's rows set to
-    lambda_i = X_i^T bacc_i at bf16x3, and g_hi, g_lo with those rows set to the parts of gamma_i lambda_i
-    (``precision.split_bf16``'s hi and lo), all in place where the caller's buffers are not used
-    afterwards. ``lam_b`` (B, Tp, D) bfloat16, optional: also set to bf16(lambda_i) there (a bf16
-    f's cotangent, written here instead of cast from lam in a pass of its own). ``row_sums`` (r,
-    delta_parts, dgamma_parts), optional: r (B, Tp, D) float32, the forward's r = A s, and two (B,
-    D / Bn, Tp) float32 buffers (Bn = ``BLOCK_N``, or D where smaller) whose leaf rows are set to
-    the partial sums over each block of Bn columns of delta = rowsum(g_hi * r) (g as the
-    backward's g s^T takes it, rounded to bf16 once) and dgamma = rowsum(lambda * r), in place:
-    summed over their second axis they are delta and dgamma of those rows.
+    lambda_i = X_i^T bacc_i at bf16x3, and g_hi, g_lo with those rows set to the parts of
+    gamma_i lambda_i (``precision.split_bf16``'s hi and lo), all in place where the caller's
+    buffers are not used afterwards. ``lam_b`` (B, Tp, D) bfloat16, optional: also set to
+    bf16(lambda_i) there (a bf16 f's cotangent, written here instead of cast from lam in a pass of
+    its own). ``row_sums`` (r, delta_parts, dgamma_parts), optional: r (B, Tp, D) float32, the
+    forward's r = A s, and two (B, D / Bn, Tp) float32 buffers (Bn = ``leaf_column_block(D)``)
+    whose leaf rows are set to the partial sums over each block of Bn columns of delta =
+    rowsum(g_hi * r) (g as the backward's g s^T takes it, rounded to bf16 once) and dgamma =
+    rowsum(lambda * r), in place: summed over their second axis they are delta and dgamma of
+    those rows.
     """
     op = "gpu_leaf_solve_transposed"
     check_in_place(op, "run the leaf step in XLA")
