@@ -28,12 +28,13 @@ def _packed_inputs():
 def test_packed_equals_separate(solver):
     layer = _layer(solver)
     x, seg = _packed_inputs()
-    variables = layer.init(jax.random.PRNGKey(1), x)
-    y = jax.jit(layer.apply)(variables, x, seg)
+    variables = jax.jit(layer.init)(jax.random.PRNGKey(1), x)
+    apply = jax.jit(layer.apply)  # the documents alone too: op by op they took most of the test's time
+    y = apply(variables, x, seg)
     assert bool(jnp.all(jnp.isfinite(y)))
     start = 0
     for n in DOCS:
-        alone = layer.apply(variables, x[:, start : start + n])
+        alone = apply(variables, x[:, start : start + n])
         np.testing.assert_allclose(np.asarray(y[:, start : start + n]), np.asarray(alone), rtol=1e-5, atol=1e-5)
         start += n
 
@@ -42,12 +43,12 @@ def test_packed_equals_separate(solver):
 def test_no_gradient_crosses_documents(solver):
     layer = _layer(solver)
     x, seg = _packed_inputs()
-    variables = layer.init(jax.random.PRNGKey(1), x)
+    variables = jax.jit(layer.init)(jax.random.PRNGKey(1), x)
     a, b = DOCS
     r = jax.random.normal(jax.random.PRNGKey(2), x.shape)
 
-    def grad_of(sl):
-        return jax.grad(lambda x: jnp.sum(layer.apply(variables, x, seg)[:, sl] * r[:, sl]))(x)
+    def grad_of(sl):  # compiled: op by op the two gradients took most of the test's time
+        return jax.jit(jax.grad(lambda x: jnp.sum(layer.apply(variables, x, seg)[:, sl] * r[:, sl])))(x)
 
     g_doc2 = grad_of(slice(a, a + b))
     g_pad = grad_of(slice(a + b, None))

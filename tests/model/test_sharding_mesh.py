@@ -5,16 +5,23 @@ one device on every mesh, the large weights really are split, and a checkpoint s
 import numpy as np
 import pytest
 
+from tests.support.shared import built_once
 from tests.support.workers import finish, start
 
 MESHES = ("data=8", "data=4,tensor=2", "fsdp=8", "data=2,fsdp=2,tensor=2")
 D, V, HK = 32, 32, 32  # tiny: d_model, vocab, n_heads * head_dim
 
 
+def _run_worker(folder) -> dict:
+    out = folder / "out.json"  # the worker's checkpoints go beside it
+    return finish(start(["meshes", out], devices=8), out)
+
+
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mesh") / "out.json"
-    return finish(start(["meshes", out], devices=8), out)
+    # Once per session: when xdist hands this module's tests to both workers, a module fixture
+    # would run the minute-long worker in each.
+    return built_once(tmp_path_factory, "sharding-mesh", _run_worker)[1]
 
 
 @pytest.mark.parametrize("mesh", MESHES)

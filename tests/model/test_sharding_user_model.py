@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from sessa_jax import SessaConfig, SessaLayer, SessaLM, sharding
 from tests.support.processes import TIMEOUT_S
+from tests.support.shared import built_once
 from tests.support.workers import worker_env
 
 WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "support", "user_model_worker.py")
@@ -31,14 +32,20 @@ REPLICATED = [
 BATCH_AXES = {"data=8": {"data"}, "data=4,fsdp=2": {"data", "fsdp"}}
 
 
-@pytest.fixture(scope="module")
-def cases(tmp_path_factory):
-    out = tmp_path_factory.mktemp("user_model") / "out.json"
+def _run_worker(folder) -> dict:
+    out = folder / "out.json"
     proc = subprocess.run(
         [sys.executable, WORKER, str(out)], env=worker_env(8), capture_output=True, text=True, timeout=TIMEOUT_S
     )
     assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}"
     return json.loads(out.read_text())["cases"]
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    # Once per session: when xdist hands this module's tests to both workers, a module fixture
+    # would run the minute-long worker in each.
+    return built_once(tmp_path_factory, "sharding-user-model", _run_worker)[1]
 
 
 def batch_axes(spec_entry) -> set:

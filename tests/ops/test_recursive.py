@@ -398,7 +398,7 @@ def test_layer_with_recursive_solver_matches_dense():
     for solver in ("dense", "recursive"):
         cfg = SessaConfig(d_model=32, n_heads=4, solver=solver, leaf_size=8, chunk_size=8)
         layer = SessaLayer(cfg)
-        v = layer.init(jax.random.PRNGKey(1), x)
+        v = jax.jit(layer.init)(jax.random.PRNGKey(1), x)  # eager, the init's forward took longer than the test
         outs[solver] = jax.jit(
             jax.value_and_grad(lambda v, x: jnp.sum(layer.apply(v, x, segment_ids=seg) ** 2), argnums=(0, 1))
         )(v, x)
@@ -412,6 +412,6 @@ def test_lm_with_recursive_solver_matches_dense():
     for solver in ("dense", "recursive"):
         cfg = SessaConfig(d_model=32, n_heads=2, vocab_size=64, n_layers=2, solver=solver, leaf_size=4, chunk_size=4)
         lm = SessaLM(cfg)
-        v = lm.init(jax.random.PRNGKey(3), tokens)
+        v = jax.jit(lm.init)(jax.random.PRNGKey(3), tokens)  # eager, the init's forward took longer than the test
         outs[solver] = jax.jit(jax.value_and_grad(lambda v: jnp.mean(lm.apply(v, tokens) ** 2)))(v)
     _assert_trees_close(outs["recursive"], outs["dense"], 1e-4)

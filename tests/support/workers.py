@@ -14,7 +14,10 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 
 def worker_env(devices: int) -> dict:
     """This environment with ``devices`` fake CPU devices and the checkout first on PYTHONPATH."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    # The inherited flags stay (make test's optimization level, which the workers' compiles take
+    # most of their time in); the device count comes last, so it wins over any inherited one.
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
     env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
     return env
 

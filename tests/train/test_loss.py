@@ -26,7 +26,7 @@ def _setup(tie: bool):
         segment_ids=jnp.ones((B, T), jnp.int32),
         positions=jnp.broadcast_to(jnp.arange(T), (B, T)),
     )
-    params = model.init(jax.random.PRNGKey(0), batch["inputs"])
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), batch["inputs"])  # eager, it took longer than the test
     return model, params, batch
 
 
