@@ -12,9 +12,7 @@ push, the leaf solves multiply by the inverted diagonal blocks) take the solve's
   rounded to bf16 once (``push_dot``), backward A^T g with P rounded once and g split
   (``transposed_push_dot``), where bf16x3 takes three; the leaf products (the
   forward's leaf solves X_i rhs, r's diagonal blocks A_ii s_i and the backward's X_i^T products)
-  as in bf16x3 (``leaf_tier``; on a GPU the compiler's three-pass algorithm, ``leaf_dot``), and
-  so are the diagonal inversion's merges, fp32-faithful in the other tiers
-  (``recursive.RecursivePlan.inverse_dot``). The
+  as in bf16x3 (``leaf_tier``; on a GPU the compiler's three-pass algorithm, ``leaf_dot``). The
   logits gradient dL = A * (g s^T - rowsum(g * r)) needs s and r = A s to better than bf16: with
   the leaf products in one pass dq leaves its bound where every row attends to the previous
   token (a chain inside the leaves), and with P rounded once in the pushes where one key takes a

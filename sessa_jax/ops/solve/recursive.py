@@ -161,14 +161,9 @@ class RecursivePlan:
         two bf16 passes in "bfloat16", g split)."""
         return transposed_push_dot(spec, a, b, self.tier, self.platform)
 
-    def inverse_dot(self, spec: str, a, b):
-        """einsum of the diagonal inversion's merges (its error reaches every s_i): fp32-faithful in
-        the float32 and bf16x3 tiers (``Precision.HIGHEST``, on GPU XLA's six-pass bf16 algorithm
-        on the tensor cores); three bf16 passes in the bfloat16 tier (``precision.leaf_dot`` at
-        bf16x3, as its leaf products), whose inverse errs by about 1e-5 of its largest entry, far
-        below that tier's error in s (docs/design.md, "Accuracy")."""
-        if self.tier == "bfloat16":
-            return leaf_dot(spec, a, b, "bf16x3", self.platform)
+    def faithful(self, spec: str, a, b):
+        """fp32-faithful einsum at every tier (the diagonal inversion: its error would reach every
+        s_i): ``Precision.HIGHEST``, on GPU XLA's six-pass bf16 algorithm on the tensor cores."""
         return logits_dot(spec, a, b, "float32", self.platform)
 
     def plain(self, spec: str, a, b):
@@ -395,16 +390,16 @@ def _gemm_diagonal_blocks(plan: RecursivePlan, q_b, k_b, seg, m, logl):
 
 
 def diag_inverse(plan: RecursivePlan, a_ii, gamma):
-    """X_i = (I - diag(gamma_i) A_ii)^-1 for all leaves at once, (B, n, Cs, Cs) float32, the merges'
-    products in ``RecursivePlan.inverse_dot`` (the inverse reaches every s_i)."""
+    """X_i = (I - diag(gamma_i) A_ii)^-1 for all leaves at once, (B, n, Cs, Cs), fp32-faithful
+    (``RecursivePlan.faithful``) at every tier: the inverse reaches every s_i."""
     b, n, c, _ = a_ii.shape
     if platform_kind(plan.platform) == "gpu":  # scaled per sliced block: XLA's GPU compiler wrote gamma A_ii whole
         scale = gamma.reshape(b * n, c).astype(a_ii.dtype)
-        return unit_lower_inverse(a_ii.reshape(b * n, c, c), plan.inverse_dot, row_scale=scale).reshape(b, n, c, c)
+        return unit_lower_inverse(a_ii.reshape(b * n, c, c), plan.faithful, row_scale=scale).reshape(b, n, c, c)
     # elsewhere the product first (on a TPU v5e the per-block scaling compiles to more fusions);
     # the same numbers either way
     nil = gamma.reshape(b, n, c, 1).astype(a_ii.dtype) * a_ii
-    return unit_lower_inverse(nil.reshape(b * n, c, c), plan.inverse_dot).reshape(b, n, c, c)
+    return unit_lower_inverse(nil.reshape(b * n, c, c), plan.faithful).reshape(b, n, c, c)
 
 
 def _gemm_block_update(plan: RecursivePlan, q_b, seg, m, logl, k_b, r0, rows: int, k0, keys: int, s_keys):
