@@ -42,6 +42,31 @@ def test_schedule_covers_each_leaf_pair_once_in_dependency_order(n, tile_leaves)
         assert len(sched.shapes) <= max(1, tile_leaves.bit_length())
 
 
+@pytest.mark.parametrize("length", [96, 200, 1000, 6144, 12288, 14336, 65536])
+@pytest.mark.parametrize("leaf", [4, 8, 16, 512, 1024])
+def test_plans_tile_whole_wide_blocks(length, leaf):
+    """The plan's tile (from the public entry point's token tile) is a power of two of leaves,
+    so its schedule covers every leaf pair once; a tile of 3 leaves left part of every wide
+    block out (T = 12288 with leaves of 1024)."""
+    from sessa_jax.ops.dispatch import recursive_tile
+
+    plan = RecursivePlan.make(length, leaf, recursive_tile(length, leaf), "float32", "gpu", 1.0, static_span="auto")
+    t = plan.tile_leaves
+    assert t & (t - 1) == 0 and t * plan.leaf <= max(plan.leaf, recursive_tile(length, leaf))
+    n = plan.num_leaves
+    seen = np.zeros((n, n), np.int32)
+    for _, r0, rows, k0, keys in plan.schedule.tiles():
+        seen[r0 : r0 + rows, k0 : k0 + keys] += 1
+    assert np.array_equal(seen, np.tril(np.ones((n, n), np.int32), -1))
+
+
+def test_schedule_refuses_a_tile_that_splits_wide_blocks():
+    with pytest.raises(
+        ValueError, match="tile_leaves must be a power of two >= 1 when num_leaves=12 exceeds it; got 3"
+    ):
+        PushSchedule.make(12, 3)
+
+
 # Inputs ------------------------------------------------------------------------------------
 def _inputs(dtype, t, *, d=8, b=2, case="diffuse", gamma="random", seed=0):
     ks = jax.random.split(jax.random.PRNGKey(seed), 6)
@@ -150,6 +175,9 @@ X64_CASES = [
     (257, 128, None, 8, "diffuse", 0.0, True),
     (257, 7, 28, 8, "prev", "pm", False),
     (1000, 64, 128, 8, "sharp", "random", True),
+    # the public entry point's tile of T / 4 is 3 leaves here: walked in tiles of 2
+    (96, 8, None, 8, "sharp", "pm", True),
+    (200, 16, None, 8, "prev", "random", False),
 ]
 
 

@@ -243,7 +243,7 @@ def test_the_default_static_span_follows_the_push_kind(tier, kernels, platform, 
     "n,tile_leaves,expected",
     [
         (16, 4, 4),  # T=8192 at leaf 512: the three wide blocks (6 tiles) static
-        (12, 3, 4),  # a tile of 3 leaves: wide blocks have lowbit >= 4
+        (8, 2, 2),  # T=8192 at leaf 1024: the three wide blocks (6 tiles) static
         (4, 4, None),  # one tile: no wide blocks
         (64, 8, None),  # 28 static tiles: over the bound, all in the loop
         (128, 8, None),

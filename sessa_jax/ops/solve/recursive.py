@@ -107,11 +107,13 @@ class RecursivePlan:
         kernels: str = "xla",
         static_span: int | None = None,
     ):
-        """Plan for T = ``length``: leaf min(leaf_size, T); wide blocks in tiles of ~``tile`` rows;
+        """Plan for T = ``length``: leaf min(leaf_size, T); wide blocks in tiles of the largest power
+        of two of leaves within ``tile`` rows (at least one leaf);
         ``static_span``: see ``schedule.PushSchedule`` (None: every push in the leaf loop;
         "auto": ``default_static_span``)."""
         leaf = max(1, min(leaf_size, length))
-        tile_leaves = max(1, tile // leaf)
+        # a power of two: the wide blocks (lowbit(j) >= tile_leaves, powers of two) are whole tiles
+        tile_leaves = 1 << (max(1, tile // leaf).bit_length() - 1)
         n = padded_leaves(-(-length // leaf), tile_leaves)
         plain = tier if input_dtype is None else nonchained_tier(tier, input_dtype)
         if static_span == "auto":

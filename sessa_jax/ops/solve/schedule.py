@@ -104,6 +104,11 @@ class PushSchedule:
         if num_leaves < 1:
             raise ValueError(f"the recursive solve needs at least one leaf; got num_leaves={num_leaves}")
         tile_leaves = num_leaves if tile_leaves is None else tile_leaves
+        if num_leaves > tile_leaves and (tile_leaves < 1 or tile_leaves & (tile_leaves - 1)):
+            # a wide block (lowbit(j) leaves, a power of two) must be whole tiles, or some pairs are never pushed
+            raise ValueError(
+                f"tile_leaves must be a power of two >= 1 when num_leaves={num_leaves} exceeds it; got {tile_leaves}"
+            )
         if num_leaves > tile_leaves and num_leaves % tile_leaves:
             raise ValueError(
                 f"num_leaves={num_leaves} must be a multiple of tile_leaves={tile_leaves} when larger; "
