@@ -1,6 +1,7 @@
-"""The Mosaic GPU forward leaf step (``leaf_gpu.gpu_leaf_solve``) against the XLA leaf step it
-replaces (the right-hand side f_i + gamma_i racc_i, X_i times it at bf16x3 by the explicit
-split, bf16(s_i) written into the leaf's rows), in Mosaic GPU interpret mode (jax >= 0.12,
+"""The Mosaic GPU leaf steps (``leaf_gpu.gpu_leaf_solve`` and its transposed twin) against the XLA
+leaf steps they replace (the right-hand side f_i + gamma_i racc_i, Y_i times it at bf16x3 by the
+explicit split, r_i = racc_i + that, s_i = f_i + gamma_i r_i, bf16(s_i) written into the leaf's
+rows; lambda_i = w_i + Y_i^T (gamma_i w_i)), in Mosaic GPU interpret mode (jax >= 0.12,
 skipped before; on a GPU compiled, ``scripts/accelerator_check.sh kernels``); its lowering for
 "cuda" and its errors."""
 
@@ -25,72 +26,88 @@ needs_in_place = pytest.mark.skipif(
 )
 
 
-def _lower(x_rows):
-    """x_rows with each leaf's X_i lower triangular, as the solve's inverses are."""
-    return x_rows * jnp.tile(jnp.tri(LEAF, dtype=x_rows.dtype), (x_rows.shape[1] // LEAF, 1))
+def _lower(y_rows):
+    """y_rows with each leaf's Y_i strictly lower triangular, as the solve's resolvents are."""
+    return y_rows * jnp.tile(jnp.tri(LEAF, k=-1, dtype=y_rows.dtype), (y_rows.shape[1] // LEAF, 1))
 
 
-def _upper_blocks(x_rows):
-    """Where x_rows holds an X_i's (64, 64) blocks above its diagonal: what the kernels never read."""
+def _upper_blocks(y_rows):
+    """Where y_rows holds a Y_i's (64, 64) blocks above its diagonal: what the kernels never read."""
     block = jnp.arange(LEAF) // 64
     above = block[None, :] > block[:, None]
-    return jnp.tile(above, (x_rows.shape[1] // LEAF, 1))
+    return jnp.tile(above, (y_rows.shape[1] // LEAF, 1))
 
 
 def _inputs(d: int):
     tp = LEAF * LEAVES
-    x_inv = _lower(normal(40, (B, tp, LEAF)) * 0.1)
+    y_rows = _lower(normal(40, (B, tp, LEAF)) * 0.1)
     f, racc = normal(41, (B, tp, d)), normal(42, (B, tp, d))
     gamma = 0.999 * jnp.tanh(normal(43, (B, tp)))
     s_b = normal(44, (B, tp, d), BF16)  # earlier leaves' copies: must survive
-    return x_inv, f, racc, gamma, s_b
+    return y_rows, f, racc, gamma, s_b
 
 
 @pytest.mark.parametrize("d,traced,f_dtype", [(64, True, jnp.float32), (256, False, jnp.float32), (128, True, BF16)])
 @needs_in_place
 def test_leaf_solve_matches_the_xla_leaf_step(d, traced, f_dtype):
-    """s_i equals X_i (f_i + gamma_i racc_i) at the explicit bf16x3 split to fp32 summation order
-    (and is as close to the float32-exact product), written into s's leaf rows; s_b gains
-    bf16(s_i) there; both keep every other row; one and two column tiles, traced and static
-    starts; f in float32 or read as bf16 (the same numbers as its float32 widening)."""
-    x_inv, f, racc, gamma, s_b = _inputs(d)
+    """r_i = racc_i + Y_i (f_i + gamma_i racc_i) at the explicit bf16x3 split and s_i = f_i +
+    gamma_i r_i, to fp32 summation order (and as close to the float32-exact product), written into
+    r's and s's leaf rows; s_b gains bf16(s_i) there; all keep every other row; one and two column
+    tiles, traced and static starts; f in float32 or read as bf16 (the same numbers as its float32
+    widening)."""
+    y_rows, f, racc, gamma, s_b = _inputs(d)
     f = f.astype(f_dtype)
-    s_old = normal(46, f.shape)  # earlier leaves' s: must survive
+    s_old, r_old = normal(46, f.shape), normal(49, f.shape)  # earlier leaves' s and r: must survive
     start = LEAF  # the middle leaf
     interp = False if jax.default_backend() == "gpu" else interpret_or_skip()
 
     def run(*args):
-        return lg.gpu_leaf_solve(*args, interpret=interp)
+        return lg.gpu_leaf_solve(*args[:7], r=args[7], interpret=interp)
 
     if traced:
-        s_new, s_b_new = jax.jit(run)(x_inv, f, racc, gamma, s_b, s_old, jnp.int32(start))
+        s_new, s_b_new, r_new = jax.jit(run)(y_rows, f, racc, gamma, s_b, s_old, jnp.int32(start), r_old)
     else:
-        s_new, s_b_new = jax.jit(run, static_argnums=6)(x_inv, f, racc, gamma, s_b, s_old, start)
+        s_new, s_b_new, r_new = jax.jit(run, static_argnums=6)(y_rows, f, racc, gamma, s_b, s_old, start, r_old)
     rows = slice(start, start + LEAF)
-    assert s_new.shape == f.shape and s_new.dtype == jnp.float32
-    np.testing.assert_array_equal(np.delete(s_new, np.s_[rows], axis=1), np.delete(s_old, np.s_[rows], axis=1))
-    s_i = s_new[:, rows]
-    x_i, rhs = x_inv[:, rows], f[:, rows].astype(jnp.float32) + gamma[:, rows, None] * racc[:, rows]
-    twin = chained_dot("bij,bjd->bid", x_i, rhs, "bf16x3", "cpu")
-    exact = jnp.einsum("bij,bjd->bid", x_i, rhs, precision=jax.lax.Precision.HIGHEST)
+    assert s_new.shape == r_new.shape == f.shape and s_new.dtype == r_new.dtype == jnp.float32
+    for new, old in ((s_new, s_old), (r_new, r_old)):
+        np.testing.assert_array_equal(np.delete(new, np.s_[rows], axis=1), np.delete(old, np.s_[rows], axis=1))
+    f_i, racc_i, gamma_i = f[:, rows].astype(jnp.float32), racc[:, rows], gamma[:, rows, None]
+    y_i, rhs = y_rows[:, rows], f_i + gamma_i * racc_i
+    twin = chained_dot("bij,bjd->bid", y_i, rhs, "bf16x3", "cpu")
+    exact = jnp.einsum("bij,bjd->bid", y_i, rhs, precision=jax.lax.Precision.HIGHEST)
     scale = float(jnp.abs(exact).max())
     # bf16x3 drops lo.lo (~2^-16 relative per term); the rest is fp32 summation order
-    np.testing.assert_allclose(s_i, twin, rtol=0, atol=LEAF * 2.0**-22 * scale)
-    assert float(jnp.abs(s_i - exact).max()) <= 2 * float(jnp.abs(twin - exact).max()) + 2.0**-20 * scale
+    tol = LEAF * 2.0**-22 * scale + 2.0**-22 * float(jnp.abs(racc_i).max())
+    np.testing.assert_allclose(r_new[:, rows], racc_i + twin, rtol=0, atol=tol)
+    s_i = s_new[:, rows]
+    np.testing.assert_allclose(
+        s_i, f_i + gamma_i * (racc_i + twin), rtol=0, atol=tol + 2.0**-22 * float(jnp.abs(f_i).max())
+    )
+    s_exact, s_twin = f_i + gamma_i * (racc_i + exact), f_i + gamma_i * (racc_i + twin)
+    assert float(jnp.abs(s_i - s_exact).max()) <= 2 * float(jnp.abs(s_twin - s_exact).max()) + 2.0**-20 * scale
     got, old = np.asarray(s_b_new.astype(jnp.float32)), np.asarray(s_b.astype(jnp.float32))
     np.testing.assert_array_equal(got[:, rows], np.asarray(s_i.astype(BF16).astype(jnp.float32)))
     np.testing.assert_array_equal(np.delete(got, np.s_[rows], axis=1), np.delete(old, np.s_[rows], axis=1))
+    # without r the same s and copies
+    plain = jax.jit(lambda *a: lg.gpu_leaf_solve(*a, interpret=interp))(
+        y_rows, f, racc, gamma, s_b, s_old, jnp.int32(start)
+    )
+    assert len(plain) == 2
+    for a, b in zip(plain, (s_new, s_b_new)):
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
 
 
 @pytest.mark.parametrize("d,traced", [(128, True), (256, False)])
 @needs_in_place
 def test_transposed_leaf_solve_matches_the_xla_leaf_step(d, traced):
-    """lambda_i equals X_i^T bacc_i at the explicit bf16x3 split to fp32 summation order, written
+    """lambda_i equals X_i^T bacc_i = bacc_i + Y_i^T (gamma_i bacc_i), the product at the explicit
+    bf16x3 split, to fp32 summation order, written
     into lam's leaf rows; g_hi and g_lo gain the bf16 hi + lo parts of gamma_i lambda_i there; all
     keep every other row."""
     from sessa_jax.ops.solve.precision import split_bf16
 
-    x_inv, bacc, _, gamma, g_hi = _inputs(d)
+    y_rows, bacc, _, gamma, g_hi = _inputs(d)
     g_lo = normal(45, g_hi.shape, BF16)
     start = 2 * LEAF  # the last leaf
     interp = False if jax.default_backend() == "gpu" else interpret_or_skip()
@@ -99,7 +116,7 @@ def test_transposed_leaf_solve_matches_the_xla_leaf_step(d, traced):
         return lg.gpu_leaf_solve_transposed(*args, interpret=interp)
 
     lam_old = normal(47, bacc.shape)
-    args = (x_inv, bacc, gamma, g_hi, g_lo, lam_old)
+    args = (y_rows, bacc, gamma, g_hi, g_lo, lam_old)
     if traced:
         lam_new, hi, lo = jax.jit(run)(*args, jnp.int32(start))
     else:
@@ -107,9 +124,10 @@ def test_transposed_leaf_solve_matches_the_xla_leaf_step(d, traced):
     rows = slice(start, start + LEAF)
     np.testing.assert_array_equal(np.delete(lam_new, np.s_[rows], axis=1), np.delete(lam_old, np.s_[rows], axis=1))
     lam = lam_new[:, rows]
-    twin = chained_dot("bji,bjd->bid", x_inv[:, rows], bacc[:, rows], "bf16x3", "cpu")
-    scale = float(jnp.abs(twin).max())
-    np.testing.assert_allclose(lam, twin, rtol=0, atol=LEAF * 2.0**-22 * scale)
+    w = bacc[:, rows]
+    product = chained_dot("bji,bjd->bid", y_rows[:, rows], gamma[:, rows, None] * w, "bf16x3", "cpu")
+    tol = LEAF * 2.0**-22 * float(jnp.abs(product).max()) + 2.0**-22 * float(jnp.abs(w).max())
+    np.testing.assert_allclose(lam, w + product, rtol=0, atol=tol)
     g = gamma[:, rows, None] * lam
     want_hi, _ = split_bf16(g)
     f32 = lambda x: np.asarray(x.astype(jnp.float32))  # noqa: E731
@@ -139,48 +157,18 @@ def test_transposed_leaf_solve_matches_the_xla_leaf_step(d, traced):
 @pytest.mark.parametrize("transposed", [False, True])
 @needs_in_place
 def test_leaf_kernels_never_read_the_blocks_above_the_diagonal(transposed):
-    """X_i is lower triangular, so its (64, 64) blocks above the diagonal hold zeros the kernels
+    """Y_i is strictly lower triangular, so its (64, 64) blocks above the diagonal hold zeros the kernels
     skip: NaN there leaves both steps' results and bf16 copies as they are with zeros."""
     d = 128
-    x_inv, rhs, racc, gamma, s_b = _inputs(d)
-    poisoned = jnp.where(_upper_blocks(x_inv), jnp.nan, x_inv)
+    y_rows, rhs, racc, gamma, s_b = _inputs(d)
+    poisoned = jnp.where(_upper_blocks(y_rows), jnp.nan, y_rows)
     interp = False if jax.default_backend() == "gpu" else interpret_or_skip()
     if transposed:
         step = lambda x: lg.gpu_leaf_solve_transposed(x, rhs, gamma, s_b, s_b, racc, LEAF, interpret=interp)  # noqa: E731
     else:
         step = lambda x: lg.gpu_leaf_solve(x, rhs, racc, gamma, s_b, racc, LEAF, interpret=interp)  # noqa: E731
-    for want, got in zip(jax.jit(step)(x_inv), jax.jit(step)(poisoned)):
+    for want, got in zip(jax.jit(step)(y_rows), jax.jit(step)(poisoned)):
         np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
-
-
-@needs_in_place
-def test_leaf_residual_matches_the_xla_product_and_never_reads_above_the_diagonal():
-    """r = racc + A_ii s_i for every leaf at once equals XLA's bf16x3 product by the explicit split
-    to fp32 summation order, and NaN in A_ii's (64, 64) blocks above the diagonal changes nothing."""
-    n, c, d = 3, LEAF, 128
-    a = jnp.tril(normal(50, (n, c, c)), -1) * 0.05  # strictly lower, as A_ii
-    s, racc = normal(51, (n, c, d)), normal(52, (n, c, d))
-    interp = False if jax.default_backend() == "gpu" else interpret_or_skip()
-    run = jax.jit(lambda a: lg.gpu_leaf_residual(a, s, racc, interpret=interp))
-    got = run(a)
-    twin = racc + chained_dot("nij,njd->nid", a, s, "bf16x3", "cpu")
-    scale = float(jnp.abs(twin - racc).max())
-    assert got.shape == (n, c, d) and got.dtype == jnp.float32
-    np.testing.assert_allclose(got, twin, rtol=0, atol=c * 2.0**-22 * scale + 2.0**-22 * float(jnp.abs(racc).max()))
-    upper = jnp.tile(_upper_blocks(a[0][None]), (n, 1, 1)).reshape(n, c, c)
-    np.testing.assert_array_equal(np.asarray(run(jnp.where(upper, jnp.nan, a))), np.asarray(got))
-    # s given as its split_bf16 parts: the very parts the product splits a float32 s into
-    parts = split_bf16(s)
-    by_parts = jax.jit(lambda a, p: lg.gpu_leaf_residual(a, p, racc, interpret=interp))(a, parts)
-    np.testing.assert_array_equal(np.asarray(by_parts), np.asarray(got))
-    with pytest.raises(ValueError, match="s_leaves must have shape"):
-        lg.gpu_leaf_residual(a, s[:, :64], racc)
-    with pytest.raises(ValueError, match="want float32"):
-        lg.gpu_leaf_residual(a, s.astype(BF16), racc)
-    with pytest.raises(ValueError, match="or bf16 parts"):
-        lg.gpu_leaf_residual(a, (s, s), racc)
-    with pytest.raises(ValueError, match="a pair"):
-        lg.gpu_leaf_residual(a, parts[:1], racc)
 
 
 @needs_in_place
@@ -189,12 +177,12 @@ def test_leaf_solve_writes_s_parts_with_or_without_a_float32_s():
     writes; with s=None no float32 s is written and the bf16 parts are the same; other rows of
     every buffer stay."""
     d = 128
-    x_inv, f, racc, gamma, s_b = _inputs(d)
+    y_rows, f, racc, gamma, s_b = _inputs(d)
     s_lo = normal(47, f.shape, BF16)
     s_old = normal(46, f.shape)
     interp = False if jax.default_backend() == "gpu" else interpret_or_skip()
     full = jax.jit(lambda *a: lg.gpu_leaf_solve(*a, s_lo=s_lo, interpret=interp))(
-        x_inv, f, racc, gamma, s_b, s_old, jnp.int32(LEAF)
+        y_rows, f, racc, gamma, s_b, s_old, jnp.int32(LEAF)
     )
     s_new, hi, lo = full
     want_hi, want_lo = split_bf16(s_new[:, LEAF : 2 * LEAF])
@@ -206,11 +194,11 @@ def test_leaf_solve_writes_s_parts_with_or_without_a_float32_s():
             outside, np.delete(np.asarray(old.astype(jnp.float32)), np.s_[LEAF : 2 * LEAF], axis=1)
         )
     bare = jax.jit(lambda *a: lg.gpu_leaf_solve(*a, s_lo=s_lo, interpret=interp), static_argnums=5)(
-        x_inv, f.astype(BF16), racc, gamma, s_b, None, LEAF
+        y_rows, f.astype(BF16), racc, gamma, s_b, None, LEAF
     )
     assert bare[0] is None and len(bare) == 3
     want = jax.jit(lambda *a: lg.gpu_leaf_solve(*a, s_lo=s_lo, interpret=interp))(
-        x_inv, f.astype(BF16), racc, gamma, s_b, s_old, jnp.int32(LEAF)
+        y_rows, f.astype(BF16), racc, gamma, s_b, s_old, jnp.int32(LEAF)
     )
     for got, ref in zip(bare[1:], want[1:]):
         np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(ref.astype(jnp.float32)))
@@ -227,12 +215,11 @@ def test_leaf_solve_lowers_for_cuda_with_the_copy_in_place():
     assert "output_operand_alias" in text  # s's and s_b's rows are written where they are
     text = lower_or_skip(jax.jit(lambda *a: lg.gpu_leaf_solve(*a)), (args[0], args[4], *args[2:]))
     assert lg.KERNEL_NAME in text  # f read as bf16
+    text = lower_or_skip(jax.jit(lambda *a: lg.gpu_leaf_solve(*a[:7], r=a[7])), (*args, wide))
+    assert lg.KERNEL_NAME in text and text.count("output_operand_alias") >= 3  # r written in place too
     args = (args[0], args[1], args[3], args[4], args[4], wide, args[6])
     text = lower_or_skip(jax.jit(lambda *a: lg.gpu_leaf_solve_transposed(*a)), args)
     assert lg.TRANSPOSED_KERNEL_NAME in text and "output_operand_alias" in text
-    leaves = (SD((3, LEAF, LEAF), jnp.float32), *[SD((3, LEAF, d), jnp.float32)] * 2)
-    text = lower_or_skip(jax.jit(lg.gpu_leaf_residual), leaves)
-    assert lg.RESIDUAL_KERNEL_NAME in text and "output_operand_alias" in text  # r written over racc
 
 
 @needs_in_place
@@ -248,11 +235,13 @@ def test_leaf_solve_lowers_for_cuda_with_the_copy_in_place():
 )
 def test_leaf_solve_errors(change, match):
     d, tp = change.get("d", 128), LEAF * LEAVES
-    x_inv, f = jnp.zeros((1, tp, LEAF)), jnp.zeros((1, tp, d))
+    y_rows, f = jnp.zeros((1, tp, LEAF)), jnp.zeros((1, tp, d))
     gamma = jnp.zeros((1, change.get("gamma_len", tp)))
     s_b = jnp.zeros((1, tp, d), change.get("s_b_dtype", BF16))
     with pytest.raises(ValueError, match=match):
-        lg.gpu_leaf_solve(x_inv, f.astype(change.get("f_dtype", jnp.float32)), f, gamma, s_b, f, change.get("start", 0))
+        lg.gpu_leaf_solve(
+            y_rows, f.astype(change.get("f_dtype", jnp.float32)), f, gamma, s_b, f, change.get("start", 0)
+        )
 
 
 @needs_in_place
@@ -262,7 +251,7 @@ def test_transposed_leaf_solve_writes_the_row_sums_partial_sums(d):
     rowsum(g_hi * r) (g rounded to bf16 once, as the dual GEMM's g s^T takes it) and rowsum(lambda
     * r), to fp32 summation order; their other rows are kept, and the step's other results are
     the same bit for bit as without them."""
-    x_inv, bacc, _, gamma, g_hi = _inputs(d)
+    y_rows, bacc, _, gamma, g_hi = _inputs(d)
     g_lo = normal(45, g_hi.shape, BF16)
     r, lam_old = normal(46, bacc.shape), normal(47, bacc.shape)
     bn = lg.leaf_column_block(d)
@@ -270,7 +259,7 @@ def test_transposed_leaf_solve_writes_the_row_sums_partial_sums(d):
     delta_old, dgamma_old = normal(48, parts_shape), normal(49, parts_shape)
     start = LEAF  # a middle leaf
     interp = False if jax.default_backend() == "gpu" else interpret_or_skip()
-    args = (x_inv, bacc, gamma, g_hi, g_lo, lam_old, jnp.int32(start))
+    args = (y_rows, bacc, gamma, g_hi, g_lo, lam_old, jnp.int32(start))
     plain = jax.jit(lambda *a: lg.gpu_leaf_solve_transposed(*a, interpret=interp))(*args)
     out = jax.jit(lambda *a: lg.gpu_leaf_solve_transposed(*a, row_sums=(r, delta_old, dgamma_old), interpret=interp))(
         *args
@@ -301,7 +290,7 @@ def test_transposed_leaf_solve_without_a_float32_lambda():
     """lam None: no float32 lambda is written (None returned), and g's parts, bf16(lambda) and the
     row sums' partial sums are the same bit for bit as with it."""
     d = 128
-    x_inv, bacc, _, gamma, g_hi = _inputs(d)
+    y_rows, bacc, _, gamma, g_hi = _inputs(d)
     g_lo, lam_b, r = normal(45, g_hi.shape, BF16), normal(46, g_hi.shape, BF16), normal(47, bacc.shape)
     parts = (normal(48, (B, 1, bacc.shape[1])), normal(49, (B, 1, bacc.shape[1])))
     interp = False if jax.default_backend() == "gpu" else interpret_or_skip()
@@ -311,7 +300,7 @@ def test_transposed_leaf_solve_without_a_float32_lambda():
             lambda *a: lg.gpu_leaf_solve_transposed(
                 *a, lam, jnp.int32(LEAF), lam_b=lam_b, row_sums=(r, *parts), interpret=interp
             )
-        )(x_inv, bacc, gamma, g_hi, g_lo)
+        )(y_rows, bacc, gamma, g_hi, g_lo)
 
     with_lam, without = run(normal(50, bacc.shape)), run(None)
     assert without[0] is None and len(without) == len(with_lam) == 6

@@ -109,6 +109,34 @@ def test_unpacked_solve_traced_for_gpu_equals_the_masked_one_x64():
         )
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_residual_in_the_leaf_step_equals_the_one_after_the_loop_x64(packed):
+    """Traced for a GPU the XLA leaf step writes r_i = racc_i + Y_i rhs_i over racc_i; elsewhere r
+    is racc + A_ii s after the loop: the same s and gradients, and the same as the dense oracle."""
+    from sessa_jax.ops.solve.recursive import RecursivePlan
+
+    assert RecursivePlan.make(300, 16, 64, "float32", "gpu", 1.0).residual_in_leaf_step
+    assert not RecursivePlan.make(300, 16, 64, "float32", "tpu", 1.0).residual_in_leaf_step
+    with jax.enable_x64(True):
+        args = _inputs(jnp.float64, 300, seed=9, sharp=True)
+        segs = (
+            (lambda shape: (jnp.arange(shape[1]) >= 111).astype(jnp.int32) * jnp.ones(shape, jnp.int32))
+            if packed
+            else None
+        )
+        kw = dict(leaf=16, tile=64, tier="float32")
+        in_step = _value_and_grads(_recursive(segs, platform="gpu", **kw), args)
+        after = _value_and_grads(_recursive(segs, platform="tpu", **kw), args)
+        _assert_close(in_step, after, 1e-12)
+        q, k, g, f, ds = args
+        seg = None if segs is None else segs(g.shape)
+
+        def dense(q, k, g, f):
+            return feedback_solve(q, k, g, f, segment_ids=seg, method="dense")
+
+        _assert_close(in_step, _value_and_grads(dense, args), 1e-12)
+
+
 def test_public_solve_without_segments_applies_no_segment_mask():
     """feedback_solve(segment_ids=None) traces no comparison of integer segment ids, forward or
     backward; with segment ids it does (the mask the unpacked path leaves out). Segment

@@ -6,7 +6,7 @@ import pytest
 from jax import lax
 
 from sessa_jax.golden import relative_error
-from sessa_jax.ops.solve.trsolve import unit_lower_inverse, unit_lower_solve
+from sessa_jax.ops.solve.trsolve import lower_resolvent, unit_lower_solve
 
 
 def _feedback_matrix(c: int, dtype):
@@ -32,57 +32,69 @@ def test_matches_triangular_solve_x64(c, transpose):
         assert relative_error(solve(n, b, transpose=transpose), ref) <= 1e-12
 
 
+def _resolvent_x64(a, r):
+    """Y = a (I - diag(r) a)^-1 by LAPACK-style triangular_solve, float64: X = (I - diag(r) a)^-1,
+    then a X."""
+    eye = jnp.broadcast_to(jnp.eye(a.shape[-1], dtype=a.dtype), a.shape)
+    x = lax.linalg.triangular_solve(eye - r[..., None] * a, eye, left_side=True, lower=True, unit_diagonal=True)
+    return jnp.einsum("bij,bjk->bik", a, x, precision=lax.Precision.HIGHEST)
+
+
+def _feedback_parts(c: int, dtype):
+    """(A, gamma) of ``_feedback_matrix``: A row-stochastic over the strict past, |gamma| = 0.999."""
+    n = _feedback_matrix(c, dtype)
+    gamma = 0.999 * jnp.sign(jax.random.normal(jax.random.split(jax.random.PRNGKey(c), 2)[1], (2, c), dtype))
+    return n / gamma[:, :, None], gamma
+
+
 @pytest.mark.parametrize("c", [1, 5, 16, 17, 32, 100, 512])
-def test_inverse_matches_triangular_solve_x64(c):
+def test_resolvent_matches_triangular_solve_x64(c):
     with jax.enable_x64(True):
-        n = _feedback_matrix(c, jnp.float64)
-        eye = jnp.broadcast_to(jnp.eye(c), n.shape)
-        ref = lax.linalg.triangular_solve(eye - n, eye, left_side=True, lower=True, unit_diagonal=True)
-        x = jax.jit(unit_lower_inverse)(n)
-        assert x.shape == n.shape
-        assert relative_error(x, ref) <= 1e-12
-        assert bool(jnp.all(jnp.triu(x, 1) == 0))  # exactly lower triangular
+        a, r = _feedback_parts(c, jnp.float64)
+        y = jax.jit(lower_resolvent)(a, r)
+        assert y.shape == a.shape
+        assert relative_error(y, _resolvent_x64(a, r), floor=1e-30) <= 1e-12  # c = 1: Y = 0
+        assert bool(jnp.all(jnp.triu(y) == 0))  # exactly strictly lower triangular
+        # X = I + diag(r) Y is the inverse of I - diag(r) a
+        x = jnp.eye(c) + r[..., None] * y
+        assert (
+            relative_error(
+                jnp.einsum("bij,bjk->bik", jnp.eye(c) - r[..., None] * a, x), jnp.broadcast_to(jnp.eye(c), a.shape)
+            )
+            <= 1e-12
+        )
 
 
-def test_inverse_float32_is_faithful():
-    n = _feedback_matrix(256, jnp.float32)
+@pytest.mark.parametrize("c", [5, 100, 256])
+def test_resolvent_with_zero_and_mixed_row_scales_x64(c):
+    """No division by the row scales: zero rows of gamma give Y's rows equal to A's (X's rows the
+    identity's), and random scales in (-1, 1) match LAPACK."""
+    ka, kr = jax.random.split(jax.random.PRNGKey(c + 7))
     with jax.enable_x64(True):
-        n64 = n.astype(jnp.float64)
-        eye = jnp.broadcast_to(jnp.eye(256), n.shape)
-        ref = lax.linalg.triangular_solve(eye - n64, eye, left_side=True, lower=True, unit_diagonal=True)
-    assert relative_error(jax.jit(unit_lower_inverse)(n), ref) <= 1e-6
+        a = jnp.tril(jax.random.uniform(ka, (2, c, c), jnp.float64) / c, -1)
+        r = jnp.where(jnp.arange(c) % 3 == 0, 0.0, 0.999 * jnp.tanh(jax.random.normal(kr, (2, c), jnp.float64)))
+        y = jax.jit(lower_resolvent)(a, r)
+        assert relative_error(y, _resolvent_x64(a, r)) <= 1e-12
+        assert bool(jnp.all(jnp.isfinite(y)))
 
 
-def test_inverse_merges_use_the_given_dot():
+def test_resolvent_float32_is_faithful():
+    a, r = _feedback_parts(256, jnp.float32)
+    with jax.enable_x64(True):
+        ref = _resolvent_x64(a.astype(jnp.float64), r.astype(jnp.float64))
+    assert relative_error(jax.jit(lower_resolvent)(a, r), ref) <= 1e-6
+
+
+def test_resolvent_merges_use_the_given_dot():
     """``dot`` runs the pairwise merges: a one-pass bf16 dot shows up as bf16-sized error, the
-    solve's fp32-faithful dot (``RecursivePlan.faithful``) stays at the exact inverse's."""
+    solve's fp32-faithful dot (``RecursivePlan.faithful``) stays at the exact resolvent's."""
     from sessa_jax.ops.solve.precision import chained_dot
     from sessa_jax.ops.solve.recursive import RecursivePlan
 
-    n = _feedback_matrix(256, jnp.float32)
+    a, r = _feedback_parts(256, jnp.float32)
     with jax.enable_x64(True):
-        n64 = n.astype(jnp.float64)
-        eye = jnp.broadcast_to(jnp.eye(256), n.shape)
-        ref = lax.linalg.triangular_solve(eye - n64, eye, left_side=True, lower=True, unit_diagonal=True)
+        ref = _resolvent_x64(a.astype(jnp.float64), r.astype(jnp.float64))
     one_pass = lambda spec, a, b: chained_dot(spec, a, b, "bfloat16")  # noqa: E731
     faithful = RecursivePlan.make(256, 256, 256, "bf16x3", "cpu", 1.0).faithful
-    assert relative_error(jax.jit(lambda n: unit_lower_inverse(n, one_pass))(n), ref) >= 1e-4
-    assert relative_error(jax.jit(lambda n: unit_lower_inverse(n, faithful))(n), ref) <= 1e-6
-
-
-@pytest.mark.parametrize("c", [5, 16, 17, 100, 256])
-def test_inverse_row_scale_is_the_scaled_matrix(c):
-    """``row_scale`` r gives (I - diag(r) a)^-1 with the same numbers as passing diag(r) a (each
-    block scaled as it is sliced multiplies the same two floats), and against LAPACK in x64."""
-    ka, kr = jax.random.split(jax.random.PRNGKey(c + 7))
-    a = jnp.tril(jax.random.uniform(ka, (2, c, c)) / c, -1)
-    r = 0.999 * jnp.sign(jax.random.normal(kr, (2, c)))
-    scaled = jax.jit(lambda a, r: unit_lower_inverse(a, row_scale=r))(a, r)
-    assert bool(jnp.all(scaled == jax.jit(unit_lower_inverse)(r[..., None] * a)))
-    with jax.enable_x64(True):
-        a64, r64 = a.astype(jnp.float64), r.astype(jnp.float64)
-        eye = jnp.broadcast_to(jnp.eye(c), a.shape)
-        ref = lax.linalg.triangular_solve(
-            eye - r64[..., None] * a64, eye, left_side=True, lower=True, unit_diagonal=True
-        )
-        assert relative_error(jax.jit(lambda a, r: unit_lower_inverse(a, row_scale=r))(a64, r64), ref) <= 1e-12
+    assert relative_error(jax.jit(lambda a, r: lower_resolvent(a, r, one_pass))(a, r), ref) >= 1e-4
+    assert relative_error(jax.jit(lambda a, r: lower_resolvent(a, r, faithful))(a, r), ref) <= 1e-6

@@ -1,29 +1,30 @@
-"""Pallas Mosaic GPU (Hopper, ``plgpu``) kernels for the recursive solve's leaf steps at bf16x3:
-the forward's s_i = X_i (f_i + gamma_i * racc_i) and the backward's lambda_i = X_i^T bacc_i, each
-reading X_i and its right-hand side in place from the full-length buffers and writing the bf16
-copies the pushes read (s's, or g = gamma lambda's two parts) in place, where XLA copies X_i and
-the right-hand side out of their buffers, runs the product, and writes each copy in a pass of
-its own.
+"""Pallas Mosaic GPU (Hopper, ``plgpu``) kernels for the recursive solve's leaf steps at bf16x3,
+through Y_i = A_ii (I - diag(gamma_i) A_ii)^-1 (``trsolve.lower_resolvent``): the forward's
+r_i = racc_i + Y_i (f_i + gamma_i racc_i) and s_i = f_i + gamma_i r_i (= X_i (f_i + gamma_i
+racc_i) with X_i = (I - diag(gamma_i) A_ii)^-1, and r_i = racc_i + A_ii s_i, the backward's
+residual, without a product by A_ii), and the backward's lambda_i = X_i^T w_i = w_i + Y_i^T
+(gamma_i w_i), each reading Y_i and its right-hand side in place from the full-length buffers
+and writing the bf16 copies the pushes read (s's, or g = gamma lambda's two parts) in place,
+where XLA copies Y_i and the right-hand side out of their buffers, runs the product, and writes
+each result in a pass of its own.
 
-``gpu_leaf_solve(x_rows, f, racc, gamma, s_b, s, row_start)`` and
-``gpu_leaf_solve_transposed(x_rows, bacc, gamma, g_hi, g_lo, lam, row_start)``: x_rows (B, n Cs,
-Cs) float32 holds the leaves' X_i one under another (rows [i Cs, (i + 1) Cs) are X_i), each
-lower triangular (X_i = (I - diag(gamma_i) A_ii)^-1 with A_ii strictly lower): the kernels read
-only its (64, 64) blocks on and below the diagonal, and take the products over them alone; the
-other buffers are (B, Tp, D) (gamma (B, Tp)), read and written at rows [o, o + Cs) with o =
-``row_start`` = i Cs (traced). Each writes the leaf's result into the leaf's rows of a float32
-buffer of its own (s, or lam: not over its right-hand side, which other programs of the same
-step still read) and the bf16 copies, all in place (``jax.new_ref``). Grid (Cs / 64, D / Bn, B),
-one warpgroup per (64, Bn) tile of the result, Bn = min(D, 128); the contraction over the leaf's
-rows runs in chunks of 64 (the tile's own chunk and those before it; transposed, its own and
-those after): X_i's (64, 64) chunk and the right-hand side's (64, Bn) chunk come by TMA (float32;
-the forward's f also bf16: f and racc, combined with gamma in fp32 registers), are split into bf16 hi + lo in
-registers and stored to shared memory, and three wgmmas (hi hi + hi lo + lo hi; X_i transposed
-through the shared-memory view in the backward) accumulate in fp32: the bf16x3 products of
-``precision.leaf_dot``'s explicit split. Shared memory at most about 176 KiB.
-``gpu_leaf_residual(a_leaves, s_leaves, racc_leaves)``: the forward's r = racc + A_ii s of every
-leaf at once (the leaves as the grid's batch), the same chunked bf16x3 product over A_ii's lower
-blocks, added into racc in place.
+``gpu_leaf_solve(y_rows, f, racc, gamma, s_b, s, row_start)`` and
+``gpu_leaf_solve_transposed(y_rows, bacc, gamma, g_hi, g_lo, lam, row_start)``: y_rows (B, n Cs,
+Cs) float32 holds the leaves' Y_i one under another (rows [i Cs, (i + 1) Cs) are Y_i), each
+strictly lower triangular: the kernels read only its (64, 64) blocks on and below the diagonal,
+and take the products over them alone; the other buffers are (B, Tp, D) (gamma (B, Tp)), read
+and written at rows [o, o + Cs) with o = ``row_start`` = i Cs (traced). Each writes the leaf's
+results into the leaf's rows of float32 buffers of their own (s and r, or lam: not over the
+right-hand side, which other programs of the same step still read) and the bf16 copies, all in
+place (``jax.new_ref``). Grid (Cs / 64, D / Bn, B), one warpgroup per (64, Bn) tile of the
+result, Bn = min(D, 128); the contraction over the leaf's rows runs in chunks of 64 (the tile's
+own chunk last: the chunks before it, or transposed those after it, then its own, whose staged
+right-hand side and gamma the result then adds): Y_i's (64, 64) chunk and the right-hand side's
+(64, Bn) chunk come by TMA (float32; the forward's f also bf16: f and racc, or bacc, combined
+with gamma in fp32 registers), are split into bf16 hi + lo in registers and stored to shared
+memory, and three wgmmas (hi hi + hi lo + lo hi; Y_i transposed through the shared-memory view
+in the backward) accumulate in fp32: the bf16x3 products of ``precision.leaf_dot``'s explicit
+split. Shared memory at most about 176 KiB.
 
 Needs a Hopper GPU (sm_90a) and jax >= 0.12 (the in-place writes,
 ``accumulate_gpu.in_place_supported``); verified on CPU only, in Mosaic GPU interpret mode
@@ -44,7 +45,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from sessa_jax.ops.solve.accumulate_gpu import (
     _OUT_SWIZZLE,
     KERNEL_TAKES_COST,
-    add_into_tile,
     check_in_place,
     lower_blocks,
 )
@@ -57,14 +57,11 @@ BLOCK_M = 64  # rows of s_i per warpgroup
 BLOCK_N = 128  # most columns per program (the float32 staging tiles bound it)
 BLOCK_C = 64  # contraction chunk (rows of the leaf)
 KERNEL_NAME = "sessa_leaf_solve_gpu"
-TRANSPOSED_KERNEL_NAME = "sessa_leaf_solve_t_gpu"  # the backward's X_i^T
-RESIDUAL_KERNEL_NAME = "sessa_leaf_residual_gpu"  # the forward's r = racc + A_ii s
+TRANSPOSED_KERNEL_NAME = "sessa_leaf_solve_t_gpu"  # the backward's X_i^T = I + Y_i^T Gamma_i
 
 __all__ = [
     "KERNEL_NAME",
-    "RESIDUAL_KERNEL_NAME",
     "TRANSPOSED_KERNEL_NAME",
-    "gpu_leaf_residual",
     "gpu_leaf_solve",
     "gpu_leaf_solve_transposed",
     "leaf_column_block",
@@ -101,13 +98,27 @@ def _bf16x3_chunk(acc, x_stage, rhs, x_parts, rhs_parts, transposed: bool) -> No
 
 
 def _body(
-    starts_ref, *refs, transposed: bool, chunks: int, block_n: int, copies: int, has_result: bool, row_sums: bool
+    starts_ref,
+    *refs,
+    transposed: bool,
+    chunks: int,
+    block_n: int,
+    copies: int,
+    has_result: bool,
+    row_sums: bool = False,
+    has_r: bool = False,
 ):
     """One (BLOCK_M, block_n) tile of s_i (forward) or of lambda_i (``transposed``); see the module
-    docstring. refs: x_rows, then f, racc, gamma and the ``copies`` s_b [, s_lo] (forward) or bacc,
+    docstring. refs: y_rows, then f, racc, gamma and the ``copies`` s_b [, s_lo] (forward) or bacc,
     gamma [, r], g_hi and g_lo [, lam_b] (transposed), the float32 output where ``has_result``,
-    [the row sums' partial-sum buffers,] then the scratch. ``row_sums`` (transposed): the tile's
-    partial sums of delta = rowsum(bf16(g) * r) and dgamma = rowsum(lambda * r) over its columns."""
+    [the row sums' partial-sum buffers (transposed) or r's buffer (forward, ``has_r``),] then the
+    scratch. ``row_sums`` (transposed): the tile's partial sums of delta = rowsum(bf16(g) * r) and
+    dgamma = rowsum(lambda * r) over its columns.
+
+    The contraction's last chunk is the tile's own rows (the forward runs the chunks up to its
+    own, the transposed step from the last down to its own), so after it the staged right-hand
+    side and gamma are the own rows' that the result adds: s_i = f_i + gamma_i r_i with
+    r_i = racc_i + Y_i rhs_i, lambda_i = w_i + Y_i^T (gamma_i w_i)."""
     if transposed:  # g's two parts, and bf16(lambda) where asked
         x_ref, b_ref, g_ref, *refs = refs
         r_ref, refs = (refs[0], refs[1:]) if row_sums else (None, refs)
@@ -119,7 +130,8 @@ def _body(
     else:  # s_b, and s_lo where the caller keeps s's low part too
         x_ref, f_ref, r_ref, g_ref, *refs = refs
         sb_refs, refs = refs[:copies], refs[copies:]
-        out_ref, scratch = (refs[0], refs[1:]) if has_result else (None, refs)
+        out_ref, refs = (refs[0], refs[1:]) if has_result else (None, refs)
+        r_out_ref, scratch = (refs[0], refs[1:]) if has_r else (None, refs)
         x_stage, f_stage, r_stage, g_stage, x_parts, rhs_parts, out_smem, *copy_smem, bar = scratch
     i, j, b = lax.axis_index("rows"), lax.axis_index("cols"), lax.axis_index("batch")
     (row0,) = read_window_starts(starts_ref, BLOCK_C)
@@ -130,16 +142,18 @@ def _body(
         return lax.broadcast_in_dim(_load(g_stage, plgpu.Layout.WGMMA.reduce(1)), (BLOCK_C, block_n), [0])
 
     def product(acc):
-        def chunk(c, carry):
+        def chunk(t, carry):
+            c = chunks - 1 - t if transposed else t  # the own chunk last
             contracted = pl.ds(row0 + c * BLOCK_C, BLOCK_C)  # the leaf's rows being contracted
-            if transposed:  # X_i^T: a (contracted, own) block of X_i, transposed in the smem view
+            if transposed:  # Y_i^T: a (contracted, own) block of Y_i, transposed in the smem view
                 x_block = x_ref.at[b, contracted, pl.ds(i * BLOCK_M, BLOCK_M)]
             else:
                 x_block = x_ref.at[b, own, pl.ds(c * BLOCK_C, BLOCK_C)]
             copy_waited(x_block, x_stage, bar.at[0])
-            if transposed:
+            if transposed:  # gamma_c * w_c
                 copy_waited(b_ref.at[b, contracted, cols], b_stage, bar.at[0])
-                rhs = _load(b_stage, plgpu.Layout.WGMMA)
+                copy_waited(g_ref.at[b, contracted], g_stage, bar.at[0])
+                rhs = gamma_rows() * _load(b_stage, plgpu.Layout.WGMMA)
             else:
                 copy_waited(f_ref.at[b, contracted, cols], f_stage, bar.at[0])
                 copy_waited(r_ref.at[b, contracted, cols], r_stage, bar.at[0])
@@ -149,16 +163,23 @@ def _body(
             _bf16x3_chunk(acc, x_stage, rhs, x_parts, rhs_parts, transposed)
             return carry
 
-        # X_i is lower triangular: the forward's rows take the chunks up to their own, the
-        # transposed step's columns the chunks from theirs on (BLOCK_M == BLOCK_C)
-        lax.fori_loop(i if transposed else 0, chunks if transposed else i + 1, chunk, 0)
+        # Y_i is strictly lower triangular: the forward's rows take the chunks up to their own,
+        # the transposed step's columns the chunks from theirs on (BLOCK_M == BLOCK_C)
+        lax.fori_loop(0, chunks - i if transposed else i + 1, chunk, 0)
         return acc[...]
 
-    y = pl.run_scoped(product, plgpu.ACC((BLOCK_M, block_n), F32))
+    u = pl.run_scoped(product, plgpu.ACC((BLOCK_M, block_n), F32))
+    # the stages hold the own rows' right-hand side and gamma (the last chunk's)
+    if transposed:
+        y = _load(b_stage, plgpu.Layout.WGMMA) + u  # lambda_i = w_i + Y_i^T (gamma_i w_i)
+    else:
+        r = _load(r_stage, plgpu.Layout.WGMMA) + u  # r_i = racc_i + A_ii s_i
+        y = _load(f_stage, plgpu.Layout.WGMMA).astype(F32) + gamma_rows() * r  # s_i = f_i + gamma_i r_i
+        if has_r:
+            r_stage[...] = r
     if has_result:
         out_smem[...] = y
     if transposed:  # g = gamma * lambda of the program's rows, split into g's two bf16 buffers
-        copy_waited(g_ref.at[b, own], g_stage, bar.at[0])
         parts = _split(gamma_rows() * y, True) + ((y.astype(BF16),) if len(copy_refs) == 3 else ())
         for smem, part in zip(copy_smem, parts):
             smem[...] = part
@@ -173,45 +194,14 @@ def _body(
         for smem, part in zip(copy_smem, _split(y, len(sb_refs) == 2)):
             smem[...] = part
         copies = tuple((smem, ref.at[b, own, cols]) for smem, ref in zip(copy_smem, sb_refs))
+        if has_r:
+            copies += ((r_stage, r_out_ref.at[b, own, cols]),)
     plgpu.commit_smem()
     if out_ref is not None:
         plgpu.copy_smem_to_gmem(out_smem, out_ref.at[b, own, cols])
     for smem, dst in copies:
         plgpu.copy_smem_to_gmem(smem, dst)
     plgpu.wait_smem_to_gmem(0)
-
-
-def _residual_body(*refs, block_n: int, s_parts: bool):
-    """One (BLOCK_M, block_n) tile of r = racc + A s for one leaf (the grid's batch): the tile's
-    rows of A (strictly lower triangular) over the chunks up to their own, then added into racc's
-    tile in place. refs: A, s (float32; or with ``s_parts`` its bf16 hi and lo), racc, the scratch."""
-    if s_parts:
-        x_ref, hi_ref, lo_ref, racc_ref, x_stage, x_parts, rhs_parts, acc_smem, bar = refs
-    else:
-        x_ref, s_ref, racc_ref, x_stage, s_stage, x_parts, rhs_parts, acc_smem, bar = refs
-    i, j, b = lax.axis_index("rows"), lax.axis_index("cols"), lax.axis_index("batch")
-    cols, own = pl.ds(j * block_n, block_n), pl.ds(i * BLOCK_M, BLOCK_M)
-
-    def product(acc):
-        def chunk(c, carry):
-            contracted = pl.ds(c * BLOCK_C, BLOCK_C)
-            copy_waited(x_ref.at[b, own, contracted], x_stage, bar.at[0])
-            if s_parts:  # s's parts go straight to the product's operands
-                copy_waited(hi_ref.at[b, contracted, cols], rhs_parts.at[0], bar.at[0])
-                copy_waited(lo_ref.at[b, contracted, cols], rhs_parts.at[1], bar.at[0])
-                rhs = None
-            else:
-                copy_waited(s_ref.at[b, contracted, cols], s_stage, bar.at[0])
-                rhs = _load(s_stage, plgpu.Layout.WGMMA)
-            _bf16x3_chunk(acc, x_stage, rhs, x_parts, rhs_parts, False)
-            return carry
-
-        lax.fori_loop(0, i + 1, chunk, 0)
-        return acc[...]
-
-    add_into_tile(
-        racc_ref.at[b, own, cols], acc_smem, bar.at[0], pl.run_scoped(product, plgpu.ACC((BLOCK_M, block_n), F32))
-    )
 
 
 def _check_covers(op: str, leaf: int, d: int, fix: str) -> None:
@@ -234,22 +224,22 @@ def _cost(batch: int, leaf: int, d: int, other_bytes: int) -> pl.CostEstimate:
     )
 
 
-def _check(op: str, x_rows, wide: dict, gamma, narrow: dict, row_start):
+def _check(op: str, y_rows, wide: dict, gamma, narrow: dict, row_start):
     """Readable errors naming ``op``, the value and the fix; ``wide``: the float32 (B, Tp, D)
     buffers by name, ``narrow``: the bf16 ones."""
-    leaf = x_rows.shape[-1]
+    leaf = y_rows.shape[-1]
     first = next(iter(wide.values()))
     b, tp, d = first.shape
-    shapes = {"x_rows": (x_rows.shape, (b, None, leaf)), "gamma": (gamma.shape, (b, tp))}
+    shapes = {"y_rows": (y_rows.shape, (b, None, leaf)), "gamma": (gamma.shape, (b, tp))}
     shapes.update({name: (x.shape, (b, tp, d)) for name, x in (*wide.items(), *narrow.items())})
     for name, (got, want) in shapes.items():
         if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got)):
             raise ValueError(f"{op}: {name} must have shape {want} (None: any) for {first.shape}; got {got}")
-    if x_rows.shape[1] % leaf:
-        raise ValueError(f"{op}: x_rows' {x_rows.shape[1]} rows must be whole leaves of {leaf}")
-    f32 = [x_rows, gamma, *wide.values()]
+    if y_rows.shape[1] % leaf:
+        raise ValueError(f"{op}: y_rows' {y_rows.shape[1]} rows must be whole leaves of {leaf}")
+    f32 = [y_rows, gamma, *wide.values()]
     if any(x.dtype != F32 for x in f32) or any(x.dtype != BF16 for x in narrow.values()):
-        names = ", ".join(["x_rows", "gamma", *wide])
+        names = ", ".join(["y_rows", "gamma", *wide])
         raise ValueError(
             f"{op}: want {names} float32 and {', '.join(narrow)} bfloat16; got "
             f"{[str(x.dtype) for x in f32]}, {[str(x.dtype) for x in narrow.values()]}"
@@ -260,12 +250,17 @@ def _check(op: str, x_rows, wide: dict, gamma, narrow: dict, row_start):
     return leaf, d
 
 
-def _launch(inputs, in_place, result, leaf: int, d: int, row_start, *, transposed: bool, interpret, row_sums=()):
+def _launch(
+    inputs, in_place, result, leaf: int, d: int, row_start, *, transposed: bool, interpret, row_sums=(), r_out=None
+):
     """The kernel on one leaf; ``inputs``: the operands read (the forward's f in float32 or
     bfloat16), ``in_place``: the bf16 buffers written in place, ``result``: the float32 buffer whose
     leaf rows take the result, in place (the forward: or None, no float32 result); ``row_sums``
     (transposed): () or the two (B, D / Bn, Tp) float32 buffers of the row sums' partial sums,
-    written in place (``inputs`` then end with r). Returns (result, *in_place, *row_sums) updated."""
+    written in place (``inputs`` then end with r); ``r_out`` (forward): None or the float32 (B,
+    Tp, D) buffer whose leaf rows take r_i, in place. Returns (result, *in_place, *row_sums[,
+    r_out]) updated."""
+    tail = tuple(row_sums) + (() if r_out is None else (r_out,))
     bsz = inputs[1].shape[0]
     block_n = leaf_column_block(d)
     body = functools.partial(
@@ -276,6 +271,7 @@ def _launch(inputs, in_place, result, leaf: int, d: int, row_start, *, transpose
         copies=len(in_place),
         has_result=result is not None,
         row_sums=bool(row_sums),
+        has_r=r_out is not None,
     )
     body.__name__ = TRANSPOSED_KERNEL_NAME if transposed else KERNEL_NAME  # plgpu.kernel names it after its body
     wide_tile = plgpu.SMEM((BLOCK_C, block_n), F32, **_OUT_SWIZZLE)
@@ -296,12 +292,12 @@ def _launch(inputs, in_place, result, leaf: int, d: int, row_start, *, transpose
     if KERNEL_TAKES_COST:
         # the right-hand side's buffers (bacc; or f and racc), the result and r, by element size
         row_bytes = (4 if transposed else inputs[1].dtype.itemsize + 4) + (4 if result is not None else 0)
-        row_bytes += 4 if row_sums else 0  # r
+        row_bytes += 4 if row_sums or r_out is not None else 0  # r, read (transposed) or written
         sums = len(row_sums) * (d // block_n) * leaf * 4
         kwargs["cost_estimate"] = _cost(
             bsz, leaf, d, row_bytes * leaf * d + len(in_place) * leaf * d * 2 + leaf * 4 + sums
         )
-    refs = [jax.new_ref(x) for x in (*in_place, *([] if result is None else [result]), *row_sums)]
+    refs = [jax.new_ref(x) for x in (*in_place, *([] if result is None else [result]), *tail)]
     plgpu.kernel(
         body,
         out_type=(),
@@ -311,27 +307,32 @@ def _launch(inputs, in_place, result, leaf: int, d: int, row_start, *, transpose
         **kwargs,
     )(window_starts(row_start), *inputs, *refs)
     out = [jax.freeze(r) for r in refs]
-    out, sums = out[: len(out) - len(row_sums)], out[len(out) - len(row_sums) :]
+    out, sums = out[: len(out) - len(tail)], out[len(out) - len(tail) :]
     return ((None, *out) if result is None else (out[-1], *out[:-1])) + tuple(sums)
 
 
-def gpu_leaf_solve(x_rows, f, racc, gamma, s_b, s, row_start, *, s_lo=None, interpret=False):
-    """(s, s_b), or (s, s_b, s_lo) with ``s_lo``: the forward leaf step of leaf i = row_start / Cs.
+def gpu_leaf_solve(y_rows, f, racc, gamma, s_b, s, row_start, *, s_lo=None, r=None, interpret=False):
+    """(s, s_b), with ``s_lo`` (s, s_b, s_lo), with ``r`` also r last: the forward leaf step of
+    leaf i = row_start / Cs.
 
-    x_rows (B, n Cs, Cs) float32: X_i = (I - diag(gamma_i) A_ii)^-1 of every leaf, one under
-    another, lower triangular (its (64, 64) blocks above the diagonal are not read); f (B, Tp, D)
+    y_rows (B, n Cs, Cs) float32: Y_i = A_ii (I - diag(gamma_i) A_ii)^-1 of every leaf
+    (``trsolve.lower_resolvent``), one under another, strictly lower triangular (its (64, 64)
+    blocks above the diagonal are not read); f (B, Tp, D)
     float32 or bfloat16 (read as it is and widened in registers: no float32 copy of a bf16 f), racc
     (B, Tp, D) float32: the right-hand side's f and pushed sums; gamma (B, Tp) float32; s_b (B, Tp, D)
     bfloat16: the leaf loop's bf16 copy of s; s (B, Tp, D) float32: the solution's buffer (a
     buffer of its own: the step reads f_i while it writes), or None: s_i is written only as its
     bf16 copies (s returned as None). ``row_start``: a Python int or traced
-    int32, a multiple of Cs. Returns s with rows [row_start, row_start + Cs) set to s_i = X_i
-    (f_i + gamma_i racc_i) at bf16x3 (both operands split hi + lo, hi hi + hi lo + lo hi with
-    fp32 accumulation), and s_b with those rows set to bf16(s_i), both in place where the
-    caller's buffers are not used afterwards. ``s_lo`` (B, Tp, D) bfloat16, optional: also set to
-    bf16(s_i - bf16(s_i)) there (with s_b, ``precision.split_bf16`` of s_i: the backward's parts of
-    s, written here instead of split from s in a pass of their own). ``interpret``: False or
-    ``plgpu.InterpretGPUParams()``.
+    int32, a multiple of Cs. With r_i = racc_i + Y_i (f_i + gamma_i racc_i), the product at bf16x3
+    (both operands split hi + lo, hi hi + hi lo + lo hi with fp32 accumulation), returns s with
+    rows [row_start, row_start + Cs) set to s_i = f_i + gamma_i r_i (= (I - diag(gamma_i)
+    A_ii)^-1 (f_i + gamma_i racc_i)), and s_b with those rows set to bf16(s_i), both in place
+    where the caller's buffers are not used afterwards. ``s_lo`` (B, Tp, D) bfloat16, optional:
+    also set to bf16(s_i - bf16(s_i)) there (with s_b, ``precision.split_bf16`` of s_i: the
+    backward's parts of s, written here instead of split from s in a pass of their own). ``r``
+    (B, Tp, D) float32, optional: also set to r_i there (the residual racc + A s for the backward;
+    a buffer of its own, not racc, which the step's other programs still read). ``interpret``:
+    False or ``plgpu.InterpretGPUParams()``.
     """
     check_in_place("gpu_leaf_solve", "run the leaf step in XLA")
     if f.dtype not in (F32, BF16):
@@ -340,32 +341,36 @@ def gpu_leaf_solve(x_rows, f, racc, gamma, s_b, s, row_start, *, s_lo=None, inte
     wide, narrow = {"racc": racc}, {"s_b": s_b} if s_lo is None else {"s_b": s_b, "s_lo": s_lo}
     if s is not None:
         wide["s"] = s
+    if r is not None:
+        wide["r"] = r
     (wide if f.dtype == F32 else narrow)["f"] = f
-    leaf, d = _check("gpu_leaf_solve", x_rows, wide, gamma, narrow, row_start)
-    return _launch((x_rows, f, racc, gamma), copies, s, leaf, d, row_start, transposed=False, interpret=interpret)
+    leaf, d = _check("gpu_leaf_solve", y_rows, wide, gamma, narrow, row_start)
+    return _launch(
+        (y_rows, f, racc, gamma), copies, s, leaf, d, row_start, transposed=False, interpret=interpret, r_out=r
+    )
 
 
 def gpu_leaf_solve_transposed(
-    x_rows, bacc, gamma, g_hi, g_lo, lam, row_start, *, lam_b=None, row_sums=None, interpret=False
+    y_rows, bacc, gamma, g_hi, g_lo, lam, row_start, *, lam_b=None, row_sums=None, interpret=False
 ):
     """(lam, g_hi, g_lo[, lam_b][, delta_parts, dgamma_parts]): the backward leaf step of leaf i =
     row_start / Cs.
 
-    x_rows, gamma, ``row_start`` and ``interpret`` as in ``gpu_leaf_solve``; bacc (B, Tp, D)
-    float32: the backward's right-hand sides (ds plus the transposed pushes); g_hi, g_lo (B, Tp,
-    D) bfloat16: the backward's g = gamma * lambda as bf16 hi + lo parts; lam (B, Tp, D) float32:
-    the solution's buffer, or None: lambda_i is written only as g's parts (and as ``lam_b`` and
-    the row sums, where asked; lam returned as None). Returns lam with the leaf's rows set to
-    lambda_i = X_i^T bacc_i at bf16x3, and g_hi, g_lo with those rows set to the parts of
-    gamma_i lambda_i (``precision.split_bf16``'s hi and lo), all in place where the caller's
-    buffers are not used afterwards. ``lam_b`` (B, Tp, D) bfloat16, optional: also set to
-    bf16(lambda_i) there (a bf16 f's cotangent, written here instead of cast from lam in a pass of
-    its own). ``row_sums`` (r, delta_parts, dgamma_parts), optional: r (B, Tp, D) float32, the
-    forward's r = A s, and two (B, D / Bn, Tp) float32 buffers (Bn = ``leaf_column_block(D)``)
-    whose leaf rows are set to the partial sums over each block of Bn columns of delta =
-    rowsum(g_hi * r) (g as the backward's g s^T takes it, rounded to bf16 once) and dgamma =
-    rowsum(lambda * r), in place: summed over their second axis they are delta and dgamma of
-    those rows.
+    y_rows, gamma, ``row_start`` and ``interpret`` as in ``gpu_leaf_solve``; bacc (B, Tp, D)
+    float32: the backward's right-hand sides (ds plus the transposed pushes); g_hi, g_lo (B, Tp, D)
+    bfloat16: the backward's g = gamma * lambda as bf16 hi + lo parts; lam (B, Tp, D) float32: the
+    solution's buffer, or None: lambda_i is written only as g's parts (and as ``lam_b`` and the row
+    sums, where asked; lam returned as None). Returns lam with the leaf's rows set to lambda_i =
+    X_i^T bacc_i = bacc_i + Y_i^T (gamma_i bacc_i) (the product at bf16x3), and g_hi, g_lo with
+    those rows set to the parts of gamma_i lambda_i (``precision.split_bf16``'s hi and lo), all in
+    place where the caller's buffers are not used afterwards. ``lam_b`` (B, Tp, D) bfloat16,
+    optional: also set to bf16(lambda_i) there (a bf16 f's cotangent, written here instead of cast
+    from lam in a pass of its own). ``row_sums`` (r, delta_parts, dgamma_parts), optional: r (B, Tp,
+    D) float32, the forward's r = A s, and two (B, D / Bn, Tp) float32 buffers (Bn =
+    ``leaf_column_block(D)``) whose leaf rows are set to the partial sums over each block of Bn
+    columns of delta = rowsum(g_hi * r) (g as the backward's g s^T takes it, rounded to bf16 once)
+    and dgamma = rowsum(lambda * r), in place: summed over their second axis they are delta and
+    dgamma of those rows.
     """
     op = "gpu_leaf_solve_transposed"
     check_in_place(op, "run the leaf step in XLA")
@@ -373,9 +378,9 @@ def gpu_leaf_solve_transposed(
     wide = {"bacc": bacc} if lam is None else {"bacc": bacc, "lam": lam}
     if row_sums is not None:
         wide["r"] = row_sums[0]
-    leaf, d = _check(op, x_rows, wide, gamma, narrow, row_start)
+    leaf, d = _check(op, y_rows, wide, gamma, narrow, row_start)
     copies = tuple(narrow.values())
-    inputs, sums = (x_rows, bacc, gamma), ()
+    inputs, sums = (y_rows, bacc, gamma), ()
     if row_sums is not None:
         r, *sums = row_sums
         want = (bacc.shape[0], d // leaf_column_block(d), bacc.shape[1])
@@ -384,60 +389,3 @@ def gpu_leaf_solve_transposed(
                 raise ValueError(f"{op}: {name} must be float32 {want}; got {x.dtype} {x.shape}")
         inputs += (r,)
     return _launch(inputs, copies, lam, leaf, d, row_start, transposed=True, interpret=interpret, row_sums=tuple(sums))
-
-
-def gpu_leaf_residual(a_leaves, s_leaves, racc_leaves, *, interpret=False):
-    """r = racc + A_ii s_i of every leaf at once (the forward's residual for the backward), written
-    over racc.
-
-    a_leaves (N, Cs, Cs) float32: the leaves' A_ii (N = B n), strictly lower triangular (its (64,
-    64) blocks above the diagonal are not read); s_leaves (N, Cs, D) float32, or a pair (hi, lo) of
-    bfloat16 (N, Cs, D) arrays, s's ``precision.split_bf16`` parts (what the product splits a
-    float32 s into: the same result); racc_leaves (N, Cs, D) float32: the leaves' pushed sums.
-    A_ii s_i at bf16x3 (both split hi + lo, hi hi + hi lo + lo hi with fp32 accumulation, as
-    ``precision.leaf_dot``), added as racc + product. Returns r (N, Cs, D) float32, in place of
-    racc where the caller's racc is not used afterwards. ``interpret`` as in ``gpu_leaf_solve``.
-    """
-    op = "gpu_leaf_residual"
-    check_in_place(op, "take the leaves' residual product in XLA")
-    n, c, d = racc_leaves.shape
-    parts = isinstance(s_leaves, (tuple, list))
-    s_arrays = tuple(s_leaves) if parts else (s_leaves,)
-    if parts and len(s_arrays) != 2:
-        raise ValueError(f"{op}: s_leaves must be float32 or a pair (hi, lo) of bf16 parts; got {len(s_arrays)} arrays")
-    named = (("a_leaves", a_leaves, (n, c, c)), *(("s_leaves", x, (n, c, d)) for x in s_arrays))
-    for name, x, want in named:
-        if x.shape != want:
-            raise ValueError(f"{op}: {name} must have shape {want} for racc_leaves {racc_leaves.shape}; got {x.shape}")
-    s_dtype = BF16 if parts else F32
-    if any(x.dtype != F32 for x in (a_leaves, racc_leaves)) or any(x.dtype != s_dtype for x in s_arrays):
-        raise ValueError(
-            f"{op}: want float32 a_leaves, racc_leaves and float32 s_leaves (or bf16 parts); got "
-            f"{a_leaves.dtype}, {racc_leaves.dtype}, {[str(x.dtype) for x in s_arrays]}"
-        )
-    _check_covers(op, c, d, "use the XLA product")
-    block_n = leaf_column_block(d)
-    body = functools.partial(_residual_body, block_n=block_n, s_parts=parts)
-    body.__name__ = RESIDUAL_KERNEL_NAME
-    wide_tile = plgpu.SMEM((BLOCK_C, block_n), F32, **_OUT_SWIZZLE)
-    scratch = [
-        plgpu.SMEM((BLOCK_M, BLOCK_C), F32, **_OUT_SWIZZLE),
-        *([] if parts else [wide_tile]),
-        plgpu.SMEM((2, BLOCK_M, BLOCK_C), BF16, **SWIZZLE),
-        plgpu.SMEM((2, BLOCK_C, block_n), BF16, **SWIZZLE),
-        plgpu.SMEM((BLOCK_M, block_n), F32, **_OUT_SWIZZLE),
-        plgpu.Barrier(num_barriers=1),
-    ]
-    kwargs = dict(interpret=interpret) if interpret else {}
-    if KERNEL_TAKES_COST:
-        kwargs["cost_estimate"] = _cost(n, c, d, 2 * c * d * 4 + c * d * 4)  # racc in + out, s
-    racc_ref = jax.new_ref(racc_leaves)
-    plgpu.kernel(
-        body,
-        out_type=(),
-        scratch_types=scratch,
-        grid=(c // BLOCK_M, d // block_n, n),
-        grid_names=("rows", "cols", "batch"),
-        **kwargs,
-    )(a_leaves, *s_arrays, racc_ref)
-    return jax.freeze(racc_ref)

@@ -11,7 +11,7 @@ push, the leaf solves multiply by the inverted diagonal blocks) take the solve's
 * ``"bfloat16"``: the pushes in two bf16 passes, forward P s with P split into hi + lo and s
   rounded to bf16 once (``push_dot``), backward A^T g with P rounded once and g split
   (``transposed_push_dot``), where bf16x3 takes three; the leaf products (the
-  forward's leaf solves X_i rhs, r's diagonal blocks A_ii s_i and the backward's X_i^T products)
+  forward's leaf products Y_i rhs, which give s_i and r_i, and the backward's Y_i^T products)
   as in bf16x3 (``leaf_tier``; on a GPU the compiler's three-pass algorithm, ``leaf_dot``). The
   logits gradient dL = A * (g s^T - rowsum(g * r)) needs s and r = A s to better than bf16: with
   the leaf products in one pass dq leaves its bound where every row attends to the previous
@@ -87,8 +87,8 @@ def resolve_precision(precision: str, platform: str | None = None, compute_dtype
 
 
 def leaf_tier(tier: str) -> str:
-    """Tier of the leaf products (the forward's leaf solves X_i rhs, r's diagonal blocks A_ii s_i,
-    the backward's X_i^T products): bf16x3 in the bfloat16 tier too, which runs only the pushes
+    """Tier of the leaf products (the forward's Y_i rhs, which gives s_i and r_i, the backward's
+    Y_i^T products): bf16x3 in the bfloat16 tier too, which runs only the pushes
     in fewer passes (two each, P s forward and A^T g backward; see the module docstring)."""
     return "bf16x3" if tier == "bfloat16" else tier
 

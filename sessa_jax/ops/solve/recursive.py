@@ -2,19 +2,20 @@
 
 Forward, on q, k, f (B, Tp, D) and gamma (B, Tp) with Tp = n * Cs:
   1. (m, logl) = row statistics of the strict-past softmax (one parallel logits pass).
-  2. Every diagonal leaf at once: A_ii = exp((L_ii - m) - logl) masked, X_i = (I - G_i A_ii)^-1.
+  2. Every diagonal leaf at once: A_ii = exp((L_ii - m) - logl) masked, and
+     Y_i = A_ii X_i with X_i = (I - G_i A_ii)^-1 = I + G_i Y_i (``trsolve.lower_resolvent``).
   3. One ``lax.scan`` over leaves i = 0 .. n-1 (the sequential spine):
-         s_i = X_i (f_i + gamma_i racc_i)
+         r_i = racc_i + Y_i (f_i + gamma_i racc_i),  s_i = f_i + gamma_i r_i
+     (s_i = X_i (f_i + gamma_i racc_i), and r_i = racc_i + A_ii s_i without a product by A_ii)
          push block j = i + 1 (``schedule.PushSchedule``): racc[R_j] += A[R_j, K_j] s[K_j],
      where the block's shape picks a ``lax.switch`` branch and A's entries are rebuilt from
      the known statistics in tiles: two large matrix products per tile.
-  4. r = racc + A_ii s_i for all leaves at once.
-Residuals: q, k, gamma, seg, s, r (float32), (m, logl) and the diagonal leaves A_ii, X_i
+Residuals: q, k, gamma, seg, s, r = A s (float32), (m, logl) and the diagonal leaves A_ii, Y_i
 ((B, n, Cs, Cs) each: in a jitted forward + backward XLA kept them from the forward anyway, so
 rebuilding them only added work); never the off-diagonal blocks of A.
 
-Backward: lam = (I - Gamma A)^-T ds by the mirror scan i = n-1 .. 0,
-         lam_i = X_i^T (ds_i + bacc_i),  g_i = gamma_i lam_i,  delta_i = rowsum(g_i * r_i),
+Backward: lam = (I - Gamma A)^-T ds by the mirror scan i = n-1 .. 0, with w_i = ds_i + bacc_i,
+         lam_i = X_i^T w_i = w_i + Y_i^T (gamma_i w_i),  g_i = gamma_i lam_i,  delta_i = rowsum(g_i * r_i),
          dgamma_i = rowsum(lam_i * r_i)  (r is read once, per leaf),
          push block j = i:  bacc[K_j] += A^T g[R_j],  and, since everything the logits
          gradient dL = A * (g s^T - rowsum(g * r)) needs is known there, dq[R_j] += dL k,
@@ -54,7 +55,6 @@ from sessa_jax.ops.solve.block_product_gpu import (
 )
 from sessa_jax.ops.solve.block_product_tpu import tpu_block_product, tpu_block_product_bwd
 from sessa_jax.ops.solve.leaf_gpu import (
-    gpu_leaf_residual,
     gpu_leaf_solve,
     gpu_leaf_solve_transposed,
     leaf_column_block,
@@ -75,7 +75,7 @@ from sessa_jax.ops.solve.row_stats_gpu import TIERS as GPU_TIERS
 from sessa_jax.ops.solve.row_stats_gpu import gpu_row_statistics
 from sessa_jax.ops.solve.row_stats_tpu import tpu_row_statistics
 from sessa_jax.ops.solve.schedule import PushSchedule, auto_static_span, padded_leaves
-from sessa_jax.ops.solve.trsolve import unit_lower_inverse
+from sessa_jax.ops.solve.trsolve import lower_resolvent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,8 +150,8 @@ class RecursivePlan:
 
     @property
     def leaf_tier(self) -> str:
-        """Tier of the leaf products: the forward's leaf solves, r's diagonal blocks and the
-        backward's X_i^T products (``precision.leaf_tier``)."""
+        """Tier of the leaf products: the forward's Y_i rhs_i (s_i and r_i) and the backward's
+        Y_i^T products (``precision.leaf_tier``)."""
         return leaf_tier(self.tier)
 
     def chained(self, spec: str, a, b):
@@ -190,9 +190,9 @@ class RecursivePlan:
         return self.gemm_kernels and self.tier == "bfloat16" and accumulate_covers(width) and in_place_supported()
 
     def leaf_solves_in_kernel(self, width: int) -> bool:
-        """Whether the leaf steps run in ``leaf_gpu``'s kernels (forward ``gpu_leaf_solve``: X_i,
-        f_i, racc_i read in place, s's bf16 copy written in place; backward, where g is kept as
-        two bf16 buffers, ``gpu_leaf_solve_transposed``: X_i and bacc_i read in place, g's parts
+        """Whether the leaf steps run in ``leaf_gpu``'s kernels (forward ``gpu_leaf_solve``: Y_i,
+        f_i, racc_i read in place, s's bf16 copy and r written in place; backward, where g is kept as
+        two bf16 buffers, ``gpu_leaf_solve_transposed``: Y_i and bacc_i read in place, g's parts
         written in place): kernels "gpu_gemm" in the "bfloat16" tier (whose leaf products are
         bf16x3, as the kernels'), at a leaf and width they cover, where this JAX lowers an
         aliased operand (``accumulate_gpu.in_place_supported``)."""
@@ -241,6 +241,14 @@ class RecursivePlan:
         passes on a GPU: the explicit bf16x3 split (``precision.chained_dot``) and the bfloat16
         tier's two passes (``precision.push_dot``)."""
         return platform_kind(self.platform) == "gpu" and self.tier in ("bf16x3", "bfloat16")
+
+    @property
+    def residual_in_leaf_step(self) -> bool:
+        """Whether the XLA leaf step writes r_i = racc_i + A_ii s_i over racc_i (on a GPU, where the
+        write costs no more than the product after the loop saves), or r is formed after the
+        forward loop as racc + A_ii s (elsewhere: on a TPU v5e the written r took 0.25 GiB more
+        of the solve's temporaries, docs/performance.md). The leaf kernels always write it."""
+        return platform_kind(self.platform) == "gpu"
 
     @property
     def padded_len(self) -> int:
@@ -391,17 +399,16 @@ def _gemm_diagonal_blocks(plan: RecursivePlan, q_b, k_b, seg, m, logl):
     return a_ii.reshape(q_b.shape[0], plan.num_leaves, plan.leaf, plan.leaf)
 
 
-def diag_inverse(plan: RecursivePlan, a_ii, gamma):
-    """X_i = (I - diag(gamma_i) A_ii)^-1 for all leaves at once, (B, n, Cs, Cs), fp32-faithful
-    (``RecursivePlan.faithful``) at every tier: the inverse reaches every s_i."""
+def diag_resolvent(plan: RecursivePlan, a_ii, gamma):
+    """Y_i = A_ii (I - diag(gamma_i) A_ii)^-1 for all leaves at once, (B, n, Cs, Cs), strictly
+    lower, fp32-faithful (``RecursivePlan.faithful``) at every tier: it reaches every s_i. The
+    leaf steps take X_i = (I - diag(gamma_i) A_ii)^-1 = I + diag(gamma_i) Y_i through it: with
+    rhs_i = f_i + gamma_i racc_i, A_ii s_i = Y_i rhs_i, so r_i = racc_i + Y_i rhs_i (the residual,
+    no product by A_ii) and s_i = f_i + gamma_i r_i; lambda_i = X_i^T w_i = w_i + Y_i^T (gamma_i
+    w_i)."""
     b, n, c, _ = a_ii.shape
-    if platform_kind(plan.platform) == "gpu":  # scaled per sliced block: XLA's GPU compiler wrote gamma A_ii whole
-        scale = gamma.reshape(b * n, c).astype(a_ii.dtype)
-        return unit_lower_inverse(a_ii.reshape(b * n, c, c), plan.faithful, row_scale=scale).reshape(b, n, c, c)
-    # elsewhere the product first (on a TPU v5e the per-block scaling compiles to more fusions);
-    # the same numbers either way
-    nil = gamma.reshape(b, n, c, 1).astype(a_ii.dtype) * a_ii
-    return unit_lower_inverse(nil.reshape(b * n, c, c), plan.faithful).reshape(b, n, c, c)
+    scale = gamma.reshape(b * n, c).astype(a_ii.dtype)
+    return lower_resolvent(a_ii.reshape(b * n, c, c), scale, plan.faithful).reshape(b, n, c, c)
 
 
 def _gemm_block_update(plan: RecursivePlan, q_b, seg, m, logl, k_b, r0, rows: int, k0, keys: int, s_keys):
@@ -543,9 +550,11 @@ def _panel_operands(q, seg, m, logl, k, r0, rows: int, k0, keys: int):
     )
 
 
-def _forward(plan: RecursivePlan, q, k, gamma, f, seg, keep_s_parts: bool = False):
-    """(s, r, m, logl, a_ii, x_inv, s_parts): s_parts the (hi, lo) bf16 parts of s where
-    ``keep_s_parts`` and the leaf kernel writes them (for the kernels' backward), else None."""
+def _forward(plan: RecursivePlan, q, k, gamma, f, seg, for_backward: bool = False):
+    """(s, r, m, logl, a_ii, y_leaves, s_parts): the backward's residuals where ``for_backward``
+    (r = racc + A_ii s, the pushed sums with the leaves' own; s_parts the (hi, lo) bf16 parts of s
+    where the leaf kernel writes them, for the kernels' backward, else None); without it r and
+    s_parts are None."""
     c, n = plan.leaf, plan.num_leaves
     sched = plan.schedule
     diag_logits = leaf_logits(q, k, c, plan.scale, plan.tier, plan.platform)
@@ -573,7 +582,7 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg, keep_s_parts: bool = Fals
         a_ii = _gemm_diagonal_blocks(plan, q_b, k_b, seg, m, logl)
     else:
         a_ii = diag_blocks(plan, diag_logits, seg, m, logl)
-    x_inv = diag_inverse(plan, a_ii, gamma)
+    y_leaves = diag_resolvent(plan, a_ii, gamma)
 
     def block_update(r0, rows, k0, keys, s_keys):
         if plan.gemm_kernels:
@@ -602,7 +611,7 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg, keep_s_parts: bool = Fals
     racc_writes = _FirstWrites(c, in_place and not sched.looped)
 
     def tile(carry, r0, rows, k0, keys):
-        s_buf, racc, s_b = carry
+        s_buf, racc, s_b, r_buf = carry
         if in_place:  # racc[rows] += (P_hi + P_lo) bf16(s)[keys] in one kernel, s read from its bf16 copy
             window = dict(rows=rows, keys=keys, row_start=r0, key_start=k0)
             parts = gpu_block_probs(
@@ -612,7 +621,7 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg, keep_s_parts: bool = Fals
             racc = gpu_accumulate_product(
                 racc, parts, s_b[0], acc_start=r0, b_start=k0, overwrite=overwrite, interpret=plan.gpu_interpret
             )
-            return s_buf, racc, s_b
+            return s_buf, racc, s_b, r_buf
         if fused_window:  # the fused push reads q, k, m, logl and s's bf16 part(s) in place
             push = functools.partial(
                 gpu_block_product,
@@ -631,36 +640,42 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg, keep_s_parts: bool = Fals
                 key_start=k0,
             )
             if in_place_supported():  # and adds into racc in place
-                return s_buf, push(acc=racc), s_b
+                return s_buf, push(acc=racc), s_b, r_buf
             update = push()
         else:
             update = block_update(r0, rows, k0, keys, take_chunk(s_buf, k0, keys))
         update = plan.unfused_sum(update)
-        return s_buf, lax.dynamic_update_slice_in_dim(racc, take_chunk(racc, r0, rows) + update, r0, axis=1), s_b
+        racc = lax.dynamic_update_slice_in_dim(racc, take_chunk(racc, r0, rows) + update, r0, axis=1)
+        return s_buf, racc, s_b, r_buf
 
     leaf_in_kernel = s_copies == 1 and plan.leaf_solves_in_kernel(f.shape[-1])
     # the backward's kernels take s as bf16 hi + lo: the leaf kernel writes lo beside s's bf16 copy (hi)
-    keeps_lo = keep_s_parts and leaf_in_kernel and plan.gemm_kernels
-    x_rows = x_inv.reshape(x_inv.shape[0], n * c, c)  # X_i one under another, for the leaf kernel
+    keeps_lo = for_backward and leaf_in_kernel and plan.gemm_kernels
+    y_rows = y_leaves.reshape(y_leaves.shape[0], n * c, c)  # Y_i one under another, for the leaf kernel
 
     def solve_leaf(carry, i):
-        s_buf, racc, s_b = carry
+        s_buf, racc, s_b, r_buf = carry
         start = i * c
         racc = racc_writes.ready(racc, start, c)
-        if leaf_in_kernel:  # X_i, f_i, racc_i read in place, s_i and bf16(s_i) (and lo) written in place
+        if leaf_in_kernel:  # Y_i, f_i, racc_i read in place; s_i, bf16(s_i) (and lo) and r_i written in place
             s_lo = s_b[1] if keeps_lo else None
             s_buf, *s_b = gpu_leaf_solve(
-                x_rows, f, racc, gamma, s_b[0], s_buf, start, s_lo=s_lo, interpret=plan.gpu_interpret
+                y_rows, f, racc, gamma, s_b[0], s_buf, start, s_lo=s_lo, r=r_buf, interpret=plan.gpu_interpret
             )
-            return s_buf, racc, tuple(s_b)
+            if r_buf is not None:
+                *s_b, r_buf = s_b
+            return s_buf, racc, tuple(s_b), r_buf
         # s_buf starts as f and leaf i overwrites its own rows only, after reading f_i there
-        rhs = take_chunk(s_buf, start, c) + take_chunk(gamma, start, c)[..., None] * take_chunk(racc, start, c)
-        x_i = lax.dynamic_index_in_dim(x_inv, i, axis=1, keepdims=False)
-        s_i = plan.chained("bij,bjd->bid", x_i, rhs)
+        f_i, racc_i, gamma_i = take_chunk(s_buf, start, c), take_chunk(racc, start, c), take_chunk(gamma, start, c)
+        y_i = lax.dynamic_index_in_dim(y_leaves, i, axis=1, keepdims=False)
+        r_i = racc_i + plan.chained("bij,bjd->bid", y_i, f_i + gamma_i[..., None] * racc_i)
+        s_i = f_i + gamma_i[..., None] * r_i
+        if for_backward and plan.residual_in_leaf_step:  # r_i over racc_i, which nothing reads after this step
+            racc = lax.dynamic_update_slice_in_dim(racc, r_i, start, axis=1)
         if s_copies:  # s rounded (or split) for the pushes once, here
             parts = split_bf16(s_i) if s_copies == 2 else (s_i.astype(jnp.bfloat16),)
             s_b = tuple(lax.dynamic_update_slice_in_dim(buf, x, start, axis=1) for buf, x in zip(s_b, parts))
-        return lax.dynamic_update_slice_in_dim(s_buf, s_i, start, axis=1), racc, s_b
+        return lax.dynamic_update_slice_in_dim(s_buf, s_i, start, axis=1), racc, s_b, r_buf
 
     def step(carry, xs):
         i, branch = xs
@@ -678,12 +693,14 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg, keep_s_parts: bool = Fals
     acc = gamma.dtype  # the accumulation dtype; f may come in bf16, which only the leaf kernel reads as it is
     f = f if leaf_in_kernel else f.astype(acc)
     # a bf16 f gets its s back in bf16: the leaf kernel's bf16 copy (the pushes') is that s, and
-    # no float32 s is written at all (the residual product takes s's two bf16 parts)
+    # no float32 s is written at all
     bf16_out = leaf_in_kernel and f.dtype == jnp.bfloat16
     s0 = None if bf16_out else _unwritten(f.shape, acc) if leaf_in_kernel else f
     copies = tuple(_unwritten(f.shape, jnp.bfloat16) for _ in range(s_copies + keeps_lo))
     racc0 = _unwritten(f.shape, acc) if racc_writes.enabled else _accumulator(f.shape, acc)
-    carry = (s0, racc0, copies)
+    # the leaf kernel writes r into a buffer of its own (its programs read racc_i while others write r_i)
+    r0 = _unwritten(f.shape, acc) if leaf_in_kernel and for_backward else None
+    carry = (s0, racc0, copies, r0)
     for first, count in sched.segments():
         if count == 1:
             carry = solve_leaf(carry, first)  # its block, first + 1, is static (or absent)
@@ -695,26 +712,21 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg, keep_s_parts: bool = Fals
             )
         if first + count < n:
             carry = sched.visit_static(first + count, carry, c, tile, barrier)
-    s, racc, copies = carry
-    s_parts = copies if keeps_lo else None
-    b, tp, d = f.shape
-    if bf16_out:
-        s = copies[0]
-        if s_parts is None:  # no backward to feed (the solve's primal): no residual either
-            return s, None, m, logl, a_ii, x_inv, None
-    if leaf_in_kernel:  # A_ii s_i over A_ii's lower blocks only, added into racc in place
-        a_leaves = a_ii.reshape(b * n, c, c)
-        s_in = tuple(_by_leaf(plan, x) for x in s_parts) if bf16_out else _by_leaf(plan, s)
-        r = gpu_leaf_residual(a_leaves, s_in, _by_leaf(plan, racc), interpret=plan.gpu_interpret)
-        return s, r.reshape(b, tp, d), m, logl, a_ii, x_inv, s_parts
-    r = racc + plan.chained("bnij,bnjd->bnid", a_ii, s.reshape(b, n, c, d)).reshape(b, tp, d)
-    return s, r, m, logl, a_ii, x_inv, s_parts
+    s, racc, copies, r = carry
+    s = copies[0] if bf16_out else s
+    if not for_backward:
+        return s, None, m, logl, a_ii, y_leaves, None
+    if r is None and not plan.residual_in_leaf_step:  # A_ii s_i of every leaf at once
+        b, tp, d = f.shape
+        r = racc + plan.chained("bnij,bnjd->bnid", a_ii, s.reshape(b, n, c, d)).reshape(b, tp, d)
+    r = racc if r is None else r
+    return s, r, m, logl, a_ii, y_leaves, copies if keeps_lo else None
 
 
 def _backward(plan: RecursivePlan, res, ds, df_dtype=None):
     """(dq, dk, dgamma, df): df in ``df_dtype`` (bf16) straight from the leaf kernel where it runs,
     else in the accumulation dtype."""
-    q, k, gamma, seg, s, r, m, logl, a_ii, x_inv, s_parts_kept = res
+    q, k, gamma, seg, s, r, m, logl, a_ii, y_leaves, s_parts_kept = res
     c, n = plan.leaf, plan.num_leaves
     sched = plan.schedule
     b, tp, d = s.shape
@@ -798,18 +810,18 @@ def _backward(plan: RecursivePlan, res, ds, df_dtype=None):
     # over its column blocks: its tier, "bfloat16", is g s^T's too (g rounded once), and the dual
     # GEMM reads delta's partial sums and adds them.
     leaf_in_kernel = plan.accumulates_in_kernel(d) and plan.leaf_solves_in_kernel(d)
-    x_rows = x_inv.reshape(b, n * c, c)  # X_i one under another, for the leaf kernel
+    y_rows = y_leaves.reshape(b, n * c, c)  # Y_i one under another, for the leaf kernel
 
     def solve_leaf(carry, i):
         """lam_i, and the leaf's rows of g, of delta = rowsum(g * r) (every block that pushes from
         these rows takes it) and of dgamma = rowsum(lam * r): r_i is read once, here."""
         bacc, g_buf, delta, dq, dk, lam = carry
         start = i * c
-        if leaf_in_kernel:  # X_i, bacc_i and r_i read in place; the leaf's rows of lambda (or of its
+        if leaf_in_kernel:  # Y_i, bacc_i and r_i read in place; the leaf's rows of lambda (or of its
             # bf16 copy alone), g's two bf16 parts and delta's and dgamma's partial sums written in place
             lam_b = lam[1] if len(lam) == 2 else None
             lam_f, *out = gpu_leaf_solve_transposed(
-                x_rows,
+                y_rows,
                 bacc,
                 gamma,
                 *g_buf,
@@ -821,9 +833,10 @@ def _backward(plan: RecursivePlan, res, ds, df_dtype=None):
             )
             *out, delta_parts, dgamma_parts = out
             return (bacc, tuple(out[:2]), (delta_parts, dgamma_parts), dq, dk, (lam_f, *out[2:])), None
-        x_i = lax.dynamic_index_in_dim(x_inv, i, axis=1, keepdims=False)
-        lam_i = plan.chained("bji,bjd->bid", x_i, take_chunk(bacc, start, c))
-        g_i = take_chunk(gamma, start, c)[..., None] * lam_i
+        y_i = lax.dynamic_index_in_dim(y_leaves, i, axis=1, keepdims=False)
+        w_i, gamma_i = take_chunk(bacc, start, c), take_chunk(gamma, start, c)[..., None]
+        lam_i = w_i + plan.chained("bji,bjd->bid", y_i, gamma_i * w_i)  # X_i^T w_i
+        g_i = gamma_i * lam_i
         parts = split_bf16(g_i) if len(g_buf) == 2 else (g_i.astype(g_buf[0].dtype),)
         g_buf = tuple(lax.dynamic_update_slice_in_dim(buf, x, start, axis=1) for buf, x in zip(g_buf, parts))
         r_i = take_chunk(r, start, c)
@@ -916,8 +929,8 @@ def _solve(plan, q, k, gamma, f, seg):
 
 
 def recursive_solve_fwd(plan, q, k, gamma, f, seg):
-    s, r, m, logl, a_ii, x_inv, s_parts = _forward(plan, q, k, gamma, f, seg, keep_s_parts=True)
-    return s, (q, k, gamma, seg, s, r, m, logl, a_ii, x_inv, s_parts, jnp.zeros((), f.dtype))  # the last: f's dtype
+    s, r, m, logl, a_ii, y_leaves, s_parts = _forward(plan, q, k, gamma, f, seg, for_backward=True)
+    return s, (q, k, gamma, seg, s, r, m, logl, a_ii, y_leaves, s_parts, jnp.zeros((), f.dtype))  # the last: f's dtype
 
 
 def _solve_bwd(plan, res, ds):

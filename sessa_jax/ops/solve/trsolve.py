@@ -6,12 +6,12 @@ of at most ``LEAF`` rows, where the exact nilpotent series
     (I - N)^-1 = (I + N)(I + N^2)(I + N^4) ...   (ceil(log2 c) factors)
 is applied. Sessa's N = diag(gamma) A has row sums |N| <= gamma_max < 1, so no power grows.
 
-``unit_lower_inverse`` forms (I - N)^-1 itself (N = diag(r) A with row scales r: each block
-scaled where it is sliced, so no scaled copy of A is made), bottom-up: every LEAF-sized diagonal block is
-inverted by the series at once, then each level merges pairs of diagonal blocks,
-    [[I - N11, 0], [-N21, I - N22]]^-1 = [[X11, 0], [X22 N21 X11, X22]],
+``lower_resolvent`` forms Y = A (I - diag(r) A)^-1 itself, from which (I - diag(r) A)^-1 =
+I + diag(r) Y, bottom-up: every LEAF-sized diagonal block by the series at once, then each level
+merges pairs of diagonal blocks,
+    [[I - N11, 0], [-N21, I - N22]]^-1 = [[X11, 0], [X22 N21 X11, X22]]   (N = diag(r) A),
 with all pairs of a level in one batched product. The halves of a block do not wait for each
-other, so the program is ~4 operations per level (log2(c / LEAF) levels) instead of a
+other, so the program is a few operations per level (log2(c / LEAF) levels) instead of a
 sequential recursion over c / LEAF leaves.
 """
 
@@ -75,38 +75,42 @@ def _diagonal_blocks(n, size: int, offset: int = 0, row_scale=None):
     return row_scale.reshape(n.shape[0], c // size, size)[:, :, offset:, None] * blocks
 
 
-def unit_lower_inverse(n, dot=None, row_scale=None):
-    """(I - n)^-1 for strictly lower n (B, c, c): (B, c, c), by pairwise merges of diagonal blocks.
+def lower_resolvent(a, row_scale, dot=None):
+    """Y = a (I - diag(row_scale) a)^-1 for strictly lower a (B, c, c) and row scales (B, c):
+    (B, c, c), strictly lower, by pairwise merges of diagonal blocks.
 
-    ``dot(spec, a, b)``: the einsum of the merges (a precision tier's, e.g. ``precision.chained_dot``
-    with the solve's tier); default exact (``Precision.HIGHEST``). The 16-row leaves' series is
-    always exact (products of 16 x 16 blocks, a small share of the work). ``row_scale`` (B, c):
-    the inverse of I - diag(row_scale) n instead, the same numbers as passing that product, with
-    each block scaled as it is sliced (the compiler fuses the scaling into the slices' consumers
-    instead of writing the scaled matrix)."""
+    With X = (I - diag(r) a)^-1 = I + diag(r) Y, a unit-lower solve and the product a x of its
+    solution come from one product by Y: for u = Y b, x = X b = b + r * u and a x = u; and
+    X^T w = w + Y^T (r * w). No division by r, which may be 0. The merges of a level,
+        Y21 = (I + Y22 diag(r2)) a21 (I + diag(r1) Y11),
+    take two products, ``dot(spec, a, b)`` (a precision tier's einsum, e.g.
+    ``RecursivePlan.faithful``; default exact, ``Precision.HIGHEST``), with all pairs of a level in
+    one batched product; the 16-row leaves (a series, then their product by a) are always exact.
+    Each block of a is scaled where it is sliced: no scaled copy of a is made."""
     dot = _exact if dot is None else dot
-    bsz, c, _ = n.shape
-    if c <= LEAF:
-        n = n if row_scale is None else row_scale[..., None] * n
-        return _series(n, jnp.broadcast_to(jnp.eye(c, dtype=n.dtype), n.shape), transpose=False)
-    size = LEAF
+    bsz, c, _ = a.shape
+    size = c if c <= LEAF else LEAF
     while size < c:
         size *= 2
-    n = jnp.pad(n, ((0, 0), (0, size - c), (0, size - c)))  # zero rows and columns: identity blocks
-    if row_scale is not None:
-        row_scale = jnp.pad(row_scale, ((0, 0), (0, size - c)))
-    blocks = _diagonal_blocks(n, LEAF, row_scale=row_scale)  # (B, m, LEAF, LEAF)
-    m = blocks.shape[1]
-    eye = jnp.broadcast_to(jnp.eye(LEAF, dtype=n.dtype), (bsz * m, LEAF, LEAF))
-    x = _series(blocks.reshape(bsz * m, LEAF, LEAF), eye, transpose=False).reshape(bsz, m, LEAF, LEAF)
-    s = LEAF
+    a = jnp.pad(a, ((0, 0), (0, size - c), (0, size - c)))  # zero rows and columns: zero blocks of Y
+    row_scale = jnp.pad(row_scale, ((0, 0), (0, size - c)))
+    leaf = min(size, LEAF)
+    m = size // leaf
+    a_blocks = _diagonal_blocks(a, leaf).reshape(bsz * m, leaf, leaf)
+    eye = jnp.broadcast_to(jnp.eye(leaf, dtype=a.dtype), (bsz * m, leaf, leaf))
+    x = _series(_diagonal_blocks(a, leaf, row_scale=row_scale).reshape(bsz * m, leaf, leaf), eye, transpose=False)
+    y = _mm(a_blocks, x).reshape(bsz, m, leaf, leaf)
+    s = leaf
     while s < size:
         m //= 2
-        # rows of the lower half, cols of the upper
-        n21 = _diagonal_blocks(n, 2 * s, offset=s, row_scale=row_scale).reshape(bsz * m, s, s)
-        x11, x22 = (x[:, h::2].reshape(bsz * m, s, s) for h in (0, 1))
-        x21 = dot("bij,bjd->bid", x22, dot("bij,bjd->bid", n21, x11))
-        top = jnp.concatenate([x11, jnp.zeros_like(x11)], axis=2)
-        x = jnp.concatenate([top, jnp.concatenate([x21, x22], axis=2)], axis=1).reshape(bsz, m, 2 * s, 2 * s)
+        a21 = _diagonal_blocks(a, 2 * s, offset=s).reshape(bsz * m, s, s)  # rows of the lower half, cols of the upper
+        r1, r2 = (row_scale.reshape(bsz * m, 2, s)[:, h] for h in (0, 1))
+        y11, y22 = (y[:, h::2].reshape(bsz * m, s, s) for h in (0, 1))
+        # X11 = I + diag(r1) Y11 and I + Y22 diag(r2) formed as the products' operands, which the
+        # compiler fuses into them (adding a21 and t to the products' results instead costs passes of their own)
+        eye = jnp.eye(s, dtype=a.dtype)
+        y21 = dot("bij,bjd->bid", eye + y22 * r2[:, None, :], dot("bij,bjd->bid", a21, eye + r1[..., None] * y11))
+        top = jnp.concatenate([y11, jnp.zeros_like(y11)], axis=2)
+        y = jnp.concatenate([top, jnp.concatenate([y21, y22], axis=2)], axis=1).reshape(bsz, m, 2 * s, 2 * s)
         s *= 2
-    return x.reshape(bsz, size, size)[:, :c, :c]
+    return y.reshape(bsz, size, size)[:, :c, :c]
