@@ -1,5 +1,7 @@
 """MambaMixer: both scans against a step-by-step recurrence and each other, causality, segment resets."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -170,11 +172,15 @@ def _train_mamba_lm_and_score(make_batch, *, t_len: int, n_layers: int, steps: i
 
     cfg = SessaConfig(d_model=16, n_heads=1, n_layers=n_layers, vocab_size=24, max_len=t_len)
     model = SessaLM(cfg, kind="mamba")
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, t_len), jnp.int32))
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, t_len), jnp.int32))  # eager: seconds
     tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 1e-2, 30, steps))
     opt = tx.init(params)
 
-    @jax.jit
+    # The step runs hundreds of times, so its run time, not its compile, is the test's time: at
+    # make test's XLA optimization level 0 it ran about five times slower than at level 2, which
+    # it is compiled at here whatever XLA_FLAGS says (the same function; only float32 rounding
+    # differs between the levels, and what is checked is what the model learns).
+    @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 2})
     def step(params, opt, batch):
         (loss, _), g = jax.value_and_grad(lambda p: loss_and_metrics(p, model.apply, batch), has_aux=True)(params)
         upd, opt = tx.update(g, opt, params)
