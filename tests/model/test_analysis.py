@@ -7,6 +7,7 @@ import pytest
 
 from sessa_jax import SessaConfig, SessaLayer, SessaLM
 from sessa_jax import analysis as an
+from tests.support.shared import built_once
 
 T = 1024  # tail tests: lags 1 .. 1023
 D = 4
@@ -39,7 +40,9 @@ def test_influence_of_a_whole_model_from_its_embeddings():
     tokens = jax.random.randint(jax.random.PRNGKey(2), (9,), 0, 16)
     variables = jax.jit(model.init)(jax.random.PRNGKey(3), tokens[None])
     fn, x0 = an.lm_fn(model, variables, tokens)
-    np.testing.assert_allclose(fn(x0), jax.jit(model.apply)(variables, tokens[None])[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        jax.jit(fn.apply)(fn.args, x0), jax.jit(model.apply)(variables, tokens[None])[0], rtol=1e-6, atol=1e-6
+    )
     got = an.influence(fn, x0, np.arange(9))
     want = _full_jacobian_norms(fn, x0)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * want.max())
@@ -89,14 +92,27 @@ def _profile(kind, t_len=T, lags=LAGS, **kw):
     return an.lag_profile(an.layer_fn(module, variables), an.constant_input(t_len, D), lags)
 
 
-@pytest.fixture(scope="module")
-def sessa_half():
-    return _profile("sessa", gamma=0.5)
+def _profile_once(tmp_path_factory, kind, **kw):
+    """``_profile(kind, **kw)`` computed once per session: as module fixtures, each xdist worker
+    that got one of the tests using it computed its own. The values come back exactly (JSON
+    keeps a float's every bit), in their dtype."""
+
+    def build(_folder):
+        prof = np.asarray(_profile(kind, **kw))
+        return {"values": prof.tolist(), "dtype": prof.dtype.name}
+
+    record = built_once(tmp_path_factory, f"analysis-profile-{kind}", build)[1]
+    return np.asarray(record["values"], record["dtype"])
 
 
 @pytest.fixture(scope="module")
-def transformer():
-    return _profile("transformer")
+def sessa_half(tmp_path_factory):
+    return _profile_once(tmp_path_factory, "sessa", gamma=0.5)
+
+
+@pytest.fixture(scope="module")
+def transformer(tmp_path_factory):
+    return _profile_once(tmp_path_factory, "transformer")
 
 
 def test_sessa_uniform_routing_matches_closed_form(sessa_half):
