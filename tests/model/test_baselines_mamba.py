@@ -72,7 +72,7 @@ def test_mixer_is_causal():
 def test_chunk_size_does_not_change_output():
     m, p, x = _mixer(chunk=3, scan="chunked")
     m5 = MambaMixer(m.config.replace(chunk_size=5), scan="chunked")
-    np.testing.assert_allclose(m.apply(p, x), m5.apply(p, x), **F32_TOL)
+    np.testing.assert_allclose(jax.jit(m.apply)(p, x), jax.jit(m5.apply)(p, x), **F32_TOL)
 
 
 @pytest.mark.parametrize("segmented", [False, True])
@@ -107,21 +107,22 @@ def test_segments_do_not_see_each_other(scan):
     m, p, x = _mixer(scan=scan)
     cut = 5
     seg = jnp.array([[1] * cut + [2] * (12 - cut)] * 2, jnp.int32)
-    packed = m.apply(p, x, segment_ids=seg)
-    alone_a = m.apply(p, x[:, :cut])
-    alone_b = m.apply(p, x[:, cut:])
+    apply = jax.jit(m.apply)  # compiled: op by op the four runs took most of the test's time
+    packed = apply(p, x, segment_ids=seg)
+    alone_a = apply(p, x[:, :cut])
+    alone_b = apply(p, x[:, cut:])
     np.testing.assert_allclose(packed[:, :cut], alone_a, **F32_TOL)
     np.testing.assert_allclose(packed[:, cut:], alone_b, **F32_TOL)
     # and without segment ids, doc B does depend on doc A (the test can fail)
-    assert not np.allclose(m.apply(p, x)[:, cut:], alone_b, **F32_TOL)
+    assert not np.allclose(apply(p, x)[:, cut:], alone_b, **F32_TOL)
 
 
 def test_bfloat16_compute_keeps_dtype_and_float32_params():
     m, p, x = _mixer(dtype=jnp.bfloat16)
-    y = m.apply(p, x.astype(jnp.bfloat16))
+    y = jax.jit(m.apply)(p, x.astype(jnp.bfloat16))  # compiled: op by op it took seconds
     assert y.dtype == jnp.bfloat16
     assert all(v.dtype == jnp.float32 for v in jax.tree_util.tree_leaves(p))
-    y32 = _mixer()[0].apply(p, x)
+    y32 = jax.jit(_mixer()[0].apply)(p, x)
     np.testing.assert_allclose(np.asarray(y, np.float32), y32, rtol=0.1, atol=0.1)  # bf16 has 8 mantissa bits
 
 
