@@ -7,6 +7,7 @@ import pytest
 
 from sessa_jax import SessaConfig, SessaLayer, SessaLM
 from sessa_jax import analysis as an
+from tests.support.shared import built_once
 
 T = 1024  # tail tests: lags 1 .. 1023
 D = 4
@@ -23,7 +24,7 @@ def test_influence_equals_full_jacobian_for_a_random_layer():
     cfg = SessaConfig(d_model=8, n_heads=2, chunk_size=4)
     layer = SessaLayer(cfg)
     x = jax.random.normal(jax.random.PRNGKey(0), (11, 8))
-    variables = layer.init(jax.random.PRNGKey(1), x[None])
+    variables = jax.jit(layer.init)(jax.random.PRNGKey(1), x[None])  # op by op the init took seconds
     fn = an.layer_fn(layer, variables)
     targets = np.array([0, 3, 10])
     got = an.influence(fn, x, targets, target_chunk=2)  # chunking must not matter
@@ -37,9 +38,11 @@ def test_influence_of_a_whole_model_from_its_embeddings():
     cfg = SessaConfig(d_model=8, n_heads=2, n_layers=2, vocab_size=16, chunk_size=4)
     model = SessaLM(cfg)
     tokens = jax.random.randint(jax.random.PRNGKey(2), (9,), 0, 16)
-    variables = model.init(jax.random.PRNGKey(3), tokens[None])
+    variables = jax.jit(model.init)(jax.random.PRNGKey(3), tokens[None])
     fn, x0 = an.lm_fn(model, variables, tokens)
-    np.testing.assert_allclose(fn(x0), model.apply(variables, tokens[None])[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        jax.jit(fn.apply)(fn.args, x0), jax.jit(model.apply)(variables, tokens[None])[0], rtol=1e-6, atol=1e-6
+    )
     got = an.influence(fn, x0, np.arange(9))
     want = _full_jacobian_norms(fn, x0)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * want.max())
@@ -63,14 +66,15 @@ def test_influence_compiles_once_per_shape_and_batches_over_examples():
     cfg = SessaConfig(d_model=8, n_heads=2, n_layers=1, vocab_size=16, chunk_size=4)
     model = SessaLM(cfg)
     toks = jax.random.randint(jax.random.PRNGKey(4), (3, 10), 0, 16)
-    variables = model.init(jax.random.PRNGKey(5), toks[:1])
+    init = jax.jit(model.init)  # one compile for both parameter sets
+    variables = init(jax.random.PRNGKey(5), toks[:1])
     before = an.TRACES["influence"]
     rows = []
     for b in range(3):  # new tokens and a new target each call: one trace for the shape
         fn, x0 = an.lm_fn(model, variables, toks[b])
         rows.append(an.influence(fn, x0, [9 - b]))
     assert an.TRACES["influence"] == before + 1
-    other = model.init(jax.random.PRNGKey(6), toks[:1])  # new parameters, same shapes: still no retrace
+    other = init(jax.random.PRNGKey(6), toks[:1])  # new parameters, same shapes: still no retrace
     fn, x0 = an.lm_fn(model, other, toks[0])
     an.influence(fn, x0, [9])
     assert an.TRACES["influence"] == before + 1
@@ -88,14 +92,27 @@ def _profile(kind, t_len=T, lags=LAGS, **kw):
     return an.lag_profile(an.layer_fn(module, variables), an.constant_input(t_len, D), lags)
 
 
-@pytest.fixture(scope="module")
-def sessa_half():
-    return _profile("sessa", gamma=0.5)
+def _profile_once(tmp_path_factory, kind, **kw):
+    """``_profile(kind, **kw)`` computed once per session: as module fixtures, each xdist worker
+    that got one of the tests using it computed its own. The values come back exactly (JSON
+    keeps a float's every bit), in their dtype."""
+
+    def build(_folder):
+        prof = np.asarray(_profile(kind, **kw))
+        return {"values": prof.tolist(), "dtype": prof.dtype.name}
+
+    record = built_once(tmp_path_factory, f"analysis-profile-{kind}", build)[1]
+    return np.asarray(record["values"], record["dtype"])
 
 
 @pytest.fixture(scope="module")
-def transformer():
-    return _profile("transformer")
+def sessa_half(tmp_path_factory):
+    return _profile_once(tmp_path_factory, "sessa", gamma=0.5)
+
+
+@pytest.fixture(scope="module")
+def transformer(tmp_path_factory):
+    return _profile_once(tmp_path_factory, "transformer")
 
 
 def test_sessa_uniform_routing_matches_closed_form(sessa_half):

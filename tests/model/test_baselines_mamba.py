@@ -1,5 +1,7 @@
 """MambaMixer: both scans against a step-by-step recurrence and each other, causality, segment resets."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,7 +72,7 @@ def test_mixer_is_causal():
 def test_chunk_size_does_not_change_output():
     m, p, x = _mixer(chunk=3, scan="chunked")
     m5 = MambaMixer(m.config.replace(chunk_size=5), scan="chunked")
-    np.testing.assert_allclose(m.apply(p, x), m5.apply(p, x), **F32_TOL)
+    np.testing.assert_allclose(jax.jit(m.apply)(p, x), jax.jit(m5.apply)(p, x), **F32_TOL)
 
 
 @pytest.mark.parametrize("segmented", [False, True])
@@ -105,21 +107,22 @@ def test_segments_do_not_see_each_other(scan):
     m, p, x = _mixer(scan=scan)
     cut = 5
     seg = jnp.array([[1] * cut + [2] * (12 - cut)] * 2, jnp.int32)
-    packed = m.apply(p, x, segment_ids=seg)
-    alone_a = m.apply(p, x[:, :cut])
-    alone_b = m.apply(p, x[:, cut:])
+    apply = jax.jit(m.apply)  # compiled: op by op the four runs took most of the test's time
+    packed = apply(p, x, segment_ids=seg)
+    alone_a = apply(p, x[:, :cut])
+    alone_b = apply(p, x[:, cut:])
     np.testing.assert_allclose(packed[:, :cut], alone_a, **F32_TOL)
     np.testing.assert_allclose(packed[:, cut:], alone_b, **F32_TOL)
     # and without segment ids, doc B does depend on doc A (the test can fail)
-    assert not np.allclose(m.apply(p, x)[:, cut:], alone_b, **F32_TOL)
+    assert not np.allclose(apply(p, x)[:, cut:], alone_b, **F32_TOL)
 
 
 def test_bfloat16_compute_keeps_dtype_and_float32_params():
     m, p, x = _mixer(dtype=jnp.bfloat16)
-    y = m.apply(p, x.astype(jnp.bfloat16))
+    y = jax.jit(m.apply)(p, x.astype(jnp.bfloat16))  # compiled: op by op it took seconds
     assert y.dtype == jnp.bfloat16
     assert all(v.dtype == jnp.float32 for v in jax.tree_util.tree_leaves(p))
-    y32 = _mixer()[0].apply(p, x)
+    y32 = jax.jit(_mixer()[0].apply)(p, x)
     np.testing.assert_allclose(np.asarray(y, np.float32), y32, rtol=0.1, atol=0.1)  # bf16 has 8 mantissa bits
 
 
@@ -170,11 +173,15 @@ def _train_mamba_lm_and_score(make_batch, *, t_len: int, n_layers: int, steps: i
 
     cfg = SessaConfig(d_model=16, n_heads=1, n_layers=n_layers, vocab_size=24, max_len=t_len)
     model = SessaLM(cfg, kind="mamba")
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, t_len), jnp.int32))
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, t_len), jnp.int32))  # eager: seconds
     tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 1e-2, 30, steps))
     opt = tx.init(params)
 
-    @jax.jit
+    # The step runs hundreds of times, so its run time, not its compile, is the test's time: at
+    # make test's XLA optimization level 0 it ran about five times slower than at level 2, which
+    # it is compiled at here whatever XLA_FLAGS says (the same function; only float32 rounding
+    # differs between the levels, and what is checked is what the model learns).
+    @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 2})
     def step(params, opt, batch):
         (loss, _), g = jax.value_and_grad(lambda p: loss_and_metrics(p, model.apply, batch), has_aux=True)(params)
         upd, opt = tx.update(g, opt, params)

@@ -15,7 +15,7 @@ TOKENS = jnp.arange(14, dtype=jnp.int32).reshape(2, 7) % 23
 @pytest.mark.parametrize("tie", [True, False])
 def test_lm_round_trip_and_scan_layout(tie):
     cfg = BASE.replace(tie_embeddings=tie)
-    params = SessaLM(cfg).init(jax.random.PRNGKey(0), TOKENS)
+    params = jax.jit(SessaLM(cfg).init)(jax.random.PRNGKey(0), TOKENS)  # op by op it took seconds
     sd = lm_params_to_torch(params, cfg)
     assert "head.weight" in sd  # a tied PyTorch LM lists its shared matrix under both names
     assert np.array_equal(sd["head.weight"], sd["embed.weight"]) == tie
@@ -29,8 +29,8 @@ def test_lm_round_trip_and_scan_layout(tie):
     scanned = lm_params_from_torch(sd, scan_cfg)
     assert scanned["params"]["layers"]["W_in"]["kernel"].shape == (2, 16, 32)
     np.testing.assert_allclose(
-        np.asarray(SessaLM(scan_cfg).apply(scanned, TOKENS)),
-        np.asarray(SessaLM(cfg).apply(params, TOKENS)),
+        np.asarray(jax.jit(SessaLM(scan_cfg).apply)(scanned, TOKENS)),
+        np.asarray(jax.jit(SessaLM(cfg).apply)(params, TOKENS)),
         rtol=1e-5,
         atol=1e-5,
     )
@@ -39,7 +39,7 @@ def test_lm_round_trip_and_scan_layout(tie):
 
 
 def test_lm_state_dict_errors():
-    params = SessaLM(BASE).init(jax.random.PRNGKey(0), TOKENS)
+    params = jax.jit(SessaLM(BASE).init)(jax.random.PRNGKey(0), TOKENS)
     sd = lm_params_to_torch(params, BASE)
     extra = dict(sd, **{"layers.2.ln.weight": sd["layers.0.ln.weight"]})
     with pytest.raises(KeyError, match=r"layers beyond n_layers=2"):
@@ -50,7 +50,7 @@ def test_lm_state_dict_errors():
 
 
 def test_lm_state_dict_entries_outside_the_layers_are_checked():
-    params = SessaLM(BASE).init(jax.random.PRNGKey(0), TOKENS)
+    params = jax.jit(SessaLM(BASE).init)(jax.random.PRNGKey(0), TOKENS)
     sd = lm_params_to_torch(params, BASE)
     # An untied head loaded into a tied config would be dropped silently.
     head = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (23, 16)))

@@ -19,7 +19,7 @@ def _model(scan_layers: bool):
     )
     model = SessaLM(cfg)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, T), 0, cfg.vocab_size)
-    params = model.init(jax.random.PRNGKey(0), tokens)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), tokens)  # compiled: op by op it took seconds
     return model, params, tokens
 
 

@@ -139,7 +139,7 @@ def test_generate_max_new_tokens_errors(lm, bad):
 def test_lm_cache_with_wrong_layer_count(scan, layers):
     cfg = LAYER.replace(vocab_size=29, n_layers=2, scan_layers=scan)
     model = SessaLM(cfg)
-    params = model.init(jax.random.PRNGKey(0), PROMPT)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), PROMPT)  # op by op the init took the test's time
     wrong = decoding.init_cache(cfg.replace(n_layers=layers), 2)
     with pytest.raises(ValueError, match=r"(a list of 2; got %d entries|leading axis of 2; got leading axes)" % layers):
         model.apply(params, PROMPT, cache=wrong)
@@ -152,7 +152,7 @@ def test_lm_cache_of_the_other_layout(scan):
     """A stacked cache into a per-layer model and the reverse (scan_layers differs)."""
     cfg = LAYER.replace(vocab_size=29, n_layers=2, scan_layers=scan)
     model = SessaLM(cfg)
-    params = model.init(jax.random.PRNGKey(0), PROMPT)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), PROMPT)
     other = decoding.init_cache(cfg.replace(scan_layers=not scan), 2)
     with pytest.raises(ValueError, match=r"scan_layers=%s\)" % scan):
         model.apply(params, PROMPT, cache=other)

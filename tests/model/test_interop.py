@@ -32,8 +32,8 @@ BASE = SessaConfig(d_model=16, n_heads=2, chunk_size=4)
 
 
 @functools.lru_cache(maxsize=None)
-def _variables(cfg):  # read-only use: cached, as initialising eagerly is slow on a loaded machine
-    return SessaLayer(cfg).init(jax.random.PRNGKey(0), X)
+def _variables(cfg):  # read-only use: cached, and compiled (op by op the init took seconds)
+    return jax.jit(SessaLayer(cfg).init)(jax.random.PRNGKey(0), X)
 
 
 def _reference_dir():
@@ -105,7 +105,7 @@ def test_loaders_reject_buffers_that_contradict_the_config():
 def test_lm_state_dict_carries_per_layer_buffers():
     cfg = SessaConfig(d_model=16, n_heads=2, vocab_size=23, n_layers=2, chunk_size=4)
     tokens = jnp.arange(14, dtype=jnp.int32).reshape(2, 7) % 23
-    params = SessaLM(cfg).init(jax.random.PRNGKey(0), tokens)
+    params = jax.jit(SessaLM(cfg).init)(jax.random.PRNGKey(0), tokens)
     sd = lm_params_to_torch(params, cfg, as_torch=False)
     np.testing.assert_array_equal(sd["head.weight"], sd["embed.weight"])  # tied: the embedding under both names
     np.testing.assert_array_equal(sd["layers.1.mixer.rope_inv_freq"], rope_inv_freq(cfg))
@@ -118,7 +118,8 @@ LM = SessaConfig(d_model=16, n_heads=2, vocab_size=23, n_layers=2, chunk_size=4)
 
 @functools.lru_cache(maxsize=None)
 def _lm_variables(cfg):
-    return SessaLM(cfg).init(jax.random.PRNGKey(0), jnp.arange(14, dtype=jnp.int32).reshape(2, 7) % cfg.vocab_size)
+    tokens = jnp.arange(14, dtype=jnp.int32).reshape(2, 7) % cfg.vocab_size
+    return jax.jit(SessaLM(cfg).init)(jax.random.PRNGKey(0), tokens)  # compiled, as _variables
 
 
 def _lm_state_dict(cfg=LM, **kw):

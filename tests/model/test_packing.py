@@ -47,8 +47,12 @@ def test_no_gradient_crosses_documents(solver):
     a, b = DOCS
     r = jax.random.normal(jax.random.PRNGKey(2), x.shape)
 
-    def grad_of(sl):  # compiled: op by op the two gradients took most of the test's time
-        return jax.jit(jax.grad(lambda x: jnp.sum(layer.apply(variables, x, seg)[:, sl] * r[:, sl])))(x)
+    # One compiled gradient for both slices: the slice is a 0/1 mask on the cotangent r, an input
+    # (op by op the two gradients took most of the test's time; one program each, half of it).
+    grad = jax.jit(jax.grad(lambda x, w: jnp.sum(layer.apply(variables, x, seg) * w)))
+
+    def grad_of(sl):
+        return grad(x, jnp.zeros_like(r).at[:, sl].set(r[:, sl]))
 
     g_doc2 = grad_of(slice(a, a + b))
     g_pad = grad_of(slice(a + b, None))
@@ -62,21 +66,13 @@ def test_no_gradient_crosses_documents(solver):
 def test_positions_restart_per_segment_and_can_be_overridden():
     layer = _layer("blocked")
     x, seg = _packed_inputs()
-    variables = layer.init(jax.random.PRNGKey(1), x)
+    variables = jax.jit(layer.init)(jax.random.PRNGKey(1), x)
+    apply = jax.jit(layer.apply)  # two programs (with and without positions); op by op they took the test's time
     a, b = DOCS
     pos = jnp.concatenate([jnp.arange(a), jnp.arange(b), jnp.arange(PAD)])[None]
-    np.testing.assert_allclose(
-        np.asarray(layer.apply(variables, x, seg)),
-        np.asarray(layer.apply(variables, x, seg, pos)),
-        rtol=1e-6,
-        atol=1e-6,
-    )
+    default = apply(variables, x, seg)
+    np.testing.assert_allclose(np.asarray(default), np.asarray(apply(variables, x, seg, pos)), rtol=1e-6, atol=1e-6)
     # RoPE is relative: a constant shift changes nothing, stretched distances do.
-    np.testing.assert_allclose(
-        np.asarray(layer.apply(variables, x, seg, pos + 3)),
-        np.asarray(layer.apply(variables, x, seg)),
-        rtol=1e-5,
-        atol=1e-5,
-    )
-    stretched = layer.apply(variables, x, seg, 2 * pos)
-    assert float(jnp.max(jnp.abs(stretched - layer.apply(variables, x, seg)))) > 1e-4
+    np.testing.assert_allclose(np.asarray(apply(variables, x, seg, pos + 3)), np.asarray(default), rtol=1e-5, atol=1e-5)
+    stretched = apply(variables, x, seg, 2 * pos)
+    assert float(jnp.max(jnp.abs(stretched - default))) > 1e-4

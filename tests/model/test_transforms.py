@@ -37,7 +37,7 @@ def _stack(params):
 def test_scan_and_remat_match_plain_loop():
     tokens = _tokens()
     plain = SessaLM(CFG)
-    params = plain.init(jax.random.PRNGKey(0), tokens)
+    params = jax.jit(plain.init)(jax.random.PRNGKey(0), tokens)  # op by op the init took seconds
     stacked = {"params": _stack(dict(params["params"]))}
     r = jax.random.normal(jax.random.PRNGKey(4), (2, 11, CFG.vocab_size))
 
@@ -64,7 +64,8 @@ def test_scan_and_remat_match_plain_loop():
 
 
 def test_parameter_names_are_pinned():
-    params = SessaLM(CFG.replace(n_layers=1)).init(jax.random.PRNGKey(0), _tokens())
+    # names, shapes and dtypes only: traced, not run (op by op the init took seconds)
+    params = jax.eval_shape(SessaLM(CFG.replace(n_layers=1)).init, jax.random.PRNGKey(0), _tokens())
     flat = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(params["params"]).items()}
     layer = {
         "ln/scale": (16,),

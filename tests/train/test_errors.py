@@ -12,6 +12,7 @@ import pytest
 from sessa_jax.cli import eval_main, sample_main, train_main
 from sessa_jax.train import metrics as metrics_mod
 from sessa_jax.train import run_errors
+from tests.support.shared import built_once
 
 TINY = [
     "--config=tiny",
@@ -116,10 +117,8 @@ def test_an_os_error_wrapped_by_a_library_is_still_named():
 # ---- sessa-eval / sessa-sample on damaged checkpoints ----
 
 
-@pytest.fixture(scope="module")
-def two_steps(tmp_path_factory):
-    """A finished tiny run with checkpoints at steps 3 and 6; step 6's params are damaged."""
-    workdir = tmp_path_factory.mktemp("evalrun") / "run"
+def _damaged_run(folder) -> dict:
+    workdir = folder / "run"
     assert (
         train_main(
             TINY
@@ -137,7 +136,15 @@ def two_steps(tmp_path_factory):
     largest = max(files, key=os.path.getsize)
     with open(largest, "r+b") as f:
         f.truncate(os.path.getsize(largest) // 2)
-    return str(workdir)
+    return {}
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+    """A finished tiny run with checkpoints at steps 3 and 6; step 6's params are damaged.
+    Trained once per session (xdist gave the module's tests to both workers, each trained it);
+    the tests only read it, and the one that damages more works on a copy."""
+    return str(built_once(tmp_path_factory, "errors-two-steps", _damaged_run)[0] / "run")
 
 
 def test_eval_of_a_damaged_step_is_a_clean_error_naming_the_other_steps(two_steps, capsys):

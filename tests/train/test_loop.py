@@ -1,6 +1,7 @@
 """The training loop on ``tiny``: loss falls for every kind, bf16 parity, one compile, NaN stops, accumulation."""
 
 import os
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from sessa_jax.train.metrics import read_jsonl
 from sessa_jax.train.optimizer import decay_mask, make_optimizer
 from sessa_jax.train.state import build_model, create_state
 from sessa_jax.train.step import train_step
+from tests.support.shared import built_once
 
 
 def _losses(workdir):
@@ -38,10 +40,18 @@ def _run_counting(tmp_path, name, overrides=()):
     return result, workdir, sum(f._cache_size() for f in made)
 
 
+def _f32_record(folder) -> dict:
+    result, _, compiles = _run_counting(folder, "run")
+    return {"step": result.step, "eval": {k: float(v) for k, v in result.eval.items()}, "compiles": compiles}
+
+
 @pytest.fixture(scope="module")
 def f32_run(tmp_path_factory):
-    """The tiny float32 run, shared by the tests that compare against it."""
-    return _run_counting(tmp_path_factory.mktemp("f32"), "run")
+    """The tiny float32 run, shared by the tests that compare against it: (record, workdir,
+    compiles). Once per session: when xdist gives the two tests to both workers, a module fixture
+    trained it in each; the tests only read the run's files."""
+    folder, record = built_once(tmp_path_factory, "loop-f32-run", _f32_record)
+    return SimpleNamespace(step=record["step"], eval=record["eval"]), str(folder / "run"), record["compiles"]
 
 
 def _falls(losses):
@@ -101,8 +111,9 @@ def test_gradient_accumulation_matches_one_big_batch():
     cfg = load_config("tiny", ["model.kind=transformer"])
     model, tx = build_model(resolve(cfg)), make_optimizer(cfg.optim, cfg.train.steps)
     batch = {k: jnp.asarray(v) for k, v in next(make_iterator(cfg.data)).items()}
-    s1, m1 = train_step(create_state(model, tx, 0, 32), batch, grad_accum=1)
-    s2, m2 = train_step(create_state(model, tx, 0, 32), batch, grad_accum=2)
+    state = create_state(model, tx, 0, 32)  # one compile; train_step donates it, so each step gets a copy
+    s1, m1 = train_step(jax.tree_util.tree_map(jnp.copy, state), batch, grad_accum=1)
+    s2, m2 = train_step(jax.tree_util.tree_map(jnp.copy, state), batch, grad_accum=2)
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
     np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-4)
     for a, b in zip(jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(s2.params)):

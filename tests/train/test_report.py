@@ -17,6 +17,7 @@ from sessa_jax.cli import sample_main
 from sessa_jax.train import loop, report
 from sessa_jax.train.config import load_config
 from sessa_jax.train.metrics import read_jsonl
+from tests.support.shared import built_once
 
 STEP_KEYS = {"loss", "accuracy", "grad_norm", "lr", "step_time_s", "tokens_per_s", "mfu"}
 EVAL_KEYS = {
@@ -44,15 +45,8 @@ def _tensorboard_tags(tb_dir: str) -> set:
     return tags
 
 
-@pytest.fixture(scope="module")
-def text_run(tmp_path_factory):
-    corpus = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    words = [b"alpha", b"beta", b"gamma", b"delta", b"\n"]
-    for i in range(4):
-        (corpus / f"d{i}.txt").write_bytes(b" ".join(words[j] for j in rng.integers(0, 5, 300)))
-    workdir = str(tmp_path_factory.mktemp("run"))
-    cfg = load_config(
+def _text_config(corpus):
+    return load_config(
         "text_bytes",
         [
             f"data.text.path={corpus}",
@@ -75,9 +69,30 @@ def text_run(tmp_path_factory):
             "checkpoint.every=0",
         ],
     )
+
+
+def _text_run(folder) -> dict:
+    corpus = folder / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    words = [b"alpha", b"beta", b"gamma", b"delta", b"\n"]
+    for i in range(4):
+        (corpus / f"d{i}.txt").write_bytes(b" ".join(words[j] for j in rng.integers(0, 5, 300)))
+    workdir = folder / "run"
+    workdir.mkdir()
     lines = []
-    result = loop.train(cfg, workdir, log=lines.append)
-    return cfg, workdir, result, lines
+    result = loop.train(_text_config(corpus), str(workdir), log=lines.append)
+    return {"eval": {k: v.item() if hasattr(v, "item") else v for k, v in result.eval.items()}, "lines": lines}
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """(config, workdir, result, log lines) of a short text run. Trained once per session: as a
+    module fixture, each xdist worker that got one of these tests trained its own; the tests only
+    read the run."""
+    folder, record = built_once(tmp_path_factory, "report-text-run", _text_run)
+    result = types.SimpleNamespace(eval=record["eval"])
+    return _text_config(folder / "corpus"), str(folder / "run"), result, record["lines"]
 
 
 def test_startup_summary_and_eval_line(text_run):

@@ -16,6 +16,7 @@ from sessa_jax.train.config import ConfigError, load_config, resolve
 from sessa_jax.train.optimizer import make_optimizer
 from sessa_jax.train.resume_guard import ResumeError
 from sessa_jax.train.state import abstract_state, build_model
+from tests.support.shared import built_once
 
 # A transformer block keeps the compile short; the guards do not depend on the mixer.
 ARGS = [
@@ -33,12 +34,16 @@ def _cfg(*extra):
     return load_config("tiny", [*ARGS, *extra])
 
 
+def _finish(folder) -> dict:
+    loop.train(_cfg(), str(folder / "run"), log=lambda s: None)
+    return {}
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """A finished 8-step run with checkpoints at steps 4 and 8 (copied by each test that changes it)."""
-    workdir = str(tmp_path_factory.mktemp("guard") / "run")
-    loop.train(_cfg(), workdir, log=lambda s: None)
-    return workdir
+    """A finished 8-step run with checkpoints at steps 4 and 8 (copied by each test that changes
+    it). Trained once per session: as a module fixture, each xdist worker trained its own."""
+    return str(built_once(tmp_path_factory, "resume-guard-finished", _finish)[0] / "run")
 
 
 def _copy(finished, tmp_path, name="run"):
