@@ -246,8 +246,8 @@ class RecursivePlan:
     def residual_in_leaf_step(self) -> bool:
         """Whether the XLA leaf step writes r_i = racc_i + A_ii s_i over racc_i (on a GPU, where the
         write costs no more than the product after the loop saves), or r is formed after the
-        forward loop as racc + A_ii s (elsewhere: on a TPU v5e the written r took 0.25 GiB more
-        of the solve's temporaries, docs/performance.md). The leaf kernels always write it."""
+        forward loop as racc + A_ii s (elsewhere: on a TPU v5e the written r kept more of the
+        solve's temporaries, docs/performance.md). The leaf kernels always write it."""
         return platform_kind(self.platform) == "gpu"
 
     @property
@@ -719,7 +719,7 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg, for_backward: bool = Fals
     if r is None and not plan.residual_in_leaf_step:  # A_ii s_i of every leaf at once
         b, tp, d = f.shape
         r = racc + plan.chained("bnij,bnjd->bnid", a_ii, s.reshape(b, n, c, d)).reshape(b, tp, d)
-    r = racc if r is None else r
+    r = racc if r is None else r  # the XLA leaf steps wrote r over racc
     return s, r, m, logl, a_ii, y_leaves, copies if keeps_lo else None
 
 

@@ -107,7 +107,7 @@ def lower_resolvent(a, row_scale, dot=None):
         r1, r2 = (row_scale.reshape(bsz * m, 2, s)[:, h] for h in (0, 1))
         y11, y22 = (y[:, h::2].reshape(bsz * m, s, s) for h in (0, 1))
         # X11 = I + diag(r1) Y11 and I + Y22 diag(r2) formed as the products' operands, which the
-        # compiler fuses into them (adding a21 and t to the products' results instead costs passes of their own)
+        # compiler fuses into them (the same sums added to the products' results cost passes of their own)
         eye = jnp.eye(s, dtype=a.dtype)
         y21 = dot("bij,bjd->bid", eye + y22 * r2[:, None, :], dot("bij,bjd->bid", a21, eye + r1[..., None] * y11))
         top = jnp.concatenate([y11, jnp.zeros_like(y11)], axis=2)
