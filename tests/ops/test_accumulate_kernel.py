@@ -100,6 +100,52 @@ def test_overwrite_writes_the_window_without_reading_it(transpose_a):
     assert not np.isnan(got).any()
 
 
+@pytest.mark.parametrize("transpose_a", [False, True])
+@needs_in_place
+def test_overwrite_ranges_write_those_rows_and_add_to_the_rest(transpose_a):
+    """``overwrite`` as row ranges of the window: those rows become scale * op(a) b (NaN there
+    before is never read), the others gain it, as adding the product to a buffer whose fresh rows
+    hold -0.0; every row outside the window untouched."""
+    t, m, c, n, acc_start, b_start = 512, 256, 128, 128, 128, 64
+    ranges = ((0, 64), (128, 192))  # window rows [0, 64) and [128, 192): absolute [128, 192), [256, 320)
+    acc = normal(1, (B, t, n))
+    fresh = np.zeros(t, bool)
+    for lo, hi in ranges:
+        fresh[acc_start + lo : acc_start + hi] = True
+    a = normal(2, (B, c, m) if transpose_a else (B, m, c), BF16)
+    b = normal(3, (B, t, n), BF16)
+    interp = _interpret()
+
+    def run(acc, overwrite):
+        return ag.gpu_accumulate_product(
+            acc,
+            a,
+            b,
+            acc_start=acc_start,
+            b_start=b_start,
+            transpose_a=transpose_a,
+            scale=0.25,
+            overwrite=overwrite,
+            interpret=interp,
+        )
+
+    got = np.asarray(jax.jit(run, static_argnums=1)(jnp.where(fresh[None, :, None], jnp.nan, acc), ranges))
+    want = np.asarray(jax.jit(run, static_argnums=1)(jnp.where(fresh[None, :, None], -0.0, acc), False))
+    np.testing.assert_array_equal(got, want)
+    assert not np.isnan(got).any()
+
+
+@pytest.mark.parametrize(
+    "overwrite,match",
+    [(((0, 96),), "multiples of 64"), (((64, 64),), "start < stop"), (((0, 192),), "stop <= 128"), ((0,), "ranges")],
+)
+@needs_in_place
+def test_overwrite_ranges_are_checked(overwrite, match):
+    acc, a, b = jnp.zeros((1, 512, 128)), jnp.zeros((1, 128, 128), BF16), z16()
+    with pytest.raises(ValueError, match=match):
+        ag.gpu_accumulate_product(acc, a, b, overwrite=overwrite)
+
+
 @pytest.mark.parametrize("split,n", [("a", 128), ("b", 128), ("b", 512)])
 @needs_in_place
 def test_operand_parts_add_as_one_product(split, n):
@@ -153,6 +199,29 @@ def test_add_product_adds_and_casts_like_xla(transpose_a, out_dtype):
     ulp = 2.0**-8 if out_dtype == BF16 else 2.0**-23
     np.testing.assert_allclose(got, exact, rtol=ulp, atol=c * 2.0**-23 * 0.125 * 16.0)
     assert np.abs(got - np.asarray(acc)).max() > 1.0  # the product really landed
+
+
+@pytest.mark.parametrize("transpose_a", [False, True])
+def test_add_product_fresh_batches_take_the_product_alone(transpose_a):
+    """``fresh_batches=(period, indices)``: batch rows b with b % period in indices take scale *
+    op(a) b alone (NaN in their acc is never read), the others acc + it: as adding to -0.0 there."""
+    m, c, n, batch = 128, 128, 128, 6
+    fresh = np.array([b % 3 in (0, 2) for b in range(batch)])
+    acc = normal(5, (batch, m, n))
+    a = normal(6, (batch, c, m) if transpose_a else (batch, m, c), BF16)
+    b = normal(7, (batch, c, n), BF16)
+    interp = _interpret()
+
+    def run(acc, fresh_batches):
+        return ag.gpu_add_product(
+            acc, a, b, transpose_a=transpose_a, scale=0.5, fresh_batches=fresh_batches, interpret=interp
+        )
+
+    got = jax.jit(run, static_argnums=1)(jnp.where(fresh[:, None, None], jnp.nan, acc), (3, (2, 0)))
+    want = jax.jit(run, static_argnums=1)(jnp.where(fresh[:, None, None], -0.0, acc), None)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    with pytest.raises(ValueError, match="fresh_batches must be"):
+        ag.gpu_add_product(acc, a, b, transpose_a=transpose_a, fresh_batches=(3, (3,)))
 
 
 @pytest.mark.parametrize("transpose_a", [False, True])

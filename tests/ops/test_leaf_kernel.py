@@ -98,6 +98,26 @@ def test_leaf_solve_matches_the_xla_leaf_step(d, traced, f_dtype):
         np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
 
 
+@pytest.mark.parametrize("f_dtype", [jnp.float32, BF16])
+@needs_in_place
+def test_leaf_solve_without_pushed_sums_takes_them_as_zero(f_dtype):
+    """racc None (the first leaf, which no push reaches): the same s, bf16(s) and r as with a racc
+    of -0.0 there, bit for bit, and no racc read."""
+    y_rows, f, _, gamma, s_b = _inputs(128)
+    f = f.astype(f_dtype)
+    s_old, r_old = normal(46, f.shape), normal(49, f.shape)
+    interp = False if jax.default_backend() == "gpu" else interpret_or_skip()
+
+    def run(racc):
+        return lg.gpu_leaf_solve(y_rows, f, racc, gamma, s_b, s_old, 0, r=r_old, interpret=interp)
+
+    got = jax.jit(lambda: run(None))()
+    want = jax.jit(run)(jnp.full(f.shape, -0.0, jnp.float32))
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+    assert float(jnp.abs(got[2][:, :LEAF] - r_old[:, :LEAF]).max()) > 0  # r_i = Y_i f_i landed
+
+
 @pytest.mark.parametrize("d,traced", [(128, True), (256, False)])
 @needs_in_place
 def test_transposed_leaf_solve_matches_the_xla_leaf_step(d, traced):

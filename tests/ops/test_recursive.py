@@ -279,30 +279,31 @@ def test_accumulators_are_signed_zeros_however_made(negative, distinct):
     assert np.all(z == 0.0) and np.all(np.signbit(z) == negative)
 
 
-def test_first_writes_write_fresh_rows_and_zero_the_fresh_part_of_a_mixed_push():
-    """``_FirstWrites``: a push into rows no push reached writes them; into rows all reached, adds;
-    into rows partly reached, the fresh leaves become the empty sum first, then it adds;
-    disabled, every push adds and the buffer is untouched."""
+def test_first_writes_name_the_fresh_rows_of_every_push():
+    """``_FirstWrites``: a push into rows no push reached writes them (True); into rows all reached,
+    adds (False); into rows partly reached, it gets the fresh leaves' row ranges relative to its
+    start, which the kernel writes while it adds to the rest, and the buffer is not touched;
+    ``unwritten`` names the leaves no push reached; disabled, every push adds."""
     from sessa_jax.ops.solve.recursive import _FirstWrites
 
     buf = jnp.full((1, 8, 1), jnp.nan)
     writes = _FirstWrites(2, True)
     buf, over = writes.take(buf, 4, 4)  # leaves 2, 3: fresh
-    assert over and bool(jnp.all(jnp.isnan(buf)))
+    assert over is True and bool(jnp.all(jnp.isnan(buf)))
     buf, over = writes.take(buf, 4, 2)  # leaf 2: written
-    assert not over and bool(jnp.all(jnp.isnan(buf)))
+    assert over is False
+    assert writes.unwritten(0, 8) == (0, 1)
     buf, over = writes.take(buf, 0, 4)  # leaf 0 fresh... and leaf 1 fresh: the whole push writes
-    assert over
-    buf = jnp.full((1, 8, 1), jnp.nan)
+    assert over is True and writes.unwritten(0, 8) == ()
     writes = _FirstWrites(2, True)
     writes.take(buf, 6, 2)  # leaf 3
-    buf, over = writes.take(buf, 2, 6)  # leaves 1, 2 fresh, 3 written: 1 and 2 zeroed, then added to
-    assert not over
-    got = np.asarray(buf[0, :, 0])
-    assert np.isnan(got[:2]).all() and np.isnan(got[6:]).all()
-    assert (got[2:6] == 0.0).all() and np.signbit(got[2:6]).all()
+    got, over = writes.take(buf, 2, 6)  # leaves 1, 2 fresh, 3 written: rows [0, 4) of the push's are fresh
+    assert over == ((0, 2), (2, 4)) and got is buf
+    assert writes.unwritten(0, 8) == (0,)
+    ready = np.asarray(writes.ready(buf, 0, 8)[0, :, 0])  # before a read: leaf 0 becomes the empty sum
+    assert (ready[:2] == 0.0).all() and np.signbit(ready[:2]).all() and np.isnan(ready[2:]).all()
     off = _FirstWrites(2, False)
-    assert off.take(buf, 0, 8) == (buf, False)
+    assert off.take(buf, 0, 8) == (buf, False) and off.unwritten(0, 8) == ()
 
 
 def test_recursive_residuals_feed_the_blocked_backward():

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -169,12 +170,52 @@ def _check(op: str, acc, a_parts: tuple, b_parts: tuple, transpose_a: bool, acc_
     return m, c
 
 
-def _body(starts_ref, *refs, a_parts, b_parts, transpose_a, a_lower, chunks, block_n, scale, out_dtype, overwrite):
+class _Fresh(NamedTuple):
+    """Where the kernel writes the product alone, its accumulator's tiles not read (rows no earlier
+    product reached, in a buffer left unfilled): ``rows``, (start, stop) ranges of the window's rows
+    (multiples of ``BLOCK_M``), in every batch row; ``batches``, (period, indices): the batch rows b
+    with b % period in indices (leaves of ``gpu_add_product``'s by-leaf batch), all their rows."""
+
+    rows: tuple = ()
+    batches: tuple = ()
+    m: int = 0  # the window's rows
+
+    @property
+    def everywhere(self) -> bool:
+        return any(lo <= 0 and hi >= self.m for lo, hi in self.rows)
+
+    def __bool__(self) -> bool:
+        return bool(self.rows or self.batches)
+
+    def holds(self, i, b):
+        """Inside the kernel: whether row block i of batch row b is fresh (a traced bool)."""
+        found = jnp.bool_(False)
+        for lo, hi in self.rows:
+            found = found | ((i >= lo // BLOCK_M) & (i < hi // BLOCK_M))
+        if self.batches:
+            period, indices = self.batches
+            for k in indices:
+                found = found | (b % period == k)
+        return found
+
+    def share(self, batch: int) -> float:
+        """The share of the output's tiles that are fresh, over ``batch`` batch rows."""
+        if self.everywhere:
+            return 1.0
+        rows = sum(min(hi, self.m) - max(lo, 0) for lo, hi in self.rows) / self.m if self.m else 0.0
+        if not self.batches:
+            return rows
+        period, indices = self.batches
+        in_batches = sum(1 for x in range(batch) if x % period in indices) / batch
+        return rows + (1 - rows) * in_batches
+
+
+def _body(starts_ref, *refs, a_parts, b_parts, transpose_a, a_lower, chunks, block_n, scale, out_dtype, fresh):
     """One (BLOCK_M, block_n) tile of acc's window: the products of every part over ``chunks``
     contraction chunks (with ``a_lower`` only those where a's block is on or below its
     diagonal) in one fp32 accumulator, then acc + scale * their sum through shared
     memory, written back into acc (``out_dtype`` None) or cast to ``out_dtype`` into the output;
-    with ``overwrite`` scale * the sum written over acc's tile, which is not read.
+    in the tiles that ``fresh`` (``_Fresh``) names scale * the sum alone, acc's tile not read.
     refs: a's ``a_parts`` parts, b's ``b_parts`` parts, acc, the output (with ``out_dtype``), then
     the scratch."""
     a_refs, b_refs = refs[:a_parts], refs[a_parts : a_parts + b_parts]
@@ -210,20 +251,36 @@ def _body(starts_ref, *refs, a_parts, b_parts, transpose_a, a_lower, chunks, blo
 
     prod = pl.run_scoped(product, plgpu.ACC((BLOCK_M, block_n), F32))
     rows = pl.ds(acc0 + i * BLOCK_M, BLOCK_M)
-    if overwrite:
-        acc_smem[...] = prod * scale
+
+    def write(value, smem, dst):
+        smem[...] = value
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(acc_smem, acc_ref.at[b, rows, cols])
+        plgpu.copy_smem_to_gmem(smem, dst)
         plgpu.wait_smem_to_gmem(0)
-        return
-    if out_dtype is None:
-        add_into_tile(acc_ref.at[b, rows, cols], acc_smem, bar.at[0], prod * scale)  # acc + product * scale
-        return
-    copy_waited(acc_ref.at[b, rows, cols], acc_smem, bar.at[0])
-    out_smem[...] = (_load(acc_smem, plgpu.Layout.WGMMA) + prod * scale).astype(out_dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem, out_ref.at[b, rows, cols])
-    plgpu.wait_smem_to_gmem(0)
+
+    def product_alone():
+        if out_dtype is None:
+            write(prod * scale, acc_smem, acc_ref.at[b, rows, cols])
+        else:
+            write((prod * scale).astype(out_dtype), out_smem, out_ref.at[b, rows, cols])
+
+    def added():
+        if out_dtype is None:
+            add_into_tile(acc_ref.at[b, rows, cols], acc_smem, bar.at[0], prod * scale)  # acc + product * scale
+            return
+        copy_waited(acc_ref.at[b, rows, cols], acc_smem, bar.at[0])
+        write(
+            (_load(acc_smem, plgpu.Layout.WGMMA) + prod * scale).astype(out_dtype), out_smem, out_ref.at[b, rows, cols]
+        )
+
+    if fresh.everywhere:
+        product_alone()
+    elif not fresh:
+        added()
+    else:  # the tile's rows decide (uniform over the program)
+        alone = fresh.holds(i, b)
+        pl.when(alone)(product_alone)
+        pl.when(jnp.logical_not(alone))(added)
 
 
 def accumulate_cost(
@@ -235,17 +292,18 @@ def accumulate_cost(
     b_parts: int,
     out_bytes: int = 4,
     a_lower: bool = False,
-    overwrite: bool = False,
+    fresh: float = 0.0,
 ) -> pl.CostEstimate:
     """The kernel's work, declared to the compiler (and read back by ``benchmarks/gpu_compile.py``,
     which cannot see the windows): 2 B M C N FLOPs per part; bytes: every part of the a tile and
     of b's C-row window read once, acc's M-row window read once and written once in place, or
     written to a new output of ``out_bytes`` per element (a lower bound: each column tile rereads
     a). ``a_lower`` (M = C): only a's (64, 64) blocks on and below the diagonal, m (m + 1) / 2 of
-    m^2 with m = M / 64, are read and multiplied. ``overwrite``: acc's window written, not read."""
+    m^2 with m = M / 64, are read and multiplied. ``fresh``: the share of acc's window that is
+    written without being read (``_Fresh.share``; 1 for ``overwrite=True``)."""
     parts = max(a_parts, b_parts)
     a_area = lower_blocks(m) * BLOCK_M * BLOCK_C if a_lower else m * c
-    moved = b * (a_parts * a_area * 2 + b_parts * c * n * 2 + m * n * ((0 if overwrite else 4) + out_bytes))
+    moved = b * (a_parts * a_area * 2 + b_parts * c * n * 2 + m * n * out_bytes) + round(b * m * n * 4 * (1 - fresh))
     return pl.CostEstimate(flops=2 * b * a_area * n * parts, transcendentals=0, bytes_accessed=moved)
 
 
@@ -269,10 +327,11 @@ def _launch(
     name,
     interpret,
     a_lower=False,
-    overwrite=False,
+    fresh=_Fresh(),
 ):
     """The kernel on acc's window of M rows, contracted over C; see ``gpu_accumulate_product`` and
-    ``gpu_add_product``. Returns acc updated in place (``out_dtype`` None) or the new output."""
+    ``gpu_add_product``; ``fresh``: a ``_Fresh``. Returns acc updated in place (``out_dtype`` None)
+    or the new output."""
     bsz, _, n = acc.shape
     block_n = column_block(n)
     body = functools.partial(
@@ -285,7 +344,7 @@ def _launch(
         block_n=block_n,
         scale=float(scale),
         out_dtype=out_dtype,
-        overwrite=overwrite,
+        fresh=fresh,
     )
     body.__name__ = name  # plgpu.kernel names the kernel after its body
     a_tile = (BLOCK_C, BLOCK_M) if transpose_a else (BLOCK_M, BLOCK_C)
@@ -302,7 +361,7 @@ def _launch(
     if KERNEL_TAKES_COST:
         out_bytes = 4 if out_dtype is None else jnp.dtype(out_dtype).itemsize
         kwargs["cost_estimate"] = accumulate_cost(
-            bsz, m, c, n, len(a_parts), len(b_parts), out_bytes, a_lower, overwrite
+            bsz, m, c, n, len(a_parts), len(b_parts), out_bytes, a_lower, fresh.share(bsz)
         )
     call = functools.partial(
         plgpu.kernel,
@@ -333,13 +392,16 @@ def gpu_accumulate_product(
     product takes one bf16 pass per part with fp32 accumulation, and is multiplied by ``scale``
     (a Python float) before it is added, as ``acc + (a @ b) * scale`` in XLA. Returns the updated
     acc (B, T, N) float32, written in place where the caller's acc is not used afterwards.
-    ``overwrite``: the window's rows set to scale * op(a) @ b instead, acc's values there not
-    read (the first product into rows of a buffer left unfilled). ``interpret``: False (compile
-    for the GPU) or ``plgpu.InterpretGPUParams()`` (Mosaic GPU interpret mode, jax >= 0.11).
+    ``overwrite``: True, the window's rows set to scale * op(a) @ b instead, acc's values there not
+    read (the first product into rows of a buffer left unfilled); or a tuple of (start, stop) row
+    ranges relative to the window (multiples of 64) where that holds, the rest added to.
+    ``interpret``: False (compile for the GPU) or ``plgpu.InterpretGPUParams()`` (Mosaic GPU
+    interpret mode, jax >= 0.11).
     """
     check_in_place("gpu_accumulate_product", "add the product in XLA")
     a_parts, b_parts = _as_parts(a), _as_parts(b)
     m, c = _check("gpu_accumulate_product", acc, a_parts, b_parts, transpose_a, acc_start, b_start)
+    fresh = _fresh_rows("gpu_accumulate_product", overwrite, m)
     name = TRANSPOSED_KERNEL_NAME if transpose_a else KERNEL_NAME
     starts = window_starts(acc_start, b_start)
     return _launch(
@@ -354,12 +416,36 @@ def gpu_accumulate_product(
         out_dtype=None,
         name=name,
         interpret=interpret,
-        overwrite=bool(overwrite),
+        fresh=fresh,
     )
 
 
+def _fresh_rows(op: str, overwrite, m: int) -> _Fresh:
+    """``overwrite`` (a bool, or (start, stop) row ranges of the M-row window) as a ``_Fresh``;
+    readable errors naming ``op``, the value and the fix."""
+    if isinstance(overwrite, bool):
+        return _Fresh(rows=((0, m),) if overwrite else (), m=m)
+    ranges = tuple(tuple(r) if isinstance(r, (tuple, list)) else (r,) for r in overwrite)
+    for r in ranges:
+        if len(r) != 2 or not all(isinstance(x, int) and x % BLOCK_M == 0 for x in r) or not 0 <= r[0] < r[1] <= m:
+            raise ValueError(
+                f"{op}: overwrite's row ranges must be (start, stop) Python ints, multiples of {BLOCK_M} with "
+                f"0 <= start < stop <= {m} (the window's rows); got {overwrite}"
+            )
+    return _Fresh(rows=ranges, m=m)
+
+
 def gpu_add_product(
-    acc, a, b, *, transpose_a: bool = False, a_lower: bool = False, scale=1.0, out_dtype=BF16, interpret=False
+    acc,
+    a,
+    b,
+    *,
+    transpose_a: bool = False,
+    a_lower: bool = False,
+    scale=1.0,
+    out_dtype=BF16,
+    fresh_batches=None,
+    interpret=False,
 ):
     """(acc + scale * op(a) @ b) cast to ``out_dtype``, a new array: the last product of a
     float32 accumulation and its cast in one pass (the buffer read once, the narrow result
@@ -370,8 +456,10 @@ def gpu_add_product(
     as there. One bf16 pass per part, fp32 accumulation, the sum added as
     ``(acc + (a @ b) * scale).astype(out_dtype)`` in XLA. ``a_lower``: a is square (M = C) and
     lower triangular in (64, 64) blocks, as a causal tile is: its blocks above the diagonal are
-    taken as zeros, not read. Returns (B, M, N) ``out_dtype``. ``interpret`` as in
-    ``gpu_accumulate_product``.
+    taken as zeros, not read. ``fresh_batches``: None, or (period, indices): the batch rows b with
+    b % period in indices take (scale * op(a) @ b) alone, their acc not read (rows of a buffer that
+    no earlier product reached, e.g. a leaf's rows in a by-leaf batch). Returns (B, M, N)
+    ``out_dtype``. ``interpret`` as in ``gpu_accumulate_product``.
     """
     a_parts, b_parts = _as_parts(a), _as_parts(b)
     m, c = _check("gpu_add_product", acc, a_parts, b_parts, transpose_a, 0, 0)
@@ -382,6 +470,17 @@ def gpu_add_product(
         )
     if a_lower and m != c:
         raise ValueError(f"gpu_add_product: a_lower needs a square a; got op(a) of (M, C) = ({m}, {c})")
+    if fresh_batches is not None:
+        period, indices = fresh_batches
+        if not (
+            isinstance(period, int) and period > 0 and all(isinstance(k, int) and 0 <= k < period for k in indices)
+        ):
+            raise ValueError(
+                f"gpu_add_product: fresh_batches must be (period, indices), a positive int and ints in [0, period); "
+                f"got {fresh_batches}"
+            )
+        indices = tuple(sorted(set(indices)))
+        fresh_batches = (period, indices) if indices else None
     name = ADD_TRANSPOSED_KERNEL_NAME if transpose_a else ADD_KERNEL_NAME
     return _launch(
         acc,
@@ -396,4 +495,5 @@ def gpu_add_product(
         name=name,
         interpret=interpret,
         a_lower=a_lower,
+        fresh=_Fresh(batches=fresh_batches or (), m=m),
     )

@@ -107,6 +107,7 @@ def _body(
     has_result: bool,
     row_sums: bool = False,
     has_r: bool = False,
+    has_racc: bool = True,
 ):
     """One (BLOCK_M, block_n) tile of s_i (forward) or of lambda_i (``transposed``); see the module
     docstring. refs: y_rows, then f, racc, gamma and the ``copies`` s_b [, s_lo] (forward) or bacc,
@@ -128,7 +129,8 @@ def _body(
         x_stage, b_stage, g_stage, x_parts, rhs_parts, out_smem, *copy_smem, bar = scratch
         copy_smem, sum_smem = (copy_smem[:-2], copy_smem[-2:]) if row_sums else (copy_smem, ())
     else:  # s_b, and s_lo where the caller keeps s's low part too
-        x_ref, f_ref, r_ref, g_ref, *refs = refs
+        x_ref, f_ref, *refs = refs
+        r_ref, g_ref, *refs = refs if has_racc else (None, *refs)
         sb_refs, refs = refs[:copies], refs[copies:]
         out_ref, refs = (refs[0], refs[1:]) if has_result else (None, refs)
         r_out_ref, scratch = (refs[0], refs[1:]) if has_r else (None, refs)
@@ -156,10 +158,11 @@ def _body(
                 rhs = gamma_rows() * _load(b_stage, plgpu.Layout.WGMMA)
             else:
                 copy_waited(f_ref.at[b, contracted, cols], f_stage, bar.at[0])
-                copy_waited(r_ref.at[b, contracted, cols], r_stage, bar.at[0])
                 copy_waited(g_ref.at[b, contracted], g_stage, bar.at[0])
-                f_rows = _load(f_stage, plgpu.Layout.WGMMA).astype(F32)  # f may come in bf16
-                rhs = f_rows + gamma_rows() * _load(r_stage, plgpu.Layout.WGMMA)
+                rhs = _load(f_stage, plgpu.Layout.WGMMA).astype(F32)  # f may come in bf16
+                if has_racc:
+                    copy_waited(r_ref.at[b, contracted, cols], r_stage, bar.at[0])
+                    rhs = rhs + gamma_rows() * _load(r_stage, plgpu.Layout.WGMMA)
             _bf16x3_chunk(acc, x_stage, rhs, x_parts, rhs_parts, transposed)
             return carry
 
@@ -173,7 +176,7 @@ def _body(
     if transposed:
         y = _load(b_stage, plgpu.Layout.WGMMA) + u  # lambda_i = w_i + Y_i^T (gamma_i w_i)
     else:
-        r = _load(r_stage, plgpu.Layout.WGMMA) + u  # r_i = racc_i + A_ii s_i
+        r = _load(r_stage, plgpu.Layout.WGMMA) + u if has_racc else u  # r_i = racc_i + A_ii s_i
         y = _load(f_stage, plgpu.Layout.WGMMA).astype(F32) + gamma_rows() * r  # s_i = f_i + gamma_i r_i
         if has_r:
             r_stage[...] = r
@@ -228,7 +231,7 @@ def _check(op: str, y_rows, wide: dict, gamma, narrow: dict, row_start):
     """Readable errors naming ``op``, the value and the fix; ``wide``: the float32 (B, Tp, D)
     buffers by name, ``narrow``: the bf16 ones."""
     leaf = y_rows.shape[-1]
-    first = next(iter(wide.values()))
+    first = next(iter({**wide, **narrow}.values()))
     b, tp, d = first.shape
     shapes = {"y_rows": (y_rows.shape, (b, None, leaf)), "gamma": (gamma.shape, (b, tp))}
     shapes.update({name: (x.shape, (b, tp, d)) for name, x in (*wide.items(), *narrow.items())})
@@ -272,6 +275,7 @@ def _launch(
         has_result=result is not None,
         row_sums=bool(row_sums),
         has_r=r_out is not None,
+        has_racc=transposed or len(inputs) == 4,
     )
     body.__name__ = TRANSPOSED_KERNEL_NAME if transposed else KERNEL_NAME  # plgpu.kernel names it after its body
     wide_tile = plgpu.SMEM((BLOCK_C, block_n), F32, **_OUT_SWIZZLE)
@@ -291,7 +295,8 @@ def _launch(
     kwargs = dict(interpret=interpret) if interpret else {}
     if KERNEL_TAKES_COST:
         # the right-hand side's buffers (bacc; or f and racc), the result and r, by element size
-        row_bytes = (4 if transposed else inputs[1].dtype.itemsize + 4) + (4 if result is not None else 0)
+        rhs_bytes = 4 if transposed else inputs[1].dtype.itemsize + 4 * (len(inputs) == 4)
+        row_bytes = rhs_bytes + (4 if result is not None else 0)
         row_bytes += 4 if row_sums or r_out is not None else 0  # r, read (transposed) or written
         sums = len(row_sums) * (d // block_n) * leaf * 4
         kwargs["cost_estimate"] = _cost(
@@ -327,6 +332,7 @@ def gpu_leaf_solve(y_rows, f, racc, gamma, s_b, s, row_start, *, s_lo=None, r=No
     (both operands split hi + lo, hi hi + hi lo + lo hi with fp32 accumulation), returns s with
     rows [row_start, row_start + Cs) set to s_i = f_i + gamma_i r_i (= (I - diag(gamma_i)
     A_ii)^-1 (f_i + gamma_i racc_i)), and s_b with those rows set to bf16(s_i), both in place
+    (racc None: no pushed sums, racc_i taken as 0 and not read: the first leaf's step)
     where the caller's buffers are not used afterwards. ``s_lo`` (B, Tp, D) bfloat16, optional:
     also set to bf16(s_i - bf16(s_i)) there (with s_b, ``precision.split_bf16`` of s_i: the
     backward's parts of s, written here instead of split from s in a pass of their own). ``r``
@@ -338,16 +344,15 @@ def gpu_leaf_solve(y_rows, f, racc, gamma, s_b, s, row_start, *, s_lo=None, r=No
     if f.dtype not in (F32, BF16):
         raise ValueError(f"gpu_leaf_solve: want f float32 or bfloat16; got {f.dtype}")
     copies = (s_b,) if s_lo is None else (s_b, s_lo)
-    wide, narrow = {"racc": racc}, {"s_b": s_b} if s_lo is None else {"s_b": s_b, "s_lo": s_lo}
+    wide, narrow = {} if racc is None else {"racc": racc}, {"s_b": s_b} if s_lo is None else {"s_b": s_b, "s_lo": s_lo}
     if s is not None:
         wide["s"] = s
     if r is not None:
         wide["r"] = r
     (wide if f.dtype == F32 else narrow)["f"] = f
     leaf, d = _check("gpu_leaf_solve", y_rows, wide, gamma, narrow, row_start)
-    return _launch(
-        (y_rows, f, racc, gamma), copies, s, leaf, d, row_start, transposed=False, interpret=interpret, r_out=r
-    )
+    inputs = (y_rows, f, gamma) if racc is None else (y_rows, f, racc, gamma)
+    return _launch(inputs, copies, s, leaf, d, row_start, transposed=False, interpret=interpret, r_out=r)
 
 
 def gpu_leaf_solve_transposed(

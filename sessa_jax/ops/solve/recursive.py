@@ -323,11 +323,14 @@ def _unwritten(shape, dtype):
 class _FirstWrites:
     """Which rows of a buffer left unfilled hold a value, tracked while a static program is traced
     (every push's rows Python integers), leaf by leaf. ``self.take(buf, start, rows)`` -> (buf,
-    overwrite): overwrite True for the first push into those rows (it writes them), False after
-    (it adds); where some of the rows hold a value and some not (the backward meets such pushes),
-    the others are first set to the empty sum (``ready``), then the push adds.
+    overwrite), for a kernel's product into those rows (``gpu_accumulate_product``'s
+    ``overwrite``): True for the first push into all of them (it writes them), False where all
+    hold a value (it adds), and where only some do (the backward meets such pushes) the (start,
+    stop) ranges of the others, relative to ``start``, which the push writes while it adds to the
+    rest. ``self.unwritten(start, rows)``: the leaves among those rows that no push wrote.
     ``self.ready(buf, start, rows)``, before a read: buf with the rows no push wrote set to the
-    empty sum. Where not ``enabled`` (the buffer is filled): (buf, False) and buf throughout."""
+    empty sum. Where not ``enabled`` (the buffer is filled): (buf, False), no leaves and buf
+    throughout."""
 
     def __init__(self, leaf: int, enabled: bool):
         self.leaf, self.enabled, self.written = leaf, enabled, set()
@@ -335,11 +338,19 @@ class _FirstWrites:
     def _leaves(self, start, rows: int):
         return range(start // self.leaf, (start + rows) // self.leaf)
 
+    def unwritten(self, start, rows: int) -> tuple:
+        if not self.enabled:
+            return ()
+        return tuple(i for i in self._leaves(start, rows) if i not in self.written)
+
     def take(self, buf, start, rows: int):
-        if self.enabled and not self.written.intersection(self._leaves(start, rows)):
-            self.written.update(self._leaves(start, rows))
+        new = self.unwritten(start, rows)
+        self.written.update(new)
+        if not new:
+            return buf, False
+        if len(new) == len(self._leaves(start, rows)):
             return buf, True
-        return self.ready(buf, start, rows), False
+        return buf, tuple((i * self.leaf - start, (i + 1) * self.leaf - start) for i in new)
 
     def ready(self, buf, start, rows: int):
         if not self.enabled:
@@ -505,7 +516,7 @@ def _gemm_block_accumulate(
     return bacc, dq, dk
 
 
-def _gemm_diagonal_grads(plan: RecursivePlan, x: _GemmBackwardInputs, g_hi, delta, dq, dk):
+def _gemm_diagonal_grads(plan: RecursivePlan, x: _GemmBackwardInputs, g_hi, delta, dq, dk, fresh=((), ())):
     """The diagonal leaves' share of the backward where its products add in place
     (``RecursivePlan.accumulates_in_kernel``), every leaf i at once as the kernels' batch: dL_ii
     from the dual-GEMM kernel (``gpu_block_probs_and_grad``, causal: P_ii recomputed from q_i, k_i
@@ -515,7 +526,9 @@ def _gemm_diagonal_grads(plan: RecursivePlan, x: _GemmBackwardInputs, g_hi, delt
     is strictly lower triangular: the dual GEMM skips its tiles above the diagonal and the products
     read only its (64, 64) blocks on and below it (``a_lower``). The same products as the XLA path's
     ``probs_grad`` and ``RecursivePlan.plain``, up to fp32 summation order. g_hi (B, Tp, D) bf16,
-    delta (B, Tp) float32, dq and dk (B, Tp, D) float32. Returns (dq, dk) (B, Tp, D)."""
+    delta (B, Tp) float32, dq and dk (B, Tp, D) float32; ``fresh``: the leaves whose rows of dq and
+    of dk no push wrote (left unfilled: their diagonal product is written alone, not added).
+    Returns (dq, dk) (B, Tp, D)."""
     b, tp, d = dq.shape
     leaves = functools.partial(_by_leaf, plan)
     seg = leaves(x.seg)
@@ -526,10 +539,11 @@ def _gemm_diagonal_grads(plan: RecursivePlan, x: _GemmBackwardInputs, g_hi, delt
         causal=True,
         interpret=plan.gpu_interpret,
     )
-    add = functools.partial(gpu_add_product, scale=plan.scale, interpret=plan.gpu_interpret)
-    dq = add(leaves(dq), dl, leaves(x.k_b), a_lower=True, out_dtype=x.q.dtype).reshape(b, tp, d)
-    dk = add(leaves(dk), dl, leaves(x.q_b), transpose_a=True, a_lower=True, out_dtype=x.k.dtype).reshape(b, tp, d)
-    return dq, dk
+    add = functools.partial(gpu_add_product, scale=plan.scale, interpret=plan.gpu_interpret, a_lower=True)
+    n = plan.num_leaves  # leaves(.)'s batch row j holds leaf j % n
+    dq = add(leaves(dq), dl, leaves(x.k_b), out_dtype=x.q.dtype, fresh_batches=(n, fresh[0]))
+    dk = add(leaves(dk), dl, leaves(x.q_b), transpose_a=True, out_dtype=x.k.dtype, fresh_batches=(n, fresh[1]))
+    return dq.reshape(b, tp, d), dk.reshape(b, tp, d)
 
 
 def _take_segments(seg, start, size: int):
@@ -656,15 +670,16 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg, for_backward: bool = Fals
     def solve_leaf(carry, i):
         s_buf, racc, s_b, r_buf = carry
         start = i * c
-        racc = racc_writes.ready(racc, start, c)
         if leaf_in_kernel:  # Y_i, f_i, racc_i read in place; s_i, bf16(s_i) (and lo) and r_i written in place
             s_lo = s_b[1] if keeps_lo else None
+            pushed = None if racc_writes.unwritten(start, c) else racc  # no push reached leaf i: racc_i = 0
             s_buf, *s_b = gpu_leaf_solve(
-                y_rows, f, racc, gamma, s_b[0], s_buf, start, s_lo=s_lo, r=r_buf, interpret=plan.gpu_interpret
+                y_rows, f, pushed, gamma, s_b[0], s_buf, start, s_lo=s_lo, r=r_buf, interpret=plan.gpu_interpret
             )
             if r_buf is not None:
                 *s_b, r_buf = s_b
             return s_buf, racc, tuple(s_b), r_buf
+        racc = racc_writes.ready(racc, start, c)
         # s_buf starts as f and leaf i overwrites its own rows only, after reading f_i there
         f_i, racc_i, gamma_i = take_chunk(s_buf, start, c), take_chunk(racc, start, c), take_chunk(gamma, start, c)
         y_i = lax.dynamic_index_in_dim(y_leaves, i, axis=1, keepdims=False)
@@ -910,8 +925,8 @@ def _backward(plan: RecursivePlan, res, ds, df_dtype=None):
         dgamma = outs[0] if len(outs) == 1 else jnp.concatenate(outs[::-1], axis=1)
 
     if plan.accumulates_in_kernel(d):  # the diagonal leaves' dL, dq and dk in the kernels, cast in place
-        dq, dk = dq_writes.ready(dq, 0, tp), dk_writes.ready(dk, 0, tp)
-        dq, dk = _gemm_diagonal_grads(plan, gemm_inputs, g_buf[0], delta, dq, dk)
+        fresh = (dq_writes.unwritten(0, tp), dk_writes.unwritten(0, tp))  # leaves no push reached
+        dq, dk = _gemm_diagonal_grads(plan, gemm_inputs, g_buf[0], delta, dq, dk, fresh)
         return dq, dk, dgamma, lam
     # The diagonal leaves' share of the logits gradient, all leaves at once.
     g4 = g_buf[0].reshape(b, n, c, d)  # g, or its hi part, which difference_dot's rounding gives
