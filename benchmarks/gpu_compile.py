@@ -15,7 +15,8 @@ Per program it prints
   * ``launches``: kernels per call; ``in loops``: of those, inside while loops;
   * ``GEMM TF``: matrix-product FLOPs of the GEMM kernels (10^12), in bf16 passes (a dot with
     XLA's bf16x3 / bf16x6 algorithm counts 3 / 6 times; a float32 dot at HIGHEST, which runs
-    on the CUDA cores, counts PEAK_FLOPS / FP32_FLOPS = 14.8 times: ``dot_passes``);
+    on the CUDA cores, counts PEAK_FLOPS / FP32_FLOPS = 14.8 times: ``dot_passes``; so does a
+    cuBLAS batched triangular solve's M^2 N per matrix, also float32 on the CUDA cores);
   * ``GEMM GB`` / ``other GB``: bytes the GEMM kernels and all other kernels read and write
     (operands read in full unless the fusion only slices them, directly or after element-for-element
     operations; in-place updates count the update);
@@ -395,6 +396,8 @@ class Walk:
         mosaic = self._mosaic_calls(inst)  # e.g. in XLA's dynamic-slice fusion around a custom call
         if mosaic:
             return sum(self._mosaic_flops(call, inst) for call in mosaic)
+        if inst.op == "custom-call" and "triangularSolve" in target:  # cuBLAS's batched trsm, float32
+            return self._trsm_flops(inst)
         if inst.op == "custom-call" and ("gemm" in target or "matmul" in target):  # cuBLAS, cuBLASLt
             dots = [inst]
         flops = 0.0
@@ -415,6 +418,13 @@ class Walk:
                 out *= x
             flops += 2.0 * out * k * dot_passes(d.attrs, lhs)
         return flops
+
+    def _trsm_flops(self, inst: Inst) -> float:
+        """A batched triangular solve's M^2 N FLOPs per matrix (left side: (M, M) triangle, (M, N)
+        right-hand side), in bf16-pass units: float32 on the CUDA cores, PEAK_FLOPS / FP32_FLOPS."""
+        rhs = dims(self._type_of(inst.operands[1], inst))
+        batch = math.prod(rhs[:-2])
+        return float(batch * rhs[-2] ** 2 * rhs[-1]) * PEAK_FLOPS / FP32_FLOPS
 
     def _mosaic_calls(self, inst: Inst) -> list[Inst]:
         """The Mosaic GPU custom calls inside a fusion (XLA fuses the dynamic slices of a custom
@@ -522,7 +532,8 @@ class Walk:
         for (comp, name), times in self.kernels.items():
             inst, flops, moved = self._cost(comp, name)
             out["launches"] += times
-            mosaic_gemm = flops > 0 and (inst.op == "custom-call" or bool(self._mosaic_calls(inst)))  # exp in epilogue
+            solve = "triangularSolve" in (inst.attr("custom_call_target") or "")  # no exponential in it
+            mosaic_gemm = flops > 0 and not solve and (inst.op == "custom-call" or bool(self._mosaic_calls(inst)))
             if flops and (mosaic_gemm or any(i.op == "exponential" for i in self._fused(inst))):
                 out["gemm_exp"] += times
             out["gemm_flops"] += times * flops

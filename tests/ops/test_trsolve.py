@@ -78,6 +78,20 @@ def test_resolvent_with_zero_and_mixed_row_scales_x64(c):
         assert bool(jnp.all(jnp.isfinite(y)))
 
 
+@pytest.mark.parametrize("c", [1, 17, 32, 100, 512])
+def test_resolvent_with_solved_base_blocks_matches_triangular_solve(c):
+    """``base_solve``: the SOLVE_LEAF-row diagonal blocks by one batched triangular solve instead of
+    the series, then the same merges: the exact resolvent in float64, fp32-faithful in float32."""
+    with jax.enable_x64(True):
+        a, r = _feedback_parts(c, jnp.float64)
+        ref = _resolvent_x64(a, r)
+        y = jax.jit(lambda a, r: lower_resolvent(a, r, base_solve=True))(a, r)
+        assert relative_error(y, ref, floor=1e-30) <= 1e-12
+        assert bool(jnp.all(jnp.triu(y) == 0))
+        y32 = jax.jit(lambda a, r: lower_resolvent(a, r, base_solve=True))(a.astype(jnp.float32), r.astype(jnp.float32))
+        assert relative_error(y32.astype(jnp.float64), ref, floor=1e-30) <= 1e-6
+
+
 def test_resolvent_float32_is_faithful():
     a, r = _feedback_parts(256, jnp.float32)
     with jax.enable_x64(True):
@@ -87,7 +101,8 @@ def test_resolvent_float32_is_faithful():
 
 def test_resolvent_merges_use_the_given_dot():
     """``dot`` runs the pairwise merges: a one-pass bf16 dot shows up as bf16-sized error, the
-    solve's fp32-faithful dot (``RecursivePlan.faithful``) stays at the exact resolvent's."""
+    bf16x3 tier's dot (``RecursivePlan.inversion``, fp32-faithful there) stays at the exact
+    resolvent's."""
     from sessa_jax.ops.solve.precision import chained_dot
     from sessa_jax.ops.solve.recursive import RecursivePlan
 
@@ -95,6 +110,46 @@ def test_resolvent_merges_use_the_given_dot():
     with jax.enable_x64(True):
         ref = _resolvent_x64(a.astype(jnp.float64), r.astype(jnp.float64))
     one_pass = lambda spec, a, b: chained_dot(spec, a, b, "bfloat16")  # noqa: E731
-    faithful = RecursivePlan.make(256, 256, 256, "bf16x3", "cpu", 1.0).faithful
+    faithful = RecursivePlan.make(256, 256, 256, "bf16x3", "cpu", 1.0).inversion
     assert relative_error(jax.jit(lambda a, r: lower_resolvent(a, r, one_pass))(a, r), ref) >= 1e-4
     assert relative_error(jax.jit(lambda a, r: lower_resolvent(a, r, faithful))(a, r), ref) <= 1e-6
+
+
+@pytest.mark.parametrize("regime", ["sharp", "previous_token"])
+def test_bfloat16_tier_merges_keep_the_leaf_product_at_its_own_error(regime):
+    """The bfloat16 tier merges at bf16x3 (``RecursivePlan.inversion``), not fp32-faithfully: Y_i
+    then carries bf16x3-sized error, yet Y_i rhs_i at the leaf products' bf16x3 stays within 2x of
+    the same product of the exact Y_i (float64, rounded to float32), on a 512-row leaf with
+    gamma +-0.999 and sharp or previous-token weights (the errors are ~1e-5, against ~2e-3 that
+    f's bf16 rounding gives s)."""
+    from sessa_jax.ops.solve.precision import leaf_dot
+    from sessa_jax.ops.solve.recursive import RecursivePlan
+
+    c = 512
+    ka, kg, kb = jax.random.split(jax.random.PRNGKey(7), 3)
+    logits = (16.0 if regime == "sharp" else 1.0) * jax.random.normal(ka, (2, c, c), jnp.float32)
+    if regime == "previous_token":
+        logits = logits + 12.0 * jnp.eye(c, k=-1)
+    strict = jnp.tril(jnp.ones((c, c), bool), -1)
+    # each row also normalises over a past of c keys outside the leaf, as a leaf after the first does
+    past = jax.scipy.special.logsumexp(logits, axis=-1, keepdims=True)
+    a = jnp.where(strict, jnp.exp(logits - jnp.logaddexp(past, _masked_logsumexp(logits, strict))), 0.0)
+    r = 0.999 * jnp.sign(jax.random.normal(kg, (2, c), jnp.float32))
+    rhs = jax.random.normal(kb, (2, c, 64), jnp.float32)
+    with jax.enable_x64(True):
+        y64 = _resolvent_x64(a.astype(jnp.float64), r.astype(jnp.float64))
+        ref = jnp.einsum("bij,bjd->bid", y64, rhs.astype(jnp.float64))
+        exact_y = y64.astype(jnp.float32)
+    plan = RecursivePlan.make(c, c, c, "bfloat16", "cpu", 1.0)
+    y = jax.jit(lambda a, r: lower_resolvent(a, r, plan.inversion))(a, r)
+    product = jax.jit(lambda y, b: leaf_dot("bij,bjd->bid", y, b, plan.leaf_tier, "cpu"))
+    with jax.enable_x64(True):
+        own = relative_error(product(exact_y, rhs).astype(jnp.float64), ref)
+        got = relative_error(product(y, rhs).astype(jnp.float64), ref)
+        y_error = relative_error(y.astype(jnp.float64), y64)
+    assert 1e-7 < y_error <= 2e-5  # bf16x3 merges, not fp32-faithful ones (~3e-8)
+    assert got <= 2 * own, (got, own)
+
+
+def _masked_logsumexp(logits, mask):
+    return jax.scipy.special.logsumexp(jnp.where(mask, logits, -jnp.inf), axis=-1, keepdims=True)

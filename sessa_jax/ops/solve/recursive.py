@@ -163,9 +163,14 @@ class RecursivePlan:
         two bf16 passes in "bfloat16", g split)."""
         return transposed_push_dot(spec, a, b, self.tier, self.platform)
 
-    def faithful(self, spec: str, a, b):
-        """fp32-faithful einsum at every tier (the diagonal inversion: its error would reach every
-        s_i): ``Precision.HIGHEST``, on GPU XLA's six-pass bf16 algorithm on the tensor cores."""
+    def inversion(self, spec: str, a, b):
+        """einsum for the diagonal inversion's merges (``diag_resolvent``; its error reaches every
+        s_i). In the "bfloat16" tier the leaf products' own tier, bf16x3 (``leaf_dot``): Y_i enters
+        only bf16x3 leaf products, and with bf16x3 merges the error of Y_i rhs_i stays within 2x of
+        that product's own, two orders below what f's bf16 rounding does to s (docs/design.md).
+        Elsewhere fp32-faithful: ``Precision.HIGHEST``, on GPU XLA's six-pass bf16 algorithm."""
+        if self.tier == "bfloat16":
+            return leaf_dot(spec, a, b, self.leaf_tier, self.platform)
         return logits_dot(spec, a, b, "float32", self.platform)
 
     def plain(self, spec: str, a, b):
@@ -249,6 +254,15 @@ class RecursivePlan:
         forward loop as racc + A_ii s (elsewhere: on a TPU v5e the written r kept more of the
         solve's temporaries, docs/performance.md). The leaf kernels always write it."""
         return platform_kind(self.platform) == "gpu"
+
+    @property
+    def solves_diagonal_base(self) -> bool:
+        """Whether the diagonal inversion takes its smallest blocks by one batched triangular
+        solve (``trsolve.lower_resolvent(base_solve=True)``: cuBLAS's batched trsm on a GPU,
+        LAPACK's on a CPU, one call where the series and its first merges are about a dozen small
+        kernels) or by the nilpotent series (on a TPU, whose compiler expands a triangular solve
+        into a loop of its own)."""
+        return platform_kind(self.platform) in ("gpu", "cpu")
 
     @property
     def padded_len(self) -> int:
@@ -412,14 +426,16 @@ def _gemm_diagonal_blocks(plan: RecursivePlan, q_b, k_b, seg, m, logl):
 
 def diag_resolvent(plan: RecursivePlan, a_ii, gamma):
     """Y_i = A_ii (I - diag(gamma_i) A_ii)^-1 for all leaves at once, (B, n, Cs, Cs), strictly
-    lower, fp32-faithful (``RecursivePlan.faithful``) at every tier: it reaches every s_i. The
+    lower, its merges at ``RecursivePlan.inversion``'s precision (it reaches every s_i). The
     leaf steps take X_i = (I - diag(gamma_i) A_ii)^-1 = I + diag(gamma_i) Y_i through it: with
     rhs_i = f_i + gamma_i racc_i, A_ii s_i = Y_i rhs_i, so r_i = racc_i + Y_i rhs_i (the residual,
     no product by A_ii) and s_i = f_i + gamma_i r_i; lambda_i = X_i^T w_i = w_i + Y_i^T (gamma_i
     w_i)."""
     b, n, c, _ = a_ii.shape
     scale = gamma.reshape(b * n, c).astype(a_ii.dtype)
-    return lower_resolvent(a_ii.reshape(b * n, c, c), scale, plan.faithful).reshape(b, n, c, c)
+    return lower_resolvent(
+        a_ii.reshape(b * n, c, c), scale, plan.inversion, base_solve=plan.solves_diagonal_base
+    ).reshape(b, n, c, c)
 
 
 def _gemm_block_update(plan: RecursivePlan, q_b, seg, m, logl, k_b, r0, rows: int, k0, keys: int, s_keys):

@@ -7,7 +7,8 @@ of at most ``LEAF`` rows, where the exact nilpotent series
 is applied. Sessa's N = diag(gamma) A has row sums |N| <= gamma_max < 1, so no power grows.
 
 ``lower_resolvent`` forms Y = A (I - diag(r) A)^-1 itself, from which (I - diag(r) A)^-1 =
-I + diag(r) Y, bottom-up: every LEAF-sized diagonal block by the series at once, then each level
+I + diag(r) Y, bottom-up: every LEAF-sized diagonal block by the series at once (or, with
+``base_solve``, every SOLVE_LEAF-sized one by one batched triangular solve), then each level
 merges pairs of diagonal blocks,
     [[I - N11, 0], [-N21, I - N22]]^-1 = [[X11, 0], [X22 N21 X11, X22]]   (N = diag(r) A),
 with all pairs of a level in one batched product. The halves of a block do not wait for each
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 LEAF = 16
+SOLVE_LEAF = 32  # the diagonal blocks of lower_resolvent(base_solve=True)
 _HI = lax.Precision.HIGHEST
 
 
@@ -75,7 +77,7 @@ def _diagonal_blocks(n, size: int, offset: int = 0, row_scale=None):
     return row_scale.reshape(n.shape[0], c // size, size)[:, :, offset:, None] * blocks
 
 
-def lower_resolvent(a, row_scale, dot=None):
+def lower_resolvent(a, row_scale, dot=None, base_solve: bool = False):
     """Y = a (I - diag(row_scale) a)^-1 for strictly lower a (B, c, c) and row scales (B, c):
     (B, c, c), strictly lower, by pairwise merges of diagonal blocks.
 
@@ -84,9 +86,12 @@ def lower_resolvent(a, row_scale, dot=None):
     X^T w = w + Y^T (r * w). No division by r, which may be 0. The merges of a level,
         Y21 = (I + Y22 diag(r2)) a21 (I + diag(r1) Y11),
     take two products, ``dot(spec, a, b)`` (a precision tier's einsum, e.g.
-    ``RecursivePlan.faithful``; default exact, ``Precision.HIGHEST``), with all pairs of a level in
+    ``RecursivePlan.inversion``; default exact, ``Precision.HIGHEST``), with all pairs of a level in
     one batched product; the 16-row leaves (a series, then their product by a) are always exact.
-    Each block of a is scaled where it is sliced: no scaled copy of a is made."""
+    ``base_solve``: the first level's blocks are SOLVE_LEAF rows instead, each Y_p taken exactly as
+    Y_p^T = (I - diag(r_p) a_p)^-T a_p^T by one batched unit-lower triangular solve (a library call
+    on a GPU, cuBLAS's batched trsm: one launch where the series and the merges below SOLVE_LEAF
+    take about a dozen). Each block of a is scaled where it is sliced: no scaled copy of a is made."""
     dot = _exact if dot is None else dot
     bsz, c, _ = a.shape
     size = c if c <= LEAF else LEAF
@@ -94,12 +99,23 @@ def lower_resolvent(a, row_scale, dot=None):
         size *= 2
     a = jnp.pad(a, ((0, 0), (0, size - c), (0, size - c)))  # zero rows and columns: zero blocks of Y
     row_scale = jnp.pad(row_scale, ((0, 0), (0, size - c)))
-    leaf = min(size, LEAF)
+    leaf = min(size, SOLVE_LEAF if base_solve else LEAF)
     m = size // leaf
     a_blocks = _diagonal_blocks(a, leaf).reshape(bsz * m, leaf, leaf)
     eye = jnp.broadcast_to(jnp.eye(leaf, dtype=a.dtype), (bsz * m, leaf, leaf))
-    x = _series(_diagonal_blocks(a, leaf, row_scale=row_scale).reshape(bsz * m, leaf, leaf), eye, transpose=False)
-    y = _mm(a_blocks, x).reshape(bsz, m, leaf, leaf)
+    n_blocks = _diagonal_blocks(a, leaf, row_scale=row_scale).reshape(bsz * m, leaf, leaf)
+    if base_solve:
+        y_t = lax.linalg.triangular_solve(
+            eye - n_blocks,
+            jnp.swapaxes(a_blocks, 1, 2),
+            left_side=True,
+            lower=True,
+            transpose_a=True,
+            unit_diagonal=True,
+        )
+        y = jnp.swapaxes(y_t, 1, 2).reshape(bsz, m, leaf, leaf)
+    else:
+        y = _mm(a_blocks, _series(n_blocks, eye, transpose=False)).reshape(bsz, m, leaf, leaf)
     s = leaf
     while s < size:
         m //= 2
