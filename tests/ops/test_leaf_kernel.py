@@ -118,6 +118,40 @@ def test_leaf_solve_without_pushed_sums_takes_them_as_zero(f_dtype):
     assert float(jnp.abs(got[2][:, :LEAF] - r_old[:, :LEAF]).max()) > 0  # r_i = Y_i f_i landed
 
 
+def _split_y(y_rows):
+    """y_rows (B, n LEAF, LEAF) as the pair (diag, low) of ``lower_resolvent(split_top=True)``."""
+    b, h = y_rows.shape[0], LEAF // 2
+    leaves = y_rows.reshape(b, -1, LEAF, LEAF)
+    diag = jnp.concatenate([leaves[:, :, :h, :h], leaves[:, :, h:, h:]], axis=2).reshape(b, -1, h)
+    return diag, leaves[:, :, h:, :h].reshape(b, -1, h)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@needs_in_place
+def test_leaf_kernels_take_y_in_the_split_form_alike(transposed):
+    """y_rows as (diag, low) (``_y_parts``: the diagonal halves one buffer, Y21 another): every
+    result bit for bit as from y_rows whole, at a traced start (the middle leaf)."""
+    y_rows, f, racc, gamma, s_b = _inputs(128)
+    y_rows = jnp.where(_upper_blocks(y_rows), 0.0, normal(50, y_rows.shape) * 0.1)  # Y21's blocks dense
+    y_rows = _lower(y_rows)
+    interp = False if jax.default_backend() == "gpu" else interpret_or_skip()
+    start = jnp.int32(LEAF)
+    if transposed:
+        g_lo = normal(45, s_b.shape, BF16)
+        run = jax.jit(
+            lambda y: lg.gpu_leaf_solve_transposed(
+                y, racc, gamma, s_b, g_lo, normal(47, f.shape), start, interpret=interp
+            )
+        )
+    else:
+        run = jax.jit(lambda y: lg.gpu_leaf_solve(y, f, racc, gamma, s_b, normal(46, f.shape), start, interpret=interp))
+    whole, split = run(y_rows), run(_split_y(y_rows))
+    for got, want in zip(split, whole):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    with pytest.raises(ValueError, match="as \\(diag, low\\)"):
+        lg.gpu_leaf_solve(_split_y(y_rows)[::-1], f, racc, gamma, s_b, None, 0, interpret=interp)
+
+
 @pytest.mark.parametrize("d,traced", [(128, True), (256, False)])
 @needs_in_place
 def test_transposed_leaf_solve_matches_the_xla_leaf_step(d, traced):

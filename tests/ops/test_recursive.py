@@ -248,6 +248,27 @@ def test_backward_reuses_the_forward_diagonal_resolvents(monkeypatch):
     assert calls == {"blocks": 1, "resolvent": 1}, calls
 
 
+def test_split_resolvents_give_every_leaf_the_same_y():
+    """``diag_resolvent(split=True)`` (the leaf kernels' pair): each leaf's Y_i rebuilt from it
+    (``_leaf_resolvent``, traced index) is the whole form's Y_i bit for bit, and ``_leaf_rows``
+    passes the pair on as it is and stacks the whole form's leaves."""
+    from sessa_jax.ops.solve.recursive import _leaf_resolvent, _leaf_rows, diag_resolvent
+
+    ka, kg = jax.random.split(jax.random.PRNGKey(6))
+    b, n, c = 2, 3, 128
+    a_ii = jnp.tril(jax.random.uniform(ka, (b, n, c, c)) / c, -1)
+    gamma = 0.999 * jnp.tanh(jax.random.normal(kg, (b, n * c)))
+    plan = RecursivePlan.make(n * c, c, c, "bfloat16", "gpu", 1.0)
+    assert plan.splits_resolvents and not RecursivePlan.make(n * c, 32, 32, "bfloat16", "gpu", 1.0).splits_resolvents
+    whole = jax.jit(lambda a, g: diag_resolvent(plan, a, g))(a_ii, gamma)
+    split = jax.jit(lambda a, g: diag_resolvent(plan, a, g, split=True))(a_ii, gamma)
+    assert split[0].shape == (b, n * c, c // 2) and split[1].shape == (b, n * c // 2, c // 2)
+    assert _leaf_rows(plan, split) is split and _leaf_rows(plan, whole).shape == (b, n * c, c)
+    rebuild = jax.jit(lambda y, i: _leaf_resolvent(plan, y, i))
+    for i in range(n):
+        np.testing.assert_array_equal(rebuild(split, jnp.int32(i)), whole[:, i])
+
+
 @pytest.mark.parametrize("tier", ["float32", "bf16x3"])
 def test_diagonal_resolvents_are_the_same_numbers_on_every_platform(tier):
     """Where the merges are fp32-faithful (``RecursivePlan.inversion``; the bfloat16 tier merges at

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax import lax
 
@@ -90,6 +91,23 @@ def test_resolvent_with_solved_base_blocks_matches_triangular_solve(c):
         assert bool(jnp.all(jnp.triu(y) == 0))
         y32 = jax.jit(lambda a, r: lower_resolvent(a, r, base_solve=True))(a.astype(jnp.float32), r.astype(jnp.float32))
         assert relative_error(y32.astype(jnp.float64), ref, floor=1e-30) <= 1e-6
+
+
+@pytest.mark.parametrize("base_solve", [False, True])
+def test_resolvent_split_top_is_the_same_blocks(base_solve):
+    """``split_top``: (diag, low) hold Y11 over Y22 and Y21 of the same Y, bit for bit; c not a
+    power of two, or too small to split, is refused by name."""
+    a, r = _feedback_parts(256, jnp.float32)
+    y = jax.jit(lambda a, r: lower_resolvent(a, r, base_solve=base_solve))(a, r)
+    diag, low = jax.jit(lambda a, r: lower_resolvent(a, r, base_solve=base_solve, split_top=True))(a, r)
+    assert diag.shape == (2, 256, 128) and low.shape == (2, 128, 128)
+    np.testing.assert_array_equal(diag, jnp.concatenate([y[:, :128, :128], y[:, 128:, 128:]], axis=1))
+    np.testing.assert_array_equal(low, y[:, 128:, :128])
+    assert bool(jnp.all(y[:, :128, 128:] == 0))
+    for c in (96, 32 if base_solve else 16):
+        a_c, r_c = _feedback_parts(c, jnp.float32)
+        with pytest.raises(ValueError, match="split_top needs c a power of two"):
+            lower_resolvent(a_c, r_c, base_solve=base_solve, split_top=True)
 
 
 def test_resolvent_float32_is_faithful():

@@ -97,6 +97,31 @@ def _bf16x3_chunk(acc, x_stage, rhs, x_parts, rhs_parts, transposed: bool) -> No
     plgpu.wgmma_wait(0)
 
 
+def _copy_y_block(x_refs, b, row0, low0, block, chunks: int, x_stage, barrier) -> None:
+    """Inside a kernel: Y_i's (64, 64) block (row block r, column block c) of the leaf starting at
+    row0 into ``x_stage``, from y_rows, or from the two buffers of ``_y_parts``: the diagonal halves'
+    (the leaf's rows from row0, the column block within its half) or, below the diagonal halves
+    (r in the lower half, c in the upper), Y21's (its rows from low0)."""
+    r, c = block
+    if len(x_refs) == 1:
+        copy_waited(x_refs[0].at[b, pl.ds(row0 + r * BLOCK_C, BLOCK_C), pl.ds(c * BLOCK_C, BLOCK_C)], x_stage, barrier)
+        return
+    diag, low = x_refs
+    half = chunks // 2
+    in_low = (r >= half) & (c < half)
+
+    @pl.when(in_low)
+    def _():
+        copy_waited(
+            low.at[b, pl.ds(low0 + (r - half) * BLOCK_C, BLOCK_C), pl.ds(c * BLOCK_C, BLOCK_C)], x_stage, barrier
+        )
+
+    @pl.when(jnp.logical_not(in_low))
+    def _():
+        rows, cols = pl.ds(row0 + r * BLOCK_C, BLOCK_C), pl.ds(lax.rem(c, half) * BLOCK_C, BLOCK_C)
+        copy_waited(diag.at[b, rows, cols], x_stage, barrier)
+
+
 def _body(
     starts_ref,
     *refs,
@@ -108,9 +133,11 @@ def _body(
     row_sums: bool = False,
     has_r: bool = False,
     has_racc: bool = True,
+    split: bool = False,
 ):
     """One (BLOCK_M, block_n) tile of s_i (forward) or of lambda_i (``transposed``); see the module
-    docstring. refs: y_rows, then f, racc, gamma and the ``copies`` s_b [, s_lo] (forward) or bacc,
+    docstring. ``split``: Y_i in two buffers (``_y_parts``). refs: y_rows (or its two buffers),
+    then f, racc, gamma and the ``copies`` s_b [, s_lo] (forward) or bacc,
     gamma [, r], g_hi and g_lo [, lam_b] (transposed), the float32 output where ``has_result``,
     [the row sums' partial-sum buffers (transposed) or r's buffer (forward, ``has_r``),] then the
     scratch. ``row_sums`` (transposed): the tile's partial sums of delta = rowsum(bf16(g) * r) and
@@ -120,8 +147,9 @@ def _body(
     own, the transposed step from the last down to its own), so after it the staged right-hand
     side and gamma are the own rows' that the result adds: s_i = f_i + gamma_i r_i with
     r_i = racc_i + Y_i rhs_i, lambda_i = w_i + Y_i^T (gamma_i w_i)."""
+    x_refs, refs = (refs[:2], refs[2:]) if split else (refs[:1], refs[1:])
     if transposed:  # g's two parts, and bf16(lambda) where asked
-        x_ref, b_ref, g_ref, *refs = refs
+        b_ref, g_ref, *refs = refs
         r_ref, refs = (refs[0], refs[1:]) if row_sums else (None, refs)
         copy_refs, refs = refs[:copies], refs[copies:]
         out_ref, refs = (refs[0], refs[1:]) if has_result else (None, refs)
@@ -129,14 +157,14 @@ def _body(
         x_stage, b_stage, g_stage, x_parts, rhs_parts, out_smem, *copy_smem, bar = scratch
         copy_smem, sum_smem = (copy_smem[:-2], copy_smem[-2:]) if row_sums else (copy_smem, ())
     else:  # s_b, and s_lo where the caller keeps s's low part too
-        x_ref, f_ref, *refs = refs
+        f_ref, *refs = refs
         r_ref, g_ref, *refs = refs if has_racc else (None, *refs)
         sb_refs, refs = refs[:copies], refs[copies:]
         out_ref, refs = (refs[0], refs[1:]) if has_result else (None, refs)
         r_out_ref, scratch = (refs[0], refs[1:]) if has_r else (None, refs)
         x_stage, f_stage, r_stage, g_stage, x_parts, rhs_parts, out_smem, *copy_smem, bar = scratch
     i, j, b = lax.axis_index("rows"), lax.axis_index("cols"), lax.axis_index("batch")
-    (row0,) = read_window_starts(starts_ref, BLOCK_C)
+    row0, low0 = read_window_starts(starts_ref, BLOCK_C)  # the leaf's first row; and in Y21's buffer
     cols = pl.ds(j * block_n, block_n)
     own = pl.ds(row0 + i * BLOCK_M, BLOCK_M)  # the program's rows of the leaf in the full-length buffers
 
@@ -147,11 +175,9 @@ def _body(
         def chunk(t, carry):
             c = chunks - 1 - t if transposed else t  # the own chunk last
             contracted = pl.ds(row0 + c * BLOCK_C, BLOCK_C)  # the leaf's rows being contracted
-            if transposed:  # Y_i^T: a (contracted, own) block of Y_i, transposed in the smem view
-                x_block = x_ref.at[b, contracted, pl.ds(i * BLOCK_M, BLOCK_M)]
-            else:
-                x_block = x_ref.at[b, own, pl.ds(c * BLOCK_C, BLOCK_C)]
-            copy_waited(x_block, x_stage, bar.at[0])
+            # Y_i's (64, 64) block (row block, column block): (c, i) transposed, as the smem view
+            # transposes it for Y_i^T, else (i, c)
+            _copy_y_block(x_refs, b, row0, low0, (c, i) if transposed else (i, c), chunks, x_stage, bar.at[0])
             if transposed:  # gamma_c * w_c
                 copy_waited(b_ref.at[b, contracted, cols], b_stage, bar.at[0])
                 copy_waited(g_ref.at[b, contracted], g_stage, bar.at[0])
@@ -227,20 +253,41 @@ def _cost(batch: int, leaf: int, d: int, other_bytes: int) -> pl.CostEstimate:
     )
 
 
+def _y_parts(y_rows) -> tuple:
+    """y_rows as the kernels' Y buffers: (y_rows,), or with y_rows a pair (diag, low)
+    (``trsolve.lower_resolvent(split_top=True)`` of every leaf), (diag, low): diag (B, n Cs, Cs /
+    2) holds each leaf's diagonal halves Y11 over Y22 at the leaf's rows, low (B, n Cs / 2, Cs / 2)
+    its Y21 at rows [i Cs / 2, (i + 1) Cs / 2)."""
+    return tuple(y_rows) if isinstance(y_rows, (tuple, list)) else (y_rows,)
+
+
 def _check(op: str, y_rows, wide: dict, gamma, narrow: dict, row_start):
     """Readable errors naming ``op``, the value and the fix; ``wide``: the float32 (B, Tp, D)
-    buffers by name, ``narrow``: the bf16 ones."""
-    leaf = y_rows.shape[-1]
+    buffers by name, ``narrow``: the bf16 ones. Returns (leaf, d)."""
+    parts = _y_parts(y_rows)
     first = next(iter({**wide, **narrow}.values()))
     b, tp, d = first.shape
-    shapes = {"y_rows": (y_rows.shape, (b, None, leaf)), "gamma": (gamma.shape, (b, tp))}
+    if len(parts) == 2:
+        diag, low = parts
+        leaf = 2 * diag.shape[-1]
+        if leaf % (2 * BLOCK_C) or low.shape != (b, diag.shape[1] // 2, leaf // 2) or diag.shape[:2] != (b, tp):
+            raise ValueError(
+                f"{op}: y_rows as (diag, low) wants diag (B, Tp, Cs / 2) = ({b}, {tp}, Cs / 2) with Cs a multiple of "
+                f"{2 * BLOCK_C} and low (B, Tp / 2, Cs / 2); got {diag.shape} and {low.shape}"
+            )
+        shapes = {"gamma": (gamma.shape, (b, tp))}
+        f32 = [diag, low]
+    else:
+        leaf = y_rows.shape[-1]
+        shapes = {"y_rows": (y_rows.shape, (b, None, leaf)), "gamma": (gamma.shape, (b, tp))}
+        f32 = [y_rows]
     shapes.update({name: (x.shape, (b, tp, d)) for name, x in (*wide.items(), *narrow.items())})
     for name, (got, want) in shapes.items():
         if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got)):
             raise ValueError(f"{op}: {name} must have shape {want} (None: any) for {first.shape}; got {got}")
-    if y_rows.shape[1] % leaf:
-        raise ValueError(f"{op}: y_rows' {y_rows.shape[1]} rows must be whole leaves of {leaf}")
-    f32 = [y_rows, gamma, *wide.values()]
+    if parts[0].shape[1] % leaf:
+        raise ValueError(f"{op}: y_rows' {parts[0].shape[1]} rows must be whole leaves of {leaf}")
+    f32 += [gamma, *wide.values()]
     if any(x.dtype != F32 for x in f32) or any(x.dtype != BF16 for x in narrow.values()):
         names = ", ".join(["y_rows", "gamma", *wide])
         raise ValueError(
@@ -256,15 +303,17 @@ def _check(op: str, y_rows, wide: dict, gamma, narrow: dict, row_start):
 def _launch(
     inputs, in_place, result, leaf: int, d: int, row_start, *, transposed: bool, interpret, row_sums=(), r_out=None
 ):
-    """The kernel on one leaf; ``inputs``: the operands read (the forward's f in float32 or
-    bfloat16), ``in_place``: the bf16 buffers written in place, ``result``: the float32 buffer whose
+    """The kernel on one leaf; ``inputs``: the operands read, Y's buffers first as one tuple
+    (``_y_parts``; the forward's f in float32 or bfloat16), ``in_place``: the bf16 buffers
+    written in place, ``result``: the float32 buffer whose
     leaf rows take the result, in place (the forward: or None, no float32 result); ``row_sums``
     (transposed): () or the two (B, D / Bn, Tp) float32 buffers of the row sums' partial sums,
     written in place (``inputs`` then end with r); ``r_out`` (forward): None or the float32 (B,
     Tp, D) buffer whose leaf rows take r_i, in place. Returns (result, *in_place, *row_sums[,
     r_out]) updated."""
     tail = tuple(row_sums) + (() if r_out is None else (r_out,))
-    bsz = inputs[1].shape[0]
+    y_parts, inputs = inputs[0], inputs[1:]
+    bsz = inputs[0].shape[0]
     block_n = leaf_column_block(d)
     body = functools.partial(
         _body,
@@ -275,12 +324,13 @@ def _launch(
         has_result=result is not None,
         row_sums=bool(row_sums),
         has_r=r_out is not None,
-        has_racc=transposed or len(inputs) == 4,
+        has_racc=transposed or len(inputs) == 3,
+        split=len(y_parts) == 2,
     )
     body.__name__ = TRANSPOSED_KERNEL_NAME if transposed else KERNEL_NAME  # plgpu.kernel names it after its body
     wide_tile = plgpu.SMEM((BLOCK_C, block_n), F32, **_OUT_SWIZZLE)
     bf16_tile = plgpu.SMEM((BLOCK_M, block_n), BF16, **SWIZZLE)
-    f_tile = bf16_tile if inputs[1].dtype == BF16 else wide_tile
+    f_tile = bf16_tile if inputs[0].dtype == BF16 else wide_tile
     scratch = [
         plgpu.SMEM((BLOCK_C, BLOCK_M) if transposed else (BLOCK_M, BLOCK_C), F32, **_OUT_SWIZZLE),
         *([wide_tile] if transposed else [f_tile, wide_tile]),
@@ -295,7 +345,7 @@ def _launch(
     kwargs = dict(interpret=interpret) if interpret else {}
     if KERNEL_TAKES_COST:
         # the right-hand side's buffers (bacc; or f and racc), the result and r, by element size
-        rhs_bytes = 4 if transposed else inputs[1].dtype.itemsize + 4 * (len(inputs) == 4)
+        rhs_bytes = 4 if transposed else inputs[0].dtype.itemsize + 4 * (len(inputs) == 3)
         row_bytes = rhs_bytes + (4 if result is not None else 0)
         row_bytes += 4 if row_sums or r_out is not None else 0  # r, read (transposed) or written
         sums = len(row_sums) * (d // block_n) * leaf * 4
@@ -310,7 +360,7 @@ def _launch(
         grid=(leaf // BLOCK_M, d // block_n, bsz),
         grid_names=("rows", "cols", "batch"),
         **kwargs,
-    )(window_starts(row_start), *inputs, *refs)
+    )(window_starts(row_start, row_start // 2), *y_parts, *inputs, *refs)
     out = [jax.freeze(r) for r in refs]
     out, sums = out[: len(out) - len(tail)], out[len(out) - len(tail) :]
     return ((None, *out) if result is None else (out[-1], *out[:-1])) + tuple(sums)
@@ -322,7 +372,8 @@ def gpu_leaf_solve(y_rows, f, racc, gamma, s_b, s, row_start, *, s_lo=None, r=No
 
     y_rows (B, n Cs, Cs) float32: Y_i = A_ii (I - diag(gamma_i) A_ii)^-1 of every leaf
     (``trsolve.lower_resolvent``), one under another, strictly lower triangular (its (64, 64)
-    blocks above the diagonal are not read); f (B, Tp, D)
+    blocks above the diagonal are not read), or the same as the pair (diag, low) of every leaf's
+    ``lower_resolvent(split_top=True)`` (``_y_parts``; Cs a multiple of 128); f (B, Tp, D)
     float32 or bfloat16 (read as it is and widened in registers: no float32 copy of a bf16 f), racc
     (B, Tp, D) float32: the right-hand side's f and pushed sums; gamma (B, Tp) float32; s_b (B, Tp, D)
     bfloat16: the leaf loop's bf16 copy of s; s (B, Tp, D) float32: the solution's buffer (a
@@ -351,7 +402,7 @@ def gpu_leaf_solve(y_rows, f, racc, gamma, s_b, s, row_start, *, s_lo=None, r=No
         wide["r"] = r
     (wide if f.dtype == F32 else narrow)["f"] = f
     leaf, d = _check("gpu_leaf_solve", y_rows, wide, gamma, narrow, row_start)
-    inputs = (y_rows, f, gamma) if racc is None else (y_rows, f, racc, gamma)
+    inputs = (_y_parts(y_rows), f, gamma) if racc is None else (_y_parts(y_rows), f, racc, gamma)
     return _launch(inputs, copies, s, leaf, d, row_start, transposed=False, interpret=interpret, r_out=r)
 
 
@@ -385,7 +436,7 @@ def gpu_leaf_solve_transposed(
         wide["r"] = row_sums[0]
     leaf, d = _check(op, y_rows, wide, gamma, narrow, row_start)
     copies = tuple(narrow.values())
-    inputs, sums = (y_rows, bacc, gamma), ()
+    inputs, sums = (_y_parts(y_rows), bacc, gamma), ()
     if row_sums is not None:
         r, *sums = row_sums
         want = (bacc.shape[0], d // leaf_column_block(d), bacc.shape[1])

@@ -75,7 +75,7 @@ from sessa_jax.ops.solve.row_stats_gpu import TIERS as GPU_TIERS
 from sessa_jax.ops.solve.row_stats_gpu import gpu_row_statistics
 from sessa_jax.ops.solve.row_stats_tpu import tpu_row_statistics
 from sessa_jax.ops.solve.schedule import PushSchedule, auto_static_span, padded_leaves
-from sessa_jax.ops.solve.trsolve import lower_resolvent
+from sessa_jax.ops.solve.trsolve import LEAF, SOLVE_LEAF, lower_resolvent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,6 +265,13 @@ class RecursivePlan:
         return platform_kind(self.platform) in ("gpu", "cpu")
 
     @property
+    def splits_resolvents(self) -> bool:
+        """Whether the leaves' Y_i can come as the leaf kernels' split pair (``diag_resolvent(split=
+        True)``): the leaf a power of two, at least twice the inversion's first blocks and 128."""
+        first = SOLVE_LEAF if self.solves_diagonal_base else LEAF
+        return self.leaf & (self.leaf - 1) == 0 and self.leaf >= max(2 * first, 128)
+
+    @property
     def padded_len(self) -> int:
         return self.leaf * self.num_leaves
 
@@ -424,18 +431,43 @@ def _gemm_diagonal_blocks(plan: RecursivePlan, q_b, k_b, seg, m, logl):
     return a_ii.reshape(q_b.shape[0], plan.num_leaves, plan.leaf, plan.leaf)
 
 
-def diag_resolvent(plan: RecursivePlan, a_ii, gamma):
+def diag_resolvent(plan: RecursivePlan, a_ii, gamma, split: bool = False):
     """Y_i = A_ii (I - diag(gamma_i) A_ii)^-1 for all leaves at once, (B, n, Cs, Cs), strictly
     lower, its merges at ``RecursivePlan.inversion``'s precision (it reaches every s_i). The
     leaf steps take X_i = (I - diag(gamma_i) A_ii)^-1 = I + diag(gamma_i) Y_i through it: with
     rhs_i = f_i + gamma_i racc_i, A_ii s_i = Y_i rhs_i, so r_i = racc_i + Y_i rhs_i (the residual,
     no product by A_ii) and s_i = f_i + gamma_i r_i; lambda_i = X_i^T w_i = w_i + Y_i^T (gamma_i
-    w_i)."""
+    w_i). ``split`` (``RecursivePlan.splits_resolvents``): the same Y_i as the leaf kernels' pair
+    (diag (B, n Cs, Cs / 2), low (B, n Cs / 2, Cs / 2)) (``leaf_gpu._y_parts``), which takes no
+    copy of every Y_i (``trsolve.lower_resolvent(split_top=True)``)."""
     b, n, c, _ = a_ii.shape
     scale = gamma.reshape(b * n, c).astype(a_ii.dtype)
-    return lower_resolvent(
-        a_ii.reshape(b * n, c, c), scale, plan.inversion, base_solve=plan.solves_diagonal_base
-    ).reshape(b, n, c, c)
+    y = lower_resolvent(
+        a_ii.reshape(b * n, c, c), scale, plan.inversion, base_solve=plan.solves_diagonal_base, split_top=split
+    )
+    if split:
+        diag, low = y
+        return diag.reshape(b, n * c, c // 2), low.reshape(b, n * c // 2, c // 2)
+    return y.reshape(b, n, c, c)
+
+
+def _leaf_resolvent(plan: RecursivePlan, y_leaves, i):
+    """Y_i (B, Cs, Cs) of leaf i (traced or not) from ``diag_resolvent``'s result, whole or split."""
+    if not isinstance(y_leaves, tuple):
+        return lax.dynamic_index_in_dim(y_leaves, i, axis=1, keepdims=False)
+    c, h = plan.leaf, plan.leaf // 2
+    diag = lax.dynamic_slice_in_dim(y_leaves[0], i * c, c, axis=1)
+    low = lax.dynamic_slice_in_dim(y_leaves[1], i * h, h, axis=1)
+    top = jnp.concatenate([diag[:, :h], jnp.zeros_like(low)], axis=2)
+    return jnp.concatenate([top, jnp.concatenate([low, diag[:, h:]], axis=2)], axis=1)
+
+
+def _leaf_rows(plan: RecursivePlan, y_leaves):
+    """``diag_resolvent``'s result as the leaf kernels take it: Y_i one under another (B, n Cs, Cs),
+    or the split pair as it is."""
+    if isinstance(y_leaves, tuple):
+        return y_leaves
+    return y_leaves.reshape(y_leaves.shape[0], plan.num_leaves * plan.leaf, plan.leaf)
 
 
 def _gemm_block_update(plan: RecursivePlan, q_b, seg, m, logl, k_b, r0, rows: int, k0, keys: int, s_keys):
@@ -612,7 +644,6 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg, for_backward: bool = Fals
         a_ii = _gemm_diagonal_blocks(plan, q_b, k_b, seg, m, logl)
     else:
         a_ii = diag_blocks(plan, diag_logits, seg, m, logl)
-    y_leaves = diag_resolvent(plan, a_ii, gamma)
 
     def block_update(r0, rows, k0, keys, s_keys):
         if plan.gemm_kernels:
@@ -681,7 +712,8 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg, for_backward: bool = Fals
     leaf_in_kernel = s_copies == 1 and plan.leaf_solves_in_kernel(f.shape[-1])
     # the backward's kernels take s as bf16 hi + lo: the leaf kernel writes lo beside s's bf16 copy (hi)
     keeps_lo = for_backward and leaf_in_kernel and plan.gemm_kernels
-    y_rows = y_leaves.reshape(y_leaves.shape[0], n * c, c)  # Y_i one under another, for the leaf kernel
+    y_leaves = diag_resolvent(plan, a_ii, gamma, split=leaf_in_kernel and plan.splits_resolvents)
+    y_rows = _leaf_rows(plan, y_leaves)
 
     def solve_leaf(carry, i):
         s_buf, racc, s_b, r_buf = carry
@@ -698,7 +730,7 @@ def _forward(plan: RecursivePlan, q, k, gamma, f, seg, for_backward: bool = Fals
         racc = racc_writes.ready(racc, start, c)
         # s_buf starts as f and leaf i overwrites its own rows only, after reading f_i there
         f_i, racc_i, gamma_i = take_chunk(s_buf, start, c), take_chunk(racc, start, c), take_chunk(gamma, start, c)
-        y_i = lax.dynamic_index_in_dim(y_leaves, i, axis=1, keepdims=False)
+        y_i = _leaf_resolvent(plan, y_leaves, i)
         r_i = racc_i + plan.chained("bij,bjd->bid", y_i, f_i + gamma_i[..., None] * racc_i)
         s_i = f_i + gamma_i[..., None] * r_i
         if for_backward and plan.residual_in_leaf_step:  # r_i over racc_i, which nothing reads after this step
@@ -841,7 +873,7 @@ def _backward(plan: RecursivePlan, res, ds, df_dtype=None):
     # over its column blocks: its tier, "bfloat16", is g s^T's too (g rounded once), and the dual
     # GEMM reads delta's partial sums and adds them.
     leaf_in_kernel = plan.accumulates_in_kernel(d) and plan.leaf_solves_in_kernel(d)
-    y_rows = y_leaves.reshape(b, n * c, c)  # Y_i one under another, for the leaf kernel
+    y_rows = _leaf_rows(plan, y_leaves)
 
     def solve_leaf(carry, i):
         """lam_i, and the leaf's rows of g, of delta = rowsum(g * r) (every block that pushes from
@@ -864,7 +896,7 @@ def _backward(plan: RecursivePlan, res, ds, df_dtype=None):
             )
             *out, delta_parts, dgamma_parts = out
             return (bacc, tuple(out[:2]), (delta_parts, dgamma_parts), dq, dk, (lam_f, *out[2:])), None
-        y_i = lax.dynamic_index_in_dim(y_leaves, i, axis=1, keepdims=False)
+        y_i = _leaf_resolvent(plan, y_leaves, i)
         w_i, gamma_i = take_chunk(bacc, start, c), take_chunk(gamma, start, c)[..., None]
         lam_i = w_i + plan.chained("bji,bjd->bid", y_i, gamma_i * w_i)  # X_i^T w_i
         g_i = gamma_i * lam_i

@@ -77,7 +77,7 @@ def _diagonal_blocks(n, size: int, offset: int = 0, row_scale=None):
     return row_scale.reshape(n.shape[0], c // size, size)[:, :, offset:, None] * blocks
 
 
-def lower_resolvent(a, row_scale, dot=None, base_solve: bool = False):
+def lower_resolvent(a, row_scale, dot=None, base_solve: bool = False, split_top: bool = False):
     """Y = a (I - diag(row_scale) a)^-1 for strictly lower a (B, c, c) and row scales (B, c):
     (B, c, c), strictly lower, by pairwise merges of diagonal blocks.
 
@@ -91,9 +91,18 @@ def lower_resolvent(a, row_scale, dot=None, base_solve: bool = False):
     ``base_solve``: the first level's blocks are SOLVE_LEAF rows instead, each Y_p taken exactly as
     Y_p^T = (I - diag(r_p) a_p)^-T a_p^T by one batched unit-lower triangular solve (a library call
     on a GPU, cuBLAS's batched trsm: one launch where the series and the merges below SOLVE_LEAF
-    take about a dozen). Each block of a is scaled where it is sliced: no scaled copy of a is made."""
+    take about a dozen). Each block of a is scaled where it is sliced: no scaled copy of a is made.
+
+    ``split_top`` (c a power of two, at least twice the first level's blocks): Y returned without
+    its last concatenation, as (diag, low): diag (B, c, c / 2) holds Y's two diagonal halves, Y11
+    over Y22, and low (B, c / 2, c / 2) its lower-left block Y21 (the upper-right one is zero), so
+    that a consumer reading Y by blocks takes them where the merges left them instead of from a
+    copy of all of Y."""
     dot = _exact if dot is None else dot
     bsz, c, _ = a.shape
+    first = SOLVE_LEAF if base_solve else LEAF
+    if split_top and (c & (c - 1) or c < 2 * first):
+        raise ValueError(f"lower_resolvent: split_top needs c a power of two >= {2 * first}; got c={c}")
     size = c if c <= LEAF else LEAF
     while size < c:
         size *= 2
@@ -126,6 +135,8 @@ def lower_resolvent(a, row_scale, dot=None, base_solve: bool = False):
         # compiler fuses into them (the same sums added to the products' results cost passes of their own)
         eye = jnp.eye(s, dtype=a.dtype)
         y21 = dot("bij,bjd->bid", eye + y22 * r2[:, None, :], dot("bij,bjd->bid", a21, eye + r1[..., None] * y11))
+        if split_top and 2 * s == size:
+            return y.reshape(bsz, size, s), y21
         top = jnp.concatenate([y11, jnp.zeros_like(y11)], axis=2)
         y = jnp.concatenate([top, jnp.concatenate([y21, y22], axis=2)], axis=1).reshape(bsz, m, 2 * s, 2 * s)
         s *= 2
