@@ -75,8 +75,9 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 # bf16 passes of the solve's Mosaic GPU GEMM-with-epilogue kernels (ops/block_product_gpu.py), by
 # kernel name: the forward's q k^T; the backward's q k^T, g s_hi^T and g s_lo^T.
 MOSAIC_GEMM_PASSES = {"sessa_block_probs_gpu": 1, "sessa_block_probs_grad_gpu": 3}
-# Their operands by role: the panel's starts (int32 (4,): two starts, two fillers), then each a row ("r": q, g, m, logl,
-# delta, the rows' segment ids) or key ("k": k, s_hi, s_lo, the keys' segment ids) operand. Where
+# Their operands by role: the panel's starts (int32 (2,), or (4,) with two fillers), then each a
+# row ("r": q, g, m, logl, delta, the rows' segment ids) or key ("k": k, s_hi, s_lo, the keys'
+# segment ids) operand. Where
 # the kernel reads a window of full-length operands it reads the panel's P rows or K keys of them.
 MOSAIC_GEMM_ROLES = {"sessa_block_probs_gpu": "srkrrrk", "sessa_block_probs_grad_gpu": "srkrkkrrrrk"}
 # The statistics kernel (ops/row_stats_gpu.py; q, k parts, [seg] -> m, logl (B, T)): row blocks of

@@ -225,7 +225,7 @@ def _body(starts_ref, *refs, a_parts, b_parts, transpose_a, a_lower, chunks, blo
     else:
         acc_ref, out_ref, a_smem, b_smem, acc_smem, out_smem, bar = refs
     i, j, b = lax.axis_index("rows"), lax.axis_index("cols"), lax.axis_index("batch")
-    acc0, b0 = read_window_starts(starts_ref, BLOCK_C)
+    acc0, b0 = read_window_starts(starts_ref, BLOCK_C, 2)
     cols = pl.ds(j * block_n, block_n)
     pairs = [(p, 0) for p in range(a_parts)] if a_parts > 1 else [(0, p) for p in range(b_parts)]
 

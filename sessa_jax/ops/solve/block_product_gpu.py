@@ -200,7 +200,7 @@ def _panel_blocks(starts_ref, r0, block_q: int, k0, block_k: int):
     """(rows, keys) index slices of this program's block in the full-length inputs: the panel's
     first row and key, read from ``starts_ref`` (``window_starts(row_start, key_start)``, multiples
     of ``PANEL_ALIGN``), plus the block's offsets r0, k0 within the panel."""
-    row0, key0 = read_window_starts(starts_ref, PANEL_ALIGN)
+    row0, key0 = read_window_starts(starts_ref, PANEL_ALIGN, 2)
     return pl.ds(row0 + r0, block_q), pl.ds(key0 + k0, block_k)
 
 

@@ -97,17 +97,19 @@ def _bf16x3_chunk(acc, x_stage, rhs, x_parts, rhs_parts, transposed: bool) -> No
     plgpu.wgmma_wait(0)
 
 
-def _copy_y_block(x_refs, b, row0, low0, block, chunks: int, x_stage, barrier) -> None:
+def _copy_y_block(x_refs, b, row0, block, chunks: int, x_stage, barrier) -> None:
     """Inside a kernel: Y_i's (64, 64) block (row block r, column block c) of the leaf starting at
     row0 into ``x_stage``, from y_rows, or from the two buffers of ``_y_parts``: the diagonal halves'
     (the leaf's rows from row0, the column block within its half) or, below the diagonal halves
-    (r in the lower half, c in the upper), Y21's (its rows from low0)."""
+    (r in the lower half, c in the upper), Y21's (its rows from row0 / 2, a multiple of 64 as Cs / 2
+    is)."""
     r, c = block
     if len(x_refs) == 1:
         copy_waited(x_refs[0].at[b, pl.ds(row0 + r * BLOCK_C, BLOCK_C), pl.ds(c * BLOCK_C, BLOCK_C)], x_stage, barrier)
         return
     diag, low = x_refs
     half = chunks // 2
+    low0 = pl.multiple_of(row0 // 2, BLOCK_C)
     in_low = (r >= half) & (c < half)
 
     @pl.when(in_low)
@@ -164,7 +166,7 @@ def _body(
         r_out_ref, scratch = (refs[0], refs[1:]) if has_r else (None, refs)
         x_stage, f_stage, r_stage, g_stage, x_parts, rhs_parts, out_smem, *copy_smem, bar = scratch
     i, j, b = lax.axis_index("rows"), lax.axis_index("cols"), lax.axis_index("batch")
-    row0, low0 = read_window_starts(starts_ref, BLOCK_C)  # the leaf's first row; and in Y21's buffer
+    (row0,) = read_window_starts(starts_ref, BLOCK_C, 1)  # the leaf's first row
     cols = pl.ds(j * block_n, block_n)
     own = pl.ds(row0 + i * BLOCK_M, BLOCK_M)  # the program's rows of the leaf in the full-length buffers
 
@@ -177,7 +179,7 @@ def _body(
             contracted = pl.ds(row0 + c * BLOCK_C, BLOCK_C)  # the leaf's rows being contracted
             # Y_i's (64, 64) block (row block, column block): (c, i) transposed, as the smem view
             # transposes it for Y_i^T, else (i, c)
-            _copy_y_block(x_refs, b, row0, low0, (c, i) if transposed else (i, c), chunks, x_stage, bar.at[0])
+            _copy_y_block(x_refs, b, row0, (c, i) if transposed else (i, c), chunks, x_stage, bar.at[0])
             if transposed:  # gamma_c * w_c
                 copy_waited(b_ref.at[b, contracted, cols], b_stage, bar.at[0])
                 copy_waited(g_ref.at[b, contracted], g_stage, bar.at[0])
@@ -360,7 +362,7 @@ def _launch(
         grid=(leaf // BLOCK_M, d // block_n, bsz),
         grid_names=("rows", "cols", "batch"),
         **kwargs,
-    )(window_starts(row_start, row_start // 2), *y_parts, *inputs, *refs)
+    )(window_starts(row_start), *y_parts, *inputs, *refs)
     out = [jax.freeze(r) for r in refs]
     out, sums = out[: len(out) - len(tail)], out[len(out) - len(tail) :]
     return ((None, *out) if result is None else (out[-1], *out[:-1])) + tuple(sums)

@@ -97,24 +97,26 @@ def _check(q, k, seg, tier, block_q, block_k):
         )
 
 
-# Two entries after a kernel's window starts, which no start (>= 0) equals: the compiler rewrites a
+# Two entries after constant window starts, which no start (>= 0) equals: the compiler rewrites a
 # constant operand that is an iota times c, e.g. the starts (0, 4096), or one value throughout, e.g.
 # (0, 0), into a kernel launch of its own; with these entries no constant starts operand is either.
 _STARTS_TAIL = (-1, -1)
 
 
 def window_starts(*starts):
-    """A kernel's window starts as its int32 (len(starts) + 2,) operand (the starts, then
-    ``_STARTS_TAIL``); each start a Python int or a traced int32 scalar (a loop's block offset)."""
+    """A kernel's window starts as its int32 operand; each start a Python int or a traced int32
+    scalar (a loop's block offset). Python ints alone: one literal constant, (len(starts) + 2,) with
+    ``_STARTS_TAIL`` after them; else the starts stacked, (len(starts),). Kernels read the first
+    len(starts) entries (``read_window_starts``)."""
     if all(isinstance(x, int) for x in starts):
         return jnp.asarray(np.asarray(starts + _STARTS_TAIL, np.int32))
-    return jnp.stack([jnp.asarray(x, jnp.int32) for x in starts + _STARTS_TAIL])
+    return jnp.stack([jnp.asarray(x, jnp.int32) for x in starts])
 
 
-def read_window_starts(starts_ref, align: int):
-    """Inside a kernel: the starts of ``window_starts`` as scalars, each declared a multiple of
-    ``align``, which the TMA copies into tiled shared memory need proven (``pl.multiple_of``)."""
-    count = starts_ref.shape[0] - len(_STARTS_TAIL)
+def read_window_starts(starts_ref, align: int, count: int):
+    """Inside a kernel: the first ``count`` starts of ``window_starts`` as scalars, each declared a
+    multiple of ``align``, which the TMA copies into tiled shared memory need proven
+    (``pl.multiple_of``)."""
     return tuple(pl.multiple_of(starts_ref[i], align) for i in range(count))
 
 
