@@ -16,8 +16,8 @@ push, the leaf solves multiply by the inverted diagonal blocks) take the solve's
   logits gradient dL = A * (g s^T - rowsum(g * r)) needs s and r = A s to better than bf16: with
   the leaf products in one pass dq leaves its bound where every row attends to the previous
   token (a chain inside the leaves), and with P rounded once in the pushes where one key takes a
-  large share of every row (its weight rounds the same way in every row, and the recurrence
-  sums that error along the sequence), and with g rounded once in
+  large share of every row (that weight's rounding is most of each row's error in r, which
+  rowsum(g * r) carries into the row's dq), and with g rounded once in
   the transposed pushes where such a key takes most of every row (g varies slowly along time,
   so neighbouring rows round it alike, and the key's column sums them all).
 
@@ -157,10 +157,11 @@ def push_dot(spec: str, p, s, tier: str, platform: str | None = None):
     fp32 (or f64) out.
 
     At ``"bfloat16"`` with float32 accumulation: P split into bf16 hi + lo (``split_bf16``), s
-    rounded to bf16 once, two bf16 passes P_hi bf16(s) + P_lo bf16(s). One pass of bf16(P) would
-    round every row's weight on a key that takes a large share of the rows (an attention sink) in
-    the same direction, an error the recurrence accumulates along the sequence and the backward's
-    logits gradient then meets (see the module docstring). Other tiers: ``chained_dot``.
+    rounded to bf16 once, two bf16 passes P_hi bf16(s) + P_lo bf16(s). With one pass of bf16(P),
+    the weight of a key that takes a large share of the rows (an attention sink) carries most of
+    each row's error in r = A s, which the backward's logits gradient then meets (see the module
+    docstring; an unbiased rounding of P in one pass does worse, docs/performance.md). Other
+    tiers: ``chained_dot``.
     """
     return _two_pass_dot(spec, p, s, tier, platform, split_left=True)
 
