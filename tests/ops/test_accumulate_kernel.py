@@ -70,48 +70,18 @@ def _interpret():
 
 
 @pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("overwrite", [True, ((0, 64), (128, 192))])
 @needs_in_place
-def test_overwrite_writes_the_window_without_reading_it(transpose_a):
-    """``overwrite``: the window's rows become scale * op(a) b (NaN there before is never read),
-    the same numbers as adding the product to -0.0; every other row untouched."""
-    t, m, c, n, acc_start, b_start = 512, 128, 192, 128, 256, 64
-    acc = normal(1, (B, t, n)).at[:, acc_start : acc_start + m].set(jnp.nan)
-    a = normal(2, (B, c, m) if transpose_a else (B, m, c), BF16)
-    b = normal(3, (B, t, n), BF16)
-    interp = _interpret()
-
-    def run(acc, overwrite):
-        return ag.gpu_accumulate_product(
-            acc,
-            a,
-            b,
-            acc_start=acc_start,
-            b_start=b_start,
-            transpose_a=transpose_a,
-            scale=0.25,
-            overwrite=overwrite,
-            interpret=interp,
-        )
-
-    got = np.asarray(jax.jit(run, static_argnums=1)(acc, True))
-    zeros = acc.at[:, acc_start : acc_start + m].set(-0.0)
-    want = np.asarray(jax.jit(run, static_argnums=1)(zeros, False))
-    np.testing.assert_array_equal(got, want)
-    assert not np.isnan(got).any()
-
-
-@pytest.mark.parametrize("transpose_a", [False, True])
-@needs_in_place
-def test_overwrite_ranges_write_those_rows_and_add_to_the_rest(transpose_a):
-    """``overwrite`` as row ranges of the window: those rows become scale * op(a) b (NaN there
-    before is never read), the others gain it, as adding the product to a buffer whose fresh rows
-    hold -0.0; every row outside the window untouched."""
+def test_overwrite_writes_its_rows_without_reading_them(transpose_a, overwrite):
+    """``overwrite``: True, the window's rows become scale * op(a) b; row ranges of the window,
+    those rows do and the others gain it. NaN in the written rows before is never read: the same
+    numbers as adding the product to a buffer holding -0.0 there; every row outside the window
+    untouched."""
     t, m, c, n, acc_start, b_start = 512, 256, 128, 128, 128, 64
-    ranges = ((0, 64), (128, 192))  # window rows [0, 64) and [128, 192): absolute [128, 192), [256, 320)
-    acc = normal(1, (B, t, n))
     fresh = np.zeros(t, bool)
-    for lo, hi in ranges:
+    for lo, hi in ((0, m),) if overwrite is True else overwrite:
         fresh[acc_start + lo : acc_start + hi] = True
+    acc = normal(1, (B, t, n))
     a = normal(2, (B, c, m) if transpose_a else (B, m, c), BF16)
     b = normal(3, (B, t, n), BF16)
     interp = _interpret()
@@ -129,7 +99,7 @@ def test_overwrite_ranges_write_those_rows_and_add_to_the_rest(transpose_a):
             interpret=interp,
         )
 
-    got = np.asarray(jax.jit(run, static_argnums=1)(jnp.where(fresh[None, :, None], jnp.nan, acc), ranges))
+    got = np.asarray(jax.jit(run, static_argnums=1)(jnp.where(fresh[None, :, None], jnp.nan, acc), overwrite))
     want = np.asarray(jax.jit(run, static_argnums=1)(jnp.where(fresh[None, :, None], -0.0, acc), False))
     np.testing.assert_array_equal(got, want)
     assert not np.isnan(got).any()
