@@ -564,7 +564,7 @@ def _gemm_block_accumulate(
     return bacc, dq, dk
 
 
-def _gemm_diagonal_grads(plan: RecursivePlan, x: _GemmBackwardInputs, g_hi, delta, dq, dk, fresh=((), ())):
+def _gemm_diagonal_grads(plan: RecursivePlan, x: _GemmBackwardInputs, g_hi, delta, dq, dk, fresh):
     """The diagonal leaves' share of the backward where its products add in place
     (``RecursivePlan.accumulates_in_kernel``), every leaf i at once as the kernels' batch: dL_ii
     from the dual-GEMM kernel (``gpu_block_probs_and_grad``, causal: P_ii recomputed from q_i, k_i

@@ -108,7 +108,7 @@ def lower_resolvent(a, row_scale, dot=None, base_solve: bool = False, split_top:
         size *= 2
     a = jnp.pad(a, ((0, 0), (0, size - c), (0, size - c)))  # zero rows and columns: zero blocks of Y
     row_scale = jnp.pad(row_scale, ((0, 0), (0, size - c)))
-    leaf = min(size, SOLVE_LEAF if base_solve else LEAF)
+    leaf = min(size, first)
     m = size // leaf
     a_blocks = _diagonal_blocks(a, leaf).reshape(bsz * m, leaf, leaf)
     eye = jnp.broadcast_to(jnp.eye(leaf, dtype=a.dtype), (bsz * m, leaf, leaf))
@@ -131,8 +131,8 @@ def lower_resolvent(a, row_scale, dot=None, base_solve: bool = False, split_top:
         a21 = _diagonal_blocks(a, 2 * s, offset=s).reshape(bsz * m, s, s)  # rows of the lower half, cols of the upper
         r1, r2 = (row_scale.reshape(bsz * m, 2, s)[:, h] for h in (0, 1))
         y11, y22 = (y[:, h::2].reshape(bsz * m, s, s) for h in (0, 1))
-        # X11 = I + diag(r1) Y11 and I + Y22 diag(r2) formed as the products' operands, which the
-        # compiler fuses into them (the same sums added to the products' results cost passes of their own)
+        # X11 = I + diag(r1) Y11 and I + Y22 diag(r2) formed as the products' operands: one fusion
+        # makes both (the same sums added to the products' results cost passes of their own)
         eye = jnp.eye(s, dtype=a.dtype)
         y21 = dot("bij,bjd->bid", eye + y22 * r2[:, None, :], dot("bij,bjd->bid", a21, eye + r1[..., None] * y11))
         if split_top and 2 * s == size:
